@@ -1,0 +1,101 @@
+"""Pick the attention kernel (--attn) and report which one actually ran.
+
+A forced kernel that cannot run fails loudly: torch raises "No available kernel" for a forced
+SDPA backend it cannot use, and we never catch that to try another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from medqa_core.config import ATTN_KERNELS
+
+_SDPA_BACKENDS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+_TRANSFORMERS_NAME = {"eager": "eager", "flex": "flex_attention", "flash_attention_2": "flash_attention_2"}
+
+# Profiler op names -> the kernel they mean, most specific first.
+_KERNEL_OPS = (
+    ("_scaled_dot_product_flash_attention_for_cpu", "sdpa-flash (cpu)"),
+    ("_scaled_dot_product_flash_attention", "sdpa-flash"),
+    ("_scaled_dot_product_efficient_attention", "sdpa-efficient"),
+    ("_scaled_dot_product_cudnn_attention", "sdpa-cudnn"),
+    ("_scaled_dot_product_attention_math", "sdpa-math"),
+    ("_flash_attn_forward", "flash_attention_2"),
+    ("_flash_attn_varlen_forward", "flash_attention_2"),
+    ("flex_attention", "flex"),
+)
+
+
+class AttentionError(ValueError):
+    """The requested attention kernel is unknown or cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """What --attn asked for, and how transformers and torch are told to run it."""
+
+    requested: str
+    attn_implementation: str  # transformers' name
+    sdpa_backend: SDPBackend | None = None  # forced SDPA backend, None: torch chooses
+
+
+def resolve_attention(kernel: str) -> AttentionChoice:
+    """Map an --attn value to transformers' ``attn_implementation`` and an SDPA backend.
+
+    Raises:
+        AttentionError: unknown name, or a kernel whose package or torch feature is missing.
+    """
+    if kernel not in ATTN_KERNELS:
+        raise AttentionError(f"unknown --attn {kernel!r}; choose one of {', '.join(ATTN_KERNELS)}")
+    if kernel == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise AttentionError("--attn flash_attention_2 needs the flash-attn package (CUDA, or ROCm's build of it); "
+                             "it is not installed. Use --attn sdpa-flash for torch's own flash kernel")
+    if kernel == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise AttentionError(f"--attn flex needs torch.nn.attention.flex_attention; torch {torch.__version__} lacks it")
+    if kernel.startswith("sdpa"):
+        return AttentionChoice(kernel, "sdpa", _SDPA_BACKENDS.get(kernel))
+    return AttentionChoice(kernel, _TRANSFORMERS_NAME[kernel])
+
+
+@contextlib.contextmanager
+def attention_context(choice: AttentionChoice) -> Iterator[None]:
+    """Force the chosen SDPA backend inside the block (forward and backward); no-op otherwise."""
+    if choice.sdpa_backend is None:
+        yield
+        return
+    with sdpa_kernel([choice.sdpa_backend]):
+        yield
+
+
+def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice) -> str:
+    """Run one forward under the profiler and name the attention op that ran.
+
+    Args:
+        model: a causal LM taking ``input_ids``.
+        input_ids: a small batch [B, T] on the model's device.
+        choice: the resolved --attn choice (its context applies).
+
+    Returns:
+        e.g. ``"sdpa-flash"``, ``"sdpa-math"``, or ``"eager"`` when no fused attention op ran.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), attention_context(choice), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=input_ids)
+    names = {event.name for event in prof.events()}
+    for op, kernel in _KERNEL_OPS:
+        if any(op in name for name in names):
+            return kernel
+    return "eager"

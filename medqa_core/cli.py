@@ -1,0 +1,263 @@
+"""`medqa-parity` command line: run / train / evaluate / fingerprint.
+
+The only home of logging setup and progress bars; everything else is library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from medqa_core.config import (
+    ATTN_KERNELS,
+    BACKENDS,
+    LOSS_ON,
+    PRESETS,
+    QUANT_MODES,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LoraSettings,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+logger = logging.getLogger("medqa_core")
+
+DEFAULTS = RunConfig()
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=DEFAULTS.model.preset, choices=sorted(PRESETS),
+                   help="random-weight Mistral architecture to generate (default: %(default)s)")
+    g.add_argument("--model", metavar="PATH", help="local model folder (safetensors); overrides --preset")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="also load .bin/.pt pickle weights (they can run code: only for folders you trust)")
+    g.add_argument("--seed", type=int, default=DEFAULTS.model.seed, help="preset weight seed (default: %(default)s)")
+    g.add_argument("--quant", default=DEFAULTS.model.quant, choices=QUANT_MODES,
+                   help="nf4: bitsandbytes 4-bit base (QLoRA); none: bf16 base (default: %(default)s)")
+    g.add_argument("--attn", default=DEFAULTS.model.attn, choices=ATTN_KERNELS,
+                   help="attention kernel; sdpa-* forces one SDPA backend and fails if it cannot run "
+                        "(default: %(default)s)")
+    g.add_argument("--backend", default=DEFAULTS.backend, choices=BACKENDS,
+                   help="device backend; auto takes what torch has (default: %(default)s)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="DIR", help="MedQA folder with train/dev/test .jsonl (default: bundled subset)")
+    d.add_argument("--train-split", default=DEFAULTS.data.train_split,
+                   help="split to fine-tune on; auto: train if present, else dev (default: %(default)s)")
+    d.add_argument("--eval-split", default=DEFAULTS.data.eval_split, help="split to evaluate (default: %(default)s)")
+    d.add_argument("--train-limit", type=int, help="use only the first N training questions")
+    d.add_argument("--eval-limit", type=int, help="use only the first N evaluation questions")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval.batch_size,
+                   help="questions per forward call (default: %(default)s)")
+    e.add_argument("--eval-max-seq-len", type=int, default=DEFAULTS.eval.max_seq_len,
+                   help="longest prompt scored, in tokens (default: %(default)s)")
+    p.add_argument("--results", default=DEFAULTS.results_dir, metavar="DIR",
+                   help="folder for the run record (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("fine-tuning")
+    tc = DEFAULTS.train
+    t.add_argument("--epochs", type=float, default=tc.epochs, help="passes over the train split (default: %(default)s)")
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--batch-size", type=int, default=tc.batch_size, help="examples per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=tc.lr, help="AdamW learning rate (default: %(default)s)")
+    t.add_argument("--warmup-steps", type=int, default=tc.warmup_steps, help="linear LR warm-up (default: %(default)s)")
+    t.add_argument("--max-seq-len", type=int, default=tc.max_seq_len,
+                   help="longest training example; longer prompts are cut from the left (default: %(default)s)")
+    t.add_argument("--loss-on", default=tc.loss_on, choices=LOSS_ON,
+                   help="answer: loss on the answer token only; all: every token (default: %(default)s)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    t.add_argument("--train-seed", type=int, default=tc.seed, help="data order seed (default: %(default)s)")
+    lc = DEFAULTS.lora
+    t.add_argument("--lora-rank", type=int, default=lc.rank, help="(default: %(default)s)")
+    t.add_argument("--lora-alpha", type=int, default=lc.alpha, help="(default: %(default)s)")
+    t.add_argument("--lora-dropout", type=float, default=lc.dropout, help="(default: %(default)s)")
+    t.add_argument("--lora-targets", default=",".join(lc.target_modules),
+                   help="comma-separated module names, or all-linear (default: %(default)s)")
+    t.add_argument("--adapter-out", metavar="DIR", help="where to save the LoRA adapter (default: runs/adapters/TIME)")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """Turn parsed arguments into a RunConfig (validation happens in the dataclasses)."""
+    train = TrainConfig()
+    lora = LoraSettings()
+    if hasattr(args, "epochs"):
+        train = TrainConfig(
+            epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+            warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, loss_on=args.loss_on,
+            gradient_checkpointing=args.gradient_checkpointing, seed=args.train_seed,
+        )
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                            target_modules=targets)
+    return RunConfig(
+        model=ModelConfig(preset=args.preset, path=args.model, seed=args.seed, quant=args.quant, attn=args.attn,
+                          allow_pickle=args.allow_pickle),
+        lora=lora, train=train,
+        eval=EvalConfig(batch_size=args.eval_batch_size, max_seq_len=args.eval_max_seq_len),
+        data=DataConfig(data_dir=args.data, train_split=args.train_split, eval_split=args.eval_split,
+                        train_limit=args.train_limit, eval_limit=args.eval_limit),
+        backend=args.backend, results_dir=args.results,
+    )
+
+
+class ProgressBars:
+    """One tqdm bar per phase, drawn on stderr."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, phase: str, done: int, total: int, extra: dict[str, float]) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="q" if "evaluate" in phase else "step",
+                                          leave=True, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if extra:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in extra.items()}, refresh=False)
+        if done >= total:
+            bar.close()
+
+
+def _fmt_acc(result: Any) -> str:
+    if result is None:
+        return "-"
+    lo, hi = result.accuracy_ci95
+    return f"{100 * result.accuracy:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={result.n_questions})"
+
+
+def summary_lines(record: Any, path: Any) -> list[str]:
+    """The table printed after a run; every figure is read from the saved record."""
+    fp, tr = record.fingerprint, record.train
+    device = fp.get("gpu_name") or fp.get("cpu_model") or "cpu"
+    q = record.model["quantization"]
+    quant = "none (bf16)" if q["method"] == "none" else (
+        f"{q['quant_type']} blocksize {q['blocksize']}, double quant {q['double_quant']}, compute {q['compute_dtype']}")
+    peak = "-"
+    if tr is not None:
+        peak = f"{tr.peak_mem_gib:.2f} GiB device" if tr.peak_mem_gib is not None else "n/a on cpu"
+        peak += f", host RSS {tr.host_peak_rss_gib:.2f} GiB"
+    rows = [
+        ("backend", fp.get("backend")),
+        ("device", device),
+        ("model", f"{record.model['name']} ({record.model['parameters'] / 1e6:.1f}M params, "
+                  f"{record.model['trainable_parameters'] / 1e6:.2f}M trainable)"),
+        ("quantization", quant),
+        ("attention kernel", f"{record.attention['ran']} (asked: {record.attention['requested']})"),
+    ]
+    if tr is not None:
+        rows += [
+            ("train", f"{tr.steps} steps, {tr.epochs:.2f} epochs of {tr.n_examples} questions, "
+                      f"loss {tr.loss_per_step[0]:.3f} -> {tr.loss_per_step[-1]:.3f}"),
+            ("train tokens/s", f"{tr.tokens_per_s:,.0f} real tokens/s (step {1000 * tr.step_time_s_median:.0f} ms "
+                               f"median, IQR {1000 * tr.step_time_s_iqr:.0f} ms)"),
+            ("peak memory", peak),
+        ]
+    if record.eval_before is not None:
+        rows.append(("accuracy before", _fmt_acc(record.eval_before)))
+    if record.eval_after is not None:
+        rows.append(("accuracy after", _fmt_acc(record.eval_after)))
+        rows.append(("scoring", f"{record.eval_after.questions_per_s:,.1f} questions/s"))
+    if record.adapter_dir:
+        rows.append(("adapter", record.adapter_dir))
+    rows.append(("record", str(path)))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"note: {n}" for n in record.notes]
+    return lines
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    from medqa_core.run import execute
+
+    cfg = build_config(args)
+    record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
+                           adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars())
+    print("\n".join(summary_lines(record, path)))
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from medqa_core.fingerprint import machine_fingerprint, resolve_device
+
+    fp = machine_fingerprint(resolve_device(args.backend))
+    print(json.dumps(fp, indent=2))
+    if fp.get("backend") != "rocm":
+        print("note: ROCm support is written (torch.version.hip, same torch.cuda API) but has not been run by "
+              "this project on a ROCm machine", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medqa-parity",
+        description="QLoRA fine-tuning and MedQA evaluation benchmarks, the same on CUDA, ROCm and CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="evaluate, fine-tune with QLoRA, evaluate again; save a run record",
+                       description="Evaluate the model on MedQA, fine-tune it with QLoRA, evaluate again, and save "
+                                   "a fingerprinted run record. With no arguments: the tiny preset on the bundled "
+                                   "MedQA subset.")
+    _add_model_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_execute)
+    p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)")
+    _add_model_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_execute)
+    p = sub.add_parser("evaluate", help="score MedQA options with the base model or a saved adapter")
+    _add_model_args(p)
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder saved by train/run")
+    p.set_defaults(func=cmd_execute)
+    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_fingerprint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # transformers and bitsandbytes are chatty at INFO; their warnings still show.
+    for name in ("transformers", "bitsandbytes", "peft", "accelerate", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except (ConfigError, *_user_errors()) as e:
+        print(f"medqa-parity: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from medqa_core.timing import is_oom
+
+        if not is_oom(e):
+            raise
+        print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
+              "--eval-batch-size or --max-seq-len, or turn on --gradient-checkpointing", file=sys.stderr)
+        return 3
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix: shown as one line, not a traceback."""
+    from medqa_core.attention import AttentionError
+    from medqa_core.data import MedQADataError
+    from medqa_core.fingerprint import BackendError
+    from medqa_core.model import ModelLoadError
+    from medqa_core.record import RecordError
+
+    return (AttentionError, MedQADataError, BackendError, ModelLoadError, RecordError)
+
+if __name__ == "__main__":
+    sys.exit(main())

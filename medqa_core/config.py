@@ -1,0 +1,186 @@
+"""Frozen configs for a run: model, LoRA, training, evaluation, data.
+
+Configs only validate in ``__post_init__``; nothing here touches torch or the disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or unknown."""
+
+
+# Mistral architectures by name. Weights are random (fixed seed): throughput and memory
+# do not depend on weight values, and no weights can be downloaded where this runs.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: one `medqa-parity run` takes about a minute on 2 CPU cores.
+    "tiny": dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2,
+    ),
+    # A 1B model with Mistral-7B's head size and 4:1 grouped-query layout, for quick GPU runs.
+    "small": dict(
+        hidden_size=2048, intermediate_size=7168, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=4,
+    ),
+    # Mistral-7B-v0.1's shape (config.json of mistralai/Mistral-7B-v0.1).
+    "mistral-7b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, sliding_window=4096,
+    ),
+}
+# Shared by every preset: the Mistral-7B-v0.1 tokenizer and its defaults.
+PRESET_COMMON: dict[str, Any] = dict(
+    vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.02,
+)
+
+# --attn values. "sdpa" lets torch pick and records what it picked; "sdpa-<backend>" forces one
+# backend of scaled_dot_product_attention and fails if it cannot run.
+ATTN_KERNELS = (
+    "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math",
+    "eager", "flex", "flash_attention_2",
+)
+QUANT_MODES = ("nf4", "none")
+BACKENDS = ("auto", "cuda", "rocm", "cpu")
+LOSS_ON = ("answer", "all")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights, how they are quantized and which attention kernel runs them.
+
+    Exactly one of ``preset`` and ``path`` is set; a local ``path`` wins when both are given.
+    """
+
+    preset: str | None = "tiny"
+    path: str | None = None
+    seed: int = 0
+    quant: str = "nf4"
+    attn: str = "sdpa"
+    allow_pickle: bool = False  # load .bin/.pt weights; off: pickle can run code
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            _check(self.preset in PRESETS,
+                   f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)} or pass --model PATH")
+        _check(self.quant in QUANT_MODES, f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANT_MODES)}")
+        _check(self.attn in ATTN_KERNELS, f"unknown --attn {self.attn!r}; choose one of {', '.join(ATTN_KERNELS)}")
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if self.path else str(self.preset)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft LoRA hyper-parameters. ``target_modules=("all-linear",)`` adapts every linear layer."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, f"LoRA alpha must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "LoRA needs at least one target module")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The fine-tuning loop. ``max_steps`` caps ``epochs`` when both are set."""
+
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_seq_len: int = 1024
+    loss_on: str = "answer"  # "answer": only the answer letter's token; "all": every token
+    gradient_checkpointing: bool = False
+    timing_warmup_steps: int = 2  # steps left out of tokens/s (allocator, kernel selection)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.max_seq_len >= 16, f"max_seq_len must be >= 16, got {self.max_seq_len}")
+        _check(self.loss_on in LOSS_ON, f"unknown loss_on {self.loss_on!r}; choose one of {', '.join(LOSS_ON)}")
+        _check(self.timing_warmup_steps >= 0, f"timing_warmup_steps must be >= 0, got {self.timing_warmup_steps}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Option scoring: ``batch_size`` questions per forward call."""
+
+    batch_size: int = 8
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_seq_len >= 16, f"eval max_seq_len must be >= 16, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where MedQA comes from. ``data_dir=None`` uses the subset bundled with the package.
+
+    The train split is used when the folder has one; otherwise dev stands in for it (the
+    public train split is not bundled).
+    """
+
+    data_dir: str | None = None
+    train_split: str = "auto"  # "auto": train if present, else dev
+    eval_split: str = "test"
+    train_limit: int | None = None
+    eval_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.train_limit is None or self.train_limit >= 1, f"train_limit must be >= 1, got {self.train_limit}")
+        _check(self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``medqa-parity run`` needs; saved whole into the run record."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backend: str = "auto"
+    results_dir: str = "results"
+
+    def __post_init__(self) -> None:
+        _check(self.backend in BACKENDS, f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Rebuild a config saved by :meth:`to_dict` (lists come back as tuples)."""
+        lora = dict(d["lora"])
+        lora["target_modules"] = tuple(lora["target_modules"])
+        return cls(
+            model=ModelConfig(**d["model"]), lora=LoraSettings(**lora), train=TrainConfig(**d["train"]),
+            eval=EvalConfig(**d["eval"]), data=DataConfig(**d["data"]),
+            backend=d["backend"], results_dir=d["results_dir"],
+        )

@@ -1,0 +1,259 @@
+"""MedQA (USMLE, 4 options) JSONL -> MedQAItem -> prompts -> token batches.
+
+Prompts follow lm-evaluation-harness's ``medqa_4options`` task (``preprocess_medqa.py``):
+``"Question: {q}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:"`` with continuations
+``" A"`` .. ``" D"``, so our accuracies compare with theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHOICES = ("A", "B", "C", "D")
+TARGET_DELIMITER = " "  # lm-evaluation-harness's default between prompt and continuation
+REQUIRED_FIELDS = ("question", "options", "answer_idx")
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+
+
+class MedQADataError(ValueError):
+    """A MedQA file is missing or a line of it is malformed."""
+
+
+@dataclass(frozen=True)
+class MedQAItem:
+    """One question. ``qid`` is ``<file name>:<line>`` so two runs can be joined question by question."""
+
+    qid: str
+    question: str
+    options: tuple[str, str, str, str]
+    answer_idx: int  # 0..3, index into CHOICES
+    meta_info: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """A tokenized prompt + answer. ``labels`` is ``IGNORE_INDEX`` where no loss is taken."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class ScoringExample:
+    """Context tokens and the four continuations' tokens, split as lm-evaluation-harness splits them."""
+
+    context_ids: tuple[int, ...]
+    continuation_ids: tuple[tuple[int, ...], ...]  # one per choice
+
+    @property
+    def single_token(self) -> bool:
+        """True when every continuation is one token: then one forward of the context scores all four."""
+        return all(len(c) == 1 for c in self.continuation_ids)
+
+
+def bundled_data_dir() -> Path:
+    """The MedQA subset shipped with the package (first lines of the real dev and test splits)."""
+    return Path(str(resources.files("medqa_core") / "data"))
+
+
+def find_split(data_dir: str | Path, split: str) -> Path:
+    """Path of ``split`` in ``data_dir``, accepting the names MedQA is distributed under.
+
+    Raises:
+        MedQADataError: the folder or the split file is missing.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise MedQADataError(f"{data_dir}: MedQA folder not found; pass --data DIR with {split}.jsonl in it")
+    candidates = (
+        f"{split}.jsonl",
+        f"phrases_no_exclude_{split}.jsonl",
+        f"US/4_options/phrases_no_exclude_{split}.jsonl",
+        f"questions/US/4_options/phrases_no_exclude_{split}.jsonl",
+    )
+    for name in candidates:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise MedQADataError(f"{data_dir}: no {split} split; expected one of {', '.join(candidates)}")
+
+
+def has_split(data_dir: str | Path, split: str) -> bool:
+    try:
+        find_split(data_dir, split)
+    except MedQADataError:
+        return False
+    return True
+
+
+def _parse_item(obj: Any, where: str, qid: str) -> MedQAItem:
+    if not isinstance(obj, dict):
+        raise MedQADataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in REQUIRED_FIELDS:
+        if key not in obj:
+            raise MedQADataError(f'{where}: missing "{key}"; each line needs {", ".join(REQUIRED_FIELDS)}')
+    question, options, answer_idx = obj["question"], obj["options"], obj["answer_idx"]
+    if not isinstance(question, str) or not question.strip():
+        raise MedQADataError(f'{where}: "question" must be a non-empty string')
+    if not isinstance(options, dict):
+        raise MedQADataError(f'{where}: "options" must be an object with keys A, B, C, D')
+    missing = [c for c in CHOICES if c not in options]
+    if missing:
+        raise MedQADataError(f'{where}: "options" lacks {", ".join(missing)}; MedQA 4-option lines have A, B, C, D')
+    for c in CHOICES:
+        if not isinstance(options[c], str) or not options[c].strip():
+            raise MedQADataError(f'{where}: "options.{c}" is empty; every option needs text')
+    if answer_idx not in CHOICES:
+        raise MedQADataError(f'{where}: "answer_idx" is {answer_idx!r}; it must be one of {", ".join(CHOICES)}')
+    meta = obj.get("meta_info")
+    return MedQAItem(
+        qid=qid, question=question, options=tuple(options[c] for c in CHOICES),  # type: ignore[arg-type]
+        answer_idx=CHOICES.index(answer_idx), meta_info=meta if isinstance(meta, str) else None,
+    )
+
+
+def load_medqa(path: str | Path, limit: int | None = None) -> list[MedQAItem]:
+    """Read a MedQA JSONL file (schema: question, options{A..D}, answer_idx, optional meta_info).
+
+    Args:
+        path: the JSONL file.
+        limit: keep only the first ``limit`` questions.
+
+    Returns:
+        The questions in file order; blank lines are skipped.
+
+    Raises:
+        MedQADataError: the file is missing, empty, not UTF-8, or a line is malformed; the
+            message names the file, the line number and the field.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MedQADataError(f"{path}: cannot read MedQA file ({e.strerror})") from e
+    items: list[MedQAItem] = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if limit is not None and len(items) >= limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MedQADataError(f"{where}: not UTF-8 text (byte {e.start}); MedQA files are UTF-8 JSONL") from e
+        except json.JSONDecodeError as e:
+            raise MedQADataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
+        items.append(_parse_item(obj, where, qid=f"{path.name}:{lineno}"))
+    if not items:
+        raise MedQADataError(f"{path}: no questions in file")
+    return items
+
+
+def format_prompt(item: MedQAItem) -> str:
+    """The lm-evaluation-harness ``medqa_4options`` prompt for one question."""
+    options = "".join(f"{letter}. {text}\n" for letter, text in zip(CHOICES, item.options, strict=True))
+    return f"Question: {item.question}\n{options}Answer:"
+
+
+def continuation(choice: int) -> str:
+    return TARGET_DELIMITER + CHOICES[choice]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # The model's own special tokens (BOS for Mistral), as lm-evaluation-harness's HF model adds them.
+    return list(tokenizer(text)["input_ids"])
+
+
+def encode_pair(tokenizer: Any, context: str, cont: str) -> tuple[list[int], list[int]]:
+    """Split ``context + cont`` into context and continuation tokens as lm-evaluation-harness does.
+
+    Trailing spaces of the context move into the continuation, the whole string is encoded once,
+    and the continuation is what follows the context's own encoding. A tokenizer that merges
+    across the boundary therefore still scores the full continuation.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        cont, context = context[-n_spaces:] + cont, context[:-n_spaces]
+    whole = _encode(tokenizer, context + cont)
+    context_ids = _encode(tokenizer, context)
+    return context_ids, whole[len(context_ids):]
+
+
+def encode_scoring(tokenizer: Any, item: MedQAItem, max_len: int) -> ScoringExample:
+    """Tokens to score one question's four continuations.
+
+    Raises:
+        MedQADataError: the question does not fit in ``max_len`` tokens.
+    """
+    prompt = format_prompt(item)
+    pairs = [encode_pair(tokenizer, prompt, continuation(i)) for i in range(len(CHOICES))]
+    context_ids = pairs[0][0]
+    longest = len(context_ids) + max(len(c) for _, c in pairs)
+    if longest > max_len:
+        raise MedQADataError(f"{item.qid}: question is {longest} tokens, over the scoring limit {max_len}; "
+                             "raise --eval-max-seq-len")
+    return ScoringExample(tuple(context_ids), tuple(tuple(c) for _, c in pairs))
+
+
+def encode_train(tokenizer: Any, item: MedQAItem, max_len: int, loss_on: str = "answer") -> TrainExample:
+    """Prompt plus the right answer's continuation, labelled for the loss.
+
+    ``loss_on="answer"`` takes the loss on the answer tokens only; ``"all"`` on every predicted token.
+    A prompt longer than ``max_len`` is cut from the left so the answer is always kept.
+    """
+    context_ids, answer_ids = encode_pair(tokenizer, format_prompt(item), continuation(item.answer_idx))
+    input_ids = context_ids + answer_ids
+    if loss_on == "answer":
+        labels = [IGNORE_INDEX] * len(context_ids) + answer_ids
+    else:
+        labels = [IGNORE_INDEX] + input_ids[1:]  # the first token has nothing before it to predict it
+    if len(input_ids) > max_len:
+        input_ids, labels = input_ids[-max_len:], labels[-max_len:]
+    return TrainExample(tuple(input_ids), tuple(labels))
+
+
+def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Right padding keeps causal attention exact without a mask (real
+    tokens never see the pads after them), so every SDPA backend, flash included, can run it.
+
+    Returns:
+        ``input_ids`` and ``labels`` [B, T] and ``n_tokens``, the count of real (non-pad) tokens.
+    """
+    width = max(e.n_tokens for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, : e.n_tokens] = torch.tensor(e.input_ids)
+        labels[row, : e.n_tokens] = torch.tensor(e.labels)
+    return {"input_ids": input_ids, "labels": labels,
+            "n_tokens": torch.tensor(sum(e.n_tokens for e in examples))}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A fixed shuffle of ``range(n)`` for one epoch: the same on every machine for the same seed."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def iter_batches(examples: Sequence[TrainExample], batch_size: int, seed: int,
+                 start_epoch: int = 0) -> Iterator[tuple[int, list[TrainExample]]]:
+    """Endless ``(epoch, batch)`` pairs, reshuffled each epoch; the last short batch is kept."""
+    epoch = start_epoch
+    while True:
+        order = epoch_order(len(examples), seed, epoch)
+        for i in range(0, len(order), batch_size):
+            yield epoch, [examples[j] for j in order[i : i + batch_size]]
+        epoch += 1

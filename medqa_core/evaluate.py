@@ -1,0 +1,122 @@
+"""Option scoring as lm-evaluation-harness's ``multiple_choice`` does it -> EvalResult.
+
+Each question's four continuations (" A".." D") share the prompt. When each is a single token
+(the Mistral tokenizer's case) one forward of the prompt scores all four from the last
+position's distribution; otherwise the four full sequences are scored in one batched call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from scipy.stats import binomtest
+
+from medqa_core.attention import AttentionChoice, attention_context
+from medqa_core.config import EvalConfig
+from medqa_core.data import MedQAItem, ScoringExample, encode_scoring
+from medqa_core.record import EvalResult, QuestionResult
+from medqa_core.timing import Timer, peak_memory_gib, reset_peak_memory
+
+ProgressFn = Callable[[int, int], None]  # (questions done, total)
+
+
+def _parts(model: Any) -> tuple[Any, Any]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _score_single_token(model: Any, batch: Sequence[ScoringExample], device: torch.device,
+                        pad_id: int) -> torch.Tensor:
+    """[B, 4] log-probabilities from one right-padded forward of the prompts."""
+    decoder, head = _parts(model)
+    lengths = torch.tensor([len(e.context_ids) for e in batch])
+    input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, e in enumerate(batch):
+        input_ids[row, : len(e.context_ids)] = torch.tensor(e.context_ids)
+    hidden = decoder(input_ids=input_ids.to(device)).last_hidden_state  # [B, T, H]
+    last = hidden[torch.arange(len(batch), device=device), (lengths - 1).to(device)]  # [B, H]
+    logprobs = head(last).float().log_softmax(-1)  # [B, V]
+    choice_ids = torch.tensor([[c[0] for c in e.continuation_ids] for e in batch], device=device)  # [B, 4]
+    return logprobs.gather(1, choice_ids)
+
+
+def _score_multi_token(model: Any, example: ScoringExample, device: torch.device, pad_id: int) -> torch.Tensor:
+    """[1, 4] summed log-probabilities of multi-token continuations, four sequences in one call."""
+    seqs = [example.context_ids + c for c in example.continuation_ids]
+    input_ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, : len(s)] = torch.tensor(s)
+    logprobs = model(input_ids=input_ids.to(device)).logits.float().log_softmax(-1)  # [4, T, V]
+    start = len(example.context_ids)
+    scores = [
+        sum(logprobs[i, start - 1 + j, tok] for j, tok in enumerate(c))
+        for i, c in enumerate(example.continuation_ids)
+    ]
+    return torch.stack(scores).unsqueeze(0)
+
+
+def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
+    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+@torch.no_grad()
+def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalConfig, device: torch.device,
+             attention: AttentionChoice, split: str, progress: ProgressFn | None = None) -> EvalResult:
+    """Score every question's four options; accuracy is the share whose best option is right.
+
+    Args:
+        model: causal LM (peft-wrapped or not) on ``device``.
+        tokenizer: the model's tokenizer.
+        items: the questions.
+        cfg: questions per forward call and the length limit.
+        device: where the model lives.
+        attention: the attention kernel to force.
+        split: name recorded with the result (e.g. ``test.jsonl``).
+        progress: called with (questions done, total).
+
+    Returns:
+        Accuracy with a Wilson 95% interval, questions/s of the scoring loop (tokenization excluded),
+        and every question's four log-probabilities and predicted letter.
+    """
+    examples = [encode_scoring(tokenizer, item, cfg.max_seq_len) for item in items]
+    pad_id = tokenizer.pad_token_id
+    # Longest first, so similar lengths share a batch (less padding) and memory peaks at once.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].context_ids))
+    scores: list[torch.Tensor | None] = [None] * len(examples)
+    was_training = model.training
+    model.eval()
+    reset_peak_memory(device)
+    done = 0
+    with Timer(device) as timer, attention_context(attention):
+        single = [i for i in order if examples[i].single_token]
+        for start in range(0, len(single), cfg.batch_size):
+            idx = single[start : start + cfg.batch_size]
+            batch_scores = _score_single_token(model, [examples[i] for i in idx], device, pad_id).cpu()
+            for row, i in enumerate(idx):
+                scores[i] = batch_scores[row]
+            done += len(idx)
+            if progress:
+                progress(done, len(examples))
+        for i in (i for i in order if not examples[i].single_token):
+            scores[i] = _score_multi_token(model, examples[i], device, pad_id).cpu()[0]
+            done += 1
+            if progress:
+                progress(done, len(examples))
+    if was_training:
+        model.train()
+    questions = []
+    for item, score in zip(items, scores, strict=True):
+        assert score is not None  # every index was scored above
+        values = tuple(float(v) for v in score)
+        questions.append(QuestionResult(item.qid, item.answer_idx, int(torch.argmax(score)), values))
+    correct = sum(q.correct for q in questions)
+    return EvalResult(
+        split=split, n_questions=len(questions), accuracy=correct / len(questions),
+        accuracy_ci95=wilson_ci95(correct, len(questions)),
+        n_tokens=sum(len(e.context_ids) for e in examples), eval_time_s=timer.elapsed_s,
+        questions_per_s=len(questions) / timer.elapsed_s, peak_mem_gib=peak_memory_gib(device),
+        questions=tuple(questions),
+    )

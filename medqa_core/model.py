@@ -1,0 +1,260 @@
+"""Mistral from a preset (config + seed) or a local folder; NF4 4-bit base; peft LoRA.
+
+Presets are written once into a cache folder as safetensors plus the real Mistral-7B
+tokenizer, then loaded through the same ``from_pretrained`` path as a user's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from packaging.version import Version
+
+from medqa_core.config import PRESET_COMMON, PRESETS, LoraSettings, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+MIN_BNB_ROCM = Version("0.50.0")  # 4-bit on ROCm gave NaNs before this release (bitsandbytes tracker)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILE = "tokenizer.model.v1"  # Mistral-7B-v0.1's SentencePiece model, shipped in mistral-common
+
+
+class ModelLoadError(ValueError):
+    """A model folder is missing, has no usable weights, or cannot be quantized here."""
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """Quantization settings read back from a loaded layer: what ran, not what was asked for."""
+
+    method: str  # "bnb-nf4" or "none"
+    quant_type: str | None = None
+    blocksize: int | None = None
+    double_quant: bool | None = None
+    double_quant_blocksize: int | None = None
+    compute_dtype: str | None = None
+    storage_dtype: str | None = None
+    weight_dtype: str | None = None
+    bitsandbytes_version: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where generated presets live: ``$MEDQA_PARITY_CACHE`` or ``~/.cache/medqa-parity``."""
+    return Path(os.environ.get("MEDQA_PARITY_CACHE", Path.home() / ".cache" / "medqa-parity"))
+
+
+def mistral_tokenizer_file() -> Path:
+    """The Mistral-7B SentencePiece model inside the mistral-common package.
+
+    Found without importing mistral_common, so its own dependencies are not needed.
+    """
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("mistral-common is not installed; it ships the Mistral tokenizer the presets use "
+                             "(pip install mistral-common)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / TOKENIZER_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: tokenizer file missing from the installed mistral-common")
+    return path
+
+
+def save_preset_tokenizer(folder: Path) -> None:
+    """Turn mistral-common's ``tokenizer.model`` into a transformers tokenizer saved in ``folder``.
+
+    transformers 5 reads a folder's ``tokenizer.model`` into ``LlamaTokenizer`` (with sentencepiece and
+    protobuf installed). BOS is added as Mistral-7B-v0.1's own tokenizer_config asks.
+    """
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(mistral_tokenizer_file(), Path(tmp) / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+    tokenizer.save_pretrained(folder)
+
+
+def _fill_seeded(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Random weights that depend only on (seed, parameter name): the same on every machine,
+    device and transformers version, so two backends score the very same model."""
+    for name, param in model.named_parameters():
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(std))
+
+
+def preset_dir(name: str, seed: int) -> Path:
+    """The preset's folder, written on first use (atomically: a half-written preset is never loaded)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if name not in PRESETS:
+        raise ModelLoadError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    folder = cache_dir() / f"{name}-seed{seed}"
+    if (folder / "config.json").is_file():
+        return folder
+    logger.info("generating preset %s (seed %d) into %s", name, seed, folder)
+    config = MistralConfig(**{**PRESET_COMMON, "sliding_window": None, **PRESETS[name]})
+    with torch.device("meta"):
+        model = MistralForCausalLM(config).to(torch.bfloat16)  # meta: no memory until to_empty
+    model = model.to_empty(device="cpu")
+    _fill_seeded(model, seed, config.initializer_range)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        save_preset_tokenizer(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():  # another process may have won the race
+            raise
+    return folder
+
+
+def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Validate a local model folder before transformers sees it.
+
+    Raises:
+        ModelLoadError: no such folder, no config.json, no weights, or pickle-only weights
+            without ``allow_pickle``.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model folder not found; --model takes a local folder with "
+                             "config.json and *.safetensors")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: no config.json; is this a transformers model folder?")
+    if any(folder.glob("*.safetensors")):
+        return folder
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise ModelLoadError(f"{folder}: only pickle weights ({', '.join(pickles)}); loading pickle can run code. "
+                             "Convert them to safetensors, or pass --allow-pickle if you trust this folder")
+    if not pickles:
+        raise ModelLoadError(f"{folder}: no weights (*.safetensors) in the folder")
+    return folder
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        # Pads are never attended to (right padding) nor scored, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_bnb(device: torch.device) -> None:
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ModelLoadError("--quant nf4 needs bitsandbytes (pip install 'bitsandbytes>=0.50.2'); "
+                             "or run --quant none") from e
+    if device.type == "cuda" and torch.version.hip and Version(bitsandbytes.__version__) < MIN_BNB_ROCM:
+        raise ModelLoadError(f"bitsandbytes {bitsandbytes.__version__} on ROCm: 4-bit gave NaNs before "
+                             f"{MIN_BNB_ROCM}; upgrade bitsandbytes")
+
+
+def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, attn_implementation: str) -> Any:
+    """The frozen base model on ``device``: NF4 4-bit (double quant, bf16 compute) or plain bf16.
+
+    Returns the model in eval mode as ``from_pretrained`` gives it; the trainer switches modes.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = dict(
+        dtype=torch.bfloat16, attn_implementation=attn_implementation, device_map={"": device},
+        trust_remote_code=False, use_safetensors=not cfg.allow_pickle or None,
+    )
+    if cfg.quant == "nf4":
+        _check_bnb(device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{model_dir}: cannot load model: {e}") from e
+
+
+def quant_info(model: torch.nn.Module) -> QuantInfo:
+    """Read the 4-bit settings from the first quantized layer (blocksize differs by GPU: 64 on
+    CUDA, 128 on CDNA's 64-wide warps), so parity reports compare what actually ran."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        import bitsandbytes
+
+        nested = bool(getattr(state, "nested", False))
+        return QuantInfo(
+            method=f"bnb-{state.quant_type}", quant_type=state.quant_type, blocksize=int(state.blocksize),
+            double_quant=nested,
+            double_quant_blocksize=int(state.state2.blocksize) if nested and state.state2 is not None else None,
+            compute_dtype=str(getattr(module, "compute_dtype", None) or state.dtype).removeprefix("torch."),
+            storage_dtype=str(module.weight.dtype).removeprefix("torch."),
+            weight_dtype=str(state.dtype).removeprefix("torch."),
+            bitsandbytes_version=bitsandbytes.__version__,
+        )
+    dtype = next(model.parameters()).dtype
+    return QuantInfo(method="none", weight_dtype=str(dtype).removeprefix("torch."))
+
+
+def add_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False) -> Any:
+    """Wrap the frozen base with trainable LoRA adapters (fp32 weights, bf16 compute)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if lora.target_modules == ("all-linear",) else list(lora.target_modules)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelLoadError(f"LoRA target modules {targets}: {e}") from e
+
+
+def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """Attach a LoRA adapter saved by :func:`save_adapter` (safetensors) to a base model."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors; pass a folder written by "
+                             "medqa-parity train")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+
+
+def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
+    """Write the LoRA weights (safetensors) and adapter_config.json."""
+    adapter_dir = Path(adapter_dir)
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    return adapter_dir
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; a 4-bit weight counts its logical elements, not bytes."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        if shape is not None:
+            n = int(torch.Size(shape).numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable

@@ -1,0 +1,188 @@
+"""Run records: dataclasses <-> JSON, one file per run, with a schema version.
+
+Pure data: nothing here imports torch, so reports and gates read records anywhere.
+
+Fields of a record (units in names):
+    schema_version   int, SCHEMA_VERSION of the writer; another version is refused on load.
+    kind             "run" (train + evaluate before/after), "train" or "evaluate".
+    created_utc      ISO-8601 time the record was written.
+    config           RunConfig.to_dict() of the run.
+    fingerprint      machine_fingerprint(): device, backend, versions, git commit.
+    model            name, source, parameter counts, quantization read back from a layer.
+    attention        requested kernel and the one the profiler saw run.
+    train            TrainResult or null.
+    eval_before      EvalResult of the base model (LoRA not applied) or null.
+    eval_after       EvalResult after fine-tuning (or of the evaluated adapter) or null.
+    adapter_dir      where the LoRA adapter was saved, or null.
+    notes            plain-language caveats (random-weight preset, untested backend, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A record file cannot be read as a run record of this schema version."""
+
+
+@dataclass(frozen=True)
+class QuestionResult:
+    """One question's option log-likelihoods (lm-evaluation-harness ``acc`` scoring)."""
+
+    qid: str
+    answer: int  # index of the right option
+    pred: int  # argmax of logprobs
+    logprobs: tuple[float, ...]  # summed log-probability of each continuation " A".." D"
+
+    @property
+    def correct(self) -> bool:
+        return self.pred == self.answer
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    split: str
+    n_questions: int
+    accuracy: float
+    accuracy_ci95: tuple[float, float]  # Wilson score interval
+    n_tokens: int  # prompt tokens scored
+    eval_time_s: float
+    questions_per_s: float
+    peak_mem_gib: float | None
+    questions: tuple[QuestionResult, ...]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    epochs: float  # examples seen / examples in the split
+    n_examples: int
+    tokens: int  # real (non-pad) tokens over all steps
+    timed_steps: int  # steps after the timing warm-up
+    train_time_s: float  # wall time of the timed steps
+    tokens_per_s: float  # real tokens of timed steps / their time
+    step_time_s_median: float
+    step_time_s_iqr: float
+    loss_per_step: tuple[float, ...]
+    step_time_s: tuple[float, ...]
+    peak_mem_gib: float | None  # device memory; None on CPU
+    host_peak_rss_gib: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    kind: str
+    config: dict[str, Any]
+    fingerprint: dict[str, Any]
+    model: dict[str, Any]
+    attention: dict[str, Any]
+    train: TrainResult | None = None
+    eval_before: EvalResult | None = None
+    eval_after: EvalResult | None = None
+    adapter_dir: str | None = None
+    notes: tuple[str, ...] = ()
+    created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _eval_from_dict(d: dict[str, Any] | None) -> EvalResult | None:
+    if d is None:
+        return None
+    questions = tuple(QuestionResult(q["qid"], q["answer"], q["pred"], tuple(q["logprobs"])) for q in d["questions"])
+    return EvalResult(**{**d, "accuracy_ci95": tuple(d["accuracy_ci95"]), "questions": questions})
+
+
+def _train_from_dict(d: dict[str, Any] | None) -> TrainResult | None:
+    if d is None:
+        return None
+    return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"])})
+
+
+def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
+    """Rebuild a record; ``where`` names the source in error messages.
+
+    Raises:
+        RecordError: wrong schema version, missing or mistyped fields.
+    """
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    found = d.get("schema_version")
+    if found != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
+                          "it was written by another version of medqa-parity")
+    names = {f.name for f in dataclasses.fields(RunRecord)}
+    missing = sorted(names - d.keys())
+    if missing:
+        raise RecordError(f"{where}: missing {', '.join(missing)}")
+    try:
+        return RunRecord(**{
+            **{k: d[k] for k in names},
+            "train": _train_from_dict(d["train"]),
+            "eval_before": _eval_from_dict(d["eval_before"]),
+            "eval_after": _eval_from_dict(d["eval_after"]),
+            "notes": tuple(d["notes"]),
+        })
+    except (KeyError, TypeError) as e:
+        raise RecordError(f"{where}: malformed field ({e})") from e
+
+
+def load_record(path: str | Path) -> RunRecord:
+    """Read a run record written by :func:`save_record`.
+
+    Raises:
+        RecordError: unreadable file, broken JSON, another schema version, or missing fields;
+            the message names the file.
+    """
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read ({e.strerror})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: not a JSON run record ({e})") from e
+    return record_from_dict(d, where=str(path))
+
+
+def record_filename(record: RunRecord) -> str:
+    stamp = record.created_utc.replace("-", "").replace(":", "").replace("+0000", "Z")
+    backend = record.fingerprint.get("backend", "unknown")
+    model = str(record.model.get("name", "model")).replace(os.sep, "_")
+    # A random suffix: two runs started in the same second never share a name.
+    return f"{stamp}_{record.kind}_{model}_{backend}_{secrets.token_hex(4)}.json"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_record(record: RunRecord, results_dir: str | Path) -> Path:
+    """Save ``record`` under ``results_dir`` with a fresh, unique name; returns its path."""
+    path = Path(results_dir) / record_filename(record)
+    write_json_atomic(path, record.to_dict())
+    return path

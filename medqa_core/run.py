@@ -1,0 +1,181 @@
+"""RunConfig -> load model -> train / evaluate -> RunRecord saved under results/."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medqa_core.attention import AttentionChoice, detect_kernel, resolve_attention
+from medqa_core.config import DataConfig, RunConfig
+from medqa_core.data import (
+    MedQAItem,
+    bundled_data_dir,
+    encode_train,
+    find_split,
+    has_split,
+    load_medqa,
+)
+from medqa_core.evaluate import evaluate
+from medqa_core.fingerprint import machine_fingerprint, resolve_device
+from medqa_core.model import (
+    QuantInfo,
+    add_lora,
+    check_model_dir,
+    count_parameters,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    preset_dir,
+    quant_info,
+    save_adapter,
+)
+from medqa_core.record import RunRecord, save_record
+from medqa_core.train import train
+
+logger = logging.getLogger(__name__)
+
+# (phase, done, total, extra) -> None; the CLI draws it as a progress bar.
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+RANDOM_WEIGHTS_NOTE = ("random-weight preset {name} (seed {seed}): the figures measure speed, memory and the "
+                       "pipeline, not medical knowledge; accuracy stays near chance (25%)")
+ROCM_NOTE = ("ROCm: this code path has not been validated by the project on a ROCm machine; "
+             "compare against a CUDA record with `medqa-parity report` before trusting it")
+
+
+@dataclass
+class Session:
+    """A model loaded and ready: LoRA attached, attention resolved and checked once."""
+
+    config: RunConfig
+    device: torch.device
+    model_dir: Path
+    tokenizer: Any
+    model: Any
+    attention: AttentionChoice
+    kernel_ran: str
+    quant: QuantInfo
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[MedQAItem]
+    train_name: str
+    eval: list[MedQAItem]
+    eval_name: str
+    notes: tuple[str, ...]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """The fine-tuning and evaluation questions. Without a train split, dev stands in for it."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else bundled_data_dir()
+    notes: list[str] = []
+    train_split = cfg.train_split
+    if train_split == "auto":
+        train_split = "train" if has_split(data_dir, "train") else "dev"
+        if train_split == "dev":
+            notes.append(f"no train split in {data_dir}: fine-tuned on dev, evaluated on {cfg.eval_split}")
+    train_path, eval_path = find_split(data_dir, train_split), find_split(data_dir, cfg.eval_split)
+    return Splits(
+        train=load_medqa(train_path, cfg.train_limit), train_name=train_path.name,
+        eval=load_medqa(eval_path, cfg.eval_limit), eval_name=eval_path.name, notes=tuple(notes),
+    )
+
+
+def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool = True) -> Session:
+    """Load the base model (preset or folder), quantize it, attach LoRA (new or saved)."""
+    device = resolve_device(cfg.backend)
+    attention = resolve_attention(cfg.model.attn)
+    if cfg.model.path:
+        model_dir = check_model_dir(cfg.model.path, cfg.model.allow_pickle)
+    else:
+        model_dir = preset_dir(str(cfg.model.preset), cfg.model.seed)
+    tokenizer = load_tokenizer(model_dir)
+    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation)
+    quant = quant_info(base)
+    if adapter_dir:
+        model = load_adapter(base, adapter_dir)
+    else:
+        model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing if trainable else False)
+    probe = torch.tensor([tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]], device=device)
+    kernel_ran = detect_kernel(model, probe, attention)
+    logger.info("model %s on %s, attention %s ran as %s", model_dir, device, attention.requested, kernel_ran)
+    return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant)
+
+
+def _model_info(session: Session) -> dict[str, Any]:
+    total, trainable = count_parameters(session.model)
+    cfg = session.config.model
+    return {
+        "name": cfg.name, "source": "path" if cfg.path else "preset", "dir": str(session.model_dir),
+        "parameters": total, "trainable_parameters": trainable,
+        "quantization": dataclasses.asdict(session.quant),
+    }
+
+
+def _notes(session: Session, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    cfg = session.config.model
+    notes = list(extra)
+    if not cfg.path:
+        notes.append(RANDOM_WEIGHTS_NOTE.format(name=cfg.preset, seed=cfg.seed))
+    if session.device.type == "cuda" and torch.version.hip:
+        notes.append(ROCM_NOTE)
+    return tuple(notes)
+
+
+def _bar(progress: Progress | None, phase: str) -> Callable[..., None] | None:
+    if progress is None:
+        return None
+    return lambda done, total, *loss: progress(phase, done, total, {"loss": loss[0]} if loss else {})
+
+
+def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
+            progress: Progress | None = None) -> tuple[RunRecord, Path]:
+    """Run one job and save its record.
+
+    Args:
+        cfg: the run's configuration.
+        kind: "run" (evaluate, fine-tune, evaluate), "train" (fine-tune only) or "evaluate".
+        adapter_dir: for "evaluate", a saved LoRA adapter to score (None: the base model).
+        adapter_out: where "run" and "train" save the adapter (default runs/adapters/<time>).
+        progress: progress callback for the long steps.
+
+    Returns:
+        The record and the path it was saved to.
+    """
+    if kind not in ("run", "train", "evaluate"):
+        raise ValueError(f"unknown kind {kind!r}")
+    splits = load_splits(cfg.data)
+    session = load_session(cfg, adapter_dir=adapter_dir, trainable=kind != "evaluate")
+    tok, device, attention = session.tokenizer, session.device, session.attention
+    eval_before = eval_after = train_result = None
+    saved_adapter = None
+    if kind == "run" or (kind == "evaluate" and not adapter_dir):
+        # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
+        eval_before = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention, splits.eval_name,
+                               _bar(progress, "evaluate (before)"))
+    if kind in ("run", "train"):
+        examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
+        train_result = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
+                             _bar(progress, "fine-tune"))
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
+    if kind == "run" or (kind == "evaluate" and adapter_dir):
+        eval_after = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention, splits.eval_name,
+                              _bar(progress, "evaluate (after)"))
+    record = RunRecord(
+        kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=_model_info(session),
+        attention={"requested": attention.requested, "ran": session.kernel_ran,
+                   "attn_implementation": attention.attn_implementation},
+        train=train_result, eval_before=eval_before, eval_after=eval_after,
+        adapter_dir=saved_adapter or adapter_dir,
+        notes=_notes(session, splits.notes if kind != "evaluate" else ()),
+    )
+    return record, save_record(record, cfg.results_dir)
