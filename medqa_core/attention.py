@@ -89,11 +89,21 @@ def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice) 
 
     Returns:
         e.g. ``"sdpa-flash"``, ``"sdpa-math"``, or ``"eager"`` when no fused attention op ran.
+
+    Raises:
+        AttentionError: the forced kernel cannot run here (torch found no usable kernel).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), attention_context(choice), profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=input_ids)
+    try:
+        with torch.no_grad(), attention_context(choice), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=input_ids)
+    except RuntimeError as e:
+        if not any(s in str(e).lower() for s in ("no available kernel", "no viable backend")):
+            raise
+        raise AttentionError(f"--attn {choice.requested} cannot run on {input_ids.device.type} with this model "
+                             f"(torch: {str(e).splitlines()[0]}); pick another --attn, or sdpa to let torch choose"
+                             ) from e
     names = {event.name for event in prof.events()}
     for op, kernel in _KERNEL_OPS:
         if any(op in name for name in names):

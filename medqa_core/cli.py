@@ -68,7 +68,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("fine-tuning")
     tc = DEFAULTS.train
     t.add_argument("--epochs", type=float, default=tc.epochs, help="passes over the train split (default: %(default)s)")
-    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--max-steps", type=int, help="train this many optimizer steps instead of --epochs")
     t.add_argument("--batch-size", type=int, default=tc.batch_size, help="examples per step (default: %(default)s)")
     t.add_argument("--lr", type=float, default=tc.lr, help="AdamW learning rate (default: %(default)s)")
     t.add_argument("--warmup-steps", type=int, default=tc.warmup_steps, help="linear LR warm-up (default: %(default)s)")

@@ -100,7 +100,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The fine-tuning loop. ``max_steps`` caps ``epochs`` when both are set."""
+    """The fine-tuning loop. ``max_steps``, when set, replaces ``epochs`` (as in transformers' Trainer)."""
 
     epochs: float = 2.0
     max_steps: int | None = None

@@ -27,9 +27,8 @@ ProgressFn = Callable[[int, int, float], None]  # (step done, total steps, loss)
 
 
 def total_steps(n_examples: int, cfg: TrainConfig) -> int:
-    """Optimizer steps for ``cfg.epochs`` over ``n_examples``, capped by ``cfg.max_steps``."""
-    steps = math.ceil(cfg.epochs * n_examples / cfg.batch_size)
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    """Optimizer steps: ``cfg.max_steps`` when set (as in transformers' Trainer), else ``cfg.epochs`` worth."""
+    return cfg.max_steps or math.ceil(cfg.epochs * n_examples / cfg.batch_size)
 
 
 def answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""The command line, end to end, on the tiny model folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medqa_core.cli import build_parser, main
+from medqa_core.record import load_record
+
+
+@pytest.mark.parametrize("command", ["run", "train", "evaluate", "fingerprint"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: medqa-parity " + command in capsys.readouterr().out
+
+
+def test_run_end_to_end_saves_a_fingerprinted_record(tiny_model_dir, tmp_path, capsys):
+    code = main(["run", "--model", str(tiny_model_dir), "--train-limit", "8", "--eval-limit", "8",
+                 "--max-steps", "3", "--batch-size", "4", "--results", str(tmp_path / "results"),
+                 "--adapter-out", str(tmp_path / "adapter")])
+    assert code == 0
+    out = capsys.readouterr().out
+    (path,) = (tmp_path / "results").glob("*.json")
+    assert f"record            {path}" in out
+    record = load_record(path)
+    assert record.kind == "run" and record.train.steps == 3
+    assert record.eval_before.n_questions == record.eval_after.n_questions == 8
+    assert record.fingerprint["backend"] == "cpu" and record.fingerprint["packages"]["torch"]
+    assert record.model["quantization"]["blocksize"] == 64
+    assert record.attention["ran"].startswith("sdpa")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    for line in ("accuracy before", "accuracy after", "train tokens/s", "attention kernel"):
+        assert line in out
+
+
+def test_evaluate_with_saved_adapter(tiny_model_dir, tmp_path):
+    assert main(["train", "--model", str(tiny_model_dir), "--train-limit", "4", "--max-steps", "1",
+                 "--results", str(tmp_path), "--adapter-out", str(tmp_path / "ad")]) == 0
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "ad"),
+                 "--eval-limit", "4", "--results", str(tmp_path)]) == 0
+    kinds = sorted(load_record(p).kind for p in tmp_path.glob("*.json"))
+    assert kinds == ["evaluate", "train"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model"], "model folder not found"),
+        (["--data", "/nonexistent/data"], "MedQA folder not found"),
+        (["--backend", "cuda"], "torch"),  # this CPU machine: the message names the installed build
+        (["--attn", "sdpa-efficient"], "--attn sdpa-efficient cannot run on cpu"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys, args, message):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--eval-limit", "2", "--results", str(tmp_path), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "medqa-parity: error:" in err and message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_unknown_kernel_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--attn", "warp-speed"])
+    assert e.value.code == 2
+    assert "invalid choice: 'warp-speed'" in capsys.readouterr().err
+
+
+def test_fingerprint_prints_json(capsys):
+    assert main(["fingerprint"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["backend"] == "cpu"
+    assert "has not been run by this project on a ROCm machine" in captured.err
