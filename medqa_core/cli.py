@@ -172,6 +172,8 @@ def summary_lines(record: Any, path: Any) -> list[str]:
         rows.append(("scoring", f"{record.eval_after.questions_per_s:,.1f} questions/s"))
     if record.adapter_dir:
         rows.append(("adapter", record.adapter_dir))
+    if record.wall_time_s is not None:
+        rows.append(("wall time", f"{record.wall_time_s:.0f} s, model loading included"))
     rows.append(("record", str(path)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

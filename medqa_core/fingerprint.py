@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import platform
 import re
 import socket
@@ -242,6 +243,10 @@ def _git_info(source_dir: Path) -> tuple[str | None, bool | None]:
     if commit is not None and not re.fullmatch(r"[0-9a-f]{40}", commit):
         logger.debug("git rev-parse HEAD gave %r, not a commit hash", commit)
         commit = None
+    if commit is None:
+        # A copy of a checkout without .git (e.g. shipped to a GPU host): the launcher may say
+        # which commit it copied; whether that copy was clean is then unknown.
+        return os.environ.get("MEDQA_PARITY_GIT_COMMIT") or None, None
     status = _git(["status", "--porcelain"], source_dir)
     dirty = bool(status.strip()) if status is not None else None
     return commit, dirty

@@ -112,7 +112,7 @@ def preset_dir(name: str, seed: int) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        model.save_pretrained(tmp, max_shard_size="5GB")  # safetensors: the transformers 5 default
         save_preset_tokenizer(tmp)
         os.replace(tmp, folder)
     except OSError:
@@ -243,7 +243,7 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
 def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
     """Write the LoRA weights (safetensors) and adapter_config.json."""
     adapter_dir = Path(adapter_dir)
-    model.save_pretrained(adapter_dir, safe_serialization=True)
+    model.save_pretrained(adapter_dir)  # peft writes adapter_model.safetensors by default
     return adapter_dir
 
 

@@ -15,6 +15,7 @@ Fields of a record (units in names):
     eval_after       EvalResult after fine-tuning (or of the evaluated adapter) or null.
     adapter_dir      where the LoRA adapter was saved, or null.
     notes            plain-language caveats (random-weight preset, untested backend, ...).
+    wall_time_s      wall time of the whole job, model loading included.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class RunRecord:
     eval_after: EvalResult | None = None
     adapter_dir: str | None = None
     notes: tuple[str, ...] = ()
+    wall_time_s: float | None = None  # the whole job: loading, scoring, training
     created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -124,6 +126,7 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     if found != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
+    d = {"wall_time_s": None, **d}  # added within schema 1: its first files lack it
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -152,6 +153,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     """
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
+    started = time.perf_counter()
     splits = load_splits(cfg.data)
     session = load_session(cfg, adapter_dir=adapter_dir, trainable=kind != "evaluate")
     tok, device, attention = session.tokenizer, session.device, session.attention
@@ -177,5 +179,6 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         train=train_result, eval_before=eval_before, eval_after=eval_after,
         adapter_dir=saved_adapter or adapter_dir,
         notes=_notes(session, splits.notes if kind != "evaluate" else ()),
+        wall_time_s=time.perf_counter() - started,
     )
     return record, save_record(record, cfg.results_dir)

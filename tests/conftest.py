@@ -42,6 +42,7 @@ def tiny_config(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         model=ModelConfig(path=str(tiny_model_dir)),
         train=TrainConfig(max_steps=4, batch_size=4, timing_warmup_steps=1),
         eval=EvalConfig(batch_size=4),
+        backend="cpu",  # CPU tests, also on a GPU machine
         results_dir=str(tmp_path_factory.mktemp("results")),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from medqa_core.cli import build_parser, main
 from medqa_core.record import load_record
@@ -19,7 +20,7 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_run_end_to_end_saves_a_fingerprinted_record(tiny_model_dir, tmp_path, capsys):
-    code = main(["run", "--model", str(tiny_model_dir), "--train-limit", "8", "--eval-limit", "8",
+    code = main(["run", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "8", "--eval-limit", "8",
                  "--max-steps", "3", "--batch-size", "4", "--results", str(tmp_path / "results"),
                  "--adapter-out", str(tmp_path / "adapter")])
     assert code == 0
@@ -38,9 +39,9 @@ def test_run_end_to_end_saves_a_fingerprinted_record(tiny_model_dir, tmp_path, c
 
 
 def test_evaluate_with_saved_adapter(tiny_model_dir, tmp_path):
-    assert main(["train", "--model", str(tiny_model_dir), "--train-limit", "4", "--max-steps", "1",
+    assert main(["train", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "4", "--max-steps", "1",
                  "--results", str(tmp_path), "--adapter-out", str(tmp_path / "ad")]) == 0
-    assert main(["evaluate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "ad"),
+    assert main(["evaluate", "--backend", "cpu", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "ad"),
                  "--eval-limit", "4", "--results", str(tmp_path)]) == 0
     kinds = sorted(load_record(p).kind for p in tmp_path.glob("*.json"))
     assert kinds == ["evaluate", "train"]
@@ -51,8 +52,9 @@ def test_evaluate_with_saved_adapter(tiny_model_dir, tmp_path):
     [
         (["--model", "/nonexistent/model"], "model folder not found"),
         (["--data", "/nonexistent/data"], "MedQA folder not found"),
-        (["--backend", "cuda"], "torch"),  # this CPU machine: the message names the installed build
-        (["--attn", "sdpa-efficient"], "--attn sdpa-efficient cannot run on cpu"),
+        pytest.param(["--backend", "cuda"], "torch", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")),  # names the installed build
+        (["--backend", "cpu", "--attn", "sdpa-efficient"], "--attn sdpa-efficient cannot run on cpu"),
     ],
 )
 def test_user_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys, args, message):
@@ -71,7 +73,7 @@ def test_unknown_kernel_is_rejected_by_the_parser(capsys):
 
 
 def test_fingerprint_prints_json(capsys):
-    assert main(["fingerprint"]) == 0
+    assert main(["fingerprint", "--backend", "cpu"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["backend"] == "cpu"
     assert "has not been run by this project on a ROCm machine" in captured.err
