@@ -202,6 +202,22 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from medqa_core.report import ReportError, make_report, verdict_lines
+
+    try:
+        report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
+    except ReportError as e:
+        print(f"medqa-parity: error: {e}", file=sys.stderr)
+        return 2
+    head, findings = verdict_lines(report)
+    print(head)
+    print("\n".join(f"  {f.status.upper()}: {f.text}" for f in findings))
+    print("\n".join(f"  note: {n}" for n in report.notes))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medqa-parity",
@@ -226,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
+    p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
+                       description="Compare run records and/or pytest-benchmark files of one model: speed and "
+                                   "memory as ratios to a baseline, paired accuracy statistics (bootstrap CI, "
+                                   "McNemar, TOST equivalence), log-probability and loss drift, quantization and "
+                                   "fingerprints. Writes report.md, report.html and PNG charts.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run record or pytest-benchmark JSON (two or more runs)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the charts")
+    p.add_argument("--baseline", metavar="RUN", help="the run others are compared with (default: the first RUN)")
+    p.add_argument("--margin", type=float, default=3.0, metavar="PP",
+                   help="accuracy equivalence margin in percentage points (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

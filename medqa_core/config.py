@@ -111,6 +111,8 @@ class TrainConfig:
     max_seq_len: int = 1024
     loss_on: str = "answer"  # "answer": only the answer letter's token; "all": every token
     gradient_checkpointing: bool = False
+    packing: bool = True  # pack each step's examples into rows of pack_len tokens instead of padding
+    pack_len: int = 2048
     timing_warmup_steps: int = 2  # steps left out of tokens/s (allocator, kernel selection)
     seed: int = 0
 
@@ -122,17 +124,21 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.max_seq_len >= 16, f"max_seq_len must be >= 16, got {self.max_seq_len}")
         _check(self.loss_on in LOSS_ON, f"unknown loss_on {self.loss_on!r}; choose one of {', '.join(LOSS_ON)}")
+        _check(self.pack_len >= 16, f"pack_len must be >= 16, got {self.pack_len}")
         _check(self.timing_warmup_steps >= 0, f"timing_warmup_steps must be >= 0, got {self.timing_warmup_steps}")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Option scoring: ``batch_size`` questions per forward call."""
+    """Option scoring: ``batch_size`` questions per forward call, packed into rows of ``pack_len``."""
 
     batch_size: int = 8
     max_seq_len: int = 2048
+    packing: bool = True
+    pack_len: int = 2048
 
     def __post_init__(self) -> None:
+        _check(self.pack_len >= 16, f"eval pack_len must be >= 16, got {self.pack_len}")
         _check(self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
         _check(self.max_seq_len >= 16, f"eval max_seq_len must be >= 16, got {self.max_seq_len}")
 

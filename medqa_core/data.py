@@ -225,20 +225,71 @@ def encode_train(tokenizer: Any, item: MedQAItem, max_len: int, loss_on: str = "
 
 
 def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. Right padding keeps causal attention exact without a mask (real
-    tokens never see the pads after them), so every SDPA backend, flash included, can run it.
+    """Right-pad a batch, one example per row. Right padding keeps causal attention exact without
+    a mask (real tokens never see the pads after them), so every SDPA backend, flash included, runs it.
 
     Returns:
         ``input_ids`` and ``labels`` [B, T] and ``n_tokens``, the count of real (non-pad) tokens.
     """
-    width = max(e.n_tokens for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(examples):
-        input_ids[row, : e.n_tokens] = torch.tensor(e.input_ids)
-        labels[row, : e.n_tokens] = torch.tensor(e.labels)
-    return {"input_ids": input_ids, "labels": labels,
-            "n_tokens": torch.tensor(sum(e.n_tokens for e in examples))}
+    return _collate_rows([[e] for e in examples], pad_id, packed=False)
+
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Group sequences into rows of at most ``row_len`` tokens (first fit, longest first).
+
+    A sequence longer than ``row_len`` gets a row of its own.
+
+    Returns:
+        Indices into ``lengths``, one list per row.
+    """
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(space) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([i])
+            space.append(row_len - lengths[i])
+        else:
+            rows[row].append(i)
+            space[row] -= lengths[i]
+    return rows
+
+
+def collate_packed(examples: Sequence[TrainExample], pad_id: int, row_len: int) -> dict[str, torch.Tensor]:
+    """Pack a batch into as few rows as fit in ``row_len`` tokens, attention kept inside each example.
+
+    ``position_ids`` restart at 0 for each example; with no attention mask, transformers reads the
+    restarts as document boundaries (block-diagonal causal mask for sdpa/eager/flex, varlen for
+    flash-attention). The same examples make the same loss as :func:`collate`, with far less padding.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids`` [R, T] and ``n_tokens`` (real tokens).
+    """
+    rows = pack_rows([e.n_tokens for e in examples], row_len)
+    return _collate_rows([[examples[i] for i in row] for row in rows], pad_id, packed=True)
+
+
+def _collate_rows(rows: Sequence[Sequence[TrainExample]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    width = max(sum(e.n_tokens for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    # Pads get positions 0, 1, ... of their own: a segment of their own that no real token attends to.
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            end = start + e.n_tokens
+            input_ids[r, start:end] = torch.tensor(e.input_ids)
+            labels[r, start:end] = torch.tensor(e.labels)
+            labels[r, start] = IGNORE_INDEX  # nothing of this example precedes its first token
+            position_ids[r, start:end] = torch.arange(e.n_tokens)
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    batch = {"input_ids": input_ids, "labels": labels,
+             "n_tokens": torch.tensor(sum(e.n_tokens for row in rows for e in row))}
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -15,7 +15,7 @@ from scipy.stats import binomtest
 
 from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.config import EvalConfig
-from medqa_core.data import MedQAItem, ScoringExample, encode_scoring
+from medqa_core.data import MedQAItem, ScoringExample, encode_scoring, pack_rows
 from medqa_core.record import EvalResult, QuestionResult
 from medqa_core.timing import Timer, peak_memory_gib, reset_peak_memory
 
@@ -27,17 +27,30 @@ def _parts(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _score_single_token(model: Any, batch: Sequence[ScoringExample], device: torch.device,
-                        pad_id: int) -> torch.Tensor:
-    """[B, 4] log-probabilities from one right-padded forward of the prompts."""
+def _score_single_token(model: Any, batch: Sequence[ScoringExample], device: torch.device, pad_id: int,
+                        pack_len: int | None) -> torch.Tensor:
+    """[B, 4] log-probabilities from one forward of the prompts, packed into rows of ``pack_len``
+    tokens (attention kept inside each prompt) or one prompt per right-padded row."""
     decoder, head = _parts(model)
-    lengths = torch.tensor([len(e.context_ids) for e in batch])
-    input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, e in enumerate(batch):
-        input_ids[row, : len(e.context_ids)] = torch.tensor(e.context_ids)
-    hidden = decoder(input_ids=input_ids.to(device)).last_hidden_state  # [B, T, H]
-    last = hidden[torch.arange(len(batch), device=device), (lengths - 1).to(device)]  # [B, H]
-    logprobs = head(last).float().log_softmax(-1)  # [B, V]
+    lengths = [len(e.context_ids) for e in batch]
+    rows = pack_rows(lengths, pack_len) if pack_len else [[i] for i in range(len(batch))]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    last = torch.zeros(len(batch), 2, dtype=torch.long)  # (row, column) of each prompt's last token
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            end = start + lengths[i]
+            input_ids[r, start:end] = torch.tensor(batch[i].context_ids)
+            position_ids[r, start:end] = torch.arange(lengths[i])
+            last[i] = torch.tensor([r, end - 1])
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    hidden = decoder(input_ids=input_ids.to(device), use_cache=False,
+                     position_ids=position_ids.to(device) if pack_len else None).last_hidden_state  # [R, T, H]
+    last = last.to(device)
+    logprobs = head(hidden[last[:, 0], last[:, 1]]).float().log_softmax(-1)  # [B, V]
     choice_ids = torch.tensor([[c[0] for c in e.continuation_ids] for e in batch], device=device)  # [B, 4]
     return logprobs.gather(1, choice_ids)
 
@@ -48,7 +61,7 @@ def _score_multi_token(model: Any, example: ScoringExample, device: torch.device
     input_ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
     for row, s in enumerate(seqs):
         input_ids[row, : len(s)] = torch.tensor(s)
-    logprobs = model(input_ids=input_ids.to(device)).logits.float().log_softmax(-1)  # [4, T, V]
+    logprobs = model(input_ids=input_ids.to(device), use_cache=False).logits.float().log_softmax(-1)  # [4, T, V]
     start = len(example.context_ids)
     scores = [
         sum(logprobs[i, start - 1 + j, tok] for j, tok in enumerate(c))
@@ -94,7 +107,8 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalCo
         single = [i for i in order if examples[i].single_token]
         for start in range(0, len(single), cfg.batch_size):
             idx = single[start : start + cfg.batch_size]
-            batch_scores = _score_single_token(model, [examples[i] for i in idx], device, pad_id).cpu()
+            batch_scores = _score_single_token(model, [examples[i] for i in idx], device, pad_id,
+                                               cfg.pack_len if cfg.packing else None).cpu()
             for row, i in enumerate(idx):
                 scores[i] = batch_scores[row]
             done += len(idx)

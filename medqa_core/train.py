@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.config import TrainConfig
-from medqa_core.data import IGNORE_INDEX, TrainExample, collate, iter_batches
+from medqa_core.data import IGNORE_INDEX, TrainExample, collate, collate_packed, iter_batches
 from medqa_core.record import TrainResult
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
@@ -31,20 +31,32 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
     return cfg.max_steps or math.ceil(cfg.epochs * n_examples / cfg.batch_size)
 
 
-def answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions, computing logits only there.
+def token_losses(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy at each labelled position, computing logits only there.
 
     Args:
         model: a peft-wrapped causal LM (``get_decoder`` and ``get_output_embeddings``).
-        input_ids: [B, T] right-padded token ids.
+        input_ids: [B, T] right-padded or packed token ids.
         labels: [B, T], ``IGNORE_INDEX`` where no loss is taken.
+        position_ids: [B, T] for packed rows (restarting at each example), None when padded.
+
+    Returns:
+        [N] losses of the N labelled tokens, in row-major order.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state  # [B, T, H]
+    # use_cache=False: no KV cache in training, and transformers only reads packed position_ids without one.
+    hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]  # position t predicts token t + 1
     where = targets != IGNORE_INDEX  # [B, T-1]
     logits = base.get_output_embeddings()(hidden[:, :-1][where])  # [N, V]
-    return F.cross_entropy(logits.float(), targets[where])
+    return F.cross_entropy(logits.float(), targets[where], reduction="none")
+
+
+def answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of :func:`token_losses`: the training loss of one step."""
+    return token_losses(model, input_ids, labels, position_ids).mean()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -84,12 +96,14 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     batches = iter_batches(examples, cfg.batch_size, cfg.seed)
     for step in range(n_steps):
         _, batch_examples = next(batches)
-        batch = collate(batch_examples, pad_id)
+        batch = (collate_packed(batch_examples, pad_id, cfg.pack_len) if cfg.packing
+                 else collate(batch_examples, pad_id))
         with Timer(device) as timer:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
+            position_ids = batch["position_ids"].to(device, non_blocking=True) if cfg.packing else None
             with attention_context(attention):
-                loss = answer_loss(model, input_ids, labels)
+                loss = answer_loss(model, input_ids, labels, position_ids)
                 loss.backward()
             optimizer.step()
             scheduler.step()

@@ -1,0 +1,147 @@
+"""bench/ end to end: pytest-in-pytest on the tiny preset with tiny sizes.
+
+One run (about a minute on 2 CPU cores) with an out-of-memory injected into one case; the tests
+then read its saved pytest-benchmark JSON: the fields the report needs are there, the OOM is that
+case's recorded result, and the cases after it still ran and were saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+OOM_CASE = "test_prefill[sdpa-batch2]"
+# A forced SDPA backend torch has no CPU kernel for: its cases must skip with torch's reason.
+MISSING_KERNEL = "sdpa-cudnn"
+TINY = [
+    "--preset", "tiny", "--bench-batch-size", "2", "--bench-seq-len", "32", "--questions", "6",
+    "--train-rounds", "2", "--infer-rounds", "1", "--warmup-rounds", "1", "--decode-tokens", "3",
+]
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason=f"{MISSING_KERNEL} may run on a GPU")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    attn = "sdpa" if torch.cuda.is_available() else f"sdpa,{MISSING_KERNEL}"
+    paths = [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]  # tests/ holds the oom_injection plugin
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    cmd = [
+        sys.executable, "-m", "pytest", str(BENCH), *TINY, "--attn", attn, "-p", "no:cacheprovider", "-rs",
+        # The static-cache compile alone takes about a minute on CPU; bench_infer skips it where it cannot run.
+        "-k", "not compiled",
+        "-p", "oom_injection", "--inject-oom", OOM_CASE,
+        f"--benchmark-json={out / 'bench.json'}", f"--benchmark-storage=file://{out / 'storage'}",
+        "--benchmark-save=harness",
+    ]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"bench run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    saved = list((out / "storage").glob("*/0001_harness.json"))
+    return {"json": json.loads((out / "bench.json").read_text()), "saved": saved, "stdout": proc.stdout}
+
+
+def _cases(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {b["name"]: b for b in run["json"]["benchmarks"]}
+
+
+def test_saved_under_benchmark_storage(bench_run: dict[str, Any]) -> None:
+    # --benchmark-save writes .benchmarks/<machine>/0001_<name>.json, what `pytest-benchmark compare` reads.
+    assert len(bench_run["saved"]) == 1
+    saved = json.loads(bench_run["saved"][0].read_text())
+    assert [b["name"] for b in saved["benchmarks"]] == [b["name"] for b in bench_run["json"]["benchmarks"]]
+
+
+def test_train_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
+    cases = _cases(bench_run)
+    reference, ours = cases["test_train_reference"]["extra_info"], cases["test_train_ours[sdpa]"]["extra_info"]
+    for info in (reference, ours):
+        assert info["tokens_per_s"] > 0
+        assert info["step_time_s_median"] > 0 and info["step_time_s_iqr"] >= 0
+        assert info["tokens_per_s"] == pytest.approx(info["tokens_per_step"] / info["step_time_s_median"])
+        assert info["tokens_per_step"] <= info["padded_tokens_per_step"]  # real tokens only: pads are left out
+        assert "peak_mem_gib" in info and info["host_rss_gib"] > 0
+        assert info["mfu"] == pytest.approx(4 * info["parameters"] * info["tokens_per_step"]
+                                            / info["step_time_s_median"] / info["peak_bf16_flops_per_s"])
+        assert info["quantization"]["method"] == "bnb-nf4"
+        assert info["attention"]["requested"] == "sdpa" and info["attention"]["ran"].startswith("sdpa")
+        assert info["batch_size"] == 2 and info["backend"] in ("cpu", "cuda", "rocm")
+        assert len(info["loss_per_round"]) == 2
+    assert reference["arm"] == "reference" and reference["gradient_checkpointing"] is True
+    assert reference["tokens_per_step"] < reference["padded_tokens_per_step"]  # two lengths, padded to the longer
+    assert ours["arm"] == "ours"
+    # Both arms stepped on the same examples.
+    assert ours["tokens_per_step"] == reference["tokens_per_step"]
+    assert ours["speedup_vs_reference"] == pytest.approx(ours["tokens_per_s"] / reference["tokens_per_s"])
+
+
+def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
+    cases = _cases(bench_run)
+    prefill = cases["test_prefill[sdpa-batch1]"]["extra_info"]
+    assert prefill["ttft_s_median"] > 0
+    assert prefill["prefill_tokens_per_s"] == pytest.approx(32 / prefill["ttft_s_median"])
+    decode = cases["test_decode_eager[sdpa]"]["extra_info"]
+    assert decode["new_tokens"] == 3  # min_new_tokens = max_new_tokens: EOS does not stop it early
+    assert decode["weight_bytes_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
+    if decode["decode_tokens_per_s"] is not None:  # None only when generate(3) was not slower than generate(1)
+        assert decode["roofline_fraction"] == pytest.approx(
+            decode["decode_tokens_per_s"] * decode["weight_bytes_per_token"] / decode["copy_bandwidth_bytes_per_s"])
+    scoring = cases["test_scoring[sdpa]"]["extra_info"]
+    assert scoring["questions_per_s"] > 0 and scoring["questions"] == 6
+    for info in (prefill, decode, scoring):
+        energy = info["joules_per_token"]
+        assert energy == "unavailable" or energy > 0
+
+
+def test_accuracy_has_per_question_predictions(bench_run: dict[str, Any]) -> None:
+    info = _cases(bench_run)["test_accuracy[sdpa]"]["extra_info"]
+    predictions = info["predictions"]
+    assert info["n_questions"] == len(predictions) == 6
+    assert len({p["qid"] for p in predictions}) == 6
+    for p in predictions:
+        assert len(p["logprobs"]) == 4 and all(lp <= 0 for lp in p["logprobs"])
+        assert p["pred"] == max(range(4), key=lambda i: p["logprobs"][i])
+    assert info["accuracy"] == pytest.approx(sum(p["pred"] == p["answer"] for p in predictions) / 6)
+    lo, hi = info["accuracy_ci95"]
+    assert lo <= info["accuracy"] <= hi
+
+
+def test_machine_info_has_fingerprint_and_ceilings(bench_run: dict[str, Any]) -> None:
+    fingerprint = bench_run["json"]["machine_info"]["medqa_fingerprint"]
+    assert fingerprint["backend"] in ("cpu", "cuda", "rocm")
+    assert fingerprint["packages"]["pytest-benchmark"]
+    hardware = fingerprint["hardware"]
+    assert hardware["matmul_bf16_flops_per_s"] > 0 and hardware["copy_bandwidth_bytes_per_s"] > 0
+    # The peak MFU divides by is the one measured in this run.
+    train = _cases(bench_run)["test_train_ours[sdpa]"]["extra_info"]
+    assert train["peak_bf16_flops_per_s"] == hardware["matmul_bf16_flops_per_s"]
+    assert hardware["energy_meter"] in ("nvml", "amdsmi", "unavailable")
+
+
+def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> None:
+    cases = _cases(bench_run)
+    oom = cases[OOM_CASE]["extra_info"]["oom"]
+    assert oom["configuration"] == {"arm": "ours", "attention_requested": "sdpa", "batch_size": 2, "seq_len": 32}
+    assert oom["error"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert oom["during"] == "warm-up round 1"
+    assert "allocated_gib" in oom and oom["host_rss_gib"] > 0
+    assert "ttft_s_median" not in cases[OOM_CASE]["extra_info"]  # no figures from a case that did not run
+    # Every other case ran after it (ours' train step comes last) and was saved without an OOM.
+    expected = {"test_train_reference", "test_accuracy[sdpa]", "test_prefill[sdpa-batch1]", OOM_CASE,
+                "test_decode_eager[sdpa]", "test_scoring[sdpa]", "test_train_ours[sdpa]"}
+    assert expected <= set(cases)
+    assert [name for name in cases if "oom" in cases[name]["extra_info"]] == [OOM_CASE]
+
+
+@CPU_ONLY
+def test_missing_kernel_is_skipped_with_reason(bench_run: dict[str, Any]) -> None:
+    assert not any(MISSING_KERNEL in name for name in _cases(bench_run))
+    assert f"attention kernel '{MISSING_KERNEL}' cannot run here" in bench_run["stdout"]
