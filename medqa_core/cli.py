@@ -59,6 +59,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="questions per forward call (default: %(default)s)")
     e.add_argument("--eval-max-seq-len", type=int, default=DEFAULTS.eval.max_seq_len,
                    help="longest prompt scored, in tokens (default: %(default)s)")
+    e.add_argument("--eval-no-packing", dest="eval_packing", action="store_false",
+                   help="one prompt per padded row instead of packing prompts into shared rows")
     p.add_argument("--results", default=DEFAULTS.results_dir, metavar="DIR",
                    help="folder for the run record (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -77,6 +79,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--loss-on", default=tc.loss_on, choices=LOSS_ON,
                    help="answer: loss on the answer token only; all: every token (default: %(default)s)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    t.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="pad each example to the batch's longest instead of packing examples into shared rows")
+    t.add_argument("--pack-len", type=int, default=tc.pack_len,
+                   help="tokens per packed row (default: %(default)s)")
     t.add_argument("--train-seed", type=int, default=tc.seed, help="data order seed (default: %(default)s)")
     lc = DEFAULTS.lora
     t.add_argument("--lora-rank", type=int, default=lc.rank, help="(default: %(default)s)")
@@ -96,6 +102,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, loss_on=args.loss_on,
             gradient_checkpointing=args.gradient_checkpointing, seed=args.train_seed,
+            packing=args.packing, pack_len=args.pack_len,
         )
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -104,7 +111,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         model=ModelConfig(preset=args.preset, path=args.model, seed=args.seed, quant=args.quant, attn=args.attn,
                           allow_pickle=args.allow_pickle),
         lora=lora, train=train,
-        eval=EvalConfig(batch_size=args.eval_batch_size, max_seq_len=args.eval_max_seq_len),
+        eval=EvalConfig(batch_size=args.eval_batch_size, max_seq_len=args.eval_max_seq_len,
+                        packing=args.eval_packing, pack_len=max(args.eval_max_seq_len, DEFAULTS.eval.pack_len)),
         data=DataConfig(data_dir=args.data, train_split=args.train_split, eval_split=args.eval_split,
                         train_limit=args.train_limit, eval_limit=args.eval_limit),
         backend=args.backend, results_dir=args.results,
