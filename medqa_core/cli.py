@@ -91,6 +91,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lora-targets", default=",".join(lc.target_modules),
                    help="comma-separated module names, or all-linear (default: %(default)s)")
     t.add_argument("--adapter-out", metavar="DIR", help="where to save the LoRA adapter (default: runs/adapters/TIME)")
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", metavar="DIR", help="write training checkpoints here (and at the end)")
+    c.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    c.add_argument("--keep-checkpoints", type=int, default=tc.keep_checkpoints,
+                   help="newest checkpoints kept (default: %(default)s)")
+    c.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -102,7 +108,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, loss_on=args.loss_on,
             gradient_checkpointing=args.gradient_checkpointing, seed=args.train_seed,
-            packing=args.packing, pack_len=args.pack_len,
+            packing=args.packing, pack_len=args.pack_len, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
         )
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -194,7 +201,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
-                           adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars())
+                           adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
+                           checkpoint_dir=getattr(args, "checkpoint_dir", None), resume=getattr(args, "resume", None))
     print("\n".join(summary_lines(record, path)))
     return 0
 
@@ -290,12 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: shown as one line, not a traceback."""
     from medqa_core.attention import AttentionError
+    from medqa_core.checkpoint import CheckpointError
     from medqa_core.data import MedQADataError
     from medqa_core.fingerprint import BackendError
     from medqa_core.model import ModelLoadError
     from medqa_core.record import RecordError
 
-    return (AttentionError, MedQADataError, BackendError, ModelLoadError, RecordError)
+    return (AttentionError, CheckpointError, MedQADataError, BackendError, ModelLoadError, RecordError)
 
 if __name__ == "__main__":
     sys.exit(main())

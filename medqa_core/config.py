@@ -114,7 +114,9 @@ class TrainConfig:
     packing: bool = True  # pack each step's examples into rows of pack_len tokens instead of padding
     pack_len: int = 2048
     timing_warmup_steps: int = 2  # steps left out of tokens/s (allocator, kernel selection)
-    seed: int = 0
+    checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0  # LoRA initialisation, dropout and data order
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -125,6 +127,9 @@ class TrainConfig:
         _check(self.max_seq_len >= 16, f"max_seq_len must be >= 16, got {self.max_seq_len}")
         _check(self.loss_on in LOSS_ON, f"unknown loss_on {self.loss_on!r}; choose one of {', '.join(LOSS_ON)}")
         _check(self.pack_len >= 16, f"pack_len must be >= 16, got {self.pack_len}")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1,
+               f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.timing_warmup_steps >= 0, f"timing_warmup_steps must be >= 0, got {self.timing_warmup_steps}")
 
 

@@ -19,9 +19,10 @@ from medqa_core.timing import Stats, Timer
 logger = logging.getLogger(__name__)
 
 # Matrix side for the FLOP/s probe. 8192 keeps tensor cores saturated on an H100/MI300 (one
-# matmul is ~1.1 TFLOP); on a CPU 2048 already reaches the AMX/AVX-512 plateau in ~10 ms.
+# matmul is ~1.1 TFLOP); on a 2-core AMX Xeon 2048 takes ~10 ms. A slower CPU halves it, not below 256.
 MATMUL_N_GPU = 8192
 MATMUL_N_CPU = 2048
+MATMUL_N_MIN = 256
 # Copy probe buffer: far larger than any L2/LLC (50 MB on H100, 256 MB on MI300X's Infinity Cache),
 # so the copy streams through HBM/DRAM.
 COPY_BYTES_GPU = 2 * 2**30
@@ -68,7 +69,8 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat
     Args:
         device: where to run (``cuda`` covers ROCm too).
         dtype: element type; bf16 is what the NF4 layers compute in.
-        n: side of the square matrices; default ``MATMUL_N_GPU`` on a GPU, ``MATMUL_N_CPU`` on CPU.
+        n: side of the square matrices; default ``MATMUL_N_GPU`` on a GPU, ``MATMUL_N_CPU`` on CPU
+            (halved while a call is too slow for ``CPU_BUDGET_S``).
         reps: timed reps; their median is used. On CPU fewer run if they would exceed ``CPU_BUDGET_S``.
 
     Returns:
@@ -77,14 +79,22 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat
     Raises:
         HardwareProbeError: the device cannot multiply matrices of ``dtype``.
     """
+    cpu = device.type == "cpu"
+    sized_down = n is None and cpu  # a CPU without bf16 units can be 50x slower than this one
     n = n or (MATMUL_N_GPU if device.type == "cuda" else MATMUL_N_CPU)
     gen = torch.Generator(device=device).manual_seed(0)
     try:
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # [n, n]
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # [n, n]
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        stats = _time_op(lambda: torch.mm(a, b, out=out), device, reps,
-                         CPU_BUDGET_S if device.type == "cpu" else None)
+        while True:
+            a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # [n, n]
+            b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # [n, n]
+            out = torch.empty(n, n, device=device, dtype=dtype)
+            with Timer(device) as first:
+                torch.mm(a, b, out=out)
+            # _time_op makes at least 5 calls: halve n until they fit the budget.
+            if not sized_down or n <= MATMUL_N_MIN or 5 * first.elapsed_s <= CPU_BUDGET_S:
+                break
+            n //= 2
+        stats = _time_op(lambda: torch.mm(a, b, out=out), device, reps, CPU_BUDGET_S if cpu else None)
     except RuntimeError as e:
         raise HardwareProbeError(f"{dtype} matmul of {n}x{n} failed on {device}: {str(e).splitlines()[0]}") from e
     flops = 2 * n**3 / stats.median
@@ -198,7 +208,7 @@ class EnergyMeter:
             # torch maps its device index to NVML's, honouring CUDA_VISIBLE_DEVICES (also used by
             # torch.cuda.power_draw); private, so a missing helper is reported, not worked around.
             handle = torch.cuda._get_pynvml_handler(self.device)
-        except (AttributeError, RuntimeError, pynvml.NVMLError) as e:
+        except (AttributeError, ImportError, RuntimeError, pynvml.NVMLError) as e:
             self.reason = f"no NVML handle for {self.device}: {e}"
             return
         # NVML reports millijoules since the driver was loaded.
@@ -214,7 +224,7 @@ class EnergyMeter:
             return
         try:
             handle = torch.cuda._get_amdsmi_handler(self.device)
-        except (AttributeError, RuntimeError, amdsmi.AmdSmiException) as e:
+        except (AttributeError, ImportError, RuntimeError, amdsmi.AmdSmiException) as e:
             self.reason = f"no amdsmi handle for {self.device}: {e}"
             return
 

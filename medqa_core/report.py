@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ class RunSummary:
         source: "record" or "benchmark".
         kind: record kind ("run", "train", "evaluate") or "benchmark:<arm>".
         backend, device, kernel: where and how it ran (kernel: attention that ran).
-        model_name: model name (preset or folder).
+        model_name: model name (preset or folder), or None when not recorded (a case that ran out of memory).
         base_parameters: parameters without LoRA, or None when not recorded.
         seed: preset weight seed, or None when not recorded.
         quantization: settings read back from a quantized layer.
@@ -125,7 +125,7 @@ class RunSummary:
     backend: str
     device: str
     kernel: str
-    model_name: str
+    model_name: str | None
     base_parameters: int | None
     seed: int | None
     quantization: Mapping[str, Any]
@@ -170,6 +170,12 @@ class Report:
 
 def read_json(path: Path) -> Any:
     """Parse one input file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The parsed JSON value.
 
     Raises:
         ReportError: unreadable or not JSON; names the file.
@@ -236,8 +242,6 @@ def load_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None)
 
 
 def _relabel(s: RunSummary, i: int) -> RunSummary:
-    from dataclasses import replace
-
     arm = " (reference)" if s.kind == "benchmark:reference" else ""
     return replace(s, label=f"R{i} {s.backend} {_short_device(s.device)} {s.kernel}{arm}")
 
@@ -271,14 +275,25 @@ def summarize_record(record: RunRecord, path: str) -> RunSummary:
         phases[FINE_TUNED] = _phase(record.eval_after)
     return RunSummary(
         label="?", path=path, source="record", kind=record.kind, backend=str(fp.get("backend", "unknown")),
-        device=_device(fp), kernel=str(record.attention.get("ran", "unknown")), model_name=str(model.get("name")),
-        base_parameters=params - trainable if params is not None and trainable is not None else None,
+        device=_device(fp), kernel=str(record.attention.get("ran", "unknown")), model_name=_name(model.get("name")),
+        base_parameters=_base_parameters(params, trainable),
         seed=(record.config.get("model") or {}).get("seed") if model.get("source") == "preset" else None,
         quantization=model.get("quantization") or {}, fingerprint=fp, metrics=_record_metrics(record),
         phases=phases, loss_per_step=record.train.loss_per_step if record.train else (),
         adapter_dir=record.adapter_dir, schema=f"run record schema {record.schema_version}",
         created=record.created_utc, notes=record.notes,
     )
+
+
+def _name(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _base_parameters(parameters: int | None, trainable: int | None) -> int | None:
+    # Only a trainable adapter tells LoRA's share: an evaluate run loads its adapter frozen.
+    if not parameters or not trainable:
+        return None
+    return parameters - trainable
 
 
 def _phase(ev: EvalResult) -> PhaseScores:
@@ -364,8 +379,8 @@ def _bench_summary(arm: str, requested: str, entries: list[dict[str, Any]], fp: 
     return RunSummary(
         label="?", path=path, source="benchmark", kind=f"benchmark:{arm}",
         backend=str(_first(i.get("backend") for i in infos) or fp.get("backend", "unknown")), device=_device(fp),
-        kernel=str(ran or f"{requested} (did not run)"), model_name=str(_first(i.get("model") for i in infos)),
-        base_parameters=params - trainable if params is not None and trainable is not None else None, seed=None,
+        kernel=str(ran or f"{requested} (did not run)"), model_name=_name(_first(i.get("model") for i in infos)),
+        base_parameters=_base_parameters(params, trainable), seed=None,
         quantization=_first(i.get("quantization") for i in infos) or {}, fingerprint=fingerprint,
         metrics=_bench_metrics(entries), phases=_bench_phases(infos), schema=meta["schema"], created=meta["created"],
         notes=tuple(_oom_note(e) for e in entries if (e.get("extra_info") or {}).get("oom")),
@@ -444,7 +459,7 @@ def check_comparable(a: RunSummary, b: RunSummary) -> None:
         ReportError: different model names, base parameter counts or preset seeds; names both files.
     """
     where = f"{b.path} ({b.label}) vs {a.path} ({a.label})"
-    if a.model_name != b.model_name:
+    if None not in (a.model_name, b.model_name) and a.model_name != b.model_name:
         raise ReportError(f"{where}: different models, {b.model_name!r} vs {a.model_name!r}; compare runs of one "
                           "model (same --preset or --model)")
     if None not in (a.base_parameters, b.base_parameters) and a.base_parameters != b.base_parameters:
@@ -480,7 +495,9 @@ def compare_runs(a: RunSummary, b: RunSummary, tol: Tolerances) -> PairParity:
         except ParityError as e:
             raise ReportError(f"{b.path} ({b.label}) vs {a.path} ({a.label}), {phase} scores: {e}") from e
     loss = loss_drift(a.loss_per_step, b.loss_per_step) if a.loss_per_step and b.loss_per_step else None
-    return PairParity(a.rid, b.rid, tuple(phases), loss, quantization_differences(a.quantization, b.quantization))
+    # A case that ran out of memory before loading its model recorded no quantization: nothing to compare.
+    quant = quantization_differences(a.quantization, b.quantization) if a.quantization and b.quantization else ()
+    return PairParity(a.rid, b.rid, tuple(phases), loss, quant)
 
 
 def adapter_trainers(runs: Sequence[RunSummary]) -> list[tuple[RunSummary, RunSummary]]:
@@ -519,6 +536,12 @@ def build_report(runs: Sequence[RunSummary], tol: Tolerances) -> Report:
 
 def _report_notes(runs: Sequence[RunSummary]) -> tuple[str, ...]:
     notes = []
+    same: dict[tuple[Path, str, str], list[str]] = {}  # one file given twice (a benchmark file holds several runs)
+    for r in runs:
+        same.setdefault((Path(r.path).resolve(), r.kind, r.kernel), []).append(r.rid)
+    for (path, _, _), ids in same.items():
+        if len(ids) > 1:
+            notes.append(f"{' and '.join(ids)} are the same run, read twice from {path}: they agree by construction.")
     backends = sorted({r.backend for r in runs})
     if "rocm" not in backends:
         notes.append(f"No ROCm run was compared: every input ran on {' / '.join(backends)}.")
@@ -534,10 +557,17 @@ def _report_notes(runs: Sequence[RunSummary]) -> tuple[str, ...]:
 
 
 def runs_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
-    """One row per run: file, kind, backend, device, kernel, model, quantization."""
+    """One row per run: file, kind, backend, device, kernel, model, quantization.
+
+    Args:
+        runs: all runs.
+
+    Returns:
+        The table, one row per run in input order.
+    """
     return pd.DataFrame([{
         "run": r.label, "file": Path(r.path).name, "kind": r.kind, "backend": r.backend, "device": r.device,
-        "attention kernel": r.kernel, "model": r.model_name, "quantization": _quant_text(r.quantization),
+        "attention kernel": r.kernel, "model": r.model_name or "-", "quantization": _quant_text(r.quantization),
         "created": r.created,
     } for r in runs])
 
@@ -573,14 +603,16 @@ def metrics_table(runs: Sequence[RunSummary], baseline: RunSummary) -> pd.DataFr
     return pd.DataFrame(rows, columns=["run", "metric", "unit", "value", "low", "high", "ratio"])
 
 
-def metrics_display(long: pd.DataFrame, runs: Sequence[RunSummary]) -> pd.DataFrame:
+def _metrics_display(long: pd.DataFrame, runs: Sequence[RunSummary]) -> pd.DataFrame:
     """:func:`metrics_table` as metric rows by run columns, each cell "value (ratio x)"."""
     if long.empty:
         return pd.DataFrame()
     cells = long.assign(cell=[_cell(v, u, r) for v, u, r in zip(long.value, long.unit, long.ratio, strict=True)])
     table = cells.pivot(index="metric", columns="run", values="cell")
     order = [label for _, label, _ in METRICS if label in table.index]
-    return table.reindex(index=order, columns=[r.label for r in runs]).fillna("-")
+    table = table.reindex(index=order, columns=[r.label for r in runs]).astype(object).fillna("-")
+    table.index.name = table.columns.name = None  # no extra header row in HTML
+    return table
 
 
 def _cell(value: float, unit: str, ratio: float) -> str:
@@ -599,7 +631,15 @@ def _num(value: float, unit: str) -> str:
 
 
 def accuracy_table(runs: Sequence[RunSummary], baseline: RunSummary) -> pd.DataFrame:
-    """Accuracy of each run and phase with its Wilson 95% CI and ratio to the baseline's."""
+    """Accuracy of each run and phase with its Wilson 95% CI and ratio to the baseline's.
+
+    Args:
+        runs: all runs.
+        baseline: the run ratios are taken to (per phase).
+
+    Returns:
+        One row per run and phase it scored.
+    """
     rows = []
     for r in runs:
         for phase, s in r.phases.items():
@@ -612,7 +652,14 @@ def accuracy_table(runs: Sequence[RunSummary], baseline: RunSummary) -> pd.DataF
 
 
 def parity_table(pairs: Sequence[PairParity]) -> pd.DataFrame:
-    """One row per compared pair and phase: accuracy statistics and log-probability drift."""
+    """Accuracy statistics and log-probability drift of compared pairs.
+
+    Args:
+        pairs: comparisons from :func:`compare_runs`.
+
+    Returns:
+        One row per pair and phase; "run" is B, "vs" is A of the pair.
+    """
     rows = []
     for p in pairs:
         for ph in p.phases:
@@ -630,7 +677,14 @@ def parity_table(pairs: Sequence[PairParity]) -> pd.DataFrame:
 
 
 def loss_table(pairs: Sequence[PairParity]) -> pd.DataFrame:
-    """Loss-curve drift of each pair that both trained."""
+    """Loss-curve drift of the pairs where both runs trained.
+
+    Args:
+        pairs: comparisons from :func:`compare_runs`.
+
+    Returns:
+        One row per pair with loss curves (empty when none has).
+    """
     return pd.DataFrame([{
         "run": p.b, "vs": p.a, "steps": f"{p.loss.steps_b} / {p.loss.steps_a}", "common steps": p.loss.steps_compared,
         "max |diff|": f"{p.loss.max_abs:.4g}", "at step": p.loss.max_at_step, "mean |diff|": f"{p.loss.mean_abs:.4g}",
@@ -639,22 +693,42 @@ def loss_table(pairs: Sequence[PairParity]) -> pd.DataFrame:
 
 
 def quantization_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
-    """Quantization settings by run; the "differs" column marks settings not equal across runs."""
+    """Quantization settings by run.
+
+    Args:
+        runs: all runs.
+
+    Returns:
+        Settings as rows, runs as columns, after a "differs" column marking settings not equal across runs.
+    """
     keys = sorted({k for r in runs for k in r.quantization})
     table = pd.DataFrame({r.label: [_text(r.quantization.get(k)) for k in keys] for r in runs}, index=keys)
-    table["differs"] = ["yes" if row.nunique() > 1 else "" for _, row in table.iterrows()]
-    return table
+    return _mark_differences(table)
 
 
 def fingerprint_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
-    """Every fingerprint field (nested ones flattened with dots) by run, plus file, schema and commit."""
+    """Every fingerprint field (nested ones flattened with dots) by run, after file, schema and time.
+
+    The host name is left out: it names a person's machine, not its hardware.
+
+    Args:
+        runs: all runs.
+
+    Returns:
+        Fields as rows, runs as columns, after a "differs" column marking fields not equal across runs.
+    """
     flat = [{"file": Path(r.path).name, "schema": r.schema, "created": r.created, **_flatten(r.fingerprint)}
             for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f if k.split(".")[-1] not in _FINGERPRINT_HIDDEN))
     table = pd.DataFrame({r.label: [_text(f.get(k)) for k in keys] for r, f in zip(runs, flat, strict=True)},
                          index=keys)
-    table["differs"] = ["yes" if row.nunique() > 1 else "" for _, row in table.iterrows()]
-    return table
+    return _mark_differences(table)
+
+
+def _mark_differences(table: pd.DataFrame) -> pd.DataFrame:
+    """Prepend a "differs" column: "yes" where a row's values are not all equal."""
+    differs = ["yes" if row.nunique() > 1 else "" for _, row in table.iterrows()]
+    return table.assign(differs=differs)[["differs", *table.columns]]
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -678,11 +752,20 @@ def _text(v: Any) -> str:
 # ---- charts ----------------------------------------------------------------------------------
 
 
-def _new_figure(rows: int, cols: int = 1, width: float = 9.0, row_height: float = 2.6) -> Figure:
+def _new_figure(rows: int, cols: int = 1, width: float = 9.0, row_height: float = 2.6,
+                height: float | None = None) -> Figure:
     # A Figure with its own Agg canvas: no pyplot, no global backend switch.
-    fig = Figure(figsize=(width, max(2.2, row_height * rows)), layout="constrained")
+    fig = Figure(figsize=(width, height or max(2.2, row_height * rows)), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _bar_panels(runs: Sequence[RunSummary], keys: Sequence[str]) -> tuple[Figure, list[Axes]]:
+    """One horizontal-bar panel per metric, each as tall as the runs that have that metric."""
+    bars = [sum(k in r.metrics for r in runs) for k in keys]
+    fig = _new_figure(len(keys), height=sum(0.5 * n + 1.2 for n in bars))
+    axes = fig.subplots(len(keys), 1, squeeze=False, gridspec_kw={"height_ratios": [n + 2.4 for n in bars]})
+    return fig, list(axes[:, 0])
 
 
 def _color(run: RunSummary) -> str:
@@ -696,73 +779,82 @@ def _barh(ax: Axes, runs: Sequence[RunSummary], metric: str, title: str, unit: s
     high = np.array([np.nan if r.metrics[metric].high is None else r.metrics[metric].high for r in have])
     err = np.vstack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])  # NaN: no bar
     y = np.arange(len(have))
-    # xerr as lists: matplotlib's finiteness probe warns on one-element numpy rows.
-    ax.barh(y, values, xerr=np.nan_to_num(err).tolist(), color=[_color(r) for r in have], capsize=4,
-            hatch=[("//" if r is baseline else "") for r in have], edgecolor="white")
+    ax.barh(y, values, color=[_color(r) for r in have], hatch=[("//" if r is baseline else "") for r in have],
+            edgecolor="white")
+    banded = np.isfinite(err).all(axis=0)  # [R]; runs without a measured band get no error bar
+    if banded.any():
+        # xerr as lists: matplotlib's finiteness probe warns on one-element numpy rows.
+        ax.errorbar(values[banded], y[banded], xerr=err[:, banded].tolist(), fmt="none", ecolor="black", capsize=4)
+        title += " (error bars: interquartile range)"
     ax.set_yticks(y, [r.label + (" [baseline]" if r is baseline else "") for r in have])
     ax.invert_yaxis()
     ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
     ax.set_xlabel(unit)
-    for yi, v in zip(y, values, strict=True):
-        ax.annotate(_num(v, "x" if unit == "GiB" else unit).removesuffix(" x"), (v, yi), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=8)
-    ax.margins(x=0.18)
+    for yi, v, hi in zip(y, values, high, strict=True):  # the label goes past the error bar
+        ax.annotate(_num(v, unit), (np.nanmax([v, hi]), yi),
+                    xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_xlim(0, 1.3 * np.nanmax(np.concatenate([values, high])))  # room for the labels
 
 
-def throughput_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
+def _throughput_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
     """Train, prefill, decode and scoring rates per run, with IQR error bars where measured."""
     shown = [(k, label, unit) for k, label, unit in METRICS if k in _RATES + ("train_tokens_per_s",)
              and any(k in r.metrics for r in runs)]
     if not shown:
         return None
-    fig = _new_figure(len(shown), row_height=0.55 * len(runs) + 1.2)
-    for ax, (key, label, unit) in zip(fig.subplots(len(shown), 1, squeeze=False)[:, 0], shown, strict=True):
-        _barh(ax, runs, key, f"{label} (error bars: interquartile range)", unit, baseline)
+    fig, axes = _bar_panels(runs, [k for k, _, _ in shown])
+    for ax, (key, label, unit) in zip(axes, shown, strict=True):
+        _barh(ax, runs, key, label, unit, baseline)
     return fig
 
 
-def memory_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
+def _memory_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
     """Peak device memory and host RSS per run."""
     shown = [(k, label) for k, label, _ in METRICS if k in ("peak_mem_gib", "host_rss_gib")
              and any(k in r.metrics for r in runs)]
     if not shown:
         return None
-    fig = _new_figure(len(shown), row_height=0.55 * len(runs) + 1.2)
-    for ax, (key, label) in zip(fig.subplots(len(shown), 1, squeeze=False)[:, 0], shown, strict=True):
+    fig, axes = _bar_panels(runs, [k for k, _ in shown])
+    for ax, (key, label) in zip(axes, shown, strict=True):
         _barh(ax, runs, key, label, "GiB", baseline)
     return fig
 
 
-def accuracy_chart(runs: Sequence[RunSummary], baseline: RunSummary, tol: Tolerances) -> Figure | None:
+def _accuracy_chart(runs: Sequence[RunSummary], baseline: RunSummary, tol: Tolerances) -> Figure | None:
     """Accuracy with Wilson 95% CIs per phase; the band is the baseline's accuracy +- the margin."""
     phases = [p for p in (BASE, FINE_TUNED) if any(p in r.phases for r in runs)]
     if not phases:
         return None
-    fig = _new_figure(len(phases), row_height=0.55 * len(runs) + 1.3)
-    for ax, phase in zip(fig.subplots(len(phases), 1, squeeze=False)[:, 0], phases, strict=True):
-        have = [r for r in runs if phase in r.phases]
-        acc = np.array([100 * r.phases[phase].accuracy for r in have])
-        ci = np.array([[100 * x for x in r.phases[phase].ci95] for r in have])  # [R, 2]
-        y = np.arange(len(have))
-        base = baseline.phases.get(phase)
-        if base is not None:
-            ax.axvspan(100 * base.accuracy - tol.margin_pp, 100 * base.accuracy + tol.margin_pp, color="#3498db",
-                       alpha=0.12, label=f"baseline +- {tol.margin_pp:g} pp")
-        ax.axvline(25, color="#999", ls=":", lw=1, label="chance (4 options)")
-        for yi, r, a, (lo, hi) in zip(y, have, acc, ci, strict=True):
-            ax.errorbar(a, yi, xerr=[[a - lo], [hi - a]], fmt="o", color=_color(r), capsize=4)
-            ax.annotate(f"{a:.1f}%  (n={r.phases[phase].n_questions})", (hi, yi), xytext=(5, 0),
-                        textcoords="offset points", va="center", fontsize=8)
-        ax.set_yticks(y, [r.label for r in have])
-        ax.set_ylim(len(have) - 0.5, -0.5)
-        ax.set_title(f"{phase} accuracy, 95% CI (Wilson)", loc="left", fontsize=10, fontweight="bold")
-        ax.set_xlabel("accuracy (%)")
-        ax.margins(x=0.25)
-        ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
+    counts = [sum(p in r.phases for r in runs) for p in phases]
+    fig = _new_figure(len(phases), height=sum(0.5 * n + 1.5 for n in counts) + 0.3)
+    axes = fig.subplots(len(phases), 1, squeeze=False, gridspec_kw={"height_ratios": [n + 3 for n in counts]})
+    for ax, phase in zip(axes[:, 0], phases, strict=True):
+        _accuracy_panel(ax, [r for r in runs if phase in r.phases], phase, baseline.phases.get(phase), tol)
+    handles = {label: h for ax in axes[:, 0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
-def loss_chart(runs: Sequence[RunSummary]) -> Figure | None:
+def _accuracy_panel(ax: Axes, have: Sequence[RunSummary], phase: str, base: PhaseScores | None,
+                    tol: Tolerances) -> None:
+    if base is not None:
+        ax.axvspan(100 * base.accuracy - tol.margin_pp, 100 * base.accuracy + tol.margin_pp, color="#3498db",
+                   alpha=0.12, label=f"baseline +- {tol.margin_pp:g} pp")
+    ax.axvline(25, color="#999", ls=":", lw=1, label="chance (4 options)")
+    for yi, r in enumerate(have):
+        s = r.phases[phase]
+        a, (lo, hi) = 100 * s.accuracy, (100 * x for x in s.ci95)
+        ax.errorbar(a, yi, xerr=[[a - lo], [hi - a]], fmt="o", color=_color(r), capsize=4)
+        ax.annotate(f"{a:.1f}%  (n={s.n_questions})", (hi, yi), xytext=(5, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_yticks(range(len(have)), [r.label for r in have])
+    ax.set_ylim(len(have) - 0.5, -0.5)
+    ax.set_title(f"{phase} accuracy, 95% CI (Wilson)", loc="left", fontsize=10, fontweight="bold")
+    ax.set_xlabel("accuracy (%)")
+    ax.margins(x=0.25)
+
+
+def _loss_chart(runs: Sequence[RunSummary]) -> Figure | None:
     """Training loss per step of every run that trained, overlaid."""
     have = [r for r in runs if r.loss_per_step]
     if not have:
@@ -781,7 +873,7 @@ def loss_chart(runs: Sequence[RunSummary]) -> Figure | None:
     return fig
 
 
-def logprob_chart(pairs: Sequence[PairParity]) -> Figure | None:
+def _logprob_chart(pairs: Sequence[PairParity]) -> Figure | None:
     """Histogram of every option's log-probability difference (run minus its reference), per pair and phase."""
     cells = [(p, ph) for p in pairs for ph in p.phases]
     if not cells:
@@ -819,11 +911,11 @@ def draw_charts(report: Report, out_dir: Path) -> dict[str, Path]:
     """
     runs, base = report.runs, report.baseline
     figures = {
-        "throughput": throughput_chart(runs, base),
-        "memory": memory_chart(runs, base),
-        "accuracy": accuracy_chart(runs, base, report.tolerances),
-        "loss": loss_chart(runs),
-        "logprob_drift": logprob_chart((*report.pairs, *report.adapter_pairs)),
+        "throughput": _throughput_chart(runs, base),
+        "memory": _memory_chart(runs, base),
+        "accuracy": _accuracy_chart(runs, base, report.tolerances),
+        "loss": _loss_chart(runs),
+        "logprob_drift": _logprob_chart((*report.pairs, *report.adapter_pairs)),
     }
     out: dict[str, Path] = {}
     for name, fig in figures.items():
@@ -869,7 +961,7 @@ def verdict_lines(report: Report) -> tuple[str, tuple[Finding, ...]]:
     return head, tuple(sorted(report.findings, key=lambda f: order[f.status]))
 
 
-def criteria_text(tol: Tolerances) -> str:
+def _criteria_text(tol: Tolerances) -> str:
     """The rules the verdict applies, stated once in the report."""
     return (f"Criteria: accuracy equivalent within +-{tol.margin_pp:g} percentage points (paired TOST on the same "
             f"questions, both one-sided p < {tol.alpha:g}, i.e. the 90% CI inside the margin); where both runs scored "
@@ -878,14 +970,14 @@ def criteria_text(tol: Tolerances) -> str:
             "Speed and memory are reported as ratios, not judged.")
 
 
-def sections(report: Report) -> list[Section]:
+def _sections(report: Report) -> list[Section]:
     """The report's parts after the verdict, in order."""
     runs, base, pairs = report.runs, report.baseline, (*report.pairs, *report.adapter_pairs)
     out = [
         Section("Runs compared", (f"Baseline: {base.label} ({base.path}); ratios are run / baseline.",),
                 runs_table(runs)),
         Section("Performance", ("Ratios in parentheses are to the baseline; lower is better for time and memory.",),
-                metrics_display(metrics_table(runs, base), runs), index=True, chart="throughput"),
+                _metrics_display(metrics_table(runs, base), runs), index=True, chart="throughput"),
         Section("Memory", (), None, chart="memory"),
         Section("Accuracy", (), accuracy_table(runs, base), chart="accuracy"),
         Section("Statistical and numerical parity", (
@@ -900,7 +992,11 @@ def sections(report: Report) -> list[Section]:
         Section("Fingerprints", ("Everything recorded about each machine and software stack.",),
                 fingerprint_table(runs), index=True),
     ]
-    notes = [f"{r.label}: {n}" for r in runs for n in r.notes]
+    by_note: dict[str, list[str]] = {}
+    for r in runs:
+        for n in r.notes:
+            by_note.setdefault(n, []).append(r.rid)
+    notes = [f"{', '.join(ids)}: {n}" for n, ids in by_note.items()]
     if notes:
         out.append(Section("Notes from the runs", tuple(notes)))
     return out
@@ -932,13 +1028,13 @@ def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
     return "\n".join([row(df.columns), row("---" for _ in df.columns), *(row(r) for r in df.itertuples(index=False))])
 
 
-def render_markdown(report: Report, charts: Mapping[str, Path]) -> str:
+def _render_markdown(report: Report, charts: Mapping[str, Path]) -> str:
     """report.md: verdict first, then each section; charts linked as PNG files beside it."""
     head, findings = verdict_lines(report)
     lines = ["# medqa-parity report", "", f"**{head}**", ""]
     lines += [f"- {f.status.upper()}: {f.text}" for f in findings]
-    lines += ["", *[f"> {n}" for n in report.notes], "", criteria_text(report.tolerances), ""]
-    for s in sections(report):
+    lines += ["", *[f"> {n}" for n in report.notes], "", _criteria_text(report.tolerances), ""]
+    for s in _sections(report):
         lines += [f"## {s.title}", "", *[f"{t}\n" for t in s.text]]
         if s.table is not None and not s.table.empty:
             lines += [markdown_table(s.table, s.index), ""]
@@ -974,17 +1070,17 @@ def _html_verdict(report: Report) -> str:
                     f"{html.escape(f.text)}</li>" for f in findings)
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in report.notes)
     return (f"<div class='verdict {css}'><h2>{html.escape(head)}</h2><ul>{items}</ul></div>{notes}"
-            f"<p class='criteria'>{html.escape(criteria_text(report.tolerances))}</p>")
+            f"<p class='criteria'>{html.escape(_criteria_text(report.tolerances))}</p>")
 
 
 def _png_base64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def render_html(report: Report, charts: Mapping[str, Path]) -> str:
+def _render_html(report: Report, charts: Mapping[str, Path]) -> str:
     """report.html: the same content as report.md, self-contained (charts inlined as base64 PNG)."""
     body = ["<h1>medqa-parity report</h1>", _html_verdict(report)]
-    for s in sections(report):
+    for s in _sections(report):
         body.append(f"<h2>{html.escape(s.title)}</h2>")
         body += [f"<p>{html.escape(t)}</p>" for t in s.text]
         if s.table is not None and not s.table.empty:
@@ -1009,8 +1105,8 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     charts = draw_charts(report, out)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(render_markdown(report, charts), encoding="utf-8")
-    page.write_text(render_html(report, charts), encoding="utf-8")
+    md.write_text(_render_markdown(report, charts), encoding="utf-8")
+    page.write_text(_render_html(report, charts), encoding="utf-8")
     logger.info("wrote %s, %s and %d charts", md, page, len(charts))
     return [md, page, *charts.values()]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -104,6 +105,7 @@ def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool
     if adapter_dir:
         model = load_adapter(base, adapter_dir)
     else:
+        torch.manual_seed(cfg.train.seed)  # LoRA A's initialisation: the same adapter start on every run
         model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing if trainable else False)
     probe = torch.tensor([tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]], device=device)
     kernel_ran = detect_kernel(model, probe, attention)
@@ -137,8 +139,18 @@ def _bar(progress: Progress | None, phase: str) -> Callable[..., None] | None:
     return lambda done, total, *loss: progress(phase, done, total, {"loss": loss[0]} if loss else {})
 
 
+def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it."""
+    d = cfg.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "keep_checkpoints",
+                                                              "timing_warmup_steps")}
+    # Through JSON, so it compares equal to the copy a checkpoint stored (tuples come back as lists).
+    return json.loads(json.dumps({"model": d["model"], "lora": d["lora"], "train": train, "data": d["data"]}))
+
+
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
-            progress: Progress | None = None) -> tuple[RunRecord, Path]:
+            progress: Progress | None = None, checkpoint_dir: str | None = None,
+            resume: str | None = None) -> tuple[RunRecord, Path]:
     """Run one job and save its record.
 
     Args:
@@ -147,6 +159,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         adapter_dir: for "evaluate", a saved LoRA adapter to score (None: the base model).
         adapter_out: where "run" and "train" save the adapter (default runs/adapters/<time>).
         progress: progress callback for the long steps.
+        checkpoint_dir: where to write training checkpoints (None: none unless resuming).
+        resume: a checkpoint folder to continue training from (checkpoints keep going there).
 
     Returns:
         The record and the path it was saved to.
@@ -165,8 +179,10 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
                                _bar(progress, "evaluate (before)"))
     if kind in ("run", "train"):
         examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
+        ckpt = resume or checkpoint_dir
         train_result = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
-                             _bar(progress, "fine-tune"))
+                             _bar(progress, "fine-tune"), checkpoint_dir=Path(ckpt) if ckpt else None,
+                             resume=resume is not None, checkpoint_config=checkpoint_config(cfg))
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
     if kind == "run" or (kind == "evaluate" and adapter_dir):

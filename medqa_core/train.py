@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from medqa_core.attention import AttentionChoice, attention_context
+from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, TrainExample, collate, collate_packed, iter_batches
 from medqa_core.record import TrainResult
@@ -69,32 +71,47 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
 
 
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
-          attention: AttentionChoice, pad_id: int, progress: ProgressFn | None = None) -> TrainResult:
+          attention: AttentionChoice, pad_id: int, progress: ProgressFn | None = None,
+          checkpoint_dir: Path | None = None, resume: bool = False,
+          checkpoint_config: dict[str, Any] | None = None) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` in place.
 
     Args:
         model: peft model with trainable LoRA weights, on ``device``.
         examples: tokenized training examples (see ``data.encode_train``).
-        cfg: steps, batch size, learning rate, timing warm-up.
+        cfg: steps, batch size, learning rate, packing, timing warm-up, checkpoint cadence.
         device: where the model lives.
         attention: the attention kernel to force during forward and backward.
         pad_id: token id used for padding.
         progress: called after each step with (step, total, loss).
+        checkpoint_dir: where checkpoints go (every ``cfg.checkpoint_every`` steps and at the end).
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir``.
+        checkpoint_config: the run's settings; a checkpoint written under other settings is refused.
 
     Returns:
         Loss per step, real-token throughput over the steps after ``cfg.timing_warmup_steps``,
         step-time median and IQR, peak device memory and host RSS.
+
+    Raises:
+        CheckpointError: ``resume`` without a usable checkpoint.
+        FloatingPointError: the loss became NaN or infinite.
     """
     n_steps = total_steps(len(examples), cfg)
     optimizer, scheduler = make_optimizer(model, cfg)
+    config = checkpoint_config or {}
+    state = TrainProgress(0, 0, (), (), ())
+    if resume:
+        if checkpoint_dir is None:
+            raise CheckpointError("resume needs a checkpoint folder")
+        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, config)
+    losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
+    seen = state.examples_seen
     model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
     reset_peak_memory(device)
-    losses: list[float] = []
-    step_times: list[float] = []
-    step_tokens: list[int] = []
-    seen = 0
     batches = iter_batches(examples, cfg.batch_size, cfg.seed)
-    for step in range(n_steps):
+    for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
+        next(batches)
+    for step in range(state.step, n_steps):
         _, batch_examples = next(batches)
         batch = (collate_packed(batch_examples, pad_id, cfg.pack_len) if cfg.packing
                  else collate(batch_examples, pad_id))
@@ -118,6 +135,11 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         seen += len(batch_examples)
         if progress:
             progress(step + 1, n_steps, loss_value)
+        done = step + 1
+        due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        if checkpoint_dir is not None and due:
+            progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress_now, config, cfg.keep_checkpoints)
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step
     timed_time = sum(step_times[skip:])
     timed_tokens = sum(step_tokens[skip:])

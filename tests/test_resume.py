@@ -1,0 +1,75 @@
+"""Kill a real fine-tune with SIGKILL, resume it, and get the uninterrupted run's result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medqa_core.checkpoint import CheckpointError, list_checkpoints
+from medqa_core.record import load_record
+
+STEPS = 40
+
+
+def _train_cmd(model_dir, tmp_path, name, *extra):
+    return [sys.executable, "-m", "medqa_core.cli", "train", "--backend", "cpu", "--model", str(model_dir),
+            "--train-limit", "32", "--batch-size", "4", "--max-steps", str(STEPS), "--checkpoint-every", "2",
+            "--results", str(tmp_path / name / "results"), "--adapter-out", str(tmp_path / name / "adapter"),
+            *extra]
+
+
+def _run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    _run(_train_cmd(tiny_model_dir, tmp_path, "whole", "--checkpoint-dir", str(tmp_path / "whole" / "ckpt")))
+
+    ckpt = tmp_path / "killed" / "ckpt"
+    proc = subprocess.Popen(_train_cmd(tiny_model_dir, tmp_path, "killed", "--checkpoint-dir", str(ckpt)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(ckpt) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.loads((list_checkpoints(ckpt)[-1] / "state.json").read_text())["progress"]["step"]
+    assert 0 < killed_at < STEPS, "the run must die mid-way for this test to mean anything"
+    assert not (tmp_path / "killed" / "results").exists()  # no record: it really died
+
+    _run(_train_cmd(tiny_model_dir, tmp_path, "killed", "--resume", str(ckpt)))
+
+    (whole,) = (tmp_path / "whole" / "results").glob("*.json")
+    (resumed,) = (tmp_path / "killed" / "results").glob("*.json")
+    # Bit for bit on CPU: same data order, optimizer state, RNG states (LoRA dropout) and LoRA weights.
+    assert load_record(resumed).train.loss_per_step == load_record(whole).train.loss_per_step
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list_checkpoints(ckpt)) == 2  # --keep-checkpoints default
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_model_dir, tmp_path):
+    from medqa_core.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    argv = ["train", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "8", "--max-steps", "2",
+            "--results", str(tmp_path / "r"), "--adapter-out", str(tmp_path / "ad")]
+    assert main([*argv, "--checkpoint-dir", str(ckpt)]) == 0
+    with pytest.raises(CheckpointError, match=r"train.lr: checkpoint 0.0002, now 0.001"):
+        from medqa_core.checkpoint import load_checkpoint
+
+        load_checkpoint(ckpt, None, None, None, {"train": {"lr": 0.001}, "model": {}, "lora": {}, "data": {}})
+    assert main([*argv, "--lr", "0.001", "--resume", str(ckpt)]) == 2
+    assert main([*argv, "--resume", str(tmp_path / "empty")]) == 2
