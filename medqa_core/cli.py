@@ -204,6 +204,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
                            adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
                            checkpoint_dir=getattr(args, "checkpoint_dir", None), resume=getattr(args, "resume", None))
     print("\n".join(summary_lines(record, path)))
+    if record.failure:
+        print(f"medqa-parity: error: out of memory during {record.failure['phase']} "
+              f"({record.failure['message']}); lower --batch-size, --eval-batch-size or --pack-len, or turn on "
+              f"--gradient-checkpointing. What finished before is saved in {path}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -16,6 +16,8 @@ Fields of a record (units in names):
     adapter_dir      where the LoRA adapter was saved, or null.
     notes            plain-language caveats (random-weight preset, untested backend, ...).
     wall_time_s      wall time of the whole job, model loading included.
+    failure          null, or what stopped the job (kind "oom", phase, message, memory at the time);
+                     the phases that finished before it keep their results.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class RunRecord:
     adapter_dir: str | None = None
     notes: tuple[str, ...] = ()
     wall_time_s: float | None = None  # the whole job: loading, scoring, training
+    failure: dict[str, Any] | None = None  # e.g. an out-of-memory: phase, configuration, memory at the time
     created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -126,7 +129,7 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     if found != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
-    d = {"wall_time_s": None, **d}  # added within schema 1: its first files lack it
+    d = {"wall_time_s": None, "failure": None, **d}  # added within schema 1: its first files lack them
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:

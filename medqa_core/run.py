@@ -39,6 +39,7 @@ from medqa_core.model import (
     save_adapter,
 )
 from medqa_core.record import RunRecord, save_record
+from medqa_core.timing import is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.train import train
 
 logger = logging.getLogger(__name__)
@@ -171,30 +172,41 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     splits = load_splits(cfg.data)
     session = load_session(cfg, adapter_dir=adapter_dir, trainable=kind != "evaluate")
     tok, device, attention = session.tokenizer, session.device, session.attention
-    eval_before = eval_after = train_result = None
-    saved_adapter = None
-    if kind == "run" or (kind == "evaluate" and not adapter_dir):
-        # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
-        eval_before = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention, splits.eval_name,
-                               _bar(progress, "evaluate (before)"))
-    if kind in ("run", "train"):
-        examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
-        ckpt = resume or checkpoint_dir
-        train_result = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
-                             _bar(progress, "fine-tune"), checkpoint_dir=Path(ckpt) if ckpt else None,
-                             resume=resume is not None, checkpoint_config=checkpoint_config(cfg))
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
-    if kind == "run" or (kind == "evaluate" and adapter_dir):
-        eval_after = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention, splits.eval_name,
-                              _bar(progress, "evaluate (after)"))
+    results: dict[str, Any] = {"eval_before": None, "train": None, "eval_after": None}
+    saved_adapter, failure = None, None
+    phase = "evaluate (before)"
+    try:
+        if kind == "run" or (kind == "evaluate" and not adapter_dir):
+            # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
+            results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
+                                              splits.eval_name, _bar(progress, phase))
+        if kind in ("run", "train"):
+            phase = "fine-tune"
+            examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
+            ckpt = resume or checkpoint_dir
+            results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
+                                     _bar(progress, phase), checkpoint_dir=Path(ckpt) if ckpt else None,
+                                     resume=resume is not None, checkpoint_config=checkpoint_config(cfg))
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
+        if kind == "run" or (kind == "evaluate" and adapter_dir):
+            phase = "evaluate (after)"
+            results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
+                                             splits.eval_name, _bar(progress, phase))
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        # Out of memory is a result: record which configuration ran out and keep what finished.
+        failure = {"kind": "oom", "phase": phase, "message": str(e).splitlines()[0],
+                   "memory_allocated_gib": memory_allocated_gib(device), "peak_mem_gib": peak_memory_gib(device)}
+        logger.error("out of memory during %s: %s", phase, failure["message"])
     record = RunRecord(
         kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=_model_info(session),
         attention={"requested": attention.requested, "ran": session.kernel_ran,
                    "attn_implementation": attention.attn_implementation},
-        train=train_result, eval_before=eval_before, eval_after=eval_after,
+        train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
         adapter_dir=saved_adapter or adapter_dir,
         notes=_notes(session, splits.notes if kind != "evaluate" else ()),
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=time.perf_counter() - started, failure=failure,
     )
     return record, save_record(record, cfg.results_dir)

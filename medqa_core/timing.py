@@ -60,6 +60,13 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / _GIB
 
 
+def memory_allocated_gib(device: torch.device) -> float | None:
+    """Device memory held by tensors right now, in GiB; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.memory_allocated(device) / _GIB
+
+
 def host_rss_gib() -> float:
     """Current resident set size of this process.
 

@@ -77,3 +77,22 @@ def test_fingerprint_prints_json(capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["backend"] == "cpu"
     assert "has not been run by this project on a ROCm machine" in captured.err
+
+
+def test_out_of_memory_is_recorded_and_earlier_phases_kept(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import medqa_core.run
+
+    def run_out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(medqa_core.run, "train", run_out_of_memory)
+    code = main(["run", "--backend", "cpu", "--model", str(tiny_model_dir), "--eval-limit", "4", "--train-limit", "4",
+                 "--max-steps", "1", "--results", str(tmp_path)])
+    assert code == 3
+    assert "out of memory during fine-tune" in capsys.readouterr().err
+    (path,) = tmp_path.glob("*.json")
+    record = load_record(path)
+    assert record.failure["kind"] == "oom" and record.failure["phase"] == "fine-tune"
+    assert "Tried to allocate 20.00 GiB" in record.failure["message"]
+    assert record.eval_before is not None and record.eval_before.n_questions == 4  # what finished is kept
+    assert record.train is None and record.eval_after is None
