@@ -155,6 +155,8 @@ def load_medqa(path: str | Path, limit: int | None = None) -> list[MedQAItem]:
             raise MedQADataError(f"{where}: not UTF-8 text (byte {e.start}); MedQA files are UTF-8 JSONL") from e
         except json.JSONDecodeError as e:
             raise MedQADataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
+        except (ValueError, RecursionError) as e:  # e.g. a 5,000-digit number, or nesting too deep
+            raise MedQADataError(f"{where}: unreadable JSON ({str(e)[:120]})") from e
         items.append(_parse_item(obj, where, qid=f"{path.name}:{lineno}"))
     if not items:
         raise MedQADataError(f"{path}: no questions in file")

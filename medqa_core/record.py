@@ -158,7 +158,7 @@ def load_record(path: str | Path) -> RunRecord:
         d = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise RecordError(f"{path}: cannot read ({e.strerror})") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, broken JSON, absurd numbers or nesting
         raise RecordError(f"{path}: not a JSON run record ({e})") from e
     return record_from_dict(d, where=str(path))
 

@@ -64,3 +64,13 @@ def test_truncated_and_incomplete_files_are_named(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(RecordError, match="missing fingerprint"):
         load_record(path)
+
+
+def test_concurrent_writers_do_not_clobber_each_other(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = [make_record(notes=(f"writer {i}",)) for i in range(40)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        paths = list(pool.map(lambda r: save_record(r, tmp_path), records))
+    assert len(set(paths)) == 40
+    assert sorted(load_record(p).notes[0] for p in paths) == sorted(f"writer {i}" for i in range(40))
