@@ -45,6 +45,7 @@ class QuantInfo:
     storage_dtype: str | None = None
     weight_dtype: str | None = None
     bitsandbytes_version: str | None = None
+    cpu_packed_inference: bool | None = None  # bitsandbytes' AVX512-bf16 repacking; kept off (see model.py)
 
 
 def cache_dir() -> Path:
@@ -185,9 +186,33 @@ def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, att
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{model_dir}: cannot load model: {e}") from e
+    if device.type == "cpu":
+        keep_trainable_cpu_format(model)
+    return model
+
+
+def keep_trainable_cpu_format(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-bf16 CPU inference kernel.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight on the first no-grad forward in eval mode; the
+    repacked kernel has no autograd, so a later training step silently gets no gradient through the
+    frozen 4-bit layers (only along the residual stream). Scoring then runs the same kernel as
+    training, a little slower.
+
+    Returns:
+        The number of 4-bit layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    if changed:
+        logger.info("bitsandbytes CPU inference repacking off for %d 4-bit layers (it drops gradients)", changed)
+    return changed
 
 
 def quant_info(model: torch.nn.Module) -> QuantInfo:
@@ -208,6 +233,8 @@ def quant_info(model: torch.nn.Module) -> QuantInfo:
             storage_dtype=str(module.weight.dtype).removeprefix("torch."),
             weight_dtype=str(state.dtype).removeprefix("torch."),
             bitsandbytes_version=bitsandbytes.__version__,
+            cpu_packed_inference=bool(getattr(module, "support_avx512bf16_for_cpu", False))
+            if module.weight.device.type == "cpu" else None,
         )
     dtype = next(model.parameters()).dtype
     return QuantInfo(method="none", weight_dtype=str(dtype).removeprefix("torch."))

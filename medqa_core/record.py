@@ -81,6 +81,8 @@ class TrainResult:
     step_time_s: tuple[float, ...]
     peak_mem_gib: float | None  # device memory; None on CPU
     host_peak_rss_gib: float
+    world_size: int = 1  # data-parallel ranks; tokens and tokens_per_s count all of them
+    all_reduce_s: float | None = None  # one all-reduce of all LoRA gradients, measured alone
 
 
 @dataclass(frozen=True)

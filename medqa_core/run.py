@@ -24,6 +24,7 @@ from medqa_core.data import (
     has_split,
     load_medqa,
 )
+from medqa_core.distributed import barrier, init_distributed, shutdown
 from medqa_core.evaluate import evaluate
 from medqa_core.fingerprint import machine_fingerprint, resolve_device
 from medqa_core.model import (
@@ -92,9 +93,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     )
 
 
-def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool = True) -> Session:
+def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool = True,
+                 device: torch.device | None = None) -> Session:
     """Load the base model (preset or folder), quantize it, attach LoRA (new or saved)."""
-    device = resolve_device(cfg.backend)
+    device = device or resolve_device(cfg.backend)
     attention = resolve_attention(cfg.model.attn)
     if cfg.model.path:
         model_dir = check_model_dir(cfg.model.path, cfg.model.allow_pickle)
@@ -151,7 +153,7 @@ def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
 
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
             progress: Progress | None = None, checkpoint_dir: str | None = None,
-            resume: str | None = None) -> tuple[RunRecord, Path]:
+            resume: str | None = None) -> tuple[RunRecord, Path | None]:
     """Run one job and save its record.
 
     Args:
@@ -164,19 +166,27 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         resume: a checkpoint folder to continue training from (checkpoints keep going there).
 
     Returns:
-        The record and the path it was saved to.
+        The record and the path it was saved to (None on ranks other than 0, which write nothing).
     """
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
     started = time.perf_counter()
     splits = load_splits(cfg.data)
-    session = load_session(cfg, adapter_dir=adapter_dir, trainable=kind != "evaluate")
+    device = resolve_device(cfg.backend)
+    info = init_distributed(device.type)
+    if info.enabled:
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+        if info.is_main and not cfg.model.path:
+            preset_dir(str(cfg.model.preset), cfg.model.seed)  # generated once, not by every rank
+        barrier()
+    session = load_session(cfg, adapter_dir=adapter_dir, trainable=kind != "evaluate", device=device)
     tok, device, attention = session.tokenizer, session.device, session.attention
     results: dict[str, Any] = {"eval_before": None, "train": None, "eval_after": None}
     saved_adapter, failure = None, None
     phase = "evaluate (before)"
     try:
-        if kind == "run" or (kind == "evaluate" and not adapter_dir):
+        if info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
             # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                               splits.eval_name, _bar(progress, phase))
@@ -186,10 +196,12 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             ckpt = resume or checkpoint_dir
             results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
                                      _bar(progress, phase), checkpoint_dir=Path(ckpt) if ckpt else None,
-                                     resume=resume is not None, checkpoint_config=checkpoint_config(cfg))
+                                     resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
+                                     dist_info=info)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
-        if kind == "run" or (kind == "evaluate" and adapter_dir):
+            if info.is_main:
+                saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
+        if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
             results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                              splits.eval_name, _bar(progress, phase))
@@ -209,4 +221,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         notes=_notes(session, splits.notes if kind != "evaluate" else ()),
         wall_time_s=time.perf_counter() - started, failure=failure,
     )
-    return record, save_record(record, cfg.results_dir)
+    path = save_record(record, cfg.results_dir) if info.is_main else None
+    barrier()
+    shutdown()
+    return record, path

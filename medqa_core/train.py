@@ -20,6 +20,7 @@ from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, TrainExample, collate, collate_packed, iter_batches
+from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_s, shard
 from medqa_core.record import TrainResult
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
@@ -61,6 +62,37 @@ def answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
     return token_losses(model, input_ids, labels, position_ids).mean()
 
 
+class StepLoss(torch.nn.Module):
+    """The training forward as one module (token losses), so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return token_losses(self.model, input_ids, labels, position_ids)
+
+
+def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo) -> torch.nn.Module:
+    """StepLoss, wrapped in DDP when distributed. Frozen 4-bit weights are left out of DDP's
+    broadcast and buckets: every rank loads the same weights, and only LoRA gradients are reduced."""
+    step = StepLoss(model)
+    if not info.enabled:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in step.named_parameters() if not p.requires_grad] + [n for n, _ in step.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout's seed for one step on one rank: a resumed run draws the same masks without replaying."""
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW on the trainable (LoRA) weights; linear warm-up, then constant learning rate."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,7 +105,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
           attention: AttentionChoice, pad_id: int, progress: ProgressFn | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          checkpoint_config: dict[str, Any] | None = None) -> TrainResult:
+          checkpoint_config: dict[str, Any] | None = None, dist_info: DistInfo | None = None) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` in place.
 
     Args:
@@ -87,17 +119,21 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         checkpoint_dir: where checkpoints go (every ``cfg.checkpoint_every`` steps and at the end).
         resume: continue from the newest complete checkpoint in ``checkpoint_dir``.
         checkpoint_config: the run's settings; a checkpoint written under other settings is refused.
+        dist_info: rank and world size under torchrun: each rank trains on its share of every global
+            batch of ``cfg.batch_size`` examples, and only rank 0 writes checkpoints.
 
     Returns:
-        Loss per step, real-token throughput over the steps after ``cfg.timing_warmup_steps``,
-        step-time median and IQR, peak device memory and host RSS.
+        Loss per step, real-token throughput (all ranks) over the steps after
+        ``cfg.timing_warmup_steps``, step-time median and IQR, peak device memory and host RSS.
 
     Raises:
         CheckpointError: ``resume`` without a usable checkpoint.
         FloatingPointError: the loss became NaN or infinite.
     """
+    info = dist_info or DistInfo()
     n_steps = total_steps(len(examples), cfg)
     optimizer, scheduler = make_optimizer(model, cfg)
+    step_loss = wrap_data_parallel(model, device, info)
     config = checkpoint_config or {}
     state = TrainProgress(0, 0, (), (), ())
     if resume:
@@ -113,40 +149,51 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         next(batches)
     for step in range(state.step, n_steps):
         _, batch_examples = next(batches)
-        batch = (collate_packed(batch_examples, pad_id, cfg.pack_len) if cfg.packing
-                 else collate(batch_examples, pad_id))
+        local = shard(batch_examples, info) if info.enabled else batch_examples
+        if not local:  # fewer examples than ranks: join the collective with a loss-free example
+            local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
+        batch = collate_packed(local, pad_id, cfg.pack_len) if cfg.packing else collate(local, pad_id)
+        torch.manual_seed(step_seed(cfg.seed, step, info.rank))
         with Timer(device) as timer:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             position_ids = batch["position_ids"].to(device, non_blocking=True) if cfg.packing else None
             with attention_context(attention):
-                loss = answer_loss(model, input_ids, labels, position_ids)
+                losses_local = step_loss(input_ids, labels, position_ids)  # [N_local]
+                # Mean over the global batch's labelled tokens: DDP averages gradients over ranks,
+                # so each rank scales its sum by world_size / N_global.
+                sums = all_reduce_sum(torch.stack([losses_local.detach().sum(),
+                                                   torch.tensor(float(losses_local.numel()), device=device)]))
+                loss = losses_local.sum() * info.world_size / sums[1]
                 loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # note: a device sync point, inside the timed region on purpose
+            loss_value = (sums[0] / sums[1]).item()  # note: a device sync point, inside the timed region on purpose
+        n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled else int(batch["n_tokens"])
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization settings "
                                      "and bitsandbytes version for this backend")
         losses.append(loss_value)
         step_times.append(timer.elapsed_s)
-        step_tokens.append(int(batch["n_tokens"]))
+        step_tokens.append(n_tokens)
         seen += len(batch_examples)
         if progress:
             progress(step + 1, n_steps, loss_value)
         done = step + 1
         due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        if checkpoint_dir is not None and due:
+        if checkpoint_dir is not None and due and info.is_main:
             progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress_now, config, cfg.keep_checkpoints)
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step
     timed_time = sum(step_times[skip:])
     timed_tokens = sum(step_tokens[skip:])
     stats = Stats.from_values(step_times[skip:])
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return TrainResult(
         steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
         timed_steps=n_steps - skip, train_time_s=timed_time, tokens_per_s=timed_tokens / timed_time,
         step_time_s_median=stats.median, step_time_s_iqr=stats.iqr, loss_per_step=tuple(losses),
         step_time_s=tuple(step_times), peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib(),
+        world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
     )

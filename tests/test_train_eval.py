@@ -96,16 +96,11 @@ def test_adapter_round_trip_gives_identical_logprobs(tiny_config, tmp_path):
                  tok, items, cfg, cpu, session.attention, "dev")
         for _ in range(2)
     ]
-    # Two loads of the saved adapter score bit for bit alike.
-    assert [q.logprobs for q in reloaded[0].questions] == [q.logprobs for q in reloaded[1].questions]
-    # The in-memory model has run bitsandbytes' training-mode CPU kernels on its 4-bit weights; it agrees
-    # with the reloaded one to bf16 rounding (bf16 has 8 bits of mantissa: 2^-8 relative, ~0.04 at 10).
-    for a, b in zip(trained.questions, reloaded[0].questions, strict=True):
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.04
-        assert a.pred == b.pred
+    # The saved adapter, loaded twice, scores bit for bit as the model that was trained in memory.
+    assert [q.logprobs for q in reloaded[0].questions] == [q.logprobs for q in trained.questions]
+    assert [q.logprobs for q in reloaded[1].questions] == [q.logprobs for q in trained.questions]
 
 
-@pytest.mark.parametrize("loss_on", ["answer", "all"])
 def test_packing_keeps_attention_within_examples(tiny_session, loss_on):
     """A packed row gives each example the loss it gets alone: no token attends across examples."""
     tok, model = tiny_session.tokenizer, tiny_session.model
@@ -136,3 +131,18 @@ def test_packed_and_padded_steps_give_the_same_loss(tiny_session):
         a = answer_loss(model, padded["input_ids"], padded["labels"])
         b = answer_loss(model, packed["input_ids"], packed["labels"], packed["position_ids"])
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_gradients_reach_every_lora_layer_after_scoring(tiny_config):
+    """bitsandbytes' CPU inference repacking (no autograd) must not leak into training: after the
+    eval-mode forwards of loading and scoring, every LoRA matrix of the first layer gets a gradient."""
+    session = load_session(tiny_config)
+    tok, cpu = session.tokenizer, torch.device("cpu")
+    questions = _questions(4)
+    evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev")
+    session.model.train()
+    batch = collate([encode_train(tok, q, 512) for q in questions], tok.pad_token_id)
+    answer_loss(session.model, batch["input_ids"], batch["labels"]).backward()
+    first = {n: p.grad for n, p in session.model.named_parameters() if ".layers.0." in n and "lora_B" in n}
+    assert len(first) == 7  # q, k, v, o, gate, up, down
+    assert all(g is not None and float(g.abs().max()) > 0 for g in first.values())

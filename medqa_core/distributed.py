@@ -1,0 +1,98 @@
+"""Data-parallel training through PyTorch's own launcher (torchrun) and collectives.
+
+NCCL on CUDA (RCCL on ROCm answers to the same name), gloo on CPU. Every rank holds the 4-bit
+base and the LoRA weights; only LoRA gradients cross the link, all-reduced by DDP in buckets
+while the backward pass still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from medqa_core.timing import synchronize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (NCCL/RCCL on GPUs, gloo on CPU); no-op when not launched.
+
+    Returns:
+        This process's rank, the world size and its local rank (its GPU index on this host).
+    """
+    if not launched_by_torchrun():
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    logger.info("rank %d of %d (local %d), backend %s", info.rank, info.world_size, info.local_rank,
+                dist.get_backend())
+    return info
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity when not distributed)."""
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def measure_all_reduce_s(params: list[torch.nn.Parameter], device: torch.device, rounds: int = 10) -> float | None:
+    """Median time of one all-reduce of a buffer the size of all trainable gradients (what crosses the
+    link per step, if it were not overlapped with the backward pass). None when not distributed."""
+    if not dist.is_initialized():
+        return None
+    numel = sum(p.numel() for p in params)
+    buffer = torch.ones(numel, dtype=torch.float32, device=device)
+    times = []
+    for i in range(rounds + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        synchronize(device)
+        if i >= 2:  # the first calls set up the communicator
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def shard(items: list, info: DistInfo) -> list:
+    """This rank's share of a global batch: every world_size-th item from its rank on."""
+    return items[info.rank :: info.world_size]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
