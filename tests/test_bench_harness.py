@@ -130,9 +130,9 @@ def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> Non
     cases = _cases(bench_run)
     oom = cases[OOM_CASE]["extra_info"]["oom"]
     assert oom["configuration"] == {"arm": "ours", "attention_requested": "sdpa", "batch_size": 2, "seq_len": 32}
-    assert oom["error"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert oom["message"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert oom["during"] == "warm-up round 1"
-    assert "allocated_gib" in oom and oom["host_rss_gib"] > 0
+    assert "memory_allocated_gib" in oom and oom["host_rss_gib"] > 0  # None on CPU: not tracked there
     assert "ttft_s_median" not in cases[OOM_CASE]["extra_info"]  # no figures from a case that did not run
     # Every other case ran after it (ours' train step comes last) and was saved without an OOM.
     expected = {"test_train_reference", "test_accuracy[sdpa]", "test_prefill[sdpa-batch1]", OOM_CASE,
