@@ -19,31 +19,22 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.attention import AttentionChoice, attention_context
+from medqa_core.attention import AttentionChoice
 from medqa_core.data import collate, collate_packed
+from medqa_core.distributed import DistInfo
 from medqa_core.fingerprint import detect_backend
 from medqa_core.model import count_parameters
 from medqa_core.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.train import answer_loss, make_optimizer
+from medqa_core.train import make_optimizer, train_step, wrap_data_parallel
 
 pytestmark = pytest.mark.benchmark(group="train")
 
 
 def _our_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, attention: AttentionChoice,
-              batch: dict[str, torch.Tensor]) -> Callable[[], float]:
+              batch: dict[str, torch.Tensor], device: torch.device) -> Callable[[], float]:
     """One step exactly as medqa_core.train.train's loop runs it (forward, backward, AdamW, schedule)."""
-    input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch.get("position_ids")
-
-    def step() -> float:
-        with attention_context(attention):
-            loss = answer_loss(model, input_ids, labels, position_ids)
-            loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # note: a device sync point; the step has finished when it returns
-
-    return step
+    step_loss = wrap_data_parallel(model, device, DistInfo())
+    return lambda: train_step(step_loss, optimizer, scheduler, batch, device, attention)
 
 
 def _cpu_packed(model: torch.nn.Module) -> bool:
@@ -112,7 +103,7 @@ def test_train_ours(benchmark: Any, case: Any, models: Any, train_batch: list, b
         batch = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids): [R, T]
         optimizer, scheduler = make_optimizer(session.model, tc)
         session.model.train()  # from_pretrained hands back eval mode
-        rounds = case.time(_our_step(session.model, optimizer, scheduler, session.attention, batch),
+        rounds = case.time(_our_step(session.model, optimizer, scheduler, session.attention, batch, device),
                            bench_options.train_rounds, bench_options.warmup_rounds)
         info = _train_info(case, rounds, session.model, n_tokens, batch["input_ids"].numel(), ceilings)
         reference = reference_results.get("tokens_per_s")

@@ -56,6 +56,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 CPU_QUESTIONS = 64
 CPU_DECODE_TOKENS = 16
 GPU_DECODE_TOKENS = 128
+# Questions per scoring forward (packed into rows of EvalConfig.pack_len tokens).
+CPU_EVAL_BATCH = 8
+GPU_EVAL_BATCH = 64
 # Accuracy/inference before training: the train step changes the adapter they would score.
 _FILE_ORDER = {"bench_accuracy.py": 0, "bench_infer.py": 1, "bench_train.py": 2}
 # torch's messages when a forced SDPA backend cannot run (older releases, and torch 2.13).
@@ -80,6 +83,8 @@ class BenchOptions:
     warmup_rounds: int
     decode_tokens: int
     reference: bool
+    gradient_checkpointing: bool = False
+    eval_batch_size: int = 8
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -105,6 +110,8 @@ class BenchOptions:
             warmup_rounds=config.getoption("warmup_rounds"),
             decode_tokens=decode if decode is not None else (GPU_DECODE_TOKENS if gpu else CPU_DECODE_TOKENS),
             reference=not config.getoption("no_reference"),
+            gradient_checkpointing=config.getoption("gradient_checkpointing"),
+            eval_batch_size=config.getoption("bench_eval_batch_size") or (GPU_EVAL_BATCH if gpu else CPU_EVAL_BATCH),
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
@@ -118,8 +125,8 @@ class BenchOptions:
         """The RunConfig the library functions get; ``model.attn`` is replaced per case."""
         return RunConfig(
             model=ModelConfig(preset=self.preset, path=self.model, attn=self.attn[0]),
-            train=TrainConfig(batch_size=self.batch_size),
-            eval=EvalConfig(batch_size=self.batch_size),
+            train=TrainConfig(batch_size=self.batch_size, gradient_checkpointing=self.gradient_checkpointing),
+            eval=EvalConfig(batch_size=self.eval_batch_size),
             data=DataConfig(data_dir=self.data, eval_limit=self.questions),
         )
 
@@ -151,6 +158,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--decode-tokens", type=int, default=None,
                 help=f"new tokens per decode round (default: {CPU_DECODE_TOKENS} on CPU, {GPU_DECODE_TOKENS} on a GPU)")
     g.addoption("--no-reference", action="store_true", help="skip the reference (common-guide QLoRA) arm")
+    g.addoption("--bench-eval-batch-size", type=int, default=None,
+                help=f"questions per scoring forward (default: {CPU_EVAL_BATCH} on CPU, {GPU_EVAL_BATCH} on a GPU)")
+    g.addoption("--gradient-checkpointing", action="store_true",
+                help="our arm recomputes activations (the memory-capped profile); the reference always does")
 
 
 def pytest_configure(config: pytest.Config) -> None:

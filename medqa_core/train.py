@@ -93,6 +93,33 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
+def train_step(step_loss: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               batch: dict[str, torch.Tensor], device: torch.device, attention: AttentionChoice,
+               world_size: int = 1) -> float:
+    """One optimizer step on one (local) batch; the loss returned is the global batch's mean.
+
+    Args:
+        step_loss: :func:`wrap_data_parallel`'s module.
+        batch: from ``collate`` or ``collate_packed`` (``position_ids`` present when packed).
+        world_size: ranks sharing the global batch (DDP averages their gradients).
+    """
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True) if "position_ids" in batch else None
+    with attention_context(attention):
+        losses_local = step_loss(input_ids, labels, position_ids)  # [N_local]
+        # Mean over the global batch's labelled tokens: DDP averages gradients over ranks,
+        # so each rank scales its sum by world_size / N_global.
+        sums = all_reduce_sum(torch.stack([losses_local.detach().sum(),
+                                           torch.tensor(float(losses_local.numel()), device=device)]))
+        loss = losses_local.sum() * world_size / sums[1]
+        loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return (sums[0] / sums[1]).item()  # note: a device sync point; the step has finished when it returns
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW on the trainable (LoRA) weights; linear warm-up, then constant learning rate."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -155,21 +182,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         batch = collate_packed(local, pad_id, cfg.pack_len) if cfg.packing else collate(local, pad_id)
         torch.manual_seed(step_seed(cfg.seed, step, info.rank))
         with Timer(device) as timer:
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            position_ids = batch["position_ids"].to(device, non_blocking=True) if cfg.packing else None
-            with attention_context(attention):
-                losses_local = step_loss(input_ids, labels, position_ids)  # [N_local]
-                # Mean over the global batch's labelled tokens: DDP averages gradients over ranks,
-                # so each rank scales its sum by world_size / N_global.
-                sums = all_reduce_sum(torch.stack([losses_local.detach().sum(),
-                                                   torch.tensor(float(losses_local.numel()), device=device)]))
-                loss = losses_local.sum() * info.world_size / sums[1]
-                loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = (sums[0] / sums[1]).item()  # note: a device sync point, inside the timed region on purpose
+            loss_value = train_step(step_loss, optimizer, scheduler, batch, device, attention, info.world_size)
         n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled else int(batch["n_tokens"])
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization settings "

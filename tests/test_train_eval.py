@@ -101,6 +101,7 @@ def test_adapter_round_trip_gives_identical_logprobs(tiny_config, tmp_path):
     assert [q.logprobs for q in reloaded[1].questions] == [q.logprobs for q in trained.questions]
 
 
+@pytest.mark.parametrize("loss_on", ["answer", "all"])
 def test_packing_keeps_attention_within_examples(tiny_session, loss_on):
     """A packed row gives each example the loss it gets alone: no token attends across examples."""
     tok, model = tiny_session.tokenizer, tiny_session.model
