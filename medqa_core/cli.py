@@ -255,7 +255,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     head, findings = verdict_lines(report)
     print(head)
-    print("\n".join(f"  {f.status.upper()}: {f.text}" for f in findings))
+    for f in findings:
+        print(f"  {f.status.upper()}: {f.text}")
     for note in report.notes:
         print(f"  note: {note}")
     print(f"wrote {', '.join(str(p) for p in written)}")

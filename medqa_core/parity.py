@@ -238,7 +238,8 @@ def pair_questions(a: Sequence[QuestionResult], b: Sequence[QuestionResult]) -> 
     """
     by_qid_a, by_qid_b = _index(a, "run A"), _index(b, "run B")
     if by_qid_a.keys() != by_qid_b.keys():
-        only_a, only_b = sorted(by_qid_a.keys() - by_qid_b.keys()), sorted(by_qid_b.keys() - by_qid_a.keys())
+        only_a = [k for k in by_qid_a if k not in by_qid_b]  # in file order: test.jsonl:65 before :100
+        only_b = [k for k in by_qid_b if k not in by_qid_a]
         raise ParityError(f"different question sets: {len(by_qid_a)} vs {len(by_qid_b)} questions, "
                           f"{len(only_a)} only in run A ({_few(only_a)}), {len(only_b)} only in run B ({_few(only_b)})")
     if not by_qid_a:

@@ -48,6 +48,8 @@ from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, Record
 logger = logging.getLogger(__name__)
 
 BASE, FINE_TUNED = "base", "fine-tuned"
+# bench/'s reference arm: the common-guide QLoRA recipe, timed beside ours for speedup_vs_reference.
+REFERENCE_ARM = "benchmark:reference"
 # (key, label, unit) of each performance figure, in table order.
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("train_tokens_per_s", "train tokens/s", "tokens/s"),
@@ -57,10 +59,15 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("host_rss_gib", "host RSS (peak)", "GiB"),
     ("prefill_tokens_per_s", "prefill tokens/s", "tokens/s"),
     ("decode_tokens_per_s", "decode tokens/s", "tokens/s"),
+    ("decode_compiled_tokens_per_s", "decode tokens/s (torch.compile)", "tokens/s"),
     ("ttft_s", "time to first token", "s"),
     ("questions_per_s", "scoring questions/s", "questions/s"),
+    ("speedup_vs_reference", "train speedup vs reference arm", "x"),
 )
+# Rates in a benchmark's extra_info; tokens_per_s is the train step's.
 _RATES = ("tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "questions_per_s")
+_THROUGHPUT = ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_compiled_tokens_per_s",
+               "questions_per_s")
 _BACKEND_COLORS = {"cuda": "#4c9a2a", "rocm": "#c0392b", "cpu": "#7f8c8d"}
 _FINGERPRINT_HIDDEN = ("hostname",)  # identifies a person's machine, not its hardware
 
@@ -223,7 +230,7 @@ def load_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None)
     Args:
         paths: run records and/or pytest-benchmark files.
         baseline: the file to compare the others with (default: the first path); it is read
-            even when not among ``paths``. A benchmark file's first arm/kernel is the baseline.
+            even when not among ``paths``. Of a benchmark file, the first kernel of our arm is the baseline.
 
     Returns:
         Summaries, the baseline first, labelled R1, R2, ...
@@ -242,7 +249,7 @@ def load_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None)
 
 
 def _relabel(s: RunSummary, i: int) -> RunSummary:
-    arm = " (reference)" if s.kind == "benchmark:reference" else ""
+    arm = " (reference)" if s.kind == REFERENCE_ARM else ""
     return replace(s, label=f"R{i} {s.backend} {_short_device(s.device)} {s.kernel}{arm}")
 
 
@@ -364,13 +371,15 @@ def summarize_benchmark(data: Mapping[str, Any], path: str) -> list[RunSummary]:
         groups.setdefault((str(ei.get("arm", "ours")), str(requested)), []).append(e)
     meta = {"schema": f"pytest-benchmark {data.get('version', '?')}", "created": str(data.get("datetime", "")),
             "commit": data.get("commit_info") or {}}
-    return [_bench_summary(arm, requested, group, fp, meta, path) for (arm, requested), group in groups.items()]
+    ordered = sorted(groups.items(), key=lambda kv: kv[0][0] == "reference")  # ours first: it is the baseline
+    return [_bench_summary(arm, requested, group, fp, meta, path) for (arm, requested), group in ordered]
 
 
 def _bench_summary(arm: str, requested: str, entries: list[dict[str, Any]], fp: dict[str, Any],
                    meta: dict[str, Any], path: str) -> RunSummary:
     infos = [e.get("extra_info") or {} for e in entries]
     ran = _first(i.get("attention", {}).get("ran") for i in infos if isinstance(i.get("attention"), dict))
+    kernel = ran or (f"{requested} (out of memory)" if all("oom" in i for i in infos) else requested)
     params = _first(i.get("parameters") for i in infos)
     trainable = _first(i.get("trainable_parameters") for i in infos)
     commit = meta["commit"]
@@ -379,16 +388,22 @@ def _bench_summary(arm: str, requested: str, entries: list[dict[str, Any]], fp: 
     return RunSummary(
         label="?", path=path, source="benchmark", kind=f"benchmark:{arm}",
         backend=str(_first(i.get("backend") for i in infos) or fp.get("backend", "unknown")), device=_device(fp),
-        kernel=str(ran or f"{requested} (did not run)"), model_name=_name(_first(i.get("model") for i in infos)),
+        kernel=str(kernel), model_name=_name(_first(i.get("model") for i in infos)),
         base_parameters=_base_parameters(params, trainable), seed=None,
         quantization=_first(i.get("quantization") for i in infos) or {}, fingerprint=fingerprint,
         metrics=_bench_metrics(entries), phases=_bench_phases(infos), schema=meta["schema"], created=meta["created"],
-        notes=tuple(_oom_note(e) for e in entries if (e.get("extra_info") or {}).get("oom")),
+        notes=_bench_notes(entries),
     )
 
 
 def _first(values: Iterable[Any]) -> Any:
     return next((v for v in values if v is not None), None)
+
+
+def _bench_notes(entries: list[dict[str, Any]]) -> tuple[str, ...]:
+    infos = [e.get("extra_info") or {} for e in entries]
+    weights = [f"weights: {w}" for w in dict.fromkeys(i["weights"] for i in infos if i.get("weights"))]
+    return (*weights, *(_oom_note(e) for e, i in zip(entries, infos, strict=True) if i.get("oom")))
 
 
 def _oom_note(entry: Mapping[str, Any]) -> str:
@@ -407,35 +422,63 @@ def _batch(entry: Mapping[str, Any]) -> float:
 
 
 def _bench_metrics(entries: list[dict[str, Any]]) -> dict[str, Metric]:
+    ran = [e for e in entries if "oom" not in (e.get("extra_info") or {})]
     out: dict[str, Metric] = {}
-    for e in sorted(entries, key=_batch, reverse=True):  # the largest batch of a sweep speaks for the run
-        ei, stats = e.get("extra_info") or {}, e.get("stats") or {}
-        if "oom" in ei:
-            continue
-        one_rate = sum(ei.get(k) is not None for k in _RATES) == 1  # the entry's rounds timed this rate
-        for key in _RATES:
-            name = "train_tokens_per_s" if key == "tokens_per_s" else key
-            if key == "tokens_per_s" and not _is_train(e) or ei.get(key) is None or name in out:
-                continue
-            out[name] = _rate(ei[key], stats.get("median"), stats.get("q1"), stats.get("q3")) if one_rate \
-                else Metric(ei[key])
-        if _is_train(e) and ei.get("step_time_s_median") is not None and "step_time_s" not in out:
-            out["step_time_s"] = Metric(ei["step_time_s_median"], stats.get("q1"), stats.get("q3"))
-        for key in ("mfu", "ttft_s"):
-            if ei.get(key) is not None and key not in out:
-                out[key] = Metric(float(ei[key]))
+    for e in sorted(ran, key=_batch, reverse=True):  # the largest batch of a sweep speaks for throughput
+        _take_rates(e, out)
+        _take_train(e, out)
+    latency = sorted((e for e in ran if _ttft_s(e) is not None), key=_batch)  # TTFT: one request, smallest batch
+    if latency:
+        out["ttft_s"] = Metric(_ttft_s(latency[0]))
     for key in ("peak_mem_gib", "host_rss_gib"):  # the most any case needed
-        values = [e["extra_info"][key] for e in entries if (e.get("extra_info") or {}).get(key) is not None]
+        values = [v for e in ran if (v := (e.get("extra_info") or {}).get(key)) is not None]
         if values:
             out[key] = Metric(max(values))
     return out
 
 
+def _take_rates(entry: Mapping[str, Any], out: dict[str, Metric]) -> None:
+    ei, stats = entry.get("extra_info") or {}, entry.get("stats") or {}
+    rates = {_rate_name(entry, k): float(ei[k]) for k in _RATES
+             if ei.get(k) is not None and (k != "tokens_per_s" or _is_train(entry))}
+    for name, value in rates.items():
+        if name in out:
+            continue
+        # An entry timing one rate: its rounds' quartiles give that rate's band.
+        one = len(rates) == 1
+        out[name] = _rate(value, stats.get("median"), stats.get("q1"), stats.get("q3")) if one else Metric(value)
+
+
+def _rate_name(entry: Mapping[str, Any], key: str) -> str:
+    if key == "tokens_per_s":
+        return "train_tokens_per_s"
+    if key == "decode_tokens_per_s" and (entry.get("extra_info") or {}).get("compile_mode"):
+        return "decode_compiled_tokens_per_s"
+    return key
+
+
+def _take_train(entry: Mapping[str, Any], out: dict[str, Metric]) -> None:
+    ei, stats = entry.get("extra_info") or {}, entry.get("stats") or {}
+    if not _is_train(entry):
+        return
+    if ei.get("step_time_s_median") is not None and "step_time_s" not in out:
+        out["step_time_s"] = Metric(float(ei["step_time_s_median"]), stats.get("q1"), stats.get("q3"))
+    for key in ("mfu", "speedup_vs_reference"):
+        if ei.get(key) is not None and key not in out:
+            out[key] = Metric(float(ei[key]))
+
+
+def _ttft_s(entry: Mapping[str, Any]) -> float | None:
+    ei = entry.get("extra_info") or {}
+    value = ei.get("ttft_s", ei.get("ttft_s_median"))
+    return None if value is None else float(value)
+
+
 def _bench_phases(infos: list[dict[str, Any]]) -> dict[str, PhaseScores]:
     # Accuracy cases score the fresh adapter (LoRA B = 0): the base model's scores.
     for ei in infos:
-        qs = ei.get("questions")
-        if isinstance(qs, list) and qs:
+        qs = next((v for v in (ei.get("predictions"), ei.get("questions")) if isinstance(v, list) and v), None)
+        if qs is not None:
             questions = tuple(QuestionResult(str(q["qid"]), int(q["answer"]), int(q["pred"]),
                                              tuple(float(x) for x in q["logprobs"])) for q in qs)
             acc = float(np.mean([q.correct for q in questions]))
@@ -528,14 +571,15 @@ def build_report(runs: Sequence[RunSummary], tol: Tolerances) -> Report:
         ReportError: runs that cannot be compared.
     """
     baseline, others = runs[0], runs[1:]
-    pairs = tuple(compare_runs(baseline, r, tol) for r in others)
+    pairs = tuple(compare_runs(baseline, r, tol) for r in others if r.kind != REFERENCE_ARM)
     adapter_pairs = tuple(compare_runs(t, s, tol) for t, s in adapter_trainers(runs) if t is not baseline)
     findings = tuple(f for p in (*pairs, *adapter_pairs) for f in judge_pair(p, tol))
     return Report(tuple(runs), baseline, pairs, adapter_pairs, findings, tol, _report_notes(runs))
 
 
 def _report_notes(runs: Sequence[RunSummary]) -> tuple[str, ...]:
-    notes = []
+    notes = [f"{r.rid} is bench/'s reference arm (the common-guide QLoRA recipe on its own model folder): shown for "
+             "speed and memory, not compared for parity." for r in runs if r.kind == REFERENCE_ARM]
     same: dict[tuple[Path, str, str], list[str]] = {}  # one file given twice (a benchmark file holds several runs)
     for r in runs:
         same.setdefault((Path(r.path).resolve(), r.kind, r.kernel), []).append(r.rid)
@@ -625,6 +669,8 @@ def _num(value: float, unit: str) -> str:
         return f"{100 * value:.1f}%"
     if unit == "s":
         return f"{1000 * value:,.1f} ms"
+    if unit == "x":
+        return f"{value:.2f}x"
     if abs(value) >= 100:
         return f"{value:,.0f} {unit}"
     return f"{value:.3g} {unit}"
@@ -798,8 +844,7 @@ def _barh(ax: Axes, runs: Sequence[RunSummary], metric: str, title: str, unit: s
 
 def _throughput_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
     """Train, prefill, decode and scoring rates per run, with IQR error bars where measured."""
-    shown = [(k, label, unit) for k, label, unit in METRICS if k in _RATES + ("train_tokens_per_s",)
-             and any(k in r.metrics for r in runs)]
+    shown = [(k, label, unit) for k, label, unit in METRICS if k in _THROUGHPUT and any(k in r.metrics for r in runs)]
     if not shown:
         return None
     fig, axes = _bar_panels(runs, [k for k, _, _ in shown])
@@ -880,7 +925,7 @@ def _logprob_chart(pairs: Sequence[PairParity]) -> Figure | None:
         return None
     cols = 2 if len(cells) > 1 else 1
     rows = math.ceil(len(cells) / cols)
-    fig = _new_figure(rows, cols, width=11 if cols == 2 else 8, row_height=2.8)
+    fig = _new_figure(rows, cols, width=11 if cols == 2 else 8, row_height=3.0)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (p, ph) in zip(axes, cells, strict=False):
         d = np.asarray(ph.logprobs.differences)
@@ -889,9 +934,11 @@ def _logprob_chart(pairs: Sequence[PairParity]) -> Figure | None:
             ax.text(0.5, 0.5, f"all {d.size} differences = {d[0]:g}", transform=ax.transAxes, ha="center")
         elif d.size:
             ax.hist(d, bins=60, color="#8e44ad", alpha=0.8)
+            ax.axvline(0, color="#2c3e50", lw=0.8, ls="--")
             ax.set_yscale("log")
-        ax.set_title(f"{p.b} vs {p.a}, {ph.phase}: mean |diff| {ph.logprobs.mean_abs:.3g}, "
-                     f"mean KL {ph.logprobs.kl_mean:.1e}", loc="left", fontsize=9)
+        weights = "same weights" if ph.same_weights else "separately fine-tuned"
+        ax.set_title(f"{p.b} vs {p.a}, {ph.phase} ({weights})\nmean |diff| {ph.logprobs.mean_abs:.3g} nats, "
+                     f"mean KL {ph.logprobs.kl_mean:.1e} nats", loc="left", fontsize=9)
         ax.set_xlabel("log-probability difference (nats)")
         ax.set_ylabel("options")
     for ax in axes[len(cells):]:
@@ -1107,7 +1154,7 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     md, page = out / "report.md", out / "report.html"
     md.write_text(_render_markdown(report, charts), encoding="utf-8")
     page.write_text(_render_html(report, charts), encoding="utf-8")
-    logger.info("wrote %s, %s and %d charts", md, page, len(charts))
+    logger.debug("wrote %s, %s and %d charts", md, page, len(charts))
     return [md, page, *charts.values()]
 
 

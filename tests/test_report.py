@@ -30,6 +30,7 @@ from medqa_core.report import (
     make_report,
     markdown_table,
     metrics_table,
+    summarize_benchmark,
     summarize_file,
 )
 
@@ -71,7 +72,7 @@ def make_record(backend: str = "cuda", gpu: str | None = "NVIDIA H100 80GB HBM3"
     return RunRecord(**{**fields, **overrides})
 
 
-def bench_file(path: Path, questions: EvalResult | None = None, oom: bool = False) -> Path:
+def bench_file(path: Path, questions: EvalResult | None = None, oom: bool = False, reference: bool = False) -> Path:
     """A pytest-benchmark file as ``pytest bench/ --benchmark-save`` writes it, with our extra_info."""
     common = {"arm": "ours", "backend": "rocm", "model": "mistral-7b", "attention": {"requested": "sdpa", "ran": "ck"},
               "quantization": {**QUANT, "blocksize": 128}, "parameters": 7_283_675_136,
@@ -81,22 +82,32 @@ def bench_file(path: Path, questions: EvalResult | None = None, oom: bool = Fals
     entries = [
         {"group": "train", "name": "test_train_ours[sdpa]", "params": {"attn": "sdpa"}, "stats": stats,
          "extra_info": {**common, "tokens_per_s": 5000.0, "step_time_s_median": 0.5, "step_time_s_iqr": 0.15,
-                        "mfu": 0.31, "peak_mem_gib": 30.0, "host_rss_gib": 9.0}},
-        {"group": "infer", "name": "test_prefill[sdpa-batch8]", "params": {"attn": "sdpa", "prefill_batch": 8},
-         "stats": stats, "extra_info": {**common, "prefill_tokens_per_s": 40000.0, "peak_mem_gib": 12.0}},
-        {"group": "infer", "name": "test_prefill[sdpa-batch1]", "params": {"attn": "sdpa", "prefill_batch": 1},
-         "stats": stats, "extra_info": {**common, "prefill_tokens_per_s": 9000.0}},
-        {"group": "infer", "name": "test_decode[sdpa]", "params": {"attn": "sdpa"}, "stats": stats,
-         "extra_info": {**common, "decode_tokens_per_s": 300.0, "ttft_s": 0.05}},
+                        "mfu": 0.31, "peak_mem_gib": 30.0, "host_rss_gib": 9.0, "speedup_vs_reference": 1.25}},
+        {"group": "prefill", "name": "test_prefill[sdpa-batch8]", "params": {"attn": "sdpa", "prefill_batch": 8},
+         "stats": stats, "extra_info": {**common, "prefill_tokens_per_s": 40000.0, "ttft_s_median": 0.4,
+                                        "peak_mem_gib": 12.0}},
+        {"group": "prefill", "name": "test_prefill[sdpa-batch1]", "params": {"attn": "sdpa", "prefill_batch": 1},
+         "stats": stats, "extra_info": {**common, "prefill_tokens_per_s": 9000.0, "ttft_s_median": 0.05}},
+        {"group": "decode", "name": "test_decode_eager[sdpa]", "params": {"attn": "sdpa"}, "stats": stats,
+         "extra_info": {**common, "decode_tokens_per_s": 300.0, "generate_tokens_per_s": 250.0, "compile_mode": None,
+                        "weights": "random preset (seed 0): speed, not medical knowledge"}},
+        {"group": "decode", "name": "test_decode_compiled[sdpa]", "params": {"attn": "sdpa"}, "stats": stats,
+         "extra_info": {**common, "decode_tokens_per_s": 420.0, "compile_mode": "default"}},
+        {"group": "scoring", "name": "test_scoring[sdpa]", "params": {"attn": "sdpa"}, "stats": stats,
+         "extra_info": {**common, "questions": N, "questions_per_s": 60.0}},
     ]
     if questions is not None:
         entries.append({"group": "accuracy", "name": "test_accuracy[sdpa]", "params": {"attn": "sdpa"}, "stats": stats,
-                        "extra_info": {**common, "accuracy": questions.accuracy, "questions_per_s": 60.0,
-                                       "questions": [dataclasses.asdict(q) for q in questions.questions]}})
+                        "extra_info": {**common, "questions": N, "n_questions": N, "accuracy": questions.accuracy,
+                                       "predictions": [dataclasses.asdict(q) for q in questions.questions]}})
     if oom:
         oom_info = {"error": "HIP out of memory", "during": "timed round 1"}
         entries.append({"group": "train", "name": "test_train_ours[eager]", "params": {"attn": "eager"},
                         "stats": stats, "extra_info": {"arm": "ours", "attention_requested": "eager", "oom": oom_info}})
+    if reference:  # bench/ runs the reference arm first, on its own model folder
+        entries.insert(0, {"group": "train", "name": "test_train_reference", "params": {}, "stats": stats,
+                           "extra_info": {**common, "arm": "reference", "model": "mistral-7b-seed0",
+                                          "attention": {"requested": "sdpa", "ran": "ck"}, "tokens_per_s": 4000.0}})
     fingerprint = {"backend": "rocm", "gpu_name": "AMD Instinct MI300X", "torch_hip": "7.0", "git_commit": None}
     data = {"machine_info": {"node": "x", "medqa_fingerprint": fingerprint}, "commit_info": {"id": "def456"},
             "benchmarks": entries, "datetime": "2026-11-25T22:00:00", "version": "5.2.3"}
@@ -183,21 +194,35 @@ def test_benchmark_file_becomes_runs_per_kernel(tmp_path):
     assert sdpa.metrics["train_tokens_per_s"].value == 5000.0
     assert sdpa.metrics["train_tokens_per_s"].low == pytest.approx(5000 * 0.5 / 0.6)  # from the rounds' q3
     assert sdpa.metrics["prefill_tokens_per_s"].value == 40000.0  # the batch-8 case, not batch 1
+    assert sdpa.metrics["ttft_s"].value == 0.05  # one request: the batch-1 case
+    assert sdpa.metrics["decode_tokens_per_s"].value == 300.0
+    assert sdpa.metrics["decode_compiled_tokens_per_s"].value == 420.0
     assert sdpa.metrics["peak_mem_gib"].value == 30.0 and sdpa.metrics["mfu"].value == 0.31
-    assert sdpa.metrics["ttft_s"].value == 0.05 and sdpa.metrics["questions_per_s"].value == 60.0
+    assert sdpa.metrics["questions_per_s"].value == 60.0
     assert sdpa.phases[BASE].n_questions == N and sdpa.quantization["blocksize"] == 128
     assert sdpa.fingerprint["git_commit"] == "def456" and sdpa.schema == "pytest-benchmark 5.2.3"
-    assert eager.kernel == "eager (did not run)" and eager.notes == (
+    assert sdpa.notes == ("weights: random preset (seed 0): speed, not medical knowledge",)
+    assert eager.kernel == "eager (out of memory)" and eager.notes == (
         "test_train_ours[eager]: out of memory during timed round 1 (HIP out of memory)",)
+
+
+def test_benchmark_questions_may_come_as_a_list_named_questions():
+    qs = [dataclasses.asdict(q) for q in scores(0).questions]
+    data = {"machine_info": {"medqa_fingerprint": {"backend": "cuda", "gpu_name": "NVIDIA H100"}}, "version": "5.2.3",
+            "benchmarks": [{"name": "test_accuracy[sdpa]", "stats": {}, "extra_info": {"questions": qs}}]}
+    (run,) = summarize_benchmark(data, "h100.json")
+    assert run.phases[BASE].n_questions == N and run.kernel == "unknown" and run.model_name is None
 
 
 def test_report_mixes_a_record_and_a_benchmark_file(tmp_path):
     (record,) = saved(tmp_path, make_record())
-    bench = bench_file(tmp_path / "0001_mi300.json", scores(0), oom=True)
+    bench = bench_file(tmp_path / "0001_mi300.json", scores(0), oom=True, reference=True)
     report, _ = make_report([record, bench], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
+    assert [r.kind for r in report.runs] == ["run", "benchmark:ours", "benchmark:ours", "benchmark:reference"]
     assert len(report.pairs) == 2 and [ph.phase for ph in report.pairs[0].phases] == [BASE]
     assert report.pairs[1].phases == ()  # the kernel that ran out of memory scored nothing
+    assert "R4 is bench/'s reference arm" in md and "| train speedup vs reference arm | - | 1.25x |" in md
     assert "R3: test_train_ours[eager]: out of memory during timed round 1 (HIP out of memory)" in md
     assert report.verdict == "holds"  # same scores; NF4 blocksize 128 vs 64 is flagged, not failed
     assert "- FLAG: R2 vs R1: quantization settings differ: blocksize: 64 vs 128" in md
