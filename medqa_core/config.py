@@ -112,7 +112,9 @@ class TrainConfig:
     loss_on: str = "answer"  # "answer": only the answer letter's token; "all": every token
     gradient_checkpointing: bool = False
     packing: bool = True  # pack each step's examples into rows of pack_len tokens instead of padding
-    pack_len: int = 2048
+    # Rows of 1024: the block-diagonal mask costs attention over the whole row, which on a CPU's
+    # SDPA outweighs the padding saved by longer rows (measured on the tiny preset: 0.67 s vs 1.18 s a step).
+    pack_len: int = 1024
     timing_warmup_steps: int = 2  # steps left out of tokens/s (allocator, kernel selection)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
@@ -177,7 +179,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backend: str = "auto"
-    results_dir: str = "results"
+    results_dir: str = "results/runs"
 
     def __post_init__(self) -> None:
         _check(self.backend in BACKENDS, f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -38,6 +39,8 @@ def runs_table(results: Path) -> str:
     ]
     for path in sorted((results / "runs").glob("*.json")):
         r = load_record(path)
+        if r.kind == "train":  # fine-tune-only records: in the scaling table
+            continue
         tr, q = r.train, r.model["quantization"]
         quant = "bf16" if q["method"] == "none" else f"{q['quant_type']} b{q['blocksize']}"
         speed = peak = step = "-"
@@ -66,7 +69,70 @@ def default_run_summary(results: Path) -> str:
     return "```text\n" + "\n".join(summary_lines(load_record(path), f"results/runs/{path.name}")) + "\n```"
 
 
-GENERATORS: dict[str, Callable[[Path], str]] = {"runs": runs_table, "default-run": default_run_summary}
+def _bench_device(data: dict) -> str:
+    fp = data["machine_info"].get("medqa_fingerprint", {})
+    return fp.get("gpu_name") or f"CPU: {fp.get('cpu_model')} ({fp.get('cpu_cores_logical')} threads)"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _figure(e: dict) -> str:
+    """The headline of one benchmark case, from its extra_info."""
+    if "oom" in e:
+        return f"out of memory ({e['oom'].get('message', '')[:60]})"
+    if "tokens_per_s" in e:
+        speedup = e.get("speedup_vs_reference")
+        peak = e.get("peak_mem_gib")
+        return (f"{e['tokens_per_s']:,.0f} real tokens/s, MFU {_pct(e.get('mfu'))}, step "
+                f"{1000 * e['step_time_s_median']:.0f} ms, peak {f'{peak:.1f} GiB' if peak is not None else 'n/a'}, "
+                f"batch {e.get('batch_size')}, checkpointing {e.get('gradient_checkpointing')}"
+                + (f", **{speedup:.2f}x the reference**" if speedup else ""))
+    if "decode_tokens_per_s" in e:
+        return f"{e['decode_tokens_per_s']:,.1f} tokens/s at batch 1, {_pct(e.get('roofline_fraction'))} of roofline"
+    if "prefill_tokens_per_s" in e:
+        return f"{e['prefill_tokens_per_s']:,.0f} tokens/s, time to first token {1000 * e['ttft_s_median']:.0f} ms"
+    if "questions_per_s" in e:
+        return f"{e['questions_per_s']:,.1f} questions/s ({e.get('questions')} questions)"
+    if "accuracy" in e:
+        return f"accuracy {_pct(e['accuracy'])} on {len(e.get('predictions', ()))} questions"
+    return "-"
+
+
+def bench_table(results: Path) -> str:
+    """One row per case of each pytest-benchmark file under ``results/bench``."""
+    rows = ["| file | device | case | headline |", "|---|---|---|---|"]
+    for path in sorted((results / "bench").glob("*/*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for bench in data["benchmarks"]:
+            link = f"[{path.name}](results/bench/{path.parent.name}/{path.name})"
+            rows.append(f"| {link} | {_bench_device(data)} | `{bench['name']}` | {_figure(bench['extra_info'])} |")
+    return "\n".join(rows)
+
+
+def scaling_table(results: Path) -> str:
+    """Data-parallel train records against the 1-GPU record of the same card and per-rank batch."""
+    records = [(p, load_record(p)) for p in sorted((results / "runs").glob("*_train_*.json"))]
+    gpu = [(p, r) for p, r in records if r.train is not None and r.fingerprint.get("gpu_name")]
+    rows = ["| GPUs | device | global batch (per GPU) | tokens/s | per GPU | efficiency vs 1 GPU | all-reduce alone "
+            "| peak memory | record |", "|---|---|---|---|---|---|---|---|---|"]
+    for path, r in gpu:
+        n, batch = r.train.world_size, r.config["train"]["batch_size"]
+        ones = [o for _, o in gpu if o.train.world_size == 1 and o.fingerprint["gpu_name"] == r.fingerprint["gpu_name"]
+                and o.config["train"]["batch_size"] == batch // n and o.fingerprint.get("hostname")
+                == r.fingerprint.get("hostname")]
+        eff = f"{r.train.tokens_per_s / (n * ones[-1].train.tokens_per_s):.1%}" if n > 1 and ones else "-"
+        reduce_ms = f"{1000 * r.train.all_reduce_s:.1f} ms" if r.train.all_reduce_s else "-"
+        rows.append(f"| {n} | {r.fingerprint['gpu_name']} | {batch} ({batch // n}) | {r.train.tokens_per_s:,.0f} "
+                    f"| {r.train.tokens_per_s / n:,.0f} | {eff} | {reduce_ms} | {r.train.peak_mem_gib:.1f} GiB "
+                    f"| [{path.name[:16]}](results/runs/{path.name}) |")
+    return "\n".join(rows)
+
+
+GENERATORS: dict[str, Callable[[Path], str]] = {
+    "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
+}
 
 
 def render(readme: str, results: Path) -> str:
