@@ -10,6 +10,7 @@ fraction of its roofline: copy bandwidth measured in this run / weight bytes rea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.evaluate import evaluate
 from medqa_core.hardware import weight_bytes_per_token
 from medqa_core.timing import Stats, is_oom
+
+logger = logging.getLogger("medqa_core.bench")
 
 
 def _generate(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_id: int, attention: AttentionChoice,
@@ -81,26 +84,37 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
         pad_id = session.tokenizer.pad_token_id
         options: dict[str, Any] = {}
         base = model.get_base_model()
+        fallback = None
         if compiled:
             # transformers' own auto-compile refuses bitsandbytes models (quantizer not compileable), so we
             # compile the forward ourselves and tell generate not to try. dynamic=False: one graph for the
             # prefill shape, one for the decode step, neither with symbolic shapes.
             options = {"cache_implementation": "static", "disable_compile": True}
             counts_before = _dynamo_counts()
-            base.forward = torch.compile(base.forward, mode=mode, dynamic=False)
         try:
-            rounds = case.time(_generate(model, ids, new_tokens, pad_id, session.attention, **options),
-                               bench_options.infer_rounds, bench_options.warmup_rounds)
-            ttft = case.measure(_generate(model, ids, 1, pad_id, session.attention, **options),
-                                bench_options.infer_rounds, warmup_rounds=1)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            if not compiled or is_oom(e):
-                raise
-            pytest.skip(f"static cache + torch.compile cannot run here: {str(e).strip().splitlines()[0]}")
+            for attempt in (mode, "default") if compiled and mode != "default" else (mode,):
+                if compiled:
+                    torch._dynamo.reset()
+                    base.forward = torch.compile(type(base).forward.__get__(base), mode=attempt, dynamic=False)
+                try:
+                    rounds = case.time(_generate(model, ids, new_tokens, pad_id, session.attention, **options),
+                                       bench_options.infer_rounds, bench_options.warmup_rounds)
+                    ttft = case.measure(_generate(model, ids, 1, pad_id, session.attention, **options),
+                                        bench_options.infer_rounds, warmup_rounds=1)
+                    mode = attempt
+                    break
+                except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
+                    if not compiled or is_oom(e):
+                        raise
+                    # Fall back visibly: CUDA/HIP graphs off, still compiled; the reason goes in the record.
+                    fallback = f"compile mode {attempt} failed: {str(e).strip().splitlines()[0][:200]}"
+                    logger.warning("decode: %s", fallback)
+            else:
+                pytest.skip(f"static cache + torch.compile cannot run here: {fallback}")
         finally:
             if compiled:
                 counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
-                del base.forward  # back to the class's eager forward for the cases after this one
+                base.__dict__.pop("forward", None)  # back to the class's eager forward for the cases after this
                 torch._dynamo.reset()  # drop the graphs (and their CUDA-graph memory pools)
         generate_s: Stats = rounds.stats
         produced = rounds.outputs[0]
@@ -120,7 +134,7 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
             joules_per_token=case.joules_per(rounds, produced), **case.memory_info(rounds),
         )
         if compiled:
-            benchmark.extra_info["dynamo"] = counts
+            benchmark.extra_info.update(dynamo=counts, compile_mode_ran=mode, compile_fallback=fallback)
 
 
 @pytest.mark.benchmark(group="decode")
