@@ -31,8 +31,9 @@ DEFAULT_KL_TOLERANCE_NATS = 0.01
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 ALPHA = 0.05
-# Quantization fields that are versions, not settings: shown in fingerprints, not flagged here.
-_QUANT_IGNORED = ("bitsandbytes_version",)
+# Not quantization settings: the library version (shown in fingerprints) and bitsandbytes' CPU-only
+# inference repacking, which medqa-parity always keeps off (model.keep_trainable_cpu_format).
+_QUANT_IGNORED = ("bitsandbytes_version", "cpu_packed_inference")
 
 
 class ParityError(ValueError):
