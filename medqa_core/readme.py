@@ -1,7 +1,7 @@
-"""README figures, generated from the result files under results/ (never typed by hand).
+"""README and PERFORMANCE figures, generated from the result files under results/ (never typed by hand).
 
 ``python -m medqa_core.readme`` rewrites each block between ``<!-- generated:NAME -->`` and
-``<!-- /generated:NAME -->`` in README.md; ``--check`` exits 1 when README is out of date.
+``<!-- /generated:NAME -->`` in README.md and PERFORMANCE.md; ``--check`` exits 1 when one is out of date.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from medqa_core.record import RunRecord, load_record
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("README.md", "PERFORMANCE.md")  # files whose generated blocks this module keeps current
 
 
 def _acc(result) -> str:
@@ -100,12 +101,14 @@ def _figure(e: dict) -> str:
     return "-"
 
 
-def bench_table(results: Path) -> str:
-    """One row per case of each pytest-benchmark file under ``results/bench``."""
+def bench_table(results: Path, only: str = "") -> str:
+    """One row per case (whose name starts with ``only``) of each pytest-benchmark file under ``results/bench``."""
     rows = ["| file | device | case | headline |", "|---|---|---|---|"]
     for path in sorted((results / "bench").glob("*/*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         for bench in data["benchmarks"]:
+            if not bench["name"].startswith(only):
+                continue
             link = f"[{path.name}](results/bench/{path.parent.name}/{path.name})"
             rows.append(f"| {link} | {_bench_device(data)} | `{bench['name']}` | {_figure(bench['extra_info'])} |")
     return "\n".join(rows)
@@ -187,6 +190,7 @@ def performance_table(results: Path) -> str:
 
 
 GENERATORS: dict[str, Callable[[Path], str]] = {
+    "train-cases": lambda results: bench_table(results, only="test_train"),
     "verdict": report_verdict, "performance": performance_table,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
 }
@@ -203,18 +207,22 @@ def render(readme: str, results: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a document is out of date")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("documents", nargs="*", type=Path, default=[ROOT / name for name in DOCUMENTS])
     args = parser.parse_args(argv)
-    old = args.readme.read_text(encoding="utf-8")
-    new = render(old, args.results)
-    if args.check:
-        if new != old:
-            print(f"{args.readme} is out of date: run python -m medqa_core.readme", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(new, encoding="utf-8")
+    stale = []
+    for doc in args.documents:
+        old = doc.read_text(encoding="utf-8")
+        new = render(old, args.results)
+        if new == old:
+            continue
+        stale.append(doc)
+        if not args.check:
+            doc.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print(f"out of date: {', '.join(map(str, stale))}; run python -m medqa_core.readme", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from medqa_core import readme
 
 
-def test_readme_matches_result_files():
-    text = readme.ROOT.joinpath("README.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", readme.DOCUMENTS)
+def test_documents_match_result_files(name):
+    text = readme.ROOT.joinpath(name).read_text(encoding="utf-8")
+    assert "<!-- generated:" in text
     assert readme.render(text, readme.ROOT / "results") == text, "run: python -m medqa_core.readme"
 
 
