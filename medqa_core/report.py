@@ -191,7 +191,7 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ReportError(f"{path}: cannot read ({e.strerror})") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, broken JSON, absurd numbers or nesting
         raise ReportError(f"{path}: not JSON ({e}); expected a run record or a pytest-benchmark file") from e
 
 
@@ -212,13 +212,17 @@ def summarize_file(path: str | Path) -> list[RunSummary]:
     """
     path = Path(path)
     data = read_json(path)
-    if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
-        return summarize_benchmark(data, str(path))
-    if isinstance(data, dict) and "schema_version" in data:
-        try:
+    try:
+        if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+            return summarize_benchmark(data, str(path))
+        if isinstance(data, dict) and "schema_version" in data:
             return [summarize_record(record_from_dict(data, where=str(path)), str(path))]
-        except RecordError as e:
-            raise ReportError(str(e)) from e
+    except RecordError as e:
+        raise ReportError(str(e)) from e
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+        # A field of the wrong type or shape somewhere in a hand-edited or truncated-then-fixed file.
+        raise ReportError(f"{path}: malformed field ({type(e).__name__}: {e}); expected a file as "
+                          "pytest bench/ or medqa-parity wrote it") from e
     found = f"an object with keys {', '.join(sorted(data)[:8])}" if isinstance(data, dict) else type(data).__name__
     raise ReportError(f"{path}: found {found}; expected a run record (schema_version {SCHEMA_VERSION}, kind, "
                       "fingerprint, ...) or a pytest-benchmark file (machine_info, benchmarks)")

@@ -100,6 +100,44 @@ def test_record_loader_fuzz(tmp_path_factory, data):
     assert path.read_text() == raw
 
 
+BENCH_FILE = Path(__file__).resolve().parent.parent / "results/bench/Linux-CPython-3.11-64bit/0001_cpu.json"
+
+
+@FUZZ
+@given(st.data())
+def test_benchmark_file_loader_fuzz(tmp_path_factory, data):
+    """pytest-benchmark files as the report and gate read them: truncated, fields dropped or retyped."""
+    from medqa_core.report import ReportError, summarize_file
+
+    path = tmp_path_factory.mktemp("bench") / "0001_x.json"
+    d = json.loads(BENCH_FILE.read_text())
+    how = data.draw(st.sampled_from(["truncate", "top", "machine", "entry", "extra"]))
+    if how == "truncate":
+        text = BENCH_FILE.read_text()
+        raw = text[: data.draw(st.integers(0, len(text) - 1))]
+    else:
+        if how == "top":
+            key = data.draw(st.sampled_from(sorted(d)))
+            d[key] = data.draw(json_values | st.just(None))
+        elif how == "machine":
+            d["machine_info"]["medqa_fingerprint"] = data.draw(json_values)
+        else:
+            entry = d["benchmarks"][data.draw(st.integers(0, len(d["benchmarks"]) - 1))]
+            target = entry if how == "entry" else entry["extra_info"]
+            key = data.draw(st.sampled_from(sorted(target)))
+            if data.draw(st.booleans()):
+                target.pop(key)
+            else:
+                target[key] = data.draw(json_values)
+        raw = json.dumps(d)
+    path.write_text(raw)
+    try:
+        summarize_file(path)
+    except ReportError as e:
+        _check_named(e, path)
+    assert path.read_text() == raw
+
+
 @FUZZ
 @given(rank=st.integers(-5, 5), alpha=st.integers(-5, 5), dropout=st.floats(-1, 2, allow_nan=False),
        steps=st.one_of(st.none(), st.integers(-5, 5)), batch=st.integers(-3, 3),
