@@ -79,13 +79,16 @@ def attention_context(choice: AttentionChoice) -> Iterator[None]:
         yield
 
 
-def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice) -> str:
+def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice,
+                  position_ids: torch.Tensor | None = None) -> str:
     """Run one forward under the profiler and name the attention op that ran.
 
     Args:
         model: a causal LM taking ``input_ids``.
         input_ids: a small batch [B, T] on the model's device.
         choice: the resolved --attn choice (its context applies).
+        position_ids: [B, T] restarting inside a row, to probe the packed (masked) path that
+            training and scoring take; SDPA may pick another kernel with a mask than without.
 
     Returns:
         e.g. ``"sdpa-flash"``, ``"sdpa-math"``, or ``"eager"`` when no fused attention op ran.
@@ -97,7 +100,7 @@ def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice) 
 
     try:
         with torch.no_grad(), attention_context(choice), profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(input_ids=input_ids)
+            model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     except RuntimeError as e:
         if not any(s in str(e).lower() for s in ("no available kernel", "no viable backend")):
             raise

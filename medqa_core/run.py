@@ -110,8 +110,12 @@ def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool
     else:
         torch.manual_seed(cfg.train.seed)  # LoRA A's initialisation: the same adapter start on every run
         model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing if trainable else False)
-    probe = torch.tensor([tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]], device=device)
-    kernel_ran = detect_kernel(model, probe, attention)
+    ids = tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]
+    # Two prompts in one row when packing: the masked path that training and scoring actually take.
+    packed = cfg.train.packing or cfg.eval.packing
+    probe = torch.tensor([ids + ids if packed else ids], device=device)
+    positions = torch.tensor([list(range(len(ids))) * 2], device=device) if packed else None
+    kernel_ran = detect_kernel(model, probe, attention, positions)
     logger.info("model %s on %s, attention %s ran as %s", model_dir, device, attention.requested, kernel_ran)
     return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant)
 
