@@ -263,6 +263,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    import os
+
+    from medqa_core.gate import GateError, append_step_summary, checks_table, load_thresholds, run_gate, verdict_line
+
+    try:
+        thresholds = load_thresholds(args.config, args.threshold or [])
+        result = run_gate(args.baseline, args.candidate, thresholds)
+    except GateError as e:
+        print(f"medqa-parity: error: {e}", file=sys.stderr)
+        return 2
+    print(checks_table(result).to_string(index=False))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(verdict_line(result))
+    for check in result.failures:
+        print(f"  {check.message}")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        try:
+            append_step_summary(result, summary)
+        except OSError as e:  # the verdict stands; only its summary is lost
+            print(f"medqa-parity: warning: cannot write GITHUB_STEP_SUMMARY {summary} ({e.strerror})", file=sys.stderr)
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medqa-parity",
@@ -299,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
+                       description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "
+                                   "matched case by case) on throughput (with a Mann-Whitney test of the rounds), "
+                                   "peak memory, accuracy (McNemar where paired) and the parity verdict. Exit 0: "
+                                   "the candidate holds; 1: something regressed (a table says what); 2: bad input. "
+                                   "Appends a markdown summary to $GITHUB_STEP_SUMMARY when it is set.")
+    p.add_argument("--baseline", required=True, metavar="RUN", help="run record or pytest-benchmark JSON")
+    p.add_argument("--candidate", required=True, metavar="RUN", help="the same kind of file, to be judged")
+    p.add_argument("--threshold", action="append", metavar="NAME=VALUE",
+                   help="override a threshold of [tool.medqa-parity.gate], e.g. speed_pct=10, memory_pct=10, "
+                        "accuracy_pp=2, decode_tokens_per_s_pct=30 (repeatable)")
+    p.add_argument("--config", metavar="PYPROJECT",
+                   help="pyproject.toml with a [tool.medqa-parity.gate] table (default: the nearest one above "
+                        "the working directory)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_gate)
     return parser
 
 

@@ -1,0 +1,341 @@
+"""The regression gate: injected regressions fail with the project's default thresholds, real reruns pass.
+
+Thresholds are read from this repository's pyproject.toml ``[tool.medqa-parity.gate]`` (speed_pct 10,
+memory_pct 10, accuracy_pp 2) unless a test states others, so the tests prove the defaults catch
+a 20% slowdown, 15% memory growth and a 5-point accuracy drop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_record import make_record
+
+from medqa_core.cli import main
+from medqa_core.gate import (
+    GateError,
+    Thresholds,
+    cases_from_record,
+    find_pyproject,
+    gate_cases,
+    load_thresholds,
+    read_gate_table,
+    speed_check,
+)
+from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+BENCH_FILE = ROOT / "results" / "bench" / "Linux-CPython-3.11-64bit" / "0001_cpu.json"
+N_QUESTIONS = 200
+
+
+def _train(step_times: np.ndarray, peak_mem_gib: float | None = 10.0, tokens_per_step: int = 2000) -> TrainResult:
+    timed = [float(t) for t in step_times[2:]]  # the first two steps are the timing warm-up
+    q1, q3 = np.percentile(timed, [25, 75])
+    return TrainResult(
+        steps=len(step_times), epochs=1.0, n_examples=8 * len(step_times), tokens=tokens_per_step * len(step_times),
+        timed_steps=len(timed), train_time_s=sum(timed), tokens_per_s=tokens_per_step * len(timed) / sum(timed),
+        step_time_s_median=statistics.median(timed), step_time_s_iqr=float(q3 - q1),
+        loss_per_step=tuple(2.0 - 0.05 * i for i in range(len(step_times))),
+        step_time_s=tuple(float(t) for t in step_times), peak_mem_gib=peak_mem_gib, host_peak_rss_gib=2.0)
+
+
+def _eval(n_wrong_extra: int = 0) -> EvalResult:
+    """200 questions, the first 80 right (40%); ``n_wrong_extra`` of those answered wrong instead."""
+    questions = []
+    for i in range(N_QUESTIONS):
+        right = i < 80 and i >= n_wrong_extra
+        pred = 0 if right else 1
+        logprobs = tuple(-0.5 if k == pred else -2.0 - 0.1 * k for k in range(4))
+        questions.append(QuestionResult(f"test.jsonl:{i + 1}", 0, pred, logprobs))
+    acc = sum(q.correct for q in questions) / N_QUESTIONS
+    return EvalResult("test.jsonl", N_QUESTIONS, acc, (acc - 0.07, acc + 0.07), 40_000, 4.0, 50.0, None,
+                      tuple(questions))
+
+
+def _baseline_steps() -> np.ndarray:
+    """12 step times with a fixed 3% jitter around 0.5 s."""
+    return 0.5 * (1 + 0.03 * np.random.default_rng(0).standard_normal(12))
+
+
+def _run(step_times: np.ndarray | None = None, peak_mem_gib: float | None = 10.0,
+         accuracy_drop_questions: int = 0) -> RunRecord:
+    train = _train(_baseline_steps() if step_times is None else step_times, peak_mem_gib)
+    return make_record(train=train, eval_before=_eval(), eval_after=_eval(accuracy_drop_questions))
+
+
+def _gate(tmp_path: Path, baseline: RunRecord, candidate: RunRecord, *extra: str) -> int:
+    a = save_record(baseline, tmp_path / "baseline")
+    b = save_record(candidate, tmp_path / "candidate")
+    return main(["gate", "--baseline", str(a), "--candidate", str(b), "--config", str(PYPROJECT), *extra])
+
+
+def test_project_defaults_are_the_ones_these_tests_rely_on():
+    table = read_gate_table(PYPROJECT)
+    assert (table["speed_pct"], table["memory_pct"], table["accuracy_pp"]) == (10.0, 10.0, 2.0)
+    assert load_thresholds(PYPROJECT, []) == Thresholds(speed_pct=10.0, memory_pct=10.0, accuracy_pp=2.0)
+
+
+def test_unchanged_record_passes_with_exit_0(tmp_path, capsys):
+    assert _gate(tmp_path, _run(), _run()) == 0
+    out = capsys.readouterr().out
+    assert "gate: PASS" in out and "Mann-Whitney p=" in out
+
+
+def test_20_percent_slowdown_fails_naming_field_threshold_and_test(tmp_path, capsys):
+    slow = _baseline_steps() / 0.8  # every step 25% longer: tokens/s -20%
+    assert _gate(tmp_path, _run(), _run(slow)) == 1
+    out = capsys.readouterr().out
+    assert "gate: FAIL: 1 of" in out
+    line = next(x for x in out.splitlines() if x.startswith("  record: train tokens/s"))
+    assert "train tokens/s -20.0% vs baseline (threshold -10%), Mann-Whitney p=" in line
+    assert "(10 vs 10 rounds)" in line
+
+
+def test_15_percent_memory_growth_fails(tmp_path, capsys):
+    assert _gate(tmp_path, _run(), _run(peak_mem_gib=11.5)) == 1
+    out = capsys.readouterr().out
+    assert "record: peak device memory +15.0% vs baseline (threshold +10%); regressed (11.5 GiB vs 10 GiB)" in out
+    assert "gate: FAIL: 1 of" in out
+
+
+def test_5_point_accuracy_drop_fails_with_the_paired_test(tmp_path, capsys):
+    # 10 of 200 questions the baseline got right are wrong in the candidate: 40.0% -> 35.0%.
+    assert _gate(tmp_path, _run(), _run(accuracy_drop_questions=10)) == 1
+    out = capsys.readouterr().out
+    assert ("record: accuracy (fine-tuned) -5.0 pp vs baseline (threshold -2 pp), McNemar p=0.000977 "
+            "(10 right only in baseline, 0 only in candidate, n=200)") in out
+    # The parity verdict (TOST within +-3 pp) fails as well; the base phase is untouched and holds.
+    assert "record: parity accuracy equivalence (TOST, fine-tuned) (threshold +-3 pp)" in out
+    assert "gate: FAIL: 2 of" in out
+
+
+def test_a_slower_median_inside_the_noise_passes():
+    # -20% on the value, but the rounds overlap: Mann-Whitney cannot tell them apart.
+    check = speed_check("case", "train_tokens_per_s", 1000.0, 800.0, (1.0, 0.7, 1.4, 0.9, 1.3),
+                        (1.25, 0.8, 1.5, 1.0, 1.2), threshold_pct=10, alpha=0.05)
+    assert check.status == "pass" and "not significant at 0.05" in check.evidence
+    # The same drop without rounds on one side is judged on the medians, and says so.
+    check = speed_check("case", "train_tokens_per_s", 1000.0, 800.0, (), (1.25, 0.8, 1.5), threshold_pct=10,
+                        alpha=0.05)
+    assert check.status == "fail" and check.evidence.startswith("median only, not tested for significance")
+
+
+def test_regressions_below_the_threshold_pass(tmp_path):
+    steps = _baseline_steps() / 0.95  # -5%, significant but inside 10%
+    assert _gate(tmp_path, _run(), _run(steps, peak_mem_gib=10.9, accuracy_drop_questions=2)) == 0
+
+
+def test_command_line_thresholds_override_the_file(tmp_path, capsys):
+    slow = _baseline_steps() / 0.8
+    assert _gate(tmp_path, _run(), _run(slow), "--threshold", "speed_pct=25") == 0
+    assert "-20.0%" in capsys.readouterr().out
+    assert _gate(tmp_path, _run(), _run(slow), "--threshold", "train_tokens_per_s_pct=25") == 0
+
+
+def test_step_summary_is_appended(tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    assert _gate(tmp_path, _run(), _run(peak_mem_gib=11.5)) == 1
+    assert _gate(tmp_path, _run(), _run()) == 0
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")
+    fail, ok = text.index("## medqa-parity gate: FAIL"), text.index("## medqa-parity gate: PASS")
+    assert fail < ok
+    assert "| FAIL | record | peak device memory | 10 GiB | 11.5 GiB | +15.0% | +10% |" in text
+    assert "- **record: peak device memory +15.0% vs baseline (threshold +10%)" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("missing", "cannot read"),
+        ("schema", f"schema_version {SCHEMA_VERSION + 1}, expected {SCHEMA_VERSION}"),
+        ("model", "different models, 'other' vs 'tiny'"),
+        ("bench", "gate a run record against a run record"),
+        ("threshold", "unknown threshold 'sped_pct'"),
+        ("negative", "give the allowed change as a positive number"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
+    a = save_record(_run(), tmp_path / "a")
+    b = save_record(_run() if change != "model" else make_record(model={"name": "other", "quantization": {}}),
+                    tmp_path / "b")
+    extra: list[str] = []
+    if change == "missing":
+        b = tmp_path / "nope.json"
+    elif change == "schema":
+        d = json.loads(b.read_text())
+        b.write_text(json.dumps({**d, "schema_version": SCHEMA_VERSION + 1}))
+    elif change == "bench":
+        b = BENCH_FILE
+    elif change == "threshold":
+        extra = ["--threshold", "sped_pct=10"]
+    elif change == "negative":
+        extra = ["--threshold", "speed_pct=-10"]
+    code = main(["gate", "--baseline", str(a), "--candidate", str(b), "--config", str(PYPROJECT), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("medqa-parity: error:") and message in err
+
+
+def test_pyproject_is_found_upward_and_bad_toml_is_named(tmp_path):
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("[tool.medqa-parity.gate]\nspeed_pct = 40\nskip = [\"parity\"]\n")
+    assert find_pyproject(nested) == tmp_path / "pyproject.toml"
+    t = load_thresholds(None, ["memory_pct=25"], start=nested)
+    assert (t.speed_pct, t.memory_pct, t.accuracy_pp, t.skip) == (40, 25, 2.0, ("parity",))
+    (tmp_path / "pyproject.toml").write_text("[tool.medqa-parity.gate\n")
+    with pytest.raises(GateError, match="not TOML"):
+        load_thresholds(None, [], start=nested)
+
+
+def test_out_of_memory_in_the_candidate_fails(tmp_path):
+    oom = make_record(train=None, eval_after=None, failure={"kind": "oom", "phase": "fine-tune", "message": "x"})
+    baseline = make_record(train=_train(_baseline_steps()))
+    result = gate_cases(cases_from_record(baseline, "a"), cases_from_record(oom, "b"), Thresholds())
+    assert [c.field for c in result.failures] == ["out of memory"]
+    assert "the candidate ran out of memory (oom during fine-tune)" in result.failures[0].message
+
+
+def test_different_training_config_is_not_compared_for_speed():
+    other = make_record(config={"backend": "auto", "train": {"batch_size": 16}}, train=_train(_baseline_steps() * 2))
+    base = make_record(config={"backend": "auto", "train": {"batch_size": 8}}, train=_train(_baseline_steps()))
+    result = gate_cases(cases_from_record(base, "a"), cases_from_record(other, "b"), Thresholds())
+    speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
+    assert speed.status == "not compared" and "train.batch_size 16 vs 8" in speed.evidence
+    assert result.passed
+
+
+# ---- pytest-benchmark files: the committed CPU baseline and edited copies of it ------------------
+
+
+def _bench() -> dict:
+    return json.loads(BENCH_FILE.read_text())
+
+
+def _case(data: dict, name: str) -> dict:
+    return next(b for b in data["benchmarks"] if b["name"] == name)
+
+
+def test_benchmark_file_against_itself_passes(capsys):
+    assert main(["gate", "--baseline", str(BENCH_FILE), "--candidate", str(BENCH_FILE), "--config",
+                 str(PYPROJECT)]) == 0
+    out = capsys.readouterr().out
+    for name in ("test_train_ours[sdpa]", "test_prefill[sdpa-batch8]", "test_decode_eager[sdpa]",
+                 "test_accuracy[sdpa]"):
+        assert name in out
+
+
+def test_benchmark_cases_are_matched_by_name_and_workload(tmp_path, capsys):
+    data = _bench()
+    train = _case(data, "test_train_ours[sdpa]")
+    for key in ("tokens_per_s", "mfu"):
+        train["extra_info"][key] *= 0.8  # 20% slower
+    scoring = _case(data, "test_scoring[sdpa]")
+    scoring["extra_info"]["questions"] = 32  # other work: not compared
+    data["benchmarks"].remove(_case(data, "test_train_reference"))
+    candidate = tmp_path / "candidate.json"
+    candidate.write_text(json.dumps(data))
+    assert main(["gate", "--baseline", str(BENCH_FILE), "--candidate", str(candidate), "--config",
+                 str(PYPROJECT)]) == 1
+    out = capsys.readouterr().out
+    assert "test_train_ours[sdpa]: train tokens/s -20.0% vs baseline (threshold -10%), median only" in out
+    assert "not in the candidate, not gated: test_train_reference" in out
+    assert "different workload: questions 32 vs 64" in out
+    assert "gate: FAIL: 1 of" in out
+
+
+def test_benchmark_rounds_are_tested_when_saved(tmp_path, capsys):
+    base, cand = _bench(), _bench()
+    rng = np.random.default_rng(0)
+    for data, scale in ((base, 1.0), (cand, 1.25)):
+        entry = _case(data, "test_prefill[sdpa-batch8]")
+        times = (0.29 * scale * (1 + 0.02 * rng.standard_normal(5))).tolist()
+        entry["stats"]["data"] = times
+        entry["extra_info"]["prefill_tokens_per_s"] = 8 * 256 / statistics.median(times)
+    paths = []
+    for name, data in (("base", base), ("cand", cand)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    assert main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(PYPROJECT)]) == 1
+    out = capsys.readouterr().out
+    assert "test_prefill[sdpa-batch8]: prefill tokens/s -2" in out and "Mann-Whitney p=0.00397 (5 vs 5 rounds)" in out
+
+
+def test_candidate_without_common_cases_cannot_be_compared(tmp_path, capsys):
+    data = copy.deepcopy(_bench())
+    for b in data["benchmarks"]:
+        b["name"] += "-renamed"
+    candidate = tmp_path / "renamed.json"
+    candidate.write_text(json.dumps(data))
+    assert main(["gate", "--baseline", str(BENCH_FILE), "--candidate", str(candidate)]) == 2
+    assert "no case in common" in capsys.readouterr().err
+
+
+# ---- two real runs of the same command -----------------------------------------------------------
+
+
+def test_two_real_runs_of_the_same_command_pass(tiny_model_dir, tmp_path, capsys):
+    """Two `medqa-parity run`s of the tiny model, each in its own process as CI would start them, hold
+    against each other under the project's default thresholds (pyproject.toml): run-to-run noise of
+    speed and host memory stays inside them or is judged not significant, and the scores agree.
+    """
+    paths = []
+    for name in ("first", "second"):
+        subprocess.run([sys.executable, "-m", "medqa_core.cli", "run", "--backend", "cpu", "--model",
+                        str(tiny_model_dir), "--train-limit", "32", "--eval-limit", "16", "--max-steps", "12",
+                        "--batch-size", "2", "--results", str(tmp_path / name), "--adapter-out",
+                        str(tmp_path / f"adapter-{name}")], check=True, capture_output=True)
+        (path,) = (tmp_path / name).glob("*.json")
+        paths.append(path)
+    code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(PYPROJECT)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Mann-Whitney p=" in out and "(10 vs 10 rounds)" in out  # the speed check saw both runs' step times
+    for check in ("host RSS (peak)", "accuracy (fine-tuned)", "parity: log-probabilities (KL, base)"):
+        assert check in out
+    # A record's scoring questions/s is one timing per run: listed, not gated (the bench times it in rounds).
+    assert "gate: PASS" in out and ", 1 not compared)" in out and "a single timing in the baseline and candidate" in out
+
+
+def test_another_machine_is_not_compared_for_speed_but_still_for_accuracy():
+    other = make_record(fingerprint={"backend": "cpu", "cpu_model": "AMD EPYC", "cpu_cores_logical": 4},
+                        train=_train(_baseline_steps() * 2), eval_after=_eval(10))
+    base = make_record(fingerprint={"backend": "cpu", "cpu_model": "Intel Xeon", "cpu_cores_logical": 2},
+                       train=_train(_baseline_steps()), eval_after=_eval())
+    result = gate_cases(cases_from_record(base, "a"), cases_from_record(other, "b"), Thresholds())
+    speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
+    assert speed.status == "not compared"
+    assert "hardware 'CPU: AMD EPYC (4 threads)' vs 'CPU: Intel Xeon (2 threads)'" in speed.evidence
+    assert "accuracy (fine-tuned)" in [c.field for c in result.failures]
+
+
+def test_gate_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["gate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: medqa-parity gate" in out and "--threshold NAME=VALUE" in out and "GITHUB_STEP_SUMMARY" in out
+
+
+def test_too_few_rounds_for_significance_fall_back_to_the_medians():
+    # 3 vs 3 rounds: Mann-Whitney's smallest one-sided p is 1/20 = 0.05, never below alpha.
+    check = speed_check("case", "decode_tokens_per_s", 100.0, 75.0, (1.0, 1.01, 1.02), (1.33, 1.34, 1.35),
+                        threshold_pct=10, alpha=0.05)
+    assert check.status == "fail"
+    assert "3 vs 3 rounds cannot reach p < 0.05 (smallest p 0.05)" in check.evidence
+    # 3 vs 5 can (1/56): the test decides.
+    check = speed_check("case", "decode_tokens_per_s", 100.0, 75.0, (1.0, 1.01, 1.02, 0.99, 1.0),
+                        (1.33, 1.34, 1.35), threshold_pct=10, alpha=0.05)
+    assert check.status == "fail" and "Mann-Whitney p=0.0179 (3 vs 5 rounds)" in check.evidence
