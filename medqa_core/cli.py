@@ -1,4 +1,4 @@
-"""`medqa-parity` command line: run / train / evaluate / fingerprint.
+"""`medqa-parity` command line: run / train / evaluate / fingerprint / report / gate.
 
 The only home of logging setup and progress bars; everything else is library code.
 """
