@@ -55,6 +55,7 @@ from medqa_core.report import (
     RunSummary,
     check_comparable,
     compare_runs,
+    flatten_dict,
     markdown_table,
     read_json,
     summarize_benchmark,
@@ -255,18 +256,8 @@ def cases_from_record(record: RunRecord, path: str) -> tuple[GateCase, ...]:
     oom = None
     if record.failure:
         oom = f"{record.failure.get('kind', 'failure')} during {record.failure.get('phase', '?')}"
-    workload = {k: v for k, v in _flatten(record.config).items() if k not in _CONFIG_IGNORED}
+    workload = {k: v for k, v in flatten_dict(record.config).items() if k not in _CONFIG_IGNORED}
     return (GateCase("record", summarize_record(record, path), rounds, timings, workload, oom),)
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 def cases_from_benchmark(data: Mapping[str, Any], path: str) -> tuple[GateCase, ...]:

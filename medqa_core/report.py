@@ -767,7 +767,7 @@ def fingerprint_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
     Returns:
         Fields as rows, runs as columns, after a "differs" column marking fields not equal across runs.
     """
-    flat = [{"file": Path(r.path).name, "schema": r.schema, "created": r.created, **_flatten(r.fingerprint)}
+    flat = [{"file": Path(r.path).name, "schema": r.schema, "created": r.created, **flatten_dict(r.fingerprint)}
             for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f if k.split(".")[-1] not in _FINGERPRINT_HIDDEN))
     table = pd.DataFrame({r.label: [_text(f.get(k)) for k in keys] for r, f in zip(runs, flat, strict=True)},
@@ -781,13 +781,14 @@ def _mark_differences(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(differs=differs)[["differs", *table.columns]]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys; lists become tuples, so values compare and hash."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_dict(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
     return out
 
 
