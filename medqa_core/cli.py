@@ -246,13 +246,9 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from medqa_core.report import ReportError, make_report, verdict_lines
+    from medqa_core.report import make_report, verdict_lines
 
-    try:
-        report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
-    except ReportError as e:
-        print(f"medqa-parity: error: {e}", file=sys.stderr)
-        return 2
+    report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
     head, findings = verdict_lines(report)
     print(head)
     for f in findings:
@@ -266,14 +262,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     import os
 
-    from medqa_core.gate import GateError, append_step_summary, checks_table, load_thresholds, run_gate, verdict_line
+    from medqa_core.gate import append_step_summary, checks_table, load_thresholds, run_gate, verdict_line
 
-    try:
-        thresholds = load_thresholds(args.config, args.threshold or [])
-        result = run_gate(args.baseline, args.candidate, thresholds)
-    except GateError as e:
-        print(f"medqa-parity: error: {e}", file=sys.stderr)
-        return 2
+    thresholds = load_thresholds(args.config, args.threshold or [])
+    result = run_gate(args.baseline, args.candidate, thresholds)
     print(checks_table(result).to_string(index=False))
     for note in result.notes:
         print(f"note: {note}")
@@ -313,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
+    from medqa_core.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
+
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
                        description="Compare run records and/or pytest-benchmark files of one model: speed and "
                                    "memory as ratios to a baseline, paired accuracy statistics (bootstrap CI, "
@@ -321,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run record or pytest-benchmark JSON (two or more runs)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the charts")
     p.add_argument("--baseline", metavar="RUN", help="the run others are compared with (default: the first RUN)")
-    p.add_argument("--margin", type=float, default=3.0, metavar="PP",
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
@@ -374,10 +368,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from medqa_core.checkpoint import CheckpointError
     from medqa_core.data import MedQADataError
     from medqa_core.fingerprint import BackendError
+    from medqa_core.gate import GateError
     from medqa_core.model import ModelLoadError
     from medqa_core.record import RecordError
+    from medqa_core.report import ReportError
 
-    return (AttentionError, CheckpointError, MedQADataError, BackendError, ModelLoadError, RecordError)
+    return (AttentionError, CheckpointError, MedQADataError, BackendError, GateError, ModelLoadError, RecordError,
+            ReportError)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from scipy.stats import binomtest
 
 from medqa_core.parity import (
+    DEFAULT_MARGIN_PP,
     FAIL,
     FLAG,
     PASS,
@@ -1164,7 +1165,7 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
 
 
 def make_report(paths: Sequence[str | Path], out_dir: str | Path, baseline: str | Path | None = None,
-                margin_pp: float = 3.0) -> tuple[Report, list[Path]]:
+                margin_pp: float = DEFAULT_MARGIN_PP) -> tuple[Report, list[Path]]:
     """Read the inputs, compare them, write the report: what ``medqa-parity report`` does.
 
     Args:
