@@ -7,7 +7,10 @@ reference padded to the longest example. Figures in
 ``step_time_s_median``/``_iqr``, ``mfu`` (4 x all-parameter FLOPs per real token, as the frozen
 base needs no weight gradients, / step time / peak bf16 FLOP/s measured in this run),
 ``peak_mem_gib``, ``host_rss_gib``, attention requested and ran, quantization, backend,
-``batch_size``; ours adds ``speedup_vs_reference`` (its tokens/s over the reference's, same run).
+``batch_size``; ours adds ``speedup_vs_reference`` (its tokens/s over the reference's, same run) and
+``compile`` (requested, ran, detail). ``test_train_profile`` runs ours once per ``--train-profiles`` name
+(config.TRAIN_PROFILES: batch size, recomputed layers, compile), on the first batch of that size, and
+records ``memory_cap_gib`` / ``within_memory_cap`` where the profile promises a peak.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ import pytest
 import torch
 
 from medqa_core.attention import AttentionChoice
+from medqa_core.compiling import with_eager_fallback
+from medqa_core.config import TrainConfig, memory_cap_gib, train_profile
 from medqa_core.data import collate, collate_packed
 from medqa_core.distributed import DistInfo
 from medqa_core.fingerprint import detect_backend
 from medqa_core.model import count_parameters
 from medqa_core.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.train import make_optimizer, train_step, wrap_data_parallel
+from medqa_core.train import (
+    apply_model_settings,
+    make_optimizer,
+    reset_model_settings,
+    train_step,
+    wrap_data_parallel,
+)
 
 pytestmark = pytest.mark.benchmark(group="train")
 
@@ -89,25 +100,57 @@ def test_train_reference(benchmark: Any, case: Any, models: Any, train_batch: li
         reference_results["tokens_per_s"] = info["tokens_per_s"]
 
 
+def _time_ours(benchmark: Any, case: Any, models: Any, examples: list, bench_options: Any, tc: TrainConfig,
+               ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
+               attn: str) -> dict[str, Any]:
+    """Time our train step on ``examples`` under ``tc`` (batching, recompute, compile); fill ``extra_info``."""
+    session = models.ours(attn)
+    pad_id = session.tokenizer.pad_token_id
+    # As the training loop batches: packed rows of tc.pack_len (position_ids restart per example) or padded.
+    batch = collate_packed(examples, pad_id, tc.pack_len) if tc.packing else collate(examples, pad_id)
+    n_tokens = int(batch.pop("n_tokens"))
+    batch = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids): [R, T]
+    optimizer, scheduler = make_optimizer(session.model, tc)
+    session.model.train()  # from_pretrained hands back eval mode
+    compiled = apply_model_settings(session.model, tc, device)
+    try:
+        step = with_eager_fallback(_our_step(session.model, optimizer, scheduler, session.attention, batch, device),
+                                   session.model, compiled, lambda: optimizer.zero_grad(set_to_none=True))
+        rounds = case.time(step, bench_options.train_rounds, bench_options.warmup_rounds)
+    finally:
+        reset_model_settings(session.model)
+    info = _train_info(case, rounds, session.model, n_tokens, batch["input_ids"].numel(), ceilings)
+    reference = reference_results.get("tokens_per_s")
+    benchmark.extra_info.update(
+        info, **case.session_info(session), compile=compiled.as_dict(),
+        reference_tokens_per_s=reference,
+        speedup_vs_reference=info["tokens_per_s"] / reference if reference else None,
+    )
+    return info
+
+
 def test_train_ours(benchmark: Any, case: Any, models: Any, train_batch: list, bench_options: Any, run_config: Any,
                     ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
                     attn: str) -> None:
+    tc = run_config.train
     with case.guard(arm="ours", batch_size=len(train_batch), seq_len_max=max(e.n_tokens for e in train_batch),
-                    attention_requested=attn, gradient_checkpointing=run_config.train.gradient_checkpointing,
-                    packing=run_config.train.packing):
-        session = models.ours(attn)
-        tc, pad_id = run_config.train, session.tokenizer.pad_token_id
-        # As the training loop batches: packed rows of tc.pack_len (position_ids restart per example) or padded.
-        batch = collate_packed(train_batch, pad_id, tc.pack_len) if tc.packing else collate(train_batch, pad_id)
-        n_tokens = int(batch.pop("n_tokens"))
-        batch = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids): [R, T]
-        optimizer, scheduler = make_optimizer(session.model, tc)
-        session.model.train()  # from_pretrained hands back eval mode
-        rounds = case.time(_our_step(session.model, optimizer, scheduler, session.attention, batch, device),
-                           bench_options.train_rounds, bench_options.warmup_rounds)
-        info = _train_info(case, rounds, session.model, n_tokens, batch["input_ids"].numel(), ceilings)
-        reference = reference_results.get("tokens_per_s")
-        benchmark.extra_info.update(
-            info, **case.session_info(session), reference_tokens_per_s=reference,
-            speedup_vs_reference=info["tokens_per_s"] / reference if reference else None,
-        )
+                    attention_requested=attn, gradient_checkpointing=tc.gradient_checkpointing,
+                    packing=tc.packing):
+        _time_ours(benchmark, case, models, train_batch, bench_options, tc, ceilings, reference_results, device, attn)
+
+
+def test_train_profile(benchmark: Any, case: Any, models: Any, first_batch: Any, bench_options: Any,
+                       run_config: Any, ceilings: dict[str, Any], reference_results: dict[str, Any],
+                       device: torch.device, attn: str, profile: str) -> None:
+    """Ours under a named profile (``--train-profiles``): its batch size, recompute and compile settings."""
+    tc = train_profile(profile, run_config.train)
+    examples = first_batch(tc.batch_size)
+    cap = memory_cap_gib(profile)
+    with case.guard(arm="ours", profile=profile, batch_size=len(examples),
+                    seq_len_max=max(e.n_tokens for e in examples), attention_requested=attn,
+                    gradient_checkpointing=tc.gradient_checkpointing, checkpoint_layers=tc.checkpoint_layers,
+                    packing=tc.packing, compile_requested=tc.compile, memory_cap_gib=cap):
+        info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,
+                          device, attn)
+        peak = info["peak_mem_gib"]
+        benchmark.extra_info["within_memory_cap"] = None if cap is None or peak is None else peak <= cap

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,18 @@ import pytest
 import torch
 
 from medqa_core.attention import AttentionError
-from medqa_core.config import ATTN_KERNELS, PRESETS, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from medqa_core.config import (
+    ATTN_KERNELS,
+    PRESETS,
+    TRAIN_PROFILES,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    train_profile,
+)
 from medqa_core.data import TrainExample, encode_train, epoch_order, format_prompt
 from medqa_core.fingerprint import detect_backend, machine_fingerprint, resolve_device
 from medqa_core.hardware import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
@@ -40,6 +50,7 @@ from medqa_core.run import Session, Splits, load_session, load_splits
 from medqa_core.timing import (
     Stats,
     Timer,
+    free_device_memory,
     host_rss_gib,
     is_oom,
     memory_allocated_gib,
@@ -85,6 +96,7 @@ class BenchOptions:
     reference: bool
     gradient_checkpointing: bool = False
     eval_batch_size: int = 8
+    train_profiles: tuple[str, ...] = ()  # named TrainConfig settings (config.TRAIN_PROFILES), one case each
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -99,6 +111,15 @@ class BenchOptions:
             raise pytest.UsageError(f"--attn {config.getoption('attn')!r}: unknown {', '.join(unknown) or 'empty'}; "
                                     f"give a comma-separated list of {', '.join(ATTN_KERNELS)}")
         gpu = device.type == "cuda"
+        profiles_opt = config.getoption("train_profiles")
+        profiles_opt = (",".join(p for p in TRAIN_PROFILES if p != "default") if gpu else "") \
+            if profiles_opt is None else profiles_opt
+        profiles = tuple(dict.fromkeys(p.strip() for p in profiles_opt.split(",") if p.strip()))
+        try:
+            for spec in profiles:
+                train_profile(spec)
+        except ConfigError as e:
+            raise pytest.UsageError(f"--train-profiles: {e}") from e
         questions = config.getoption("questions")
         decode = config.getoption("decode_tokens")
         opts = cls(
@@ -112,6 +133,7 @@ class BenchOptions:
             reference=not config.getoption("no_reference"),
             gradient_checkpointing=config.getoption("gradient_checkpointing"),
             eval_batch_size=config.getoption("bench_eval_batch_size") or (GPU_EVAL_BATCH if gpu else CPU_EVAL_BATCH),
+            train_profiles=profiles,
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
@@ -160,6 +182,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--no-reference", action="store_true", help="skip the reference (common-guide QLoRA) arm")
     g.addoption("--bench-eval-batch-size", type=int, default=None,
                 help=f"questions per scoring forward (default: {CPU_EVAL_BATCH} on CPU, {GPU_EVAL_BATCH} on a GPU)")
+    g.addoption("--train-profiles", default=None, metavar="NAMES",
+                help="comma-separated training profiles, each one more train case of ours beside the reference: "
+                     f"{', '.join(TRAIN_PROFILES)}, each optionally with +KEY=VALUE overrides "
+                     "(e.g. capped+batch_size=16) (default: every one but 'default' on a GPU, none on CPU)")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 
@@ -174,6 +200,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     opts = metafunc.config.stash[_OPTIONS]
     if "attn" in metafunc.fixturenames:
         metafunc.parametrize("attn", opts.attn)
+    if "profile" in metafunc.fixturenames:
+        metafunc.parametrize("profile", opts.train_profiles)
     if "prefill_batch" in metafunc.fixturenames:
         metafunc.parametrize("prefill_batch", sorted({1, opts.batch_size}), ids=lambda b: f"batch{b}")
 
@@ -217,12 +245,6 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     fingerprint = machine_fingerprint(device)
     fingerprint["hardware"] = _ceilings(config)
     machine_info["medqa_fingerprint"] = fingerprint
-
-
-def _free_device_memory(device: torch.device) -> None:
-    gc.collect()  # tensors held by reference cycles (tracebacks, closures) go first
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class ModelSlot:
@@ -270,7 +292,7 @@ class ModelSlot:
     def release(self) -> None:
         """Drop the loaded model and return its device memory."""
         self._key = self._value = None
-        _free_device_memory(self.device)
+        free_device_memory(self.device)
 
 
 @dataclass
@@ -338,7 +360,7 @@ class Case:
         if oom is None:
             return
         # Outside the except block: the exception and the frames it held are gone, so their tensors can go.
-        _free_device_memory(self.device)
+        free_device_memory(self.device)
         self.benchmark.extra_info["oom"] = {"configuration": configuration, **oom}
         logger.warning("%s: out of memory (%s) during %s", self.benchmark.name, oom["message"], oom["during"])
         if not self._timed:
@@ -497,11 +519,21 @@ def tokenizer(run_config: RunConfig) -> Any:
 
 
 @pytest.fixture(scope="session")
-def train_batch(tokenizer: Any, splits: Splits, run_config: RunConfig) -> list[TrainExample]:
-    """One real training batch: the first batch of epoch 0 in the training loop's own shuffle."""
+def first_batch(tokenizer: Any, splits: Splits, run_config: RunConfig) -> Callable[[int], list[TrainExample]]:
+    """``first_batch(n)``: the first ``n`` training examples of epoch 0 in the training loop's own shuffle."""
     tc = run_config.train
-    chosen = epoch_order(len(splits.train), tc.seed, 0)[: tc.batch_size]
-    return [encode_train(tokenizer, splits.train[i], tc.max_seq_len, tc.loss_on) for i in chosen]
+    order = epoch_order(len(splits.train), tc.seed, 0)
+
+    def make(n: int) -> list[TrainExample]:
+        return [encode_train(tokenizer, splits.train[i], tc.max_seq_len, tc.loss_on) for i in order[:n]]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_batch(first_batch: Callable[[int], list[TrainExample]], run_config: RunConfig) -> list[TrainExample]:
+    """One real training batch: the first batch of epoch 0, as the training loop draws it."""
+    return first_batch(run_config.train.batch_size)
 
 
 @pytest.fixture(scope="session")

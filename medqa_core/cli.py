@@ -1,4 +1,4 @@
-"""`medqa-parity` command line: run / train / evaluate / fingerprint / report / gate.
+"""`medqa-parity` command line: run / train / evaluate / profile / fingerprint / report / gate.
 
 The only home of logging setup and progress bars; everything else is library code.
 """
@@ -15,9 +15,11 @@ from typing import Any
 from medqa_core.config import (
     ATTN_KERNELS,
     BACKENDS,
+    COMPILE_MODES,
     LOSS_ON,
     PRESETS,
     QUANT_MODES,
+    TRAIN_PROFILES,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -25,6 +27,7 @@ from medqa_core.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
+    train_profile,
 )
 
 logger = logging.getLogger("medqa_core")
@@ -79,6 +82,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--loss-on", default=tc.loss_on, choices=LOSS_ON,
                    help="answer: loss on the answer token only; all: every token (default: %(default)s)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    t.add_argument("--checkpoint-layers", type=int, metavar="N",
+                   help="with --gradient-checkpointing: recompute only the first N decoder layers (default: all)")
+    t.add_argument("--compile", default=DEFAULTS.train.compile, choices=COMPILE_MODES,
+                   help="torch.compile each decoder layer; auto: on GPUs only; where Inductor cannot run, eager, "
+                        "recorded (default: %(default)s)")
+    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]",
+                   help="named settings (batch size, recompute, compile) that replace those flags: "
+                        + "; ".join(f"{k}: {v or 'the defaults'}" for k, v in TRAIN_PROFILES.items())
+                        + ". +KEY=VALUE overrides one, e.g. capped+batch_size=16")
     t.add_argument("--no-packing", dest="packing", action="store_false",
                    help="pad each example to the batch's longest instead of packing examples into shared rows")
     t.add_argument("--pack-len", type=int, default=tc.pack_len,
@@ -111,8 +123,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, loss_on=args.loss_on,
             gradient_checkpointing=args.gradient_checkpointing, seed=args.train_seed,
             packing=args.packing, pack_len=args.pack_len, checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints,
+            keep_checkpoints=args.keep_checkpoints, checkpoint_layers=args.checkpoint_layers, compile=args.compile,
         )
+        if args.profile:
+            train = train_profile(args.profile, train)
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             target_modules=targets)
@@ -234,6 +248,24 @@ def cmd_execute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from medqa_core.profiler import format_profile, profile_training, save_profiles
+
+    cfg = build_config(args)
+    names = [n.strip() for n in args.profiles.split(",") if n.strip()]
+    for name in names:
+        train_profile(name)  # an unknown name fails here, before the model loads
+    profiles, meta = profile_training(cfg, names, args.steps, args.warmup)
+    for name, p in profiles.items():
+        print(format_profile(f"{name} ({meta['settings'][name]['compile']['detail']})", p))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or f"results/profile/{stamp}_{cfg.model.name}_{meta['fingerprint'].get('backend', 'cpu')}.json"
+    print(f"wrote {save_profiles(out, profiles, meta)}")
+    return 0
+
+
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     from medqa_core.fingerprint import machine_fingerprint, resolve_device
 
@@ -301,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder saved by train/run")
     p.set_defaults(func=cmd_execute)
+    p = sub.add_parser("profile", help="profile our train step: where the time goes, per training profile",
+                       description="Run a few train steps under torch.profiler for each named training profile "
+                                   "and group the kernel time (matmul, 4-bit dequantization, attention, optimizer, "
+                                   "compiled fusions, element-wise) against the step's wall time. Saves JSON.")
+    _add_model_args(p)
+    _add_train_args(p)
+    p.add_argument("--profiles", default="default", metavar="NAMES",
+                   help=f"comma-separated training profiles ({', '.join(TRAIN_PROFILES)}), each optionally with "
+                        "+KEY=VALUE overrides (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps per profile (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="steps before profiling (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE", help="JSON file (default: results/profile/TIME_MODEL_BACKEND.json)")
+    p.set_defaults(func=cmd_profile)
     p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -49,6 +49,7 @@ ATTN_KERNELS = (
 QUANT_MODES = ("nf4", "none")
 BACKENDS = ("auto", "cuda", "rocm", "cpu")
 LOSS_ON = ("answer", "all")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -111,6 +112,14 @@ class TrainConfig:
     max_seq_len: int = 1024
     loss_on: str = "answer"  # "answer": only the answer letter's token; "all": every token
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: recompute only the first N decoder layers (None: all). The memory
+    # lever with a dial: each layer left out keeps its activations and skips one forward's recompute.
+    checkpoint_layers: int | None = None
+    # torch.compile each decoder layer (regional: one graph, compiled once, reused by every layer):
+    # fuses the norms, rotary, SwiGLU and LoRA's dropout/scale/add, which eager runs as separate kernels.
+    # "auto": on a GPU (CUDA or ROCm) where Triton is installed; off on CPU, where a short run's steps
+    # would not pay back the compile time.
+    compile: str = "auto"
     packing: bool = True  # pack each step's examples into rows of pack_len tokens instead of padding
     # Rows of 1024: the block-diagonal mask costs attention over the whole row, which on a CPU's SDPA
     # outweighs the padding that longer rows save (on the tiny preset, rows of 2048 were the slowest).
@@ -129,10 +138,68 @@ class TrainConfig:
         _check(self.max_seq_len >= 16, f"max_seq_len must be >= 16, got {self.max_seq_len}")
         _check(self.loss_on in LOSS_ON, f"unknown loss_on {self.loss_on!r}; choose one of {', '.join(LOSS_ON)}")
         _check(self.pack_len >= 16, f"pack_len must be >= 16, got {self.pack_len}")
+        _check(self.checkpoint_layers is None or self.checkpoint_layers >= 0,
+               f"checkpoint_layers must be >= 0, got {self.checkpoint_layers}")
+        _check(self.checkpoint_layers is None or self.gradient_checkpointing,
+               "checkpoint_layers needs gradient_checkpointing")
+        _check(self.compile in COMPILE_MODES,
+               f"unknown compile setting {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         _check(self.checkpoint_every is None or self.checkpoint_every >= 1,
                f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.timing_warmup_steps >= 0, f"timing_warmup_steps must be >= 0, got {self.timing_warmup_steps}")
+
+
+# Named training settings (``--profile``), applied over TrainConfig's defaults. Batch sizes and the
+# checkpointed-layer count were chosen from runs of the mistral-7b preset (PERFORMANCE.md has them).
+TRAIN_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The default with compiling off, so the bench shows what torch.compile alone buys.
+    "eager": dict(compile="off"),
+    # What a 24 GiB card can run: a larger batch, recomputing only as many layers as the memory needs.
+    "capped": dict(batch_size=32, gradient_checkpointing=True, checkpoint_layers=24, compile="on"),
+    # Memory as the step needs it: no recompute, a batch that still fits an 80 GiB card.
+    "max-speed": dict(batch_size=32, compile="on"),
+}
+MEMORY_CAP_GIB = {"capped": 24.0}  # the peak the "capped" profile promises, checked by the bench
+
+
+def memory_cap_gib(spec: str) -> float | None:
+    """The peak memory a profile spec (see :func:`train_profile`) promises, if its profile promises one."""
+    return MEMORY_CAP_GIB.get(spec.split("+")[0])
+
+
+# What a profile spec may set after its name ("capped+batch_size=24+checkpoint_layers=20"), and how to read it.
+PROFILE_KEYS: dict[str, Any] = {
+    "batch_size": int, "checkpoint_layers": int, "pack_len": int,
+    "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
+}
+
+
+def _parse_bool(value: str) -> bool:
+    _check(value.lower() in ("true", "false", "1", "0"), f"expected true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+
+
+def train_profile(spec: str, base: TrainConfig | None = None) -> TrainConfig:
+    """TrainConfig with a profile's settings over ``base`` (default: TrainConfig()).
+
+    Args:
+        spec: a name of :data:`TRAIN_PROFILES`, optionally followed by ``+key=value`` overrides of
+            :data:`PROFILE_KEYS` (for tuning a profile to another card's memory).
+    """
+    name, *overrides = spec.split("+")
+    _check(name in TRAIN_PROFILES, f"unknown profile {name!r} in {spec!r}; choose one of {', '.join(TRAIN_PROFILES)}")
+    settings = dict(TRAIN_PROFILES[name])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        _check(bool(sep) and key in PROFILE_KEYS,
+               f"profile {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(PROFILE_KEYS)}")
+        try:
+            settings[key] = PROFILE_KEYS[key](value)
+        except ValueError as e:
+            raise ConfigError(f"profile {spec!r}: {key}: {e}") from e
+    return dataclasses.replace(base or TrainConfig(), **settings)
 
 
 @dataclass(frozen=True)

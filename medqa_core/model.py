@@ -48,6 +48,11 @@ class QuantInfo:
     cpu_packed_inference: bool | None = None  # bitsandbytes' AVX512-bf16 repacking; kept off (see model.py)
 
 
+# The dtype models compute in: weights load as bf16, NF4 dequantizes to it, and training runs under
+# autocast to it, so LoRA's fp32 master weights do their matmuls on bf16 tensor cores, not fp32 FMA.
+COMPUTE_DTYPE = torch.bfloat16
+
+
 def cache_dir() -> Path:
     """Where generated presets live: ``$MEDQA_PARITY_CACHE`` or ``~/.cache/medqa-parity``."""
     return Path(os.environ.get("MEDQA_PARITY_CACHE", Path.home() / ".cache" / "medqa-parity"))
@@ -176,14 +181,14 @@ def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, att
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = dict(
-        dtype=torch.bfloat16, attn_implementation=attn_implementation, device_map={"": device},
+        dtype=COMPUTE_DTYPE, attn_implementation=attn_implementation, device_map={"": device},
         trust_remote_code=False, use_safetensors=not cfg.allow_pickle or None,
     )
     if cfg.quant == "nf4":
         _check_bnb(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -240,14 +245,34 @@ def quant_info(model: torch.nn.Module) -> QuantInfo:
     return QuantInfo(method="none", weight_dtype=str(dtype).removeprefix("torch."))
 
 
-def add_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False) -> Any:
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The repeated decoder blocks of a (peft-wrapped) causal LM, in order."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.get_decoder().layers)
+
+
+def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> int:
+    """Gradient checkpointing (non-reentrant) on the first ``layers`` decoder layers (None: all), or off.
+
+    Returns:
+        How many layers recompute their forward in the backward pass.
+    """
+    if not enabled:
+        model.gradient_checkpointing_disable()
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = decoder_layers(model)
+    keep = len(blocks) if layers is None else min(layers, len(blocks))
+    for block in blocks[keep:]:  # transformers' per-layer flag, read at each call
+        block.gradient_checkpointing = False
+    return keep
+
+
+def add_lora(model: Any, lora: LoraSettings) -> Any:
     """Wrap the frozen base with trainable LoRA adapters (fp32 weights, bf16 compute)."""
     from peft import LoraConfig, get_peft_model
 
     targets: str | list[str] = "all-linear" if lora.target_modules == ("all-linear",) else list(lora.target_modules)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     try:

@@ -83,6 +83,7 @@ class TrainResult:
     host_peak_rss_gib: float
     world_size: int = 1  # data-parallel ranks; tokens and tokens_per_s count all of them
     all_reduce_s: float | None = None  # one all-reduce of all LoRA gradients, measured alone
+    compile: dict[str, Any] | None = None  # compiling.CompileState: requested, ran, detail
 
 
 @dataclass(frozen=True)

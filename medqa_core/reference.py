@@ -8,8 +8,9 @@ example with an attention mask and labels -100 on pads and prompt; the loss from
 logits through ``model(input_ids, attention_mask, labels)`` under bf16 autocast, as
 ``TrainingArguments(bf16=True)`` runs it.
 
-It differs from ours (``medqa_core.train``) where the guides differ: ours keeps the fp32 upcast
-and gradient checkpointing off, and runs the LM head only at labelled positions. ``bench/`` times
+It differs from ours (``medqa_core.train``) where the guides differ: ours leaves out the fp32 upcast,
+recomputes no layers (or, in a memory-capped profile, only some), packs examples instead of padding,
+and runs the LM head only at labelled positions. ``bench/`` times
 both on one batch to report ours' speedup.
 """
 
@@ -29,6 +30,7 @@ from medqa_core.config import LoraSettings, RunConfig
 from medqa_core.data import IGNORE_INDEX, TrainExample
 from medqa_core.fingerprint import resolve_device
 from medqa_core.model import (
+    COMPUTE_DTYPE,
     QuantInfo,
     add_lora,
     check_model_dir,
@@ -43,7 +45,6 @@ logger = logging.getLogger(__name__)
 # The guides' fixed hyper-parameters; not taken from RunConfig, whose LoRA settings are ours to change.
 REFERENCE_LORA = LoraSettings(rank=16, alpha=32, dropout=0.05, target_modules=("all-linear",))
 REFERENCE_ATTN = "sdpa"
-REFERENCE_AUTOCAST = torch.bfloat16  # TrainingArguments(bf16=True)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def reference_step(arm: ReferenceArm, batch: dict[str, torch.Tensor]) -> torch.T
     Returns:
         The step's loss, still on the device (reading it is the caller's sync point).
     """
-    with torch.autocast(device_type=arm.device.type, dtype=REFERENCE_AUTOCAST):
+    with torch.autocast(device_type=arm.device.type, dtype=COMPUTE_DTYPE):  # as TrainingArguments(bf16=True)
         # transformers shifts the labels and takes the mean over non -100 positions of the
         # full [B, T, V] logits.
         loss = arm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

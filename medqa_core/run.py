@@ -93,8 +93,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     )
 
 
-def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool = True,
-                 device: torch.device | None = None) -> Session:
+def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.device | None = None) -> Session:
     """Load the base model (preset or folder), quantize it, attach LoRA (new or saved)."""
     device = device or resolve_device(cfg.backend)
     attention = resolve_attention(cfg.model.attn)
@@ -109,7 +108,7 @@ def load_session(cfg: RunConfig, adapter_dir: str | None = None, trainable: bool
         model = load_adapter(base, adapter_dir)
     else:
         torch.manual_seed(cfg.train.seed)  # LoRA A's initialisation: the same adapter start on every run
-        model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing if trainable else False)
+        model = add_lora(base, cfg.lora)
     ids = tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]
     # Two prompts in one row when packing: the masked path that training and scoring actually take.
     packed = cfg.train.packing or cfg.eval.packing
@@ -184,7 +183,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if info.is_main and not cfg.model.path:
             preset_dir(str(cfg.model.preset), cfg.model.seed)  # generated once, not by every rank
         barrier()
-    session = load_session(cfg, adapter_dir=adapter_dir, trainable=kind != "evaluate", device=device)
+    session = load_session(cfg, adapter_dir=adapter_dir, device=device)
     tok, device, attention = session.tokenizer, session.device, session.attention
     results: dict[str, Any] = {"eval_before": None, "train": None, "eval_after": None}
     saved_adapter, failure = None, None

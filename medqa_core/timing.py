@@ -8,6 +8,7 @@ growth) are the caller's to drop before collecting values for :class:`Stats`.
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -181,6 +182,13 @@ class Timer:
         if self._elapsed_s is None:
             raise RuntimeError("Timer.elapsed_s is only set after the with-block finishes without an exception")
         return self._elapsed_s
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return unreferenced memory: cycles first (tracebacks, closures hold tensors), then the CUDA/HIP cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def is_oom(exc: BaseException) -> bool:

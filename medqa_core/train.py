@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
+from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, TrainExample, collate, collate_packed, iter_batches
 from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_s, shard
+from medqa_core.model import COMPUTE_DTYPE, set_checkpointing
 from medqa_core.record import TrainResult
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
@@ -63,7 +65,12 @@ def answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
 
 
 class StepLoss(torch.nn.Module):
-    """The training forward as one module (token losses), so DistributedDataParallel can wrap it."""
+    """The training forward as one module (token losses), so DistributedDataParallel can wrap it.
+
+    It runs under bf16 autocast, as the reference's ``TrainingArguments(bf16=True)`` does: without it peft
+    casts each LoRA input to its fp32 weights, and the adapters' matmuls run in fp32 off the tensor cores
+    while their fp32 input copies are kept for the backward pass.
+    """
 
     def __init__(self, model: Any) -> None:
         super().__init__()
@@ -71,7 +78,8 @@ class StepLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return token_losses(self.model, input_ids, labels, position_ids)
+        with torch.autocast(device_type=input_ids.device.type, dtype=COMPUTE_DTYPE):
+            return token_losses(self.model, input_ids, labels, position_ids)
 
 
 def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo) -> torch.nn.Module:
@@ -118,6 +126,18 @@ def train_step(step_loss: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return (sums[0] / sums[1]).item()  # note: a device sync point; the step has finished when it returns
+
+
+def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> CompileState:
+    """The model-side settings of ``cfg``: which layers recompute (checkpointing) and which are compiled."""
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_layers)
+    return compile_layers(model, device, cfg.compile)
+
+
+def reset_model_settings(model: Any) -> None:
+    """Undo :func:`apply_model_settings`: eager layers, no recompute."""
+    uncompile_layers(model)
+    set_checkpointing(model, False)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -170,34 +190,49 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
     seen = state.examples_seen
     model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
+    compiled = apply_model_settings(model, cfg, device)
     reset_peak_memory(device)
     batches = iter_batches(examples, cfg.batch_size, cfg.seed)
     for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
         next(batches)
-    for step in range(state.step, n_steps):
-        _, batch_examples = next(batches)
-        local = shard(batch_examples, info) if info.enabled else batch_examples
-        if not local:  # fewer examples than ranks: join the collective with a loss-free example
-            local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
-        batch = collate_packed(local, pad_id, cfg.pack_len) if cfg.packing else collate(local, pad_id)
-        torch.manual_seed(step_seed(cfg.seed, step, info.rank))
-        with Timer(device) as timer:
-            loss_value = train_step(step_loss, optimizer, scheduler, batch, device, attention, info.world_size)
-        n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled else int(batch["n_tokens"])
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization settings "
-                                     "and bitsandbytes version for this backend")
-        losses.append(loss_value)
-        step_times.append(timer.elapsed_s)
-        step_tokens.append(n_tokens)
-        seen += len(batch_examples)
-        if progress:
-            progress(step + 1, n_steps, loss_value)
-        done = step + 1
-        due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        if checkpoint_dir is not None and due and info.is_main:
-            progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress_now, config, cfg.keep_checkpoints)
+    try:
+        for step in range(state.step, n_steps):
+            _, batch_examples = next(batches)
+            local = shard(batch_examples, info) if info.enabled else batch_examples
+            if not local:  # fewer examples than ranks: join the collective with a loss-free example
+                local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
+            batch = collate_packed(local, pad_id, cfg.pack_len) if cfg.packing else collate(local, pad_id)
+
+            def fresh_start(step: int = step) -> None:  # dropout masks and gradients as before the step
+                optimizer.zero_grad(set_to_none=True)
+                torch.manual_seed(step_seed(cfg.seed, step, info.rank))
+
+            run_step = with_eager_fallback(
+                lambda batch=batch: train_step(step_loss, optimizer, scheduler, batch, device, attention,
+                                               info.world_size),
+                model, compiled, fresh_start)
+            fresh_start()
+            with Timer(device) as timer:
+                loss_value = run_step()
+            n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled \
+                else int(batch["n_tokens"])
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization "
+                                         "settings and bitsandbytes version for this backend")
+            losses.append(loss_value)
+            step_times.append(timer.elapsed_s)
+            step_tokens.append(n_tokens)
+            seen += len(batch_examples)
+            if progress:
+                progress(step + 1, n_steps, loss_value)
+            done = step + 1
+            due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            if checkpoint_dir is not None and due and info.is_main:
+                progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
+                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress_now, config,
+                                cfg.keep_checkpoints)
+    finally:
+        reset_model_settings(model)  # scoring after training runs as after a fresh load
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step
     timed_time = sum(step_times[skip:])
     timed_tokens = sum(step_tokens[skip:])
@@ -209,4 +244,5 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         step_time_s_median=stats.median, step_time_s_iqr=stats.iqr, loss_per_step=tuple(losses),
         step_time_s=tuple(step_times), peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib(),
         world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
+        compile=compiled.as_dict(),
     )

@@ -1,0 +1,109 @@
+"""torch.compile of the decoder layers, with a visible fall-back to eager.
+
+Regional compilation: each decoder layer gets ``nn.Module.compile``. The layers share one code object,
+so Dynamo traces one graph and reuses it for all of them (compile time of one layer, not of the model),
+and Inductor fuses what eager runs as separate kernels: RMSNorm, rotary, SwiGLU, and LoRA's
+dropout / scale / add around the 4-bit matmuls (bitsandbytes' ops are registered torch custom ops,
+so they stay in the graph). Inductor emits Triton on CUDA and ROCm and C++ on CPU: one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from medqa_core.model import decoder_layers
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class CompileState:
+    """What a run asked for ("auto", "on", "off") and what ran: ``detail`` says which layers compiled, or why not."""
+
+    requested: str
+    ran: bool = False
+    detail: str = "off"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "ran": self.ran, "detail": self.detail}
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why Inductor cannot run on ``device`` here, or None when it can."""
+    if device.type == "cuda":  # CUDA and ROCm builds both: Inductor writes Triton kernels
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed for this torch build"
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "c++")
+        return None if shutil.which(compiler) or shutil.which("g++") else f"no C++ compiler ({compiler}) on PATH"
+    return f"Inductor does not support device type {device.type!r}"
+
+
+def compile_layers(model: Any, device: torch.device, mode: str) -> CompileState:
+    """Compile each decoder layer of ``model`` in place, as ``mode`` (TrainConfig.compile) asks and Inductor can.
+
+    "on" falls back to eager, with the reason recorded, where Inductor cannot run; "auto" compiles on GPUs only.
+    """
+    state = CompileState(requested=mode)
+    if mode == "off":
+        return state
+    if mode == "auto" and device.type == "cpu":
+        state.detail = "off: auto compiles on GPUs only (on CPU a short run would not pay back the compile time)"
+        return state
+    why_not = compile_unavailable(device)
+    if why_not:
+        state.detail = f"eager: {why_not}"
+        logger.warning("torch.compile not run: %s", why_not)
+        return state
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    state.ran, state.detail = True, f"inductor, {len(layers)} decoder layers"
+    return state
+
+
+def uncompile_layers(model: Any) -> None:
+    """Undo :func:`compile_layers`: the layers run eagerly again."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None  # what nn.Module.compile set; None is eager's default
+
+
+def is_compile_error(exc: BaseException) -> bool:
+    """An error raised by Dynamo or Inductor (tracing or code generation), not by the model's own math."""
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def with_eager_fallback(step: Callable[[], T], model: Any, state: CompileState,
+                        before_retry: Callable[[], None]) -> Callable[[], T]:
+    """``step``, falling back to eager layers (once, visibly, recorded in ``state``) when compiling fails.
+
+    Args:
+        step: one training step through the compiled layers.
+        model: the model whose layers :func:`compile_layers` compiled.
+        state: updated when the fall-back happens.
+        before_retry: restores what the failed attempt may have touched (gradients, RNG) before the rerun.
+    """
+
+    def guarded() -> T:
+        try:
+            return step()
+        except Exception as exc:
+            if not (state.ran and is_compile_error(exc)):
+                raise
+            uncompile_layers(model)
+            state.ran = False
+            state.detail = f"eager: compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            logger.warning("torch.compile failed, the layers run eagerly: %s", state.detail)
+            before_retry()
+            return step()
+
+    return guarded
