@@ -178,6 +178,12 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def _move_trailing_spaces(context: str, cont: str) -> tuple[str, str]:
+    """lm-evaluation-harness's split: trailing spaces of the context belong to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    return (context[:-n_spaces], context[-n_spaces:] + cont) if n_spaces else (context, cont)
+
+
 def encode_pair(tokenizer: Any, context: str, cont: str) -> tuple[list[int], list[int]]:
     """Split ``context + cont`` into context and continuation tokens as lm-evaluation-harness does.
 
@@ -185,28 +191,39 @@ def encode_pair(tokenizer: Any, context: str, cont: str) -> tuple[list[int], lis
     and the continuation is what follows the context's own encoding. A tokenizer that merges
     across the boundary therefore still scores the full continuation.
     """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        cont, context = context[-n_spaces:] + cont, context[:-n_spaces]
+    context, cont = _move_trailing_spaces(context, cont)
     whole = _encode(tokenizer, context + cont)
     context_ids = _encode(tokenizer, context)
     return context_ids, whole[len(context_ids):]
 
 
-def encode_scoring(tokenizer: Any, item: MedQAItem, max_len: int) -> ScoringExample:
-    """Tokens to score one question's four continuations.
+def encode_scoring(tokenizer: Any, items: Sequence[MedQAItem], max_len: int) -> list[ScoringExample]:
+    """Tokens to score each question's four continuations, split as :func:`encode_pair` splits them.
+
+    All strings go to the tokenizer in one call (a fast tokenizer encodes a batch in parallel): the
+    context once per question, and context + continuation for each option.
 
     Raises:
-        MedQADataError: the question does not fit in ``max_len`` tokens.
+        MedQADataError: a question does not fit in ``max_len`` tokens.
     """
-    prompt = format_prompt(item)
-    pairs = [encode_pair(tokenizer, prompt, continuation(i)) for i in range(len(CHOICES))]
-    context_ids = pairs[0][0]
-    longest = len(context_ids) + max(len(c) for _, c in pairs)
-    if longest > max_len:
-        raise MedQADataError(f"{item.qid}: question is {longest} tokens, over the scoring limit {max_len}; "
-                             "raise --eval-max-seq-len")
-    return ScoringExample(tuple(context_ids), tuple(tuple(c) for _, c in pairs))
+    texts: list[str] = []
+    for item in items:
+        prompt = format_prompt(item)
+        context = _move_trailing_spaces(prompt, "")[0]
+        texts.append(context)
+        texts += [context + _move_trailing_spaces(prompt, continuation(i))[1] for i in range(len(CHOICES))]
+    encoded = tokenizer(texts)["input_ids"]  # the model's own special tokens, as _encode adds them
+    per_item = 1 + len(CHOICES)
+    examples = []
+    for n, item in enumerate(items):
+        context_ids, *wholes = (list(ids) for ids in encoded[n * per_item: (n + 1) * per_item])
+        continuations = tuple(tuple(whole[len(context_ids):]) for whole in wholes)
+        longest = len(context_ids) + max(len(c) for c in continuations)
+        if longest > max_len:
+            raise MedQADataError(f"{item.qid}: question is {longest} tokens, over the scoring limit {max_len}; "
+                                 "raise --eval-max-seq-len")
+        examples.append(ScoringExample(tuple(context_ids), continuations))
+    return examples
 
 
 def encode_train(tokenizer: Any, item: MedQAItem, max_len: int, loss_on: str = "answer") -> TrainExample:

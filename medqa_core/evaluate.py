@@ -16,6 +16,7 @@ from scipy.stats import binomtest
 from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.config import EvalConfig
 from medqa_core.data import MedQAItem, ScoringExample, encode_scoring, pack_rows
+from medqa_core.model import COMPUTE_DTYPE
 from medqa_core.record import EvalResult, QuestionResult
 from medqa_core.timing import Timer, peak_memory_gib, reset_peak_memory
 
@@ -94,7 +95,7 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalCo
         Accuracy with a Wilson 95% interval, questions/s of the scoring loop (tokenization excluded),
         and every question's four log-probabilities and predicted letter.
     """
-    examples = [encode_scoring(tokenizer, item, cfg.max_seq_len) for item in items]
+    examples = encode_scoring(tokenizer, items, cfg.max_seq_len)
     pad_id = tokenizer.pad_token_id
     # Longest first, so similar lengths share a batch (less padding) and memory peaks at once.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].context_ids))
@@ -103,7 +104,8 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalCo
     model.eval()
     reset_peak_memory(device)
     done = 0
-    with Timer(device) as timer, attention_context(attention):
+    # bf16 autocast as in training: LoRA's fp32 weights would otherwise run their matmuls in fp32.
+    with Timer(device) as timer, attention_context(attention), torch.autocast(device.type, dtype=COMPUTE_DTYPE):
         single = [i for i in order if examples[i].single_token]
         for start in range(0, len(single), cfg.batch_size):
             idx = single[start : start + cfg.batch_size]

@@ -238,15 +238,18 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 
 def _git_info(source_dir: Path) -> tuple[str | None, bool | None]:
+    stated = os.environ.get("MEDQA_PARITY_GIT_COMMIT")
+    if stated:
+        # The launcher says which commit it copied (e.g. to a GPU host, whose copy may carry a stale .git):
+        # its word wins; whether that copy was clean is then unknown.
+        return stated, None
     head = _git(["rev-parse", "HEAD"], source_dir)
     commit = head.strip() if head is not None else None
     if commit is not None and not re.fullmatch(r"[0-9a-f]{40}", commit):
         logger.debug("git rev-parse HEAD gave %r, not a commit hash", commit)
         commit = None
-    if commit is None:
-        # A copy of a checkout without .git (e.g. shipped to a GPU host): the launcher may say
-        # which commit it copied; whether that copy was clean is then unknown.
-        return os.environ.get("MEDQA_PARITY_GIT_COMMIT") or None, None
+    if commit is None:  # not a checkout, or git missing
+        return None, None
     status = _git(["status", "--porcelain"], source_dir)
     dirty = bool(status.strip()) if status is not None else None
     return commit, dirty

@@ -26,6 +26,7 @@ TINY = [
     "--preset", "tiny", "--bench-batch-size", "2", "--bench-seq-len", "32", "--questions", "6",
     "--train-rounds", "2", "--infer-rounds", "1", "--warmup-rounds", "1", "--decode-tokens", "3",
 ]
+CAPPED = "capped+batch_size=3+checkpoint_layers=1+compile=off"
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason=f"{MISSING_KERNEL} may run on a GPU")
 
 
@@ -40,6 +41,8 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # The static-cache compile alone takes about a minute on CPU; bench_infer skips it where it cannot run.
         "-k", "not compiled",
         "-p", "oom_injection", "--inject-oom", OOM_CASE,
+        # Profile cases without compiling (compile time would dominate a tiny run): the fields are what is checked.
+        "--train-profiles", f"eager,{CAPPED}",
         f"--benchmark-json={out / 'bench.json'}", f"--benchmark-storage=file://{out / 'storage'}",
         "--benchmark-save=harness",
     ]
@@ -145,3 +148,15 @@ def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> Non
 def test_missing_kernel_is_skipped_with_reason(bench_run: dict[str, Any]) -> None:
     assert not any(MISSING_KERNEL in name for name in _cases(bench_run))
     assert f"attention kernel '{MISSING_KERNEL}' cannot run here" in bench_run["stdout"]
+
+
+def test_profile_cases_record_their_settings(bench_run: dict[str, Any]) -> None:
+    cases = _cases(bench_run)
+    eager = cases["test_train_profile[sdpa-eager]"]["extra_info"]
+    capped = cases[f"test_train_profile[sdpa-{CAPPED}]"]["extra_info"]
+    assert eager["compile"] == {"requested": "off", "ran": False, "detail": "off"}
+    assert eager["batch_size"] == 2 and eager["tokens_per_s"] > 0 and eager["speedup_vs_reference"] > 0
+    assert (capped["batch_size"], capped["checkpoint_layers"], capped["gradient_checkpointing"]) == (3, 1, True)
+    assert capped["memory_cap_gib"] == 24.0
+    # No device peak on CPU: whether the cap held is unknown, not claimed.
+    assert capped["within_memory_cap"] is (None if capped["peak_mem_gib"] is None else capped["peak_mem_gib"] <= 24)

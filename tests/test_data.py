@@ -9,6 +9,7 @@ from medqa_core.data import (
     MedQADataError,
     bundled_data_dir,
     collate,
+    continuation,
     encode_pair,
     encode_scoring,
     encode_train,
@@ -88,10 +89,20 @@ def test_continuations_split_like_lm_eval(tiny_session, tmp_path):
     context, cont = encode_pair(tok, format_prompt(item), " B")
     # Mistral tokenizer: BOS first, " B" is one token (id 365) after "Answer:".
     assert context[0] == 1 and cont == [365]
-    scoring = encode_scoring(tok, item, max_len=512)
+    scoring = encode_scoring(tok, [item], max_len=512)[0]
     assert scoring.single_token and len(scoring.continuation_ids) == 4
     with pytest.raises(MedQADataError, match="over the scoring limit"):
-        encode_scoring(tok, item, max_len=20)
+        encode_scoring(tok, [item], max_len=20)
+
+
+def test_batched_scoring_encoding_equals_one_pair_at_a_time(tiny_session):
+    # One tokenizer call for all questions must split exactly as encode_pair does question by question.
+    tok = tiny_session.tokenizer
+    items = load_medqa(find_split(bundled_data_dir(), "test"))[:64]
+    for item, example in zip(items, encode_scoring(tok, items, max_len=4096), strict=True):
+        pairs = [encode_pair(tok, format_prompt(item), continuation(i)) for i in range(4)]
+        assert example.context_ids == tuple(pairs[0][0])
+        assert example.continuation_ids == tuple(tuple(c) for _, c in pairs)
 
 
 def test_train_example_labels_only_the_answer(tiny_session, tmp_path):

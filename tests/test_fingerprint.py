@@ -151,6 +151,15 @@ def test_git_info_reads_commit_and_dirty_state(tmp_path: Path) -> None:
     assert fingerprint._git_info(tmp_path) == (head, True)
 
 
+def test_stated_commit_wins_over_a_copied_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU host's copy of the tree can carry a stale .git: the launcher's MEDQA_PARITY_GIT_COMMIT is believed.
+    stated = "a" * 40
+    monkeypatch.setenv("MEDQA_PARITY_GIT_COMMIT", stated)
+    assert fingerprint._git_info(Path(fingerprint.__file__).parent) == (stated, None)
+    monkeypatch.delenv("MEDQA_PARITY_GIT_COMMIT")
+    assert fingerprint._git_info(tmp_path) == (None, None)
+
+
 def test_cpu_model_reads_model_name_from_cpuinfo(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")

@@ -50,7 +50,7 @@ def test_scoring_picks_highest_logprob_and_matches_full_forward(tiny_session):
     for item, q in zip(items, result.questions, strict=True):
         assert q.pred == max(range(4), key=lambda i: q.logprobs[i])
         # Reference: lm-evaluation-harness style, each continuation scored in its own full forward.
-        ex = encode_scoring(tok, item, 2048)
+        ex = encode_scoring(tok, [item], 2048)[0]
         for choice, cont in enumerate(ex.continuation_ids):
             ids = torch.tensor([ex.context_ids + cont])
             with torch.no_grad():
