@@ -10,7 +10,11 @@ threshold from ``[tool.medqa-parity.gate]`` in pyproject.toml:
   is slower than the baseline by more than ``speed_pct`` percent AND its round times are
   significantly longer (Mann-Whitney U, one-sided, p < ``alpha``). Where a side kept no per-round
   times (pytest-benchmark saves them with ``--benchmark-save-data``) the medians alone decide,
-  and the check says so.
+  and the check says so. Figures are compared raw. With ``machine_pct`` set, speed is not compared
+  where every ceiling both runs measured of the machine (bench/ measures bf16 matmul FLOP/s and copy
+  bandwidth at the start of its session) moved by more than that percent: as for other hardware, a
+  busier or slower machine is not a regression. One ceiling moving alone is taken for the noise of
+  its probe (on a shared CPU the matmul probe moves more than the cases do).
 - memory (peak device memory, host RSS): fails when it grows by more than ``memory_pct`` percent,
   or when the candidate ran out of memory where the baseline did not.
 - accuracy (per phase): fails when it drops by more than ``accuracy_pp`` points and, where both
@@ -76,6 +80,8 @@ _CONFIG_IGNORED = ("results_dir", "backend", "model.path", "model.allow_pickle",
 _LABELS = {key: label for key, label, _ in METRICS}
 _UNITS = {key: unit for key, _, unit in METRICS}
 _EPS = 1e-9  # a change exactly at the threshold holds, whatever the float rounding
+# The machine's ceilings bench/ measures at the start of its session (fingerprint["hardware"]) -> label.
+MACHINE = {"matmul_bf16_flops_per_s": "matmul FLOP/s", "copy_bandwidth_bytes_per_s": "copy bandwidth"}
 CONFIG_TABLE = ("tool", "medqa-parity", "gate")
 
 
@@ -94,6 +100,8 @@ class Thresholds:
         parity_margin_pp: equivalence margin of the parity verdict (TOST), percentage points.
         kl_nats: highest mean KL divergence of same-weights scores in the parity verdict.
         alpha: significance level of the speed, accuracy and parity tests.
+        machine_pct: speed is not compared where every machine ceiling both runs measured (matmul
+            FLOP/s, copy bandwidth) moved by more than this percent (> 0); None: not checked.
         metric_pct: per-metric overrides of speed_pct / memory_pct, by metric key
             (e.g. ``(("decode_tokens_per_s", 30.0),)``); set as ``<metric>_pct``.
         skip: metric keys, or "speed", "memory", "accuracy", "parity", not gated.
@@ -105,6 +113,7 @@ class Thresholds:
     parity_margin_pp: float = 3.0
     kl_nats: float = 0.01
     alpha: float = 0.05
+    machine_pct: float | None = None
     metric_pct: tuple[tuple[str, float], ...] = ()
     skip: tuple[str, ...] = ()
 
@@ -114,6 +123,10 @@ class Thresholds:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise GateError(f"threshold {name}={value!r}: give the allowed change as a positive number "
                                 f"(e.g. {name}=10 fails on a change of more than 10 in the bad direction)")
+        m = self.machine_pct
+        if m is not None and not (isinstance(m, int | float) and math.isfinite(m) and m > 0):
+            raise GateError(f"threshold machine_pct={m!r}: give a positive percent (e.g. machine_pct=10 leaves speed "
+                            "not compared where every ceiling the runs measured moved by more than 10%)")
         if not (isinstance(self.kl_nats, int | float) and self.kl_nats >= 0):
             raise GateError(f"threshold kl_nats={self.kl_nats!r}: must be >= 0 nats")
         if not (isinstance(self.alpha, int | float) and 0 < self.alpha < 1):
@@ -349,7 +362,8 @@ def find_pyproject(start: str | Path) -> Path | None:
 
 
 def read_gate_table(path: str | Path) -> dict[str, Any]:
-    """The ``[tool.medqa-parity.gate]`` table of a pyproject.toml (empty when it has none).
+    """The ``[tool.medqa-parity.gate]`` table of a pyproject.toml, or of another TOML file such as
+    this project's ``.ci/gate.toml`` (empty when it has none).
 
     Args:
         path: the TOML file.
@@ -365,7 +379,8 @@ def read_gate_table(path: str | Path) -> dict[str, Any]:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except OSError as e:
-        raise GateError(f"{path}: cannot read ({e.strerror}); give --config a pyproject.toml") from e
+        raise GateError(f"{path}: cannot read ({e.strerror}); give --config a TOML file with a "
+                        f"[{'.'.join(CONFIG_TABLE)}] table (pyproject.toml, .ci/gate.toml)") from e
     except tomllib.TOMLDecodeError as e:
         raise GateError(f"{path}: not TOML ({e})") from e
     table: Any = doc
@@ -471,7 +486,8 @@ def _fmt(value: float, unit: str) -> str:
 
 def speed_check(case: str, metric: str, baseline: float, candidate: float, baseline_rounds: Sequence[float],
                 candidate_rounds: Sequence[float], threshold_pct: float, alpha: float,
-                baseline_timings: int | None = None, candidate_timings: int | None = None) -> Check:
+                baseline_timings: int | None = None, candidate_timings: int | None = None,
+                machine: str = "") -> Check:
     """Gate one throughput (higher is better) on the change of its value and the rounds behind it.
 
     Fails when the candidate is lower by more than ``threshold_pct`` percent and its round times
@@ -492,6 +508,7 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
         alpha: significance level.
         baseline_timings: timed rounds behind the baseline's figure, where known (1: a single timing).
         candidate_timings: the same for the candidate.
+        machine: what the machine check found (:func:`machine_state`), added to the evidence.
 
     Returns:
         The check.
@@ -525,6 +542,8 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
                if missing else f"{n_c} vs {n_b} rounds cannot reach p < {alpha:g} (smallest p {smallest_p:.3g})")
         evidence = f"median only, not tested for significance: {why}"
         failed = beyond
+    if machine:
+        evidence += f"; raw {unit}, {machine}"
     status = FAIL if failed else PASS
     verb = "regressed" if failed else "holds"
     message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}), {evidence}; {verb} "
@@ -639,6 +658,53 @@ def hardware(summary: RunSummary) -> str:
     return summary.device
 
 
+def machine_drift(baseline: RunSummary, candidate: RunSummary) -> dict[str, float]:
+    """How the machine each run measured differs: percent change of every ceiling both measured.
+
+    Args:
+        baseline: the baseline's summary (a bench file keeps its ceilings in ``fingerprint["hardware"]``).
+        candidate: the candidate's.
+
+    Returns:
+        Ceiling key (``MACHINE``) -> candidate vs baseline in percent; empty where a side measured none.
+    """
+    a, b = (s.fingerprint.get("hardware") or {} for s in (baseline, candidate))
+    return {key: 100 * (b[key] / a[key] - 1) for key in MACHINE
+            if isinstance(a.get(key), int | float) and isinstance(b.get(key), int | float) and a[key] > 0}
+
+
+def machine_text(drift: Mapping[str, float]) -> str:
+    """E.g. "matmul FLOP/s -6.0%, copy bandwidth -4.0%"."""
+    return ", ".join(f"{MACHINE[k]} {v:+.1f}%" for k, v in drift.items())
+
+
+def machine_state(baseline: RunSummary, candidate: RunSummary, limit_pct: float | None) -> tuple[bool, str]:
+    """Whether speed may be compared on the machines the runs measured, and what was found.
+
+    Not where every ceiling both measured moved by more than ``limit_pct``: the whole machine was
+    busier, slower or faster. One ceiling moving alone is its probe's noise, and speed is compared.
+
+    Args:
+        baseline: the baseline's summary.
+        candidate: the candidate's.
+        limit_pct: ``Thresholds.machine_pct``; None: not checked.
+
+    Returns:
+        (comparable, text for the evidence; empty when not checked).
+    """
+    if limit_pct is None:
+        return True, ""
+    drift = machine_drift(baseline, candidate)
+    if not drift:
+        return True, "machine not measured on both sides, not checked"
+    within = [MACHINE[k] for k, v in drift.items() if abs(v) <= limit_pct + _EPS]
+    if not within:
+        return False, f"machine measured {machine_text(drift)} vs the baseline's, each beyond {limit_pct:g}%"
+    if len(within) == len(drift):
+        return True, f"machine within {limit_pct:g}% ({machine_text(drift)})"
+    return True, f"machine within {limit_pct:g}% on {' and '.join(within)} ({machine_text(drift)})"
+
+
 def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds) -> tuple[list[Check], list[str]]:
     """Every check of one matched case, and notes.
 
@@ -667,6 +733,8 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
     differs = _workload_differences(baseline.workload, candidate.workload)
     if hardware(a) != hardware(b):  # another machine's speed is not a regression
         differs.insert(0, f"hardware {hardware(b)!r} vs {hardware(a)!r}")
+    # Nor is the same machine busier or slower, as the runs measured it (memory does not depend on it).
+    same_machine, machine = machine_state(a, b, thresholds.machine_pct)
     for metric in (*SPEED, *MEMORY):
         kind = "speed" if metric in SPEED else "memory"
         ma, mb = a.metrics.get(metric), b.metrics.get(metric)
@@ -677,10 +745,14 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
                                 "-", "different workload: " + ", ".join(differs),
                                 f"{name}: {_LABELS.get(metric, metric)} not compared: other work or hardware "
                                 f"({', '.join(differs)})"))
+        elif kind == "speed" and not same_machine:
+            checks.append(Check(name, kind, metric, SKIP, ma.value, mb.value, _UNITS.get(metric, ""), math.nan,
+                                f"-{thresholds.pct(metric):g}%", machine,
+                                f"{name}: {_LABELS.get(metric, metric)} not compared: {machine}"))
         elif kind == "speed":
             checks.append(speed_check(name, metric, ma.value, mb.value, baseline.rounds.get(metric, ()),
                                       candidate.rounds.get(metric, ()), thresholds.pct(metric), thresholds.alpha,
-                                      baseline.timings.get(metric), candidate.timings.get(metric)))
+                                      baseline.timings.get(metric), candidate.timings.get(metric), machine))
         else:
             checks.append(memory_check(name, metric, ma.value, mb.value, thresholds.pct(metric)))
     paired_a, paired_b = dict(a.phases), dict(b.phases)
@@ -843,6 +915,8 @@ def thresholds_text(t: Thresholds) -> str:
              f"memory +{t.memory_pct:g}%", f"accuracy -{t.accuracy_pp:g} pp (and McNemar p < {t.alpha:g} where paired)",
              f"parity margin +-{t.parity_margin_pp:g} pp, KL <= {t.kl_nats:g} nats"]
     parts += [f"{k} {'-' if k in SPEED else '+'}{v:g}%" for k, v in t.metric_pct]
+    if t.machine_pct is not None:
+        parts.append(f"speed not compared where every machine ceiling moved more than {t.machine_pct:g}%")
     if t.skip:
         parts.append(f"not gated: {', '.join(t.skip)}")
     return "; ".join(parts)

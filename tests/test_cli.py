@@ -11,12 +11,30 @@ from medqa_core.cli import build_parser, main
 from medqa_core.record import load_record
 
 
-@pytest.mark.parametrize("command", ["run", "train", "evaluate", "fingerprint", "report", "gate"])
+@pytest.mark.parametrize("command", ["run", "train", "evaluate", "profile", "fingerprint", "report", "gate"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
     assert e.value.code == 0
     assert "usage: medqa-parity " + command in capsys.readouterr().out
+
+
+def test_profile_command_saves_where_the_time_goes(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    code = main(["profile", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "8",
+                 "--profiles", "eager+batch_size=2", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    assert code == 0
+    saved = json.loads(out.read_text())
+    (profile,) = saved["profiles"].values()
+    assert profile["tokens_per_step"] > 0 and profile["categories"]["matmul"] > 0
+    assert saved["meta"]["settings"]["eager+batch_size=2"]["train"]["batch_size"] == 2
+    assert saved["meta"]["fingerprint"]["backend"] == "cpu"
+    assert "eager+batch_size=2 (off)" in capsys.readouterr().out
+
+
+def test_unknown_profile_is_a_user_error(tiny_model_dir, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--profile", "turbo"]) == 2
+    assert "unknown profile 'turbo'" in capsys.readouterr().err
 
 
 def test_run_end_to_end_saves_a_fingerprinted_record(tiny_model_dir, tmp_path, capsys):

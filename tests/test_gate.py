@@ -344,3 +344,124 @@ def test_too_few_rounds_for_significance_fall_back_to_the_medians():
     check = speed_check("case", "decode_tokens_per_s", 100.0, 75.0, (1.0, 1.01, 1.02, 0.99, 1.0),
                         (1.33, 1.34, 1.35), threshold_pct=10, alpha=0.05)
     assert check.status == "fail" and "Mann-Whitney p=0.0179 (3 vs 5 rounds)" in check.evidence
+
+
+# ---- the CI gate: .ci/run's thresholds (.ci/gate.toml) on the committed CPU baseline --------------
+
+CI_GATE = ROOT / ".ci" / "gate.toml"
+_RATES = ("tokens_per_s", "reference_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+          "generate_tokens_per_s", "questions_per_s")
+_CEILINGS = ("matmul_bf16_flops_per_s", "copy_bandwidth_bytes_per_s")
+
+
+def _slower(data: dict, factor: float, whole_machine: bool = False) -> dict:
+    """Every case ``factor`` times slower: round times x factor, throughputs / factor. With ``whole_machine``
+    the run's own measurements of the machine (matmul FLOP/s, copy bandwidth) slow down alike, as they
+    would on a busier or slower machine; without, they are left as the baseline measured them.
+    """
+    for entry in data["benchmarks"]:
+        stats, info = entry["stats"], entry["extra_info"]
+        stats["data"] = [t * factor for t in stats["data"]]
+        for key in ("min", "max", "mean", "median", "q1", "q3", "iqr", "stddev"):
+            stats[key] *= factor
+        for key in _RATES:
+            if isinstance(info.get(key), float):
+                info[key] /= factor
+        if whole_machine:
+            for key in ("peak_bf16_flops_per_s", "copy_bandwidth_bytes_per_s", "roofline_tokens_per_s"):
+                if isinstance(info.get(key), float):
+                    info[key] /= factor
+    if whole_machine:
+        hardware = data["machine_info"]["medqa_fingerprint"]["hardware"]
+        for key in _CEILINGS:
+            hardware[key] /= factor
+    return data
+
+
+def _ci_gate(tmp_path: Path, candidate: dict, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    path = tmp_path / "candidate.json"
+    path.write_text(json.dumps(candidate))
+    code = main(["gate", "--baseline", str(BENCH_FILE), "--candidate", str(path), "--config", str(CI_GATE)])
+    return code, capsys.readouterr().out
+
+
+def _failed(out: str) -> list[str]:
+    """The failure lines ("  case: check ...") after the verdict."""
+    return [line.strip() for line in out.split("gate: FAIL", 1)[1].splitlines()[1:]]
+
+
+def test_ci_run_gates_with_the_thresholds_of_ci_gate_toml():
+    script = (ROOT / ".ci" / "run").read_text()
+    gate_lines = [line for line in script.splitlines() if line.lstrip().startswith("medqa-parity gate")]
+    assert gate_lines and all("--config .ci/gate.toml" in line for line in gate_lines)
+    assert "--threshold" not in script  # one place for the numbers: .ci/gate.toml
+    t = load_thresholds(CI_GATE, [])
+    assert t.machine_pct is not None and t.speed_pct < 20 and t.memory_pct < 15 and t.accuracy_pp < 5
+
+
+def test_ci_gate_fails_a_20_percent_slowdown_of_every_case(tmp_path, capsys):
+    code, out = _ci_gate(tmp_path, _slower(_bench(), 1.25), capsys)
+    assert code == 1
+    failed = _failed(out)
+    assert len(failed) == 7  # every timed case's throughput; memory, accuracy and parity hold
+    assert all(" -20.0% vs baseline (threshold -15%), Mann-Whitney p=0.00397 (5 vs 5 rounds); raw " in line
+               and "machine within 10% (matmul FLOP/s +0.0%, copy bandwidth +0.0%); regressed" in line
+               for line in failed)
+    assert any(line.startswith("test_train_ours[sdpa]: train tokens/s -20.0%") for line in failed)
+
+
+def test_ci_gate_passes_the_same_build_on_a_machine_20_percent_slower(tmp_path, capsys):
+    code, out = _ci_gate(tmp_path, _slower(_bench(), 1.25, whole_machine=True), capsys)
+    assert code == 0, out
+    assert "gate: PASS" in out and "(10 checks, 7 not compared)" in out
+    assert out.count("machine measured matmul FLOP/s -20.0%, copy bandwidth -20.0% vs the baseline's, "
+                     "each beyond 10%") == 7
+
+
+def test_ci_gate_still_fails_a_slowdown_when_one_machine_probe_moved_alone(tmp_path, capsys):
+    # One unchanged CI run measured matmul FLOP/s +17.7% while copy bandwidth and the cases held: probe noise.
+    data = _slower(_bench(), 1.25)
+    data["machine_info"]["medqa_fingerprint"]["hardware"]["matmul_bf16_flops_per_s"] *= 1.177
+    code, out = _ci_gate(tmp_path, data, capsys)
+    assert code == 1
+    failed = _failed(out)
+    assert len(failed) == 7 and all("machine within 10% on copy bandwidth (matmul FLOP/s +17.7%, copy bandwidth "
+                                    "+0.0%); regressed" in line for line in failed)
+
+
+def test_ci_gate_fails_15_percent_host_rss_growth(tmp_path, capsys):
+    data = _bench()
+    for entry in data["benchmarks"]:
+        if entry["extra_info"].get("host_rss_gib") is not None:
+            entry["extra_info"]["host_rss_gib"] *= 1.15
+    code, out = _ci_gate(tmp_path, data, capsys)
+    assert code == 1
+    failed = _failed(out)
+    assert len(failed) == 7 and all("host RSS (peak) +15.0% vs baseline (threshold +12%); regressed" in line
+                                    for line in failed)
+
+
+def test_ci_gate_fails_a_5_point_accuracy_drop(tmp_path, capsys):
+    # 4 of the baseline's 10 right answers (of 64) turn wrong: 15.6% -> 9.4%, -6.25 points, the smallest drop
+    # of at least 5 points on 64 questions. The option scores move with them (same weights, other logprobs).
+    data = _bench()
+    questions = _case(data, "test_accuracy[sdpa]")["extra_info"]["predictions"]
+    for q in [q for q in questions if q["pred"] == q["answer"]][:4]:
+        wrong = (q["answer"] + 1) % 4
+        q["logprobs"][wrong], q["logprobs"][q["answer"]] = q["logprobs"][q["answer"]], q["logprobs"][wrong]
+        q["pred"] = wrong
+    code, out = _ci_gate(tmp_path, data, capsys)
+    assert code == 1
+    # 4 discordant questions cannot make McNemar significant (p = 0.5^4); the parity verdict's TOST can.
+    row = next(line for line in out.splitlines() if " accuracy (base) " in line and "parity" not in line)
+    assert "15.6%" in row and "9.4% -6.2 pp" in row and row.rstrip().endswith(
+        "McNemar p=0.0625 (4 right only in baseline, 0 only in candidate, n=64): not significant at 0.05")
+    assert any(line.startswith("test_accuracy[sdpa]: parity accuracy equivalence (TOST, base) (threshold +-3 pp)")
+               for line in _failed(out))
+
+
+def test_machine_check_without_measurements_compares_and_says_so():
+    base, cand = make_record(train=_train(_baseline_steps())), make_record(train=_train(_baseline_steps()))
+    result = gate_cases(cases_from_record(base, "a"), cases_from_record(cand, "b"), Thresholds(machine_pct=10))
+    speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
+    assert speed.status == "pass" and speed.evidence.endswith("machine not measured on both sides, not checked")
