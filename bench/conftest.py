@@ -41,7 +41,7 @@ from medqa_core.config import (
     TrainConfig,
     train_profile,
 )
-from medqa_core.data import TrainExample, encode_train, epoch_order, format_prompt
+from medqa_core.data import TrainExample, first_examples, format_prompt
 from medqa_core.fingerprint import detect_backend, machine_fingerprint, resolve_device
 from medqa_core.hardware import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
 from medqa_core.model import check_model_dir, load_tokenizer, preset_dir
@@ -522,12 +522,7 @@ def tokenizer(run_config: RunConfig) -> Any:
 def first_batch(tokenizer: Any, splits: Splits, run_config: RunConfig) -> Callable[[int], list[TrainExample]]:
     """``first_batch(n)``: the first ``n`` training examples of epoch 0 in the training loop's own shuffle."""
     tc = run_config.train
-    order = epoch_order(len(splits.train), tc.seed, 0)
-
-    def make(n: int) -> list[TrainExample]:
-        return [encode_train(tokenizer, splits.train[i], tc.max_seq_len, tc.loss_on) for i in order[:n]]
-
-    return make
+    return lambda n: first_examples(tokenizer, splits.train, n, tc.seed, tc.max_seq_len, tc.loss_on)
 
 
 @pytest.fixture(scope="session")

@@ -243,7 +243,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     if record.failure:
         print(f"medqa-parity: error: out of memory during {record.failure['phase']} "
               f"({record.failure['message']}); lower --batch-size, --eval-batch-size or --pack-len, or turn on "
-              f"--gradient-checkpointing. What finished before is saved in {path}", file=sys.stderr)
+              f"--gradient-checkpointing (or --profile capped). What finished before is saved in {path}",
+              file=sys.stderr)
         return 3
     return 0
 
@@ -403,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_oom(e):
             raise
         print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
-              "--eval-batch-size or --max-seq-len, or turn on --gradient-checkpointing", file=sys.stderr)
+              "--eval-batch-size or --max-seq-len, or turn on --gradient-checkpointing (or --profile capped)",
+              file=sys.stderr)
         return 3
 
 

@@ -82,20 +82,21 @@ def is_compile_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def with_eager_fallback(step: Callable[[], T], model: Any, state: CompileState,
-                        before_retry: Callable[[], None]) -> Callable[[], T]:
+def with_eager_fallback(step: Callable[..., T], model: Any, state: CompileState,
+                        before_retry: Callable[..., None]) -> Callable[..., T]:
     """``step``, falling back to eager layers (once, visibly, recorded in ``state``) when compiling fails.
 
     Args:
-        step: one training step through the compiled layers.
+        step: one training step through the compiled layers; the wrapper passes its arguments on.
         model: the model whose layers :func:`compile_layers` compiled.
         state: updated when the fall-back happens.
-        before_retry: restores what the failed attempt may have touched (gradients, RNG) before the rerun.
+        before_retry: called with the same arguments before the rerun, to restore what the failed attempt
+            may have touched (gradients, RNG).
     """
 
-    def guarded() -> T:
+    def guarded(*args: Any) -> T:
         try:
-            return step()
+            return step(*args)
         except Exception as exc:
             if not (state.ran and is_compile_error(exc)):
                 raise
@@ -103,7 +104,7 @@ def with_eager_fallback(step: Callable[[], T], model: Any, state: CompileState,
             state.ran = False
             state.detail = f"eager: compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
             logger.warning("torch.compile failed, the layers run eagerly: %s", state.detail)
-            before_retry()
-            return step()
+            before_retry(*args)
+            return step(*args)
 
     return guarded

@@ -318,6 +318,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def first_examples(tokenizer: Any, items: Sequence[MedQAItem], n: int, seed: int, max_len: int,
+                   loss_on: str = "answer") -> list[TrainExample]:
+    """The first ``n`` training examples of epoch 0 in the training loop's own shuffle, tokenized:
+    the batch a benchmark or profile steps on, as the loop would draw it."""
+    return [encode_train(tokenizer, items[i], max_len, loss_on) for i in epoch_order(len(items), seed, 0)[:n]]
+
+
 def iter_batches(examples: Sequence[TrainExample], batch_size: int, seed: int,
                  start_epoch: int = 0) -> Iterator[tuple[int, list[TrainExample]]]:
     """Endless ``(epoch, batch)`` pairs, reshuffled each epoch; the last short batch is kept."""

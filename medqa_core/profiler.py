@@ -172,7 +172,7 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
         The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
     """
     from medqa_core.config import train_profile
-    from medqa_core.data import encode_train, epoch_order
+    from medqa_core.data import first_examples
     from medqa_core.distributed import DistInfo
     from medqa_core.fingerprint import machine_fingerprint
     from medqa_core.run import load_session, load_splits
@@ -180,13 +180,12 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
 
     session = load_session(cfg)
     splits = load_splits(cfg.data)
-    order = epoch_order(len(splits.train), cfg.train.seed, 0)
     results: dict[str, StepProfile] = {}
     settings: dict[str, Any] = {}
     for name in profiles:
         tc = train_profile(name, cfg.train)
-        examples = [encode_train(session.tokenizer, splits.train[i], tc.max_seq_len, tc.loss_on)
-                    for i in order[: tc.batch_size]]
+        examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
+                                  tc.loss_on)
         optimizer, scheduler = make_optimizer(session.model, tc)
         session.model.train()
         compiled = apply_model_settings(session.model, tc, session.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -232,9 +233,71 @@ def profile_tables(results: Path) -> str:
     return "\n\n".join(profile_table(p) for p in paths) if paths else "(no profile yet)"
 
 
+def _range(values: list[float]) -> str:
+    return f"{min(values):+.1f}..{max(values):+.1f}%" if values else "-"
+
+
+def gate_noise_table(folder: Path, baseline: Path) -> str:
+    """How unchanged builds' bench files move: each run against ``baseline`` and against each other run.
+
+    Every figure is the gate's own change (candidate vs baseline, percent) under loose thresholds, so
+    the table shows the noise the CI thresholds of ``.ci/gate.toml`` have to tolerate; the last line
+    says how many of the runs those thresholds pass.
+    """
+    from medqa_core.gate import gate_cases, load_cases, load_thresholds, machine_drift, machine_text
+
+    loose = load_thresholds(None, ["speed_pct=99.9", "memory_pct=100000"], start=ROOT)
+    ci = load_thresholds(ROOT / ".ci" / "gate.toml", [])
+    base = load_cases(baseline)
+    runs = {p.name: load_cases(p) for p in sorted(folder.glob("*.json"))}
+
+    def changes(a: tuple, b: tuple) -> dict[tuple[str, str], float]:
+        checks = gate_cases(a, b, loose).checks
+        return {(c.case, c.field): c.change for c in checks if c.kind in ("speed", "memory")
+                and math.isfinite(c.change)}
+
+    against: dict[tuple[str, str], list[float]] = {}
+    between: dict[tuple[str, str], list[float]] = {}
+    names = list(runs)
+    for i, name in enumerate(names):
+        for key, value in changes(base, runs[name]).items():
+            against.setdefault(key, []).append(value)
+        for other in names[i + 1:]:
+            for key, value in changes(runs[name], runs[other]).items():
+                between.setdefault(key, []).append(value)
+    drifts = [machine_drift(base[0].summary, cases[0].summary) for cases in runs.values()]
+    probes = sorted({k for d in drifts for k in d})
+    verdicts = {name: gate_cases(base, cases, ci) for name, cases in runs.items()}
+    failed = [name for name, result in verdicts.items() if not result.passed]
+    rows = [f"{len(runs)} runs in [{folder.name}/](results/{folder.parent.name}/{folder.name}/), against "
+            f"[{baseline.name}](results/bench/{baseline.parent.name}/{baseline.name}) and against each other "
+            "(change, min..max over runs and over pairs of runs):", "",
+            "| case | figure | against the baseline | run to run |", "|---|---|---|---|"]
+    for case, field in sorted(against.keys() | between.keys()):
+        rows.append(f"| `{case}` | {field} | {_range(against.get((case, field), []))} | "
+                    f"{_range(between.get((case, field), []))} |")
+    for key in probes:
+        values = [d[key] for d in drifts if key in d]
+        rows.append(f"| machine | {machine_text({key: 0.0}).rsplit(' ', 1)[0]} (measured before the first case) | "
+                    f"{_range(values)} | |")
+    rows += ["", f"Under [.ci/gate.toml](.ci/gate.toml): {len(runs) - len(failed)} of {len(runs)} pass"
+             + (f"; failing: {', '.join(failed)}." if failed else ".")]
+    return "\n".join(rows)
+
+
+def gate_noise_tables(results: Path) -> str:
+    """:func:`gate_noise_table` for each ``results/gate-noise/<baseline file stem>/`` folder."""
+    tables = []
+    for folder in sorted(p for p in (results / "gate-noise").glob("*") if p.is_dir()):
+        (baseline,) = (results / "bench").glob(f"*/{folder.name}.json")
+        tables.append(gate_noise_table(folder, baseline))
+    return "\n\n".join(tables) if tables else "(no noise runs committed)"
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
     "train-cases": lambda results: bench_table(results, only="test_train"),
     "verdict": report_verdict, "performance": performance_table, "profiles": profile_tables,
+    "gate-noise": gate_noise_tables,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
 }
 

@@ -191,6 +191,14 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     seen = state.examples_seen
     model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
     compiled = apply_model_settings(model, cfg, device)
+
+    def fresh_start(step: int) -> None:  # gradients and dropout's RNG as before the step
+        optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(step_seed(cfg.seed, step, info.rank))
+
+    run_step = with_eager_fallback(
+        lambda batch, step: train_step(step_loss, optimizer, scheduler, batch, device, attention, info.world_size),
+        model, compiled, lambda batch, step: fresh_start(step))
     reset_peak_memory(device)
     batches = iter_batches(examples, cfg.batch_size, cfg.seed)
     for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
@@ -202,18 +210,9 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             if not local:  # fewer examples than ranks: join the collective with a loss-free example
                 local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
             batch = collate_packed(local, pad_id, cfg.pack_len) if cfg.packing else collate(local, pad_id)
-
-            def fresh_start(step: int = step) -> None:  # dropout masks and gradients as before the step
-                optimizer.zero_grad(set_to_none=True)
-                torch.manual_seed(step_seed(cfg.seed, step, info.rank))
-
-            run_step = with_eager_fallback(
-                lambda batch=batch: train_step(step_loss, optimizer, scheduler, batch, device, attention,
-                                               info.world_size),
-                model, compiled, fresh_start)
-            fresh_start()
+            fresh_start(step)
             with Timer(device) as timer:
-                loss_value = run_step()
+                loss_value = run_step(batch, step)
             n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled \
                 else int(batch["n_tokens"])
             if not math.isfinite(loss_value):
