@@ -3,8 +3,8 @@ roofline, option-scoring questions/s.
 
 Prefill and decode use real MedQA prompt tokens, exactly ``--bench-seq-len`` per row, through
 ``generate`` (greedy). Decode runs at batch 1 twice: plain eager ``generate``, and the
-hardware-bound path, a static KV cache with the model's forward under ``torch.compile``
-("reduce-overhead", i.e. CUDA/HIP graphs, on a GPU). Each decode figure is also given as a
+hardware-bound path (medqa_core.decoding): a static KV cache, the one-token step under
+``torch.compile`` ("reduce-overhead", i.e. CUDA/HIP graphs, on a GPU). Each decode figure is also given as a
 fraction of its roofline: copy bandwidth measured in this run / weight bytes read per token.
 """
 
@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from medqa_core.attention import AttentionChoice, attention_context
+from medqa_core.decoding import compiled_decoding
 from medqa_core.evaluate import evaluate
 from medqa_core.hardware import weight_bytes_per_token
-from medqa_core.timing import Stats, is_oom
+from medqa_core.timing import Stats, Timer, is_oom
 
 logger = logging.getLogger("medqa_core.bench")
 
@@ -82,64 +83,76 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
         model.eval()
         ids = prompt_ids(1).to(device)  # [1, T]
         pad_id = session.tokenizer.pad_token_id
-        options: dict[str, Any] = {}
-        base = model.get_base_model()
-        fallback = None
-        if compiled:
-            # transformers' own auto-compile refuses bitsandbytes models (quantizer not compileable), so we
-            # compile the forward ourselves and tell generate not to try. dynamic=False: one graph for the
-            # prefill shape, one for the decode step, neither with symbolic shapes.
-            options = {"cache_implementation": "static", "disable_compile": True}
-            counts_before = _dynamo_counts()
-        try:
-            for attempt in (mode, "default") if compiled and mode != "default" else (mode,):
-                if compiled:
-                    torch._dynamo.reset()
-                    base.forward = torch.compile(type(base).forward.__get__(base), mode=attempt, dynamic=False)
-                try:
-                    if compiled:
-                        # Compile and replay untimed first (twice: CUDA graphs fail on a replay, not a capture),
-                        # so a mode that cannot run falls back before pytest-benchmark's one timing call.
-                        for tokens in (new_tokens, new_tokens, 1):
-                            _generate(model, ids, tokens, pad_id, session.attention, **options)()
-                    mode = attempt
+        if not compiled:
+            rounds, ttft = _time_generate(case, bench_options, model, ids, pad_id, session.attention, dict)
+            benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings))
+        else:
+            fallback = None
+            for attempt in dict.fromkeys((mode, "default")):
+                with compiled_decoding(model, seq_len + new_tokens, attempt) as decoding:
+                    counts_before = _dynamo_counts()
+                    try:
+                        # Compile and replay untimed first (twice: CUDA graphs fail on a replay, not a
+                        # capture), so a mode that cannot run falls back before pytest-benchmark's timing.
+                        # The first call's time is the compile cost a user pays once per process.
+                        with Timer(device) as first_call:
+                            _generate(model, ids, new_tokens, pad_id, session.attention,
+                                      **decoding.generate_options())()
+                        _generate(model, ids, new_tokens, pad_id, session.attention, **decoding.generate_options())()
+                    except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
+                        if is_oom(e):
+                            raise
+                        # Fall back visibly: CUDA/HIP graphs off, still compiled; the reason goes in the record.
+                        fallback = f"compile mode {attempt} failed: {str(e).strip().splitlines()[0][:200]}"
+                        logger.warning("decode: %s", fallback)
+                        continue
+                    rounds, ttft = _time_generate(case, bench_options, model, ids, pad_id, session.attention,
+                                                  decoding.generate_options)
+                    counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
+                    benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings), dynamo=counts,
+                                                compile_mode_ran=attempt, compile_fallback=fallback,
+                                                cache_layers=decoding.cache_layers,
+                                                first_generate_s=first_call.elapsed_s)
                     break
-                except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
-                    if not compiled or is_oom(e):
-                        raise
-                    # Fall back visibly: CUDA/HIP graphs off, still compiled; the reason goes in the record.
-                    fallback = f"compile mode {attempt} failed: {str(e).strip().splitlines()[0][:200]}"
-                    logger.warning("decode: %s", fallback)
             else:
                 pytest.skip(f"static cache + torch.compile cannot run here: {fallback}")
-            rounds = case.time(_generate(model, ids, new_tokens, pad_id, session.attention, **options),
-                               bench_options.infer_rounds, bench_options.warmup_rounds)
-            ttft = case.measure(_generate(model, ids, 1, pad_id, session.attention, **options),
-                                bench_options.infer_rounds, warmup_rounds=1)
-        finally:
-            if compiled:
-                counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
-                base.__dict__.pop("forward", None)  # back to the class's eager forward for the cases after this
-                torch._dynamo.reset()  # drop the graphs (and their CUDA-graph memory pools)
-        generate_s: Stats = rounds.stats
-        produced = rounds.outputs[0]
-        # generate(N) = prefill and first token + (N - 1) decode steps; generate(1) times the former.
-        decode_s = generate_s.median - ttft.median
-        decode_tokens_per_s = (produced - 1) / decode_s if decode_s > 0 else None
-        weight_bytes = weight_bytes_per_token(model)
-        bandwidth = ceilings.get("copy_bandwidth_bytes_per_s")
-        roofline = bandwidth / weight_bytes if bandwidth else None
-        benchmark.extra_info.update(
-            case.session_info(session), new_tokens=produced, generate_s_median=generate_s.median,
-            generate_s_iqr=generate_s.iqr, timed_rounds=generate_s.n, ttft_s_median=ttft.median,
-            decode_tokens_per_s=decode_tokens_per_s, generate_tokens_per_s=produced / generate_s.median,
-            weight_bytes_per_token=weight_bytes, copy_bandwidth_bytes_per_s=bandwidth,
-            roofline_tokens_per_s=roofline,
-            roofline_fraction=decode_tokens_per_s / roofline if roofline and decode_tokens_per_s else None,
-            joules_per_token=case.joules_per(rounds, produced), **case.memory_info(rounds),
-        )
-        if compiled:
-            benchmark.extra_info.update(dynamo=counts, compile_mode_ran=mode, compile_fallback=fallback)
+        benchmark.extra_info.update(case.session_info(session))
+
+
+def _time_generate(case: Any, bench_options: Any, model: Any, ids: torch.Tensor, pad_id: int,
+                   attention: AttentionChoice, options: Callable[[], dict[str, Any]]) -> tuple[Any, Stats]:
+    """Timed rounds of generate(N), and generate(1) (prefill and first token) timed the same way.
+
+    ``options`` is called per generate call (the compiled path resets its static cache there).
+    """
+
+    def generate(n: int) -> Callable[[], int]:
+        return lambda: _generate(model, ids, n, pad_id, attention, **options())()
+
+    rounds = case.time(generate(bench_options.decode_tokens), bench_options.infer_rounds,
+                       bench_options.warmup_rounds)
+    ttft = case.measure(generate(1), bench_options.infer_rounds, warmup_rounds=1)
+    return rounds, ttft
+
+
+def _decode_info(case: Any, rounds: Any, ttft: Stats, model: Any, ceilings: dict[str, Any]) -> dict[str, Any]:
+    """Decode tokens/s, and the same as a fraction of its roofline (copy bandwidth / weight bytes per token)."""
+    generate_s: Stats = rounds.stats
+    produced = rounds.outputs[0]
+    # generate(N) = prefill and first token + (N - 1) decode steps; generate(1) times the former.
+    decode_s = generate_s.median - ttft.median
+    decode_tokens_per_s = (produced - 1) / decode_s if decode_s > 0 else None
+    weight_bytes = weight_bytes_per_token(model)
+    bandwidth = ceilings.get("copy_bandwidth_bytes_per_s")
+    roofline = bandwidth / weight_bytes if bandwidth else None
+    return dict(
+        new_tokens=produced, generate_s_median=generate_s.median, generate_s_iqr=generate_s.iqr,
+        timed_rounds=generate_s.n, ttft_s_median=ttft.median, decode_tokens_per_s=decode_tokens_per_s,
+        generate_tokens_per_s=produced / generate_s.median, weight_bytes_per_token=weight_bytes,
+        copy_bandwidth_bytes_per_s=bandwidth, roofline_tokens_per_s=roofline,
+        roofline_fraction=decode_tokens_per_s / roofline if roofline and decode_tokens_per_s else None,
+        joules_per_token=case.joules_per(rounds, produced), **case.memory_info(rounds),
+    )
 
 
 @pytest.mark.benchmark(group="decode")
