@@ -21,6 +21,7 @@ from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.decoding import compiled_decoding
 from medqa_core.evaluate import evaluate
 from medqa_core.hardware import weight_bytes_per_token
+from medqa_core.model import COMPUTE_DTYPE
 from medqa_core.timing import Stats, Timer, is_oom
 
 logger = logging.getLogger("medqa_core.bench")
@@ -28,11 +29,15 @@ logger = logging.getLogger("medqa_core.bench")
 
 def _generate(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_id: int, attention: AttentionChoice,
               **options: Any) -> Callable[[], int]:
-    """A greedy ``generate`` of exactly ``new_tokens`` (min = max, so EOS cannot stop it early)."""
+    """A greedy ``generate`` of exactly ``new_tokens`` (min = max, so EOS cannot stop it early).
+
+    Under bf16 autocast, as scoring and training run: LoRA's fp32 weights would otherwise run their
+    matmuls in fp32.
+    """
     mask = torch.ones_like(input_ids)  # [B, T]: rows are full-length prompts, no padding
 
     def run() -> int:
-        with attention_context(attention):
+        with attention_context(attention), torch.autocast(input_ids.device.type, dtype=COMPUTE_DTYPE):
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **options)
         return out.shape[1] - input_ids.shape[1]  # out: [B, T + new]
@@ -99,6 +104,8 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                             _generate(model, ids, new_tokens, pad_id, session.attention,
                                       **decoding.generate_options())()
                         _generate(model, ids, new_tokens, pad_id, session.attention, **decoding.generate_options())()
+                        decoding.skip_guards()  # one graph, compiled and replayed: nothing for guards to choose
+                        _generate(model, ids, new_tokens, pad_id, session.attention, **decoding.generate_options())()
                     except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
                         if is_oom(e):
                             raise
@@ -112,6 +119,7 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                     benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings), dynamo=counts,
                                                 compile_mode_ran=attempt, compile_fallback=fallback,
                                                 cache_layers=decoding.cache_layers,
+                                                guards_skipped=decoding.guards_skipped,
                                                 first_generate_s=first_call.elapsed_s)
                     break
             else:

@@ -47,10 +47,13 @@ def test_compiled_decoding_gives_the_eager_tokens_from_one_graph() -> None:
         graphs_before = counters["stats"]["unique_graphs"]
         first = generate(**decoding.generate_options())
         second = generate(**decoding.generate_options())  # the same cache, reset in place
+        decoding.skip_guards()
+        unguarded = generate(**decoding.generate_options())
         graphs = counters["stats"]["unique_graphs"] - graphs_before
         assert "forward" in model.__dict__
     assert graphs == 1  # one [1, 1] decode step; the prefill ran eagerly
     assert decoding.cache_layers == "full"
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
     torch.testing.assert_close(second, eager, rtol=0, atol=0)
+    torch.testing.assert_close(unguarded, eager, rtol=0, atol=0)
     assert "forward" not in model.__dict__  # the class's eager forward is back
