@@ -3,13 +3,14 @@ roofline, option-scoring questions/s.
 
 Prefill and decode use real MedQA prompt tokens, exactly ``--bench-seq-len`` per row, through
 ``generate`` (greedy). Decode runs at batch 1 twice: plain eager ``generate``, and the
-hardware-bound path (medqa_core.decoding): a static KV cache, the one-token step under
-``torch.compile`` ("reduce-overhead", i.e. CUDA/HIP graphs, on a GPU). Each decode figure is also given as a
+hardware-bound path (medqa_core.decoding.StaticDecoder): a static KV cache, the one-token step
+compiled and, on a GPU, replayed as one CUDA/HIP graph. Each decode figure is also given as a
 fraction of its roofline: copy bandwidth measured in this run / weight bytes read per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from medqa_core.attention import AttentionChoice, attention_context
-from medqa_core.decoding import compiled_decoding
+from medqa_core.decoding import StaticDecoder
 from medqa_core.evaluate import evaluate
 from medqa_core.hardware import weight_bytes_per_token
 from medqa_core.model import COMPUTE_DTYPE
@@ -66,77 +67,75 @@ def test_prefill(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[i
 
 
 def _dynamo_counts() -> dict[str, int]:
-    # torch._dynamo's counters: graphs compiled, graph breaks, CUDA-graph skips. Recorded so a
-    # "compiled" figure that mostly ran eager (breaks) or without graphs (skips) shows it.
+    # torch._dynamo's counters: graphs compiled and graph breaks. Recorded so a "compiled" figure that
+    # recompiled (more than one graph) or mostly ran eagerly (breaks) shows it.
     from torch._dynamo.utils import counters
 
-    return {
-        "unique_graphs": int(counters["stats"]["unique_graphs"]),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
-        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
-    }
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: int,
+                   attention: AttentionChoice) -> Callable[[], int]:
+    """``new_tokens`` greedy tokens through the static decoder, under the settings ``_generate`` uses."""
+
+    def run() -> int:
+        with attention_context(attention), torch.autocast(input_ids.device.type, dtype=COMPUTE_DTYPE):
+            return decoder.generate(input_ids, new_tokens).shape[1]
+
+    return run
 
 
 def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor], bench_options: Any,
             ceilings: dict[str, Any], device: torch.device, attn: str, compiled: bool) -> None:
     seq_len, new_tokens = bench_options.seq_len, bench_options.decode_tokens
-    mode = ("reduce-overhead" if device.type == "cuda" else "default") if compiled else None
     with case.guard(arm="ours", attention_requested=attn, batch_size=1, seq_len=seq_len, new_tokens=new_tokens,
-                    cache="static" if compiled else "dynamic", compile_mode=mode):
+                    cache="static" if compiled else "dynamic", compile_mode="default" if compiled else None,
+                    **({"decode_loop": "StaticDecoder"} if compiled else {})):
         session = models.ours(attn)
         model = session.model
         model.eval()
         ids = prompt_ids(1).to(device)  # [1, T]
-        pad_id = session.tokenizer.pad_token_id
         if not compiled:
-            rounds, ttft = _time_generate(case, bench_options, model, ids, pad_id, session.attention, dict)
+            pad_id = session.tokenizer.pad_token_id
+            rounds, ttft = _time_decode(case, bench_options,
+                                        lambda n: _generate(model, ids, n, pad_id, session.attention))
             benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings))
         else:
             fallback = None
-            for attempt in dict.fromkeys((mode, "default")):
-                with compiled_decoding(model, seq_len + new_tokens, attempt) as decoding:
+            try:
+                for use_graph in dict.fromkeys((device.type == "cuda", False)):
+                    decoder = StaticDecoder(model, batch=1, max_len=seq_len + new_tokens, use_graph=use_graph)
                     counts_before = _dynamo_counts()
                     try:
-                        # Compile and replay untimed first (twice: CUDA graphs fail on a replay, not a
-                        # capture), so a mode that cannot run falls back before pytest-benchmark's timing.
-                        # The first call's time is the compile cost a user pays once per process.
+                        # The first call compiles the step and captures its graph: the cost a user pays
+                        # once per process, recorded apart from the timed rounds.
                         with Timer(device) as first_call:
-                            _generate(model, ids, new_tokens, pad_id, session.attention,
-                                      **decoding.generate_options())()
-                        _generate(model, ids, new_tokens, pad_id, session.attention, **decoding.generate_options())()
-                        decoding.skip_guards()  # one graph, compiled and replayed: nothing for guards to choose
-                        _generate(model, ids, new_tokens, pad_id, session.attention, **decoding.generate_options())()
+                            _static_decode(decoder, ids, new_tokens, session.attention)()
                     except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
                         if is_oom(e):
                             raise
-                        # Fall back visibly: CUDA/HIP graphs off, still compiled; the reason goes in the record.
-                        fallback = f"compile mode {attempt} failed: {str(e).strip().splitlines()[0][:200]}"
+                        # Fall back visibly (no graph, still compiled); the reason goes in the record.
+                        fallback = f"{decoder.setup.graph} failed: {str(e).strip().splitlines()[0][:200]}"
                         logger.warning("decode: %s", fallback)
+                        torch._dynamo.reset()
                         continue
-                    rounds, ttft = _time_generate(case, bench_options, model, ids, pad_id, session.attention,
-                                                  decoding.generate_options)
+                    rounds, ttft = _time_decode(
+                        case, bench_options, lambda n, d=decoder: _static_decode(d, ids, n, session.attention))
                     counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
                     benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings), dynamo=counts,
-                                                compile_mode_ran=attempt, compile_fallback=fallback,
-                                                cache_layers=decoding.cache_layers,
-                                                guards_skipped=decoding.guards_skipped,
-                                                first_generate_s=first_call.elapsed_s)
+                                                first_call_s=first_call.elapsed_s, fallback=fallback,
+                                                **dataclasses.asdict(decoder.setup))
                     break
-            else:
-                pytest.skip(f"static cache + torch.compile cannot run here: {fallback}")
+                else:
+                    pytest.skip(f"static cache + torch.compile cannot run here: {fallback}")
+            finally:
+                torch._dynamo.reset()  # drop the compiled step (and the graph's memory, with the decoder)
         benchmark.extra_info.update(case.session_info(session))
 
 
-def _time_generate(case: Any, bench_options: Any, model: Any, ids: torch.Tensor, pad_id: int,
-                   attention: AttentionChoice, options: Callable[[], dict[str, Any]]) -> tuple[Any, Stats]:
-    """Timed rounds of generate(N), and generate(1) (prefill and first token) timed the same way.
-
-    ``options`` is called per generate call (the compiled path resets its static cache there).
-    """
-
-    def generate(n: int) -> Callable[[], int]:
-        return lambda: _generate(model, ids, n, pad_id, attention, **options())()
-
+def _time_decode(case: Any, bench_options: Any, generate: Callable[[int], Callable[[], int]]) -> tuple[Any, Stats]:
+    """Timed rounds of generate(N), and of generate(1) (prefill and first token), the latter outside pedantic."""
     rounds = case.time(generate(bench_options.decode_tokens), bench_options.infer_rounds,
                        bench_options.warmup_rounds)
     ttft = case.measure(generate(1), bench_options.infer_rounds, warmup_rounds=1)

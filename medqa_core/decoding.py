@@ -1,66 +1,38 @@
-"""The hardware-bound decode path: a static KV cache, the one-token decode step under ``torch.compile``.
+"""The hardware-bound decode path: a static KV cache, one compiled step per token, replayed as a graph.
 
-Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the device (a few percent
-of the memory-bandwidth roofline), so CUDA and ROCm would look alike for the wrong reason. Here the
-prompt's prefill runs eagerly, as transformers' own generate-compile does: the static cache allocates
-and marks its tensors as static addresses there, which CUDA/HIP graphs ("reduce-overhead") need to
-replay in-place cache updates. Each one-token step then runs one compiled graph with fixed shapes.
+Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the device (about 1% of
+the memory-bandwidth roofline on an H200), so CUDA and ROCm would look alike for the wrong reason.
+Compiling the step inside ``generate`` is not enough: measured with torch.profiler on an H200, each
+step still paid ~7 ms of Dynamo's guard checks (one per parameter and 4-bit quantization state) and
+~2 ms of generate's own Python, against ~8 ms of GPU work.
 
-Once warm, Dynamo's guard checks (on every parameter and quantization state of the model) cost more
-host time per step than the GPU work (about 5 ms on an H200, measured with torch.profiler). With a
-single graph there is nothing for the guards to choose between, so after warm-up the caller may
-skip them (``skip_guards``), as torch's ``set_stance(skip_guard_eval_unsafe=True)`` intends.
-
-transformers' automatic generate-compile refuses bitsandbytes models, so :func:`compiled_decoding`
-does what it would do and tells ``generate`` not to try (``disable_compile``).
+So :class:`StaticDecoder` runs the loop itself, as gpt-fast does. The prompt's prefill runs eagerly
+into a static cache (which allocates the cache at fixed addresses); the one-token step (forward,
+greedy pick, position + 1) keeps all of its state in tensors, is compiled once, and on a GPU is
+captured as one CUDA graph (a HIP graph on ROCm, through the same ``torch.cuda`` API). Each token
+is then a single graph launch: what is timed is the device's work.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass
-class StaticDecoding:
-    """``generate`` options for the compiled decode path, and what it ran with.
-
-    Attributes:
-        mode: the ``torch.compile`` mode of the one-token step.
-        cache_layers: "full" or "sliding" (see :func:`static_cache`).
-        cache: the static KV cache, reused (reset) by every ``generate`` call so its addresses stay fixed.
-        guards_skipped: whether steps run without Dynamo's guard checks (after :meth:`skip_guards`).
-    """
-
-    mode: str
-    cache_layers: str
-    cache: Any
-    _cache_kwarg: str
-    guards_skipped: bool = False
-
-    def skip_guards(self) -> None:
-        """From now on, run the compiled step without guard checks. Call only once it has compiled and run."""
-        self.guards_skipped = True
-
-    def generate_options(self) -> dict[str, Any]:
-        """Keyword arguments for one ``generate`` call; resets the cache in place first."""
-        self.cache.reset()
-        return {self._cache_kwarg: self.cache, "disable_compile": True}
+logger = logging.getLogger(__name__)
 
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     """A ``StaticCache`` for ``max_len`` tokens of a model with ``config``, and its layer kind.
 
     A config with a sliding window gets sliding static layers, which keep the position as a Python int:
-    Dynamo specializes on it and recompiles every decode step until its limit (8), then runs eagerly.
-    While ``max_len`` fits in the window, a sliding layer attends to exactly what a full layer does, so
-    full layers are used then.
+    Dynamo specializes on it and recompiles every step (8 times, then runs eagerly), and a graph would
+    freeze it. While ``max_len`` fits in the window, a sliding layer attends to exactly what a full
+    layer does, so full layers are used then.
 
     Returns:
         The cache, and "full" or "sliding" (the window is shorter than ``max_len``).
@@ -77,40 +49,107 @@ def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     return StaticCache(config=full, max_cache_len=max_len), "full"
 
 
-@contextmanager
-def compiled_decoding(model: Any, max_len: int, mode: str) -> Iterator[StaticDecoding]:
-    """Within: ``model`` (a peft or transformers causal LM) decodes one token per compiled step.
+@dataclass(frozen=True)
+class DecodeSetup:
+    """How a :class:`StaticDecoder` ran: recorded beside its figures."""
+
+    compile_mode: str
+    graph: str  # "CUDA graph", "HIP graph", or "none: <why>"
+    cache_layers: str  # see static_cache
+
+
+class StaticDecoder:
+    """Greedy decoding of ``batch`` prompts with a static KV cache and one compiled step per token.
+
+    The model is not changed: its own forward runs the prefill, and a compiled function of it runs the
+    steps. Call :meth:`generate` under the same autocast and attention settings each time (they are
+    captured into the graph on the first call).
 
     Args:
-        model: the model ``generate`` is called on.
-        max_len: prompt plus new tokens; the static cache holds exactly this many.
-        mode: ``torch.compile`` mode of the decode step ("reduce-overhead": CUDA/HIP graphs).
-
-    Yields:
-        The options to pass to each ``generate`` call. On exit the model's eager forward is back and
-        Dynamo's compiled graphs (and their graph memory pools) are dropped.
+        model: a peft or transformers causal LM, in eval mode.
+        batch: rows per call.
+        max_len: prompt plus new tokens, at most; the cache holds exactly this many.
+        use_graph: capture the step as a CUDA/HIP graph (GPUs only).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    eager = type(base).forward.__get__(base)
-    # dynamic=False: a single graph for the [B, 1] step, no symbolic shapes.
-    step = torch.compile(eager, mode=mode, dynamic=False)
 
-    # transformers 5.24 names generate's cache argument `cache`; earlier 5.x `past_key_values`.
-    kwarg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-    cache, layers = static_cache(base.config, max_len)
-    decoding = StaticDecoding(mode=mode, cache_layers=layers, cache=cache, _cache_kwarg=kwarg)
+    def __init__(self, model: Any, batch: int, max_len: int, use_graph: bool) -> None:
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers included
+        self.device = self.base.device
+        self.max_len = max_len
+        self.cache, cache_layers = static_cache(self.base.config, max_len)
+        params = inspect.signature(type(self.base).forward).parameters
+        # transformers 5.24 names the cache argument `cache`; earlier 5.x `past_key_values` (and takes
+        # `cache_position`, which 5.24 derives from the cache).
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._takes_cache_position = "cache_position" in params
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [B, 1]: last token picked
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [B, 1]: its position
+        self._compiled = torch.compile(self._step, mode="default", dynamic=False)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._warm = False
+        self._want_graph = use_graph and self.device.type == "cuda"
+        graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
+            "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
+        self.setup = DecodeSetup(compile_mode="default", graph=graph, cache_layers=cache_layers)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        ids = kwargs.get("input_ids", args[0] if args else None)  # [B, T]
-        if ids is None or ids.shape[1] != 1:
-            return eager(*args, **kwargs)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=decoding.guards_skipped):
-            return step(*args, **kwargs)
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position, [B, V], writing this call's keys and values into the cache."""
+        kwargs: dict[str, Any] = {self._cache_kwarg: self.cache}
+        if self._takes_cache_position:
+            kwargs["cache_position"] = position_ids[0]  # [T]: every row is at the same position
+        out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1]
 
-    torch._dynamo.reset()
-    base.forward = forward
-    try:
-        yield decoding
-    finally:
-        base.__dict__.pop("forward", None)  # the class's eager forward again
-        torch._dynamo.reset()
+    def _step(self) -> None:
+        # One token for every row; all state stays in tensors, so a graph replay repeats it exactly.
+        logits = self._forward(self.token, self.position)  # [B, V]
+        self.token.copy_(logits.argmax(-1, keepdim=True))
+        self.position.add_(1)
+
+    def _prefill(self, input_ids: torch.Tensor) -> None:
+        self.cache.reset()  # in place: the cache keeps its addresses
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=self.device).expand(batch, length)  # [B, T]
+        self.token.copy_(self._forward(input_ids, positions).argmax(-1, keepdim=True))
+        self.position.fill_(length)
+
+    def _warm_up(self) -> None:
+        """Compile the step and capture its graph. The steps run here advance the state: prefill again after."""
+        self._warm = True
+        if not self._want_graph:
+            self._compiled()
+            return
+        # Warm-up on a side stream, as torch.cuda.graphs asks: compilation and autotuning happen here.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._compiled()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the step's kernels; nothing runs
+            self._compiled()
+        self._graph = graph
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` ([B, T], no padding): exactly ``new_tokens`` tokens, [B, N].
+
+        Raises:
+            ValueError: the prompt and new tokens do not fit the cache, or the batch differs.
+        """
+        if input_ids.shape[0] != self.token.shape[0] or input_ids.shape[1] + new_tokens > self.max_len:
+            raise ValueError(f"prompt {tuple(input_ids.shape)} + {new_tokens} new tokens does not fit this decoder "
+                             f"(batch {self.token.shape[0]}, {self.max_len} tokens); make a decoder for that size")
+        self._prefill(input_ids)
+        if new_tokens > 1 and not self._warm:
+            self._warm_up()
+            self._prefill(input_ids)
+        tokens = [self.token.clone()]
+        for _ in range(new_tokens - 1):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._compiled()
+            tokens.append(self.token.clone())
+        return torch.cat(tokens, dim=1)

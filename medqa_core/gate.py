@@ -73,7 +73,8 @@ SPEED = ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "d
 MEMORY = ("peak_mem_gib", "host_rss_gib")
 # What a benchmark case did (as bench/ puts it in extra_info): speed and memory compare only when these match.
 WORKLOAD_KEYS = ("batch_size", "seq_len", "seq_len_max", "tokens_per_step", "questions", "eval_batch_size",
-                 "new_tokens", "cache", "compile_mode", "gradient_checkpointing", "packing", "prompt_tokens")
+                 "new_tokens", "cache", "compile_mode", "decode_loop", "gradient_checkpointing", "packing",
+                 "prompt_tokens")
 # Config entries of a run record that say where, not what: they may differ between comparable runs.
 _CONFIG_IGNORED = ("results_dir", "backend", "model.path", "model.allow_pickle", "data.data_dir",
                    "train.checkpoint_every", "train.keep_checkpoints")

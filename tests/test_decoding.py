@@ -1,4 +1,4 @@
-"""The compiled decode path: a static cache Dynamo does not recompile, and the eager tokens."""
+"""The compiled decode path: a static cache Dynamo does not recompile, the eager tokens, one graph."""
 
 from __future__ import annotations
 
@@ -6,17 +6,37 @@ import pytest
 import torch
 
 from medqa_core.config import PRESET_COMMON
-from medqa_core.decoding import compiled_decoding, static_cache
+from medqa_core.decoding import StaticDecoder, static_cache
 from tests.conftest import TINY
 
 # Mistral-7B-v0.1 has a 4,096-token sliding window; a window of 64 puts the test's prompt + new tokens inside it.
 WINDOW = 64
+PROMPT, NEW = 20, 8
 
 
 def _config(sliding_window: int | None):
     from transformers import MistralConfig
 
     return MistralConfig(**{**PRESET_COMMON, **TINY, "sliding_window": sliding_window})
+
+
+def _fp32_model(device: str):
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(_config(WINDOW)).to(device).eval()  # fp32: greedy tokens compare exactly
+
+
+def _eager_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                         min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]  # [B, NEW]
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 @pytest.mark.parametrize(("window", "max_len", "layers"), [(None, 32, "full"), (WINDOW, 32, "full"),
@@ -27,33 +47,53 @@ def test_static_cache_is_full_within_the_window(window, max_len, layers) -> None
     assert [layer.is_sliding for layer in cache.layers] == [layers == "sliding"] * TINY["num_hidden_layers"]
 
 
-def test_compiled_decoding_gives_the_eager_tokens_from_one_graph() -> None:
-    # Before static_cache used full layers inside the window, the sliding layers' Python-int position made
-    # Dynamo recompile every step (8 graphs, then eager): the count below is what caught it.
-    from torch._dynamo.utils import counters
-    from transformers import MistralForCausalLM
-
-    torch.manual_seed(0)
-    model = MistralForCausalLM(_config(WINDOW)).eval()  # fp32: greedy tokens compare exactly
-    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (1, 20))  # [1, T]
-    new = 8
-
-    def generate(**options) -> torch.Tensor:
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False, pad_token_id=0, **options)
-
-    eager = generate()
-    with compiled_decoding(model, ids.shape[1] + new, "default") as decoding:
-        graphs_before = counters["stats"]["unique_graphs"]
-        first = generate(**decoding.generate_options())
-        second = generate(**decoding.generate_options())  # the same cache, reset in place
-        decoding.skip_guards()
-        unguarded = generate(**decoding.generate_options())
-        graphs = counters["stats"]["unique_graphs"] - graphs_before
-        assert "forward" in model.__dict__
-    assert graphs == 1  # one [1, 1] decode step; the prefill ran eagerly
-    assert decoding.cache_layers == "full"
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_decoder_gives_the_eager_tokens_from_one_graph(batch) -> None:
+    # With sliding cache layers, their Python-int position made Dynamo recompile every step (7 graphs
+    # for 8 tokens, then eager): the graph count is what caught it.
+    model = _fp32_model("cpu")
+    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (batch, PROMPT))  # [B, T]
+    eager = _eager_tokens(model, ids)
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, batch=batch, max_len=PROMPT + NEW, use_graph=True)
+    before = _graphs()
+    first = decoder.generate(ids, NEW)
+    again = decoder.generate(ids, NEW)  # the same cache, reset in place
+    assert _graphs() - before == 1  # one compiled step; the prefill ran eagerly
+    assert decoder.setup.cache_layers == "full" and decoder.setup.graph == "none: graphs need a GPU"
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
-    torch.testing.assert_close(second, eager, rtol=0, atol=0)
-    torch.testing.assert_close(unguarded, eager, rtol=0, atol=0)
-    assert "forward" not in model.__dict__  # the class's eager forward is back
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    torch.testing.assert_close(decoder.generate(ids, 1), eager[:, :1], rtol=0, atol=0)  # prefill only
+
+
+def test_static_decoder_refuses_what_its_cache_cannot_hold() -> None:
+    decoder = StaticDecoder(_fp32_model("cpu"), batch=1, max_len=PROMPT + NEW, use_graph=False)
+    with pytest.raises(ValueError, match="does not fit this decoder"):
+        decoder.generate(torch.ones(1, PROMPT, dtype=torch.long), NEW + 1)
+    with pytest.raises(ValueError, match="batch 1"):
+        decoder.generate(torch.ones(2, PROMPT, dtype=torch.long), NEW)
+
+
+def test_static_decoder_runs_the_qlora_model(tiny_session) -> None:
+    # bitsandbytes' 4-bit matmul is a registered custom op, so it stays inside the compiled step.
+    torch._dynamo.reset()
+    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (1, PROMPT))
+    before = _graphs()
+    decoder = StaticDecoder(tiny_session.model, batch=1, max_len=PROMPT + NEW, use_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = decoder.generate(ids, NEW)
+    assert tokens.shape == (1, NEW) and int(tokens.min()) >= 0 and int(tokens.max()) < PRESET_COMMON["vocab_size"]
+    assert _graphs() - before == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+def test_static_decoder_replays_one_graph_on_a_gpu() -> None:
+    model = _fp32_model("cuda")
+    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (1, PROMPT), device="cuda")
+    eager = _eager_tokens(model, ids)
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, batch=1, max_len=PROMPT + NEW, use_graph=True)
+    first, again = decoder.generate(ids, NEW), decoder.generate(ids, NEW)
+    assert decoder.setup.graph == ("HIP graph" if torch.version.hip else "CUDA graph")
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
