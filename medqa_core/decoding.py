@@ -1,10 +1,10 @@
 """The hardware-bound decode path: a static KV cache, one compiled step per token, replayed as a graph.
 
 Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the device (about 1% of
-the memory-bandwidth roofline on an H200), so CUDA and ROCm would look alike for the wrong reason.
-Compiling the step inside ``generate`` is not enough: measured with torch.profiler on an H200, each
-step still paid ~7 ms of Dynamo's guard checks (one per parameter and 4-bit quantization state) and
-~2 ms of generate's own Python, against ~8 ms of GPU work.
+the memory-bandwidth roofline in our GPU bench files), so CUDA and ROCm would look alike for the wrong
+reason. Compiling the step inside ``generate`` is not enough: under torch.profiler each step still
+spent more host time in Dynamo's guard checks (one per parameter and 4-bit quantization state) and in
+generate's own Python than the GPU spent on the step (PERFORMANCE.md, "Decode at batch 1").
 
 So :class:`StaticDecoder` runs the loop itself, as gpt-fast does. The prompt's prefill runs eagerly
 into a static cache (which allocates the cache at fixed addresses); the one-token step (forward,
@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:

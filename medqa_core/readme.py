@@ -150,24 +150,28 @@ TRAIN_SPLIT_QUESTIONS = 10_178
 TEST_QUESTIONS = 1_273
 
 
-def _latest_gpu_bench(results: Path) -> tuple[str, dict] | None:
-    """(``machine folder/file name``, data) of the newest GPU bench file that ran training profiles."""
-    found = []
+def _latest_gpu_benches(results: Path) -> list[tuple[str, dict]]:
+    """(``machine folder/file name``, data) of the newest bench file with training profiles, one per GPU model."""
+    newest: dict[str, tuple[str, str, dict]] = {}
     for path in sorted((results / "bench").glob("*/*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
-        names = [b["name"] for b in data["benchmarks"]]
-        if data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name") and \
-                any(n.startswith("test_train_profile") for n in names):
-            found.append((data.get("datetime", ""), f"{path.parent.name}/{path.name}", data))
-    return (max(found)[1], max(found)[2]) if found else None
+        gpu = data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name")
+        if gpu and any(b["name"].startswith("test_train_profile") for b in data["benchmarks"]):
+            found = (data.get("datetime", ""), f"{path.parent.name}/{path.name}", data)
+            newest[gpu] = max(newest.get(gpu, found), found, key=lambda f: f[:2])
+    return [(f, data) for _, f, data in sorted(newest.values(), key=lambda f: f[1])]
 
 
 def performance_table(results: Path) -> str:
-    """Issue targets against the newest GPU bench run: every figure from that one run, ours beside the reference."""
-    latest = _latest_gpu_bench(results)
-    if latest is None:
+    """Issue targets against the newest GPU bench run of each card: each table's figures from one run."""
+    runs = _latest_gpu_benches(results)
+    if not runs:
         return "(no GPU bench run with training profiles yet)"
-    f, data = latest
+    return "\n\n".join(_performance_rows(f, data) for f, data in runs)
+
+
+def _performance_rows(f: str, data: dict) -> str:
+    """One run's table: ours beside the reference arm measured in the same run."""
     cases = {b["name"]: b for b in data["benchmarks"]}
     ours = [b["extra_info"] for n, b in cases.items() if n.startswith("test_train_ours") or
             n.startswith("test_train_profile")]
@@ -193,9 +197,42 @@ def performance_table(results: Path) -> str:
                 f"(computed, not a run of the train split) | {'yes' if minutes <= 10 else 'no'} |")
     for b in (b for n, b in cases.items() if n.startswith("test_scoring")):
         e, round_s = b["extra_info"], b["stats"]["median"]  # a round also tokenizes the questions
-        rows.append(f"| scoring 1,273 test questions in <= 20 s | {round_s:.1f} s a round, tokenization included "
-                    f"({TEST_QUESTIONS / e['questions_per_s']:.1f} s of model time, {e['questions_per_s']:.1f} "
-                    f"questions/s, 4-bit 7B) | {'yes' if round_s <= 20 else 'no'} |")
+        n = e.get("questions")
+        met = ("yes" if round_s <= 20 else "no") if n == TEST_QUESTIONS else f"not measured: {n} questions scored"
+        rows.append(f"| scoring 1,273 test questions in <= 20 s | {round_s:.1f} s a round for {n} questions, "
+                    f"tokenization included ({n / e['questions_per_s']:.1f} s of model time, "
+                    f"{e['questions_per_s']:.1f} questions/s, 4-bit 7B) | {met} |")
+    return "\n".join(rows)
+
+
+def _decode_path(e: dict) -> str:
+    """How a compiled-decode case ran, in words (older files ran the compiled step inside ``generate``)."""
+    if e.get("decode_loop"):
+        return f"`{e['decode_loop']}`, {e.get('graph')}"
+    mode = e.get("compile_mode_ran") or e.get("compile_mode")
+    return f"`generate`, forward compiled ({mode})" + (", guard checks skipped" if e.get("guards_skipped") else "")
+
+
+def decode_table(results: Path) -> str:
+    """Eager ``generate`` beside the compiled decode path, from each bench file that ran both."""
+    rows = ["| file | device | compiled path | eager `generate` | compiled | speed-up | first call (compile) "
+            "| joules/token eager, compiled |", "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((results / "bench").glob("*/*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        cases = {b["name"].split("[")[0]: b["extra_info"] for b in data["benchmarks"]}
+        eager, compiled = cases.get("test_decode_eager"), cases.get("test_decode_compiled")
+        if not (eager and compiled and eager.get("decode_tokens_per_s") and compiled.get("decode_tokens_per_s")):
+            continue
+        first = compiled.get("first_call_s") or compiled.get("first_generate_s")
+        joules = [e.get("joules_per_token") for e in (eager, compiled)]
+        rows.append(
+            f"| [{path.name}](results/bench/{path.parent.name}/{path.name}) | {_bench_device(data)} "
+            f"| {_decode_path(compiled)} | {eager['decode_tokens_per_s']:,.1f} tokens/s "
+            f"({_pct(eager.get('roofline_fraction'))} of roofline) | {compiled['decode_tokens_per_s']:,.1f} tokens/s "
+            f"({_pct(compiled.get('roofline_fraction'))}) "
+            f"| {compiled['decode_tokens_per_s'] / eager['decode_tokens_per_s']:.1f}x "
+            f"| {f'{first:.0f} s' if first else '-'} "
+            f"| {', '.join(f'{j:.2f} J' if isinstance(j, float) else '-' for j in joules)} |")
     return "\n".join(rows)
 
 
@@ -299,6 +336,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "verdict": report_verdict, "performance": performance_table, "profiles": profile_tables,
     "gate-noise": gate_noise_tables,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
+    "decode": decode_table,
 }
 
 
