@@ -102,36 +102,43 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                                         lambda n: _generate(model, ids, n, pad_id, session.attention))
             benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings))
         else:
-            fallback = None
+            counts_before = _dynamo_counts()
             try:
-                for use_graph in dict.fromkeys((device.type == "cuda", False)):
-                    decoder = StaticDecoder(model, batch=1, max_len=seq_len + new_tokens, use_graph=use_graph)
-                    counts_before = _dynamo_counts()
-                    try:
-                        # The first call compiles the step and captures its graph: the cost a user pays
-                        # once per process, recorded apart from the timed rounds.
-                        with Timer(device) as first_call:
-                            _static_decode(decoder, ids, new_tokens, session.attention)()
-                    except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
-                        if is_oom(e):
-                            raise
-                        # Fall back visibly (no graph, still compiled); the reason goes in the record.
-                        fallback = f"{decoder.setup.graph} failed: {str(e).strip().splitlines()[0][:200]}"
-                        logger.warning("decode: %s", fallback)
-                        torch._dynamo.reset()
-                        continue
-                    rounds, ttft = _time_decode(
-                        case, bench_options, lambda n, d=decoder: _static_decode(d, ids, n, session.attention))
-                    counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
-                    benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings), dynamo=counts,
-                                                first_call_s=first_call.elapsed_s, fallback=fallback,
-                                                **dataclasses.asdict(decoder.setup))
-                    break
-                else:
-                    pytest.skip(f"static cache + torch.compile cannot run here: {fallback}")
+                decoder, first_call_s, fallback = _warm_decoder(model, ids, new_tokens, session.attention, device)
+                rounds, ttft = _time_decode(case, bench_options,
+                                            lambda n: _static_decode(decoder, ids, n, session.attention))
+                # Graphs compiled in this case (a failed graph attempt's included): 1 when all went well.
+                counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
             finally:
                 torch._dynamo.reset()  # drop the compiled step (and the graph's memory, with the decoder)
+            benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings), dynamo=counts,
+                                        first_call_s=first_call_s, fallback=fallback,
+                                        **dataclasses.asdict(decoder.setup))
         benchmark.extra_info.update(case.session_info(session))
+
+
+def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: AttentionChoice,
+                  device: torch.device) -> tuple[StaticDecoder, float, str | None]:
+    """A StaticDecoder that has compiled its step: with a CUDA/HIP graph on a GPU, else visibly without.
+
+    Returns:
+        The decoder; its first call's seconds (compile and graph capture, paid once per process, kept
+        apart from the timed rounds); why the graph was dropped, or None.
+    """
+    fallback = None
+    for use_graph in dict.fromkeys((device.type == "cuda", False)):
+        decoder = StaticDecoder(model, batch=1, max_len=ids.shape[1] + new_tokens, use_graph=use_graph)
+        try:
+            with Timer(device) as first_call:
+                _static_decode(decoder, ids, new_tokens, attention)()
+            return decoder, first_call.elapsed_s, fallback
+        except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
+            if is_oom(e):
+                raise
+            fallback = f"{decoder.setup.graph} failed: {str(e).strip().splitlines()[0][:200]}"
+            logger.warning("decode: %s", fallback)
+            torch._dynamo.reset()
+    pytest.skip(f"static cache + torch.compile cannot run here: {fallback}")
 
 
 def _time_decode(case: Any, bench_options: Any, generate: Callable[[int], Callable[[], int]]) -> tuple[Any, Stats]:

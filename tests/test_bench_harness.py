@@ -38,8 +38,6 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     cmd = [
         sys.executable, "-m", "pytest", str(BENCH), *TINY, "--attn", attn, "-p", "no:cacheprovider", "-rs",
-        # The static-cache compile alone takes about a minute on CPU; bench_infer skips it where it cannot run.
-        "-k", "not compiled",
         "-p", "oom_injection", "--inject-oom", OOM_CASE,
         # Profile cases without compiling (compile time would dominate a tiny run): the fields are what is checked.
         "--train-profiles", f"eager,{CAPPED}",
@@ -97,9 +95,15 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     if decode["decode_tokens_per_s"] is not None:  # None only when generate(3) was not slower than generate(1)
         assert decode["roofline_fraction"] == pytest.approx(
             decode["decode_tokens_per_s"] * decode["weight_bytes_per_token"] / decode["copy_bandwidth_bytes_per_s"])
+    static = cases["test_decode_compiled[sdpa]"]["extra_info"]
+    assert static["new_tokens"] == 3 and static["decode_loop"] == "StaticDecoder" and static["cache"] == "static"
+    assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles
+    assert static["cache_layers"] == "full" and static["first_call_s"] > 0 and static["fallback"] is None
+    assert static["graph"] == ("none: graphs need a GPU" if not torch.cuda.is_available() else
+                               "HIP graph" if torch.version.hip else "CUDA graph")
     scoring = cases["test_scoring[sdpa]"]["extra_info"]
     assert scoring["questions_per_s"] > 0 and scoring["questions"] == 6
-    for info in (prefill, decode, scoring):
+    for info in (prefill, decode, static, scoring):
         energy = info["joules_per_token"]
         assert energy == "unavailable" or energy > 0
 
