@@ -418,7 +418,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from medqa_core.gate import GateError
     from medqa_core.model import ModelLoadError
     from medqa_core.record import RecordError
-    from medqa_core.report import ReportError
+    from medqa_core.summary import ReportError
 
     return (AttentionError, CheckpointError, MedQADataError, BackendError, GateError, ModelLoadError, RecordError,
             ReportError)

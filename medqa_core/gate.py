@@ -1,7 +1,7 @@
 """Regression gate: a candidate run against a baseline on speed, memory, accuracy and parity.
 
 ``medqa-parity gate --baseline RUN --candidate RUN`` reads both files with the report's loaders
-(:func:`medqa_core.report.summarize_file` and the summaries under it), matches their cases (a
+(:func:`medqa_core.summary.summarize_file` and the summaries under it), matches their cases (a
 pytest-benchmark file by case name: arm, kernel and parameters, e.g. ``test_train_ours[sdpa]``;
 a run record with the other file's record) and checks every metric both sides measured against a
 threshold from ``[tool.medqa-parity.gate]`` in pyproject.toml:
@@ -52,15 +52,12 @@ from medqa_core.parity import (
     pair_questions,
 )
 from medqa_core.record import RunRecord, record_from_dict
-from medqa_core.report import (
+from medqa_core.report import check_comparable, compare_runs, flatten_dict, markdown_table
+from medqa_core.summary import (
     METRICS,
     PhaseScores,
     ReportError,
     RunSummary,
-    check_comparable,
-    compare_runs,
-    flatten_dict,
-    markdown_table,
     read_json,
     summarize_benchmark,
     summarize_file,
@@ -319,7 +316,7 @@ def cases_from_benchmark(data: Mapping[str, Any], path: str) -> tuple[GateCase, 
 def load_cases(path: str | Path) -> tuple[GateCase, ...]:
     """Read a run record or a pytest-benchmark file into gate cases.
 
-    The report's :func:`~medqa_core.report.summarize_file` checks the file first (kind, schema
+    The report's :func:`~medqa_core.summary.summarize_file` checks the file first (kind, schema
     version, fields); the gate then splits a benchmark file into its cases.
 
     Args:

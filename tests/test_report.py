@@ -21,18 +21,8 @@ from medqa_core.record import (
     TrainResult,
     save_record,
 )
-from medqa_core.report import (
-    BASE,
-    FINE_TUNED,
-    ReportError,
-    build_report,
-    load_inputs,
-    make_report,
-    markdown_table,
-    metrics_table,
-    summarize_benchmark,
-    summarize_file,
-)
+from medqa_core.report import build_report, make_report, markdown_table, metrics_table
+from medqa_core.summary import BASE, FINE_TUNED, ReportError, load_inputs, summarize_benchmark, summarize_file
 
 N = 300
 QUANT = {"method": "bnb-nf4", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "bfloat16",
