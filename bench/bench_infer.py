@@ -1,11 +1,11 @@
 """Inference speed of ours (NF4 base + LoRA): prefill and time to first token, decode against its
 roofline, option-scoring questions/s.
 
-Prefill and decode use real MedQA prompt tokens, exactly ``--bench-seq-len`` per row, through
-``generate`` (greedy). Decode runs at batch 1 twice: plain eager ``generate``, and the
-hardware-bound path (medqa_core.decoding.StaticDecoder): a static KV cache, the one-token step
-compiled and, on a GPU, replayed as one CUDA/HIP graph. Each decode figure is also given as a
-fraction of its roofline: copy bandwidth measured in this run / weight bytes read per token.
+Prefill and decode use real MedQA prompt tokens, exactly ``--bench-seq-len`` per row, at batch 1
+and at the bench batch. Decode runs twice: plain eager ``generate`` (greedy), and the hardware-bound
+path (medqa_core.decoding.StaticDecoder): a static KV cache, the one-token step compiled and, on a
+GPU, replayed as one CUDA/HIP graph. Each decode figure is also given as a fraction of its roofline:
+rows x copy bandwidth measured in this run / weight bytes read per step.
 """
 
 from __future__ import annotations
@@ -87,20 +87,20 @@ def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: 
 
 
 def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor], bench_options: Any,
-            ceilings: dict[str, Any], device: torch.device, attn: str, compiled: bool) -> None:
+            ceilings: dict[str, Any], device: torch.device, attn: str, batch: int, compiled: bool) -> None:
     seq_len, new_tokens = bench_options.seq_len, bench_options.decode_tokens
-    with case.guard(arm="ours", attention_requested=attn, batch_size=1, seq_len=seq_len, new_tokens=new_tokens,
+    with case.guard(arm="ours", attention_requested=attn, batch_size=batch, seq_len=seq_len, new_tokens=new_tokens,
                     cache="static" if compiled else "dynamic", compile_mode="default" if compiled else None,
                     **({"decode_loop": "StaticDecoder"} if compiled else {})):
         session = models.ours(attn)
         model = session.model
         model.eval()
-        ids = prompt_ids(1).to(device)  # [1, T]
+        ids = prompt_ids(batch).to(device)  # [B, T]
         if not compiled:
             pad_id = session.tokenizer.pad_token_id
             rounds, ttft = _time_decode(case, bench_options,
                                         lambda n: _generate(model, ids, n, pad_id, session.attention))
-            benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings))
+            benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings, batch))
         else:
             counts_before = _dynamo_counts()
             try:
@@ -111,7 +111,7 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                 counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
             finally:
                 torch._dynamo.reset()  # drop the compiled step (and the graph's memory, with the decoder)
-            benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings), dynamo=counts,
+            benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings, batch), dynamo=counts,
                                         first_call_s=first_call_s, fallback=fallback,
                                         **dataclasses.asdict(decoder.setup))
         benchmark.extra_info.update(case.session_info(session))
@@ -127,7 +127,7 @@ def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: Att
     """
     fallback = None
     for use_graph in dict.fromkeys((device.type == "cuda", False)):
-        decoder = StaticDecoder(model, batch=1, max_len=ids.shape[1] + new_tokens, use_graph=use_graph)
+        decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new_tokens, use_graph=use_graph)
         try:
             with Timer(device) as first_call:
                 _static_decode(decoder, ids, new_tokens, attention)()
@@ -149,38 +149,45 @@ def _time_decode(case: Any, bench_options: Any, generate: Callable[[int], Callab
     return rounds, ttft
 
 
-def _decode_info(case: Any, rounds: Any, ttft: Stats, model: Any, ceilings: dict[str, Any]) -> dict[str, Any]:
-    """Decode tokens/s, and the same as a fraction of its roofline (copy bandwidth / weight bytes per token)."""
+def _decode_info(case: Any, rounds: Any, ttft: Stats, model: Any, ceilings: dict[str, Any],
+                 batch: int) -> dict[str, Any]:
+    """Decode tokens/s over all rows, and the same as a fraction of its roofline.
+
+    The roofline: each step reads the weights once for all ``batch`` rows, so at most
+    ``batch`` x copy bandwidth / weight bytes tokens/s (the KV cache's bytes left out).
+    """
     generate_s: Stats = rounds.stats
-    produced = rounds.outputs[0]
+    produced = rounds.outputs[0]  # new tokens per row
     # generate(N) = prefill and first token + (N - 1) decode steps; generate(1) times the former.
     decode_s = generate_s.median - ttft.median
-    decode_tokens_per_s = (produced - 1) / decode_s if decode_s > 0 else None
+    decode_tokens_per_s = batch * (produced - 1) / decode_s if decode_s > 0 else None
     weight_bytes = weight_bytes_per_token(model)
     bandwidth = ceilings.get("copy_bandwidth_bytes_per_s")
-    roofline = bandwidth / weight_bytes if bandwidth else None
+    roofline = batch * bandwidth / weight_bytes if bandwidth else None
     return dict(
         new_tokens=produced, generate_s_median=generate_s.median, generate_s_iqr=generate_s.iqr,
         timed_rounds=generate_s.n, ttft_s_median=ttft.median, decode_tokens_per_s=decode_tokens_per_s,
-        generate_tokens_per_s=produced / generate_s.median, weight_bytes_per_token=weight_bytes,
+        generate_tokens_per_s=batch * produced / generate_s.median, weight_bytes_per_token=weight_bytes,
         copy_bandwidth_bytes_per_s=bandwidth, roofline_tokens_per_s=roofline,
         roofline_fraction=decode_tokens_per_s / roofline if roofline and decode_tokens_per_s else None,
-        joules_per_token=case.joules_per(rounds, produced), **case.memory_info(rounds),
+        joules_per_token=case.joules_per(rounds, batch * produced), **case.memory_info(rounds),
     )
 
 
 @pytest.mark.benchmark(group="decode")
 def test_decode_eager(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor],
-                      bench_options: Any, ceilings: dict[str, Any], device: torch.device, attn: str) -> None:
-    _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, compiled=False)
+                      bench_options: Any, ceilings: dict[str, Any], device: torch.device, attn: str,
+                      decode_batch: int) -> None:
+    _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, decode_batch, compiled=False)
 
 
 @pytest.mark.benchmark(group="decode")
 def test_decode_compiled(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor],
-                         bench_options: Any, ceilings: dict[str, Any], device: torch.device, attn: str) -> None:
+                         bench_options: Any, ceilings: dict[str, Any], device: torch.device, attn: str,
+                         decode_batch: int) -> None:
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip(f"torch.compile is not supported with Python/torch {torch.__version__} here")
-    _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, compiled=True)
+    _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, decode_batch, compiled=True)
 
 
 @pytest.mark.benchmark(group="scoring")

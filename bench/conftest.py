@@ -202,8 +202,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("attn", opts.attn)
     if "profile" in metafunc.fixturenames:
         metafunc.parametrize("profile", opts.train_profiles)
-    if "prefill_batch" in metafunc.fixturenames:
-        metafunc.parametrize("prefill_batch", sorted({1, opts.batch_size}), ids=lambda b: f"batch{b}")
+    # Inference at one request and at the bench batch: latency, and throughput when rows share a weight read.
+    for name in ("prefill_batch", "decode_batch"):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, sorted({1, opts.batch_size}), ids=lambda b: f"batch{b}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -214,25 +214,27 @@ def _decode_path(e: dict) -> str:
 
 
 def decode_table(results: Path) -> str:
-    """Eager ``generate`` beside the compiled decode path, from each bench file that ran both."""
-    rows = ["| file | device | compiled path | eager `generate` | compiled | speed-up | first call (compile) "
-            "| joules/token eager, compiled |", "|---|---|---|---|---|---|---|---|"]
+    """Eager ``generate`` beside the compiled decode path, per batch size, from each bench file that ran both."""
+    rows = ["| file | device | batch | compiled path | eager `generate` | compiled | speed-up | first call (compile) "
+            "| joules/token eager, compiled |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted((results / "bench").glob("*/*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
-        cases = {b["name"].split("[")[0]: b["extra_info"] for b in data["benchmarks"]}
-        eager, compiled = cases.get("test_decode_eager"), cases.get("test_decode_compiled")
-        if not (eager and compiled and eager.get("decode_tokens_per_s") and compiled.get("decode_tokens_per_s")):
-            continue
-        first = compiled.get("first_call_s") or compiled.get("first_generate_s")
-        joules = [e.get("joules_per_token") for e in (eager, compiled)]
-        rows.append(
-            f"| [{path.name}](results/bench/{path.parent.name}/{path.name}) | {_bench_device(data)} "
-            f"| {_decode_path(compiled)} | {eager['decode_tokens_per_s']:,.1f} tokens/s "
-            f"({_pct(eager.get('roofline_fraction'))} of roofline) | {compiled['decode_tokens_per_s']:,.1f} tokens/s "
-            f"({_pct(compiled.get('roofline_fraction'))}) "
-            f"| {compiled['decode_tokens_per_s'] / eager['decode_tokens_per_s']:.1f}x "
-            f"| {f'{first:.0f} s' if first else '-'} "
-            f"| {', '.join(f'{j:.2f} J' if isinstance(j, float) else '-' for j in joules)} |")
+        cases = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
+        for name, compiled in cases.items():
+            eager = cases.get(name.replace("test_decode_compiled", "test_decode_eager"))
+            if not (name.startswith("test_decode_compiled") and eager and eager.get("decode_tokens_per_s")
+                    and compiled.get("decode_tokens_per_s")):
+                continue
+            first = compiled.get("first_call_s") or compiled.get("first_generate_s")
+            joules = [e.get("joules_per_token") for e in (eager, compiled)]
+            rows.append(
+                f"| [{path.name}](results/bench/{path.parent.name}/{path.name}) | {_bench_device(data)} "
+                f"| {compiled.get('batch_size', 1)} | {_decode_path(compiled)} "
+                f"| {eager['decode_tokens_per_s']:,.1f} tokens/s ({_pct(eager.get('roofline_fraction'))} of roofline) "
+                f"| {compiled['decode_tokens_per_s']:,.1f} tokens/s ({_pct(compiled.get('roofline_fraction'))}) "
+                f"| {compiled['decode_tokens_per_s'] / eager['decode_tokens_per_s']:.1f}x "
+                f"| {f'{first:.0f} s' if first else '-'} "
+                f"| {', '.join(f'{j:.2f} J' if isinstance(j, float) else '-' for j in joules)} |")
     return "\n".join(rows)
 
 

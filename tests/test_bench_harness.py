@@ -89,21 +89,26 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     prefill = cases["test_prefill[sdpa-batch1]"]["extra_info"]
     assert prefill["ttft_s_median"] > 0
     assert prefill["prefill_tokens_per_s"] == pytest.approx(32 / prefill["ttft_s_median"])
-    decode = cases["test_decode_eager[sdpa]"]["extra_info"]
-    assert decode["new_tokens"] == 3  # min_new_tokens = max_new_tokens: EOS does not stop it early
-    assert decode["weight_bytes_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
-    if decode["decode_tokens_per_s"] is not None:  # None only when generate(3) was not slower than generate(1)
-        assert decode["roofline_fraction"] == pytest.approx(
-            decode["decode_tokens_per_s"] * decode["weight_bytes_per_token"] / decode["copy_bandwidth_bytes_per_s"])
-    static = cases["test_decode_compiled[sdpa]"]["extra_info"]
-    assert static["new_tokens"] == 3 and static["decode_loop"] == "StaticDecoder" and static["cache"] == "static"
-    assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles
-    assert static["cache_layers"] == "full" and static["first_call_s"] > 0 and static["fallback"] is None
-    assert static["graph"] == ("none: graphs need a GPU" if not torch.cuda.is_available() else
-                               "HIP graph" if torch.version.hip else "CUDA graph")
+    decodes = [cases[f"test_decode_{path}[sdpa-batch{b}]"]["extra_info"] for path in ("eager", "compiled")
+               for b in (1, 2)]
+    for decode in decodes:
+        assert decode["new_tokens"] == 3  # per row; min_new_tokens = max_new_tokens: EOS does not stop it early
+        assert decode["weight_bytes_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
+        assert decode["roofline_tokens_per_s"] == pytest.approx(  # one weight read per step serves every row
+            decode["batch_size"] * decode["copy_bandwidth_bytes_per_s"] / decode["weight_bytes_per_token"])
+        if decode["decode_tokens_per_s"] is not None:  # None only when generate(3) was not slower than generate(1)
+            assert decode["roofline_fraction"] == pytest.approx(
+                decode["decode_tokens_per_s"] / decode["roofline_tokens_per_s"])
+    assert [d["batch_size"] for d in decodes] == [1, 2, 1, 2]
+    for static in decodes[2:]:
+        assert static["decode_loop"] == "StaticDecoder" and static["cache"] == "static"
+        assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles
+        assert static["cache_layers"] == "full" and static["first_call_s"] > 0 and static["fallback"] is None
+        assert static["graph"] == ("none: graphs need a GPU" if not torch.cuda.is_available() else
+                                   "HIP graph" if torch.version.hip else "CUDA graph")
     scoring = cases["test_scoring[sdpa]"]["extra_info"]
     assert scoring["questions_per_s"] > 0 and scoring["questions"] == 6
-    for info in (prefill, decode, static, scoring):
+    for info in (prefill, *decodes, scoring):
         energy = info["joules_per_token"]
         assert energy == "unavailable" or energy > 0
 
@@ -143,7 +148,7 @@ def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> Non
     assert "ttft_s_median" not in cases[OOM_CASE]["extra_info"]  # no figures from a case that did not run
     # Every other case ran after it (ours' train step comes last) and was saved without an OOM.
     expected = {"test_train_reference", "test_accuracy[sdpa]", "test_prefill[sdpa-batch1]", OOM_CASE,
-                "test_decode_eager[sdpa]", "test_scoring[sdpa]", "test_train_ours[sdpa]"}
+                "test_decode_eager[sdpa-batch1]", "test_scoring[sdpa]", "test_train_ours[sdpa]"}
     assert expected <= set(cases)
     assert [name for name in cases if "oom" in cases[name]["extra_info"]] == [OOM_CASE]
 

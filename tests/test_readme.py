@@ -35,12 +35,16 @@ def test_decode_table_sets_the_compiled_path_beside_eager(tmp_path):
     eager = {"decode_tokens_per_s": 10.0, "roofline_fraction": 0.01, "joules_per_token": 9.0}
     compiled = {"decode_tokens_per_s": 120.0, "roofline_fraction": 0.12, "joules_per_token": 3.0,
                 "decode_loop": "StaticDecoder", "graph": "HIP graph", "first_call_s": 50.0}
+    batch8 = {**compiled, "batch_size": 8, "decode_tokens_per_s": 800.0}
     _bench_file(folder, "0001_both", "MI250",
-                {"test_decode_eager[sdpa]": eager, "test_decode_compiled[sdpa]": compiled})
-    _bench_file(folder, "0002_eager-only", "MI250", {"test_decode_eager[sdpa]": eager})
+                {"test_decode_eager[sdpa-batch1]": eager, "test_decode_compiled[sdpa-batch1]": compiled,
+                 "test_decode_eager[sdpa-batch8]": {**eager, "decode_tokens_per_s": 40.0},
+                 "test_decode_compiled[sdpa-batch8]": batch8})
+    _bench_file(folder, "0002_eager-only", "MI250", {"test_decode_eager[sdpa-batch1]": eager})
     rows = readme.decode_table(tmp_path).splitlines()[2:]
-    assert len(rows) == 1 and "0001_both" in rows[0]
+    assert len(rows) == 2 and all("0001_both" in row for row in rows)
     assert "`StaticDecoder`, HIP graph" in rows[0] and "| 12.0x |" in rows[0] and "9.00 J, 3.00 J" in rows[0]
+    assert "| 8 |" in rows[1] and "| 20.0x |" in rows[1]  # each batch against eager at the same batch
 
 
 def test_performance_has_a_table_per_card_and_no_scoring_verdict_on_a_subset(tmp_path):
