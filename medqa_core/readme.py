@@ -92,7 +92,8 @@ def _figure(e: dict) -> str:
                 f"batch {e.get('batch_size')}, checkpointing {e.get('gradient_checkpointing')}"
                 + (f", **{speedup:.2f}x the reference**" if speedup else ""))
     if "decode_tokens_per_s" in e:
-        return f"{e['decode_tokens_per_s']:,.1f} tokens/s at batch 1, {_pct(e.get('roofline_fraction'))} of roofline"
+        return (f"{e['decode_tokens_per_s']:,.1f} tokens/s at batch {e.get('batch_size', 1)}, "
+                f"{_pct(e.get('roofline_fraction'))} of roofline")
     if "prefill_tokens_per_s" in e:
         return f"{e['prefill_tokens_per_s']:,.0f} tokens/s, time to first token {1000 * e['ttft_s_median']:.0f} ms"
     if "questions_per_s" in e:
