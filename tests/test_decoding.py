@@ -87,12 +87,13 @@ def test_static_decoder_runs_the_qlora_model(tiny_session) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
-def test_static_decoder_replays_one_graph_on_a_gpu() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_decoder_replays_one_graph_on_a_gpu(batch) -> None:
     model = _fp32_model("cuda")
-    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (1, PROMPT), device="cuda")
+    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (batch, PROMPT), device="cuda")
     eager = _eager_tokens(model, ids)
     torch._dynamo.reset()
-    decoder = StaticDecoder(model, batch=1, max_len=PROMPT + NEW, use_graph=True)
+    decoder = StaticDecoder(model, batch=batch, max_len=PROMPT + NEW, use_graph=True)
     first, again = decoder.generate(ids, NEW), decoder.generate(ids, NEW)
     assert decoder.setup.graph == ("HIP graph" if torch.version.hip else "CUDA graph")
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
