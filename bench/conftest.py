@@ -168,7 +168,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="comma-separated attention kernels; each is a parameter of the train/infer/accuracy cases "
                      "(default: %(default)s)")
     g.addoption("--bench-batch-size", type=int, default=8,
-                help="train batch, largest prefill batch and scoring batch (default: %(default)s)")
+                help="train batch, and the larger of the two prefill and decode batches (1 and this) "
+                     "(default: %(default)s)")
     g.addoption("--bench-seq-len", type=int, default=256,
                 help="prompt tokens for prefill/decode (default: %(default)s)")
     g.addoption("--questions", type=int, default=None,

@@ -1,7 +1,7 @@
 """The hardware-bound decode path: a static KV cache, one compiled step per token, replayed as a graph.
 
-Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the device (about 1% of
-the memory-bandwidth roofline in our GPU bench files), so CUDA and ROCm would look alike for the wrong
+Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the device (a small fraction
+of the memory-bandwidth roofline in our GPU bench files), so CUDA and ROCm would look alike for the wrong
 reason. Compiling the step inside ``generate`` is not enough: under torch.profiler each step still
 spent more host time in Dynamo's guard checks (one per parameter and 4-bit quantization state) and in
 generate's own Python than the GPU spent on the step (PERFORMANCE.md, "Decode").
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     """A ``StaticCache`` for ``max_len`` tokens of a model with ``config``, and its layer kind.
@@ -88,6 +90,10 @@ class StaticDecoder:
         graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
             "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
         self.setup = DecodeSetup(compile_mode="default", graph=graph, cache_layers=cache_layers)
+        if cache_layers == "sliding":
+            logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
+                           "torch.compile recompile every step, so this does not measure the compiled path; "
+                           "use prompt + new tokens <= the window", max_len, self.base.config.sliding_window)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the last position, [B, V], writing this call's keys and values into the cache."""

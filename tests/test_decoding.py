@@ -74,6 +74,12 @@ def test_static_decoder_refuses_what_its_cache_cannot_hold() -> None:
         decoder.generate(torch.ones(2, PROMPT, dtype=torch.long), NEW)
 
 
+def test_static_decoder_warns_beyond_the_sliding_window(caplog) -> None:
+    decoder = StaticDecoder(_fp32_model("cpu"), batch=1, max_len=WINDOW + 1, use_graph=False)
+    assert decoder.setup.cache_layers == "sliding"
+    assert "exceeds the 64-token sliding window" in caplog.text and "recompile every step" in caplog.text
+
+
 def test_static_decoder_runs_the_qlora_model(tiny_session) -> None:
     # bitsandbytes' 4-bit matmul is a registered custom op, so it stays inside the compiled step.
     torch._dynamo.reset()
