@@ -20,12 +20,12 @@ pytestmark = pytest.mark.benchmark(group="accuracy")
 def test_accuracy(benchmark: Any, case: Any, models: Any, splits: Any, run_config: Any, device: torch.device,
                   attn: str) -> None:
     with case.guard(arm="ours", attention_requested=attn, questions=len(splits.eval),
-                    eval_batch_size=run_config.eval.batch_size):
+                    eval_batch_size=run_config.eval.batch_for(device.type)):
         session = models.ours(attn)
         # One round: the figures are the predictions, not the time (bench_infer's test_scoring times it).
         rounds = case.time(
             lambda: evaluate(session.model, session.tokenizer, splits.eval, run_config.eval, device,
-                             session.attention, splits.eval_name),
+                             session.attention, splits.eval_name, numerics=session.numerics),
             rounds=1, warmup_rounds=0)
         result = rounds.outputs[0]
         benchmark.extra_info.update(

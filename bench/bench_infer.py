@@ -22,23 +22,23 @@ from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.decoding import StaticDecoder
 from medqa_core.evaluate import evaluate
 from medqa_core.hardware import weight_bytes_per_token
-from medqa_core.model import COMPUTE_DTYPE
+from medqa_core.numerics import Numerics, autocast
 from medqa_core.timing import Stats, Timer, is_oom
 
 logger = logging.getLogger("medqa_core.bench")
 
 
 def _generate(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_id: int, attention: AttentionChoice,
-              **options: Any) -> Callable[[], int]:
+              numerics: Numerics, **options: Any) -> Callable[[], int]:
     """A greedy ``generate`` of exactly ``new_tokens`` (min = max, so EOS cannot stop it early).
 
-    Under bf16 autocast, as scoring and training run: LoRA's fp32 weights would otherwise run their
+    Under autocast to the run's compute dtype, as scoring and training run: LoRA's fp32 weights would otherwise run their
     matmuls in fp32.
     """
     mask = torch.ones_like(input_ids)  # [B, T]: rows are full-length prompts, no padding
 
     def run() -> int:
-        with attention_context(attention), torch.autocast(input_ids.device.type, dtype=COMPUTE_DTYPE):
+        with attention_context(attention), autocast(input_ids.device, numerics):
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **options)
         return out.shape[1] - input_ids.shape[1]  # out: [B, T + new]
@@ -55,7 +55,8 @@ def test_prefill(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[i
         session.model.eval()
         ids = prompt_ids(prefill_batch).to(device)  # [B, T]
         # Time to first token is one generate step: the prompt's forward plus picking the token.
-        rounds = case.time(_generate(session.model, ids, 1, session.tokenizer.pad_token_id, session.attention),
+        rounds = case.time(_generate(session.model, ids, 1, session.tokenizer.pad_token_id, session.attention,
+                                     session.numerics),
                            bench_options.infer_rounds, bench_options.warmup_rounds)
         stats = rounds.stats
         prompt_tokens = prefill_batch * seq_len
@@ -76,11 +77,11 @@ def _dynamo_counts() -> dict[str, int]:
 
 
 def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: int,
-                   attention: AttentionChoice) -> Callable[[], int]:
+                   attention: AttentionChoice, numerics: Numerics) -> Callable[[], int]:
     """``new_tokens`` greedy tokens through the static decoder, under the settings ``_generate`` uses."""
 
     def run() -> int:
-        with attention_context(attention), torch.autocast(input_ids.device.type, dtype=COMPUTE_DTYPE):
+        with attention_context(attention), autocast(input_ids.device, numerics):
             return decoder.generate(input_ids, new_tokens).shape[1]
 
     return run
@@ -99,14 +100,17 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
         if not compiled:
             pad_id = session.tokenizer.pad_token_id
             rounds, ttft = _time_decode(case, bench_options,
-                                        lambda n: _generate(model, ids, n, pad_id, session.attention))
+                                        lambda n: _generate(model, ids, n, pad_id, session.attention,
+                                                                    session.numerics))
             benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings, batch))
         else:
             counts_before = _dynamo_counts()
             try:
-                decoder, first_call_s, fallback = _warm_decoder(model, ids, new_tokens, session.attention, device)
+                decoder, first_call_s, fallback = _warm_decoder(model, ids, new_tokens, session.attention,
+                                                                 session.numerics, device)
                 rounds, ttft = _time_decode(case, bench_options,
-                                            lambda n: _static_decode(decoder, ids, n, session.attention))
+                                            lambda n: _static_decode(decoder, ids, n, session.attention,
+                                                                                     session.numerics))
                 # Graphs compiled in this case (a failed graph attempt's included): 1 when all went well.
                 counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
             finally:
@@ -118,7 +122,7 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
 
 
 def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: AttentionChoice,
-                  device: torch.device) -> tuple[StaticDecoder, float, str | None]:
+                  numerics: Numerics, device: torch.device) -> tuple[StaticDecoder, float, str | None]:
     """A StaticDecoder that has compiled its step: with a CUDA/HIP graph on a GPU, else visibly without.
 
     Returns:
@@ -130,7 +134,7 @@ def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: Att
         decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new_tokens, use_graph=use_graph)
         try:
             with Timer(device) as first_call:
-                _static_decode(decoder, ids, new_tokens, attention)()
+                _static_decode(decoder, ids, new_tokens, attention, numerics)()
             return decoder, first_call.elapsed_s, fallback
         except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
             if is_oom(e):
@@ -194,11 +198,11 @@ def test_decode_compiled(benchmark: Any, case: Any, models: Any, prompt_ids: Cal
 def test_scoring(benchmark: Any, case: Any, models: Any, splits: Any, run_config: Any, bench_options: Any,
                  device: torch.device, attn: str) -> None:
     with case.guard(arm="ours", attention_requested=attn, questions=len(splits.eval),
-                    eval_batch_size=run_config.eval.batch_size):
+                    eval_batch_size=run_config.eval.batch_for(device.type)):
         session = models.ours(attn)
         rounds = case.time(
             lambda: evaluate(session.model, session.tokenizer, splits.eval, run_config.eval, device,
-                             session.attention, splits.eval_name),
+                             session.attention, splits.eval_name, numerics=session.numerics),
             bench_options.infer_rounds, bench_options.warmup_rounds)
         # evaluate() times its scoring loop itself (tokenization excluded); the round time includes it.
         per_round = Stats.from_values([r.questions_per_s for r in rounds.outputs])

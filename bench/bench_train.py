@@ -1,51 +1,42 @@
-"""QLoRA train-step throughput on one real MedQA batch: ours per attention kernel vs the guides' recipe.
+"""QLoRA train-step throughput on real MedQA batches: ours per attention kernel and profile vs the guides' recipe.
 
-Both arms step on the same ``TrainExample`` batch (the training loop's first batch), each batching it
-its own way: ours as ``medqa_core.train`` does (packed rows when ``TrainConfig.packing``), the
-reference padded to the longest example. Figures in
-``extra_info``: ``tokens_per_s`` (real, non-pad tokens per step / median step time),
-``step_time_s_median``/``_iqr``, ``mfu`` (4 x all-parameter FLOPs per real token, as the frozen
-base needs no weight gradients, / step time / peak bf16 FLOP/s measured in this run),
-``peak_mem_gib``, ``host_rss_gib``, attention requested and ran, quantization, backend,
-``batch_size``; ours adds ``speedup_vs_reference`` (its tokens/s over the reference's, same run) and
-``compile`` (requested, ran, detail). ``test_train_profile`` runs ours once per ``--train-profiles`` name
-(config.TRAIN_PROFILES: batch size, recomputed layers, compile), on the first batch of that size, and
-records ``memory_cap_gib`` / ``within_memory_cap`` where the profile promises a peak.
+Each case steps over consecutive distinct batches in the training loop's own order (``--warmup-rounds``
+batches untimed, then ``--train-rounds`` timed), as ``medqa-parity run`` does: the same shapes, the same
+compiles, the same memory. Ours batches as ``medqa_core.train`` does (``TrainingStep.collate``: packed
+rows, of one width and even row counts when compiled, with the compile warm-up before the first round);
+the reference pads each batch to its longest example.
+
+The headline ``tokens_per_s`` is what a run reports: real (non-pad) tokens of the timed rounds over
+their summed time. Also in ``extra_info``: ``step_time_s_median``/``_iqr``, ``tokens_per_round``,
+``model_flops_per_s`` (medqa_core.flops: the frozen base needs no weight gradients, the LM head runs
+only at labelled positions, attention per packed example), ``mfu_datasheet`` (over the vendor's dense
+peak of the compute dtype, medqa_core.flops.DATASHEET_PEAKS) and ``mfu`` (over the bf16 matmul peak
+measured in this run), ``peak_mem_gib`` over the real batches, ``host_rss_gib``, ``compute_dtype``,
+attention requested and ran, quantization, backend, ``batch_size``, ``loss_per_round``; ours adds
+``speedup_vs_reference`` (same run) and ``compile`` (graphs, warm-up seconds, recompiles in the rounds).
+``test_train_profile`` runs ours once per ``--train-profiles`` name (config.TRAIN_PROFILES) on its own
+batches and records ``memory_cap_gib`` / ``within_memory_cap`` where the profile promises a peak.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 import torch
 
-from medqa_core.attention import AttentionChoice
-from medqa_core.compiling import with_eager_fallback
 from medqa_core.config import TrainConfig, memory_cap_gib, train_profile
-from medqa_core.data import collate, collate_packed
-from medqa_core.distributed import DistInfo
+from medqa_core.data import TrainExample
 from medqa_core.fingerprint import detect_backend
+from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import count_parameters
+from medqa_core.numerics import Numerics
 from medqa_core.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.train import (
-    apply_model_settings,
-    make_optimizer,
-    reset_model_settings,
-    train_step,
-    wrap_data_parallel,
-)
+from medqa_core.train import prepare_training
 
 pytestmark = pytest.mark.benchmark(group="train")
-
-
-def _our_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, attention: AttentionChoice,
-              batch: dict[str, torch.Tensor], device: torch.device) -> Callable[[], float]:
-    """One step exactly as medqa_core.train.train's loop runs it (forward, backward, AdamW, schedule)."""
-    step_loss = wrap_data_parallel(model, device, DistInfo())
-    return lambda: train_step(step_loss, optimizer, scheduler, batch, device, attention)
 
 
 def _cpu_packed(model: torch.nn.Module) -> bool:
@@ -54,43 +45,67 @@ def _cpu_packed(model: torch.nn.Module) -> bool:
     return any(getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False) for p in model.parameters())
 
 
-def _train_info(case: Any, rounds: Any, model: torch.nn.Module, n_tokens: int, padded_tokens: int,
-                ceilings: dict[str, Any]) -> dict[str, Any]:
+def _rounds_over(batches: Sequence[Any], step: Callable[[Any], float]) -> Callable[[], float]:
+    """A target that steps on the next batch at each call: round k runs batch k (warm-up rounds first)."""
+    position = iter(range(len(batches)))
+    return lambda: step(batches[next(position)])
+
+
+def _train_info(case: Any, rounds: Any, model: torch.nn.Module, examples: Sequence[list[TrainExample]],
+                padded_tokens: Sequence[int], numerics: Numerics, ceilings: dict[str, Any],
+                device: torch.device) -> dict[str, Any]:
+    """The case's figures over its timed rounds; ``examples``/``padded_tokens`` are per round, warm-up included."""
+    timed = slice(len(examples) - len(rounds.times_s), None)  # the timed rounds are the last ones
+    tokens = [sum(e.n_tokens for e in batch) for batch in examples[timed]]
+    shape = ModelShape.from_config(model.config)
+    flops = sum(train_step_flops(shape, [e.n_tokens for e in batch], sum(e.n_labels for e in batch))
+                for batch in examples[timed])
+    seconds = sum(rounds.times_s)
     stats = rounds.stats
     parameters, trainable = count_parameters(model)
-    flops_per_step = 4 * parameters * n_tokens
-    peak = ceilings.get("matmul_bf16_flops_per_s")
+    measured = ceilings.get("matmul_bf16_flops_per_s")
+    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak_rate = {"bf16": peak.bf16_flops_per_s, "fp16": peak.fp16_flops_per_s}.get(numerics.short) if peak else None
     return {
-        "tokens_per_s": n_tokens / stats.median,
+        "tokens_per_s": sum(tokens) / seconds,
+        "timing": f"{len(tokens)} consecutive distinct batches of the training loop's order",
         "step_time_s_median": stats.median,
         "step_time_s_iqr": stats.iqr,
         "timed_rounds": stats.n,
-        "tokens_per_step": n_tokens,
-        "padded_tokens_per_step": padded_tokens,
+        "tokens_per_step": sum(tokens) / len(tokens),
+        "tokens_per_round": tokens,
+        "round_times_s": list(rounds.times_s),
+        "padded_tokens_per_step": sum(padded_tokens[timed]) / len(tokens),
         "parameters": parameters,
         "trainable_parameters": trainable,
-        "model_flops_per_step": flops_per_step,
-        "peak_bf16_flops_per_s": peak,
-        "mfu": flops_per_step / stats.median / peak if peak else None,
+        "model_flops_per_s": flops / seconds,
+        "peak_bf16_flops_per_s": measured,
+        "mfu": flops / seconds / measured if measured else None,
+        "datasheet_peak": {**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
+        "mfu_datasheet": flops / seconds / peak_rate if peak_rate else None,
+        "compute_dtype": numerics.compute_dtype,
         "loss_per_round": rounds.outputs,
-        "joules_per_token": case.joules_per(rounds, n_tokens),
+        "joules_per_token": case.joules_per(rounds, sum(tokens) / len(tokens)),
         "bnb_cpu_packed_weights": _cpu_packed(model),
         **case.memory_info(rounds),
     }
 
 
-def test_train_reference(benchmark: Any, case: Any, models: Any, train_batch: list, bench_options: Any,
-                         ceilings: dict[str, Any], reference_results: dict[str, Any]) -> None:
+def test_train_reference(benchmark: Any, case: Any, models: Any, loop_batches: Any, bench_options: Any,
+                         run_config: Any, ceilings: dict[str, Any], reference_results: dict[str, Any],
+                         device: torch.device) -> None:
     if not bench_options.reference:
         pytest.skip("--no-reference: the reference arm is off")
-    with case.guard(arm="reference", batch_size=len(train_batch), seq_len_max=max(e.n_tokens for e in train_batch),
+    examples = loop_batches(run_config.train.batch_size)
+    with case.guard(arm="reference", batch_size=run_config.train.batch_size,
+                    seq_len_max=max(e.n_tokens for b in examples for e in b),
                     attention_requested=REFERENCE_ATTN, gradient_checkpointing=True):
         arm = models.reference()
-        batch = collate_reference(arm, train_batch)  # input_ids, attention_mask, labels: [B, T]
-        n_tokens = int(batch["attention_mask"].sum())
-        rounds = case.time(lambda: reference_step(arm, batch).item(), bench_options.train_rounds,
-                           bench_options.warmup_rounds)
-        info = _train_info(case, rounds, arm.model, n_tokens, batch["input_ids"].numel(), ceilings)
+        batches = [collate_reference(arm, b) for b in examples]  # input_ids, attention_mask, labels: [B, T]
+        rounds = case.time(_rounds_over(batches, lambda batch: reference_step(arm, batch).item()),
+                           bench_options.train_rounds, bench_options.warmup_rounds)
+        info = _train_info(case, rounds, arm.model, examples, [b["input_ids"].numel() for b in batches],
+                           arm.numerics, ceilings, device)
         benchmark.extra_info.update(
             info, backend=detect_backend(), model=arm.model_dir.name,
             attention={"requested": arm.attention.requested, "ran": arm.kernel_ran,
@@ -100,54 +115,52 @@ def test_train_reference(benchmark: Any, case: Any, models: Any, train_batch: li
         reference_results["tokens_per_s"] = info["tokens_per_s"]
 
 
-def _time_ours(benchmark: Any, case: Any, models: Any, examples: list, bench_options: Any, tc: TrainConfig,
-               ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
+def _time_ours(benchmark: Any, case: Any, models: Any, examples: list[list[TrainExample]], bench_options: Any,
+               tc: TrainConfig, ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
                attn: str) -> dict[str, Any]:
-    """Time our train step on ``examples`` under ``tc`` (batching, recompute, compile); fill ``extra_info``."""
+    """Time our train step over ``examples`` (one batch per round) under ``tc``; fill ``extra_info``."""
     session = models.ours(attn)
-    pad_id = session.tokenizer.pad_token_id
-    # As the training loop batches: packed rows of tc.pack_len (position_ids restart per example) or padded.
-    batch = collate_packed(examples, pad_id, tc.pack_len) if tc.packing else collate(examples, pad_id)
-    n_tokens = int(batch.pop("n_tokens"))
-    batch = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids): [R, T]
-    optimizer, scheduler = make_optimizer(session.model, tc)
-    session.model.train()  # from_pretrained hands back eval mode
-    compiled = apply_model_settings(session.model, tc, device)
+    trainer = prepare_training(session.model, tc, device, session.attention, session.tokenizer.pad_token_id,
+                               session.numerics)
     try:
-        step = with_eager_fallback(_our_step(session.model, optimizer, scheduler, session.attention, batch, device),
-                                   session.model, compiled, lambda: optimizer.zero_grad(set_to_none=True))
-        rounds = case.time(step, bench_options.train_rounds, bench_options.warmup_rounds)
+        batches = [trainer.collate(b) for b in examples]  # on the host, moved inside the step as the loop does
+        trainer.warm_up(batches[0])  # the compile warm-up a run does before its first step
+        rounds = case.time(_rounds_over(batches, trainer), bench_options.train_rounds, bench_options.warmup_rounds)
     finally:
-        reset_model_settings(session.model)
-    info = _train_info(case, rounds, session.model, n_tokens, batch["input_ids"].numel(), ceilings)
+        trainer.close()
+    info = _train_info(case, rounds, session.model, examples, [b["input_ids"].numel() for b in batches],
+                       session.numerics, ceilings, device)
     reference = reference_results.get("tokens_per_s")
+    compiled = trainer.compiled.as_dict()
+    timed_recompiles = sum(trainer.compiled.graphs_per_step[bench_options.warmup_rounds:])
     benchmark.extra_info.update(
-        info, **case.session_info(session), compile=compiled.as_dict(),
+        info, **case.session_info(session), compile={**compiled, "recompiles_in_timed_rounds": timed_recompiles},
         reference_tokens_per_s=reference,
         speedup_vs_reference=info["tokens_per_s"] / reference if reference else None,
     )
     return info
 
 
-def test_train_ours(benchmark: Any, case: Any, models: Any, train_batch: list, bench_options: Any, run_config: Any,
+def test_train_ours(benchmark: Any, case: Any, models: Any, loop_batches: Any, bench_options: Any, run_config: Any,
                     ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
                     attn: str) -> None:
     tc = run_config.train
-    with case.guard(arm="ours", batch_size=len(train_batch), seq_len_max=max(e.n_tokens for e in train_batch),
+    examples = loop_batches(tc.batch_size)
+    with case.guard(arm="ours", batch_size=tc.batch_size, seq_len_max=max(e.n_tokens for b in examples for e in b),
                     attention_requested=attn, gradient_checkpointing=tc.gradient_checkpointing,
                     packing=tc.packing):
-        _time_ours(benchmark, case, models, train_batch, bench_options, tc, ceilings, reference_results, device, attn)
+        _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results, device, attn)
 
 
-def test_train_profile(benchmark: Any, case: Any, models: Any, first_batch: Any, bench_options: Any,
+def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any, bench_options: Any,
                        run_config: Any, ceilings: dict[str, Any], reference_results: dict[str, Any],
                        device: torch.device, attn: str, profile: str) -> None:
     """Ours under a named profile (``--train-profiles``): its batch size, recompute and compile settings."""
     tc = train_profile(profile, run_config.train)
-    examples = first_batch(tc.batch_size)
+    examples = loop_batches(tc.batch_size)
     cap = memory_cap_gib(profile)
-    with case.guard(arm="ours", profile=profile, batch_size=len(examples),
-                    seq_len_max=max(e.n_tokens for e in examples), attention_requested=attn,
+    with case.guard(arm="ours", profile=profile, batch_size=tc.batch_size,
+                    seq_len_max=max(e.n_tokens for b in examples for e in b), attention_requested=attn,
                     gradient_checkpointing=tc.gradient_checkpointing, checkpoint_layers=tc.checkpoint_layers,
                     packing=tc.packing, compile_requested=tc.compile, memory_cap_gib=cap):
         info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,

@@ -31,6 +31,8 @@ import torch
 from medqa_core.attention import AttentionError
 from medqa_core.config import (
     ATTN_KERNELS,
+    DTYPES,
+    NF4_BLOCKSIZES,
     PRESETS,
     TRAIN_PROFILES,
     ConfigError,
@@ -41,10 +43,10 @@ from medqa_core.config import (
     TrainConfig,
     train_profile,
 )
-from medqa_core.data import TrainExample, first_examples, format_prompt
+from medqa_core.data import TrainExample, encode_train, format_prompt, iter_batches
 from medqa_core.fingerprint import detect_backend, machine_fingerprint, resolve_device
 from medqa_core.hardware import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
-from medqa_core.model import check_model_dir, load_tokenizer, preset_dir
+from medqa_core.model import load_tokenizer, resolve_model_dir
 from medqa_core.reference import ReferenceArm, load_reference
 from medqa_core.run import Session, Splits, load_session, load_splits
 from medqa_core.timing import (
@@ -67,9 +69,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 CPU_QUESTIONS = 64
 CPU_DECODE_TOKENS = 16
 GPU_DECODE_TOKENS = 128
-# Questions per scoring forward (packed into rows of EvalConfig.pack_len tokens).
-CPU_EVAL_BATCH = 8
-GPU_EVAL_BATCH = 64
+# Timed train rounds: each a distinct real batch, so a GPU case covers about half an epoch of the dev
+# split at batch 32 (compiles, the spread of row counts and lengths, the memory of the longest batches).
+CPU_TRAIN_ROUNDS = 5
+GPU_TRAIN_ROUNDS = 20
 # Accuracy/inference before training: the train step changes the adapter they would score.
 _FILE_ORDER = {"bench_accuracy.py": 0, "bench_infer.py": 1, "bench_train.py": 2}
 # torch's messages when a forced SDPA backend cannot run (older releases, and torch 2.13).
@@ -95,8 +98,10 @@ class BenchOptions:
     decode_tokens: int
     reference: bool
     gradient_checkpointing: bool = False
-    eval_batch_size: int = 8
+    eval_batch_size: int | None = None  # None: EvalConfig's default for the device, as a run takes it
     train_profiles: tuple[str, ...] = ()  # named TrainConfig settings (config.TRAIN_PROFILES), one case each
+    dtype: str = "auto"  # --dtype, as medqa-parity run takes it
+    nf4_blocksize: int | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -127,13 +132,14 @@ class BenchOptions:
             attn=tuple(dict.fromkeys(attn)), batch_size=config.getoption("bench_batch_size"),
             seq_len=config.getoption("bench_seq_len"),
             questions=questions if questions is not None else (None if gpu else CPU_QUESTIONS),
-            train_rounds=config.getoption("train_rounds"), infer_rounds=config.getoption("infer_rounds"),
+            train_rounds=config.getoption("train_rounds") or (GPU_TRAIN_ROUNDS if gpu else CPU_TRAIN_ROUNDS),
+            infer_rounds=config.getoption("infer_rounds"),
             warmup_rounds=config.getoption("warmup_rounds"),
             decode_tokens=decode if decode is not None else (GPU_DECODE_TOKENS if gpu else CPU_DECODE_TOKENS),
             reference=not config.getoption("no_reference"),
             gradient_checkpointing=config.getoption("gradient_checkpointing"),
-            eval_batch_size=config.getoption("bench_eval_batch_size") or (GPU_EVAL_BATCH if gpu else CPU_EVAL_BATCH),
-            train_profiles=profiles,
+            eval_batch_size=config.getoption("bench_eval_batch_size"),
+            train_profiles=profiles, dtype=config.getoption("dtype"), nf4_blocksize=config.getoption("nf4_blocksize"),
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
@@ -146,7 +152,8 @@ class BenchOptions:
     def run_config(self) -> RunConfig:
         """The RunConfig the library functions get; ``model.attn`` is replaced per case."""
         return RunConfig(
-            model=ModelConfig(preset=self.preset, path=self.model, attn=self.attn[0]),
+            model=ModelConfig(preset=self.preset, path=self.model, attn=self.attn[0], dtype=self.dtype,
+                              nf4_blocksize=self.nf4_blocksize),
             train=TrainConfig(batch_size=self.batch_size, gradient_checkpointing=self.gradient_checkpointing),
             eval=EvalConfig(batch_size=self.eval_batch_size),
             data=DataConfig(data_dir=self.data, eval_limit=self.questions),
@@ -174,7 +181,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="prompt tokens for prefill/decode (default: %(default)s)")
     g.addoption("--questions", type=int, default=None,
                 help=f"MedQA test questions for scoring and accuracy (default: {CPU_QUESTIONS} on CPU, all on a GPU)")
-    g.addoption("--train-rounds", type=int, default=5, help="timed train steps per case (default: %(default)s)")
+    g.addoption("--train-rounds", type=int, default=None,
+                help=f"timed train steps per case, each on the next distinct batch of the training loop's order "
+                     f"(default: {CPU_TRAIN_ROUNDS} on CPU, {GPU_TRAIN_ROUNDS} on a GPU)")
     g.addoption("--infer-rounds", type=int, default=5, help="timed rounds per inference case (default: %(default)s)")
     g.addoption("--warmup-rounds", type=int, default=2,
                 help="untimed rounds first (compile, autotune, allocator) (default: %(default)s)")
@@ -182,11 +191,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help=f"new tokens per decode round (default: {CPU_DECODE_TOKENS} on CPU, {GPU_DECODE_TOKENS} on a GPU)")
     g.addoption("--no-reference", action="store_true", help="skip the reference (common-guide QLoRA) arm")
     g.addoption("--bench-eval-batch-size", type=int, default=None,
-                help=f"questions per scoring forward (default: {CPU_EVAL_BATCH} on CPU, {GPU_EVAL_BATCH} on a GPU)")
+                help="questions per scoring forward (default: medqa-parity run's, 64 on a GPU and 8 on CPU)")
     g.addoption("--train-profiles", default=None, metavar="NAMES",
                 help="comma-separated training profiles, each one more train case of ours beside the reference: "
                      f"{', '.join(TRAIN_PROFILES)}, each optionally with +KEY=VALUE overrides "
                      "(e.g. capped+batch_size=16) (default: every one but 'default' on a GPU, none on CPU)")
+    g.addoption("--dtype", default="auto", choices=DTYPES,
+                help="compute dtype, as medqa-parity run --dtype (default: %(default)s)")
+    g.addoption("--nf4-blocksize", type=int, default=None, choices=NF4_BLOCKSIZES,
+                help="4-bit block size, as medqa-parity run --nf4-blocksize (default: bitsandbytes')")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 
@@ -463,6 +476,8 @@ class Case:
             "attention": {"requested": session.attention.requested, "ran": session.kernel_ran,
                           "attn_implementation": session.attention.attn_implementation},
             "quantization": dataclasses.asdict(session.quant),
+            "compute_dtype": session.numerics.compute_dtype,
+            "numerics": session.numerics.as_dict(),
         }
 
 
@@ -516,22 +531,28 @@ def splits(run_config: RunConfig) -> Splits:
 @pytest.fixture(scope="session")
 def tokenizer(run_config: RunConfig) -> Any:
     """The model's tokenizer, for building inputs before (and independently of) any model load."""
-    cfg = run_config.model
-    model_dir = check_model_dir(cfg.path, cfg.allow_pickle) if cfg.path else preset_dir(str(cfg.preset), cfg.seed)
-    return load_tokenizer(model_dir)
+    return load_tokenizer(resolve_model_dir(run_config.model))
 
 
 @pytest.fixture(scope="session")
-def first_batch(tokenizer: Any, splits: Splits, run_config: RunConfig) -> Callable[[int], list[TrainExample]]:
-    """``first_batch(n)``: the first ``n`` training examples of epoch 0 in the training loop's own shuffle."""
+def train_examples(tokenizer: Any, splits: Splits, run_config: RunConfig) -> list[TrainExample]:
+    """Every training question, tokenized as the training loop tokenizes it."""
     tc = run_config.train
-    return lambda n: first_examples(tokenizer, splits.train, n, tc.seed, tc.max_seq_len, tc.loss_on)
+    return [encode_train(tokenizer, item, tc.max_seq_len, tc.loss_on) for item in splits.train]
 
 
 @pytest.fixture(scope="session")
-def train_batch(first_batch: Callable[[int], list[TrainExample]], run_config: RunConfig) -> list[TrainExample]:
-    """One real training batch: the first batch of epoch 0, as the training loop draws it."""
-    return first_batch(run_config.train.batch_size)
+def loop_batches(train_examples: list[TrainExample], run_config: RunConfig,
+                 bench_options: BenchOptions) -> Callable[[int], list[list[TrainExample]]]:
+    """``loop_batches(batch_size)``: the first ``--warmup-rounds`` + ``--train-rounds`` batches of that size in
+    the training loop's own order (iter_batches with the run's seed), one per round: what a run steps on."""
+    n = bench_options.warmup_rounds + bench_options.train_rounds
+
+    def make(batch_size: int) -> list[list[TrainExample]]:
+        batches = iter_batches(train_examples, batch_size, run_config.train.seed)
+        return [next(batches)[1] for _ in range(n)]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,12 @@ from medqa_core.config import (
     ATTN_KERNELS,
     BACKENDS,
     COMPILE_MODES,
+    DTYPES,
     LOSS_ON,
+    NF4_BLOCKSIZES,
     PRESETS,
     QUANT_MODES,
+    QUANT_STORAGE,
     TRAIN_PROFILES,
     ConfigError,
     DataConfig,
@@ -44,7 +47,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="also load .bin/.pt pickle weights (they can run code: only for folders you trust)")
     g.add_argument("--seed", type=int, default=DEFAULTS.model.seed, help="preset weight seed (default: %(default)s)")
     g.add_argument("--quant", default=DEFAULTS.model.quant, choices=QUANT_MODES,
-                   help="nf4: bitsandbytes 4-bit base (QLoRA); none: bf16 base (default: %(default)s)")
+                   help="nf4 (QLoRA) or fp4: bitsandbytes 4-bit base; none: a base in the compute dtype "
+                        "(default: %(default)s)")
+    g.add_argument("--dtype", default=DEFAULTS.model.dtype, choices=DTYPES,
+                   help="compute dtype of training and scoring; auto: bf16 where the device has it natively, "
+                        "else fp16 on a GPU and fp32 on a CPU (default: %(default)s)")
+    g.add_argument("--nf4-blocksize", type=int, choices=NF4_BLOCKSIZES,
+                   help="4-bit quantization block size (default: bitsandbytes' own, 64; CDNA GPUs used 128 "
+                        "before bitsandbytes changed it)")
+    g.add_argument("--no-nf4-double-quant", dest="nf4_double_quant", action="store_false",
+                   help="do not quantize the 4-bit scales again")
+    g.add_argument("--nf4-quant-storage", default=DEFAULTS.model.nf4_quant_storage, choices=QUANT_STORAGE,
+                   help="dtype the 4-bit weights are packed into (default: %(default)s)")
     g.add_argument("--attn", default=DEFAULTS.model.attn, choices=ATTN_KERNELS,
                    help="attention kernel; sdpa-* forces one SDPA backend and fails if it cannot run "
                         "(default: %(default)s)")
@@ -59,7 +73,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--eval-limit", type=int, help="use only the first N evaluation questions")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval.batch_size,
-                   help="questions per forward call (default: %(default)s)")
+                   help="questions per forward call (default: 64 on a GPU, 8 on CPU)")
     e.add_argument("--eval-max-seq-len", type=int, default=DEFAULTS.eval.max_seq_len,
                    help="longest prompt scored, in tokens (default: %(default)s)")
     e.add_argument("--eval-no-packing", dest="eval_packing", action="store_false",
@@ -132,7 +146,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                             target_modules=targets)
     return RunConfig(
         model=ModelConfig(preset=args.preset, path=args.model, seed=args.seed, quant=args.quant, attn=args.attn,
-                          allow_pickle=args.allow_pickle),
+                          allow_pickle=args.allow_pickle, dtype=args.dtype, nf4_blocksize=args.nf4_blocksize,
+                          nf4_double_quant=args.nf4_double_quant, nf4_quant_storage=args.nf4_quant_storage),
         lora=lora, train=train,
         eval=EvalConfig(batch_size=args.eval_batch_size, max_seq_len=args.eval_max_seq_len,
                         packing=args.eval_packing, pack_len=max(args.eval_max_seq_len, DEFAULTS.eval.pack_len)),
@@ -174,7 +189,8 @@ def summary_lines(record: Any, path: Any) -> list[str]:
     fp, tr = record.fingerprint, record.train
     device = fp.get("gpu_name") or fp.get("cpu_model") or "cpu"
     q = record.model["quantization"]
-    quant = "none (bf16)" if q["method"] == "none" else (
+    numerics = record.numerics or {"compute_dtype": "bfloat16", "reason": "recorded before --dtype existed"}
+    quant = f"none ({q['weight_dtype']} weights)" if q["method"] == "none" else (
         f"{q['quant_type']} blocksize {q['blocksize']}, double quant {q['double_quant']}, compute {q['compute_dtype']}")
     peak = "-"
     if tr is not None:
@@ -186,6 +202,7 @@ def summary_lines(record: Any, path: Any) -> list[str]:
         ("model", f"{record.model['name']} ({record.model['parameters'] / 1e6:.1f}M params, "
                   f"{record.model['trainable_parameters'] / 1e6:.2f}M trainable)"),
         ("quantization", quant),
+        ("compute dtype", f"{numerics['compute_dtype']} ({numerics['reason']})"),
         ("attention kernel", f"{record.attention['ran']} (asked: {record.attention['requested']})"),
     ]
     if tr is not None:
@@ -196,6 +213,13 @@ def summary_lines(record: Any, path: Any) -> list[str]:
                                f"median, IQR {1000 * tr.step_time_s_iqr:.0f} ms)"),
             ("peak memory", peak),
         ]
+        if tr.compile and tr.compile.get("ran"):
+            rows.append(("compile", f"{tr.compile.get('graphs', '?')} graphs, {tr.compile.get('warmup_s', 0):.1f} s "
+                                    f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"))
+        if tr.mfu_datasheet is not None:
+            rows.append(("MFU", f"{100 * tr.mfu_datasheet:.1f}% of the {tr.datasheet_peak['name']} datasheet dense "
+                                f"{tr.datasheet_peak['dtype']} peak ({tr.model_flops_per_s / 1e12:.0f} TFLOP/s of "
+                                "model FLOPs)"))
         if tr.world_size > 1:
             rows.append(("data parallel", f"{tr.world_size} ranks, {tr.tokens_per_s / tr.world_size:,.0f} tokens/s "
                                           f"per rank; one all-reduce of the LoRA gradients "

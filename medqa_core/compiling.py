@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -24,16 +25,55 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class GraphCounter:
+    """A Dynamo backend that hands each graph to Inductor and counts it: a recompile is one more graph.
+
+    ``seconds`` is the time spent compiling forward graphs (tracing, AOT autograd, Inductor); the
+    backward graph is compiled at the first backward and shows in that step's time instead.
+    """
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.seconds = 0.0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._dynamo import lookup_backend
+
+        start = time.perf_counter()
+        compiled = lookup_backend("inductor")(gm, example_inputs)
+        self.graphs += 1
+        self.seconds += time.perf_counter() - start
+        logger.debug("compiled graph %d in %.1f s", self.graphs, time.perf_counter() - start)
+        return compiled
+
+
 @dataclass
 class CompileState:
-    """What a run asked for ("auto", "on", "off") and what ran: ``detail`` says which layers compiled, or why not."""
+    """What a run asked for ("auto", "on", "off") and what ran: ``detail`` says which layers compiled, or why not.
+
+    ``graphs`` counts the graphs Dynamo compiled (the layers share one code object, so one graph serves every
+    layer); ``warmup_graphs`` of them were compiled before the first training step, and ``graphs_per_step``
+    says how many each step added: after the warm-up it should be all zeros.
+    """
 
     requested: str
     ran: bool = False
     detail: str = "off"
+    counter: GraphCounter = field(default_factory=GraphCounter, repr=False)
+    warmup_graphs: int = 0
+    warmup_s: float = 0.0
+    graphs_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled during training steps, after the warm-up."""
+        return sum(self.graphs_per_step)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"requested": self.requested, "ran": self.ran, "detail": self.detail}
+        return {"requested": self.requested, "ran": self.ran, "detail": self.detail, "graphs": self.counter.graphs,
+                "compile_s": self.counter.seconds, "warmup_graphs": self.warmup_graphs, "warmup_s": self.warmup_s,
+                "recompiles": self.recompiles,
+                "recompile_steps": [i for i, n in enumerate(self.graphs_per_step) if n]}
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -66,7 +106,7 @@ def compile_layers(model: Any, device: torch.device, mode: str) -> CompileState:
         return state
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        layer.compile(backend=state.counter)
     state.ran, state.detail = True, f"inductor, {len(layers)} decoder layers"
     return state
 

@@ -46,7 +46,12 @@ ATTN_KERNELS = (
     "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math",
     "eager", "flex", "flash_attention_2",
 )
-QUANT_MODES = ("nf4", "none")
+QUANT_MODES = ("nf4", "fp4", "none")  # bitsandbytes 4-bit types, or a plain base in the compute dtype
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype; medqa_core.numerics resolves "auto" per device
+# NF4/FP4 block sizes bitsandbytes quantizes with: 64 is its default (CUDA, CPU, and ROCm from
+# bitsandbytes PR #1873 on); 128 was the default on CDNA (MI250/MI300, 64-wide warps) before it.
+NF4_BLOCKSIZES = (32, 64, 128, 256)
+QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
 BACKENDS = ("auto", "cuda", "rocm", "cpu")
 LOSS_ON = ("answer", "all")
 COMPILE_MODES = ("auto", "on", "off")
@@ -70,12 +75,21 @@ class ModelConfig:
     quant: str = "nf4"
     attn: str = "sdpa"
     allow_pickle: bool = False  # load .bin/.pt weights; off: pickle can run code
+    dtype: str = "auto"  # compute dtype of training and scoring (see medqa_core.numerics)
+    nf4_blocksize: int | None = None  # None: bitsandbytes' default; the record says which ran
+    nf4_double_quant: bool = True  # quantize the 4-bit scales again (QLoRA's double quantization)
+    nf4_quant_storage: str = "uint8"  # the dtype 4-bit weights are packed into (FSDP wants the compute dtype)
 
     def __post_init__(self) -> None:
         if self.path is None:
             _check(self.preset in PRESETS,
                    f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)} or pass --model PATH")
         _check(self.quant in QUANT_MODES, f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANT_MODES)}")
+        _check(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        _check(self.nf4_blocksize is None or self.nf4_blocksize in NF4_BLOCKSIZES,
+               f"unknown --nf4-blocksize {self.nf4_blocksize}; choose one of {', '.join(map(str, NF4_BLOCKSIZES))}")
+        _check(self.nf4_quant_storage in QUANT_STORAGE,
+               f"unknown --nf4-quant-storage {self.nf4_quant_storage!r}; choose one of {', '.join(QUANT_STORAGE)}")
         _check(self.attn in ATTN_KERNELS, f"unknown --attn {self.attn!r}; choose one of {', '.join(ATTN_KERNELS)}")
 
     @property
@@ -202,18 +216,28 @@ def train_profile(spec: str, base: TrainConfig | None = None) -> TrainConfig:
     return dataclasses.replace(base or TrainConfig(), **settings)
 
 
+# Questions per scoring forward when --eval-batch-size is not given: a GPU fills its matrix units only
+# with many prompts per call (64 scored the 1,273 test questions 2.7x faster than 8 on an H200, bench
+# 0acb3be); on 2 CPU cores larger batches buy nothing.
+EVAL_BATCH_DEFAULT = {"cuda": 64, "cpu": 8}
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Option scoring: ``batch_size`` questions per forward call, packed into rows of ``pack_len``."""
+    """Option scoring: ``batch_size`` questions per forward call (None: :data:`EVAL_BATCH_DEFAULT` of the
+    device), packed into rows of ``pack_len``."""
 
-    batch_size: int = 8
+    batch_size: int | None = None
     max_seq_len: int = 2048
     packing: bool = True
     pack_len: int = 2048
 
+    def batch_for(self, device_type: str) -> int:
+        return self.batch_size or EVAL_BATCH_DEFAULT.get(device_type, EVAL_BATCH_DEFAULT["cpu"])
+
     def __post_init__(self) -> None:
         _check(self.pack_len >= 16, f"eval pack_len must be >= 16, got {self.pack_len}")
-        _check(self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
+        _check(self.batch_size is None or self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
         _check(self.max_seq_len >= 16, f"eval max_seq_len must be >= 16, got {self.max_seq_len}")
 
 
@@ -246,7 +270,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backend: str = "auto"
-    results_dir: str = "results/runs"
+    results_dir: str = "runs/records"  # git-ignored; committed records go to results/runs
 
     def __post_init__(self) -> None:
         _check(self.backend in BACKENDS, f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")

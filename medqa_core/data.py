@@ -46,6 +46,11 @@ class TrainExample:
     labels: tuple[int, ...]
 
     @property
+    def n_labels(self) -> int:
+        """Positions with a loss (the first token has nothing before it, so it never has one)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+    @property
     def n_tokens(self) -> int:
         return len(self.input_ids)
 
@@ -274,22 +279,45 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: Sequence[TrainExample], pad_id: int, row_len: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: Sequence[TrainExample], pad_id: int, row_len: int,
+                   static_shape: bool = False) -> dict[str, torch.Tensor]:
     """Pack a batch into as few rows as fit in ``row_len`` tokens, attention kept inside each example.
 
     ``position_ids`` restart at 0 for each example; with no attention mask, transformers reads the
     restarts as document boundaries (block-diagonal causal mask for sdpa/eager/flex, varlen for
     flash-attention). The same examples make the same loss as :func:`collate`, with far less padding.
 
+    Args:
+        static_shape: rows always ``row_len`` wide (or the longest example, if longer) and their count
+            rounded up to a multiple of :data:`ROW_MULTIPLE` with rows of pads: a compiled step then
+            sees one width and few row counts, so it compiles a bounded set of graphs, not one per batch.
+
     Returns:
         ``input_ids``, ``labels``, ``position_ids`` [R, T] and ``n_tokens`` (real tokens).
     """
-    rows = pack_rows([e.n_tokens for e in examples], row_len)
-    return _collate_rows([[examples[i] for i in row] for row in rows], pad_id, packed=True)
+    rows: list[list[TrainExample]] = [[examples[i] for i in row] for row in
+                                      pack_rows([e.n_tokens for e in examples], row_len)]
+    width = None
+    if static_shape:
+        width = max(row_len, max(e.n_tokens for e in examples))
+        rows += [[] for _ in range(-len(rows) % ROW_MULTIPLE)]
+    return _collate_rows(rows, pad_id, packed=True, width=width)
 
 
-def _collate_rows(rows: Sequence[Sequence[TrainExample]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    width = max(sum(e.n_tokens for e in row) for row in rows)
+# Row counts of a static-shape packed batch are multiples of this: with at least 2 rows a compiled
+# layer's row dimension is never specialized to 1, and half as many counts occur as row counts would.
+ROW_MULTIPLE = 2
+
+
+def packed_shape(lengths: Sequence[int], row_len: int) -> tuple[int, int]:
+    """[R, T] of ``collate_packed(..., static_shape=True)`` for examples of ``lengths`` tokens."""
+    rows = len(pack_rows(lengths, row_len))
+    return rows + (-rows % ROW_MULTIPLE), max(row_len, max(lengths))
+
+
+def _collate_rows(rows: Sequence[Sequence[TrainExample]], pad_id: int, packed: bool,
+                  width: int | None = None) -> dict[str, torch.Tensor]:
+    width = width or max(sum(e.n_tokens for e in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     # Pads get positions 0, 1, ... of their own: a segment of their own that no real token attends to.

@@ -16,7 +16,7 @@ from scipy.stats import binomtest
 from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.config import EvalConfig
 from medqa_core.data import MedQAItem, ScoringExample, encode_scoring, pack_rows
-from medqa_core.model import COMPUTE_DTYPE
+from medqa_core.numerics import Numerics, autocast
 from medqa_core.record import EvalResult, QuestionResult
 from medqa_core.timing import Timer, peak_memory_gib, reset_peak_memory
 
@@ -78,7 +78,8 @@ def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalConfig, device: torch.device,
-             attention: AttentionChoice, split: str, progress: ProgressFn | None = None) -> EvalResult:
+             attention: AttentionChoice, split: str, progress: ProgressFn | None = None, *,
+             numerics: Numerics) -> EvalResult:
     """Score every question's four options; accuracy is the share whose best option is right.
 
     Args:
@@ -90,6 +91,7 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalCo
         attention: the attention kernel to force.
         split: name recorded with the result (e.g. ``test.jsonl``).
         progress: called with (questions done, total).
+        numerics: the compute dtype scoring runs in (autocast; fp32 runs without).
 
     Returns:
         Accuracy with a Wilson 95% interval, questions/s of the scoring loop (tokenization excluded),
@@ -104,11 +106,12 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalCo
     model.eval()
     reset_peak_memory(device)
     done = 0
-    # bf16 autocast as in training: LoRA's fp32 weights would otherwise run their matmuls in fp32.
-    with Timer(device) as timer, attention_context(attention), torch.autocast(device.type, dtype=COMPUTE_DTYPE):
+    # Autocast as in training: LoRA's fp32 weights would otherwise run their matmuls in fp32.
+    with Timer(device) as timer, attention_context(attention), autocast(device, numerics):
         single = [i for i in order if examples[i].single_token]
-        for start in range(0, len(single), cfg.batch_size):
-            idx = single[start : start + cfg.batch_size]
+        batch_size = cfg.batch_for(device.type)
+        for start in range(0, len(single), batch_size):
+            idx = single[start : start + batch_size]
             batch_scores = _score_single_token(model, [examples[i] for i in idx], device, pad_id,
                                                cfg.pack_len if cfg.packing else None).cpu()
             for row, i in enumerate(idx):

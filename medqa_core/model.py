@@ -48,9 +48,7 @@ class QuantInfo:
     cpu_packed_inference: bool | None = None  # bitsandbytes' AVX512-bf16 repacking; kept off (see model.py)
 
 
-# The dtype models compute in: weights load as bf16, NF4 dequantizes to it, and training runs under
-# autocast to it, so LoRA's fp32 master weights do their matmuls on bf16 tensor cores, not fp32 FMA.
-COMPUTE_DTYPE = torch.bfloat16
+_STORAGE_DTYPES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cache_dir() -> Path:
@@ -152,6 +150,11 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     return folder
 
 
+def resolve_model_dir(cfg: ModelConfig) -> Path:
+    """The folder a model config names: the user's ``path`` (checked) or the preset's (generated on first use)."""
+    return check_model_dir(cfg.path, cfg.allow_pickle) if cfg.path else preset_dir(str(cfg.preset), cfg.seed)
+
+
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -173,30 +176,86 @@ def _check_bnb(device: torch.device) -> None:
                              f"{MIN_BNB_ROCM}; upgrade bitsandbytes")
 
 
-def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, attn_implementation: str) -> Any:
-    """The frozen base model on ``device``: NF4 4-bit (double quant, bf16 compute) or plain bf16.
+def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, attn_implementation: str,
+                    compute_dtype: torch.dtype) -> Any:
+    """The frozen base model on ``device``: 4-bit (NF4 or FP4, bitsandbytes) or plain, in ``compute_dtype``.
+
+    Non-quantized weights (embeddings, norms, LM head; everything with ``--quant none``) load in
+    ``compute_dtype`` and the 4-bit layers dequantize to it. ``cfg.nf4_blocksize``, which
+    transformers' ``BitsAndBytesConfig`` cannot pass on, is applied by :func:`requantize_4bit`.
 
     Returns the model in eval mode as ``from_pretrained`` gives it; the trainer switches modes.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = dict(
-        dtype=COMPUTE_DTYPE, attn_implementation=attn_implementation, device_map={"": device},
+        dtype=compute_dtype, attn_implementation=attn_implementation, device_map={"": device},
         trust_remote_code=False, use_safetensors=not cfg.allow_pickle or None,
     )
-    if cfg.quant == "nf4":
+    if cfg.quant != "none":
         _check_bnb(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=cfg.nf4_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=_STORAGE_DTYPES[cfg.nf4_quant_storage],
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{model_dir}: cannot load model: {e}") from e
+    if cfg.quant != "none" and cfg.nf4_blocksize is not None:
+        requantize_4bit(model, model_dir, cfg.nf4_blocksize, compute_dtype)
     if device.type == "cpu":
         keep_trainable_cpu_format(model)
     return model
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    index: dict[str, Path] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            index.update(dict.fromkeys(f.keys(), file))
+    return index
+
+
+def requantize_4bit(model: torch.nn.Module, model_dir: Path, blocksize: int, compute_dtype: torch.dtype) -> int:
+    """Quantize every 4-bit layer again from the checkpoint's own weights, with ``blocksize``.
+
+    transformers quantizes with bitsandbytes' default block size and offers no setting for it; this
+    redoes each layer from the original weights (never from the dequantized ones, which would add a
+    second rounding), so ``--nf4-blocksize 128`` on CUDA or CPU quantizes as CDNA's old default did.
+
+    Returns:
+        The number of layers quantized again (0 when they already had ``blocksize``).
+
+    Raises:
+        ModelLoadError: a layer's weight is not in the folder's safetensors files under its module name.
+    """
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state.blocksize != blocksize]
+    if not layers:
+        return 0
+    index = _weight_files(model_dir)
+    for name, module in layers:
+        key = f"{name}.weight"
+        if key not in index:
+            raise ModelLoadError(f"{model_dir}: no tensor {key!r} in its safetensors files; --nf4-blocksize needs "
+                                 "the checkpoint's names to match the model's modules")
+        with safe_open(str(index[key]), framework="pt") as f:
+            weight = f.get_tensor(key).to(compute_dtype)  # as from_pretrained hands it to the quantizer
+        old = module.weight
+        device = old.device
+        module.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, blocksize=blocksize, compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type, quant_storage=old.quant_storage, module=module,
+        ).to(device)  # moving an unquantized Params4bit quantizes it (on CPU too)
+    logger.info("quantized %d 4-bit layers again with blocksize %d", len(layers), blocksize)
+    return len(layers)
 
 
 def keep_trainable_cpu_format(model: torch.nn.Module) -> int:
@@ -257,10 +316,15 @@ def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> i
     Returns:
         How many layers recompute their forward in the backward pass.
     """
+    # transformers 5.2x renamed these (activation_checkpointing_*; the old names warn); 5.17 has only the old.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not enabled:
-        model.gradient_checkpointing_disable()
+        getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
         return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     blocks = decoder_layers(model)
     keep = len(blocks) if layers is None else min(layers, len(blocks))
     for block in blocks[keep:]:  # transformers' per-layer flag, read at each call
@@ -269,7 +333,7 @@ def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> i
 
 
 def add_lora(model: Any, lora: LoraSettings) -> Any:
-    """Wrap the frozen base with trainable LoRA adapters (fp32 weights, bf16 compute)."""
+    """Wrap the frozen base with trainable LoRA adapters (fp32 weights, the run's compute dtype under autocast)."""
     from peft import LoraConfig, get_peft_model
 
     targets: str | list[str] = "all-linear" if lora.target_modules == ("all-linear",) else list(lora.target_modules)

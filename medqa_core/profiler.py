@@ -9,7 +9,6 @@ On CPU the operators' own CPU time is grouped the same way. Batching the data (c
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from medqa_core.data import TrainExample, collate, collate_packed
+from medqa_core.data import TrainExample
 from medqa_core.timing import Timer, free_device_memory, is_oom, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
@@ -86,25 +85,25 @@ def _device_events(prof: Any, on_gpu: bool) -> list[tuple[str, float, int]]:
     return rows
 
 
-def profile_steps(step: Any, examples: Sequence[TrainExample], pad_id: int, packing: bool, pack_len: int,
-                  device: torch.device, steps: int = 3, warmup: int = 2, top_n: int = 15) -> StepProfile:
+def profile_steps(step: Any, examples: Sequence[TrainExample], device: torch.device, steps: int = 3,
+                  warmup: int = 2, top_n: int = 15) -> StepProfile:
     """Profile ``steps`` calls of ``step(batch)`` after ``warmup`` unprofiled ones.
 
     Args:
-        step: runs one training step on a device batch (forward, backward, optimizer).
-        examples: the step's examples; batched as the training loop does.
-        pad_id: padding token id.
-        packing: pack rows of ``pack_len`` tokens (else pad to the longest).
+        step: a :class:`medqa_core.train.TrainingStep` (forward, backward, optimizer; ``step.collate``
+            batches as the training loop does).
+        examples: the step's examples.
         device: where the model runs.
         steps: profiled steps.
         warmup: steps first (compile, allocator, kernel selection).
         top_n: how many of the heaviest kernels to list.
     """
     t0 = time.perf_counter()
-    batch = collate_packed(list(examples), pad_id, pack_len) if packing else collate(list(examples), pad_id)
+    batch = step.collate(list(examples))
     collate_ms = 1e3 * (time.perf_counter() - t0)
     n_tokens = int(batch.pop("n_tokens"))
     batch = {k: v.to(device) for k, v in batch.items()}
+    step.warm_up(batch)
     for _ in range(warmup):
         step(batch)
     reset_peak_memory(device)
@@ -156,12 +155,6 @@ def save_profiles(path: str | Path, profiles: dict[str, StepProfile], meta: dict
     return out
 
 
-def _step(step_loss: Any, optimizer: Any, scheduler: Any, session: Any, batch: dict[str, torch.Tensor]) -> float:
-    from medqa_core.train import train_step
-
-    return train_step(step_loss, optimizer, scheduler, batch, session.device, session.attention)
-
-
 def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
                                                                                           dict[str, Any]]:
     """Load ``cfg``'s model once and profile our train step under each named training profile.
@@ -173,10 +166,9 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
     """
     from medqa_core.config import train_profile
     from medqa_core.data import first_examples
-    from medqa_core.distributed import DistInfo
     from medqa_core.fingerprint import machine_fingerprint
     from medqa_core.run import load_session, load_splits
-    from medqa_core.train import apply_model_settings, make_optimizer, reset_model_settings, wrap_data_parallel
+    from medqa_core.train import prepare_training
 
     session = load_session(cfg)
     splits = load_splits(cfg.data)
@@ -186,23 +178,19 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
         tc = train_profile(name, cfg.train)
         examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
                                   tc.loss_on)
-        optimizer, scheduler = make_optimizer(session.model, tc)
-        session.model.train()
-        compiled = apply_model_settings(session.model, tc, session.device)
-        step_loss = wrap_data_parallel(session.model, session.device, DistInfo())
-        settings[name] = {"train": dataclasses.asdict(tc), "compile": compiled.as_dict()}
+        trainer = prepare_training(session.model, tc, session.device, session.attention,
+                                   session.tokenizer.pad_token_id, session.numerics)
+        settings[name] = {"train": dataclasses.asdict(tc), "compile": trainer.compiled.as_dict()}
         try:
-            results[name] = profile_steps(
-                functools.partial(_step, step_loss, optimizer, scheduler, session),
-                examples, session.tokenizer.pad_token_id, tc.packing, tc.pack_len, session.device, steps, warmup)
+            results[name] = profile_steps(trainer, examples, session.device, steps, warmup)
         except Exception as e:
             if not is_oom(e):
                 raise
             settings[name]["oom"] = str(e).splitlines()[0][:300]  # recorded; the next profile still runs
             logger.warning("profile %s: out of memory (%s)", name, settings[name]["oom"])
         finally:
-            reset_model_settings(session.model)
-            optimizer.zero_grad(set_to_none=True)
+            trainer.close()
+            trainer.optimizer.zero_grad(set_to_none=True)
             free_device_memory(session.device)
     meta = {"fingerprint": machine_fingerprint(session.device), "model": cfg.model.name,
             "attention": {"requested": session.attention.requested, "ran": session.kernel_ran},

@@ -9,6 +9,8 @@ Fields of a record (units in names):
     config           RunConfig.to_dict() of the run.
     fingerprint      machine_fingerprint(): device, backend, versions, git commit.
     model            name, source, parameter counts, quantization read back from a layer.
+    numerics         the compute dtype that ran (requested, compute_dtype, reason); null in records
+                     written before it was recorded, which all computed in bf16.
     attention        requested kernel and the one the profiler saw run.
     train            TrainResult or null.
     eval_before      EvalResult of the base model (LoRA not applied) or null.
@@ -83,7 +85,10 @@ class TrainResult:
     host_peak_rss_gib: float
     world_size: int = 1  # data-parallel ranks; tokens and tokens_per_s count all of them
     all_reduce_s: float | None = None  # one all-reduce of all LoRA gradients, measured alone
-    compile: dict[str, Any] | None = None  # compiling.CompileState: requested, ran, detail
+    compile: dict[str, Any] | None = None  # compiling.CompileState: requested, ran, detail, graphs, recompiles
+    model_flops_per_s: float | None = None  # flops.train_step_flops of the timed steps over their time
+    mfu_datasheet: float | None = None  # model_flops_per_s over the datasheet dense peak of the compute dtype
+    datasheet_peak: dict[str, Any] | None = None  # flops.DatasheetPeak that mfu_datasheet divides by
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class RunRecord:
     notes: tuple[str, ...] = ()
     wall_time_s: float | None = None  # the whole job: loading, scoring, training
     failure: dict[str, Any] | None = None  # e.g. an out-of-memory: phase, configuration, memory at the time
+    numerics: dict[str, Any] | None = None  # numerics.Numerics.as_dict(); None: an older record (bf16)
     created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -132,7 +138,7 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     if found != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
-    d = {"wall_time_s": None, "failure": None, **d}  # added within schema 1: its first files lack them
+    d = {"wall_time_s": None, "failure": None, "numerics": None, **d}  # added within schema 1: older files lack them
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:

@@ -6,7 +6,9 @@ use_gradient_checkpointing=True)`` (which also upcasts the non-quantized weights
 r16, alpha 32, dropout 0.05 on all linear layers; AdamW; batches right-padded to the longest
 example with an attention mask and labels -100 on pads and prompt; the loss from full-vocabulary
 logits through ``model(input_ids, attention_mask, labels)`` under bf16 autocast, as
-``TrainingArguments(bf16=True)`` runs it.
+``TrainingArguments(bf16=True)`` runs it. Where the device has no native bf16 the recipe follows the
+run's ``--dtype`` as a guide's user would: ``fp16=True`` (with a gradient scaler) on such a GPU, fp32 on
+such a CPU.
 
 It differs from ours (``medqa_core.train``) where the guides differ: ours leaves out the fp32 upcast,
 recomputes no layers (or, in a memory-capped profile, only some), packs examples instead of padding,
@@ -30,15 +32,14 @@ from medqa_core.config import LoraSettings, RunConfig
 from medqa_core.data import IGNORE_INDEX, TrainExample
 from medqa_core.fingerprint import resolve_device
 from medqa_core.model import (
-    COMPUTE_DTYPE,
     QuantInfo,
     add_lora,
-    check_model_dir,
     load_base_model,
     load_tokenizer,
-    preset_dir,
     quant_info,
+    resolve_model_dir,
 )
+from medqa_core.numerics import Numerics, autocast, resolve_numerics
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class ReferenceArm:
     attention: AttentionChoice
     kernel_ran: str
     quant: QuantInfo
+    numerics: Numerics
+    scaler: torch.amp.GradScaler  # enabled for fp16 only, as Trainer's fp16=True
     gradient_checkpointing: bool = True
 
 
@@ -82,16 +85,15 @@ def load_reference(cfg: RunConfig, device: torch.device | None = None) -> Refere
     from transformers import DataCollatorForSeq2Seq
 
     device = device or resolve_device(cfg.backend)
-    if cfg.model.path:
-        model_dir = check_model_dir(cfg.model.path, cfg.model.allow_pickle)
-    else:
-        model_dir = preset_dir(str(cfg.model.preset), cfg.model.seed)
+    model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "right"  # the guides pad training batches on the right
     attention = resolve_attention(REFERENCE_ATTN)
+    numerics = resolve_numerics(cfg.model.dtype, device)
     # The same from_pretrained call the guides write: NF4, double quant, bf16 compute, sdpa.
-    base = load_base_model(model_dir, dataclasses.replace(cfg.model, quant="nf4", attn=REFERENCE_ATTN), device,
-                           attention.attn_implementation)
+    recipe = dataclasses.replace(cfg.model, quant="nf4", attn=REFERENCE_ATTN, nf4_blocksize=None,
+                                 nf4_double_quant=True, nf4_quant_storage="uint8")
+    base = load_base_model(model_dir, recipe, device, attention.attn_implementation, numerics.torch_dtype)
     quant = quant_info(base)
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     base.config.use_cache = False  # the guides' line: no KV cache while training with checkpointing
@@ -106,7 +108,9 @@ def load_reference(cfg: RunConfig, device: torch.device | None = None) -> Refere
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
                                       return_tensors="pt")
     logger.info("reference arm %s on %s, attention sdpa ran as %s", model_dir, device, kernel_ran)
-    return ReferenceArm(model, tokenizer, optimizer, collator, device, model_dir, attention, kernel_ran, quant)
+    scaler = torch.amp.GradScaler(device.type, enabled=numerics.torch_dtype == torch.float16)
+    return ReferenceArm(model, tokenizer, optimizer, collator, device, model_dir, attention, kernel_ran, quant,
+                        numerics, scaler)
 
 
 def collate_reference(arm: ReferenceArm, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
@@ -133,12 +137,13 @@ def reference_step(arm: ReferenceArm, batch: dict[str, torch.Tensor]) -> torch.T
     Returns:
         The step's loss, still on the device (reading it is the caller's sync point).
     """
-    with torch.autocast(device_type=arm.device.type, dtype=COMPUTE_DTYPE):  # as TrainingArguments(bf16=True)
+    with autocast(arm.device, arm.numerics):  # as TrainingArguments(bf16=True)
         # transformers shifts the labels and takes the mean over non -100 positions of the
         # full [B, T, V] logits.
         loss = arm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
-    loss.backward()
-    arm.optimizer.step()
+    arm.scaler.scale(loss).backward()
+    arm.scaler.step(arm.optimizer)
+    arm.scaler.update()
     arm.optimizer.zero_grad(set_to_none=True)
     return loss.detach()

@@ -30,15 +30,16 @@ from medqa_core.fingerprint import machine_fingerprint, resolve_device
 from medqa_core.model import (
     QuantInfo,
     add_lora,
-    check_model_dir,
     count_parameters,
     load_adapter,
     load_base_model,
     load_tokenizer,
     preset_dir,
     quant_info,
+    resolve_model_dir,
     save_adapter,
 )
+from medqa_core.numerics import Numerics, resolve_numerics
 from medqa_core.record import RunRecord, save_record
 from medqa_core.timing import is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.train import train
@@ -66,6 +67,7 @@ class Session:
     attention: AttentionChoice
     kernel_ran: str
     quant: QuantInfo
+    numerics: Numerics
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,10 @@ def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.d
     """Load the base model (preset or folder), quantize it, attach LoRA (new or saved)."""
     device = device or resolve_device(cfg.backend)
     attention = resolve_attention(cfg.model.attn)
-    if cfg.model.path:
-        model_dir = check_model_dir(cfg.model.path, cfg.model.allow_pickle)
-    else:
-        model_dir = preset_dir(str(cfg.model.preset), cfg.model.seed)
+    numerics = resolve_numerics(cfg.model.dtype, device)
+    model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation)
+    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation, numerics.torch_dtype)
     quant = quant_info(base)
     if adapter_dir:
         model = load_adapter(base, adapter_dir)
@@ -115,8 +115,9 @@ def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.d
     probe = torch.tensor([ids + ids if packed else ids], device=device)
     positions = torch.tensor([list(range(len(ids))) * 2], device=device) if packed else None
     kernel_ran = detect_kernel(model, probe, attention, positions)
-    logger.info("model %s on %s, attention %s ran as %s", model_dir, device, attention.requested, kernel_ran)
-    return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant)
+    logger.info("model %s on %s, attention %s ran as %s, compute %s (%s)", model_dir, device, attention.requested,
+                kernel_ran, numerics.compute_dtype, numerics.reason)
+    return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant, numerics)
 
 
 def _model_info(session: Session) -> dict[str, Any]:
@@ -192,13 +193,13 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
             # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
-                                              splits.eval_name, _bar(progress, phase))
+                                              splits.eval_name, _bar(progress, phase), numerics=session.numerics)
         if kind in ("run", "train"):
             phase = "fine-tune"
             examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
             ckpt = resume or checkpoint_dir
             results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
-                                     _bar(progress, phase), checkpoint_dir=Path(ckpt) if ckpt else None,
+                                     session.numerics, _bar(progress, phase), checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
                                      dist_info=info)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -207,7 +208,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
             results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
-                                             splits.eval_name, _bar(progress, phase))
+                                             splits.eval_name, _bar(progress, phase), numerics=session.numerics)
     except Exception as e:
         if not is_oom(e):
             raise
@@ -220,7 +221,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         attention={"requested": attention.requested, "ran": session.kernel_ran,
                    "attn_implementation": attention.attn_implementation},
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
-        adapter_dir=saved_adapter or adapter_dir,
+        adapter_dir=saved_adapter or adapter_dir, numerics=session.numerics.as_dict(),
         notes=_notes(session, splits.notes if kind != "evaluate" else ()),
         wall_time_s=time.perf_counter() - started, failure=failure,
     )

@@ -7,9 +7,11 @@ small model and a real one on a 7B.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ from medqa_core.attention import AttentionChoice, attention_context
 from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
-from medqa_core.data import IGNORE_INDEX, TrainExample, collate, collate_packed, iter_batches
+from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
 from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_s, shard
-from medqa_core.model import COMPUTE_DTYPE, set_checkpointing
+from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
+from medqa_core.model import set_checkpointing
+from medqa_core.numerics import Numerics, autocast
 from medqa_core.record import TrainResult
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
@@ -67,25 +71,31 @@ def answer_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
 class StepLoss(torch.nn.Module):
     """The training forward as one module (token losses), so DistributedDataParallel can wrap it.
 
-    It runs under bf16 autocast, as the reference's ``TrainingArguments(bf16=True)`` does: without it peft
-    casts each LoRA input to its fp32 weights, and the adapters' matmuls run in fp32 off the tensor cores
-    while their fp32 input copies are kept for the backward pass.
+    It runs under autocast to the run's compute dtype (bf16 where native), as the reference's
+    ``TrainingArguments(bf16=True)`` does: without it peft casts each LoRA input to its fp32 weights, and the
+    adapters' matmuls run in fp32 off the tensor cores while their fp32 input copies are kept for the backward.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, numerics: Numerics) -> None:
         super().__init__()
         self.model = model
+        self.numerics = numerics
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.autocast(device_type=input_ids.device.type, dtype=COMPUTE_DTYPE):
+        with autocast(input_ids.device, self.numerics):
             return token_losses(self.model, input_ids, labels, position_ids)
 
 
-def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo) -> torch.nn.Module:
+def make_scaler(device: torch.device, numerics: Numerics) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for fp16 only: bf16 and fp32 keep fp32's exponent range."""
+    return torch.amp.GradScaler(device.type, enabled=numerics.torch_dtype == torch.float16)
+
+
+def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo, numerics: Numerics) -> torch.nn.Module:
     """StepLoss, wrapped in DDP when distributed. Frozen 4-bit weights are left out of DDP's
     broadcast and buckets: every rank loads the same weights, and only LoRA gradients are reduced."""
-    step = StepLoss(model)
+    step = StepLoss(model, numerics)
     if not info.enabled:
         return step
     from torch.nn.parallel import DistributedDataParallel
@@ -103,13 +113,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def train_step(step_loss: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                batch: dict[str, torch.Tensor], device: torch.device, attention: AttentionChoice,
-               world_size: int = 1) -> float:
+               world_size: int = 1, scaler: torch.amp.GradScaler | None = None) -> float:
     """One optimizer step on one (local) batch; the loss returned is the global batch's mean.
 
     Args:
         step_loss: :func:`wrap_data_parallel`'s module.
         batch: from ``collate`` or ``collate_packed`` (``position_ids`` present when packed).
         world_size: ranks sharing the global batch (DDP averages their gradients).
+        scaler: :func:`make_scaler`'s (fp16 scales the loss; a step with inf gradients is skipped).
     """
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
@@ -121,11 +132,50 @@ def train_step(step_loss: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
         sums = all_reduce_sum(torch.stack([losses_local.detach().sum(),
                                            torch.tensor(float(losses_local.numel()), device=device)]))
         loss = losses_local.sum() * world_size / sums[1]
-        loss.backward()
-    optimizer.step()
+        (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return (sums[0] / sums[1]).item()  # note: a device sync point; the step has finished when it returns
+
+
+def warm_up_compiled(step_loss: torch.nn.Module, model: Any, state: CompileState, batch: dict[str, torch.Tensor],
+                     pad_id: int, device: torch.device, attention: AttentionChoice) -> None:
+    """Compile, before the first step, the graphs a static-shape run needs, so none compiles mid-run.
+
+    Forward and backward run, without an optimizer step, on ``batch`` (a static-shape packed batch) and on
+    it with :data:`data.ROW_MULTIPLE` more rows of pads: the first call compiles a graph for its row count,
+    the second makes Dynamo mark the row dimension dynamic (its automatic-dynamic rule), and a batch of
+    ``ROW_MULTIPLE`` rows (the smallest count, which it specializes on) compiles the last one. Gradients are
+    dropped afterwards; the caller reseeds the RNG before each real step.
+    """
+    width = batch["input_ids"].shape[1]
+    rows = batch["input_ids"].shape[0]
+    start_graphs = state.counter.graphs
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": None}
+    with Timer(device) as timer, attention_context(attention):
+        for n_rows in dict.fromkeys((rows, rows + ROW_MULTIPLE, ROW_MULTIPLE)):
+            shaped = {k: _with_rows(batch[k], n_rows, fill).to(device) for k, fill in fills.items()}
+            losses = step_loss(shaped["input_ids"], shaped["labels"], shaped["position_ids"])
+            losses.sum().backward()
+    model.zero_grad(set_to_none=True)
+    state.warmup_graphs = state.counter.graphs - start_graphs
+    state.warmup_s = timer.elapsed_s
+    logger.info("compiled %d graphs in %.1f s before the first step (rows %d..%d of %d tokens)",
+                state.warmup_graphs, state.warmup_s, ROW_MULTIPLE, rows + ROW_MULTIPLE, width)
+
+
+def _with_rows(t: torch.Tensor, n_rows: int, fill: int | None) -> torch.Tensor:
+    """``t`` [R, T] cut or extended to ``n_rows`` rows; new rows are ``fill`` (``None``: positions 0..T-1)."""
+    if n_rows <= t.shape[0]:
+        return t[:n_rows]
+    extra = t.new_zeros((n_rows - t.shape[0], t.shape[1]))
+    extra += torch.arange(t.shape[1], device=t.device) if fill is None else fill
+    return torch.cat([t, extra])
 
 
 def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> CompileState:
@@ -149,8 +199,84 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
     return optimizer, scheduler
 
 
+@dataclass
+class TrainingStep:
+    """A model prepared for training under ``cfg``, and its step: what the loop, the bench and the profiler run.
+
+    Made by :func:`prepare_training`; call it with a batch (and optionally a hook that restores the RNG and
+    anything else before an eager retry after a failed compile). :meth:`close` undoes the model settings.
+    """
+
+    model: Any
+    cfg: TrainConfig
+    device: torch.device
+    attention: AttentionChoice
+    pad_id: int
+    step_loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    compiled: CompileState
+    info: DistInfo
+
+    def __post_init__(self) -> None:
+        def before_retry(batch: dict[str, torch.Tensor], restore: Callable[[], None] | None) -> None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if restore:
+                restore()
+
+        self._run = with_eager_fallback(
+            lambda batch, restore: train_step(self.step_loss, self.optimizer, self.scheduler, batch, self.device,
+                                              self.attention, self.info.world_size, self.scaler),
+            self.model, self.compiled, before_retry)
+
+    @property
+    def static_shape(self) -> bool:
+        """Compiled and packed: batches get one row width and even row counts (see data.collate_packed)."""
+        return self.compiled.ran and self.cfg.packing
+
+    def collate(self, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
+        """A batch as the loop builds it: packed rows (static shapes when compiled) or padded rows."""
+        if self.cfg.packing:
+            return collate_packed(examples, self.pad_id, self.cfg.pack_len, self.static_shape)
+        return collate(examples, self.pad_id)
+
+    def warm_up(self, batch: dict[str, torch.Tensor]) -> None:
+        """Compile the graphs of every batch shape before the first step (no-op unless :attr:`static_shape`)."""
+        if not self.static_shape:
+            return
+        warm = with_eager_fallback(
+            lambda b: warm_up_compiled(self.step_loss, self.model, self.compiled, b, self.pad_id, self.device,
+                                       self.attention),
+            self.model, self.compiled, lambda b: self.model.zero_grad(set_to_none=True))
+        warm(batch)
+
+    def __call__(self, batch: dict[str, torch.Tensor], restore: Callable[[], None] | None = None) -> float:
+        graphs_before = self.compiled.counter.graphs
+        loss = self._run(batch, restore)
+        if self.compiled.ran:
+            self.compiled.graphs_per_step.append(self.compiled.counter.graphs - graphs_before)
+        return loss
+
+    def close(self) -> None:
+        reset_model_settings(self.model)
+
+
+def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attention: AttentionChoice, pad_id: int,
+                     numerics: Numerics, info: DistInfo | None = None) -> TrainingStep:
+    """Train mode, recompute and compile as ``cfg`` says, AdamW with its schedule, the loss module (DDP-wrapped
+    under torchrun) and a gradient scaler for fp16."""
+    info = info or DistInfo()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    step_loss = wrap_data_parallel(model, device, info, numerics)
+    model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
+    compiled = apply_model_settings(model, cfg, device)
+    return TrainingStep(model, cfg, device, attention, pad_id, step_loss, optimizer, scheduler,
+                        make_scaler(device, numerics), compiled, info)
+
+
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
-          attention: AttentionChoice, pad_id: int, progress: ProgressFn | None = None,
+          attention: AttentionChoice, pad_id: int, numerics: Numerics, progress: ProgressFn | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
           checkpoint_config: dict[str, Any] | None = None, dist_info: DistInfo | None = None) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` in place.
@@ -162,6 +288,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         device: where the model lives.
         attention: the attention kernel to force during forward and backward.
         pad_id: token id used for padding.
+        numerics: the compute dtype (autocast; fp16 adds a gradient scaler).
         progress: called after each step with (step, total, loss).
         checkpoint_dir: where checkpoints go (every ``cfg.checkpoint_every`` steps and at the end).
         resume: continue from the newest complete checkpoint in ``checkpoint_dir``.
@@ -179,46 +306,46 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     """
     info = dist_info or DistInfo()
     n_steps = total_steps(len(examples), cfg)
-    optimizer, scheduler = make_optimizer(model, cfg)
-    step_loss = wrap_data_parallel(model, device, info)
+    trainer = prepare_training(model, cfg, device, attention, pad_id, numerics, info)
     config = checkpoint_config or {}
     state = TrainProgress(0, 0, (), (), ())
-    if resume:
-        if checkpoint_dir is None:
-            raise CheckpointError("resume needs a checkpoint folder")
-        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, config)
-    losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
-    seen = state.examples_seen
-    model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
-    compiled = apply_model_settings(model, cfg, device)
-
-    def fresh_start(step: int) -> None:  # gradients and dropout's RNG as before the step
-        optimizer.zero_grad(set_to_none=True)
-        torch.manual_seed(step_seed(cfg.seed, step, info.rank))
-
-    run_step = with_eager_fallback(
-        lambda batch, step: train_step(step_loss, optimizer, scheduler, batch, device, attention, info.world_size),
-        model, compiled, lambda batch, step: fresh_start(step))
-    reset_peak_memory(device)
-    batches = iter_batches(examples, cfg.batch_size, cfg.seed)
-    for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
-        next(batches)
     try:
-        for step in range(state.step, n_steps):
-            _, batch_examples = next(batches)
+        if resume:
+            if checkpoint_dir is None:
+                raise CheckpointError("resume needs a checkpoint folder")
+            state = load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config)
+        losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
+        seen = state.examples_seen
+        shape = ModelShape.from_config(model.config)
+        step_flops: list[float] = [0.0] * state.step  # steps before a resume are left out of the FLOP rate
+
+        def local_batch(batch_examples: list[TrainExample]) -> dict[str, torch.Tensor]:
             local = shard(batch_examples, info) if info.enabled else batch_examples
             if not local:  # fewer examples than ranks: join the collective with a loss-free example
                 local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
-            batch = collate_packed(local, pad_id, cfg.pack_len) if cfg.packing else collate(local, pad_id)
-            fresh_start(step)
+            return trainer.collate(local)
+
+        batches = iter_batches(examples, cfg.batch_size, cfg.seed)
+        for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
+            next(batches)
+        if state.step < n_steps:
+            trainer.warm_up(local_batch(next(iter_batches(examples, cfg.batch_size, cfg.seed))[1]))
+        reset_peak_memory(device)
+        for step in range(state.step, n_steps):
+            _, batch_examples = next(batches)
+            batch = local_batch(batch_examples)
+            seed = step_seed(cfg.seed, step, info.rank)
+            torch.manual_seed(seed)  # dropout's masks: a resumed run draws the same ones without replaying
             with Timer(device) as timer:
-                loss_value = run_step(batch, step)
+                loss_value = trainer(batch, lambda: torch.manual_seed(seed))
             n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled \
                 else int(batch["n_tokens"])
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization "
                                          "settings and bitsandbytes version for this backend")
             losses.append(loss_value)
+            step_flops.append(train_step_flops(shape, [e.n_tokens for e in batch_examples],
+                                               sum(e.n_labels for e in batch_examples)))
             step_times.append(timer.elapsed_s)
             step_tokens.append(n_tokens)
             seen += len(batch_examples)
@@ -228,14 +355,19 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
             if checkpoint_dir is not None and due and info.is_main:
                 progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
-                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress_now, config,
+                save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, progress_now, config,
                                 cfg.keep_checkpoints)
     finally:
-        reset_model_settings(model)  # scoring after training runs as after a fresh load
+        trainer.close()  # scoring after training runs as after a fresh load
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step
     timed_time = sum(step_times[skip:])
     timed_tokens = sum(step_tokens[skip:])
     stats = Stats.from_values(step_times[skip:])
+    timed_flops = step_flops[max(skip, state.step):]
+    flops_per_s = sum(timed_flops) / sum(step_times[max(skip, state.step):]) if timed_flops else None
+    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak_rate = {torch.bfloat16: peak.bf16_flops_per_s, torch.float16: peak.fp16_flops_per_s}.get(
+        numerics.torch_dtype) if peak else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     return TrainResult(
         steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
@@ -243,5 +375,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         step_time_s_median=stats.median, step_time_s_iqr=stats.iqr, loss_per_step=tuple(losses),
         step_time_s=tuple(step_times), peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib(),
         world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
-        compile=compiled.as_dict(),
+        compile=trainer.compiled.as_dict(), model_flops_per_s=flops_per_s,
+        mfu_datasheet=flops_per_s / peak_rate if flops_per_s and peak_rate else None,
+        datasheet_peak={**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
     )

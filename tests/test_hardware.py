@@ -38,7 +38,7 @@ def test_energy_meter_unavailable_on_cpu() -> None:
 
 
 def test_weight_bytes_per_token_counts_packed_nf4(tiny_model_dir: Path) -> None:
-    model = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir)), CPU, "sdpa")
+    model = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir)), CPU, "sdpa", torch.bfloat16)
     quant = quant_info(model)
     assert quant.double_quant  # the expected sum below assumes nested absmax
     per_layer = 0

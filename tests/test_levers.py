@@ -11,10 +11,12 @@ from medqa_core.compiling import CompileState, compile_layers, uncompile_layers,
 from medqa_core.config import ConfigError, LoraSettings, TrainConfig, memory_cap_gib, train_profile
 from medqa_core.data import collate_packed, encode_train, load_medqa
 from medqa_core.model import add_lora, decoder_layers, load_base_model, set_checkpointing
+from medqa_core.numerics import resolve_numerics
 from medqa_core.profiler import OTHER, categorize, profile_steps
-from medqa_core.train import StepLoss, make_optimizer, train_step
+from medqa_core.train import StepLoss, make_optimizer, prepare_training, train_step
 
 CPU = torch.device("cpu")
+NUMERICS = resolve_numerics("auto", CPU)  # bf16 where this CPU has it, else fp32
 
 
 def test_profile_spec_applies_overrides_and_names_bad_keys() -> None:
@@ -42,7 +44,7 @@ def fresh_model(tiny_config):
 
     model_dir = tiny_config.model.path
     torch.manual_seed(0)
-    base = load_base_model(model_dir, tiny_config.model, CPU, "sdpa")
+    base = load_base_model(model_dir, tiny_config.model, CPU, "sdpa", NUMERICS.torch_dtype)
     model = add_lora(base, dataclasses.replace(LoraSettings(), dropout=0.0))
     tok = load_tokenizer(model_dir)
     return model, tok
@@ -60,7 +62,7 @@ def _batch(tok, tmp_path, n=3):
 def _losses_and_grads(model, batch):
     model.train()
     model.zero_grad(set_to_none=True)
-    losses = StepLoss(model)(batch["input_ids"], batch["labels"], batch["position_ids"])
+    losses = StepLoss(model, NUMERICS)(batch["input_ids"], batch["labels"], batch["position_ids"])
     losses.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return losses.detach(), grads
@@ -120,7 +122,7 @@ def test_compile_failure_falls_back_to_eager_visibly(fresh_model, tmp_path) -> N
     for layer in decoder_layers(model):
         layer._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(BackendCompilerFailed("no compiler"))
     restored = []
-    step = with_eager_fallback(lambda: train_step(StepLoss(model), optimizer, scheduler, batch, CPU, _attention()),
+    step = with_eager_fallback(lambda: train_step(StepLoss(model, NUMERICS), optimizer, scheduler, batch, CPU, _attention()),
                                model, state, lambda: restored.append(True))
     loss = step()
     assert loss > 0 and restored == [True]
@@ -158,10 +160,8 @@ def test_profiler_groups_operators_and_times_the_step(fresh_model, tmp_path) -> 
 
     items = load_medqa(write_jsonl(tmp_path / "q.jsonl", [QUESTION] * 2))
     examples = [encode_train(tok, it, 512) for it in items]
-    optimizer, scheduler = make_optimizer(model, TrainConfig())
-    model.train()
-    p = profile_steps(lambda b: train_step(StepLoss(model), optimizer, scheduler, b, CPU, _attention()),
-                      examples, tok.pad_token_id, True, 1024, CPU, steps=1, warmup=0)
+    trainer = prepare_training(model, TrainConfig(), CPU, _attention(), tok.pad_token_id, NUMERICS)
+    p = profile_steps(trainer, examples, CPU, steps=1, warmup=0)
     assert p.tokens_per_step == sum(e.n_tokens for e in examples)
     assert p.wall_ms > 0 and p.busy_ms > 0 and p.peak_mem_gib is None
     assert p.categories.get("matmul", 0) > 0 and p.categories.get("dequantize 4-bit", 0) > 0

@@ -33,13 +33,14 @@ def test_pickle_only_folder_is_refused_unless_allowed(tmp_path, tiny_model_dir):
 
 
 def test_nf4_settings_are_read_back_from_a_layer(tiny_model_dir):
-    model = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), "sdpa")
+    model = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), "sdpa",
+                            torch.bfloat16)
     info = quant_info(model)
     # bitsandbytes 0.50 default blocksize on CPU and CUDA is 64 (128 on ROCm CDNA GPUs).
     assert (info.method, info.quant_type, info.blocksize, info.double_quant) == ("bnb-nf4", "nf4", 64, True)
     assert info.compute_dtype == "bfloat16"
     plain = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir), quant="none"),
-                            torch.device("cpu"), "sdpa")
+                            torch.device("cpu"), "sdpa", torch.bfloat16)
     assert quant_info(plain).method == "none" and quant_info(plain).weight_dtype == "bfloat16"
 
 

@@ -21,8 +21,11 @@ from medqa_core.data import (
 )
 from medqa_core.evaluate import evaluate
 from medqa_core.model import load_adapter, load_base_model, save_adapter
+from medqa_core.numerics import resolve_numerics
 from medqa_core.run import load_session
 from medqa_core.train import answer_loss, token_losses, train
+
+NUMERICS = resolve_numerics("auto", torch.device("cpu"))  # bf16 where this CPU has it natively, else fp32
 
 
 def _questions(n):
@@ -46,7 +49,8 @@ def test_answer_loss_equals_full_vocab_loss(tiny_session):
 def test_scoring_picks_highest_logprob_and_matches_full_forward(tiny_session):
     tok, model = tiny_session.tokenizer, tiny_session.model
     items = _questions(6)
-    result = evaluate(model, tok, items, EvalConfig(batch_size=4), torch.device("cpu"), tiny_session.attention, "dev")
+    result = evaluate(model, tok, items, EvalConfig(batch_size=4), torch.device("cpu"), tiny_session.attention, "dev",
+                      numerics=NUMERICS)
     for item, q in zip(items, result.questions, strict=True):
         assert q.pred == max(range(4), key=lambda i: q.logprobs[i])
         # Reference: lm-evaluation-harness style, each continuation scored in its own full forward.
@@ -67,10 +71,12 @@ def test_qlora_overfits_a_few_questions(tiny_config):
     tok, cpu = session.tokenizer, torch.device("cpu")
     questions = _questions(4)
     examples = [encode_train(tok, q, 512) for q in questions]
-    before = evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev")
+    before = evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev",
+                      numerics=NUMERICS)
     cfg = TrainConfig(max_steps=30, batch_size=4, lr=5e-3, warmup_steps=0, timing_warmup_steps=1)
-    result = train(session.model, examples, cfg, cpu, session.attention, tok.pad_token_id)
-    after = evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev")
+    result = train(session.model, examples, cfg, cpu, session.attention, tok.pad_token_id, session.numerics)
+    after = evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev",
+                      numerics=NUMERICS)
     assert result.steps == 30 and len(result.loss_per_step) == 30
     # The frozen random LM head bounds how far the answer logits can move (about 1-2 nats on this
     # model): the loss falls by most of that, and every training question ends up answered right.
@@ -85,15 +91,18 @@ def test_adapter_round_trip_gives_identical_logprobs(tiny_config, tmp_path):
     tok = session.tokenizer
     examples = [encode_train(tok, q, 512) for q in _questions(4)]
     train(session.model, examples, TrainConfig(max_steps=3, batch_size=4, lr=1e-2), torch.device("cpu"),
-          session.attention, tok.pad_token_id)
+          session.attention, tok.pad_token_id,
+          session.numerics)
     save_adapter(session.model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     items = _questions(5)
     cfg, cpu = EvalConfig(batch_size=5), torch.device("cpu")
-    trained = evaluate(session.model, tok, items, cfg, cpu, session.attention, "dev")
+    trained = evaluate(session.model, tok, items, cfg, cpu, session.attention, "dev",
+                      numerics=NUMERICS)
     reloaded = [
-        evaluate(load_adapter(load_base_model(session.model_dir, tiny_config.model, cpu, "sdpa"), tmp_path / "adapter"),
-                 tok, items, cfg, cpu, session.attention, "dev")
+        evaluate(load_adapter(load_base_model(session.model_dir, tiny_config.model, cpu, "sdpa",
+                                                   session.numerics.torch_dtype), tmp_path / "adapter"),
+                 tok, items, cfg, cpu, session.attention, "dev", numerics=NUMERICS)
         for _ in range(2)
     ]
     # The saved adapter, loaded twice, scores bit for bit as the model that was trained in memory.
@@ -140,7 +149,8 @@ def test_gradients_reach_every_lora_layer_after_scoring(tiny_config):
     session = load_session(tiny_config)
     tok, cpu = session.tokenizer, torch.device("cpu")
     questions = _questions(4)
-    evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev")
+    evaluate(session.model, tok, questions, EvalConfig(), cpu, session.attention, "dev",
+                      numerics=NUMERICS)
     session.model.train()
     batch = collate([encode_train(tok, q, 512) for q in questions], tok.pad_token_id)
     answer_loss(session.model, batch["input_ids"], batch["labels"]).backward()
