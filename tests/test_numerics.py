@@ -1,0 +1,114 @@
+"""--dtype: the choice per device and CPU, what it runs, and that fp32 and bf16 score alike on the tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from medqa_core.config import ConfigError, ModelConfig
+from medqa_core.data import load_medqa
+from medqa_core.evaluate import evaluate
+from medqa_core.model import quant_info
+from medqa_core.numerics import DtypeError, autocast, cpu_has_native_bf16, relevant_cpu_flags, resolve_numerics
+from medqa_core.run import load_session
+
+CPU = torch.device("cpu")
+AVX2_EPYC = frozenset({"fpu", "sse2", "avx", "avx2", "fma", "f16c"})  # an AMD EPYC 7003's flags, abridged
+SAPPHIRE_RAPIDS = AVX2_EPYC | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+GRAVITON3 = frozenset({"fp", "asimd", "sve", "bf16", "i8mm"})
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(AVX2_EPYC, "float32"), (SAPPHIRE_RAPIDS, "bfloat16")])
+def test_auto_follows_the_cpus_bf16_support(flags: frozenset[str], expected: str, monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    numerics = resolve_numerics("auto", CPU, cpu_flags=flags)
+    assert numerics.compute_dtype == expected
+    assert numerics.reason.startswith("auto: ")
+    assert ("no native bf16" in numerics.reason) == (expected == "float32")
+
+
+def test_torch_capped_at_avx2_runs_bf16_emulated_even_on_a_bf16_cpu(monkeypatch) -> None:
+    # ATEN_CPU_CAPABILITY=avx2 on a Sapphire Rapids: torch's AVX2 kernels convert bf16 element by element.
+    assert cpu_has_native_bf16(SAPPHIRE_RAPIDS, "AVX512")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert not cpu_has_native_bf16(SAPPHIRE_RAPIDS, "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    numerics = resolve_numerics("auto", CPU, cpu_flags=SAPPHIRE_RAPIDS)
+    assert numerics.compute_dtype == "float32" and "AVX2 kernels" in numerics.reason
+
+
+def test_arm_bf16_flag_counts_as_native() -> None:
+    assert cpu_has_native_bf16(GRAVITON3, "SVE256")
+
+
+def test_explicit_dtype_wins_and_says_so(caplog) -> None:
+    numerics = resolve_numerics("bf16", CPU, cpu_flags=AVX2_EPYC)
+    assert numerics.compute_dtype == "bfloat16" and numerics.reason.startswith("--dtype bf16 although")
+    assert "emulated" in caplog.text
+    assert resolve_numerics("fp32", CPU, cpu_flags=SAPPHIRE_RAPIDS).compute_dtype == "float32"
+    assert resolve_numerics("fp16", CPU, cpu_flags=SAPPHIRE_RAPIDS).torch_dtype == torch.float16
+
+
+def test_unknown_dtype_is_refused_by_name() -> None:
+    with pytest.raises(DtypeError, match="unknown --dtype 'fp8'"):
+        resolve_numerics("fp8", CPU)
+    with pytest.raises(ConfigError, match="unknown --dtype 'fp8'"):
+        ModelConfig(dtype="fp8")
+    with pytest.raises(ConfigError, match="--nf4-blocksize 100"):
+        ModelConfig(nf4_blocksize=100)
+
+
+def test_fingerprint_flags_keep_only_what_decides_kernels() -> None:
+    assert relevant_cpu_flags(SAPPHIRE_RAPIDS | {"sse4_2", "aes"}) == sorted(
+        {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+
+
+def test_fp32_autocast_is_plain_fp32() -> None:
+    fp32 = resolve_numerics("fp32", CPU)
+    a = torch.randn(4, 4)
+    with autocast(CPU, fp32):
+        assert (a @ a).dtype == torch.float32
+    with autocast(CPU, resolve_numerics("bf16", CPU)):
+        assert (a @ a).dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    from medqa_core.data import bundled_data_dir, find_split
+
+    return load_medqa(find_split(bundled_data_dir(), "test"), limit=24)
+
+
+def _scores(tiny_config, questions, **model):
+    cfg = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, **model))
+    session = load_session(cfg)
+    result = evaluate(session.model, session.tokenizer, questions, cfg.eval, CPU, session.attention, "test",
+                      numerics=session.numerics)
+    return session, torch.tensor([q.logprobs for q in result.questions])
+
+
+def test_fp32_and_bf16_score_the_same_model_alike(tiny_config, questions) -> None:
+    fp32_session, fp32 = _scores(tiny_config, questions, dtype="fp32", quant="none")
+    bf16_session, bf16 = _scores(tiny_config, questions, dtype="bf16", quant="none")
+    assert fp32_session.numerics.compute_dtype == "float32" and quant_info(fp32_session.model).weight_dtype == "float32"
+    assert bf16_session.numerics.compute_dtype == "bfloat16"
+    # The same weights (saved in bf16, so fp32 holds them exactly): the dtypes differ by rounding alone.
+    # bf16 keeps 8 bits of mantissa; over 2 layers and a 32k log-softmax that is within 0.1 nats here,
+    # while the scores themselves spread over several nats, so agreement is not vacuous.
+    assert (fp32 - bf16).abs().max() < 0.1
+    assert (fp32 - bf16).abs().max() > 0  # the two paths really ran in different dtypes
+    assert fp32.std() > 0.05
+
+
+def test_nf4_blocksize_128_quantizes_again_from_the_checkpoint(tiny_config, questions) -> None:
+    default, default_scores = _scores(tiny_config, questions)
+    wide, wide_scores = _scores(tiny_config, questions, nf4_blocksize=128)
+    assert quant_info(default.model).blocksize == 64 and quant_info(wide.model).blocksize == 128
+    # Larger blocks share one scale over more weights: a coarser quantization, so the scores move...
+    assert not torch.equal(default_scores, wide_scores)
+    # ...by quantization noise only (against the spread of the scores themselves).
+    assert (default_scores - wide_scores).abs().mean() < 0.5 * default_scores.std()
+    again, again_scores = _scores(tiny_config, questions, nf4_blocksize=64)  # the default asked for by name
+    assert torch.equal(again_scores, default_scores)
