@@ -22,6 +22,7 @@ import psutil
 import torch
 
 from medqa_core.config import BACKENDS as VALID_BACKENDS
+from medqa_core.numerics import relevant_cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ def machine_fingerprint(device: torch.device | None = None) -> dict[str, Any]:
 
     Returns:
         A JSON-serialisable dict: ``backend``, ``python_version``, ``platform``, ``hostname``,
-        ``cpu_model``, ``cpu_cores_physical``, ``cpu_cores_logical``, ``ram_gib``,
+        ``cpu_model``, ``cpu_flags`` (SIMD, bf16/fp16 and matrix-unit flags), ``cpu_capability`` (the ATen
+        kernels torch runs: AVX2, AVX512, ...), ``cpu_cores_physical``, ``cpu_cores_logical``, ``ram_gib``,
         ``torch_version``, ``torch_cuda``, ``torch_hip``, ``cudnn_version``, ``gpu_name``,
         ``gpu_memory_gib``, ``gpu_arch`` (compute capability such as ``"9.0"``, or the gfx target
         on ROCm), ``gpu_multiprocessors``, ``gpu_count``, ``driver_version``, ``packages``
@@ -291,6 +293,9 @@ def machine_fingerprint(device: torch.device | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
         "cpu_model": _cpu_model(),
+        # The ISA flags that decide which CPU kernels run (bf16 native or emulated), and the kernels torch picked.
+        "cpu_flags": relevant_cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "cpu_cores_logical": psutil.cpu_count(logical=True),
         "ram_gib": _ram_gib(),
