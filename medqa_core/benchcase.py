@@ -62,6 +62,8 @@ class BenchCase:
         parameters, trainable_parameters: model size.
         timed_rounds: rounds behind the figures.
         oom: what ran out of memory, or None.
+        unmeasured: typed fields the case recorded as null (measured as unavailable here, e.g. device memory on
+            CPU), written back as null; a field the case never set is left out.
         details: every other field, as written.
         schema_version: BENCH_CASE_SCHEMA of the writer.
     """
@@ -116,6 +118,7 @@ class BenchCase:
     trainable_parameters: int | None = None
     timed_rounds: int | None = None
     oom: OomFailure | None = None
+    unmeasured: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = BENCH_CASE_SCHEMA
 
@@ -164,10 +167,14 @@ class BenchCase:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "details" or value is None or (f.name == "predictions" and not value):
+            if f.name in ("details", "unmeasured") or (f.name == "predictions" and not value):
+                continue
+            if value is None:
+                if f.name in self.unmeasured:
+                    out[f.name] = None
                 continue
             if f.name == "predictions":
-                value = [dataclasses.asdict(q) for q in value]
+                value = [{**dataclasses.asdict(q), "logprobs": list(q.logprobs)} for q in value]
             elif f.name == "oom":
                 value = value.to_dict()
             elif isinstance(value, Mapping):
@@ -211,7 +218,8 @@ class BenchCase:
                 details[key] = value
                 continue
             kwargs[key] = _check(key, value, _TYPES[key], where)
-        return cls(**kwargs, details=details)
+        unmeasured = tuple(k for k in _TYPES if k in data and kwargs.get(k) is None)
+        return cls(**kwargs, unmeasured=unmeasured, details=details)
 
 
 def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -283,4 +291,4 @@ _KINDS = {"float | None": "number", "int | None": "integer", "bool | None": "tru
           "tuple[QuestionResult, ...]": "predictions"}
 # Field name -> expected kind, from the annotations above: one list of fields.
 _TYPES = {f.name: _KINDS[str(f.type)] for f in dataclasses.fields(BenchCase)
-          if f.name not in ("details", "schema_version")}
+          if f.name not in ("details", "unmeasured", "schema_version")}

@@ -170,21 +170,28 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 
 class ProgressBars:
-    """One tqdm bar per phase, drawn on stderr."""
+    """One tqdm bar per phase, drawn on stderr.
+
+    The library reports (phase, done, total) before its first batch or step, so a bar exists from the
+    start and its rate and ETA include the first one; a resumed fine-tune's bar starts at its step.
+    """
 
     def __init__(self) -> None:
         self.bars: dict[str, Any] = {}
 
     def __call__(self, phase: str, done: int, total: int, extra: dict[str, float]) -> None:
+        import math
+
         from tqdm import tqdm
 
         bar = self.bars.get(phase)
         if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="q" if "evaluate" in phase else "step",
-                                          leave=True, dynamic_ncols=True)
+            bar = self.bars[phase] = tqdm(total=total, initial=done, desc=phase,
+                                          unit="q" if "evaluate" in phase else "step", leave=True, dynamic_ncols=True)
         bar.update(done - bar.n)
-        if extra:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in extra.items()}, refresh=False)
+        shown = {k: f"{v:.4f}" for k, v in extra.items() if math.isfinite(v)}  # no loss before the first step
+        if shown:
+            bar.set_postfix(shown, refresh=False)
         if done >= total:
             bar.close()
 

@@ -203,6 +203,8 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     batches = iter_batches(examples, cfg.batch_size, cfg.seed)
     for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
         next(batches)
+    if progress:
+        progress(state.step, n_steps, math.nan)  # the bar starts before the first step: its rate includes it
     try:
         for step in range(state.step, n_steps):
             _, batch_examples = next(batches)

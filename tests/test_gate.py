@@ -459,3 +459,116 @@ def test_machine_check_without_measurements_compares_and_says_so():
     result = gate_cases(cases_from_record(base, "a"), cases_from_record(cand, "b"), Thresholds(machine_pct=10))
     speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
     assert speed.status == "pass" and speed.evidence.endswith("machine not measured on both sides, not checked")
+
+
+# ---- bad input never passes silently (issue 22, item 5) -----------------------------------------------
+
+CI_BASELINE = ROOT / "results" / "bench" / "Linux-CPython-3.11-64bit" / "0005_cpu-ci.json"
+
+
+def _gate_files(tmp_path: Path, baseline: dict, candidate: dict, capsys, *extra: str) -> tuple[int, str, str]:
+    paths = []
+    for name, data in (("baseline", baseline), ("candidate", candidate)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(CI_GATE),
+                 *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_figure_missing_in_the_candidate_fails_naming_it(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    del _case(candidate, "test_train_ours[sdpa]")["extra_info"]["tokens_per_s"]
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 1
+    assert "test_train_ours[sdpa]: train tokens/s cannot be checked: the candidate has no figure" in out
+
+
+def test_a_nan_figure_is_blamed_on_its_own_side(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    _case(candidate, "test_scoring[sdpa]")["extra_info"]["questions_per_s"] = float("nan")
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 1 and "scoring questions/s cannot be checked: the candidate's figure is nan" in out
+    assert "the baseline's figure" not in out
+
+
+def test_allow_missing_lists_a_missing_figure_as_not_compared_and_counts_it(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    del _case(candidate, "test_train_ours[sdpa]")["extra_info"]["tokens_per_s"]
+    config = tmp_path / "gate.toml"
+    config.write_text(CI_GATE.read_text() + 'allow_missing = ["train_tokens_per_s"]\n')
+    paths = [tmp_path / "b.json", tmp_path / "c.json"]
+    paths[0].write_text(CI_BASELINE.read_text())
+    paths[1].write_text(json.dumps(candidate))
+    code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 not compared: missing figure: 1 speed check" in out
+
+
+def test_a_figure_of_the_wrong_type_is_one_line_and_exit_2(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    _case(candidate, "test_accuracy[sdpa]")["extra_info"]["accuracy"] = "0.156"
+    code, out, err = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "test_accuracy[sdpa]: accuracy = '0.156' (str); expected number" in err
+
+
+def _other_cpu(data: dict) -> dict:
+    data["machine_info"]["medqa_fingerprint"]["cpu_model"] = "AMD EPYC 7B13 64-Core Processor"
+    return data
+
+
+def test_another_cpu_model_is_inconclusive_not_a_silent_pass(tmp_path, capsys):
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), _other_cpu(json.loads(
+        CI_BASELINE.read_text())), capsys)
+    assert code == 4
+    verdict = next(line for line in out.splitlines() if line.startswith("gate: "))
+    assert verdict.startswith("gate: INCONCLUSIVE: 14 of 17 checks not compared: other CPU model: 14 speed and "
+                              "memory checks") and "--allow-not-compared" in verdict
+
+
+def test_allow_not_compared_passes_and_still_says_why_in_the_verdict(tmp_path, capsys):
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), _other_cpu(json.loads(
+        CI_BASELINE.read_text())), capsys, "--allow-not-compared")
+    assert code == 0
+    assert "gate: PASS: " in out and "(3 checks, 14 not compared: other CPU model: 14 speed and memory checks)" in out
+
+
+def test_another_compute_dtype_is_not_compared_for_speed_and_named(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    for entry in candidate["benchmarks"]:
+        entry["extra_info"]["compute_dtype"] = "float32"
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 4  # every speed and memory check: other settings
+    assert "settings differ (compute dtype: bfloat16 vs float32)" in out and "other settings: 14 speed and memory" in out
+
+
+# ---- CI gates what it says (issue 21, item 6) --------------------------------------------------------
+
+
+def test_the_workflow_runs_ci_run_and_carries_no_thresholds_of_its_own():
+    workflow = (ROOT / ".github" / "workflows" / "parity.yml").read_text()
+    assert "run: .ci/run" in workflow and "--threshold" not in workflow
+    gates = [line for line in workflow.splitlines() if "medqa-parity gate" in line and not line.lstrip()
+             .startswith("#")]
+    assert all("--config .ci/gate.toml" in line for line in gates)
+
+
+def test_ci_baseline_case_names_are_what_the_bench_emits():
+    """The names .ci/run's bench collects (same options, tiny preset) are the committed CI baseline's cases."""
+    script = (ROOT / ".ci" / "run").read_text()
+    baseline = ROOT / script.split("--baseline ", 1)[1].split()[0]
+    bench_line = script.split("python -m pytest bench/", 1)[1].split("\nmedqa-parity", 1)[0]
+    options = [opt for opt in bench_line.replace("\\\n", " ").split() if not opt.startswith("--benchmark")]
+    k = options.index("-k")
+    options = options[:k] + ["-k", " ".join(options[k + 1:]).strip('"')]
+    done = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "bench"), "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *[o for o in options if o != "-q"]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = [line.split("::", 1)[1] for line in done.stdout.splitlines() if "::" in line]
+    # A case parametrized with nothing to run (no --train-profiles on CPU) skips by design, saving nothing.
+    emitted = [name for name in collected if "no-train-profiles" not in name]
+    committed = [b["name"] for b in json.loads(baseline.read_text())["benchmarks"]]
+    assert sorted(emitted) == sorted(committed), f"{baseline.name}: re-bench the CI baseline (see .ci/run)"
