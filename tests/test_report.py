@@ -299,3 +299,45 @@ def test_cli_report_writes_files_and_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("medqa-parity: error: ") and str(bad) in err and "\n" not in err
     assert main(["report", paths[0], "--out", str(tmp_path / "o3")]) == 2
     assert "a report compares at least two" in capsys.readouterr().err
+
+
+def test_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from medqa_core.report import render
+
+    paths = saved(tmp_path, make_record(), make_record("cpu", gpu=None, seed=1, noise=1e-3))
+    out = tmp_path / "report"
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render, "_render_html", broken)
+    with pytest.raises(OSError):
+        make_report(paths, out)
+    assert not out.exists() and not list(tmp_path.glob(".report.*"))  # no empty or half-written folder
+
+
+def test_labels_name_the_cpu_model_where_cpu_runs_differ(tmp_path):
+    a = make_record("cpu", gpu=None)
+    b = make_record("cpu", gpu=None, seed=1, noise=1e-3)
+    b = dataclasses.replace(b, fingerprint={**b.fingerprint, "cpu_model": "AMD EPYC 7B13 64-Core Processor"})
+    runs = load_inputs(saved(tmp_path, a, b))
+    assert runs[1].label.startswith("R2 cpu EPYC 7B13 64-Core ") and " CPU " not in runs[1].label
+    assert runs[0].label != runs[1].label.replace("EPYC 7B13 64-Core", runs[0].label.split(" ")[2])
+
+
+def test_other_compute_dtype_and_eval_packing_are_flagged_by_name(tmp_path):
+    a = make_record()
+    a = dataclasses.replace(a, config={**a.config, "eval": {"packing": True}})
+    config = {**a.config, "eval": {"packing": False}, "model": {**a.config["model"], "dtype": "fp32"}}
+    b = dataclasses.replace(make_record(seed=1, noise=1e-3), config=config)
+    report = build_report(load_inputs(saved(tmp_path, a, b)), Tolerances())
+    flags = [f.text for f in report.findings if f.status == "flag"]
+    assert any("settings differ: compute dtype: bfloat16 vs float32; eval packing: True vs False" in f for f in flags)
+    assert "float32" in report.runs[1].label and "eval packing False" in report.runs[1].label
+
+
+def test_p_values_below_a_thousandth_never_print_as_zero(tmp_path):
+    paths = saved(tmp_path, make_record(), make_record("cpu", gpu=None, seed=1, noise=1e-3))
+    make_report(paths, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "p = 0)" not in md and "p = 0 " not in md and "p < 0.001" in md
