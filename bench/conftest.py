@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from medqa_core.attention import AttentionError
+from medqa_core.benchcase import BenchCase
 from medqa_core.config import (
     ATTN_KERNELS,
     DTYPES,
@@ -44,6 +45,7 @@ from medqa_core.config import (
     train_profile,
 )
 from medqa_core.data import TrainExample, encode_train, format_prompt, iter_batches
+from medqa_core.failure import OomFailure
 from medqa_core.fingerprint import detect_backend, machine_fingerprint, resolve_device
 from medqa_core.hardware import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
 from medqa_core.model import load_tokenizer, resolve_model_dir
@@ -215,7 +217,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "attn" in metafunc.fixturenames:
         metafunc.parametrize("attn", opts.attn)
     if "profile" in metafunc.fixturenames:
-        metafunc.parametrize("profile", opts.train_profiles)
+        # No profile asked for (the CPU default): one case that skips with the reason, not pytest's
+        # "got empty parameter set".
+        profiles = opts.train_profiles or [pytest.param(None, id="no-train-profiles", marks=pytest.mark.skip(
+            reason="no --train-profiles given (on CPU none run by default); e.g. --train-profiles eager,capped"))]
+        metafunc.parametrize("profile", profiles)
     # Inference at one request and at the bench batch: latency, and throughput when rows share a weight read.
     for name in ("prefill_batch", "decode_batch"):
         if name in metafunc.fixturenames:
@@ -335,14 +341,10 @@ class _RoundOOM(Exception):
 
 def _oom_details(exc: BaseException, device: torch.device, during: str) -> dict[str, Any]:
     # Read while the failed step's tensors are still referenced: this is the memory at the time.
-    # Field names as in a run record's OOM failure (medqa_core.run).
-    return {
-        "message": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-        "during": during,
-        "memory_allocated_gib": memory_allocated_gib(device),
-        "peak_mem_gib": peak_memory_gib(device),
-        "host_rss_gib": host_rss_gib(),
-    }
+    # The same schema as a run record's failure (medqa_core.failure).
+    return OomFailure(phase=during, message=str(exc).strip().splitlines()[0] if str(exc).strip() else
+                      type(exc).__name__, memory_allocated_gib=memory_allocated_gib(device),
+                      peak_mem_gib=peak_memory_gib(device), host_rss_gib=host_rss_gib()).to_dict()
 
 
 class Case:
@@ -374,14 +376,16 @@ class Case:
                 raise
             oom = _oom_details(e, self.device, "outside the timed rounds")
         if oom is None:
+            _through_schema(self.benchmark)
             return
         # Outside the except block: the exception and the frames it held are gone, so their tensors can go.
         free_device_memory(self.device)
-        self.benchmark.extra_info["oom"] = {"configuration": configuration, **oom}
-        logger.warning("%s: out of memory (%s) during %s", self.benchmark.name, oom["message"], oom["during"])
+        self.benchmark.extra_info["oom"] = oom  # the configuration is in extra_info beside it
+        logger.warning("%s: out of memory (%s) during %s", self.benchmark.name, oom["message"], oom["phase"])
         if not self._timed:
             self._timed = True
             self.benchmark.pedantic(_noop, rounds=1, warmup_rounds=0, iterations=1)
+        _through_schema(self.benchmark)
 
     def time(self, target: Callable[[], Any], rounds: int, warmup_rounds: int) -> Rounds:
         """Time ``target`` with ``benchmark.pedantic`` (one call per round, device synchronized around it).
@@ -483,6 +487,24 @@ class Case:
 
 def _noop() -> None:
     return None
+
+
+def _through_schema(benchmark: Any) -> None:
+    """Check the case's extra_info against the one schema (medqa_core.benchcase) and save it as that writes it."""
+    info = BenchCase.from_extra_info(benchmark.extra_info, benchmark.name).to_extra_info()
+    benchmark.extra_info.clear()
+    benchmark.extra_info.update(info)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """One headline per case (tokens/s or questions/s, accuracy) under pytest-benchmark's timing tables."""
+    session = getattr(config, "_benchmarksession", None)
+    cases = [b for b in getattr(session, "benchmarks", []) if getattr(b, "extra_info", None)]
+    if not cases:
+        return
+    terminalreporter.section("medqa-parity: headline per case")
+    for bench in cases:
+        terminalreporter.write_line(f"{bench.name}: {BenchCase.from_extra_info(bench.extra_info, bench.name).headline()}")
 
 
 # ---- fixtures ---------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""`medqa-parity` command line: run / train / evaluate / profile / fingerprint / report / gate.
+"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / gate.
 
-The only home of logging setup and progress bars; everything else is library code.
+The only home of logging setup and progress bars; everything else is library code. ``--profile``
+names training settings everywhere; the subcommand that traces a train step is ``trace`` (``profile``,
+its older name, still works and is not listed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -64,13 +67,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--backend", default=DEFAULTS.backend, choices=BACKENDS,
                    help="device backend; auto takes what torch has (default: %(default)s)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, train: bool, evaluate: bool) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="DIR", help="MedQA folder with train/dev/test .jsonl (default: bundled subset)")
-    d.add_argument("--train-split", default=DEFAULTS.data.train_split,
-                   help="split to fine-tune on; auto: train if present, else dev (default: %(default)s)")
-    d.add_argument("--eval-split", default=DEFAULTS.data.eval_split, help="split to evaluate (default: %(default)s)")
-    d.add_argument("--train-limit", type=int, help="use only the first N training questions")
-    d.add_argument("--eval-limit", type=int, help="use only the first N evaluation questions")
+    if train:
+        d.add_argument("--train-split", default=DEFAULTS.data.train_split,
+                       help="split to fine-tune on; auto: train if present, else dev (default: %(default)s)")
+        d.add_argument("--train-limit", type=int, help="use only the first N training questions")
+    if evaluate:
+        d.add_argument("--eval-split", default=DEFAULTS.data.eval_split, help="split to evaluate (default: %(default)s)")
+        d.add_argument("--eval-limit", type=int, help="use only the first N evaluation questions")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval.batch_size,
                    help="questions per forward call (default: 64 on a GPU, 8 on CPU)")
@@ -78,9 +89,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="longest prompt scored, in tokens (default: %(default)s)")
     e.add_argument("--eval-no-packing", dest="eval_packing", action="store_false",
                    help="one prompt per padded row instead of packing prompts into shared rows")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=DEFAULTS.results_dir, metavar="DIR",
                    help="folder for the run record (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    """A profile's settings as a reader types them: "batch_size=32, compile=on" (no dict reprs)."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"
+
+
+def _profile_help() -> str:
+    names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in TRAIN_PROFILES.items())
+    return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one, "
+            "e.g. capped+batch_size=16")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -101,10 +126,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--compile", default=DEFAULTS.train.compile, choices=COMPILE_MODES,
                    help="torch.compile each decoder layer; auto: on GPUs only; where Inductor cannot run, eager, "
                         "recorded (default: %(default)s)")
-    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]",
-                   help="named settings (batch size, recompute, compile) that replace those flags: "
-                        + "; ".join(f"{k}: {v or 'the defaults'}" for k, v in TRAIN_PROFILES.items())
-                        + ". +KEY=VALUE overrides one, e.g. capped+batch_size=16")
+    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]", help=_profile_help())
     t.add_argument("--no-packing", dest="packing", action="store_false",
                    help="pad each example to the batch's longest instead of packing examples into shared rows")
     t.add_argument("--pack-len", type=int, default=tc.pack_len,
@@ -144,100 +166,49 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             target_modules=targets)
+    ev, data = DEFAULTS.eval, DEFAULTS.data
+    if hasattr(args, "eval_batch_size"):
+        ev = EvalConfig(batch_size=args.eval_batch_size, max_seq_len=args.eval_max_seq_len,
+                        packing=args.eval_packing, pack_len=max(args.eval_max_seq_len, DEFAULTS.eval.pack_len))
     return RunConfig(
         model=ModelConfig(preset=args.preset, path=args.model, seed=args.seed, quant=args.quant, attn=args.attn,
                           allow_pickle=args.allow_pickle, dtype=args.dtype, nf4_blocksize=args.nf4_blocksize,
                           nf4_double_quant=args.nf4_double_quant, nf4_quant_storage=args.nf4_quant_storage),
-        lora=lora, train=train,
-        eval=EvalConfig(batch_size=args.eval_batch_size, max_seq_len=args.eval_max_seq_len,
-                        packing=args.eval_packing, pack_len=max(args.eval_max_seq_len, DEFAULTS.eval.pack_len)),
-        data=DataConfig(data_dir=args.data, train_split=args.train_split, eval_split=args.eval_split,
-                        train_limit=args.train_limit, eval_limit=args.eval_limit),
-        backend=args.backend, results_dir=args.results,
+        lora=lora, train=train, eval=ev,
+        # A command without a split's flags keeps that split's defaults (train does not evaluate, evaluate does
+        # not train).
+        data=DataConfig(data_dir=args.data, train_split=getattr(args, "train_split", data.train_split),
+                        eval_split=getattr(args, "eval_split", data.eval_split),
+                        train_limit=getattr(args, "train_limit", None), eval_limit=getattr(args, "eval_limit", None)),
+        backend=args.backend, results_dir=getattr(args, "results", DEFAULTS.results_dir),
     )
 
 
 class ProgressBars:
-    """One tqdm bar per phase, drawn on stderr."""
+    """One tqdm bar per phase, drawn on stderr.
+
+    The library reports (phase, done, total) before its first batch or step, so a bar exists from the
+    start and its rate and ETA include the first one; a resumed fine-tune's bar starts at its step.
+    """
 
     def __init__(self) -> None:
         self.bars: dict[str, Any] = {}
 
     def __call__(self, phase: str, done: int, total: int, extra: dict[str, float]) -> None:
+        import math
+
         from tqdm import tqdm
 
         bar = self.bars.get(phase)
         if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="q" if "evaluate" in phase else "step",
-                                          leave=True, dynamic_ncols=True)
+            bar = self.bars[phase] = tqdm(total=total, initial=done, desc=phase,
+                                          unit="q" if "evaluate" in phase else "step", leave=True, dynamic_ncols=True)
         bar.update(done - bar.n)
-        if extra:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in extra.items()}, refresh=False)
+        shown = {k: f"{v:.4f}" for k, v in extra.items() if math.isfinite(v)}  # no loss before the first step
+        if shown:
+            bar.set_postfix(shown, refresh=False)
         if done >= total:
             bar.close()
-
-
-def _fmt_acc(result: Any) -> str:
-    if result is None:
-        return "-"
-    lo, hi = result.accuracy_ci95
-    return f"{100 * result.accuracy:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={result.n_questions})"
-
-
-def summary_lines(record: Any, path: Any) -> list[str]:
-    """The table printed after a run; every figure is read from the saved record."""
-    fp, tr = record.fingerprint, record.train
-    device = fp.get("gpu_name") or fp.get("cpu_model") or "cpu"
-    q = record.model["quantization"]
-    numerics = record.numerics or {"compute_dtype": "bfloat16", "reason": "recorded before --dtype existed"}
-    quant = f"none ({q['weight_dtype']} weights)" if q["method"] == "none" else (
-        f"{q['quant_type']} blocksize {q['blocksize']}, double quant {q['double_quant']}, compute {q['compute_dtype']}")
-    peak = "-"
-    if tr is not None:
-        peak = f"{tr.peak_mem_gib:.2f} GiB device" if tr.peak_mem_gib is not None else "n/a on cpu"
-        peak += f", host RSS {tr.host_peak_rss_gib:.2f} GiB"
-    rows = [
-        ("backend", fp.get("backend")),
-        ("device", device),
-        ("model", f"{record.model['name']} ({record.model['parameters'] / 1e6:.1f}M params, "
-                  f"{record.model['trainable_parameters'] / 1e6:.2f}M trainable)"),
-        ("quantization", quant),
-        ("compute dtype", f"{numerics['compute_dtype']} ({numerics['reason']})"),
-        ("attention kernel", f"{record.attention['ran']} (asked: {record.attention['requested']})"),
-    ]
-    if tr is not None:
-        rows += [
-            ("train", f"{tr.steps} steps, {tr.epochs:.2f} epochs of {tr.n_examples} questions, "
-                      f"loss {tr.loss_per_step[0]:.3f} -> {tr.loss_per_step[-1]:.3f}"),
-            ("train tokens/s", f"{tr.tokens_per_s:,.0f} real tokens/s (step {1000 * tr.step_time_s_median:.0f} ms "
-                               f"median, IQR {1000 * tr.step_time_s_iqr:.0f} ms)"),
-            ("peak memory", peak),
-        ]
-        if tr.compile and tr.compile.get("ran"):
-            rows.append(("compile", f"{tr.compile.get('graphs', '?')} graphs, {tr.compile.get('warmup_s', 0):.1f} s "
-                                    f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"))
-        if tr.mfu_datasheet is not None:
-            rows.append(("MFU", f"{100 * tr.mfu_datasheet:.1f}% of the {tr.datasheet_peak['name']} datasheet dense "
-                                f"{tr.datasheet_peak['dtype']} peak ({tr.model_flops_per_s / 1e12:.0f} TFLOP/s of "
-                                "model FLOPs)"))
-        if tr.world_size > 1:
-            rows.append(("data parallel", f"{tr.world_size} ranks, {tr.tokens_per_s / tr.world_size:,.0f} tokens/s "
-                                          f"per rank; one all-reduce of the LoRA gradients "
-                                          f"{1000 * tr.all_reduce_s:.1f} ms alone"))
-    if record.eval_before is not None:
-        rows.append(("accuracy before", _fmt_acc(record.eval_before)))
-    if record.eval_after is not None:
-        rows.append(("accuracy after", _fmt_acc(record.eval_after)))
-        rows.append(("scoring", f"{record.eval_after.questions_per_s:,.1f} questions/s"))
-    if record.adapter_dir:
-        rows.append(("adapter", record.adapter_dir))
-    if record.wall_time_s is not None:
-        rows.append(("wall time", f"{record.wall_time_s:.0f} s, model loading included"))
-    rows.append(("record", str(path)))
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines += [f"note: {n}" for n in record.notes]
-    return lines
 
 
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
@@ -253,6 +224,7 @@ def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.distributed import launched_by_torchrun
+    from medqa_core.printout import summary_lines
     from medqa_core.run import execute
 
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
@@ -273,13 +245,14 @@ def cmd_execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
+def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from medqa_core.profiler import format_profile, profile_training, save_profiles
 
+    names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
+    args.profile = None  # each traced profile applies its own settings over the flags
     cfg = build_config(args)
-    names = [n.strip() for n in args.profiles.split(",") if n.strip()]
     for name in names:
         train_profile(name)  # an unknown name fails here, before the model loads
     profiles, meta = profile_training(cfg, names, args.steps, args.warmup)
@@ -303,9 +276,14 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from medqa_core.report import make_report, verdict_lines
+    from medqa_core.report.render import make_report, verdict_lines
 
-    report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
+    try:
+        report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
+    except OSError as e:  # the output folder: nothing was moved into it
+        print(f"medqa-parity: error: cannot write the report to {args.out} ({e.strerror or e}); "
+              "give --out a folder you can write", file=sys.stderr)
+        return 2
     head, findings = verdict_lines(report)
     print(head)
     for f in findings:
@@ -319,10 +297,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     import os
 
-    from medqa_core.gate import append_step_summary, checks_table, load_thresholds, run_gate, verdict_line
+    from medqa_core.gate.decide import run_gate
+    from medqa_core.gate.render import append_step_summary, checks_table, verdict_line
+    from medqa_core.gate.thresholds import load_thresholds
 
     thresholds = load_thresholds(args.config, args.threshold or [])
-    result = run_gate(args.baseline, args.candidate, thresholds)
+    result = run_gate(args.baseline, args.candidate, thresholds, allow_not_compared=args.allow_not_compared)
     print(checks_table(result).to_string(index=False))
     for note in result.notes:
         print(f"note: {note}")
@@ -338,50 +318,97 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("medqa-parity")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="medqa-parity",
-        description="QLoRA fine-tuning and MedQA evaluation benchmarks, the same on CUDA, ROCm and CPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
+        prog="medqa-parity", formatter_class=raw,
+        description="QLoRA fine-tuning and MedQA evaluation benchmarks, the same on CUDA, ROCm and CPU.",
+        epilog=_examples("medqa-parity run                       # the tiny preset on the bundled subset",
+                         "medqa-parity report A.json B.json --out report/",
+                         "medqa-parity gate --baseline base.json --candidate new.json"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="evaluate, fine-tune with QLoRA, evaluate again; save a run record",
+                       formatter_class=raw,
                        description="Evaluate the model on MedQA, fine-tune it with QLoRA, evaluate again, and save "
                                    "a fingerprinted run record. With no arguments: the tiny preset on the bundled "
-                                   "MedQA subset.")
+                                   "MedQA subset.",
+                       epilog=_examples("medqa-parity run",
+                                        "medqa-parity run --preset mistral-7b --data ~/medqa --profile max-speed",
+                                        "medqa-parity run --model ./my-mistral --eval-limit 200"))
     _add_model_args(p)
+    _add_data_args(p, train=True, evaluate=True)
+    _add_eval_args(p)
     _add_train_args(p)
+    _add_output_args(p)
     p.set_defaults(func=cmd_execute)
-    p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)")
+    p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)",
+                       formatter_class=raw, description="Fine-tune with QLoRA, save the adapter and a run record.",
+                       epilog=_examples("medqa-parity train --max-steps 20",
+                                        "medqa-parity train --checkpoint-dir ckpt --checkpoint-every 50",
+                                        "medqa-parity train --resume ckpt"))
     _add_model_args(p)
+    _add_data_args(p, train=True, evaluate=False)
     _add_train_args(p)
+    _add_output_args(p)
     p.set_defaults(func=cmd_execute)
-    p = sub.add_parser("evaluate", help="score MedQA options with the base model or a saved adapter")
+    p = sub.add_parser("evaluate", help="score MedQA options with the base model or a saved adapter",
+                       formatter_class=raw, description="Score every question's four options (lm-evaluation-harness "
+                                                        "medqa_4options) and save a run record.",
+                       epilog=_examples("medqa-parity evaluate --eval-limit 100",
+                                        "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z"))
     _add_model_args(p)
+    _add_data_args(p, train=False, evaluate=True)
+    _add_eval_args(p)
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder saved by train/run")
+    _add_output_args(p)
     p.set_defaults(func=cmd_execute)
-    p = sub.add_parser("profile", help="profile our train step: where the time goes, per training profile",
-                       description="Run a few train steps under torch.profiler for each named training profile "
-                                   "and group the kernel time (matmul, 4-bit dequantization, attention, optimizer, "
-                                   "compiled fusions, element-wise) against the step's wall time. Saves JSON.")
+    p = sub.add_parser("trace", help="trace our train step: where the time goes, per training profile",
+                       formatter_class=raw,
+                       description="Run a few train steps under torch.profiler for each training profile named by "
+                                   "--profile and group the kernel time (matmul, 4-bit dequantization, attention, "
+                                   "optimizer, compiled fusions, element-wise) against the step's wall time. Saves "
+                                   "JSON. (Formerly the 'profile' command, which still works.)",
+                       epilog=_examples("medqa-parity trace --profile default,eager --steps 3",
+                                        "medqa-parity trace --preset mistral-7b --profile capped+batch_size=16"))
     _add_model_args(p)
+    _add_data_args(p, train=True, evaluate=False)
     _add_train_args(p)
-    p.add_argument("--profiles", default="default", metavar="NAMES",
-                   help=f"comma-separated training profiles ({', '.join(TRAIN_PROFILES)}), each optionally with "
-                        "+KEY=VALUE overrides (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3, help="profiled steps per profile (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="steps before profiling (default: %(default)s)")
+    # --profile takes a comma-separated list here: each profile is traced in turn.
+    p.add_argument("--profiles", dest="profile", help=argparse.SUPPRESS)  # the older name of --profile here
+    p.add_argument("--steps", type=int, default=3, help="traced steps per profile (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="steps before tracing (default: %(default)s)")
     p.add_argument("--out", metavar="FILE", help="JSON file (default: results/profile/TIME_MODEL_BACKEND.json)")
-    p.set_defaults(func=cmd_profile)
-    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_trace)
+    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON", formatter_class=raw,
+                       epilog=_examples("medqa-parity fingerprint", "medqa-parity fingerprint --backend cpu"))
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
-    from medqa_core.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
+    from medqa_core.compare.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
 
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
+                       formatter_class=raw,
                        description="Compare run records and/or pytest-benchmark files of one model: speed and "
                                    "memory as ratios to a baseline, paired accuracy statistics (bootstrap CI, "
-                                   "McNemar, TOST equivalence), log-probability and loss drift, quantization and "
-                                   "fingerprints. Writes report.md, report.html and PNG charts.")
+                                   "McNemar, TOST equivalence), log-probability and loss drift, settings, "
+                                   "quantization and fingerprints. Writes report.md, report.html and PNG charts, "
+                                   "all at once when complete.",
+                       epilog=_examples("medqa-parity report runs/records/*.json --out report/",
+                                        "medqa-parity report cuda.json rocm.json --baseline cuda.json --margin 2 "
+                                        "--out report/"))
     p.add_argument("runs", nargs="+", metavar="RUN", help="run record or pytest-benchmark JSON (two or more runs)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the charts")
     p.add_argument("--baseline", metavar="RUN", help="the run others are compared with (default: the first RUN)")
@@ -390,26 +417,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
+                       formatter_class=raw,
                        description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "
                                    "matched case by case) on throughput (with a Mann-Whitney test of the rounds), "
                                    "peak memory, accuracy (McNemar where paired) and the parity verdict. Exit 0: "
-                                   "the candidate holds; 1: something regressed (a table says what); 2: bad input. "
-                                   "Appends a markdown summary to $GITHUB_STEP_SUMMARY when it is set.")
+                                   "the candidate holds; 1: something regressed or a figure is missing (a table says "
+                                   "what); 2: bad input; 4: most checks could not be compared (other hardware or "
+                                   "workload) and --allow-not-compared was not given. Appends a markdown summary to "
+                                   "$GITHUB_STEP_SUMMARY when it is set.",
+                       epilog=_examples("medqa-parity gate --baseline base.json --candidate new.json",
+                                        "medqa-parity gate --config .ci/gate.toml --baseline "
+                                        "results/bench/Linux-CPython-3.11-64bit/0005_cpu-ci.json --candidate "
+                                        "/tmp/candidate.json",
+                                        "medqa-parity gate --baseline a.json --candidate b.json --threshold speed_pct=20"))
     p.add_argument("--baseline", required=True, metavar="RUN", help="run record or pytest-benchmark JSON")
     p.add_argument("--candidate", required=True, metavar="RUN", help="the same kind of file, to be judged")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                    help="override a threshold of [tool.medqa-parity.gate], e.g. speed_pct=10, memory_pct=10, "
                         "accuracy_pp=2, decode_tokens_per_s_pct=30 (repeatable)")
-    p.add_argument("--config", metavar="PYPROJECT",
-                   help="pyproject.toml with a [tool.medqa-parity.gate] table (default: the nearest one above "
-                        "the working directory)")
+    p.add_argument("--config", metavar="TOML",
+                   help="a TOML file with a [tool.medqa-parity.gate] table (default: the nearest pyproject.toml "
+                        "above the working directory)")
+    p.add_argument("--allow-not-compared", action="store_true",
+                   help="pass (exit 0) even where most checks could not be compared, e.g. a CI runner of another "
+                        "CPU model than the baseline's; the verdict line still counts them with their reasons")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_gate)
     return parser
 
 
+# Commands renamed, still accepted under their old names (not listed in help).
+_ALIASES = {"profile": "trace"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _ALIASES:
+        argv[0] = _ALIASES[argv[0]]
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -438,14 +482,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from medqa_core.attention import AttentionError
     from medqa_core.checkpoint import CheckpointError
     from medqa_core.data import MedQADataError
+    from medqa_core.compare.inputs import CompareError  # the gate's GateError is one
     from medqa_core.fingerprint import BackendError
-    from medqa_core.gate import GateError
     from medqa_core.model import ModelLoadError
     from medqa_core.record import RecordError
-    from medqa_core.summary import ReportError
 
-    return (AttentionError, CheckpointError, MedQADataError, BackendError, GateError, ModelLoadError, RecordError,
-            ReportError)
+    return (AttentionError, CheckpointError, MedQADataError, BackendError, CompareError, ModelLoadError, RecordError)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -165,7 +165,7 @@ class TrainConfig:
 
 
 # Named training settings (``--profile``), applied over TrainConfig's defaults. Batch sizes and the
-# checkpointed-layer count were chosen from runs of the mistral-7b preset (PERFORMANCE.md has them).
+# checkpointed-layer count were chosen from runs of the mistral-7b preset (docs/performance.md has them).
 TRAIN_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     # The default with compiling off, so the bench shows what torch.compile alone buys.

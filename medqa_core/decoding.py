@@ -4,7 +4,7 @@ Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the
 of the memory-bandwidth roofline in our GPU bench files), so CUDA and ROCm would look alike for the wrong
 reason. Compiling the step inside ``generate`` is not enough: under torch.profiler each step still
 spent more host time in Dynamo's guard checks (one per parameter and 4-bit quantization state) and in
-generate's own Python than the GPU spent on the step (PERFORMANCE.md, "Decode").
+generate's own Python than the GPU spent on the step (docs/performance.md, "Decode").
 
 So :class:`StaticDecoder` runs the loop itself, as gpt-fast does. The prompt's prefill runs eagerly
 into a static cache (which allocates the cache at fixed addresses); the one-token step (forward,

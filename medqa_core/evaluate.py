@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from scipy.stats import binomtest
 
 from medqa_core.attention import AttentionChoice, attention_context
+from medqa_core.compare.stats import wilson_ci95
 from medqa_core.config import EvalConfig
 from medqa_core.data import MedQAItem, ScoringExample, encode_scoring, pack_rows
 from medqa_core.numerics import Numerics, autocast
@@ -71,11 +71,6 @@ def _score_multi_token(model: Any, example: ScoringExample, device: torch.device
     return torch.stack(scores).unsqueeze(0)
 
 
-def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
-    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalConfig, device: torch.device,
              attention: AttentionChoice, split: str, progress: ProgressFn | None = None, *,
@@ -106,6 +101,8 @@ def evaluate(model: Any, tokenizer: Any, items: Sequence[MedQAItem], cfg: EvalCo
     model.eval()
     reset_peak_memory(device)
     done = 0
+    if progress:
+        progress(0, len(examples))  # the bar starts before the first batch, so its rate and ETA include it
     # Autocast as in training: LoRA's fp32 weights would otherwise run their matmuls in fp32.
     with Timer(device) as timer, attention_context(attention), autocast(device, numerics):
         single = [i for i in order if examples[i].single_token]

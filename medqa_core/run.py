@@ -26,6 +26,7 @@ from medqa_core.data import (
 )
 from medqa_core.distributed import barrier, init_distributed, shutdown
 from medqa_core.evaluate import evaluate
+from medqa_core.failure import OomFailure
 from medqa_core.fingerprint import machine_fingerprint, resolve_device
 from medqa_core.model import (
     QuantInfo,
@@ -213,9 +214,10 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if not is_oom(e):
             raise
         # Out of memory is a result: record which configuration ran out and keep what finished.
-        failure = {"kind": "oom", "phase": phase, "message": str(e).splitlines()[0],
-                   "memory_allocated_gib": memory_allocated_gib(device), "peak_mem_gib": peak_memory_gib(device)}
-        logger.error("out of memory during %s: %s", phase, failure["message"])
+        oom = OomFailure(phase=phase, message=str(e).splitlines()[0], memory_allocated_gib=memory_allocated_gib(device),
+                         peak_mem_gib=peak_memory_gib(device))
+        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.failure)
+        logger.error("%s", oom.text)
     record = RunRecord(
         kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=_model_info(session),
         attention={"requested": attention.requested, "ran": session.kernel_ran,

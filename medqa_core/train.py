@@ -328,6 +328,8 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         batches = iter_batches(examples, cfg.batch_size, cfg.seed)
         for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
             next(batches)
+        if progress:
+            progress(state.step, n_steps, math.nan)  # the bar starts before the first step: its rate includes it
         if state.step < n_steps:
             trainer.warm_up(local_batch(next(iter_batches(examples, cfg.batch_size, cfg.seed))[1]))
         reset_peak_memory(device)

@@ -114,7 +114,18 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     assert scoring["questions_per_s"] > 0 and scoring["questions"] == 6
     for info in (prefill, *decodes, scoring):
         energy = info["joules_per_token"]
-        assert energy == "unavailable" or energy > 0
+        assert energy is None or energy > 0  # null: no energy meter here (case schema 2)
+
+
+def test_every_case_reads_through_the_schema_and_a_headline_is_printed(bench_run: dict[str, Any]) -> None:
+    from medqa_core.benchcase import BenchCase
+
+    for name, case in _cases(bench_run).items():
+        assert BenchCase.from_extra_info(case["extra_info"], name).to_extra_info() == case["extra_info"]
+    out = bench_run["stdout"]
+    assert "medqa-parity: headline per case" in out
+    assert "test_train_ours[sdpa]: " in out and "real tokens/s, MFU" in out
+    assert "test_accuracy[sdpa]: accuracy " in out and "got empty parameter set" not in out
 
 
 def test_accuracy_has_per_question_predictions(bench_run: dict[str, Any]) -> None:
@@ -145,9 +156,12 @@ def test_machine_info_has_fingerprint_and_ceilings(bench_run: dict[str, Any]) ->
 def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> None:
     cases = _cases(bench_run)
     oom = cases[OOM_CASE]["extra_info"]["oom"]
-    assert oom["configuration"] == {"arm": "ours", "attention_requested": "sdpa", "batch_size": 2, "seq_len": 32}
+    info = cases[OOM_CASE]["extra_info"]
+    # The configuration stays beside the failure; the failure has a run record's schema (medqa_core.failure).
+    assert {k: info[k] for k in ("arm", "attention_requested", "batch_size", "seq_len")} == {
+        "arm": "ours", "attention_requested": "sdpa", "batch_size": 2, "seq_len": 32}
     assert oom["message"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert oom["during"] == "warm-up round 1"
+    assert oom["phase"] == "warm-up round 1" and oom["kind"] == "oom" and info["schema_version"] == 2
     assert "memory_allocated_gib" in oom and oom["host_rss_gib"] > 0  # None on CPU: not tracked there
     assert "ttft_s_median" not in cases[OOM_CASE]["extra_info"]  # no figures from a case that did not run
     # Every other case ran after it (ours' train step comes last) and was saved without an OOM.

@@ -11,7 +11,7 @@ from medqa_core.cli import build_parser, main
 from medqa_core.record import load_record
 
 
-@pytest.mark.parametrize("command", ["run", "train", "evaluate", "profile", "fingerprint", "report", "gate"])
+@pytest.mark.parametrize("command", ["run", "train", "evaluate", "trace", "fingerprint", "report", "gate"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
@@ -19,8 +19,33 @@ def test_every_command_has_help(command, capsys):
     assert "usage: medqa-parity " + command in capsys.readouterr().out
 
 
+def test_help_lists_each_commands_own_flags_with_examples_and_no_raw_dicts(capsys):
+    parser = build_parser()
+    helps = {}
+    for command in ("train", "evaluate", "run", "trace"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    assert "--eval-batch-size" not in helps["train"] and "--eval-limit" not in helps["train"]
+    assert "--lr" not in helps["evaluate"] and "--train-limit" not in helps["evaluate"]
+    assert "--eval-batch-size" in helps["run"] and "--lr" in helps["run"]
+    assert all("examples:" in text and "{'" not in text and "{}" not in text for text in helps.values())
+    assert "capped (batch_size=32, gradient_checkpointing=True" in " ".join(helps["run"].split())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    listed = capsys.readouterr().out
+    assert "trace" in listed and "profile" not in listed.split("positional arguments")[1].split("options")[0]
+
+
+def test_version_prints_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("medqa-parity ")
+
+
 def test_profile_command_saves_where_the_time_goes(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "profile.json"
+    # "profile" and "--profiles" are the older names of "trace" and its "--profile"; both still work.
     code = main(["profile", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "8",
                  "--profiles", "eager+batch_size=2", "--steps", "1", "--warmup", "0", "--out", str(out)])
     assert code == 0

@@ -107,7 +107,7 @@ BENCH_FILE = Path(__file__).resolve().parent.parent / "results/bench/Linux-CPyth
 @given(st.data())
 def test_benchmark_file_loader_fuzz(tmp_path_factory, data):
     """pytest-benchmark files as the report and gate read them: truncated, fields dropped or retyped."""
-    from medqa_core.summary import ReportError, summarize_file
+    from medqa_core.compare.inputs import CompareError, summarize_file
 
     path = tmp_path_factory.mktemp("bench") / "0001_x.json"
     d = json.loads(BENCH_FILE.read_text())
@@ -133,7 +133,7 @@ def test_benchmark_file_loader_fuzz(tmp_path_factory, data):
     path.write_text(raw)
     try:
         summarize_file(path)
-    except ReportError as e:
+    except CompareError as e:
         _check_named(e, path)
     assert path.read_text() == raw
 

@@ -19,16 +19,10 @@ import pytest
 from test_record import make_record
 
 from medqa_core.cli import main
-from medqa_core.gate import (
-    GateError,
-    Thresholds,
-    cases_from_record,
-    find_pyproject,
-    gate_cases,
-    load_thresholds,
-    read_gate_table,
-    speed_check,
-)
+from medqa_core.gate.cases import cases_from_record
+from medqa_core.gate.checks import speed_check
+from medqa_core.gate.decide import gate_cases
+from medqa_core.gate.thresholds import GateError, Thresholds, find_pyproject, load_thresholds, read_gate_table
 from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +81,7 @@ def test_project_defaults_are_the_ones_these_tests_rely_on():
 def test_unchanged_record_passes_with_exit_0(tmp_path, capsys):
     assert _gate(tmp_path, _run(), _run()) == 0
     out = capsys.readouterr().out
-    assert "gate: PASS" in out and "Mann-Whitney p=" in out
+    assert "gate: PASS" in out and "Mann-Whitney p = " in out
 
 
 def test_20_percent_slowdown_fails_naming_field_threshold_and_test(tmp_path, capsys):
@@ -96,7 +90,7 @@ def test_20_percent_slowdown_fails_naming_field_threshold_and_test(tmp_path, cap
     out = capsys.readouterr().out
     assert "gate: FAIL: 1 of" in out
     line = next(x for x in out.splitlines() if x.startswith("  record: train tokens/s"))
-    assert "train tokens/s -20.0% vs baseline (threshold -10%), Mann-Whitney p=" in line
+    assert "train tokens/s -20.0% vs baseline (threshold -10%), Mann-Whitney p " in line
     assert "(10 vs 10 rounds)" in line
 
 
@@ -111,7 +105,7 @@ def test_5_point_accuracy_drop_fails_with_the_paired_test(tmp_path, capsys):
     # 10 of 200 questions the baseline got right are wrong in the candidate: 40.0% -> 35.0%.
     assert _gate(tmp_path, _run(), _run(accuracy_drop_questions=10)) == 1
     out = capsys.readouterr().out
-    assert ("record: accuracy (fine-tuned) -5.0 pp vs baseline (threshold -2 pp), McNemar p=0.000977 "
+    assert ("record: accuracy (fine-tuned) -5.0 pp vs baseline (threshold -2 pp), McNemar p < 0.001 "
             "(10 right only in baseline, 0 only in candidate, n=200)") in out
     # The parity verdict (TOST within +-3 pp) fails as well; the base phase is untouched and holds.
     assert "record: parity accuracy equivalence (TOST, fine-tuned) (threshold +-3 pp)" in out
@@ -205,7 +199,7 @@ def test_out_of_memory_in_the_candidate_fails(tmp_path):
     baseline = make_record(train=_train(_baseline_steps()))
     result = gate_cases(cases_from_record(baseline, "a"), cases_from_record(oom, "b"), Thresholds())
     assert [c.field for c in result.failures] == ["out of memory"]
-    assert "the candidate ran out of memory (oom during fine-tune)" in result.failures[0].message
+    assert "the candidate ran out of memory during fine-tune (x)" in result.failures[0].message
 
 
 def test_different_training_config_is_not_compared_for_speed():
@@ -275,7 +269,7 @@ def test_benchmark_rounds_are_tested_when_saved(tmp_path, capsys):
         paths[-1].write_text(json.dumps(data))
     assert main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(PYPROJECT)]) == 1
     out = capsys.readouterr().out
-    assert "test_prefill[sdpa-batch8]: prefill tokens/s -2" in out and "Mann-Whitney p=0.00397 (5 vs 5 rounds)" in out
+    assert "test_prefill[sdpa-batch8]: prefill tokens/s -2" in out and "Mann-Whitney p = 0.00397 (5 vs 5 rounds)" in out
 
 
 def test_candidate_without_common_cases_cannot_be_compared(tmp_path, capsys):
@@ -307,11 +301,11 @@ def test_two_real_runs_of_the_same_command_pass(tiny_model_dir, tmp_path, capsys
     code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(PYPROJECT)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "Mann-Whitney p=" in out and "(10 vs 10 rounds)" in out  # the speed check saw both runs' step times
+    assert "Mann-Whitney p = " in out and "(10 vs 10 rounds)" in out  # the speed check saw both runs' step times
     for check in ("host RSS (peak)", "accuracy (fine-tuned)", "parity: log-probabilities (KL, base)"):
         assert check in out
     # A record's scoring questions/s is one timing per run: listed, not gated (the bench times it in rounds).
-    assert "gate: PASS" in out and ", 1 not compared)" in out and "a single timing in the baseline and candidate" in out
+    assert "gate: PASS" in out and ", 1 not compared: single timing: 1 speed check)" in out and "a single timing in the baseline and candidate" in out
 
 
 def test_another_machine_is_not_compared_for_speed_but_still_for_accuracy():
@@ -343,7 +337,7 @@ def test_too_few_rounds_for_significance_fall_back_to_the_medians():
     # 3 vs 5 can (1/56): the test decides.
     check = speed_check("case", "decode_tokens_per_s", 100.0, 75.0, (1.0, 1.01, 1.02, 0.99, 1.0),
                         (1.33, 1.34, 1.35), threshold_pct=10, alpha=0.05)
-    assert check.status == "fail" and "Mann-Whitney p=0.0179 (3 vs 5 rounds)" in check.evidence
+    assert check.status == "fail" and "Mann-Whitney p = 0.0179 (3 vs 5 rounds)" in check.evidence
 
 
 # ---- the CI gate: .ci/run's thresholds (.ci/gate.toml) on the committed CPU baseline --------------
@@ -404,7 +398,7 @@ def test_ci_gate_fails_a_20_percent_slowdown_of_every_case(tmp_path, capsys):
     assert code == 1
     failed = _failed(out)
     assert len(failed) == 7  # every timed case's throughput; memory, accuracy and parity hold
-    assert all(" -20.0% vs baseline (threshold -15%), Mann-Whitney p=0.00397 (5 vs 5 rounds); raw " in line
+    assert all(" -20.0% vs baseline (threshold -15%), Mann-Whitney p = 0.00397 (5 vs 5 rounds); raw " in line
                and "machine within 10% (matmul FLOP/s +0.0%, copy bandwidth +0.0%); regressed" in line
                for line in failed)
     assert any(line.startswith("test_train_ours[sdpa]: train tokens/s -20.0%") for line in failed)
@@ -413,7 +407,7 @@ def test_ci_gate_fails_a_20_percent_slowdown_of_every_case(tmp_path, capsys):
 def test_ci_gate_passes_the_same_build_on_a_machine_20_percent_slower(tmp_path, capsys):
     code, out = _ci_gate(tmp_path, _slower(_bench(), 1.25, whole_machine=True), capsys)
     assert code == 0, out
-    assert "gate: PASS" in out and "(10 checks, 7 not compared)" in out
+    assert "gate: PASS" in out and "(10 checks, 7 not compared: machine moved: 7 speed checks)" in out
     assert out.count("machine measured matmul FLOP/s -20.0%, copy bandwidth -20.0% vs the baseline's, "
                      "each beyond 10%") == 7
 
@@ -455,7 +449,7 @@ def test_ci_gate_fails_a_5_point_accuracy_drop(tmp_path, capsys):
     # 4 discordant questions cannot make McNemar significant (p = 0.5^4); the parity verdict's TOST can.
     row = next(line for line in out.splitlines() if " accuracy (base) " in line and "parity" not in line)
     assert "15.6%" in row and "9.4% -6.2 pp" in row and row.rstrip().endswith(
-        "McNemar p=0.0625 (4 right only in baseline, 0 only in candidate, n=64): not significant at 0.05")
+        "McNemar p = 0.0625 (4 right only in baseline, 0 only in candidate, n=64): not significant at 0.05")
     assert any(line.startswith("test_accuracy[sdpa]: parity accuracy equivalence (TOST, base) (threshold +-3 pp)")
                for line in _failed(out))
 
@@ -465,3 +459,116 @@ def test_machine_check_without_measurements_compares_and_says_so():
     result = gate_cases(cases_from_record(base, "a"), cases_from_record(cand, "b"), Thresholds(machine_pct=10))
     speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
     assert speed.status == "pass" and speed.evidence.endswith("machine not measured on both sides, not checked")
+
+
+# ---- bad input never passes silently (issue 22, item 5) -----------------------------------------------
+
+CI_BASELINE = ROOT / "results" / "bench" / "Linux-CPython-3.11-64bit" / "0005_cpu-ci.json"
+
+
+def _gate_files(tmp_path: Path, baseline: dict, candidate: dict, capsys, *extra: str) -> tuple[int, str, str]:
+    paths = []
+    for name, data in (("baseline", baseline), ("candidate", candidate)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(CI_GATE),
+                 *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_figure_missing_in_the_candidate_fails_naming_it(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    del _case(candidate, "test_train_ours[sdpa]")["extra_info"]["tokens_per_s"]
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 1
+    assert "test_train_ours[sdpa]: train tokens/s cannot be checked: the candidate has no figure" in out
+
+
+def test_a_nan_figure_is_blamed_on_its_own_side(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    _case(candidate, "test_scoring[sdpa]")["extra_info"]["questions_per_s"] = float("nan")
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 1 and "scoring questions/s cannot be checked: the candidate's figure is nan" in out
+    assert "the baseline's figure" not in out
+
+
+def test_allow_missing_lists_a_missing_figure_as_not_compared_and_counts_it(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    del _case(candidate, "test_train_ours[sdpa]")["extra_info"]["tokens_per_s"]
+    config = tmp_path / "gate.toml"
+    config.write_text(CI_GATE.read_text() + 'allow_missing = ["train_tokens_per_s"]\n')
+    paths = [tmp_path / "b.json", tmp_path / "c.json"]
+    paths[0].write_text(CI_BASELINE.read_text())
+    paths[1].write_text(json.dumps(candidate))
+    code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 not compared: missing figure: 1 speed check" in out
+
+
+def test_a_figure_of_the_wrong_type_is_one_line_and_exit_2(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    _case(candidate, "test_accuracy[sdpa]")["extra_info"]["accuracy"] = "0.156"
+    code, out, err = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "test_accuracy[sdpa]: accuracy = '0.156' (str); expected number" in err
+
+
+def _other_cpu(data: dict) -> dict:
+    data["machine_info"]["medqa_fingerprint"]["cpu_model"] = "AMD EPYC 7B13 64-Core Processor"
+    return data
+
+
+def test_another_cpu_model_is_inconclusive_not_a_silent_pass(tmp_path, capsys):
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), _other_cpu(json.loads(
+        CI_BASELINE.read_text())), capsys)
+    assert code == 4
+    verdict = next(line for line in out.splitlines() if line.startswith("gate: "))
+    assert verdict.startswith("gate: INCONCLUSIVE: 14 of 17 checks not compared: other CPU model: 14 speed and "
+                              "memory checks") and "--allow-not-compared" in verdict
+
+
+def test_allow_not_compared_passes_and_still_says_why_in_the_verdict(tmp_path, capsys):
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), _other_cpu(json.loads(
+        CI_BASELINE.read_text())), capsys, "--allow-not-compared")
+    assert code == 0
+    assert "gate: PASS: " in out and "(3 checks, 14 not compared: other CPU model: 14 speed and memory checks)" in out
+
+
+def test_another_compute_dtype_is_not_compared_for_speed_and_named(tmp_path, capsys):
+    candidate = json.loads(CI_BASELINE.read_text())
+    for entry in candidate["benchmarks"]:
+        entry["extra_info"]["compute_dtype"] = "float32"
+    code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
+    assert code == 4  # every speed and memory check: other settings
+    assert "settings differ (compute dtype: bfloat16 vs float32)" in out and "other settings: 14 speed and memory" in out
+
+
+# ---- CI gates what it says (issue 21, item 6) --------------------------------------------------------
+
+
+def test_the_workflow_runs_ci_run_and_carries_no_thresholds_of_its_own():
+    workflow = (ROOT / ".github" / "workflows" / "parity.yml").read_text()
+    assert "run: .ci/run" in workflow and "--threshold" not in workflow
+    gates = [line for line in workflow.splitlines() if "medqa-parity gate" in line and not line.lstrip()
+             .startswith("#")]
+    assert all("--config .ci/gate.toml" in line for line in gates)
+
+
+def test_ci_baseline_case_names_are_what_the_bench_emits():
+    """The names .ci/run's bench collects (same options, tiny preset) are the committed CI baseline's cases."""
+    script = (ROOT / ".ci" / "run").read_text()
+    baseline = ROOT / script.split("--baseline ", 1)[1].split()[0]
+    bench_line = script.split("python -m pytest bench/", 1)[1].split("\nmedqa-parity", 1)[0]
+    options = [opt for opt in bench_line.replace("\\\n", " ").split() if not opt.startswith("--benchmark")]
+    k = options.index("-k")
+    options = options[:k] + ["-k", " ".join(options[k + 1:]).strip('"')]
+    done = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "bench"), "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *[o for o in options if o != "-q"]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = [line.split("::", 1)[1] for line in done.stdout.splitlines() if "::" in line]
+    # A case parametrized with nothing to run (no --train-profiles on CPU) skips by design, saving nothing.
+    emitted = [name for name in collected if "no-train-profiles" not in name]
+    committed = [b["name"] for b in json.loads(baseline.read_text())["benchmarks"]]
+    assert sorted(emitted) == sorted(committed), f"{baseline.name}: re-bench the CI baseline (see .ci/run)"

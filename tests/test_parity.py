@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest, norm
 
-from medqa_core.parity import (
+from medqa_core.compare.pairs import quantization_differences, same_adapter
+from medqa_core.compare.parity import (
     PairParity,
     ParityError,
     Tolerances,
@@ -19,12 +20,9 @@ from medqa_core.parity import (
     judge_pair,
     logprob_drift,
     loss_drift,
-    mcnemar_exact_p,
     pair_questions,
-    paired_bootstrap_ci,
-    quantization_differences,
-    same_adapter,
 )
+from medqa_core.compare.stats import mcnemar_exact_p, paired_bootstrap_ci
 from medqa_core.record import QuestionResult
 
 N_MEDQA_TEST = 1273  # questions in MedQA's 4-option US test split
@@ -228,10 +226,10 @@ def test_judge_names_each_failure():
     failed = [f.text for f in findings if not f.ok]
     assert len(failed) == 3
     assert "NOT shown equivalent within +-3 pp" in failed[0]
-    assert "above the 0.01 nats tolerance; quantization differs (blocksize: 64 vs 128)" in failed[1]
+    assert "above the 0.01 nats tolerance; settings differ (blocksize: 64 vs 128)" in failed[1]
     assert "NaN/inf loss on 1 steps of R2" in failed[2]
     flags = [f.text for f in findings if f.status == "flag"]
-    assert "McNemar p =" in flags[0] and "quantization settings differ: blocksize: 64 vs 128" in flags[1]
+    assert "McNemar p < 0.001" in flags[0] and "settings differ: blocksize: 64 vs 128" in flags[1]
 
 
 def test_separately_trained_runs_are_not_judged_on_kl():

@@ -1,29 +1,70 @@
-"""README figures come from result files: the generated blocks must match them."""
+"""README and docs/ figures come from committed result files: every generated block must match them."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from medqa_core import readme
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
+gen_docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_docs)
 
 
-@pytest.mark.parametrize("name", readme.DOCUMENTS)
-def test_documents_match_result_files(name):
-    text = readme.ROOT.joinpath(name).read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", gen_docs.DOCUMENTS)
+def test_documents_match_committed_result_files(name):
+    doc = ROOT / name
+    text = doc.read_text(encoding="utf-8")
     assert "<!-- generated:" in text
-    assert readme.render(text, readme.ROOT / "results") == text, "run: python -m medqa_core.readme"
+    assert gen_docs.render(text, ROOT / "results", gen_docs.up_to_root(doc)) == text, "run: python tools/gen_docs.py"
 
 
-def test_render_fills_blocks_from_records(tmp_path):
+def test_a_users_own_run_under_results_changes_no_block(tmp_path):
+    """Only git-tracked files count: an untracked record (a user's run) leaves every block as it was."""
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    src = ROOT / "results" / "runs" / "20261126T011808Z_run_tiny_cpu_41e12ba7.json"
+    (results / "runs" / src.name).write_bytes(src.read_bytes())
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "results"], cwd=tmp_path, check=True)
+    before = gen_docs.GENERATORS["default-run"](results)
+    user = json.loads(src.read_text())
+    user["fingerprint"]["cpu_model"] = "AMD EPYC 7B13 64-Core Processor"
+    (results / "runs" / "20991231T000000Z_run_tiny_cpu_00000000.json").write_text(json.dumps(user))
+    gen_docs._tracked.cache_clear()
+    assert gen_docs.GENERATORS["default-run"](results) == before
+    assert "AMD EPYC" not in gen_docs.GENERATORS["machine-times"](results)
+
+
+def test_outside_a_checkout_every_file_counts_and_it_says_so(tmp_path, caplog):
+    (tmp_path / "runs").mkdir()
+    gen_docs._tracked.cache_clear()
+    assert gen_docs.result_files(tmp_path, "runs/*.json") == []
+    assert "not in a git checkout" in caplog.text
+
+
+def test_render_fills_blocks_and_points_links_up_from_docs(tmp_path):
     (tmp_path / "runs").mkdir()
     text = "a\n<!-- generated:runs -->\nstale\n<!-- /generated:runs -->\nb\n"
-    out = readme.render(text, tmp_path)
+    out = gen_docs.render(text, tmp_path)
     assert "stale" not in out and "| record | device |" in out and out.startswith("a\n") and out.endswith("b\n")
+    assert gen_docs.up_to_root(ROOT / "docs" / "ci-gates.md") == "../" and gen_docs.up_to_root(ROOT / "README.md") == ""
+
+
+def test_generator_ships_in_no_wheel_and_runs_as_a_script():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'packages = ["medqa_core"' in pyproject and not (ROOT / "medqa_core" / "readme.py").exists()
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_docs.py"), "--check"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def _bench_file(folder, name, gpu, cases):
-    import json
-
     data = {"machine_info": {"medqa_fingerprint": {"gpu_name": gpu}}, "datetime": name,
             "benchmarks": [{"name": n, "extra_info": e, "stats": {"median": 1.0}} for n, e in cases.items()]}
     (folder / f"{name}.json").write_text(json.dumps(data))
@@ -41,7 +82,8 @@ def test_decode_table_sets_the_compiled_path_beside_eager(tmp_path):
                  "test_decode_eager[sdpa-batch8]": {**eager, "decode_tokens_per_s": 40.0},
                  "test_decode_compiled[sdpa-batch8]": batch8})
     _bench_file(folder, "0002_eager-only", "MI250", {"test_decode_eager[sdpa-batch1]": eager})
-    rows = readme.decode_table(tmp_path).splitlines()[2:]
+    gen_docs._tracked.cache_clear()
+    rows = gen_docs.decode_table(tmp_path).splitlines()[2:]
     assert len(rows) == 2 and all("0001_both" in row for row in rows)
     assert "`StaticDecoder`, HIP graph" in rows[0] and "| 12.0x |" in rows[0] and "9.00 J, 3.00 J" in rows[0]
     assert "| 8 |" in rows[1] and "| 20.0x |" in rows[1]  # each batch against eager at the same batch
@@ -57,7 +99,8 @@ def test_performance_has_a_table_per_card_and_no_scoring_verdict_on_a_subset(tmp
             "test_train_reference": {"tokens_per_s": 3000.0, "peak_mem_gib": 8.0},
             "test_train_profile[sdpa-max-speed]": train,
             "test_scoring[sdpa]": {"questions_per_s": 90.0, "questions": questions}})
-    text = readme.performance_table(tmp_path)
+    gen_docs._tracked.cache_clear()
+    text = gen_docs.performance_table(tmp_path)
     runs = [line.split("]")[0] for line in text.splitlines() if line.startswith("Run: [")]
     assert runs == ["Run: [0002.json", "Run: [0003.json"]  # the newest of each card
     h200, h100 = text.split("Run: [0003.json")

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from medqa_core.cli import main
-from medqa_core.parity import Tolerances
+from medqa_core.compare.inputs import BASE, FINE_TUNED, CompareError, load_inputs, summarize_benchmark, summarize_file
+from medqa_core.compare.parity import Tolerances
+from medqa_core.compare.tables import markdown_table
 from medqa_core.record import (
     SCHEMA_VERSION,
     EvalResult,
@@ -21,8 +23,9 @@ from medqa_core.record import (
     TrainResult,
     save_record,
 )
-from medqa_core.report import build_report, make_report, markdown_table, metrics_table
-from medqa_core.summary import BASE, FINE_TUNED, ReportError, load_inputs, summarize_benchmark, summarize_file
+from medqa_core.report.build import build_report
+from medqa_core.report.render import make_report
+from medqa_core.report.tables import metrics_table
 
 N = 300
 QUANT = {"method": "bnb-nf4", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "bfloat16",
@@ -114,7 +117,7 @@ def test_report_of_two_equal_runs_says_parity_holds(tmp_path):
     report, written = make_report(paths, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert report.verdict == "holds"
-    assert md.startswith("# medqa-parity report\n\n**Parity holds across 2 runs (baseline R1 cuda H100 80GB HBM3 "
+    assert md.startswith("# medqa-parity report\n\n**Parity holds across 2 run records (baseline R1 cuda H100 80GB HBM3 "
                          "sdpa-cudnn).**")
     assert "No ROCm run was compared: every input ran on cpu / cuda." in md
     for name in ("throughput", "memory", "accuracy", "loss", "logprob_drift"):
@@ -143,11 +146,11 @@ def test_ten_point_accuracy_gap_and_rocm_blocksize_fail_point_by_point(tmp_path)
     report, _ = make_report(paths, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert report.verdict == "does not hold"
-    assert "**Parity does NOT hold: 2 point(s) fail across 2 runs" in md
+    assert "**Parity does NOT hold: 2 point(s) fail across 2 run records" in md
     fails = [line for line in md.splitlines() if line.startswith("- FAIL")]
     assert "R2 vs R1, base accuracy" in fails[0] and "difference +9.98 pp" in fails[0]
     assert "NOT shown equivalent within +-3 pp" in fails[0]
-    assert "quantization differs (blocksize: 64 vs 128)" in fails[1]
+    assert "settings differ (blocksize: 64 vs 128)" in fails[1]
     assert "No ROCm run was compared" not in md
     assert "| blocksize | yes | 64 | 128 |" in md
 
@@ -215,7 +218,7 @@ def test_report_mixes_a_record_and_a_benchmark_file(tmp_path):
     assert "R4 is bench/'s reference arm" in md and "| train speedup vs reference arm | - | 1.25x |" in md
     assert "R3: test_train_ours[eager]: out of memory during timed round 1 (HIP out of memory)" in md
     assert report.verdict == "holds"  # same scores; NF4 blocksize 128 vs 64 is flagged, not failed
-    assert "- FLAG: R2 vs R1: quantization settings differ: blocksize: 64 vs 128" in md
+    assert "- FLAG: R2 vs R1: settings differ: blocksize: 64 vs 128" in md
     assert "| prefill tokens/s | - | 40,000 tokens/s |" in md
 
 
@@ -239,7 +242,7 @@ def test_scored_adapter_is_checked_against_its_training_run(tmp_path):
 
 def test_different_question_sets_are_refused(tmp_path):
     paths = saved(tmp_path, make_record(), make_record(eval_before=scores(0, n=N - 1)))
-    with pytest.raises(ReportError, match=r"in1/.*\(R2 .*\) vs .*in0/.*\(R1 .*\), base scores: different question "
+    with pytest.raises(CompareError, match=r"in1/.*\(R2 .*\) vs .*in0/.*\(R1 .*\), base scores: different question "
                                           r"sets: 300 vs 299 questions, 1 only in run A \(test.jsonl:300\)"):
         make_report(paths, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -254,7 +257,7 @@ def test_different_question_sets_are_refused(tmp_path):
 ])
 def test_other_models_are_refused(tmp_path, change, message):
     paths = saved(tmp_path, make_record(), make_record(**change))
-    with pytest.raises(ReportError, match=re.escape(message)):
+    with pytest.raises(CompareError, match=re.escape(message)):
         make_report(paths, tmp_path / "out")
 
 
@@ -263,17 +266,17 @@ def test_unknown_files_are_refused_naming_found_and_expected(tmp_path):
     d = json.loads(path.read_text())
     d["schema_version"] = SCHEMA_VERSION + 1
     path.write_text(json.dumps(d))
-    with pytest.raises(ReportError, match=rf"{re.escape(str(path))}: schema_version {SCHEMA_VERSION + 1}, "
+    with pytest.raises(CompareError, match=rf"{re.escape(str(path))}: schema_version {SCHEMA_VERSION + 1}, "
                                           rf"expected {SCHEMA_VERSION}"):
         summarize_file(path)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"accuracy": 0.7}))
-    with pytest.raises(ReportError, match=r"other.json: found an object with keys accuracy; expected a run record "
+    with pytest.raises(CompareError, match=r"other.json: found an object with keys accuracy; expected a run record "
                                           r"\(schema_version 1, .*\) or a pytest-benchmark file"):
         summarize_file(other)
     bench = tmp_path / "plain_bench.json"
     bench.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
-    with pytest.raises(ReportError, match="without machine_info.medqa_fingerprint"):
+    with pytest.raises(CompareError, match="without machine_info.medqa_fingerprint"):
         summarize_file(bench)
 
 
@@ -287,7 +290,7 @@ def test_cli_report_writes_files_and_errors_in_one_line(tmp_path, capsys):
     paths = [str(p) for p in saved(tmp_path, make_record(), make_record("cpu", gpu=None))]
     assert main(["report", *paths, "--out", str(tmp_path / "out"), "--baseline", paths[1], "--margin", "5"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Parity holds across 2 runs (baseline R1 cpu CPU sdpa-flash).")
+    assert out.startswith("Parity holds across 2 run records (baseline R1 cpu CPU sdpa-flash).")
     assert "equivalent within +-5 pp" in out and (tmp_path / "out" / "report.html").is_file()
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
@@ -296,3 +299,45 @@ def test_cli_report_writes_files_and_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("medqa-parity: error: ") and str(bad) in err and "\n" not in err
     assert main(["report", paths[0], "--out", str(tmp_path / "o3")]) == 2
     assert "a report compares at least two" in capsys.readouterr().err
+
+
+def test_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from medqa_core.report import render
+
+    paths = saved(tmp_path, make_record(), make_record("cpu", gpu=None, seed=1, noise=1e-3))
+    out = tmp_path / "report"
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render, "_render_html", broken)
+    with pytest.raises(OSError):
+        make_report(paths, out)
+    assert not out.exists() and not list(tmp_path.glob(".report.*"))  # no empty or half-written folder
+
+
+def test_labels_name_the_cpu_model_where_cpu_runs_differ(tmp_path):
+    a = make_record("cpu", gpu=None)
+    b = make_record("cpu", gpu=None, seed=1, noise=1e-3)
+    b = dataclasses.replace(b, fingerprint={**b.fingerprint, "cpu_model": "AMD EPYC 7B13 64-Core Processor"})
+    runs = load_inputs(saved(tmp_path, a, b))
+    assert runs[1].label.startswith("R2 cpu EPYC 7B13 64-Core ") and " CPU " not in runs[1].label
+    assert runs[0].label != runs[1].label.replace("EPYC 7B13 64-Core", runs[0].label.split(" ")[2])
+
+
+def test_other_compute_dtype_and_eval_packing_are_flagged_by_name(tmp_path):
+    a = make_record()
+    a = dataclasses.replace(a, config={**a.config, "eval": {"packing": True}})
+    config = {**a.config, "eval": {"packing": False}, "model": {**a.config["model"], "dtype": "fp32"}}
+    b = dataclasses.replace(make_record(seed=1, noise=1e-3), config=config)
+    report = build_report(load_inputs(saved(tmp_path, a, b)), Tolerances())
+    flags = [f.text for f in report.findings if f.status == "flag"]
+    assert any("settings differ: compute dtype: bfloat16 vs float32; eval packing: True vs False" in f for f in flags)
+    assert "float32" in report.runs[1].label and "eval packing False" in report.runs[1].label
+
+
+def test_p_values_below_a_thousandth_never_print_as_zero(tmp_path):
+    paths = saved(tmp_path, make_record(), make_record("cpu", gpu=None, seed=1, noise=1e-3))
+    make_report(paths, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "p = 0)" not in md and "p = 0 " not in md and "p < 0.001" in md

@@ -1,23 +1,73 @@
-"""README and PERFORMANCE figures, generated from the result files under results/ (never typed by hand).
+"""README and docs/ figures, generated from the committed result files under results/ (never typed by hand).
 
-``python -m medqa_core.readme`` rewrites each block between ``<!-- generated:NAME -->`` and
-``<!-- /generated:NAME -->`` in README.md and PERFORMANCE.md; ``--check`` exits 1 when one is out of date.
+``python tools/gen_docs.py`` rewrites each block between ``<!-- generated:NAME -->`` and
+``<!-- /generated:NAME -->`` in README.md and docs/*.md; ``--check`` exits 1 when one is out of date.
+
+Only files git tracks under results/ are read (``git ls-files``), so a user's own runs never change a
+generated block; outside a git checkout every file is read, and the generator says so. Targets come from
+docs/targets.toml. This is a tool of the repository, not of the package: nothing here ships in the wheel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
+import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-
-from medqa_core.record import RunRecord, load_record
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ("README.md", "PERFORMANCE.md")  # files whose generated blocks this module keeps current
+sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
+
+from medqa_core.benchcase import BenchCase  # noqa: E402
+from medqa_core.compare.inputs import device_label  # noqa: E402
+from medqa_core.printout import summary_lines  # noqa: E402
+from medqa_core.record import RunRecord, load_record  # noqa: E402
+
+logger = logging.getLogger("gen_docs")
+# Files whose generated blocks this tool keeps current.
+DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
+             "docs/performance.md")
+TARGETS = ROOT / "docs" / "targets.toml"
+
+
+@cache
+def _tracked(results: Path) -> frozenset[Path] | None:
+    """Files git tracks under ``results``; None outside a git checkout (then every file counts)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=results, capture_output=True, check=True,
+                             timeout=60).stdout.decode()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        logger.warning("%s is not in a git checkout: reading every file under it, committed or not", results)
+        return None
+    return frozenset((results / name).resolve() for name in out.split("\0") if name)
+
+
+def result_files(results: Path, pattern: str) -> list[Path]:
+    """Committed files under ``results`` matching ``pattern``, sorted (see :func:`_tracked`)."""
+    tracked = _tracked(results.resolve())
+    return sorted(p for p in results.glob(pattern) if tracked is None or p.resolve() in tracked)
+
+
+def _targets() -> dict[str, Any]:
+    with TARGETS.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _cases(data: dict) -> dict[str, BenchCase]:
+    """A bench file's cases by name, read through the one schema."""
+    return {b["name"]: BenchCase.from_extra_info(b["extra_info"], b["name"]) for b in data["benchmarks"]}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _acc(result) -> str:
@@ -27,9 +77,9 @@ def _acc(result) -> str:
     return f"{100 * result.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _device(record: RunRecord) -> str:
-    fp = record.fingerprint
-    return fp.get("gpu_name") or f"CPU: {fp.get('cpu_model')} ({fp.get('cpu_cores_logical')} threads)"
+def _device(fp: dict) -> str:
+    threads = "" if fp.get("gpu_name") else f" ({fp.get('cpu_cores_logical')} threads)"
+    return device_label(fp) + threads
 
 
 def runs_table(results: Path) -> str:
@@ -39,7 +89,7 @@ def runs_table(results: Path) -> str:
         "| peak memory | accuracy before [95% CI] | accuracy after [95% CI] | questions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted((results / "runs").glob("*.json")):
+    for path in result_files(results, "runs/*.json"):
         r = load_record(path)
         if r.kind == "train":  # fine-tune-only records: in the scaling table
             continue
@@ -53,7 +103,7 @@ def runs_table(results: Path) -> str:
                     else f"host {tr.host_peak_rss_gib:.1f} GiB")
         n = (r.eval_after or r.eval_before).n_questions if (r.eval_after or r.eval_before) else "-"
         rows.append(
-            f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r)} | {r.fingerprint.get('backend')} "
+            f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r.fingerprint)} | {r.fingerprint.get('backend')} "
             f"| {r.model['name']} | {quant} | {r.attention['ran']} | {speed} | {step} | {peak} "
             f"| {_acc(r.eval_before)} | {_acc(r.eval_after)} | {n} |"
         )
@@ -62,63 +112,45 @@ def runs_table(results: Path) -> str:
 
 def default_run_summary(results: Path) -> str:
     """The summary `medqa-parity run` printed for the newest committed run of the embedded default."""
-    from medqa_core.cli import summary_lines
-
-    paths = sorted((results / "runs").glob("*_run_tiny_cpu_*.json"))
+    paths = result_files(results, "runs/*_run_tiny_cpu_*.json")
     if not paths:
         return "(no committed run of the embedded default yet)"
     path = paths[-1]
-    return "```text\n" + "\n".join(summary_lines(load_record(path), f"results/runs/{path.name}")) + "\n```"
+    text = "\n".join(summary_lines(load_record(path), f"results/runs/{path.name}"))
+    # A note names the data folder of the machine that ran it; the bundled one is the package's.
+    text = re.sub(r"/\S*/medqa_core/data", "medqa_core/data", text)
+    return "```text\n" + text + "\n```"
 
 
 def _bench_device(data: dict) -> str:
-    fp = data["machine_info"].get("medqa_fingerprint", {})
-    return fp.get("gpu_name") or f"CPU: {fp.get('cpu_model')} ({fp.get('cpu_cores_logical')} threads)"
+    return _device(data["machine_info"].get("medqa_fingerprint", {}))
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _figure(e: dict) -> str:
-    """The headline of one benchmark case, from its extra_info."""
-    if "oom" in e:
-        return f"out of memory ({e['oom'].get('message', '')[:60]})"
-    if "tokens_per_s" in e:
-        speedup = e.get("speedup_vs_reference")
-        peak = e.get("peak_mem_gib")
-        return (f"{e['tokens_per_s']:,.0f} real tokens/s, MFU {_pct(e.get('mfu'))}, step "
-                f"{1000 * e['step_time_s_median']:.0f} ms, peak {f'{peak:.1f} GiB' if peak is not None else 'n/a'}, "
-                f"batch {e.get('batch_size')}, checkpointing {e.get('gradient_checkpointing')}"
-                + (f", **{speedup:.2f}x the reference**" if speedup else ""))
-    if "decode_tokens_per_s" in e:
-        return (f"{e['decode_tokens_per_s']:,.1f} tokens/s at batch {e.get('batch_size', 1)}, "
-                f"{_pct(e.get('roofline_fraction'))} of roofline")
-    if "prefill_tokens_per_s" in e:
-        return f"{e['prefill_tokens_per_s']:,.0f} tokens/s, time to first token {1000 * e['ttft_s_median']:.0f} ms"
-    if "questions_per_s" in e:
-        return f"{e['questions_per_s']:,.1f} questions/s ({e.get('questions')} questions)"
-    if "accuracy" in e:
-        return f"accuracy {_pct(e['accuracy'])} on {len(e.get('predictions', ()))} questions"
-    return "-"
-
-
 def bench_table(results: Path, only: str = "") -> str:
     """One row per case (whose name starts with ``only``) of each pytest-benchmark file under ``results/bench``."""
     rows = ["| file | device | case | headline |", "|---|---|---|---|"]
-    for path in sorted((results / "bench").glob("*/*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for bench in data["benchmarks"]:
-            if not bench["name"].startswith(only):
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        for name, case in _cases(data).items():
+            if not name.startswith(only):
                 continue
-            link = f"[{path.name}](results/bench/{path.parent.name}/{path.name})"
-            rows.append(f"| {link} | {_bench_device(data)} | `{bench['name']}` | {_figure(bench['extra_info'])} |")
+            link = f"[{path.name}]({_link(results, path)})"
+            rows.append(f"| {link} | {_bench_device(data)} | `{name}` | {case.headline()} |")
     return "\n".join(rows)
+
+
+def _link(results: Path, path: Path) -> str:
+    """A link to a result file as the documents write it, from the repository root."""
+    return f"results/{path.relative_to(results).as_posix()}"
 
 
 def scaling_table(results: Path) -> str:
     """Data-parallel train records against the 1-GPU record of the same card and per-rank batch."""
-    records = [(p, load_record(p)) for p in sorted((results / "runs").glob("*_train_*.json"))]
+    records = [(p, load_record(p)) for p in result_files(results, "runs/*_train_*.json")]
     gpu = [(p, r) for p, r in records if r.train is not None and r.fingerprint.get("gpu_name")]
     rows = ["| GPUs | device | global batch (per GPU) | tokens/s | per GPU | efficiency vs 1 GPU | all-reduce alone "
             "| peak memory | record |", "|---|---|---|---|---|---|---|---|---|"]
@@ -146,16 +178,11 @@ def report_verdict(results: Path) -> str:
     return "\n".join(lines[start : end + 1]).strip()
 
 
-# MedQA train split: 10,178 questions; the public case study's 2 epochs.
-TRAIN_SPLIT_QUESTIONS = 10_178
-TEST_QUESTIONS = 1_273
-
-
 def _latest_gpu_benches(results: Path) -> list[tuple[str, dict]]:
     """(``machine folder/file name``, data) of the newest bench file with training profiles, one per GPU model."""
     newest: dict[str, tuple[str, str, dict]] = {}
-    for path in sorted((results / "bench").glob("*/*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
         gpu = data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name")
         if gpu and any(b["name"].startswith("test_train_profile") for b in data["benchmarks"]):
             found = (data.get("datetime", ""), f"{path.parent.name}/{path.name}", data)
@@ -172,68 +199,76 @@ def performance_table(results: Path) -> str:
 
 
 def _performance_rows(f: str, data: dict) -> str:
-    """One run's table: ours beside the reference arm measured in the same run."""
-    cases = {b["name"]: b for b in data["benchmarks"]}
-    ours = [b["extra_info"] for n, b in cases.items() if n.startswith("test_train_ours") or
-            n.startswith("test_train_profile")]
-    ref = cases["test_train_reference"]["extra_info"]
+    """One run's table: ours beside the reference arm measured in the same run, against docs/targets.toml."""
+    targets = _targets()
+    cases = _cases(data)
+    medians = {b["name"]: b["stats"]["median"] for b in data["benchmarks"]}
+    ours = [c for n, c in cases.items() if n.startswith("test_train_ours") or n.startswith("test_train_profile")]
+    ref = cases["test_train_reference"]
     rows = [f"Run: [{f.split('/')[-1]}](results/bench/{f}), {_bench_device(data)}; the reference ran "
-            f"{ref['tokens_per_s']:,.0f} real tokens/s at {ref['peak_mem_gib']:.1f} GiB in it.", "",
+            f"{ref.tokens_per_s:,.0f} real tokens/s at {ref.peak_mem_gib:.1f} GiB in it.", "",
             "| target | measured | met |", "|---|---|---|"]
-    for e in (e for e in ours if e.get("memory_cap_gib")):
-        ratio = e["speedup_vs_reference"]
-        rows.append(f"| memory-capped (`{e['profile']}`): peak <= {e['memory_cap_gib']:g} GiB and >= 2.5x the "
-                    f"reference | {e['peak_mem_gib']:.1f} GiB, {e['tokens_per_s']:,.0f} tokens/s = {ratio:.2f}x "
-                    f"(batch {e['batch_size']}, {e['checkpoint_layers']} of the layers recomputed) "
-                    f"| {'yes' if e['within_memory_cap'] and ratio >= 2.5 else 'no'} |")
-    e = max(ours, key=lambda e: e.get("mfu") or 0)
-    met = "yes" if (e.get("mfu") or 0) >= 0.45 else "no"
-    rows.append(f"| max-speed (`{e.get('profile', 'default')}`): MFU >= 45% | {_pct(e.get('mfu'))} at "
-                f"{e['tokens_per_s']:,.0f} tokens/s ({e['speedup_vs_reference']:.2f}x the reference), batch "
-                f"{e.get('batch_size')}, {e['peak_mem_gib']:.1f} GiB | {met} |")
-    tokens = 2 * TRAIN_SPLIT_QUESTIONS * e["tokens_per_step"] / e["batch_size"]  # real lengths of the batch
-    minutes = tokens / e["tokens_per_s"] / 60
-    rows.append(f"| 2 epochs of the train split in <= 10 min | {minutes:.1f} min: {tokens / 1e6:.2f} M tokens "
-                f"(2 x 10,178 questions at this batch's mean real length) / {e['tokens_per_s']:,.0f} tokens/s "
-                f"(computed, not a run of the train split) | {'yes' if minutes <= 10 else 'no'} |")
-    for b in (b for n, b in cases.items() if n.startswith("test_scoring")):
-        e, round_s = b["extra_info"], b["stats"]["median"]  # a round also tokenizes the questions
-        n = e.get("questions")
-        met = ("yes" if round_s <= 20 else "no") if n == TEST_QUESTIONS else f"not measured: {n} questions scored"
-        rows.append(f"| scoring 1,273 test questions in <= 20 s | {round_s:.1f} s a round for {n} questions, "
-                    f"tokenization included ({n / e['questions_per_s']:.1f} s of model time, "
-                    f"{e['questions_per_s']:.1f} questions/s, 4-bit 7B) | {met} |")
+    want = targets["memory_capped"]["speedup_vs_reference"]
+    for e in (e for e in ours if e.memory_cap_gib):
+        ratio = e.speedup_vs_reference
+        rows.append(f"| memory-capped (`{e.profile}`): peak <= {e.memory_cap_gib:g} GiB and >= {want:g}x the "
+                    f"reference | {e.peak_mem_gib:.1f} GiB, {e.tokens_per_s:,.0f} tokens/s = {ratio:.2f}x "
+                    f"(batch {e.batch_size}, {e.checkpoint_layers} of the layers recomputed) "
+                    f"| {'yes' if e.within_memory_cap and ratio >= want else 'no'} |")
+    e = max(ours, key=lambda e: e.mfu or 0)
+    mfu = targets["max_speed"]["mfu"]
+    met = "yes" if (e.mfu or 0) >= mfu else "no"
+    rows.append(f"| max-speed (`{e.profile or 'default'}`): MFU >= {100 * mfu:g}% | {_pct(e.mfu)} at "
+                f"{e.tokens_per_s:,.0f} tokens/s ({e.speedup_vs_reference:.2f}x the reference), batch "
+                f"{e.batch_size}, {e.peak_mem_gib:.1f} GiB | {met} |")
+    split = targets["train_split"]
+    tokens = split["epochs"] * split["questions"] * e.tokens_per_step / e.batch_size  # real lengths of the batch
+    minutes = tokens / e.tokens_per_s / 60
+    rows.append(f"| {split['epochs']} epochs of the train split in <= {split['minutes']:g} min | {minutes:.1f} min: "
+                f"{tokens / 1e6:.2f} M tokens ({split['epochs']} x {split['questions']:,} questions at this batch's "
+                f"mean real length) / {e.tokens_per_s:,.0f} tokens/s (computed, not a run of the train split) "
+                f"| {'yes' if minutes <= split['minutes'] else 'no'} |")
+    scoring = targets["scoring"]
+    for name, e in ((n, c) for n, c in cases.items() if n.startswith("test_scoring")):
+        round_s = medians[name]  # a round also tokenizes the questions
+        n = e.questions
+        met = ("yes" if round_s <= scoring["seconds"] else "no") if n == scoring["questions"] \
+            else f"not measured: {n} questions scored"
+        rows.append(f"| scoring {scoring['questions']:,} test questions in <= {scoring['seconds']:g} s | "
+                    f"{round_s:.1f} s a round for {n} questions, tokenization included ({n / e.questions_per_s:.1f} s "
+                    f"of model time, {e.questions_per_s:.1f} questions/s, 4-bit 7B) | {met} |")
     return "\n".join(rows)
 
 
-def _decode_path(e: dict) -> str:
+def _decode_path(e: BenchCase) -> str:
     """How a compiled-decode case ran, in words (older files ran the compiled step inside ``generate``)."""
-    if e.get("decode_loop"):
-        return f"`{e['decode_loop']}`, {e.get('graph')}"
-    mode = e.get("compile_mode_ran") or e.get("compile_mode")
-    return f"`generate`, forward compiled ({mode})" + (", guard checks skipped" if e.get("guards_skipped") else "")
+    if e.decode_loop:
+        return f"`{e.decode_loop}`, {e.details.get('graph')}"
+    mode = e.details.get("compile_mode_ran") or e.compile_mode
+    return f"`generate`, forward compiled ({mode})" + (", guard checks skipped" if e.details.get("guards_skipped")
+                                                       else "")
 
 
 def decode_table(results: Path) -> str:
     """Eager ``generate`` beside the compiled decode path, per batch size, from each bench file that ran both."""
     rows = ["| file | device | batch | compiled path | eager `generate` | compiled | speed-up | first call (compile) "
             "| joules/token eager, compiled |", "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted((results / "bench").glob("*/*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        cases = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        cases = _cases(data)
         for name, compiled in cases.items():
             eager = cases.get(name.replace("test_decode_compiled", "test_decode_eager"))
-            if not (name.startswith("test_decode_compiled") and eager and eager.get("decode_tokens_per_s")
-                    and compiled.get("decode_tokens_per_s")):
+            if not (name.startswith("test_decode_compiled") and eager and eager.decode_tokens_per_s
+                    and compiled.decode_tokens_per_s):
                 continue
-            first = compiled.get("first_call_s") or compiled.get("first_generate_s")
-            joules = [e.get("joules_per_token") for e in (eager, compiled)]
+            first = compiled.details.get("first_call_s") or compiled.details.get("first_generate_s")
+            joules = [e.joules_per_token for e in (eager, compiled)]
             rows.append(
-                f"| [{path.name}](results/bench/{path.parent.name}/{path.name}) | {_bench_device(data)} "
-                f"| {compiled.get('batch_size', 1)} | {_decode_path(compiled)} "
-                f"| {eager['decode_tokens_per_s']:,.1f} tokens/s ({_pct(eager.get('roofline_fraction'))} of roofline) "
-                f"| {compiled['decode_tokens_per_s']:,.1f} tokens/s ({_pct(compiled.get('roofline_fraction'))}) "
-                f"| {compiled['decode_tokens_per_s'] / eager['decode_tokens_per_s']:.1f}x "
+                f"| [{path.name}]({_link(results, path)}) | {_bench_device(data)} "
+                f"| {compiled.batch_size or 1} | {_decode_path(compiled)} "
+                f"| {eager.decode_tokens_per_s:,.1f} tokens/s ({_pct(eager.roofline_fraction)} of roofline) "
+                f"| {compiled.decode_tokens_per_s:,.1f} tokens/s ({_pct(compiled.roofline_fraction)}) "
+                f"| {compiled.decode_tokens_per_s / eager.decode_tokens_per_s:.1f}x "
                 f"| {f'{first:.0f} s' if first else '-'} "
                 f"| {', '.join(f'{j:.2f} J' if isinstance(j, float) else '-' for j in joules)} |")
     return "\n".join(rows)
@@ -245,7 +280,7 @@ def _ms(x: float) -> str:
 
 def profile_table(path: Path) -> str:
     """One row per profiled configuration of a ``medqa-parity profile`` file: where a step's time goes."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _json(path)
     fp = data["meta"]["fingerprint"]
     categories = sorted({c for p in data["profiles"].values() for c in p["categories"]})
     rows = [f"[{path.name}](results/profile/{path.name}): {fp.get('gpu_name') or fp.get('cpu_model')}, "
@@ -269,7 +304,7 @@ def profile_table(path: Path) -> str:
 
 def profile_tables(results: Path) -> str:
     """Every committed profile file, oldest first."""
-    paths = sorted((results / "profile").glob("*.json"))
+    paths = result_files(results, "profile/*.json")
     return "\n\n".join(profile_table(p) for p in paths) if paths else "(no profile yet)"
 
 
@@ -284,12 +319,14 @@ def gate_noise_table(folder: Path, baseline: Path) -> str:
     the table shows the noise the CI thresholds of ``.ci/gate.toml`` have to tolerate; the last line
     says how many of the runs those thresholds pass.
     """
-    from medqa_core.gate import gate_cases, load_cases, load_thresholds, machine_drift, machine_text
+    from medqa_core.gate.cases import load_cases
+    from medqa_core.gate.decide import gate_cases, machine_drift, machine_text
+    from medqa_core.gate.thresholds import load_thresholds
 
     loose = load_thresholds(None, ["speed_pct=99.9", "memory_pct=100000"], start=ROOT)
     ci = load_thresholds(ROOT / ".ci" / "gate.toml", [])
     base = load_cases(baseline)
-    runs = {p.name: load_cases(p) for p in sorted(folder.glob("*.json"))}
+    runs = {p.name: load_cases(p) for p in result_files(folder.parent.parent, f"gate-noise/{folder.name}/*.json")}
 
     def changes(a: tuple, b: tuple) -> dict[tuple[str, str], float]:
         checks = gate_cases(a, b, loose).checks
@@ -328,10 +365,51 @@ def gate_noise_table(folder: Path, baseline: Path) -> str:
 def gate_noise_tables(results: Path) -> str:
     """:func:`gate_noise_table` for each ``results/gate-noise/<baseline file stem>/`` folder."""
     tables = []
-    for folder in sorted(p for p in (results / "gate-noise").glob("*") if p.is_dir()):
-        (baseline,) = (results / "bench").glob(f"*/{folder.name}.json")
+    folders = sorted({p.parent for p in result_files(results, "gate-noise/*/*.json")})
+    for folder in folders:
+        (baseline,) = result_files(results, f"bench/*/{folder.name}.json")
         tables.append(gate_noise_table(folder, baseline))
     return "\n\n".join(tables) if tables else "(no noise runs committed)"
+
+
+def machine_times(results: Path) -> str:
+    """Wall time of the default run (``medqa-parity run``) on each CPU model a committed record came from."""
+    newest: dict[str, tuple[Path, RunRecord]] = {}
+    for path in result_files(results, "runs/*_run_tiny_cpu_*.json"):
+        record = load_record(path)
+        newest[str(record.fingerprint.get("cpu_model"))] = (path, record)  # sorted by time: the last is newest
+    if not newest:
+        return "(no committed record of the default run yet)"
+    rows = ["| CPU | threads | wall time of `medqa-parity run` | per train step (median) | record |",
+            "|---|---|---|---|---|"]
+    for cpu, (path, r) in sorted(newest.items()):
+        step = f"{1000 * r.train.step_time_s_median:.0f} ms" if r.train else "-"
+        wall = f"{r.wall_time_s:.0f} s" if r.wall_time_s is not None else "not recorded"
+        rows.append(f"| {cpu} | {r.fingerprint.get('cpu_cores_logical')} | {wall} | {step} "
+                    f"| [{path.name[:16]}]({_link(results, path)}) |")
+    return "\n".join(rows)
+
+
+def newest_per_device(results: Path) -> str:
+    """The newest committed result of each device: its newest run record and its newest bench file's train case."""
+    found: dict[str, dict[str, str]] = {}
+    for path in result_files(results, "runs/*_run_*.json"):
+        r = load_record(path)
+        acc = _acc(r.eval_after)
+        speed = f"{r.train.tokens_per_s:,.0f}" if r.train else "-"
+        found.setdefault(device_label(r.fingerprint), {})["record"] = (
+            f"{r.model['name']}: {speed} train tokens/s, accuracy after {acc} "
+            f"([{path.name[:16]}]({_link(results, path)}))")
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        train = [c for n, c in _cases(data).items() if n.startswith("test_train_ours") and c.tokens_per_s]
+        if train:
+            device = device_label(data["machine_info"].get("medqa_fingerprint", {}))
+            found.setdefault(device, {})["bench"] = (f"{train[0].model}: {train[0].headline()} "
+                                                     f"([{path.name}]({_link(results, path)}))")
+    rows = ["| device | newest run record | newest bench file (our train step) |", "|---|---|---|"]
+    rows += [f"| {d} | {v.get('record', '-')} | {v.get('bench', '-')} |" for d, v in sorted(found.items())]
+    return "\n".join(rows)
 
 
 GENERATORS: dict[str, Callable[[Path], str]] = {
@@ -339,39 +417,59 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "verdict": report_verdict, "performance": performance_table, "profiles": profile_tables,
     "gate-noise": gate_noise_tables,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
-    "decode": decode_table,
+    "decode": decode_table, "machine-times": machine_times, "newest": newest_per_device,
 }
 
 
-def render(readme: str, results: Path) -> str:
-    """README text with every generated block replaced by fresh output."""
+def render(readme: str, results: Path, up: str = "") -> str:
+    """A document's text with every generated block replaced by fresh output.
+
+    Args:
+        readme: the document's text.
+        results: the results folder.
+        up: the path from the document's folder to the repository root ("../" for docs/), put before links.
+
+    Returns:
+        The new text.
+    """
     for name, generate in GENERATORS.items():
         start, end = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
-        block = f"{start}\n{generate(results)}\n{end}"
+        if start not in readme:
+            continue
+        text = re.sub(r"\]\((results/|\.ci/)", lambda m: f"]({up}{m.group(1)}", generate(results))
+        block = f"{start}\n{text}\n{end}"
         readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, block=block: block, readme, flags=re.S)
     return readme
+
+
+def up_to_root(document: Path) -> str:
+    """"../" for each folder between the repository root and ``document``."""
+    depth = len(document.resolve().relative_to(ROOT).parts) - 1
+    return "../" * depth
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a document is out of date")
-    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--results", type=Path, default=ROOT / "results",
+                        help="the results folder (default: the repository's); only its git-tracked files are read")
     parser.add_argument("documents", nargs="*", type=Path, default=[ROOT / name for name in DOCUMENTS])
     args = parser.parse_args(argv)
     stale = []
     for doc in args.documents:
         old = doc.read_text(encoding="utf-8")
-        new = render(old, args.results)
+        new = render(old, args.results, up_to_root(doc))
         if new == old:
             continue
         stale.append(doc)
         if not args.check:
             doc.write_text(new, encoding="utf-8")
     if args.check and stale:
-        print(f"out of date: {', '.join(map(str, stale))}; run python -m medqa_core.readme", file=sys.stderr)
+        print(f"out of date: {', '.join(map(str, stale))}; run python tools/gen_docs.py", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="gen_docs: %(message)s")
     sys.exit(main())

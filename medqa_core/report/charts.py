@@ -5,21 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from medqa_core.parity import PairParity, Tolerances
-from medqa_core.summary import BASE, FINE_TUNED, METRICS, PhaseScores, RunSummary, format_value
+from medqa_core.compare.inputs import BASE, FINE_TUNED, PhaseScores, RunSummary
+from medqa_core.compare.metrics import MEMORY, METRICS, SPEED, format_value
+from medqa_core.compare.parity import PairParity, Tolerances
 
-if TYPE_CHECKING:
-    from medqa_core.report import Report
-
-_THROUGHPUT = ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_compiled_tokens_per_s",
-               "questions_per_s")
+CHART_NAMES = ("throughput", "memory", "accuracy", "loss", "logprob_drift")
+# Overlaid loss curves: each run its own line style and marker, so equal curves stay visible.
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
 _BACKEND_COLORS = {"cuda": "#4c9a2a", "rocm": "#c0392b", "cpu": "#7f8c8d"}
 
 
@@ -69,7 +68,7 @@ def _barh(ax: Axes, runs: Sequence[RunSummary], metric: str, title: str, unit: s
 
 def _throughput_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
     """Train, prefill, decode and scoring rates per run, with IQR error bars where measured."""
-    shown = [(k, label, unit) for k, label, unit in METRICS if k in _THROUGHPUT and any(k in r.metrics for r in runs)]
+    shown = [(m.key, m.label, m.unit) for m in METRICS if m.kind == SPEED and any(m.key in r.metrics for r in runs)]
     if not shown:
         return None
     fig, axes = _bar_panels(runs, [k for k, _, _ in shown])
@@ -80,8 +79,7 @@ def _throughput_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figur
 
 def _memory_chart(runs: Sequence[RunSummary], baseline: RunSummary) -> Figure | None:
     """Peak device memory and host RSS per run."""
-    shown = [(k, label) for k, label, _ in METRICS if k in ("peak_mem_gib", "host_rss_gib")
-             and any(k in r.metrics for r in runs)]
+    shown = [(m.key, m.label) for m in METRICS if m.kind == MEMORY and any(m.key in r.metrics for r in runs)]
     if not shown:
         return None
     fig, axes = _bar_panels(runs, [k for k, _ in shown])
@@ -131,9 +129,11 @@ def _loss_chart(runs: Sequence[RunSummary]) -> Figure | None:
         return None
     fig = _new_figure(1, row_height=3.6)
     ax = fig.subplots()
-    for r in have:
+    for i, r in enumerate(have):
         steps = np.arange(1, len(r.loss_per_step) + 1)
-        ax.plot(steps, r.loss_per_step, marker="o" if len(steps) <= 40 else None, ms=3, label=r.label,
+        # Curves that agree lie on each other: styles, markers every few steps and transparency keep each visible.
+        ax.plot(steps, r.loss_per_step, ls=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)],
+                markevery=max(1, len(steps) // 12) + i, ms=5, alpha=0.75, lw=1.6, label=r.label,
                 color=_color(r) if len({x.backend for x in have}) == len(have) else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
@@ -154,40 +154,49 @@ def _logprob_chart(pairs: Sequence[PairParity]) -> Figure | None:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (p, ph) in zip(axes, cells, strict=False):
         d = np.asarray(ph.logprobs.differences)
-        if d.size and np.ptp(d) == 0:
-            ax.axvline(d[0], color="#2c3e50", lw=3)
-            ax.text(0.5, 0.5, f"all {d.size} differences = {d[0]:g}", transform=ax.transAxes, ha="center")
-        elif d.size:
+        if not d.size or np.ptp(d) == 0:
+            # Nothing to histogram: say what the panel would show instead of drawing an empty axis.
+            text = (f"no finite log-probabilities to compare ({ph.logprobs.nonfinite} questions non-finite)"
+                    if not d.size else f"identical: all {d.size} option log-probabilities\ndiffer by exactly {d[0]:g}"
+                    " nats")
+            ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
             ax.hist(d, bins=60, color="#8e44ad", alpha=0.8)
             ax.axvline(0, color="#2c3e50", lw=0.8, ls="--")
             ax.set_yscale("log")
         weights = "same weights" if ph.same_weights else "separately fine-tuned"
         ax.set_title(f"{p.b} vs {p.a}, {ph.phase} ({weights})\nmean |diff| {ph.logprobs.mean_abs:.3g} nats, "
                      f"mean KL {ph.logprobs.kl_mean:.1e} nats", loc="left", fontsize=9)
-        ax.set_xlabel("log-probability difference (nats)")
-        ax.set_ylabel("options")
+        if d.size and np.ptp(d) > 0:
+            ax.set_xlabel("log-probability difference (nats)")
+            ax.set_ylabel("options")
     for ax in axes[len(cells):]:
         ax.set_visible(False)
     return fig
 
 
-def draw_charts(report: Report, out_dir: Path) -> dict[str, Path]:
+def draw_charts(runs: Sequence[RunSummary], baseline: RunSummary, pairs: Sequence[PairParity], tol: Tolerances,
+                out_dir: Path) -> dict[str, Path]:
     """Draw every chart that has data and save it as PNG.
 
     Args:
-        report: the built report.
+        runs: all runs.
+        baseline: the run the others are compared with.
+        pairs: the compared pairs (log-probability drift).
+        tol: the parity tolerances (the accuracy chart's margin band).
         out_dir: folder for the PNG files.
 
     Returns:
-        Chart name -> PNG path, for the charts drawn.
+        Chart name (CHART_NAMES) -> PNG path, for the charts drawn.
     """
-    runs, base = report.runs, report.baseline
     figures = {
-        "throughput": _throughput_chart(runs, base),
-        "memory": _memory_chart(runs, base),
-        "accuracy": _accuracy_chart(runs, base, report.tolerances),
+        "throughput": _throughput_chart(runs, baseline),
+        "memory": _memory_chart(runs, baseline),
+        "accuracy": _accuracy_chart(runs, baseline, tol),
         "loss": _loss_chart(runs),
-        "logprob_drift": _logprob_chart((*report.pairs, *report.adapter_pairs)),
+        "logprob_drift": _logprob_chart(pairs),
     }
     out: dict[str, Path] = {}
     for name, fig in figures.items():

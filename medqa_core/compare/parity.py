@@ -1,7 +1,8 @@
 """Parity statistics between two runs: paired accuracy, log-probability drift, loss drift, quantization.
 
 Pure functions of per-question results and arrays: nothing here imports torch, so the statistics
-are testable anywhere and the report (``medqa_core.report``) only formats what they return.
+are testable anywhere; the report and the gate only format what they return. The statistics
+themselves live in :mod:`medqa_core.compare.stats`.
 
 Accuracy is compared on the same questions, joined by ``qid``: a paired bootstrap 95% CI of the
 difference, McNemar's exact test on the discordant pairs, and an equivalence test (TOST) at a
@@ -11,15 +12,20 @@ question and the training loss step by step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePath
-from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax
-from scipy.stats import binomtest, norm
 
+from medqa_core.compare.stats import (
+    BOOTSTRAP_SEED,
+    format_p,
+    mcnemar_exact_p,
+    paired_bootstrap_ci,
+    tost,
+    z_quantile,
+)
 from medqa_core.record import QuestionResult
 
 # "under 3% difference": the accuracy gap a public MedQA case study reported between ROCm and CUDA.
@@ -28,12 +34,7 @@ DEFAULT_MARGIN_PP = 3.0
 # weights. bf16 kernels that sum in another order move log-probabilities by ~1e-2, which gives a KL
 # near 1e-4 on four options; 0.01 nats is a hundred times that and far below a changed prediction.
 DEFAULT_KL_TOLERANCE_NATS = 0.01
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
 ALPHA = 0.05
-# Not quantization settings: the library version (shown in fingerprints) and bitsandbytes' CPU-only
-# inference repacking, which medqa-parity always keeps off (model.keep_trainable_cpu_format).
-_QUANT_IGNORED = ("bitsandbytes_version", "cpu_packed_inference")
 
 
 class ParityError(ValueError):
@@ -188,31 +189,53 @@ class PhaseParity:
 
 @dataclass(frozen=True)
 class PairParity:
-    """Everything compared between run A (the reference of the pair) and run B."""
+    """Everything compared between run A (the reference of the pair) and run B.
+
+    Attributes:
+        a, b: the runs' short ids ("R1").
+        phases: each scoring phase both ran, compared question by question.
+        loss: loss-curve drift where both trained.
+        settings_diffs: settings that move the numbers and differ, each "field: A vs B"
+            (compute dtype, eval packing, quantization; see :mod:`medqa_core.compare.pairs`).
+    """
 
     a: str
     b: str
     phases: tuple[PhaseParity, ...]
     loss: LossDrift | None
-    quantization_diffs: tuple[str, ...]
+    settings_diffs: tuple[str, ...] = ()
 
 
 PASS, FAIL, FLAG = "pass", "fail", "flag"
+# The points a verdict judges (Finding.point).
+ACCURACY, NUMERICS, LOSS, SYSTEMATIC, SETTINGS = "accuracy", "numerics", "loss", "systematic", "settings"
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One point of the verdict.
+    """One point of the verdict, as a value: the gate turns it into a check, the report prints ``text``.
 
     Attributes:
         status: "fail" (parity does not hold because of ``text``), "pass", or "flag" (a difference
             a reader should know of that does not break parity by itself: a detectable systematic
-            shift inside the margin, different quantization settings).
+            shift inside the margin, different settings).
         text: the point, with its numbers.
+        point: what was judged: "accuracy" (TOST), "numerics" (KL of same-weights scores), "loss"
+            (finite loss curves), "systematic" (McNemar) or "settings".
+        phase: the scoring phase ("base", "fine-tuned"), or None for loss and settings.
+        threshold: the criterion ("+-3 pp", "<= 0.01 nats", "no NaN/inf").
+        evidence: the test's figures in short.
+        value_a, value_b: the figures judged where they are percentages (accuracy), else NaN.
     """
 
     status: str
     text: str
+    point: str = ""
+    phase: str | None = None
+    threshold: str = ""
+    evidence: str = ""
+    value_a: float = float("nan")
+    value_b: float = float("nan")
 
     def __post_init__(self) -> None:
         if self.status not in (PASS, FAIL, FLAG):
@@ -276,68 +299,6 @@ def _few(items: Sequence[str], k: int = 3) -> str:
     return shown + (", ..." if len(items) > k else "") if items else "none"
 
 
-def mcnemar_exact_p(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
-    """McNemar's exact test: are the discordant pairs split evenly between the runs?
-
-    Args:
-        correct_a: [N] bool, run A answered right.
-        correct_b: [N] bool, run B answered right.
-
-    Returns:
-        (a_only, b_only, p): discordant counts and the two-sided exact binomial p-value
-        ``binomtest(a_only, a_only + b_only, 0.5)``; p is 1.0 with no discordant pair.
-    """
-    a_only = int(np.sum(correct_a & ~correct_b))
-    b_only = int(np.sum(~correct_a & correct_b))
-    if a_only + b_only == 0:
-        return a_only, b_only, 1.0
-    return a_only, b_only, float(binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue)
-
-
-def paired_bootstrap_ci(correct_a: np.ndarray, correct_b: np.ndarray, level: float = 0.95,
-                        n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of the paired accuracy difference (B minus A).
-
-    Each paired difference is -1, 0 or +1, so resampling N questions with replacement amounts to
-    drawing the counts of the three values from a multinomial: the same distribution as indexing,
-    without an [n_resamples, N] index array.
-
-    Args:
-        correct_a: [N] bool.
-        correct_b: [N] bool.
-        level: coverage of the interval.
-        n_resamples: bootstrap resamples.
-        seed: numpy generator seed; the same inputs give the same interval.
-
-    Returns:
-        (low, high) of the difference, as fractions.
-    """
-    d = correct_b.astype(int) - correct_a.astype(int)  # [N] in {-1, 0, 1}
-    n = d.size
-    p = np.array([np.sum(d == -1), np.sum(d == 1)]) / n
-    counts = np.random.default_rng(seed).multinomial(n, [p[0], p[1], 1 - p.sum()], size=n_resamples)
-    diffs = (counts[:, 1] - counts[:, 0]) / n  # [n_resamples]
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(diffs, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def tost(diff: float, se: float, margin: float) -> tuple[float, float]:
-    """Two one-sided z-tests of H0: diff <= -margin and H0: diff >= +margin.
-
-    Args:
-        diff: observed difference.
-        se: its standard error; 0 when every paired difference is the same.
-        margin: equivalence margin (> 0), same unit as ``diff``.
-
-    Returns:
-        (p_lower, p_upper): equivalence is shown at level alpha when both are below alpha.
-    """
-    if se == 0:  # no spread: the observed difference is the whole answer
-        return float(diff <= -margin), float(diff >= margin)
-    return float(norm.sf((diff + margin) / se)), float(norm.cdf((diff - margin) / se))
-
-
 def accuracy_parity(paired: PairedQuestions, margin_pp: float = DEFAULT_MARGIN_PP, alpha: float = ALPHA,
                     seed: int = BOOTSTRAP_SEED) -> AccuracyParity:
     """Compare accuracy of two runs on the same questions.
@@ -359,7 +320,7 @@ def accuracy_parity(paired: PairedQuestions, margin_pp: float = DEFAULT_MARGIN_P
     margin = margin_pp / 100
     a_only, b_only, p_mcnemar = mcnemar_exact_p(ca, cb)
     p_low, p_high = tost(diff, se, margin)
-    z = float(norm.ppf(1 - alpha))
+    z = z_quantile(1 - alpha)
     return AccuracyParity(
         n=n, accuracy_a=float(ca.mean()), accuracy_b=float(cb.mean()), diff=diff,
         ci95=paired_bootstrap_ci(ca, cb, seed=seed), se=se, a_only=a_only, b_only=b_only, mcnemar_p=p_mcnemar,
@@ -428,39 +389,6 @@ def loss_drift(loss_a: Sequence[float], loss_b: Sequence[float]) -> LossDrift:
     )
 
 
-def quantization_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, ...]:
-    """Settings that differ between two runs' quantization dicts (versions are not settings).
-
-    Args:
-        a: run A's quantization (record.model["quantization"] or a benchmark's extra_info["quantization"]).
-        b: run B's.
-
-    Returns:
-        One ``"key: A vs B"`` string per differing setting, sorted by key; empty when they match.
-    """
-    keys = sorted((a.keys() | b.keys()) - set(_QUANT_IGNORED))
-    missing = "(not recorded)"
-    return tuple(f"{k}: {a.get(k, missing)} vs {b.get(k, missing)}" for k in keys if a.get(k) != b.get(k))
-
-
-def same_adapter(adapter_a: str | None, adapter_b: str | None) -> bool:
-    """Whether two records name the same saved adapter.
-
-    The folder's last component is compared: an adapter copied to another machine keeps its
-    timestamped name (runs/adapters/<UTC time>) but not its parent path.
-
-    Args:
-        adapter_a: run A's adapter_dir.
-        adapter_b: run B's.
-
-    Returns:
-        True when both are set and their last path components are equal.
-    """
-    if not adapter_a or not adapter_b:
-        return False
-    return PurePath(adapter_a.rstrip("/\\")).name == PurePath(adapter_b.rstrip("/\\")).name
-
-
 def compare_phase(phase: str, a: Sequence[QuestionResult], b: Sequence[QuestionResult], same_weights: bool,
                   tol: Tolerances) -> PhaseParity:
     """Accuracy and log-probability parity of one phase.
@@ -487,31 +415,33 @@ def judge_pair(pair: PairParity, tol: Tolerances) -> tuple[Finding, ...]:
 
     Parity fails on: accuracy not shown equivalent within the margin (TOST), log-probabilities
     of the same weights drifting past the KL tolerance (or not finite), and NaN or inf in a loss
-    curve. A significant McNemar test and differing quantization settings are flagged (they
-    explain; within the margin a small systematic shift is still parity).
+    curve. A significant McNemar test and differing settings are flagged (they explain; within the
+    margin a small systematic shift is still parity).
 
     Args:
         pair: the comparison.
         tol: what counts as parity.
 
     Returns:
-        Findings in a stable order: per phase accuracy then numerics, then loss, then quantization.
+        Findings in a stable order: per phase accuracy then numerics, then loss, then settings.
     """
     out: list[Finding] = []
-    quant = "; quantization differs (" + ", ".join(pair.quantization_diffs) + ")" if pair.quantization_diffs else ""
+    settings = "; settings differ (" + ", ".join(pair.settings_diffs) + ")" if pair.settings_diffs else ""
     for ph in pair.phases:
         out.append(_accuracy_finding(pair, ph, tol))
-        if ph.accuracy.mcnemar_p < tol.alpha:
-            out.append(Finding(FLAG, f"{pair.b} vs {pair.a}, {ph.phase}: McNemar p = {ph.accuracy.mcnemar_p:.3g} "
-                                     f"({ph.accuracy.a_only} vs {ph.accuracy.b_only} discordant questions): "
-                                     "a systematic difference is detectable"))
+        acc = ph.accuracy
+        if acc.mcnemar_p < tol.alpha:
+            out.append(Finding(FLAG, f"{pair.b} vs {pair.a}, {ph.phase}: McNemar {format_p(acc.mcnemar_p)} "
+                                     f"({acc.a_only} vs {acc.b_only} discordant questions): "
+                                     "a systematic difference is detectable", SYSTEMATIC, ph.phase,
+                               f"p >= {tol.alpha:g}", f"McNemar {format_p(acc.mcnemar_p)}"))
         if ph.same_weights:
-            out.append(_numerics_finding(pair, ph, tol, quant))
+            out.append(_numerics_finding(pair, ph, tol, settings))
     if pair.loss is not None:
         out.append(_loss_finding(pair))
-    if pair.quantization_diffs:
-        out.append(Finding(FLAG, f"{pair.b} vs {pair.a}: quantization settings differ: "
-                                 + "; ".join(pair.quantization_diffs)))
+    if pair.settings_diffs:
+        out.append(Finding(FLAG, f"{pair.b} vs {pair.a}: settings differ: " + "; ".join(pair.settings_diffs),
+                           SETTINGS, None, "same settings", "; ".join(pair.settings_diffs)))
     return tuple(out)
 
 
@@ -524,21 +454,28 @@ def _accuracy_finding(pair: PairParity, ph: PhaseParity, tol: Tolerances) -> Fin
     head = (f"{pair.b} vs {pair.a}, {ph.phase} accuracy: {100 * acc.accuracy_b:.1f}% vs {100 * acc.accuracy_a:.1f}%, "
             f"difference {_pp(acc.diff)} pp (paired bootstrap 95% CI {_pp(acc.ci95[0])} to {_pp(acc.ci95[1])}, "
             f"n = {acc.n}), agreement {100 * acc.agreement:.1f}%")
+    evidence = (f"diff {_pp(acc.diff)} pp, 90% CI {_pp(acc.ci90[0])} to {_pp(acc.ci90[1])}, TOST "
+                f"{format_p(acc.tost_p)}, n={acc.n}")
+    point = dict(point=ACCURACY, phase=ph.phase, threshold=f"+-{tol.margin_pp:g} pp", evidence=evidence,
+                 value_a=100 * acc.accuracy_a, value_b=100 * acc.accuracy_b)
     if acc.equivalent:
-        return Finding(PASS, f"{head}: equivalent within +-{tol.margin_pp:g} pp (TOST p = {acc.tost_p:.3g})")
-    return Finding(FAIL, f"{head}: NOT shown equivalent within +-{tol.margin_pp:g} pp (TOST p = {acc.tost_p:.3g}; "
-                          f"90% CI {_pp(acc.ci90[0])} to {_pp(acc.ci90[1])} pp)")
+        return Finding(PASS, f"{head}: equivalent within +-{tol.margin_pp:g} pp (TOST {format_p(acc.tost_p)})",
+                       **point)
+    return Finding(FAIL, f"{head}: NOT shown equivalent within +-{tol.margin_pp:g} pp (TOST {format_p(acc.tost_p)}; "
+                          f"90% CI {_pp(acc.ci90[0])} to {_pp(acc.ci90[1])} pp)", **point)
 
 
-def _numerics_finding(pair: PairParity, ph: PhaseParity, tol: Tolerances, quant: str) -> Finding:
+def _numerics_finding(pair: PairParity, ph: PhaseParity, tol: Tolerances, settings: str) -> Finding:
     lp = ph.logprobs
     head = (f"{pair.b} vs {pair.a}, {ph.phase} log-probabilities (same weights): mean KL {lp.kl_mean:.2e} nats "
             f"(max {lp.kl_max:.2e}), |diff| mean {lp.mean_abs:.3g} max {lp.max_abs:.3g} nats")
+    point = dict(point=NUMERICS, phase=ph.phase, threshold=f"<= {tol.kl_nats:g} nats",
+                 evidence=f"mean KL {lp.kl_mean:.2e} nats (max {lp.kl_max:.2e}), {lp.nonfinite} non-finite")
     if lp.nonfinite:
-        return Finding(FAIL, f"{head}; {lp.nonfinite} questions have NaN or inf log-probabilities{quant}")
+        return Finding(FAIL, f"{head}; {lp.nonfinite} questions have NaN or inf log-probabilities{settings}", **point)
     if not lp.kl_mean <= tol.kl_nats:
-        return Finding(FAIL, f"{head}: above the {tol.kl_nats:g} nats tolerance{quant}")
-    return Finding(PASS, f"{head}: within the {tol.kl_nats:g} nats tolerance")
+        return Finding(FAIL, f"{head}: above the {tol.kl_nats:g} nats tolerance{settings}", **point)
+    return Finding(PASS, f"{head}: within the {tol.kl_nats:g} nats tolerance", **point)
 
 
 def _loss_finding(pair: PairParity) -> Finding:
@@ -546,7 +483,9 @@ def _loss_finding(pair: PairParity) -> Finding:
     assert ld is not None
     head = (f"{pair.b} vs {pair.a}, loss curves over {ld.steps_compared} common steps: max |diff| {ld.max_abs:.3g} "
             f"at step {ld.max_at_step}, mean {ld.mean_abs:.3g}")
+    point = dict(point=LOSS, threshold="no NaN/inf",
+                 evidence=f"NaN/inf on {ld.nonfinite_b} steps (baseline {ld.nonfinite_a}) of {ld.steps_compared}")
     if ld.nonfinite_a or ld.nonfinite_b:
         return Finding(FAIL, f"{head}; NaN/inf loss on {ld.nonfinite_b} steps of {pair.b} and {ld.nonfinite_a} "
-                              f"of {pair.a}")
-    return Finding(PASS, f"{head} (reported; separately trained runs are judged on accuracy)")
+                              f"of {pair.a}", **point)
+    return Finding(PASS, f"{head} (reported; separately trained runs are judged on accuracy)", **point)

@@ -1,0 +1,597 @@
+"""What a report or gate needs of one run, read from a run record or a pytest-benchmark file.
+
+:func:`summarize_file` reads either kind into :class:`RunSummary` objects (a record gives one; a
+benchmark file one per arm and attention kernel), checking kind and schema first; :func:`load_inputs`
+reads several and labels them so that each label shows what differs. :mod:`medqa_core.report` and
+:mod:`medqa_core.gate` both start here. Bench cases are read through
+:class:`~medqa_core.benchcase.BenchCase` alone.
+
+No torch here: summaries are built on any machine from the saved files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medqa_core.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
+from medqa_core.compare.stats import wilson_ci95
+from medqa_core.failure import FailureError, OomFailure
+from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RecordError, RunRecord, record_from_dict
+
+logger = logging.getLogger(__name__)
+
+BASE, FINE_TUNED = "base", "fine-tuned"
+# bench/'s reference arm: the common-guide QLoRA recipe, timed beside ours for speedup_vs_reference.
+REFERENCE_ARM = "benchmark:reference"
+class CompareError(ValueError):
+    """An input cannot be read, or the runs cannot be compared; the message names the files and the difference."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A figure with its interquartile band (``low``/``high``, same unit) when one was measured."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class PhaseScores:
+    """One run's scores of one phase; ``questions`` is empty when a benchmark saved only the accuracy."""
+
+    accuracy: float
+    n_questions: int
+    questions: tuple[QuestionResult, ...]
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Wilson 95% interval of the accuracy (as in run records)."""
+        return wilson_ci95(round(self.accuracy * self.n_questions), self.n_questions)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What the report needs of one run, whichever file it came from.
+
+    Attributes:
+        label: short unique name used in tables and charts ("R1 cuda H100 sdpa-cudnn").
+        path: the input file.
+        source: "record" or "benchmark".
+        kind: record kind ("run", "train", "evaluate") or "benchmark:<arm>".
+        backend, device, kernel: where and how it ran (kernel: attention that ran).
+        model_name: model name (preset or folder), or None when not recorded (a case that ran out of memory).
+        base_parameters: parameters without LoRA, or None when not recorded.
+        seed: preset weight seed, or None when not recorded.
+        quantization: settings read back from a quantized layer.
+        fingerprint: machine fingerprint (medqa_core.fingerprint).
+        metrics: performance figures by metric key (medqa_core.compare.metrics).
+        phases: per-question scores by phase ("base", "fine-tuned").
+        loss_per_step: training loss per optimizer step (records only).
+        adapter_dir: adapter saved (run/train) or scored (evaluate).
+        schema: what the file was ("run record schema 1", "pytest-benchmark 5.2.3").
+        created: when it was written.
+        notes: caveats (random weights, out of memory, ...).
+    """
+
+    label: str
+    path: str
+    source: str
+    kind: str
+    backend: str
+    device: str
+    kernel: str
+    model_name: str | None
+    base_parameters: int | None
+    seed: int | None
+    quantization: Mapping[str, Any]
+    fingerprint: Mapping[str, Any]
+    metrics: Mapping[str, Metric]
+    phases: Mapping[str, PhaseScores]
+    loss_per_step: tuple[float, ...] = ()
+    adapter_dir: str | None = None
+    schema: str = ""
+    created: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    oom: OomFailure | None = None
+
+    @property
+    def rid(self) -> str:
+        """The run's short id ("R1"), the first word of its label."""
+        return self.label.split(" ", 1)[0]
+
+
+# ---- reading inputs --------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> Any:
+    """Parse one input file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The parsed JSON value.
+
+    Raises:
+        CompareError: unreadable or not JSON; names the file.
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CompareError(f"{path}: cannot read ({e.strerror})") from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8, broken JSON, absurd numbers or nesting
+        raise CompareError(f"{path}: not JSON ({e}); expected a run record or a pytest-benchmark file") from e
+
+
+def summarize_file(path: str | Path) -> list[RunSummary]:
+    """Read a run record (one summary) or a pytest-benchmark file (one per arm and kernel).
+
+    Labels are provisional ("?"); :func:`load_inputs` numbers them.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its runs.
+
+    Raises:
+        CompareError: neither kind of file, another schema version, or malformed fields; names the
+            file, what was found and what was expected.
+    """
+    path = Path(path)
+    data = read_json(path)
+    try:
+        if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+            return summarize_benchmark(data, str(path))
+        if isinstance(data, dict) and "schema_version" in data:
+            record = record_from_dict(data, where=str(path))
+            check_record_figures(record, str(path))
+            return [summarize_record(record, str(path))]
+    except CompareError:
+        raise
+    except RecordError as e:
+        raise CompareError(str(e)) from e
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+        # A field of the wrong type or shape somewhere in a hand-edited or truncated-then-fixed file.
+        raise CompareError(f"{path}: malformed field ({type(e).__name__}: {e}); expected a file as "
+                          "pytest bench/ or medqa-parity wrote it") from e
+    found = f"an object with keys {', '.join(sorted(data)[:8])}" if isinstance(data, dict) else type(data).__name__
+    raise CompareError(f"{path}: found {found}; expected a run record (schema_version {SCHEMA_VERSION}, kind, "
+                      "fingerprint, ...) or a pytest-benchmark file (machine_info, benchmarks)")
+
+
+def load_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None) -> list[RunSummary]:
+    """Read every input, baseline first, and give each run a unique label that shows what differs.
+
+    Args:
+        paths: run records and/or pytest-benchmark files.
+        baseline: the file to compare the others with (default: the first path); it is read
+            even when not among ``paths``. Of a benchmark file, the first kernel of our arm is the baseline.
+
+    Returns:
+        Summaries, the baseline first, labelled R1, R2, ...
+
+    Raises:
+        CompareError: fewer than two runs, or an input that cannot be read.
+    """
+    ordered = [Path(p) for p in paths]
+    if baseline is not None:
+        b = Path(baseline)
+        ordered = [b] + [p for p in ordered if p.resolve() != b.resolve()]
+    runs = [s for p in ordered for s in summarize_file(p)]
+    if len(runs) < 2:
+        raise CompareError(f"{len(runs)} run(s) in {', '.join(map(str, ordered))}; a report compares at least two")
+    return label_runs(runs)
+
+
+def check_record_figures(record: RunRecord, where: str) -> None:
+    """Refuse a record whose figures are not numbers (a hand-edited accuracy "0.5", say).
+
+    Args:
+        record: a loaded record.
+        where: the file, for the message.
+
+    Raises:
+        CompareError: names the field, what it holds and what is expected.
+    """
+    def number(name: str, value: Any, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CompareError(f"{where}: {name} = {value!r} ({type(value).__name__}); expected a number")
+
+    for phase in ("eval_before", "eval_after"):
+        ev = getattr(record, phase)
+        if ev is None:
+            continue
+        for name in ("accuracy", "questions_per_s", "eval_time_s"):
+            number(f"{phase}.{name}", getattr(ev, name))
+        number(f"{phase}.peak_mem_gib", ev.peak_mem_gib, optional=True)
+        if isinstance(ev.n_questions, bool) or not isinstance(ev.n_questions, int):
+            raise CompareError(f"{where}: {phase}.n_questions = {ev.n_questions!r}; expected an integer")
+        for i, q in enumerate(ev.questions):
+            for x in q.logprobs:
+                number(f"{phase}.questions[{i}].logprobs", x)
+    tr = record.train
+    if tr is not None:
+        for name in ("tokens_per_s", "step_time_s_median", "host_peak_rss_gib"):
+            number(f"train.{name}", getattr(tr, name))
+        number("train.peak_mem_gib", tr.peak_mem_gib, optional=True)
+        for name in ("loss_per_step", "step_time_s"):
+            for x in getattr(tr, name):
+                number(f"train.{name}", x)
+
+
+def label_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    """Label runs "R1 cpu CPU sdpa-flash (cpu)": backend, device, kernel, and what else tells them apart.
+
+    The CPU model is named where the CPU runs differ in it (else "CPU"); compute dtype, eval packing and
+    quantization blocksize are added where the runs differ in them.
+
+    Args:
+        runs: summaries in order.
+
+    Returns:
+        The same summaries, relabelled R1, R2, ...
+    """
+    cpu_models = {r.fingerprint.get("cpu_model") for r in runs if r.device.startswith("CPU")}
+    varying = [k for k in _LABEL_SETTINGS if len({r.settings.get(k) for r in runs}) > 1]
+    out = []
+    for i, r in enumerate(runs):
+        device = _short_device(r.device, name_cpu=len(cpu_models) > 1)
+        extra = "".join(f" {_LABEL_SETTINGS[k]}{r.settings.get(k)}" for k in varying)
+        arm = " (reference)" if r.kind == REFERENCE_ARM else ""
+        out.append(replace(r, label=f"R{i + 1} {r.backend} {device} {r.kernel}{extra}{arm}"))
+    return out
+
+
+# Settings a label shows where runs differ in them, with the prefix it shows them by.
+_LABEL_SETTINGS = {"compute_dtype": "", "eval_packing": "eval packing ", "nf4_blocksize": "blocksize "}
+
+
+def _short_device(device: str, name_cpu: bool = False) -> str:
+    for prefix in ("NVIDIA ", "AMD ", "Instinct "):
+        device = device.removeprefix(prefix)
+    if not device.startswith("CPU"):
+        return device
+    if not name_cpu:
+        return "CPU"
+    model = device.removeprefix("CPU: ")
+    for noise in ("(R)", "(TM)", "Intel ", "AMD ", " Processor", " CPU"):
+        model = model.replace(noise, "")
+    return model.split(" @ ")[0].strip() or "CPU"
+
+
+def device_label(fp: Mapping[str, Any]) -> str:
+    """The device a fingerprint names: the GPU, or "CPU: <model>"."""
+    return fp.get("gpu_name") or f"CPU: {fp.get('cpu_model') or 'unknown'}"
+
+
+def summarize_record(record: RunRecord, path: str) -> RunSummary:
+    """One run record as a summary.
+
+    Args:
+        record: a loaded record.
+        path: where it was read from.
+
+    Returns:
+        Its summary (label "?").
+
+    Raises:
+        CompareError: a failure entry that cannot be read.
+    """
+    fp, model = record.fingerprint, record.model
+    params, trainable = model.get("parameters"), model.get("trainable_parameters")
+    phases = {}
+    if record.eval_before is not None:
+        phases[BASE] = _phase(record.eval_before)
+    if record.eval_after is not None:
+        phases[FINE_TUNED] = _phase(record.eval_after)
+    try:
+        oom = OomFailure.from_dict(record.failure, f"{path}: failure") if record.failure else None
+    except FailureError as e:
+        raise CompareError(str(e)) from e
+    quantization = model.get("quantization") or {}
+    return RunSummary(
+        label="?", path=path, source="record", kind=record.kind, backend=str(fp.get("backend", "unknown")),
+        device=device_label(fp), kernel=str(record.attention.get("ran", "unknown")), model_name=_name(model.get("name")),
+        base_parameters=_base_parameters(params, trainable),
+        seed=(record.config.get("model") or {}).get("seed") if model.get("source") == "preset" else None,
+        quantization=quantization, fingerprint=fp, metrics=_record_metrics(record),
+        phases=phases, loss_per_step=record.train.loss_per_step if record.train else (),
+        adapter_dir=record.adapter_dir, schema=f"run record schema {record.schema_version}",
+        created=record.created_utc, notes=record.notes, settings=record_settings(record), oom=oom,
+    )
+
+
+# config.model.dtype -> the torch dtype it names; "auto" is whatever the record's numerics say ran.
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def record_settings(record: RunRecord) -> dict[str, Any]:
+    """The settings of a record that move its numbers: compute dtype, eval packing, NF4 blocksize.
+
+    Records from before these were chosen lack them: their compute dtype was bf16, their packing is
+    config.eval.packing, their blocksize the quantized layer's (model.quantization).
+
+    Args:
+        record: a loaded record.
+
+    Returns:
+        {"compute_dtype", "eval_packing", "nf4_blocksize"} (a value None where not recorded).
+    """
+    numerics = getattr(record, "numerics", None) or {}
+    requested = (record.config.get("model") or {}).get("dtype")
+    dtype = numerics.get("compute_dtype") or _DTYPES.get(str(requested)) or DEFAULT_COMPUTE_DTYPE
+    quantization = record.model.get("quantization") or {}
+    return {"compute_dtype": dtype, "eval_packing": (record.config.get("eval") or {}).get("packing"),
+            "nf4_blocksize": quantization.get("blocksize")}
+
+
+def _name(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _base_parameters(parameters: int | None, trainable: int | None) -> int | None:
+    # Only a trainable adapter tells LoRA's share: an evaluate run loads its adapter frozen.
+    if not parameters or not trainable:
+        return None
+    return parameters - trainable
+
+
+def _phase(ev: EvalResult) -> PhaseScores:
+    return PhaseScores(ev.accuracy, ev.n_questions, ev.questions)
+
+
+def _record_metrics(record: RunRecord) -> dict[str, Metric]:
+    out: dict[str, Metric] = {}
+    tr = record.train
+    if tr is not None:
+        timed = np.asarray(tr.step_time_s[len(tr.step_time_s) - tr.timed_steps:], dtype=float)
+        q1, q3 = (np.percentile(timed, [25, 75]) if timed.size else (math.nan, math.nan))
+        out["train_tokens_per_s"] = _rate(tr.tokens_per_s, tr.step_time_s_median, q1, q3)
+        out["step_time_s"] = Metric(tr.step_time_s_median, float(q1), float(q3))
+        out["host_rss_gib"] = Metric(tr.host_peak_rss_gib)
+    peaks = [x for x in (tr.peak_mem_gib if tr else None, *(e.peak_mem_gib for e in _evals(record))) if x is not None]
+    if peaks:
+        out["peak_mem_gib"] = Metric(max(peaks))
+    last = record.eval_after or record.eval_before
+    if last is not None:
+        out["questions_per_s"] = Metric(last.questions_per_s)
+    return out
+
+
+def _evals(record: RunRecord) -> list[EvalResult]:
+    return [e for e in (record.eval_before, record.eval_after) if e is not None]
+
+
+def _rate(rate: float, median_s: float | None, q1_s: float | None, q3_s: float | None) -> Metric:
+    """A rate with the band of the same work timed at the quartiles (slower quartile = lower rate)."""
+    if not median_s or not q1_s or not q3_s or not all(map(math.isfinite, (median_s, q1_s, q3_s))):
+        return Metric(rate)
+    return Metric(rate, rate * median_s / q3_s, rate * median_s / q1_s)
+
+
+# ---- pytest-benchmark files ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchEntry:
+    """One case of a pytest-benchmark file: pytest-benchmark's side (name, group, params, timing) and ours.
+
+    Attributes:
+        name: the case ("test_train_ours[sdpa]").
+        group: pytest-benchmark's group ("train", "decode", ...), or "".
+        params: the case's parameters.
+        median_s, q1_s, q3_s: pytest-benchmark's round-time statistics, where saved.
+        rounds: rounds pytest-benchmark timed, where saved.
+        round_times_s: every round's time (saved with --benchmark-save-data), else empty.
+        case: the figures bench/ put in extra_info.
+    """
+
+    name: str
+    group: str
+    params: Mapping[str, Any]
+    median_s: float | None
+    q1_s: float | None
+    q3_s: float | None
+    rounds: int | None
+    round_times_s: tuple[float, ...]
+    case: BenchCase
+
+    @property
+    def is_train(self) -> bool:
+        return self.group == "train" or "train" in self.name
+
+    @property
+    def batch(self) -> float:
+        """The batch a sweep's case ran (prefill_batch parameter, else batch_size), for ordering."""
+        return float(self.params.get("prefill_batch") or self.case.batch_size or 0)
+
+
+def read_bench_entries(data: Mapping[str, Any], path: str) -> tuple[BenchEntry, ...]:
+    """Every case of a parsed pytest-benchmark file, its extra_info read through :class:`BenchCase`.
+
+    Args:
+        data: the parsed file.
+        path: where it was read from (named in errors).
+
+    Returns:
+        The cases in file order.
+
+    Raises:
+        CompareError: no ``machine_info.medqa_fingerprint``, no benchmark entries, or a case whose
+            fields are of the wrong type or of another schema; names the file and case.
+    """
+    fp = (data.get("machine_info") or {}).get("medqa_fingerprint") if isinstance(data.get("machine_info"), dict) \
+        else None
+    if not isinstance(fp, dict):
+        raise CompareError(f"{path}: a pytest-benchmark file without machine_info.medqa_fingerprint; expected one "
+                           "saved by medqa-parity's bench/ (pytest bench/ --benchmark-save=NAME)")
+    raw = data.get("benchmarks")
+    entries = [e for e in raw if isinstance(e, dict)] if isinstance(raw, list) else []
+    if not entries:
+        raise CompareError(f"{path}: a pytest-benchmark file with no benchmark entries; expected at least one case")
+    return tuple(_entry(e, i, path) for i, e in enumerate(entries))
+
+
+def _entry(e: Mapping[str, Any], i: int, path: str) -> BenchEntry:
+    name = str(e.get("name") or e.get("fullname") or f"case {i + 1}")
+    try:
+        case = BenchCase.from_extra_info(e.get("extra_info") or {}, f"{path}: {name}")
+    except BenchCaseError as err:
+        raise CompareError(str(err)) from err
+    stats = e.get("stats") if isinstance(e.get("stats"), dict) else {}
+    times = stats.get("data")
+    numbers = {k: _number(stats.get(k), f"{path}: {name}: stats.{k}") for k in ("median", "q1", "q3")}
+    rounds = stats.get("rounds")
+    return BenchEntry(
+        name=name, group=str(e.get("group") or ""), params=e.get("params") if isinstance(e.get("params"), dict) else {},
+        median_s=numbers["median"], q1_s=numbers["q1"], q3_s=numbers["q3"],
+        rounds=rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None,
+        round_times_s=tuple(_number(t, f"{path}: {name}: stats.data") for t in times) if isinstance(times, list)
+        else (), case=case)
+
+
+def _number(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CompareError(f"{where} = {value!r} is not a number; expected seconds as pytest-benchmark saves them")
+    return float(value)
+
+
+def summarize_benchmark(data: Mapping[str, Any], path: str) -> list[RunSummary]:
+    """A pytest-benchmark file saved by ``pytest bench/``: one summary per arm and attention kernel.
+
+    Figures may be missing (a case that ran out of memory, a file from a bench/ that records fewer).
+
+    Args:
+        data: the parsed file.
+        path: where it was read from.
+
+    Returns:
+        Summaries in file order of their first case, ours first (label "?").
+
+    Raises:
+        CompareError: from :func:`read_bench_entries`.
+    """
+    return [summarize_entries(group, data, path) for group in group_entries(read_bench_entries(data, path))]
+
+
+def group_entries(entries: Sequence[BenchEntry]) -> list[list[BenchEntry]]:
+    """Entries grouped by arm and requested attention kernel, our arm first (it is the baseline)."""
+    groups: dict[tuple[str, str], list[BenchEntry]] = {}
+    for e in entries:
+        requested = e.case.attention_requested or (e.case.attention or {}).get("requested") or e.params.get("attn") \
+            or "unknown"
+        groups.setdefault((e.case.arm, str(requested)), []).append(e)
+    return [g for _, g in sorted(groups.items(), key=lambda kv: kv[0][0] == "reference")]
+
+
+def summarize_entries(entries: Sequence[BenchEntry], data: Mapping[str, Any], path: str) -> RunSummary:
+    """One arm-and-kernel's cases of a bench file as a summary (the gate passes one case at a time).
+
+    Args:
+        entries: cases of one arm and requested kernel.
+        data: the parsed file (machine info, commit, version).
+        path: where it was read from.
+
+    Returns:
+        The summary (label "?").
+    """
+    fp = data["machine_info"]["medqa_fingerprint"]
+    commit = data.get("commit_info") if isinstance(data.get("commit_info"), dict) else {}
+    cases = [e.case for e in entries]
+    requested = cases[0].attention_requested or entries[0].params.get("attn") or "unknown"
+    ran = _first(c.kernel_ran for c in cases)
+    kernel = ran or (f"{requested} (out of memory)" if all(c.oom for c in cases) else requested)
+    fingerprint = {**fp, "git_commit": fp.get("git_commit") or commit.get("id"),
+                   "git_dirty": fp.get("git_dirty", commit.get("dirty"))}
+    quantization = _first(c.quantization for c in cases) or {}
+    oom = _first(c.oom for c in cases)
+    return RunSummary(
+        label="?", path=path, source="benchmark", kind=f"benchmark:{cases[0].arm}",
+        backend=str(_first(c.backend for c in cases) or fp.get("backend", "unknown")), device=device_label(fp),
+        kernel=str(kernel), model_name=_first(c.model for c in cases),
+        base_parameters=_base_parameters(_first(c.parameters for c in cases),
+                                         _first(c.trainable_parameters for c in cases)), seed=None,
+        quantization=quantization, fingerprint=fingerprint, metrics=_bench_metrics(entries),
+        phases=_bench_phases(cases), schema=f"pytest-benchmark {data.get('version', '?')}",
+        created=str(data.get("datetime", "")), notes=_bench_notes(entries), oom=oom,
+        settings={"compute_dtype": _first(c.compute_dtype for c in cases)
+                  or quantization.get("compute_dtype") or DEFAULT_COMPUTE_DTYPE,
+                  "eval_packing": None, "nf4_blocksize": quantization.get("blocksize")},
+    )
+
+
+def _first(values: Iterable[Any]) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _bench_notes(entries: Sequence[BenchEntry]) -> tuple[str, ...]:
+    weights = [f"weights: {w}" for w in dict.fromkeys(e.case.weights for e in entries if e.case.weights)]
+    return (*weights, *(f"{e.name}: {e.case.oom.text}" for e in entries if e.case.oom))
+
+
+def _bench_metrics(entries: Sequence[BenchEntry]) -> dict[str, Metric]:
+    ran = [e for e in entries if e.case.oom is None]
+    out: dict[str, Metric] = {}
+    for e in sorted(ran, key=lambda e: e.batch, reverse=True):  # the largest batch of a sweep speaks for throughput
+        _take_rates(e, out)
+        _take_train(e, out)
+    latency = sorted((e for e in ran if e.case.ttft_s_median is not None), key=lambda e: e.batch)  # one request
+    if latency:
+        out["ttft_s"] = Metric(latency[0].case.ttft_s_median)
+    for key in ("peak_mem_gib", "host_rss_gib"):  # the most any case needed
+        values = [v for e in ran if (v := getattr(e.case, key)) is not None]
+        if values:
+            out[key] = Metric(max(values))
+    return out
+
+
+def _take_rates(entry: BenchEntry, out: dict[str, Metric]) -> None:
+    c = entry.case
+    rates = {"prefill_tokens_per_s": c.prefill_tokens_per_s, "questions_per_s": c.questions_per_s,
+             ("decode_compiled_tokens_per_s" if c.compile_mode else "decode_tokens_per_s"): c.decode_tokens_per_s,
+             "train_tokens_per_s": c.tokens_per_s if entry.is_train else None}
+    rates = {k: v for k, v in rates.items() if v is not None}
+    for name, value in rates.items():
+        if name in out:
+            continue
+        # An entry timing one rate: its rounds' quartiles give that rate's band.
+        one = len(rates) == 1
+        out[name] = _rate(value, entry.median_s, entry.q1_s, entry.q3_s) if one else Metric(value)
+
+
+def _take_train(entry: BenchEntry, out: dict[str, Metric]) -> None:
+    c = entry.case
+    if not entry.is_train:
+        return
+    if c.step_time_s_median is not None and "step_time_s" not in out:
+        out["step_time_s"] = Metric(c.step_time_s_median, entry.q1_s, entry.q3_s)
+    for key in ("mfu", "speedup_vs_reference"):
+        value = getattr(c, key)
+        if value is not None and key not in out:
+            out[key] = Metric(value)
+
+
+def _bench_phases(cases: Sequence[BenchCase]) -> dict[str, PhaseScores]:
+    # Accuracy cases score the fresh adapter (LoRA B = 0): the base model's scores.
+    for c in cases:
+        if c.predictions:
+            acc = float(np.mean([q.correct for q in c.predictions]))
+            return {BASE: PhaseScores(acc, len(c.predictions), c.predictions)}
+        if c.accuracy is not None and c.n_questions:
+            return {BASE: PhaseScores(c.accuracy, c.n_questions, ())}
+    return {}

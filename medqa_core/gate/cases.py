@@ -1,0 +1,140 @@
+"""What the gate compares: a run file as cases (a bench file's cases by name, a run record as one case).
+
+Each case carries the report's summary of it alone (:mod:`medqa_core.compare.inputs`), the round times
+behind its speed figures, and what it did (its workload): speed and memory compare only where that matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medqa_core.compare.inputs import (
+    CompareError,
+    RunSummary,
+    check_record_figures,
+    read_bench_entries,
+    read_json,
+    record_settings,
+    summarize_entries,
+    summarize_file,
+    summarize_record,
+)
+from medqa_core.compare.metrics import SPEED_KEYS
+from medqa_core.compare.tables import flatten_dict
+from medqa_core.gate.thresholds import GateError
+from medqa_core.record import RunRecord, record_from_dict
+
+# Config entries of a run record that say where, not what: they may differ between comparable runs.
+_CONFIG_IGNORED = ("results_dir", "backend", "model.path", "model.allow_pickle", "data.data_dir",
+                   "train.checkpoint_every", "train.keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class GateCase:
+    """One comparable unit of a run file: a benchmark case, or a whole run record.
+
+    Attributes:
+        name: matching key (a benchmark case's name; "record" for a run record).
+        summary: the report's summary of this case alone (metrics, phases, model).
+        rounds: per speed metric, the per-round times (s) behind it; absent when not saved.
+        timings: per speed metric, how many timed rounds its figure summarizes (1: a single timing),
+            where known.
+        workload: what the case did; speed and memory compare only where it matches.
+        oom: what ran out of memory, in words, or None.
+    """
+
+    name: str
+    summary: RunSummary
+    rounds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    timings: Mapping[str, int] = field(default_factory=dict)
+    workload: Mapping[str, Any] = field(default_factory=dict)
+    oom: str | None = None
+
+
+def cases_from_record(record: RunRecord, path: str) -> tuple[GateCase, ...]:
+    """A run record as one case: its timed train steps are the rounds of train tokens/s; its scoring
+    questions/s is a single timing.
+
+    Args:
+        record: a loaded record.
+        path: where it came from (for messages).
+
+    Returns:
+        One case named "record".
+    """
+    rounds: dict[str, tuple[float, ...]] = {}
+    tr = record.train
+    if tr is not None and tr.timed_steps > 0:
+        rounds["train_tokens_per_s"] = tuple(tr.step_time_s[len(tr.step_time_s) - tr.timed_steps:])
+    timings = {"train_tokens_per_s": len(rounds.get("train_tokens_per_s", ())), "questions_per_s": 1}
+    summary = summarize_record(record, path)
+    workload = {k: v for k, v in flatten_dict(record.config).items() if k not in _CONFIG_IGNORED}
+    workload["compute_dtype"] = record_settings(record)["compute_dtype"]
+    return (GateCase("record", summary, rounds, timings, workload, summary.oom.text if summary.oom else None),)
+
+
+def cases_from_benchmark(data: Mapping[str, Any], path: str) -> tuple[GateCase, ...]:
+    """A pytest-benchmark file as one case per benchmark entry, summarized by the report's reader.
+
+    Args:
+        data: the parsed file.
+        path: where it came from.
+
+    Returns:
+        Cases in file order; rounds are pytest-benchmark's per-round times where the file kept them.
+
+    Raises:
+        GateError: not a file of medqa-parity's bench/, a case of the wrong types, or a case name given twice.
+    """
+    try:
+        entries = read_bench_entries(data, path)
+    except CompareError as e:
+        raise GateError(str(e)) from e
+    cases: list[GateCase] = []
+    for entry in entries:
+        summary = summarize_entries([entry], data, path)
+        speed = [k for k in SPEED_KEYS if k in summary.metrics]
+        workload = {**{f"param {k}": v for k, v in entry.params.items()}, **entry.case.workload()}
+        cases.append(GateCase(
+            name=entry.name, summary=summary,
+            rounds={k: entry.round_times_s for k in speed if entry.round_times_s},
+            timings={k: entry.rounds for k in speed if entry.rounds is not None}, workload=workload,
+            oom=entry.case.oom.text if entry.case.oom else None,
+        ))
+    names = [c.name for c in cases]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise GateError(f"{path}: case {', '.join(twice)} appears twice; cannot tell which to compare")
+    return tuple(cases)
+
+
+def load_cases(path: str | Path) -> tuple[GateCase, ...]:
+    """Read a run record or a pytest-benchmark file into gate cases.
+
+    The report's :func:`~medqa_core.compare.inputs.summarize_file` checks the file first (kind, schema
+    version, field types); the gate then splits a benchmark file into its cases.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its cases.
+
+    Raises:
+        GateError: missing or unreadable file, neither kind, another schema version, a figure of the
+            wrong type; names the file.
+    """
+    path = Path(path)
+    try:
+        summaries = summarize_file(path)
+        data = read_json(path)
+    except CompareError as e:
+        raise GateError(str(e)) from e
+    if summaries[0].source == "record":
+        record = record_from_dict(data, where=str(path))
+        check_record_figures(record, str(path))
+        return cases_from_record(record, str(path))
+    return cases_from_benchmark(data, str(path))

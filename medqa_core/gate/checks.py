@@ -1,0 +1,294 @@
+"""The gate's checks, one metric of one case each: speed, memory, accuracy, parity, and unusable figures.
+
+Pure functions of figures (no torch, no files). Each returns a :class:`Check` whose message names the
+case, the figure, the change and the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from medqa_core.compare.inputs import PhaseScores
+from medqa_core.compare.metrics import label as metric_label
+from medqa_core.compare.metrics import unit as metric_unit
+from medqa_core.compare.parity import (
+    FAIL,
+    FLAG,
+    Finding,
+    ParityError,
+    accuracy_parity,
+    pair_questions,
+)
+from medqa_core.compare.stats import format_p, mcnemar_exact_p, slower_p, smallest_slower_p
+
+PASS, SKIP = "pass", "not compared"  # and parity's FAIL ("fail")
+_EPS = 1e-9  # a change exactly at the threshold holds, whatever the float rounding
+
+
+@dataclass(frozen=True)
+class Check:
+    """One metric of one case, baseline against candidate.
+
+    Attributes:
+        case: the case ("test_train_ours[sdpa]", or "run" for a run record).
+        kind: "speed", "memory", "accuracy" or "parity".
+        field: what was compared (a metric key, "accuracy (base)", a parity point).
+        status: "pass", "fail" or "not compared".
+        baseline, candidate: the figures (NaN when not applicable), in ``unit``.
+        unit: unit of the figures ("tokens/s", "GiB", "%", "").
+        change: candidate vs baseline: percent for speed and memory, points for accuracy (NaN if none).
+        threshold: the allowed change, signed in the bad direction ("-10%", "+10%", "-2 pp").
+        evidence: the test behind the decision ("Mann-Whitney p=0.004, 5 vs 5 rounds", "median only: ...").
+        message: one line naming the case, field, change and threshold.
+        reason: why a check was not compared, in a few words ("other CPU model", "single timing"); "" otherwise.
+    """
+
+    case: str
+    kind: str
+    field: str
+    status: str
+    baseline: float
+    candidate: float
+    unit: str
+    change: float
+    threshold: str
+    evidence: str
+    message: str
+    reason: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+
+
+def format_figure(value: float, unit: str) -> str:
+    if not math.isfinite(value):
+        return "-"
+    if unit == "%":
+        return f"{value:.1f}%"
+    if unit in ("tokens/s", "questions/s") and abs(value) >= 100:
+        return f"{value:,.0f} {unit}"
+    return f"{value:.3g} {unit}".strip()
+
+
+
+def unusable_check(case: str, kind: str, metric: str, baseline: float | None, candidate: float | None,
+                   threshold: str, unit: str | None = None, allowed: bool = False) -> Check:
+    """A figure missing or not finite (NaN, inf, or a baseline of 0): a failed check naming the side, or,
+    where the thresholds allow it (``allow_missing``), one listed as not compared.
+
+    Args:
+        case: case name.
+        kind: "speed", "memory" or "accuracy".
+        metric: the figure's key.
+        baseline: the baseline's figure, None where it has none.
+        candidate: the candidate's figure, None where it has none.
+        threshold: the threshold text, as the check would show it.
+        unit: the figures' unit (default: the registry's).
+        allowed: list as not compared instead of failing.
+
+    Returns:
+        The check.
+    """
+    unit = metric_unit(metric) if unit is None else unit
+    sides = []
+    for side, value in (("baseline", baseline), ("candidate", candidate)):
+        if value is None:
+            sides.append(f"the {side} has no figure")
+        elif not math.isfinite(value) or (side == "baseline" and value <= 0 and kind != "accuracy"):
+            sides.append(f"the {side}'s figure is {value!r}")
+    why = " and ".join(sides) or "no usable figure"
+    a, b = (math.nan if v is None else v for v in (baseline, candidate))
+    status, verb = (SKIP, "not compared") if allowed else (FAIL, "cannot be checked")
+    return Check(case, kind, metric, status, a, b, unit, math.nan, threshold, why,
+                 f"{case}: {metric_label(metric)} {verb}: {why}", "missing figure" if allowed else "")
+
+
+def speed_check(case: str, metric: str, baseline: float, candidate: float, baseline_rounds: Sequence[float],
+                candidate_rounds: Sequence[float], threshold_pct: float, alpha: float,
+                baseline_timings: int | None = None, candidate_timings: int | None = None,
+                machine: str = "") -> Check:
+    """Gate one throughput (higher is better) on the change of its value and the rounds behind it.
+
+    Fails when the candidate is lower by more than ``threshold_pct`` percent and its round times
+    are significantly longer (Mann-Whitney U, one-sided, p < alpha). Where a side kept no round
+    times, or too few for any outcome to reach alpha (3 vs 3 rounds: p >= 0.05), the values alone
+    decide, and ``evidence`` says so: a test that cannot fail would let every slowdown through.
+    A figure from a single timing (a run record's scoring) has no spread to tell a slowdown from
+    noise: it is not compared.
+
+    Args:
+        case: case name.
+        metric: metric key (e.g. "train_tokens_per_s").
+        baseline: the baseline's figure.
+        candidate: the candidate's figure.
+        baseline_rounds: baseline round times in seconds (empty when not saved).
+        candidate_rounds: candidate round times in seconds.
+        threshold_pct: allowed drop in percent (> 0).
+        alpha: significance level.
+        baseline_timings: timed rounds behind the baseline's figure, where known (1: a single timing).
+        candidate_timings: the same for the candidate.
+        machine: what the machine check found (:func:`machine_state`), added to the evidence.
+
+    Returns:
+        The check.
+    """
+    label, unit = metric_label(metric), metric_unit(metric)
+    threshold = f"-{threshold_pct:g}%"
+    single = [side for side, n in (("baseline", baseline_timings), ("candidate", candidate_timings)) if n == 1]
+    if single:
+        why = f"a single timing in the {' and '.join(single)}: no spread to tell a slowdown from noise"
+        return Check(case, "speed", metric, SKIP, baseline, candidate, unit, math.nan, threshold, why,
+                     f"{case}: {label} not compared: {why}", "single timing")
+    if not (math.isfinite(baseline) and baseline > 0 and math.isfinite(candidate)):
+        return unusable_check(case, "speed", metric, baseline, candidate, threshold)
+    change = 100 * (candidate / baseline - 1)
+    beyond = change < -threshold_pct - _EPS
+    n_b, n_c = len(baseline_rounds), len(candidate_rounds)
+    smallest_p = smallest_slower_p(n_b, n_c)
+    if smallest_p < alpha:
+        p = slower_p(candidate_rounds, baseline_rounds)
+        evidence = f"Mann-Whitney {format_p(p)} ({n_c} vs {n_b} rounds)"
+        failed = beyond and p < alpha
+        if beyond and not failed:
+            evidence += f": not significant at {alpha:g}"
+    else:
+        missing = " and ".join(side for side, n in (("baseline", n_b), ("candidate", n_c)) if n < 2)
+        why = (f"no per-round times in the {missing} (a pytest-benchmark file keeps them with --benchmark-save-data)"
+               if missing else f"{n_c} vs {n_b} rounds cannot reach p < {alpha:g} (smallest p {smallest_p:.3g})")
+        evidence = f"median only, not tested for significance: {why}"
+        failed = beyond
+    if machine:
+        evidence += f"; raw {unit}, {machine}"
+    status = FAIL if failed else PASS
+    verb = "regressed" if failed else "holds"
+    message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}), {evidence}; {verb} "
+               f"({format_figure(candidate, unit)} vs {format_figure(baseline, unit)})")
+    return Check(case, "speed", metric, status, baseline, candidate, unit, change, threshold, evidence, message)
+
+
+
+def memory_check(case: str, metric: str, baseline: float, candidate: float, threshold_pct: float) -> Check:
+    """Gate one peak memory figure (lower is better): fails when it grows by more than ``threshold_pct``.
+
+    Args:
+        case: case name.
+        metric: "peak_mem_gib" or "host_rss_gib".
+        baseline: the baseline's peak, GiB.
+        candidate: the candidate's peak, GiB.
+        threshold_pct: allowed growth in percent (> 0).
+
+    Returns:
+        The check.
+    """
+    label = metric_label(metric)
+    threshold = f"+{threshold_pct:g}%"
+    if not (math.isfinite(baseline) and baseline > 0 and math.isfinite(candidate)):
+        return unusable_check(case, "memory", metric, baseline, candidate, threshold)
+    change = 100 * (candidate / baseline - 1)
+    failed = change > threshold_pct + _EPS
+    message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}); "
+               f"{'regressed' if failed else 'holds'} ({candidate:.3g} GiB vs {baseline:.3g} GiB)")
+    return Check(case, "memory", metric, FAIL if failed else PASS, baseline, candidate, "GiB", change, threshold,
+                 "peak of the case", message)
+
+
+
+def common_questions(a: PhaseScores, b: PhaseScores) -> tuple[PhaseScores, PhaseScores]:
+    """Both runs' scores restricted to the questions both scored (by qid), accuracy recomputed.
+
+    Args:
+        a: one run's scores of a phase, with per-question results.
+        b: the other run's.
+
+    Returns:
+        The two restricted scores, each in its own order (empty when no question is shared).
+    """
+    shared = {q.qid for q in a.questions} & {q.qid for q in b.questions}
+
+    def keep(s: PhaseScores) -> PhaseScores:
+        qs = tuple(q for q in s.questions if q.qid in shared)
+        return PhaseScores(sum(q.correct for q in qs) / len(qs) if qs else math.nan, len(qs), qs)
+
+    return keep(a), keep(b)
+
+
+
+def accuracy_check(case: str, phase: str, baseline: PhaseScores, candidate: PhaseScores, threshold_pp: float,
+                   alpha: float) -> Check:
+    """Gate one phase's accuracy: fails on a drop of more than ``threshold_pp`` points.
+
+    With per-question results on both sides the drop must also be significant: McNemar's exact
+    test on the discordant questions, one-sided (more questions only the baseline got right),
+    p < alpha. Without them the accuracies alone decide, and only over the same number of questions.
+
+    Args:
+        case: case name.
+        phase: "base" or "fine-tuned".
+        baseline: the baseline's scores (restricted to shared questions when paired).
+        candidate: the candidate's.
+        threshold_pp: allowed drop, percentage points (> 0).
+        alpha: significance level.
+
+    Returns:
+        The check.
+    """
+    field_name, threshold = f"accuracy ({phase})", f"-{threshold_pp:g} pp"
+    a, b = 100 * baseline.accuracy, 100 * candidate.accuracy
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return unusable_check(case, "accuracy", field_name, a, b, threshold, unit="%")
+    if baseline.questions and candidate.questions:
+        try:
+            questions = pair_questions(baseline.questions, candidate.questions)
+            paired = accuracy_parity(questions, alpha=alpha)
+        except ParityError as e:
+            return Check(case, "accuracy", field_name, SKIP, a, b, "%", math.nan, threshold, str(e),
+                         f"{case}: {field_name} not compared: {e}", "other questions")
+        drop = -100 * paired.diff
+        _, _, p = mcnemar_exact_p(questions.correct_a, questions.correct_b, alternative="greater")
+        evidence = (f"McNemar {format_p(p)} ({paired.a_only} right only in baseline, {paired.b_only} only in "
+                    f"candidate, n={paired.n})")
+        failed = drop > threshold_pp + _EPS and p < alpha
+        if drop > threshold_pp + _EPS and not failed:
+            evidence += f": not significant at {alpha:g}"
+    elif baseline.n_questions == candidate.n_questions:
+        drop = a - b
+        evidence = f"accuracy only (no per-question results on both sides), n={baseline.n_questions}"
+        failed = drop > threshold_pp + _EPS
+    else:
+        return Check(case, "accuracy", field_name, SKIP, a, b, "%", math.nan, threshold,
+                     f"{baseline.n_questions} vs {candidate.n_questions} questions, no per-question results",
+                     f"{case}: {field_name} not compared: scored on {candidate.n_questions} vs "
+                     f"{baseline.n_questions} questions without per-question results to pair", "other questions")
+    message = (f"{case}: {field_name} {-drop:+.1f} pp vs baseline (threshold {threshold}), {evidence}; "
+               f"{'regressed' if failed else 'holds'} ({b:.1f}% vs {a:.1f}%)")
+    return Check(case, "accuracy", field_name, FAIL if failed else PASS, a, b, "%", -drop, threshold, evidence,
+                 message)
+
+
+
+def parity_checks(case: str, findings: Sequence[Finding]) -> tuple[list[Check], list[str]]:
+    """The parity verdict's judged points as checks; its flags (systematic shift, settings) as notes.
+
+    Args:
+        case: case name.
+        findings: :func:`medqa_core.compare.parity.judge_pair` of the case's pair.
+
+    Returns:
+        (checks, notes).
+    """
+    checks = []
+    for f in findings:
+        if f.status == FLAG:
+            continue
+        where = f" ({f.phase})" if f.phase else ""
+        name = {"accuracy": f"accuracy equivalence (TOST{', ' + f.phase if f.phase else ''})",
+                "numerics": f"log-probabilities (KL{', ' + f.phase if f.phase else ''})",
+                "loss": "loss curve finite"}.get(f.point, f"{f.point}{where}")
+        checks.append(Check(case, "parity", name, FAIL if f.status == FAIL else PASS, f.value_a, f.value_b,
+                            "%" if math.isfinite(f.value_a) else "", math.nan, f.threshold, f.evidence,
+                            f"{case}: parity {name} (threshold {f.threshold}): {f.text}"))
+    return checks, [f"{case}: {f.text}" for f in findings if f.status == FLAG]

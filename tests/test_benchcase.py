@@ -1,0 +1,68 @@
+"""One schema for a bench case and for the out-of-memory failure: every committed file reads through it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medqa_core.benchcase import BENCH_CASE_SCHEMA, BenchCase, BenchCaseError
+from medqa_core.compare.inputs import summarize_file
+from medqa_core.failure import FailureError, OomFailure
+from medqa_core.record import load_record
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+BENCH_FILES = sorted(RESULTS.glob("bench/*/*.json")) + sorted(RESULTS.glob("gate-noise/*/*.json"))
+
+
+@pytest.mark.parametrize("path", BENCH_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_committed_bench_file_reads_and_round_trips(path):
+    for entry in json.loads(path.read_text())["benchmarks"]:
+        case = BenchCase.from_extra_info(entry["extra_info"], entry["name"])
+        assert BenchCase.from_extra_info(case.to_extra_info()) == case
+        assert case.headline() != "no figure" or case.oom is not None
+    assert summarize_file(path)  # and the report's reader takes the whole file
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("runs/*.json")), ids=lambda p: p.name[:16])
+def test_every_committed_run_record_reads(path):
+    assert summarize_file(path)[0].source == "record" and load_record(path).schema_version == 1
+
+
+def test_schema_1_migrates_and_schema_2_is_stamped():
+    old = {"arm": "ours", "joules_per_token": "unavailable", "oom": {"during": "timed round 2", "message": "OOM"}}
+    case = BenchCase.from_extra_info(old)
+    assert case.oom == OomFailure(phase="timed round 2", message="OOM") and case.joules_per_token is None
+    assert case.to_extra_info()["schema_version"] == BENCH_CASE_SCHEMA == 2
+    assert case.to_extra_info()["oom"] == {"phase": "timed round 2", "message": "OOM", "memory_allocated_gib": None,
+                                           "peak_mem_gib": None, "host_rss_gib": None, "kind": "oom"}
+    assert case.dtype == "bfloat16"  # before compute_dtype was recorded every bench ran bf16 autocast
+
+
+def test_a_newer_schema_is_refused_by_name():
+    with pytest.raises(BenchCaseError, match=r"f.json: test_x\[sdpa\]: bench case schema_version 3, expected 1 or 2"):
+        BenchCase.from_extra_info({"schema_version": 3}, "f.json: test_x[sdpa]")
+
+
+@pytest.mark.parametrize("field, value, expected", [("tokens_per_s", "12", "number"), ("batch_size", 8.5, "integer"),
+                                                     ("packing", 1, "true/false"), ("attention", [], "object")])
+def test_a_field_of_the_wrong_type_names_field_found_and_expected(field, value, expected):
+    with pytest.raises(BenchCaseError, match=rf"case: {field} = .* expected {expected}"):
+        BenchCase.from_extra_info({field: value}, "case")
+
+
+def test_unknown_fields_are_kept_as_written():
+    info = {"arm": "ours", "dynamo": {"unique_graphs": 1}, "first_call_s": 3.0, "peak_mem_gib": None}
+    case = BenchCase.from_extra_info(info)
+    assert case.details == {"dynamo": {"unique_graphs": 1}, "first_call_s": 3.0}
+    assert case.to_extra_info() == {**info, "schema_version": 2}  # a null figure stays null: not measured here
+
+
+def test_a_run_records_failure_reads_with_the_same_schema():
+    d = {"kind": "oom", "phase": "fine-tune", "message": "CUDA out of memory", "memory_allocated_gib": 70.5,
+         "peak_mem_gib": 79.0}
+    failure = OomFailure.from_dict(d)
+    assert failure.text == "out of memory during fine-tune (CUDA out of memory)"
+    with pytest.raises(FailureError, match="memory_allocated_gib = 'a lot' is not a finite number"):
+        OomFailure.from_dict({**d, "memory_allocated_gib": "a lot"})
