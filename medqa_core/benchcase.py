@@ -79,7 +79,7 @@ class BenchCase:
     batch_size: int | None = None
     seq_len: int | None = None
     seq_len_max: int | None = None
-    tokens_per_step: int | None = None
+    tokens_per_step: float | None = None  # mean real tokens of the timed rounds (one batch each)
     questions: int | None = None
     eval_batch_size: int | None = None
     new_tokens: int | None = None
