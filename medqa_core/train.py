@@ -186,7 +186,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     if resume:
         if checkpoint_dir is None:
             raise CheckpointError("resume needs a checkpoint folder")
-        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, config)
+        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, config, n_steps)
     losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
     seen = state.examples_seen
     model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
