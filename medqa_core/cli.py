@@ -399,9 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medqa-parity: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from medqa_core.timing import is_oom
-
-        if not is_oom(e):
+        # Nothing is imported here: memory may be exhausted. Without medqa_core.timing no torch code ran,
+        # and only a MemoryError can be out of memory.
+        timing = sys.modules.get("medqa_core.timing")
+        if not (isinstance(e, MemoryError) or (timing is not None and timing.is_oom(e))):
             raise
         print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
               "--eval-batch-size or --max-seq-len, or turn on --gradient-checkpointing (or --profile capped)",
@@ -409,19 +410,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's to fix: shown as one line, not a traceback."""
-    from medqa_core.attention import AttentionError
-    from medqa_core.checkpoint import CheckpointError
-    from medqa_core.data import MedQADataError
-    from medqa_core.fingerprint import BackendError
-    from medqa_core.gate import GateError
-    from medqa_core.model import ModelLoadError
-    from medqa_core.record import RecordError
-    from medqa_core.summary import ReportError
+# Errors that are the user's to fix, by module: shown as one line, not a traceback.
+USER_ERRORS = {
+    "medqa_core.attention": "AttentionError", "medqa_core.checkpoint": "CheckpointError",
+    "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError", "medqa_core.gate": "GateError",
+    "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.summary": "ReportError",
+}
 
-    return (AttentionError, CheckpointError, MedQADataError, BackendError, GateError, ModelLoadError, RecordError,
-            ReportError)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The classes of :data:`USER_ERRORS` whose modules are imported: an error can only come from one of
+    those, and handling an error (out of memory, say) must not import pandas or torch."""
+    found = (getattr(sys.modules[m], name, None) for m, name in USER_ERRORS.items() if m in sys.modules)
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,7 @@ from medqa_core.model import (
     save_adapter,
 )
 from medqa_core.record import RunRecord, save_record
-from medqa_core.timing import is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.train import train
 
 logger = logging.getLogger(__name__)
@@ -212,9 +212,11 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if not is_oom(e):
             raise
         # Out of memory is a result: record which configuration ran out and keep what finished.
-        failure = {"kind": "oom", "phase": phase, "message": str(e).splitlines()[0],
+        failure = {"kind": "oom", "phase": phase, "message": (str(e).strip().splitlines() or [type(e).__name__])[0],
                    "memory_allocated_gib": memory_allocated_gib(device), "peak_mem_gib": peak_memory_gib(device)}
         logger.error("out of memory during %s: %s", phase, failure["message"])
+    if failure is not None:
+        free_device_memory(device)  # the failed step's tensors, held by the traceback until now
     record = RunRecord(
         kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=_model_info(session),
         attention={"requested": attention.requested, "ran": session.kernel_ran,
