@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from medqa_core.config import (
@@ -227,19 +228,48 @@ def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+def interrupted_line(failure: dict[str, Any], path: Any) -> str:
+    """The one line printed when a signal stopped the job (``failure`` kind "interrupted")."""
+    at = f" after step {failure['step']} of {failure['steps']}" if failure.get("step") is not None else ""
+    if failure.get("checkpoint"):
+        then = f"; checkpoint {failure['checkpoint']}: continue with --resume {Path(failure['checkpoint']).parent}"
+    elif failure["phase"] != "fine-tune":
+        then = ""
+    elif failure.get("step") is None:
+        then = "; a second signal stopped it mid-step (that step is lost; --resume continues from the newest checkpoint)"
+    else:
+        then = "; no checkpoint written (no --checkpoint-dir)"
+    return (f"medqa-parity: interrupted by {failure['signal']} during {failure['phase']}{at}{then}; "
+            f"what finished is saved in {path}")
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.distributed import launched_by_torchrun
+    from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
     from medqa_core.run import execute
 
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         return relaunch_with_torchrun(args.nproc, args.argv)
     cfg = build_config(args)
-    record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
-                           adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
-                           checkpoint_dir=getattr(args, "checkpoint_dir", None), resume=getattr(args, "resume", None))
+    try:
+        with StopOnSignals() as stop:  # SIGTERM/SIGINT: stop at the next step, checkpoint, save the record
+            record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
+                                   adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
+                                   checkpoint_dir=getattr(args, "checkpoint_dir", None),
+                                   resume=getattr(args, "resume", None), stop=stop)
+    except Interrupted as e:  # a second signal, or one before anything could be saved
+        print(f"medqa-parity: interrupted by {e.signal_name}; nothing was saved", file=sys.stderr)
+        return e.exit_code
+    interrupted = record.failure is not None and record.failure.get("kind") == "interrupted"
     if path is None:  # a rank other than 0 under torchrun: rank 0 prints and saves
-        return 0
+        return exit_code(record.failure["signal"]) if interrupted else 0
     print("\n".join(summary_lines(record, path)))
+    if interrupted:
+        print(interrupted_line(record.failure, path), file=sys.stderr)
+        return exit_code(record.failure["signal"])
+    if stop.requested() and not record.failure:
+        print(f"medqa-parity: note: {stop.requested()} arrived after the last step; the job finished and its "
+              f"record is saved in {path}", file=sys.stderr)
     if record.failure:
         print(f"medqa-parity: error: out of memory during {record.failure['phase']} "
               f"({record.failure['message']}); lower --batch-size, --eval-batch-size or --pack-len, or turn on "
@@ -398,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, *_user_errors()) as e:
         print(f"medqa-parity: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a job's own handling (loading, report, gate)
+        print("medqa-parity: interrupted by SIGINT", file=sys.stderr)
+        return 130
     except Exception as e:
         # Nothing is imported here: memory may be exhausted. Without medqa_core.timing no torch code ran,
         # and only a MemoryError can be out of memory.

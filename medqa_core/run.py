@@ -39,6 +39,7 @@ from medqa_core.model import (
     quant_info,
     save_adapter,
 )
+from medqa_core.preemption import Interrupted, StopOnSignals
 from medqa_core.record import RunRecord, save_record
 from medqa_core.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.train import train
@@ -139,10 +140,18 @@ def _notes(session: Session, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _bar(progress: Progress | None, phase: str) -> Callable[..., None] | None:
-    if progress is None:
+def _bar(progress: Progress | None, phase: str, stop: StopOnSignals | None = None) -> Callable[..., None] | None:
+    """The progress callback of one phase; with ``stop``, it also ends the phase on a signal (scoring's batches)."""
+    if progress is None and stop is None:
         return None
-    return lambda done, total, *loss: progress(phase, done, total, {"loss": loss[0]} if loss else {})
+
+    def bar(done: int, total: int, *loss: float) -> None:
+        if progress is not None:
+            progress(phase, done, total, {"loss": loss[0]} if loss else {})
+        if stop is not None:
+            stop.check()
+
+    return bar
 
 
 def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
@@ -156,7 +165,7 @@ def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
 
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
             progress: Progress | None = None, checkpoint_dir: str | None = None,
-            resume: str | None = None) -> tuple[RunRecord, Path | None]:
+            resume: str | None = None, stop: StopOnSignals | None = None) -> tuple[RunRecord, Path | None]:
     """Run one job and save its record.
 
     Args:
@@ -167,6 +176,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         progress: progress callback for the long steps.
         checkpoint_dir: where to write training checkpoints (None: none unless resuming).
         resume: a checkpoint folder to continue training from (checkpoints keep going there).
+        stop: signal handlers (see ``preemption``); on SIGTERM/SIGINT the job stops at the next training
+            step or scoring batch, checkpoints, and saves the record with ``failure`` kind "interrupted".
 
     Returns:
         The record and the path it was saved to (None on ranks other than 0, which write nothing).
@@ -189,10 +200,12 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     saved_adapter, failure = None, None
     phase = "evaluate (before)"
     try:
+        if stop is not None:
+            stop.check()  # a signal while the model loaded
         if info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
             # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
-                                              splits.eval_name, _bar(progress, phase))
+                                              splits.eval_name, _bar(progress, phase, stop))
         if kind in ("run", "train"):
             phase = "fine-tune"
             examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
@@ -200,14 +213,17 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
                                      _bar(progress, phase), checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
-                                     dist_info=info)
+                                     dist_info=info, stop=stop.requested if stop is not None else None)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             if info.is_main:
                 saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
             results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
-                                             splits.eval_name, _bar(progress, phase))
+                                             splits.eval_name, _bar(progress, phase, stop))
+    except Interrupted as e:  # a result too: what finished is kept, training continues with --resume
+        failure = e.as_failure(phase)
+        logger.warning("%s during %s", e, phase)
     except Exception as e:
         if not is_oom(e):
             raise
