@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from medqa_core.attention import AttentionChoice, detect_kernel, resolve_attention
+from medqa_core.checkpoint import check_resume
 from medqa_core.config import DataConfig, RunConfig
 from medqa_core.data import (
     MedQAItem,
@@ -42,7 +43,7 @@ from medqa_core.model import (
 from medqa_core.preemption import Interrupted, StopOnSignals
 from medqa_core.record import RunRecord, save_record
 from medqa_core.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
-from medqa_core.train import train
+from medqa_core.train import total_steps, train
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,20 @@ def _bar(progress: Progress | None, phase: str, stop: StopOnSignals | None = Non
     return bar
 
 
+# Settings that may differ when a run resumes: they do not change the steps trained so far. The steps
+# to train (more of them, or fewer down to the checkpoint's), evaluation, checkpoint cadence, timing,
+# where results go. The backend is not compared either: another device resumes, but not bit for bit.
+RESUME_MAY_CHANGE = {"train": ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "timing_warmup_steps"),
+                     "data": ("eval_split", "eval_limit")}
+
+
 def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
-    """The settings a checkpoint must share with the run that resumes it."""
+    """The settings a checkpoint must share with the run that resumes it (all but :data:`RESUME_MAY_CHANGE`)."""
     d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "keep_checkpoints",
-                                                              "timing_warmup_steps")}
+    kept = {part: {k: v for k, v in d[part].items() if k not in RESUME_MAY_CHANGE.get(part, ())}
+            for part in ("model", "lora", "train", "data")}
     # Through JSON, so it compares equal to the copy a checkpoint stored (tuples come back as lists).
-    return json.loads(json.dumps({"model": d["model"], "lora": d["lora"], "train": train, "data": d["data"]}))
+    return json.loads(json.dumps(kept))
 
 
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
@@ -181,11 +189,18 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
 
     Returns:
         The record and the path it was saved to (None on ranks other than 0, which write nothing).
+
+    Raises:
+        CheckpointError: ``resume`` cannot be used (checked before the model loads).
     """
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
     started = time.perf_counter()
     splits = load_splits(cfg.data)
+    trains = kind in ("run", "train")
+    # Before the model loads: a checkpoint this run may not resume.
+    if resume is not None and trains:
+        check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     device = resolve_device(cfg.backend)
     info = init_distributed(device.type)
     if info.enabled:
