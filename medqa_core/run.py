@@ -20,6 +20,7 @@ from medqa_core.config import DataConfig, RunConfig
 from medqa_core.data import (
     MedQAItem,
     bundled_data_dir,
+    check_prompt_lengths,
     encode_train,
     find_split,
     has_split,
@@ -192,13 +193,16 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
 
     Raises:
         CheckpointError: ``resume`` cannot be used (checked before the model loads).
+        MedQADataError: a question is too long to fit (checked before the model loads).
     """
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
     started = time.perf_counter()
     splits = load_splits(cfg.data)
     trains = kind in ("run", "train")
-    # Before the model loads: a checkpoint this run may not resume.
+    # Before the model loads: questions too long to ever fit, and a checkpoint this run may not resume.
+    check_prompt_lengths(splits.train if trains else [], cfg.train.max_seq_len)
+    check_prompt_lengths(splits.eval if kind != "train" else [], cfg.eval.max_seq_len, "--eval-max-seq-len")
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     device = resolve_device(cfg.backend)
