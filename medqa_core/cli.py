@@ -109,7 +109,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     c.add_argument("--keep-checkpoints", type=int, default=tc.keep_checkpoints,
                    help="newest checkpoints kept (default: %(default)s)")
-    c.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
+    c.add_argument("--resume", metavar="DIR",
+                   help="continue from the newest valid checkpoint in DIR (docs/fault-tolerance.md: what may change)")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this host, started through torchrun (default: %(default)s)")
 
