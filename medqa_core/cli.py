@@ -237,7 +237,7 @@ def interrupted_line(failure: dict[str, Any], path: Any) -> str:
     elif failure["phase"] != "fine-tune":
         then = ""
     elif failure.get("step") is None:
-        then = "; a second signal stopped it mid-step (that step is lost; --resume continues from the newest checkpoint)"
+        then = "; a second signal stopped it mid-step (that step is lost; --resume continues from the last checkpoint)"
     else:
         then = "; no checkpoint written (no --checkpoint-dir)"
     return (f"medqa-parity: interrupted by {failure['signal']} during {failure['phase']}{at}{then}; "

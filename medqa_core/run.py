@@ -219,8 +219,9 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     saved_adapter, failure = None, None
     phase = "evaluate (before)"
     try:
-        if stop is not None:
-            stop.check()  # a signal while the model loaded
+        if stop is not None and stop.requested():  # a signal while the model loaded
+            phase = "load"
+            stop.check()
         if info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
             # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
