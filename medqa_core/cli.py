@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from medqa_core.config import (
@@ -144,7 +145,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     c.add_argument("--keep-checkpoints", type=int, default=tc.keep_checkpoints,
                    help="newest checkpoints kept (default: %(default)s)")
-    c.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
+    c.add_argument("--resume", metavar="DIR",
+                   help="continue from the newest valid checkpoint in DIR (docs/fault-tolerance.md: what may change)")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this host, started through torchrun (default: %(default)s)")
 
@@ -222,20 +224,49 @@ def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+def interrupted_line(failure: dict[str, Any], path: Any) -> str:
+    """The one line printed when a signal stopped the job (``failure`` kind "interrupted")."""
+    at = f" after step {failure['step']} of {failure['steps']}" if failure.get("step") is not None else ""
+    if failure.get("checkpoint"):
+        then = f"; checkpoint {failure['checkpoint']}: continue with --resume {Path(failure['checkpoint']).parent}"
+    elif failure["phase"] != "fine-tune":
+        then = ""
+    elif failure.get("step") is None:
+        then = "; a second signal stopped it mid-step (that step is lost; --resume continues from the last checkpoint)"
+    else:
+        then = "; no checkpoint written (no --checkpoint-dir)"
+    return (f"medqa-parity: interrupted by {failure['signal']} during {failure['phase']}{at}{then}; "
+            f"what finished is saved in {path}")
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.distributed import launched_by_torchrun
     from medqa_core.printout import summary_lines
+    from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
     from medqa_core.run import execute
 
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         return relaunch_with_torchrun(args.nproc, args.argv)
     cfg = build_config(args)
-    record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
-                           adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
-                           checkpoint_dir=getattr(args, "checkpoint_dir", None), resume=getattr(args, "resume", None))
+    try:
+        with StopOnSignals() as stop:  # SIGTERM/SIGINT: stop at the next step, checkpoint, save the record
+            record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
+                                   adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
+                                   checkpoint_dir=getattr(args, "checkpoint_dir", None),
+                                   resume=getattr(args, "resume", None), stop=stop)
+    except Interrupted as e:  # a second signal, or one before anything could be saved
+        print(f"medqa-parity: interrupted by {e.signal_name}; nothing was saved", file=sys.stderr)
+        return e.exit_code
+    interrupted = record.failure is not None and record.failure.get("kind") == "interrupted"
     if path is None:  # a rank other than 0 under torchrun: rank 0 prints and saves
-        return 0
+        return exit_code(record.failure["signal"]) if interrupted else 0
     print("\n".join(summary_lines(record, path)))
+    if interrupted:
+        print(interrupted_line(record.failure, path), file=sys.stderr)
+        return exit_code(record.failure["signal"])
+    if stop.requested() and not record.failure:
+        print(f"medqa-parity: note: {stop.requested()} arrived after the last step; the job finished and its "
+              f"record is saved in {path}", file=sys.stderr)
     if record.failure:
         print(f"medqa-parity: error: out of memory during {record.failure['phase']} "
               f"({record.failure['message']}); lower --batch-size, --eval-batch-size or --pack-len, or turn on "
@@ -466,10 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, *_user_errors()) as e:
         print(f"medqa-parity: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a job's own handling (loading, report, gate)
+        print("medqa-parity: interrupted by SIGINT", file=sys.stderr)
+        return 130
     except Exception as e:
-        from medqa_core.timing import is_oom
-
-        if not is_oom(e):
+        # Nothing is imported here: memory may be exhausted. Without medqa_core.timing no torch code ran,
+        # and only a MemoryError can be out of memory.
+        timing = sys.modules.get("medqa_core.timing")
+        if not (isinstance(e, MemoryError) or (timing is not None and timing.is_oom(e))):
             raise
         print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
               "--eval-batch-size or --max-seq-len, or turn on --gradient-checkpointing (or --profile capped)",
@@ -477,17 +512,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's to fix: shown as one line, not a traceback."""
-    from medqa_core.attention import AttentionError
-    from medqa_core.checkpoint import CheckpointError
-    from medqa_core.data import MedQADataError
-    from medqa_core.compare.inputs import CompareError  # the gate's GateError is one
-    from medqa_core.fingerprint import BackendError
-    from medqa_core.model import ModelLoadError
-    from medqa_core.record import RecordError
+# Errors that are the user's to fix, by module: shown as one line, not a traceback.
+USER_ERRORS = {
+    "medqa_core.attention": "AttentionError", "medqa_core.checkpoint": "CheckpointError",
+    "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
+    "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
+    "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
+}
 
-    return (AttentionError, CheckpointError, MedQADataError, BackendError, CompareError, ModelLoadError, RecordError)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The classes of :data:`USER_ERRORS` whose modules are imported: an error can only come from one of
+    those, and handling an error (out of memory, say) must not import pandas or torch."""
+    found = (getattr(sys.modules[m], name, None) for m, name in USER_ERRORS.items() if m in sys.modules)
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,11 @@ CHOICES = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "  # lm-evaluation-harness's default between prompt and continuation
 REQUIRED_FIELDS = ("question", "options", "answer_idx")
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+# The most characters one token of the Mistral-7B tokenizer stands for (its longest pieces, such as
+# "▁representations" or 16 dashes, are 16; tests/test_faults.py checks it). A prompt of more than
+# MAX_TOKEN_CHARS * max_len characters is more than max_len tokens, so it is refused from its length
+# alone, before the tokenizer spends minutes and gigabytes on it.
+MAX_TOKEN_CHARS = 16
 
 
 class MedQADataError(ValueError):
@@ -178,6 +183,28 @@ def continuation(choice: int) -> str:
     return TARGET_DELIMITER + CHOICES[choice]
 
 
+def check_prompt_lengths(items: Sequence[MedQAItem], max_len: int, setting: str = "--max-seq-len") -> None:
+    """Refuse, from character counts alone, a question whose prompt cannot fit in ``max_len`` tokens.
+
+    Args:
+        items: the questions.
+        max_len: the token limit they are encoded under.
+        setting: the command-line option that sets ``max_len``, for the message.
+
+    Raises:
+        MedQADataError: a prompt is longer than ``MAX_TOKEN_CHARS * max_len`` characters; names file:line.
+    """
+    limit = MAX_TOKEN_CHARS * max_len
+    for item in items:
+        # The prompt's length without building it: a 10 MB question is refused without a copy.
+        n_chars = len("Question: \nAnswer:") + len(item.question) + sum(len(o) + 4 for o in item.options)
+        if n_chars > limit:
+            raise MedQADataError(
+                f"{item.qid}: question and options are {n_chars:,} characters; more than {limit:,} "
+                f"({MAX_TOKEN_CHARS} per token at most) cannot fit in {setting} {max_len} tokens; "
+                f"shorten the question or raise {setting}")
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     # The model's own special tokens (BOS for Mistral), as lm-evaluation-harness's HF model adds them.
     return list(tokenizer(text)["input_ids"])
@@ -209,8 +236,10 @@ def encode_scoring(tokenizer: Any, items: Sequence[MedQAItem], max_len: int) -> 
     context once per question, and context + continuation for each option.
 
     Raises:
-        MedQADataError: a question does not fit in ``max_len`` tokens.
+        MedQADataError: a question does not fit in ``max_len`` tokens (a far too long one is refused
+            from its length before anything is tokenized).
     """
+    check_prompt_lengths(items, max_len, "--eval-max-seq-len")
     texts: list[str] = []
     for item in items:
         prompt = format_prompt(item)
@@ -236,7 +265,11 @@ def encode_train(tokenizer: Any, item: MedQAItem, max_len: int, loss_on: str = "
 
     ``loss_on="answer"`` takes the loss on the answer tokens only; ``"all"`` on every predicted token.
     A prompt longer than ``max_len`` is cut from the left so the answer is always kept.
+
+    Raises:
+        MedQADataError: the prompt is too long to tokenize (see :func:`check_prompt_lengths`).
     """
+    check_prompt_lengths([item], max_len)
     context_ids, answer_ids = encode_pair(tokenizer, format_prompt(item), continuation(item.answer_idx))
     input_ids = context_ids + answer_ids
     if loss_on == "answer":

@@ -20,12 +20,16 @@ import torch
 from packaging.version import Version
 
 from medqa_core.config import PRESET_COMMON, PRESETS, LoraSettings, ModelConfig
+from medqa_core.files import apply_umask, json_problem, safetensors_tensors
 
 logger = logging.getLogger(__name__)
 
 MIN_BNB_ROCM = Version("0.50.0")  # 4-bit on ROCm gave NaNs before this release (bitsandbytes tracker)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILE = "tokenizer.model.v1"  # Mistral-7B-v0.1's SentencePiece model, shipped in mistral-common
+# The JSON files of a transformers model folder (and its tokenizer) that are checked before loading.
+FOLDER_JSON = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "generation_config.json")
 
 
 class ModelLoadError(ValueError):
@@ -130,8 +134,9 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     """Validate a local model folder before transformers sees it.
 
     Raises:
-        ModelLoadError: no such folder, no config.json, no weights, or pickle-only weights
-            without ``allow_pickle``.
+        ModelLoadError: no such folder, no config.json, no weights, pickle-only weights without
+            ``allow_pickle``, or a damaged file (broken JSON, a safetensors file shorter or longer than its
+            header says); the message names the file.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -139,7 +144,17 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
                              "config.json and *.safetensors")
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: no config.json; is this a transformers model folder?")
-    if any(folder.glob("*.safetensors")):
+    for name in FOLDER_JSON:
+        problem = json_problem(folder / name) if (folder / name).exists() else None
+        if problem:
+            raise ModelLoadError(f"{folder / name}: {problem}; the model folder is damaged")
+    weights = sorted(folder.glob("*.safetensors"))
+    for weight in weights:
+        try:
+            safetensors_tensors(weight)  # the header only: milliseconds for any size
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{weight}: {e}; the model folder is damaged (copy it again)") from e
+    if weights:
         return folder
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and not allow_pickle:
@@ -156,9 +171,24 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
 
 
 def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, with a pad token.
+
+    Raises:
+        ModelLoadError: it does not load (damaged or missing tokenizer files); the message names them.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # tokenizers, sentencepiece and protobuf each raise their own types
+        from medqa_core.timing import is_oom
+
+        if is_oom(e):
+            raise
+        files = sorted(p.name for p in folder.glob("tokenizer*")) or ["no tokenizer.json or tokenizer.model"]
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelLoadError(f"{folder}: the tokenizer does not load ({', '.join(files)}): "
+                             f"{type(e).__name__}: {first}") from e
     if tokenizer.pad_token_id is None:
         # Pads are never attended to (right padding) nor scored, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -198,10 +228,13 @@ def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, att
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quant, bnb_4bit_use_double_quant=cfg.nf4_double_quant,
             bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=_STORAGE_DTYPES[cfg.nf4_quant_storage],
         )
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{model_dir}: cannot load model: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{model_dir}: cannot load model: {first}") from e
     if cfg.quant != "none" and cfg.nf4_blocksize is not None:
         requantize_4bit(model, model_dir, cfg.nf4_blocksize, compute_dtype)
     if device.type == "cpu":
@@ -360,6 +393,7 @@ def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
     """Write the LoRA weights (safetensors) and adapter_config.json."""
     adapter_dir = Path(adapter_dir)
     model.save_pretrained(adapter_dir)  # peft writes adapter_model.safetensors by default
+    apply_umask(adapter_dir / "adapter_model.safetensors")  # safetensors writes 0600
     return adapter_dir
 
 

@@ -18,8 +18,11 @@ Fields of a record (units in names):
     adapter_dir      where the LoRA adapter was saved, or null.
     notes            plain-language caveats (random-weight preset, untested backend, ...).
     wall_time_s      wall time of the whole job, model loading included.
-    failure          null, or what stopped the job (kind "oom", phase, message, memory at the time);
-                     the phases that finished before it keep their results.
+    failure          null, or what stopped the job, with the phase it stopped in and a message:
+                     kind "oom" (memory_allocated_gib, peak_mem_gib at the time) or kind "interrupted"
+                     (signal "SIGTERM"/"SIGINT", step and steps of training done and asked for, the
+                     checkpoint written on the way out or null); the phases that finished before it
+                     keep their results.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import dataclasses
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from medqa_core.files import fsync_dir
 
 SCHEMA_VERSION = 1
 
@@ -181,9 +185,13 @@ def record_filename(record: RunRecord) -> str:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that a crash leaves the old file or the new one, never half of one."""
+    """Write JSON so that a crash leaves the old file or the new one, never half of one.
+
+    The file gets the user's umask (0644 by default), as ``open`` would give it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask, unlike mkstemp's 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
@@ -191,8 +199,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

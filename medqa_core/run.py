@@ -15,10 +15,12 @@ from typing import Any
 import torch
 
 from medqa_core.attention import AttentionChoice, detect_kernel, resolve_attention
+from medqa_core.checkpoint import check_resume
 from medqa_core.config import DataConfig, RunConfig
 from medqa_core.data import (
     MedQAItem,
     bundled_data_dir,
+    check_prompt_lengths,
     encode_train,
     find_split,
     has_split,
@@ -41,9 +43,10 @@ from medqa_core.model import (
     save_adapter,
 )
 from medqa_core.numerics import Numerics, resolve_numerics
+from medqa_core.preemption import Interrupted, StopOnSignals
 from medqa_core.record import RunRecord, save_record
-from medqa_core.timing import is_oom, memory_allocated_gib, peak_memory_gib
-from medqa_core.train import train
+from medqa_core.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.train import total_steps, train
 
 logger = logging.getLogger(__name__)
 
@@ -141,24 +144,39 @@ def _notes(session: Session, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _bar(progress: Progress | None, phase: str) -> Callable[..., None] | None:
-    if progress is None:
+def _bar(progress: Progress | None, phase: str, stop: StopOnSignals | None = None) -> Callable[..., None] | None:
+    """The progress callback of one phase; with ``stop``, it also ends the phase on a signal (scoring's batches)."""
+    if progress is None and stop is None:
         return None
-    return lambda done, total, *loss: progress(phase, done, total, {"loss": loss[0]} if loss else {})
+
+    def bar(done: int, total: int, *loss: float) -> None:
+        if progress is not None:
+            progress(phase, done, total, {"loss": loss[0]} if loss else {})
+        if stop is not None:
+            stop.check()
+
+    return bar
+
+
+# Settings that may differ when a run resumes: they do not change the steps trained so far. The steps
+# to train (more of them, or fewer down to the checkpoint's), evaluation, checkpoint cadence, timing,
+# where results go. The backend is not compared either: another device resumes, but not bit for bit.
+RESUME_MAY_CHANGE = {"train": ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "timing_warmup_steps"),
+                     "data": ("eval_split", "eval_limit")}
 
 
 def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
-    """The settings a checkpoint must share with the run that resumes it."""
+    """The settings a checkpoint must share with the run that resumes it (all but :data:`RESUME_MAY_CHANGE`)."""
     d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "keep_checkpoints",
-                                                              "timing_warmup_steps")}
+    kept = {part: {k: v for k, v in d[part].items() if k not in RESUME_MAY_CHANGE.get(part, ())}
+            for part in ("model", "lora", "train", "data")}
     # Through JSON, so it compares equal to the copy a checkpoint stored (tuples come back as lists).
-    return json.loads(json.dumps({"model": d["model"], "lora": d["lora"], "train": train, "data": d["data"]}))
+    return json.loads(json.dumps(kept))
 
 
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
             progress: Progress | None = None, checkpoint_dir: str | None = None,
-            resume: str | None = None) -> tuple[RunRecord, Path | None]:
+            resume: str | None = None, stop: StopOnSignals | None = None) -> tuple[RunRecord, Path | None]:
     """Run one job and save its record.
 
     Args:
@@ -169,14 +187,26 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         progress: progress callback for the long steps.
         checkpoint_dir: where to write training checkpoints (None: none unless resuming).
         resume: a checkpoint folder to continue training from (checkpoints keep going there).
+        stop: signal handlers (see ``preemption``); on SIGTERM/SIGINT the job stops at the next training
+            step or scoring batch, checkpoints, and saves the record with ``failure`` kind "interrupted".
 
     Returns:
         The record and the path it was saved to (None on ranks other than 0, which write nothing).
+
+    Raises:
+        CheckpointError: ``resume`` cannot be used (checked before the model loads).
+        MedQADataError: a question is too long to fit (checked before the model loads).
     """
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
     started = time.perf_counter()
     splits = load_splits(cfg.data)
+    trains = kind in ("run", "train")
+    # Before the model loads: questions too long to ever fit, and a checkpoint this run may not resume.
+    check_prompt_lengths(splits.train if trains else [], cfg.train.max_seq_len)
+    check_prompt_lengths(splits.eval if kind != "train" else [], cfg.eval.max_seq_len, "--eval-max-seq-len")
+    if resume is not None and trains:
+        check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     device = resolve_device(cfg.backend)
     info = init_distributed(device.type)
     if info.enabled:
@@ -191,33 +221,44 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     saved_adapter, failure = None, None
     phase = "evaluate (before)"
     try:
+        if stop is not None and stop.requested():  # a signal while the model loaded
+            phase = "load"
+            stop.check()
         if info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
             # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
-                                              splits.eval_name, _bar(progress, phase), numerics=session.numerics)
+                                              splits.eval_name, _bar(progress, phase, stop),
+                                              numerics=session.numerics)
         if kind in ("run", "train"):
             phase = "fine-tune"
             examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
             ckpt = resume or checkpoint_dir
             results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
-                                     session.numerics, _bar(progress, phase), checkpoint_dir=Path(ckpt) if ckpt else None,
+                                     session.numerics, _bar(progress, phase),
+                                     checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
-                                     dist_info=info)
+                                     dist_info=info, stop=stop.requested if stop is not None else None)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             if info.is_main:
                 saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
             results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
-                                             splits.eval_name, _bar(progress, phase), numerics=session.numerics)
+                                             splits.eval_name, _bar(progress, phase, stop),
+                                             numerics=session.numerics)
+    except Interrupted as e:  # a result too: what finished is kept, training continues with --resume
+        failure = e.as_failure(phase)
+        logger.warning("%s during %s", e, phase)
     except Exception as e:
         if not is_oom(e):
             raise
         # Out of memory is a result: record which configuration ran out and keep what finished.
-        oom = OomFailure(phase=phase, message=str(e).splitlines()[0], memory_allocated_gib=memory_allocated_gib(device),
-                         peak_mem_gib=peak_memory_gib(device))
+        oom = OomFailure(phase=phase, message=(str(e).strip().splitlines() or [type(e).__name__])[0],
+                         memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device))
         failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.failure)
         logger.error("%s", oom.text)
+    if failure is not None:
+        free_device_memory(device)  # the failed step's tensors, held by the traceback until now
     record = RunRecord(
         kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=_model_info(session),
         attention={"requested": attention.requested, "ran": session.kernel_ran,

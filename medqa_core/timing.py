@@ -191,19 +191,29 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def is_oom(exc: BaseException) -> bool:
-    """Tell whether an exception is the device running out of memory.
+# How allocators say they ran out, lower-cased: CUDA's and HIP's caching allocators ("CUDA out of memory",
+# "HIP out of memory"), HIP's error name, and torch's CPU allocator ("DefaultCPUAllocator: can't allocate
+# memory: you tried to allocate ... bytes. Error code 12 (Cannot allocate memory)").
+OOM_MESSAGES = ("out of memory", "hiperroroutofmemory", "can't allocate memory", "cannot allocate memory")
 
-    Used so an OOM becomes a recorded result instead of a crash.
+
+def is_oom(exc: BaseException) -> bool:
+    """Tell whether an exception is the device (or, on CPU, the host) running out of memory.
+
+    Used so an OOM becomes a recorded result instead of a crash, on every backend.
 
     Args:
         exc: The caught exception.
 
     Returns:
-        True for ``torch.OutOfMemoryError`` (``torch.cuda.OutOfMemoryError``) and for a
-        ``RuntimeError`` whose message says "out of memory", which is how HIP and some
-        allocator paths report it.
+        True for ``torch.OutOfMemoryError`` (``torch.cuda.OutOfMemoryError``, CUDA and ROCm), for Python's
+        ``MemoryError`` (a host allocation that failed), and for a ``RuntimeError`` whose message is one of
+        :data:`OOM_MESSAGES`: how HIP and torch's CPU allocator (``DefaultCPUAllocator: can't allocate
+        memory``) report it.
     """
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    if not isinstance(exc, RuntimeError):
+        return False
+    message = str(exc).lower()
+    return any(m in message for m in OOM_MESSAGES)

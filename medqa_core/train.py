@@ -27,12 +27,14 @@ from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import set_checkpointing
 from medqa_core.numerics import Numerics, autocast
+from medqa_core.preemption import Interrupted
 from medqa_core.record import TrainResult
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, float], None]  # (step done, total steps, loss)
+StopFn = Callable[[], str | None]  # the signal that asks training to stop ("SIGTERM"), or None
 
 
 def total_steps(n_examples: int, cfg: TrainConfig) -> int:
@@ -178,6 +180,15 @@ def _with_rows(t: torch.Tensor, n_rows: int, fill: int | None) -> torch.Tensor:
     return torch.cat([t, extra])
 
 
+def stop_requested(stop: StopFn | None, info: DistInfo, device: torch.device) -> str | None:
+    """The signal asking training to stop after this step; under torchrun every rank stops at the same step."""
+    name = stop() if stop else None
+    if stop is None or not info.enabled:
+        return name
+    anyone = all_reduce_sum(torch.tensor(float(name is not None), device=device)).item() > 0
+    return (name or "SIGTERM") if anyone else None
+
+
 def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> CompileState:
     """The model-side settings of ``cfg``: which layers recompute (checkpointing) and which are compiled."""
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_layers)
@@ -278,7 +289,8 @@ def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attenti
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
           attention: AttentionChoice, pad_id: int, numerics: Numerics, progress: ProgressFn | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          checkpoint_config: dict[str, Any] | None = None, dist_info: DistInfo | None = None) -> TrainResult:
+          checkpoint_config: dict[str, Any] | None = None, dist_info: DistInfo | None = None,
+          stop: StopFn | None = None) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` in place.
 
     Args:
@@ -295,6 +307,8 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         checkpoint_config: the run's settings; a checkpoint written under other settings is refused.
         dist_info: rank and world size under torchrun: each rank trains on its share of every global
             batch of ``cfg.batch_size`` examples, and only rank 0 writes checkpoints.
+        stop: read after each step; when it names a signal, training writes a checkpoint (where
+            ``checkpoint_dir`` is set) and raises :class:`Interrupted`.
 
     Returns:
         Loss per step, real-token throughput (all ranks) over the steps after
@@ -302,6 +316,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
 
     Raises:
         CheckpointError: ``resume`` without a usable checkpoint.
+        Interrupted: ``stop`` asked to stop before the last step.
         FloatingPointError: the loss became NaN or infinite.
     """
     info = dist_info or DistInfo()
@@ -313,7 +328,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         if resume:
             if checkpoint_dir is None:
                 raise CheckpointError("resume needs a checkpoint folder")
-            state = load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config)
+            state = load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config, n_steps)
         losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
         seen = state.examples_seen
         shape = ModelShape.from_config(model.config)
@@ -354,11 +369,15 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             if progress:
                 progress(step + 1, n_steps, loss_value)
             done = step + 1
-            due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            stopping = stop_requested(stop, info, device)
+            due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
+            saved = None
             if checkpoint_dir is not None and due and info.is_main:
                 progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
-                save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, progress_now, config,
-                                cfg.keep_checkpoints)
+                saved = save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, progress_now,
+                                        config, cfg.keep_checkpoints)
+            if stopping and done < n_steps:
+                raise Interrupted(stopping, done, n_steps, str(saved) if saved else None)
     finally:
         trainer.close()  # scoring after training runs as after a fresh load
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step

@@ -8,14 +8,15 @@ a 20% slowdown, 15% memory growth and a 5-point accuracy drop.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_record import make_record
 
 from medqa_core.cli import main
@@ -282,30 +283,40 @@ def test_candidate_without_common_cases_cannot_be_compared(tmp_path, capsys):
     assert "no case in common" in capsys.readouterr().err
 
 
-# ---- two real runs of the same command -----------------------------------------------------------
+# ---- two runs of the same command ----------------------------------------------------------------
+#
+# Two runs of one command on one machine differ by run-to-run noise, not by the code, and the project's
+# default thresholds must hold them. The records are built to a known noise, so the check cannot depend on
+# how fast or how busy the machine running the tests is (issue 22: it used to time two real runs, and the
+# second one, on a loaded machine, trained 29% slower). Timing real runs is bench/'s job.
+
+NOISE = 0.04  # every step time within +-4% of one level: the medians are at most 1.04 / 0.96 - 1 = 8.3% apart
 
 
-def test_two_real_runs_of_the_same_command_pass(tiny_model_dir, tmp_path, capsys):
-    """Two `medqa-parity run`s of the tiny model, each in its own process as CI would start them, hold
-    against each other under the project's default thresholds (pyproject.toml): run-to-run noise of
-    speed and host memory stays inside them or is judged not significant, and the scores agree.
-    """
-    paths = []
-    for name in ("first", "second"):
-        subprocess.run([sys.executable, "-m", "medqa_core.cli", "run", "--backend", "cpu", "--model",
-                        str(tiny_model_dir), "--train-limit", "32", "--eval-limit", "16", "--max-steps", "12",
-                        "--batch-size", "2", "--results", str(tmp_path / name), "--adapter-out",
-                        str(tmp_path / f"adapter-{name}")], check=True, capture_output=True)
-        (path,) = (tmp_path / name).glob("*.json")
-        paths.append(path)
-    code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(PYPROJECT)])
+def _noisy_run(seed: int) -> RunRecord:
+    """A record of the shape of a tiny `medqa-parity run`: 12 step times of 0.5 s within +-NOISE, host RSS
+    within +-NOISE/4 of 2 GiB, and the same scores (the same command scores bit for bit on CPU)."""
+    rng = np.random.default_rng(seed)
+    train = _train(0.5 * rng.uniform(1 - NOISE, 1 + NOISE, 12))
+    train = dataclasses.replace(train, host_peak_rss_gib=2.0 * rng.uniform(1 - NOISE / 4, 1 + NOISE / 4))
+    return make_record(train=train, eval_before=_eval(), eval_after=_eval())
+
+
+@settings(max_examples=40, deadline=None)
+@given(first=st.integers(0, 2**32 - 1), second=st.integers(0, 2**32 - 1))
+def test_two_runs_of_the_same_command_within_known_noise_pass(first, second):
+    result = gate_cases(cases_from_record(_noisy_run(first), "first"), cases_from_record(_noisy_run(second), "second"),
+                        load_thresholds(PYPROJECT, []))
+    assert result.passed, [c.message for c in result.failures]
+
+
+def test_two_runs_of_the_same_command_pass_on_the_command_line(tmp_path, capsys):
+    assert _gate(tmp_path, _noisy_run(1), _noisy_run(2)) == 0
     out = capsys.readouterr().out
-    assert code == 0, out
     assert "Mann-Whitney p = " in out and "(10 vs 10 rounds)" in out  # the speed check saw both runs' step times
     for check in ("host RSS (peak)", "accuracy (fine-tuned)", "parity: log-probabilities (KL, base)"):
         assert check in out
-    # A record's scoring questions/s is one timing per run: listed, not gated (the bench times it in rounds).
-    assert "gate: PASS" in out and ", 1 not compared: single timing: 1 speed check)" in out and "a single timing in the baseline and candidate" in out
+    assert "gate: PASS" in out
 
 
 def test_another_machine_is_not_compared_for_speed_but_still_for_accuracy():

@@ -19,9 +19,9 @@ from medqa_core.record import load_record
 STEPS = 40
 
 
-def _train_cmd(model_dir, tmp_path, name, *extra):
+def _train_cmd(model_dir, tmp_path, name, *extra, steps=STEPS):
     return [sys.executable, "-m", "medqa_core.cli", "train", "--backend", "cpu", "--model", str(model_dir),
-            "--train-limit", "32", "--batch-size", "4", "--max-steps", str(STEPS), "--checkpoint-every", "2",
+            "--train-limit", "32", "--batch-size", "4", "--max-steps", str(steps), "--checkpoint-every", "2",
             "--results", str(tmp_path / name / "results"), "--adapter-out", str(tmp_path / name / "adapter"),
             *extra]
 
@@ -38,9 +38,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     ckpt = tmp_path / "killed" / "ckpt"
     proc = subprocess.Popen(_train_cmd(tiny_model_dir, tmp_path, "killed", "--checkpoint-dir", str(ckpt)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a hang guard, not a speed limit
     while not list_checkpoints(ckpt) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -53,11 +53,13 @@ def test_stats_is_frozen() -> None:
 
 
 def test_timer_measures_sleep() -> None:
+    outer = time.perf_counter()
     with Timer(CPU) as timer:
         time.sleep(0.05)
-    assert timer.elapsed_s >= 0.05
-    # Loose bound: catches a wrong unit (ms, ns), not a slow machine.
-    assert timer.elapsed_s < 5.0
+    outer = time.perf_counter() - outer
+    # Seconds, between the sleep and a clock read around the block: catches a wrong unit (ms, ns) on a
+    # machine of any speed or load.
+    assert 0.05 <= timer.elapsed_s <= outer
 
 
 def test_timer_elapsed_before_exit_raises() -> None:
@@ -107,6 +109,7 @@ def test_host_peak_rss_sees_a_large_allocation() -> None:
         torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),
         RuntimeError("HIP out of memory. Tried to allocate 1.00 GiB"),
+        MemoryError(),  # a host allocation that failed: on CPU, the device's memory (issue 22)
     ],
 )
 def test_is_oom_recognises_out_of_memory(exc: BaseException) -> None:
@@ -115,7 +118,7 @@ def test_is_oom_recognises_out_of_memory(exc: BaseException) -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [RuntimeError("shape mismatch"), ValueError("out of memory"), MemoryError(), KeyboardInterrupt()],
+    [RuntimeError("shape mismatch"), ValueError("out of memory"), KeyboardInterrupt()],
 )
 def test_is_oom_rejects_other_errors(exc: BaseException) -> None:
     assert not is_oom(exc)
