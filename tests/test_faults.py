@@ -78,7 +78,7 @@ def trained(tiny_config, tmp_path_factory) -> Trained:
     examples = [encode_train(session.tokenizer, item, 256) for item in items]
     root = tmp_path_factory.mktemp("checkpoints") / "ckpt"
     train(session.model, examples, cfg.train, session.device, session.attention, session.tokenizer.pad_token_id,
-          checkpoint_dir=root, checkpoint_config=checkpoint_config(cfg))
+          session.numerics, checkpoint_dir=root, checkpoint_config=checkpoint_config(cfg))
     assert [p.name for p in list_checkpoints(root)] == [OLDER, NEWEST]
     return Trained(session, cfg, checkpoint_config(cfg), root)
 

@@ -121,7 +121,8 @@ def compare_runs(a: RunSummary, b: RunSummary, tol: Tolerances) -> PairParity:
         except ParityError as e:
             raise CompareError(f"{b.path} ({b.label}) vs {a.path} ({a.label}), {phase} scores: {e}") from e
     loss = loss_drift(a.loss_per_step, b.loss_per_step) if a.loss_per_step and b.loss_per_step else None
-    return PairParity(a.rid, b.rid, tuple(phases), loss, settings_differences(a, b))
+    same_hardware = (a.backend, a.device) == (b.backend, b.device)
+    return PairParity(a.rid, b.rid, tuple(phases), loss, settings_differences(a, b), same_hardware)
 
 
 def adapter_trainers(runs: Sequence[RunSummary]) -> list[tuple[RunSummary, RunSummary]]:

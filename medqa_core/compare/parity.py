@@ -12,6 +12,8 @@ question and the training loss step by step.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -204,6 +206,12 @@ class PairParity:
     phases: tuple[PhaseParity, ...]
     loss: LossDrift | None
     settings_diffs: tuple[str, ...] = ()
+    same_hardware: bool = False  # one backend and device: a settings difference is then all that differs
+
+    @property
+    def measures_settings(self) -> bool:
+        """Same hardware, other settings: the pair measures what the settings change, not parity."""
+        return self.same_hardware and bool(self.settings_diffs)
 
 
 PASS, FAIL, FLAG = "pass", "fail", "flag"
@@ -416,7 +424,10 @@ def judge_pair(pair: PairParity, tol: Tolerances) -> tuple[Finding, ...]:
     Parity fails on: accuracy not shown equivalent within the margin (TOST), log-probabilities
     of the same weights drifting past the KL tolerance (or not finite), and NaN or inf in a loss
     curve. A significant McNemar test and differing settings are flagged (they explain; within the
-    margin a small systematic shift is still parity).
+    margin a small systematic shift is still parity). Differing settings (compute dtype, eval packing,
+    NF4 settings) are named in each failure; on one backend and device such a pair measures what the
+    settings change, not parity: its failures are flagged instead, and the report lists the pair under
+    "What the settings alone change".
 
     Args:
         pair: the comparison.
@@ -439,10 +450,19 @@ def judge_pair(pair: PairParity, tol: Tolerances) -> tuple[Finding, ...]:
             out.append(_numerics_finding(pair, ph, tol, settings))
     if pair.loss is not None:
         out.append(_loss_finding(pair))
+    if pair.measures_settings:
+        out = [dataclasses.replace(f, status=FLAG, text=f"{f.text} [same hardware, other settings: this measures "
+                                                           "the settings, not parity]")
+               if f.status == FAIL and not _broken(f) else f for f in out]
     if pair.settings_diffs:
         out.append(Finding(FLAG, f"{pair.b} vs {pair.a}: settings differ: " + "; ".join(pair.settings_diffs),
                            SETTINGS, None, "same settings", "; ".join(pair.settings_diffs)))
     return tuple(out)
+
+
+def _broken(finding: Finding) -> bool:
+    """A failure whatever the settings: a loss curve that fails has NaN/inf, and so do such log-probabilities."""
+    return finding.point == LOSS or "NaN or inf" in finding.text
 
 
 def _pp(x: float) -> str:

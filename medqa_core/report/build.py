@@ -30,10 +30,11 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """"holds", "does not hold", or "not judged" (no per-question results in common)."""
+        """"holds", "does not hold", or "not judged" (no per-question results in common, or only pairs whose
+        settings differ: those measure the settings, see the report's "What the settings alone change")."""
         if any(not f.ok for f in self.findings):
             return "does not hold"
-        judged = any(p.phases for p in (*self.pairs, *self.adapter_pairs))
+        judged = any(p.phases for p in (*self.pairs, *self.adapter_pairs) if not p.measures_settings)
         return "holds" if judged else "not judged"
 
 

@@ -80,6 +80,9 @@ def verdict_lines(report: Report) -> tuple[str, tuple[Finding, ...]]:
         head = f"Parity does NOT hold: {len(fails)} point(s) fail across {n} (baseline {report.baseline.label})."
     elif report.verdict == "holds":
         head = f"Parity holds across {n} (baseline {report.baseline.label})."
+    elif any(p.measures_settings for p in (*report.pairs, *report.adapter_pairs)):
+        head = (f"Parity not judged: the {n} ran on the same hardware with other settings; see what the settings "
+                "alone change.")
     else:
         head = f"Parity not judged: the {n} share no per-question results to compare."
     return head, tuple(sorted(report.findings, key=lambda f: order[f.status]))
@@ -110,6 +113,7 @@ def _sections(report: Report) -> list[Section]:
             "letter; KL: KL(vs || run) of the softmax over the four option log-probabilities.",),
             parity_table(pairs), chart="logprob_drift"),
         Section("Loss curves", (), loss_table(pairs), chart="loss"),
+        Section("What the settings alone change", _settings_text(report)),
         Section("Cross-backend adapter check", _adapter_text(report)),
         Section("Quantization", ("Settings read back from a quantized layer of each run.",),
                 quantization_table(runs), index=True, css="wrap"),
@@ -125,6 +129,31 @@ def _sections(report: Report) -> list[Section]:
     if notes:
         out.append(Section("Notes from the runs", tuple(notes)))
     return out
+
+
+def _settings_text(report: Report) -> tuple[str, ...]:
+    """Pairs on one backend whose settings differ: how far the settings alone move the numbers, so a reader of a
+    ROCm-vs-CUDA comparison can tell how much of a difference they explain."""
+    runs = {r.rid: r for r in report.runs}
+    lines = []
+    for pair in (*report.pairs, *report.adapter_pairs):
+        if not pair.measures_settings:
+            continue
+        a, b = runs[pair.a], runs[pair.b]
+        where = f"both {a.backend}, {a.device}"
+        parts = []
+        for ph in pair.phases:
+            lp, acc = ph.logprobs, ph.accuracy
+            drift = (f"log-probabilities |diff| mean {lp.mean_abs:.3g}, max {lp.max_abs:.3g} nats, mean KL "
+                     f"{lp.kl_mean:.2e}; " if ph.same_weights else "")
+            parts.append(f"{ph.phase}: {drift}predictions agree on {100 * acc.agreement:.1f}% of {acc.n}, accuracy "
+                         f"{100 * acc.diff:+.2f} pp")
+        if pair.loss is not None:
+            parts.append(f"loss curves over {pair.loss.steps_compared} steps: |diff| mean {pair.loss.mean_abs:.3g}, "
+                         f"max {pair.loss.max_abs:.3g}")
+        lines.append(f"{pair.b} vs {pair.a} ({where}), {'; '.join(pair.settings_diffs)}: " + "; ".join(parts) + ".")
+    return tuple(lines) or ("No two inputs ran on the same hardware with other settings (compute dtype, eval "
+                            "packing, NF4 settings); compare such runs to see how much the settings alone explain.",)
 
 
 def _adapter_text(report: Report) -> tuple[str, ...]:
