@@ -53,6 +53,7 @@ class BenchCase:
         batch_size ... prompt_tokens, profile, memory_cap_gib: what the case did (see WORKLOAD_FIELDS).
         tokens_per_s: train step real (non-pad) tokens per second; step_time_s_*: its step time.
         mfu: model FLOPs utilization of the train step (fraction of the measured bf16 matmul peak).
+        mfu_datasheet: the same over the vendor's dense peak of the compute dtype (None on a CPU or an unlisted card).
         speedup_vs_reference, reference_tokens_per_s: ours against the reference arm of the same run.
         prefill_tokens_per_s, ttft_s_*: prefill rate and time to first token.
         decode_tokens_per_s, roofline_fraction: decode rate and its share of the weight-read roofline.
@@ -97,6 +98,7 @@ class BenchCase:
     step_time_s_median: float | None = None
     step_time_s_iqr: float | None = None
     mfu: float | None = None
+    mfu_datasheet: float | None = None  # over the vendor's dense peak of the compute dtype (medqa_core.flops)
     speedup_vs_reference: float | None = None
     reference_tokens_per_s: float | None = None
     prefill_tokens_per_s: float | None = None
@@ -144,7 +146,8 @@ class BenchCase:
         if self.oom is not None:
             return self.oom.text
         if self.tokens_per_s is not None:
-            mfu = "-" if self.mfu is None else f"{100 * self.mfu:.1f}%"
+            mfu = ("-" if self.mfu is None else f"{100 * self.mfu:.1f}% of the measured peak") \
+                if self.mfu_datasheet is None else f"{100 * self.mfu_datasheet:.1f}% of the datasheet peak"
             step = "" if self.step_time_s_median is None else f", step {1000 * self.step_time_s_median:.0f} ms"
             peak = "n/a" if self.peak_mem_gib is None else f"{self.peak_mem_gib:.1f} GiB"
             speedup = f", {self.speedup_vs_reference:.2f}x the reference" if self.speedup_vs_reference else ""

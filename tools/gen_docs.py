@@ -178,6 +178,62 @@ def report_verdict(results: Path) -> str:
     return "\n".join(lines[start : end + 1]).strip()
 
 
+def settings_effects(results: Path) -> str:
+    """The section "What the settings alone change" of the committed numerics report (results/report-numerics)."""
+    path = results / "report-numerics" / "report.md"
+    if not path.is_file():
+        return "(no committed numerics report yet)"
+    section = path.read_text(encoding="utf-8").split("## What the settings alone change", 1)[1].split("\n## ")[0]
+    return "\n".join(f"- {line}" for line in section.strip().splitlines() if line.strip())
+
+
+def _profile_of(train: dict) -> str | None:
+    """The --profile whose settings a record's config.train has (batch, recompute, compile), if any."""
+    from medqa_core.config import TRAIN_PROFILES, train_profile
+
+    keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile")
+    for name in TRAIN_PROFILES:
+        tc = train_profile(name)
+        if all(train.get(k) == getattr(tc, k) for k in keys):
+            return name
+    return None
+
+
+def bench_vs_run(results: Path) -> str:
+    """Each training profile's bench headline beside a real run of it on the same card: what a run gets."""
+    rows = ["| card | profile | bench: real tokens/s over distinct batches (peak) | `medqa-parity run --epochs 2`: tokens/s "
+            "(peak) | run / bench | scoring q/s, bench / run | compile before step 1, recompiles | run wall time | files |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    runs = [(p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")]
+    for f, data in _latest_gpu_benches(results):
+        cases = _cases(data)
+        gpu = data["machine_info"]["medqa_fingerprint"].get("gpu_name")
+        scoring = next((c for n, c in cases.items() if n.startswith("test_scoring")), None)
+        for name, case in cases.items():
+            if not name.startswith("test_train_profile") or case.tokens_per_s is None:
+                continue
+            match = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
+                     and _profile_of(r.config["train"]) == case.profile and r.model["quantization"].get("blocksize")
+                     == (case.quantization or {}).get("blocksize") and r.config["train"].get("epochs") == 2.0]
+            if not match:
+                continue
+            path, r = match[-1]
+            tr, c = r.train, tr_compile(r)
+            q = f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after else "-"
+            rows.append(f"| {gpu} | `{case.profile}` | {case.tokens_per_s:,.0f} ({case.peak_mem_gib:.1f} GiB) | "
+                        f"{tr.tokens_per_s:,.0f} ({tr.peak_mem_gib:.1f} GiB) | {tr.tokens_per_s / case.tokens_per_s:.2f} "
+                        f"| {q} | {c} | {r.wall_time_s:.0f} s | [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
+                        f"[{path.name[:16]}]({_link(results, path)}) |")
+    return "\n".join(rows) if len(rows) > 2 else "(no GPU bench file with a matching real run yet)"
+
+
+def tr_compile(record: RunRecord) -> str:
+    c = (record.train.compile or {}) if record.train else {}
+    if not c.get("ran"):
+        return "not compiled"
+    return f"{c.get('warmup_s', 0):.0f} s ({c.get('graphs', '?')} graphs), {c.get('recompiles', '?')}"
+
+
 def _latest_gpu_benches(results: Path) -> list[tuple[str, dict]]:
     """(``machine folder/file name``, data) of the newest bench file with training profiles, one per GPU model."""
     newest: dict[str, tuple[str, str, dict]] = {}
@@ -218,16 +274,11 @@ def _performance_rows(f: str, data: dict) -> str:
     e = max(ours, key=lambda e: e.mfu or 0)
     mfu = targets["max_speed"]["mfu"]
     met = "yes" if (e.mfu or 0) >= mfu else "no"
-    rows.append(f"| max-speed (`{e.profile or 'default'}`): MFU >= {100 * mfu:g}% | {_pct(e.mfu)} at "
-                f"{e.tokens_per_s:,.0f} tokens/s ({e.speedup_vs_reference:.2f}x the reference), batch "
-                f"{e.batch_size}, {e.peak_mem_gib:.1f} GiB | {met} |")
-    split = targets["train_split"]
-    tokens = split["epochs"] * split["questions"] * e.tokens_per_step / e.batch_size  # real lengths of the batch
-    minutes = tokens / e.tokens_per_s / 60
-    rows.append(f"| {split['epochs']} epochs of the train split in <= {split['minutes']:g} min | {minutes:.1f} min: "
-                f"{tokens / 1e6:.2f} M tokens ({split['epochs']} x {split['questions']:,} questions at this batch's "
-                f"mean real length) / {e.tokens_per_s:,.0f} tokens/s (computed, not a run of the train split) "
-                f"| {'yes' if minutes <= split['minutes'] else 'no'} |")
+    datasheet = "" if e.mfu_datasheet is None else f" ({_pct(e.mfu_datasheet)} of the datasheet dense peak)"
+    rows.append(f"| max-speed (`{e.profile or 'default'}`): MFU >= {100 * mfu:g}% of the measured peak | "
+                f"{_pct(e.mfu)}{datasheet} at {e.tokens_per_s:,.0f} tokens/s ({e.speedup_vs_reference:.2f}x the "
+                f"reference), batch {e.batch_size}, {e.peak_mem_gib:.1f} GiB | {met} |")
+    rows.append(_train_split_row(targets["train_split"], e, data))
     scoring = targets["scoring"]
     for name, e in ((n, c) for n, c in cases.items() if n.startswith("test_scoring")):
         round_s = medians[name]  # a round also tokenizes the questions
@@ -238,6 +289,33 @@ def _performance_rows(f: str, data: dict) -> str:
                     f"{round_s:.1f} s a round for {n} questions, tokenization included ({n / e.questions_per_s:.1f} s "
                     f"of model time, {e.questions_per_s:.1f} questions/s, 4-bit 7B) | {met} |")
     return "\n".join(rows)
+
+
+def _train_split_row(split: dict, e: BenchCase, data: dict) -> str:
+    """Time to result on the train split: a real run of it where one is committed, else the committed 2-epoch dev
+    run of the same profile and card scaled by question count (stated as such), else the bench's arithmetic."""
+    gpu = data["machine_info"]["medqa_fingerprint"].get("gpu_name")
+    runs = [(p, load_record(p)) for p in result_files(ROOT / "results", "runs/*_run_*_cuda_*.json")]
+    runs = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
+            and _profile_of(r.config["train"]) == e.profile and r.config["train"].get("epochs") == split["epochs"]
+            and r.model["quantization"].get("blocksize") == (e.quantization or {}).get("blocksize")]
+    head = f"| {split['epochs']} epochs of the train split in <= {split['minutes']:g} min | "
+    if runs:
+        path, r = runs[-1]
+        tr = r.train
+        scale = split["questions"] / tr.n_examples
+        compile_s = (tr.compile or {}).get("warmup_s", 0.0)
+        minutes = (sum(tr.step_time_s) * scale + compile_s) / 60
+        return (head + f"{minutes:.1f} min: the run [{path.name[:16]}](results/runs/{path.name}) fine-tuned "
+                f"{tr.epochs:g} epochs of {tr.n_examples:,} dev questions in {sum(tr.step_time_s):.0f} s of steps "
+                f"plus {compile_s:.0f} s of compile; the steps scaled by {split['questions']:,} / {tr.n_examples:,} "
+                f"questions (a run of the train split itself is not committed: the split is not here) | "
+                f"{'yes' if minutes <= split['minutes'] else 'no'} |")
+    tokens = split["epochs"] * split["questions"] * e.tokens_per_step / e.batch_size  # real lengths of the batch
+    minutes = tokens / e.tokens_per_s / 60
+    return (head + f"{minutes:.1f} min: {tokens / 1e6:.2f} M tokens ({split['epochs']} x {split['questions']:,} "
+            f"questions at this batch's mean real length) / {e.tokens_per_s:,.0f} tokens/s (computed from the bench, "
+            f"not a run) | {'yes' if minutes <= split['minutes'] else 'no'} |")
 
 
 def _decode_path(e: BenchCase) -> str:
@@ -374,18 +452,21 @@ def gate_noise_tables(results: Path) -> str:
 
 def machine_times(results: Path) -> str:
     """Wall time of the default run (``medqa-parity run``) on each CPU model a committed record came from."""
-    newest: dict[str, tuple[Path, RunRecord]] = {}
+    newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
     for path in result_files(results, "runs/*_run_tiny_cpu_*.json"):
         record = load_record(path)
-        newest[str(record.fingerprint.get("cpu_model"))] = (path, record)  # sorted by time: the last is newest
+        fp = record.fingerprint
+        kernels = fp.get("cpu_capability") or "not recorded"
+        newest[(str(fp.get("cpu_model")), kernels)] = (path, record)  # sorted by time: the last is newest
     if not newest:
         return "(no committed record of the default run yet)"
-    rows = ["| CPU | threads | wall time of `medqa-parity run` | per train step (median) | record |",
-            "|---|---|---|---|---|"]
-    for cpu, (path, r) in sorted(newest.items()):
+    rows = ["| CPU | torch's CPU kernels | threads | compute dtype | wall time of `medqa-parity run` "
+            "| per train step (median) | record |", "|---|---|---|---|---|---|---|"]
+    for (cpu, kernels), (path, r) in sorted(newest.items()):
         step = f"{1000 * r.train.step_time_s_median:.0f} ms" if r.train else "-"
         wall = f"{r.wall_time_s:.0f} s" if r.wall_time_s is not None else "not recorded"
-        rows.append(f"| {cpu} | {r.fingerprint.get('cpu_cores_logical')} | {wall} | {step} "
+        dtype = (r.numerics or {}).get("compute_dtype", "bfloat16 (before --dtype)")
+        rows.append(f"| {cpu} | {kernels} | {r.fingerprint.get('cpu_cores_logical')} | {dtype} | {wall} | {step} "
                     f"| [{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows)
 
@@ -418,6 +499,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "gate-noise": gate_noise_tables,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
     "decode": decode_table, "machine-times": machine_times, "newest": newest_per_device,
+    "settings-effects": settings_effects, "bench-vs-run": bench_vs_run,
 }
 
 
