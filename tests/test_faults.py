@@ -307,8 +307,9 @@ def test_resume_with_more_steps_equals_an_uninterrupted_run(tiny_model_dir, tmp_
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(_cli_train(tiny_model_dir, whole, "--max-steps", "6")) == 0
     assert main(_cli_train(tiny_model_dir, part, "--max-steps", "3", "--checkpoint-dir", str(part / "ckpt"))) == 0
-    # More steps, other evaluation and results settings and checkpoint cadence: none changes steps 1-3.
-    assert main(_cli_train(tiny_model_dir, part, "--max-steps", "6", "--eval-limit", "3", "--checkpoint-every", "2",
+    # More steps, another results folder and checkpoint cadence: none changes steps 1-3. (`train` takes no
+    # evaluation flags; `run --resume` may change them, as run.RESUME_MAY_CHANGE lists.)
+    assert main(_cli_train(tiny_model_dir, part, "--max-steps", "6", "--checkpoint-every", "2",
                            "--keep-checkpoints", "3", "--results", str(part / "results-2"),
                            "--resume", str(part / "ckpt"))) == 0
     (a,) = (whole / "results").glob("*.json")

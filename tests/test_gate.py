@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
