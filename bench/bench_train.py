@@ -112,13 +112,14 @@ def test_train_reference(benchmark: Any, case: Any, models: Any, loop_batches: A
                        "attn_implementation": arm.attention.attn_implementation},
             quantization=dataclasses.asdict(arm.quant),
         )
-        reference_results["tokens_per_s"] = info["tokens_per_s"]
+        reference_results.update(tokens_per_s=info["tokens_per_s"], batch_size=run_config.train.batch_size)
 
 
 def _time_ours(benchmark: Any, case: Any, models: Any, examples: list[list[TrainExample]], bench_options: Any,
                tc: TrainConfig, ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
-               attn: str) -> dict[str, Any]:
-    """Time our train step over ``examples`` (one batch per round) under ``tc``; fill ``extra_info``."""
+               attn: str, ours_results: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Time our train step over ``examples`` (one batch per round) under ``tc``; fill ``extra_info`` and
+    ``ours_results`` (for the peer cases' ``ours_speedup_over_this_peer``)."""
     session = models.ours(attn)
     trainer = prepare_training(session.model, tc, device, session.attention, session.tokenizer.pad_token_id,
                                session.numerics)
@@ -138,23 +139,26 @@ def _time_ours(benchmark: Any, case: Any, models: Any, examples: list[list[Train
         reference_tokens_per_s=reference,
         speedup_vs_reference=info["tokens_per_s"] / reference if reference else None,
     )
+    ours_results.setdefault(tc.batch_size, {})[benchmark.name] = info["tokens_per_s"]
     return info
 
 
 def test_train_ours(benchmark: Any, case: Any, models: Any, loop_batches: Any, bench_options: Any, run_config: Any,
                     ceilings: dict[str, Any], reference_results: dict[str, Any], device: torch.device,
-                    attn: str) -> None:
+                    attn: str, ours_results: dict[int, dict[str, float]]) -> None:
     tc = run_config.train
     examples = loop_batches(tc.batch_size)
     with case.guard(arm="ours", batch_size=tc.batch_size, seq_len_max=max(e.n_tokens for b in examples for e in b),
                     attention_requested=attn, gradient_checkpointing=tc.gradient_checkpointing,
                     packing=tc.packing):
-        _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results, device, attn)
+        _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results, device, attn,
+                   ours_results)
 
 
 def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any, bench_options: Any,
                        run_config: Any, ceilings: dict[str, Any], reference_results: dict[str, Any],
-                       device: torch.device, attn: str, profile: str) -> None:
+                       device: torch.device, attn: str, profile: str,
+                       ours_results: dict[int, dict[str, float]]) -> None:
     """Ours under a named profile (``--train-profiles``): its batch size, recompute and compile settings."""
     tc = train_profile(profile, run_config.train)
     examples = loop_batches(tc.batch_size)
@@ -164,6 +168,6 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                     gradient_checkpointing=tc.gradient_checkpointing, checkpoint_layers=tc.checkpoint_layers,
                     packing=tc.packing, compile_requested=tc.compile, memory_cap_gib=cap):
         info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,
-                          device, attn)
+                          device, attn, ours_results)
         peak = info["peak_mem_gib"]
         benchmark.extra_info["within_memory_cap"] = None if cap is None or peak is None else peak <= cap

@@ -12,7 +12,8 @@ fingerprint plus the hardware ceilings measured in this run go in
 
 Cases run in a fixed order so each model is loaded once and at most one is in memory: the
 reference arm's train step first (ours is compared against it), then, per ``--attn`` kernel,
-accuracy and inference on the fresh adapter and finally the train step, which changes it.
+accuracy and inference on the fresh adapter and finally the train step, which changes it; the peer
+stacks (bench_peers.py) last, since their patches of transformers are process-wide.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 import torch
@@ -49,6 +50,7 @@ from medqa_core.failure import OomFailure
 from medqa_core.fingerprint import detect_backend, machine_fingerprint, resolve_device
 from medqa_core.hardware import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
 from medqa_core.model import load_tokenizer, resolve_model_dir
+from medqa_core.peers import PeerArm, load_peer
 from medqa_core.reference import ReferenceArm, load_reference
 from medqa_core.run import Session, Splits, load_session, load_splits
 from medqa_core.timing import (
@@ -104,6 +106,7 @@ class BenchOptions:
     train_profiles: tuple[str, ...] = ()  # named TrainConfig settings (config.TRAIN_PROFILES), one case each
     dtype: str = "auto"  # --dtype, as medqa-parity run takes it
     nf4_blocksize: int | None = None
+    peer_batch_size: int | None = None  # the liger-batch peer case's batch; None: the max-speed profile's
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -142,11 +145,13 @@ class BenchOptions:
             gradient_checkpointing=config.getoption("gradient_checkpointing"),
             eval_batch_size=config.getoption("bench_eval_batch_size"),
             train_profiles=profiles, dtype=config.getoption("dtype"), nf4_blocksize=config.getoption("nf4_blocksize"),
+            peer_batch_size=config.getoption("peer_batch_size"),
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
                                    ("--infer-rounds", opts.infer_rounds, 1), ("--warmup-rounds", opts.warmup_rounds, 0),
-                                   ("--decode-tokens", opts.decode_tokens, 2)):
+                                   ("--decode-tokens", opts.decode_tokens, 2),
+                                   ("--peer-batch-size", opts.peer_batch_size or 1, 1)):
             if value < least:
                 raise pytest.UsageError(f"{name} must be >= {least}, got {value}")
         return opts
@@ -202,6 +207,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="compute dtype, as medqa-parity run --dtype (default: %(default)s)")
     g.addoption("--nf4-blocksize", type=int, default=None, choices=NF4_BLOCKSIZES,
                 help="4-bit block size, as medqa-parity run --nf4-blocksize (default: bitsandbytes')")
+    g.addoption("--peer-batch-size", type=int, default=None,
+                help="batch of the liger-batch peer case (default: the max-speed profile's)")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 
@@ -236,6 +243,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return (-1, 0)
         callspec = getattr(item, "callspec", None)
         attn = callspec.params.get("attn") if callspec else None
+        if item.path.name == "bench_peers.py":
+            return (1 + len(kernels), 0)  # after ours and the reference: Liger and Unsloth patch transformers
         if attn is None:
             return (0, 0)  # the reference arm
         return (1 + kernels.index(attn), _FILE_ORDER.get(item.path.name, len(_FILE_ORDER)))
@@ -291,6 +300,10 @@ class ModelSlot:
         """The common-guide QLoRA model (see medqa_core.reference)."""
         return self._get(("reference",), lambda: load_reference(self.cfg, self.device))
 
+    def peer(self, stack: str) -> PeerArm:
+        """A peer stack's arm (medqa_core.peers); raises PeerUnavailable, with its reason, where it cannot run."""
+        return self._get(("peer", stack), lambda: load_peer(stack, self.cfg, self.device))
+
     def _get(self, key: tuple[str, ...], load: Callable[[], T]) -> T:
         if key in self._skipped:
             pytest.skip(self._skipped[key])
@@ -312,8 +325,11 @@ class ModelSlot:
         return value
 
     def release(self) -> None:
-        """Drop the loaded model and return its device memory."""
+        """Drop the loaded model (undoing a peer's patches) and return its device memory."""
+        close = getattr(self._value, "close", None)
         self._key = self._value = None
+        if close is not None:
+            close()
         free_device_memory(self.device)
 
 
@@ -386,6 +402,15 @@ class Case:
             self._timed = True
             self.benchmark.pedantic(_noop, rounds=1, warmup_rounds=0, iterations=1)
         _through_schema(self.benchmark)
+
+    def skip(self, reason: str) -> NoReturn:
+        """Skip the case, keeping it in the saved file: ``extra_info["skipped_reason"]``, and a no-op timed."""
+        self.benchmark.extra_info["skipped_reason"] = reason
+        logger.warning("%s: skipped: %s", self.benchmark.name, reason)
+        if not self._timed:
+            self._timed = True
+            self.benchmark.pedantic(_noop, rounds=1, warmup_rounds=0, iterations=1)
+        pytest.skip(reason)
 
     def time(self, target: Callable[[], Any], rounds: int, warmup_rounds: int) -> Rounds:
         """Time ``target`` with ``benchmark.pedantic`` (one call per round, device synchronized around it).
@@ -601,6 +626,12 @@ def prompt_ids(tokenizer: Any, splits: Splits, bench_options: BenchOptions) -> C
 @pytest.fixture(scope="session")
 def reference_results() -> dict[str, Any]:
     """The reference arm's figures, filled by its case, read by ours for ``speedup_vs_reference``."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def ours_results() -> dict[int, dict[str, float]]:
+    """Ours' train tokens/s by batch size and case name, filled by ours' cases, read by the peer cases."""
     return {}
 
 
