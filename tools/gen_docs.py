@@ -33,7 +33,7 @@ from medqa_core.record import RunRecord, load_record  # noqa: E402
 
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
-DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
+DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
              "docs/performance.md")
 TARGETS = ROOT / "docs" / "targets.toml"
 
@@ -225,6 +225,42 @@ def bench_vs_run(results: Path) -> str:
                         f"| {q} | {c} | {r.wall_time_s:.0f} s | [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
                         f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows) if len(rows) > 2 else "(no GPU bench file with a matching real run yet)"
+
+
+def peers_table(results: Path) -> str:
+    """Stack x device: the newest bench file with peer arms per card, each stack ran or skipped (and why)."""
+    newest: dict[str, tuple[str, Path, dict]] = {}
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        if any(b["name"].startswith("test_train_peer") for b in data["benchmarks"]):
+            device = device_label(data["machine_info"].get("medqa_fingerprint", {}))
+            found = (data.get("datetime", ""), path, data)
+            newest[device] = max(newest.get(device, found), found, key=lambda f: f[0])
+    if not newest:
+        return "(no bench file with peer arms yet)"
+    rows = ["| device | stack | batch | real tokens/s | peak memory | vs the reference | ours over it | file |",
+            "|---|---|---|---|---|---|---|---|"]
+    for device, (_, path, data) in sorted(newest.items()):
+        cases = _cases(data)
+        ours = {c.batch_size: c for n, c in cases.items() if c.arm == "ours" and c.tokens_per_s}
+        for name, c in cases.items():
+            if c.arm == "ours":
+                label = f"ours (`{c.profile or 'default'}`)"
+            elif c.arm == "reference":
+                label = "the guides' recipe (reference)"
+            else:
+                version = c.details.get("stack_version")
+                label = f"{c.details.get('stack', name)}" + (f" {version}" if version else "")
+            if c.tokens_per_s is None:
+                why = c.details.get("skipped_reason") or (c.oom.text if c.oom else "no figure")
+                rows.append(f"| {device} | {label} | - | skipped: {why} | | | | |")
+                continue
+            best = ours.get(c.batch_size)
+            over = f"{best.tokens_per_s / c.tokens_per_s:.2f}x" if best and c.arm != "ours" else "-"
+            ref = f"{c.speedup_vs_reference:.2f}x" if c.speedup_vs_reference else "-"
+            rows.append(f"| {device} | {label} | {c.batch_size} | {c.tokens_per_s:,.0f} | {c.peak_mem_gib:.1f} GiB | {ref} "
+                        f"| {over} | [{path.name}]({_link(results, path)}) |")
+    return "\n".join(rows)
 
 
 def tr_compile(record: RunRecord) -> str:
@@ -499,7 +535,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "gate-noise": gate_noise_tables,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
     "decode": decode_table, "machine-times": machine_times, "newest": newest_per_device,
-    "settings-effects": settings_effects, "bench-vs-run": bench_vs_run,
+    "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
 }
 
 

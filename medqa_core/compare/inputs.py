@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 BASE, FINE_TUNED = "base", "fine-tuned"
 # bench/'s reference arm: the common-guide QLoRA recipe, timed beside ours for speedup_vs_reference.
 REFERENCE_ARM = "benchmark:reference"
+# bench/'s peer arms (Liger, Unsloth, ...): other stacks on the same model folder, timed like the reference.
+PEER_ARM = "benchmark:peer"
+SPEED_ONLY_ARMS = (REFERENCE_ARM, PEER_ARM)  # shown for speed and memory, never compared for parity
 class CompareError(ValueError):
     """An input cannot be read, or the runs cannot be compared; the message names the files and the difference."""
 
@@ -250,7 +253,7 @@ def label_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
     for i, r in enumerate(runs):
         device = _short_device(r.device, name_cpu=len(cpu_models) > 1)
         extra = "".join(f" {_LABEL_SETTINGS[k]}{r.settings.get(k)}" for k in varying)
-        arm = " (reference)" if r.kind == REFERENCE_ARM else ""
+        arm = {REFERENCE_ARM: " (reference)", PEER_ARM: " (peer)"}.get(r.kind, "")
         out.append(replace(r, label=f"R{i + 1} {r.backend} {device} {r.kernel}{extra}{arm}"))
     return out
 
@@ -491,12 +494,14 @@ def summarize_benchmark(data: Mapping[str, Any], path: str) -> list[RunSummary]:
 
 def group_entries(entries: Sequence[BenchEntry]) -> list[list[BenchEntry]]:
     """Entries grouped by arm and requested attention kernel, our arm first (it is the baseline)."""
-    groups: dict[tuple[str, str], list[BenchEntry]] = {}
+    groups: dict[tuple[str, str, str], list[BenchEntry]] = {}
     for e in entries:
         requested = e.case.attention_requested or (e.case.attention or {}).get("requested") or e.params.get("attn") \
             or "unknown"
-        groups.setdefault((e.case.arm, str(requested)), []).append(e)
-    return [g for _, g in sorted(groups.items(), key=lambda kv: kv[0][0] == "reference")]
+        groups.setdefault((e.case.arm, str(requested), str(e.params.get("peer") or "")), []).append(e)
+    # Ours first (the baseline), then the reference, then the peer stacks.
+    order = {"ours": 0, "reference": 1}
+    return [g for _, g in sorted(groups.items(), key=lambda kv: order.get(kv[0][0], 2))]
 
 
 def summarize_entries(entries: Sequence[BenchEntry], data: Mapping[str, Any], path: str) -> RunSummary:
@@ -516,6 +521,8 @@ def summarize_entries(entries: Sequence[BenchEntry], data: Mapping[str, Any], pa
     requested = cases[0].attention_requested or entries[0].params.get("attn") or "unknown"
     ran = _first(c.kernel_ran for c in cases)
     kernel = ran or (f"{requested} (out of memory)" if all(c.oom for c in cases) else requested)
+    if entries[0].params.get("peer"):  # a peer stack's case is named by its stack, not its attention kernel
+        kernel = f"{entries[0].params['peer']}: {kernel}"
     fingerprint = {**fp, "git_commit": fp.get("git_commit") or commit.get("id"),
                    "git_dirty": fp.get("git_dirty", commit.get("dirty"))}
     quantization = _first(c.quantization for c in cases) or {}

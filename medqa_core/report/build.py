@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medqa_core.compare.inputs import REFERENCE_ARM, RunSummary
+from medqa_core.compare.inputs import REFERENCE_ARM, SPEED_ONLY_ARMS, RunSummary
 from medqa_core.compare.pairs import adapter_trainers, compare_runs, same_adapter
 from medqa_core.compare.parity import Finding, PairParity, Tolerances, judge_pair
 
@@ -52,7 +52,7 @@ def build_report(runs: Sequence[RunSummary], tol: Tolerances) -> Report:
         CompareError: runs that cannot be compared.
     """
     baseline, others = runs[0], runs[1:]
-    pairs = tuple(compare_runs(baseline, r, tol) for r in others if r.kind != REFERENCE_ARM)
+    pairs = tuple(compare_runs(baseline, r, tol) for r in others if r.kind not in SPEED_ONLY_ARMS)
     adapter_pairs = tuple(compare_runs(t, s, tol) for t, s in adapter_trainers(runs) if t is not baseline)
     findings = tuple(f for p in (*pairs, *adapter_pairs) for f in judge_pair(p, tol))
     return Report(tuple(runs), baseline, pairs, adapter_pairs, findings, tol, _report_notes(runs))
@@ -61,6 +61,8 @@ def build_report(runs: Sequence[RunSummary], tol: Tolerances) -> Report:
 def _report_notes(runs: Sequence[RunSummary]) -> tuple[str, ...]:
     notes = [f"{r.rid} is bench/'s reference arm (the common-guide QLoRA recipe on its own model folder): shown for "
              "speed and memory, not compared for parity." for r in runs if r.kind == REFERENCE_ARM]
+    notes += [f"{r.rid} is a peer stack's arm of bench/ (bench_peers.py): shown for speed and memory, not compared for "
+              "parity." for r in runs if r.kind == "benchmark:peer"]
     same: dict[tuple[Path, str, str], list[str]] = {}  # one file given twice (a benchmark file holds several runs)
     for r in runs:
         same.setdefault((Path(r.path).resolve(), r.kind, r.kernel), []).append(r.rid)
