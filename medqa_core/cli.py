@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "$GITHUB_STEP_SUMMARY when it is set.",
                        epilog=_examples("medqa-parity gate --baseline base.json --candidate new.json",
                                         "medqa-parity gate --config .ci/gate.toml --baseline "
-                                        "results/bench/Linux-CPython-3.11-64bit/0005_cpu-ci.json --candidate "
+                                        "results/bench/Linux-CPython-3.11-64bit/0007_cpu-ci.json --candidate "
                                         "/tmp/candidate.json",
                                         "medqa-parity gate --baseline a.json --candidate b.json --threshold speed_pct=20"))
     p.add_argument("--baseline", required=True, metavar="RUN", help="run record or pytest-benchmark JSON")

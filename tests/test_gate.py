@@ -476,7 +476,7 @@ def test_machine_check_without_measurements_compares_and_says_so():
 
 # ---- bad input never passes silently (issue 22, item 5) -----------------------------------------------
 
-CI_BASELINE = ROOT / "results" / "bench" / "Linux-CPython-3.11-64bit" / "0005_cpu-ci.json"
+CI_BASELINE = ROOT / "results" / "bench" / "Linux-CPython-3.11-64bit" / "0007_cpu-ci.json"
 
 
 def _gate_files(tmp_path: Path, baseline: dict, candidate: dict, capsys, *extra: str) -> tuple[int, str, str]:
