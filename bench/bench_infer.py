@@ -32,8 +32,8 @@ def _generate(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_id: int,
               numerics: Numerics, **options: Any) -> Callable[[], int]:
     """A greedy ``generate`` of exactly ``new_tokens`` (min = max, so EOS cannot stop it early).
 
-    Under autocast to the run's compute dtype, as scoring and training run: LoRA's fp32 weights would otherwise run their
-    matmuls in fp32.
+    Under autocast to the run's compute dtype, as scoring and training run: LoRA's fp32 weights would otherwise
+    run their matmuls in fp32.
     """
     mask = torch.ones_like(input_ids)  # [B, T]: rows are full-length prompts, no padding
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medqa_core.config import ATTN_KERNELS
 
@@ -79,9 +80,24 @@ def attention_context(choice: AttentionChoice) -> Iterator[None]:
         yield
 
 
+class _OpRecorder(TorchDispatchMode):
+    """Names every aten op a block runs, without the profiler (whose native start/stop lines reach the console)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice,
-                  position_ids: torch.Tensor | None = None) -> str:
-    """Run one forward under the profiler and name the attention op that ran.
+                  position_ids: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None) -> str:
+    """Run one forward and name the attention op that ran.
+
+    The ops are read off the dispatcher; flex attention, a higher-order op that no dispatch mode sees
+    inside, is read off the profiler instead.
 
     Args:
         model: a causal LM taking ``input_ids``.
@@ -89,6 +105,8 @@ def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice,
         choice: the resolved --attn choice (its context applies).
         position_ids: [B, T] restarting inside a row, to probe the packed (masked) path that
             training and scoring take; SDPA may pick another kernel with a mask than without.
+        autocast_dtype: the run's autocast dtype (None: no autocast, fp32): SDPA picks its kernel by dtype,
+            so the probe runs as training and scoring do.
 
     Returns:
         e.g. ``"sdpa-flash"``, ``"sdpa-math"``, or ``"eager"`` when no fused attention op ran.
@@ -98,8 +116,11 @@ def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice,
     """
     from torch.profiler import ProfilerActivity, profile
 
+    autocast = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None \
+        else contextlib.nullcontext()
+    recorder = profile(activities=[ProfilerActivity.CPU]) if choice.requested == "flex" else _OpRecorder()
     try:
-        with torch.no_grad(), attention_context(choice), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.no_grad(), attention_context(choice), autocast, recorder:
             model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     except RuntimeError as e:
         if not any(s in str(e).lower() for s in ("no available kernel", "no viable backend")):
@@ -107,7 +128,7 @@ def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice,
         raise AttentionError(f"--attn {choice.requested} cannot run on {input_ids.device.type} with this model "
                              f"(torch: {str(e).splitlines()[0]}); pick another --attn, or sdpa to let torch choose"
                              ) from e
-    names = {event.name for event in prof.events()}
+    names = recorder.names if isinstance(recorder, _OpRecorder) else {event.name for event in recorder.events()}
     for op, kernel in _KERNEL_OPS:
         if any(op in name for name in names):
             return kernel

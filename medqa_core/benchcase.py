@@ -18,7 +18,6 @@ Fields not named below (compile state, dynamo counters, per-round losses, ...) a
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +144,8 @@ class BenchCase:
         """The case in one line: its rate and, for accuracy, the score ("1,234 real tokens/s, MFU 3.1%, ...")."""
         if self.oom is not None:
             return self.oom.text
+        if self.details.get("skipped_reason"):  # a case that could not run here (a peer stack not installed, ...)
+            return f"skipped: {self.details['skipped_reason']}"
         if self.tokens_per_s is not None:
             mfu = ("-" if self.mfu is None else f"{100 * self.mfu:.1f}% of the measured peak") \
                 if self.mfu_datasheet is None else f"{100 * self.mfu_datasheet:.1f}% of the datasheet peak"

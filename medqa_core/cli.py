@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -241,8 +242,8 @@ def interrupted_line(failure: dict[str, Any], path: Any) -> str:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.distributed import launched_by_torchrun
-    from medqa_core.printout import summary_lines
     from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
+    from medqa_core.printout import summary_lines
     from medqa_core.run import execute
 
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
@@ -490,6 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     # transformers and bitsandbytes are chatty at INFO; their warnings still show.
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model: its warning, not
+    # ours (our calls use the activation_checkpointing_* names), shown on every run otherwise.
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # bitsandbytes' CPU backend would fetch a faster 4-bit kernel from the Hub (the `kernels` package); offline
+    # that is never possible, and its warning on every run says nothing a user can act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     for name in ("transformers", "bitsandbytes", "peft", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:

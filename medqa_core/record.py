@@ -11,6 +11,9 @@ Fields of a record (units in names):
     model            name, source, parameter counts, quantization read back from a layer.
     numerics         the compute dtype that ran (requested, compute_dtype, reason); null in records
                      written before it was recorded, which all computed in bf16.
+    phases_s         wall seconds of each phase: load (data, model, preset generation), score_before,
+                     compile (the warm-up before step 1), train (the steps, checkpoints, the adapter's save),
+                     score_after; null in older records.
     attention        requested kernel and the one the profiler saw run.
     train            TrainResult or null.
     eval_before      EvalResult of the base model (LoRA not applied) or null.
@@ -110,6 +113,7 @@ class RunRecord:
     wall_time_s: float | None = None  # the whole job: loading, scoring, training
     failure: dict[str, Any] | None = None  # e.g. an out-of-memory: phase, configuration, memory at the time
     numerics: dict[str, Any] | None = None  # numerics.Numerics.as_dict(); None: an older record (bf16)
+    phases_s: dict[str, float] | None = None  # wall seconds: load, score_before, compile, train, score_after
     created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -142,7 +146,7 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     if found != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
-    d = {"wall_time_s": None, "failure": None, "numerics": None, **d}  # added within schema 1: older files lack them
+    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, **d}  # added within schema 1: older files lack them
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:

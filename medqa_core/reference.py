@@ -102,7 +102,8 @@ def load_reference(cfg: RunConfig, device: torch.device | None = None) -> Refere
     # the first time an eval-mode layer sees a no-grad input, and the repacked kernel has no autograd.
     model.train()
     probe = torch.tensor([tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]], device=device)
-    kernel_ran = detect_kernel(model, probe, attention)
+    kernel_ran = detect_kernel(model, probe, attention,
+                               autocast_dtype=None if numerics.torch_dtype == torch.float32 else numerics.torch_dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,

@@ -118,7 +118,8 @@ def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.d
     packed = cfg.train.packing or cfg.eval.packing
     probe = torch.tensor([ids + ids if packed else ids], device=device)
     positions = torch.tensor([list(range(len(ids))) * 2], device=device) if packed else None
-    kernel_ran = detect_kernel(model, probe, attention, positions)
+    kernel_ran = detect_kernel(model, probe, attention, positions,
+                               None if numerics.torch_dtype == torch.float32 else numerics.torch_dtype)
     logger.info("model %s on %s, attention %s ran as %s, compute %s (%s)", model_dir, device, attention.requested,
                 kernel_ran, numerics.compute_dtype, numerics.reason)
     return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant, numerics)
@@ -216,6 +217,15 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             preset_dir(str(cfg.model.preset), cfg.model.seed)  # generated once, not by every rank
         barrier()
     session = load_session(cfg, adapter_dir=adapter_dir, device=device)
+    # Wall seconds of each phase, so a run's time to result splits into load, compile, train and score.
+    phases: dict[str, float] = {"load": time.perf_counter() - started}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+
     tok, device, attention = session.tokenizer, session.device, session.attention
     results: dict[str, Any] = {"eval_before": None, "train": None, "eval_after": None}
     saved_adapter, failure = None, None
@@ -229,6 +239,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                               splits.eval_name, _bar(progress, phase, stop),
                                               numerics=session.numerics)
+            lap("score_before")
         if kind in ("run", "train"):
             phase = "fine-tune"
             examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
@@ -241,11 +252,15 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             if info.is_main:
                 saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
+            lap("train")
+            compile_s = (results["train"].compile or {}).get("warmup_s", 0.0)
+            phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
             results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                              splits.eval_name, _bar(progress, phase, stop),
                                              numerics=session.numerics)
+            lap("score_after")
     except Interrupted as e:  # a result too: what finished is kept, training continues with --resume
         failure = e.as_failure(phase)
         logger.warning("%s during %s", e, phase)
@@ -267,6 +282,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         adapter_dir=saved_adapter or adapter_dir, numerics=session.numerics.as_dict(),
         notes=_notes(session, splits.notes if kind != "evaluate" else ()),
         wall_time_s=time.perf_counter() - started, failure=failure,
+        phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "score_after") if k in phases},
     )
     path = save_record(record, cfg.results_dir) if info.is_main else None
     barrier()

@@ -354,7 +354,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             seed = step_seed(cfg.seed, step, info.rank)
             torch.manual_seed(seed)  # dropout's masks: a resumed run draws the same ones without replaying
             with Timer(device) as timer:
-                loss_value = trainer(batch, lambda: torch.manual_seed(seed))
+                loss_value = trainer(batch, lambda seed=seed: torch.manual_seed(seed))
             n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled \
                 else int(batch["n_tokens"])
             if not math.isfinite(loss_value):

@@ -271,7 +271,8 @@ def peers_table(results: Path) -> str:
             best = ours.get(c.batch_size)
             over = f"{best.tokens_per_s / c.tokens_per_s:.2f}x" if best and c.arm != "ours" else "-"
             ref = f"{c.speedup_vs_reference:.2f}x" if c.speedup_vs_reference else "-"
-            rows.append(f"| {device} | {label} | {c.batch_size} | {c.tokens_per_s:,.0f} | {c.peak_mem_gib:.1f} GiB | {ref} "
+            peak = "n/a" if c.peak_mem_gib is None else f"{c.peak_mem_gib:.1f} GiB"
+            rows.append(f"| {device} | {label} | {c.batch_size} | {c.tokens_per_s:,.0f} | {peak} | {ref} "
                         f"| {over} | [{path.name}]({_link(results, path)}) |")
     return "\n".join(rows)
 

@@ -13,7 +13,6 @@ question and the training loss step by step.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 

@@ -139,7 +139,7 @@ def _settings_text(report: Report) -> tuple[str, ...]:
     for pair in (*report.pairs, *report.adapter_pairs):
         if not pair.measures_settings:
             continue
-        a, b = runs[pair.a], runs[pair.b]
+        a = runs[pair.a]
         where = f"both {a.backend}, {a.device}"
         parts = []
         for ph in pair.phases:

@@ -1,0 +1,288 @@
+"""The timing harness of bench/: one model in memory at a time (ModelSlot), a case's timed rounds over a
+synchronizing target (Case, Rounds), and an out-of-memory in a case recorded as its result."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import pytest
+import torch
+
+from medqa_core.attention import AttentionError
+from medqa_core.benchcase import BenchCase
+from medqa_core.config import (
+    RunConfig,
+)
+from medqa_core.failure import OomFailure
+from medqa_core.fingerprint import detect_backend
+from medqa_core.hardware import EnergyMeter
+from medqa_core.peers import PeerArm, load_peer
+from medqa_core.reference import ReferenceArm, load_reference
+from medqa_core.run import Session, load_session
+from medqa_core.timing import (
+    Stats,
+    Timer,
+    free_device_memory,
+    host_rss_gib,
+    is_oom,
+    memory_allocated_gib,
+    peak_memory_gib,
+    reset_peak_memory,
+    synchronize,
+)
+
+logger = logging.getLogger("medqa_core.bench")
+
+T = TypeVar("T")
+_NO_SDPA_KERNEL = ("No available kernel", "No viable backend")  # torch's words when a forced SDPA backend cannot run
+
+
+def _through_schema(benchmark: Any) -> None:
+    """Check the case's extra_info against the one schema (medqa_core.benchcase) and save it as that writes it."""
+    info = BenchCase.from_extra_info(benchmark.extra_info, benchmark.name).to_extra_info()
+    benchmark.extra_info.clear()
+    benchmark.extra_info.update(info)
+
+
+class ModelSlot:
+    """Holds at most one loaded model, so a 7B reference arm and ours are never in memory together.
+
+    A kernel that cannot run here is skipped with torch's or our reason, once per kernel.
+    """
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self._key: tuple[str, ...] | None = None
+        self._value: Any = None
+        self._skipped: dict[tuple[str, ...], str] = {}
+
+    def ours(self, kernel: str) -> Session:
+        """Our QLoRA session (NF4 base + fresh LoRA) with ``kernel`` as its attention."""
+        cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, attn=kernel))
+        return self._get(("ours", kernel), lambda: load_session(cfg))
+
+    def reference(self) -> ReferenceArm:
+        """The common-guide QLoRA model (see medqa_core.reference)."""
+        return self._get(("reference",), lambda: load_reference(self.cfg, self.device))
+
+    def peer(self, stack: str) -> PeerArm:
+        """A peer stack's arm (medqa_core.peers); raises PeerUnavailable, with its reason, where it cannot run."""
+        return self._get(("peer", stack), lambda: load_peer(stack, self.cfg, self.device))
+
+    def _get(self, key: tuple[str, ...], load: Callable[[], T]) -> T:
+        if key in self._skipped:
+            pytest.skip(self._skipped[key])
+        if key == self._key:
+            return self._value
+        self.release()
+        try:
+            value = load()
+        except AttentionError as e:
+            self._skipped[key] = f"attention kernel {key[-1]!r} cannot run here: {e}"
+            pytest.skip(self._skipped[key])
+        except RuntimeError as e:
+            # torch's answer when a forced SDPA backend has no kernel for this device/dtype/shape.
+            if not any(m in str(e) for m in _NO_SDPA_KERNEL):
+                raise
+            self._skipped[key] = f"attention kernel {key[-1]!r} cannot run here: {str(e).splitlines()[0]}"
+            pytest.skip(self._skipped[key])
+        self._key, self._value = key, value
+        return value
+
+    def release(self) -> None:
+        """Drop the loaded model (undoing a peer's patches) and return its device memory."""
+        close = getattr(self._value, "close", None)
+        self._key = self._value = None
+        if close is not None:
+            close()
+        free_device_memory(self.device)
+
+
+@dataclass
+class Rounds:
+    """The timed rounds of one case (warm-up rounds left out)."""
+
+    times_s: list[float]  # one per round, between two device synchronizations
+    outputs: list[Any]  # what the target returned each round
+    joules: float | None  # summed over the rounds; None without an energy meter
+    peak_mem_gib: float | None  # device peak over warm-up and timed rounds; None on CPU
+
+    @property
+    def stats(self) -> Stats:
+        return Stats.from_values(self.times_s)
+
+
+class _RoundOOM(Exception):
+    """Carries an out-of-memory caught inside benchmark.pedantic out to :meth:`Case.guard`."""
+
+    def __init__(self, details: dict[str, Any]) -> None:
+        super().__init__(details["message"])
+        self.details = details
+
+
+def _oom_details(exc: BaseException, device: torch.device, during: str) -> dict[str, Any]:
+    # Read while the failed step's tensors are still referenced: this is the memory at the time.
+    # The same schema as a run record's failure (medqa_core.failure).
+    return OomFailure(phase=during, message=str(exc).strip().splitlines()[0] if str(exc).strip() else
+                      type(exc).__name__, memory_allocated_gib=memory_allocated_gib(device),
+                      peak_mem_gib=peak_memory_gib(device), host_rss_gib=host_rss_gib()).to_dict()
+
+
+class Case:
+    """One benchmark case: times a synchronizing target through ``benchmark.pedantic`` and turns an
+    out-of-memory anywhere in the case into that case's recorded result."""
+
+    def __init__(self, benchmark: Any, device: torch.device, meter: EnergyMeter) -> None:
+        self.benchmark = benchmark
+        self.device = device
+        self.meter = meter
+        self._timed = False
+
+    @contextlib.contextmanager
+    def guard(self, **configuration: Any) -> Iterator[Case]:
+        """Run the case's body; an OOM in it is recorded, memory freed, and the suite goes on.
+
+        The configuration goes into ``extra_info`` at once, and into ``extra_info["oom"]`` with the
+        error's first line (``message``) and the memory allocated when it happened. A case that ran out before
+        timing anything still times a no-op, so it appears in the saved file.
+        """
+        self.benchmark.extra_info.update(configuration)
+        oom: dict[str, Any] | None = None
+        try:
+            yield self
+        except _RoundOOM as e:
+            oom = e.details
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            oom = _oom_details(e, self.device, "outside the timed rounds")
+        if oom is None:
+            _through_schema(self.benchmark)
+            return
+        # Outside the except block: the exception and the frames it held are gone, so their tensors can go.
+        free_device_memory(self.device)
+        self.benchmark.extra_info["oom"] = oom  # the configuration is in extra_info beside it
+        logger.warning("%s: out of memory (%s) during %s", self.benchmark.name, oom["message"], oom["phase"])
+        if not self._timed:
+            self._timed = True
+            self.benchmark.pedantic(_noop, rounds=1, warmup_rounds=0, iterations=1)
+        _through_schema(self.benchmark)
+
+    def skip(self, reason: str) -> NoReturn:
+        """Skip the case, keeping it in the saved file: ``extra_info["skipped_reason"]``, and a no-op timed."""
+        self.benchmark.extra_info["skipped_reason"] = reason
+        logger.warning("%s: skipped: %s", self.benchmark.name, reason)
+        if not self._timed:
+            self._timed = True
+            self.benchmark.pedantic(_noop, rounds=1, warmup_rounds=0, iterations=1)
+        _through_schema(self.benchmark)  # saved as every other case is: through the one schema
+        pytest.skip(reason)
+
+    def time(self, target: Callable[[], Any], rounds: int, warmup_rounds: int) -> Rounds:
+        """Time ``target`` with ``benchmark.pedantic`` (one call per round, device synchronized around it).
+
+        Args:
+            target: the work of one round; its return value is kept per timed round.
+            rounds: timed rounds.
+            warmup_rounds: untimed rounds first.
+
+        Returns:
+            The timed rounds' times (medqa_core.timing.Timer), outputs, energy and peak memory.
+
+        Raises:
+            _RoundOOM: a round ran out of memory (the remaining rounds were skipped); handled by :meth:`guard`.
+        """
+        # pytest-benchmark calls the target once, without warm-up, under --benchmark-disable.
+        warmup = warmup_rounds if self.benchmark.enabled else 0
+        meter = self.meter if self.meter.available else None
+        times: list[float] = []
+        outputs: list[Any] = []
+        joules: list[float] = []
+        failure: list[dict[str, Any]] = []
+        calls = 0
+
+        def guarded() -> None:
+            nonlocal calls
+            if failure:
+                return  # the case already ran out of memory: the remaining rounds are no-ops
+            calls += 1
+            warm = calls <= warmup
+            try:
+                synchronize(self.device)
+                start_j = meter.read_j() if meter else 0.0
+                with Timer(self.device) as timer:
+                    out = target()
+                end_j = meter.read_j() if meter else 0.0
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                # An exception escaping pedantic would drop the case from the saved file.
+                failure.append(_oom_details(e, self.device, f"{'warm-up' if warm else 'timed'} round {calls}"))
+                return
+            if not warm:
+                times.append(timer.elapsed_s)
+                outputs.append(out)
+                joules.append(end_j - start_j)
+
+        reset_peak_memory(self.device)
+        self._timed = True
+        self.benchmark.pedantic(guarded, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        if failure:
+            raise _RoundOOM(failure[0])
+        return Rounds(times, outputs, sum(joules) if meter else None, peak_memory_gib(self.device))
+
+    def measure(self, fn: Callable[[], Any], rounds: int, warmup_rounds: int) -> Stats:
+        """Time ``fn`` outside pedantic, e.g. the time to first token a decode case subtracts.
+
+        Args:
+            fn: one call's work.
+            rounds: timed calls.
+            warmup_rounds: untimed calls first.
+
+        Returns:
+            Seconds per call (medqa_core.timing.Timer around each, device synchronized).
+        """
+        for _ in range(warmup_rounds):
+            fn()
+        values = []
+        for _ in range(rounds):
+            with Timer(self.device) as timer:
+                fn()
+            values.append(timer.elapsed_s)
+        return Stats.from_values(values)
+
+    def joules_per(self, rounds: Rounds, units_per_round: float) -> float | str:
+        """Energy per unit (token, question) over the timed rounds, or ``"unavailable"``."""
+        if rounds.joules is None:
+            return "unavailable"
+        return rounds.joules / (units_per_round * len(rounds.times_s))
+
+    def memory_info(self, rounds: Rounds) -> dict[str, Any]:
+        return {"peak_mem_gib": rounds.peak_mem_gib, "host_rss_gib": host_rss_gib()}
+
+    def session_info(self, session: Session) -> dict[str, Any]:
+        """What every case of ours records about the loaded model (as a run record does)."""
+        return {
+            "arm": "ours",
+            "backend": detect_backend(),
+            "model": session.config.model.name,
+            "weights": "local folder" if session.config.model.path else
+                       f"random preset (seed {session.config.model.seed}): speed, not medical knowledge",
+            "attention": {"requested": session.attention.requested, "ran": session.kernel_ran,
+                          "attn_implementation": session.attention.attn_implementation},
+            "quantization": dataclasses.asdict(session.quant),
+            "compute_dtype": session.numerics.compute_dtype,
+            "numerics": session.numerics.as_dict(),
+        }
+
+
+def _noop() -> None:
+    return None
+
+
