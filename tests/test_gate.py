@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -411,10 +412,13 @@ def test_ci_gate_fails_a_20_percent_slowdown_of_every_case(tmp_path, capsys):
     assert code == 1
     failed = _failed(out)
     assert len(failed) == 7  # every timed case's throughput; memory, accuracy and parity hold
-    assert all(" -20.0% vs baseline (threshold -15%), Mann-Whitney p = 0.00397 (5 vs 5 rounds); raw " in line
+    # speed_pct 15 for every case, train_tokens_per_s_pct 19 for the train cases (.ci/gate.toml says why).
+    assert all(re.search(r" -20\.0% vs baseline \(threshold -(15|19)%\), Mann-Whitney p = 0\.00397 \(5 vs 5 rounds\); "
+                         r"raw ", line)
                and "machine within 10% (matmul FLOP/s +0.0%, copy bandwidth +0.0%); regressed" in line
                for line in failed)
-    assert any(line.startswith("test_train_ours[sdpa]: train tokens/s -20.0%") for line in failed)
+    assert any(line.startswith("test_train_ours[sdpa]: train tokens/s -20.0% vs baseline (threshold -19%)")
+               for line in failed)
 
 
 def test_ci_gate_passes_the_same_build_on_a_machine_20_percent_slower(tmp_path, capsys):
