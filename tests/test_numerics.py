@@ -112,3 +112,21 @@ def test_nf4_blocksize_128_quantizes_again_from_the_checkpoint(tiny_config, ques
     assert (default_scores - wide_scores).abs().mean() < 0.5 * default_scores.std()
     again, again_scores = _scores(tiny_config, questions, nf4_blocksize=64)  # the default asked for by name
     assert torch.equal(again_scores, default_scores)
+
+
+def test_fp16_training_runs_with_a_gradient_scaler(tiny_config, tmp_path) -> None:
+    """fp16 (GPUs without bf16: V100, T4, MI100) trains through a GradScaler; its record says fp16 ran."""
+    from medqa_core.config import TrainConfig
+    from medqa_core.run import execute
+
+    cfg = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, dtype="fp16"),
+                              train=TrainConfig(max_steps=3, batch_size=4, lr=1e-2), results_dir=str(tmp_path))
+    record, path = execute(cfg, kind="train", adapter_out=str(tmp_path / "adapter"))
+    assert record.numerics["compute_dtype"] == "float16" and record.numerics["reason"] == "--dtype fp16"
+    assert record.model["quantization"]["compute_dtype"] == "float16"
+    losses = record.train.loss_per_step
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    from medqa_core.train import make_scaler
+
+    assert make_scaler(CPU, resolve_numerics("fp16", CPU)).is_enabled()
+    assert not make_scaler(CPU, resolve_numerics("bf16", CPU)).is_enabled()
