@@ -245,7 +245,9 @@ def peers_table(results: Path) -> str:
     newest: dict[str, tuple[str, Path, dict]] = {}
     for path in result_files(results, "bench/*/*.json"):
         data = _json(path)
-        if any(b["name"].startswith("test_train_peer") for b in data["benchmarks"]):
+        ran = [b for b in data["benchmarks"] if b["name"].startswith("test_train_peer")
+               and b["extra_info"].get("tokens_per_s") is not None]
+        if ran:  # a file where at least one peer stack ran (skips alone are listed in docs/peers.md's own runs)
             device = device_label(data["machine_info"].get("medqa_fingerprint", {}))
             found = (data.get("datetime", ""), path, data)
             newest[device] = max(newest.get(device, found), found, key=lambda f: f[0])
@@ -256,7 +258,7 @@ def peers_table(results: Path) -> str:
     for device, (_, path, data) in sorted(newest.items()):
         cases = _cases(data)
         ours = {c.batch_size: c for n, c in cases.items() if c.arm == "ours" and c.tokens_per_s}
-        for name, c in cases.items():
+        for name, c in ((n, c) for n, c in cases.items() if n.startswith("test_train")):
             if c.arm == "ours":
                 label = f"ours (`{c.profile or 'default'}`)"
             elif c.arm == "reference":
@@ -290,7 +292,10 @@ def _latest_gpu_benches(results: Path) -> list[tuple[str, dict]]:
     for path in result_files(results, "bench/*/*.json"):
         data = _json(path)
         gpu = data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name")
-        if gpu and any(b["name"].startswith("test_train_profile") for b in data["benchmarks"]):
+        names = [b["name"] for b in data["benchmarks"]]
+        # A full bench run: training profiles and scoring (a peers-only or decode-only file is not one).
+        if gpu and any(n.startswith("test_train_profile") for n in names) and any(n.startswith("test_scoring")
+                                                                                  for n in names):
             found = (data.get("datetime", ""), f"{path.parent.name}/{path.name}", data)
             newest[gpu] = max(newest.get(gpu, found), found, key=lambda f: f[:2])
     return [(f, data) for _, f, data in sorted(newest.values(), key=lambda f: f[1])]
