@@ -48,54 +48,52 @@ def _model_config(folder):
     return ModelConfig(path=str(folder))
 
 
-def test_no_graph_compiles_after_the_warm_up(model_and_examples) -> None:
+@pytest.fixture()
+def trainer(model_and_examples):
+    """Our training step on the tiny model, compiled; Dynamo's graphs counted through "aot_eager".
+
+    Dynamo decides what compiles and when (guards, automatic dynamic shapes) whatever the backend; the
+    "aot_eager" backend traces forward and backward as Inductor's does but generates no code, so these tests
+    count the same graphs in seconds instead of minutes.
+    """
     from medqa_core.attention import resolve_attention
 
-    model, tok, examples = model_and_examples
+    model, tok, _ = model_and_examples
     cfg = TrainConfig(batch_size=6, pack_len=PACK_LEN, compile="on")
-    trainer = prepare_training(model, cfg, CPU, resolve_attention("sdpa"), tok.pad_token_id, NUMERICS)
-    if not trainer.compiled.ran:
-        pytest.skip(f"torch.compile cannot run here: {trainer.compiled.detail}")
-    # Dynamo decides what compiles and when (guards, automatic dynamic shapes) whatever the backend; the
-    # "aot_eager" backend traces forward and backward as Inductor's does but generates no code, so this
-    # test counts the same graphs in seconds instead of minutes.
-    trainer.compiled.counter.backend = "aot_eager"
-    try:
-        batches = iter_batches(examples, cfg.batch_size, cfg.seed)
-        # Two epochs of 40 questions at 6 a batch: batches of 6 and the short last batch of 4, of varying lengths.
-        steps = [next(batches)[1] for _ in range(14)]
-        shapes = {tuple(trainer.collate(b)["input_ids"].shape) for b in steps}
-        assert len(shapes) >= 2 and {w for _, w in shapes} == {PACK_LEN}  # row counts vary, one width
-        assert any(len(b) < cfg.batch_size for b in steps)  # the last short batch is among them
-        trainer.warm_up(trainer.collate(steps[0]))
-        warm = trainer.compiled.counter.graphs
-        # A bounded few (4 here, and 4 on an H200 with Inductor at d98e716), whatever the batches to come.
-        assert 1 <= warm <= 4 and trainer.compiled.warmup_graphs == warm
-        for step in steps:
-            loss = trainer(trainer.collate(step))
-            assert loss > 0
-        assert trainer.compiled.graphs_per_step == [0] * len(steps)
-        assert trainer.compiled.as_dict()["recompiles"] == 0 and trainer.compiled.counter.graphs == warm
-    finally:
-        trainer.close()
-        torch._dynamo.reset()
+    step = prepare_training(model, cfg, CPU, resolve_attention("sdpa"), tok.pad_token_id, NUMERICS)
+    if not step.compiled.ran:
+        step.close()
+        pytest.skip(f"torch.compile cannot run here: {step.compiled.detail}")
+    step.compiled.counter.backend = "aot_eager"
+    yield step
+    step.close()
+    torch._dynamo.reset()
 
 
-def test_dynamic_shapes_would_recompile_without_the_static_collate(model_and_examples) -> None:
+def _two_epochs(examples, trainer):
+    """Two epochs of 40 questions at 6 a batch: batches of 6 and the short last batch of 4, of varying lengths."""
+    batches = iter_batches(examples, trainer.cfg.batch_size, trainer.cfg.seed)
+    return [next(batches)[1] for _ in range(14)]
+
+
+def test_no_graph_compiles_after_the_warm_up(model_and_examples, trainer) -> None:
+    steps = _two_epochs(model_and_examples[2], trainer)
+    shapes = {tuple(trainer.collate(b)["input_ids"].shape) for b in steps}
+    assert len(shapes) >= 2 and {w for _, w in shapes} == {PACK_LEN}  # row counts vary, one width
+    assert any(len(b) < trainer.cfg.batch_size for b in steps)  # the last short batch is among them
+    trainer.warm_up(trainer.collate(steps[0]))
+    warm = trainer.compiled.counter.graphs
+    # A bounded few (4 here, and 4 on an H200 with Inductor at d98e716), whatever the batches to come.
+    assert 1 <= warm <= 4 and trainer.compiled.warmup_graphs == warm
+    for step in steps:
+        assert trainer(trainer.collate(step)) > 0
+    assert trainer.compiled.graphs_per_step == [0] * len(steps)
+    assert trainer.compiled.as_dict()["recompiles"] == 0 and trainer.compiled.counter.graphs == warm
+
+
+def test_dynamic_shapes_would_recompile_without_the_static_collate(model_and_examples, trainer) -> None:
     """The contrast that makes the test above mean something: the old row-width-per-batch collate recompiles."""
-    from medqa_core.attention import resolve_attention
-
-    model, tok, examples = model_and_examples
-    cfg = TrainConfig(batch_size=6, pack_len=PACK_LEN, compile="on")
-    trainer = prepare_training(model, cfg, CPU, resolve_attention("sdpa"), tok.pad_token_id, NUMERICS)
-    if not trainer.compiled.ran:
-        pytest.skip(f"torch.compile cannot run here: {trainer.compiled.detail}")
-    trainer.compiled.counter.backend = "aot_eager"
-    try:
-        batches = iter_batches(examples, cfg.batch_size, cfg.seed)
-        for _ in range(14):
-            trainer(collate_packed(next(batches)[1], tok.pad_token_id, PACK_LEN))  # widths vary per batch
-        assert trainer.compiled.recompiles >= 2
-    finally:
-        trainer.close()
-        torch._dynamo.reset()
+    pad_id = model_and_examples[1].pad_token_id
+    for step in _two_epochs(model_and_examples[2], trainer):
+        trainer(collate_packed(step, pad_id, PACK_LEN))  # widths vary per batch
+    assert trainer.compiled.recompiles >= 2

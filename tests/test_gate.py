@@ -404,21 +404,18 @@ def test_ci_run_gates_with_the_thresholds_of_ci_gate_toml():
     assert gate_lines and all("--config .ci/gate.toml" in line for line in gate_lines)
     assert "--threshold" not in script  # one place for the numbers: .ci/gate.toml
     t = load_thresholds(CI_GATE, [])
-    assert t.machine_pct is not None and t.speed_pct < 20 and t.memory_pct < 15 and t.accuracy_pp < 5
+    assert t.machine_pct is not None and t.speed_pct < 30 and t.memory_pct < 15 and t.accuracy_pp < 5
 
 
-def test_ci_gate_fails_a_20_percent_slowdown_of_every_case(tmp_path, capsys):
-    code, out = _ci_gate(tmp_path, _slower(_bench(), 1.25), capsys)
+def test_ci_gate_fails_a_30_percent_slowdown_of_every_case(tmp_path, capsys):
+    code, out = _ci_gate(tmp_path, _slower(_bench(), 1 / 0.7), capsys)
     assert code == 1
     failed = _failed(out)
     assert len(failed) == 7  # every timed case's throughput; memory, accuracy and parity hold
-    # speed_pct 15 for every case, train_tokens_per_s_pct 19 for the train cases (.ci/gate.toml says why).
-    assert all(re.search(r" -20\.0% vs baseline \(threshold -(15|19)%\), Mann-Whitney p = 0\.00397 \(5 vs 5 rounds\); "
-                         r"raw ", line)
+    assert all(" -30.0% vs baseline (threshold -25%), Mann-Whitney p = 0.00397 (5 vs 5 rounds); raw " in line
                and "machine within 10% (matmul FLOP/s +0.0%, copy bandwidth +0.0%); regressed" in line
                for line in failed)
-    assert any(line.startswith("test_train_ours[sdpa]: train tokens/s -20.0% vs baseline (threshold -19%)")
-               for line in failed)
+    assert any(line.startswith("test_train_ours[sdpa]: train tokens/s -30.0%") for line in failed)
 
 
 def test_ci_gate_passes_the_same_build_on_a_machine_20_percent_slower(tmp_path, capsys):
@@ -431,7 +428,7 @@ def test_ci_gate_passes_the_same_build_on_a_machine_20_percent_slower(tmp_path, 
 
 def test_ci_gate_still_fails_a_slowdown_when_one_machine_probe_moved_alone(tmp_path, capsys):
     # One unchanged CI run measured matmul FLOP/s +17.7% while copy bandwidth and the cases held: probe noise.
-    data = _slower(_bench(), 1.25)
+    data = _slower(_bench(), 1 / 0.7)
     data["machine_info"]["medqa_fingerprint"]["hardware"]["matmul_bf16_flops_per_s"] *= 1.177
     code, out = _ci_gate(tmp_path, data, capsys)
     assert code == 1
