@@ -79,7 +79,8 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool, evaluate: bool) -> N
                        help="split to fine-tune on; auto: train if present, else dev (default: %(default)s)")
         d.add_argument("--train-limit", type=int, help="use only the first N training questions")
     if evaluate:
-        d.add_argument("--eval-split", default=DEFAULTS.data.eval_split, help="split to evaluate (default: %(default)s)")
+        d.add_argument("--eval-split", default=DEFAULTS.data.eval_split,
+                       help="split to evaluate (default: %(default)s)")
         d.add_argument("--eval-limit", type=int, help="use only the first N evaluation questions")
 
 
@@ -461,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "medqa-parity gate --config .ci/gate.toml --baseline "
                                         "results/bench/Linux-CPython-3.11-64bit/0007_cpu-ci.json --candidate "
                                         "/tmp/candidate.json",
-                                        "medqa-parity gate --baseline a.json --candidate b.json --threshold speed_pct=20"))
+                                        "medqa-parity gate --baseline a.json --candidate b.json "
+                                        "--threshold speed_pct=20"))
     p.add_argument("--baseline", required=True, metavar="RUN", help="run record or pytest-benchmark JSON")
     p.add_argument("--candidate", required=True, metavar="RUN", help="the same kind of file, to be judged")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE",

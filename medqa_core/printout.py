@@ -78,7 +78,8 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
     if record.wall_time_s is not None:
         rows.append(("wall time", f"{record.wall_time_s:.0f} s, model loading included"))
     if record.phases_s:
-        rows.append(("time to result", ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in record.phases_s.items())))
+        phases = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in record.phases_s.items())
+        rows.append(("time to result", phases))
     rows.append(("record", str(path)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

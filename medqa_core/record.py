@@ -146,7 +146,8 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     if found != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
-    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, **d}  # added within schema 1: older files lack them
+    # Added within schema 1: older files lack them.
+    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, **d}
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:

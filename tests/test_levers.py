@@ -122,7 +122,8 @@ def test_compile_failure_falls_back_to_eager_visibly(fresh_model, tmp_path) -> N
     for layer in decoder_layers(model):
         layer._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(BackendCompilerFailed("no compiler"))
     restored = []
-    step = with_eager_fallback(lambda: train_step(StepLoss(model, NUMERICS), optimizer, scheduler, batch, CPU, _attention()),
+    step_loss = StepLoss(model, NUMERICS)
+    step = with_eager_fallback(lambda: train_step(step_loss, optimizer, scheduler, batch, CPU, _attention()),
                                model, state, lambda: restored.append(True))
     loss = step()
     assert loss > 0 and restored == [True]

@@ -117,8 +117,8 @@ def test_report_of_two_equal_runs_says_parity_holds(tmp_path):
     report, written = make_report(paths, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert report.verdict == "holds"
-    assert md.startswith("# medqa-parity report\n\n**Parity holds across 2 run records (baseline R1 cuda H100 80GB HBM3 "
-                         "sdpa-cudnn).**")
+    assert md.startswith("# medqa-parity report\n\n**Parity holds across 2 run records (baseline R1 cuda H100 80GB "
+                         "HBM3 sdpa-cudnn).**")
     assert "No ROCm run was compared: every input ran on cpu / cuda." in md
     for name in ("throughput", "memory", "accuracy", "loss", "logprob_drift"):
         png = tmp_path / "out" / f"{name}.png"

@@ -36,7 +36,8 @@ def test_rocm_build_is_detected_as_rocm(rocm) -> None:
 def test_bitsandbytes_floor_on_rocm(rocm, monkeypatch: pytest.MonkeyPatch, version: str, refused: bool) -> None:
     monkeypatch.setattr(bitsandbytes, "__version__", version)
     if refused:
-        with pytest.raises(ModelLoadError, match=f"bitsandbytes {version} on ROCm: 4-bit gave NaNs before {MIN_BNB_ROCM}"):
+        expected = f"bitsandbytes {version} on ROCm: 4-bit gave NaNs before {MIN_BNB_ROCM}"
+        with pytest.raises(ModelLoadError, match=expected):
             _check_bnb(GPU)
     else:
         _check_bnb(GPU)

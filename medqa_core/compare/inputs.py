@@ -307,7 +307,8 @@ def summarize_record(record: RunRecord, path: str) -> RunSummary:
     quantization = model.get("quantization") or {}
     return RunSummary(
         label="?", path=path, source="record", kind=record.kind, backend=str(fp.get("backend", "unknown")),
-        device=device_label(fp), kernel=str(record.attention.get("ran", "unknown")), model_name=_name(model.get("name")),
+        device=device_label(fp), kernel=str(record.attention.get("ran", "unknown")),
+        model_name=_name(model.get("name")),
         base_parameters=_base_parameters(params, trainable),
         seed=(record.config.get("model") or {}).get("seed") if model.get("source") == "preset" else None,
         quantization=quantization, fingerprint=fp, metrics=_record_metrics(record),
