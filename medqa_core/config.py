@@ -217,8 +217,8 @@ def train_profile(spec: str, base: TrainConfig | None = None) -> TrainConfig:
 
 
 # Questions per scoring forward when --eval-batch-size is not given: a GPU fills its matrix units only
-# with many prompts per call (64 scored the 1,273 test questions 2.7x faster than 8 on an H200, bench
-# 0acb3be); on 2 CPU cores larger batches buy nothing.
+# with many prompts per call (64 is what the bench scored with; docs/performance.md has the run beside it);
+# on 2 CPU cores larger batches buy nothing.
 EVAL_BATCH_DEFAULT = {"cuda": 64, "cpu": 8}
 
 
