@@ -34,7 +34,7 @@ from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import count_parameters
 from medqa_core.numerics import Numerics
 from medqa_core.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.train import prepare_training
+from medqa_core.train import adamw_fused, prepare_training
 
 pytestmark = pytest.mark.benchmark(group="train")
 
@@ -166,7 +166,9 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
     with case.guard(arm="ours", profile=profile, batch_size=tc.batch_size,
                     seq_len_max=max(e.n_tokens for b in examples for e in b), attention_requested=attn,
                     gradient_checkpointing=tc.gradient_checkpointing, checkpoint_layers=tc.checkpoint_layers,
-                    packing=tc.packing, compile_requested=tc.compile, memory_cap_gib=cap):
+                    packing=tc.packing, compile_requested=tc.compile, memory_cap_gib=cap,
+                    lora_dropout=tc.lora_dropout, adamw_fused=adamw_fused(tc, device),
+                    activation_budget=tc.activation_budget):
         info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,
                           device, attn, ours_results)
         peak = info["peak_mem_gib"]

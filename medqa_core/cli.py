@@ -8,6 +8,7 @@ its older name, still works and is not listed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -19,10 +20,12 @@ from typing import Any
 
 from medqa_core.config import (
     ATTN_KERNELS,
+    AUTO_PROFILE,
     BACKENDS,
     COMPILE_MODES,
     DTYPES,
     LOSS_ON,
+    MEMORY_CAP_GIB,
     NF4_BLOCKSIZES,
     PRESETS,
     QUANT_MODES,
@@ -107,8 +110,11 @@ def _settings_text(settings: dict[str, Any]) -> str:
 
 def _profile_help() -> str:
     names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in TRAIN_PROFILES.items())
+    caps = ", ".join(f"{name} <= {cap:g} GiB" for name, cap in MEMORY_CAP_GIB.items())
     return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one, "
-            "e.g. capped+batch_size=16")
+            f"e.g. capped+batch_size=16. Peak memory promised: {caps}. auto (the default unless a batch, "
+            "recompute, packing or compile flag is given): on a GPU the fastest of those that fits the card's "
+            "memory, on CPU default")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +159,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="data-parallel processes on this host, started through torchrun (default: %(default)s)")
 
 
+def train_flags_are_defaults(train: TrainConfig) -> bool:
+    """No flag that a profile sets (batch, recompute, packing, compile) was changed: "auto" may choose them."""
+    defaults = DEFAULTS.train
+    return all(getattr(train, key) == getattr(defaults, key) for key in
+               ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "packing", "pack_len"))
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Turn parsed arguments into a RunConfig (validation happens in the dataclasses)."""
     train = TrainConfig()
@@ -165,7 +178,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             packing=args.packing, pack_len=args.pack_len, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints, checkpoint_layers=args.checkpoint_layers, compile=args.compile,
         )
-        if args.profile:
+        if args.profile == AUTO_PROFILE or (args.profile is None and train_flags_are_defaults(train)):
+            train = dataclasses.replace(train, profile=AUTO_PROFILE)  # resolved on the device (run.resolve_profile)
+        elif args.profile:
             train = train_profile(args.profile, train)
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,

@@ -55,6 +55,9 @@ QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
 BACKENDS = ("auto", "cuda", "rocm", "cpu")
 LOSS_ON = ("answer", "all")
 COMPILE_MODES = ("auto", "on", "off")
+# AdamW's implementation: "fused" is one kernel for every LoRA tensor (CUDA, ROCm and CPU builds of torch have
+# it); "foreach" batches the tensors into a few multi-tensor kernels; "auto": fused on a GPU, foreach on CPU.
+ADAMW_IMPLS = ("auto", "foreach", "fused")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -139,6 +142,15 @@ class TrainConfig:
     # outweighs the padding that longer rows save (on the tiny preset, rows of 2048 were the slowest).
     pack_len: int = 1024
     timing_warmup_steps: int = 2  # steps left out of tokens/s (allocator, kernel selection)
+    # LoRA's dropout while training (None: the adapter's own, LoraSettings.dropout). 0 drops the dropout modules:
+    # each adapted layer then no longer keeps a dropped copy of its input for the backward, nor runs the mask.
+    lora_dropout: float | None = None
+    adamw: str = "auto"  # ADAMW_IMPLS
+    # Compiled layers only: the share (0..1) of a layer's activations the compiled backward may keep; below 1,
+    # Inductor's partitioner recomputes the cheapest ops (element-wise first) to fit: selective recompute
+    # inside the graph, where checkpointing a whole layer would redo its matmuls too. None: Inductor's default.
+    activation_budget: float | None = None
+    profile: str | None = None  # the --profile spec these settings came from (train_profile sets it)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
     seed: int = 0  # LoRA initialisation, dropout and data order
@@ -162,20 +174,35 @@ class TrainConfig:
                f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.timing_warmup_steps >= 0, f"timing_warmup_steps must be >= 0, got {self.timing_warmup_steps}")
+        _check(self.lora_dropout is None or 0.0 <= self.lora_dropout < 1.0,
+               f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(self.adamw in ADAMW_IMPLS, f"unknown adamw {self.adamw!r}; choose one of {', '.join(ADAMW_IMPLS)}")
+        _check(self.activation_budget is None or 0.0 <= self.activation_budget <= 1.0,
+               f"activation_budget must be in [0, 1], got {self.activation_budget}")
 
 
-# Named training settings (``--profile``), applied over TrainConfig's defaults. Batch sizes and the
-# checkpointed-layer count were chosen from runs of the mistral-7b preset (docs/performance.md has them).
+# Named training settings (``--profile``), applied over TrainConfig's defaults. Batch sizes, recompute counts and
+# levers were chosen from bench runs of the mistral-7b preset on real MedQA batches (docs/performance.md has them).
+# The three memory classes drop LoRA's dropout (lora_dropout=0): its effect on the loss curve is measured in
+# bench/bench_levers.py and docs/performance.md, not assumed.
 TRAIN_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     # The default with compiling off, so the bench shows what torch.compile alone buys.
     "eager": dict(compile="off"),
-    # What a 24 GiB card can run: a larger batch, recomputing only as many layers as the memory needs.
-    "capped": dict(batch_size=32, gradient_checkpointing=True, checkpoint_layers=24, compile="on"),
-    # Memory as the step needs it: no recompute, a batch that still fits an 80 GiB card.
-    "max-speed": dict(batch_size=32, compile="on"),
+    # Memory as the step needs it: no recompute, the largest batch that stays within an 80 GB card.
+    "max-speed": dict(batch_size=48, compile="on", lora_dropout=0.0),
+    # What a 24 GB card can run: a large batch, recomputing only as many layers as the memory needs.
+    "capped": dict(batch_size=32, gradient_checkpointing=True, checkpoint_layers=26, compile="on", lora_dropout=0.0),
+    # What a 16 GB card can run: every layer recomputed.
+    "lean": dict(batch_size=32, gradient_checkpointing=True, compile="on", lora_dropout=0.0),
 }
-MEMORY_CAP_GIB = {"capped": 24.0}  # the peak the "capped" profile promises, checked by the bench
+# The peak device memory (allocated, GiB) each memory class promises; the run record and the bench say whether it
+# held. Each sits under its card class (80, 24, 16 GB) with room for the CUDA context and the allocator's reserve.
+MEMORY_CAP_GIB = {"max-speed": 76.0, "capped": 22.0, "lean": 12.0}
+# What a card must have beyond a profile's cap for ``choose_profile`` to pick it: the context, cuBLAS and
+# Triton workspaces, and blocks the caching allocator reserves but has not handed out.
+CARD_HEADROOM_GIB = 1.5
+AUTO_PROFILE = "auto"  # TrainConfig.profile to resolve on the device (run.resolve_profile, choose_profile)
 
 
 def memory_cap_gib(spec: str) -> float | None:
@@ -183,10 +210,22 @@ def memory_cap_gib(spec: str) -> float | None:
     return MEMORY_CAP_GIB.get(spec.split("+")[0])
 
 
+def choose_profile(card_gib: float | None) -> str:
+    """The fastest memory class that fits a card of ``card_gib`` GiB (None: no GPU, the default profile).
+
+    A card too small for every class gets ``lean``, the class that needs the least.
+    """
+    if card_gib is None:
+        return "default"
+    fitting = [name for name, cap in MEMORY_CAP_GIB.items() if cap + CARD_HEADROOM_GIB <= card_gib]
+    return max(fitting, key=MEMORY_CAP_GIB.__getitem__) if fitting else min(MEMORY_CAP_GIB, key=MEMORY_CAP_GIB.get)
+
+
 # What a profile spec may set after its name ("capped+batch_size=24+checkpoint_layers=20"), and how to read it.
 PROFILE_KEYS: dict[str, Any] = {
     "batch_size": int, "checkpoint_layers": int, "pack_len": int,
     "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
+    "lora_dropout": float, "adamw": str, "activation_budget": float,
 }
 
 
@@ -213,7 +252,7 @@ def train_profile(spec: str, base: TrainConfig | None = None) -> TrainConfig:
             settings[key] = PROFILE_KEYS[key](value)
         except ValueError as e:
             raise ConfigError(f"profile {spec!r}: {key}: {e}") from e
-    return dataclasses.replace(base or TrainConfig(), **settings)
+    return dataclasses.replace(base or TrainConfig(), **settings, profile=spec)
 
 
 # Questions per scoring forward when --eval-batch-size is not given: a GPU fills its matrix units only

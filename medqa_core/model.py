@@ -365,6 +365,29 @@ def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> i
     return keep
 
 
+def set_lora_dropout(model: Any, p: float | None) -> int:
+    """LoRA's dropout in every adapted layer: ``p`` (0: no dropout module at all), or None for the adapter's own.
+
+    peft skips an ``nn.Identity`` dropout entirely, so with 0 the adapter reads the layer's input as it is:
+    no mask is drawn and no dropped copy of the input is kept for the backward.
+
+    Returns:
+        How many dropout modules were set.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    config = getattr(model, "peft_config", {})
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in module.lora_dropout:
+            rate = config[name].lora_dropout if p is None else p
+            module.lora_dropout[name] = torch.nn.Dropout(rate) if rate > 0 else torch.nn.Identity()
+            changed += 1
+    return changed
+
+
 def add_lora(model: Any, lora: LoraSettings) -> Any:
     """Wrap the frozen base with trainable LoRA adapters (fp32 weights, the run's compute dtype under autocast)."""
     from peft import LoraConfig, get_peft_model

@@ -114,6 +114,8 @@ class RunRecord:
     failure: dict[str, Any] | None = None  # e.g. an out-of-memory: phase, configuration, memory at the time
     numerics: dict[str, Any] | None = None  # numerics.Numerics.as_dict(); None: an older record (bf16)
     phases_s: dict[str, float] | None = None  # wall seconds: load, score_before, compile, train, score_after
+    # run.profile_promise: the --profile spec, how it was chosen, the peak it promised and whether it held
+    profile: dict[str, Any] | None = None
     created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -147,7 +149,7 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
     # Added within schema 1: older files lack them.
-    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, **d}
+    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, "profile": None, **d}
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:

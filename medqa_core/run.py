@@ -16,7 +16,7 @@ import torch
 
 from medqa_core.attention import AttentionChoice, detect_kernel, resolve_attention
 from medqa_core.checkpoint import check_resume
-from medqa_core.config import DataConfig, RunConfig
+from medqa_core.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
 from medqa_core.data import (
     MedQAItem,
     bundled_data_dir,
@@ -45,7 +45,7 @@ from medqa_core.model import (
 from medqa_core.numerics import Numerics, resolve_numerics
 from medqa_core.preemption import Interrupted, StopOnSignals
 from medqa_core.record import RunRecord, save_record
-from medqa_core.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.timing import device_memory_gib, free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.train import total_steps, train
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,32 @@ def _bar(progress: Progress | None, phase: str, stop: StopOnSignals | None = Non
     return bar
 
 
+def resolve_profile(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, str | None]:
+    """``cfg`` with an "auto" profile replaced by the memory class that fits ``device`` (config.choose_profile).
+
+    Returns:
+        The config, and how its profile was chosen ("auto: ...") or None when the user named it (or none).
+    """
+    if cfg.train.profile != AUTO_PROFILE:
+        return cfg, None
+    card = device_memory_gib(device)
+    name = choose_profile(card)
+    train = train_profile(name, dataclasses.replace(cfg.train, profile=None))
+    why = f"auto: a {card:.1f} GiB card" if card is not None else "auto: no GPU"
+    logger.info("profile %s (%s)", name, why)
+    return dataclasses.replace(cfg, train=train), why
+
+
+def profile_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | None) -> dict[str, Any] | None:
+    """What the run's profile promised (its peak memory) and whether the run kept it; None without a profile."""
+    spec = cfg.train.profile
+    if spec is None:
+        return None
+    cap = memory_cap_gib(spec)
+    return {"spec": spec, "chosen_by": chosen_by or "asked", "memory_cap_gib": cap, "peak_mem_gib": peak_gib,
+            "held": None if cap is None or peak_gib is None else peak_gib <= cap}
+
+
 # Settings that may differ when a run resumes: they do not change the steps trained so far. The steps
 # to train (more of them, or fewer down to the checkpoint's), evaluation, checkpoint cadence, timing,
 # where results go. The backend is not compared either: another device resumes, but not bit for bit.
@@ -206,9 +232,10 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     # Before the model loads: questions too long to ever fit, and a checkpoint this run may not resume.
     check_prompt_lengths(splits.train if trains else [], cfg.train.max_seq_len)
     check_prompt_lengths(splits.eval if kind != "train" else [], cfg.eval.max_seq_len, "--eval-max-seq-len")
+    device = resolve_device(cfg.backend)
+    cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
-    device = resolve_device(cfg.backend)
     info = init_distributed(device.type)
     if info.enabled:
         if device.type == "cuda":
@@ -283,6 +310,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         notes=_notes(session, splits.notes if kind != "evaluate" else ()),
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "score_after") if k in phases},
+        profile=profile_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
+        if trains else None,
     )
     path = save_record(record, cfg.results_dir) if info.is_main else None
     barrier()

@@ -25,7 +25,7 @@ from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
 from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_s, shard
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
-from medqa_core.model import set_checkpointing
+from medqa_core.model import set_checkpointing, set_lora_dropout
 from medqa_core.numerics import Numerics, autocast
 from medqa_core.preemption import Interrupted
 from medqa_core.record import TrainResult
@@ -190,21 +190,46 @@ def stop_requested(stop: StopFn | None, info: DistInfo, device: torch.device) ->
 
 
 def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> CompileState:
-    """The model-side settings of ``cfg``: which layers recompute (checkpointing) and which are compiled."""
+    """The model-side settings of ``cfg``: LoRA's dropout, which layers recompute (checkpointing), which are
+    compiled and the activation budget their compiled backward gets."""
+    set_lora_dropout(model, cfg.lora_dropout)
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_layers)
+    set_activation_budget(cfg.activation_budget)
     return compile_layers(model, device, cfg.compile)
 
 
 def reset_model_settings(model: Any) -> None:
-    """Undo :func:`apply_model_settings`: eager layers, no recompute."""
+    """Undo :func:`apply_model_settings`: eager layers, no recompute, the adapter's own dropout."""
     uncompile_layers(model)
     set_checkpointing(model, False)
+    set_activation_budget(None)
+    set_lora_dropout(model, None)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW on the trainable (LoRA) weights; linear warm-up, then constant learning rate."""
+def set_activation_budget(budget: float | None) -> None:
+    """Inductor's activation memory budget for graphs compiled from now on (None: its default, 1.0).
+
+    A process-wide setting read when a backward graph is partitioned; the warm-up compiles every graph a
+    static-shape run uses, so they all get it.
+    """
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = 1.0 if budget is None else budget
+
+
+def adamw_fused(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether AdamW runs fused (one kernel for all LoRA tensors): ``cfg.adamw``, "auto" meaning on a GPU."""
+    return cfg.adamw == "fused" or (cfg.adamw == "auto" and device.type == "cuda")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   device: torch.device | None = None) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW on the trainable (LoRA) weights, fused or foreach (:func:`adamw_fused`); linear warm-up, then
+    constant learning rate."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = adamw_fused(cfg, device or params[0].device)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=fused or None, foreach=None if fused else True)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     return optimizer, scheduler
@@ -278,7 +303,7 @@ def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attenti
     """Train mode, recompute and compile as ``cfg`` says, AdamW with its schedule, the loss module (DDP-wrapped
     under torchrun) and a gradient scaler for fp16."""
     info = info or DistInfo()
-    optimizer, scheduler = make_optimizer(model, cfg)
+    optimizer, scheduler = make_optimizer(model, cfg, device)
     step_loss = wrap_data_parallel(model, device, info, numerics)
     model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
     compiled = apply_model_settings(model, cfg, device)

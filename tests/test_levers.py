@@ -8,12 +8,29 @@ import pytest
 import torch
 
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
-from medqa_core.config import ConfigError, LoraSettings, TrainConfig, memory_cap_gib, train_profile
+from medqa_core.config import (
+    CARD_HEADROOM_GIB,
+    MEMORY_CAP_GIB,
+    TRAIN_PROFILES,
+    ConfigError,
+    LoraSettings,
+    TrainConfig,
+    choose_profile,
+    memory_cap_gib,
+    train_profile,
+)
 from medqa_core.data import collate_packed, encode_train, load_medqa
 from medqa_core.model import add_lora, decoder_layers, load_base_model, set_checkpointing
 from medqa_core.numerics import resolve_numerics
 from medqa_core.profiler import OTHER, categorize, profile_steps
-from medqa_core.train import StepLoss, make_optimizer, prepare_training, train_step
+from medqa_core.train import (
+    StepLoss,
+    apply_model_settings,
+    make_optimizer,
+    prepare_training,
+    reset_model_settings,
+    train_step,
+)
 
 CPU = torch.device("cpu")
 NUMERICS = resolve_numerics("auto", CPU)  # bf16 where this CPU has it, else fp32
@@ -23,8 +40,9 @@ def test_profile_spec_applies_overrides_and_names_bad_keys() -> None:
     capped = train_profile("capped+batch_size=4+checkpoint_layers=1+compile=off")
     assert (capped.batch_size, capped.checkpoint_layers, capped.compile, capped.gradient_checkpointing) == \
         (4, 1, "off", True)
-    assert memory_cap_gib("capped+batch_size=4") == 24.0 and memory_cap_gib("max-speed") is None
-    assert train_profile("default") == TrainConfig()
+    assert memory_cap_gib("capped+batch_size=4") == MEMORY_CAP_GIB["capped"] and memory_cap_gib("eager") is None
+    assert train_profile("default") == dataclasses.replace(TrainConfig(), profile="default")
+    assert train_profile("lean+lora_dropout=0.1+adamw=fused+activation_budget=0.5").lora_dropout == 0.1
     with pytest.raises(ConfigError, match="unknown profile 'fast'"):
         train_profile("fast")
     with pytest.raises(ConfigError, match="'lr=1' is not KEY=VALUE"):
@@ -35,6 +53,52 @@ def test_profile_spec_applies_overrides_and_names_bad_keys() -> None:
         train_profile("capped+compile=yes")
     with pytest.raises(ConfigError, match="needs gradient_checkpointing"):
         TrainConfig(checkpoint_layers=2)
+    with pytest.raises(ConfigError, match="unknown adamw"):
+        train_profile("lean+adamw=sgd")
+    with pytest.raises(ConfigError, match="activation_budget"):
+        TrainConfig(activation_budget=1.5)
+
+
+def test_the_fastest_memory_class_that_fits_the_card_is_chosen() -> None:
+    caps = MEMORY_CAP_GIB
+    assert choose_profile(None) == "default"  # no GPU
+    assert choose_profile(79.2) == "max-speed"  # an H100 80GB as torch reports it
+    assert choose_profile(caps["max-speed"] + CARD_HEADROOM_GIB - 0.1) == "capped"
+    assert choose_profile(23.6) == "capped"  # a 24 GB card
+    assert choose_profile(15.6) == "lean"  # a 16 GB card
+    assert choose_profile(8.0) == "lean"  # smaller than every class: the one that needs least
+    # Every class's promise is below the card it is chosen for.
+    for card in (8.0, 15.6, 23.6, 79.2, 139.8):
+        name = choose_profile(card)
+        assert name == "lean" or caps[name] + CARD_HEADROOM_GIB <= card
+
+
+def test_auto_profile_resolves_on_the_device_and_the_record_says_whether_it_held(tiny_config) -> None:
+    from medqa_core.run import profile_promise, resolve_profile
+
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, profile="auto"))
+    resolved, why = resolve_profile(cfg, CPU)
+    assert resolved.train.profile == "default" and why == "auto: no GPU"
+    assert resolved.train.max_steps == tiny_config.train.max_steps  # the flags a profile does not set stay
+    assert resolve_profile(tiny_config, CPU) == (tiny_config, None)  # no auto: untouched
+    lean = dataclasses.replace(tiny_config, train=train_profile("lean", tiny_config.train))
+    held = profile_promise(lean, None, 3.0)
+    assert held == {"spec": "lean", "chosen_by": "asked", "memory_cap_gib": MEMORY_CAP_GIB["lean"],
+                    "peak_mem_gib": 3.0, "held": True}
+    assert profile_promise(lean, "auto: a 15.6 GiB card", MEMORY_CAP_GIB["lean"] + 0.5)["held"] is False
+    assert profile_promise(resolved, why, None)["held"] is None  # CPU: no device peak, no promise
+    assert profile_promise(tiny_config, None, 1.0) is None
+
+
+def test_cli_uses_auto_unless_a_profile_setting_is_given() -> None:
+    from medqa_core.cli import build_config, build_parser
+
+    parse = build_parser().parse_args
+    assert build_config(parse(["run"])).train.profile == "auto"
+    assert build_config(parse(["run", "--profile", "auto"])).train.profile == "auto"
+    assert build_config(parse(["run", "--batch-size", "4"])).train.profile is None
+    assert build_config(parse(["run", "--gradient-checkpointing"])).train.profile is None
+    assert build_config(parse(["run", "--profile", "lean"])).train.batch_size == TRAIN_PROFILES["lean"]["batch_size"]
 
 
 @pytest.fixture()
@@ -168,3 +232,94 @@ def test_profiler_groups_operators_and_times_the_step(fresh_model, tmp_path) -> 
     assert p.categories.get("matmul", 0) > 0 and p.categories.get("dequantize 4-bit", 0) > 0
     assert abs(sum(p.categories.values()) - p.busy_ms) < 1e-6
     assert p.top and all(row["category"] == categorize(row["name"]) for row in p.top)
+
+
+@pytest.fixture()
+def dropout_model(tiny_config):
+    """A tiny NF4 + LoRA model with the default LoRA settings (dropout 0.05), and its tokenizer."""
+    from medqa_core.model import load_tokenizer
+
+    model_dir = tiny_config.model.path
+    torch.manual_seed(0)
+    base = load_base_model(model_dir, tiny_config.model, CPU, "sdpa", NUMERICS.torch_dtype)
+    return add_lora(base, LoraSettings()), load_tokenizer(model_dir)
+
+
+def _lever_batches(tok, tmp_path, steps=6, batch_size=4):
+    from medqa_core.data import bundled_data_dir, find_split, iter_batches
+
+    items = load_medqa(find_split(bundled_data_dir(), "dev"), steps * batch_size)
+    examples = [encode_train(tok, it, 512) for it in items]
+    batches = iter_batches(examples, batch_size, 0)
+    return [next(batches)[1] for _ in range(steps)]
+
+
+def _curve(model, tok, batches, cfg):
+    from medqa_core.levers import loss_curve
+
+    return loss_curve(model, batches, cfg, CPU, _attention(), tok.pad_token_id, NUMERICS)
+
+
+def test_dropout_free_lora_stays_within_the_stated_tolerance_and_restores_the_adapter(dropout_model, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    from medqa_core.levers import CurveGap
+    from medqa_core.model import set_lora_dropout
+
+    model, tok = dropout_model
+    batches = _lever_batches(tok, tmp_path)
+    base = TrainConfig(lr=1e-3, warmup_steps=1, compile="off")
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    default = _curve(model, tok, batches, base)
+    assert _curve(model, tok, batches, base) == default  # the same start, masks and batches: the same curve
+    free = _curve(model, tok, batches, dataclasses.replace(base, lora_dropout=0.0))
+    gap = CurveGap.between(default, free)
+    assert gap.max_abs_diff > 0, "dropping the dropout changed nothing: the lever did not apply"
+    assert gap.within_tolerance, gap
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Dropout) for m in layers)  # the adapter's own again
+    assert set_lora_dropout(model, 0.0) == len(layers)
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in layers)
+    set_lora_dropout(model, None)
+    assert {m.lora_dropout["default"].p for m in layers} == {LoraSettings().dropout}
+
+
+def test_fused_adamw_gives_the_foreach_curve(fresh_model, tmp_path):
+    from medqa_core.levers import CurveGap
+    from medqa_core.train import adamw_fused
+
+    model, tok = fresh_model
+    batches = _lever_batches(tok, tmp_path, steps=4)
+    base = TrainConfig(lr=1e-3, warmup_steps=1, compile="off")
+    assert not adamw_fused(base, CPU) and adamw_fused(dataclasses.replace(base, adamw="fused"), CPU)
+    assert adamw_fused(base, torch.device("cuda"))  # auto: fused on a GPU
+    optimizer, _ = make_optimizer(model, dataclasses.replace(base, adamw="fused"), CPU)
+    assert optimizer.defaults["fused"] is True
+    foreach = _curve(model, tok, batches, dataclasses.replace(base, adamw="foreach"))
+    fused = _curve(model, tok, batches, dataclasses.replace(base, adamw="fused"))
+    gap = CurveGap.between(foreach, fused)
+    assert gap.max_abs_diff < 1e-3, gap  # the same update, to rounding
+
+
+@pytest.mark.slow
+def test_an_activation_budget_recomputes_inside_the_compiled_layers_with_the_same_curve(fresh_model, tmp_path):
+    import torch._functorch.config as functorch_config
+
+    from medqa_core.levers import CurveGap
+
+    model, tok = fresh_model
+    batches = _lever_batches(tok, tmp_path, steps=3)
+    base = TrainConfig(lr=1e-3, warmup_steps=1, compile="on")
+    compiled = _curve(model, tok, batches, base)
+    lever = dataclasses.replace(base, activation_budget=0.3)
+    apply_model_settings(model, lever, CPU)
+    try:
+        assert functorch_config.activation_memory_budget == 0.3  # what the backward graphs are partitioned with
+    finally:
+        reset_model_settings(model)
+    assert functorch_config.activation_memory_budget == 1.0
+    budget = _curve(model, tok, batches, lever)
+    assert functorch_config.activation_memory_budget == 1.0  # reset after training
+    gap = CurveGap.between(compiled, budget)
+    assert gap.max_abs_diff < 2e-2, gap  # recompute repeats the same math (Inductor may fuse it another way)
