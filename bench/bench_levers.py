@@ -1,6 +1,7 @@
 """The numerics of each speed lever: its loss curve against the default's over the same real batches.
 
-Each case trains the default and the lever from the same adapter weights over the same ``--warmup-rounds`` +
+Each case trains the default and the lever from a fresh adapter (reset to its seeded initialisation: earlier
+cases trained it on these batches) over the same ``--warmup-rounds`` +
 ``--train-rounds`` batches of the loop's order, with the same dropout seeds, eagerly at the bench batch (the
 levers' numerics do not depend on compiling, and eager steps keep the case short). ``extra_info`` holds both
 curves and ``medqa_core.levers.CurveGap`` (``within_tolerance`` against ``LOSS_CURVE_TOLERANCE``); the timed
@@ -15,8 +16,10 @@ from typing import Any
 import pytest
 import torch
 
+from medqa_core.attention import AttentionError, check_trainable, resolve_attention
 from medqa_core.config import TrainConfig
 from medqa_core.levers import LOSS_CURVE_TOLERANCE, CurveGap, loss_curve
+from medqa_core.model import reset_adapter
 
 pytestmark = pytest.mark.benchmark(group="levers")
 
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.benchmark(group="levers")
 LEVERS: dict[str, dict[str, Any]] = {
     "dropout-free-lora": dict(lora_dropout=0.0),
     "fused-adamw": dict(adamw="fused"),
+    "flex-attention": dict(attn="flex"),
 }
 
 
@@ -41,7 +45,13 @@ def test_lever_loss_curve(benchmark: Any, case: Any, models: Any, loop_batches: 
     batches = loop_batches(base.batch_size)
     with case.guard(arm="ours", lever=lever, lever_settings=LEVERS[lever], batch_size=base.batch_size,
                     attention_requested=attn, compile_requested="off"):
+        if changed.attn:
+            try:
+                check_trainable(resolve_attention(changed.attn), device)
+            except AttentionError as e:
+                pytest.skip(str(e))
         session = models.ours(attn)
+        reset_adapter(session.model, run_config.train.seed)
 
         def curve(cfg: TrainConfig) -> list[float]:
             return loss_curve(session.model, batches, cfg, device, session.attention,
@@ -51,6 +61,7 @@ def test_lever_loss_curve(benchmark: Any, case: Any, models: Any, loop_batches: 
             default_curves[attn] = curve(base)
         lever_curve: list[float] = []
         benchmark.pedantic(lambda: lever_curve.extend(curve(changed)), rounds=1, iterations=1)
+        reset_adapter(session.model, run_config.train.seed)  # the cases after this one start as if fresh too
         gap = CurveGap.between(default_curves[attn], lever_curve)
         benchmark.extra_info.update(
             **case.session_info(session), steps=len(batches), loss_default=default_curves[attn],

@@ -70,6 +70,33 @@ def resolve_attention(kernel: str) -> AttentionChoice:
     return AttentionChoice(kernel, _TRANSFORMERS_NAME[kernel])
 
 
+def check_trainable(choice: AttentionChoice, device: torch.device) -> None:
+    """Raise where ``choice`` cannot train on ``device``: flex attention has no backward on CPU.
+
+    Raises:
+        AttentionError: naming the kernel and what to use instead.
+    """
+    if choice.requested == "flex" and device.type == "cpu":
+        raise AttentionError(f"flex attention has no backward on CPU (torch {torch.__version__}), so it cannot "
+                             "train there; train with sdpa (a profile: add +attn=sdpa, e.g. max-speed+attn=sdpa)")
+
+
+def switch_attention(model: Any, choice: AttentionChoice) -> str:
+    """Run ``model`` (peft-wrapped or not) with ``choice``'s transformers implementation from now on.
+
+    transformers reads the implementation at each forward (the mask builder and every attention layer), so
+    training can run another kernel than scoring without a reload.
+
+    Returns:
+        The implementation it had before, for switching back.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    if choice.attn_implementation != before:
+        base.set_attn_implementation(choice.attn_implementation)
+    return before
+
+
 @contextlib.contextmanager
 def attention_context(choice: AttentionChoice) -> Iterator[None]:
     """Force the chosen SDPA backend inside the block (forward and backward); no-op otherwise."""

@@ -106,6 +106,11 @@ def compile_layers(model: Any, device: torch.device, mode: str) -> CompileState:
         logger.warning("torch.compile not run: %s", why_not)
         return state
     layers = decoder_layers(model)
+    # Dynamo's cache is per code object, and every layer shares Module._call_impl's: graphs left by an earlier
+    # compile (another backend object, other settings) count towards its recompile limit, past which Dynamo runs
+    # the layers eagerly without a word. A fresh cache per compile keeps that from happening; Inductor's own
+    # on-disk cache still spares the code generation of a graph it has seen.
+    torch._dynamo.reset()
     for layer in layers:
         layer.compile(backend=state.counter)
     state.ran, state.detail = True, f"inductor, {len(layers)} decoder layers"

@@ -150,6 +150,9 @@ class TrainConfig:
     # Inductor's partitioner recomputes the cheapest ops (element-wise first) to fit: selective recompute
     # inside the graph, where checkpointing a whole layer would redo its matmuls too. None: Inductor's default.
     activation_budget: float | None = None
+    # The attention kernel of the training steps (ATTN_KERNELS; None: the run's --attn, which scoring keeps).
+    # Packed training rows hold a few examples each: flex attention computes only their blocks of the row.
+    attn: str | None = None
     profile: str | None = None  # the --profile spec these settings came from (train_profile sets it)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
@@ -177,24 +180,27 @@ class TrainConfig:
         _check(self.lora_dropout is None or 0.0 <= self.lora_dropout < 1.0,
                f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(self.adamw in ADAMW_IMPLS, f"unknown adamw {self.adamw!r}; choose one of {', '.join(ADAMW_IMPLS)}")
+        _check(self.attn is None or self.attn in ATTN_KERNELS,
+               f"unknown training attn {self.attn!r}; choose one of {', '.join(ATTN_KERNELS)}")
         _check(self.activation_budget is None or 0.0 <= self.activation_budget <= 1.0,
                f"activation_budget must be in [0, 1], got {self.activation_budget}")
 
 
 # Named training settings (``--profile``), applied over TrainConfig's defaults. Batch sizes, recompute counts and
 # levers were chosen from bench runs of the mistral-7b preset on real MedQA batches (docs/performance.md has them).
-# The three memory classes drop LoRA's dropout (lora_dropout=0): its effect on the loss curve is measured in
-# bench/bench_levers.py and docs/performance.md, not assumed.
+# The three memory classes drop LoRA's dropout (lora_dropout=0) and train with flex attention (GPUs only: it has
+# no backward on CPU); their effect on the loss curve is measured in bench/bench_levers.py, not assumed.
 TRAIN_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     # The default with compiling off, so the bench shows what torch.compile alone buys.
     "eager": dict(compile="off"),
     # Memory as the step needs it: no recompute, the largest batch that stays within an 80 GB card.
-    "max-speed": dict(batch_size=48, compile="on", lora_dropout=0.0),
+    "max-speed": dict(batch_size=48, compile="on", lora_dropout=0.0, attn="flex"),
     # What a 24 GB card can run: a large batch, recomputing only as many layers as the memory needs.
-    "capped": dict(batch_size=32, gradient_checkpointing=True, checkpoint_layers=26, compile="on", lora_dropout=0.0),
+    "capped": dict(batch_size=32, gradient_checkpointing=True, checkpoint_layers=24, compile="on", lora_dropout=0.0,
+                   attn="flex"),
     # What a 16 GB card can run: every layer recomputed.
-    "lean": dict(batch_size=32, gradient_checkpointing=True, compile="on", lora_dropout=0.0),
+    "lean": dict(batch_size=32, gradient_checkpointing=True, compile="on", lora_dropout=0.0, attn="flex"),
 }
 # The peak device memory (allocated, GiB) each memory class promises; the run record and the bench say whether it
 # held. Each sits under its card class (80, 24, 16 GB) with room for the CUDA context and the allocator's reserve.
@@ -225,7 +231,7 @@ def choose_profile(card_gib: float | None) -> str:
 PROFILE_KEYS: dict[str, Any] = {
     "batch_size": int, "checkpoint_layers": int, "pack_len": int,
     "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
-    "lora_dropout": float, "adamw": str, "activation_budget": float,
+    "lora_dropout": float, "adamw": str, "activation_budget": float, "attn": str,
 }
 
 

@@ -388,6 +388,22 @@ def set_lora_dropout(model: Any, p: float | None) -> int:
     return changed
 
 
+def reset_adapter(model: Any, seed: int) -> int:
+    """Put every LoRA adapter back at its initialisation (A seeded, B zero): a fresh start for a comparison.
+
+    Returns:
+        How many adapted layers were reset.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for module in layers:
+        for name in module.lora_A:
+            module.reset_lora_parameters(name, True)
+    return len(layers)
+
+
 def add_lora(model: Any, lora: LoraSettings) -> Any:
     """Wrap the frozen base with trainable LoRA adapters (fp32 weights, the run's compute dtype under autocast)."""
     from peft import LoraConfig, get_peft_model

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medqa_core.attention import AttentionChoice, attention_context
+from medqa_core.attention import (
+    AttentionChoice,
+    attention_context,
+    check_trainable,
+    resolve_attention,
+    switch_attention,
+)
 from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
@@ -167,6 +173,9 @@ def warm_up_compiled(step_loss: torch.nn.Module, model: Any, state: CompileState
     model.zero_grad(set_to_none=True)
     state.warmup_graphs = state.counter.graphs - start_graphs
     state.warmup_s = timer.elapsed_s
+    if state.warmup_graphs == 0:  # Dynamo served or skipped the layers without handing a graph to Inductor
+        state.ran, state.detail = False, "eager: Dynamo compiled no graph for the layers (recompile limit reached?)"
+        logger.warning("torch.compile compiled nothing: the layers ran eagerly")
     logger.info("compiled %d graphs in %.1f s before the first step (rows %d..%d of %d tokens)",
                 state.warmup_graphs, state.warmup_s, ROW_MULTIPLE, rows + ROW_MULTIPLE, width)
 
@@ -254,6 +263,7 @@ class TrainingStep:
     scaler: torch.amp.GradScaler
     compiled: CompileState
     info: DistInfo
+    attn_before: str | None = None  # the model's attention implementation before cfg.attn switched it
 
     def __post_init__(self) -> None:
         def before_retry(batch: dict[str, torch.Tensor], restore: Callable[[], None] | None) -> None:
@@ -296,6 +306,8 @@ class TrainingStep:
 
     def close(self) -> None:
         reset_model_settings(self.model)
+        if self.attn_before is not None:
+            switch_attention(self.model, AttentionChoice(self.attn_before, self.attn_before))
 
 
 def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attention: AttentionChoice, pad_id: int,
@@ -303,12 +315,17 @@ def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attenti
     """Train mode, recompute and compile as ``cfg`` says, AdamW with its schedule, the loss module (DDP-wrapped
     under torchrun) and a gradient scaler for fp16."""
     info = info or DistInfo()
+    attn_before = None
+    if cfg.attn is not None and cfg.attn != attention.requested:
+        attention = resolve_attention(cfg.attn)
+        check_trainable(attention, device)
+        attn_before = switch_attention(model, attention)
     optimizer, scheduler = make_optimizer(model, cfg, device)
     step_loss = wrap_data_parallel(model, device, info, numerics)
     model.train()  # from_pretrained hands back eval mode: dropout and checkpointing would be off
     compiled = apply_model_settings(model, cfg, device)
     return TrainingStep(model, cfg, device, attention, pad_id, step_loss, optimizer, scheduler,
-                        make_scaler(device, numerics), compiled, info)
+                        make_scaler(device, numerics), compiled, info, attn_before)
 
 
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,

@@ -323,3 +323,22 @@ def test_an_activation_budget_recomputes_inside_the_compiled_layers_with_the_sam
     assert functorch_config.activation_memory_budget == 1.0  # reset after training
     gap = CurveGap.between(compiled, budget)
     assert gap.max_abs_diff < 2e-2, gap  # recompute repeats the same math (Inductor may fuse it another way)
+
+
+def test_training_attention_switches_without_a_reload_and_back(fresh_model, tmp_path):
+    from medqa_core.attention import AttentionError, resolve_attention
+    from medqa_core.levers import CurveGap
+
+    model, tok = fresh_model
+    batches = _lever_batches(tok, tmp_path, steps=3)
+    base = TrainConfig(lr=1e-3, warmup_steps=1, compile="off")
+    sdpa = _curve(model, tok, batches, base)
+    eager = _curve(model, tok, batches, dataclasses.replace(base, attn="eager"))
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # scoring keeps the run's --attn
+    gap = CurveGap.between(sdpa, eager)
+    assert gap.within_tolerance, gap
+    # Flex attention has no backward on CPU: one clear error before any step, naming what to use.
+    with pytest.raises(AttentionError, match="no backward on CPU.*max-speed\\+attn=sdpa"):
+        prepare_training(model, dataclasses.replace(base, attn="flex"), CPU, resolve_attention("sdpa"),
+                         tok.pad_token_id, NUMERICS)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
