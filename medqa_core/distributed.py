@@ -11,6 +11,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +84,26 @@ def measure_all_reduce_s(params: list[torch.nn.Parameter], device: torch.device,
     return statistics.median(times)
 
 
-def shard(items: list, info: DistInfo) -> list:
-    """This rank's share of a global batch: every world_size-th item from its rank on."""
-    return items[info.rank :: info.world_size]
+def balance_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split a global batch over ranks by tokens: each example, longest first, goes to the rank with the
+    fewest tokens so far (then the fewest examples, then the lowest rank).
+
+    A pure function of the lengths and the world size, so every rank computes the same split and the
+    global batch order (what ``--resume`` skips) does not change. The most loaded rank ends within one
+    example's length of the mean (it had the fewest tokens when it took its last example), and with at
+    least ``world_size`` examples every rank gets one.
+
+    Returns:
+        Indices into ``lengths`` for each rank, in batch order.
+    """
+    tokens, counts = [0] * world_size, [0] * world_size
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(world_size), key=lambda r: (tokens[r], counts[r], r))
+        parts[rank].append(i)
+        tokens[rank] += lengths[i]
+        counts[rank] += 1
+    return [sorted(part) for part in parts]
 
 
 def barrier() -> None:

@@ -23,7 +23,7 @@ from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoin
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
-from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_s, shard
+from medqa_core.distributed import DistInfo, all_reduce_sum, balance_tokens, measure_all_reduce_s
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import set_checkpointing
 from medqa_core.numerics import Numerics, autocast
@@ -335,7 +335,10 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         step_flops: list[float] = [0.0] * state.step  # steps before a resume are left out of the FLOP rate
 
         def local_batch(batch_examples: list[TrainExample]) -> dict[str, torch.Tensor]:
-            local = shard(batch_examples, info) if info.enabled else batch_examples
+            local = batch_examples
+            if info.enabled:  # an even share of the tokens, not of the examples: the slowest rank sets the pace
+                mine = balance_tokens([e.n_tokens for e in batch_examples], info.world_size)[info.rank]
+                local = [batch_examples[i] for i in mine]
             if not local:  # fewer examples than ranks: join the collective with a loss-free example
                 local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
             return trainer.collate(local)

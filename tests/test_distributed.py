@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from medqa_core.distributed import balance_tokens
 from medqa_core.record import load_record
 
 
@@ -38,3 +42,26 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
     # bf16 rounding of the sums, not bit for bit.
     for x, y in zip(a.loss_per_step, b.loss_per_step, strict=True):
         assert abs(x - y) < 2e-3 * abs(x)
+
+
+# ---- token-balanced split -----------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(1, 4096), max_size=64), st.integers(1, 8))
+def test_balance_tokens_is_a_deterministic_partition_within_one_example_of_the_mean(lengths, world_size):
+    parts = balance_tokens(lengths, world_size)
+    assert len(parts) == world_size
+    assert sorted(i for part in parts for i in part) == list(range(len(lengths)))
+    assert all(part == sorted(part) for part in parts)  # batch order kept inside a share
+    assert balance_tokens(list(lengths), world_size) == parts
+    if lengths:
+        loads = [sum(lengths[i] for i in part) for part in parts]
+        assert max(loads) - sum(loads) / world_size <= max(lengths)
+    if len(lengths) >= world_size:
+        assert all(parts)  # every rank has an example to train on
+
+
+def test_balance_tokens_beats_round_robin_on_a_sorted_batch():
+    lengths = [900, 800, 300, 200]  # round robin: ranks of 1200 and 1000 tokens
+    assert [sum(lengths[i] for i in part) for part in balance_tokens(lengths, 2)] == [1100, 1100]
+    assert balance_tokens(lengths, 2) == [[0, 3], [1, 2]]
