@@ -106,6 +106,19 @@ def balance_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(part) for part in parts]
 
 
+def gather_step(time_s: float, tokens: int, device: torch.device) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Every rank's wall time and real tokens of one step, in rank order: one all-gather of two numbers.
+
+    A rank's wall time includes its waits at the step's collectives, so a fast rank's time shows the slow
+    one's; the token counts say which rank carried more.
+    """
+    mine = torch.tensor([time_s, float(tokens)], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    rows = torch.stack(every).tolist()  # [world_size, 2]
+    return tuple(r[0] for r in rows), tuple(int(r[1]) for r in rows)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

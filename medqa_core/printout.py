@@ -68,6 +68,11 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
             rows.append(("data parallel", f"{tr.world_size} ranks, {tr.tokens_per_s / tr.world_size:,.0f} tokens/s "
                                           f"per rank; one all-reduce of the LoRA gradients "
                                           f"{1000 * tr.all_reduce_s:.1f} ms alone"))
+            if tr.step_imbalance:
+                imb = tr.step_imbalance
+                rows.append(("rank balance", f"slowest rank {imb.time_max_over_mean:.2f}x the mean step time, most "
+                                             f"tokens {imb.tokens_max_over_mean:.2f}x the mean (median of "
+                                             f"{imb.steps} timed steps)"))
     if record.eval_before is not None:
         rows.append(("accuracy before", _accuracy(record.eval_before)))
     if record.eval_after is not None:

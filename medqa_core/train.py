@@ -23,12 +23,12 @@ from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoin
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
-from medqa_core.distributed import DistInfo, all_reduce_sum, balance_tokens, measure_all_reduce_s
+from medqa_core.distributed import DistInfo, all_reduce_sum, balance_tokens, gather_step, measure_all_reduce_s
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import set_checkpointing
 from medqa_core.numerics import Numerics, autocast
 from medqa_core.preemption import Interrupted
-from medqa_core.record import TrainResult
+from medqa_core.record import StepImbalance, TrainResult
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
@@ -330,6 +330,9 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
                 raise CheckpointError("resume needs a checkpoint folder")
             state = load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config, n_steps)
         losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
+        # Per step, per rank (torchrun only); steps of a checkpoint written without them stay empty.
+        rank_times = list(state.rank_step_time_s) or [()] * state.step
+        rank_tokens = list(state.rank_step_tokens) or [()] * state.step
         seen = state.examples_seen
         shape = ModelShape.from_config(model.config)
         step_flops: list[float] = [0.0] * state.step  # steps before a resume are left out of the FLOP rate
@@ -358,8 +361,12 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             torch.manual_seed(seed)  # dropout's masks: a resumed run draws the same ones without replaying
             with Timer(device) as timer:
                 loss_value = trainer(batch, lambda seed=seed: torch.manual_seed(seed))
-            n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled \
-                else int(batch["n_tokens"])
+            n_tokens = int(batch["n_tokens"])
+            if info.enabled:
+                times, tokens = gather_step(timer.elapsed_s, n_tokens, device)
+                rank_times.append(times)
+                rank_tokens.append(tokens)
+                n_tokens = sum(tokens)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization "
                                          "settings and bitsandbytes version for this backend")
@@ -376,7 +383,9 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
             saved = None
             if checkpoint_dir is not None and due and info.is_main:
-                progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
+                progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens),
+                                             tuple(rank_times) if info.enabled else (),
+                                             tuple(rank_tokens) if info.enabled else ())
                 saved = save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, progress_now,
                                         config, cfg.keep_checkpoints)
             if stopping and done < n_steps:
@@ -402,4 +411,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         compile=trainer.compiled.as_dict(), model_flops_per_s=flops_per_s,
         mfu_datasheet=flops_per_s / peak_rate if flops_per_s and peak_rate else None,
         datasheet_peak={**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
+        rank_step_time_s=tuple(rank_times) if info.enabled else None,
+        rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
+        step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,
     )

@@ -2,46 +2,63 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from pathlib import Path
 
+from conftest import STEPS, assert_same_curve, run_cli, train_argv
 from hypothesis import given
 from hypothesis import strategies as st
 
 from medqa_core.distributed import balance_tokens
-from medqa_core.record import load_record
 
 
-def _train(tiny_model_dir, out, nproc):
-    argv = ["train", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "16", "--batch-size", "8",
-            "--max-steps", "4", "--lora-dropout", "0", "--results", str(out / "results"),
-            "--adapter-out", str(out / "adapter"), "--checkpoint-dir", str(out / "ckpt")]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "medqa_core.cli", *argv]
-    else:
-        cmd = [sys.executable, "-m", "medqa_core.cli", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
-        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+def expected_rank_tokens(model_dir: Path, world_size: int) -> tuple[tuple[int, ...], ...]:
+    """Each step's real tokens per rank under balance_tokens, from the data as the loop draws it."""
+    from medqa_core.config import DataConfig, TrainConfig
+    from medqa_core.data import encode_train, iter_batches
+    from medqa_core.model import load_tokenizer
+    from medqa_core.run import load_splits
+
+    cfg = TrainConfig()
+    tok = load_tokenizer(model_dir)
+    examples = [encode_train(tok, item, cfg.max_seq_len, cfg.loss_on)
+                for item in load_splits(DataConfig(train_limit=16)).train]
+    batches = iter_batches(examples, 8, cfg.seed)
+    steps = [next(batches)[1] for _ in range(STEPS)]
+    return tuple(tuple(sum(batch[i].n_tokens for i in part)
+                       for part in balance_tokens([e.n_tokens for e in batch], world_size)) for batch in steps)
 
 
-def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
-    _train(tiny_model_dir, tmp_path / "one", 1)
-    _train(tiny_model_dir, tmp_path / "two", 2)
-    (one,) = (tmp_path / "one" / "results").glob("*.json")
-    records = list((tmp_path / "two" / "results").glob("*.json"))
-    assert len(records) == 1  # only rank 0 writes the record...
-    assert len(list((tmp_path / "two" / "ckpt").glob("step-*"))) == 1  # ...and the checkpoint
-    a, b = load_record(one).train, load_record(records[0]).train
+def test_two_gloo_ranks_match_one_process(tiny_model_dir, one_process, two_ddp_ranks):
+    ckpt = Path(two_ddp_ranks.adapter_dir).parent / "ckpt"
+    assert len(list(ckpt.glob("step-*"))) == 1  # only rank 0 writes the checkpoint (and the record)
+    a, b = one_process.train, two_ddp_ranks.train
     assert b.world_size == 2 and a.world_size == 1
     assert b.tokens == a.tokens  # the same global batches, split over two ranks
     assert b.all_reduce_s is not None and b.all_reduce_s > 0
-    # Same global batch and loss; each rank packs and runs its half in bf16, so the curves agree to
-    # bf16 rounding of the sums, not bit for bit.
-    for x, y in zip(a.loss_per_step, b.loss_per_step, strict=True):
-        assert abs(x - y) < 2e-3 * abs(x)
+    assert_same_curve(a.loss_per_step, b.loss_per_step)
+    # Per-rank figures: one row per step, one entry per rank, adding up to the step's tokens.
+    assert a.rank_step_time_s is a.rank_step_tokens is a.step_imbalance is None
+    assert len(b.rank_step_time_s) == len(b.rank_step_tokens) == STEPS
+    assert all(len(t) == 2 and min(t) > 0 for t in b.rank_step_time_s)
+    assert sum(map(sum, b.rank_step_tokens)) == b.tokens
+    assert tuple(b.rank_step_tokens) == expected_rank_tokens(tiny_model_dir, world_size=2)  # the split, as recorded
+    imbalance = b.step_imbalance
+    assert imbalance.steps == b.timed_steps and imbalance.time_max_over_mean >= 1.0
+    longest_share = max(max(n) / (sum(n) / 2) for n in b.rank_step_tokens)
+    assert 1.0 <= imbalance.tokens_max_over_mean <= longest_share
+
+
+def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir, tmp_path, two_ddp_ranks):
+    ckpt = tmp_path / "ckpt"
+    first = run_cli(train_argv(tiny_model_dir, tmp_path / "first", "--checkpoint-dir", str(ckpt), steps=2),
+                    nproc=2).train
+    rest = run_cli(train_argv(tiny_model_dir, tmp_path / "rest", "--resume", str(ckpt)), nproc=2).train
+    whole = two_ddp_ranks.train
+    assert rest.steps == STEPS and rest.loss_per_step[:2] == first.loss_per_step
+    assert rest.loss_per_step == whole.loss_per_step  # the uninterrupted 2-rank run's curve, to the bit
+    assert rest.tokens == whole.tokens  # the resumed run skipped exactly the batches trained before
+    # The checkpoint carried the per-rank figures of the steps before it.
+    assert rest.rank_step_tokens[:2] == first.rank_step_tokens and len(rest.rank_step_time_s) == STEPS
 
 
 # ---- token-balanced split -----------------------------------------------------------------------------
