@@ -68,6 +68,8 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
             rows.append(("data parallel", f"{tr.world_size} ranks, {tr.tokens_per_s / tr.world_size:,.0f} tokens/s "
                                           f"per rank; one all-reduce of the LoRA gradients "
                                           f"{1000 * tr.all_reduce_s:.1f} ms alone"))
+            if tr.parallel:
+                rows.append(("ranks share", _sharing(tr.parallel)))
             if tr.step_imbalance:
                 imb = tr.step_imbalance
                 rows.append(("rank balance", f"slowest rank {imb.time_max_over_mean:.2f}x the mean step time, most "
@@ -90,3 +92,9 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += [f"note: {n}" for n in record.notes]
     return lines
+
+
+def _sharing(parallel: dict) -> str:
+    """How the ranks shared the model (distributed.ddp_info), in words."""
+    return (f"DDP, whole model on every rank; {len(parallel.get('bucket_mib', []))} gradient buckets of up to "
+            f"{parallel.get('bucket_cap_mb')} MiB")

@@ -23,7 +23,15 @@ from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoin
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
-from medqa_core.distributed import DistInfo, all_reduce_sum, balance_tokens, gather_step, measure_all_reduce_s
+from medqa_core.distributed import (
+    DDP_BUCKET_CAP_MB,
+    DistInfo,
+    all_reduce_sum,
+    balance_tokens,
+    ddp_info,
+    gather_step,
+    measure_all_reduce_s,
+)
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import set_checkpointing
 from medqa_core.numerics import Numerics, autocast
@@ -104,8 +112,10 @@ def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo, numeric
 
     frozen = [n for n, p in step.named_parameters() if not p.requires_grad] + [n for n, _ in step.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
+    # gradient_as_bucket_view: gradients live in the buckets, no second copy of them is made per step.
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False, bucket_cap_mb=DDP_BUCKET_CAP_MB,
+                                   gradient_as_bucket_view=True)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -402,6 +412,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     peak_rate = {torch.bfloat16: peak.bf16_flops_per_s, torch.float16: peak.fp16_flops_per_s}.get(
         numerics.torch_dtype) if peak else None
     trainable = [p for p in model.parameters() if p.requires_grad]
+    parallel = ddp_info(trainer.step_loss) if info.enabled else None
     return TrainResult(
         steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
         timed_steps=n_steps - skip, train_time_s=timed_time, tokens_per_s=timed_tokens / timed_time,
@@ -414,4 +425,5 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         rank_step_time_s=tuple(rank_times) if info.enabled else None,
         rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
         step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,
+        parallel=parallel,
     )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import STEPS, assert_same_curve, run_cli, train_argv
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medqa_core.distributed import balance_tokens
+from medqa_core.compiling import compile_unavailable
+from medqa_core.distributed import DDP_BUCKET_CAP_MB, balance_tokens
 
 
 def expected_rank_tokens(model_dir: Path, world_size: int) -> tuple[tuple[int, ...], ...]:
@@ -37,7 +40,7 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, one_process, two_ddp_r
     assert b.all_reduce_s is not None and b.all_reduce_s > 0
     assert_same_curve(a.loss_per_step, b.loss_per_step)
     # Per-rank figures: one row per step, one entry per rank, adding up to the step's tokens.
-    assert a.rank_step_time_s is a.rank_step_tokens is a.step_imbalance is None
+    assert a.rank_step_time_s is a.rank_step_tokens is a.step_imbalance is a.parallel is None
     assert len(b.rank_step_time_s) == len(b.rank_step_tokens) == STEPS
     assert all(len(t) == 2 and min(t) > 0 for t in b.rank_step_time_s)
     assert sum(map(sum, b.rank_step_tokens)) == b.tokens
@@ -46,6 +49,8 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, one_process, two_ddp_r
     assert imbalance.steps == b.timed_steps and imbalance.time_max_over_mean >= 1.0
     longest_share = max(max(n) / (sum(n) / 2) for n in b.rank_step_tokens)
     assert 1.0 <= imbalance.tokens_max_over_mean <= longest_share
+    assert b.parallel["strategy"] == "ddp" and b.parallel["bucket_cap_mb"] == DDP_BUCKET_CAP_MB
+    assert b.parallel["gradient_as_bucket_view"] is True and b.parallel["bucket_mib"]
 
 
 def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir, tmp_path, two_ddp_ranks):
@@ -59,6 +64,18 @@ def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir,
     assert rest.tokens == whole.tokens  # the resumed run skipped exactly the batches trained before
     # The checkpoint carried the per-rank figures of the steps before it.
     assert rest.rank_step_tokens[:2] == first.rank_step_tokens and len(rest.rank_step_time_s) == STEPS
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_ddp_train_as_eager(tiny_model_dir, tmp_path, one_process):
+    two = run_cli(train_argv(tiny_model_dir, tmp_path, "--compile", "on"), nproc=2).train
+    assert all(torch.isfinite(torch.tensor(two.loss_per_step)))
+    assert_same_curve(one_process.train.loss_per_step, two.loss_per_step)
+    why_not = compile_unavailable(torch.device("cpu"))
+    if why_not is None:  # Inductor runs here: every graph compiled before step 1, none while training
+        assert two.compile["ran"] and two.compile["graphs"] > 0 and two.compile["recompiles"] == 0
+    else:
+        assert not two.compile["ran"] and two.compile["detail"] == f"eager: {why_not}"
 
 
 # ---- token-balanced split -----------------------------------------------------------------------------
