@@ -95,6 +95,9 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
 
 
 def _sharing(parallel: dict) -> str:
-    """How the ranks shared the model (distributed.ddp_info), in words."""
+    """How the ranks shared the model (distributed.ddp_info or sharded.sharding_info), in words."""
+    if parallel.get("strategy") == "fsdp2":
+        return (f"FSDP2, {parallel['groups']} groups sharded; {parallel['weights_gib_per_rank']:.2f} of "
+                f"{parallel['weights_gib']:.2f} GiB of weights per rank")
     return (f"DDP, whole model on every rank; {len(parallel.get('bucket_mib', []))} gradient buckets of up to "
             f"{parallel.get('bucket_cap_mb')} MiB")

@@ -126,7 +126,7 @@ class TrainResult:
     datasheet_peak: dict[str, Any] | None = None  # flops.DatasheetPeak that mfu_datasheet divides by
     # Under torchrun (None for one process): per step, per rank, the step's wall time and real tokens (a step
     # trained before a resume from a checkpoint that lacks them is empty), their StepImbalance over the timed
-    # steps, and how the ranks shared the model (distributed.ddp_info's DDP buckets).
+    # steps, and how the ranks shared the model (distributed.ddp_info's DDP buckets, sharded.sharding_info's).
     rank_step_time_s: tuple[tuple[float, ...], ...] | None = None
     rank_step_tokens: tuple[tuple[int, ...], ...] | None = None
     step_imbalance: StepImbalance | None = None

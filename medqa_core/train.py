@@ -37,6 +37,7 @@ from medqa_core.model import set_checkpointing
 from medqa_core.numerics import Numerics, autocast
 from medqa_core.preemption import Interrupted
 from medqa_core.record import StepImbalance, TrainResult
+from medqa_core.sharded import is_sharded, sharding_info
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
@@ -104,9 +105,10 @@ def make_scaler(device: torch.device, numerics: Numerics) -> torch.amp.GradScale
 
 def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo, numerics: Numerics) -> torch.nn.Module:
     """StepLoss, wrapped in DDP when distributed. Frozen 4-bit weights are left out of DDP's
-    broadcast and buckets: every rank loads the same weights, and only LoRA gradients are reduced."""
+    broadcast and buckets: every rank loads the same weights, and only LoRA gradients are reduced.
+    A model sharded by ``sharded.shard_model`` is not wrapped: FSDP2 reduces its gradients itself."""
     step = StepLoss(model, numerics)
-    if not info.enabled:
+    if not info.enabled or is_sharded(model):
         return step
     from torch.nn.parallel import DistributedDataParallel
 
@@ -412,7 +414,9 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     peak_rate = {torch.bfloat16: peak.bf16_flops_per_s, torch.float16: peak.fp16_flops_per_s}.get(
         numerics.torch_dtype) if peak else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    parallel = ddp_info(trainer.step_loss) if info.enabled else None
+    parallel = None
+    if info.enabled:
+        parallel = sharding_info(model) if is_sharded(model) else ddp_info(trainer.step_loss)
     return TrainResult(
         steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
         timed_steps=n_steps - skip, train_time_s=timed_time, tokens_per_s=timed_tokens / timed_time,

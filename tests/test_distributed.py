@@ -67,8 +67,10 @@ def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir,
 
 
 @pytest.mark.slow
-def test_compiled_layers_under_ddp_train_as_eager(tiny_model_dir, tmp_path, one_process):
-    two = run_cli(train_argv(tiny_model_dir, tmp_path, "--compile", "on"), nproc=2).train
+@pytest.mark.parametrize("shard", [("--shard", "ddp"), ("--shard", "fsdp", "--nf4-quant-storage", "bf16")],
+                         ids=["ddp", "fsdp"])
+def test_compiled_layers_under_two_ranks_train_as_eager(tiny_model_dir, tmp_path, one_process, shard):
+    two = run_cli(train_argv(tiny_model_dir, tmp_path, "--compile", "on", *shard), nproc=2).train
     assert all(torch.isfinite(torch.tensor(two.loss_per_step)))
     assert_same_curve(one_process.train.loss_per_step, two.loss_per_step)
     why_not = compile_unavailable(torch.device("cpu"))
