@@ -216,8 +216,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if info.enabled:
         if device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
-        if info.is_main and not cfg.model.path:
-            preset_dir(str(cfg.model.preset), cfg.model.seed)  # generated once, not by every rank
+        if info.local_rank == 0 and not cfg.model.path:
+            preset_dir(str(cfg.model.preset), cfg.model.seed)  # once per host (each has its own cache), not per rank
         barrier()
     check_sharding(cfg, kind, info.world_size, checkpointing=bool(checkpoint_dir or resume))
     session = load_session(cfg, adapter_dir=adapter_dir, device=device)

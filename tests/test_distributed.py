@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,18 @@ def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir,
     assert rest.tokens == whole.tokens  # the resumed run skipped exactly the batches trained before
     # The checkpoint carried the per-rank figures of the steps before it.
     assert rest.rank_step_tokens[:2] == first.rank_step_tokens and len(rest.rank_step_time_s) == STEPS
+
+
+def test_c10d_rendezvous_as_across_nodes_on_one_machine(tiny_model_dir, tmp_path, one_process):
+    """The multi-node launch (--nnodes, c10d rendezvous at an endpoint), with one node of two processes."""
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launcher = ("--nnodes=1", "--node-rank=0", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+                "--rdzv-id=medqa-test")
+    two = run_cli(train_argv(tiny_model_dir, tmp_path, steps=2), nproc=2, launcher=launcher).train
+    assert two.world_size == 2
+    assert_same_curve(one_process.train.loss_per_step[:2], two.loss_per_step)
 
 
 @pytest.mark.slow
