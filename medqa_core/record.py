@@ -166,6 +166,8 @@ def _eval_from_dict(d: dict[str, Any] | None) -> EvalResult | None:
 def _train_from_dict(d: dict[str, Any] | None) -> TrainResult | None:
     if d is None:
         return None
+    if not isinstance(d, dict):
+        raise TypeError(f"train is a JSON {type(d).__name__}, not an object")
     ranks = {k: tuple(tuple(step) for step in d[k]) for k in ("rank_step_time_s", "rank_step_tokens") if d.get(k)}
     imbalance = d.get("step_imbalance")
     return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"]),
