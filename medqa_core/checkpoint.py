@@ -67,6 +67,9 @@ class TrainProgress:
     loss_per_step: tuple[float, ...]
     step_time_s: tuple[float, ...]
     step_tokens: tuple[int, ...]
+    # Under torchrun: each step's per-rank wall times and real tokens (empty in one process and in older checkpoints).
+    rank_step_time_s: tuple[tuple[float, ...], ...] = ()
+    rank_step_tokens: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,9 @@ def _read_state(path: Path) -> _State:
     try:
         p = state["progress"]
         progress = TrainProgress(int(p["step"]), int(p["examples_seen"]), tuple(float(x) for x in p["loss_per_step"]),
-                                 tuple(float(x) for x in p["step_time_s"]), tuple(int(x) for x in p["step_tokens"]))
+                                 tuple(float(x) for x in p["step_time_s"]), tuple(int(x) for x in p["step_tokens"]),
+                                 tuple(tuple(float(x) for x in step) for step in p.get("rank_step_time_s", ())),
+                                 tuple(tuple(int(x) for x in step) for step in p.get("rank_step_tokens", ())))
         config, python_rng = state["config"], state["python_rng"]
         version_, internal, gauss = python_rng
         random.Random().setstate((version_, tuple(internal), gauss))  # a throwaway generator: is it a state?
@@ -267,6 +272,9 @@ def _read_state(path: Path) -> _State:
         raise _Damaged(f"{STATE_FILE}: config is not an object")
     if not (len(progress.loss_per_step) == len(progress.step_time_s) == len(progress.step_tokens) == progress.step):
         raise _Damaged(f"{STATE_FILE}: {len(progress.loss_per_step)} losses recorded for step {progress.step}")
+    if {len(progress.rank_step_time_s), len(progress.rank_step_tokens)} - {0, progress.step}:
+        raise _Damaged(f"{STATE_FILE}: {len(progress.rank_step_time_s)} per-rank step times recorded for step "
+                       f"{progress.step}")
     return _State(progress, config, python_rng, manifest)
 
 

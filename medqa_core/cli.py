@@ -30,6 +30,7 @@ from medqa_core.config import (
     PRESETS,
     QUANT_MODES,
     QUANT_STORAGE,
+    SHARD_MODES,
     TRAIN_PROFILES,
     ConfigError,
     DataConfig,
@@ -177,6 +178,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             gradient_checkpointing=args.gradient_checkpointing, seed=args.train_seed,
             packing=args.packing, pack_len=args.pack_len, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints, checkpoint_layers=args.checkpoint_layers, compile=args.compile,
+            shard=getattr(args, "shard", DEFAULTS.train.shard),
         )
         if args.profile == AUTO_PROFILE or (args.profile is None and train_flags_are_defaults(train)):
             train = dataclasses.replace(train, profile=AUTO_PROFILE)  # resolved on the device (run.resolve_profile)
@@ -261,10 +263,13 @@ def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
     from medqa_core.printout import summary_lines
     from medqa_core.run import execute
+    from medqa_core.sharded import check_sharding
 
+    cfg = build_config(args)  # a bad setting fails here, once, not in each process torchrun would start
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
+        checkpointing = bool(getattr(args, "checkpoint_dir", None) or getattr(args, "resume", None))
+        check_sharding(cfg, args.command, args.nproc, checkpointing)
         return relaunch_with_torchrun(args.nproc, args.argv)
-    cfg = build_config(args)
     try:
         with StopOnSignals() as stop:  # SIGTERM/SIGINT: stop at the next step, checkpoint, save the record
             record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
@@ -409,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p, train=True, evaluate=False)
     _add_train_args(p)
+    p.add_argument("--shard", default=DEFAULTS.train.shard, choices=SHARD_MODES,
+                   help="with --nproc: ddp keeps the whole model on every process; fsdp splits it over them "
+                        "(FSDP2, for a model too large for one device; needs --nf4-quant-storage bf16) "
+                        "(default: %(default)s)")
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("evaluate", help="score MedQA options with the base model or a saved adapter",
@@ -542,6 +551,7 @@ USER_ERRORS = {
     "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
     "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
+    "medqa_core.sharded": "ShardError",
 }
 
 

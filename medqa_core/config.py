@@ -33,6 +33,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, sliding_window=4096,
     ),
+    # A 70B model of Mistral's layout (Llama-2-70B's sizes with Mistral's vocabulary), meant for
+    # `train --shard fsdp` across GPUs: its 4-bit base is more than a 24 GiB card holds, half of it less
+    # (sharded.BaseWeightSize; tests/test_sharded.py). Generating it on first use writes its bf16 weights
+    # (2 bytes a parameter) to the cache and needs as much host memory.
+    "mistral-70b-shape": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8,
+    ),
 }
 # Shared by every preset: the Mistral-7B-v0.1 tokenizer and its defaults.
 PRESET_COMMON: dict[str, Any] = dict(
@@ -58,6 +66,7 @@ COMPILE_MODES = ("auto", "on", "off")
 # AdamW's implementation: "fused" is one kernel for every LoRA tensor (CUDA, ROCm and CPU builds of torch have
 # it); "foreach" batches the tensors into a few multi-tensor kernels; "auto": fused on a GPU, foreach on CPU.
 ADAMW_IMPLS = ("auto", "foreach", "fused")
+SHARD_MODES = ("ddp", "fsdp")  # --shard: every rank holds the whole model (DDP) or a slice of it (FSDP2)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -157,8 +166,10 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
     seed: int = 0  # LoRA initialisation, dropout and data order
+    shard: str = "ddp"  # under torchrun: "ddp" replicates the model on every rank, "fsdp" shards it (sharded.py)
 
     def __post_init__(self) -> None:
+        _check(self.shard in SHARD_MODES, f"unknown --shard {self.shard!r}; choose one of {', '.join(SHARD_MODES)}")
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -319,6 +330,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.backend in BACKENDS, f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        # bitsandbytes' documented FSDP path keeps 4-bit weights in a float dtype; uint8 storage crashed, or trained
+        # on wrong weights without a word, under FSDP2 with torch 2.8 (accelerate#3983).
+        _check(self.train.shard != "fsdp" or self.model.quant == "none" or self.model.nf4_quant_storage != "uint8",
+               "--shard fsdp needs the 4-bit weights stored in a float dtype: pass --nf4-quant-storage bf16")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

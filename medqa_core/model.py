@@ -428,10 +428,14 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
 
 
-def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
-    """Write the LoRA weights (safetensors) and adapter_config.json."""
+def save_adapter(model: Any, adapter_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the LoRA weights (safetensors) and adapter_config.json.
+
+    Args:
+        state_dict: the weights to write by parameter name (e.g. gathered from shards); None: the model's own.
+    """
     adapter_dir = Path(adapter_dir)
-    model.save_pretrained(adapter_dir)  # peft writes adapter_model.safetensors by default
+    model.save_pretrained(adapter_dir, state_dict=state_dict)  # peft writes adapter_model.safetensors by default
     apply_umask(adapter_dir / "adapter_model.safetensors")  # safetensors writes 0600
     return adapter_dir
 

@@ -68,6 +68,13 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
             rows.append(("data parallel", f"{tr.world_size} ranks, {tr.tokens_per_s / tr.world_size:,.0f} tokens/s "
                                           f"per rank; one all-reduce of the LoRA gradients "
                                           f"{1000 * tr.all_reduce_s:.1f} ms alone"))
+            if tr.parallel:
+                rows.append(("ranks share", _sharing(tr.parallel)))
+            if tr.step_imbalance:
+                imb = tr.step_imbalance
+                rows.append(("rank balance", f"slowest rank {imb.time_max_over_mean:.2f}x the mean step time, most "
+                                             f"tokens {imb.tokens_max_over_mean:.2f}x the mean (median of "
+                                             f"{imb.steps} timed steps)"))
     if record.eval_before is not None:
         rows.append(("accuracy before", _accuracy(record.eval_before)))
     if record.eval_after is not None:
@@ -85,3 +92,12 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += [f"note: {n}" for n in record.notes]
     return lines
+
+
+def _sharing(parallel: dict) -> str:
+    """How the ranks shared the model (distributed.ddp_info or sharded.sharding_info), in words."""
+    if parallel.get("strategy") == "fsdp2":
+        return (f"FSDP2, {parallel['groups']} groups sharded; {parallel['weights_gib_per_rank']:.2f} of "
+                f"{parallel['weights_gib']:.2f} GiB of weights per rank")
+    return (f"DDP, whole model on every rank; {len(parallel.get('bucket_mib', []))} gradient buckets of up to "
+            f"{parallel.get('bucket_cap_mb')} MiB")

@@ -34,6 +34,8 @@ import dataclasses
 import json
 import os
 import secrets
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +78,32 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
+class StepImbalance:
+    """How unevenly the ranks shared the steps: per step, the most loaded rank over the ranks' mean (1.0: even),
+    and the median of that over the timed steps measured on every rank."""
+
+    time_max_over_mean: float  # slowest rank's step wall time / mean (waits at collectives included)
+    tokens_max_over_mean: float  # most real tokens on one rank / mean
+    steps: int  # the timed steps the medians are over
+
+    @classmethod
+    def from_ranks(cls, rank_step_time_s: Sequence[Sequence[float]], rank_step_tokens: Sequence[Sequence[int]],
+                   first_timed_step: int) -> StepImbalance | None:
+        """From per-step, per-rank figures (a step not measured per rank is empty); None when no timed step was."""
+        timed = [(t, n) for t, n in list(zip(rank_step_time_s, rank_step_tokens, strict=True))[first_timed_step:]
+                 if t and n]
+        if not timed:
+            return None
+        return cls(statistics.median(_max_over_mean(t) for t, _ in timed),
+                   statistics.median(_max_over_mean(n) for _, n in timed), len(timed))
+
+
+def _max_over_mean(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
+@dataclass(frozen=True)
 class TrainResult:
     steps: int
     epochs: float  # examples seen / examples in the split
@@ -96,6 +124,13 @@ class TrainResult:
     model_flops_per_s: float | None = None  # flops.train_step_flops of the timed steps over their time
     mfu_datasheet: float | None = None  # model_flops_per_s over the datasheet dense peak of the compute dtype
     datasheet_peak: dict[str, Any] | None = None  # flops.DatasheetPeak that mfu_datasheet divides by
+    # Under torchrun (None for one process): per step, per rank, the step's wall time and real tokens (a step
+    # trained before a resume from a checkpoint that lacks them is empty), their StepImbalance over the timed
+    # steps, and how the ranks shared the model (distributed.ddp_info's DDP buckets, sharded.sharding_info's).
+    rank_step_time_s: tuple[tuple[float, ...], ...] | None = None
+    rank_step_tokens: tuple[tuple[int, ...], ...] | None = None
+    step_imbalance: StepImbalance | None = None
+    parallel: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +168,12 @@ def _eval_from_dict(d: dict[str, Any] | None) -> EvalResult | None:
 def _train_from_dict(d: dict[str, Any] | None) -> TrainResult | None:
     if d is None:
         return None
-    return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"])})
+    if not isinstance(d, dict):
+        raise TypeError(f"train is a JSON {type(d).__name__}, not an object")
+    ranks = {k: tuple(tuple(step) for step in d[k]) for k in ("rank_step_time_s", "rank_step_tokens") if d.get(k)}
+    imbalance = d.get("step_imbalance")
+    return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"]),
+                          **ranks, "step_imbalance": StepImbalance(**imbalance) if imbalance else None})
 
 
 def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:

@@ -45,6 +45,7 @@ from medqa_core.model import (
 from medqa_core.numerics import Numerics, resolve_numerics
 from medqa_core.preemption import Interrupted, StopOnSignals
 from medqa_core.record import RunRecord, save_record
+from medqa_core.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
 from medqa_core.timing import device_memory_gib, free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.train import total_steps, train
 
@@ -187,8 +188,10 @@ def profile_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | Non
 
 # Settings that may differ when a run resumes: they do not change the steps trained so far. The steps
 # to train (more of them, or fewer down to the checkpoint's), evaluation, checkpoint cadence, timing,
-# where results go. The backend is not compared either: another device resumes, but not bit for bit.
-RESUME_MAY_CHANGE = {"train": ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "timing_warmup_steps"),
+# where results go. The backend is not compared either: another device resumes, but not bit for bit. Nor is
+# shard: only DDP writes checkpoints, and checkpoints older than the setting do not have it.
+RESUME_MAY_CHANGE = {"train": ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "timing_warmup_steps",
+                               "shard"),
                      "data": ("eval_split", "eval_limit")}
 
 
@@ -240,10 +243,14 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if info.enabled:
         if device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
-        if info.is_main and not cfg.model.path:
-            preset_dir(str(cfg.model.preset), cfg.model.seed)  # generated once, not by every rank
+        if info.local_rank == 0 and not cfg.model.path:
+            preset_dir(str(cfg.model.preset), cfg.model.seed)  # once per host (each has its own cache), not per rank
         barrier()
+    check_sharding(cfg, kind, info.world_size, checkpointing=bool(checkpoint_dir or resume))
     session = load_session(cfg, adapter_dir=adapter_dir, device=device)
+    model_info = _model_info(session)  # before any sharding: a sharded weight counts only this rank's slice
+    if cfg.train.shard == "fsdp":
+        shard_model(session.model, device)
     # Wall seconds of each phase, so a run's time to result splits into load, compile, train and score.
     phases: dict[str, float] = {"load": time.perf_counter() - started}
     clock = time.perf_counter()
@@ -277,8 +284,11 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
                                      dist_info=info, stop=stop.requested if stop is not None else None)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            # Sharded LoRA weights are gathered whole first: a collective, so every rank takes part.
+            state = full_trainable_state(session.model) if is_sharded(session.model) else None
             if info.is_main:
-                saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp))
+                saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp,
+                                                 state))
             lap("train")
             compile_s = (results["train"].compile or {}).get("warmup_s", 0.0)
             phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
@@ -302,7 +312,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if failure is not None:
         free_device_memory(device)  # the failed step's tensors, held by the traceback until now
     record = RunRecord(
-        kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=_model_info(session),
+        kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=model_info,
         attention={"requested": attention.requested, "ran": session.kernel_ran,
                    "attn_implementation": attention.attn_implementation},
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],

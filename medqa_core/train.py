@@ -29,12 +29,21 @@ from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoin
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
-from medqa_core.distributed import DistInfo, all_reduce_sum, measure_all_reduce_s, shard
+from medqa_core.distributed import (
+    DDP_BUCKET_CAP_MB,
+    DistInfo,
+    all_reduce_sum,
+    balance_tokens,
+    ddp_info,
+    gather_step,
+    measure_all_reduce_s,
+)
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import set_checkpointing, set_lora_dropout
 from medqa_core.numerics import Numerics, autocast
 from medqa_core.preemption import Interrupted
-from medqa_core.record import TrainResult
+from medqa_core.record import StepImbalance, TrainResult
+from medqa_core.sharded import is_sharded, sharding_info
 from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
@@ -102,16 +111,19 @@ def make_scaler(device: torch.device, numerics: Numerics) -> torch.amp.GradScale
 
 def wrap_data_parallel(model: Any, device: torch.device, info: DistInfo, numerics: Numerics) -> torch.nn.Module:
     """StepLoss, wrapped in DDP when distributed. Frozen 4-bit weights are left out of DDP's
-    broadcast and buckets: every rank loads the same weights, and only LoRA gradients are reduced."""
+    broadcast and buckets: every rank loads the same weights, and only LoRA gradients are reduced.
+    A model sharded by ``sharded.shard_model`` is not wrapped: FSDP2 reduces its gradients itself."""
     step = StepLoss(model, numerics)
-    if not info.enabled:
+    if not info.enabled or is_sharded(model):
         return step
     from torch.nn.parallel import DistributedDataParallel
 
     frozen = [n for n, p in step.named_parameters() if not p.requires_grad] + [n for n, _ in step.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
+    # gradient_as_bucket_view: gradients live in the buckets, no second copy of them is made per step.
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False, bucket_cap_mb=DDP_BUCKET_CAP_MB,
+                                   gradient_as_bucket_view=True)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -372,12 +384,18 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
                 raise CheckpointError("resume needs a checkpoint folder")
             state = load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config, n_steps)
         losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
+        # Per step, per rank (torchrun only); steps of a checkpoint written without them stay empty.
+        rank_times = list(state.rank_step_time_s) or [()] * state.step
+        rank_tokens = list(state.rank_step_tokens) or [()] * state.step
         seen = state.examples_seen
         shape = ModelShape.from_config(model.config)
         step_flops: list[float] = [0.0] * state.step  # steps before a resume are left out of the FLOP rate
 
         def local_batch(batch_examples: list[TrainExample]) -> dict[str, torch.Tensor]:
-            local = shard(batch_examples, info) if info.enabled else batch_examples
+            local = batch_examples
+            if info.enabled:  # an even share of the tokens, not of the examples: the slowest rank sets the pace
+                mine = balance_tokens([e.n_tokens for e in batch_examples], info.world_size)[info.rank]
+                local = [batch_examples[i] for i in mine]
             if not local:  # fewer examples than ranks: join the collective with a loss-free example
                 local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
             return trainer.collate(local)
@@ -397,8 +415,12 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             torch.manual_seed(seed)  # dropout's masks: a resumed run draws the same ones without replaying
             with Timer(device) as timer:
                 loss_value = trainer(batch, lambda seed=seed: torch.manual_seed(seed))
-            n_tokens = int(all_reduce_sum(batch["n_tokens"].to(device)).item()) if info.enabled \
-                else int(batch["n_tokens"])
+            n_tokens = int(batch["n_tokens"])
+            if info.enabled:
+                times, tokens = gather_step(timer.elapsed_s, n_tokens, device)
+                rank_times.append(times)
+                rank_tokens.append(tokens)
+                n_tokens = sum(tokens)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization "
                                          "settings and bitsandbytes version for this backend")
@@ -415,7 +437,9 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
             due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
             saved = None
             if checkpoint_dir is not None and due and info.is_main:
-                progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens))
+                progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens),
+                                             tuple(rank_times) if info.enabled else (),
+                                             tuple(rank_tokens) if info.enabled else ())
                 saved = save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, progress_now,
                                         config, cfg.keep_checkpoints)
             if stopping and done < n_steps:
@@ -432,6 +456,9 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     peak_rate = {torch.bfloat16: peak.bf16_flops_per_s, torch.float16: peak.fp16_flops_per_s}.get(
         numerics.torch_dtype) if peak else None
     trainable = [p for p in model.parameters() if p.requires_grad]
+    parallel = None
+    if info.enabled:
+        parallel = sharding_info(model) if is_sharded(model) else ddp_info(trainer.step_loss)
     return TrainResult(
         steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
         timed_steps=n_steps - skip, train_time_s=timed_time, tokens_per_s=timed_tokens / timed_time,
@@ -441,4 +468,8 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         compile=trainer.compiled.as_dict(), model_flops_per_s=flops_per_s,
         mfu_datasheet=flops_per_s / peak_rate if flops_per_s and peak_rate else None,
         datasheet_peak={**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
+        rank_step_time_s=tuple(rank_times) if info.enabled else None,
+        rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
+        step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,
+        parallel=parallel,
     )

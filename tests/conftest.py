@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from medqa_core.config import PRESET_COMMON, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from medqa_core.record import RunRecord, load_record
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -58,3 +62,48 @@ def write_jsonl(path: Path, rows: list) -> Path:
     """Write rows (dicts or raw strings) one per line."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# ---- torchrun jobs (tests/test_distributed.py, tests/test_sharded.py) ----------------------------------------
+
+STEPS = 4
+# Same global batch and loss; each rank packs and runs its share in bf16, so the curves agree to bf16 rounding of
+# the sums, not bit for bit.
+REL_TOL = 2e-3
+
+
+def train_argv(model_dir: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return ["train", "--backend", "cpu", "--model", str(model_dir), "--train-limit", "16", "--batch-size", "8",
+            "--max-steps", str(steps), "--lora-dropout", "0", "--results", str(out / "results"),
+            "--adapter-out", str(out / "adapter"), *extra]
+
+
+def run_cli(argv: list[str], nproc: int = 1, launcher: tuple[str, ...] = ("--standalone",)) -> RunRecord:
+    """One `medqa-parity` job (under torchrun for nproc > 1); the one record it wrote."""
+    head = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    done = subprocess.run([*head, "-m", "medqa_core.cli", *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = Path(argv[argv.index("--results") + 1])
+    (record,) = results.glob("*.json")  # only rank 0 writes the record
+    return load_record(record)
+
+
+def assert_same_curve(a: tuple[float, ...], b: tuple[float, ...]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) < REL_TOL * abs(x), (a, b)
+
+
+@pytest.fixture(scope="session")
+def one_process(tiny_model_dir, tmp_path_factory) -> RunRecord:
+    """The reference: the same global batches in one process."""
+    return run_cli(train_argv(tiny_model_dir, tmp_path_factory.mktemp("one")))
+
+
+@pytest.fixture(scope="session")
+def two_ddp_ranks(tiny_model_dir, tmp_path_factory) -> RunRecord:
+    """The same job on 2 gloo ranks with DDP (the default), writing a checkpoint into its folder's ckpt/."""
+    out = tmp_path_factory.mktemp("two")
+    return run_cli(train_argv(tiny_model_dir, out, "--checkpoint-dir", str(out / "ckpt")), nproc=2)

@@ -2,39 +2,115 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import socket
+from pathlib import Path
 
-from medqa_core.record import load_record
+import pytest
+import torch
+from conftest import STEPS, assert_same_curve, run_cli, train_argv
+from hypothesis import given
+from hypothesis import strategies as st
 
-
-def _train(tiny_model_dir, out, nproc):
-    argv = ["train", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "16", "--batch-size", "8",
-            "--max-steps", "4", "--lora-dropout", "0", "--results", str(out / "results"),
-            "--adapter-out", str(out / "adapter"), "--checkpoint-dir", str(out / "ckpt")]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "medqa_core.cli", *argv]
-    else:
-        cmd = [sys.executable, "-m", "medqa_core.cli", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
-        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+from medqa_core.compiling import compile_unavailable
+from medqa_core.distributed import DDP_BUCKET_CAP_MB, balance_tokens
 
 
-def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):
-    _train(tiny_model_dir, tmp_path / "one", 1)
-    _train(tiny_model_dir, tmp_path / "two", 2)
-    (one,) = (tmp_path / "one" / "results").glob("*.json")
-    records = list((tmp_path / "two" / "results").glob("*.json"))
-    assert len(records) == 1  # only rank 0 writes the record...
-    assert len(list((tmp_path / "two" / "ckpt").glob("step-*"))) == 1  # ...and the checkpoint
-    a, b = load_record(one).train, load_record(records[0]).train
+def expected_rank_tokens(model_dir: Path, world_size: int) -> tuple[tuple[int, ...], ...]:
+    """Each step's real tokens per rank under balance_tokens, from the data as the loop draws it."""
+    from medqa_core.config import DataConfig, TrainConfig
+    from medqa_core.data import encode_train, iter_batches
+    from medqa_core.model import load_tokenizer
+    from medqa_core.run import load_splits
+
+    cfg = TrainConfig()
+    tok = load_tokenizer(model_dir)
+    examples = [encode_train(tok, item, cfg.max_seq_len, cfg.loss_on)
+                for item in load_splits(DataConfig(train_limit=16)).train]
+    batches = iter_batches(examples, 8, cfg.seed)
+    steps = [next(batches)[1] for _ in range(STEPS)]
+    return tuple(tuple(sum(batch[i].n_tokens for i in part)
+                       for part in balance_tokens([e.n_tokens for e in batch], world_size)) for batch in steps)
+
+
+def test_two_gloo_ranks_match_one_process(tiny_model_dir, one_process, two_ddp_ranks):
+    ckpt = Path(two_ddp_ranks.adapter_dir).parent / "ckpt"
+    assert len(list(ckpt.glob("step-*"))) == 1  # only rank 0 writes the checkpoint (and the record)
+    a, b = one_process.train, two_ddp_ranks.train
     assert b.world_size == 2 and a.world_size == 1
     assert b.tokens == a.tokens  # the same global batches, split over two ranks
     assert b.all_reduce_s is not None and b.all_reduce_s > 0
-    # Same global batch and loss; each rank packs and runs its half in bf16, so the curves agree to
-    # bf16 rounding of the sums, not bit for bit.
-    for x, y in zip(a.loss_per_step, b.loss_per_step, strict=True):
-        assert abs(x - y) < 2e-3 * abs(x)
+    assert_same_curve(a.loss_per_step, b.loss_per_step)
+    # Per-rank figures: one row per step, one entry per rank, adding up to the step's tokens.
+    assert a.rank_step_time_s is a.rank_step_tokens is a.step_imbalance is a.parallel is None
+    assert len(b.rank_step_time_s) == len(b.rank_step_tokens) == STEPS
+    assert all(len(t) == 2 and min(t) > 0 for t in b.rank_step_time_s)
+    assert sum(map(sum, b.rank_step_tokens)) == b.tokens
+    assert tuple(b.rank_step_tokens) == expected_rank_tokens(tiny_model_dir, world_size=2)  # the split, as recorded
+    imbalance = b.step_imbalance
+    assert imbalance.steps == b.timed_steps and imbalance.time_max_over_mean >= 1.0
+    longest_share = max(max(n) / (sum(n) / 2) for n in b.rank_step_tokens)
+    assert 1.0 <= imbalance.tokens_max_over_mean <= longest_share
+    assert b.parallel["strategy"] == "ddp" and b.parallel["bucket_cap_mb"] == DDP_BUCKET_CAP_MB
+    assert b.parallel["gradient_as_bucket_view"] is True and b.parallel["bucket_mib"]
+
+
+def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir, tmp_path, two_ddp_ranks):
+    ckpt = tmp_path / "ckpt"
+    first = run_cli(train_argv(tiny_model_dir, tmp_path / "first", "--checkpoint-dir", str(ckpt), steps=2),
+                    nproc=2).train
+    rest = run_cli(train_argv(tiny_model_dir, tmp_path / "rest", "--resume", str(ckpt)), nproc=2).train
+    whole = two_ddp_ranks.train
+    assert rest.steps == STEPS and rest.loss_per_step[:2] == first.loss_per_step
+    assert rest.loss_per_step == whole.loss_per_step  # the uninterrupted 2-rank run's curve, to the bit
+    assert rest.tokens == whole.tokens  # the resumed run skipped exactly the batches trained before
+    # The checkpoint carried the per-rank figures of the steps before it.
+    assert rest.rank_step_tokens[:2] == first.rank_step_tokens and len(rest.rank_step_time_s) == STEPS
+
+
+def test_c10d_rendezvous_as_across_nodes_on_one_machine(tiny_model_dir, tmp_path, one_process):
+    """The multi-node launch (--nnodes, c10d rendezvous at an endpoint), with one node of two processes."""
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launcher = ("--nnodes=1", "--node-rank=0", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+                "--rdzv-id=medqa-test")
+    two = run_cli(train_argv(tiny_model_dir, tmp_path, steps=2), nproc=2, launcher=launcher).train
+    assert two.world_size == 2
+    assert_same_curve(one_process.train.loss_per_step[:2], two.loss_per_step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [("--shard", "ddp"), ("--shard", "fsdp", "--nf4-quant-storage", "bf16")],
+                         ids=["ddp", "fsdp"])
+def test_compiled_layers_under_two_ranks_train_as_eager(tiny_model_dir, tmp_path, one_process, shard):
+    two = run_cli(train_argv(tiny_model_dir, tmp_path, "--compile", "on", *shard), nproc=2).train
+    assert all(torch.isfinite(torch.tensor(two.loss_per_step)))
+    assert_same_curve(one_process.train.loss_per_step, two.loss_per_step)
+    why_not = compile_unavailable(torch.device("cpu"))
+    if why_not is None:  # Inductor runs here: every graph compiled before step 1, none while training
+        assert two.compile["ran"] and two.compile["graphs"] > 0 and two.compile["recompiles"] == 0
+    else:
+        assert not two.compile["ran"] and two.compile["detail"] == f"eager: {why_not}"
+
+
+# ---- token-balanced split -----------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(1, 4096), max_size=64), st.integers(1, 8))
+def test_balance_tokens_is_a_deterministic_partition_within_one_example_of_the_mean(lengths, world_size):
+    parts = balance_tokens(lengths, world_size)
+    assert len(parts) == world_size
+    assert sorted(i for part in parts for i in part) == list(range(len(lengths)))
+    assert all(part == sorted(part) for part in parts)  # batch order kept inside a share
+    assert balance_tokens(list(lengths), world_size) == parts
+    if lengths:
+        loads = [sum(lengths[i] for i in part) for part in parts]
+        assert max(loads) - sum(loads) / world_size <= max(lengths)
+    if len(lengths) >= world_size:
+        assert all(parts)  # every rank has an example to train on
+
+
+def test_balance_tokens_beats_round_robin_on_a_sorted_batch():
+    lengths = [900, 800, 300, 200]  # round robin: ranks of 1200 and 1000 tokens
+    assert [sum(lengths[i] for i in part) for part in balance_tokens(lengths, 2)] == [1100, 1100]
+    assert balance_tokens(lengths, 2) == [[0, 3], [1, 2]]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from medqa_core.record import (
     QuestionResult,
     RecordError,
     RunRecord,
+    StepImbalance,
     TrainResult,
     load_record,
     save_record,
@@ -74,3 +76,16 @@ def test_concurrent_writers_do_not_clobber_each_other(tmp_path):
         paths = list(pool.map(lambda r: save_record(r, tmp_path), records))
     assert len(set(paths)) == 40
     assert sorted(load_record(p).notes[0] for p in paths) == sorted(f"writer {i}" for i in range(40))
+
+
+def test_per_rank_figures_round_trip_and_summarize(tmp_path):
+    # Step 0 trained before a resume from a checkpoint without per-rank figures: empty, left out of the medians.
+    times, tokens = ((), (1.0, 3.0), (2.0, 2.0)), ((), (10, 30), (20, 20))
+    imbalance = StepImbalance.from_ranks(times, tokens, first_timed_step=0)
+    assert imbalance == StepImbalance(time_max_over_mean=1.25, tokens_max_over_mean=1.25, steps=2)  # (1.5 + 1) / 2
+    assert StepImbalance.from_ranks(times, tokens, first_timed_step=2).steps == 1
+    assert StepImbalance.from_ranks(times[:1], tokens[:1], first_timed_step=0) is None
+    train = dataclasses.replace(make_record().train, world_size=2, rank_step_time_s=times, rank_step_tokens=tokens,
+                                step_imbalance=imbalance)
+    record = make_record(train=train)
+    assert load_record(save_record(record, tmp_path)) == record  # lists come back as tuples, the summary typed

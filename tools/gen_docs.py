@@ -166,7 +166,8 @@ def scaling_table(results: Path) -> str:
     records = [(p, load_record(p)) for p in result_files(results, "runs/*_train_*.json")]
     gpu = [(p, r) for p, r in records if r.train is not None and r.fingerprint.get("gpu_name")]
     rows = ["| GPUs | device | global batch (per GPU) | tokens/s | per GPU | efficiency vs 1 GPU | all-reduce alone "
-            "| peak memory | record |", "|---|---|---|---|---|---|---|---|---|"]
+            "| slowest rank / mean | most tokens / mean | peak memory | record |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, r in gpu:
         n, batch = r.train.world_size, r.config["train"]["batch_size"]
         ones = [o for _, o in gpu if o.train.world_size == 1 and o.fingerprint["gpu_name"] == r.fingerprint["gpu_name"]
@@ -174,8 +175,12 @@ def scaling_table(results: Path) -> str:
                 == r.fingerprint.get("hostname")]
         eff = f"{r.train.tokens_per_s / (n * ones[-1].train.tokens_per_s):.1%}" if n > 1 and ones else "-"
         reduce_ms = f"{1000 * r.train.all_reduce_s:.1f} ms" if r.train.all_reduce_s else "-"
+        # Medians over the timed steps (record.StepImbalance); records before it was measured show "-".
+        imb = r.train.step_imbalance
+        spread = f"{imb.time_max_over_mean:.3f} | {imb.tokens_max_over_mean:.3f}" if imb else "- | -"
         rows.append(f"| {n} | {r.fingerprint['gpu_name']} | {batch} ({batch // n}) | {r.train.tokens_per_s:,.0f} "
-                    f"| {r.train.tokens_per_s / n:,.0f} | {eff} | {reduce_ms} | {r.train.peak_mem_gib:.1f} GiB "
+                    f"| {r.train.tokens_per_s / n:,.0f} | {eff} | {reduce_ms} | {spread} "
+                    f"| {r.train.peak_mem_gib:.1f} GiB "
                     f"| [{path.name[:16]}](results/runs/{path.name}) |")
     return "\n".join(rows)
 
