@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 
+from medqa_core.attention import AttentionError, check_trainable, resolve_attention
 from medqa_core.config import TrainConfig, memory_cap_gib, train_profile
 from medqa_core.data import TrainExample
 from medqa_core.fingerprint import detect_backend
@@ -161,6 +162,11 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                        ours_results: dict[int, dict[str, float]]) -> None:
     """Ours under a named profile (``--train-profiles``): its batch size, recompute and compile settings."""
     tc = train_profile(profile, run_config.train)
+    if tc.attn:
+        try:
+            check_trainable(resolve_attention(tc.attn), device)
+        except AttentionError as e:
+            pytest.skip(f"{profile}: {e}")
     examples = loop_batches(tc.batch_size)
     cap = memory_cap_gib(profile)
     with case.guard(arm="ours", profile=profile, batch_size=tc.batch_size,

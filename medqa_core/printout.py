@@ -57,6 +57,13 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
                                f"median, IQR {1000 * tr.step_time_s_iqr:.0f} ms)"),
             ("peak memory", peak),
         ]
+        promise = record.profile
+        if promise:
+            held = {True: "held", False: "NOT held", None: "no device peak to check"}[promise["held"]]
+            cap = f", promises <= {promise['memory_cap_gib']:g} GiB: {held}" if promise["memory_cap_gib"] else ""
+            train_attn = record.config["train"].get("attn")
+            rows.append(("profile", f"{promise['spec']} ({promise['chosen_by']}){cap}"
+                                    + (f"; trains with {train_attn} attention" if train_attn else "")))
         if tr.compile and tr.compile.get("ran"):
             rows.append(("compile", f"{tr.compile.get('graphs', '?')} graphs, {tr.compile.get('warmup_s', 0):.1f} s "
                                     f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"))

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+from medqa_core.config import MEMORY_CAP_GIB
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 OOM_CASE = "test_prefill[sdpa-batch2]"
@@ -26,7 +28,7 @@ TINY = [
     "--preset", "tiny", "--bench-batch-size", "2", "--bench-seq-len", "32", "--questions", "6",
     "--train-rounds", "2", "--infer-rounds", "1", "--warmup-rounds", "1", "--decode-tokens", "3",
 ]
-CAPPED = "capped+batch_size=3+checkpoint_layers=1+compile=off"
+CAPPED = "capped+batch_size=3+checkpoint_layers=1+compile=off+attn=sdpa"  # flex cannot train on CPU
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason=f"{MISSING_KERNEL} may run on a GPU")
 
 
@@ -185,6 +187,7 @@ def test_profile_cases_record_their_settings(bench_run: dict[str, Any]) -> None:
         {"requested": "off", "ran": False, "detail": "off", "graphs": 0, "recompiles": 0}
     assert eager["batch_size"] == 2 and eager["tokens_per_s"] > 0 and eager["speedup_vs_reference"] > 0
     assert (capped["batch_size"], capped["checkpoint_layers"], capped["gradient_checkpointing"]) == (3, 1, True)
-    assert capped["memory_cap_gib"] == 24.0
+    assert capped["memory_cap_gib"] == MEMORY_CAP_GIB["capped"]
     # No device peak on CPU: whether the cap held is unknown, not claimed.
-    assert capped["within_memory_cap"] is (None if capped["peak_mem_gib"] is None else capped["peak_mem_gib"] <= 24)
+    peak = capped["peak_mem_gib"]
+    assert capped["within_memory_cap"] is (None if peak is None else peak <= MEMORY_CAP_GIB["capped"])

@@ -206,15 +206,135 @@ def settings_effects(results: Path) -> str:
 
 
 def _profile_of(train: dict) -> str | None:
-    """The --profile whose settings a record's config.train has (batch, recompute, compile), if any."""
-    from medqa_core.config import TRAIN_PROFILES, train_profile
+    """The --profile whose settings a record's config.train has (batch, recompute, compile, levers), if any.
 
-    keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile")
+    A key an older record lacks did not exist then: it counts as TrainConfig's default.
+    """
+    from medqa_core.config import TRAIN_PROFILES, TrainConfig, train_profile
+
+    keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "lora_dropout", "adamw", "attn",
+            "activation_budget")
+    default = TrainConfig()
     for name in TRAIN_PROFILES:
         tc = train_profile(name)
-        if all(train.get(k) == getattr(tc, k) for k in keys):
+        if all(train.get(k, getattr(default, k)) == getattr(tc, k) for k in keys):
             return name
     return None
+
+
+def _newest_reference(results: Path, gpu: str) -> tuple[Path, BenchCase] | None:
+    """The reference arm of the newest bench file of ``gpu`` that ran it, and the file."""
+    found = None
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        if data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name") != gpu:
+            continue
+        ref = _cases(data).get("test_train_reference")
+        if ref is not None and ref.tokens_per_s and (found is None or data.get("datetime", "") >= found[0]):
+            found = (data.get("datetime", ""), path, ref)
+    return found[1:] if found else None
+
+
+def profile_targets(results: Path) -> str:
+    """The memory classes on real runs: the newest 2-epoch run of each profile per card, its promise, and the
+    speed issue's targets (docs/targets.toml [profiles]) against the reference of the card's newest bench file."""
+    from medqa_core.config import MEMORY_CAP_GIB
+
+    targets = _targets()["profiles"]
+    newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
+    for path, r in ((p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")):
+        name = _profile_of(r.config["train"]) if r.train and r.config["train"].get("epochs") == 2.0 else None
+        if name in targets and not r.failure:
+            newest[(r.fingerprint.get("gpu_name"), name)] = (path, r)  # files sort by time
+    if not newest:
+        return "(no real run of a memory class yet)"
+    rows = ["| card | profile | real run: tokens/s | peak (promise) | held | vs the reference | target | met | files |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for (gpu, name), (path, r) in sorted(newest.items(), key=lambda kv: (kv[0][0], list(targets).index(kv[0][1]))):
+        want, tr = targets[name], r.train
+        ref = _newest_reference(results, gpu)
+        ratio = tr.tokens_per_s / ref[1].tokens_per_s if ref else None
+        cap = MEMORY_CAP_GIB[name]
+        held = tr.peak_mem_gib is not None and tr.peak_mem_gib <= cap
+        goal = [f"<= {want['memory_gib']:g} GiB", f">= {want['speedup_vs_reference']:g}x"]
+        met = tr.peak_mem_gib is not None and tr.peak_mem_gib <= want["memory_gib"] and ratio is not None \
+            and ratio >= want["speedup_vs_reference"]
+        if "tokens_per_s" in want:
+            goal.append(f">= {want['tokens_per_s']:,} tokens/s")
+            met = met and tr.tokens_per_s >= want["tokens_per_s"]
+        ref_text = f"{ratio:.2f}x ({ref[1].tokens_per_s:,.0f} in [{ref[0].name}]({_link(results, ref[0])}))" \
+            if ref else "no reference on this card"
+        rows.append(f"| {gpu} | `{name}` | {tr.tokens_per_s:,.0f} | {tr.peak_mem_gib:.1f} GiB (<= {cap:g}) | "
+                    f"{'yes' if held else 'no'} | {ref_text} | {', '.join(goal)} | {'yes' if met else 'no'} | "
+                    f"[{path.name[:16]}]({_link(results, path)}) |")
+    return "\n".join(rows)
+
+
+def lever_table(results: Path) -> str:
+    """docs/levers.toml's pairs of committed bench cases: what each lever bought, from the files."""
+    with (ROOT / "docs" / "levers.toml").open("rb") as f:
+        levers = tomllib.load(f)["lever"]
+    rows = ["| lever | profile | before | after | tokens/s | peak | verdict |", "|---|---|---|---|---|---|---|"]
+
+    def figure(ref: list[str]) -> tuple[str, BenchCase]:
+        path = next(p for p in result_files(results, "bench/*/*.json") if p.name == ref[0])
+        case = _cases(_json(path))[ref[1]]
+        compiled = case.details.get("compile") or {}
+        eager = " (ran eagerly: no graph compiled)" if compiled.get("ran") and not compiled.get("graphs") else ""
+        return (f"{case.tokens_per_s:,.0f} tokens/s, {case.peak_mem_gib:.1f} GiB, `{case.profile}`{eager} "
+                f"[{path.name[:4]}]({_link(results, path)})", case)
+
+    for lever in levers:
+        (before, b), (after, a) = figure(lever["before"]), figure(lever["after"])
+        rows.append(f"| {lever['name']} | {lever['profile']} | {before} | {after} | "
+                    f"{a.tokens_per_s / b.tokens_per_s - 1:+.1%} | {a.peak_mem_gib - b.peak_mem_gib:+.1f} GiB | "
+                    f"{lever['verdict']} |")
+    return "\n".join(rows)
+
+
+def miss_bounds(results: Path) -> str:
+    """What the levers not taken could buy at most: the newest step profile of ``max-speed`` with one share of the
+    step's time taken away at a time (cumulatively), as tokens/s of that profiled batch."""
+    paths = [p for p in result_files(results, "profile/*.json") if "max-speed" in _json(p)["profiles"]]
+    if not paths:
+        return "(no step profile of max-speed yet)"
+    path = paths[-1]
+    p = _json(path)["profiles"]["max-speed"]
+    cats, wall, tokens = p["categories"], p["wall_ms"], p["tokens_per_step"]
+    steps = [("as profiled (one batch, steady state)", 0.0),
+             ("without the host-bound time: the most CUDA graphs of the step could buy", p["host_bound_ms"]),
+             ("and without dequantizing: the most a fused dequantize + matmul could buy",
+              cats.get("dequantize 4-bit", 0.0)),
+             ("and without attention", cats.get("attention", 0.0)),
+             ("and without the fused element-wise kernels: matmul, optimizer and copies alone",
+              cats.get("fused by torch.compile", 0.0) + cats.get("element-wise, norms, other", 0.0))]
+    rows = [f"[{path.name}]({_link(results, path)}), `max-speed`, {tokens:,} real tokens a step:", "",
+            "| time taken away | ms a step | tokens/s |", "|---|---|---|"]
+    left = wall
+    for label, ms in steps:
+        left -= ms
+        rows.append(f"| {label} | {left:,.0f} | {tokens / left * 1000:,.0f} |")
+    return "\n".join(rows)
+
+
+def lever_curves(results: Path) -> str:
+    """Every committed GPU lever loss-curve case (bench/bench_levers.py): how far each lever moved the curve."""
+    rows = ["| file | device | lever | steps | max abs diff (nats) | max / mean loss | within the tolerance |",
+            "|---|---|---|---|---|---|---|"]
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        for name, c in _cases(data).items():
+            gap = c.details.get("curve_gap")
+            if not (name.startswith("test_lever_loss_curve") and gap):
+                continue
+            default = c.details["loss_default"]
+            # Before the adapter was reset per case, the cases before had trained it on these very batches.
+            verdict = "not a comparison: the default curve is ~0 (the adapter had learnt these batches)" \
+                if sum(default) / len(default) < 0.01 else ("yes" if gap["within_tolerance"] else "no")
+            rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(data)} | "
+                        f"{c.details.get('lever')} | {gap['steps']} | {gap['max_abs_diff']:.4f} | "
+                        f"{_pct(gap['relative'])} (<= {_pct(c.details['tolerance'])}) | {verdict} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no lever loss-curve case committed yet)"
 
 
 def bench_vs_run(results: Path) -> str:
@@ -559,6 +679,8 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
     "decode": decode_table, "machine-times": machine_times, "newest": newest_per_device,
     "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
+    "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
+    "miss-bounds": miss_bounds,
 }
 
 
