@@ -164,6 +164,10 @@ class BenchCase:
             return f"{self.questions_per_s:,.1f} questions/s ({self.questions} questions)"
         if self.accuracy is not None:
             return f"accuracy {100 * self.accuracy:.1f}% on {self.n_questions or len(self.predictions)} questions"
+        gap = self.details.get("curve_gap")
+        if gap:  # a lever's loss curve against the default's (bench/bench_levers.py)
+            return (f"loss curve of {self.details.get('lever')}: max |diff| {gap['max_abs_diff']:.4f} over "
+                    f"{gap['steps']} steps, {100 * gap['relative']:.2f}% of the mean loss")
         return "no figure"
 
     def to_extra_info(self) -> dict[str, Any]:
