@@ -43,6 +43,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "-p", "oom_injection", "--inject-oom", OOM_CASE,
         # Profile cases without compiling (compile time would dominate a tiny run): the fields are what is checked.
         "--train-profiles", f"eager,{CAPPED}",
+        "-k", "not lever_loss_curve",  # the levers' curves are tests/test_levers.py's: the harness is what is tested
         f"--benchmark-json={out / 'bench.json'}", f"--benchmark-storage=file://{out / 'storage'}",
         "--benchmark-save=harness",
     ]

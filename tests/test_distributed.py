@@ -80,8 +80,9 @@ def test_c10d_rendezvous_as_across_nodes_on_one_machine(tiny_model_dir, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shard", [("--shard", "ddp"), ("--shard", "fsdp", "--nf4-quant-storage", "bf16")],
-                         ids=["ddp", "fsdp"])
+# DDP only in the suite: FSDP2 with compiled layers ran once on CPU (docs/several-gpus.md), and a 2-rank compile
+# on 2 cores costs close to a minute; FSDP2's own curve is checked eagerly in test_sharded.py.
+@pytest.mark.parametrize("shard", [("--shard", "ddp")], ids=["ddp"])
 def test_compiled_layers_under_two_ranks_train_as_eager(tiny_model_dir, tmp_path, one_process, shard):
     two = run_cli(train_argv(tiny_model_dir, tmp_path, "--compile", "on", *shard), nproc=2).train
     assert all(torch.isfinite(torch.tensor(two.loss_per_step)))

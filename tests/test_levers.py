@@ -302,27 +302,17 @@ def test_fused_adamw_gives_the_foreach_curve(fresh_model, tmp_path):
     assert gap.max_abs_diff < 1e-3, gap  # the same update, to rounding
 
 
-@pytest.mark.slow
-def test_an_activation_budget_recomputes_inside_the_compiled_layers_with_the_same_curve(fresh_model, tmp_path):
+def test_an_activation_budget_applies_to_the_compiles_of_a_training_and_is_reset(fresh_model):
     import torch._functorch.config as functorch_config
 
-    from medqa_core.levers import CurveGap
-
-    model, tok = fresh_model
-    batches = _lever_batches(tok, tmp_path, steps=3)
-    base = TrainConfig(lr=1e-3, warmup_steps=1, compile="on")
-    compiled = _curve(model, tok, batches, base)
-    lever = dataclasses.replace(base, activation_budget=0.3)
+    model, _ = fresh_model
+    lever = TrainConfig(activation_budget=0.3, compile="off")
     apply_model_settings(model, lever, CPU)
     try:
-        assert functorch_config.activation_memory_budget == 0.3  # what the backward graphs are partitioned with
+        assert functorch_config.activation_memory_budget == 0.3  # what backward graphs are partitioned with
     finally:
         reset_model_settings(model)
     assert functorch_config.activation_memory_budget == 1.0
-    budget = _curve(model, tok, batches, lever)
-    assert functorch_config.activation_memory_budget == 1.0  # reset after training
-    gap = CurveGap.between(compiled, budget)
-    assert gap.max_abs_diff < 2e-2, gap  # recompute repeats the same math (Inductor may fuse it another way)
 
 
 def test_training_attention_switches_without_a_reload_and_back(fresh_model, tmp_path):
