@@ -114,8 +114,8 @@ def _profile_help() -> str:
     caps = ", ".join(f"{name} <= {cap:g} GiB" for name, cap in MEMORY_CAP_GIB.items())
     return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one, "
             f"e.g. capped+batch_size=16. Peak memory promised: {caps}. auto (the default unless a batch, "
-            "recompute, packing or compile flag is given): on a GPU the fastest of those that fits the card's "
-            "memory, on CPU default")
+            "recompute, packing, compile, --lora-dropout or --attn flag is given): on a GPU the fastest of "
+            "those that fits the card's memory, on CPU default")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -160,11 +160,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="data-parallel processes on this host, started through torchrun (default: %(default)s)")
 
 
-def train_flags_are_defaults(train: TrainConfig) -> bool:
-    """No flag that a profile sets (batch, recompute, packing, compile) was changed: "auto" may choose them."""
+def profile_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
+    """No flag whose setting a profile also sets (batch, recompute, packing, compile, LoRA dropout, attention) was
+    changed: "auto" may choose them without overriding what the user asked for."""
     defaults = DEFAULTS.train
     return all(getattr(train, key) == getattr(defaults, key) for key in
-               ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "packing", "pack_len"))
+               ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "packing", "pack_len")) \
+        and args.lora_dropout == DEFAULTS.lora.dropout and args.attn == DEFAULTS.model.attn
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -180,7 +182,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             keep_checkpoints=args.keep_checkpoints, checkpoint_layers=args.checkpoint_layers, compile=args.compile,
             shard=getattr(args, "shard", DEFAULTS.train.shard),
         )
-        if args.profile == AUTO_PROFILE or (args.profile is None and train_flags_are_defaults(train)):
+        if args.profile == AUTO_PROFILE or (args.profile is None and profile_flags_are_defaults(args, train)):
             train = dataclasses.replace(train, profile=AUTO_PROFILE)  # resolved on the device (run.resolve_profile)
         elif args.profile:
             train = train_profile(args.profile, train)

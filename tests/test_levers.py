@@ -98,6 +98,8 @@ def test_cli_uses_auto_unless_a_profile_setting_is_given() -> None:
     assert build_config(parse(["run", "--profile", "auto"])).train.profile == "auto"
     assert build_config(parse(["run", "--batch-size", "4"])).train.profile is None
     assert build_config(parse(["run", "--gradient-checkpointing"])).train.profile is None
+    assert build_config(parse(["run", "--lora-dropout", "0.1"])).train.profile is None  # a profile would drop it
+    assert build_config(parse(["run", "--attn", "eager"])).train.profile is None  # a profile trains with flex
     assert build_config(parse(["run", "--profile", "lean"])).train.batch_size == TRAIN_PROFILES["lean"]["batch_size"]
 
 
