@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from medqa_core.attention import AttentionChoice, detect_kernel, resolve_attention
+from medqa_core.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
 from medqa_core.checkpoint import check_resume
 from medqa_core.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
 from medqa_core.data import (
@@ -237,6 +237,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     check_prompt_lengths(splits.eval if kind != "train" else [], cfg.eval.max_seq_len, "--eval-max-seq-len")
     device = resolve_device(cfg.backend)
     cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
+    if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
+        check_trainable(resolve_attention(cfg.train.attn), device)
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     info = init_distributed(device.type)

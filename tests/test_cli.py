@@ -62,6 +62,18 @@ def test_unknown_profile_is_a_user_error(tiny_model_dir, capsys):
     assert "unknown profile 'turbo'" in capsys.readouterr().err
 
 
+def test_a_profile_that_cannot_train_here_stops_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    # max-speed trains with flex attention, which has no backward on CPU: one line, exit 2, no record half-made.
+    results = tmp_path / "records"
+    code = main(["run", "--model", str(tiny_model_dir), "--backend", "cpu", "--profile", "max-speed",
+                 "--train-limit", "4", "--eval-limit", "4", "--results", str(results)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "flex attention has no backward on CPU" in err and "max-speed+attn=sdpa" in err
+    assert "Traceback" not in err and "evaluate" not in err  # nothing was scored before it stopped
+    assert not results.exists() or not any(results.iterdir())
+
+
 def test_run_end_to_end_saves_a_fingerprinted_record(tiny_model_dir, tmp_path, capsys):
     code = main(["run", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "8", "--eval-limit", "8",
                  "--max-steps", "3", "--batch-size", "4", "--results", str(tmp_path / "results"),
