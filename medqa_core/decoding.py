@@ -11,11 +11,16 @@ into a static cache (which allocates the cache at fixed addresses); the one-toke
 greedy pick, position + 1) keeps all of its state in tensors, is compiled once, and on a GPU is
 captured as one CUDA graph (a HIP graph on ROCm, through the same ``torch.cuda`` API). Each token
 is then a single graph launch: what is timed is the device's work.
+
+On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.kernels) instead of bitsandbytes'
+batch-1 kernel and LoRA's separate small matmuls; ``nf4_kernel`` chooses, and :class:`DecodeSetup` records which ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import inspect
 import logging
 from dataclasses import dataclass
@@ -24,6 +29,47 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+
+NF4_KERNELS = ("auto", "triton", "bitsandbytes")  # StaticDecoder(nf4_kernel=...)
+
+
+def _has_nf4_layers(model: torch.nn.Module) -> bool:
+    return any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules())
+
+
+def triton_nf4_unavailable(device: torch.device) -> str | None:
+    """Why our Triton NF4 kernels cannot run on ``device``, or None where they can.
+
+    They run on CUDA and ROCm GPUs (both ``device.type == "cuda"``) with Triton installed; on CPU only under
+    Triton's interpreter (``TRITON_INTERPRET=1``), which tests use and which is far too slow to time.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    from medqa_core.kernels.nf4_matmul import interpreting
+
+    if device.type != "cuda" and not interpreting():
+        return f"Triton kernels need a GPU ({device.type} here; TRITON_INTERPRET=1 runs them on CPU for tests)"
+    return None
+
+
+def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str) -> tuple[str, str]:
+    """Which kernel runs the 4-bit layers during decode: ("triton" | "bitsandbytes" | "none", why).
+
+    Raises:
+        ValueError: an unknown choice, or "triton" where it cannot run.
+    """
+    if asked not in NF4_KERNELS:
+        raise ValueError(f"nf4_kernel {asked!r}: choose one of {', '.join(NF4_KERNELS)}")
+    if not _has_nf4_layers(model):
+        return "none", "no 4-bit layers"
+    if asked == "bitsandbytes":
+        return "bitsandbytes", "asked"
+    why = triton_nf4_unavailable(device)
+    if asked == "triton" and why:
+        raise ValueError(f"nf4_kernel 'triton' cannot run here: {why}")
+    if asked == "auto" and (why or device.type != "cuda"):
+        return "bitsandbytes", why or "CPU: bitsandbytes' own kernels"
+    return "triton", "asked" if asked == "triton" else "auto: a GPU with Triton"
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     """A ``StaticCache`` for ``max_len`` tokens of a model with ``config``, and its layer kind.
@@ -55,6 +101,10 @@ class DecodeSetup:
     compile_mode: str
     graph: str  # "CUDA graph", "HIP graph", or "none: <why>"
     cache_layers: str  # see static_cache
+    nf4_kernel: str = "none"  # "triton-nf4 (medqa_core.kernels)", "bitsandbytes <version>" or "none" (no 4-bit)
+    nf4_kernel_why: str = ""  # why that kernel: asked, auto and the device, or why Triton could not run
+    nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
+    nf4_fused_lora_layers: int = 0
 
 
 class StaticDecoder:
@@ -69,9 +119,13 @@ class StaticDecoder:
         batch: rows per call.
         max_len: prompt plus new tokens, at most; the cache holds exactly this many.
         use_graph: capture the step as a CUDA/HIP graph (GPUs only).
+        nf4_kernel: "auto" (ours on a GPU with Triton, else bitsandbytes), "triton" or "bitsandbytes".
+
+    Raises:
+        ValueError: ``nf4_kernel`` unknown, or "triton" where Triton cannot run.
     """
 
-    def __init__(self, model: Any, batch: int, max_len: int, use_graph: bool) -> None:
+    def __init__(self, model: Any, batch: int, max_len: int, use_graph: bool, nf4_kernel: str = "auto") -> None:
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers included
         self.device = self.base.device
         self.max_len = max_len
@@ -89,7 +143,23 @@ class StaticDecoder:
         self._want_graph = use_graph and self.device.type == "cuda"
         graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
             "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
-        self.setup = DecodeSetup(compile_mode="default", graph=graph, cache_layers=cache_layers)
+        kernel, why = nf4_kernel_choice(self.base, self.device, nf4_kernel)
+        self._swap = None
+        if kernel == "triton":
+            from medqa_core.kernels.nf4_layers import NF4Swap
+
+            self._swap = NF4Swap(self.base, max_rows=batch)
+            kernel_name = self._swap.info.kernel
+        elif kernel == "bitsandbytes":
+            import bitsandbytes
+
+            kernel_name = f"bitsandbytes {bitsandbytes.__version__}"
+        else:
+            kernel_name = "none"
+        self.setup = DecodeSetup(
+            compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
+            nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,
+            nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0)
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "
@@ -144,15 +214,16 @@ class StaticDecoder:
         if input_ids.shape[0] != self.token.shape[0] or input_ids.shape[1] + new_tokens > self.max_len:
             raise ValueError(f"prompt {tuple(input_ids.shape)} + {new_tokens} new tokens does not fit this decoder "
                              f"(batch {self.token.shape[0]}, {self.max_len} tokens); make a decoder for that size")
-        self._prefill(input_ids)
-        if new_tokens > 1 and not self._warm:
-            self._warm_up()
+        with self._swap or contextlib.nullcontext():  # our NF4 kernels in the 4-bit layers' places, if chosen
             self._prefill(input_ids)
-        tokens = [self.token.clone()]
-        for _ in range(new_tokens - 1):
-            if self._graph is not None:
-                self._graph.replay()
-            else:
-                self._compiled()
-            tokens.append(self.token.clone())
+            if new_tokens > 1 and not self._warm:
+                self._warm_up()
+                self._prefill(input_ids)
+            tokens = [self.token.clone()]
+            for _ in range(new_tokens - 1):
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._compiled()
+                tokens.append(self.token.clone())
         return torch.cat(tokens, dim=1)

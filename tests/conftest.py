@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Our Triton kernels (medqa_core.kernels) run on CPU tensors under Triton's interpreter; it must be on before
+# triton.jit wraps them at import. On a GPU the tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from medqa_core.config import PRESET_COMMON, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from medqa_core.record import RunRecord, load_record
 

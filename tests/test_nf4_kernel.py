@@ -1,0 +1,185 @@
+"""Our Triton NF4 kernels against bitsandbytes and a plain PyTorch reference, under Triton's CPU interpreter.
+
+The tolerance: the kernel dequantizes each weight exactly as bitsandbytes does (float32 ``code * absmax``, rounded
+to the compute dtype) and accumulates in float32, so it differs from ``x.float() @ W_bnb.float().T`` only in the
+order of float32 sums: every output is within one unit in the last place (ulp) of the output dtype of that
+reference. tests/conftest.py turns the interpreter on where no GPU is present; on a GPU the same tests run the
+compiled kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY
+
+pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
+
+import bitsandbytes as bnb  # noqa: E402
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit  # noqa: E402
+
+from medqa_core.kernels.nf4_matmul import TileConfig, interpreting, nf4_matmul, nf4_weight  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _quantized(n: int, k: int, blocksize: int, double_quant: bool, dtype=torch.bfloat16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
+    packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
+    return param, state
+
+
+def _plain_dequantize(param, state) -> torch.Tensor:
+    """bitsandbytes' NF4 format decoded with nothing but PyTorch (no bitsandbytes call)."""
+    n, k = state.shape
+    byte = param.data.view(torch.uint8).reshape(-1).long()
+    codes = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1)[: n * k]  # element 2i: high nibble
+    absmax = state.absmax.float()
+    if state.nested:
+        inner = state.state2
+        idx = torch.arange(absmax.numel(), device=absmax.device) // inner.blocksize
+        absmax = inner.code.float()[state.absmax.long()] * inner.absmax.float()[idx] + state.offset
+    block = torch.arange(n * k, device=absmax.device) // state.blocksize
+    return (state.code.float()[codes] * absmax[block]).reshape(n, k).to(state.dtype)
+
+
+def _ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref| in units of the last place of ``out``'s dtype at each reference value."""
+    ref = ref.float()
+    eps = torch.finfo(out.dtype).eps
+    ulp = torch.where(ref.abs() > 0, torch.exp2(torch.floor(torch.log2(ref.abs()))) * eps, torch.full_like(ref, eps))
+    return ((out.float() - ref).abs() / ulp).max().item()
+
+
+SHAPES = [  # (N, K, blocksize): aligned, a block larger than a tile's, blocks straddling rows, odd K and N
+    (64, 128, 64), (48, 256, 128), (32, 512, 256), (40, 96, 64), (33, 70, 64), (7, 9, 32)]
+
+
+@pytest.mark.parametrize(("n", "k", "blocksize"), SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 17])
+def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, double_quant, rows) -> None:
+    param, state = _quantized(n, k, blocksize, double_quant)
+    weight = _plain_dequantize(param, state)  # [N, K]
+    if k % blocksize == 0 or DEVICE == "cuda":
+        # bitsandbytes 0.50.2's CPU dequantize blocks each row on its own where K is even but not a multiple of
+        # the block, while its quantize blocks the flat weight (as CUDA does both): there it does not give back
+        # the weights it quantized, so the plain decoder, which does, is the reference.
+        torch.testing.assert_close(weight, dequantize_4bit(param.data, state), rtol=0, atol=0)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).bfloat16().to(DEVICE)
+    ref = x.float() @ weight.float().T
+    out = nf4_matmul(x, nf4_weight(param))
+    assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+    assert _ulps(out, ref) <= 1.0
+
+
+@pytest.mark.parametrize("config", [TileConfig(1, 16, 64, 1, 1), TileConfig(1, 32, 64, 1, 1),
+                                    TileConfig(16, 16, 64, 1, 1), TileConfig(16, 64, 32, 1, 1)])
+def test_every_tile_shape_writes_every_output(config) -> None:
+    # Odd N and rows that do not fill a tile: masked edges. torch.empty's garbage fails any unwritten output.
+    n, k = 37, 192
+    param, state = _quantized(n, k, 64, True)
+    rows = 1 if config.block_m == 1 else 19
+    x = torch.randn(rows, k).bfloat16().to(DEVICE)
+    if config.block_m == 1:
+        x = x[:1]
+    out = nf4_matmul(x, nf4_weight(param), config=config)
+    assert _ulps(out, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_compute_dtypes(dtype) -> None:
+    param, state = _quantized(48, 128, 64, True, dtype=dtype)
+    x = torch.randn(3, 128).to(dtype).to(DEVICE)
+    out = nf4_matmul(x, nf4_weight(param))
+    ref = x.float() @ dequantize_4bit(param.data, state).float().T
+    assert out.dtype == dtype
+    if dtype == torch.float32:  # only the order of the sums differs: torch's float32 tolerance
+        torch.testing.assert_close(out, ref)
+    else:
+        assert _ulps(out, ref) <= 1.0
+
+
+@pytest.mark.parametrize("rows", [1, 6, 20])
+def test_lora_is_fused_into_the_same_output(rows) -> None:
+    n, k, rank, scaling = 40, 128, 8, 2.0
+    param, state = _quantized(n, k, 64, True)
+    gen = torch.Generator().manual_seed(2)
+    a = (torch.randn(rank, k, generator=gen) * 0.1).bfloat16().to(DEVICE)
+    b = (torch.randn(n, rank, generator=gen) * 0.1).bfloat16().to(DEVICE)
+    bias = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
+    x = torch.randn(rows, k, generator=gen).bfloat16().to(DEVICE)
+    out = nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling)
+    # peft under autocast: the down-projection rounded to bf16, then up, scaled and added.
+    t = (scaling * (x.float() @ a.float().T)).bfloat16().float()
+    ref = x.float() @ dequantize_4bit(param.data, state).float().T + bias.float() + t @ b.float().T
+    assert _ulps(out, ref) <= 1.0
+    base_only = nf4_matmul(x, nf4_weight(param), bias=bias)
+    assert (out.float() - base_only.float()).abs().max() > 0.01  # the adapter really contributed
+
+
+def test_a_non_nf4_weight_is_refused() -> None:
+    with pytest.raises(ValueError, match="not an NF4"):
+        nf4_weight(torch.nn.Parameter(torch.zeros(4, 4)))
+
+
+# ---- the decode path --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapted_4bit_model(tiny_model_dir):
+    """The tiny Mistral in NF4 with a LoRA adapter whose B is not zero (peft starts B at 0: no contribution)."""
+    from medqa_core.config import LoraSettings, ModelConfig
+    from medqa_core.model import add_lora, load_base_model
+
+    base = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir)), torch.device(DEVICE), "sdpa",
+                           torch.bfloat16)
+    torch.manual_seed(0)
+    model = add_lora(base, LoraSettings(rank=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+def _decode(model, kernel: str, ids: torch.Tensor, new: int):
+    from medqa_core.decoding import StaticDecoder
+
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new, use_graph=DEVICE == "cuda",
+                            nf4_kernel=kernel)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        tokens = decoder.generate(ids, new)
+    return tokens, decoder.setup
+
+
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # GEMV and dot paths; ~40 s each
+def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_model, batch) -> None:
+    model = adapted_4bit_model
+    ids = torch.randint(3, 32000, (batch, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    modules_before = dict(model.named_modules())
+    ours, setup = _decode(model, "triton", ids, 6)
+    theirs, bnb_setup = _decode(model, "bitsandbytes", ids, 6)
+    assert setup.nf4_kernel.startswith("triton-nf4") and bnb_setup.nf4_kernel.startswith("bitsandbytes")
+    layers = TINY["num_hidden_layers"] * 7  # q, k, v, o, gate, up, down
+    assert (setup.nf4_fused_layers, setup.nf4_fused_lora_layers) == (layers, layers)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert dict(model.named_modules()) == modules_before  # the originals are back in place
+
+
+def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatch) -> None:
+    from medqa_core.decoding import nf4_kernel_choice
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="choose one of auto, triton, bitsandbytes"):
+        nf4_kernel_choice(adapted_4bit_model, cpu, "cutlass")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreting()
+    kernel, why = nf4_kernel_choice(adapted_4bit_model, cpu, "auto")
+    assert kernel == "bitsandbytes" and "need a GPU" in why  # CPU behaviour unchanged
+    with pytest.raises(ValueError, match="cannot run here: Triton kernels need a GPU"):
+        nf4_kernel_choice(adapted_4bit_model, cpu, "triton")
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert nf4_kernel_choice(plain, cpu, "auto") == ("none", "no 4-bit layers")
