@@ -88,7 +88,8 @@ def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: 
 
 
 def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor], bench_options: Any,
-            ceilings: dict[str, Any], device: torch.device, attn: str, batch: int, compiled: bool) -> None:
+            ceilings: dict[str, Any], device: torch.device, attn: str, batch: int, compiled: bool,
+            nf4_kernel: str = "bitsandbytes") -> None:
     seq_len, new_tokens = bench_options.seq_len, bench_options.decode_tokens
     with case.guard(arm="ours", attention_requested=attn, batch_size=batch, seq_len=seq_len, new_tokens=new_tokens,
                     cache="static" if compiled else "dynamic", compile_mode="default" if compiled else None,
@@ -107,7 +108,7 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
             counts_before = _dynamo_counts()
             try:
                 decoder, first_call_s, fallback = _warm_decoder(model, ids, new_tokens, session.attention,
-                                                                 session.numerics, device)
+                                                                 session.numerics, device, nf4_kernel)
                 rounds, ttft = _time_decode(case, bench_options,
                                             lambda n: _static_decode(decoder, ids, n, session.attention,
                                                                                      session.numerics))
@@ -122,7 +123,8 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
 
 
 def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: AttentionChoice,
-                  numerics: Numerics, device: torch.device) -> tuple[StaticDecoder, float, str | None]:
+                  numerics: Numerics, device: torch.device,
+                  nf4_kernel: str) -> tuple[StaticDecoder, float, str | None]:
     """A StaticDecoder that has compiled its step: with a CUDA/HIP graph on a GPU, else visibly without.
 
     Returns:
@@ -131,7 +133,11 @@ def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: Att
     """
     fallback = None
     for use_graph in dict.fromkeys((device.type == "cuda", False)):
-        decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new_tokens, use_graph=use_graph)
+        try:
+            decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new_tokens, use_graph=use_graph,
+                                    nf4_kernel=nf4_kernel)
+        except ValueError as e:  # our NF4 kernel asked for where it cannot run
+            pytest.skip(str(e))
         try:
             with Timer(device) as first_call:
                 _static_decode(decoder, ids, new_tokens, attention, numerics)()
@@ -188,10 +194,12 @@ def test_decode_eager(benchmark: Any, case: Any, models: Any, prompt_ids: Callab
 @pytest.mark.benchmark(group="decode")
 def test_decode_compiled(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor],
                          bench_options: Any, ceilings: dict[str, Any], device: torch.device, attn: str,
-                         decode_batch: int) -> None:
+                         decode_batch: int, nf4_kernel: str) -> None:
+    """The hardware-bound decode, once per 4-bit kernel (--nf4-kernels): ours (triton) and bitsandbytes' as arms."""
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip(f"torch.compile is not supported with Python/torch {torch.__version__} here")
-    _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, decode_batch, compiled=True)
+    _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, decode_batch, compiled=True,
+            nf4_kernel=nf4_kernel)
 
 
 @pytest.mark.benchmark(group="scoring")

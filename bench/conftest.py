@@ -67,9 +67,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             reason="no --train-profiles given (on CPU none run by default); e.g. --train-profiles eager,capped"))]
         metafunc.parametrize("profile", profiles)
     # Inference at one request and at the bench batch: latency, and throughput when rows share a weight read.
-    for name in ("prefill_batch", "decode_batch"):
-        if name in metafunc.fixturenames:
-            metafunc.parametrize(name, sorted({1, opts.batch_size}), ids=lambda b: f"batch{b}")
+    if "prefill_batch" in metafunc.fixturenames:
+        metafunc.parametrize("prefill_batch", sorted({1, opts.batch_size}), ids=lambda b: f"batch{b}")
+    if "decode_batch" in metafunc.fixturenames:
+        metafunc.parametrize("decode_batch", opts.decode_batches, ids=lambda b: f"batch{b}")
+    if "nf4_kernel" in metafunc.fixturenames:
+        metafunc.parametrize("nf4_kernel", opts.nf4_kernels)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -64,6 +64,8 @@ class BenchOptions:
     dtype: str = "auto"  # --dtype, as medqa-parity run takes it
     nf4_blocksize: int | None = None
     peer_batch_size: int | None = None  # the liger-batch peer case's batch; None: the max-speed profile's
+    decode_batches: tuple[int, ...] = (1, 8)  # rows of the decode cases
+    nf4_kernels: tuple[str, ...] = ("bitsandbytes",)  # 4-bit kernels of the compiled decode case, one arm each
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -89,6 +91,17 @@ class BenchOptions:
             raise pytest.UsageError(f"--train-profiles: {e}") from e
         questions = config.getoption("questions")
         decode = config.getoption("decode_tokens")
+        batches_opt = config.getoption("decode_batches")
+        try:
+            decode_batches = tuple(sorted({int(b) for b in batches_opt.split(",") if b.strip()})) if batches_opt \
+                else tuple(sorted({1, config.getoption("bench_batch_size")}))
+        except ValueError as e:
+            raise pytest.UsageError(f"--decode-batches {batches_opt!r}: give comma-separated row counts") from e
+        kernels_opt = config.getoption("nf4_kernels") or ("triton,bitsandbytes" if gpu else "bitsandbytes")
+        nf4_kernels = tuple(dict.fromkeys(k.strip() for k in kernels_opt.split(",") if k.strip()))
+        if not nf4_kernels or set(nf4_kernels) - {"triton", "bitsandbytes"}:
+            raise pytest.UsageError(f"--nf4-kernels {kernels_opt!r}: give a comma-separated list of triton, "
+                                    "bitsandbytes")
         opts = cls(
             preset=config.getoption("preset"), model=config.getoption("model"), data=config.getoption("data"),
             attn=tuple(dict.fromkeys(attn)), batch_size=config.getoption("bench_batch_size"),
@@ -102,13 +115,15 @@ class BenchOptions:
             gradient_checkpointing=config.getoption("gradient_checkpointing"),
             eval_batch_size=config.getoption("bench_eval_batch_size"),
             train_profiles=profiles, dtype=config.getoption("dtype"), nf4_blocksize=config.getoption("nf4_blocksize"),
-            peer_batch_size=config.getoption("peer_batch_size"),
+            peer_batch_size=config.getoption("peer_batch_size"), decode_batches=decode_batches,
+            nf4_kernels=nf4_kernels,
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
                                    ("--infer-rounds", opts.infer_rounds, 1), ("--warmup-rounds", opts.warmup_rounds, 0),
                                    ("--decode-tokens", opts.decode_tokens, 2),
-                                   ("--peer-batch-size", opts.peer_batch_size or 1, 1)):
+                                   ("--peer-batch-size", opts.peer_batch_size or 1, 1),
+                                   ("--decode-batches", min(opts.decode_batches or (0,)), 1)):
             if value < least:
                 raise pytest.UsageError(f"{name} must be >= {least}, got {value}")
         return opts
@@ -162,6 +177,11 @@ def add_options(parser: pytest.Parser) -> None:
                 help="4-bit block size, as medqa-parity run --nf4-blocksize (default: bitsandbytes')")
     g.addoption("--peer-batch-size", type=int, default=None,
                 help="batch of the liger-batch peer case (default: the max-speed profile's)")
+    g.addoption("--decode-batches", default=None, metavar="ROWS",
+                help="comma-separated batches of the decode cases (default: 1 and --bench-batch-size)")
+    g.addoption("--nf4-kernels", default=None, metavar="NAMES",
+                help="4-bit kernels of the compiled decode case, one arm each: triton (ours, medqa_core.kernels), "
+                     "bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 

@@ -287,7 +287,7 @@ def _tile_k(weight: NF4Weight) -> tuple[int, bool]:
     return block_k, aligned
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tile_config(rows: int, out_features: int, block_k: int, interpreted: bool) -> TileConfig:
     """The tile for ``rows`` x ``out_features`` outputs.
 

@@ -1,0 +1,140 @@
+"""Kernel time against bytes moved: our NF4 (+LoRA) kernel, bitsandbytes' 4-bit matmul and bf16, per layer shape.
+
+One layer's matmul at a time, over the shapes of a Mistral-7B decoder layer, for each row count: the time of one
+call (Triton's ``do_bench_cudagraph``: replayed from a CUDA/HIP graph, as decode runs it; median), the bytes it
+must move (packed weight, absmax codes and scales, LoRA factors, input and output, each once), their rate, and
+that rate against the copy bandwidth measured in the same run. Also the largest error of each arm against
+``x.float() @ W.float().T`` of bitsandbytes' own dequantized weight, in units in the last place of bf16.
+
+    python bench/profile_nf4_kernel.py --out results/profile/NAME.json [--rows 1,8,32,64] [--sweep]
+
+GPU only. ``--sweep`` also times a grid of tile shapes at each row count and reports the fastest.
+"""
+
+# ruff: noqa: B023  (each lambda is timed inside the iteration that made it)
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+MISTRAL_7B_LAYERS = {  # name: (out_features N, in_features K)
+    "q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
+    "down_proj": (4096, 14336)}
+RANK = 16  # the presets' LoRA rank (config.LoraSettings)
+
+
+def _ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    eps = torch.finfo(torch.bfloat16).eps
+    ulp = torch.where(ref.abs() > 0, torch.exp2(torch.floor(torch.log2(ref.abs()))) * eps, torch.full_like(ref, eps))
+    return ((out.float() - ref).abs() / ulp).max().item()
+
+
+def _time_s(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") / 1e3
+
+
+def profile(rows_list: list[int], sweep: bool, blocksize: int) -> dict:
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from medqa_core.hardware import measure_copy_bandwidth
+    from medqa_core.kernels.nf4_matmul import TileConfig, _tile_k, nf4_matmul, nf4_weight, tile_config
+
+    device = torch.device("cuda")
+    bandwidth = measure_copy_bandwidth(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows_out = []
+    for layer, (n, k) in MISTRAL_7B_LAYERS.items():
+        w = torch.randn(n, k, device=device, generator=gen).bfloat16() * 0.02
+        packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
+        weight = nf4_weight(param)
+        dense = dequantize_4bit(packed, state)  # [N, K] bf16: bitsandbytes' own dequantize
+        a = (torch.randn(RANK, k, device=device, generator=gen) * 0.02).bfloat16()
+        b = (torch.randn(n, RANK, device=device, generator=gen) * 0.02).bfloat16()
+        weight_bytes = packed.numel() * packed.element_size() + state.absmax.numel() + \
+            state.state2.absmax.numel() * 4
+        for rows in rows_list:
+            x = torch.randn(rows, k, device=device, generator=gen).bfloat16()
+            io_bytes = 2 * rows * (k + n)
+            lora_bytes = 2 * RANK * (k + n)
+            ref = x.float() @ dense.float().T
+            ref_lora = ref + (2.0 * (x.float() @ a.float().T)).bfloat16().float() @ b.float().T
+            arms = {
+                "ours": (lambda: nf4_matmul(x, weight), weight_bytes, ref),
+                "ours+lora": (lambda: nf4_matmul(x, weight, lora_a=a, lora_b=b, scaling=2.0),
+                              weight_bytes + lora_bytes, ref_lora),
+                "bitsandbytes": (lambda: bnb.matmul_4bit(x, param.t(), quant_state=state), weight_bytes, ref),
+                "bitsandbytes+lora": (lambda: bnb.matmul_4bit(x, param.t(), quant_state=state)
+                                      + (x @ a.T) @ b.T * 2.0, weight_bytes + lora_bytes, ref_lora),
+                "bf16": (lambda: x @ dense.T, n * k * 2, ref),
+            }
+            for arm, (fn, wbytes, reference) in arms.items():
+                out = fn()
+                seconds = _time_s(fn)
+                moved = wbytes + io_bytes
+                rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm=arm, time_s=seconds, bytes=moved,
+                                     bytes_per_s=moved / seconds, bandwidth_fraction=moved / seconds / bandwidth,
+                                     max_ulps_vs_dequantize_matmul=_ulps(out, reference),
+                                     max_abs_error=(out.float() - reference).abs().max().item()))
+                print(f"{layer:18s} M={rows:4d} {arm:18s} {seconds * 1e6:8.1f} us  "
+                      f"{moved / seconds / 1e9:7.0f} GB/s ({moved / seconds / bandwidth:5.1%})  "
+                      f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
+            if sweep:
+                block_k, _ = _tile_k(weight)
+                chosen = tile_config(rows, n, block_k, False)
+                best = None
+                grid = [(bm, bn, nw, ns) for bm in ((1,) if rows == 1 else (16, 32, 64) if rows <= 64 else (64, 128))
+                        for bn in ((16, 32, 64) if rows == 1 else (32, 64, 128)) for nw in (2, 4, 8) for ns in (2, 3, 4)
+                        if bm >= min(rows, 16) or rows == 1]
+                for bm, bn, nw, ns in grid:
+                    cfg = TileConfig(bm, bn, block_k, nw, ns)
+                    try:
+                        seconds = _time_s(lambda cfg=cfg: nf4_matmul(x, weight, config=cfg))
+                    except Exception as e:  # an invalid shape for this device (shared memory): skip it
+                        print(f"  sweep {cfg}: {type(e).__name__}", flush=True)
+                        continue
+                    if best is None or seconds < best[1]:
+                        best = (cfg, seconds)
+                rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep", chosen=dataclasses.asdict(chosen),
+                                     best=dataclasses.asdict(best[0]), best_time_s=best[1],
+                                     best_bandwidth_fraction=(weight_bytes + io_bytes) / best[1] / bandwidth))
+                print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
+                      f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); chosen {chosen}", flush=True)
+    return dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
+                rows=rows_out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to write (results/profile/...)")
+    parser.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts (default: %(default)s)")
+    parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_nf4_kernel: needs a CUDA or ROCm GPU (the CPU interpreter's times mean nothing)",
+              file=sys.stderr)
+        return 2
+    from medqa_core.fingerprint import machine_fingerprint
+
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(kind="nf4-kernel-profile", started=started,
+                                        fingerprint=machine_fingerprint(torch.device("cuda")), **result), indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
