@@ -89,18 +89,17 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> dict:
                 print(f"{layer:18s} M={rows:4d} {arm:18s} {seconds * 1e6:8.1f} us  "
                       f"{moved / seconds / 1e9:7.0f} GB/s ({moved / seconds / bandwidth:5.1%})  "
                       f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
-            if sweep:
-                block_k, _ = _tile_k(weight)
-                chosen = tile_config(rows, n, block_k, False)
+            if sweep and rows in (1, 8) and layer != "k_proj/v_proj":
+                chosen = tile_config(rows, n, _tile_k(weight)[0], False)
                 best = None
-                grid = [(bm, bn, nw, ns) for bm in ((1,) if rows == 1 else (16, 32, 64) if rows <= 64 else (64, 128))
-                        for bn in ((16, 32, 64) if rows == 1 else (32, 64, 128)) for nw in (2, 4, 8) for ns in (2, 3, 4)
-                        if bm >= min(rows, 16) or rows == 1]
-                for bm, bn, nw, ns in grid:
-                    cfg = TileConfig(bm, bn, block_k, nw, ns)
+                grid = [TileConfig(1, bn, bk, nw, ns) for bn in (16, 32, 64) for bk in (256, 512) for nw in (4, 8)
+                        for ns in (2, 4)] if rows == 1 else \
+                    [TileConfig(16, bn, bk, nw, ns) for bn in (32, 64) for bk in (128, 256) for nw in (4, 8)
+                     for ns in (3, 4)]
+                for cfg in grid:
                     try:
                         seconds = _time_s(lambda cfg=cfg: nf4_matmul(x, weight, config=cfg))
-                    except Exception as e:  # an invalid shape for this device (shared memory): skip it
+                    except Exception as e:  # a tile this device cannot hold (shared memory): skip it
                         print(f"  sweep {cfg}: {type(e).__name__}", flush=True)
                         continue
                     if best is None or seconds < best[1]:

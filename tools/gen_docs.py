@@ -501,7 +501,8 @@ def _train_split_row(split: dict, e: BenchCase, data: dict) -> str:
 def _decode_path(e: BenchCase) -> str:
     """How a compiled-decode case ran, in words (older files ran the compiled step inside ``generate``)."""
     if e.decode_loop:
-        return f"`{e.decode_loop}`, {e.details.get('graph')}"
+        kernel = e.details.get("nf4_kernel")
+        return f"`{e.decode_loop}`, {e.details.get('graph')}" + (f", 4-bit: {kernel}" if kernel else "")
     mode = e.details.get("compile_mode_ran") or e.compile_mode
     return f"`generate`, forward compiled ({mode})" + (", guard checks skipped" if e.details.get("guards_skipped")
                                                        else "")
@@ -515,7 +516,8 @@ def decode_table(results: Path) -> str:
         data = _json(path)
         cases = _cases(data)
         for name, compiled in cases.items():
-            eager = cases.get(name.replace("test_decode_compiled", "test_decode_eager"))
+            eager_name = re.sub(r"-(triton|bitsandbytes)\]$", "]", name.replace("test_decode_compiled", "test_decode_eager"))
+            eager = cases.get(eager_name)
             if not (name.startswith("test_decode_compiled") and eager and eager.decode_tokens_per_s
                     and compiled.decode_tokens_per_s):
                 continue
@@ -529,6 +531,53 @@ def decode_table(results: Path) -> str:
                 f"| {compiled.decode_tokens_per_s / eager.decode_tokens_per_s:.1f}x "
                 f"| {f'{first:.0f} s' if first else '-'} "
                 f"| {', '.join(f'{j:.2f} J' if isinstance(j, float) else '-' for j in joules)} |")
+    return "\n".join(rows)
+
+
+def _nf4_arm(name: str) -> str | None:
+    found = re.search(r"-(triton|bitsandbytes)\]$", name)
+    return found.group(1) if found else None
+
+
+def inference_table(results: Path) -> str:
+    """What a buyer reads: per bench file that timed our NF4 kernel beside bitsandbytes', per kernel and batch,
+    time to first token, prefill and decode tokens/s, the share of the decode roofline and joules per token."""
+    rows = ["| device | 4-bit kernel | batch | time to first token | prefill tokens/s | decode tokens/s "
+            "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in result_files(results, "bench/*/*.json"):
+        data = _json(path)
+        cases = _cases(data)
+        arms = {name: _nf4_arm(name) for name in cases if name.startswith("test_decode_compiled")}
+        if "triton" not in arms.values():
+            continue
+        for name, arm in sorted(arms.items(), key=lambda kv: (kv[1] != "triton", cases[kv[0]].batch_size or 1)):
+            e = cases[name]
+            if not e.decode_tokens_per_s:
+                continue
+            batch = e.batch_size or 1
+            prefill = cases.get(f"test_prefill[{e.attention_requested}-batch{batch}]")
+            joules = e.joules_per_token
+            rows.append(
+                f"| {_bench_device(data)} | {'ours (Triton)' if arm == 'triton' else 'bitsandbytes'} | {batch} "
+                f"| {f'{e.ttft_s_median * 1e3:,.0f} ms' if e.ttft_s_median else '-'} "
+                f"| {f'{prefill.prefill_tokens_per_s:,.0f}' if prefill and prefill.prefill_tokens_per_s else '-'} "
+                f"| {e.decode_tokens_per_s:,.0f} | {_pct(e.roofline_fraction)} "
+                f"| {f'{joules:.2f} J' if isinstance(joules, float) else '-'} | [{path.name}]({_link(results, path)}) |")
+    return "\n".join(rows)
+
+
+def nf4_kernel_profile(results: Path) -> str:
+    """Kernel time against bytes moved, per layer shape, rows and arm, from bench/profile_nf4_kernel.py files."""
+    rows = ["| file | layer (N x K) | rows | arm | time per call | bytes moved / time | of copy bandwidth "
+            "| max error (bf16 ulp) |", "|---|---|---|---|---|---|---|---|"]
+    for path in result_files(results, "profile/*nf4*.json"):
+        data = _json(path)
+        for r in data["rows"]:
+            if r["arm"] == "sweep":
+                continue
+            rows.append(f"| [{path.name}]({_link(results, path)}) | {r['layer']} ({r['n']} x {r['k']}) | {r['rows']} "
+                        f"| {r['arm']} | {r['time_s'] * 1e6:,.1f} us | {r['bytes_per_s'] / 1e9:,.0f} GB/s "
+                        f"| {_pct(r['bandwidth_fraction'])} | {r['max_ulps_vs_dequantize_matmul']:.1f} |")
     return "\n".join(rows)
 
 
@@ -680,7 +729,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "decode": decode_table, "machine-times": machine_times, "newest": newest_per_device,
     "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
-    "miss-bounds": miss_bounds,
+    "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
 }
 
 

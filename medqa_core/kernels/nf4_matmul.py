@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-# bitsandbytes' NF4 blocks are 32..4096 elements; a tile spans at most one block per row (see _tile_k).
-MAX_TILE_K = 128
+# K columns a tile covers: whole quantization blocks of each row (bitsandbytes' NF4 blocks are 32..4096 elements).
+DEFAULT_TILE_K = 256
 
 
 def interpreting() -> bool:
@@ -100,24 +100,34 @@ def _nf4_weight_tile(q_ptr, absmax_ptr, pair_ptr, code_ptr, absmax2_ptr, code2_p
     offs_j = tl.arange(0, HALF)
     n_mask = offs_n < N
     if ALIGNED:
-        # K is a multiple of BLOCKSIZE and the tile lies inside one quantization block of each row: one scale a
-        # row, and the two codes of a byte are this tile's even and odd columns.
-        byte = (offs_n[:, None] * K + k0) // 2 + offs_j[None, :]  # [BN, HALF]
-        mask = n_mask[:, None] & (k0 + 2 * offs_j[None, :] < K)
+        # K is a multiple of BLOCKSIZE and the tile is G whole quantization blocks of each row: one scale per
+        # (row, block), and the two codes of a byte are this tile's even and odd columns. Tiles are [BN, G, HB]
+        # (HB bytes a block), flattened to [BN, HALF] at the end: flat byte g * HB + h is columns k0 + 2(g*HB + h)
+        # and k0 + 2(g*HB + h) + 1.
+        G: tl.constexpr = HALF * 2 // BLOCKSIZE
+        HB: tl.constexpr = BLOCKSIZE // 2
+        offs_g = tl.arange(0, G)
+        offs_h = tl.arange(0, HB)
+        row_byte = (offs_n * K + k0) // 2  # [BN]
+        byte = row_byte[:, None, None] + (offs_g * HB)[None, :, None] + offs_h[None, None, :]  # [BN, G, HB]
+        g_mask = n_mask[:, None] & (k0 + offs_g * BLOCKSIZE < K)[None, :]  # [BN, G]
+        mask = g_mask[:, :, None] & (offs_h < HB)[None, None, :]
         q = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
         # One gather for both codes: the byte's entry holds float32 bits of code[hi] (high word), code[lo] (low).
         pair = tl.load(pair_ptr + q)  # int64
         w_even = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         w_odd = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-        block = (offs_n * K + k0) // BLOCKSIZE  # [BN]
+        block = ((offs_n * K + k0) // BLOCKSIZE)[:, None] + offs_g[None, :]  # [BN, G]
         if DOUBLE_QUANT:
-            code8 = tl.load(absmax_ptr + block, mask=n_mask, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + code8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=n_mask, other=0.0)
+            code8 = tl.load(absmax_ptr + block, mask=g_mask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + code8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=g_mask, other=0.0)
             scale = scale + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=n_mask, other=0.0)
-        w_even = _round(tl.where(mask, w_even * scale[:, None], 0.0), dtype, EMULATE)
-        w_odd = _round(tl.where(mask, w_odd * scale[:, None], 0.0), dtype, EMULATE)
+            scale = tl.load(absmax_ptr + block, mask=g_mask, other=0.0)
+        w_even = _round(tl.where(mask, w_even * scale[:, :, None], 0.0), dtype, EMULATE)
+        w_odd = _round(tl.where(mask, w_odd * scale[:, :, None], 0.0), dtype, EMULATE)
+        w_even = tl.reshape(w_even, (w_even.shape[0], HALF))
+        w_odd = tl.reshape(w_odd, (w_odd.shape[0], HALF))
     else:
         # Any shape (odd K, blocks that straddle rows): each element from its own flat index.
         k_even = k0 + 2 * offs_j
@@ -280,11 +290,10 @@ class TileConfig:
     num_stages: int
 
 
-def _tile_k(weight: NF4Weight) -> tuple[int, bool]:
-    """BLOCK_K and whether the fast (aligned) path applies: a tile inside one quantization block of each row."""
+def _tile_k(weight: NF4Weight, block_k: int = DEFAULT_TILE_K) -> tuple[int, bool]:
+    """BLOCK_K and whether the fast (aligned) path applies: rows of whole blocks, a tile of whole blocks."""
     aligned = weight.in_features % weight.blocksize == 0 and weight.in_features % 2 == 0
-    block_k = min(weight.blocksize, MAX_TILE_K) if aligned else 64
-    return block_k, aligned
+    return (max(block_k, weight.blocksize) if aligned else 64), aligned
 
 
 @functools.cache
@@ -341,7 +350,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out.reshape(*lead, n)
-    block_k, aligned = _tile_k(weight)
+    block_k, aligned = _tile_k(weight, config.block_k if config else 128 if interpreting() else DEFAULT_TILE_K)
     cfg = config or tile_config(1 if rows == 1 else rows, n, block_k, interpreting())
     rank = 0 if lora_a is None else int(lora_a.shape[0])
     t = lora_down(x2, lora_a, scaling) if rank else out  # out: an unused pointer when rank is 0
@@ -355,7 +364,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         rows, n, k, x2.stride(0), t.stride(0), b.stride(0), out.stride(0),
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
