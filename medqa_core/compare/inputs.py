@@ -283,7 +283,8 @@ def label_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
     out = []
     for i, r in enumerate(runs):
         device = _short_device(r.device, name_cpu=len(cpu_models) > 1)
-        extra = "".join(f" {_LABEL_SETTINGS[k]}{r.settings.get(k)}" for k in varying)
+        # A setting the run does not have (no blocksize without quantization) is left out, never "None".
+        extra = "".join(f" {_LABEL_SETTINGS[k]}{r.settings[k]}" for k in varying if r.settings.get(k) is not None)
         arm = {REFERENCE_ARM: " (reference)", PEER_ARM: " (peer)"}.get(r.kind, "")
         out.append(replace(r, label=f"R{i + 1} {r.backend} {device} {r.kernel}{extra}{arm}"))
     return out
