@@ -353,17 +353,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
     import os
 
     from medqa_core.gate.decide import run_gate
-    from medqa_core.gate.render import append_step_summary, checks_table, verdict_line
+    from medqa_core.gate.render import append_step_summary, render_text
     from medqa_core.gate.thresholds import load_thresholds
 
     thresholds = load_thresholds(args.config, args.threshold or [])
     result = run_gate(args.baseline, args.candidate, thresholds, allow_not_compared=args.allow_not_compared)
-    print(checks_table(result).to_string(index=False))
-    for note in result.notes:
-        print(f"note: {note}")
-    print(verdict_line(result))
-    for check in result.failures:
-        print(f"  {check.message}")
+    print(render_text(result))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         try:
@@ -480,9 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "
                                    "matched case by case) on throughput (with a Mann-Whitney test of the rounds), "
                                    "peak memory, accuracy (McNemar where paired) and the parity verdict. Exit 0: "
-                                   "the candidate holds; 1: something regressed or a figure is missing (a table says "
-                                   "what); 2: bad input; 4: most checks could not be compared (other hardware or "
-                                   "workload) and --allow-not-compared was not given. Appends a markdown summary to "
+                                   "the candidate holds; 1: something regressed (a table says what); 2: bad input; "
+                                   "4: inconclusive, neither pass nor fail: a figure is NaN, inf, missing or "
+                                   "incomplete (named with its file), a baseline case is missing in the candidate, "
+                                   "both sides are one file, a change past twice its threshold is too noisy to "
+                                   "call, or most checks could not be compared (other hardware or workload) and "
+                                   "--allow-not-compared was not given. Appends a markdown summary to "
                                    "$GITHUB_STEP_SUMMARY when it is set.",
                        epilog=_examples("medqa-parity gate --baseline base.json --candidate new.json",
                                         "medqa-parity gate --config .ci/gate.toml --baseline "

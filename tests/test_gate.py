@@ -70,9 +70,29 @@ def _run(step_times: np.ndarray | None = None, peak_mem_gib: float | None = 10.0
 
 
 def _gate(tmp_path: Path, baseline: RunRecord, candidate: RunRecord, *extra: str) -> int:
+    # A rerun is never byte for byte its baseline (it was written later): the gate refuses a copy as the same run.
+    candidate = dataclasses.replace(candidate, created_utc="2027-01-01T00:00:00+00:00")
     a = save_record(baseline, tmp_path / "baseline")
     b = save_record(candidate, tmp_path / "candidate")
     return main(["gate", "--baseline", str(a), "--candidate", str(b), "--config", str(PYPROJECT), *extra])
+
+
+def _flat(text: str) -> str:
+    """The gate's output with its wrapped lines joined: every run of whitespace one space."""
+    return " ".join(text.split())
+
+
+def _listed(out: str, verdict: str) -> list[str]:
+    """The lines listed after the verdict line (failures, checks that cannot be judged), each unwrapped: the
+    verdict continues on lines indented 4, a listed line starts indented 2 and continues indented 6."""
+    listed: list[str] = []
+    for line in out.split(verdict, 1)[1].splitlines()[1:]:
+        indent = len(line) - len(line.lstrip())
+        if indent == 2:
+            listed.append(line.strip())
+        elif indent == 6 and listed:
+            listed[-1] += " " + line.strip()
+    return listed
 
 
 def test_project_defaults_are_the_ones_these_tests_rely_on():
@@ -92,22 +112,24 @@ def test_20_percent_slowdown_fails_naming_field_threshold_and_test(tmp_path, cap
     assert _gate(tmp_path, _run(), _run(slow)) == 1
     out = capsys.readouterr().out
     assert "gate: FAIL: 1 of" in out
-    line = next(x for x in out.splitlines() if x.startswith("  record: train tokens/s"))
+    line = next(x for x in _listed(out, "gate: FAIL") if x.startswith("record: train tokens/s"))
     assert "train tokens/s -20.0% vs baseline (threshold -10%), Mann-Whitney p " in line
     assert "(10 vs 10 rounds)" in line
 
 
 def test_15_percent_memory_growth_fails(tmp_path, capsys):
     assert _gate(tmp_path, _run(), _run(peak_mem_gib=11.5)) == 1
-    out = capsys.readouterr().out
-    assert "record: peak device memory +15.0% vs baseline (threshold +10%); regressed (11.5 GiB vs 10 GiB)" in out
+    out = _flat(capsys.readouterr().out)
+    # Baseline first, as in the table's columns.
+    assert ("record: peak device memory +15.0% vs baseline (threshold +10%); regressed (baseline 10 GiB, candidate "
+            "11.5 GiB)") in out
     assert "gate: FAIL: 1 of" in out
 
 
 def test_5_point_accuracy_drop_fails_with_the_paired_test(tmp_path, capsys):
     # 10 of 200 questions the baseline got right are wrong in the candidate: 40.0% -> 35.0%.
     assert _gate(tmp_path, _run(), _run(accuracy_drop_questions=10)) == 1
-    out = capsys.readouterr().out
+    out = _flat(capsys.readouterr().out)
     assert ("record: accuracy (fine-tuned) -5.0 pp vs baseline (threshold -2 pp), McNemar p < 0.001 "
             "(10 right only in baseline, 0 only in candidate, n=200)") in out
     # The parity verdict (TOST within +-3 pp) fails as well; the base phase is untouched and holds.
@@ -210,7 +232,8 @@ def test_different_training_config_is_not_compared_for_speed():
     base = make_record(config={"backend": "auto", "train": {"batch_size": 8}}, train=_train(_baseline_steps()))
     result = gate_cases(cases_from_record(base, "a"), cases_from_record(other, "b"), Thresholds())
     speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
-    assert speed.status == "not compared" and "train.batch_size 16 vs 8" in speed.evidence
+    assert speed.status == "not compared"
+    assert speed.evidence == "different workload (baseline vs candidate): train.batch_size 8 vs 16"
     assert result.passed
 
 
@@ -225,8 +248,12 @@ def _case(data: dict, name: str) -> dict:
     return next(b for b in data["benchmarks"] if b["name"] == name)
 
 
-def test_benchmark_file_against_itself_passes(capsys):
-    assert main(["gate", "--baseline", str(BENCH_FILE), "--candidate", str(BENCH_FILE), "--config",
+def test_benchmark_file_against_an_unchanged_copy_passes(tmp_path, capsys):
+    data = _bench()
+    data["datetime"] = "2027-01-01T00:00:00"  # another run's file, not a copy of the baseline's bytes
+    candidate = tmp_path / "candidate.json"
+    candidate.write_text(json.dumps(data))
+    assert main(["gate", "--baseline", str(BENCH_FILE), "--candidate", str(candidate), "--config",
                  str(PYPROJECT)]) == 0
     out = capsys.readouterr().out
     for name in ("test_train_ours[sdpa]", "test_prefill[sdpa-batch8]", "test_decode_eager[sdpa]",
@@ -250,12 +277,13 @@ def test_benchmark_cases_are_matched_by_name_and_workload(tmp_path, capsys):
     candidate = tmp_path / "candidate.json"
     candidate.write_text(json.dumps(data))
     assert main(["gate", "--baseline", str(baseline), "--candidate", str(candidate), "--config",
-                 str(PYPROJECT)]) == 1
-    out = capsys.readouterr().out
+                 str(PYPROJECT)]) == 1  # a regression fails, whatever else cannot be judged
+    out = _flat(capsys.readouterr().out)
     assert "test_train_ours[sdpa]: train tokens/s -20.0% vs baseline (threshold -10%), median only" in out
-    assert "not in the candidate, not gated: test_train_reference" in out
-    assert "different workload: questions 32 vs 64" in out
-    assert "gate: FAIL: 1 of" in out
+    assert (f"test_train_reference: cannot be judged: in the baseline ({baseline}), missing in the candidate "
+            f"({candidate})") in out
+    assert "different workload (baseline vs candidate): questions 64 vs 32" in out
+    assert "gate: FAIL: 1 of 14 checks regressed, 1 cannot be judged" in out
 
 
 def test_benchmark_rounds_are_tested_when_saved(tmp_path, capsys):
@@ -314,9 +342,9 @@ def test_two_runs_of_the_same_command_within_known_noise_pass(first, second):
 
 def test_two_runs_of_the_same_command_pass_on_the_command_line(tmp_path, capsys):
     assert _gate(tmp_path, _noisy_run(1), _noisy_run(2)) == 0
-    out = capsys.readouterr().out
+    out = _flat(capsys.readouterr().out)
     assert "Mann-Whitney p = " in out and "(10 vs 10 rounds)" in out  # the speed check saw both runs' step times
-    for check in ("host RSS (peak)", "accuracy (fine-tuned)", "parity: log-probabilities (KL, base)"):
+    for check in ("host RSS (peak)", "accuracy (fine-tuned)", "log-probabilities (KL, base)"):
         assert check in out
     assert "gate: PASS" in out
 
@@ -329,7 +357,8 @@ def test_another_machine_is_not_compared_for_speed_but_still_for_accuracy():
     result = gate_cases(cases_from_record(base, "a"), cases_from_record(other, "b"), Thresholds())
     speed = next(c for c in result.checks if c.field == "train_tokens_per_s")
     assert speed.status == "not compared"
-    assert "hardware 'CPU: AMD EPYC (4 threads)' vs 'CPU: Intel Xeon (2 threads)'" in speed.evidence
+    assert "(baseline vs candidate): hardware 'CPU: Intel Xeon (2 threads)' vs 'CPU: AMD EPYC (4 threads)'" in \
+        speed.evidence
     assert "accuracy (fine-tuned)" in [c.field for c in result.failures]
 
 
@@ -350,7 +379,7 @@ def test_too_few_rounds_for_significance_fall_back_to_the_medians():
     # 3 vs 5 can (1/56): the test decides.
     check = speed_check("case", "decode_tokens_per_s", 100.0, 75.0, (1.0, 1.01, 1.02, 0.99, 1.0),
                         (1.33, 1.34, 1.35), threshold_pct=10, alpha=0.05)
-    assert check.status == "fail" and "Mann-Whitney p = 0.0179 (3 vs 5 rounds)" in check.evidence
+    assert check.status == "fail" and "Mann-Whitney p = 0.0179 (5 vs 3 rounds)" in check.evidence  # baseline first
 
 
 # ---- the CI gate: .ci/run's thresholds (.ci/gate.toml) on the committed CPU baseline --------------
@@ -393,8 +422,8 @@ def _ci_gate(tmp_path: Path, candidate: dict, capsys: pytest.CaptureFixture[str]
 
 
 def _failed(out: str) -> list[str]:
-    """The failure lines ("  case: check ...") after the verdict."""
-    return [line.strip() for line in out.split("gate: FAIL", 1)[1].splitlines()[1:]]
+    """The failure lines ("  case: check ...") after the verdict, unwrapped."""
+    return _listed(out, "gate: FAIL")
 
 
 def test_ci_run_gates_with_the_thresholds_of_ci_gate_toml():
@@ -420,6 +449,7 @@ def test_ci_gate_fails_a_30_percent_slowdown_of_every_case(tmp_path, capsys):
 def test_ci_gate_passes_the_same_build_on_a_machine_20_percent_slower(tmp_path, capsys):
     code, out = _ci_gate(tmp_path, _slower(_bench(), 1.25, whole_machine=True), capsys)
     assert code == 0, out
+    out = _flat(out)
     assert "gate: PASS" in out and "(10 checks, 7 not compared: machine moved: 7 speed checks)" in out
     assert out.count("machine measured matmul FLOP/s -20.0%, copy bandwidth -20.0% vs the baseline's, "
                      "each beyond 10%") == 7
@@ -459,10 +489,14 @@ def test_ci_gate_fails_a_5_point_accuracy_drop(tmp_path, capsys):
         q["pred"] = wrong
     code, out = _ci_gate(tmp_path, data, capsys)
     assert code == 1
-    # 4 discordant questions cannot make McNemar significant (p = 0.5^4); the parity verdict's TOST can.
-    row = next(line for line in out.splitlines() if " accuracy (base) " in line and "parity" not in line)
-    assert "15.6%" in row and "9.4% -6.2 pp" in row and row.rstrip().endswith(
-        "McNemar p = 0.0625 (4 right only in baseline, 0 only in candidate, n=64): not significant at 0.05")
+    # 4 discordant questions cannot make McNemar significant (p = 0.5^4), and -6.2 pp is past twice the 2 pp
+    # threshold: too few questions to call, so that check is inconclusive; the parity verdict's TOST fails it.
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("  INCONCLUSIVE  accuracy (base) "))
+    assert lines[i].split()[-4:] == ["15.6%", "9.4%", "-6.2", "pp"]
+    assert _flat("\n".join(lines[i + 1:i + 4])).startswith(
+        "threshold -2 pp: McNemar p = 0.0625 (4 right only in baseline, 0 only in candidate, n=64): not significant "
+        "at 0.05, yet -6.2 pp is past 2x the threshold: too few questions to call")
     assert any(line.startswith("test_accuracy[sdpa]: parity accuracy equivalence (TOST, base) (threshold +-3 pp)")
                for line in _failed(out))
 
@@ -494,16 +528,19 @@ def test_a_figure_missing_in_the_candidate_fails_naming_it(tmp_path, capsys):
     candidate = json.loads(CI_BASELINE.read_text())
     del _case(candidate, "test_train_ours[sdpa]")["extra_info"]["tokens_per_s"]
     code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
-    assert code == 1
-    assert "test_train_ours[sdpa]: train tokens/s cannot be checked: the candidate has no figure" in out
+    assert code == 4  # neither a pass nor a failure: the gate cannot judge what it does not have
+    assert (f"test_train_ours[sdpa]: train tokens/s cannot be judged: the candidate ({tmp_path / 'candidate.json'}) "
+            "has no figure") in _flat(out)
 
 
 def test_a_nan_figure_is_blamed_on_its_own_side(tmp_path, capsys):
     candidate = json.loads(CI_BASELINE.read_text())
     _case(candidate, "test_scoring[sdpa]")["extra_info"]["questions_per_s"] = float("nan")
     code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
-    assert code == 1 and "scoring questions/s cannot be checked: the candidate's figure is nan" in out
-    assert "the baseline's figure" not in out
+    out = _flat(out)
+    assert code == 4 and (f"scoring questions/s cannot be judged: candidate {tmp_path / 'candidate.json'}: "
+                          "test_scoring[sdpa]: extra_info.questions_per_s = nan") in out
+    assert "baseline " + str(tmp_path / "baseline.json") + ":" not in out
 
 
 def test_allow_missing_lists_a_missing_figure_as_not_compared_and_counts_it(tmp_path, capsys):
@@ -515,7 +552,7 @@ def test_allow_missing_lists_a_missing_figure_as_not_compared_and_counts_it(tmp_
     paths[0].write_text(CI_BASELINE.read_text())
     paths[1].write_text(json.dumps(candidate))
     code = main(["gate", "--baseline", str(paths[0]), "--candidate", str(paths[1]), "--config", str(config)])
-    out = capsys.readouterr().out
+    out = _flat(capsys.readouterr().out)
     assert code == 0 and "1 not compared: missing figure: 1 speed check" in out
 
 
@@ -536,7 +573,8 @@ def test_another_cpu_model_is_inconclusive_not_a_silent_pass(tmp_path, capsys):
     code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), _other_cpu(json.loads(
         CI_BASELINE.read_text())), capsys)
     assert code == 4
-    verdict = next(line for line in out.splitlines() if line.startswith("gate: "))
+    lines = out.split("\ngate: ", 1)[1].splitlines()
+    verdict = _flat("gate: " + "\n".join([lines[0], *[x for x in lines[1:] if x.startswith("    ")]]))
     assert verdict.startswith("gate: INCONCLUSIVE: 14 of 17 checks not compared: other CPU model: 14 speed and "
                               "memory checks") and "--allow-not-compared" in verdict
 
@@ -544,6 +582,7 @@ def test_another_cpu_model_is_inconclusive_not_a_silent_pass(tmp_path, capsys):
 def test_allow_not_compared_passes_and_still_says_why_in_the_verdict(tmp_path, capsys):
     code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), _other_cpu(json.loads(
         CI_BASELINE.read_text())), capsys, "--allow-not-compared")
+    out = _flat(out)
     assert code == 0
     assert "gate: PASS: " in out and "(3 checks, 14 not compared: other CPU model: 14 speed and memory checks)" in out
 

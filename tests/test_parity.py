@@ -226,10 +226,24 @@ def test_judge_names_each_failure():
     failed = [f.text for f in findings if not f.ok]
     assert len(failed) == 3
     assert "NOT shown equivalent within +-3 pp" in failed[0]
-    assert "above the 0.01 nats tolerance; settings differ (blocksize: 64 vs 128)" in failed[1]
+    assert "mean KL 6.94e-01 nats > 0.01 nats tolerance (max " in failed[1]
+    assert failed[1].endswith("nats (reported); settings differ (blocksize: 64 vs 128)")
     assert "NaN/inf loss on 1 steps of R2" in failed[2]
     flags = [f.text for f in findings if f.status == "flag"]
     assert "McNemar p < 0.001" in flags[0] and "settings differ: blocksize: 64 vs 128" in flags[1]
+
+
+def test_the_kl_tolerance_reads_as_the_mean_kl_and_the_diff_as_reported():
+    """Issue 29 item 5: "|diff| mean ... max 0.0156 nats: within the 0.01 nats tolerance" read as a contradiction."""
+    ca = np.random.default_rng(5).random(300) < 0.3
+    a = questions(ca)
+    b = [QuestionResult(q.qid, q.answer, q.pred, (q.logprobs[0] + 0.0156, *q.logprobs[1:])) for q in a]
+    (numerics,) = [f for f in judge_pair(_pair(a, b), Tolerances()) if f.point == "numerics"]
+    assert numerics.ok
+    head, tail = numerics.text.split(" <= 0.01 nats tolerance ", 1)
+    assert head.startswith("R2 vs R1, base log-probabilities (same weights): mean KL ") and "diff" not in head
+    assert tail.endswith("|diff| mean 0.0039, max 0.0156 nats (reported)")
+    assert "within the" not in numerics.text
 
 
 def test_separately_trained_runs_are_not_judged_on_kl():

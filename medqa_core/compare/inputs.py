@@ -11,6 +11,7 @@ No torch here: summaries are built on any machine from the saved files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -57,8 +58,37 @@ class PhaseScores:
 
     @property
     def ci95(self) -> tuple[float, float]:
-        """Wilson 95% interval of the accuracy (as in run records)."""
+        """Wilson 95% interval of the accuracy (as in run records); NaN where the accuracy is not a fraction of
+        questions scored (a damaged file: the report shows it as invalid)."""
+        if not (math.isfinite(self.accuracy) and 0 <= self.accuracy <= 1 and self.n_questions > 0):
+            return math.nan, math.nan
         return wilson_ci95(round(self.accuracy * self.n_questions), self.n_questions)
+
+
+@dataclass(frozen=True)
+class InvalidFigure:
+    """A figure of a file that cannot be judged: not finite, or fewer entries than the file says it holds.
+
+    The gate turns each into an inconclusive check, the report into an inconclusive verdict; neither
+    compares it.
+
+    Attributes:
+        path: the file.
+        field: where in the file ("train.step_time_s[50]", "test_scoring[sdpa]: extra_info.questions_per_s").
+        problem: what is wrong with it ("= nan", "holds 10 questions; n_questions says 512").
+        checks: what it keeps from being judged: metric keys (:mod:`medqa_core.compare.metrics`) or scoring
+            phases ("base", "fine-tuned"); empty for a figure nothing compares.
+    """
+
+    path: str
+    field: str
+    problem: str
+    checks: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """"cand.json: train.step_time_s[50] = nan (1 of 128 step times)"."""
+        return f"{self.path}: {self.field} {self.problem}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +136,7 @@ class RunSummary:
     notes: tuple[str, ...] = field(default_factory=tuple)
     settings: Mapping[str, Any] = field(default_factory=dict)
     oom: OomFailure | None = None
+    invalid: tuple[InvalidFigure, ...] = ()
 
     @property
     def rid(self) -> str:
@@ -252,7 +283,8 @@ def label_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
     out = []
     for i, r in enumerate(runs):
         device = _short_device(r.device, name_cpu=len(cpu_models) > 1)
-        extra = "".join(f" {_LABEL_SETTINGS[k]}{r.settings.get(k)}" for k in varying)
+        # A setting the run does not have (no blocksize without quantization) is left out, never "None".
+        extra = "".join(f" {_LABEL_SETTINGS[k]}{r.settings[k]}" for k in varying if r.settings.get(k) is not None)
         arm = {REFERENCE_ARM: " (reference)", PEER_ARM: " (peer)"}.get(r.kind, "")
         out.append(replace(r, label=f"R{i + 1} {r.backend} {device} {r.kernel}{extra}{arm}"))
     return out
@@ -315,7 +347,66 @@ def summarize_record(record: RunRecord, path: str) -> RunSummary:
         phases=phases, loss_per_step=record.train.loss_per_step if record.train else (),
         adapter_dir=record.adapter_dir, schema=f"run record schema {record.schema_version}",
         created=record.created_utc, notes=record.notes, settings=record_settings(record), oom=oom,
+        invalid=record_invalid(record, path),
     )
+
+
+_TRAIN_SPEED = ("train_tokens_per_s",)
+
+
+def record_invalid(record: RunRecord, path: str) -> tuple[InvalidFigure, ...]:
+    """Every figure of a record that cannot be judged: NaN or inf in a timing or stored figure, a phase's
+    question list shorter than its ``n_questions`` (or empty), a part a finished job of its kind always writes
+    missing (``train`` of a run or train record, a score of a run record). A job that stopped (``failure``)
+    keeps only what it finished: its missing parts are not counted. The loss curve is left to the parity
+    verdict (a NaN loss is a failed training, not a damaged file).
+
+    Args:
+        record: a loaded record (figures checked to be numbers by :func:`check_record_figures`).
+        path: the file, named in each entry.
+
+    Returns:
+        The invalid figures, in file order.
+    """
+    out: list[InvalidFigure] = []
+
+    def finite(name: str, value: float | None, checks: tuple[str, ...]) -> None:
+        if value is not None and not math.isfinite(value):
+            out.append(InvalidFigure(path, name, f"= {value!r}", checks))
+
+    finished = record.failure is None
+    tr = record.train
+    if tr is None:
+        if finished and record.kind in ("run", "train"):
+            out.append(InvalidFigure(path, "train", f"is null in a {record.kind} record of a job that finished",
+                                     (*_TRAIN_SPEED, "host_rss_gib")))
+    else:
+        finite("train.tokens_per_s", tr.tokens_per_s, _TRAIN_SPEED)
+        finite("train.step_time_s_median", tr.step_time_s_median, _TRAIN_SPEED)
+        bad = [i for i, t in enumerate(tr.step_time_s) if not math.isfinite(t)]
+        if bad:
+            out.append(InvalidFigure(path, f"train.step_time_s[{bad[0]}]", f"= {tr.step_time_s[bad[0]]!r} ({len(bad)} "
+                                     f"of {len(tr.step_time_s)} step times not finite)", _TRAIN_SPEED))
+        finite("train.host_peak_rss_gib", tr.host_peak_rss_gib, ("host_rss_gib",))
+        finite("train.peak_mem_gib", tr.peak_mem_gib, ("peak_mem_gib",))
+    for name, phase in (("eval_before", BASE), ("eval_after", FINE_TUNED)):
+        ev = getattr(record, name)
+        if ev is None:
+            if finished and record.kind == "run":
+                out.append(InvalidFigure(path, name, "is null in a run record of a job that finished", (phase,)))
+            continue
+        finite(f"{name}.accuracy", ev.accuracy, (phase,))
+        finite(f"{name}.questions_per_s", ev.questions_per_s, ("questions_per_s",))
+        finite(f"{name}.eval_time_s", ev.eval_time_s, ("questions_per_s",))
+        finite(f"{name}.peak_mem_gib", ev.peak_mem_gib, ("peak_mem_gib",))
+        if not ev.questions:
+            out.append(InvalidFigure(path, f"{name}.questions", f"is empty (n_questions {ev.n_questions})", (phase,)))
+        elif len(ev.questions) != ev.n_questions:
+            out.append(InvalidFigure(path, f"{name}.questions", f"holds {len(ev.questions)} questions; n_questions "
+                                     f"says {ev.n_questions}", (phase,)))
+    if finished and record.kind == "evaluate" and record.eval_before is None and record.eval_after is None:
+        out.append(InvalidFigure(path, "eval_before, eval_after", "are both null in an evaluate record", (BASE,)))
+    return tuple(out)
 
 
 # config.model.dtype -> the torch dtype it names; "auto" is whatever the record's numerics say ran.
@@ -540,7 +631,50 @@ def summarize_entries(entries: Sequence[BenchEntry], data: Mapping[str, Any], pa
         settings={"compute_dtype": _first(c.compute_dtype for c in cases)
                   or quantization.get("compute_dtype") or DEFAULT_COMPUTE_DTYPE,
                   "eval_packing": None, "nf4_blocksize": quantization.get("blocksize")},
+        invalid=tuple(f for e in entries for f in bench_invalid(e, path)),
     )
+
+
+# A bench case's extra_info field -> what the gate compares it as (the rest are shown, not gated).
+_BENCH_CHECKS = {"tokens_per_s": _TRAIN_SPEED, "step_time_s_median": _TRAIN_SPEED,
+                 "prefill_tokens_per_s": ("prefill_tokens_per_s",),
+                 "decode_tokens_per_s": ("decode_tokens_per_s", "decode_compiled_tokens_per_s"),
+                 "questions_per_s": ("questions_per_s",), "peak_mem_gib": ("peak_mem_gib",),
+                 "host_rss_gib": ("host_rss_gib",), "accuracy": (BASE,)}
+
+
+def bench_invalid(entry: BenchEntry, path: str) -> tuple[InvalidFigure, ...]:
+    """Every figure of a bench case that cannot be judged: NaN or inf in a round time (``stats.data``), in
+    pytest-benchmark's median or quartiles, or in a figure of ``extra_info``; an accuracy case whose
+    predictions are fewer than its ``n_questions``.
+
+    Args:
+        entry: one case of the file.
+        path: the file, named in each entry.
+
+    Returns:
+        The invalid figures, in file order.
+    """
+    speed = tuple(_rates(entry))  # the rates its rounds time (none: a case timed for nothing the gate compares)
+    out: list[InvalidFigure] = []
+    bad = [i for i, t in enumerate(entry.round_times_s) if not math.isfinite(t)]
+    if bad:
+        out.append(InvalidFigure(path, f"{entry.name}: stats.data[{bad[0]}]", f"= {entry.round_times_s[bad[0]]!r} "
+                                 f"({len(bad)} of {len(entry.round_times_s)} round times not finite)", speed))
+    for key in ("median", "q1", "q3"):
+        value = getattr(entry, f"{key}_s")
+        if value is not None and not math.isfinite(value):
+            out.append(InvalidFigure(path, f"{entry.name}: stats.{key}", f"= {value!r}", speed))
+    c = entry.case
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(InvalidFigure(path, f"{entry.name}: extra_info.{f.name}", f"= {value!r}",
+                                     _BENCH_CHECKS.get(f.name, ())))
+    if c.predictions and c.n_questions is not None and len(c.predictions) != c.n_questions:
+        out.append(InvalidFigure(path, f"{entry.name}: extra_info.predictions", f"holds {len(c.predictions)} "
+                                 f"questions; n_questions says {c.n_questions}", (BASE,)))
+    return tuple(out)
 
 
 def _first(values: Iterable[Any]) -> Any:
@@ -568,12 +702,17 @@ def _bench_metrics(entries: Sequence[BenchEntry]) -> dict[str, Metric]:
     return out
 
 
-def _take_rates(entry: BenchEntry, out: dict[str, Metric]) -> None:
+def _rates(entry: BenchEntry) -> dict[str, float]:
+    """The rates a case measured, by metric key."""
     c = entry.case
     rates = {"prefill_tokens_per_s": c.prefill_tokens_per_s, "questions_per_s": c.questions_per_s,
              ("decode_compiled_tokens_per_s" if c.compile_mode else "decode_tokens_per_s"): c.decode_tokens_per_s,
              "train_tokens_per_s": c.tokens_per_s if entry.is_train else None}
-    rates = {k: v for k, v in rates.items() if v is not None}
+    return {k: v for k, v in rates.items() if v is not None}
+
+
+def _take_rates(entry: BenchEntry, out: dict[str, Metric]) -> None:
+    rates = _rates(entry)
     for name, value in rates.items():
         if name in out:
             continue

@@ -52,6 +52,9 @@ def quantization_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> tupl
     Returns:
         One ``"key: A vs B"`` string per differing setting, sorted by key; empty when they match.
     """
+    if "none" in (a.get("method"), b.get("method")) and a.get("method") != b.get("method"):
+        # Quantized against not: that is the difference; the other's block sizes and types do not exist.
+        return (f"method: {a.get('method')} vs {b.get('method')}",)
     keys = sorted((a.keys() | b.keys()) - set(_QUANT_IGNORED))
     missing = "(not recorded)"
     return tuple(f"{k}: {a.get(k, missing)} vs {b.get(k, missing)}" for k in keys if a.get(k) != b.get(k))
@@ -95,6 +98,24 @@ def same_adapter(adapter_a: str | None, adapter_b: str | None) -> bool:
     return PurePath(adapter_a.rstrip("/\\")).name == PurePath(adapter_b.rstrip("/\\")).name
 
 
+def same_base_weights(a: RunSummary, b: RunSummary) -> bool:
+    """Whether two runs scored the same base weights: not where one quantized them and the other did not, or
+    where they quantized to other types (NF4 against FP4). Other NF4 block sizes or compute dtypes are settings
+    of the same weights (:func:`settings_differences` names them); a run that recorded no quantization is
+    taken at its word.
+
+    Args:
+        a: run A.
+        b: run B.
+
+    Returns:
+        False where both recorded a quantization and its method or type differ.
+    """
+    if not a.quantization or not b.quantization:
+        return True
+    return all(a.quantization.get(k) == b.quantization.get(k) for k in ("method", "quant_type"))
+
+
 def compare_runs(a: RunSummary, b: RunSummary, tol: Tolerances) -> PairParity:
     """Compare run B with run A: each phase both scored, loss curves, settings.
 
@@ -115,7 +136,7 @@ def compare_runs(a: RunSummary, b: RunSummary, tol: Tolerances) -> PairParity:
         pa, pb = a.phases.get(phase), b.phases.get(phase)
         if pa is None or pb is None or not pa.questions or not pb.questions:
             continue
-        same = phase == BASE or same_adapter(a.adapter_dir, b.adapter_dir)
+        same = same_base_weights(a, b) and (phase == BASE or same_adapter(a.adapter_dir, b.adapter_dir))
         try:
             phases.append(compare_phase(phase, pa.questions, pb.questions, same, tol))
         except ParityError as e:

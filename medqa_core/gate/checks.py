@@ -23,8 +23,14 @@ from medqa_core.compare.parity import (
 )
 from medqa_core.compare.stats import format_p, mcnemar_exact_p, slower_p, smallest_slower_p
 
-PASS, SKIP = "pass", "not compared"  # and parity's FAIL ("fail")
+# And parity's FAIL ("fail"). INCONCLUSIVE: the figures cannot be judged (not finite, incomplete, or a change
+# too large to pass on a test that cannot tell it from noise); the gate then neither passes nor fails (exit 4).
+PASS, SKIP, INCONCLUSIVE = "pass", "not compared", "inconclusive"
 _EPS = 1e-9  # a change exactly at the threshold holds, whatever the float rounding
+# A change past this many times its threshold is never passed as noise: where the test cannot call it
+# significant (noisy rounds, a single timing) the check is inconclusive. Between the threshold and this, the
+# test decides (a slower median inside wide rounds passes).
+FAR_PAST = 2.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,8 @@ class Check:
         case: the case ("test_train_ours[sdpa]", or "run" for a run record).
         kind: "speed", "memory", "accuracy" or "parity".
         field: what was compared (a metric key, "accuracy (base)", a parity point).
-        status: "pass", "fail" or "not compared".
+        status: "pass", "fail", "not compared", or "inconclusive" (cannot be judged: a figure not finite or
+            incomplete, or a change far past the threshold that the test cannot call).
         baseline, candidate: the figures (NaN when not applicable), in ``unit``.
         unit: unit of the figures ("tokens/s", "GiB", "%", "").
         change: candidate vs baseline: percent for speed and memory, points for accuracy (NaN if none).
@@ -62,6 +69,10 @@ class Check:
     def failed(self) -> bool:
         return self.status == FAIL
 
+    @property
+    def inconclusive(self) -> bool:
+        return self.status == INCONCLUSIVE
+
 
 
 def format_figure(value: float, unit: str) -> str:
@@ -76,9 +87,10 @@ def format_figure(value: float, unit: str) -> str:
 
 
 def unusable_check(case: str, kind: str, metric: str, baseline: float | None, candidate: float | None,
-                   threshold: str, unit: str | None = None, allowed: bool = False) -> Check:
-    """A figure missing or not finite (NaN, inf, or a baseline of 0): a failed check naming the side, or,
-    where the thresholds allow it (``allow_missing``), one listed as not compared.
+                   threshold: str, unit: str | None = None, allowed: bool = False,
+                   paths: tuple[str, str] = ("", "")) -> Check:
+    """A figure missing or not finite (NaN, inf, or a baseline of 0): an inconclusive check naming the side
+    and its file, or, where the thresholds allow it (``allow_missing``), one listed as not compared.
 
     Args:
         case: case name.
@@ -88,23 +100,42 @@ def unusable_check(case: str, kind: str, metric: str, baseline: float | None, ca
         candidate: the candidate's figure, None where it has none.
         threshold: the threshold text, as the check would show it.
         unit: the figures' unit (default: the registry's).
-        allowed: list as not compared instead of failing.
+        allowed: list as not compared instead of inconclusive.
+        paths: the baseline's and the candidate's files, named beside each side.
 
     Returns:
         The check.
     """
     unit = metric_unit(metric) if unit is None else unit
     sides = []
-    for side, value in (("baseline", baseline), ("candidate", candidate)):
+    for side, value, path in (("baseline", baseline, paths[0]), ("candidate", candidate, paths[1])):
+        where = f" ({path})" if path else ""
         if value is None:
-            sides.append(f"the {side} has no figure")
+            sides.append(f"the {side}{where} has no figure")
         elif not math.isfinite(value) or (side == "baseline" and value <= 0 and kind != "accuracy"):
-            sides.append(f"the {side}'s figure is {value!r}")
+            sides.append(f"the {side}'s figure is {value!r}{where}")
     why = " and ".join(sides) or "no usable figure"
     a, b = (math.nan if v is None else v for v in (baseline, candidate))
-    status, verb = (SKIP, "not compared") if allowed else (FAIL, "cannot be checked")
+    status, verb = (SKIP, "not compared") if allowed else (INCONCLUSIVE, "cannot be judged")
     return Check(case, kind, metric, status, a, b, unit, math.nan, threshold, why,
-                 f"{case}: {metric_label(metric)} {verb}: {why}", "missing figure" if allowed else "")
+                 f"{case}: {metric_label(metric)} {verb}: {why}", "missing figure" if allowed else "invalid figure")
+
+
+def invalid_check(case: str, kind: str, name: str, texts: Sequence[str]) -> Check:
+    """A check that cannot be judged because a figure behind it is not finite or incomplete, naming each.
+
+    Args:
+        case: case name.
+        kind: "speed", "memory", "accuracy" or "case".
+        name: the check's field (a metric key, "accuracy (fine-tuned)").
+        texts: what is wrong, each naming file and field (:attr:`InvalidFigure.text`).
+
+    Returns:
+        The inconclusive check.
+    """
+    why = "; ".join(texts)
+    return Check(case, kind, name, INCONCLUSIVE, math.nan, math.nan, metric_unit(name), math.nan, "-", why,
+                 f"{case}: {metric_label(name)} cannot be judged: {why}", "invalid figure")
 
 
 def speed_check(case: str, metric: str, baseline: float, candidate: float, baseline_rounds: Sequence[float],
@@ -138,23 +169,36 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
     """
     label, unit = metric_label(metric), metric_unit(metric)
     threshold = f"-{threshold_pct:g}%"
+    if not (math.isfinite(baseline) and baseline > 0 and math.isfinite(candidate)):
+        return unusable_check(case, "speed", metric, baseline, candidate, threshold)
+    if not all(map(math.isfinite, (*baseline_rounds, *candidate_rounds))):
+        why = "a round time is not finite"
+        return Check(case, "speed", metric, INCONCLUSIVE, baseline, candidate, unit, math.nan, threshold, why,
+                     f"{case}: {label} cannot be judged: {why}", "invalid figure")
+    change = 100 * (candidate / baseline - 1)
+    beyond = change < -threshold_pct - _EPS
+    far = change < -FAR_PAST * threshold_pct - _EPS
+    figures = f"baseline {format_figure(baseline, unit)}, candidate {format_figure(candidate, unit)}"
     single = [side for side, n in (("baseline", baseline_timings), ("candidate", candidate_timings)) if n == 1]
     if single:
         why = f"a single timing in the {' and '.join(single)}: no spread to tell a slowdown from noise"
+        if far:
+            why = (f"{change:+.1f}% is past {FAR_PAST:g}x the threshold ({threshold}), but {why}; time it over "
+                   "rounds (pytest bench/) to judge it")
+            return Check(case, "speed", metric, INCONCLUSIVE, baseline, candidate, unit, change, threshold, why,
+                         f"{case}: {label} cannot be judged: {why} ({figures})", "too noisy to call")
         return Check(case, "speed", metric, SKIP, baseline, candidate, unit, math.nan, threshold, why,
                      f"{case}: {label} not compared: {why}", "single timing")
-    if not (math.isfinite(baseline) and baseline > 0 and math.isfinite(candidate)):
-        return unusable_check(case, "speed", metric, baseline, candidate, threshold)
-    change = 100 * (candidate / baseline - 1)
-    beyond = change < -threshold_pct - _EPS
     n_b, n_c = len(baseline_rounds), len(candidate_rounds)
     smallest_p = smallest_slower_p(n_b, n_c)
+    noisy = False
     if smallest_p < alpha:
         p = slower_p(candidate_rounds, baseline_rounds)
-        evidence = f"Mann-Whitney {format_p(p)} ({n_c} vs {n_b} rounds)"
+        evidence = f"Mann-Whitney {format_p(p)} ({n_b} vs {n_c} rounds)"
         failed = beyond and p < alpha
         if beyond and not failed:
             evidence += f": not significant at {alpha:g}"
+            noisy = far
     else:
         missing = " and ".join(side for side, n in (("baseline", n_b), ("candidate", n_c)) if n < 2)
         why = (f"no per-round times in the {missing} (a pytest-benchmark file keeps them with --benchmark-save-data)"
@@ -163,11 +207,13 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
         failed = beyond
     if machine:
         evidence += f"; raw {unit}, {machine}"
-    status = FAIL if failed else PASS
-    verb = "regressed" if failed else "holds"
+    if noisy:
+        evidence += f", yet {change:+.1f}% is past {FAR_PAST:g}x the threshold: too noisy to pass or fail"
+    status, verb = (INCONCLUSIVE, "cannot be judged") if noisy else (FAIL, "regressed") if failed else (PASS, "holds")
     message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}), {evidence}; {verb} "
-               f"({format_figure(candidate, unit)} vs {format_figure(baseline, unit)})")
-    return Check(case, "speed", metric, status, baseline, candidate, unit, change, threshold, evidence, message)
+               f"({figures})")
+    return Check(case, "speed", metric, status, baseline, candidate, unit, change, threshold, evidence, message,
+                 "too noisy to call" if noisy else "")
 
 
 
@@ -191,7 +237,7 @@ def memory_check(case: str, metric: str, baseline: float, candidate: float, thre
     change = 100 * (candidate / baseline - 1)
     failed = change > threshold_pct + _EPS
     message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}); "
-               f"{'regressed' if failed else 'holds'} ({candidate:.3g} GiB vs {baseline:.3g} GiB)")
+               f"{'regressed' if failed else 'holds'} (baseline {baseline:.3g} GiB, candidate {candidate:.3g} GiB)")
     return Check(case, "memory", metric, FAIL if failed else PASS, baseline, candidate, "GiB", change, threshold,
                  "peak of the case", message)
 
@@ -240,6 +286,7 @@ def accuracy_check(case: str, phase: str, baseline: PhaseScores, candidate: Phas
     a, b = 100 * baseline.accuracy, 100 * candidate.accuracy
     if not (math.isfinite(a) and math.isfinite(b)):
         return unusable_check(case, "accuracy", field_name, a, b, threshold, unit="%")
+    noisy = False
     if baseline.questions and candidate.questions:
         try:
             questions = pair_questions(baseline.questions, candidate.questions)
@@ -254,19 +301,25 @@ def accuracy_check(case: str, phase: str, baseline: PhaseScores, candidate: Phas
         failed = drop > threshold_pp + _EPS and p < alpha
         if drop > threshold_pp + _EPS and not failed:
             evidence += f": not significant at {alpha:g}"
+            if drop > FAR_PAST * threshold_pp + _EPS:
+                noisy = True
+                evidence += f", yet {-drop:+.1f} pp is past {FAR_PAST:g}x the threshold: too few questions to call"
     elif baseline.n_questions == candidate.n_questions:
         drop = a - b
-        evidence = f"accuracy only (no per-question results on both sides), n={baseline.n_questions}"
+        without = " and ".join(side for side, s in (("baseline", baseline), ("candidate", candidate))
+                               if not s.questions)
+        evidence = f"accuracy only (no per-question results in the {without}), n={baseline.n_questions}"
         failed = drop > threshold_pp + _EPS
     else:
         return Check(case, "accuracy", field_name, SKIP, a, b, "%", math.nan, threshold,
                      f"{baseline.n_questions} vs {candidate.n_questions} questions, no per-question results",
                      f"{case}: {field_name} not compared: scored on {candidate.n_questions} vs "
                      f"{baseline.n_questions} questions without per-question results to pair", "other questions")
+    status, verb = (INCONCLUSIVE, "cannot be judged") if noisy else (FAIL, "regressed") if failed else (PASS, "holds")
     message = (f"{case}: {field_name} {-drop:+.1f} pp vs baseline (threshold {threshold}), {evidence}; "
-               f"{'regressed' if failed else 'holds'} ({b:.1f}% vs {a:.1f}%)")
-    return Check(case, "accuracy", field_name, FAIL if failed else PASS, a, b, "%", -drop, threshold, evidence,
-                 message)
+               f"{verb} (baseline {a:.1f}%, candidate {b:.1f}%)")
+    return Check(case, "accuracy", field_name, status, a, b, "%", -drop, threshold, evidence, message,
+                 "too noisy to call" if noisy else "")
 
 
 

@@ -26,10 +26,16 @@ threshold (:mod:`medqa_core.gate.thresholds`):
 A case whose workload or settings differ (other batch, sequence length, question count, config,
 compute dtype, quantization) or that ran on other hardware (GPU, or CPU model and thread count) is
 listed as not compared for speed and memory, with the reason ("other CPU model"), rather than gated;
-its accuracy and parity are still checked. A figure missing or not finite on either side fails (or,
-under ``allow_missing``, is listed as not compared). Where most checks were not compared the gate
-exits 4 ("inconclusive") unless ``allow_not_compared`` is given. Decisions are pure functions of the
-loaded cases (no torch).
+its accuracy and parity are still checked.
+
+The gate judges or refuses, never waves through: a check whose figures are not finite or not complete on
+both sides is inconclusive, naming the field and the file (NaN or inf in a round or step time or a stored
+figure, fewer questions than the file says or than the baseline scored, a part of a record missing, a case
+of the baseline missing in the candidate, the same file on both sides; under ``allow_missing`` a missing
+figure is listed as not compared instead), and so is a change past twice its threshold that the test
+cannot call (noisy rounds, a single timing). Any failure exits 1; else any inconclusive check, or most
+checks not compared (unless ``allow_not_compared``), exits 4. Decisions are pure functions of the loaded
+cases (no torch).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from medqa_core.compare.inputs import CompareError, RunSummary
+from medqa_core.compare.inputs import BASE, FINE_TUNED, CompareError, RunSummary
 from medqa_core.compare.metrics import MEMORY_KEYS as MEMORY
 from medqa_core.compare.metrics import SPEED_KEYS as SPEED
 from medqa_core.compare.metrics import label as metric_label
@@ -49,10 +55,12 @@ from medqa_core.compare.pairs import check_comparable, compare_runs, settings_di
 from medqa_core.compare.parity import FAIL, judge_pair
 from medqa_core.gate.cases import GateCase, load_cases
 from medqa_core.gate.checks import (
+    INCONCLUSIVE,
     SKIP,
     Check,
     accuracy_check,
     common_questions,
+    invalid_check,
     memory_check,
     parity_checks,
     speed_check,
@@ -98,13 +106,24 @@ class GateResult:
         return tuple(c for c in self.checks if c.status == SKIP)
 
     @property
-    def inconclusive(self) -> bool:
+    def unjudged(self) -> tuple[Check, ...]:
+        """Checks that cannot be judged: a figure not finite or incomplete, or a change too noisy to call."""
+        return tuple(c for c in self.checks if c.inconclusive)
+
+    @property
+    def mostly_not_compared(self) -> bool:
         """Most checks were not compared: a pass would say little (unless ``allow_not_compared``)."""
         return len(self.not_compared) > len(self.checks) - len(self.not_compared) and not self.allow_not_compared
 
     @property
+    def inconclusive(self) -> bool:
+        """Neither a pass nor a failure: a check could not be judged, or most were not compared."""
+        return self.passed and (bool(self.unjudged) or self.mostly_not_compared)
+
+    @property
     def exit_code(self) -> int:
-        """0 when the candidate holds, 1 when something regressed, 4 when most checks were not compared."""
+        """0 when the candidate holds, 1 when something regressed, 4 when a check could not be judged or most
+        were not compared."""
         if not self.passed:
             return 1
         return EXIT_INCONCLUSIVE if self.inconclusive else 0
@@ -112,7 +131,7 @@ class GateResult:
 
 
 def _workload_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return [f"{k} {b[k]!r} vs {a[k]!r}" for k in a if k in b and a[k] != b[k]]
+    return [f"{k} {a[k]!r} vs {b[k]!r}" for k in a if k in b and a[k] != b[k]]
 
 
 
@@ -218,6 +237,20 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
         raise GateError(f"{name}: {e}") from e
     checks: list[Check] = []
     notes: list[str] = []
+    # Figures not finite or incomplete on either side: their checks cannot be judged, and are not run.
+    invalid: dict[str, list[str]] = {}
+    measured = {*a.metrics, *b.metrics, *a.phases, *b.phases}
+    for side, f in [("baseline", f) for f in a.invalid] + [("candidate", f) for f in b.invalid]:
+        # Damage counts for the figures a side has (a record without train has no train rates, the other does).
+        keys = [k for k in f.checks if k in measured] or list(f.checks[:1])
+        for key in keys:
+            invalid.setdefault(key, []).append(f"{side} {f.text}")
+    for key, texts in invalid.items():
+        if key in (BASE, FINE_TUNED):
+            if thresholds.gated("accuracy"):
+                checks.append(invalid_check(name, "accuracy", f"accuracy ({key})", texts))
+        elif thresholds.gated("speed" if key in SPEED else "memory", key):
+            checks.append(invalid_check(name, "speed" if key in SPEED else "memory", key, texts))
     if candidate.oom and not baseline.oom and thresholds.gated("memory"):
         checks.append(Check(name, "memory", "out of memory", FAIL, math.nan, math.nan, "", math.nan, "none",
                             candidate.oom, f"{name}: the candidate ran {candidate.oom}; the baseline did not"))
@@ -228,20 +261,20 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
         differs += [s for s in settings if not any(s.startswith(k) for k in ("compute dtype",))]
     other_machine = hardware_difference(a, b)
     if other_machine:  # another machine's speed is not a regression
-        differs.insert(0, f"hardware {hardware(b)!r} vs {hardware(a)!r}")
+        differs.insert(0, f"hardware {hardware(a)!r} vs {hardware(b)!r}")
     reason = other_machine or ("other settings" if settings else "other workload")
     # Nor is the same machine busier or slower, as the runs measured it (memory does not depend on it).
     same_machine, machine = machine_state(a, b, thresholds.machine_pct)
     for metric in (*SPEED, *MEMORY):
         kind = "speed" if metric in SPEED else "memory"
         ma, mb = a.metrics.get(metric), b.metrics.get(metric)
-        if (ma is None and mb is None) or not thresholds.gated(kind, metric):
+        if (ma is None and mb is None) or not thresholds.gated(kind, metric) or metric in invalid:
             continue
         va, vb = (None if m is None else m.value for m in (ma, mb))
         unit, label = metric_unit(metric), metric_label(metric)
         if differs:
             checks.append(Check(name, kind, metric, SKIP, _nan(va), _nan(vb), unit, math.nan, "-",
-                                "different workload: " + ", ".join(differs),
+                                "different workload (baseline vs candidate): " + ", ".join(differs),
                                 f"{name}: {label} not compared: other work or hardware ({', '.join(differs)})",
                                 reason))
         elif va is None:
@@ -253,7 +286,7 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
         elif vb is None or not (math.isfinite(va) and math.isfinite(vb) and va > 0):
             threshold = f"{'-' if kind == 'speed' else '+'}{thresholds.pct(metric):g}%"
             checks.append(unusable_check(name, kind, metric, va, vb, threshold,
-                                         allowed=thresholds.missing_ok(kind, metric)))
+                                         allowed=thresholds.missing_ok(kind, metric), paths=(a.path, b.path)))
         elif kind == "speed" and not same_machine:
             checks.append(Check(name, kind, metric, SKIP, va, vb, unit, math.nan,
                                 f"-{thresholds.pct(metric):g}%", machine,
@@ -264,24 +297,33 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
                                       baseline.timings.get(metric), candidate.timings.get(metric), machine))
         else:
             checks.append(memory_check(name, metric, va, vb, thresholds.pct(metric)))
-    paired_a, paired_b = dict(a.phases), dict(b.phases)
-    for phase in [p for p in a.phases if p in b.phases]:  # in the baseline's order, every run the same
+    # A phase with an invalid figure is judged neither on accuracy nor on parity: its check above says why.
+    paired_a = {p: s for p, s in a.phases.items() if p not in invalid}
+    paired_b = {p: s for p, s in b.phases.items() if p not in invalid}
+    for phase in [p for p in paired_a if p in paired_b]:  # in the baseline's order, every run the same
         pa, pb = a.phases[phase], b.phases[phase]
         if pa.questions and pb.questions:
             pa, pb = paired_a[phase], paired_b[phase] = common_questions(pa, pb)
-            if not pa.questions:
-                notes.append(f"{name}: {phase} scores share no question; accuracy not compared")
+            if pa.n_questions < a.phases[phase].n_questions:  # the candidate left out questions the baseline scored
+                why = (f"the candidate ({b.path}) scored {pa.n_questions} of the {a.phases[phase].n_questions} "
+                       f"questions the baseline ({a.path}) scored")
+                checks.append(invalid_check(name, "accuracy", f"accuracy ({phase})", [why]))
                 del paired_a[phase], paired_b[phase]
                 continue
-            if pa.n_questions != a.phases[phase].n_questions or pb.n_questions != b.phases[phase].n_questions:
+            if pb.n_questions != b.phases[phase].n_questions:
                 notes.append(f"{name}: {phase} compared on the {pa.n_questions} questions both scored "
                              f"(baseline {a.phases[phase].n_questions}, candidate {b.phases[phase].n_questions})")
         if thresholds.gated("accuracy"):
             checks.append(accuracy_check(name, phase, pa, pb, thresholds.accuracy_pp, thresholds.alpha))
-    for phase in [p for p in a.phases if p not in b.phases]:
+    for phase in [p for p in paired_a if p not in b.phases]:
         if thresholds.gated("accuracy") and not candidate.oom:
             checks.append(unusable_check(name, "accuracy", f"accuracy ({phase})", 100 * a.phases[phase].accuracy,
-                                         None, f"-{thresholds.accuracy_pp:g} pp", unit="%"))
+                                         None, f"-{thresholds.accuracy_pp:g} pp", unit="%", paths=(a.path, b.path)))
+    for phase in [p for p in paired_b if p not in a.phases]:
+        if thresholds.gated("accuracy"):
+            checks.append(unusable_check(name, "accuracy", f"accuracy ({phase})", None,
+                                         100 * b.phases[phase].accuracy, f"-{thresholds.accuracy_pp:g} pp", unit="%",
+                                         paths=(a.path, b.path)))
     if thresholds.gated("parity"):
         tol = thresholds.tolerances
         try:
@@ -339,8 +381,10 @@ def gate_cases(baseline: Sequence[GateCase], candidate: Sequence[GateCase], thre
     names = {c.name for c in baseline}
     only_base = [c.name for c in baseline if c.name not in by_name]
     only_cand = [c.name for c in candidate if c.name not in names]
-    if only_base:
-        notes.append(f"not in the candidate, not gated: {', '.join(only_base)}")
+    for case in only_base:  # a case that vanished is not a case that holds
+        why = f"in the baseline ({baseline_path}), missing in the candidate ({candidate_path})"
+        checks.append(Check(case, "case", "case", INCONCLUSIVE, math.nan, math.nan, "", math.nan, "-", why,
+                            f"{case}: cannot be judged: {why}", "case missing"))
     if only_cand:
         notes.append(f"not in the baseline, not gated: {', '.join(only_cand)}")
     if not any(c.status != SKIP for c in checks):
@@ -361,12 +405,26 @@ def run_gate(baseline: str | Path, candidate: str | Path, thresholds: Thresholds
         allow_not_compared: see :func:`gate_cases`.
 
     Returns:
-        The result.
+        The result; inconclusive with one check when both name the same file (or two copies of one), which
+        holds against itself whatever it contains.
 
     Raises:
         GateError: unreadable input or runs that cannot be compared.
     """
-    return gate_cases(load_cases(baseline), load_cases(candidate), thresholds, str(baseline), str(candidate),
-                      allow_not_compared)
+    cases_a, cases_b = load_cases(baseline), load_cases(candidate)
+    if same_file(baseline, candidate):
+        why = f"the candidate ({candidate}) is the baseline ({baseline}) itself, or a copy of it"
+        check = Check("files", "case", "candidate", INCONCLUSIVE, math.nan, math.nan, "", math.nan, "-", why,
+                      f"cannot be judged: {why}; a file gated against itself holds whatever it holds; give the "
+                      "candidate run's own file", "same file")
+        return GateResult(str(baseline), str(candidate), thresholds, (check,), (), allow_not_compared)
+    return gate_cases(cases_a, cases_b, thresholds, str(baseline), str(candidate), allow_not_compared)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file, or two files of the same bytes (a copy: no rerun writes the same bytes,
+    its times and timestamps differ)."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or a.read_bytes() == b.read_bytes()
 
 

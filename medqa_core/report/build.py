@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medqa_core.compare.inputs import REFERENCE_ARM, SPEED_ONLY_ARMS, RunSummary
+from medqa_core.compare.inputs import REFERENCE_ARM, SPEED_ONLY_ARMS, InvalidFigure, RunSummary
 from medqa_core.compare.pairs import adapter_trainers, compare_runs, same_adapter
 from medqa_core.compare.parity import Finding, PairParity, Tolerances, judge_pair
 
@@ -29,11 +29,19 @@ class Report:
     notes: tuple[str, ...]
 
     @property
+    def invalid(self) -> tuple[tuple[RunSummary, InvalidFigure], ...]:
+        """Figures of the inputs that cannot be judged (NaN, inf, incomplete), each with its run."""
+        return tuple((r, f) for r in self.runs for f in r.invalid)
+
+    @property
     def verdict(self) -> str:
-        """"holds", "does not hold", or "not judged" (no per-question results in common, or only pairs whose
+        """"holds", "does not hold", "inconclusive" (a figure of an input is not finite or incomplete: shown as
+        invalid, never as a ratio), or "not judged" (no per-question results in common, or only pairs whose
         settings differ: those measure the settings, see the report's "What the settings alone change")."""
         if any(not f.ok for f in self.findings):
             return "does not hold"
+        if self.invalid:
+            return "inconclusive"
         judged = any(p.phases for p in (*self.pairs, *self.adapter_pairs) if not p.measures_settings)
         return "holds" if judged else "not judged"
 
@@ -59,7 +67,8 @@ def build_report(runs: Sequence[RunSummary], tol: Tolerances) -> Report:
 
 
 def _report_notes(runs: Sequence[RunSummary]) -> tuple[str, ...]:
-    notes = [f"{r.rid} is bench/'s reference arm (the common-guide QLoRA recipe on its own model folder): shown for "
+    notes = [f"{r.rid}: {f.text}: cannot be judged; shown as invalid, not compared." for r in runs for f in r.invalid]
+    notes += [f"{r.rid} is bench/'s reference arm (the common-guide QLoRA recipe on its own model folder): shown for "
              "speed and memory, not compared for parity." for r in runs if r.kind == REFERENCE_ARM]
     notes += [f"{r.rid} is a peer stack's arm of bench/ (bench_peers.py): shown for speed and memory, not compared for "
               "parity." for r in runs if r.kind == "benchmark:peer"]

@@ -43,7 +43,16 @@ def _color(run: RunSummary) -> str:
 
 
 def _barh(ax: Axes, runs: Sequence[RunSummary], metric: str, title: str, unit: str, baseline: RunSummary) -> None:
-    have = [r for r in runs if metric in r.metrics]
+    invalid = [r.rid for r in runs if metric in r.metrics and not math.isfinite(r.metrics[metric].value)]
+    if invalid:  # no bar for a figure that is not finite: the table shows it as invalid
+        title += f" ({', '.join(invalid)}: invalid, not drawn)"
+    have = [r for r in runs if metric in r.metrics and math.isfinite(r.metrics[metric].value)]
+    if not have:
+        ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
+        ax.text(0.5, 0.5, "no finite figure", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
     values = np.array([r.metrics[metric].value for r in have])
     low = np.array([np.nan if r.metrics[metric].low is None else r.metrics[metric].low for r in have])
     high = np.array([np.nan if r.metrics[metric].high is None else r.metrics[metric].high for r in have])
@@ -105,13 +114,17 @@ def _accuracy_chart(runs: Sequence[RunSummary], baseline: RunSummary, tol: Toler
 
 def _accuracy_panel(ax: Axes, have: Sequence[RunSummary], phase: str, base: PhaseScores | None,
                     tol: Tolerances) -> None:
-    if base is not None:
+    if base is not None and math.isfinite(base.ci95[0]):
         ax.axvspan(100 * base.accuracy - tol.margin_pp, 100 * base.accuracy + tol.margin_pp, color="#3498db",
                    alpha=0.12, label=f"baseline +- {tol.margin_pp:g} pp")
     ax.axvline(25, color="#999", ls=":", lw=1, label="chance (4 options)")
     for yi, r in enumerate(have):
         s = r.phases[phase]
         a, (lo, hi) = 100 * s.accuracy, (100 * x for x in s.ci95)
+        if not math.isfinite(lo):  # not a fraction of the questions scored: the table shows it as invalid
+            ax.annotate(f"invalid ({s.accuracy})", (0, yi), xycoords=("axes fraction", "data"), xytext=(5, 0),
+                        textcoords="offset points", va="center", fontsize=8, color="#c0392b")
+            continue
         ax.errorbar(a, yi, xerr=[[a - lo], [hi - a]], fmt="o", color=_color(r), capsize=4)
         ax.annotate(f"{a:.1f}%  (n={s.n_questions})", (hi, yi), xytext=(5, 0), textcoords="offset points",
                     va="center", fontsize=8)

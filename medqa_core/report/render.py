@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medqa_core.compare.inputs import FINE_TUNED, CompareError, load_inputs
+from medqa_core.compare.inputs import BASE, FINE_TUNED, CompareError, load_inputs
 from medqa_core.compare.pairs import adapter_trainers
 from medqa_core.compare.parity import DEFAULT_MARGIN_PP, FAIL, FLAG, PASS, Finding, Tolerances
 from medqa_core.compare.tables import markdown_table
@@ -78,6 +78,11 @@ def verdict_lines(report: Report) -> tuple[str, tuple[Finding, ...]]:
     n = inputs_text(report)
     if report.verdict == "does not hold":
         head = f"Parity does NOT hold: {len(fails)} point(s) fail across {n} (baseline {report.baseline.label})."
+    elif report.verdict == "inconclusive":
+        bad = report.invalid
+        head = (f"Parity inconclusive: {len(bad)} figure(s) of {' and '.join(dict.fromkeys(r.rid for r, _ in bad))} "
+                f"cannot be judged (not finite or incomplete, named in the notes) across {n} (baseline "
+                f"{report.baseline.label}).")
     elif report.verdict == "holds":
         head = f"Parity holds across {n} (baseline {report.baseline.label})."
     elif any(p.measures_settings for p in (*report.pairs, *report.adapter_pairs)):
@@ -144,8 +149,9 @@ def _settings_text(report: Report) -> tuple[str, ...]:
         parts = []
         for ph in pair.phases:
             lp, acc = ph.logprobs, ph.accuracy
+            # The base model's drift is what the settings change, same weights or not (NF4 against none).
             drift = (f"log-probabilities |diff| mean {lp.mean_abs:.3g}, max {lp.max_abs:.3g} nats, mean KL "
-                     f"{lp.kl_mean:.2e}; " if ph.same_weights else "")
+                     f"{lp.kl_mean:.2e}; " if ph.same_weights or ph.phase == BASE else "")
             parts.append(f"{ph.phase}: {drift}predictions agree on {100 * acc.agreement:.1f}% of {acc.n}, accuracy "
                          f"{100 * acc.diff:+.2f} pp")
         if pair.loss is not None:

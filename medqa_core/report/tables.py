@@ -61,7 +61,9 @@ def metrics_table(runs: Sequence[RunSummary], baseline: RunSummary) -> pd.DataFr
             if m is None:
                 continue
             base = baseline.metrics.get(key)
-            ratio = m.value / base.value if base is not None and base.value else math.nan
+            # A ratio of a figure that is not finite would be a number made of nothing: shown as invalid instead.
+            ratio = (m.value / base.value if base is not None and base.value and math.isfinite(base.value)
+                     and math.isfinite(m.value) else math.nan)
             rows.append({"run": r.label, "metric": label, "unit": unit, "value": m.value,
                          "low": m.low, "high": m.high, "ratio": ratio})
     return pd.DataFrame(rows, columns=["run", "metric", "unit", "value", "low", "high", "ratio"])
@@ -80,6 +82,8 @@ def metrics_display(long: pd.DataFrame, runs: Sequence[RunSummary]) -> pd.DataFr
 
 
 def _cell(value: float, unit: str, ratio: float) -> str:
+    if not math.isfinite(value):
+        return f"invalid ({value})"
     text = format_value(value, unit)
     return text if math.isnan(ratio) else f"{text} ({ratio:.2f}x)"
 
@@ -99,9 +103,12 @@ def accuracy_table(runs: Sequence[RunSummary], baseline: RunSummary) -> pd.DataF
         for phase, s in r.phases.items():
             lo, hi = s.ci95
             base = baseline.phases.get(phase)
+            valid = math.isfinite(lo)  # a finite fraction of the questions scored (PhaseScores.ci95)
+            ratio = valid and base is not None and math.isfinite(base.ci95[0]) and base.accuracy
             rows.append({"run": r.label, "phase": phase, "questions": s.n_questions,
-                         "accuracy": f"{100 * s.accuracy:.1f}%", "95% CI (Wilson)": f"{100 * lo:.1f} - {100 * hi:.1f}",
-                         "ratio to baseline": f"{s.accuracy / base.accuracy:.3f}x" if base and base.accuracy else "-"})
+                         "accuracy": f"{100 * s.accuracy:.1f}%" if valid else f"invalid ({s.accuracy})",
+                         "95% CI (Wilson)": f"{100 * lo:.1f} - {100 * hi:.1f}" if valid else "-",
+                         "ratio to baseline": f"{s.accuracy / base.accuracy:.3f}x" if ratio else "-"})
     return pd.DataFrame(rows)
 
 
