@@ -226,6 +226,21 @@ def write_error(path: Path, e: BaseException) -> WriteError:
     return WriteError(path, write_failure_reason(e), free_bytes(path))
 
 
+def new_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, innermost first."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each folder (innermost first) that is still empty: what a refused job created and left unused."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone: leave it
+            pass
+
+
 def probe_dir(path: Path, option: str) -> Path:
     """Create ``path`` (and its parents) if needed and prove a file can be written in it, before any work.
 

@@ -37,7 +37,17 @@ from medqa_core.data import (
 from medqa_core.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from medqa_core.evaluate import evaluate
 from medqa_core.failure import OomFailure
-from medqa_core.files import WriteError, check_room, free_text, probe_dir, size_text, unique_name
+from medqa_core.files import (
+    OutputFolderError,
+    WriteError,
+    check_room,
+    free_text,
+    new_folders,
+    probe_dir,
+    remove_if_empty,
+    size_text,
+    unique_name,
+)
 from medqa_core.fingerprint import machine_fingerprint, resolve_device
 from medqa_core.model import (
     QuantInfo,
@@ -243,17 +253,29 @@ def rescue_dir() -> Path:
 
 
 def check_outputs(kind: str, results_dir: str | Path, adapter_out: str | None, checkpoints: str | None,
-                  checkpoints_option: str) -> None:
+                  checkpoints_option: str) -> list[Path]:
     """Before the model loads: each folder the job will write is a folder, exists (created if not) and takes a file.
+
+    Returns:
+        The folders created, innermost first (a job refused later removes those still empty).
 
     Raises:
         OutputFolderError: naming the folder, the option, what is wrong and what to do.
     """
-    probe_dir(Path(results_dir), "--results")
+    folders = [(Path(results_dir), "--results")]
     if kind in ("run", "train"):
-        probe_dir(Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, "--adapter-out")
+        folders.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, "--adapter-out"))
     if checkpoints is not None:
-        probe_dir(Path(checkpoints), checkpoints_option)
+        folders.append((Path(checkpoints), checkpoints_option))
+    created: list[Path] = []
+    try:
+        for folder, option in folders:
+            created = new_folders(folder) + created
+            probe_dir(folder, option)
+    except OutputFolderError:
+        remove_if_empty(created)
+        raise
+    return created
 
 
 def output_bytes(session: Session, kind: str, n_eval: int) -> tuple[int, int, int]:
@@ -344,7 +366,20 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     ckpt = (resume or checkpoint_dir) if trains else None
-    check_outputs(kind, cfg.results_dir, adapter_out, ckpt, "--resume" if resume else "--checkpoint-dir")
+    created = check_outputs(kind, cfg.results_dir, adapter_out, ckpt, "--resume" if resume else "--checkpoint-dir")
+    try:
+        return _execute_checked(cfg, kind, adapter_dir, adapter_out, progress, ckpt, resume, stop, trust_remote_code,
+                                command, device, splits, started, profile_chosen_by)
+    except BaseException:
+        remove_if_empty(created)  # a job refused or failed before writing leaves no empty folder behind
+        raise
+
+
+def _execute_checked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
+                     progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
+                     trust_remote_code: bool, command: str, device: torch.device, splits: Splits, started: float,
+                     profile_chosen_by: str | None) -> tuple[RunRecord, Path | None]:
+    """:func:`execute` once its output folders are checked: processes, the checkpoint folder's lock, the job."""
     info = init_distributed(device.type)
     if info.enabled:
         if device.type == "cuda":
@@ -352,7 +387,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if info.local_rank == 0 and not cfg.model.path:
             preset_dir(str(cfg.model.preset), cfg.model.seed)  # once per host (each has its own cache), not per rank
         barrier()
-    check_sharding(cfg, kind, info.world_size, checkpointing=bool(checkpoint_dir or resume))
+    check_sharding(cfg, kind, info.world_size, checkpointing=bool(ckpt))
     lock = _lock(Path(ckpt) if ckpt else None, cfg, info, device, command)
     try:
         return _execute_locked(cfg, kind, adapter_dir, adapter_out, progress, ckpt, resume, stop,

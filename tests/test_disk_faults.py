@@ -182,9 +182,9 @@ def test_a_full_disk_for_the_adapter_keeps_the_fine_tune_elsewhere(tiny_config, 
     (problem,) = e.value.problems
     assert problem.startswith(f"cannot write the adapter to {full / 'adapter'} (No space left on device; ")
     assert "B free there); saved in " in problem
-    # No half adapter (peft's README.md alone, as before), no temporary folder; the probe's folder is empty.
-    assert sorted(p.name for p in full.iterdir()) == ["adapter", "filler"]
-    assert list((full / "adapter").iterdir()) == []
+    # No half adapter (peft's README.md alone, as before), no temporary folder, and the folder the job created
+    # for it, left empty, is removed.
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]
     (saved,) = rescue.iterdir()
     assert sorted(p.name for p in saved.iterdir()) == ADAPTER_FILES
     record = load_record(e.value.saved_path)
@@ -207,7 +207,7 @@ def test_a_full_disk_for_the_adapter_and_the_record_saves_both_in_the_rescue_fol
     saved = load_record(e.value.saved_path)
     assert saved.train is not None and len(saved.train.loss_per_step) == 4
     assert Path(saved.adapter_dir).parent == rescue
-    assert sorted(p.name for p in (full / "results").iterdir()) == []  # no temporary file left
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no temporary file, no empty folder left
 
 
 def test_nowhere_to_save_the_record_still_hands_it_back(tiny_config, tmp_path, small_fs, monkeypatch):
