@@ -47,15 +47,16 @@ logger = logging.getLogger("medqa_core")
 DEFAULTS = RunConfig()
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=DEFAULTS.model.preset, choices=sorted(PRESETS),
                    help="random-weight Mistral architecture to generate (default: %(default)s)")
     g.add_argument("--model", metavar="PATH", help="local model folder (safetensors); overrides --preset")
     g.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.pt pickle weights (they can run code: only for folders you trust)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="run a --model folder's own Python code (config.json auto_map); refused without it")
+    if remote_code:  # (trace loads presets and folders without custom code only)
+        g.add_argument("--trust-remote-code", action="store_true",
+                       help="run a --model folder's own Python code (config.json auto_map); refused without it")
     g.add_argument("--seed", type=int, default=DEFAULTS.model.seed, help="preset weight seed (default: %(default)s)")
     g.add_argument("--quant", default=DEFAULTS.model.quant, choices=QUANT_MODES,
                    help="nf4 (QLoRA) or fp4: bitsandbytes 4-bit base; none: a base in the compute dtype "
@@ -495,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSON. (Formerly the 'profile' command, which still works.)",
                        epilog=_examples("medqa-parity trace --profile default,eager --steps 3",
                                         "medqa-parity trace --preset mistral-7b --profile capped+batch_size=16"))
-    _add_model_args(p)
+    _add_model_args(p, remote_code=False)
     _add_data_args(p, train=True, evaluate=False)
     _add_train_args(p)
     # --profile takes a comma-separated list here: each profile is traced in turn.

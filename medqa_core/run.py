@@ -58,6 +58,7 @@ from medqa_core.model import (
     load_tokenizer,
     preset_dir,
     quant_info,
+    remote_code,
     resolve_model_dir,
     save_adapter,
 )
@@ -403,6 +404,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
                     started: float, profile_chosen_by: str | None) -> tuple[RunRecord, Path | None]:
     """:func:`execute` from loading the model on, with the checkpoint folder (if any) held."""
     trains = kind in ("run", "train")
+    notes = list(splits.notes if kind != "evaluate" else ())
     session = load_session(cfg, adapter_dir=adapter_dir, device=device, trust_remote_code=trust_remote_code)
     if info.is_main:  # before any scoring or training: room for what the job will write
         adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
@@ -410,10 +412,18 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         if trains:
             needs.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, adapter_b, "--adapter-out"))
         if ckpt:
-            needs.append((Path(ckpt), checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
+            # At its fullest the folder holds --keep-checkpoints of them and the one being written; those there
+            # already take their room.
+            every, n_steps = cfg.train.checkpoint_every, total_steps(len(splits.train), cfg.train)
+            held = min(len(list_checkpoints(Path(ckpt))), cfg.train.keep_checkpoints)
+            peak = min(cfg.train.keep_checkpoints + 1, held + (n_steps // every if every else 0) + 1)
+            needs.append((Path(ckpt), max(peak - held, 1) * checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
         check_room(needs)
         logger.debug("outputs: adapter about %s, a checkpoint about %s, the record about %s", size_text(adapter_b),
                      size_text(checkpoint_b), size_text(record_b))
+    custom = remote_code(session.model_dir) if trust_remote_code and cfg.model.path else []
+    if custom:
+        notes.append(f"--trust-remote-code: the model folder's own code ran ({'; '.join(custom)})")
     model_info = _model_info(session)  # before any sharding: a sharded weight counts only this rank's slice
     if cfg.train.shard == "fsdp":
         shard_model(session.model, device)
@@ -431,7 +441,6 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
     saved_adapter, failure = None, None
     problems: list[str] = []  # outputs written elsewhere than asked (OutputWriteError)
     first_error: WriteError | None = None
-    notes = list(splits.notes if kind != "evaluate" else ())
     phase = "evaluate (before)"
     try:
         if stop is not None and stop.requested():  # a signal while the model loaded
