@@ -151,7 +151,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lora-dropout", type=float, default=lc.dropout, help="(default: %(default)s)")
     t.add_argument("--lora-targets", default=",".join(lc.target_modules),
                    help="comma-separated module names, or all-linear (default: %(default)s)")
-    t.add_argument("--adapter-out", metavar="DIR", help="where to save the LoRA adapter (default: runs/adapters/TIME)")
+    t.add_argument("--adapter-out", metavar="DIR",
+                   help="where to save the LoRA adapter (default: runs/adapters/TIME-PID-RANDOM)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", metavar="DIR", help="write training checkpoints here (and at the end)")
     c.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
@@ -481,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw, description="Score every question's four options (lm-evaluation-harness "
                                                         "medqa_4options) and save a run record.",
                        epilog=_examples("medqa-parity evaluate --eval-limit 100",
-                                        "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z"))
+                                        "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z-4242-1a2b3c"))
     _add_model_args(p)
     _add_data_args(p, train=False, evaluate=True)
     _add_eval_args(p)

@@ -28,6 +28,8 @@ from medqa_core.files import (
     fsync_file,
     is_write_failure,
     json_problem,
+    new_folders,
+    remove_if_empty,
     safetensors_tensors,
     unique_name,
     write_error,
@@ -498,6 +500,7 @@ def save_adapter(model: Any, adapter_dir: str | Path, state_dict: dict[str, torc
     """
     adapter_dir = Path(adapter_dir)
     tmp = adapter_dir.parent / f".{unique_name(adapter_dir.name)}.tmp"
+    created = new_folders(adapter_dir)
     try:
         adapter_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()  # under the user's umask
@@ -509,12 +512,13 @@ def save_adapter(model: Any, adapter_dir: str | Path, state_dict: dict[str, torc
         for path in tmp.iterdir():  # renames within one folder's parent: no new space needed
             os.replace(path, adapter_dir / path.name)
         fsync_dir(adapter_dir)
-    except Exception as e:
-        if not is_write_failure(e):
-            raise
-        raise write_error(adapter_dir, e) from e
-    finally:
+    except BaseException as e:  # a signal mid-write too: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(created)
+        if isinstance(e, Exception) and is_write_failure(e):
+            raise write_error(adapter_dir, e) from e
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # empty by now
     return adapter_dir
 
 

@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medqa_core.files import fsync_dir, is_write_failure, write_error
+from medqa_core.files import fsync_dir, is_write_failure, new_folders, remove_if_empty, write_error
 
 SCHEMA_VERSION = 1
 
@@ -259,9 +259,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
     Raises:
         WriteError: the folder cannot be created or the file written (a full disk, an I/O error); no
-            temporary file is left behind.
+            temporary file, nor a folder created for it, is left behind.
     """
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    created = new_folders(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask, unlike mkstemp's 0600
@@ -277,6 +278,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:  # e.g. the folder was never created
             pass
+        remove_if_empty(created)
         if isinstance(e, Exception) and is_write_failure(e):
             raise write_error(path, e) from e
         raise

@@ -38,7 +38,6 @@ from medqa_core.distributed import DistInfo, all_reduce_sum, barrier, init_distr
 from medqa_core.evaluate import evaluate
 from medqa_core.failure import OomFailure
 from medqa_core.files import (
-    OutputFolderError,
     WriteError,
     check_room,
     free_text,
@@ -254,11 +253,11 @@ def rescue_dir() -> Path:
 
 
 def check_outputs(kind: str, results_dir: str | Path, adapter_out: str | None, checkpoints: str | None,
-                  checkpoints_option: str) -> list[Path]:
-    """Before the model loads: each folder the job will write is a folder, exists (created if not) and takes a file.
+                  checkpoints_option: str) -> None:
+    """Before the model loads: each folder the job will write is a folder, can be created and takes a file.
 
-    Returns:
-        The folders created, innermost first (a job refused later removes those still empty).
+    Folders created for the probe are removed again: they appear when something is written in them, so a job
+    that stops before (a bad setting, a damaged model) leaves nothing behind.
 
     Raises:
         OutputFolderError: naming the folder, the option, what is wrong and what to do.
@@ -273,10 +272,8 @@ def check_outputs(kind: str, results_dir: str | Path, adapter_out: str | None, c
         for folder, option in folders:
             created = new_folders(folder) + created
             probe_dir(folder, option)
-    except OutputFolderError:
+    finally:
         remove_if_empty(created)
-        raise
-    return created
 
 
 def output_bytes(session: Session, kind: str, n_eval: int) -> tuple[int, int, int]:
@@ -367,20 +364,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     ckpt = (resume or checkpoint_dir) if trains else None
-    created = check_outputs(kind, cfg.results_dir, adapter_out, ckpt, "--resume" if resume else "--checkpoint-dir")
-    try:
-        return _execute_checked(cfg, kind, adapter_dir, adapter_out, progress, ckpt, resume, stop, trust_remote_code,
-                                command, device, splits, started, profile_chosen_by)
-    except BaseException:
-        remove_if_empty(created)  # a job refused or failed before writing leaves no empty folder behind
-        raise
-
-
-def _execute_checked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
-                     progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
-                     trust_remote_code: bool, command: str, device: torch.device, splits: Splits, started: float,
-                     profile_chosen_by: str | None) -> tuple[RunRecord, Path | None]:
-    """:func:`execute` once its output folders are checked: processes, the checkpoint folder's lock, the job."""
+    check_outputs(kind, cfg.results_dir, adapter_out, ckpt, "--resume" if resume else "--checkpoint-dir")
     info = init_distributed(device.type)
     if info.enabled:
         if device.type == "cuda":

@@ -638,7 +638,19 @@ def test_a_folder_with_auto_map_is_refused_unless_remote_code_is_allowed(tiny_mo
     assert line.startswith(f"medqa-parity: error: {model}: auto_map asks to run the folder's own code "
                            "(config.json: AutoModelForCausalLM -> modeling_x.XModel)")
     assert "--trust-remote-code" in line and "Traceback" not in err
-    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+    assert not (tmp_path / "results").exists()
+    # Allowed: the folder's own class loads, and the record says so.
+    (model / "modeling_x.py").write_text(textwrap.dedent("""
+        from transformers import MistralForCausalLM
+
+
+        class XModel(MistralForCausalLM):
+            pass
+    """))
+    assert main(_evaluate(model, tmp_path, "--trust-remote-code")) == 0
+    (path,) = (tmp_path / "results").glob("*.json")
+    assert ("--trust-remote-code: the model folder's own code ran (config.json: AutoModelForCausalLM -> "
+            "modeling_x.XModel)") in load_record(path).notes
 
 
 def test_pickle_weights_that_torch_refuses_are_one_line_and_never_run(tiny_model_dir, tmp_path, capsys):
