@@ -9,9 +9,11 @@ A checkpoint is a folder ``step-000040/`` holding
 - ``manifest.json``, written last: every other file's size and sha256, and the adapter's tensor names,
   dtypes and shapes.
 
-It is written in a temporary folder ``.step-000040-<random>``, every file fsynced, then renamed into place
-and the parent folder fsynced: a crash leaves the previous checkpoint as the newest complete one, and the
-temporary folder is removed by the next checkpoint write. Resuming verifies the newest checkpoint against
+It is written in a temporary folder ``.step-000040-<host>-<pid>-<random>``, every file fsynced, then renamed
+into place and the parent folder fsynced: a crash leaves the previous checkpoint as the newest complete one,
+and the temporary folder is removed by the next checkpoint write once its writer is dead. One job at a time
+writes a checkpoint folder: it holds an exclusive ``flock`` on ``.lock`` in it (:func:`lock_checkpoints`),
+which the kernel releases when the process ends, however it ends. Resuming verifies the newest checkpoint against
 its manifest and against the model's LoRA parameters (names and shapes) before anything is loaded into the
 model; a damaged one is skipped with one warning naming the file and what is wrong, and the newest valid
 one is used. Checkpoints of schema 1 (written before manifests) still resume: they are verified by
@@ -27,14 +29,27 @@ import random
 import re
 import secrets
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from medqa_core.files import apply_umask, fsync_dir, fsync_file, safetensors_tensors, sha256_file
+from medqa_core.files import (
+    WriteError,
+    apply_umask,
+    fsync_dir,
+    fsync_file,
+    is_write_failure,
+    pid_alive,
+    safetensors_tensors,
+    sha256_file,
+    write_error,
+)
 from medqa_core.timing import is_oom
 
 logger = logging.getLogger(__name__)
@@ -47,11 +62,22 @@ ADAPTER_FILE = "adapter_model.safetensors"
 OPTIM_FILE = "optim.pt"
 RNG_FILE = "rng.safetensors"
 CHECKPOINT_FILES = (ADAPTER_FILE, "adapter_config.json", OPTIM_FILE, RNG_FILE, STATE_FILE)
+LOCK_FILE = ".lock"
 _NAME = re.compile(r"step-(\d+)")
+# A temporary folder: .step-000040-<host>-<pid>-<random>; before the host and pid were in it, .step-000040-<random>.
+_TEMP = re.compile(r"\.step-\d+-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]+")
 
 
 class CheckpointError(ValueError):
     """No checkpoint can be resumed: none there, none valid, or one written under other settings."""
+
+
+class CheckpointWriteError(WriteError):
+    """The checkpoint after ``step`` of ``steps`` could not be written (a full disk, an I/O error)."""
+
+    def __init__(self, error: WriteError, step: int, steps: int) -> None:
+        super().__init__(error.path, error.reason, error.free_bytes)
+        self.step, self.steps = step, steps
 
 
 class _Damaged(Exception):
@@ -118,17 +144,124 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _host() -> str:
+    return socket.gethostname().replace(os.sep, "_") or "host"
+
+
+def temp_writer(path: Path) -> tuple[str, int] | None:
+    """(host, pid) of the job writing a temporary ``.step-*`` folder; None for one named before they were."""
+    match = _TEMP.fullmatch(path.name)
+    if match is None or match["pid"] is None:
+        return None
+    return match["host"], int(match["pid"])
+
+
 def remove_stale_temps(root: Path) -> list[Path]:
-    """Delete temporary ``.step-*`` folders, left by a checkpoint write that was killed (one writer per root).
+    """Delete temporary ``.step-*`` folders left by a checkpoint write that was killed.
+
+    A folder whose writer still runs on this host is left alone; so is one written from another host (sharing
+    the folder over a network), whose process cannot be checked from here. Folders named before writers were
+    (no host and pid) are removed: jobs that wrote them did not lock the folder and are long gone.
 
     Returns:
         The folders removed.
     """
-    stale = [p for p in root.glob(".step-*") if p.is_dir()]
-    for path in stale:
+    stale = []
+    for path in root.glob(".step-*"):
+        writer = temp_writer(path)
+        if not path.is_dir() or (writer is not None and (writer[0] != _host() or pid_alive(writer[1]))):
+            continue
         shutil.rmtree(path, ignore_errors=True)
         logger.info("removed %s, left by an interrupted checkpoint write", path)
+        stale.append(path)
     return stale
+
+
+class CheckpointLock:
+    """One job's hold on a checkpoint folder: an exclusive ``flock`` on its ``.lock`` file.
+
+    The kernel drops the lock when the file is closed or the process ends (``kill -9`` included), so a lock
+    is never stale. The file holds the holder's pid, host, start time, command and settings, for the message
+    another job gets. Use as a context manager or call :meth:`release`.
+    """
+
+    def __init__(self, root: Path, fd: int | None) -> None:
+        self.root, self._fd = root, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays, empty of meaning
+            self._fd = None
+
+    def __enter__(self) -> CheckpointLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder_text(fd: int, root: Path, config: dict[str, Any]) -> str:
+    """Who holds the lock, from its file: "pid 4242 on node-1 since 2026-12-05T19:48:46+00:00 (medqa-parity
+    train ...), settings differing from this job's: train.lr: there 0.001, here 0.0002"."""
+    holder: dict[str, Any] = {}
+    for _ in range(20):  # the holder writes the file right after taking the lock
+        try:
+            holder = json.loads(os.pread(fd, 1 << 20, 0).decode("utf-8"))
+        except (OSError, ValueError):
+            holder = {}
+        if isinstance(holder, dict) and holder.get("pid"):
+            break
+        time.sleep(0.05)
+    if not isinstance(holder, dict) or not holder.get("pid"):
+        return "a job that has not said which (its lock file is empty)"
+    text = f"pid {holder['pid']} on {holder.get('host', '?')} since {holder.get('started_utc', '?')}"
+    if holder.get("command"):
+        text += f" ({holder['command']})"
+    theirs = holder.get("config")
+    if isinstance(theirs, dict):
+        diffs = [d.replace(": checkpoint ", ": there ").replace(", now ", ", here ")
+                 for d in _config_diff(theirs, config)]
+        text += (", settings differing from this job's: " + "; ".join(diffs)) if diffs else ", the same settings"
+    return text
+
+
+def lock_checkpoints(root: Path, config: dict[str, Any], command: str = "") -> CheckpointLock:
+    """Take the checkpoint folder ``root`` for this job, or refuse at once when another job has it.
+
+    Args:
+        root: the checkpoint folder (created if needed).
+        config: this job's checkpoint settings (see :func:`load_checkpoint`), written for the other job's message.
+        command: this job's command line, likewise.
+
+    Returns:
+        The lock, held until released or until the process ends.
+
+    Raises:
+        CheckpointError: another live job holds the folder; the message names its pid, host, start, command
+            and the settings that differ.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; one job per folder is then the user's to keep
+        logger.warning("%s: checkpoint folder not locked (no fcntl on this system)", root)
+        return CheckpointLock(root, None)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder_text(fd, root, config)
+        os.close(fd)
+        raise CheckpointError(f"{root}: in use by another job, {holder}; wait for it to finish, or give this job "
+                              "another --checkpoint-dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    me = {"pid": os.getpid(), "host": _host(), "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+          "command": command, "config": config}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+    return CheckpointLock(root, fd)
 
 
 def _write_manifest(folder: Path) -> None:
@@ -149,13 +282,17 @@ def save_checkpoint(root: Path, model: Any, optimizer: torch.optim.Optimizer, sc
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        WriteError: a file could not be written (a full disk, an I/O error); the temporary folder is removed
+            and the checkpoints before it are as they were.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(root)
     final = root / f"step-{progress.step:06d}"
-    tmp = root / f".{final.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # under the user's umask (mkdtemp would make it 0700)
+    tmp = root / f".{final.name}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(root)
+        tmp.mkdir()  # under the user's umask (mkdtemp would make it 0700)
         model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json (+ README.md)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card for the Hub: not part of a checkpoint
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM_FILE)
@@ -172,8 +309,10 @@ def save_checkpoint(root: Path, model: Any, optimizer: torch.optim.Optimizer, sc
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_write_failure(e):  # a full disk, an I/O error: named, nothing half left
+            raise write_error(final, e) from e
         raise
     others = [p for p in list_checkpoints(root) if p != final]
     for old in others[:max(len(others) - (keep - 1), 0)]:

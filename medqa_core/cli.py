@@ -47,13 +47,16 @@ logger = logging.getLogger("medqa_core")
 DEFAULTS = RunConfig()
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, remote_code: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=DEFAULTS.model.preset, choices=sorted(PRESETS),
                    help="random-weight Mistral architecture to generate (default: %(default)s)")
     g.add_argument("--model", metavar="PATH", help="local model folder (safetensors); overrides --preset")
     g.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.pt pickle weights (they can run code: only for folders you trust)")
+    if remote_code:  # (trace loads presets and folders without custom code only)
+        g.add_argument("--trust-remote-code", action="store_true",
+                       help="run a --model folder's own Python code (config.json auto_map); refused without it")
     g.add_argument("--seed", type=int, default=DEFAULTS.model.seed, help="preset weight seed (default: %(default)s)")
     g.add_argument("--quant", default=DEFAULTS.model.quant, choices=QUANT_MODES,
                    help="nf4 (QLoRA) or fp4: bitsandbytes 4-bit base; none: a base in the compute dtype "
@@ -148,7 +151,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lora-dropout", type=float, default=lc.dropout, help="(default: %(default)s)")
     t.add_argument("--lora-targets", default=",".join(lc.target_modules),
                    help="comma-separated module names, or all-linear (default: %(default)s)")
-    t.add_argument("--adapter-out", metavar="DIR", help="where to save the LoRA adapter (default: runs/adapters/TIME)")
+    t.add_argument("--adapter-out", metavar="DIR",
+                   help="where to save the LoRA adapter (default: runs/adapters/TIME-PID-RANDOM)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", metavar="DIR", help="write training checkpoints here (and at the end)")
     c.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
@@ -233,6 +237,11 @@ class ProgressBars:
         if done >= total:
             bar.close()
 
+    def close(self) -> None:
+        """End the bars a stopped phase left open, so that a line printed next starts a line of its own."""
+        for bar in self.bars.values():
+            bar.close()
+
 
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
     """Start this command again under torchrun (PyTorch's launcher), one process per device."""
@@ -260,11 +269,40 @@ def interrupted_line(failure: dict[str, Any], path: Any) -> str:
             f"what finished is saved in {path}")
 
 
+# Exit code of a job whose output could not be written (full disk, I/O error) after the work began.
+WRITE_FAILED = 5
+
+
+def write_failure_line(failure: dict[str, Any], path: Any) -> str:
+    """The one line printed when a checkpoint could not be written (``failure`` kind "write")."""
+    from medqa_core.files import size_text
+
+    free = "free space unknown" if failure.get("free_bytes") is None else f"{size_text(failure['free_bytes'])} free"
+    line = (f"medqa-parity: error: cannot write checkpoint {failure['path']} ({failure['message']}; {free} there) "
+            f"after step {failure.get('step')} of {failure.get('steps')}; training stopped")
+    if failure.get("adapter"):
+        line += f"; the finished fine-tune's adapter is saved in {failure['adapter']}"
+    elif failure.get("checkpoint"):
+        line += (f"; free space (or move the folder to a larger disk), then continue with --resume "
+                 f"{Path(failure['checkpoint']).parent} (newest checkpoint {Path(failure['checkpoint']).name})")
+    else:
+        line += "; no checkpoint was written: free space or give --checkpoint-dir another disk"
+    return f"{line}; what finished is saved in {path}"
+
+
+def _print_unsaved(record: Any) -> None:
+    """A record that could be saved nowhere: its figures, then the record itself as JSON, on stdout."""
+    from medqa_core.printout import summary_lines
+
+    print("\n".join(summary_lines(record, "(not saved: see below)")))
+    print(json.dumps(record.to_dict(), indent=1))
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.distributed import launched_by_torchrun
     from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
     from medqa_core.printout import summary_lines
-    from medqa_core.run import execute
+    from medqa_core.run import OutputWriteError, execute
     from medqa_core.sharded import check_sharding
 
     cfg = build_config(args)  # a bad setting fails here, once, not in each process torchrun would start
@@ -272,15 +310,30 @@ def cmd_execute(args: argparse.Namespace) -> int:
         checkpointing = bool(getattr(args, "checkpoint_dir", None) or getattr(args, "resume", None))
         check_sharding(cfg, args.command, args.nproc, checkpointing)
         return relaunch_with_torchrun(args.nproc, args.argv)
+    bars = ProgressBars()
     try:
         with StopOnSignals() as stop:  # SIGTERM/SIGINT: stop at the next step, checkpoint, save the record
             record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
-                                   adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
+                                   adapter_out=getattr(args, "adapter_out", None), progress=bars,
                                    checkpoint_dir=getattr(args, "checkpoint_dir", None),
-                                   resume=getattr(args, "resume", None), stop=stop)
+                                   resume=getattr(args, "resume", None), stop=stop,
+                                   trust_remote_code=args.trust_remote_code,
+                                   command=" ".join(["medqa-parity", *args.argv]))
     except Interrupted as e:  # a second signal, or one before anything could be saved
+        bars.close()
         print(f"medqa-parity: interrupted by {e.signal_name}; nothing was saved", file=sys.stderr)
         return e.exit_code
+    except OutputWriteError as e:  # the work is done; an output went elsewhere (or nowhere)
+        bars.close()
+        if e.saved_path is not None:
+            print("\n".join(summary_lines(e.record, e.saved_path)))
+            where = "" if any("the record" in p for p in e.problems) else f"; the record is saved in {e.saved_path}"
+        else:
+            _print_unsaved(e.record)
+            where = "; the record follows on stdout as JSON"
+        print(f"medqa-parity: error: {e}{where}", file=sys.stderr)
+        return WRITE_FAILED
+    bars.close()
     interrupted = record.failure is not None and record.failure.get("kind") == "interrupted"
     if path is None:  # a rank other than 0 under torchrun: rank 0 prints and saves
         return exit_code(record.failure["signal"]) if interrupted else 0
@@ -291,6 +344,9 @@ def cmd_execute(args: argparse.Namespace) -> int:
     if stop.requested() and not record.failure:
         print(f"medqa-parity: note: {stop.requested()} arrived after the last step; the job finished and its "
               f"record is saved in {path}", file=sys.stderr)
+    if record.failure and record.failure.get("kind") == "write":
+        print(write_failure_line(record.failure, path), file=sys.stderr)
+        return WRITE_FAILED
     if record.failure:
         print(f"medqa-parity: error: out of memory during {record.failure['phase']} "
               f"({record.failure['message']}); lower --batch-size, --eval-batch-size or --pack-len, or turn on "
@@ -421,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw, description="Score every question's four options (lm-evaluation-harness "
                                                         "medqa_4options) and save a run record.",
                        epilog=_examples("medqa-parity evaluate --eval-limit 100",
-                                        "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z"))
+                                        "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z-4242-1a2b3c"))
     _add_model_args(p)
     _add_data_args(p, train=False, evaluate=True)
     _add_eval_args(p)
@@ -436,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSON. (Formerly the 'profile' command, which still works.)",
                        epilog=_examples("medqa-parity trace --profile default,eager --steps 3",
                                         "medqa-parity trace --preset mistral-7b --profile capped+batch_size=16"))
-    _add_model_args(p)
+    _add_model_args(p, remote_code=False)
     _add_data_args(p, train=True, evaluate=False)
     _add_train_args(p)
     # --profile takes a comma-separated list here: each profile is traced in turn.
@@ -530,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, *_user_errors()) as e:
         print(f"medqa-parity: error: {e}", file=sys.stderr)
         return 2
+    except _write_errors() as e:  # a write outside a job's own handling (e.g. generating a preset)
+        print(f"medqa-parity: error: {e}", file=sys.stderr)
+        return WRITE_FAILED
     except KeyboardInterrupt:  # Ctrl-C outside a job's own handling (loading, report, gate)
         print("medqa-parity: interrupted by SIGINT", file=sys.stderr)
         return 130
@@ -551,8 +610,14 @@ USER_ERRORS = {
     "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
     "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
-    "medqa_core.sharded": "ShardError",
+    "medqa_core.sharded": "ShardError", "medqa_core.files": "OutputFolderError",
 }
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    """files.WriteError where medqa_core.files is imported (nothing is imported here, as for user errors)."""
+    cls = getattr(sys.modules.get("medqa_core.files"), "WriteError", None)
+    return (cls,) if isinstance(cls, type) else ()
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

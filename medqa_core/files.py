@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import secrets
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # safetensors' own cap on the JSON header (100 MB): a larger length field means the file is not safetensors.
 MAX_SAFETENSORS_HEADER = 100_000_000
@@ -137,3 +142,185 @@ def json_problem(path: Path) -> str | None:
     except (ValueError, RecursionError) as e:
         return f"unreadable JSON ({str(e)[:120]})"
     return None if isinstance(data, dict) else f"a JSON {type(data).__name__}, expected an object"
+
+
+# ---- output folders: checked before the work, writes that fail in one line ---------------------------
+
+# What an error during a write says when the disk or filesystem failed it. OSError carries an errno; safetensors
+# (SafetensorError) and torch.save (RuntimeError "[enforce fail at inline_container.cc] ... file write failed")
+# only say so in words.
+_WRITE_FAILURE_WORDS = ("No space left on device", "os error 28", "file write failed", "Input/output error",
+                        "Read-only file system", "Permission denied", "Disk quota exceeded", "File too large")
+
+
+class OutputFolderError(ValueError):
+    """An output folder cannot be used (a file is in the way, it cannot be created or written); found before
+    the work starts, so nothing is lost."""
+
+
+class WriteError(OSError):
+    """Writing an output failed part way (a full disk, an I/O error); what was half-written has been removed.
+
+    Attributes:
+        path: the file or folder being written.
+        reason: the error in words ("No space left on device").
+        free_bytes: free space on that filesystem after the failure (None where it cannot be read).
+    """
+
+    def __init__(self, path: Path, reason: str, free_bytes: int | None) -> None:
+        self.path, self.reason, self.free_bytes = Path(path), reason, free_bytes
+        super().__init__(f"cannot write {path}: {reason} ({free_text(path)} there)")
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or the nearest folder above it that exists (where its free space can be read)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem that holds (or would hold) ``path``, for an unprivileged writer."""
+    try:
+        return shutil.disk_usage(existing_ancestor(path)).free
+    except OSError:
+        return None
+
+
+def size_text(n: float) -> str:
+    """Bytes in binary units: "0 B", "12.0 KiB", "3.4 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_text(path: Path) -> str:
+    """E.g. "12.0 KiB free" (or "free space unknown") on the filesystem of ``path``."""
+    free = free_bytes(path)
+    return "free space unknown" if free is None else f"{size_text(free)} free"
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` says the filesystem refused or failed a write (not a bug in what was being written)."""
+    if isinstance(e, OSError):
+        return True
+    return any(word in str(e) for word in _WRITE_FAILURE_WORDS)
+
+
+def write_failure_reason(e: BaseException) -> str:
+    """The cause of a failed write in words: the OS's text where there is one, else the error's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for word in _WRITE_FAILURE_WORDS[:1] + _WRITE_FAILURE_WORDS[3:]:
+        if word in text:
+            return word
+    return (text.strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def write_error(path: Path, e: BaseException) -> WriteError:
+    """A :class:`WriteError` for a write of ``path`` that raised ``e`` (see :func:`is_write_failure`)."""
+    return WriteError(path, write_failure_reason(e), free_bytes(path))
+
+
+def new_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, innermost first."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each folder (innermost first) that is still empty: what a refused job created and left unused."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone: leave it
+            pass
+
+
+def probe_dir(path: Path, option: str) -> Path:
+    """Create ``path`` (and its parents) if needed and prove a file can be written in it, before any work.
+
+    A tiny file is created exclusively, written, fsynced and removed, so a read-only or full filesystem, a
+    missing permission or a file in the way shows now, not after hours of training.
+
+    Args:
+        path: the folder.
+        option: the command-line option that named it ("--results"), for the message.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputFolderError: naming the folder, what is wrong and what to do.
+    """
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == path else f"cannot be created: {blocker} is a file"
+        raise OutputFolderError(f"{path}: {what}, not a folder; give {option} a folder (new or existing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFolderError(f"{path}: cannot create the folder ({e.strerror}); give {option} a folder you "
+                                "can write") from e
+    probe = path / f".medqa-parity-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputFolderError(f"{path}: cannot write in the folder ({e.strerror}; {free_text(path)}); give "
+                                f"{option} a folder you can write, or free space there") from e
+    finally:
+        try:
+            probe.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            logger.warning("could not remove the write probe %s", probe)
+    return path
+
+
+def unique_name(stem: str) -> str:
+    """``stem`` with this process's id and a random suffix: two jobs started in the same second never share it."""
+    return f"{stem}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that id runs on this host (a zombie or another user's process counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_room(needs: list[tuple[Path, int, str]]) -> None:
+    """Refuse before the work when a filesystem has less free space than the outputs bound for it need.
+
+    Args:
+        needs: (folder, bytes it will need, option that named it) per output; folders on one filesystem add up.
+
+    Raises:
+        OutputFolderError: naming each option, the free space and the space needed.
+    """
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, need, option in needs:
+        by_device.setdefault(os.stat(existing_ancestor(folder)).st_dev, []).append((folder, need, option))
+    for group in by_device.values():
+        free, need = free_bytes(group[0][0]), sum(n for _, n, _ in group)
+        if free is not None and free < need:
+            names = " and ".join(f"{option} {folder}" for folder, _, option in group)
+            raise OutputFolderError(f"{names}: {size_text(free)} free, the job's outputs need about "
+                                    f"{size_text(need)}; free space there or give {group[0][2]} another disk")

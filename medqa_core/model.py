@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +22,18 @@ import torch
 from packaging.version import Version
 
 from medqa_core.config import PRESET_COMMON, PRESETS, LoraSettings, ModelConfig
-from medqa_core.files import apply_umask, json_problem, safetensors_tensors
+from medqa_core.files import (
+    apply_umask,
+    fsync_dir,
+    fsync_file,
+    is_write_failure,
+    json_problem,
+    new_folders,
+    remove_if_empty,
+    safetensors_tensors,
+    unique_name,
+    write_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +143,31 @@ def preset_dir(name: str, seed: int) -> Path:
     return folder
 
 
-def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
+def remote_code(folder: Path) -> list[str]:
+    """The custom code a model folder asks transformers to run: its config.json's ``auto_map`` entries, and
+    tokenizer_config.json's (e.g. ``AutoModelForCausalLM -> modeling_x.XModel``)."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # missing or broken: check_model_dir names a broken one
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict):
+            found += [f"{name}: {k} -> {v if isinstance(v, str) else ', '.join(map(str, v))}"
+                      for k, v in auto_map.items()]
+        elif auto_map:
+            found.append(f"{name}: auto_map {auto_map!r}")
+    return found
+
+
+def check_model_dir(path: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Validate a local model folder before transformers sees it.
 
     Raises:
         ModelLoadError: no such folder, no config.json, no weights, pickle-only weights without
-            ``allow_pickle``, or a damaged file (broken JSON, a safetensors file shorter or longer than its
-            header says); the message names the file.
+            ``allow_pickle``, custom code (``auto_map``) without ``trust_remote_code``, or a damaged file
+            (broken JSON, a safetensors file shorter or longer than its header says); the message names the file.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -148,6 +179,11 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
         problem = json_problem(folder / name) if (folder / name).exists() else None
         if problem:
             raise ModelLoadError(f"{folder / name}: {problem}; the model folder is damaged")
+    code = remote_code(folder)
+    if code and not trust_remote_code:
+        raise ModelLoadError(f"{folder}: auto_map asks to run the folder's own code ({'; '.join(code)}); "
+                             "without --trust-remote-code only transformers' built-in classes run. Remove auto_map to "
+                             "use the built-in class, or pass --trust-remote-code if you trust this folder's code")
     weights = sorted(folder.glob("*.safetensors"))
     for weight in weights:
         try:
@@ -165,12 +201,20 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     return folder
 
 
-def resolve_model_dir(cfg: ModelConfig) -> Path:
+def resolve_model_dir(cfg: ModelConfig, trust_remote_code: bool = False) -> Path:
     """The folder a model config names: the user's ``path`` (checked) or the preset's (generated on first use)."""
-    return check_model_dir(cfg.path, cfg.allow_pickle) if cfg.path else preset_dir(str(cfg.preset), cfg.seed)
+    if cfg.path:
+        return check_model_dir(cfg.path, cfg.allow_pickle, trust_remote_code)
+    return preset_dir(str(cfg.preset), cfg.seed)
 
 
-def load_tokenizer(folder: Path) -> Any:
+def error_text(e: BaseException, limit: int = 400) -> str:
+    """An error's whole message on one line (its lines joined), cut at a word only past ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     """The folder's tokenizer, with a pad token.
 
     Raises:
@@ -178,17 +222,19 @@ def load_tokenizer(folder: Path) -> Any:
     """
     from transformers import AutoTokenizer
 
+    files = sorted(p.name for p in folder.glob("tokenizer*"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json); "
+                             "copy the model's tokenizer files into the folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # tokenizers, sentencepiece and protobuf each raise their own types
         from medqa_core.timing import is_oom
 
         if is_oom(e):
             raise
-        files = sorted(p.name for p in folder.glob("tokenizer*")) or ["no tokenizer.json or tokenizer.model"]
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelLoadError(f"{folder}: the tokenizer does not load ({', '.join(files)}): "
-                             f"{type(e).__name__}: {first}") from e
+                             f"{type(e).__name__}: {error_text(e)}") from e
     if tokenizer.pad_token_id is None:
         # Pads are never attended to (right padding) nor scored, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -206,8 +252,15 @@ def _check_bnb(device: torch.device) -> None:
                              f"{MIN_BNB_ROCM}; upgrade bitsandbytes")
 
 
+def _pickle_refused(e: BaseException) -> str:
+    """What torch's safe loader said about pickle weights, without its advice to turn the safety off."""
+    text = " ".join(str(e).split())
+    detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+    return detail[:200] or type(e).__name__
+
+
 def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, attn_implementation: str,
-                    compute_dtype: torch.dtype) -> Any:
+                    compute_dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
     """The frozen base model on ``device``: 4-bit (NF4 or FP4, bitsandbytes) or plain, in ``compute_dtype``.
 
     Non-quantized weights (embeddings, norms, LM head; everything with ``--quant none``) load in
@@ -220,7 +273,7 @@ def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, att
 
     kwargs: dict[str, Any] = dict(
         dtype=compute_dtype, attn_implementation=attn_implementation, device_map={"": device},
-        trust_remote_code=False, use_safetensors=not cfg.allow_pickle or None,
+        trust_remote_code=trust_remote_code, use_safetensors=not cfg.allow_pickle or None,
     )
     if cfg.quant != "none":
         _check_bnb(device)
@@ -232,6 +285,11 @@ def load_base_model(model_dir: Path, cfg: ModelConfig, device: torch.device, att
 
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as e:  # --allow-pickle: torch.load(weights_only=True) said no
+        pickles = ", ".join(sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES))
+        raise ModelLoadError(f"{model_dir}: cannot load the pickle weights ({pickles}): torch's safe loader "
+                             f"refused them ({_pickle_refused(e)}); they may hold code or be damaged. Convert a "
+                             "trusted copy to safetensors") from e
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{model_dir}: cannot load model: {first}") from e
@@ -429,14 +487,38 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
 
 
 def save_adapter(model: Any, adapter_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the LoRA weights (safetensors) and adapter_config.json.
+    """Write the LoRA weights (safetensors) and adapter_config.json (and peft's README.md) into ``adapter_dir``.
+
+    They are written into a temporary folder beside it and fsynced, then moved in: a write that fails (a
+    full disk) leaves no half adapter, and the folder as it was.
 
     Args:
         state_dict: the weights to write by parameter name (e.g. gathered from shards); None: the model's own.
+
+    Raises:
+        WriteError: the adapter could not be written (naming the folder and the free space); nothing is left.
     """
     adapter_dir = Path(adapter_dir)
-    model.save_pretrained(adapter_dir, state_dict=state_dict)  # peft writes adapter_model.safetensors by default
-    apply_umask(adapter_dir / "adapter_model.safetensors")  # safetensors writes 0600
+    tmp = adapter_dir.parent / f".{unique_name(adapter_dir.name)}.tmp"
+    created = new_folders(adapter_dir)
+    try:
+        adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # under the user's umask
+        model.save_pretrained(tmp, state_dict=state_dict)  # peft writes adapter_model.safetensors by default
+        apply_umask(tmp / "adapter_model.safetensors")  # safetensors writes 0600
+        for path in tmp.iterdir():
+            fsync_file(path)
+        adapter_dir.mkdir(exist_ok=True)
+        for path in tmp.iterdir():  # renames within one folder's parent: no new space needed
+            os.replace(path, adapter_dir / path.name)
+        fsync_dir(adapter_dir)
+    except BaseException as e:  # a signal mid-write too: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(created)
+        if isinstance(e, Exception) and is_write_failure(e):
+            raise write_error(adapter_dir, e) from e
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # empty by now
     return adapter_dir
 
 

@@ -24,8 +24,10 @@ Fields of a record (units in names):
     failure          null, or what stopped the job, with the phase it stopped in and a message:
                      kind "oom" (memory_allocated_gib, peak_mem_gib at the time) or kind "interrupted"
                      (signal "SIGTERM"/"SIGINT", step and steps of training done and asked for, the
-                     checkpoint written on the way out or null); the phases that finished before it
-                     keep their results.
+                     checkpoint written on the way out or null) or kind "write" (a checkpoint could not be
+                     written: path, message, free_bytes on its disk then, step and steps, the newest
+                     checkpoint that was written or null); the phases that finished before it keep their
+                     results.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medqa_core.files import fsync_dir
+from medqa_core.files import fsync_dir, is_write_failure, new_folders, remove_if_empty, write_error
 
 SCHEMA_VERSION = 1
 
@@ -158,18 +160,37 @@ class RunRecord:
         return dataclasses.asdict(self)
 
 
-def _eval_from_dict(d: dict[str, Any] | None) -> EvalResult | None:
+def _check_fields(cls: type, d: Any, where: str, part: str) -> None:
+    """``d`` (the record's ``part``) is an object holding every field of ``cls`` that has no default, and no other.
+
+    Raises:
+        RecordError: naming the file (``where``) and each field ("train.tokens_per_s").
+    """
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}: {part} is a JSON {type(d).__name__}, not an object")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise RecordError(f"{where}: missing {', '.join(f'{part}.{m}' for m in missing)}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise RecordError(f"{where}: unknown field {', '.join(f'{part}.{u}' for u in unknown)} (written by a newer "
+                          "medqa-parity?)")
+
+
+def _eval_from_dict(d: dict[str, Any] | None, where: str = "record", part: str = "eval") -> EvalResult | None:
     if d is None:
         return None
+    _check_fields(EvalResult, d, where, part)
     questions = tuple(QuestionResult(q["qid"], q["answer"], q["pred"], tuple(q["logprobs"])) for q in d["questions"])
     return EvalResult(**{**d, "accuracy_ci95": tuple(d["accuracy_ci95"]), "questions": questions})
 
 
-def _train_from_dict(d: dict[str, Any] | None) -> TrainResult | None:
+def _train_from_dict(d: dict[str, Any] | None, where: str = "record") -> TrainResult | None:
     if d is None:
         return None
-    if not isinstance(d, dict):
-        raise TypeError(f"train is a JSON {type(d).__name__}, not an object")
+    _check_fields(TrainResult, d, where, "train")
     ranks = {k: tuple(tuple(step) for step in d[k]) for k in ("rank_step_time_s", "rank_step_tokens") if d.get(k)}
     imbalance = d.get("step_imbalance")
     return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"]),
@@ -197,9 +218,9 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     try:
         return RunRecord(**{
             **{k: d[k] for k in names},
-            "train": _train_from_dict(d["train"]),
-            "eval_before": _eval_from_dict(d["eval_before"]),
-            "eval_after": _eval_from_dict(d["eval_after"]),
+            "train": _train_from_dict(d["train"], where),
+            "eval_before": _eval_from_dict(d["eval_before"], where, "eval_before"),
+            "eval_after": _eval_from_dict(d["eval_after"], where, "eval_after"),
             "notes": tuple(d["notes"]),
         })
     except (KeyError, TypeError) as e:
@@ -235,11 +256,16 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON so that a crash leaves the old file or the new one, never half of one.
 
     The file gets the user's umask (0644 by default), as ``open`` would give it.
+
+    Raises:
+        WriteError: the folder cannot be created or the file written (a full disk, an I/O error); no
+            temporary file, nor a folder created for it, is left behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask, unlike mkstemp's 0600
+    created = new_folders(path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask, unlike mkstemp's 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
             f.write("\n")
@@ -247,13 +273,23 @@ def write_json_atomic(path: Path, payload: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself survives a power cut
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the folder was never created
+            pass
+        remove_if_empty(created)
+        if isinstance(e, Exception) and is_write_failure(e):
+            raise write_error(path, e) from e
         raise
 
 
 def save_record(record: RunRecord, results_dir: str | Path) -> Path:
-    """Save ``record`` under ``results_dir`` with a fresh, unique name; returns its path."""
+    """Save ``record`` under ``results_dir`` with a fresh, unique name; returns its path.
+
+    Raises:
+        WriteError: it cannot be written (see :func:`write_json_atomic`).
+    """
     path = Path(results_dir) / record_filename(record)
     write_json_atomic(path, record.to_dict())
     return path

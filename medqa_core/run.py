@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from typing import Any
 import torch
 
 from medqa_core.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
-from medqa_core.checkpoint import check_resume
+from medqa_core.checkpoint import (
+    CheckpointError,
+    CheckpointLock,
+    CheckpointWriteError,
+    check_resume,
+    list_checkpoints,
+    lock_checkpoints,
+)
 from medqa_core.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
 from medqa_core.data import (
     MedQAItem,
@@ -26,9 +34,19 @@ from medqa_core.data import (
     has_split,
     load_medqa,
 )
-from medqa_core.distributed import barrier, init_distributed, shutdown
+from medqa_core.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from medqa_core.evaluate import evaluate
 from medqa_core.failure import OomFailure
+from medqa_core.files import (
+    WriteError,
+    check_room,
+    free_text,
+    new_folders,
+    probe_dir,
+    remove_if_empty,
+    size_text,
+    unique_name,
+)
 from medqa_core.fingerprint import machine_fingerprint, resolve_device
 from medqa_core.model import (
     QuantInfo,
@@ -39,6 +57,7 @@ from medqa_core.model import (
     load_tokenizer,
     preset_dir,
     quant_info,
+    remote_code,
     resolve_model_dir,
     save_adapter,
 )
@@ -100,14 +119,20 @@ def load_splits(cfg: DataConfig) -> Splits:
     )
 
 
-def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.device | None = None) -> Session:
-    """Load the base model (preset or folder), quantize it, attach LoRA (new or saved)."""
+def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.device | None = None,
+                 trust_remote_code: bool = False) -> Session:
+    """Load the base model (preset or folder), quantize it, attach LoRA (new or saved).
+
+    Args:
+        trust_remote_code: run a model folder's own code (its config.json ``auto_map``); refused otherwise.
+    """
     device = device or resolve_device(cfg.backend)
     attention = resolve_attention(cfg.model.attn)
     numerics = resolve_numerics(cfg.model.dtype, device)
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation, numerics.torch_dtype)
+    model_dir = resolve_model_dir(cfg.model, trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation, numerics.torch_dtype,
+                           trust_remote_code)
     quant = quant_info(base)
     if adapter_dir:
         model = load_adapter(base, adapter_dir)
@@ -204,9 +229,98 @@ def checkpoint_config(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(kept))
 
 
+DEFAULT_ADAPTERS = Path("runs") / "adapters"
+
+
+class OutputWriteError(WriteError):
+    """An output could not be written where asked (a full disk, an I/O error); the job's results were saved
+    elsewhere where possible. ``record`` is the job's record; ``path`` where it was saved (None: nowhere);
+    ``problems`` one sentence per output that failed, naming its path, the error, the free space and where it
+    went instead."""
+
+    def __init__(self, record: RunRecord, path: Path | None, problems: list[str], first: WriteError) -> None:
+        super().__init__(first.path, first.reason, first.free_bytes)
+        self.record, self.saved_path, self.problems = record, path, tuple(problems)
+        self.args = ("; ".join(problems),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def rescue_dir() -> Path:
+    """Where results go when their own folder cannot be written: ``<system temp>/medqa-parity-rescue``."""
+    return Path(tempfile.gettempdir()) / "medqa-parity-rescue"
+
+
+def check_outputs(kind: str, results_dir: str | Path, adapter_out: str | None, checkpoints: str | None,
+                  checkpoints_option: str) -> None:
+    """Before the model loads: each folder the job will write is a folder, can be created and takes a file.
+
+    Folders created for the probe are removed again: they appear when something is written in them, so a job
+    that stops before (a bad setting, a damaged model) leaves nothing behind.
+
+    Raises:
+        OutputFolderError: naming the folder, the option, what is wrong and what to do.
+    """
+    folders = [(Path(results_dir), "--results")]
+    if kind in ("run", "train"):
+        folders.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, "--adapter-out"))
+    if checkpoints is not None:
+        folders.append((Path(checkpoints), checkpoints_option))
+    created: list[Path] = []
+    try:
+        for folder, option in folders:
+            created = new_folders(folder) + created
+            probe_dir(folder, option)
+    finally:
+        remove_if_empty(created)
+
+
+def output_bytes(session: Session, kind: str, n_eval: int) -> tuple[int, int, int]:
+    """About how many bytes the (adapter, one checkpoint, record) of this job take on disk.
+
+    The adapter is the trainable weights as they are stored; a checkpoint adds AdamW's two moments (fp32) and
+    small files; a record holds about 300 bytes per scored question beside its settings.
+    """
+    trainable = [p for p in session.model.parameters() if p.requires_grad]
+    adapter = sum(p.numel() * p.element_size() for p in trainable) + (64 << 10)
+    checkpoint = adapter + sum(2 * 4 * p.numel() for p in trainable) + (64 << 10)
+    scored = n_eval * (2 if kind == "run" else 1) if kind != "train" else 0
+    return adapter, checkpoint, (128 << 10) + 300 * scored
+
+
+def _lock(root: Path | None, cfg: RunConfig, info: DistInfo, device: torch.device,
+          command: str) -> CheckpointLock | None:
+    """The checkpoint folder's lock, taken by rank 0; under torchrun every rank learns whether it was refused."""
+    if root is None:
+        return None
+    lock, refused = None, None
+    if info.is_main:
+        try:
+            lock = lock_checkpoints(root, checkpoint_config(cfg), command)
+        except CheckpointError as e:
+            refused = e
+    if info.enabled:
+        flag = torch.tensor([1.0 if refused else 0.0], device=device)
+        if all_reduce_sum(flag).item() and refused is None:
+            raise CheckpointError(f"{root}: in use by another job (rank 0 names it)")
+    if refused is not None:
+        raise refused
+    return lock
+
+
+def _saved_elsewhere(what: str, e: WriteError, instead: Path | None, second: WriteError | None) -> str:
+    """One sentence on an output that could not be written where asked, and where it went."""
+    text = f"cannot write {what} to {e.path} ({e.reason}; {free_text(e.path)} there)"
+    if instead is not None:
+        return f"{text}; saved in {instead} instead"
+    return f"{text}; not saved elsewhere either ({second.path}: {second.reason})" if second else text
+
+
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
             progress: Progress | None = None, checkpoint_dir: str | None = None,
-            resume: str | None = None, stop: StopOnSignals | None = None) -> tuple[RunRecord, Path | None]:
+            resume: str | None = None, stop: StopOnSignals | None = None, trust_remote_code: bool = False,
+            command: str = "") -> tuple[RunRecord, Path | None]:
     """Run one job and save its record.
 
     Args:
@@ -219,13 +333,21 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         resume: a checkpoint folder to continue training from (checkpoints keep going there).
         stop: signal handlers (see ``preemption``); on SIGTERM/SIGINT the job stops at the next training
             step or scoring batch, checkpoints, and saves the record with ``failure`` kind "interrupted".
+        trust_remote_code: let a model folder's own code run (config.json ``auto_map``); refused otherwise.
+        command: the command line, written into the checkpoint folder's lock for another job's message.
 
     Returns:
         The record and the path it was saved to (None on ranks other than 0, which write nothing).
 
     Raises:
-        CheckpointError: ``resume`` cannot be used (checked before the model loads).
+        CheckpointError: ``resume`` cannot be used, or another job holds the checkpoint folder (checked before
+            the model loads).
         MedQADataError: a question is too long to fit (checked before the model loads).
+        OutputFolderError: an output folder cannot be created or written (before the model loads), or its disk
+            has less room than the outputs need (after it loads, before any scoring or training).
+        OutputWriteError: an output could not be written (a full disk, an I/O error) after the work; what could
+            be saved was saved (e.g. in :func:`rescue_dir`), and the error holds the record. A checkpoint that
+            cannot be written stops training: the record then has ``failure`` kind "write".
     """
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
@@ -241,6 +363,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         check_trainable(resolve_attention(cfg.train.attn), device)
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
+    ckpt = (resume or checkpoint_dir) if trains else None
+    check_outputs(kind, cfg.results_dir, adapter_out, ckpt, "--resume" if resume else "--checkpoint-dir")
     info = init_distributed(device.type)
     if info.enabled:
         if device.type == "cuda":
@@ -248,8 +372,42 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if info.local_rank == 0 and not cfg.model.path:
             preset_dir(str(cfg.model.preset), cfg.model.seed)  # once per host (each has its own cache), not per rank
         barrier()
-    check_sharding(cfg, kind, info.world_size, checkpointing=bool(checkpoint_dir or resume))
-    session = load_session(cfg, adapter_dir=adapter_dir, device=device)
+    check_sharding(cfg, kind, info.world_size, checkpointing=bool(ckpt))
+    lock = _lock(Path(ckpt) if ckpt else None, cfg, info, device, command)
+    try:
+        return _execute_locked(cfg, kind, adapter_dir, adapter_out, progress, ckpt, resume, stop,
+                               trust_remote_code, device, info, splits, started, profile_chosen_by)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
+                    progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
+                    trust_remote_code: bool, device: torch.device, info: DistInfo, splits: Splits,
+                    started: float, profile_chosen_by: str | None) -> tuple[RunRecord, Path | None]:
+    """:func:`execute` from loading the model on, with the checkpoint folder (if any) held."""
+    trains = kind in ("run", "train")
+    notes = list(splits.notes if kind != "evaluate" else ())
+    session = load_session(cfg, adapter_dir=adapter_dir, device=device, trust_remote_code=trust_remote_code)
+    if info.is_main:  # before any scoring or training: room for what the job will write
+        adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
+        needs = [(Path(cfg.results_dir), record_b, "--results")]
+        if trains:
+            needs.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, adapter_b, "--adapter-out"))
+        if ckpt:
+            # At its fullest the folder holds --keep-checkpoints of them and the one being written; those there
+            # already take their room.
+            every, n_steps = cfg.train.checkpoint_every, total_steps(len(splits.train), cfg.train)
+            held = min(len(list_checkpoints(Path(ckpt))), cfg.train.keep_checkpoints)
+            peak = min(cfg.train.keep_checkpoints + 1, held + (n_steps // every if every else 0) + 1)
+            needs.append((Path(ckpt), max(peak - held, 1) * checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
+        check_room(needs)
+        logger.debug("outputs: adapter about %s, a checkpoint about %s, the record about %s", size_text(adapter_b),
+                     size_text(checkpoint_b), size_text(record_b))
+    custom = remote_code(session.model_dir) if trust_remote_code and cfg.model.path else []
+    if custom:
+        notes.append(f"--trust-remote-code: the model folder's own code ran ({'; '.join(custom)})")
     model_info = _model_info(session)  # before any sharding: a sharded weight counts only this rank's slice
     if cfg.train.shard == "fsdp":
         shard_model(session.model, device)
@@ -265,6 +423,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     tok, device, attention = session.tokenizer, session.device, session.attention
     results: dict[str, Any] = {"eval_before": None, "train": None, "eval_after": None}
     saved_adapter, failure = None, None
+    problems: list[str] = []  # outputs written elsewhere than asked (OutputWriteError)
+    first_error: WriteError | None = None
     phase = "evaluate (before)"
     try:
         if stop is not None and stop.requested():  # a signal while the model loaded
@@ -279,18 +439,29 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         if kind in ("run", "train"):
             phase = "fine-tune"
             examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
-            ckpt = resume or checkpoint_dir
             results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
                                      session.numerics, _bar(progress, phase),
                                      checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
                                      dist_info=info, stop=stop.requested if stop is not None else None)
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            # The time, this process and a random suffix: two jobs started in the same second never share it.
+            target = Path(adapter_out) if adapter_out else \
+                DEFAULT_ADAPTERS / unique_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
             # Sharded LoRA weights are gathered whole first: a collective, so every rank takes part.
             state = full_trainable_state(session.model) if is_sharded(session.model) else None
             if info.is_main:
-                saved_adapter = str(save_adapter(session.model, adapter_out or Path("runs") / "adapters" / stamp,
-                                                 state))
+                try:
+                    saved_adapter = str(save_adapter(session.model, target, state))
+                except WriteError as e:  # the fine-tune is done: keep it, elsewhere, and say so
+                    first_error = first_error or e
+                    instead, second = rescue_dir() / unique_name(target.name), None
+                    try:
+                        saved_adapter = str(save_adapter(session.model, instead, state))
+                    except WriteError as e2:
+                        instead, second = None, e2
+                    problems.append(_saved_elsewhere("the adapter", e, instead, second))
+                    notes.append(problems[-1])
+                    logger.error("%s", problems[-1])
             lap("train")
             compile_s = (results["train"].compile or {}).get("warmup_s", 0.0)
             phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
@@ -303,6 +474,22 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     except Interrupted as e:  # a result too: what finished is kept, training continues with --resume
         failure = e.as_failure(phase)
         logger.warning("%s during %s", e, phase)
+    except CheckpointWriteError as e:  # training stops; the checkpoints before it stand
+        newest = list_checkpoints(Path(ckpt))[-1:] if ckpt else []
+        failure = {"kind": "write", "phase": phase, "path": str(e.path), "message": e.reason,
+                   "free_bytes": e.free_bytes, "step": e.step, "steps": e.steps,
+                   "checkpoint": str(newest[0]) if newest else None, "adapter": None}
+        logger.error("%s during %s", e, phase)
+        if e.step == e.steps and info.is_main and not is_sharded(session.model):
+            # The last step's checkpoint: the fine-tune itself finished, so its adapter is kept.
+            target = Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS / unique_name(
+                datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+            for folder in (target, rescue_dir() / unique_name(target.name)):
+                try:
+                    failure["adapter"] = saved_adapter = str(save_adapter(session.model, folder))
+                    break
+                except WriteError as e2:
+                    logger.error("%s", e2)
     except Exception as e:
         if not is_oom(e):
             raise
@@ -319,13 +506,28 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
                    "attn_implementation": attention.attn_implementation},
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
         adapter_dir=saved_adapter or adapter_dir, numerics=session.numerics.as_dict(),
-        notes=_notes(session, splits.notes if kind != "evaluate" else ()),
+        notes=_notes(session, tuple(notes)),
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "score_after") if k in phases},
         profile=profile_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
         if trains else None,
     )
-    path = save_record(record, cfg.results_dir) if info.is_main else None
+    path = None
+    if info.is_main:
+        try:
+            path = save_record(record, cfg.results_dir)
+        except WriteError as e:
+            first_error = first_error or e
+            second = None
+            try:
+                path = save_record(record, rescue_dir())
+            except WriteError as e2:
+                second = e2
+            problems.append(_saved_elsewhere("the record", e, path, second))
+            logger.error("%s", problems[-1])
     barrier()
     shutdown()
+    if problems:
+        assert first_error is not None
+        raise OutputWriteError(record, path, problems, first_error)
     return record, path

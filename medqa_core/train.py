@@ -25,7 +25,13 @@ from medqa_core.attention import (
     resolve_attention,
     switch_attention,
 )
-from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
+from medqa_core.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    TrainProgress,
+    load_checkpoint,
+    save_checkpoint,
+)
 from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
@@ -38,6 +44,7 @@ from medqa_core.distributed import (
     gather_step,
     measure_all_reduce_s,
 )
+from medqa_core.files import WriteError
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
 from medqa_core.model import set_checkpointing, set_lora_dropout
 from medqa_core.numerics import Numerics, autocast
@@ -371,6 +378,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     Raises:
         CheckpointError: ``resume`` without a usable checkpoint.
         Interrupted: ``stop`` asked to stop before the last step.
+        CheckpointWriteError: a checkpoint could not be written (its step and the run's steps in it).
         FloatingPointError: the loss became NaN or infinite.
     """
     info = dist_info or DistInfo()
@@ -440,8 +448,11 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
                 progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens),
                                              tuple(rank_times) if info.enabled else (),
                                              tuple(rank_tokens) if info.enabled else ())
-                saved = save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, progress_now,
-                                        config, cfg.keep_checkpoints)
+                try:
+                    saved = save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler,
+                                            progress_now, config, cfg.keep_checkpoints)
+                except WriteError as e:
+                    raise CheckpointWriteError(e, done, n_steps) from e
             if stopping and done < n_steps:
                 raise Interrupted(stopping, done, n_steps, str(saved) if saved else None)
     finally:

@@ -616,3 +616,111 @@ def test_no_user_error_handling_imports_a_module(monkeypatch):
     names = {cls.__name__ for cls in cli._user_errors()}
     assert "CheckpointError" in names and "GateError" not in names and "ReportError" not in names
     assert "medqa_core.gate" not in sys.modules and "medqa_core.summary" not in sys.modules
+
+
+# ---- folders that ask to run code, pickle that will not load, whole messages (issue 27) --------------------
+
+
+def _evaluate(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--backend", "cpu", "--model", str(model), "--eval-limit", "2",
+            "--results", str(tmp_path / "results"), *extra]
+
+
+def test_a_folder_with_auto_map_is_refused_unless_remote_code_is_allowed(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(_evaluate(model, tmp_path)) == 2
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert line.startswith(f"medqa-parity: error: {model}: auto_map asks to run the folder's own code "
+                           "(config.json: AutoModelForCausalLM -> modeling_x.XModel)")
+    assert "--trust-remote-code" in line and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+    # Allowed: the folder's own class loads, and the record says so.
+    (model / "modeling_x.py").write_text(textwrap.dedent("""
+        from transformers import MistralForCausalLM
+
+
+        class XModel(MistralForCausalLM):
+            pass
+    """))
+    assert main(_evaluate(model, tmp_path, "--trust-remote-code")) == 0
+    (path,) = (tmp_path / "results").glob("*.json")
+    assert ("--trust-remote-code: the model folder's own code ran (config.json: AutoModelForCausalLM -> "
+            "modeling_x.XModel)") in load_record(path).notes
+
+
+def test_pickle_weights_that_torch_refuses_are_one_line_and_never_run(tiny_model_dir, tmp_path, capsys):
+    model, marker = tmp_path / "model", tmp_path / "pwned"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").unlink()
+
+    class Payload:  # what a malicious checkpoint holds: a call made while unpickling
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    assert main(_evaluate(model, tmp_path, "--allow-pickle")) == 2
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert line.startswith(f"medqa-parity: error: {model}: cannot load the pickle weights (pytorch_model.bin): "
+                           "torch's safe loader refused them (")
+    assert line.endswith("they may hold code or be damaged. Convert a trusted copy to safetensors")
+    assert "Traceback" not in err and not marker.exists()
+
+
+def test_a_missing_tokenizer_is_a_whole_message(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for path in model.glob("tokenizer*"):
+        path.unlink()
+    (model / "special_tokens_map.json").unlink(missing_ok=True)
+    assert main(_evaluate(model, tmp_path)) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line == (f"medqa-parity: error: {model}: no tokenizer (no tokenizer.json, tokenizer.model or "
+                    "tokenizer_config.json); copy the model's tokenizer files into the folder")
+
+
+def test_a_tokenizer_error_of_several_lines_is_kept_whole(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for path in model.glob("tokenizer*"):
+        path.unlink()
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
+    assert main(_evaluate(model, tmp_path)) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line.startswith(f"medqa-parity: error: {model}: the tokenizer does not load (tokenizer_config.json): ")
+    assert not line.rstrip().endswith(":"), line  # transformers' list of what it tried is not cut off
+
+
+def test_a_malformed_line_past_the_train_limit_stops_the_run(tmp_path, capsys):
+    data = tmp_path / "medqa"
+    data.mkdir()
+    write_jsonl(data / "dev.jsonl", [QUESTION] * 3 + ['{"question": "broken"'])
+    write_jsonl(data / "test.jsonl", [QUESTION])
+    code = main(["train", "--backend", "cpu", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                 "--train-limit", "2", "--results", str(tmp_path / "results")])
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert code == 2 and line.startswith(f"medqa-parity: error: {data / 'dev.jsonl'}:4: broken JSON")
+    assert len(load_medqa(write_jsonl(tmp_path / "ok.jsonl", [QUESTION] * 3), limit=2)) == 2
+
+
+@pytest.mark.parametrize(("part", "field"), [("train", "tokens_per_s"), ("eval_after", "accuracy")])
+def test_a_record_missing_a_field_names_it(tmp_path, part, field):
+    from test_record import make_record
+
+    from medqa_core.record import RecordError
+
+    path = save_record(make_record(), tmp_path)
+    d = json.loads(path.read_text())
+    assert d[part] is not None
+    del d[part][field]
+    path.write_text(json.dumps(d))
+    with pytest.raises(RecordError) as e:
+        load_record(path)
+    assert str(e.value) == f"{path}: missing {part}.{field}"
