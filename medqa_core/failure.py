@@ -1,4 +1,5 @@
-"""What stopped a job or a bench case: one typed out-of-memory failure, the same in both kinds of file.
+"""What stopped a job or a bench case: one typed failure (out of memory, a failed write, a signal), the same in
+both kinds of file.
 
 A run record keeps it under ``failure``; a bench case under ``extra_info["oom"]``. Both are written
 with :meth:`OomFailure.to_dict` and read with :meth:`OomFailure.from_dict`, so readers never look for
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 OOM = "oom"
+# What stops a job: out of memory; a write that failed (full disk, I/O error: run.py); a signal (preemption.py).
+FAILURE_KINDS = (OOM, "write", "interrupted")
 
 
 class FailureError(ValueError):
@@ -21,7 +24,8 @@ class FailureError(ValueError):
 
 @dataclass(frozen=True)
 class OomFailure:
-    """An out-of-memory error, with the memory in use when it happened.
+    """What stopped a job: an out-of-memory error with the memory in use when it happened, a failed write, or a
+    signal. Bench cases only ever record out of memory.
 
     Attributes:
         phase: what was running ("fine-tune", "evaluate (before)", "timed round 3", ...).
@@ -29,7 +33,7 @@ class OomFailure:
         memory_allocated_gib: device memory allocated at the time; None on CPU.
         peak_mem_gib: device peak since the last reset; None on CPU.
         host_rss_gib: host resident memory at the time, where measured.
-        kind: always "oom" (kept in the file so a reader tells failures apart).
+        kind: one of FAILURE_KINDS (kept in the file so a reader tells failures apart).
     """
 
     phase: str
@@ -40,13 +44,14 @@ class OomFailure:
     kind: str = OOM
 
     def __post_init__(self) -> None:
-        if self.kind != OOM:
-            raise FailureError(f"failure kind {self.kind!r}: only {OOM!r} is known")
+        if self.kind not in FAILURE_KINDS:
+            raise FailureError(f"failure kind {self.kind!r}: known kinds are {', '.join(FAILURE_KINDS)}")
 
     @property
     def text(self) -> str:
         """E.g. "out of memory during fine-tune (CUDA out of memory. Tried to allocate ...)"."""
-        return f"out of memory during {self.phase} ({self.message})"
+        what = {OOM: "out of memory", "write": "a write failed", "interrupted": "interrupted"}[self.kind]
+        return f"{what} during {self.phase} ({self.message})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +78,9 @@ class OomFailure:
         message = d.get("message", d.get("error"))  # schema 1 readers looked for "error"
         if not isinstance(phase, str) or not isinstance(message, str):
             raise FailureError(f"{where}: phase {phase!r} and message {message!r} must be text")
+        kind = str(d.get("kind", OOM))
+        if kind not in FAILURE_KINDS:
+            raise FailureError(f"{where}: failure kind {kind!r}: known kinds are {', '.join(FAILURE_KINDS)}")
         figures: dict[str, float | None] = {}
         for key in ("memory_allocated_gib", "peak_mem_gib", "host_rss_gib"):
             value = d.get(key)
@@ -80,4 +88,4 @@ class OomFailure:
                                       or not math.isfinite(value)):
                 raise FailureError(f"{where}: {key} = {value!r} is not a finite number of GiB")
             figures[key] = None if value is None else float(value)
-        return cls(phase=phase, message=message, kind=str(d.get("kind", OOM)), **figures)
+        return cls(phase=phase, message=message, kind=kind, **figures)

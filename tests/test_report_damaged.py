@@ -97,3 +97,16 @@ def test_nf4_against_no_quantization_claims_no_same_weights_and_prints_no_blocks
     # The settings section still shows how far the base model's scores moved.
     section = md.split("## What the settings alone change")[1].split("\n## ")[0]
     assert "method: bnb-nf4 vs none: base: log-probabilities |diff| mean" in section
+
+
+@pytest.mark.parametrize(("failure", "said"), [
+    ({"kind": "write", "phase": "fine-tune, step 3", "path": "/full/ckpt", "message": "No space left on device"},
+     "a write failed during fine-tune, step 3"),
+    ({"kind": "interrupted", "signal": "SIGTERM", "phase": "fine-tune, step 9", "message": "stopped by SIGTERM"},
+     "interrupted during fine-tune, step 9")])
+def test_a_job_stopped_by_a_failed_write_or_a_signal_is_reported_as_stopped(tmp_path, failure, said):
+    # run.py saves failure kind "write" (full disk) and preemption.py kind "interrupted": both read, not refused.
+    candidate = _damaged(tmp_path, lambda d: d.__setitem__("failure", failure))
+    done = _report(tmp_path, RECORD, candidate)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert said in (tmp_path / "out" / "report.md").read_text()

@@ -346,7 +346,8 @@ def summarize_record(record: RunRecord, path: str) -> RunSummary:
         quantization=quantization, fingerprint=fp, metrics=_record_metrics(record),
         phases=phases, loss_per_step=record.train.loss_per_step if record.train else (),
         adapter_dir=record.adapter_dir, schema=f"run record schema {record.schema_version}",
-        created=record.created_utc, notes=record.notes, settings=record_settings(record), oom=oom,
+        created=record.created_utc, settings=record_settings(record), oom=oom,
+        notes=(*record.notes, *((f"the job stopped: {oom.text}",) if oom else ())),
         invalid=record_invalid(record, path),
     )
 
