@@ -1,4 +1,4 @@
-"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / gate.
+"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / compare / gate.
 
 The only home of logging setup and progress bars; everything else is library code. ``--profile``
 names training settings everywhere; the subcommand that traces a train step is ``trace`` (``profile``,
@@ -405,6 +405,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from medqa_core.report.machine import compare_machine, comparison_lines, newest_record
+
+    mine = Path(args.record)
+    if mine.is_dir() or mine.suffix != ".json":  # a folder, or one not made yet: "no run record in ..."
+        mine = newest_record(mine)
+    print("\n".join(comparison_lines(compare_machine(mine, args.committed or committed_records_dir(),
+                                                        margin_pp=args.margin))))
+    return 0
+
+
+def committed_records_dir() -> Path:
+    """The committed run records: results/runs of the working directory, else of the checkout this package runs
+    from (an editable install run elsewhere)."""
+    here = Path("results/runs")
+    if here.is_dir():
+        return here
+    import medqa_core
+
+    return Path(medqa_core.__file__).resolve().parent.parent / "results" / "runs"
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     import os
 
@@ -441,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medqa-parity", formatter_class=raw,
         description="QLoRA fine-tuning and MedQA evaluation benchmarks, the same on CUDA, ROCm and CPU.",
         epilog=_examples("medqa-parity run                       # the tiny preset on the bundled subset",
+                         "medqa-parity compare                   # your newest run beside the committed machines",
                          "medqa-parity report A.json B.json --out report/",
                          "medqa-parity gate --baseline base.json --candidate new.json"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -526,6 +549,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("compare", help="how does my machine compare? your newest run beside the committed ones",
+                       formatter_class=raw,
+                       description="Set your run record (default: the newest in runs/records) beside the committed "
+                                   "records (results/runs) of the same model, kind and questions on other hardware, "
+                                   "one per machine, and print what `medqa-parity report` concludes: the parity "
+                                   "verdict with its findings, and every figure with its ratio to your run.",
+                       epilog=_examples("medqa-parity run && medqa-parity compare",
+                                        "medqa-parity compare runs/records/20261205T101500Z_run_tiny_cpu_1a2b3c4d.json",
+                                        "medqa-parity compare --committed ~/medqa-parity/results/runs"))
+    p.add_argument("record", nargs="?", default=DEFAULTS.results_dir, metavar="RECORD",
+                   help="your run record, or a folder whose newest record is taken (default: %(default)s)")
+    p.add_argument("--committed", metavar="DIR",
+                   help="the committed records (default: results/runs here, else of the checkout installed)")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
+                   help="accuracy equivalence margin in percentage points (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
                        formatter_class=raw,
                        description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "

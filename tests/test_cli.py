@@ -11,7 +11,7 @@ from medqa_core.cli import build_parser, main
 from medqa_core.record import load_record
 
 
-@pytest.mark.parametrize("command", ["run", "train", "evaluate", "trace", "fingerprint", "report", "gate"])
+@pytest.mark.parametrize("command", ["run", "train", "evaluate", "trace", "fingerprint", "report", "compare", "gate"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
