@@ -12,6 +12,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -121,7 +122,9 @@ def _profile_help() -> str:
             "those that fits the card's memory, on CPU default")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, outputs: bool = True) -> None:
+    """The fine-tuning flags; ``outputs=False`` (trace) leaves out what only a saved fine-tune uses: the adapter,
+    checkpoints and torchrun processes."""
     t = p.add_argument_group("fine-tuning")
     tc = DEFAULTS.train
     t.add_argument("--epochs", type=float, default=tc.epochs, help="passes over the train split (default: %(default)s)")
@@ -151,6 +154,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lora-dropout", type=float, default=lc.dropout, help="(default: %(default)s)")
     t.add_argument("--lora-targets", default=",".join(lc.target_modules),
                    help="comma-separated module names, or all-linear (default: %(default)s)")
+    if not outputs:
+        return
     t.add_argument("--adapter-out", metavar="DIR",
                    help="where to save the LoRA adapter (default: runs/adapters/TIME-PID-RANDOM)")
     c = p.add_argument_group("checkpoints")
@@ -182,8 +187,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, loss_on=args.loss_on,
             gradient_checkpointing=args.gradient_checkpointing, seed=args.train_seed,
-            packing=args.packing, pack_len=args.pack_len, checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints, checkpoint_layers=args.checkpoint_layers, compile=args.compile,
+            packing=args.packing, pack_len=args.pack_len, checkpoint_every=getattr(args, "checkpoint_every", None),
+            keep_checkpoints=getattr(args, "keep_checkpoints", DEFAULTS.train.keep_checkpoints),
+            checkpoint_layers=args.checkpoint_layers, compile=args.compile,
             shard=getattr(args, "shard", DEFAULTS.train.shard),
         )
         if args.profile == AUTO_PROFILE or (args.profile is None and profile_flags_are_defaults(args, train)):
@@ -356,6 +362,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where `trace` saves by default: git-ignored (runs/), so that tracing leaves the checkout clean and the records
+# made after it are not marked git_dirty. Traces worth keeping are committed under results/profile/ by hand.
+TRACE_DIR = "runs/trace"
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -370,7 +381,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     for name, p in profiles.items():
         print(format_profile(f"{name} ({meta['settings'][name]['compile']['detail']})", p))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or f"results/profile/{stamp}_{cfg.model.name}_{meta['fingerprint'].get('backend', 'cpu')}.json"
+    out = args.out or f"{TRACE_DIR}/{stamp}_{cfg.model.name}_{meta['fingerprint'].get('backend', 'cpu')}.json"
     print(f"wrote {save_profiles(out, profiles, meta)}")
     return 0
 
@@ -517,12 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "medqa-parity trace --preset mistral-7b --profile capped+batch_size=16"))
     _add_model_args(p, remote_code=False)
     _add_data_args(p, train=True, evaluate=False)
-    _add_train_args(p)
+    _add_train_args(p, outputs=False)  # nothing is saved but the trace: no adapter, checkpoints or torchrun
     # --profile takes a comma-separated list here: each profile is traced in turn.
     p.add_argument("--profiles", dest="profile", help=argparse.SUPPRESS)  # the older name of --profile here
     p.add_argument("--steps", type=int, default=3, help="traced steps per profile (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="steps before tracing (default: %(default)s)")
-    p.add_argument("--out", metavar="FILE", help="JSON file (default: results/profile/TIME_MODEL_BACKEND.json)")
+    p.add_argument("--out", metavar="FILE", help=f"JSON file (default: {TRACE_DIR}/TIME_MODEL_BACKEND.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_trace)
     p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON", formatter_class=raw,
@@ -619,6 +630,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes' CPU backend would fetch a faster 4-bit kernel from the Hub (the `kernels` package); offline
     # that is never possible, and its warning on every run says nothing a user can act on.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # torch.profiler's C++ side (kineto: trace, and --attn flex's kernel probe) prints "USDT: ... profiler_start"
+    # lines at its default log level, read once when it first starts; 6 is above all of its levels. A
+    # KINETO_LOG_LEVEL of the user's own, or -v, keeps them.
+    if not args.verbose:
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     for name in ("transformers", "bitsandbytes", "peft", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:

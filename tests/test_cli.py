@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from medqa_core.cli import build_parser, main
+from medqa_core.cli import TRACE_DIR, build_parser, main
 from medqa_core.record import load_record
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", ["run", "train", "evaluate", "trace", "fingerprint", "report", "compare", "gate"])
@@ -43,18 +49,36 @@ def test_version_prints_and_exits_0(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("medqa-parity ")
 
 
-def test_profile_command_saves_where_the_time_goes(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "profile.json"
+def test_trace_saves_outside_the_tracked_tree_quietly(tiny_model_dir, tmp_path):
+    # A process of its own: the profiler's native log level is read once per process, at its first start.
     # "profile" and "--profiles" are the older names of "trace" and its "--profile"; both still work.
-    code = main(["profile", "--backend", "cpu", "--model", str(tiny_model_dir), "--train-limit", "8",
-                 "--profiles", "eager+batch_size=2", "--steps", "1", "--warmup", "0", "--out", str(out)])
-    assert code == 0
+    done = subprocess.run([sys.executable, "-m", "medqa_core.cli", "profile", "--backend", "cpu", "--model",
+                           str(tiny_model_dir), "--train-limit", "8", "--profiles", "eager+batch_size=2", "--steps",
+                           "1", "--warmup", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "USDT" not in done.stderr and "profiler_start" not in done.stderr  # kineto's lines, not ours
+    # By default under runs/ (git-ignored): tracing leaves the checkout clean, so later records are not git_dirty.
+    (out,) = (tmp_path / TRACE_DIR).glob("*.json")
+    assert f"wrote {Path(TRACE_DIR) / out.name}" in done.stdout
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{TRACE_DIR}/{out.name}"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{TRACE_DIR} is tracked by git"
     saved = json.loads(out.read_text())
     (profile,) = saved["profiles"].values()
     assert profile["tokens_per_step"] > 0 and profile["categories"]["matmul"] > 0
     assert saved["meta"]["settings"]["eager+batch_size=2"]["train"]["batch_size"] == 2
     assert saved["meta"]["fingerprint"]["backend"] == "cpu"
-    assert "eager+batch_size=2 (off)" in capsys.readouterr().out
+    assert "eager+batch_size=2 (off)" in done.stdout
+
+
+def test_trace_help_lists_only_the_flags_that_apply(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["trace", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--adapter-out", "--resume", "--checkpoint-dir", "--checkpoint-every", "--keep-checkpoints",
+                 "--nproc"):
+        assert flag not in text, flag  # trace saves no adapter or checkpoint and starts no torchrun
+    assert "--lr" in text and "--batch-size" in text and "--out" in text
 
 
 def test_unknown_profile_is_a_user_error(tiny_model_dir, capsys):
