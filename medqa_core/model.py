@@ -475,15 +475,33 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
         raise ModelLoadError(f"LoRA target modules {targets}: {e}") from e
 
 
+def check_adapter(adapter_dir: str | Path) -> Path:
+    """Refuse a folder that holds no saved adapter, before any model is loaded for it.
+
+    Args:
+        adapter_dir: the folder given to ``--adapter``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ModelLoadError: no such folder, or no adapter_model.safetensors in it; says what to pass.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ModelLoadError(f"adapter folder not found: {adapter_dir}; pass a folder written by medqa-parity train "
+                             "or run (default runs/adapters/TIME-PID-RANDOM)")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors; pass a folder written by "
+                             "medqa-parity train")
+    return adapter_dir
+
+
 def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     """Attach a LoRA adapter saved by :func:`save_adapter` (safetensors) to a base model."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors; pass a folder written by "
-                             "medqa-parity train")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    return PeftModel.from_pretrained(model, check_adapter(adapter_dir), is_trainable=False)
 
 
 def save_adapter(model: Any, adapter_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

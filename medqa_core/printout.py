@@ -39,11 +39,12 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
     if tr is not None:
         peak = f"{tr.peak_mem_gib:.2f} GiB device" if tr.peak_mem_gib is not None else "n/a on cpu"
         peak += f", host RSS {tr.host_peak_rss_gib:.2f} GiB"
+    # Trainable parameters exist where the job trained; a scoring job (evaluate) trains none.
+    trained = "" if record.kind == "evaluate" else f", {record.model['trainable_parameters'] / 1e6:.2f}M trainable"
     rows = [
         ("backend", fp.get("backend")),
         ("device", device),
-        ("model", f"{record.model['name']} ({record.model['parameters'] / 1e6:.1f}M params, "
-                  f"{record.model['trainable_parameters'] / 1e6:.2f}M trainable)"),
+        ("model", f"{record.model['name']} ({record.model['parameters'] / 1e6:.1f}M params{trained})"),
         ("quantization", quant),
         ("compute dtype", f"{dtype}" + (f" ({record.numerics['reason']})" if record.numerics else
                                          " (recorded before --dtype existed)")),
@@ -82,11 +83,18 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
                 rows.append(("rank balance", f"slowest rank {imb.time_max_over_mean:.2f}x the mean step time, most "
                                              f"tokens {imb.tokens_max_over_mean:.2f}x the mean (median of "
                                              f"{imb.steps} timed steps)"))
-    if record.eval_before is not None:
-        rows.append(("accuracy before", _accuracy(record.eval_before)))
-    if record.eval_after is not None:
-        rows.append(("accuracy after", _accuracy(record.eval_after)))
-        rows.append(("scoring", f"{record.eval_after.questions_per_s:,.1f} questions/s"))
+    if record.kind == "evaluate":  # one scoring, of the base model or of a saved adapter: no before and after
+        scored = record.eval_after or record.eval_before
+        if scored is not None:
+            rows.append(("accuracy", _accuracy(scored) + (" with the adapter" if record.eval_after else
+                                                          ", base model")))
+            rows.append(("scoring", f"{scored.questions_per_s:,.1f} questions/s"))
+    else:
+        if record.eval_before is not None:
+            rows.append(("accuracy before", _accuracy(record.eval_before)))
+        if record.eval_after is not None:
+            rows.append(("accuracy after", _accuracy(record.eval_after)))
+            rows.append(("scoring", f"{record.eval_after.questions_per_s:,.1f} questions/s"))
     if record.adapter_dir:
         rows.append(("adapter", record.adapter_dir))
     if record.wall_time_s is not None:

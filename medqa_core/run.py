@@ -51,6 +51,7 @@ from medqa_core.fingerprint import machine_fingerprint, resolve_device
 from medqa_core.model import (
     QuantInfo,
     add_lora,
+    check_adapter,
     count_parameters,
     load_adapter,
     load_base_model,
@@ -103,15 +104,21 @@ class Splits:
     notes: tuple[str, ...]
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """The fine-tuning and evaluation questions. Without a train split, dev stands in for it."""
+def load_splits(cfg: DataConfig, evaluates: bool = True) -> Splits:
+    """The fine-tuning and evaluation questions. Without a train split, dev stands in for it.
+
+    Args:
+        evaluates: whether the job scores the evaluation split (``train`` does not: its note then names only
+            the split it fine-tuned on).
+    """
     data_dir = Path(cfg.data_dir) if cfg.data_dir else bundled_data_dir()
     notes: list[str] = []
     train_split = cfg.train_split
     if train_split == "auto":
         train_split = "train" if has_split(data_dir, "train") else "dev"
         if train_split == "dev":
-            notes.append(f"no train split in {data_dir}: fine-tuned on dev, evaluated on {cfg.eval_split}")
+            scored = f", evaluated on {cfg.eval_split}" if evaluates else ""
+            notes.append(f"no train split in {data_dir}: fine-tuned on dev{scored}")
     train_path, eval_path = find_split(data_dir, train_split), find_split(data_dir, cfg.eval_split)
     return Splits(
         train=load_medqa(train_path, cfg.train_limit), train_name=train_path.name,
@@ -352,11 +359,13 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if kind not in ("run", "train", "evaluate"):
         raise ValueError(f"unknown kind {kind!r}")
     started = time.perf_counter()
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, evaluates=kind != "train")
     trains = kind in ("run", "train")
     # Before the model loads: questions too long to ever fit, and a checkpoint this run may not resume.
     check_prompt_lengths(splits.train if trains else [], cfg.train.max_seq_len)
     check_prompt_lengths(splits.eval if kind != "train" else [], cfg.eval.max_seq_len, "--eval-max-seq-len")
+    if kind == "evaluate" and adapter_dir:
+        check_adapter(adapter_dir)  # a mistyped --adapter fails in a second, not after the model loads
     device = resolve_device(cfg.backend)
     cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored

@@ -175,3 +175,20 @@ def test_out_of_memory_is_recorded_and_earlier_phases_kept(tiny_model_dir, tmp_p
     assert "Tried to allocate 20.00 GiB" in record.failure["message"]
     assert record.eval_before is not None and record.eval_before.n_questions == 4  # what finished is kept
     assert record.train is None and record.eval_after is None
+
+
+def test_evaluate_with_a_missing_adapter_stops_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import medqa_core.run
+
+    def load_session(*args, **kwargs):
+        raise AssertionError("the model was loaded for an adapter that does not exist")
+
+    monkeypatch.setattr(medqa_core.run, "load_session", load_session)
+    code = main(["evaluate", "--backend", "cpu", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"),
+                 "--eval-limit", "2", "--results", str(tmp_path / "records")])
+    assert code == 2
+    assert f"adapter folder not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--backend", "cpu", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "empty"),
+                 "--eval-limit", "2", "--results", str(tmp_path / "records")]) == 2
+    assert "no adapter_model.safetensors" in capsys.readouterr().err
