@@ -611,6 +611,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args``, with a typo answered by the parser it belongs to and the nearest name, as git does:
+    an unknown command by the top-level usage, an unknown option by its command's usage (argparse left both to
+    the top level, without a suggestion).
+
+    Raises:
+        SystemExit: 2 after the usage and the error line, as argparse does.
+    """
+    commands: dict[str, argparse.ArgumentParser] = next(
+        a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        parser.error(f"unknown command {argv[0]!r}{_did_you_mean(argv[0], list(commands))} (choose from "
+                     f"{', '.join(commands)})")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = commands[args.command]
+        options = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+        first = extra[0].split("=", 1)[0]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}"
+                  + (_did_you_mean(first, options) if first.startswith("-") else ""))
+    return args
+
+
 # Commands renamed, still accepted under their old names (not listed in help).
 _ALIASES = {"profile": "trace"}
 
@@ -619,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _ALIASES:
         argv[0] = _ALIASES[argv[0]]
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -177,6 +177,19 @@ def test_out_of_memory_is_recorded_and_earlier_phases_kept(tiny_model_dir, tmp_p
     assert record.train is None and record.eval_after is None
 
 
+def test_a_commands_typo_is_answered_with_the_nearest_name(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evalute"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown command 'evalute'; did you mean evaluate?" in err
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--eval-limt", "3"])
+    err = capsys.readouterr().err
+    # The command's own usage, not the top level's, and the option meant.
+    assert e.value.code == 2 and err.startswith("usage: medqa-parity evaluate")
+    assert "unrecognized arguments: --eval-limt 3; did you mean --eval-limit?" in err
+
+
 def test_evaluate_with_a_missing_adapter_stops_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import medqa_core.run
 
