@@ -160,12 +160,16 @@ def train_step(step_loss: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
                                            torch.tensor(float(losses_local.numel()), device=device)]))
         loss = losses_local.sum() * world_size / sums[1]
         (scaler.scale(loss) if scaler else loss).backward()
+    stepped = True
     if scaler:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        stepped = scaler.get_scale() >= scale  # update() lowers the scale after a step skipped for inf gradients
     else:
         optimizer.step()
-    scheduler.step()
+    if stepped:  # as transformers' Trainer: a skipped step does not advance the schedule (nor warn that it did)
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return (sums[0] / sums[1]).item()  # note: a device sync point; the step has finished when it returns
 

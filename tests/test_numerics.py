@@ -130,3 +130,32 @@ def test_fp16_training_runs_with_a_gradient_scaler(tiny_config, tmp_path) -> Non
 
     assert make_scaler(CPU, resolve_numerics("fp16", CPU)).is_enabled()
     assert not make_scaler(CPU, resolve_numerics("bf16", CPU)).is_enabled()
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was() -> None:
+    """fp16's first steps may overflow at the scaler's initial 65536x: that step is skipped, and the LR schedule must
+    not move on without it (torch warns "lr_scheduler.step() before optimizer.step()" when it does)."""
+    import warnings
+
+    from medqa_core.attention import resolve_attention
+    from medqa_core.train import make_scaler, train_step
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, labels, position_ids):  # per-token losses [N]
+            return (self.w * 1e38).expand(2)  # finite, but not once the scaler multiplies it
+
+    model = Overflowing()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
+    scaler = make_scaler(CPU, resolve_numerics("fp16", CPU))
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_step(model, optimizer, scheduler, batch, CPU, resolve_attention("sdpa"), scaler=scaler)
+    assert scaler.get_scale() < 65536.0 and torch.equal(model.w.detach(), torch.ones(1))  # the step was skipped
+    assert scheduler.last_epoch == 0 and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 5)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
