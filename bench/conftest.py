@@ -47,6 +47,10 @@ _CEILINGS = pytest.StashKey[dict[str, Any]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pytest_benchmark") is None:  # before its --benchmark-* options are refused
+        raise pytest.UsageError('bench/ needs pytest-benchmark: pip install -e ".[bench]"')
     add_options(parser)
 
 
