@@ -1,4 +1,4 @@
-"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / compare / gate.
+"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / compare / export-mlflow / gate.
 
 The only home of logging setup and progress bars; everything else is library code. ``--profile``
 names training settings everywhere; the subcommand that traces a train step is ``trace`` (``profile``,
@@ -427,6 +427,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_mlflow(args: argparse.Namespace) -> int:
+    from medqa_core.mlflow_export import default_tracking_uri, export_files
+
+    uri = args.tracking_uri or default_tracking_uri()
+    for e in export_files(args.files, tracking_uri=args.tracking_uri, experiment=args.experiment):
+        print(f"{'already there' if e.existed else 'exported'}: {e.name} ({e.path}) -> run {e.run_id}")
+    print(f"MLflow store: {uri}, experiment {args.experiment!r} (view: mlflow ui --backend-store-uri {uri})")
+    return 0
+
+
 def committed_records_dir() -> Path:
     """The committed run records: results/runs of the working directory, else of the checkout this package runs
     from (an editable install run elsewhere)."""
@@ -542,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
     from medqa_core.compare.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
+    from medqa_core.mlflow_export import DEFAULT_EXPERIMENT  # mlflow itself is imported only to export
 
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
                        formatter_class=raw,
@@ -577,6 +588,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("export-mlflow", help="log run records and bench files to MLflow (pip install '.[mlflow]')",
+                       formatter_class=raw,
+                       description="Log each run record, and each arm and kernel of a pytest-benchmark file, as an "
+                                   "MLflow run: speed, memory and accuracy as metrics (the loss curve by step), "
+                                   "settings and config as params, device, kernel and git commit as tags, the file "
+                                   "as an artifact. A file exported before is left as it is. Default store: MLflow's "
+                                   "local SQLite file runs/mlflow.db (git-ignored).",
+                       epilog=_examples("medqa-parity export-mlflow runs/records/*.json",
+                                        "medqa-parity export-mlflow results/bench/*/*.json --experiment bench",
+                                        "medqa-parity export-mlflow runs/records/*.json --tracking-uri "
+                                        "http://mlflow.internal:5000"))
+    p.add_argument("files", nargs="+", metavar="FILE", help="run record or pytest-benchmark JSON")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI: a server (http://...), a database (sqlite:///...), databricks "
+                        "(default: sqlite:///runs/mlflow.db, made absolute)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_export_mlflow)
     p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
                        formatter_class=raw,
                        description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "
@@ -665,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # KINETO_LOG_LEVEL of the user's own, or -v, keeps them.
     if not args.verbose:
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    for name in ("transformers", "bitsandbytes", "peft", "accelerate", "httpx"):
+    for name in ("transformers", "bitsandbytes", "peft", "accelerate", "httpx", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
         return args.func(args)
@@ -697,6 +726,7 @@ USER_ERRORS = {
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
     "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
     "medqa_core.sharded": "ShardError", "medqa_core.files": "OutputFolderError",
+    "medqa_core.mlflow_export": "ExportError",
 }
 
 
