@@ -25,7 +25,6 @@ from typing import Any
 
 from medqa_core.compare.inputs import RunSummary, device_label, summarize_file
 from medqa_core.compare.metrics import METRICS
-from medqa_core.compare.tables import flatten_dict
 from medqa_core.record import load_record
 
 logger = logging.getLogger(__name__)
@@ -99,6 +98,8 @@ def mlflow_run(run: RunSummary, file_id: str, config: Mapping[str, Any] | None =
     Returns:
         The run's name, params, metrics, per-step series and tags.
     """
+    from medqa_core.compare.tables import flatten_dict  # with pandas: not loaded where the CLI only parses
+
     params = {"kind": run.kind, "model": run.model_name or "-", "backend": run.backend, "device": run.device,
               "attention_kernel": run.kernel, "schema": run.schema}
     params |= {f"settings.{k}": v for k, v in run.settings.items()}
