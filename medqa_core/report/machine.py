@@ -146,7 +146,7 @@ def compare_machine(mine: str | Path, committed_dir: str | Path,
 
 
 def _column(run: RunSummary, mine: bool) -> str:
-    return f"{run.rid} {'yours' if mine else _short_device(run.device)}"
+    return f"{run.rid} {'yours' if mine else _short_device(run.device, name_cpu=True)}"  # "R2 Xeon", not "R2 CPU"
 
 
 def _cell(value: float, unit: str, label: str, ratio: float | None) -> str:
