@@ -9,12 +9,17 @@ so they stay in the graph). Inductor emits Triton on CUDA and ROCm and C++ on CP
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -49,6 +54,90 @@ class GraphCounter:
 
 
 @dataclass
+class CompileCache:
+    """Inductor's compiled artifacts for one machine and set of settings: torch.compiler's portable "mega-cache"
+    (FX graphs, AOT autograd, autotuning), saved after a run's compile and loaded by the next run with the same
+    key, so that run's compile skips code generation and autotuning (Dynamo still traces, which is quick here:
+    the layers share one graph).
+
+    ``state``: "warm" (artifacts loaded before compiling), "cold" (none yet; saved after the warm-up), or
+    "off: <why>". ``fx_graph_hits``/``fx_graph_misses`` are Inductor's own counts during the compile.
+    """
+
+    path: Path | None
+    state: str
+    artifacts_loaded: int = 0
+    saved_bytes: int = 0
+    fx_graph_hits: int = 0
+    fx_graph_misses: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "file": str(self.path) if self.path else None,
+                "artifacts_loaded": self.artifacts_loaded, "saved_bytes": self.saved_bytes,
+                "fx_graph_hits": self.fx_graph_hits, "fx_graph_misses": self.fx_graph_misses}
+
+
+# Settings that change no compiled graph: two runs that differ only here share a cache entry.
+_CACHE_NEUTRAL = ("lr", "epochs", "max_steps", "seed", "warmup_steps", "timing_warmup_steps", "checkpoint_every",
+                  "keep_checkpoints", "log_every")
+
+
+def compile_cache_key(device: torch.device, model_config: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """A hash of what decides the compiled code: torch, Triton and Python versions, the device, the model's
+    architecture and quantization, and the training settings that shape the graphs."""
+    import importlib.metadata as md
+
+    try:
+        triton = md.version("triton")
+    except md.PackageNotFoundError:
+        triton = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    key = {"torch": torch.__version__, "triton": triton, "python": platform.python_version(), "device": name,
+           "model": dict(model_config), "settings": {k: v for k, v in settings.items() if k not in _CACHE_NEUTRAL}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_compile_cache(folder: Path, key: str) -> CompileCache:
+    """Load the artifacts saved under ``key`` in ``folder``, if any, before anything compiles."""
+    if not hasattr(torch.compiler, "load_cache_artifacts"):
+        return CompileCache(None, f"off: torch {torch.__version__} has no portable compile cache")
+    path = folder / f"{key}.bin"
+    if not path.is_file():
+        return CompileCache(path, "cold")
+    try:
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as e:  # a damaged or foreign file: compile from scratch, visibly, and replace it
+        logger.warning("compile cache %s not loaded (%s: %s); compiling from scratch", path, type(e).__name__, e)
+        return CompileCache(path, "cold")
+    loaded = sum(len(getattr(info, f, ())) for f in ("inductor_artifacts", "autotune_artifacts",
+                                                      "aot_autograd_artifacts", "pgo_artifacts")) if info else 0
+    return CompileCache(path, "warm" if loaded else "cold", artifacts_loaded=loaded)
+
+
+def save_compile_cache(cache: CompileCache) -> None:
+    """After the compile: count Inductor's cache hits, and save the artifacts where none were loaded (atomically;
+    a failed write is logged, never fatal: the cache only saves time)."""
+    from torch._dynamo.utils import counters
+
+    cache.fx_graph_hits = int(counters["inductor"]["fxgraph_cache_hit"])
+    cache.fx_graph_misses = int(counters["inductor"]["fxgraph_cache_miss"])
+    if cache.state != "cold" or cache.path is None:
+        return
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return
+    data, _ = saved
+    try:
+        cache.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache.path.parent, delete=False, suffix=".tmp") as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, cache.path)
+        cache.saved_bytes = len(data)
+    except OSError as e:
+        logger.warning("compile cache not saved to %s: %s", cache.path, e)
+
+
+@dataclass
 class CompileState:
     """What a run asked for ("auto", "on", "off") and what ran: ``detail`` says which layers compiled, or why not.
 
@@ -64,6 +153,7 @@ class CompileState:
     warmup_graphs: int = 0
     warmup_s: float = 0.0
     graphs_per_step: list[int] = field(default_factory=list)
+    cache: CompileCache | None = None
 
     @property
     def recompiles(self) -> int:
@@ -74,7 +164,8 @@ class CompileState:
         return {"requested": self.requested, "ran": self.ran, "detail": self.detail, "graphs": self.counter.graphs,
                 "compile_s": self.counter.seconds, "warmup_graphs": self.warmup_graphs, "warmup_s": self.warmup_s,
                 "recompiles": self.recompiles,
-                "recompile_steps": [i for i, n in enumerate(self.graphs_per_step) if n]}
+                "recompile_steps": [i for i, n in enumerate(self.graphs_per_step) if n],
+                "cache": self.cache.as_dict() if self.cache else None}
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -89,10 +180,13 @@ def compile_unavailable(device: torch.device) -> str | None:
     return f"Inductor does not support device type {device.type!r}"
 
 
-def compile_layers(model: Any, device: torch.device, mode: str) -> CompileState:
+def compile_layers(model: Any, device: torch.device, mode: str, cache_folder: Path | None = None,
+                   settings: Mapping[str, Any] | None = None) -> CompileState:
     """Compile each decoder layer of ``model`` in place, as ``mode`` (TrainConfig.compile) asks and Inductor can.
 
     "on" falls back to eager, with the reason recorded, where Inductor cannot run; "auto" compiles on GPUs only.
+    With ``cache_folder``, the compile cache of this machine and ``settings`` is loaded first
+    (:func:`open_compile_cache`; the caller saves it after the warm-up with :func:`save_compile_cache`).
     """
     state = CompileState(requested=mode)
     if mode == "off":
@@ -111,6 +205,12 @@ def compile_layers(model: Any, device: torch.device, mode: str) -> CompileState:
     # the layers eagerly without a word. A fresh cache per compile keeps that from happening; Inductor's own
     # on-disk cache still spares the code generation of a graph it has seen.
     torch._dynamo.reset()
+    if cache_folder is not None:
+        from torch._dynamo.utils import counters
+
+        counters["inductor"].clear()  # hits and misses of this compile only
+        config = model.config.to_dict() if hasattr(model, "config") else {}
+        state.cache = open_compile_cache(cache_folder, compile_cache_key(device, config, settings or {}))
     for layer in layers:
         layer.compile(backend=state.counter)
     state.ran, state.detail = True, f"inductor, {len(layers)} decoder layers"

@@ -32,7 +32,13 @@ from medqa_core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
+from medqa_core.compiling import (
+    CompileState,
+    compile_layers,
+    save_compile_cache,
+    uncompile_layers,
+    with_eager_fallback,
+)
 from medqa_core.config import TrainConfig
 from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
 from medqa_core.distributed import (
@@ -46,7 +52,7 @@ from medqa_core.distributed import (
 )
 from medqa_core.files import WriteError
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
-from medqa_core.model import set_checkpointing, set_lora_dropout
+from medqa_core.model import cache_dir, set_checkpointing, set_lora_dropout
 from medqa_core.numerics import Numerics, autocast
 from medqa_core.preemption import Interrupted
 from medqa_core.record import StepImbalance, TrainResult
@@ -195,8 +201,11 @@ def warm_up_compiled(step_loss: torch.nn.Module, model: Any, state: CompileState
     if state.warmup_graphs == 0:  # Dynamo served or skipped the layers without handing a graph to Inductor
         state.ran, state.detail = False, "eager: Dynamo compiled no graph for the layers (recompile limit reached?)"
         logger.warning("torch.compile compiled nothing: the layers ran eagerly")
-    logger.info("compiled %d graphs in %.1f s before the first step (rows %d..%d of %d tokens)",
-                state.warmup_graphs, state.warmup_s, ROW_MULTIPLE, rows + ROW_MULTIPLE, width)
+    if state.cache is not None:
+        save_compile_cache(state.cache)
+    logger.info("compiled %d graphs in %.1f s before the first step (rows %d..%d of %d tokens)%s",
+                state.warmup_graphs, state.warmup_s, ROW_MULTIPLE, rows + ROW_MULTIPLE, width,
+                f", compile cache {state.cache.state}" if state.cache else "")
 
 
 def _with_rows(t: torch.Tensor, n_rows: int, fill: int | None) -> torch.Tensor:
@@ -223,7 +232,7 @@ def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> 
     set_lora_dropout(model, cfg.lora_dropout)
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_layers)
     set_activation_budget(cfg.activation_budget)
-    return compile_layers(model, device, cfg.compile)
+    return compile_layers(model, device, cfg.compile, cache_dir() / "compile", dataclasses.asdict(cfg))
 
 
 def reset_model_settings(model: Any) -> None:
