@@ -65,8 +65,10 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
             rows.append(("profile", f"{promise['spec']} ({promise['chosen_by']}){cap}"
                                     + (f"; trains with {train_attn} attention" if train_attn else "")))
         if tr.compile and tr.compile.get("ran"):
+            cache = tr.compile.get("cache") or {}
             rows.append(("compile", f"{tr.compile.get('graphs', '?')} graphs, {tr.compile.get('warmup_s', 0):.1f} s "
-                                    f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"))
+                                    f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"
+                                    + (f", compile cache {cache['state']}" if cache.get("state") else "")))
         if tr.mfu_datasheet is not None:
             rows.append(("MFU", f"{100 * tr.mfu_datasheet:.1f}% of the {tr.datasheet_peak['name']} datasheet dense "
                                 f"{tr.datasheet_peak['dtype']} peak ({tr.model_flops_per_s / 1e12:.0f} TFLOP/s of "
