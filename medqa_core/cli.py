@@ -610,7 +610,7 @@ USER_ERRORS = {
     "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
     "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
-    "medqa_core.sharded": "ShardError", "medqa_core.files": "OutputFolderError",
+    "medqa_core.sharded": "ShardError", "medqa_core.files": "OutputFolderError", "medqa_core.fp8": "Fp8Unavailable",
 }
 
 

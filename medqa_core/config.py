@@ -162,6 +162,10 @@ class TrainConfig:
     # The attention kernel of the training steps (ATTN_KERNELS; None: the run's --attn, which scoring keeps).
     # Packed training rows hold a few examples each: flex attention computes only their blocks of the row.
     attn: str | None = None
+    # The frozen 4-bit base's matmuls (forward and input gradient) in fp8 with per-row scaling, the format the
+    # hardware computes (medqa_core/fp8.py); refused before the model loads where no fp8 tensor cores exist.
+    # A lever to add to a profile (e.g. max-speed+fp8=true), not a default: the default numerics stay bf16.
+    fp8: bool = False
     profile: str | None = None  # the --profile spec these settings came from (train_profile sets it)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
@@ -242,7 +246,7 @@ def choose_profile(card_gib: float | None) -> str:
 PROFILE_KEYS: dict[str, Any] = {
     "batch_size": int, "checkpoint_layers": int, "pack_len": int,
     "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
-    "lora_dropout": float, "adamw": str, "activation_budget": float, "attn": str,
+    "lora_dropout": float, "adamw": str, "activation_budget": float, "attn": str, "fp8": lambda v: _parse_bool(v),
 }
 
 

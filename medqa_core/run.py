@@ -48,6 +48,7 @@ from medqa_core.files import (
     unique_name,
 )
 from medqa_core.fingerprint import machine_fingerprint, resolve_device
+from medqa_core.fp8 import fp8_formats
 from medqa_core.model import (
     QuantInfo,
     add_lora,
@@ -361,6 +362,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
         check_trainable(resolve_attention(cfg.train.attn), device)
+    if trains and cfg.train.fp8:  # likewise a device without fp8 tensor cores
+        fp8_formats(device)
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     ckpt = (resume or checkpoint_dir) if trains else None
@@ -505,7 +508,9 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         attention={"requested": attention.requested, "ran": session.kernel_ran,
                    "attn_implementation": attention.attn_implementation},
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
-        adapter_dir=saved_adapter or adapter_dir, numerics=session.numerics.as_dict(),
+        adapter_dir=saved_adapter or adapter_dir,
+        numerics={**session.numerics.as_dict(),  # with the fp8 lever: the formats and scaling the base ran
+                  "fp8": dataclasses.asdict(fp8_formats(device)) if trains and cfg.train.fp8 else None},
         notes=_notes(session, tuple(notes)),
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "score_after") if k in phases},

@@ -52,6 +52,7 @@ from medqa_core.distributed import (
 )
 from medqa_core.files import WriteError
 from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
+from medqa_core.fp8 import fp8_formats, set_fp8_base
 from medqa_core.model import cache_dir, set_checkpointing, set_lora_dropout
 from medqa_core.numerics import Numerics, autocast
 from medqa_core.preemption import Interrupted
@@ -232,12 +233,15 @@ def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> 
     set_lora_dropout(model, cfg.lora_dropout)
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_layers)
     set_activation_budget(cfg.activation_budget)
+    if cfg.fp8:
+        set_fp8_base(model, fp8_formats(device))
     return compile_layers(model, device, cfg.compile, cache_dir() / "compile", dataclasses.asdict(cfg))
 
 
 def reset_model_settings(model: Any) -> None:
     """Undo :func:`apply_model_settings`: eager layers, no recompute, the adapter's own dropout."""
     uncompile_layers(model)
+    set_fp8_base(model, None)
     set_checkpointing(model, False)
     set_activation_budget(None)
     set_lora_dropout(model, None)
