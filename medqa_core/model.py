@@ -214,7 +214,7 @@ def error_text(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
     """The folder's tokenizer, with a pad token.
 
     Raises:
@@ -222,6 +222,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     """
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
     files = sorted(p.name for p in folder.glob("tokenizer*"))
     if not files:
         raise ModelLoadError(f"{folder}: no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json); "
