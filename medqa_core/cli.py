@@ -160,6 +160,115 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="data-parallel processes on this host, started through torchrun (default: %(default)s)")
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2,3,4") from e
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def _add_runset_args(p: argparse.ArgumentParser) -> None:
+    from medqa_core.compare.runsets import DEFAULT_TARGET_LOSS_NATS  # numpy and scipy only, no torch
+
+    r = p.add_argument_group("run sets (docs/parity-reports.md, \"Run sets\")")
+    r.add_argument("--repeats", type=int, metavar="N",
+                   help="fine-tune N times, seeds --train-seed .. --train-seed+N-1 (adapter init, data order, "
+                        "dropout), then the first seed once more (the same-seed floor); the model loads once; "
+                        "saves every run record and a run-set file naming them (runsets/ beside --results)")
+    r.add_argument("--seeds", type=_seed_list, metavar="LIST",
+                   help="a run set of these seeds (comma-separated, distinct) instead of --repeats")
+    r.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="score the eval loss every STEPS steps while fine-tuning (the eval curve time to target is "
+                        "read from; default in a run set: 8 points a run, none otherwise)")
+    r.add_argument("--curve-questions", type=int, default=128, metavar="N",
+                   help="questions each eval-curve point scores, the first of the eval split (default: %(default)s)")
+    r.add_argument("--target-loss", type=float, default=DEFAULT_TARGET_LOSS_NATS, metavar="NATS",
+                   help="eval-loss target of time to target (default: %(default)s)")
+    r.add_argument("--runset-dir", metavar="DIR", help="folder for the run-set file (default: runsets/ beside "
+                                                       "--results)")
+
+
+def set_plan(args: argparse.Namespace) -> Any:
+    """The run set ``args`` ask for (``--repeats`` or ``--seeds``), or None for a single run.
+
+    Raises:
+        ConfigError: both flags, a count below 1, or a repeated seed.
+    """
+    from medqa_core.run import SetPlan
+
+    repeats, seeds = getattr(args, "repeats", None), getattr(args, "seeds", None)
+    if repeats is None and seeds is None:
+        return None
+    if repeats is not None and seeds is not None:
+        raise ConfigError("give --repeats N or --seeds LIST, not both")
+    if repeats is not None and repeats < 1:
+        raise ConfigError(f"--repeats {repeats}: give 1 or more (5 or more for a spread the report can judge)")
+    if getattr(args, "nproc", 1) > 1:
+        raise ConfigError("--repeats/--seeds run on one process; drop --nproc")
+    if getattr(args, "resume", None) or getattr(args, "checkpoint_dir", None):
+        raise ConfigError("--repeats/--seeds do not checkpoint or resume; drop --resume/--checkpoint-dir")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ConfigError(f"--eval-every {args.eval_every}: give 1 or more")
+    if args.curve_questions < 1:
+        raise ConfigError(f"--curve-questions {args.curve_questions}: give 1 or more")
+    seeds = seeds or tuple(range(args.train_seed, args.train_seed + repeats))
+    try:
+        return SetPlan(seeds=seeds, eval_every=args.eval_every, curve_questions=args.curve_questions,
+                       target_loss_nats=args.target_loss, runset_dir=args.runset_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def single_run_curve(args: argparse.Namespace) -> Any:
+    """``run --eval-every`` without a run set: the eval curve of one run, or None."""
+    every = getattr(args, "eval_every", None)
+    if every is None:
+        return None
+    if getattr(args, "nproc", 1) > 1:
+        raise ConfigError("--eval-every scores on one process; drop --nproc")
+    from medqa_core.curve import EvalCurve
+
+    try:
+        return EvalCurve(every, args.curve_questions)
+    except ValueError as e:
+        raise ConfigError(f"--eval-every/--curve-questions: {e}") from e
+
+
+def cmd_runset(args: argparse.Namespace, plan: Any) -> int:
+    """``run --repeats N`` / ``--seeds``: the runs, one line each, then the set's summary."""
+    from medqa_core.compare.runsets import RunFigures, set_summary_lines, summarize_loaded
+    from medqa_core.preemption import Interrupted, StopOnSignals
+    from medqa_core.run import execute_set
+    from medqa_core.runset import load_runset
+
+    cfg = build_config(args)
+    bars = ProgressBars()
+
+    def on_run(i: int, total: int, record: Any, path: Any) -> None:
+        bars.bars.clear()  # each run draws its own bars
+        role = "repeat" if i >= len(plan.seeds) else "seed"
+        fig = RunFigures.from_record(record, record.config["train"]["seed"], role)
+        print(f"run {i + 1}/{total} seed {fig.seed} ({role}): accuracy {100 * fig.accuracy:.1f}%, eval loss "
+              f"{fig.eval_loss_nats:.4f} nats, {len(fig.loss_per_step)} steps in {sum(fig.step_time_s):.1f} s "
+              f"-> {path}")
+
+    try:
+        with StopOnSignals() as stop:
+            runset, path = execute_set(cfg, plan, progress=bars, stop=stop, on_run=on_run)
+    except Interrupted as e:
+        print(f"medqa-parity: interrupted by {e.signal_name}; the runs finished before are saved", file=sys.stderr)
+        return e.exit_code
+    _, loaded = load_runset(path)
+    print("\n".join(set_summary_lines(summarize_loaded(loaded, runset.target_loss_nats, "set"))))
+    for note in runset.notes:
+        print(f"note: {note}")
+    print(f"wrote {path}")
+    return 0 if len(loaded) == len(plan.order()) else 3
+
+
 def profile_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
     """No flag whose setting a profile also sets (batch, recompute, packing, compile, LoRA dropout, attention) was
     changed: "auto" may choose them without overriding what the user asked for."""
@@ -267,6 +376,9 @@ def cmd_execute(args: argparse.Namespace) -> int:
     from medqa_core.run import execute
     from medqa_core.sharded import check_sharding
 
+    plan = set_plan(args) if args.command == "run" else None
+    if plan is not None:
+        return cmd_runset(args, plan)
     cfg = build_config(args)  # a bad setting fails here, once, not in each process torchrun would start
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         checkpointing = bool(getattr(args, "checkpoint_dir", None) or getattr(args, "resume", None))
@@ -277,7 +389,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
             record, path = execute(cfg, kind=args.command, adapter_dir=getattr(args, "adapter", None),
                                    adapter_out=getattr(args, "adapter_out", None), progress=ProgressBars(),
                                    checkpoint_dir=getattr(args, "checkpoint_dir", None),
-                                   resume=getattr(args, "resume", None), stop=stop)
+                                   resume=getattr(args, "resume", None), stop=stop, curve=single_run_curve(args))
     except Interrupted as e:  # a second signal, or one before anything could be saved
         print(f"medqa-parity: interrupted by {e.signal_name}; nothing was saved", file=sys.stderr)
         return e.exit_code
@@ -401,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, train=True, evaluate=True)
     _add_eval_args(p)
     _add_train_args(p)
+    _add_runset_args(p)
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)",
@@ -552,6 +665,7 @@ USER_ERRORS = {
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
     "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
     "medqa_core.sharded": "ShardError",
+    "medqa_core.runset": "RunSetError", "medqa_core.compare.runsets": "RunSetStatsError",
 }
 
 
