@@ -1,4 +1,4 @@
-"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / gate.
+"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / gate / check.
 
 The only home of logging setup and progress bars; everything else is library code. ``--profile``
 names training settings everywhere; the subcommand that traces a train step is ``trace`` (``profile``,
@@ -446,7 +446,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from medqa_core.report.render import make_report, verdict_lines
 
     try:
-        report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
+        from medqa_core.runset import is_runset_file
+
+        sets = [p for p in args.runs if is_runset_file(p)]
+        records = [p for p in args.runs if p not in sets]
+        report, written = make_report(records, args.out, baseline=args.baseline, margin_pp=args.margin,
+                                      runsets=sets, loss_margin_nats=args.loss_margin)
     except OSError as e:  # the output folder: nothing was moved into it
         print(f"medqa-parity: error: cannot write the report to {args.out} ({e.strerror or e}); "
               "give --out a folder you can write", file=sys.stderr)
@@ -457,6 +462,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"  {f.status.upper()}: {f.text}")
     for note in report.notes:
         print(f"  note: {note}")
+    if report.runsets is not None:
+        from medqa_core.report.runsets import verdict_lines as runset_lines
+
+        print(f"run sets: {len(report.runsets.summaries)} (baseline {report.runsets.summaries[0].label})")
+        for line in runset_lines(report.runsets):
+            print(f"  {line}")
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
@@ -478,6 +489,19 @@ def cmd_gate(args: argparse.Namespace) -> int:
         except OSError as e:  # the verdict stands; only its summary is lost
             print(f"medqa-parity: warning: cannot write GITHUB_STEP_SUMMARY {summary} ({e.strerror})", file=sys.stderr)
     return result.exit_code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from medqa_core.compare.claims import ClaimError, check_claim, exit_code, load_claim, load_sets, render_lines
+
+    try:
+        claim = load_claim(args.claim)
+        lines = check_claim(claim, load_sets(args.runsets))
+    except ClaimError as e:
+        print(f"medqa-parity: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(render_lines(claim, lines)))
+    return exit_code(lines)
 
 
 def _examples(*lines: str) -> str:
@@ -576,11 +600,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_examples("medqa-parity report runs/records/*.json --out report/",
                                         "medqa-parity report cuda.json rocm.json --baseline cuda.json --margin 2 "
                                         "--out report/"))
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run record or pytest-benchmark JSON (two or more runs)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run record, pytest-benchmark JSON or run-set file (run --repeats): two or more runs, or one "
+                        "run set or more; run sets get their own section (device effect against the seed spread)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the charts")
     p.add_argument("--baseline", metavar="RUN", help="the run others are compared with (default: the first RUN)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
+    from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS
+
+    p.add_argument("--loss-margin", type=float, default=DEFAULT_LOSS_MARGIN_NATS, metavar="NATS",
+                   help="run sets: eval-loss equivalence margin in nats (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
@@ -614,6 +644,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU model than the baseline's; the verdict line still counts them with their reasons")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_gate)
+    p = sub.add_parser("check", help="check a published claim (CLAIM.toml) line by line against run sets",
+                       formatter_class=raw,
+                       description="Read a claim (model, method, hardware, software, dataset, epochs, wall time, "
+                                   "accuracy, parity margin; see claims/*.toml) and answer each line: HOLDS, "
+                                   "CONTRADICTED, or NOT CHECKABLE HERE with why (no such hardware among the run sets, "
+                                   "random weights, another dataset or model). A claim attributed to a source "
+                                   "([claim] attributed_to) is also checked against that source. Exit 0: every "
+                                   "checkable line holds; 1: a line is contradicted; 2: bad input (the TOML or a run "
+                                   "set, named with the key); 4: nothing could be checked here.",
+                       epilog=_examples("medqa-parity check claims/mistral7b-mi250-repeated.toml "
+                                        "results/runsets/*.json",
+                                        "medqa-parity check claims/hackathon-qwen3-mi300x.toml"))
+    p.add_argument("claim", metavar="CLAIM.toml",
+                   help="the claim (format: claims/*.toml, medqa_core/compare/claims.py)")
+    p.add_argument("runsets", nargs="*", metavar="RUNSET", help="run-set files (run --repeats) to check it against")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_check)
     return parser
 
 

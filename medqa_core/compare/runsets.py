@@ -16,7 +16,7 @@ the same adapter start or dropout masks on two devices' generators, so runs are 
   90% Welch interval lies inside +-margin (alpha 0.05);
 - difference: an exact permutation test of the mean difference (all C(n_a + n_b, n_a) relabellings), which
   makes no normality assumption and is exact at the small N a run set has;
-- "inconclusive" when neither decides, and always below 2 seed runs a side; the text says when N is too small
+- "inconclusive" when neither decides, and always below 3 seed runs a side; the text says when N is too small
   for the permutation test to ever reach alpha (3 + 3 runs: smallest p 0.1).
 
 Time to target follows MLPerf Training: the first eval point at or below the target loss, its step and the
@@ -46,7 +46,9 @@ DEFAULT_LOSS_MARGIN_NATS = 0.05  # eval-loss equivalence margin: exp(0.05) = 5% 
 DEFAULT_ALPHA = 0.05
 PERMUTATIONS_EXACT_MAX = 200_000  # relabellings enumerated; beyond, a seeded Monte Carlo sample of this many
 PERMUTATION_SEED = 0
-MIN_RUNS = 2  # seed runs a side below which no spread exists and every verdict is inconclusive
+# Seed runs a side below which every verdict is inconclusive: two runs give an sd of one degree of freedom (two runs
+# that happen to agree would "show" equivalence), and a permutation test of 2 + 2 runs cannot reach any usual alpha.
+MIN_RUNS = 3
 
 
 class RunSetStatsError(ValueError):
@@ -441,7 +443,7 @@ def device_effect(metric: str, unit: str, a: Sequence[float], b: Sequence[float]
     if min(len(a), len(b)) < MIN_RUNS:
         return DeviceEffect(metric, unit, sa, sb, diff, (math.nan, math.nan), margin, math.nan, math.nan, math.nan,
                             Components(math.nan, math.nan, math.nan), INCONCLUSIVE,
-                            f"N too small: {len(a)} and {len(b)} seed runs; a spread needs {MIN_RUNS} or more a side "
+                            f"N too small: {len(a)} and {len(b)} seed runs; a verdict needs {MIN_RUNS} or more a side "
                             "(use --repeats 5 or more)")
     tost_p, ci = welch_tost(a, b, margin, alpha)
     perm_p = permutation_p(a, b)
