@@ -480,7 +480,17 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from medqa_core.gate.thresholds import load_thresholds
 
     thresholds = load_thresholds(args.config, args.threshold or [])
-    result = run_gate(args.baseline, args.candidate, thresholds, allow_not_compared=args.allow_not_compared)
+    baseline = args.baseline
+    if args.baseline_runset:
+        from medqa_core.gate.runset import baseline_record, with_runset
+
+        baseline = baseline or baseline_record(args.baseline_runset)
+    elif not baseline:
+        print("medqa-parity: error: give --baseline RUN or --baseline-runset RUNSET", file=sys.stderr)
+        return 2
+    result = run_gate(baseline, args.candidate, thresholds, allow_not_compared=args.allow_not_compared)
+    if args.baseline_runset:
+        result = with_runset(result, args.baseline_runset, args.candidate)
     print(render_text(result))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
@@ -631,7 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "/tmp/candidate.json",
                                         "medqa-parity gate --baseline a.json --candidate b.json "
                                         "--threshold speed_pct=20"))
-    p.add_argument("--baseline", required=True, metavar="RUN", help="run record or pytest-benchmark JSON")
+    p.add_argument("--baseline", metavar="RUN", help="run record or pytest-benchmark JSON (or give --baseline-runset)")
+    p.add_argument("--baseline-runset", metavar="RUNSET",
+                   help="a run set (run --repeats) of the baseline: the candidate's fine-tuned accuracy and eval loss "
+                        "are judged against the set's spread (one-sided prediction bound of one more run at alpha) "
+                        "instead of accuracy_pp; --baseline defaults to the set's first seed run")
     p.add_argument("--candidate", required=True, metavar="RUN", help="the same kind of file, to be judged")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                    help="override a threshold of [tool.medqa-parity.gate], e.g. speed_pct=10, memory_pct=10, "

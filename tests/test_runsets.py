@@ -28,6 +28,7 @@ from medqa_core.compare.runsets import (
     time_to_target,
     welch_tost,
 )
+from medqa_core.record import EvalResult, QuestionResult, RunRecord
 from medqa_core.runset import RunSetError, load_runset, runset_from_dict
 
 
@@ -167,3 +168,25 @@ def test_runset_reader_names_file_and_field(tmp_path):
     path.write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(RunSetError, match=r"run of seed 0 \(seed\).*missing\.json"):
         load_runset(path)
+
+
+def _candidate(accuracy: float, loss: float) -> RunRecord:
+    """A record whose fine-tuned scores have this accuracy (of 100 questions) and answer-token loss."""
+    n_right = round(100 * accuracy)
+    questions = tuple(QuestionResult(f"q{i}", 0, 0 if i < n_right else 1, (-loss, -loss / 2, -99.0, -99.0))
+                      for i in range(100))
+    after = EvalResult("test.jsonl", 100, n_right / 100, (0.0, 1.0), 1000, 1.0, 100.0, None, questions)
+    return RunRecord("run", {}, {}, {}, {}, eval_after=after)
+
+
+def test_gate_against_a_run_set_fails_outside_its_spread():
+    from medqa_core.gate.checks import INCONCLUSIVE as GATE_INCONCLUSIVE
+    from medqa_core.gate.runset import spread_checks
+
+    summary = summarize(synthetic_set(5, 0.30, 8.0, seed=1))  # sd 1 pp, 0.02 nats
+    inside = spread_checks(summary, _candidate(summary.accuracy.mean, summary.eval_loss_nats.mean), 0.05)
+    assert [c.status for c in inside] == ["pass", "pass"]
+    worse = spread_checks(summary, _candidate(summary.accuracy.mean - 0.05, summary.eval_loss_nats.mean + 0.2), 0.05)
+    assert [c.status for c in worse] == ["fail", "fail"] and "below the baseline set's bound" in worse[0].message
+    few = spread_checks(summarize(synthetic_set(2, 0.30, 8.0, seed=1)), _candidate(0.1, 9.0), 0.05)
+    assert {c.status for c in few} == {GATE_INCONCLUSIVE}
