@@ -34,7 +34,7 @@ from medqa_core.record import RunRecord, load_record  # noqa: E402
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
 DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
-             "docs/performance.md")
+             "docs/performance.md", "docs/parity-reports.md")
 TARGETS = ROOT / "docs" / "targets.toml"
 
 
@@ -721,6 +721,56 @@ def newest_per_device(results: Path) -> str:
     return "\n".join(rows)
 
 
+def _committed_runsets(results: Path) -> list[Path]:
+    return result_files(results, "runsets/*.json")
+
+
+def runsets_table(results: Path) -> str:
+    """One row per committed run set (results/runsets): its seeds, spreads, same-seed repeat and time to target."""
+    from medqa_core.compare.runsets import summarize_loaded
+    from medqa_core.runset import load_runset
+
+    rows = ["| run set | device | model, steps | seeds | accuracy mean (sd) [range] | eval loss, nats: mean (sd) "
+            "[range] | same seed twice | time to target |",
+            "|---|---|---|---|---|---|---|---|"]
+    for path in _committed_runsets(results):
+        runset, runs = load_runset(path)
+        s = summarize_loaded(runs, runset.target_loss_nats, path.name)
+        acc, loss, rep, ttt = s.accuracy, s.eval_loss_nats, s.repeat, s.time_to_target
+        first = runs[0].record
+        model = first.model["name"]
+        steps = first.train.steps if first.train else "-"
+        n_q = first.eval_after.n_questions if first.eval_after else "-"
+        same = "-" if rep is None else ("bit for bit" if rep.identical else
+                                        f"{rep.accuracy_pp:+.2f} pp, {rep.eval_loss_nats:+.3g} nats")
+        time = (f"{ttt.result_s:.0f} s to {ttt.target_nats:g} nats (sd {ttt.spread.sd:.0f} s, {ttt.reached} of "
+                f"{len(ttt.steps)} reached; steps {', '.join('-' if x is None else str(x) for x in ttt.steps)})"
+                if ttt.result_s is not None else f"- ({ttt.why})")
+        rows.append(
+            f"| [{path.name[:16]}](results/runsets/{path.name}) | {_device(runset.fingerprint)} "
+            f"| {model}, {steps} steps, {n_q} questions | {', '.join(map(str, runset.seeds))} "
+            f"| {100 * acc.mean:.2f}% ({100 * acc.sd:.2f} pp) [{100 * acc.min:.2f}, {100 * acc.max:.2f}] "
+            f"| {loss.mean:.4f} ({loss.sd:.3g}) [{loss.min:.4f}, {loss.max:.4f}] | {same} | {time} |")
+    if len(rows) == 2:
+        rows.append("| (no run set committed) | | | | | | | |")
+    return "\n".join(rows)
+
+
+def claims_check(results: Path) -> str:
+    """``medqa-parity check`` of every shipped claim (claims/*.toml) against the committed run sets."""
+    from medqa_core.compare.claims import Claim, check_claim, exit_code, load_claim, load_sets, render_lines
+
+    sets = load_sets(_committed_runsets(results))
+    out = []
+    for path in sorted((ROOT / "claims").glob("*.toml")):
+        claim = load_claim(path)
+        lines = check_claim(claim, sets)
+        shown = Claim(str(path.relative_to(ROOT)), claim.tables)
+        out += ["```text", f"$ medqa-parity check {shown.path} results/runsets/*.json   # exit {exit_code(lines)}",
+                *render_lines(shown, lines), "```", ""]
+    return "\n".join(out).rstrip()
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
     "train-cases": lambda results: bench_table(results, only="test_train"),
     "verdict": report_verdict, "performance": performance_table, "profiles": profile_tables,
@@ -730,6 +780,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
+    "runsets": runsets_table, "claims": claims_check,
 }
 
 
