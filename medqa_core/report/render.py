@@ -332,7 +332,10 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, baseline: str 
         raise CompareError(f"--margin {margin_pp!r}: {e}") from e
     sets = load_runsets(runsets, margin_pp, loss_margin_nats) if runsets else None
     if sets is not None:  # each set's first seed run stands for it in the single-run statistics
-        paths = [*paths, *(next(r.path for r in s.runs if r.role == "seed") for s in sets.summaries)]
+        seeds = [[r.path for r in s.runs if r.role == "seed"] for s in sets.summaries]
+        # One set alone: its first two seeds, so the paired statistics show what a seed alone changes.
+        firsts = seeds[0][:2] if len(seeds) == 1 and not paths else [s[0] for s in seeds]
+        paths = [*paths, *firsts]
     report = build_report(load_inputs(paths, baseline), tol)
     if sets is not None:
         report = replace(report, runsets=sets)
