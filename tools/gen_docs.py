@@ -56,6 +56,16 @@ def result_files(results: Path, pattern: str) -> list[Path]:
     return sorted(p for p in results.glob(pattern) if tracked is None or p.resolve() in tracked)
 
 
+def single_runs(results: Path, pattern: str) -> list[Path]:
+    """:func:`result_files` of ``runs/`` without the runs of committed run sets: those are shown as sets
+    (``runsets`` block), and their settings are a set's, not the embedded default's."""
+    in_sets: set[Path] = set()
+    for runset in result_files(results, "runsets/*.json"):
+        for run in _json(runset).get("runs", ()):
+            in_sets.add((runset.parent / run["path"]).resolve())
+    return [p for p in result_files(results, pattern) if p.resolve() not in in_sets]
+
+
 def _targets() -> dict[str, Any]:
     with TARGETS.open("rb") as f:
         return tomllib.load(f)
@@ -89,7 +99,7 @@ def runs_table(results: Path) -> str:
         "| peak memory | accuracy before [95% CI] | accuracy after [95% CI] | questions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in result_files(results, "runs/*.json"):
+    for path in single_runs(results, "runs/*.json"):
         r = load_record(path)
         if r.kind == "train":  # fine-tune-only records: in the scaling table
             continue
@@ -124,7 +134,7 @@ def _kernels(fp: dict) -> str:
 def default_run_summary(results: Path) -> str:
     """The summary `medqa-parity run` printed for the newest committed run of the embedded default (on kernels
     its CPU chose; runs with torch's kernels capped stand in for other CPUs and go to the machine-times table)."""
-    paths = [p for p in result_files(results, "runs/*_run_tiny_cpu_*.json")
+    paths = [p for p in single_runs(results, "runs/*_run_tiny_cpu_*.json")
              if not _capped_kernels(load_record(p).fingerprint)]
     if not paths:
         return "(no committed run of the embedded default yet)"
@@ -682,7 +692,7 @@ def gate_noise_tables(results: Path) -> str:
 def machine_times(results: Path) -> str:
     """Wall time of the default run (``medqa-parity run``) on each CPU model a committed record came from."""
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
-    for path in result_files(results, "runs/*_run_tiny_cpu_*.json"):
+    for path in single_runs(results, "runs/*_run_tiny_cpu_*.json"):
         record = load_record(path)
         fp = record.fingerprint
         newest[(str(fp.get("cpu_model")), _kernels(fp))] = (path, record)  # sorted by time: the last is newest
@@ -702,7 +712,7 @@ def machine_times(results: Path) -> str:
 def newest_per_device(results: Path) -> str:
     """The newest committed result of each device: its newest run record and its newest bench file's train case."""
     found: dict[str, dict[str, str]] = {}
-    for path in result_files(results, "runs/*_run_*.json"):
+    for path in single_runs(results, "runs/*_run_*.json"):
         r = load_record(path)
         acc = _acc(r.eval_after)
         speed = f"{r.train.tokens_per_s:,.0f}" if r.train else "-"
