@@ -28,6 +28,10 @@ Fields of a record (units in names):
                      written: path, message, free_bytes on its disk then, step and steps, the newest
                      checkpoint that was written or null); the phases that finished before it keep their
                      results.
+    eval_curve       null, or the eval loss during fine-tuning (``run --eval-every``, run sets): a list of
+                     {step, eval_loss_nats, accuracy, n_questions}, step 0 the base model, scored on the
+                     first n_questions of the eval split; eval_loss_nats is the mean negative
+                     log-likelihood of each question's right answer letter (the answer-token loss).
 """
 
 from __future__ import annotations
@@ -153,6 +157,8 @@ class RunRecord:
     phases_s: dict[str, float] | None = None  # wall seconds: load, score_before, compile, train, score_after
     # run.profile_promise: the --profile spec, how it was chosen, the peak it promised and whether it held
     profile: dict[str, Any] | None = None
+    # The eval loss during fine-tuning, per point {step, eval_loss_nats, accuracy, n_questions}; None: not measured
+    eval_curve: tuple[dict[str, Any], ...] | None = None
     created_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -210,7 +216,8 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
         raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
                           "it was written by another version of medqa-parity")
     # Added within schema 1: older files lack them.
-    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, "profile": None, **d}
+    d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, "profile": None,
+         "eval_curve": None, **d}
     names = {f.name for f in dataclasses.fields(RunRecord)}
     missing = sorted(names - d.keys())
     if missing:
@@ -222,6 +229,7 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
             "eval_before": _eval_from_dict(d["eval_before"], where, "eval_before"),
             "eval_after": _eval_from_dict(d["eval_after"], where, "eval_after"),
             "notes": tuple(d["notes"]),
+            "eval_curve": None if d["eval_curve"] is None else tuple(dict(p) for p in d["eval_curve"]),
         })
     except (KeyError, TypeError) as e:
         raise RecordError(f"{where}: malformed field ({e})") from e

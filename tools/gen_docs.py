@@ -34,7 +34,7 @@ from medqa_core.record import RunRecord, load_record  # noqa: E402
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
 DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
-             "docs/performance.md")
+             "docs/performance.md", "docs/parity-reports.md")
 TARGETS = ROOT / "docs" / "targets.toml"
 
 
@@ -54,6 +54,16 @@ def result_files(results: Path, pattern: str) -> list[Path]:
     """Committed files under ``results`` matching ``pattern``, sorted (see :func:`_tracked`)."""
     tracked = _tracked(results.resolve())
     return sorted(p for p in results.glob(pattern) if tracked is None or p.resolve() in tracked)
+
+
+def single_runs(results: Path, pattern: str) -> list[Path]:
+    """:func:`result_files` of ``runs/`` without the runs of committed run sets: those are shown as sets
+    (``runsets`` block), and their settings are a set's, not the embedded default's."""
+    in_sets: set[Path] = set()
+    for runset in result_files(results, "runsets/*.json"):
+        for run in _json(runset).get("runs", ()):
+            in_sets.add((runset.parent / run["path"]).resolve())
+    return [p for p in result_files(results, pattern) if p.resolve() not in in_sets]
 
 
 def _targets() -> dict[str, Any]:
@@ -89,7 +99,7 @@ def runs_table(results: Path) -> str:
         "| peak memory | accuracy before [95% CI] | accuracy after [95% CI] | questions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in result_files(results, "runs/*.json"):
+    for path in single_runs(results, "runs/*.json"):
         r = load_record(path)
         if r.kind == "train":  # fine-tune-only records: in the scaling table
             continue
@@ -124,7 +134,7 @@ def _kernels(fp: dict) -> str:
 def default_run_summary(results: Path) -> str:
     """The summary `medqa-parity run` printed for the newest committed run of the embedded default (on kernels
     its CPU chose; runs with torch's kernels capped stand in for other CPUs and go to the machine-times table)."""
-    paths = [p for p in result_files(results, "runs/*_run_tiny_cpu_*.json")
+    paths = [p for p in single_runs(results, "runs/*_run_tiny_cpu_*.json")
              if not _capped_kernels(load_record(p).fingerprint)]
     if not paths:
         return "(no committed run of the embedded default yet)"
@@ -682,7 +692,7 @@ def gate_noise_tables(results: Path) -> str:
 def machine_times(results: Path) -> str:
     """Wall time of the default run (``medqa-parity run``) on each CPU model a committed record came from."""
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
-    for path in result_files(results, "runs/*_run_tiny_cpu_*.json"):
+    for path in single_runs(results, "runs/*_run_tiny_cpu_*.json"):
         record = load_record(path)
         fp = record.fingerprint
         newest[(str(fp.get("cpu_model")), _kernels(fp))] = (path, record)  # sorted by time: the last is newest
@@ -702,7 +712,7 @@ def machine_times(results: Path) -> str:
 def newest_per_device(results: Path) -> str:
     """The newest committed result of each device: its newest run record and its newest bench file's train case."""
     found: dict[str, dict[str, str]] = {}
-    for path in result_files(results, "runs/*_run_*.json"):
+    for path in single_runs(results, "runs/*_run_*.json"):
         r = load_record(path)
         acc = _acc(r.eval_after)
         speed = f"{r.train.tokens_per_s:,.0f}" if r.train else "-"
@@ -721,6 +731,56 @@ def newest_per_device(results: Path) -> str:
     return "\n".join(rows)
 
 
+def _committed_runsets(results: Path) -> list[Path]:
+    return result_files(results, "runsets/*.json")
+
+
+def runsets_table(results: Path) -> str:
+    """One row per committed run set (results/runsets): its seeds, spreads, same-seed repeat and time to target."""
+    from medqa_core.compare.runsets import summarize_loaded
+    from medqa_core.runset import load_runset
+
+    rows = ["| run set | device | model, steps | seeds | accuracy mean (sd) [range] | eval loss, nats: mean (sd) "
+            "[range] | same seed twice | time to target |",
+            "|---|---|---|---|---|---|---|---|"]
+    for path in _committed_runsets(results):
+        runset, runs = load_runset(path)
+        s = summarize_loaded(runs, runset.target_loss_nats, path.name)
+        acc, loss, rep, ttt = s.accuracy, s.eval_loss_nats, s.repeat, s.time_to_target
+        first = runs[0].record
+        model = first.model["name"]
+        steps = first.train.steps if first.train else "-"
+        n_q = first.eval_after.n_questions if first.eval_after else "-"
+        same = "-" if rep is None else ("bit for bit" if rep.identical else
+                                        f"{rep.accuracy_pp:+.2f} pp, {rep.eval_loss_nats:+.3g} nats")
+        time = (f"{ttt.result_s:.0f} s to {ttt.target_nats:g} nats (sd {ttt.spread.sd:.0f} s, {ttt.reached} of "
+                f"{len(ttt.steps)} reached; steps {', '.join('-' if x is None else str(x) for x in ttt.steps)})"
+                if ttt.result_s is not None else f"- ({ttt.why})")
+        rows.append(
+            f"| [{path.name[:16]}](results/runsets/{path.name}) | {_device(runset.fingerprint)} "
+            f"| {model}, {steps} steps, {n_q} questions | {', '.join(map(str, runset.seeds))} "
+            f"| {100 * acc.mean:.2f}% ({100 * acc.sd:.2f} pp) [{100 * acc.min:.2f}, {100 * acc.max:.2f}] "
+            f"| {loss.mean:.4f} ({loss.sd:.3g}) [{loss.min:.4f}, {loss.max:.4f}] | {same} | {time} |")
+    if len(rows) == 2:
+        rows.append("| (no run set committed) | | | | | | | |")
+    return "\n".join(rows)
+
+
+def claims_check(results: Path) -> str:
+    """``medqa-parity check`` of every shipped claim (claims/*.toml) against the committed run sets."""
+    from medqa_core.compare.claims import Claim, check_claim, exit_code, load_claim, load_sets, render_lines
+
+    sets = load_sets(_committed_runsets(results))
+    out = []
+    for path in sorted((ROOT / "claims").glob("*.toml")):
+        claim = load_claim(path)
+        lines = check_claim(claim, sets)
+        shown = Claim(str(path.relative_to(ROOT)), claim.tables)
+        out += ["```text", f"$ medqa-parity check {shown.path} results/runsets/*.json   # exit {exit_code(lines)}",
+                *render_lines(shown, lines), "```", ""]
+    return "\n".join(out).rstrip()
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
     "train-cases": lambda results: bench_table(results, only="test_train"),
     "verdict": report_verdict, "performance": performance_table, "profiles": profile_tables,
@@ -730,6 +790,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
+    "runsets": runsets_table, "claims": claims_check,
 }
 
 
