@@ -9,7 +9,7 @@ from typing import TypeVar
 import pytest
 import torch
 
-from medqa_core.config import (
+from medqa_core.engine.config import (
     ATTN_KERNELS,
     DTYPES,
     NF4_BLOCKSIZES,
@@ -180,8 +180,8 @@ def add_options(parser: pytest.Parser) -> None:
     g.addoption("--decode-batches", default=None, metavar="ROWS",
                 help="comma-separated batches of the decode cases (default: 1 and --bench-batch-size)")
     g.addoption("--nf4-kernels", default=None, metavar="NAMES",
-                help="4-bit kernels of the compiled decode case, one arm each: triton (ours, medqa_core.kernels), "
-                     "bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
+                help="4-bit kernels of the compiled decode case, one arm each: triton (ours, "
+                     "medqa_core.engine.kernels), bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 

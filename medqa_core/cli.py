@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medqa_core.config import (
+from medqa_core.engine.config import (
     ATTN_KERNELS,
     AUTO_PROFILE,
     BACKENDS,
@@ -261,11 +261,11 @@ def interrupted_line(failure: dict[str, Any], path: Any) -> str:
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
-    from medqa_core.distributed import launched_by_torchrun
-    from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
-    from medqa_core.printout import summary_lines
+    from medqa_core.engine.distributed import launched_by_torchrun
+    from medqa_core.engine.preemption import Interrupted, StopOnSignals, exit_code
+    from medqa_core.engine.sharded import check_sharding
+    from medqa_core.report.run_summary import summary_lines
     from medqa_core.run import execute
-    from medqa_core.sharded import check_sharding
 
     cfg = build_config(args)  # a bad setting fails here, once, not in each process torchrun would start
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
@@ -303,7 +303,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from medqa_core.profiler import format_profile, profile_training, save_profiles
+    from medqa_core.measure.trace import format_profile, profile_training, save_profiles
 
     names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
     args.profile = None  # each traced profile applies its own settings over the flags
@@ -320,7 +320,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from medqa_core.fingerprint import machine_fingerprint, resolve_device
+    from medqa_core.measure.fingerprint import machine_fingerprint, resolve_device
 
     fp = machine_fingerprint(resolve_device(args.backend))
     print(json.dumps(fp, indent=2))
@@ -534,9 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("medqa-parity: interrupted by SIGINT", file=sys.stderr)
         return 130
     except Exception as e:
-        # Nothing is imported here: memory may be exhausted. Without medqa_core.timing no torch code ran,
+        # Nothing is imported here: memory may be exhausted. Without medqa_core.measure.timing no torch code ran,
         # and only a MemoryError can be out of memory.
-        timing = sys.modules.get("medqa_core.timing")
+        timing = sys.modules.get("medqa_core.measure.timing")
         if not (isinstance(e, MemoryError) or (timing is not None and timing.is_oom(e))):
             raise
         print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
@@ -547,11 +547,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Errors that are the user's to fix, by module: shown as one line, not a traceback.
 USER_ERRORS = {
-    "medqa_core.attention": "AttentionError", "medqa_core.checkpoint": "CheckpointError",
-    "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
+    "medqa_core.engine.attention": "AttentionError", "medqa_core.engine.checkpoint": "CheckpointError",
+    "medqa_core.engine.data": "MedQADataError", "medqa_core.measure.fingerprint": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
-    "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
-    "medqa_core.sharded": "ShardError",
+    "medqa_core.engine.model": "ModelLoadError", "medqa_core.results.record": "RecordError",
+    "medqa_core.engine.numerics": "DtypeError", "medqa_core.engine.sharded": "ShardError",
 }
 
 

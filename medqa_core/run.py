@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from medqa_core.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
-from medqa_core.checkpoint import check_resume
-from medqa_core.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
-from medqa_core.data import (
+from medqa_core.engine.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
+from medqa_core.engine.checkpoint import check_resume
+from medqa_core.engine.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
+from medqa_core.engine.data import (
     MedQAItem,
     bundled_data_dir,
     check_prompt_lengths,
@@ -26,11 +26,9 @@ from medqa_core.data import (
     has_split,
     load_medqa,
 )
-from medqa_core.distributed import barrier, init_distributed, shutdown
-from medqa_core.evaluate import evaluate
-from medqa_core.failure import OomFailure
-from medqa_core.fingerprint import machine_fingerprint, resolve_device
-from medqa_core.model import (
+from medqa_core.engine.distributed import barrier, init_distributed, shutdown
+from medqa_core.engine.evaluate import evaluate
+from medqa_core.engine.model import (
     QuantInfo,
     add_lora,
     count_parameters,
@@ -42,12 +40,20 @@ from medqa_core.model import (
     resolve_model_dir,
     save_adapter,
 )
-from medqa_core.numerics import Numerics, resolve_numerics
-from medqa_core.preemption import Interrupted, StopOnSignals
-from medqa_core.record import RunRecord, save_record
-from medqa_core.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
-from medqa_core.timing import device_memory_gib, free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
-from medqa_core.train import total_steps, train
+from medqa_core.engine.numerics import Numerics, resolve_numerics
+from medqa_core.engine.preemption import Interrupted, StopOnSignals
+from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
+from medqa_core.engine.train import total_steps, train
+from medqa_core.measure.fingerprint import machine_fingerprint, resolve_device
+from medqa_core.measure.timing import (
+    device_memory_gib,
+    free_device_memory,
+    is_oom,
+    memory_allocated_gib,
+    peak_memory_gib,
+)
+from medqa_core.results.failure import OomFailure
+from medqa_core.results.record import RunRecord, save_record
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +315,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
         # Out of memory is a result: record which configuration ran out and keep what finished.
         oom = OomFailure(phase=phase, message=(str(e).strip().splitlines() or [type(e).__name__])[0],
                          memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device))
-        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.failure)
+        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.results.failure)
         logger.error("%s", oom.text)
     if failure is not None:
         free_device_memory(device)  # the failed step's tensors, held by the traceback until now

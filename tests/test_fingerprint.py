@@ -1,4 +1,4 @@
-"""Tests for medqa_core.fingerprint: backend detection, device resolution, the fingerprint dict."""
+"""Tests for medqa_core.measure.fingerprint: backend detection, device resolution, the fingerprint dict."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa_core import fingerprint
-from medqa_core.fingerprint import BackendError, detect_backend, machine_fingerprint, resolve_device
+from medqa_core.measure import fingerprint
+from medqa_core.measure.fingerprint import BackendError, detect_backend, machine_fingerprint, resolve_device
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts CPU-machine behaviour; a GPU is visible")
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")

@@ -26,7 +26,7 @@ from medqa_core.gate.cases import cases_from_record
 from medqa_core.gate.checks import speed_check
 from medqa_core.gate.decide import gate_cases
 from medqa_core.gate.thresholds import GateError, Thresholds, find_pyproject, load_thresholds, read_gate_table
-from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
+from medqa_core.results.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"

@@ -1,4 +1,4 @@
-"""Tests for medqa_core.timing: stats, timer, memory readings, OOM recognition."""
+"""Tests for medqa_core.measure.timing: stats, timer, memory readings, OOM recognition."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from medqa_core.timing import (
+from medqa_core.measure.timing import (
     Stats,
     Timer,
     host_peak_rss_gib,

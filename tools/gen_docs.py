@@ -26,10 +26,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
 
-from medqa_core.benchcase import BenchCase  # noqa: E402
 from medqa_core.compare.inputs import device_label  # noqa: E402
-from medqa_core.printout import summary_lines  # noqa: E402
-from medqa_core.record import RunRecord, load_record  # noqa: E402
+from medqa_core.report.run_summary import summary_lines  # noqa: E402
+from medqa_core.results.benchcase import BenchCase  # noqa: E402
+from medqa_core.results.record import RunRecord, load_record  # noqa: E402
 
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
@@ -210,7 +210,7 @@ def _profile_of(train: dict) -> str | None:
 
     A key an older record lacks did not exist then: it counts as TrainConfig's default.
     """
-    from medqa_core.config import TRAIN_PROFILES, TrainConfig, train_profile
+    from medqa_core.engine.config import TRAIN_PROFILES, TrainConfig, train_profile
 
     keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "lora_dropout", "adamw", "attn",
             "activation_budget")
@@ -238,7 +238,7 @@ def _newest_reference(results: Path, gpu: str) -> tuple[Path, BenchCase] | None:
 def profile_targets(results: Path) -> str:
     """The memory classes on real runs: the newest 2-epoch run of each profile per card, its promise, and the
     speed issue's targets (docs/targets.toml [profiles]) against the reference of the card's newest bench file."""
-    from medqa_core.config import MEMORY_CAP_GIB
+    from medqa_core.engine.config import MEMORY_CAP_GIB
 
     targets = _targets()["profiles"]
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}

@@ -4,7 +4,7 @@
 benchmark file one per arm and attention kernel), checking kind and schema first; :func:`load_inputs`
 reads several and labels them so that each label shows what differs. :mod:`medqa_core.report` and
 :mod:`medqa_core.gate` both start here. Bench cases are read through
-:class:`~medqa_core.benchcase.BenchCase` alone.
+:class:`~medqa_core.results.benchcase.BenchCase` alone.
 
 No torch here: summaries are built on any machine from the saved files.
 """
@@ -22,10 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from medqa_core.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
 from medqa_core.compare.stats import wilson_ci95
-from medqa_core.failure import FailureError, OomFailure
-from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RecordError, RunRecord, record_from_dict
+from medqa_core.results.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
+from medqa_core.results.failure import FailureError, OomFailure
+from medqa_core.results.record import (
+    SCHEMA_VERSION,
+    EvalResult,
+    QuestionResult,
+    RecordError,
+    RunRecord,
+    record_from_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ class RunSummary:
         base_parameters: parameters without LoRA, or None when not recorded.
         seed: preset weight seed, or None when not recorded.
         quantization: settings read back from a quantized layer.
-        fingerprint: machine fingerprint (medqa_core.fingerprint).
+        fingerprint: machine fingerprint (medqa_core.measure.fingerprint).
         metrics: performance figures by metric key (medqa_core.compare.metrics).
         phases: per-question scores by phase ("base", "fine-tuned").
         loss_per_step: training loss per optimizer step (records only).

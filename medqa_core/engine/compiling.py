@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from medqa_core.model import decoder_layers
+from medqa_core.engine.model import decoder_layers
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,7 +9,7 @@ Case schema versions:
     1  files written before the schema existed (no ``schema_version`` in extra_info); the
        out-of-memory entry named its phase ``during``. Read by migration.
     2  this module: ``schema_version`` and ``compute_dtype`` added; ``oom`` is
-       :class:`~medqa_core.failure.OomFailure`; an unmeasured energy is null, not "unavailable".
+       :class:`~medqa_core.results.failure.OomFailure`; an unmeasured energy is null, not "unavailable".
 
 Fields not named below (compile state, dynamo counters, per-round losses, ...) are kept as written in
 ``details`` and saved flat beside the typed ones. No torch here.
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from medqa_core.failure import FailureError, OomFailure
-from medqa_core.record import QuestionResult
+from medqa_core.results.failure import FailureError, OomFailure
+from medqa_core.results.record import QuestionResult
 
 BENCH_CASE_SCHEMA = 2
 # What a case did: speed and memory of two cases compare only where these match.
@@ -97,7 +97,7 @@ class BenchCase:
     step_time_s_median: float | None = None
     step_time_s_iqr: float | None = None
     mfu: float | None = None
-    mfu_datasheet: float | None = None  # over the vendor's dense peak of the compute dtype (medqa_core.flops)
+    mfu_datasheet: float | None = None  # over the vendor's dense peak of the compute dtype (medqa_core.measure.flops)
     speedup_vs_reference: float | None = None
     reference_tokens_per_s: float | None = None
     prefill_tokens_per_s: float | None = None

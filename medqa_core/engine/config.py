@@ -55,7 +55,7 @@ ATTN_KERNELS = (
     "eager", "flex", "flash_attention_2",
 )
 QUANT_MODES = ("nf4", "fp4", "none")  # bitsandbytes 4-bit types, or a plain base in the compute dtype
-DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype; medqa_core.numerics resolves "auto" per device
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype; medqa_core.engine.numerics resolves "auto" per device
 # NF4/FP4 block sizes bitsandbytes quantizes with: 64 is its default (CUDA, CPU, and ROCm from
 # bitsandbytes PR #1873 on); 128 was the default on CDNA (MI250/MI300, 64-wide warps) before it.
 NF4_BLOCKSIZES = (32, 64, 128, 256)
@@ -87,7 +87,7 @@ class ModelConfig:
     quant: str = "nf4"
     attn: str = "sdpa"
     allow_pickle: bool = False  # load .bin/.pt weights; off: pickle can run code
-    dtype: str = "auto"  # compute dtype of training and scoring (see medqa_core.numerics)
+    dtype: str = "auto"  # compute dtype of training and scoring (see medqa_core.engine.numerics)
     nf4_blocksize: int | None = None  # None: bitsandbytes' default; the record says which ran
     nf4_double_quant: bool = True  # quantize the 4-bit scales again (QLoRA's double quantization)
     nf4_quant_storage: str = "uint8"  # the dtype 4-bit weights are packed into (FSDP wants the compute dtype)

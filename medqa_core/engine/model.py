@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from packaging.version import Version
 
-from medqa_core.config import PRESET_COMMON, PRESETS, LoraSettings, ModelConfig
-from medqa_core.files import apply_umask, json_problem, safetensors_tensors
+from medqa_core.engine.config import PRESET_COMMON, PRESETS, LoraSettings, ModelConfig
+from medqa_core.results.storage import apply_umask, json_problem, safetensors_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # tokenizers, sentencepiece and protobuf each raise their own types
-        from medqa_core.timing import is_oom
+        from medqa_core.measure.timing import is_oom
 
         if is_oom(e):
             raise

@@ -18,18 +18,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medqa_core.attention import (
+from medqa_core.engine.attention import (
     AttentionChoice,
     attention_context,
     check_trainable,
     resolve_attention,
     switch_attention,
 )
-from medqa_core.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
-from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
-from medqa_core.config import TrainConfig
-from medqa_core.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
-from medqa_core.distributed import (
+from medqa_core.engine.checkpoint import CheckpointError, TrainProgress, load_checkpoint, save_checkpoint
+from medqa_core.engine.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
+from medqa_core.engine.config import TrainConfig
+from medqa_core.engine.data import IGNORE_INDEX, ROW_MULTIPLE, TrainExample, collate, collate_packed, iter_batches
+from medqa_core.engine.distributed import (
     DDP_BUCKET_CAP_MB,
     DistInfo,
     all_reduce_sum,
@@ -38,13 +38,13 @@ from medqa_core.distributed import (
     gather_step,
     measure_all_reduce_s,
 )
-from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
-from medqa_core.model import set_checkpointing, set_lora_dropout
-from medqa_core.numerics import Numerics, autocast
-from medqa_core.preemption import Interrupted
-from medqa_core.record import StepImbalance, TrainResult
-from medqa_core.sharded import is_sharded, sharding_info
-from medqa_core.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
+from medqa_core.engine.model import set_checkpointing, set_lora_dropout
+from medqa_core.engine.numerics import Numerics, autocast
+from medqa_core.engine.preemption import Interrupted
+from medqa_core.engine.sharded import is_sharded, sharding_info
+from medqa_core.measure.flops import ModelShape, datasheet_peak, train_step_flops
+from medqa_core.measure.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
+from medqa_core.results.record import StepImbalance, TrainResult
 
 logger = logging.getLogger(__name__)
 

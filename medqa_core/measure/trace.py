@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from medqa_core.data import TrainExample
-from medqa_core.timing import Timer, free_device_memory, is_oom, peak_memory_gib, reset_peak_memory
+from medqa_core.engine.data import TrainExample
+from medqa_core.measure.timing import Timer, free_device_memory, is_oom, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def profile_steps(step: Any, examples: Sequence[TrainExample], device: torch.dev
     """Profile ``steps`` calls of ``step(batch)`` after ``warmup`` unprofiled ones.
 
     Args:
-        step: a :class:`medqa_core.train.TrainingStep` (forward, backward, optimizer; ``step.collate``
+        step: a :class:`medqa_core.engine.train.TrainingStep` (forward, backward, optimizer; ``step.collate``
             batches as the training loop does).
         examples: the step's examples.
         device: where the model runs.
@@ -164,11 +164,11 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
     Returns:
         The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
     """
-    from medqa_core.config import train_profile
-    from medqa_core.data import first_examples
-    from medqa_core.fingerprint import machine_fingerprint
+    from medqa_core.engine.config import train_profile
+    from medqa_core.engine.data import first_examples
+    from medqa_core.engine.train import prepare_training
+    from medqa_core.measure.fingerprint import machine_fingerprint
     from medqa_core.run import load_session, load_splits
-    from medqa_core.train import prepare_training
 
     session = load_session(cfg)
     splits = load_splits(cfg.data)

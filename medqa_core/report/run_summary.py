@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from medqa_core.compare.inputs import record_settings
-from medqa_core.record import EvalResult, RunRecord
+from medqa_core.results.record import EvalResult, RunRecord
 
 
 def _accuracy(result: EvalResult | None) -> str:

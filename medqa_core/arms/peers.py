@@ -1,7 +1,7 @@
 """Peer arms: the fine-tuning stacks users pick for speed, on the same model folder and examples as ours.
 
 Each arm is a small dataclass with a loader, ``collate`` and ``step``, like the reference arm
-(``medqa_core.reference``), so ``bench/bench_peers.py`` times every stack the same way:
+(``medqa_core.arms.reference``), so ``bench/bench_peers.py`` times every stack the same way:
 
 - ``liger``: the reference recipe with Liger Kernel's Mistral patch (RoPE, RMSNorm, SwiGLU, fused
   linear cross entropy) applied before loading. ``apply_liger_kernel_to_mistral`` rebinds names in
@@ -32,12 +32,12 @@ from typing import Any, Protocol
 
 import torch
 
-from medqa_core.config import RunConfig
-from medqa_core.data import IGNORE_INDEX, TrainExample
-from medqa_core.fingerprint import resolve_device
-from medqa_core.model import QuantInfo, quant_info, resolve_model_dir
-from medqa_core.numerics import Numerics, autocast, resolve_numerics
-from medqa_core.reference import REFERENCE_LORA, ReferenceArm, collate_reference, load_reference, reference_step
+from medqa_core.arms.reference import REFERENCE_LORA, ReferenceArm, collate_reference, load_reference, reference_step
+from medqa_core.engine.config import RunConfig
+from medqa_core.engine.data import IGNORE_INDEX, TrainExample
+from medqa_core.engine.model import QuantInfo, quant_info, resolve_model_dir
+from medqa_core.engine.numerics import Numerics, autocast, resolve_numerics
+from medqa_core.measure.fingerprint import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def load_liger(cfg: RunConfig, device: torch.device | None = None) -> LigerArm:
     Raises:
         PeerUnavailable: liger-kernel is not installed, the device is not a GPU, it does not import
             (Triton missing or mismatched), or the patch reached no module of the loaded model.
-        ModelLoadError: as :func:`medqa_core.reference.load_reference`.
+        ModelLoadError: as :func:`medqa_core.arms.reference.load_reference`.
     """
     device = device or resolve_device(cfg.backend)
     version = installed_version(DISTRIBUTIONS["liger"])

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from medqa_core.attention import AttentionChoice
-from medqa_core.config import TrainConfig
-from medqa_core.data import TrainExample
-from medqa_core.numerics import Numerics
-from medqa_core.train import prepare_training, step_seed
+from medqa_core.engine.attention import AttentionChoice
+from medqa_core.engine.config import TrainConfig
+from medqa_core.engine.data import TrainExample
+from medqa_core.engine.numerics import Numerics
+from medqa_core.engine.train import prepare_training, step_seed
 
 # The most a lever's per-step loss may differ from the default's, as a share of the default's mean loss over the
 # same steps. Dropout's masks make two curves differ by their noise: 2% is several times what dropping it moved

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from medqa_core.timing import synchronize
+from medqa_core.measure.timing import synchronize
 
 logger = logging.getLogger(__name__)
 

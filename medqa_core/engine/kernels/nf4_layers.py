@@ -5,7 +5,7 @@ builds one :class:`FusedNF4Linear` for each, once. ``with swap:`` puts them in t
 the originals back on exit, so the model is unchanged outside the block and the same wrapper objects come
 back each time (torch.compile's guards stay valid).
 
-A wrapper runs :func:`medqa_core.kernels.nf4_matmul.nf4_matmul` through a ``torch.library`` custom op, which
+A wrapper runs :func:`medqa_core.engine.kernels.nf4_matmul.nf4_matmul` through a ``torch.library`` custom op, which
 torch.compile keeps as one opaque call and a CUDA/HIP graph records as its two launches. Above ``max_rows``
 rows (a prefill) it calls the original layer, since bitsandbytes' dequantize + cuBLAS GEMM is then
 compute-bound and fast.
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from medqa_core.kernels.nf4_matmul import NF4Weight, nf4_matmul, nf4_weight
+from medqa_core.engine.kernels.nf4_matmul import NF4Weight, nf4_matmul, nf4_weight
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class FusedNF4Linear(torch.nn.Module):
 class SwapInfo:
     """What an :class:`NF4Swap` replaced: recorded beside decode figures."""
 
-    kernel: str  # "triton-nf4 (medqa_core.kernels)"
+    kernel: str  # "triton-nf4 (medqa_core.kernels)": the name bench files record, kept as it was
     layers: int  # 4-bit layers computed by our kernel
     lora_layers: int  # of which carry a LoRA adapter, fused into the same call
     max_rows: int

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medqa_core.files import apply_umask, fsync_dir, fsync_file, safetensors_tensors, sha256_file
-from medqa_core.timing import is_oom
+from medqa_core.measure.timing import is_oom
+from medqa_core.results.storage import apply_umask, fsync_dir, fsync_file, safetensors_tensors, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Hardware ceilings measured in the same run: peak bf16 matmul FLOP/s, copy bandwidth, energy.
 
-MFU is reported twice: against the datasheet peak (medqa_core.flops, the figure others quote) and
+MFU is reported twice: against the datasheet peak (medqa_core.measure.flops, the figure others quote) and
 against these measured numbers, which hold for the clocks, driver and power cap the run actually had.
 Nothing here probes hardware at import time; every measurement happens on call.
 """
@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import torch
 
-from medqa_core.timing import Stats, Timer
+from medqa_core.measure.timing import Stats, Timer
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ logits through ``model(input_ids, attention_mask, labels)`` under bf16 autocast,
 run's ``--dtype`` as a guide's user would: ``fp16=True`` (with a gradient scaler) on such a GPU, fp32 on
 such a CPU.
 
-It differs from ours (``medqa_core.train``) where the guides differ: ours leaves out the fp32 upcast,
+It differs from ours (``medqa_core.engine.train``) where the guides differ: ours leaves out the fp32 upcast,
 recomputes no layers (or, in a memory-capped profile, only some), packs examples instead of padding,
 and runs the LM head only at labelled positions. ``bench/`` times
 both on one batch to report ours' speedup.
@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-from medqa_core.attention import AttentionChoice, detect_kernel, resolve_attention
-from medqa_core.config import LoraSettings, RunConfig
-from medqa_core.data import IGNORE_INDEX, TrainExample
-from medqa_core.fingerprint import resolve_device
-from medqa_core.model import (
+from medqa_core.engine.attention import AttentionChoice, detect_kernel, resolve_attention
+from medqa_core.engine.config import LoraSettings, RunConfig
+from medqa_core.engine.data import IGNORE_INDEX, TrainExample
+from medqa_core.engine.model import (
     QuantInfo,
     add_lora,
     load_base_model,
@@ -39,7 +38,8 @@ from medqa_core.model import (
     quant_info,
     resolve_model_dir,
 )
-from medqa_core.numerics import Numerics, autocast, resolve_numerics
+from medqa_core.engine.numerics import Numerics, autocast, resolve_numerics
+from medqa_core.measure.fingerprint import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medqa_core.files import fsync_dir
+from medqa_core.results.storage import fsync_dir
 
 SCHEMA_VERSION = 1
 

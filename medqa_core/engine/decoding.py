@@ -12,7 +12,7 @@ greedy pick, position + 1) keeps all of its state in tensors, is compiled once, 
 captured as one CUDA graph (a HIP graph on ROCm, through the same ``torch.cuda`` API). Each token
 is then a single graph launch: what is timed is the device's work.
 
-On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.kernels) instead of bitsandbytes'
+On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.engine.kernels) instead of bitsandbytes'
 batch-1 kernel and LoRA's separate small matmuls; ``nf4_kernel`` chooses, and :class:`DecodeSetup` records which ran.
 """
 
@@ -45,7 +45,7 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
     """
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
-    from medqa_core.kernels.nf4_matmul import interpreting
+    from medqa_core.engine.kernels.nf4_matmul import interpreting
 
     if device.type != "cuda" and not interpreting():
         return f"Triton kernels need a GPU ({device.type} here; TRITON_INTERPRET=1 runs them on CPU for tests)"
@@ -146,7 +146,7 @@ class StaticDecoder:
         kernel, why = nf4_kernel_choice(self.base, self.device, nf4_kernel)
         self._swap = None
         if kernel == "triton":
-            from medqa_core.kernels.nf4_layers import NF4Swap
+            from medqa_core.engine.kernels.nf4_layers import NF4Swap
 
             self._swap = NF4Swap(self.base, max_rows=batch)
             kernel_name = self._swap.info.kernel

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from medqa_core.config import RunConfig
-from medqa_core.flops import ModelShape
-from medqa_core.model import decoder_layers
+from medqa_core.engine.config import RunConfig
+from medqa_core.engine.model import decoder_layers
+from medqa_core.measure.flops import ModelShape
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 import torch
 
-from medqa_core.config import BACKENDS as VALID_BACKENDS
-from medqa_core.numerics import relevant_cpu_flags
+from medqa_core.engine.config import BACKENDS as VALID_BACKENDS
+from medqa_core.engine.numerics import relevant_cpu_flags
 
 logger = logging.getLogger(__name__)
 

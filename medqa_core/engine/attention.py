@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from medqa_core.config import ATTN_KERNELS
+from medqa_core.engine.config import ATTN_KERNELS
 
 _SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
