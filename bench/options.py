@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import torch
@@ -36,11 +35,6 @@ CPU_TRAIN_ROUNDS = 5
 GPU_TRAIN_ROUNDS = 20
 # Accuracy/inference before training: the train step changes the adapter they would score.
 _FILE_ORDER = {"bench_accuracy.py": 0, "bench_infer.py": 1, "bench_train.py": 2, "bench_levers.py": 3}
-# torch's messages when a forced SDPA backend cannot run (older releases, and torch 2.13).
-_NO_SDPA_KERNEL = ("No available kernel", "No viable backend")
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class BenchOptions:

@@ -342,12 +342,6 @@ def collate_packed(examples: Sequence[TrainExample], pad_id: int, row_len: int,
 ROW_MULTIPLE = 2
 
 
-def packed_shape(lengths: Sequence[int], row_len: int) -> tuple[int, int]:
-    """[R, T] of ``collate_packed(..., static_shape=True)`` for examples of ``lengths`` tokens."""
-    rows = len(pack_rows(lengths, row_len))
-    return rows + (-rows % ROW_MULTIPLE), max(row_len, max(lengths))
-
-
 def _collate_rows(rows: Sequence[Sequence[TrainExample]], pad_id: int, packed: bool,
                   width: int | None = None) -> dict[str, torch.Tensor]:
     width = width or max(sum(e.n_tokens for e in row) for row in rows)
