@@ -29,7 +29,7 @@ from bench_train import _rounds_over, _train_info
 
 from medqa_core.arms.peers import DISTRIBUTIONS, PeerUnavailable, installed_version
 from medqa_core.engine.config import train_profile
-from medqa_core.measure.fingerprint import detect_backend
+from medqa_core.measure.device import detect_backend
 
 pytestmark = pytest.mark.benchmark(group="train")
 

@@ -34,7 +34,7 @@ from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
 from medqa_core.engine.train import adamw_fused, prepare_training
-from medqa_core.measure.fingerprint import detect_backend
+from medqa_core.measure.device import detect_backend
 from medqa_core.measure.flops import ModelShape, datasheet_peak, train_step_flops
 
 pytestmark = pytest.mark.benchmark(group="train")

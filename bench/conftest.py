@@ -33,7 +33,8 @@ from medqa_core.engine.config import (
 from medqa_core.engine.data import TrainExample, encode_train, format_prompt, iter_batches
 from medqa_core.engine.model import load_tokenizer, resolve_model_dir
 from medqa_core.measure.ceilings import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
-from medqa_core.measure.fingerprint import machine_fingerprint, resolve_device
+from medqa_core.measure.device import resolve_device
+from medqa_core.measure.fingerprint import machine_fingerprint
 from medqa_core.results.benchcase import BenchCase
 from medqa_core.run import Splits, load_splits
 

@@ -20,7 +20,7 @@ from medqa_core.engine.config import (
     RunConfig,
 )
 from medqa_core.measure.ceilings import EnergyMeter
-from medqa_core.measure.fingerprint import detect_backend
+from medqa_core.measure.device import detect_backend
 from medqa_core.measure.timing import (
     Stats,
     Timer,

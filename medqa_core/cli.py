@@ -21,7 +21,6 @@ from typing import Any
 from medqa_core.engine.config import (
     ATTN_KERNELS,
     AUTO_PROFILE,
-    BACKENDS,
     COMPILE_MODES,
     DTYPES,
     LOSS_ON,
@@ -41,6 +40,7 @@ from medqa_core.engine.config import (
     TrainConfig,
     train_profile,
 )
+from medqa_core.measure.device import BACKENDS
 
 logger = logging.getLogger("medqa_core")
 
@@ -320,7 +320,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from medqa_core.measure.fingerprint import machine_fingerprint, resolve_device
+    from medqa_core.measure.device import resolve_device
+    from medqa_core.measure.fingerprint import machine_fingerprint
 
     fp = machine_fingerprint(resolve_device(args.backend))
     print(json.dumps(fp, indent=2))
@@ -548,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Errors that are the user's to fix, by module: shown as one line, not a traceback.
 USER_ERRORS = {
     "medqa_core.engine.attention": "AttentionError", "medqa_core.engine.checkpoint": "CheckpointError",
-    "medqa_core.engine.data": "MedQADataError", "medqa_core.measure.fingerprint": "BackendError",
+    "medqa_core.engine.data": "MedQADataError", "medqa_core.measure.device": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
     "medqa_core.engine.model": "ModelLoadError", "medqa_core.results.record": "RecordError",
     "medqa_core.engine.numerics": "DtypeError", "medqa_core.engine.sharded": "ShardError",

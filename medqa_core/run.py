@@ -44,14 +44,9 @@ from medqa_core.engine.numerics import Numerics, resolve_numerics
 from medqa_core.engine.preemption import Interrupted, StopOnSignals
 from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
 from medqa_core.engine.train import total_steps, train
-from medqa_core.measure.fingerprint import machine_fingerprint, resolve_device
-from medqa_core.measure.timing import (
-    device_memory_gib,
-    free_device_memory,
-    is_oom,
-    memory_allocated_gib,
-    peak_memory_gib,
-)
+from medqa_core.measure.device import device_memory_gib, resolve_device
+from medqa_core.measure.fingerprint import machine_fingerprint
+from medqa_core.measure.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
 from medqa_core.results.failure import OomFailure
 from medqa_core.results.record import RunRecord, save_record
 

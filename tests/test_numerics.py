@@ -11,7 +11,8 @@ from medqa_core.engine.config import ConfigError, ModelConfig
 from medqa_core.engine.data import load_medqa
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.model import quant_info
-from medqa_core.engine.numerics import DtypeError, autocast, cpu_has_native_bf16, relevant_cpu_flags, resolve_numerics
+from medqa_core.engine.numerics import DtypeError, autocast, resolve_numerics
+from medqa_core.measure.device import cpu_has_native_bf16, relevant_cpu_flags
 from medqa_core.run import load_session
 
 CPU = torch.device("cpu")

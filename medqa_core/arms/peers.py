@@ -37,7 +37,7 @@ from medqa_core.engine.config import RunConfig
 from medqa_core.engine.data import IGNORE_INDEX, TrainExample
 from medqa_core.engine.model import QuantInfo, quant_info, resolve_model_dir
 from medqa_core.engine.numerics import Numerics, autocast, resolve_numerics
-from medqa_core.measure.fingerprint import resolve_device
+from medqa_core.measure.device import resolve_device
 
 logger = logging.getLogger(__name__)
 

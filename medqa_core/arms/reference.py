@@ -39,7 +39,7 @@ from medqa_core.engine.model import (
     resolve_model_dir,
 )
 from medqa_core.engine.numerics import Numerics, autocast, resolve_numerics
-from medqa_core.measure.fingerprint import resolve_device
+from medqa_core.measure.device import resolve_device
 
 logger = logging.getLogger(__name__)
 

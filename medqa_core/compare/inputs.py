@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from medqa_core.compare.stats import wilson_ci95
+from medqa_core.results.accuracy import wilson_ci95
 from medqa_core.results.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
 from medqa_core.results.failure import FailureError, OomFailure
 from medqa_core.results.record import (

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medqa_core.measure.device import BACKENDS
+
 
 class ConfigError(ValueError):
     """A config value is out of range or unknown."""
@@ -60,7 +62,6 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype; medqa_core.engine.numerics
 # bitsandbytes PR #1873 on); 128 was the default on CDNA (MI250/MI300, 64-wide warps) before it.
 NF4_BLOCKSIZES = (32, 64, 128, 256)
 QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
-BACKENDS = ("auto", "cuda", "rocm", "cpu")
 LOSS_ON = ("answer", "all")
 COMPILE_MODES = ("auto", "on", "off")
 # AdamW's implementation: "fused" is one kernel for every LoRA tensor (CUDA, ROCm and CPU builds of torch have

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from medqa_core.compare.stats import wilson_ci95
 from medqa_core.engine.attention import AttentionChoice, attention_context
 from medqa_core.engine.config import EvalConfig
 from medqa_core.engine.data import MedQAItem, ScoringExample, encode_scoring, pack_rows
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.measure.timing import Timer, peak_memory_gib, reset_peak_memory
+from medqa_core.results.accuracy import wilson_ci95
 from medqa_core.results.record import EvalResult, QuestionResult
 
 ProgressFn = Callable[[int, int], None]  # (questions done, total)

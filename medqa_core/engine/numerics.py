@@ -16,23 +16,15 @@ import logging
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from medqa_core.measure.device import NATIVE_BF16_FLAGS, cpu_has_native_bf16, cpu_isa_flags
 
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") that mean native bf16 arithmetic.
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-# Flags worth keeping in a fingerprint: the ones that decide which CPU kernels run and how fast.
-RELEVANT_CPU_FLAGS = frozenset({
-    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "amx_int8", "avx_vnni",  # x86
-    "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm",  # Arm
-})
-_CPUINFO = Path("/proc/cpuinfo")
 
 
 class DtypeError(ValueError):
@@ -57,35 +49,6 @@ class Numerics:
 
     def as_dict(self) -> dict[str, str]:
         return {"requested": self.requested, "compute_dtype": self.compute_dtype, "reason": self.reason}
-
-
-def cpu_isa_flags(cpuinfo: Path = _CPUINFO) -> frozenset[str]:
-    """The CPU's instruction-set flags (x86 ``flags``, Arm ``Features``), empty where unreadable."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        logger.debug("cannot read %s: %s", cpuinfo, e)
-        return frozenset()
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def relevant_cpu_flags(flags: frozenset[str] | None = None) -> list[str]:
-    """The fingerprint's share of :func:`cpu_isa_flags`: SIMD, bf16/fp16 and matrix-unit flags, sorted."""
-    return sorted((cpu_isa_flags() if flags is None else flags) & RELEVANT_CPU_FLAGS)
-
-
-def cpu_has_native_bf16(flags: frozenset[str], capability: str | None = None) -> bool:
-    """Whether bf16 runs natively: a bf16 flag, and (on x86) torch not capped below its AVX512 kernels.
-
-    ``capability`` is ``torch.backends.cpu.get_cpu_capability()`` (``ATEN_CPU_CAPABILITY=avx2`` caps it):
-    with the AVX2 or default kernels bf16 is converted element by element even on a CPU that has it.
-    """
-    capped = capability in ("DEFAULT", "NO AVX", "AVX2")
-    return bool(flags & NATIVE_BF16_FLAGS) and not (capped and platform.machine() in ("x86_64", "AMD64"))
 
 
 def resolve_numerics(requested: str, device: torch.device, cpu_flags: frozenset[str] | None = None) -> Numerics:

@@ -21,8 +21,14 @@ from typing import Any
 import psutil
 import torch
 
-from medqa_core.engine.config import BACKENDS as VALID_BACKENDS
-from medqa_core.engine.numerics import relevant_cpu_flags
+from medqa_core.measure.device import (
+    BackendError,
+    cpu_model,
+    detect_backend,
+    ram_gib,
+    relevant_cpu_flags,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,97 +50,8 @@ TRACKED_PACKAGES = (
 _GIB = 2**30
 # A hung git (network filesystem, credential prompt) must not stall a benchmark run.
 _GIT_TIMEOUT_S = 5.0
-_CPUINFO = Path("/proc/cpuinfo")
 _NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
 _AMDGPU_VERSION = Path("/sys/module/amdgpu/version")
-_BUILD_NAMES = {"cuda": "CUDA", "rocm": "ROCm"}
-
-
-class BackendError(ValueError):
-    """A requested backend is unknown or not what the installed torch build provides."""
-
-
-def detect_backend() -> str:
-    """Name the backend torch can use in this process.
-
-    ROCm builds of torch expose AMD GPUs through the ``torch.cuda`` API; ``torch.version.hip``
-    is what tells the two apart.
-
-    Returns:
-        ``"cuda"``, ``"rocm"`` or ``"cpu"``.
-    """
-    if not torch.cuda.is_available():
-        return "cpu"
-    return "cuda" if torch.version.hip is None else "rocm"
-
-
-def _torch_build() -> str:
-    return f"torch {torch.__version__} (torch.version.cuda={torch.version.cuda}, torch.version.hip={torch.version.hip})"
-
-
-def _backend_mismatch_message(requested: str, detected: str) -> str:
-    build = _torch_build()
-    if detected != "cpu":
-        other = "cuda" if requested == "rocm" else "rocm"
-        return (
-            f"backend {requested!r} requested, but the installed {build} is a {_BUILD_NAMES[detected]} build; "
-            f"install a {_BUILD_NAMES[requested]} build of torch, or use backend {other!r} or 'auto'"
-        )
-    has_toolkit = torch.version.hip is not None if requested == "rocm" else torch.version.cuda is not None
-    if has_toolkit:
-        visible = "HIP_VISIBLE_DEVICES" if requested == "rocm" else "CUDA_VISIBLE_DEVICES"
-        return (
-            f"backend {requested!r} requested and the installed {build} supports it, but "
-            f"torch.cuda.is_available() is False; check the GPU driver and {visible}, or use backend 'cpu'"
-        )
-    return (
-        f"backend {requested!r} requested, but the installed {build} has no GPU support; "
-        f"install a {_BUILD_NAMES[requested]} build of torch, or use backend 'cpu' or 'auto'"
-    )
-
-
-def resolve_device(backend: str = "auto") -> torch.device:
-    """Turn a backend name into the torch device to run on.
-
-    Args:
-        backend: One of ``"auto"`` (use what :func:`detect_backend` finds), ``"cuda"``,
-            ``"rocm"`` or ``"cpu"``.
-
-    Returns:
-        ``torch.device("cuda")`` for CUDA and ROCm (same API), else ``torch.device("cpu")``.
-
-    Raises:
-        BackendError: ``backend`` is not a valid name, or names a GPU backend the installed
-            torch build cannot use; the message names the torch build and what to do.
-    """
-    if backend not in VALID_BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; valid backends are {', '.join(map(repr, VALID_BACKENDS))}")
-    if backend == "cpu":
-        return torch.device("cpu")
-    detected = detect_backend()
-    if backend == "auto":
-        return torch.device("cpu" if detected == "cpu" else "cuda")
-    if detected != backend:
-        raise BackendError(_backend_mismatch_message(backend, detected))
-    return torch.device("cuda")
-
-
-def _cpu_model(cpuinfo: Path = _CPUINFO) -> str | None:
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        logger.debug("cannot read %s (%s); using platform.processor()", cpuinfo, e)
-        text = ""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "model name" and value.strip():
-            return value.strip()
-    # Empty string on many Linux machines, so it becomes None rather than a blank model.
-    return platform.processor() or None
-
-
-def _ram_gib() -> float:
-    return psutil.virtual_memory().total / _GIB
 
 
 def _cudnn_version() -> int | None:
@@ -292,13 +209,13 @@ def machine_fingerprint(device: torch.device | None = None) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         # The ISA flags that decide which CPU kernels run (bf16 native or emulated), and the kernels torch picked.
         "cpu_flags": relevant_cpu_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "cpu_cores_logical": psutil.cpu_count(logical=True),
-        "ram_gib": _ram_gib(),
+        "ram_gib": ram_gib(),
         "torch_version": str(torch.__version__),  # TorchVersion is a str subclass; store plain str
         "torch_cuda": torch.version.cuda,
         "torch_hip": torch.version.hip,

@@ -61,13 +61,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / _GIB
 
 
-def device_memory_gib(device: torch.device) -> float | None:
-    """The card's total memory in GiB as torch reports it (CUDA and ROCm); None on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
-
-
 def memory_allocated_gib(device: torch.device) -> float | None:
     """Device memory held by tensors right now, in GiB; None on CPU."""
     if device.type != "cuda":
