@@ -34,8 +34,8 @@ from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
 from medqa_core.engine.train import adamw_fused, prepare_training
-from medqa_core.measure.device import detect_backend
-from medqa_core.measure.flops import ModelShape, datasheet_peak, train_step_flops
+from medqa_core.measure.device import detect_backend, gpu_name
+from medqa_core.measure.flops import ModelShape, datasheet_mfu, train_step_flops
 
 pytestmark = pytest.mark.benchmark(group="train")
 
@@ -65,8 +65,7 @@ def _train_info(case: Any, rounds: Any, model: torch.nn.Module, examples: Sequen
     stats = rounds.stats
     parameters, trainable = count_parameters(model)
     measured = ceilings.get("matmul_bf16_flops_per_s")
-    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    peak_rate = {"bf16": peak.bf16_flops_per_s, "fp16": peak.fp16_flops_per_s}.get(numerics.short) if peak else None
+    mfu_datasheet, datasheet = datasheet_mfu(flops / seconds, gpu_name(device), numerics.short)
     return {
         "tokens_per_s": sum(tokens) / seconds,
         "timing": f"{len(tokens)} consecutive distinct batches of the training loop's order",
@@ -82,8 +81,8 @@ def _train_info(case: Any, rounds: Any, model: torch.nn.Module, examples: Sequen
         "model_flops_per_s": flops / seconds,
         "peak_bf16_flops_per_s": measured,
         "mfu": flops / seconds / measured if measured else None,
-        "datasheet_peak": {**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
-        "mfu_datasheet": flops / seconds / peak_rate if peak_rate else None,
+        "datasheet_peak": datasheet,
+        "mfu_datasheet": mfu_datasheet,
         "compute_dtype": numerics.compute_dtype,
         "loss_per_round": rounds.outputs,
         "joules_per_token": case.joules_per(rounds, sum(tokens) / len(tokens)),

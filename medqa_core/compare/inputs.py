@@ -24,6 +24,7 @@ import numpy as np
 
 from medqa_core.results.accuracy import wilson_ci95
 from medqa_core.results.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
+from medqa_core.results.dtypes import DTYPE_NAMES
 from medqa_core.results.failure import FailureError, OomFailure
 from medqa_core.results.record import (
     SCHEMA_VERSION,
@@ -417,7 +418,6 @@ def record_invalid(record: RunRecord, path: str) -> tuple[InvalidFigure, ...]:
 
 
 # config.model.dtype -> the torch dtype it names; "auto" is whatever the record's numerics say ran.
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def record_settings(record: RunRecord) -> dict[str, Any]:
@@ -434,7 +434,7 @@ def record_settings(record: RunRecord) -> dict[str, Any]:
     """
     numerics = getattr(record, "numerics", None) or {}
     requested = (record.config.get("model") or {}).get("dtype")
-    dtype = numerics.get("compute_dtype") or _DTYPES.get(str(requested)) or DEFAULT_COMPUTE_DTYPE
+    dtype = numerics.get("compute_dtype") or DTYPE_NAMES.get(str(requested)) or DEFAULT_COMPUTE_DTYPE
     quantization = record.model.get("quantization") or {}
     return {"compute_dtype": dtype, "eval_packing": (record.config.get("eval") or {}).get("packing"),
             "nf4_blocksize": quantization.get("blocksize")}

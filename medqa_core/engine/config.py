@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medqa_core.measure.device import BACKENDS
+from medqa_core.results.dtypes import DTYPE_NAMES
 
 
 class ConfigError(ValueError):
@@ -57,11 +58,11 @@ ATTN_KERNELS = (
     "eager", "flex", "flash_attention_2",
 )
 QUANT_MODES = ("nf4", "fp4", "none")  # bitsandbytes 4-bit types, or a plain base in the compute dtype
-DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype; medqa_core.engine.numerics resolves "auto" per device
+DTYPES = ("auto", *DTYPE_NAMES)  # --dtype; medqa_core.engine.numerics resolves "auto" per device
 # NF4/FP4 block sizes bitsandbytes quantizes with: 64 is its default (CUDA, CPU, and ROCm from
 # bitsandbytes PR #1873 on); 128 was the default on CDNA (MI250/MI300, 64-wide warps) before it.
 NF4_BLOCKSIZES = (32, 64, 128, 256)
-QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
+QUANT_STORAGE = ("uint8", *DTYPE_NAMES)
 LOSS_ON = ("answer", "all")
 COMPILE_MODES = ("auto", "on", "off")
 # AdamW's implementation: "fused" is one kernel for every LoRA tensor (CUDA, ROCm and CPU builds of torch have

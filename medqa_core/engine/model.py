@@ -20,6 +20,7 @@ import torch
 from packaging.version import Version
 
 from medqa_core.engine.config import PRESET_COMMON, PRESETS, LoraSettings, ModelConfig
+from medqa_core.engine.numerics import TORCH_DTYPES
 from medqa_core.results.storage import apply_umask, json_problem, safetensors_tensors
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class QuantInfo:
     cpu_packed_inference: bool | None = None  # bitsandbytes' AVX512-bf16 repacking; kept off (see model.py)
 
 
-_STORAGE_DTYPES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_STORAGE_DTYPES = {"uint8": torch.uint8, **TORCH_DTYPES}
 
 
 def cache_dir() -> Path:

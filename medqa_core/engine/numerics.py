@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from medqa_core.engine.config import DTYPES
 from medqa_core.measure.device import NATIVE_BF16_FLAGS, cpu_has_native_bf16, cpu_isa_flags
+from medqa_core.results.dtypes import DTYPE_NAMES, SHORT_NAMES
 
 logger = logging.getLogger(__name__)
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPES = {short: getattr(torch, name) for short, name in DTYPE_NAMES.items()}
 
 
 class DtypeError(ValueError):
@@ -35,7 +36,7 @@ class DtypeError(ValueError):
 class Numerics:
     """The dtype a run computes in, what was asked for, and why this one."""
 
-    requested: str  # a DTYPE_CHOICES value
+    requested: str  # a --dtype value (config.DTYPES)
     compute_dtype: str  # "bfloat16", "float16" or "float32"
     reason: str
 
@@ -45,7 +46,7 @@ class Numerics:
 
     @property
     def short(self) -> str:
-        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[self.compute_dtype]
+        return SHORT_NAMES[self.compute_dtype]
 
     def as_dict(self) -> dict[str, str]:
         return {"requested": self.requested, "compute_dtype": self.compute_dtype, "reason": self.reason}
@@ -62,8 +63,8 @@ def resolve_numerics(requested: str, device: torch.device, cpu_flags: frozenset[
     Raises:
         DtypeError: an unknown value.
     """
-    if requested not in DTYPE_CHOICES:
-        raise DtypeError(f"unknown --dtype {requested!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if requested not in DTYPES:
+        raise DtypeError(f"unknown --dtype {requested!r}; choose one of {', '.join(DTYPES)}")
     if device.type == "cuda":
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         where = f"{torch.cuda.get_device_name(device)} {'has' if native_bf16 else 'lacks'} native bf16"
@@ -90,7 +91,7 @@ def resolve_numerics(requested: str, device: torch.device, cpu_flags: frozenset[
         if requested == "bf16" and not native_bf16:
             reason += f" although {where}"
             logger.warning("--dtype bf16: %s", where)
-    return Numerics(requested, str(TORCH_DTYPES[chosen]).removeprefix("torch."), reason)
+    return Numerics(requested, DTYPE_NAMES[chosen], reason)
 
 
 @contextlib.contextmanager

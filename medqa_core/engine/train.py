@@ -7,7 +7,6 @@ small model and a real one on a 7B.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -42,7 +41,8 @@ from medqa_core.engine.model import set_checkpointing, set_lora_dropout
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.engine.preemption import Interrupted
 from medqa_core.engine.sharded import is_sharded, sharding_info
-from medqa_core.measure.flops import ModelShape, datasheet_peak, train_step_flops
+from medqa_core.measure.device import gpu_name
+from medqa_core.measure.flops import ModelShape, datasheet_mfu, train_step_flops
 from medqa_core.measure.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
 from medqa_core.results.record import StepImbalance, TrainResult
 
@@ -452,9 +452,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     stats = Stats.from_values(step_times[skip:])
     timed_flops = step_flops[max(skip, state.step):]
     flops_per_s = sum(timed_flops) / sum(step_times[max(skip, state.step):]) if timed_flops else None
-    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    peak_rate = {torch.bfloat16: peak.bf16_flops_per_s, torch.float16: peak.fp16_flops_per_s}.get(
-        numerics.torch_dtype) if peak else None
+    mfu_datasheet, datasheet = datasheet_mfu(flops_per_s, gpu_name(device), numerics.short)
     trainable = [p for p in model.parameters() if p.requires_grad]
     parallel = None
     if info.enabled:
@@ -466,8 +464,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         step_time_s=tuple(step_times), peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib(),
         world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
         compile=trainer.compiled.as_dict(), model_flops_per_s=flops_per_s,
-        mfu_datasheet=flops_per_s / peak_rate if flops_per_s and peak_rate else None,
-        datasheet_peak={**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
+        mfu_datasheet=mfu_datasheet, datasheet_peak=datasheet,
         rank_step_time_s=tuple(rank_times) if info.enabled else None,
         rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
         step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,

@@ -149,6 +149,11 @@ def cpu_has_native_bf16(flags: frozenset[str], capability: str | None = None) ->
     return bool(flags & NATIVE_BF16_FLAGS) and not (capped and platform.machine() in ("x86_64", "AMD64"))
 
 
+def gpu_name(device: torch.device) -> str | None:
+    """The card's name as torch reports it ("NVIDIA H100 80GB HBM3", "AMD Instinct MI300X"); None on CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
 def device_memory_gib(device: torch.device) -> float | None:
     """The card's total memory in GiB as torch reports it (CUDA and ROCm); None on CPU."""
     if device.type != "cuda":

@@ -10,7 +10,7 @@ the row's block-diagonal mask. Recompute (gradient checkpointing) is not model w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -45,6 +45,29 @@ def datasheet_peak(gpu_name: str | None) -> DatasheetPeak | None:
     if not gpu_name:
         return None
     return next((p for p in DATASHEET_PEAKS if p.name in gpu_name), None)
+
+
+def datasheet_mfu(flops_per_s: float | None, gpu_name: str | None,
+                  dtype: str) -> tuple[float | None, dict[str, Any] | None]:
+    """MFU against the card's datasheet peak for the compute dtype, and that peak as records save it.
+
+    The one place a dtype picks its datasheet rate: run records (engine/train.py) and bench cases
+    (bench/bench_train.py) both call it.
+
+    Args:
+        flops_per_s: model FLOPs per second of the timed steps (None: not measured).
+        gpu_name: the card's name (:func:`medqa_core.measure.device.gpu_name`); None on CPU.
+        dtype: the short compute dtype ("bf16", "fp16", "fp32"); fp32 has no tensor-core datasheet rate.
+
+    Returns:
+        (mfu, peak): both None where the card is not listed or the dtype has no rate; else the fraction
+        (None without FLOPs) and the :class:`DatasheetPeak` fields with ``dtype`` added.
+    """
+    peak = datasheet_peak(gpu_name)
+    rate = {"bf16": peak.bf16_flops_per_s, "fp16": peak.fp16_flops_per_s}.get(dtype) if peak else None
+    if not rate:
+        return None, None
+    return (flops_per_s / rate if flops_per_s else None), {**asdict(peak), "dtype": dtype}
 
 
 @dataclass(frozen=True)
