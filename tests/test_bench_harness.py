@@ -97,8 +97,9 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     assert prefill["ttft_s_median"] > 0
     assert prefill["prefill_tokens_per_s"] == pytest.approx(32 / prefill["ttft_s_median"])
     # The compiled decode runs once per 4-bit kernel (--nf4-kernels; on CPU bitsandbytes alone), named by it.
-    decodes = [cases[name]["extra_info"] for b in (1, 2)
-               for name in (f"test_decode_eager[sdpa-batch{b}]", f"test_decode_compiled[sdpa-batch{b}-bitsandbytes]")]
+    decodes = [cases[name]["extra_info"] for name in (
+        "test_decode_eager[sdpa-batch1]", "test_decode_eager[sdpa-batch2]",
+        "test_decode_compiled[sdpa-batch1-bitsandbytes]", "test_decode_compiled[sdpa-batch2-bitsandbytes]")]
     for decode in decodes:
         assert decode["new_tokens"] == 3  # per row; min_new_tokens = max_new_tokens: EOS does not stop it early
         assert decode["weight_bytes_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
