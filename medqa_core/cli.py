@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medqa_core.config import (
+from medqa_core.engine.config import (
     ATTN_KERNELS,
     AUTO_PROFILE,
-    BACKENDS,
     COMPILE_MODES,
     DTYPES,
     LOSS_ON,
@@ -41,6 +40,7 @@ from medqa_core.config import (
     TrainConfig,
     train_profile,
 )
+from medqa_core.measure.device import BACKENDS
 
 logger = logging.getLogger("medqa_core")
 
@@ -233,7 +233,7 @@ def single_run_curve(args: argparse.Namespace) -> Any:
         return None
     if getattr(args, "nproc", 1) > 1:
         raise ConfigError("--eval-every scores on one process; drop --nproc")
-    from medqa_core.curve import EvalCurve
+    from medqa_core.engine.curve import EvalCurve
 
     try:
         return EvalCurve(every, args.curve_questions)
@@ -244,9 +244,9 @@ def single_run_curve(args: argparse.Namespace) -> Any:
 def cmd_runset(args: argparse.Namespace, plan: Any) -> int:
     """``run --repeats N`` / ``--seeds``: the runs, one line each, then the set's summary."""
     from medqa_core.compare.runsets import RunFigures, set_summary_lines, summarize_loaded
-    from medqa_core.preemption import Interrupted, StopOnSignals
+    from medqa_core.engine.preemption import Interrupted, StopOnSignals
+    from medqa_core.results.runset import load_runset
     from medqa_core.run import execute_set
-    from medqa_core.runset import load_runset
 
     cfg = build_config(args)
     bars = ProgressBars()
@@ -384,7 +384,7 @@ WRITE_FAILED = 5
 
 def write_failure_line(failure: dict[str, Any], path: Any) -> str:
     """The one line printed when a checkpoint could not be written (``failure`` kind "write")."""
-    from medqa_core.files import size_text
+    from medqa_core.results.storage import size_text
 
     free = "free space unknown" if failure.get("free_bytes") is None else f"{size_text(failure['free_bytes'])} free"
     line = (f"medqa-parity: error: cannot write checkpoint {failure['path']} ({failure['message']}; {free} there) "
@@ -401,18 +401,18 @@ def write_failure_line(failure: dict[str, Any], path: Any) -> str:
 
 def _print_unsaved(record: Any) -> None:
     """A record that could be saved nowhere: its figures, then the record itself as JSON, on stdout."""
-    from medqa_core.printout import summary_lines
+    from medqa_core.report.run_summary import summary_lines
 
     print("\n".join(summary_lines(record, "(not saved: see below)")))
     print(json.dumps(record.to_dict(), indent=1))
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
-    from medqa_core.distributed import launched_by_torchrun
-    from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
-    from medqa_core.printout import summary_lines
+    from medqa_core.engine.distributed import launched_by_torchrun
+    from medqa_core.engine.preemption import Interrupted, StopOnSignals, exit_code
+    from medqa_core.engine.sharded import check_sharding
+    from medqa_core.report.run_summary import summary_lines
     from medqa_core.run import OutputWriteError, execute
-    from medqa_core.sharded import check_sharding
 
     plan = set_plan(args) if args.command == "run" else None
     if plan is not None:
@@ -471,7 +471,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from medqa_core.profiler import format_profile, profile_training, save_profiles
+    from medqa_core.measure.trace import format_profile, profile_training, save_profiles
 
     names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
     args.profile = None  # each traced profile applies its own settings over the flags
@@ -488,7 +488,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from medqa_core.fingerprint import machine_fingerprint, resolve_device
+    from medqa_core.measure.device import resolve_device
+    from medqa_core.measure.fingerprint import machine_fingerprint
 
     fp = machine_fingerprint(resolve_device(args.backend))
     print(json.dumps(fp, indent=2))
@@ -502,7 +503,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from medqa_core.report.render import make_report, verdict_lines
 
     try:
-        from medqa_core.runset import is_runset_file
+        from medqa_core.results.runset import is_runset_file
 
         sets = [p for p in args.runs if is_runset_file(p)]
         records = [p for p in args.runs if p not in sets]
@@ -767,9 +768,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("medqa-parity: interrupted by SIGINT", file=sys.stderr)
         return 130
     except Exception as e:
-        # Nothing is imported here: memory may be exhausted. Without medqa_core.timing no torch code ran,
+        # Nothing is imported here: memory may be exhausted. Without medqa_core.measure.timing no torch code ran,
         # and only a MemoryError can be out of memory.
-        timing = sys.modules.get("medqa_core.timing")
+        timing = sys.modules.get("medqa_core.measure.timing")
         if not (isinstance(e, MemoryError) or (timing is not None and timing.is_oom(e))):
             raise
         print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
@@ -780,18 +781,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Errors that are the user's to fix, by module: shown as one line, not a traceback.
 USER_ERRORS = {
-    "medqa_core.attention": "AttentionError", "medqa_core.checkpoint": "CheckpointError",
-    "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
+    "medqa_core.engine.attention": "AttentionError", "medqa_core.engine.checkpoint": "CheckpointError",
+    "medqa_core.engine.data": "MedQADataError", "medqa_core.measure.device": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
-    "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
-    "medqa_core.sharded": "ShardError", "medqa_core.files": "OutputFolderError", "medqa_core.fp8": "Fp8Unavailable",
-    "medqa_core.runset": "RunSetError", "medqa_core.compare.runsets": "RunSetStatsError",
+    "medqa_core.engine.model": "ModelLoadError", "medqa_core.results.record": "RecordError",
+    "medqa_core.engine.numerics": "DtypeError", "medqa_core.engine.sharded": "ShardError",
+    "medqa_core.results.storage": "OutputFolderError", "medqa_core.engine.fp8": "Fp8Unavailable",
+    "medqa_core.results.runset": "RunSetError", "medqa_core.compare.runsets": "RunSetStatsError",
 }
 
 
 def _write_errors() -> tuple[type[Exception], ...]:
-    """files.WriteError where medqa_core.files is imported (nothing is imported here, as for user errors)."""
-    cls = getattr(sys.modules.get("medqa_core.files"), "WriteError", None)
+    """files.WriteError where medqa_core.results.storage is imported (nothing is imported here, as for user errors)."""
+    cls = getattr(sys.modules.get("medqa_core.results.storage"), "WriteError", None)
     return (cls,) if isinstance(cls, type) else ()
 
 

@@ -16,15 +16,6 @@ from typing import Any
 
 import torch
 
-from medqa_core.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
-from medqa_core.checkpoint import (
-    CheckpointError,
-    CheckpointLock,
-    CheckpointWriteError,
-    check_resume,
-    list_checkpoints,
-    lock_checkpoints,
-)
 from medqa_core.compare.runsets import (
     DEFAULT_TARGET_LOSS_NATS,
     REPEAT,
@@ -33,9 +24,18 @@ from medqa_core.compare.runsets import (
     summarize,
     summary_dict,
 )
-from medqa_core.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
-from medqa_core.curve import EvalCurve
-from medqa_core.data import (
+from medqa_core.engine.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
+from medqa_core.engine.checkpoint import (
+    CheckpointError,
+    CheckpointLock,
+    CheckpointWriteError,
+    check_resume,
+    list_checkpoints,
+    lock_checkpoints,
+)
+from medqa_core.engine.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
+from medqa_core.engine.curve import EvalCurve
+from medqa_core.engine.data import (
     MedQAItem,
     bundled_data_dir,
     check_prompt_lengths,
@@ -44,22 +44,10 @@ from medqa_core.data import (
     has_split,
     load_medqa,
 )
-from medqa_core.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from medqa_core.evaluate import evaluate
-from medqa_core.failure import OomFailure
-from medqa_core.files import (
-    WriteError,
-    check_room,
-    free_text,
-    new_folders,
-    probe_dir,
-    remove_if_empty,
-    size_text,
-    unique_name,
-)
-from medqa_core.fingerprint import machine_fingerprint, resolve_device
-from medqa_core.fp8 import fp8_formats
-from medqa_core.model import (
+from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from medqa_core.engine.evaluate import evaluate
+from medqa_core.engine.fp8 import fp8_formats
+from medqa_core.engine.model import (
     QuantInfo,
     add_lora,
     count_parameters,
@@ -72,13 +60,26 @@ from medqa_core.model import (
     resolve_model_dir,
     save_adapter,
 )
-from medqa_core.numerics import Numerics, resolve_numerics
-from medqa_core.preemption import Interrupted, StopOnSignals
-from medqa_core.record import EvalResult, RunRecord, save_record
-from medqa_core.runset import RunSet, RunSetEntry, relative_path, save_runset
-from medqa_core.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
-from medqa_core.timing import device_memory_gib, free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
-from medqa_core.train import total_steps, train
+from medqa_core.engine.numerics import Numerics, resolve_numerics
+from medqa_core.engine.preemption import Interrupted, StopOnSignals
+from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
+from medqa_core.engine.train import total_steps, train
+from medqa_core.measure.device import device_memory_gib, resolve_device
+from medqa_core.measure.fingerprint import machine_fingerprint
+from medqa_core.measure.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.results.failure import OomFailure
+from medqa_core.results.record import EvalResult, RunRecord, save_record
+from medqa_core.results.runset import RunSet, RunSetEntry, relative_path, save_runset
+from medqa_core.results.storage import (
+    WriteError,
+    check_room,
+    free_text,
+    new_folders,
+    probe_dir,
+    remove_if_empty,
+    size_text,
+    unique_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -526,7 +527,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         # Out of memory is a result: record which configuration ran out and keep what finished.
         oom = OomFailure(phase=phase, message=(str(e).strip().splitlines() or [type(e).__name__])[0],
                          memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device))
-        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.failure)
+        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.results.failure)
         logger.error("%s", oom.text)
     if failure is not None:
         free_device_memory(device)  # the failed step's tensors, held by the traceback until now
@@ -629,7 +630,7 @@ def execute_set(cfg: RunConfig, plan: SetPlan, progress: Progress | None = None,
     Raises:
         MedQADataError: a question too long to fit (checked before the model loads).
     """
-    from medqa_core.model import reset_adapter
+    from medqa_core.engine.model import reset_adapter
 
     started = time.perf_counter()
     splits = load_splits(cfg.data)

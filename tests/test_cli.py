@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medqa_core.cli import build_parser, main
-from medqa_core.record import load_record
+from medqa_core.results.record import load_record
 
 
 @pytest.mark.parametrize("command", ["run", "train", "evaluate", "trace", "fingerprint", "report", "gate"])

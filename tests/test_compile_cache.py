@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import train_argv
 
-from medqa_core.compiling import compile_unavailable
-from medqa_core.record import load_record
+from medqa_core.engine.compiling import compile_unavailable
+from medqa_core.results.record import load_record
 
 
 def _train(model_dir: Path, out: Path, cache: Path, inductor_cache: Path) -> dict:

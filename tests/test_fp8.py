@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medqa_core.fp8 import (
+from medqa_core.engine.fp8 import (
     DTYPES,
     Fp8BaseMatmul,
     Fp8Unavailable,

@@ -19,7 +19,7 @@ from medqa_core.compare.claims import (
     load_claim,
 )
 from medqa_core.compare.runsets import summarize
-from medqa_core.runset import RunSet, load_runset
+from medqa_core.results.runset import RunSet, load_runset
 from tests.test_runsets import synthetic_set
 
 CLAIMS = Path(__file__).resolve().parent.parent / "claims"

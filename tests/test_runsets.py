@@ -28,8 +28,8 @@ from medqa_core.compare.runsets import (
     time_to_target,
     welch_tost,
 )
-from medqa_core.record import EvalResult, QuestionResult, RunRecord
-from medqa_core.runset import RunSetError, load_runset, runset_from_dict
+from medqa_core.results.record import EvalResult, QuestionResult, RunRecord
+from medqa_core.results.runset import RunSetError, load_runset, runset_from_dict
 
 
 def synthetic_set(n: int, acc_mean: float, loss_mean: float, seed: int, sd_acc: float = 0.01,

@@ -26,15 +26,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
 
-from medqa_core.benchcase import BenchCase  # noqa: E402
 from medqa_core.compare.inputs import device_label  # noqa: E402
-from medqa_core.printout import summary_lines  # noqa: E402
-from medqa_core.record import RunRecord, load_record  # noqa: E402
+from medqa_core.report.run_summary import summary_lines  # noqa: E402
+from medqa_core.results.benchcase import BenchCase  # noqa: E402
+from medqa_core.results.record import RunRecord, load_record  # noqa: E402
 
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
-DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
-             "docs/performance.md", "docs/parity-reports.md")
+DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md",
+             "docs/ci-gates.md", "docs/performance.md", "docs/parity-reports.md", "docs/numerics.md")
 TARGETS = ROOT / "docs" / "targets.toml"
 
 
@@ -113,7 +113,8 @@ def runs_table(results: Path) -> str:
                     else f"host {tr.host_peak_rss_gib:.1f} GiB")
         n = (r.eval_after or r.eval_before).n_questions if (r.eval_after or r.eval_before) else "-"
         rows.append(
-            f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r.fingerprint)} | {r.fingerprint.get('backend')} "
+            f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r.fingerprint)} "
+            f"| {r.fingerprint.get('backend')} "
             f"| {r.model['name']} | {quant} | {r.attention['ran']} | {speed} | {step} | {peak} "
             f"| {_acc(r.eval_before)} | {_acc(r.eval_after)} | {n} |"
         )
@@ -220,7 +221,7 @@ def _profile_of(train: dict) -> str | None:
 
     A key an older record lacks did not exist then: it counts as TrainConfig's default.
     """
-    from medqa_core.config import TRAIN_PROFILES, TrainConfig, train_profile
+    from medqa_core.engine.config import TRAIN_PROFILES, TrainConfig, train_profile
 
     keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "lora_dropout", "adamw", "attn",
             "activation_budget")
@@ -248,7 +249,7 @@ def _newest_reference(results: Path, gpu: str) -> tuple[Path, BenchCase] | None:
 def profile_targets(results: Path) -> str:
     """The memory classes on real runs: the newest 2-epoch run of each profile per card, its promise, and the
     speed issue's targets (docs/targets.toml [profiles]) against the reference of the card's newest bench file."""
-    from medqa_core.config import MEMORY_CAP_GIB
+    from medqa_core.engine.config import MEMORY_CAP_GIB
 
     targets = _targets()["profiles"]
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
@@ -349,8 +350,9 @@ def lever_curves(results: Path) -> str:
 
 def bench_vs_run(results: Path) -> str:
     """Each training profile's bench headline beside a real run of it on the same card: what a run gets."""
-    rows = ["| card | profile | bench: real tokens/s over distinct batches (peak) | `medqa-parity run --epochs 2`: tokens/s "
-            "(peak) | run / bench | scoring q/s, bench / run | compile before step 1, recompiles | run wall time | files |",
+    rows = ["| card | profile | bench: real tokens/s over distinct batches (peak) "
+            "| `medqa-parity run --epochs 2`: tokens/s (peak) | run / bench | scoring q/s, bench / run "
+            "| compile before step 1, recompiles | run wall time | files |",
             "|---|---|---|---|---|---|---|---|---|"]
     runs = [(p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")]
     for f, data in _latest_gpu_benches(results):
@@ -367,10 +369,12 @@ def bench_vs_run(results: Path) -> str:
                 continue
             path, r = match[-1]
             tr, c = r.train, tr_compile(r)
-            q = f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after else "-"
+            q = (f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after
+                 else "-")
             rows.append(f"| {gpu} | `{case.profile}` | {case.tokens_per_s:,.0f} ({case.peak_mem_gib:.1f} GiB) | "
-                        f"{tr.tokens_per_s:,.0f} ({tr.peak_mem_gib:.1f} GiB) | {tr.tokens_per_s / case.tokens_per_s:.2f} "
-                        f"| {q} | {c} | {r.wall_time_s:.0f} s | [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
+                        f"{tr.tokens_per_s:,.0f} ({tr.peak_mem_gib:.1f} GiB) "
+                        f"| {tr.tokens_per_s / case.tokens_per_s:.2f} | {q} | {c} | {r.wall_time_s:.0f} s "
+                        f"| [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
                         f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows) if len(rows) > 2 else "(no GPU bench file with a matching real run yet)"
 
@@ -526,7 +530,8 @@ def decode_table(results: Path) -> str:
         data = _json(path)
         cases = _cases(data)
         for name, compiled in cases.items():
-            eager_name = re.sub(r"-(triton|bitsandbytes)\]$", "]", name.replace("test_decode_compiled", "test_decode_eager"))
+            eager_name = re.sub(r"-(triton|bitsandbytes)\]$", "]",
+                                name.replace("test_decode_compiled", "test_decode_eager"))
             eager = cases.get(eager_name)
             if not (name.startswith("test_decode_compiled") and eager and eager.decode_tokens_per_s
                     and compiled.decode_tokens_per_s):
@@ -572,7 +577,8 @@ def inference_table(results: Path) -> str:
                 f"| {f'{e.ttft_s_median * 1e3:,.0f} ms' if e.ttft_s_median else '-'} "
                 f"| {f'{prefill.prefill_tokens_per_s:,.0f}' if prefill and prefill.prefill_tokens_per_s else '-'} "
                 f"| {e.decode_tokens_per_s:,.0f} | {_pct(e.roofline_fraction)} "
-                f"| {f'{joules:.2f} J' if isinstance(joules, float) else '-'} | [{path.name}]({_link(results, path)}) |")
+                f"| {f'{joules:.2f} J' if isinstance(joules, float) else '-'} "
+                f"| [{path.name}]({_link(results, path)}) |")
     return "\n".join(rows)
 
 
@@ -738,7 +744,7 @@ def _committed_runsets(results: Path) -> list[Path]:
 def runsets_table(results: Path) -> str:
     """One row per committed run set (results/runsets): its seeds, spreads, same-seed repeat and time to target."""
     from medqa_core.compare.runsets import summarize_loaded
-    from medqa_core.runset import load_runset
+    from medqa_core.results.runset import load_runset
 
     rows = ["| run set | device | model, steps | seeds | accuracy mean (sd) [range] | eval loss, nats: mean (sd) "
             "[range] | same seed twice | time to target |",

@@ -41,7 +41,7 @@ from medqa_core.compare.runsets import (
     prediction_bound,
     summarize_loaded,
 )
-from medqa_core.runset import LoadedRun, RunSet, load_runset
+from medqa_core.results.runset import LoadedRun, RunSet, load_runset
 
 HOLDS, CONTRADICTED, NOT_CHECKABLE = "holds", "contradicted", "not checkable here"
 EXIT_HOLDS, EXIT_CONTRADICTED, EXIT_BAD_INPUT, EXIT_NOTHING_CHECKABLE = 0, 1, 2, 4

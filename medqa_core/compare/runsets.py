@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import t as student_t
 
-from medqa_core.record import QuestionResult, RunRecord
-from medqa_core.runset import LoadedRun
+from medqa_core.results.record import QuestionResult, RunRecord
+from medqa_core.results.runset import LoadedRun
 
 SEED, REPEAT = "seed", "repeat"  # a run's role in its set
 DEFAULT_TARGET_LOSS_NATS = 8.5  # reached by the tiny preset's default run (about 8.0 at its end) and the 7B's
@@ -541,7 +541,7 @@ def summary_dict(summary: SetSummary) -> dict[str, Any]:
 
 
 def summarize_loaded(runs: Sequence[LoadedRun], target_nats: float, label: str) -> SetSummary:
-    """:func:`summarize` of a run set read by :func:`medqa_core.runset.load_runset`."""
+    """:func:`summarize` of a run set read by :func:`medqa_core.results.runset.load_runset`."""
     return summarize([RunFigures.from_record(r.record, r.entry.seed, r.entry.role, str(r.path)) for r in runs],
                      target_nats, label)
 

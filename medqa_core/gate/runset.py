@@ -20,8 +20,8 @@ from medqa_core.compare.parity import FAIL
 from medqa_core.compare.runsets import MIN_RUNS, SetSummary, answer_loss_nats, prediction_bound, summarize_loaded
 from medqa_core.gate.checks import INCONCLUSIVE, PASS, Check
 from medqa_core.gate.decide import GateResult
-from medqa_core.record import RunRecord, load_record
-from medqa_core.runset import load_runset
+from medqa_core.results.record import RunRecord, load_record
+from medqa_core.results.runset import load_runset
 
 FIELD_ACCURACY = f"accuracy ({FINE_TUNED})"
 FIELD_LOSS = f"eval loss ({FINE_TUNED})"

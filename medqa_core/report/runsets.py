@@ -26,7 +26,7 @@ from medqa_core.compare.runsets import (
     summarize_loaded,
 )
 from medqa_core.compare.stats import format_p
-from medqa_core.runset import load_runset
+from medqa_core.results.runset import load_runset
 
 CHART = "runset_loss"
 _COLORS = ("#2c3e50", "#c0392b", "#4c9a2a", "#8e44ad", "#d35400")
