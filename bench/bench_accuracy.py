@@ -1,6 +1,6 @@
 """MedQA accuracy and every question's option log-probabilities, per attention kernel.
 
-Scored with medqa_core.evaluate.evaluate on the fresh adapter (before any train step), so two
+Scored with medqa_core.engine.evaluate.evaluate on the fresh adapter (before any train step), so two
 backends' files can be joined on ``qid`` and compared question by question (McNemar, logprob drift).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.evaluate import evaluate
+from medqa_core.engine.evaluate import evaluate
 
 pytestmark = pytest.mark.benchmark(group="accuracy")
 

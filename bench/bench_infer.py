@@ -3,7 +3,7 @@ roofline, option-scoring questions/s.
 
 Prefill and decode use real MedQA prompt tokens, exactly ``--bench-seq-len`` per row, at batch 1
 and at the bench batch. Decode runs twice: plain eager ``generate`` (greedy), and the hardware-bound
-path (medqa_core.decoding.StaticDecoder): a static KV cache, the one-token step compiled and, on a
+path (medqa_core.engine.decoding.StaticDecoder): a static KV cache, the one-token step compiled and, on a
 GPU, replayed as one CUDA/HIP graph. Each decode figure is also given as a fraction of its roofline:
 rows x copy bandwidth measured in this run / weight bytes read per step.
 """
@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.attention import AttentionChoice, attention_context
-from medqa_core.decoding import StaticDecoder
-from medqa_core.evaluate import evaluate
-from medqa_core.hardware import weight_bytes_per_token
-from medqa_core.numerics import Numerics, autocast
-from medqa_core.timing import Stats, Timer, is_oom
+from medqa_core.engine.attention import AttentionChoice, attention_context
+from medqa_core.engine.decoding import StaticDecoder
+from medqa_core.engine.evaluate import evaluate
+from medqa_core.engine.numerics import Numerics, autocast
+from medqa_core.measure.ceilings import weight_bytes_per_token
+from medqa_core.measure.timing import Stats, Timer, is_oom
 
 logger = logging.getLogger("medqa_core.bench")
 

@@ -4,7 +4,7 @@ Each case trains the default and the lever from a fresh adapter (reset to its se
 cases trained it on these batches) over the same ``--warmup-rounds`` +
 ``--train-rounds`` batches of the loop's order, with the same dropout seeds, eagerly at the bench batch (the
 levers' numerics do not depend on compiling, and eager steps keep the case short). ``extra_info`` holds both
-curves and ``medqa_core.levers.CurveGap`` (``within_tolerance`` against ``LOSS_CURVE_TOLERANCE``); the timed
+curves and ``medqa_core.arms.levers.CurveGap`` (``within_tolerance`` against ``LOSS_CURVE_TOLERANCE``); the timed
 round is the lever arm's whole curve, compile-free.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.attention import AttentionError, check_trainable, resolve_attention
-from medqa_core.config import TrainConfig
-from medqa_core.levers import LOSS_CURVE_TOLERANCE, CurveGap, loss_curve
-from medqa_core.model import reset_adapter
+from medqa_core.arms.levers import LOSS_CURVE_TOLERANCE, CurveGap, loss_curve
+from medqa_core.engine.attention import AttentionError, check_trainable, resolve_attention
+from medqa_core.engine.config import TrainConfig
+from medqa_core.engine.model import reset_adapter
 
 pytestmark = pytest.mark.benchmark(group="levers")
 

@@ -1,4 +1,4 @@
-"""QLoRA train-step throughput of the peer stacks (medqa_core.peers) beside ours and the reference.
+"""QLoRA train-step throughput of the peer stacks (medqa_core.arms.peers) beside ours and the reference.
 
 ``test_train_peer[NAME]`` steps a peer arm over the same real batches as the reference
 (``loop_batches``: ``--warmup-rounds`` untimed, then ``--train-rounds`` timed, in the training loop's
@@ -27,9 +27,9 @@ import pytest
 import torch
 from bench_train import _rounds_over, _train_info
 
-from medqa_core.config import train_profile
-from medqa_core.fingerprint import detect_backend
-from medqa_core.peers import DISTRIBUTIONS, PeerUnavailable, installed_version
+from medqa_core.arms.peers import DISTRIBUTIONS, PeerUnavailable, installed_version
+from medqa_core.engine.config import train_profile
+from medqa_core.measure.device import detect_backend
 
 pytestmark = pytest.mark.benchmark(group="train")
 

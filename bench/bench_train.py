@@ -2,15 +2,15 @@
 
 Each case steps over consecutive distinct batches in the training loop's own order (``--warmup-rounds``
 batches untimed, then ``--train-rounds`` timed), as ``medqa-parity run`` does: the same shapes, the same
-compiles, the same memory. Ours batches as ``medqa_core.train`` does (``TrainingStep.collate``: packed
+compiles, the same memory. Ours batches as ``medqa_core.engine.train`` does (``TrainingStep.collate``: packed
 rows, of one width and even row counts when compiled, with the compile warm-up before the first round);
 the reference pads each batch to its longest example.
 
 The headline ``tokens_per_s`` is what a run reports: real (non-pad) tokens of the timed rounds over
 their summed time. Also in ``extra_info``: ``step_time_s_median``/``_iqr``, ``tokens_per_round``,
-``model_flops_per_s`` (medqa_core.flops: the frozen base needs no weight gradients, the LM head runs
+``model_flops_per_s`` (medqa_core.measure.flops: the frozen base needs no weight gradients, the LM head runs
 only at labelled positions, attention per packed example), ``mfu_datasheet`` (over the vendor's dense
-peak of the compute dtype, medqa_core.flops.DATASHEET_PEAKS) and ``mfu`` (over the bf16 matmul peak
+peak of the compute dtype, medqa_core.measure.flops.DATASHEET_PEAKS) and ``mfu`` (over the bf16 matmul peak
 measured in this run), ``peak_mem_gib`` over the real batches, ``host_rss_gib``, ``compute_dtype``,
 attention requested and ran, quantization, backend, ``batch_size``, ``loss_per_round``; ours adds
 ``speedup_vs_reference`` (same run) and ``compile`` (graphs, warm-up seconds, recompiles in the rounds).
@@ -27,15 +27,15 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.attention import AttentionError, check_trainable, resolve_attention
-from medqa_core.config import TrainConfig, memory_cap_gib, train_profile
-from medqa_core.data import TrainExample
-from medqa_core.fingerprint import detect_backend
-from medqa_core.flops import ModelShape, datasheet_peak, train_step_flops
-from medqa_core.model import count_parameters
-from medqa_core.numerics import Numerics
-from medqa_core.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.train import adamw_fused, prepare_training
+from medqa_core.arms.reference import REFERENCE_ATTN, collate_reference, reference_step
+from medqa_core.engine.attention import AttentionError, check_trainable, resolve_attention
+from medqa_core.engine.config import TrainConfig, memory_cap_gib, train_profile
+from medqa_core.engine.data import TrainExample
+from medqa_core.engine.model import count_parameters
+from medqa_core.engine.numerics import Numerics
+from medqa_core.engine.train import adamw_fused, prepare_training
+from medqa_core.measure.device import detect_backend, gpu_name
+from medqa_core.measure.flops import ModelShape, datasheet_mfu, train_step_flops
 
 pytestmark = pytest.mark.benchmark(group="train")
 
@@ -65,8 +65,7 @@ def _train_info(case: Any, rounds: Any, model: torch.nn.Module, examples: Sequen
     stats = rounds.stats
     parameters, trainable = count_parameters(model)
     measured = ceilings.get("matmul_bf16_flops_per_s")
-    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    peak_rate = {"bf16": peak.bf16_flops_per_s, "fp16": peak.fp16_flops_per_s}.get(numerics.short) if peak else None
+    mfu_datasheet, datasheet = datasheet_mfu(flops / seconds, gpu_name(device), numerics.short)
     return {
         "tokens_per_s": sum(tokens) / seconds,
         "timing": f"{len(tokens)} consecutive distinct batches of the training loop's order",
@@ -82,8 +81,8 @@ def _train_info(case: Any, rounds: Any, model: torch.nn.Module, examples: Sequen
         "model_flops_per_s": flops / seconds,
         "peak_bf16_flops_per_s": measured,
         "mfu": flops / seconds / measured if measured else None,
-        "datasheet_peak": {**dataclasses.asdict(peak), "dtype": numerics.short} if peak_rate else None,
-        "mfu_datasheet": flops / seconds / peak_rate if peak_rate else None,
+        "datasheet_peak": datasheet,
+        "mfu_datasheet": mfu_datasheet,
         "compute_dtype": numerics.compute_dtype,
         "loss_per_round": rounds.outputs,
         "joules_per_token": case.joules_per(rounds, sum(tokens) / len(tokens)),

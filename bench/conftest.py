@@ -27,14 +27,15 @@ import torch
 from harness import Case, ModelSlot
 from options import _FILE_ORDER, BENCH_DIR, BenchOptions, add_options
 
-from medqa_core.benchcase import BenchCase
-from medqa_core.config import (
+from medqa_core.engine.config import (
     RunConfig,
 )
-from medqa_core.data import TrainExample, encode_train, format_prompt, iter_batches
-from medqa_core.fingerprint import machine_fingerprint, resolve_device
-from medqa_core.hardware import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
-from medqa_core.model import load_tokenizer, resolve_model_dir
+from medqa_core.engine.data import TrainExample, encode_train, format_prompt, iter_batches
+from medqa_core.engine.model import load_tokenizer, resolve_model_dir
+from medqa_core.measure.ceilings import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
+from medqa_core.measure.device import resolve_device
+from medqa_core.measure.fingerprint import machine_fingerprint
+from medqa_core.results.benchcase import BenchCase
 from medqa_core.run import Splits, load_splits
 
 logger = logging.getLogger("medqa_core.bench")

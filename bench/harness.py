@@ -13,18 +13,15 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 import torch
 
-from medqa_core.attention import AttentionError
-from medqa_core.benchcase import BenchCase
-from medqa_core.config import (
+from medqa_core.arms.peers import PeerArm, load_peer
+from medqa_core.arms.reference import ReferenceArm, load_reference
+from medqa_core.engine.attention import AttentionError
+from medqa_core.engine.config import (
     RunConfig,
 )
-from medqa_core.failure import OomFailure
-from medqa_core.fingerprint import detect_backend
-from medqa_core.hardware import EnergyMeter
-from medqa_core.peers import PeerArm, load_peer
-from medqa_core.reference import ReferenceArm, load_reference
-from medqa_core.run import Session, load_session
-from medqa_core.timing import (
+from medqa_core.measure.ceilings import EnergyMeter
+from medqa_core.measure.device import detect_backend
+from medqa_core.measure.timing import (
     Stats,
     Timer,
     free_device_memory,
@@ -35,6 +32,9 @@ from medqa_core.timing import (
     reset_peak_memory,
     synchronize,
 )
+from medqa_core.results.benchcase import BenchCase
+from medqa_core.results.failure import OomFailure
+from medqa_core.run import Session, load_session
 
 logger = logging.getLogger("medqa_core.bench")
 
@@ -43,7 +43,7 @@ _NO_SDPA_KERNEL = ("No available kernel", "No viable backend")  # torch's words 
 
 
 def _through_schema(benchmark: Any) -> None:
-    """Check the case's extra_info against the one schema (medqa_core.benchcase) and save it as that writes it."""
+    """Check the case's extra_info against the one schema (medqa_core.results.benchcase); save it as that writes it."""
     info = BenchCase.from_extra_info(benchmark.extra_info, benchmark.name).to_extra_info()
     benchmark.extra_info.clear()
     benchmark.extra_info.update(info)
@@ -68,11 +68,11 @@ class ModelSlot:
         return self._get(("ours", kernel), lambda: load_session(cfg))
 
     def reference(self) -> ReferenceArm:
-        """The common-guide QLoRA model (see medqa_core.reference)."""
+        """The common-guide QLoRA model (see medqa_core.arms.reference)."""
         return self._get(("reference",), lambda: load_reference(self.cfg, self.device))
 
     def peer(self, stack: str) -> PeerArm:
-        """A peer stack's arm (medqa_core.peers); raises PeerUnavailable, with its reason, where it cannot run."""
+        """A peer stack's arm (medqa_core.arms.peers); raises PeerUnavailable, with its reason, where it cannot run."""
         return self._get(("peer", stack), lambda: load_peer(stack, self.cfg, self.device))
 
     def _get(self, key: tuple[str, ...], load: Callable[[], T]) -> T:
@@ -128,7 +128,7 @@ class _RoundOOM(Exception):
 
 def _oom_details(exc: BaseException, device: torch.device, during: str) -> dict[str, Any]:
     # Read while the failed step's tensors are still referenced: this is the memory at the time.
-    # The same schema as a run record's failure (medqa_core.failure).
+    # The same schema as a run record's failure (medqa_core.results.failure).
     return OomFailure(phase=during, message=str(exc).strip().splitlines()[0] if str(exc).strip() else
                       type(exc).__name__, memory_allocated_gib=memory_allocated_gib(device),
                       peak_mem_gib=peak_memory_gib(device), host_rss_gib=host_rss_gib()).to_dict()
@@ -193,7 +193,7 @@ class Case:
             warmup_rounds: untimed rounds first.
 
         Returns:
-            The timed rounds' times (medqa_core.timing.Timer), outputs, energy and peak memory.
+            The timed rounds' times (medqa_core.measure.timing.Timer), outputs, energy and peak memory.
 
         Raises:
             _RoundOOM: a round ran out of memory (the remaining rounds were skipped); handled by :meth:`guard`.
@@ -246,7 +246,7 @@ class Case:
             warmup_rounds: untimed calls first.
 
         Returns:
-            Seconds per call (medqa_core.timing.Timer around each, device synchronized).
+            Seconds per call (medqa_core.measure.timing.Timer around each, device synchronized).
         """
         for _ in range(warmup_rounds):
             fn()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import torch
 
-from medqa_core.config import (
+from medqa_core.engine.config import (
     ATTN_KERNELS,
     DTYPES,
     NF4_BLOCKSIZES,
@@ -36,11 +35,6 @@ CPU_TRAIN_ROUNDS = 5
 GPU_TRAIN_ROUNDS = 20
 # Accuracy/inference before training: the train step changes the adapter they would score.
 _FILE_ORDER = {"bench_accuracy.py": 0, "bench_infer.py": 1, "bench_train.py": 2, "bench_levers.py": 3}
-# torch's messages when a forced SDPA backend cannot run (older releases, and torch 2.13).
-_NO_SDPA_KERNEL = ("No available kernel", "No viable backend")
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -180,8 +174,8 @@ def add_options(parser: pytest.Parser) -> None:
     g.addoption("--decode-batches", default=None, metavar="ROWS",
                 help="comma-separated batches of the decode cases (default: 1 and --bench-batch-size)")
     g.addoption("--nf4-kernels", default=None, metavar="NAMES",
-                help="4-bit kernels of the compiled decode case, one arm each: triton (ours, medqa_core.kernels), "
-                     "bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
+                help="4-bit kernels of the compiled decode case, one arm each: triton (ours, "
+                     "medqa_core.engine.kernels), bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 

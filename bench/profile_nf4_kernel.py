@@ -46,8 +46,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> dict:
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from medqa_core.hardware import measure_copy_bandwidth
-    from medqa_core.kernels.nf4_matmul import TileConfig, _tile_k, nf4_matmul, nf4_weight, tile_config
+    from medqa_core.engine.kernels.nf4_matmul import TileConfig, _tile_k, nf4_matmul, nf4_weight, tile_config
+    from medqa_core.measure.ceilings import measure_copy_bandwidth
 
     device = torch.device("cuda")
     bandwidth = measure_copy_bandwidth(device)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print("profile_nf4_kernel: needs a CUDA or ROCm GPU (the CPU interpreter's times mean nothing)",
               file=sys.stderr)
         return 2
-    from medqa_core.fingerprint import machine_fingerprint
+    from medqa_core.measure.fingerprint import machine_fingerprint
 
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     result = profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize)

@@ -1,4 +1,5 @@
-"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / compare / export-mlflow / gate.
+"""`medqa-parity` command line: run / train / evaluate / trace / fingerprint / report / compare / export-mlflow /
+gate / check.
 
 The only home of logging setup and progress bars; everything else is library code. ``--profile``
 names training settings everywhere; the subcommand that traces a train step is ``trace`` (``profile``,
@@ -19,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medqa_core.config import (
+from medqa_core.engine.config import (
     ATTN_KERNELS,
     AUTO_PROFILE,
-    BACKENDS,
     COMPILE_MODES,
     DTYPES,
     LOSS_ON,
@@ -42,6 +42,7 @@ from medqa_core.config import (
     TrainConfig,
     train_profile,
 )
+from medqa_core.measure.device import BACKENDS
 
 logger = logging.getLogger("medqa_core")
 
@@ -169,6 +170,115 @@ def _add_train_args(p: argparse.ArgumentParser, outputs: bool = True) -> None:
                    help="data-parallel processes on this host, started through torchrun (default: %(default)s)")
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2,3,4") from e
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def _add_runset_args(p: argparse.ArgumentParser) -> None:
+    from medqa_core.compare.runsets import DEFAULT_TARGET_LOSS_NATS  # numpy and scipy only, no torch
+
+    r = p.add_argument_group("run sets (docs/parity-reports.md, \"Run sets\")")
+    r.add_argument("--repeats", type=int, metavar="N",
+                   help="fine-tune N times, seeds --train-seed .. --train-seed+N-1 (adapter init, data order, "
+                        "dropout), then the first seed once more (the same-seed floor); the model loads once; "
+                        "saves every run record and a run-set file naming them (runsets/ beside --results)")
+    r.add_argument("--seeds", type=_seed_list, metavar="LIST",
+                   help="a run set of these seeds (comma-separated, distinct) instead of --repeats")
+    r.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="score the eval loss every STEPS steps while fine-tuning (the eval curve time to target is "
+                        "read from; default in a run set: 8 points a run, none otherwise)")
+    r.add_argument("--curve-questions", type=int, default=128, metavar="N",
+                   help="questions each eval-curve point scores, the first of the eval split (default: %(default)s)")
+    r.add_argument("--target-loss", type=float, default=DEFAULT_TARGET_LOSS_NATS, metavar="NATS",
+                   help="eval-loss target of time to target (default: %(default)s)")
+    r.add_argument("--runset-dir", metavar="DIR", help="folder for the run-set file (default: runsets/ beside "
+                                                       "--results)")
+
+
+def set_plan(args: argparse.Namespace) -> Any:
+    """The run set ``args`` ask for (``--repeats`` or ``--seeds``), or None for a single run.
+
+    Raises:
+        ConfigError: both flags, a count below 1, or a repeated seed.
+    """
+    from medqa_core.run import SetPlan
+
+    repeats, seeds = getattr(args, "repeats", None), getattr(args, "seeds", None)
+    if repeats is None and seeds is None:
+        return None
+    if repeats is not None and seeds is not None:
+        raise ConfigError("give --repeats N or --seeds LIST, not both")
+    if repeats is not None and repeats < 1:
+        raise ConfigError(f"--repeats {repeats}: give 1 or more (5 or more for a spread the report can judge)")
+    if getattr(args, "nproc", 1) > 1:
+        raise ConfigError("--repeats/--seeds run on one process; drop --nproc")
+    if getattr(args, "resume", None) or getattr(args, "checkpoint_dir", None):
+        raise ConfigError("--repeats/--seeds do not checkpoint or resume; drop --resume/--checkpoint-dir")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ConfigError(f"--eval-every {args.eval_every}: give 1 or more")
+    if args.curve_questions < 1:
+        raise ConfigError(f"--curve-questions {args.curve_questions}: give 1 or more")
+    seeds = seeds or tuple(range(args.train_seed, args.train_seed + repeats))
+    try:
+        return SetPlan(seeds=seeds, eval_every=args.eval_every, curve_questions=args.curve_questions,
+                       target_loss_nats=args.target_loss, runset_dir=args.runset_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def single_run_curve(args: argparse.Namespace) -> Any:
+    """``run --eval-every`` without a run set: the eval curve of one run, or None."""
+    every = getattr(args, "eval_every", None)
+    if every is None:
+        return None
+    if getattr(args, "nproc", 1) > 1:
+        raise ConfigError("--eval-every scores on one process; drop --nproc")
+    from medqa_core.engine.curve import EvalCurve
+
+    try:
+        return EvalCurve(every, args.curve_questions)
+    except ValueError as e:
+        raise ConfigError(f"--eval-every/--curve-questions: {e}") from e
+
+
+def cmd_runset(args: argparse.Namespace, plan: Any) -> int:
+    """``run --repeats N`` / ``--seeds``: the runs, one line each, then the set's summary."""
+    from medqa_core.compare.runsets import RunFigures, set_summary_lines, summarize_loaded
+    from medqa_core.engine.preemption import Interrupted, StopOnSignals
+    from medqa_core.results.runset import load_runset
+    from medqa_core.run import execute_set
+
+    cfg = build_config(args)
+    bars = ProgressBars()
+
+    def on_run(i: int, total: int, record: Any, path: Any) -> None:
+        bars.bars.clear()  # each run draws its own bars
+        role = "repeat" if i >= len(plan.seeds) else "seed"
+        fig = RunFigures.from_record(record, record.config["train"]["seed"], role)
+        print(f"run {i + 1}/{total} seed {fig.seed} ({role}): accuracy {100 * fig.accuracy:.1f}%, eval loss "
+              f"{fig.eval_loss_nats:.4f} nats, {len(fig.loss_per_step)} steps in {sum(fig.step_time_s):.1f} s "
+              f"-> {path}")
+
+    try:
+        with StopOnSignals() as stop:
+            runset, path = execute_set(cfg, plan, progress=bars, stop=stop, on_run=on_run)
+    except Interrupted as e:
+        print(f"medqa-parity: interrupted by {e.signal_name}; the runs finished before are saved", file=sys.stderr)
+        return e.exit_code
+    _, loaded = load_runset(path)
+    print("\n".join(set_summary_lines(summarize_loaded(loaded, runset.target_loss_nats, "set"))))
+    for note in runset.notes:
+        print(f"note: {note}")
+    print(f"wrote {path}")
+    return 0 if len(loaded) == len(plan.order()) else 3
+
+
 def profile_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
     """No flag whose setting a profile also sets (batch, recompute, packing, compile, LoRA dropout, attention) was
     changed: "auto" may choose them without overriding what the user asked for."""
@@ -281,7 +391,7 @@ WRITE_FAILED = 5
 
 def write_failure_line(failure: dict[str, Any], path: Any) -> str:
     """The one line printed when a checkpoint could not be written (``failure`` kind "write")."""
-    from medqa_core.files import size_text
+    from medqa_core.results.storage import size_text
 
     free = "free space unknown" if failure.get("free_bytes") is None else f"{size_text(failure['free_bytes'])} free"
     line = (f"medqa-parity: error: cannot write checkpoint {failure['path']} ({failure['message']}; {free} there) "
@@ -298,19 +408,22 @@ def write_failure_line(failure: dict[str, Any], path: Any) -> str:
 
 def _print_unsaved(record: Any) -> None:
     """A record that could be saved nowhere: its figures, then the record itself as JSON, on stdout."""
-    from medqa_core.printout import summary_lines
+    from medqa_core.report.run_summary import summary_lines
 
     print("\n".join(summary_lines(record, "(not saved: see below)")))
     print(json.dumps(record.to_dict(), indent=1))
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
-    from medqa_core.distributed import launched_by_torchrun
-    from medqa_core.preemption import Interrupted, StopOnSignals, exit_code
-    from medqa_core.printout import summary_lines
+    from medqa_core.engine.distributed import launched_by_torchrun
+    from medqa_core.engine.preemption import Interrupted, StopOnSignals, exit_code
+    from medqa_core.engine.sharded import check_sharding
+    from medqa_core.report.run_summary import summary_lines
     from medqa_core.run import OutputWriteError, execute
-    from medqa_core.sharded import check_sharding
 
+    plan = set_plan(args) if args.command == "run" else None
+    if plan is not None:
+        return cmd_runset(args, plan)
     cfg = build_config(args)  # a bad setting fails here, once, not in each process torchrun would start
     if getattr(args, "nproc", 1) > 1 and not launched_by_torchrun():
         checkpointing = bool(getattr(args, "checkpoint_dir", None) or getattr(args, "resume", None))
@@ -324,7 +437,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
                                    checkpoint_dir=getattr(args, "checkpoint_dir", None),
                                    resume=getattr(args, "resume", None), stop=stop,
                                    trust_remote_code=args.trust_remote_code,
-                                   command=" ".join(["medqa-parity", *args.argv]))
+                                   command=" ".join(["medqa-parity", *args.argv]), curve=single_run_curve(args))
     except Interrupted as e:  # a second signal, or one before anything could be saved
         bars.close()
         print(f"medqa-parity: interrupted by {e.signal_name}; nothing was saved", file=sys.stderr)
@@ -370,7 +483,7 @@ TRACE_DIR = "runs/trace"
 def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from medqa_core.profiler import format_profile, profile_training, save_profiles
+    from medqa_core.measure.trace import format_profile, profile_training, save_profiles
 
     names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
     args.profile = None  # each traced profile applies its own settings over the flags
@@ -387,7 +500,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from medqa_core.fingerprint import machine_fingerprint, resolve_device
+    from medqa_core.measure.device import resolve_device
+    from medqa_core.measure.fingerprint import machine_fingerprint
 
     fp = machine_fingerprint(resolve_device(args.backend))
     print(json.dumps(fp, indent=2))
@@ -401,7 +515,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from medqa_core.report.render import make_report, verdict_lines
 
     try:
-        report, written = make_report(args.runs, args.out, baseline=args.baseline, margin_pp=args.margin)
+        from medqa_core.results.runset import is_runset_file
+
+        sets = [p for p in args.runs if is_runset_file(p)]
+        records = [p for p in args.runs if p not in sets]
+        report, written = make_report(records, args.out, baseline=args.baseline, margin_pp=args.margin,
+                                      runsets=sets, loss_margin_nats=args.loss_margin)
     except OSError as e:  # the output folder: nothing was moved into it
         print(f"medqa-parity: error: cannot write the report to {args.out} ({e.strerror or e}); "
               "give --out a folder you can write", file=sys.stderr)
@@ -412,6 +531,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"  {f.status.upper()}: {f.text}")
     for note in report.notes:
         print(f"  note: {note}")
+    if report.runsets is not None:
+        from medqa_core.report.runsets import verdict_lines as runset_lines
+
+        print(f"run sets: {len(report.runsets.summaries)} (baseline {report.runsets.summaries[0].label})")
+        for line in runset_lines(report.runsets):
+            print(f"  {line}")
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
@@ -428,7 +553,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export_mlflow(args: argparse.Namespace) -> int:
-    from medqa_core.mlflow_export import default_tracking_uri, export_files
+    from medqa_core.report.mlflow_export import default_tracking_uri, export_files
 
     uri = args.tracking_uri or default_tracking_uri()
     for e in export_files(args.files, tracking_uri=args.tracking_uri, experiment=args.experiment):
@@ -456,7 +581,17 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from medqa_core.gate.thresholds import load_thresholds
 
     thresholds = load_thresholds(args.config, args.threshold or [])
-    result = run_gate(args.baseline, args.candidate, thresholds, allow_not_compared=args.allow_not_compared)
+    baseline = args.baseline
+    if args.baseline_runset:
+        from medqa_core.gate.runset import baseline_record, with_runset
+
+        baseline = baseline or baseline_record(args.baseline_runset)
+    elif not baseline:
+        print("medqa-parity: error: give --baseline RUN or --baseline-runset RUNSET", file=sys.stderr)
+        return 2
+    result = run_gate(baseline, args.candidate, thresholds, allow_not_compared=args.allow_not_compared)
+    if args.baseline_runset:
+        result = with_runset(result, args.baseline_runset, args.candidate)
     print(render_text(result))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
@@ -465,6 +600,19 @@ def cmd_gate(args: argparse.Namespace) -> int:
         except OSError as e:  # the verdict stands; only its summary is lost
             print(f"medqa-parity: warning: cannot write GITHUB_STEP_SUMMARY {summary} ({e.strerror})", file=sys.stderr)
     return result.exit_code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from medqa_core.compare.claims import ClaimError, check_claim, exit_code, load_claim, load_sets, render_lines
+
+    try:
+        claim = load_claim(args.claim)
+        lines = check_claim(claim, load_sets(args.runsets))
+    except ClaimError as e:
+        print(f"medqa-parity: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(render_lines(claim, lines)))
+    return exit_code(lines)
 
 
 def _examples(*lines: str) -> str:
@@ -501,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, train=True, evaluate=True)
     _add_eval_args(p)
     _add_train_args(p)
+    _add_runset_args(p)
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)",
@@ -552,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
     from medqa_core.compare.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
-    from medqa_core.mlflow_export import DEFAULT_EXPERIMENT  # mlflow itself is imported only to export
+    from medqa_core.report.mlflow_export import DEFAULT_EXPERIMENT  # mlflow itself is imported only to export
 
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
                        formatter_class=raw,
@@ -564,11 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_examples("medqa-parity report runs/records/*.json --out report/",
                                         "medqa-parity report cuda.json rocm.json --baseline cuda.json --margin 2 "
                                         "--out report/"))
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run record or pytest-benchmark JSON (two or more runs)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run record, pytest-benchmark JSON or run-set file (run --repeats): two or more runs, or one "
+                        "run set or more; run sets get their own section (device effect against the seed spread)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the charts")
     p.add_argument("--baseline", metavar="RUN", help="the run others are compared with (default: the first RUN)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
+    from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS
+
+    p.add_argument("--loss-margin", type=float, default=DEFAULT_LOSS_MARGIN_NATS, metavar="NATS",
+                   help="run sets: eval-loss equivalence margin in nats (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("compare", help="how does my machine compare? your newest run beside the committed ones",
@@ -624,7 +779,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "/tmp/candidate.json",
                                         "medqa-parity gate --baseline a.json --candidate b.json "
                                         "--threshold speed_pct=20"))
-    p.add_argument("--baseline", required=True, metavar="RUN", help="run record or pytest-benchmark JSON")
+    p.add_argument("--baseline", metavar="RUN", help="run record or pytest-benchmark JSON (or give --baseline-runset)")
+    p.add_argument("--baseline-runset", metavar="RUNSET",
+                   help="a run set (run --repeats) of the baseline: the candidate's fine-tuned accuracy and eval loss "
+                        "are judged against the set's spread (one-sided prediction bound of one more run at alpha) "
+                        "instead of accuracy_pp; --baseline defaults to the set's first seed run")
     p.add_argument("--candidate", required=True, metavar="RUN", help="the same kind of file, to be judged")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                    help="override a threshold of [tool.medqa-parity.gate], e.g. speed_pct=10, memory_pct=10, "
@@ -637,6 +796,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU model than the baseline's; the verdict line still counts them with their reasons")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_gate)
+    p = sub.add_parser("check", help="check a published claim (CLAIM.toml) line by line against run sets",
+                       formatter_class=raw,
+                       description="Read a claim (model, method, hardware, software, dataset, epochs, wall time, "
+                                   "accuracy, parity margin; see claims/*.toml) and answer each line: HOLDS, "
+                                   "CONTRADICTED, or NOT CHECKABLE HERE with why (no such hardware among the run sets, "
+                                   "random weights, another dataset or model). A claim attributed to a source "
+                                   "([claim] attributed_to) is also checked against that source. Exit 0: every "
+                                   "checkable line holds; 1: a line is contradicted; 2: bad input (the TOML or a run "
+                                   "set, named with the key); 4: nothing could be checked here.",
+                       epilog=_examples("medqa-parity check claims/mistral7b-mi250-repeated.toml "
+                                        "results/runsets/*.json",
+                                        "medqa-parity check claims/hackathon-qwen3-mi300x.toml"))
+    p.add_argument("claim", metavar="CLAIM.toml",
+                   help="the claim (format: claims/*.toml, medqa_core/compare/claims.py)")
+    p.add_argument("runsets", nargs="*", metavar="RUNSET", help="run-set files (run --repeats) to check it against")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -708,9 +884,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("medqa-parity: interrupted by SIGINT", file=sys.stderr)
         return 130
     except Exception as e:
-        # Nothing is imported here: memory may be exhausted. Without medqa_core.timing no torch code ran,
+        # Nothing is imported here: memory may be exhausted. Without medqa_core.measure.timing no torch code ran,
         # and only a MemoryError can be out of memory.
-        timing = sys.modules.get("medqa_core.timing")
+        timing = sys.modules.get("medqa_core.measure.timing")
         if not (isinstance(e, MemoryError) or (timing is not None and timing.is_oom(e))):
             raise
         print(f"medqa-parity: error: out of memory ({str(e).splitlines()[0]}); lower --batch-size, "
@@ -721,18 +897,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Errors that are the user's to fix, by module: shown as one line, not a traceback.
 USER_ERRORS = {
-    "medqa_core.attention": "AttentionError", "medqa_core.checkpoint": "CheckpointError",
-    "medqa_core.data": "MedQADataError", "medqa_core.fingerprint": "BackendError",
+    "medqa_core.engine.attention": "AttentionError", "medqa_core.engine.checkpoint": "CheckpointError",
+    "medqa_core.engine.data": "MedQADataError", "medqa_core.measure.device": "BackendError",
     "medqa_core.compare.inputs": "CompareError",  # the gate's GateError and the report's errors are CompareErrors
-    "medqa_core.model": "ModelLoadError", "medqa_core.record": "RecordError", "medqa_core.numerics": "DtypeError",
-    "medqa_core.sharded": "ShardError", "medqa_core.files": "OutputFolderError",
-    "medqa_core.mlflow_export": "ExportError",
+    "medqa_core.engine.model": "ModelLoadError", "medqa_core.results.record": "RecordError",
+    "medqa_core.engine.numerics": "DtypeError", "medqa_core.engine.sharded": "ShardError",
+    "medqa_core.results.storage": "OutputFolderError", "medqa_core.engine.fp8": "Fp8Unavailable",
+    "medqa_core.results.runset": "RunSetError", "medqa_core.compare.runsets": "RunSetStatsError",
+    "medqa_core.report.mlflow_export": "ExportError",
 }
 
 
 def _write_errors() -> tuple[type[Exception], ...]:
-    """files.WriteError where medqa_core.files is imported (nothing is imported here, as for user errors)."""
-    cls = getattr(sys.modules.get("medqa_core.files"), "WriteError", None)
+    """files.WriteError where medqa_core.results.storage is imported (nothing is imported here, as for user errors)."""
+    cls = getattr(sys.modules.get("medqa_core.results.storage"), "WriteError", None)
     return (cls,) if isinstance(cls, type) else ()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,8 +16,16 @@ from typing import Any
 
 import torch
 
-from medqa_core.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
-from medqa_core.checkpoint import (
+from medqa_core.compare.runsets import (
+    DEFAULT_TARGET_LOSS_NATS,
+    REPEAT,
+    SEED,
+    RunFigures,
+    summarize,
+    summary_dict,
+)
+from medqa_core.engine.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
+from medqa_core.engine.checkpoint import (
     CheckpointError,
     CheckpointLock,
     CheckpointWriteError,
@@ -24,8 +33,9 @@ from medqa_core.checkpoint import (
     list_checkpoints,
     lock_checkpoints,
 )
-from medqa_core.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
-from medqa_core.data import (
+from medqa_core.engine.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
+from medqa_core.engine.curve import EvalCurve
+from medqa_core.engine.data import (
     MedQAItem,
     bundled_data_dir,
     check_prompt_lengths,
@@ -34,21 +44,10 @@ from medqa_core.data import (
     has_split,
     load_medqa,
 )
-from medqa_core.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from medqa_core.evaluate import evaluate
-from medqa_core.failure import OomFailure
-from medqa_core.files import (
-    WriteError,
-    check_room,
-    free_text,
-    new_folders,
-    probe_dir,
-    remove_if_empty,
-    size_text,
-    unique_name,
-)
-from medqa_core.fingerprint import machine_fingerprint, resolve_device
-from medqa_core.model import (
+from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from medqa_core.engine.evaluate import evaluate
+from medqa_core.engine.fp8 import fp8_formats
+from medqa_core.engine.model import (
     QuantInfo,
     add_lora,
     check_adapter,
@@ -62,12 +61,26 @@ from medqa_core.model import (
     resolve_model_dir,
     save_adapter,
 )
-from medqa_core.numerics import Numerics, resolve_numerics
-from medqa_core.preemption import Interrupted, StopOnSignals
-from medqa_core.record import RunRecord, save_record
-from medqa_core.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
-from medqa_core.timing import device_memory_gib, free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
-from medqa_core.train import total_steps, train
+from medqa_core.engine.numerics import Numerics, resolve_numerics
+from medqa_core.engine.preemption import Interrupted, StopOnSignals
+from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
+from medqa_core.engine.train import total_steps, train
+from medqa_core.measure.device import device_memory_gib, resolve_device
+from medqa_core.measure.fingerprint import machine_fingerprint
+from medqa_core.measure.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.results.failure import OomFailure
+from medqa_core.results.record import EvalResult, RunRecord, save_record
+from medqa_core.results.runset import RunSet, RunSetEntry, relative_path, save_runset
+from medqa_core.results.storage import (
+    WriteError,
+    check_room,
+    free_text,
+    new_folders,
+    probe_dir,
+    remove_if_empty,
+    size_text,
+    unique_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +340,8 @@ def _saved_elsewhere(what: str, e: WriteError, instead: Path | None, second: Wri
 def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, adapter_out: str | None = None,
             progress: Progress | None = None, checkpoint_dir: str | None = None,
             resume: str | None = None, stop: StopOnSignals | None = None, trust_remote_code: bool = False,
-            command: str = "") -> tuple[RunRecord, Path | None]:
+            command: str = "", session: Session | None = None, eval_before: EvalResult | None = None,
+            curve: EvalCurve | None = None) -> tuple[RunRecord, Path | None]:
     """Run one job and save its record.
 
     Args:
@@ -342,6 +356,10 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             step or scoring batch, checkpoints, and saves the record with ``failure`` kind "interrupted".
         trust_remote_code: let a model folder's own code run (config.json ``auto_map``); refused otherwise.
         command: the command line, written into the checkpoint folder's lock for another job's message.
+        session: a model already loaded for ``cfg`` (a run set's): used as it is, its adapter reset by the caller.
+        eval_before: the base model's scores, when already scored with this session (a run set scores them once:
+            LoRA's B starts at zero, so every fresh adapter scores as the base).
+        curve: score the eval loss during fine-tuning (``RunRecord.eval_curve``).
 
     Returns:
         The record and the path it was saved to (None on ranks other than 0, which write nothing).
@@ -370,6 +388,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
         check_trainable(resolve_attention(cfg.train.attn), device)
+    if trains and cfg.train.fp8:  # likewise a device without fp8 tensor cores
+        fp8_formats(device)
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     ckpt = (resume or checkpoint_dir) if trains else None
@@ -385,7 +405,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     lock = _lock(Path(ckpt) if ckpt else None, cfg, info, device, command)
     try:
         return _execute_locked(cfg, kind, adapter_dir, adapter_out, progress, ckpt, resume, stop,
-                               trust_remote_code, device, info, splits, started, profile_chosen_by)
+                               trust_remote_code, device, info, splits, started, profile_chosen_by, session,
+                               eval_before, curve)
     finally:
         if lock is not None:
             lock.release()
@@ -394,11 +415,13 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
 def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
                     progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
                     trust_remote_code: bool, device: torch.device, info: DistInfo, splits: Splits,
-                    started: float, profile_chosen_by: str | None) -> tuple[RunRecord, Path | None]:
+                    started: float, profile_chosen_by: str | None, session: Session | None,
+                    eval_before: EvalResult | None, curve: EvalCurve | None) -> tuple[RunRecord, Path | None]:
     """:func:`execute` from loading the model on, with the checkpoint folder (if any) held."""
     trains = kind in ("run", "train")
     notes = list(splits.notes if kind != "evaluate" else ())
-    session = load_session(cfg, adapter_dir=adapter_dir, device=device, trust_remote_code=trust_remote_code)
+    session = session or load_session(cfg, adapter_dir=adapter_dir, device=device,
+                                      trust_remote_code=trust_remote_code)
     if info.is_main:  # before any scoring or training: room for what the job will write
         adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
         needs = [(Path(cfg.results_dir), record_b, "--results")]
@@ -439,7 +462,9 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         if stop is not None and stop.requested():  # a signal while the model loaded
             phase = "load"
             stop.check()
-        if info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
+        if eval_before is not None and kind == "run":
+            results["eval_before"] = eval_before
+        elif info.is_main and (kind == "run" or (kind == "evaluate" and not adapter_dir)):
             # LoRA's B matrices start at zero, so the fresh adapter scores exactly as the base model.
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                               splits.eval_name, _bar(progress, phase, stop),
@@ -448,8 +473,12 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         if kind in ("run", "train"):
             phase = "fine-tune"
             examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
+            bar = _bar(progress, phase)
+            if curve is not None:
+                curve.use_split(splits.eval, splits.eval_name)
+                bar = curve.hook(bar, session.model, tok, cfg.eval, device, attention, session.numerics)
             results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
-                                     session.numerics, _bar(progress, phase),
+                                     session.numerics, bar,
                                      checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
                                      dist_info=info, stop=stop.requested if stop is not None else None)
@@ -472,6 +501,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
                     notes.append(problems[-1])
                     logger.error("%s", problems[-1])
             lap("train")
+            if curve is not None:  # the curve's scoring ran between steps: its own phase, not training's
+                phases["curve"], phases["train"] = curve.seconds, phases["train"] - curve.seconds
             compile_s = (results["train"].compile or {}).get("warmup_s", 0.0)
             phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
@@ -505,7 +536,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         # Out of memory is a result: record which configuration ran out and keep what finished.
         oom = OomFailure(phase=phase, message=(str(e).strip().splitlines() or [type(e).__name__])[0],
                          memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device))
-        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.failure)
+        failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.results.failure)
         logger.error("%s", oom.text)
     if failure is not None:
         free_device_memory(device)  # the failed step's tensors, held by the traceback until now
@@ -514,12 +545,16 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         attention={"requested": attention.requested, "ran": session.kernel_ran,
                    "attn_implementation": attention.attn_implementation},
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
-        adapter_dir=saved_adapter or adapter_dir, numerics=session.numerics.as_dict(),
+        adapter_dir=saved_adapter or adapter_dir,
+        numerics={**session.numerics.as_dict(),  # with the fp8 lever: the formats and scaling the base ran
+                  "fp8": dataclasses.asdict(fp8_formats(device)) if trains and cfg.train.fp8 else None},
         notes=_notes(session, tuple(notes)),
         wall_time_s=time.perf_counter() - started, failure=failure,
-        phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "score_after") if k in phases},
+        phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
+                  if k in phases},
         profile=profile_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
         if trains else None,
+        eval_curve=tuple(curve.points) if curve is not None and curve.points else None,
     )
     path = None
     if info.is_main:
@@ -540,3 +575,117 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         assert first_error is not None
         raise OutputWriteError(record, path, problems, first_error)
     return record, path
+
+
+# ---- run sets: N seeds and the first seed once more, one model load --------------------------------------------
+
+CURVE_POINTS = 8  # eval-curve points per run when --eval-every is not given: every ceil(steps / 8) steps
+CURVE_QUESTIONS = 128  # questions each point scores (the first of the eval split)
+
+
+@dataclass(frozen=True)
+class SetPlan:
+    """What ``run --repeats`` runs: the seeds, whether the first is repeated, the eval curve and its target.
+
+    Attributes:
+        seeds: the training seeds (adapter init, data order, dropout), distinct, in run order.
+        repeat: train the first seed once more at the end (the same-seed floor).
+        eval_every: steps between eval-curve points (None: every ceil(steps / CURVE_POINTS) steps).
+        curve_questions: questions each curve point scores.
+        target_loss_nats: eval-loss target of time to target.
+        runset_dir: where the run-set file goes (None: ``runsets`` beside the records' folder).
+    """
+
+    seeds: tuple[int, ...]
+    repeat: bool = True
+    eval_every: int | None = None
+    curve_questions: int = CURVE_QUESTIONS
+    target_loss_nats: float = DEFAULT_TARGET_LOSS_NATS
+    runset_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("a run set needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {list(self.seeds)} repeat one; MLPerf's rule and ours: unique seeds (the "
+                             "same-seed repeat is added by itself)")
+
+    def order(self) -> list[tuple[int, str]]:
+        """(seed, role) of every run, in order: the seeds, then the first seed's repeat."""
+        return [(s, SEED) for s in self.seeds] + ([(self.seeds[0], REPEAT)] if self.repeat else [])
+
+
+def execute_set(cfg: RunConfig, plan: SetPlan, progress: Progress | None = None,
+                stop: StopOnSignals | None = None,
+                on_run: Callable[[int, int, RunRecord, Path | None], None] | None = None) -> tuple[RunSet, Path]:
+    """Fine-tune ``cfg`` once per seed of ``plan`` (and the first seed again), save each record, then the run set.
+
+    The model loads (and generates, for a preset) once; before each run its LoRA adapter is reset to the run's
+    seed (``model.reset_adapter``: A seeded, B zero), and training reseeds data order and dropout from it. The
+    base model's scores (``eval_before``) and the curve's step-0 point are the same for every fresh adapter,
+    so they are scored once and shared. A run that fails (out of memory, a signal) ends the set: the runs saved
+    so far are named in the run-set file, with a note.
+
+    Args:
+        cfg: the configuration; ``cfg.train.seed`` is replaced by each run's seed.
+        plan: seeds, repeat, eval curve, target.
+        progress: progress callback for each run's long steps.
+        stop: signal handlers (see ``execute``).
+        on_run: called after each run with (index, total, record, path).
+
+    Returns:
+        The run set and the path of its file.
+
+    Raises:
+        MedQADataError: a question too long to fit (checked before the model loads).
+    """
+    from medqa_core.engine.model import reset_adapter
+
+    started = time.perf_counter()
+    splits = load_splits(cfg.data)
+    check_prompt_lengths(splits.train, cfg.train.max_seq_len)
+    check_prompt_lengths(splits.eval, cfg.eval.max_seq_len, "--eval-max-seq-len")
+    device = resolve_device(cfg.backend)
+    resolved, _ = resolve_profile(cfg, device)
+    if resolved.train.attn:
+        check_trainable(resolve_attention(resolved.train.attn), device)
+    steps = total_steps(len(splits.train), resolved.train)
+    every = plan.eval_every or max(1, math.ceil(steps / CURVE_POINTS))
+    session = load_session(dataclasses.replace(resolved, train=dataclasses.replace(resolved.train,
+                                                                                   seed=plan.seeds[0])),
+                           device=device)
+    load_s = time.perf_counter() - started
+    set_stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    runs: list[tuple[int, str, RunRecord, Path]] = []
+    eval_before, start_point, notes = None, None, []
+    order = plan.order()
+    for i, (seed, role) in enumerate(order):
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+        reset_adapter(session.model, seed)
+        curve = EvalCurve(every, plan.curve_questions, start=start_point)
+        adapter_out = Path("runs") / "adapters" / f"{set_stamp}_set" / f"{i + 1:02d}_seed{seed}_{role}"
+        record, path = execute(run_cfg, "run", adapter_out=str(adapter_out), progress=progress, stop=stop,
+                               session=session, eval_before=eval_before, curve=curve)
+        eval_before, start_point = eval_before or record.eval_before, curve.start
+        if path is not None:
+            runs.append((seed, role, record, path))
+        if on_run is not None:
+            on_run(i, len(order), record, path)
+        if record.failure is not None:
+            notes.append(f"the set stopped at run {i + 1} of {len(order)} (seed {seed}, {role}): "
+                         f"{record.failure.get('kind')} during {record.failure.get('phase')}")
+            break
+    folder = Path(plan.runset_dir) if plan.runset_dir else Path(cfg.results_dir).parent / "runsets"
+    figures = [RunFigures.from_record(r, s, role, str(p)) for s, role, r, p in runs if r.failure is None]
+    summary = summary_dict(summarize(figures, plan.target_loss_nats)) if any(f.role == SEED for f in figures) else None
+    first = runs[0][2] if runs else None
+    runset = RunSet(
+        fingerprint=first.fingerprint if first else machine_fingerprint(device),
+        config=first.config if first else cfg.to_dict(),
+        seeds=tuple(plan.seeds), runs=tuple(RunSetEntry(relative_path(p, folder), s, role) for s, role, _, p in runs),
+        target_loss_nats=plan.target_loss_nats, eval_curve={"every": every, "questions": plan.curve_questions},
+        load_s=load_s, summary=summary,
+        notes=(*notes, "model loaded once for the set; eval_before and the curve's step 0 scored once (a fresh "
+                       "adapter scores as the base model)"),
+    )
+    return runset, save_runset(runset, folder)

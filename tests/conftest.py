@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-# Our Triton kernels (medqa_core.kernels) run on CPU tensors under Triton's interpreter; it must be on before
+# Our Triton kernels (medqa_core.engine.kernels) run on CPU tensors under Triton's interpreter; it must be on before
 # triton.jit wraps them at import. On a GPU the tests run the compiled kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from medqa_core.config import PRESET_COMMON, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from medqa_core.record import RunRecord, load_record
+from medqa_core.engine.config import PRESET_COMMON, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from medqa_core.results.record import RunRecord, load_record
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Mistral with the real Mistral tokenizer, saved as safetensors to a temp folder."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from medqa_core.model import save_preset_tokenizer
+    from medqa_core.engine.model import save_preset_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-mistral")
     torch.manual_seed(0)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medqa_core import peers
-from medqa_core.config import RunConfig
-from medqa_core.fingerprint import resolve_device
-from medqa_core.reference import load_reference
+from medqa_core.arms import peers
+from medqa_core.arms.reference import load_reference
+from medqa_core.engine.config import RunConfig
+from medqa_core.measure.device import resolve_device
 
 
 def load_fake_liger(cfg: RunConfig, device: torch.device | None = None) -> peers.LigerArm:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.config import MEMORY_CAP_GIB
+from medqa_core.engine.config import MEMORY_CAP_GIB
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -96,8 +96,10 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     prefill = cases["test_prefill[sdpa-batch1]"]["extra_info"]
     assert prefill["ttft_s_median"] > 0
     assert prefill["prefill_tokens_per_s"] == pytest.approx(32 / prefill["ttft_s_median"])
-    decodes = [cases[f"test_decode_{path}[sdpa-batch{b}]"]["extra_info"] for path in ("eager", "compiled")
-               for b in (1, 2)]
+    # The compiled decode runs once per 4-bit kernel (--nf4-kernels; on CPU bitsandbytes alone), named by it.
+    decodes = [cases[name]["extra_info"] for name in (
+        "test_decode_eager[sdpa-batch1]", "test_decode_eager[sdpa-batch2]",
+        "test_decode_compiled[sdpa-batch1-bitsandbytes]", "test_decode_compiled[sdpa-batch2-bitsandbytes]")]
     for decode in decodes:
         assert decode["new_tokens"] == 3  # per row; min_new_tokens = max_new_tokens: EOS does not stop it early
         assert decode["weight_bytes_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
@@ -111,6 +113,7 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
         assert static["decode_loop"] == "StaticDecoder" and static["cache"] == "static"
         assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles
         assert static["cache_layers"] == "full" and static["first_call_s"] > 0 and static["fallback"] is None
+        assert static["nf4_kernel"].startswith("bitsandbytes ") and static["nf4_fused_layers"] == 0
         assert static["graph"] == ("none: graphs need a GPU" if not torch.cuda.is_available() else
                                    "HIP graph" if torch.version.hip else "CUDA graph")
     scoring = cases["test_scoring[sdpa]"]["extra_info"]
@@ -121,7 +124,7 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
 
 
 def test_every_case_reads_through_the_schema_and_a_headline_is_printed(bench_run: dict[str, Any]) -> None:
-    from medqa_core.benchcase import BenchCase
+    from medqa_core.results.benchcase import BenchCase
 
     for name, case in _cases(bench_run).items():
         assert BenchCase.from_extra_info(case["extra_info"], name).to_extra_info() == case["extra_info"]
@@ -160,7 +163,7 @@ def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> Non
     cases = _cases(bench_run)
     oom = cases[OOM_CASE]["extra_info"]["oom"]
     info = cases[OOM_CASE]["extra_info"]
-    # The configuration stays beside the failure; the failure has a run record's schema (medqa_core.failure).
+    # The configuration stays beside the failure; the failure has a run record's schema (medqa_core.results.failure).
     assert {k: info[k] for k in ("arm", "attention_requested", "batch_size", "seq_len")} == {
         "arm": "ours", "attention_requested": "sdpa", "batch_size": 2, "seq_len": 32}
     assert oom["message"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB")

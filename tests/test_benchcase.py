@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from medqa_core.benchcase import BENCH_CASE_SCHEMA, BenchCase, BenchCaseError
 from medqa_core.compare.inputs import summarize_file
-from medqa_core.failure import FailureError, OomFailure
-from medqa_core.record import load_record
+from medqa_core.results.benchcase import BENCH_CASE_SCHEMA, BenchCase, BenchCaseError
+from medqa_core.results.failure import FailureError, OomFailure
+from medqa_core.results.record import load_record
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 BENCH_FILES = sorted(RESULTS.glob("bench/*/*.json")) + sorted(RESULTS.glob("gate-noise/*/*.json"))

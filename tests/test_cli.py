@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medqa_core.cli import TRACE_DIR, build_parser, main
-from medqa_core.record import load_record
+from medqa_core.results.record import load_record
 
 ROOT = Path(__file__).resolve().parents[1]
 

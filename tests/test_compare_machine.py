@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 from medqa_core.cli import main
-from medqa_core.record import load_record
 from medqa_core.report.machine import WIDTH
+from medqa_core.results.record import load_record
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "results" / "runs"

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from medqa_core.config import LoraSettings, TrainConfig
-from medqa_core.data import ROW_MULTIPLE, TrainExample, collate_packed, encode_train, iter_batches, load_medqa
-from medqa_core.model import add_lora, load_base_model, load_tokenizer
-from medqa_core.numerics import resolve_numerics
-from medqa_core.train import prepare_training
+from medqa_core.engine.config import LoraSettings, TrainConfig
+from medqa_core.engine.data import ROW_MULTIPLE, TrainExample, collate_packed, encode_train, iter_batches, load_medqa
+from medqa_core.engine.model import add_lora, load_base_model, load_tokenizer
+from medqa_core.engine.numerics import resolve_numerics
+from medqa_core.engine.train import prepare_training
 
 CPU = torch.device("cpu")
 NUMERICS = resolve_numerics("auto", CPU)
@@ -31,7 +31,7 @@ def test_static_shape_batches_have_one_width_and_even_row_counts() -> None:
 
 @pytest.fixture(scope="module")
 def model_and_examples(tiny_model_dir):
-    from medqa_core.data import bundled_data_dir, find_split
+    from medqa_core.engine.data import bundled_data_dir, find_split
 
     torch.manual_seed(0)
     base = load_base_model(tiny_model_dir, dataclasses.replace(_model_config(tiny_model_dir)), CPU, "sdpa",
@@ -43,7 +43,7 @@ def model_and_examples(tiny_model_dir):
 
 
 def _model_config(folder):
-    from medqa_core.config import ModelConfig
+    from medqa_core.engine.config import ModelConfig
 
     return ModelConfig(path=str(folder))
 
@@ -56,7 +56,7 @@ def trainer(model_and_examples):
     "aot_eager" backend traces forward and backward as Inductor's does but generates no code, so these tests
     count the same graphs in seconds instead of minutes.
     """
-    from medqa_core.attention import resolve_attention
+    from medqa_core.engine.attention import resolve_attention
 
     model, tok, _ = model_and_examples
     cfg = TrainConfig(batch_size=6, pack_len=PACK_LEN, compile="on")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import QUESTION, write_jsonl
 
-from medqa_core.data import (
+from medqa_core.engine.data import (
     IGNORE_INDEX,
     MedQADataError,
     bundled_data_dir,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from medqa_core.config import PRESET_COMMON
-from medqa_core.decoding import StaticDecoder, static_cache
+from medqa_core.engine.config import PRESET_COMMON
+from medqa_core.engine.decoding import StaticDecoder, static_cache
 
 # Mistral-7B-v0.1 has a 4,096-token sliding window; a window of 64 puts the test's prompt + new tokens inside it.
 WINDOW = 64

@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medqa_core.checkpoint import check_resume, list_checkpoints
 from medqa_core.cli import WRITE_FAILED, main
-from medqa_core.config import DataConfig, RunConfig
-from medqa_core.files import OutputFolderError, WriteError
-from medqa_core.record import load_record
+from medqa_core.engine.checkpoint import check_resume, list_checkpoints
+from medqa_core.engine.config import DataConfig, RunConfig
+from medqa_core.results.record import load_record
+from medqa_core.results.storage import OutputFolderError, WriteError
 from medqa_core.run import OutputWriteError, checkpoint_config, execute
 
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
@@ -282,7 +282,7 @@ def test_the_cli_says_one_line_and_exits_5_when_a_checkpoint_cannot_be_written(t
 
 
 def test_write_errors_name_the_path_and_the_free_space(tmp_path, small_fs):
-    from medqa_core.model import save_adapter
+    from medqa_core.engine.model import save_adapter
 
     full = small_fs("full", "64k")
     fill(full)
@@ -303,7 +303,7 @@ def test_write_errors_name_the_path_and_the_free_space(tmp_path, small_fs):
 
 
 def test_probe_refuses_a_file_in_the_way_without_touching_it(tmp_path):
-    from medqa_core.files import probe_dir
+    from medqa_core.results.storage import probe_dir
 
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(OutputFolderError, match="is a file, not a folder; give --results a folder"):

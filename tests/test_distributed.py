@@ -11,15 +11,15 @@ from conftest import STEPS, assert_same_curve, run_cli, train_argv
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medqa_core.compiling import compile_unavailable
-from medqa_core.distributed import DDP_BUCKET_CAP_MB, balance_tokens
+from medqa_core.engine.compiling import compile_unavailable
+from medqa_core.engine.distributed import DDP_BUCKET_CAP_MB, balance_tokens
 
 
 def expected_rank_tokens(model_dir: Path, world_size: int) -> tuple[tuple[int, ...], ...]:
     """Each step's real tokens per rank under balance_tokens, from the data as the loop draws it."""
-    from medqa_core.config import DataConfig, TrainConfig
-    from medqa_core.data import encode_train, iter_batches
-    from medqa_core.model import load_tokenizer
+    from medqa_core.engine.config import DataConfig, TrainConfig
+    from medqa_core.engine.data import encode_train, iter_batches
+    from medqa_core.engine.model import load_tokenizer
     from medqa_core.run import load_splits
 
     cfg = TrainConfig()

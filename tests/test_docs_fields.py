@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from medqa_core.cli import build_parser
-from medqa_core.config import PRESETS
-from medqa_core.record import EvalResult, RunRecord, TrainResult
+from medqa_core.engine.config import PRESETS
+from medqa_core.results.record import EvalResult, RunRecord, TrainResult
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

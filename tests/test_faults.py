@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from test_resume import _run, _train_cmd
 
-from medqa_core import checkpoint as ckpt_module
-from medqa_core.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from medqa_core.cli import main
-from medqa_core.data import (
+from medqa_core.engine import checkpoint as ckpt_module
+from medqa_core.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from medqa_core.engine.data import (
     MAX_TOKEN_CHARS,
     MedQADataError,
     bundled_data_dir,
@@ -44,10 +44,10 @@ from medqa_core.data import (
     find_split,
     load_medqa,
 )
-from medqa_core.preemption import Interrupted, StopOnSignals
-from medqa_core.record import load_record, save_record
-from medqa_core.timing import is_oom
-from medqa_core.train import make_optimizer, train
+from medqa_core.engine.preemption import Interrupted, StopOnSignals
+from medqa_core.engine.train import make_optimizer, train
+from medqa_core.measure.timing import is_oom
+from medqa_core.results.record import load_record, save_record
 
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optim.pt", "rng.safetensors", "state.json",
          "manifest.json")
@@ -714,7 +714,7 @@ def test_a_malformed_line_past_the_train_limit_stops_the_run(tmp_path, capsys):
 def test_a_record_missing_a_field_names_it(tmp_path, part, field):
     from test_record import make_record
 
-    from medqa_core.record import RecordError
+    from medqa_core.results.record import RecordError
 
     path = save_record(make_record(), tmp_path)
     d = json.loads(path.read_text())

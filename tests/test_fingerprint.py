@@ -1,4 +1,4 @@
-"""Tests for medqa_core.fingerprint: backend detection, device resolution, the fingerprint dict."""
+"""Tests for medqa_core.measure.fingerprint: backend detection, device resolution, the fingerprint dict."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa_core import fingerprint
-from medqa_core.fingerprint import BackendError, detect_backend, machine_fingerprint, resolve_device
+from medqa_core.measure import device, fingerprint
+from medqa_core.measure.device import BackendError, detect_backend, resolve_device
+from medqa_core.measure.fingerprint import machine_fingerprint
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts CPU-machine behaviour; a GPU is visible")
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -163,14 +164,14 @@ def test_stated_commit_wins_over_a_copied_checkout(tmp_path: Path, monkeypatch: 
 def test_cpu_model_reads_model_name_from_cpuinfo(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
-    assert fingerprint._cpu_model(cpuinfo) == "AMD EPYC 9654 96-Core Processor"
+    assert device.cpu_model(cpuinfo) == "AMD EPYC 9654 96-Core Processor"
 
 
 def test_cpu_model_falls_back_to_platform_processor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fingerprint.platform, "processor", lambda: "aarch64")
-    assert fingerprint._cpu_model(tmp_path / "missing") == "aarch64"
-    monkeypatch.setattr(fingerprint.platform, "processor", lambda: "")
-    assert fingerprint._cpu_model(tmp_path / "missing") is None
+    monkeypatch.setattr(device.platform, "processor", lambda: "aarch64")
+    assert device.cpu_model(tmp_path / "missing") == "aarch64"
+    monkeypatch.setattr(device.platform, "processor", lambda: "")
+    assert device.cpu_model(tmp_path / "missing") is None
 
 
 def test_parse_nvidia_proc_version() -> None:

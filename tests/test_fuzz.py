@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_record import make_record
 
-from medqa_core.config import ConfigError, LoraSettings, ModelConfig, TrainConfig
-from medqa_core.data import MedQADataError, load_medqa
-from medqa_core.record import RecordError, load_record, save_record
+from medqa_core.engine.config import ConfigError, LoraSettings, ModelConfig, TrainConfig
+from medqa_core.engine.data import MedQADataError, load_medqa
+from medqa_core.results.record import RecordError, load_record, save_record
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

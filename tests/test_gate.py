@@ -1,7 +1,7 @@
 """The regression gate: injected regressions fail with the project's default thresholds, real reruns pass.
 
-Thresholds are read from this repository's pyproject.toml ``[tool.medqa-parity.gate]`` (speed_pct 10,
-memory_pct 10, accuracy_pp 2) unless a test states others, so the tests prove the defaults catch
+Thresholds are the library's defaults (``Thresholds()``: speed_pct 10, memory_pct 10, accuracy_pp 2; this
+repository's pyproject.toml sets none) unless a test states others, so the tests prove the defaults catch
 a 20% slowdown, 15% memory growth and a 5-point accuracy drop.
 """
 
@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 from test_record import make_record
 
 from medqa_core.cli import main
+from medqa_core.compare.parity import ALPHA, DEFAULT_KL_TOLERANCE_NATS, DEFAULT_MARGIN_PP
 from medqa_core.gate.cases import cases_from_record
 from medqa_core.gate.checks import speed_check
 from medqa_core.gate.decide import gate_cases
 from medqa_core.gate.thresholds import GateError, Thresholds, find_pyproject, load_thresholds, read_gate_table
-from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
+from medqa_core.results.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
@@ -96,9 +97,11 @@ def _listed(out: str, verdict: str) -> list[str]:
 
 
 def test_project_defaults_are_the_ones_these_tests_rely_on():
-    table = read_gate_table(PYPROJECT)
-    assert (table["speed_pct"], table["memory_pct"], table["accuracy_pp"]) == (10.0, 10.0, 2.0)
+    # One home for the defaults: Thresholds itself (parity ones from compare/parity.py), none in pyproject.toml.
+    assert read_gate_table(PYPROJECT) == {}
     assert load_thresholds(PYPROJECT, []) == Thresholds(speed_pct=10.0, memory_pct=10.0, accuracy_pp=2.0)
+    assert (Thresholds().parity_margin_pp, Thresholds().kl_nats, Thresholds().alpha) == (
+        DEFAULT_MARGIN_PP, DEFAULT_KL_TOLERANCE_NATS, ALPHA)
 
 
 def test_unchanged_record_passes_with_exit_0(tmp_path, capsys):

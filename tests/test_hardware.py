@@ -1,4 +1,4 @@
-"""Tests for medqa_core.hardware: measured ceilings, decode bytes per token, the energy meter."""
+"""Tests for medqa_core.measure.ceilings: measured ceilings, decode bytes per token, the energy meter."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa_core.config import LoraSettings, ModelConfig
-from medqa_core.hardware import EnergyMeter, measure_copy_bandwidth, measure_matmul_flops, weight_bytes_per_token
-from medqa_core.model import add_lora, load_base_model, quant_info
+from medqa_core.engine.config import LoraSettings, ModelConfig
+from medqa_core.engine.model import add_lora, load_base_model, quant_info
+from medqa_core.measure.ceilings import (
+    EnergyMeter,
+    measure_copy_bandwidth,
+    measure_matmul_flops,
+    weight_bytes_per_token,
+)
 
 CPU = torch.device("cpu")
 # tests/conftest.py's TINY Mistral: hidden 64, intermediate 128, 4 heads of 16, 2 KV heads, 2 layers.

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from medqa_core.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
-from medqa_core.config import (
+from medqa_core.engine.compiling import CompileState, compile_layers, uncompile_layers, with_eager_fallback
+from medqa_core.engine.config import (
     CARD_HEADROOM_GIB,
     MEMORY_CAP_GIB,
     TRAIN_PROFILES,
@@ -19,11 +19,10 @@ from medqa_core.config import (
     memory_cap_gib,
     train_profile,
 )
-from medqa_core.data import collate_packed, encode_train, load_medqa
-from medqa_core.model import add_lora, decoder_layers, load_base_model, set_checkpointing
-from medqa_core.numerics import resolve_numerics
-from medqa_core.profiler import OTHER, categorize, profile_steps
-from medqa_core.train import (
+from medqa_core.engine.data import collate_packed, encode_train, load_medqa
+from medqa_core.engine.model import add_lora, decoder_layers, load_base_model, set_checkpointing
+from medqa_core.engine.numerics import resolve_numerics
+from medqa_core.engine.train import (
     StepLoss,
     apply_model_settings,
     make_optimizer,
@@ -31,6 +30,7 @@ from medqa_core.train import (
     reset_model_settings,
     train_step,
 )
+from medqa_core.measure.trace import OTHER, categorize, profile_steps
 
 CPU = torch.device("cpu")
 NUMERICS = resolve_numerics("auto", CPU)  # bf16 where this CPU has it, else fp32
@@ -106,7 +106,7 @@ def test_cli_uses_auto_unless_a_profile_setting_is_given() -> None:
 @pytest.fixture()
 def fresh_model(tiny_config):
     """A tiny NF4 + LoRA model with dropout off (so two paths can be compared exactly), its batch."""
-    from medqa_core.model import load_tokenizer
+    from medqa_core.engine.model import load_tokenizer
 
     model_dir = tiny_config.model.path
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_other_errors_are_not_swallowed_by_the_fallback(fresh_model) -> None:
 
 
 def _attention():
-    from medqa_core.attention import resolve_attention
+    from medqa_core.engine.attention import resolve_attention
 
     return resolve_attention("sdpa")
 
@@ -239,7 +239,7 @@ def test_profiler_groups_operators_and_times_the_step(fresh_model, tmp_path) -> 
 @pytest.fixture()
 def dropout_model(tiny_config):
     """A tiny NF4 + LoRA model with the default LoRA settings (dropout 0.05), and its tokenizer."""
-    from medqa_core.model import load_tokenizer
+    from medqa_core.engine.model import load_tokenizer
 
     model_dir = tiny_config.model.path
     torch.manual_seed(0)
@@ -248,7 +248,7 @@ def dropout_model(tiny_config):
 
 
 def _lever_batches(tok, tmp_path, steps=6, batch_size=4):
-    from medqa_core.data import bundled_data_dir, find_split, iter_batches
+    from medqa_core.engine.data import bundled_data_dir, find_split, iter_batches
 
     items = load_medqa(find_split(bundled_data_dir(), "dev"), steps * batch_size)
     examples = [encode_train(tok, it, 512) for it in items]
@@ -257,7 +257,7 @@ def _lever_batches(tok, tmp_path, steps=6, batch_size=4):
 
 
 def _curve(model, tok, batches, cfg):
-    from medqa_core.levers import loss_curve
+    from medqa_core.arms.levers import loss_curve
 
     return loss_curve(model, batches, cfg, CPU, _attention(), tok.pad_token_id, NUMERICS)
 
@@ -265,8 +265,8 @@ def _curve(model, tok, batches, cfg):
 def test_dropout_free_lora_stays_within_the_stated_tolerance_and_restores_the_adapter(dropout_model, tmp_path):
     from peft.tuners.lora import LoraLayer
 
-    from medqa_core.levers import CurveGap
-    from medqa_core.model import set_lora_dropout
+    from medqa_core.arms.levers import CurveGap
+    from medqa_core.engine.model import set_lora_dropout
 
     model, tok = dropout_model
     batches = _lever_batches(tok, tmp_path)
@@ -288,8 +288,8 @@ def test_dropout_free_lora_stays_within_the_stated_tolerance_and_restores_the_ad
 
 
 def test_fused_adamw_gives_the_foreach_curve(fresh_model, tmp_path):
-    from medqa_core.levers import CurveGap
-    from medqa_core.train import adamw_fused
+    from medqa_core.arms.levers import CurveGap
+    from medqa_core.engine.train import adamw_fused
 
     model, tok = fresh_model
     batches = _lever_batches(tok, tmp_path, steps=4)
@@ -318,8 +318,8 @@ def test_an_activation_budget_applies_to_the_compiles_of_a_training_and_is_reset
 
 
 def test_training_attention_switches_without_a_reload_and_back(fresh_model, tmp_path):
-    from medqa_core.attention import AttentionError, resolve_attention
-    from medqa_core.levers import CurveGap
+    from medqa_core.arms.levers import CurveGap
+    from medqa_core.engine.attention import AttentionError, resolve_attention
 
     model, tok = fresh_model
     batches = _lever_batches(tok, tmp_path, steps=3)

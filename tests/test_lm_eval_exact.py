@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa_core.config import RunConfig
-from medqa_core.data import CHOICES, MedQAItem, bundled_data_dir, find_split, load_medqa
-from medqa_core.evaluate import evaluate
+from medqa_core.engine.config import RunConfig
+from medqa_core.engine.data import CHOICES, MedQAItem, bundled_data_dir, find_split, load_medqa
+from medqa_core.engine.evaluate import evaluate
 from medqa_core.run import load_session
 
 lm_eval = pytest.importorskip(

@@ -10,8 +10,8 @@ import pytest
 
 from medqa_core.cli import main
 from medqa_core.compare.inputs import summarize_file
-from medqa_core.mlflow_export import ID_TAG, default_tracking_uri, export_files
-from medqa_core.record import load_record
+from medqa_core.report.mlflow_export import ID_TAG, default_tracking_uri, export_files
+from medqa_core.results.record import load_record
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from medqa_core.config import ModelConfig
-from medqa_core.model import (
+from medqa_core.engine.config import ModelConfig
+from medqa_core.engine.model import (
     ModelLoadError,
     _fill_seeded,
     check_model_dir,

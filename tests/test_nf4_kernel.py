@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[
 import bitsandbytes as bnb  # noqa: E402
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit  # noqa: E402
 
-from medqa_core.kernels.nf4_matmul import TileConfig, interpreting, nf4_matmul, nf4_weight  # noqa: E402
+from medqa_core.engine.kernels.nf4_matmul import TileConfig, interpreting, nf4_matmul, nf4_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -130,8 +130,8 @@ def test_a_non_nf4_weight_is_refused() -> None:
 @pytest.fixture(scope="module")
 def adapted_4bit_model(tiny_model_dir):
     """The tiny Mistral in NF4 with a LoRA adapter whose B is not zero (peft starts B at 0: no contribution)."""
-    from medqa_core.config import LoraSettings, ModelConfig
-    from medqa_core.model import add_lora, load_base_model
+    from medqa_core.engine.config import LoraSettings, ModelConfig
+    from medqa_core.engine.model import add_lora, load_base_model
 
     base = load_base_model(tiny_model_dir, ModelConfig(path=str(tiny_model_dir)), torch.device(DEVICE), "sdpa",
                            torch.bfloat16)
@@ -145,7 +145,7 @@ def adapted_4bit_model(tiny_model_dir):
 
 
 def _decode(model, kernel: str, ids: torch.Tensor, new: int):
-    from medqa_core.decoding import StaticDecoder
+    from medqa_core.engine.decoding import StaticDecoder
 
     torch._dynamo.reset()
     decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new, use_graph=DEVICE == "cuda",
@@ -170,7 +170,7 @@ def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_m
 
 
 def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatch) -> None:
-    from medqa_core.decoding import nf4_kernel_choice
+    from medqa_core.engine.decoding import nf4_kernel_choice
 
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="choose one of auto, triton, bitsandbytes"):

@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from medqa_core.config import ConfigError, ModelConfig
-from medqa_core.data import load_medqa
-from medqa_core.evaluate import evaluate
-from medqa_core.model import quant_info
-from medqa_core.numerics import DtypeError, autocast, cpu_has_native_bf16, relevant_cpu_flags, resolve_numerics
+from medqa_core.engine.config import ConfigError, ModelConfig
+from medqa_core.engine.data import load_medqa
+from medqa_core.engine.evaluate import evaluate
+from medqa_core.engine.model import quant_info
+from medqa_core.engine.numerics import DtypeError, autocast, resolve_numerics
+from medqa_core.measure.device import cpu_has_native_bf16, relevant_cpu_flags
 from medqa_core.run import load_session
 
 CPU = torch.device("cpu")
@@ -76,7 +77,7 @@ def test_fp32_autocast_is_plain_fp32() -> None:
 
 @pytest.fixture(scope="module")
 def questions(tmp_path_factory):
-    from medqa_core.data import bundled_data_dir, find_split
+    from medqa_core.engine.data import bundled_data_dir, find_split
 
     return load_medqa(find_split(bundled_data_dir(), "test"), limit=24)
 
@@ -116,7 +117,7 @@ def test_nf4_blocksize_128_quantizes_again_from_the_checkpoint(tiny_config, ques
 
 def test_fp16_training_runs_with_a_gradient_scaler(tiny_config, tmp_path) -> None:
     """fp16 (GPUs without bf16: V100, T4, MI100) trains through a GradScaler; its record says fp16 ran."""
-    from medqa_core.config import TrainConfig
+    from medqa_core.engine.config import TrainConfig
     from medqa_core.run import execute
 
     cfg = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, dtype="fp16"),
@@ -126,7 +127,7 @@ def test_fp16_training_runs_with_a_gradient_scaler(tiny_config, tmp_path) -> Non
     assert record.model["quantization"]["compute_dtype"] == "float16"
     losses = record.train.loss_per_step
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    from medqa_core.train import make_scaler
+    from medqa_core.engine.train import make_scaler
 
     assert make_scaler(CPU, resolve_numerics("fp16", CPU)).is_enabled()
     assert not make_scaler(CPU, resolve_numerics("bf16", CPU)).is_enabled()
@@ -137,8 +138,8 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was() -> None
     not move on without it (torch warns "lr_scheduler.step() before optimizer.step()" when it does)."""
     import warnings
 
-    from medqa_core.attention import resolve_attention
-    from medqa_core.train import make_scaler, train_step
+    from medqa_core.engine.attention import resolve_attention
+    from medqa_core.engine.train import make_scaler, train_step
 
     class Overflowing(torch.nn.Module):
         def __init__(self) -> None:

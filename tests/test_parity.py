@@ -23,7 +23,7 @@ from medqa_core.compare.parity import (
     pair_questions,
 )
 from medqa_core.compare.stats import mcnemar_exact_p, paired_bootstrap_ci
-from medqa_core.record import QuestionResult
+from medqa_core.results.record import QuestionResult
 
 N_MEDQA_TEST = 1273  # questions in MedQA's 4-option US test split
 

@@ -1,4 +1,4 @@
-"""Peer arms (medqa_core.peers): the same objective as ours, patches undone, skips saved with their reason.
+"""Peer arms (medqa_core.arms.peers): the same objective as ours, patches undone, skips saved with their reason.
 
 Every arm starts from LoRA B = 0, so before any step each one computes the base model's loss on the
 batch. The model is the tiny Mistral with weights drawn at std 0.3 instead of 0.02, so its logits
@@ -35,10 +35,7 @@ from typing import Any
 import pytest
 import torch
 
-from medqa_core.config import RunConfig, TrainConfig
-from medqa_core.data import MedQAItem, collate_packed, encode_train
-from medqa_core.numerics import Numerics, autocast
-from medqa_core.peers import (
+from medqa_core.arms.peers import (
     UNSLOTH_NOT_IN_EXTRA,
     GlobalPatch,
     PeerUnavailable,
@@ -47,9 +44,12 @@ from medqa_core.peers import (
     load_peer,
     patch_mistral,
 )
-from medqa_core.reference import collate_reference, load_reference
+from medqa_core.arms.reference import collate_reference, load_reference
+from medqa_core.engine.config import RunConfig, TrainConfig
+from medqa_core.engine.data import MedQAItem, collate_packed, encode_train
+from medqa_core.engine.numerics import Numerics, autocast
+from medqa_core.engine.train import answer_loss
 from medqa_core.run import load_session
-from medqa_core.train import answer_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -78,8 +78,8 @@ def sharp_config(tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
     """tests/conftest.py's tiny Mistral with std-0.3 weights (see the module docstring), as a RunConfig on CPU."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from medqa_core.config import PRESET_COMMON, ModelConfig
-    from medqa_core.model import save_preset_tokenizer
+    from medqa_core.engine.config import PRESET_COMMON, ModelConfig
+    from medqa_core.engine.model import save_preset_tokenizer
 
     folder = tmp_path_factory.mktemp("sharp-mistral")
     torch.manual_seed(0)
@@ -239,9 +239,9 @@ def test_liger_loss_equals_reference_and_ours(sharp_config: RunConfig, loss_on: 
 
 _UNSLOTH_CHILD = """
 import json, sys, torch
-from medqa_core.config import ModelConfig, RunConfig
-from medqa_core.data import MedQAItem, encode_train
-from medqa_core.peers import load_unsloth
+from medqa_core.engine.config import ModelConfig, RunConfig
+from medqa_core.engine.data import MedQAItem, encode_train
+from medqa_core.arms.peers import load_unsloth
 items = [MedQAItem(row[0], row[1], tuple(row[2]), row[3]) for row in json.loads(sys.argv[2])]
 arm = load_unsloth(RunConfig(model=ModelConfig(path=sys.argv[1]), backend="cuda"), torch.device("cuda"))
 arm.model.train()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medqa_core.config import DataConfig
-from medqa_core.printout import summary_lines
-from medqa_core.record import load_record
+from medqa_core.engine.config import DataConfig
+from medqa_core.report.run_summary import summary_lines
+from medqa_core.results.record import load_record
 from medqa_core.run import load_splits
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from medqa_core.record import (
+from medqa_core.results.record import (
     SCHEMA_VERSION,
     EvalResult,
     QuestionResult,

@@ -1,4 +1,4 @@
-"""Tests for medqa_core.reference: the guides' QLoRA recipe, on the tiny Mistral of tests/conftest.py."""
+"""Tests for medqa_core.arms.reference: the guides' QLoRA recipe, on the tiny Mistral of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from medqa_core.config import RunConfig, TrainConfig
-from medqa_core.data import IGNORE_INDEX, MedQAItem, collate, encode_train
-from medqa_core.reference import REFERENCE_LORA, collate_reference, load_reference, reference_step
-from medqa_core.train import answer_loss
+from medqa_core.arms.reference import REFERENCE_LORA, collate_reference, load_reference, reference_step
+from medqa_core.engine.config import RunConfig, TrainConfig
+from medqa_core.engine.data import IGNORE_INDEX, MedQAItem, collate, encode_train
+from medqa_core.engine.train import answer_loss
 
 ITEMS = [
     MedQAItem("q:1", "A 23-year-old woman has a fever. Which drug is best?",

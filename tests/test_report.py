@@ -15,7 +15,10 @@ from medqa_core.cli import main
 from medqa_core.compare.inputs import BASE, FINE_TUNED, CompareError, load_inputs, summarize_benchmark, summarize_file
 from medqa_core.compare.parity import Tolerances
 from medqa_core.compare.tables import markdown_table
-from medqa_core.record import (
+from medqa_core.report.build import build_report
+from medqa_core.report.render import make_report
+from medqa_core.report.tables import metrics_table
+from medqa_core.results.record import (
     SCHEMA_VERSION,
     EvalResult,
     QuestionResult,
@@ -23,9 +26,6 @@ from medqa_core.record import (
     TrainResult,
     save_record,
 )
-from medqa_core.report.build import build_report
-from medqa_core.report.render import make_report
-from medqa_core.report.tables import metrics_table
 
 N = 300
 QUANT = {"method": "bnb-nf4", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "bfloat16",

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medqa_core.checkpoint import CheckpointError, list_checkpoints
-from medqa_core.record import load_record
+from medqa_core.engine.checkpoint import CheckpointError, list_checkpoints
+from medqa_core.results.record import load_record
 
 STEPS = 40
 
@@ -68,7 +68,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_model_dir, tmp_path)
             "--results", str(tmp_path / "r"), "--adapter-out", str(tmp_path / "ad")]
     assert main([*argv, "--checkpoint-dir", str(ckpt)]) == 0
     with pytest.raises(CheckpointError, match=r"train.lr: checkpoint 0.0002, now 0.001"):
-        from medqa_core.checkpoint import load_checkpoint
+        from medqa_core.engine.checkpoint import load_checkpoint
 
         load_checkpoint(ckpt, None, None, None, {"train": {"lr": 0.001}, "model": {}, "lora": {}, "data": {}})
     assert main([*argv, "--lr", "0.001", "--resume", str(ckpt)]) == 2

@@ -12,10 +12,10 @@ import types
 import pytest
 import torch
 
-from medqa_core.fingerprint import detect_backend
-from medqa_core.hardware import EnergyMeter
-from medqa_core.model import MIN_BNB_ROCM, ModelLoadError, _check_bnb
-from medqa_core.numerics import resolve_numerics
+from medqa_core.engine.model import MIN_BNB_ROCM, ModelLoadError, _check_bnb
+from medqa_core.engine.numerics import resolve_numerics
+from medqa_core.measure.ceilings import EnergyMeter
+from medqa_core.measure.device import detect_backend
 
 # Imported before any test fakes a ROCm build: bitsandbytes probes the GPU architecture on import.
 bitsandbytes = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")

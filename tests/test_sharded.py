@@ -11,9 +11,9 @@ from conftest import assert_same_curve, run_cli, train_argv
 from safetensors.torch import load_file
 
 from medqa_core.cli import main
-from medqa_core.config import PRESET_COMMON, PRESETS
-from medqa_core.flops import ModelShape
-from medqa_core.sharded import BaseWeightSize
+from medqa_core.engine.config import PRESET_COMMON, PRESETS
+from medqa_core.engine.sharded import BaseWeightSize
+from medqa_core.measure.flops import ModelShape
 
 GIB = 2**30
 

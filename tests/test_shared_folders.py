@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from medqa_core.checkpoint import LOCK_FILE, list_checkpoints, lock_checkpoints, remove_stale_temps
 from medqa_core.cli import main
-from medqa_core.record import load_record
+from medqa_core.engine.checkpoint import LOCK_FILE, list_checkpoints, lock_checkpoints, remove_stale_temps
+from medqa_core.results.record import load_record
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -99,13 +99,13 @@ def test_stale_temp_cleanup_spares_a_live_writer_and_other_hosts(tmp_path):
 
 
 def test_the_lock_refuses_another_process_and_is_released_when_the_holder_dies(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from medqa_core.checkpoint import lock_checkpoints; "
+    code = ("import sys, time; from pathlib import Path; from medqa_core.engine.checkpoint import lock_checkpoints; "
             "lock = lock_checkpoints(Path(sys.argv[1]), {'train': {'lr': 0.001}}, 'holder'); print('held', flush=True);"
             " time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        from medqa_core.checkpoint import CheckpointError
+        from medqa_core.engine.checkpoint import CheckpointError
 
         with pytest.raises(CheckpointError) as e:
             lock_checkpoints(tmp_path, {"train": {"lr": 0.0002}})

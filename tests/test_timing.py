@@ -1,4 +1,4 @@
-"""Tests for medqa_core.timing: stats, timer, memory readings, OOM recognition."""
+"""Tests for medqa_core.measure.timing: stats, timer, memory readings, OOM recognition."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from medqa_core.timing import (
+from medqa_core.measure.timing import (
     Stats,
     Timer,
     host_peak_rss_gib,
@@ -144,3 +144,14 @@ def test_timer_waits_for_gpu_work() -> None:
             x = x @ x
             x = x / x.norm()
     assert timer.elapsed_s > 0
+
+
+def test_datasheet_mfu_is_one_rule_for_runs_and_bench_cases():
+    # H100 SXM: 989.4 TFLOP/s dense bf16 and fp16 (NVIDIA H100 datasheet, medqa_core.measure.flops.DATASHEET_PEAKS).
+    from medqa_core.measure.flops import datasheet_mfu
+
+    mfu, peak = datasheet_mfu(494.7e12, "NVIDIA H100 80GB HBM3", "bf16")
+    assert mfu == pytest.approx(0.5) and peak["name"] == "H100" and peak["dtype"] == "bf16"
+    assert datasheet_mfu(494.7e12, "NVIDIA H100 80GB HBM3", "fp32") == (None, None)  # no tensor-core fp32 rate
+    assert datasheet_mfu(494.7e12, None, "bf16") == (None, None)  # a CPU
+    assert datasheet_mfu(None, "NVIDIA H100 80GB HBM3", "fp16")[0] is None

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medqa_core.config import EvalConfig, LoraSettings, TrainConfig
-from medqa_core.data import (
+from medqa_core.engine.config import EvalConfig, LoraSettings, TrainConfig
+from medqa_core.engine.data import (
     IGNORE_INDEX,
     collate,
     collate_packed,
@@ -19,17 +19,17 @@ from medqa_core.data import (
     load_medqa,
     pack_rows,
 )
-from medqa_core.evaluate import evaluate
-from medqa_core.model import load_adapter, load_base_model, save_adapter
-from medqa_core.numerics import resolve_numerics
+from medqa_core.engine.evaluate import evaluate
+from medqa_core.engine.model import load_adapter, load_base_model, save_adapter
+from medqa_core.engine.numerics import resolve_numerics
+from medqa_core.engine.train import answer_loss, token_losses, train
 from medqa_core.run import load_session
-from medqa_core.train import answer_loss, token_losses, train
 
 NUMERICS = resolve_numerics("auto", torch.device("cpu"))  # bf16 where this CPU has it natively, else fp32
 
 
 def _questions(n):
-    from medqa_core.data import bundled_data_dir
+    from medqa_core.engine.data import bundled_data_dir
 
     return load_medqa(find_split(bundled_data_dir(), "dev"), limit=n)
 

@@ -26,15 +26,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
 
-from medqa_core.benchcase import BenchCase  # noqa: E402
 from medqa_core.compare.inputs import device_label  # noqa: E402
-from medqa_core.printout import summary_lines  # noqa: E402
-from medqa_core.record import RunRecord, load_record  # noqa: E402
+from medqa_core.report.run_summary import summary_lines  # noqa: E402
+from medqa_core.results.benchcase import BenchCase  # noqa: E402
+from medqa_core.results.record import RunRecord, load_record  # noqa: E402
 
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
-DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md", "docs/ci-gates.md",
-             "docs/performance.md")
+DOCUMENTS = ("README.md", "docs/benchmarks.md", "docs/peers.md", "docs/decode.md", "docs/several-gpus.md",
+             "docs/ci-gates.md", "docs/performance.md", "docs/parity-reports.md", "docs/numerics.md")
 TARGETS = ROOT / "docs" / "targets.toml"
 
 
@@ -54,6 +54,16 @@ def result_files(results: Path, pattern: str) -> list[Path]:
     """Committed files under ``results`` matching ``pattern``, sorted (see :func:`_tracked`)."""
     tracked = _tracked(results.resolve())
     return sorted(p for p in results.glob(pattern) if tracked is None or p.resolve() in tracked)
+
+
+def single_runs(results: Path, pattern: str) -> list[Path]:
+    """:func:`result_files` of ``runs/`` without the runs of committed run sets: those are shown as sets
+    (``runsets`` block), and their settings are a set's, not the embedded default's."""
+    in_sets: set[Path] = set()
+    for runset in result_files(results, "runsets/*.json"):
+        for run in _json(runset).get("runs", ()):
+            in_sets.add((runset.parent / run["path"]).resolve())
+    return [p for p in result_files(results, pattern) if p.resolve() not in in_sets]
 
 
 def _targets() -> dict[str, Any]:
@@ -89,7 +99,7 @@ def runs_table(results: Path) -> str:
         "| peak memory | accuracy before [95% CI] | accuracy after [95% CI] | questions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in result_files(results, "runs/*.json"):
+    for path in single_runs(results, "runs/*.json"):
         r = load_record(path)
         if r.kind == "train":  # fine-tune-only records: in the scaling table
             continue
@@ -103,7 +113,8 @@ def runs_table(results: Path) -> str:
                     else f"host {tr.host_peak_rss_gib:.1f} GiB")
         n = (r.eval_after or r.eval_before).n_questions if (r.eval_after or r.eval_before) else "-"
         rows.append(
-            f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r.fingerprint)} | {r.fingerprint.get('backend')} "
+            f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r.fingerprint)} "
+            f"| {r.fingerprint.get('backend')} "
             f"| {r.model['name']} | {quant} | {r.attention['ran']} | {speed} | {step} | {peak} "
             f"| {_acc(r.eval_before)} | {_acc(r.eval_after)} | {n} |"
         )
@@ -124,7 +135,7 @@ def _kernels(fp: dict) -> str:
 def default_run_summary(results: Path) -> str:
     """The summary `medqa-parity run` printed for the newest committed run of the embedded default (on kernels
     its CPU chose; runs with torch's kernels capped stand in for other CPUs and go to the machine-times table)."""
-    paths = [p for p in result_files(results, "runs/*_run_tiny_cpu_*.json")
+    paths = [p for p in single_runs(results, "runs/*_run_tiny_cpu_*.json")
              if not _capped_kernels(load_record(p).fingerprint)]
     if not paths:
         return "(no committed run of the embedded default yet)"
@@ -210,7 +221,7 @@ def _profile_of(train: dict) -> str | None:
 
     A key an older record lacks did not exist then: it counts as TrainConfig's default.
     """
-    from medqa_core.config import TRAIN_PROFILES, TrainConfig, train_profile
+    from medqa_core.engine.config import TRAIN_PROFILES, TrainConfig, train_profile
 
     keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "lora_dropout", "adamw", "attn",
             "activation_budget")
@@ -238,7 +249,7 @@ def _newest_reference(results: Path, gpu: str) -> tuple[Path, BenchCase] | None:
 def profile_targets(results: Path) -> str:
     """The memory classes on real runs: the newest 2-epoch run of each profile per card, its promise, and the
     speed issue's targets (docs/targets.toml [profiles]) against the reference of the card's newest bench file."""
-    from medqa_core.config import MEMORY_CAP_GIB
+    from medqa_core.engine.config import MEMORY_CAP_GIB
 
     targets = _targets()["profiles"]
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
@@ -339,8 +350,9 @@ def lever_curves(results: Path) -> str:
 
 def bench_vs_run(results: Path) -> str:
     """Each training profile's bench headline beside a real run of it on the same card: what a run gets."""
-    rows = ["| card | profile | bench: real tokens/s over distinct batches (peak) | `medqa-parity run --epochs 2`: tokens/s "
-            "(peak) | run / bench | scoring q/s, bench / run | compile before step 1, recompiles | run wall time | files |",
+    rows = ["| card | profile | bench: real tokens/s over distinct batches (peak) "
+            "| `medqa-parity run --epochs 2`: tokens/s (peak) | run / bench | scoring q/s, bench / run "
+            "| compile before step 1, recompiles | run wall time | files |",
             "|---|---|---|---|---|---|---|---|---|"]
     runs = [(p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")]
     for f, data in _latest_gpu_benches(results):
@@ -357,10 +369,12 @@ def bench_vs_run(results: Path) -> str:
                 continue
             path, r = match[-1]
             tr, c = r.train, tr_compile(r)
-            q = f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after else "-"
+            q = (f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after
+                 else "-")
             rows.append(f"| {gpu} | `{case.profile}` | {case.tokens_per_s:,.0f} ({case.peak_mem_gib:.1f} GiB) | "
-                        f"{tr.tokens_per_s:,.0f} ({tr.peak_mem_gib:.1f} GiB) | {tr.tokens_per_s / case.tokens_per_s:.2f} "
-                        f"| {q} | {c} | {r.wall_time_s:.0f} s | [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
+                        f"{tr.tokens_per_s:,.0f} ({tr.peak_mem_gib:.1f} GiB) "
+                        f"| {tr.tokens_per_s / case.tokens_per_s:.2f} | {q} | {c} | {r.wall_time_s:.0f} s "
+                        f"| [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
                         f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows) if len(rows) > 2 else "(no GPU bench file with a matching real run yet)"
 
@@ -516,7 +530,8 @@ def decode_table(results: Path) -> str:
         data = _json(path)
         cases = _cases(data)
         for name, compiled in cases.items():
-            eager_name = re.sub(r"-(triton|bitsandbytes)\]$", "]", name.replace("test_decode_compiled", "test_decode_eager"))
+            eager_name = re.sub(r"-(triton|bitsandbytes)\]$", "]",
+                                name.replace("test_decode_compiled", "test_decode_eager"))
             eager = cases.get(eager_name)
             if not (name.startswith("test_decode_compiled") and eager and eager.decode_tokens_per_s
                     and compiled.decode_tokens_per_s):
@@ -562,7 +577,8 @@ def inference_table(results: Path) -> str:
                 f"| {f'{e.ttft_s_median * 1e3:,.0f} ms' if e.ttft_s_median else '-'} "
                 f"| {f'{prefill.prefill_tokens_per_s:,.0f}' if prefill and prefill.prefill_tokens_per_s else '-'} "
                 f"| {e.decode_tokens_per_s:,.0f} | {_pct(e.roofline_fraction)} "
-                f"| {f'{joules:.2f} J' if isinstance(joules, float) else '-'} | [{path.name}]({_link(results, path)}) |")
+                f"| {f'{joules:.2f} J' if isinstance(joules, float) else '-'} "
+                f"| [{path.name}]({_link(results, path)}) |")
     return "\n".join(rows)
 
 
@@ -682,7 +698,7 @@ def gate_noise_tables(results: Path) -> str:
 def machine_times(results: Path) -> str:
     """Wall time of the default run (``medqa-parity run``) on each CPU model a committed record came from."""
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
-    for path in result_files(results, "runs/*_run_tiny_cpu_*.json"):
+    for path in single_runs(results, "runs/*_run_tiny_cpu_*.json"):
         record = load_record(path)
         fp = record.fingerprint
         newest[(str(fp.get("cpu_model")), _kernels(fp))] = (path, record)  # sorted by time: the last is newest
@@ -702,7 +718,7 @@ def machine_times(results: Path) -> str:
 def newest_per_device(results: Path) -> str:
     """The newest committed result of each device: its newest run record and its newest bench file's train case."""
     found: dict[str, dict[str, str]] = {}
-    for path in result_files(results, "runs/*_run_*.json"):
+    for path in single_runs(results, "runs/*_run_*.json"):
         r = load_record(path)
         acc = _acc(r.eval_after)
         speed = f"{r.train.tokens_per_s:,.0f}" if r.train else "-"
@@ -721,6 +737,56 @@ def newest_per_device(results: Path) -> str:
     return "\n".join(rows)
 
 
+def _committed_runsets(results: Path) -> list[Path]:
+    return result_files(results, "runsets/*.json")
+
+
+def runsets_table(results: Path) -> str:
+    """One row per committed run set (results/runsets): its seeds, spreads, same-seed repeat and time to target."""
+    from medqa_core.compare.runsets import summarize_loaded
+    from medqa_core.results.runset import load_runset
+
+    rows = ["| run set | device | model, steps | seeds | accuracy mean (sd) [range] | eval loss, nats: mean (sd) "
+            "[range] | same seed twice | time to target |",
+            "|---|---|---|---|---|---|---|---|"]
+    for path in _committed_runsets(results):
+        runset, runs = load_runset(path)
+        s = summarize_loaded(runs, runset.target_loss_nats, path.name)
+        acc, loss, rep, ttt = s.accuracy, s.eval_loss_nats, s.repeat, s.time_to_target
+        first = runs[0].record
+        model = first.model["name"]
+        steps = first.train.steps if first.train else "-"
+        n_q = first.eval_after.n_questions if first.eval_after else "-"
+        same = "-" if rep is None else ("bit for bit" if rep.identical else
+                                        f"{rep.accuracy_pp:+.2f} pp, {rep.eval_loss_nats:+.3g} nats")
+        time = (f"{ttt.result_s:.0f} s to {ttt.target_nats:g} nats (sd {ttt.spread.sd:.0f} s, {ttt.reached} of "
+                f"{len(ttt.steps)} reached; steps {', '.join('-' if x is None else str(x) for x in ttt.steps)})"
+                if ttt.result_s is not None else f"- ({ttt.why})")
+        rows.append(
+            f"| [{path.name[:16]}](results/runsets/{path.name}) | {_device(runset.fingerprint)} "
+            f"| {model}, {steps} steps, {n_q} questions | {', '.join(map(str, runset.seeds))} "
+            f"| {100 * acc.mean:.2f}% ({100 * acc.sd:.2f} pp) [{100 * acc.min:.2f}, {100 * acc.max:.2f}] "
+            f"| {loss.mean:.4f} ({loss.sd:.3g}) [{loss.min:.4f}, {loss.max:.4f}] | {same} | {time} |")
+    if len(rows) == 2:
+        rows.append("| (no run set committed) | | | | | | | |")
+    return "\n".join(rows)
+
+
+def claims_check(results: Path) -> str:
+    """``medqa-parity check`` of every shipped claim (claims/*.toml) against the committed run sets."""
+    from medqa_core.compare.claims import Claim, check_claim, exit_code, load_claim, load_sets, render_lines
+
+    sets = load_sets(_committed_runsets(results))
+    out = []
+    for path in sorted((ROOT / "claims").glob("*.toml")):
+        claim = load_claim(path)
+        lines = check_claim(claim, sets)
+        shown = Claim(str(path.relative_to(ROOT)), claim.tables)
+        out += ["```text", f"$ medqa-parity check {shown.path} results/runsets/*.json   # exit {exit_code(lines)}",
+                *render_lines(shown, lines), "```", ""]
+    return "\n".join(out).rstrip()
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
     "train-cases": lambda results: bench_table(results, only="test_train"),
     "verdict": report_verdict, "performance": performance_table, "profiles": profile_tables,
@@ -730,6 +796,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
+    "runsets": runsets_table, "claims": claims_check,
 }
 
 

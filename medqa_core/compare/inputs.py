@@ -4,7 +4,7 @@
 benchmark file one per arm and attention kernel), checking kind and schema first; :func:`load_inputs`
 reads several and labels them so that each label shows what differs. :mod:`medqa_core.report` and
 :mod:`medqa_core.gate` both start here. Bench cases are read through
-:class:`~medqa_core.benchcase.BenchCase` alone.
+:class:`~medqa_core.results.benchcase.BenchCase` alone.
 
 No torch here: summaries are built on any machine from the saved files.
 """
@@ -22,10 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from medqa_core.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
-from medqa_core.compare.stats import wilson_ci95
-from medqa_core.failure import FailureError, OomFailure
-from medqa_core.record import SCHEMA_VERSION, EvalResult, QuestionResult, RecordError, RunRecord, record_from_dict
+from medqa_core.results.accuracy import wilson_ci95
+from medqa_core.results.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
+from medqa_core.results.dtypes import DTYPE_NAMES
+from medqa_core.results.failure import FailureError, OomFailure
+from medqa_core.results.record import (
+    SCHEMA_VERSION,
+    EvalResult,
+    QuestionResult,
+    RecordError,
+    RunRecord,
+    record_from_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +113,7 @@ class RunSummary:
         base_parameters: parameters without LoRA, or None when not recorded.
         seed: preset weight seed, or None when not recorded.
         quantization: settings read back from a quantized layer.
-        fingerprint: machine fingerprint (medqa_core.fingerprint).
+        fingerprint: machine fingerprint (medqa_core.measure.fingerprint).
         metrics: performance figures by metric key (medqa_core.compare.metrics).
         phases: per-question scores by phase ("base", "fine-tuned").
         loss_per_step: training loss per optimizer step (records only).
@@ -411,7 +419,6 @@ def record_invalid(record: RunRecord, path: str) -> tuple[InvalidFigure, ...]:
 
 
 # config.model.dtype -> the torch dtype it names; "auto" is whatever the record's numerics say ran.
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def record_settings(record: RunRecord) -> dict[str, Any]:
@@ -428,7 +435,7 @@ def record_settings(record: RunRecord) -> dict[str, Any]:
     """
     numerics = getattr(record, "numerics", None) or {}
     requested = (record.config.get("model") or {}).get("dtype")
-    dtype = numerics.get("compute_dtype") or _DTYPES.get(str(requested)) or DEFAULT_COMPUTE_DTYPE
+    dtype = numerics.get("compute_dtype") or DTYPE_NAMES.get(str(requested)) or DEFAULT_COMPUTE_DTYPE
     quantization = record.model.get("quantization") or {}
     return {"compute_dtype": dtype, "eval_packing": (record.config.get("eval") or {}).get("packing"),
             "nf4_blocksize": quantization.get("blocksize")}

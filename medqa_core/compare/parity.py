@@ -27,7 +27,7 @@ from medqa_core.compare.stats import (
     tost,
     z_quantile,
 )
-from medqa_core.record import QuestionResult
+from medqa_core.results.record import QuestionResult
 
 # "under 3% difference": the accuracy gap a public MedQA case study reported between ROCm and CUDA.
 DEFAULT_MARGIN_PP = 3.0

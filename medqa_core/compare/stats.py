@@ -1,4 +1,6 @@
-"""The statistics every comparison uses, each in one place: Wilson, McNemar, paired bootstrap, TOST, Mann-Whitney.
+"""The statistics every comparison uses, each in one place: McNemar, paired bootstrap, TOST, Mann-Whitney.
+
+The Wilson interval of one accuracy belongs to the scoring figure itself (medqa_core.results.accuracy).
 
 Pure functions of numbers and arrays (numpy, scipy): no torch, no records.
 """
@@ -13,20 +15,6 @@ from scipy.stats import binomtest, mannwhitneyu, norm
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
-
-
-def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
-    """Wilson score 95% interval of an accuracy of ``correct`` out of ``n``.
-
-    Args:
-        correct: questions answered right.
-        n: questions scored (> 0).
-
-    Returns:
-        (low, high) as fractions.
-    """
-    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def mcnemar_exact_p(correct_a: np.ndarray, correct_b: np.ndarray,

@@ -25,7 +25,7 @@ from medqa_core.compare.inputs import (
 from medqa_core.compare.metrics import SPEED_KEYS
 from medqa_core.compare.tables import flatten_dict
 from medqa_core.gate.thresholds import GateError
-from medqa_core.record import RunRecord, record_from_dict
+from medqa_core.results.record import RunRecord, record_from_dict
 
 # Config entries of a run record that say where, not what: they may differ between comparable runs.
 _CONFIG_IGNORED = ("results_dir", "backend", "model.path", "model.allow_pickle", "data.data_dir",

@@ -33,9 +33,9 @@ _EPS = 1e-9  # a change exactly at the threshold holds, whatever the float round
 FAR_PAST = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Check:
-    """One metric of one case, baseline against candidate.
+    """One metric of one case, baseline against candidate; built by keyword (twelve fields, several alike).
 
     Attributes:
         case: the case ("test_train_ours[sdpa]", or "run" for a run record).
@@ -117,8 +117,10 @@ def unusable_check(case: str, kind: str, metric: str, baseline: float | None, ca
     why = " and ".join(sides) or "no usable figure"
     a, b = (math.nan if v is None else v for v in (baseline, candidate))
     status, verb = (SKIP, "not compared") if allowed else (INCONCLUSIVE, "cannot be judged")
-    return Check(case, kind, metric, status, a, b, unit, math.nan, threshold, why,
-                 f"{case}: {metric_label(metric)} {verb}: {why}", "missing figure" if allowed else "invalid figure")
+    return Check(case=case, kind=kind, field=metric, status=status, baseline=a, candidate=b, unit=unit,
+                 change=math.nan, threshold=threshold, evidence=why,
+                 message=f"{case}: {metric_label(metric)} {verb}: {why}",
+                 reason="missing figure" if allowed else "invalid figure")
 
 
 def invalid_check(case: str, kind: str, name: str, texts: Sequence[str]) -> Check:
@@ -134,8 +136,9 @@ def invalid_check(case: str, kind: str, name: str, texts: Sequence[str]) -> Chec
         The inconclusive check.
     """
     why = "; ".join(texts)
-    return Check(case, kind, name, INCONCLUSIVE, math.nan, math.nan, metric_unit(name), math.nan, "-", why,
-                 f"{case}: {metric_label(name)} cannot be judged: {why}", "invalid figure")
+    return Check(case=case, kind=kind, field=name, status=INCONCLUSIVE, baseline=math.nan, candidate=math.nan,
+                 unit=metric_unit(name), change=math.nan, threshold="-", evidence=why,
+                 message=f"{case}: {metric_label(name)} cannot be judged: {why}", reason="invalid figure")
 
 
 def speed_check(case: str, metric: str, baseline: float, candidate: float, baseline_rounds: Sequence[float],
@@ -173,8 +176,9 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
         return unusable_check(case, "speed", metric, baseline, candidate, threshold)
     if not all(map(math.isfinite, (*baseline_rounds, *candidate_rounds))):
         why = "a round time is not finite"
-        return Check(case, "speed", metric, INCONCLUSIVE, baseline, candidate, unit, math.nan, threshold, why,
-                     f"{case}: {label} cannot be judged: {why}", "invalid figure")
+        return Check(case=case, kind="speed", field=metric, status=INCONCLUSIVE, baseline=baseline,
+                     candidate=candidate, unit=unit, change=math.nan, threshold=threshold, evidence=why,
+                     message=f"{case}: {label} cannot be judged: {why}", reason="invalid figure")
     change = 100 * (candidate / baseline - 1)
     beyond = change < -threshold_pct - _EPS
     far = change < -FAR_PAST * threshold_pct - _EPS
@@ -185,10 +189,12 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
         if far:
             why = (f"{change:+.1f}% is past {FAR_PAST:g}x the threshold ({threshold}), but {why}; time it over "
                    "rounds (pytest bench/) to judge it")
-            return Check(case, "speed", metric, INCONCLUSIVE, baseline, candidate, unit, change, threshold, why,
-                         f"{case}: {label} cannot be judged: {why} ({figures})", "too noisy to call")
-        return Check(case, "speed", metric, SKIP, baseline, candidate, unit, math.nan, threshold, why,
-                     f"{case}: {label} not compared: {why}", "single timing")
+            return Check(case=case, kind="speed", field=metric, status=INCONCLUSIVE, baseline=baseline,
+                         candidate=candidate, unit=unit, change=change, threshold=threshold, evidence=why,
+                         message=f"{case}: {label} cannot be judged: {why} ({figures})", reason="too noisy to call")
+        return Check(case=case, kind="speed", field=metric, status=SKIP, baseline=baseline, candidate=candidate,
+                     unit=unit, change=math.nan, threshold=threshold, evidence=why,
+                     message=f"{case}: {label} not compared: {why}", reason="single timing")
     n_b, n_c = len(baseline_rounds), len(candidate_rounds)
     smallest_p = smallest_slower_p(n_b, n_c)
     noisy = False
@@ -212,8 +218,9 @@ def speed_check(case: str, metric: str, baseline: float, candidate: float, basel
     status, verb = (INCONCLUSIVE, "cannot be judged") if noisy else (FAIL, "regressed") if failed else (PASS, "holds")
     message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}), {evidence}; {verb} "
                f"({figures})")
-    return Check(case, "speed", metric, status, baseline, candidate, unit, change, threshold, evidence, message,
-                 "too noisy to call" if noisy else "")
+    return Check(case=case, kind="speed", field=metric, status=status, baseline=baseline, candidate=candidate,
+                 unit=unit, change=change, threshold=threshold, evidence=evidence, message=message,
+                 reason="too noisy to call" if noisy else "")
 
 
 
@@ -238,8 +245,9 @@ def memory_check(case: str, metric: str, baseline: float, candidate: float, thre
     failed = change > threshold_pct + _EPS
     message = (f"{case}: {label} {change:+.1f}% vs baseline (threshold {threshold}); "
                f"{'regressed' if failed else 'holds'} (baseline {baseline:.3g} GiB, candidate {candidate:.3g} GiB)")
-    return Check(case, "memory", metric, FAIL if failed else PASS, baseline, candidate, "GiB", change, threshold,
-                 "peak of the case", message)
+    return Check(case=case, kind="memory", field=metric, status=FAIL if failed else PASS, baseline=baseline,
+                 candidate=candidate, unit="GiB", change=change, threshold=threshold, evidence="peak of the case",
+                 message=message)
 
 
 
@@ -292,8 +300,9 @@ def accuracy_check(case: str, phase: str, baseline: PhaseScores, candidate: Phas
             questions = pair_questions(baseline.questions, candidate.questions)
             paired = accuracy_parity(questions, alpha=alpha)
         except ParityError as e:
-            return Check(case, "accuracy", field_name, SKIP, a, b, "%", math.nan, threshold, str(e),
-                         f"{case}: {field_name} not compared: {e}", "other questions")
+            return Check(case=case, kind="accuracy", field=field_name, status=SKIP, baseline=a, candidate=b, unit="%",
+                         change=math.nan, threshold=threshold, evidence=str(e),
+                         message=f"{case}: {field_name} not compared: {e}", reason="other questions")
         drop = -100 * paired.diff
         _, _, p = mcnemar_exact_p(questions.correct_a, questions.correct_b, alternative="greater")
         evidence = (f"McNemar {format_p(p)} ({paired.a_only} right only in baseline, {paired.b_only} only in "
@@ -311,15 +320,18 @@ def accuracy_check(case: str, phase: str, baseline: PhaseScores, candidate: Phas
         evidence = f"accuracy only (no per-question results in the {without}), n={baseline.n_questions}"
         failed = drop > threshold_pp + _EPS
     else:
-        return Check(case, "accuracy", field_name, SKIP, a, b, "%", math.nan, threshold,
-                     f"{baseline.n_questions} vs {candidate.n_questions} questions, no per-question results",
-                     f"{case}: {field_name} not compared: scored on {candidate.n_questions} vs "
-                     f"{baseline.n_questions} questions without per-question results to pair", "other questions")
+        return Check(case=case, kind="accuracy", field=field_name, status=SKIP, baseline=a, candidate=b, unit="%",
+                     change=math.nan, threshold=threshold,
+                     evidence=f"{baseline.n_questions} vs {candidate.n_questions} questions, no per-question results",
+                     message=f"{case}: {field_name} not compared: scored on {candidate.n_questions} vs "
+                             f"{baseline.n_questions} questions without per-question results to pair",
+                     reason="other questions")
     status, verb = (INCONCLUSIVE, "cannot be judged") if noisy else (FAIL, "regressed") if failed else (PASS, "holds")
     message = (f"{case}: {field_name} {-drop:+.1f} pp vs baseline (threshold {threshold}), {evidence}; "
                f"{verb} (baseline {a:.1f}%, candidate {b:.1f}%)")
-    return Check(case, "accuracy", field_name, status, a, b, "%", -drop, threshold, evidence, message,
-                 "too noisy to call" if noisy else "")
+    return Check(case=case, kind="accuracy", field=field_name, status=status, baseline=a, candidate=b, unit="%",
+                 change=-drop, threshold=threshold, evidence=evidence, message=message,
+                 reason="too noisy to call" if noisy else "")
 
 
 
@@ -341,7 +353,8 @@ def parity_checks(case: str, findings: Sequence[Finding]) -> tuple[list[Check], 
         name = {"accuracy": f"accuracy equivalence (TOST{', ' + f.phase if f.phase else ''})",
                 "numerics": f"log-probabilities (KL{', ' + f.phase if f.phase else ''})",
                 "loss": "loss curve finite"}.get(f.point, f"{f.point}{where}")
-        checks.append(Check(case, "parity", name, FAIL if f.status == FAIL else PASS, f.value_a, f.value_b,
-                            "%" if math.isfinite(f.value_a) else "", math.nan, f.threshold, f.evidence,
-                            f"{case}: parity {name} (threshold {f.threshold}): {f.text}"))
+        checks.append(Check(case=case, kind="parity", field=name, status=FAIL if f.status == FAIL else PASS,
+                            baseline=f.value_a, candidate=f.value_b, unit="%" if math.isfinite(f.value_a) else "",
+                            change=math.nan, threshold=f.threshold, evidence=f.evidence,
+                            message=f"{case}: parity {name} (threshold {f.threshold}): {f.text}"))
     return checks, [f"{case}: {f.text}" for f in findings if f.status == FLAG]

@@ -252,8 +252,9 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
         elif thresholds.gated("speed" if key in SPEED else "memory", key):
             checks.append(invalid_check(name, "speed" if key in SPEED else "memory", key, texts))
     if candidate.oom and not baseline.oom and thresholds.gated("memory"):
-        checks.append(Check(name, "memory", "out of memory", FAIL, math.nan, math.nan, "", math.nan, "none",
-                            candidate.oom, f"{name}: the candidate ran {candidate.oom}; the baseline did not"))
+        checks.append(Check(case=name, kind="memory", field="out of memory", status=FAIL, baseline=math.nan,
+                            candidate=math.nan, unit="", change=math.nan, threshold="none", evidence=candidate.oom,
+                            message=f"{name}: the candidate ran {candidate.oom}; the baseline did not"))
     differs = _workload_differences(baseline.workload, candidate.workload)
     settings = settings_differences(a, b)
     if settings:
@@ -273,14 +274,18 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
         va, vb = (None if m is None else m.value for m in (ma, mb))
         unit, label = metric_unit(metric), metric_label(metric)
         if differs:
-            checks.append(Check(name, kind, metric, SKIP, _nan(va), _nan(vb), unit, math.nan, "-",
-                                "different workload (baseline vs candidate): " + ", ".join(differs),
-                                f"{name}: {label} not compared: other work or hardware ({', '.join(differs)})",
-                                reason))
+            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=_nan(va),
+                                candidate=_nan(vb), unit=unit, change=math.nan, threshold="-",
+                                evidence="different workload (baseline vs candidate): " + ", ".join(differs),
+                                message=f"{name}: {label} not compared: other work or hardware ({', '.join(differs)})",
+                                reason=reason))
         elif va is None:
-            checks.append(Check(name, kind, metric, SKIP, math.nan, _nan(vb), unit, math.nan, "-",
-                                "not measured in the baseline", f"{name}: {label} not compared: the baseline did not "
-                                "measure it", "not in the baseline"))
+            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=math.nan,
+                                candidate=_nan(vb), unit=unit, change=math.nan, threshold="-",
+                                evidence="not measured in the baseline",
+                                message=f"{name}: {label} not compared: the baseline did not "
+                                        "measure it",
+                                reason="not in the baseline"))
         elif vb is None and candidate.oom:
             continue  # the out-of-memory check above speaks for it
         elif vb is None or not (math.isfinite(va) and math.isfinite(vb) and va > 0):
@@ -288,9 +293,9 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
             checks.append(unusable_check(name, kind, metric, va, vb, threshold,
                                          allowed=thresholds.missing_ok(kind, metric), paths=(a.path, b.path)))
         elif kind == "speed" and not same_machine:
-            checks.append(Check(name, kind, metric, SKIP, va, vb, unit, math.nan,
-                                f"-{thresholds.pct(metric):g}%", machine,
-                                f"{name}: {label} not compared: {machine}", "machine moved"))
+            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=va, candidate=vb, unit=unit,
+                                change=math.nan, threshold=f"-{thresholds.pct(metric):g}%", evidence=machine,
+                                message=f"{name}: {label} not compared: {machine}", reason="machine moved"))
         elif kind == "speed":
             checks.append(speed_check(name, metric, va, vb, baseline.rounds.get(metric, ()),
                                       candidate.rounds.get(metric, ()), thresholds.pct(metric), thresholds.alpha,
@@ -383,8 +388,9 @@ def gate_cases(baseline: Sequence[GateCase], candidate: Sequence[GateCase], thre
     only_cand = [c.name for c in candidate if c.name not in names]
     for case in only_base:  # a case that vanished is not a case that holds
         why = f"in the baseline ({baseline_path}), missing in the candidate ({candidate_path})"
-        checks.append(Check(case, "case", "case", INCONCLUSIVE, math.nan, math.nan, "", math.nan, "-", why,
-                            f"{case}: cannot be judged: {why}", "case missing"))
+        checks.append(Check(case=case, kind="case", field="case", status=INCONCLUSIVE, baseline=math.nan,
+                            candidate=math.nan, unit="", change=math.nan, threshold="-", evidence=why,
+                            message=f"{case}: cannot be judged: {why}", reason="case missing"))
     if only_cand:
         notes.append(f"not in the baseline, not gated: {', '.join(only_cand)}")
     if not any(c.status != SKIP for c in checks):
@@ -414,9 +420,11 @@ def run_gate(baseline: str | Path, candidate: str | Path, thresholds: Thresholds
     cases_a, cases_b = load_cases(baseline), load_cases(candidate)
     if same_file(baseline, candidate):
         why = f"the candidate ({candidate}) is the baseline ({baseline}) itself, or a copy of it"
-        check = Check("files", "case", "candidate", INCONCLUSIVE, math.nan, math.nan, "", math.nan, "-", why,
-                      f"cannot be judged: {why}; a file gated against itself holds whatever it holds; give the "
-                      "candidate run's own file", "same file")
+        check = Check(case="files", kind="case", field="candidate", status=INCONCLUSIVE, baseline=math.nan,
+                      candidate=math.nan, unit="", change=math.nan, threshold="-", evidence=why,
+                      message=f"cannot be judged: {why}; a file gated against itself holds whatever it holds; give the "
+                              "candidate run's own file",
+                      reason="same file")
         return GateResult(str(baseline), str(candidate), thresholds, (check,), (), allow_not_compared)
     return gate_cases(cases_a, cases_b, thresholds, str(baseline), str(candidate), allow_not_compared)
 

@@ -1,7 +1,8 @@
 """The gate's thresholds: how much worse a candidate may be, read from one TOML table.
 
-The table is ``[tool.medqa-parity.gate]`` of the nearest pyproject.toml (the library's defaults) or of
-the file ``--config`` names (this project's CI: ``.ci/gate.toml``, the one file its thresholds live in);
+The defaults are :class:`Thresholds`' own (the parity ones are the report's, from compare/parity.py): their
+one home. A project overrides them in ``[tool.medqa-parity.gate]`` of the nearest pyproject.toml or of the
+file ``--config`` names (this project's CI: ``.ci/gate.toml``, the one file its CI thresholds live in);
 ``--threshold NAME=VALUE`` overrides one key.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from medqa_core.compare.inputs import CompareError
 from medqa_core.compare.metrics import MEMORY_KEYS as MEMORY
 from medqa_core.compare.metrics import SPEED_KEYS as SPEED
-from medqa_core.compare.parity import Tolerances
+from medqa_core.compare.parity import ALPHA, DEFAULT_KL_TOLERANCE_NATS, DEFAULT_MARGIN_PP, Tolerances
 
 CONFIG_TABLE = ("tool", "medqa-parity", "gate")
 
@@ -50,9 +51,9 @@ class Thresholds:
     speed_pct: float = 10.0
     memory_pct: float = 10.0
     accuracy_pp: float = 2.0
-    parity_margin_pp: float = 3.0
-    kl_nats: float = 0.01
-    alpha: float = 0.05
+    parity_margin_pp: float = DEFAULT_MARGIN_PP  # the parity verdict's own defaults (compare/parity.py)
+    kl_nats: float = DEFAULT_KL_TOLERANCE_NATS
+    alpha: float = ALPHA
     machine_pct: float | None = None
     metric_pct: tuple[tuple[str, float], ...] = ()
     skip: tuple[str, ...] = ()

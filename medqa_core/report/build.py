@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medqa_core.compare.inputs import REFERENCE_ARM, SPEED_ONLY_ARMS, InvalidFigure, RunSummary
 from medqa_core.compare.pairs import adapter_trainers, compare_runs, same_adapter
@@ -27,6 +28,7 @@ class Report:
     findings: tuple[Finding, ...]
     tolerances: Tolerances
     notes: tuple[str, ...]
+    runsets: Any = None  # report.runsets.RunSets: the run sets given, each against the first; None without
 
     @property
     def invalid(self) -> tuple[tuple[RunSummary, InvalidFigure], ...]:

@@ -12,7 +12,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +20,12 @@ import pandas as pd
 from medqa_core.compare.inputs import BASE, FINE_TUNED, CompareError, load_inputs
 from medqa_core.compare.pairs import adapter_trainers
 from medqa_core.compare.parity import DEFAULT_MARGIN_PP, FAIL, FLAG, PASS, Finding, Tolerances
+from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS
 from medqa_core.compare.tables import markdown_table
 from medqa_core.report.build import Report, build_report
 from medqa_core.report.charts import CHART_NAMES, draw_charts
+from medqa_core.report.runsets import CHART as RUNSET_CHART
+from medqa_core.report.runsets import draw_runset_chart, effect_table, load_runsets, section_text, spread_table
 from medqa_core.report.tables import (
     accuracy_table,
     fingerprint_table,
@@ -118,6 +121,7 @@ def _sections(report: Report) -> list[Section]:
             "letter; KL: KL(vs || run) of the softmax over the four option log-probabilities.",),
             parity_table(pairs), chart="logprob_drift"),
         Section("Loss curves", (), loss_table(pairs), chart="loss"),
+        *runset_sections(report),
         Section("What the settings alone change", _settings_text(report)),
         Section("Cross-backend adapter check", _adapter_text(report)),
         Section("Quantization", ("Settings read back from a quantized layer of each run.",),
@@ -133,6 +137,18 @@ def _sections(report: Report) -> list[Section]:
     notes = [f"{', '.join(ids)}: {n}" for n, ids in by_note.items()]
     if notes:
         out.append(Section("Notes from the runs", tuple(notes)))
+    return out
+
+
+def runset_sections(report: Report) -> list[Section]:
+    """The run sets' part of the report (none without run sets): spreads, then the device effects."""
+    sets = report.runsets
+    if sets is None:
+        return []
+    out = [Section("Run sets: the device effect against the seed spread", section_text(sets), spread_table(sets),
+                   chart=RUNSET_CHART, css="wrap")]
+    if sets.comparisons:
+        out.append(Section("Run sets: device effect, by metric", (), effect_table(sets), css="wrap"))
     return out
 
 
@@ -269,13 +285,15 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     try:
         charts = draw_charts(report.runs, report.baseline, (*report.pairs, *report.adapter_pairs), report.tolerances,
                              tmp)
+        if report.runsets is not None:
+            charts[RUNSET_CHART] = draw_runset_chart(report.runsets, tmp)
         (tmp / "report.md").write_text(_render_markdown(report, charts), encoding="utf-8")
         (tmp / "report.html").write_text(_render_html(report, charts), encoding="utf-8")
         names = ["report.md", "report.html", *(p.name for p in charts.values())]
         if not out.exists():
             tmp.rename(out)
         else:
-            for name in CHART_NAMES:
+            for name in (*CHART_NAMES, RUNSET_CHART):
                 if f"{name}.png" not in names:
                     (out / f"{name}.png").unlink(missing_ok=True)
             for name in names:
@@ -288,7 +306,8 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
 
 
 def make_report(paths: Sequence[str | Path], out_dir: str | Path, baseline: str | Path | None = None,
-                margin_pp: float = DEFAULT_MARGIN_PP) -> tuple[Report, list[Path]]:
+                margin_pp: float = DEFAULT_MARGIN_PP, runsets: Sequence[str | Path] = (),
+                loss_margin_nats: float = DEFAULT_LOSS_MARGIN_NATS) -> tuple[Report, list[Path]]:
     """Read the inputs, compare them, write the report: what ``medqa-parity report`` does.
 
     Args:
@@ -296,6 +315,9 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, baseline: str 
         out_dir: output folder; written whole or not at all.
         baseline: the file others are compared with (default the first of ``paths``).
         margin_pp: accuracy equivalence margin in percentage points.
+        runsets: run-set files (``run --repeats``): a section judges each set's device effect against the first
+            set's; each set's first seed run also joins ``paths`` for the single-run paired statistics.
+        loss_margin_nats: the run sets' eval-loss equivalence margin.
 
     Returns:
         The report and the paths written.
@@ -308,5 +330,13 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, baseline: str 
         tol = Tolerances(margin_pp=margin_pp)
     except ValueError as e:
         raise CompareError(f"--margin {margin_pp!r}: {e}") from e
+    sets = load_runsets(runsets, margin_pp, loss_margin_nats) if runsets else None
+    if sets is not None:  # each set's first seed run stands for it in the single-run statistics
+        seeds = [[r.path for r in s.runs if r.role == "seed"] for s in sets.summaries]
+        # One set alone: its first two seeds, so the paired statistics show what a seed alone changes.
+        firsts = seeds[0][:2] if len(seeds) == 1 and not paths else [s[0] for s in seeds]
+        paths = [*paths, *firsts]
     report = build_report(load_inputs(paths, baseline), tol)
+    if sets is not None:
+        report = replace(report, runsets=sets)
     return report, write_report(report, out_dir)

@@ -1,0 +1,229 @@
+"""The hardware-bound decode path: a static KV cache, one compiled step per token, replayed as a graph.
+
+Eager ``generate`` at batch 1 is bound by Python and kernel launches, not by the device (a small fraction
+of the memory-bandwidth roofline in our GPU bench files), so CUDA and ROCm would look alike for the wrong
+reason. Compiling the step inside ``generate`` is not enough: under torch.profiler each step still
+spent more host time in Dynamo's guard checks (one per parameter and 4-bit quantization state) and in
+generate's own Python than the GPU spent on the step (docs/performance.md, "Decode").
+
+So :class:`StaticDecoder` runs the loop itself, as gpt-fast does. The prompt's prefill runs eagerly
+into a static cache (which allocates the cache at fixed addresses); the one-token step (forward,
+greedy pick, position + 1) keeps all of its state in tensors, is compiled once, and on a GPU is
+captured as one CUDA graph (a HIP graph on ROCm, through the same ``torch.cuda`` API). Each token
+is then a single graph launch: what is timed is the device's work.
+
+On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.engine.kernels) instead of bitsandbytes'
+batch-1 kernel and LoRA's separate small matmuls; ``nf4_kernel`` chooses, and :class:`DecodeSetup` records which ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NF4_KERNELS = ("auto", "triton", "bitsandbytes")  # StaticDecoder(nf4_kernel=...)
+
+
+def _has_nf4_layers(model: torch.nn.Module) -> bool:
+    return any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules())
+
+
+def triton_nf4_unavailable(device: torch.device) -> str | None:
+    """Why our Triton NF4 kernels cannot run on ``device``, or None where they can.
+
+    They run on CUDA and ROCm GPUs (both ``device.type == "cuda"``) with Triton installed; on CPU only under
+    Triton's interpreter (``TRITON_INTERPRET=1``), which tests use and which is far too slow to time.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    from medqa_core.engine.kernels.nf4_matmul import interpreting
+
+    if device.type != "cuda" and not interpreting():
+        return f"Triton kernels need a GPU ({device.type} here; TRITON_INTERPRET=1 runs them on CPU for tests)"
+    return None
+
+
+def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str) -> tuple[str, str]:
+    """Which kernel runs the 4-bit layers during decode: ("triton" | "bitsandbytes" | "none", why).
+
+    Raises:
+        ValueError: an unknown choice, or "triton" where it cannot run.
+    """
+    if asked not in NF4_KERNELS:
+        raise ValueError(f"nf4_kernel {asked!r}: choose one of {', '.join(NF4_KERNELS)}")
+    if not _has_nf4_layers(model):
+        return "none", "no 4-bit layers"
+    if asked == "bitsandbytes":
+        return "bitsandbytes", "asked"
+    why = triton_nf4_unavailable(device)
+    if asked == "triton" and why:
+        raise ValueError(f"nf4_kernel 'triton' cannot run here: {why}")
+    if asked == "auto" and (why or device.type != "cuda"):
+        return "bitsandbytes", why or "CPU: bitsandbytes' own kernels"
+    return "triton", "asked" if asked == "triton" else "auto: a GPU with Triton"
+
+def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
+    """A ``StaticCache`` for ``max_len`` tokens of a model with ``config``, and its layer kind.
+
+    A config with a sliding window gets sliding static layers, which keep the position as a Python int:
+    Dynamo specializes on it and recompiles every step (8 times, then runs eagerly), and a graph would
+    freeze it. While ``max_len`` fits in the window, a sliding layer attends to exactly what a full
+    layer does, so full layers are used then.
+
+    Returns:
+        The cache, and "full" or "sliding" (the window is shorter than ``max_len``).
+    """
+    from transformers import StaticCache
+
+    window = getattr(config, "sliding_window", None)
+    if window is None or max_len > window:
+        return StaticCache(config=config, max_cache_len=max_len), "full" if window is None else "sliding"
+    full = copy.deepcopy(config)
+    full.sliding_window = None
+    if getattr(full, "layer_types", None):
+        full.layer_types = ["full_attention" if t == "sliding_attention" else t for t in full.layer_types]
+    return StaticCache(config=full, max_cache_len=max_len), "full"
+
+
+@dataclass(frozen=True)
+class DecodeSetup:
+    """How a :class:`StaticDecoder` ran: recorded beside its figures."""
+
+    compile_mode: str
+    graph: str  # "CUDA graph", "HIP graph", or "none: <why>"
+    cache_layers: str  # see static_cache
+    nf4_kernel: str = "none"  # "triton-nf4 (medqa_core.engine.kernels)", "bitsandbytes <version>" or "none" (no 4-bit)
+    nf4_kernel_why: str = ""  # why that kernel: asked, auto and the device, or why Triton could not run
+    nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
+    nf4_fused_lora_layers: int = 0
+
+
+class StaticDecoder:
+    """Greedy decoding of ``batch`` prompts with a static KV cache and one compiled step per token.
+
+    The model is not changed: its own forward runs the prefill, and a compiled function of it runs the
+    steps. Call :meth:`generate` under the same autocast and attention settings each time (they are
+    captured into the graph on the first call).
+
+    Args:
+        model: a peft or transformers causal LM, in eval mode.
+        batch: rows per call.
+        max_len: prompt plus new tokens, at most; the cache holds exactly this many.
+        use_graph: capture the step as a CUDA/HIP graph (GPUs only).
+        nf4_kernel: "auto" (ours on a GPU with Triton, else bitsandbytes), "triton" or "bitsandbytes".
+
+    Raises:
+        ValueError: ``nf4_kernel`` unknown, or "triton" where Triton cannot run.
+    """
+
+    def __init__(self, model: Any, batch: int, max_len: int, use_graph: bool, nf4_kernel: str = "auto") -> None:
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers included
+        self.device = self.base.device
+        self.max_len = max_len
+        self.cache, cache_layers = static_cache(self.base.config, max_len)
+        params = inspect.signature(type(self.base).forward).parameters
+        # transformers 5.24 names the cache argument `cache`; earlier 5.x `past_key_values` (and takes
+        # `cache_position`, which 5.24 derives from the cache).
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._takes_cache_position = "cache_position" in params
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [B, 1]: last token picked
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [B, 1]: its position
+        self._compiled = torch.compile(self._step, mode="default", dynamic=False)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._warm = False
+        self._want_graph = use_graph and self.device.type == "cuda"
+        graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
+            "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
+        kernel, why = nf4_kernel_choice(self.base, self.device, nf4_kernel)
+        self._swap = None
+        if kernel == "triton":
+            from medqa_core.engine.kernels.nf4_layers import NF4Swap
+
+            self._swap = NF4Swap(self.base, max_rows=batch)
+            kernel_name = self._swap.info.kernel
+        elif kernel == "bitsandbytes":
+            import bitsandbytes
+
+            kernel_name = f"bitsandbytes {bitsandbytes.__version__}"
+        else:
+            kernel_name = "none"
+        self.setup = DecodeSetup(
+            compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
+            nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,
+            nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0)
+        if cache_layers == "sliding":
+            logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
+                           "torch.compile recompile every step, so this does not measure the compiled path; "
+                           "use prompt + new tokens <= the window", max_len, self.base.config.sliding_window)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position, [B, V], writing this call's keys and values into the cache."""
+        kwargs: dict[str, Any] = {self._cache_kwarg: self.cache}
+        if self._takes_cache_position:
+            kwargs["cache_position"] = position_ids[0]  # [T]: every row is at the same position
+        out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1]
+
+    def _step(self) -> None:
+        # One token for every row; all state stays in tensors, so a graph replay repeats it exactly.
+        logits = self._forward(self.token, self.position)  # [B, V]
+        self.token.copy_(logits.argmax(-1, keepdim=True))
+        self.position.add_(1)
+
+    def _prefill(self, input_ids: torch.Tensor) -> None:
+        self.cache.reset()  # in place: the cache keeps its addresses
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=self.device).expand(batch, length)  # [B, T]
+        self.token.copy_(self._forward(input_ids, positions).argmax(-1, keepdim=True))
+        self.position.fill_(length)
+
+    def _warm_up(self) -> None:
+        """Compile the step and capture its graph. The steps run here advance the state: prefill again after."""
+        self._warm = True
+        if not self._want_graph:
+            self._compiled()
+            return
+        # Warm-up on a side stream, as torch.cuda.graphs asks: compilation and autotuning happen here.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._compiled()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the step's kernels; nothing runs
+            self._compiled()
+        self._graph = graph
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` ([B, T], no padding): exactly ``new_tokens`` tokens, [B, N].
+
+        Raises:
+            ValueError: the prompt and new tokens do not fit the cache, or the batch differs.
+        """
+        if input_ids.shape[0] != self.token.shape[0] or input_ids.shape[1] + new_tokens > self.max_len:
+            raise ValueError(f"prompt {tuple(input_ids.shape)} + {new_tokens} new tokens does not fit this decoder "
+                             f"(batch {self.token.shape[0]}, {self.max_len} tokens); make a decoder for that size")
+        with self._swap or contextlib.nullcontext():  # our NF4 kernels in the 4-bit layers' places, if chosen
+            self._prefill(input_ids)
+            if new_tokens > 1 and not self._warm:
+                self._warm_up()
+                self._prefill(input_ids)
+            tokens = [self.token.clone()]
+            for _ in range(new_tokens - 1):
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._compiled()
+                tokens.append(self.token.clone())
+        return torch.cat(tokens, dim=1)

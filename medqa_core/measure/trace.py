@@ -1,0 +1,198 @@
+"""Where one training step's time goes: torch.profiler over a few steps, grouped into categories.
+
+On a GPU the device kernels are grouped by name (matmuls, 4-bit dequantization, attention, optimizer,
+Inductor's fused kernels, other element-wise work) and set against the step's wall time: a step whose
+wall time far exceeds its kernel time is bound by the host (Python and kernel launches), not the GPU.
+On CPU the operators' own CPU time is grouped the same way. Batching the data (collate) is timed apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from medqa_core.engine.data import TrainExample
+from medqa_core.measure.timing import Timer, free_device_memory, is_oom, peak_memory_gib, reset_peak_memory
+
+logger = logging.getLogger(__name__)
+
+# (category, substrings of kernel / operator names), first match wins; case-insensitive.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("dequantize 4-bit", ("dequant",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
+                "matmul")),
+    ("optimizer", ("adam", "multi_tensor_apply")),
+    ("copies", ("memcpy", "memset", "aten::copy_", "aten::to")),
+    ("fused by torch.compile", ("triton", "cpp_fused", "compiledfunction")),
+)
+OTHER = "element-wise, norms, other"
+
+
+def categorize(name: str) -> str:
+    """The category of a kernel or operator name (see :data:`CATEGORIES`)."""
+    low = name.lower()
+    for category, needles in CATEGORIES:
+        if any(n in low for n in needles):
+            return category
+    return OTHER
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """One profiled configuration: per-step times in milliseconds."""
+
+    device: str
+    steps: int
+    tokens_per_step: int
+    wall_ms: float  # one step, host clock, device synchronized
+    busy_ms: float  # summed kernel time (GPU) or operator self time (CPU) per step
+    collate_ms: float  # batching the step's examples on the host (outside wall_ms)
+    peak_mem_gib: float | None
+    categories: dict[str, float]  # category -> ms per step
+    top: tuple[dict[str, Any], ...]  # the heaviest kernels / operators: name, category, ms, calls per step
+
+    @property
+    def host_bound_ms(self) -> float:
+        """Wall time not covered by device work: host overhead (Python, launches, syncs)."""
+        return max(self.wall_ms - self.busy_ms, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "host_bound_ms": self.host_bound_ms}
+
+
+def _device_events(prof: Any, on_gpu: bool) -> list[tuple[str, float, int]]:
+    """(name, total microseconds, calls) of each device kernel (GPU) or operator's own time (CPU)."""
+    rows = []
+    for e in prof.key_averages():
+        if on_gpu:
+            # Kernels only: their time is the GPU's; operators' device time would count them twice.
+            if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+                continue
+            rows.append((e.key, e.self_device_time_total, e.count))
+        elif e.self_cpu_time_total > 0 and e.key.startswith(("aten::", "bitsandbytes::", "CompiledFunction",
+                                                              "Optimizer")):
+            rows.append((e.key, e.self_cpu_time_total, e.count))
+    return rows
+
+
+def profile_steps(step: Any, examples: Sequence[TrainExample], device: torch.device, steps: int = 3,
+                  warmup: int = 2, top_n: int = 15) -> StepProfile:
+    """Profile ``steps`` calls of ``step(batch)`` after ``warmup`` unprofiled ones.
+
+    Args:
+        step: a :class:`medqa_core.engine.train.TrainingStep` (forward, backward, optimizer; ``step.collate``
+            batches as the training loop does).
+        examples: the step's examples.
+        device: where the model runs.
+        steps: profiled steps.
+        warmup: steps first (compile, allocator, kernel selection).
+        top_n: how many of the heaviest kernels to list.
+    """
+    t0 = time.perf_counter()
+    batch = step.collate(list(examples))
+    collate_ms = 1e3 * (time.perf_counter() - t0)
+    n_tokens = int(batch.pop("n_tokens"))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    step.warm_up(batch)
+    for _ in range(warmup):
+        step(batch)
+    reset_peak_memory(device)
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with Timer(device) as timer:
+                step(batch)
+            walls.append(timer.elapsed_s)
+    rows = _device_events(prof, on_gpu)
+    categories: dict[str, float] = {}
+    for name, us, _ in rows:
+        categories[categorize(name)] = categories.get(categorize(name), 0.0) + us / 1e3 / steps
+    top = sorted(rows, key=lambda r: -r[1])[:top_n]
+    return StepProfile(
+        device=str(device), steps=steps, tokens_per_step=n_tokens,
+        wall_ms=1e3 * sorted(walls)[len(walls) // 2], busy_ms=sum(categories.values()), collate_ms=collate_ms,
+        peak_mem_gib=peak_memory_gib(device),
+        categories=dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        top=tuple({"name": n[:160], "category": categorize(n), "ms": us / 1e3 / steps, "calls": c / steps}
+                  for n, us, c in top),
+    )
+
+
+def format_profile(label: str, p: StepProfile) -> str:
+    """A plain-text table of one profile, for the terminal."""
+    lines = [f"{label}: {p.tokens_per_step:,} real tokens, wall {p.wall_ms:.1f} ms/step, "
+             f"{'kernels' if p.device.startswith('cuda') else 'operators'} {p.busy_ms:.1f} ms, "
+             f"host-bound {p.host_bound_ms:.1f} ms, collate {p.collate_ms:.1f} ms, peak "
+             f"{'n/a' if p.peak_mem_gib is None else f'{p.peak_mem_gib:.1f} GiB'}"]
+    for category, ms in p.categories.items():
+        lines.append(f"  {category:<28} {ms:9.1f} ms  {100 * ms / max(p.busy_ms, 1e-9):5.1f}%")
+    lines.append("  heaviest:")
+    for row in p.top:
+        lines.append(f"    {row['ms']:8.1f} ms  x{row['calls']:<6.0f} {row['category']:<24} {row['name'][:90]}")
+    return "\n".join(lines)
+
+
+def save_profiles(path: str | Path, profiles: dict[str, StepProfile], meta: dict[str, Any]) -> Path:
+    """Write ``{"meta": ..., "profiles": {label: profile}}`` as JSON (``meta`` carries the fingerprint)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"meta": meta, "profiles": {k: v.to_dict() for k, v in profiles.items()}}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
+                                                                                          dict[str, Any]]:
+    """Load ``cfg``'s model once and profile our train step under each named training profile.
+
+    Each profile steps on the first batch of its own batch size in the training loop's order.
+
+    Returns:
+        The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
+    """
+    from medqa_core.engine.config import train_profile
+    from medqa_core.engine.data import first_examples
+    from medqa_core.engine.train import prepare_training
+    from medqa_core.measure.fingerprint import machine_fingerprint
+    from medqa_core.run import load_session, load_splits
+
+    session = load_session(cfg)
+    splits = load_splits(cfg.data)
+    results: dict[str, StepProfile] = {}
+    settings: dict[str, Any] = {}
+    for name in profiles:
+        tc = train_profile(name, cfg.train)
+        examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
+                                  tc.loss_on)
+        trainer = prepare_training(session.model, tc, session.device, session.attention,
+                                   session.tokenizer.pad_token_id, session.numerics)
+        settings[name] = {"train": dataclasses.asdict(tc), "compile": trainer.compiled.as_dict()}
+        try:
+            results[name] = profile_steps(trainer, examples, session.device, steps, warmup)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            settings[name]["oom"] = str(e).splitlines()[0][:300]  # recorded; the next profile still runs
+            logger.warning("profile %s: out of memory (%s)", name, settings[name]["oom"])
+        finally:
+            trainer.close()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            free_device_memory(session.device)
+    meta = {"fingerprint": machine_fingerprint(session.device), "model": cfg.model.name,
+            "attention": {"requested": session.attention.requested, "ran": session.kernel_ran},
+            "settings": settings}
+    return results, meta

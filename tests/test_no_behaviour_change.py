@@ -1,0 +1,108 @@
+"""The house move changes no figure: a tiny run's record and printout, field by field, against the old code's.
+
+``tests/data/run_before_house.json`` is what ``medqa-parity run`` wrote and printed for :data:`ARGV` on the
+tiny Mistral of ``conftest.py`` at commit a7ec99a (before the packages moved, issue 28), written there by
+``MEDQA_PARITY_WRITE_BEFORE=OUT.json pytest tests/test_no_behaviour_change.py``. Figures that depend on the
+clock or the machine (timings, throughput, resident memory, paths, the fingerprint) are compared by presence
+and type only; every other field must match: strings and integers exactly, losses and log-probabilities to
+1e-5 (CPU reductions may round differently). Renamed fields are listed in :data:`RENAMES`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIXTURE = Path(__file__).resolve().parent / "data" / "run_before_house.json"
+ARGV = ["run", "--backend", "cpu", "--train-limit", "8", "--eval-limit", "8", "--max-steps", "3",
+        "--batch-size", "4", "--lora-dropout", "0"]
+
+# Old field path -> new field path (dotted); none so far: the move renamed no field.
+RENAMES: dict[str, str] = {}
+# Fields set by the clock, the machine or where the test ran: compared by presence and type.
+VARYING = re.compile(
+    r"^(created_utc|wall_time_s|fingerprint(\..*)?|adapter_dir|config\.results_dir|config\.model\.path|model\.dir"
+    r"|train\.(train_time_s|tokens_per_s|step_time_s.*|host_peak_rss_gib|model_flops_per_s|peak_mem_gib"
+    r"|compile\.(compile_s|warmup_s))"
+    r"|phases_s\..*|eval_(before|after)\.(eval_time_s|questions_per_s|peak_mem_gib)|notes\.\d+)$")
+# Printed lines whose figures are timings or the machine: their label must be there, their text may differ.
+# Paths in every other line are masked.
+VARYING_LINES = ("device", "train tokens/s", "peak memory", "scoring", "wall time", "time to result")
+
+
+def run_tiny(model_dir: Path, out: Path) -> dict[str, Any]:
+    """Run :data:`ARGV` on ``model_dir``; return its record (raw JSON) and printed summary."""
+    import contextlib
+    import io
+
+    from medqa_core.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main([*ARGV, "--model", str(model_dir), "--results", str(out / "results"),
+                     "--adapter-out", str(out / "adapter")])
+    assert code == 0
+    (path,) = (out / "results").glob("*.json")
+    return {"argv": ARGV, "record": json.loads(path.read_text(encoding="utf-8")),
+            "printed": printed.getvalue().splitlines()}
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths to leaves; list items by index."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in items:
+        out.update(flatten(item, f"{prefix}.{key}" if prefix else key))
+    if not out:
+        out[prefix] = value  # an empty dict or list is a leaf
+    return out
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if VARYING.match(key):
+        return type(old) is type(new) or {type(old), type(new)} <= {int, float} or old is None or new is None
+    if isinstance(old, float) and isinstance(new, float):
+        return math.isclose(old, new, rel_tol=1e-5, abs_tol=1e-6)
+    return type(old) is type(new) and old == new
+
+
+def _label(line: str) -> str:
+    return re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+
+
+def _masked(line: str) -> str:
+    return re.sub(r"/\S+", "<path>", line)
+
+
+@pytest.mark.skipif(not os.environ.get("MEDQA_PARITY_WRITE_BEFORE"), reason="writes the fixture on request only")
+def test_write_the_fixture(tiny_model_dir, tmp_path):
+    Path(os.environ["MEDQA_PARITY_WRITE_BEFORE"]).write_text(
+        json.dumps(run_tiny(tiny_model_dir, tmp_path), indent=1) + "\n", encoding="utf-8")
+
+
+def test_tiny_run_record_matches_the_record_before_the_move(tiny_model_dir, tmp_path):
+    before = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    after = run_tiny(tiny_model_dir, tmp_path)
+    old = {RENAMES.get(k, k): v for k, v in flatten(before["record"]).items()}
+    new = flatten(after["record"])
+    assert sorted(old) == sorted(new), (sorted(set(old) ^ set(new)))
+    differ = [(k, old[k], new[k]) for k in old if not _same(k, old[k], new[k])]
+    assert not differ, differ[:20]
+    assert len(before["printed"]) == len(after["printed"])
+    for was, now in zip(before["printed"], after["printed"], strict=True):
+        assert _label(was) == _label(now)
+        if _label(was) not in VARYING_LINES:
+            assert _masked(was) == _masked(now)
+
+
