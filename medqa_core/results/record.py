@@ -222,6 +222,9 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     missing = sorted(names - d.keys())
     if missing:
         raise RecordError(f"{where}: missing {', '.join(missing)}")
+    curve = d["eval_curve"]
+    if curve is not None and not (isinstance(curve, list) and all(isinstance(p, dict) for p in curve)):
+        raise RecordError(f"{where}: eval_curve must be null or a list of {{step, eval_loss_nats, ...}} objects")
     try:
         return RunRecord(**{
             **{k: d[k] for k in names},
