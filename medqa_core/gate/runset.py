@@ -62,16 +62,17 @@ def spread_checks(summary: SetSummary, candidate: RunRecord, alpha: float, where
         if spread.n < MIN_RUNS or not math.isfinite(value):
             why = (f"the baseline set has {spread.n} seed runs; its spread needs {MIN_RUNS} or more"
                    if spread.n < MIN_RUNS else "the candidate has no fine-tuned scores")
-            checks.append(Check(where, "accuracy", field, INCONCLUSIVE, mean, value, unit, math.nan, threshold, why,
-                                f"{where}: {field} cannot be judged: {why}", "too few runs"))
+            checks.append(Check(case=where, kind="accuracy", field=field, status=INCONCLUSIVE, baseline=mean,
+                                candidate=value, unit=unit, change=math.nan, threshold=threshold, evidence=why,
+                                message=f"{where}: {field} cannot be judged: {why}", reason="too few runs"))
             continue
         worse = value < bound if higher else value > bound
         status = FAIL if worse else PASS
         verb = "below" if higher else "above"
         message = (f"{where}: {field} {value:.4g} {unit} is {verb} the baseline set's bound {bound:.4g}"
                    if worse else f"{where}: {field} {value:.4g} {unit} within the baseline set's spread")
-        checks.append(Check(where, "accuracy", field, status, mean, value, unit, value - mean, threshold, evidence,
-                            message))
+        checks.append(Check(case=where, kind="accuracy", field=field, status=status, baseline=mean, candidate=value,
+                            unit=unit, change=value - mean, threshold=threshold, evidence=evidence, message=message))
     return checks
 
 
