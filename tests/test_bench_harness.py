@@ -19,6 +19,8 @@ import torch
 
 from medqa_core.engine.config import MEMORY_CAP_GIB
 
+pytestmark = pytest.mark.slow  # real multi-process or full-bench runs: the full suite only
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 OOM_CASE = "test_prefill[sdpa-batch2]"

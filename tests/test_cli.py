@@ -49,6 +49,7 @@ def test_version_prints_and_exits_0(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("medqa-parity ")
 
 
+@pytest.mark.slow
 def test_trace_saves_outside_the_tracked_tree_quietly(tiny_model_dir, tmp_path):
     # A process of its own: the profiler's native log level is read once per process, at its first start.
     # "profile" and "--profiles" are the older names of "trace" and its "--profile"; both still work.

@@ -76,6 +76,7 @@ def _two_epochs(examples, trainer):
     return [next(batches)[1] for _ in range(14)]
 
 
+@pytest.mark.slow
 def test_no_graph_compiles_after_the_warm_up(model_and_examples, trainer) -> None:
     steps = _two_epochs(model_and_examples[2], trainer)
     shapes = {tuple(trainer.collate(b)["input_ids"].shape) for b in steps}
@@ -91,6 +92,7 @@ def test_no_graph_compiles_after_the_warm_up(model_and_examples, trainer) -> Non
     assert trainer.compiled.as_dict()["recompiles"] == 0 and trainer.compiled.counter.graphs == warm
 
 
+@pytest.mark.slow
 def test_dynamic_shapes_would_recompile_without_the_static_collate(model_and_examples, trainer) -> None:
     """The contrast that makes the test above mean something: the old row-width-per-batch collate recompiles."""
     pad_id = model_and_examples[1].pad_token_id

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from medqa_core.engine.compiling import compile_unavailable
 from medqa_core.engine.distributed import DDP_BUCKET_CAP_MB, balance_tokens
 
+pytestmark = pytest.mark.slow  # real multi-process or full-bench runs: the full suite only
+
 
 def expected_rank_tokens(model_dir: Path, world_size: int) -> tuple[tuple[int, ...], ...]:
     """Each step's real tokens per rank under balance_tokens, from the data as the loop draws it."""

@@ -157,6 +157,7 @@ def test_auto_compile_stays_eager_on_cpu(fresh_model) -> None:
     assert compile_layers(model, CPU, "off").detail == "off"
 
 
+@pytest.mark.slow
 def test_compiled_layers_give_the_eager_losses(fresh_model, tmp_path) -> None:
     # The lever changes how the math runs, not the math: same per-example losses and gradients, to bf16 noise.
     model, tok = fresh_model

@@ -298,6 +298,7 @@ def peer_bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             run["benchmarks"]], "stdout": proc.stdout}
 
 
+@pytest.mark.slow
 def test_missing_peer_is_a_saved_skip_with_its_reason(peer_bench: dict[str, Any], tiny_config: RunConfig) -> None:
     cases = peer_bench["cases"]
     for stack in ("unsloth", "torchtune"):

@@ -56,6 +56,7 @@ def test_render_fills_blocks_and_points_links_up_from_docs(tmp_path):
     assert gen_docs.up_to_root(ROOT / "docs" / "ci-gates.md") == "../" and gen_docs.up_to_root(ROOT / "README.md") == ""
 
 
+@pytest.mark.slow
 def test_generator_ships_in_no_wheel_and_runs_as_a_script():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'include = ["medqa_core*"]' in pyproject and not (ROOT / "medqa_core" / "readme.py").exists()

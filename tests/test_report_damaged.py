@@ -50,6 +50,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_non_finite_or_incomplete_figure_renders_as_invalid_and_the_verdict_is_inconclusive(tmp_path, case):
     damage, field, cell = CASES[case]
@@ -82,6 +83,7 @@ def _unquantized(d: dict) -> None:
             q["logprobs"] = [x + 0.002 * (i + 1) for i, x in enumerate(q["logprobs"])]
 
 
+@pytest.mark.slow
 def test_nf4_against_no_quantization_claims_no_same_weights_and_prints_no_blocksize_none(tmp_path):
     """Issue 29 item 5: "Parity not judged" above "PASS ... base log-probabilities (same weights)", and
     labels "blocksize None"."""
@@ -99,6 +101,7 @@ def test_nf4_against_no_quantization_claims_no_same_weights_and_prints_no_blocks
     assert "method: bnb-nf4 vs none: base: log-probabilities |diff| mean" in section
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("failure", "said"), [
     ({"kind": "write", "phase": "fine-tune, step 3", "path": "/full/ckpt", "message": "No space left on device"},
      "a write failed during fine-tune, step 3"),

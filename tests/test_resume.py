@@ -32,6 +32,7 @@ def _run(cmd):
     return done
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     _run(_train_cmd(tiny_model_dir, tmp_path, "whole", "--checkpoint-dir", str(tmp_path / "whole" / "ckpt")))
 
@@ -60,6 +61,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     assert len(list_checkpoints(ckpt)) == 2  # --keep-checkpoints default
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_model_dir, tmp_path):
     from medqa_core.cli import main
 

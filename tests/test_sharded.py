@@ -15,6 +15,8 @@ from medqa_core.engine.config import PRESET_COMMON, PRESETS
 from medqa_core.engine.sharded import BaseWeightSize
 from medqa_core.measure.flops import ModelShape
 
+pytestmark = pytest.mark.slow  # real multi-process or full-bench runs: the full suite only
+
 GIB = 2**30
 
 

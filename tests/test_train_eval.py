@@ -46,6 +46,7 @@ def test_answer_loss_equals_full_vocab_loss(tiny_session):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_scoring_picks_highest_logprob_and_matches_full_forward(tiny_session):
     tok, model = tiny_session.tokenizer, tiny_session.model
     items = _questions(6)
@@ -65,6 +66,7 @@ def test_scoring_picks_highest_logprob_and_matches_full_forward(tiny_session):
     assert lo <= result.accuracy <= hi
 
 
+@pytest.mark.slow
 def test_qlora_overfits_a_few_questions(tiny_config):
     # No LoRA dropout: the curve then depends on the data alone, not on the dropout masks' shapes.
     session = load_session(dataclasses.replace(tiny_config, lora=LoraSettings(dropout=0.0)))
