@@ -3,11 +3,12 @@ what it compared in words that hold (issue 29 item 5). Every input is a committe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,9 +27,15 @@ def _damaged(tmp_path: Path, damage: Callable[[dict], object], name: str = "cand
 
 
 def _report(tmp_path: Path, *paths: Path) -> subprocess.CompletedProcess:
-    """``medqa-parity report`` in its own process, as a user runs it (a traceback would show on stderr)."""
-    return subprocess.run([sys.executable, "-m", "medqa_core.cli", "report", *map(str, paths), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    """``medqa-parity report`` through the CLI's own entry point, its output captured (an exception that
+    escaped it, which a user would see as a traceback, fails the test). In this process: a subprocess per case
+    cost ~5 s of imports each."""
+    from medqa_core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["report", *map(str, paths), "--out", str(tmp_path / "out")])
+    return subprocess.CompletedProcess([], code, out.getvalue(), err.getvalue())
 
 
 def _set(section: str, key: str, value: float) -> Callable[[dict], None]:
@@ -50,7 +57,6 @@ CASES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_non_finite_or_incomplete_figure_renders_as_invalid_and_the_verdict_is_inconclusive(tmp_path, case):
     damage, field, cell = CASES[case]
@@ -83,7 +89,6 @@ def _unquantized(d: dict) -> None:
             q["logprobs"] = [x + 0.002 * (i + 1) for i, x in enumerate(q["logprobs"])]
 
 
-@pytest.mark.slow
 def test_nf4_against_no_quantization_claims_no_same_weights_and_prints_no_blocksize_none(tmp_path):
     """Issue 29 item 5: "Parity not judged" above "PASS ... base log-probabilities (same weights)", and
     labels "blocksize None"."""
@@ -101,7 +106,6 @@ def test_nf4_against_no_quantization_claims_no_same_weights_and_prints_no_blocks
     assert "method: bnb-nf4 vs none: base: log-probabilities |diff| mean" in section
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("failure", "said"), [
     ({"kind": "write", "phase": "fine-tune, step 3", "path": "/full/ckpt", "message": "No space left on device"},
      "a write failed during fine-tune, step 3"),
