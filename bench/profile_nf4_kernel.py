@@ -7,8 +7,10 @@ that rate against the copy bandwidth measured in the same run. Also the largest 
 ``x.float() @ W.float().T`` of bitsandbytes' own dequantized weight, in units in the last place of bf16.
 
     python bench/profile_nf4_kernel.py --out results/profile/NAME.json [--rows 1,8,32,64] [--sweep]
+        [--tiles-out medqa_core/engine/kernels/nf4_tiles.json]
 
-GPU only. ``--sweep`` also times a grid of tile shapes at each row count and reports the fastest.
+GPU only. ``--sweep`` also times a grid of tile shapes at 1 and 8 rows and reports the fastest; ``--tiles-out``
+writes them as the kernel's tile table for this device (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that made it)
@@ -36,23 +38,39 @@ def _ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs() / ulp).max().item()
 
 
-def _time_s(fn) -> float:
+def _abs_sum_eps(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    """Largest |out - ref| in units of bf16's eps times the sum of |x_k * w_nk|: the summation-order bound, which
+    stays meaningful where the sum cancels to near zero (there the ulp of the result is tiny)."""
+    bound = x.float().abs() @ w.float().abs().T * torch.finfo(torch.bfloat16).eps
+    return ((out.float() - ref.float()).abs() / bound.clamp_min(1e-30)).max().item()
+
+
+def _time_s(fn, rep: int = 60) -> float:
     import triton.testing
 
-    return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") / 1e3
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / 1e3
 
 
-def profile(rows_list: list[int], sweep: bool, blocksize: int) -> dict:
+def _sweep_grid(rows: int) -> list:
+    from medqa_core.engine.kernels.nf4_matmul import TileConfig
+
+    if rows == 1:
+        return [TileConfig(1, bn, bk, nw, 2) for bn in (8, 16, 32) for bk in (256, 512) for nw in (2, 4)]
+    return [TileConfig(16, bn, bk, nw, 2) for bn in (32, 64, 128) for bk in (128, 256) for nw in (4, 8)]
+
+
+def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, dict]:
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from medqa_core.engine.kernels.nf4_matmul import TileConfig, _tile_k, nf4_matmul, nf4_weight, tile_config
+    from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, row_bucket, tile_config
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
     device = torch.device("cuda")
     bandwidth = measure_copy_bandwidth(device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
+    tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
     for layer, (n, k) in MISTRAL_7B_LAYERS.items():
         w = torch.randn(n, k, device=device, generator=gen).bfloat16() * 0.02
         packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
@@ -79,38 +97,39 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> dict:
                 "bf16": (lambda: x @ dense.T, n * k * 2, ref),
             }
             for arm, (fn, wbytes, reference) in arms.items():
+                lora = arm.endswith("lora")
                 out = fn()
                 seconds = _time_s(fn)
                 moved = wbytes + io_bytes
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm=arm, time_s=seconds, bytes=moved,
                                      bytes_per_s=moved / seconds, bandwidth_fraction=moved / seconds / bandwidth,
                                      max_ulps_vs_dequantize_matmul=_ulps(out, reference),
-                                     max_abs_error=(out.float() - reference).abs().max().item()))
+                                     max_abs_error=(out.float() - reference).abs().max().item(),
+                                     max_error_abs_sum_eps=_abs_sum_eps(out, reference, x, dense)
+                                     if not lora else None))
                 print(f"{layer:18s} M={rows:4d} {arm:18s} {seconds * 1e6:8.1f} us  "
                       f"{moved / seconds / 1e9:7.0f} GB/s ({moved / seconds / bandwidth:5.1%})  "
                       f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
-            if sweep and rows in (1, 8) and layer != "k_proj/v_proj":
-                chosen = tile_config(rows, n, _tile_k(weight)[0], False)
+            if sweep and rows in (1, 8):
+                chosen = tile_config(rows, n, k, device)
                 best = None
-                grid = [TileConfig(1, bn, bk, nw, ns) for bn in (16, 32, 64) for bk in (256, 512) for nw in (4, 8)
-                        for ns in (2, 4)] if rows == 1 else \
-                    [TileConfig(16, bn, bk, nw, ns) for bn in (32, 64) for bk in (128, 256) for nw in (4, 8)
-                     for ns in (3, 4)]
-                for cfg in grid:
+                for cfg in _sweep_grid(rows):
                     try:
-                        seconds = _time_s(lambda cfg=cfg: nf4_matmul(x, weight, config=cfg))
+                        seconds = _time_s(lambda cfg=cfg: nf4_matmul(x, weight, config=cfg), rep=25)
                     except Exception as e:  # a tile this device cannot hold (shared memory): skip it
                         print(f"  sweep {cfg}: {type(e).__name__}", flush=True)
                         continue
                     if best is None or seconds < best[1]:
                         best = (cfg, seconds)
+                tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best[0])))
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep", chosen=dataclasses.asdict(chosen),
                                      best=dataclasses.asdict(best[0]), best_time_s=best[1],
                                      best_bandwidth_fraction=(weight_bytes + io_bytes) / best[1] / bandwidth))
                 print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
-                      f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); chosen {chosen}", flush=True)
-    return dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
-                rows=rows_out)
+                      f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
+    result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
+                  rows=rows_out)
+    return result, {torch.cuda.get_device_name(device): tiles}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts (default: %(default)s)")
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
+    parser.add_argument("--tiles-out", type=Path, help="with --sweep: write the best tiles as the kernel's tile table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_nf4_kernel: needs a CUDA or ROCm GPU (the CPU interpreter's times mean nothing)",
@@ -127,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     from medqa_core.measure.fingerprint import machine_fingerprint
 
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    result = profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize)
+    result, tiles = profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize)
+    if args.tiles_out and args.sweep:
+        args.tiles_out.write_text(json.dumps(tiles, indent=1) + "\n")
+        print(f"wrote {args.tiles_out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(kind="nf4-kernel-profile", started=started,
                                         fingerprint=machine_fingerprint(torch.device("cuda")), **result), indent=1))

@@ -29,19 +29,19 @@ DEFAULT_MAX_ROWS = 64
 
 @torch.library.custom_op("medqa_parity::nf4_linear", mutates_args=())
 def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-               pair_table: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
+               absmax2: torch.Tensor | None, code2: torch.Tensor | None,
                offset: torch.Tensor | None, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
                lora_b: torch.Tensor | None, blocksize: int, blocksize2: int, out_features: int, in_features: int,
                scaling: float) -> torch.Tensor:
     """The custom op: x [..., K] -> [..., N] in x's dtype (see nf4_matmul)."""
-    weight = NF4Weight(packed=packed, absmax=absmax, code=code, pair_table=pair_table, blocksize=blocksize,
+    weight = NF4Weight(packed=packed, absmax=absmax, code=code, blocksize=blocksize,
                        out_features=out_features, in_features=in_features, absmax2=absmax2, code2=code2,
                        offset=offset, blocksize2=blocksize2)
     return nf4_matmul(x, weight, bias, lora_a, lora_b, scaling)
 
 
 @nf4_linear.register_fake
-def _(x, packed, absmax, code, pair_table, absmax2, code2, offset, bias, lora_a, lora_b, blocksize, blocksize2,
+def _(x, packed, absmax, code, absmax2, code2, offset, bias, lora_a, lora_b, blocksize, blocksize2,
       out_features, in_features, scaling):
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -90,7 +90,7 @@ class FusedNF4Linear(torch.nn.Module):
             return self.original(x)
         w = self.nf4
         out = torch.ops.medqa_parity.nf4_linear(
-            x.to(self.compute_dtype), w.packed, w.absmax, w.code, w.pair_table, w.absmax2, w.code2, w.offset,
+            x.to(self.compute_dtype), w.packed, w.absmax, w.code, w.absmax2, w.code2, w.offset,
             None if self.bias is None else self.bias.to(self.compute_dtype), self.lora_a, self.lora_b, w.blocksize,
             w.blocksize2, w.out_features, w.in_features, self.scaling)
         return out.to(x.dtype)

@@ -32,15 +32,14 @@ split-K reductions, and the scale and add).
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
-
-# K columns a tile covers: whole quantization blocks of each row (bitsandbytes' NF4 blocks are 32..4096 elements).
-DEFAULT_TILE_K = 256
 
 
 def interpreting() -> bool:
@@ -88,114 +87,126 @@ def _round(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _nf4_weight_tile(q_ptr, absmax_ptr, pair_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                     offs_n, k0, N, K, dtype: tl.constexpr,
-                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     ALIGNED: tl.constexpr, HALF: tl.constexpr, EMULATE: tl.constexpr):
-    """Dequantized weights of rows ``offs_n`` at columns ``k0 + 2j`` (even) and ``k0 + 2j + 1`` (odd), j < HALF.
-
-    Returns two [BLOCK_N, HALF] tiles in ``dtype`` (float32 holding ``dtype``'s values under EMULATE);
-    out-of-range elements are 0.
-    """
-    offs_j = tl.arange(0, HALF)
-    n_mask = offs_n < N
-    if ALIGNED:
-        # K is a multiple of BLOCKSIZE and the tile is G whole quantization blocks of each row: one scale per
-        # (row, block), and the two codes of a byte are this tile's even and odd columns. Tiles are [BN, G, HB]
-        # (HB bytes a block), flattened to [BN, HALF] at the end: flat byte g * HB + h is columns k0 + 2(g*HB + h)
-        # and k0 + 2(g*HB + h) + 1.
-        G: tl.constexpr = HALF * 2 // BLOCKSIZE
-        HB: tl.constexpr = BLOCKSIZE // 2
-        offs_g = tl.arange(0, G)
-        offs_h = tl.arange(0, HB)
-        row_byte = (offs_n * K + k0) // 2  # [BN]
-        byte = row_byte[:, None, None] + (offs_g * HB)[None, :, None] + offs_h[None, None, :]  # [BN, G, HB]
-        g_mask = n_mask[:, None] & (k0 + offs_g * BLOCKSIZE < K)[None, :]  # [BN, G]
-        mask = g_mask[:, :, None] & (offs_h < HB)[None, None, :]
-        q = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-        # One gather for both codes: the byte's entry holds float32 bits of code[hi] (high word), code[lo] (low).
-        pair = tl.load(pair_ptr + q)  # int64
-        w_even = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        w_odd = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-        block = ((offs_n * K + k0) // BLOCKSIZE)[:, None] + offs_g[None, :]  # [BN, G]
-        if DOUBLE_QUANT:
-            code8 = tl.load(absmax_ptr + block, mask=g_mask, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + code8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=g_mask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=g_mask, other=0.0)
-        w_even = _round(tl.where(mask, w_even * scale[:, :, None], 0.0), dtype, EMULATE)
-        w_odd = _round(tl.where(mask, w_odd * scale[:, :, None], 0.0), dtype, EMULATE)
-        w_even = tl.reshape(w_even, (w_even.shape[0], HALF))
-        w_odd = tl.reshape(w_odd, (w_odd.shape[0], HALF))
+def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
+               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The float32 absmax of quantization blocks ``block`` (0 where masked)."""
+    if DOUBLE_QUANT:
+        code8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + code8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
     else:
-        # Any shape (odd K, blocks that straddle rows): each element from its own flat index.
-        k_even = k0 + 2 * offs_j
-        w_even = _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k_even, N, K,
-                              BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        w_even = _round(w_even, dtype, EMULATE)
-        w_odd = _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k_even + 1, N,
-                             K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        w_odd = _round(w_odd, dtype, EMULATE)
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_block(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b,
+               blocks_per_row, stride_qn, dtype: tl.constexpr, HB: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr, EMULATE: tl.constexpr):
+    """Quantization block ``b`` of rows ``offs_n`` (rows of whole blocks): its even and odd columns, two
+    [BLOCK_N, HB] tiles in ``dtype`` (float32 holding ``dtype``'s values under EMULATE), 0 on masked rows.
+
+    Byte h of a block holds columns 2h (high nibble) and 2h + 1 (low nibble): one contiguous load of HB bytes a
+    row, and two lookups in the 16-entry code table (64 bytes, one cache line, so a warp's lookups do not
+    diverge).
+    """
+    offs_h = tl.arange(0, HB)
+    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + (b * HB + offs_h)[None, :], mask=n_mask[:, None],
+                other=0).to(tl.int32)
+    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n * blocks_per_row + b, n_mask,
+                       BLOCKSIZE2, DOUBLE_QUANT)[:, None]
+    w_even = _round(tl.load(code_ptr + (q >> 4)) * scale, dtype, EMULATE)
+    w_odd = _round(tl.load(code_ptr + (q & 15)) * scale, dtype, EMULATE)
     return w_even, w_odd
 
 
 @triton.jit
 def _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k, N, K,
                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """Weights [BLOCK_N, len(k)] of any shape (odd K, blocks that straddle rows), each from its flat index."""
     mask = (offs_n[:, None] < N) & (k[None, :] < K)
-    flat = offs_n[:, None].to(tl.int64) * K + k[None, :]  # [BN, HALF]
+    flat = offs_n[:, None].to(tl.int64) * K + k[None, :]
     byte = tl.load(q_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     q = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-    block = flat // BLOCKSIZE
-    if DOUBLE_QUANT:
-        code8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + code8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, mask, BLOCKSIZE2,
+                       DOUBLE_QUANT)
     return tl.where(mask, tl.load(code_ptr + q) * scale, 0.0)
 
 
 @triton.jit
-def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, pair_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + x @ w^T: x [BM, J], w [BN, J]; float32 products of ``dtype`` values (exact), float32 sums."""
+    if EMULATE:
+        return tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+    elif dtype == tl.float32:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # not TF32: bitsandbytes' fp32 is exact
+    else:
+        return tl.dot(x.to(dtype), tl.trans(w), acc)
+
+
+@triton.jit
+def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                        bias_ptr, t_ptr, b_ptr, out_ptr,
-                       M, N, K, stride_xm, stride_tm, stride_bn, stride_om,
+                       M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EMULATE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    HALF: tl.constexpr = BLOCK_K // 2
     dtype = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = tl.arange(0, HALF)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w_even, w_odd = _nf4_weight_tile(q_ptr, absmax_ptr, pair_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                         offs_n, k0, N, K, dtype, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED, HALF,
-                                         EMULATE)
-        k_even = k0 + 2 * offs_j
-        x_row = x_ptr + offs_m[:, None] * stride_xm
-        x_even = tl.load(x_row + k_even[None, :], mask=m_mask[:, None] & (k_even[None, :] < K), other=0.0)
-        x_odd = tl.load(x_row + k_even[None, :] + 1, mask=m_mask[:, None] & (k_even[None, :] + 1 < K), other=0.0)
+    x_row = x_ptr + offs_m[:, None] * stride_xm
+    if ALIGNED:
+        # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
+        HB: tl.constexpr = BLOCKSIZE // 2
+        G: tl.constexpr = BLOCK_K // BLOCKSIZE
+        offs_h = tl.arange(0, HB)
         if BLOCK_M == 1:
-            # GEMV: the row's products in float32, summed over the tile.
-            prod = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
-            acc += tl.sum(prod, axis=1)
-        elif EMULATE:
-            acc = tl.dot(x_even.to(tl.float32), tl.trans(w_even), acc, input_precision="ieee")
-            acc = tl.dot(x_odd.to(tl.float32), tl.trans(w_odd), acc, input_precision="ieee")
+            part = tl.zeros((BLOCK_N, HB), dtype=tl.float32)  # summed across lanes once, after the loop
         else:
-            acc = tl.dot(x_even.to(dtype), tl.trans(w_even), acc)
-            acc = tl.dot(x_odd.to(dtype), tl.trans(w_odd), acc)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for b0 in range(0, blocks_per_row, G):
+            for g in tl.static_range(G):
+                b = b0 + g
+                w_even, w_odd = _nf4_block(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                           offs_n, n_mask, b, blocks_per_row, stride_qn, dtype, HB, BLOCKSIZE2,
+                                           DOUBLE_QUANT, EMULATE)
+                col = b * BLOCKSIZE + 2 * offs_h
+                x_even = tl.load(x_row + col[None, :], mask=m_mask[:, None], other=0.0)  # [BM, HB]
+                x_odd = tl.load(x_row + col[None, :] + 1, mask=m_mask[:, None], other=0.0)
+                if BLOCK_M == 1:
+                    part += w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(
+                        tl.float32)
+                else:
+                    acc = _dot(x_even, w_even, acc, dtype, EMULATE)
+                    acc = _dot(x_odd, w_odd, acc, dtype, EMULATE)
+        if BLOCK_M == 1:
+            acc = tl.sum(part, axis=1)
+    else:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_j = tl.arange(0, HALF)
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_even = k0 + 2 * offs_j
+            w_even = _round(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                         k_even, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype, EMULATE)
+            w_odd = _round(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                        k_even + 1, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype, EMULATE)
+            x_even = tl.load(x_row + k_even[None, :], mask=m_mask[:, None] & (k_even[None, :] < K), other=0.0)
+            x_odd = tl.load(x_row + k_even[None, :] + 1, mask=m_mask[:, None] & (k_even[None, :] + 1 < K),
+                            other=0.0)
+            if BLOCK_M == 1:
+                prod = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
+                acc += tl.sum(prod, axis=1)
+            else:
+                acc = _dot(x_even, w_even, acc, dtype, EMULATE)
+                acc = _dot(x_odd, w_odd, acc, dtype, EMULATE)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if BLOCK_M == 1:
@@ -212,10 +223,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, pair_ptr, code_ptr, absmax2_ptr
                     other=0.0)  # [BM, R], float32
         if BLOCK_M == 1:
             acc += tl.sum(b.to(tl.float32) * _round(t, dtype, EMULATE).to(tl.float32), axis=1)
-        elif EMULATE:
-            acc = tl.dot(_round(t, dtype, EMULATE), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(t.to(dtype), tl.trans(b.to(dtype)), acc)
+            acc = _dot(_round(t, dtype, EMULATE), b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
     result = _round(acc, dtype, EMULATE).to(dtype)
     if BLOCK_M == 1:
         tl.store(out_ptr + offs_m * stride_om + offs_n, result, mask=n_mask)
@@ -229,13 +238,12 @@ class NF4Weight:
     """bitsandbytes' packed NF4 weight ``[N, K]`` and what dequantizes it, as the kernel reads it.
 
     Build it with :func:`nf4_weight` from a ``bitsandbytes.nn.Params4bit``: the tensors are the layer's own
-    (no copy), plus a 2 KiB table of code pairs.
+    (no copy).
     """
 
     packed: torch.Tensor  # uint8, [N * K / 2] (rounded up)
     absmax: torch.Tensor  # float32 [blocks], or uint8 [blocks] with double quantization
     code: torch.Tensor  # float32 [16]: the NF4 levels
-    pair_table: torch.Tensor  # int64 [256]: float32 bits of code[byte >> 4] << 32 | code[byte & 15]
     blocksize: int
     out_features: int
     in_features: int
@@ -248,12 +256,10 @@ class NF4Weight:
     def double_quant(self) -> bool:
         return self.absmax2 is not None
 
-
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: for each byte, the float32 bits of ``code[byte >> 4]`` (high word) and ``code[byte & 15]``."""
-    byte = torch.arange(256, device=code.device)
-    bits = code.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return (bits[byte >> 4] << 32) | bits[byte & 15]
+    @property
+    def aligned(self) -> bool:
+        """Rows of whole quantization blocks (the fast path): a row starts a block and a byte."""
+        return self.in_features % self.blocksize == 0 and self.in_features % 2 == 0
 
 
 def nf4_weight(param: torch.Tensor) -> NF4Weight:
@@ -275,13 +281,14 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
         kwargs = dict(absmax2=inner.absmax.float(), code2=inner.code.float().to(packed.device),
                       offset=torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(1),
                       blocksize2=int(inner.blocksize))
-    return NF4Weight(packed=packed, absmax=state.absmax, code=code, pair_table=pair_table(code),
-                     blocksize=int(state.blocksize), out_features=out_features, in_features=in_features, **kwargs)
+    return NF4Weight(packed=packed, absmax=state.absmax, code=code, blocksize=int(state.blocksize),
+                     out_features=out_features, in_features=in_features, **kwargs)
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """A kernel launch's tile shape and warps."""
+    """A kernel launch's tile shape and warps. ``block_k``: columns an iteration (whole quantization blocks on
+    the aligned path, rounded to divide a row's blocks)."""
 
     block_m: int
     block_n: int
@@ -290,27 +297,58 @@ class TileConfig:
     num_stages: int
 
 
-def _tile_k(weight: NF4Weight, block_k: int = DEFAULT_TILE_K) -> tuple[int, bool]:
-    """BLOCK_K and whether the fast (aligned) path applies: rows of whole blocks, a tile of whole blocks."""
-    aligned = weight.in_features % weight.blocksize == 0 and weight.in_features % 2 == 0
-    return (max(block_k, weight.blocksize) if aligned else 64), aligned
+# Tiles measured best by bench/profile_nf4_kernel.py --sweep, per device name: a JSON list of
+# {"rows": bucket, "n": N, "k": K, "config": {...}}. MEDQA_NF4_TILES names another file (a fresh sweep).
+TUNED_TILES = Path(__file__).with_name("nf4_tiles.json")
+
+
+def row_bucket(rows: int) -> int:
+    """The row counts that share a tile: 1 (GEMV), then 16, 32, 64, ... (the dot's BLOCK_M)."""
+    return 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
 
 
 @functools.cache
-def tile_config(rows: int, out_features: int, block_k: int, interpreted: bool) -> TileConfig:
-    """The tile for ``rows`` x ``out_features`` outputs.
+def _tuned(device_name: str, path: str) -> dict[tuple[int, int, int], TileConfig]:
+    file = Path(path)
+    if not file.is_file():
+        return {}
+    try:
+        table = json.loads(file.read_text())
+        return {(e["rows"], e["n"], e["k"]): TileConfig(**e["config"]) for e in table.get(device_name, [])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{file}: not a tile table ({type(e).__name__}: {e}); "
+                         "write it with bench/profile_nf4_kernel.py --sweep --tiles-out") from e
 
-    One row is a GEMV (BLOCK_M 1, products summed in registers); more rows use tensor-core dots, which need 16.
-    Enough programs along N to fill the device (about 4 per multiprocessor on a 132-SM H100) at one row.
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
+    """The tile for ``rows`` x ``out_features`` outputs over ``in_features``: the swept best for this device and
+    shape where bench/profile_nf4_kernel.py --sweep measured one, else a default.
+
+    The default: one row is a GEMV (BLOCK_M 1, products summed in registers); more rows use tensor-core dots,
+    which need 16 rows.
     """
-    if interpreted:
-        return TileConfig(1 if rows == 1 else 16, 16, block_k, 1, 1)
+    if interpreting():
+        return TileConfig(1 if rows == 1 else 16, 16, 128, 1, 1)
+    path = os.environ.get("MEDQA_NF4_TILES") or str(TUNED_TILES)
+    tuned = _tuned(_device_name(device), path).get((row_bucket(rows), out_features, in_features))
+    if tuned:
+        return tuned
     if rows == 1:
-        block_n = 16 if out_features <= 4096 else 32
-        return TileConfig(1, block_n, block_k, 4, 4)
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    block_n = 32 if rows <= 16 else 64
-    return TileConfig(block_m, block_n, block_k, 4, 4)
+        return TileConfig(1, 16 if out_features <= 4096 else 32, 512, 4, 2)
+    return TileConfig(min(64, row_bucket(rows)), 64, 256, 4, 2)
+
+
+def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
+    """BLOCK_K of the aligned path: the most whole blocks, up to ``block_k`` columns, that divide a row's."""
+    per_row = weight.in_features // weight.blocksize
+    g = max(1, block_k // weight.blocksize)
+    while per_row % g:
+        g //= 2
+    return g * weight.blocksize
 
 
 def lora_down(x: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -350,18 +388,19 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out.reshape(*lead, n)
-    block_k, aligned = _tile_k(weight, config.block_k if config else 128 if interpreting() else DEFAULT_TILE_K)
-    cfg = config or tile_config(1 if rows == 1 else rows, n, block_k, interpreting())
+    cfg = config or tile_config(rows, n, k, x.device)
+    aligned = weight.aligned
+    block_k = _blocks_per_iteration(weight, cfg.block_k) if aligned else max(16, cfg.block_k)
     rank = 0 if lora_a is None else int(lora_a.shape[0])
     t = lora_down(x2, lora_a, scaling) if rank else out  # out: an unused pointer when rank is 0
     b = lora_b if rank else out
     dq = weight.double_quant
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
     _nf4_matmul_kernel[grid](
-        x2, weight.packed, weight.absmax, weight.pair_table, weight.code,
+        x2, weight.packed, weight.absmax, weight.code,
         weight.absmax2 if dq else weight.code, weight.code2 if dq else weight.code,
         weight.offset if dq else weight.code, bias if bias is not None else out, t, b, out,
-        rows, n, k, x2.stride(0), t.stride(0), b.stride(0), out.stride(0),
+        rows, n, k, x2.stride(0), k // 2, t.stride(0), b.stride(0), out.stride(0), k // weight.blocksize,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
