@@ -183,3 +183,24 @@ def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatc
         nf4_kernel_choice(adapted_4bit_model, cpu, "triton")
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert nf4_kernel_choice(plain, cpu, "auto") == ("none", "no 4-bit layers")
+
+
+def test_the_swept_tile_table_is_used_for_its_device_and_shape(tmp_path, monkeypatch) -> None:
+    import json
+
+    from medqa_core.engine.kernels import nf4_matmul as kernels
+
+    table = tmp_path / "tiles.json"
+    best = {"block_m": 1, "block_n": 8, "block_k": 1024, "num_warps": 2, "num_stages": 3}
+    table.write_text(json.dumps({"cpu": [{"rows": 1, "n": 4096, "k": 4096, "config": best}]}))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter always takes its one fixed tile
+    monkeypatch.setenv("MEDQA_NF4_TILES", str(table))
+    cpu = torch.device("cpu")
+    assert kernels.tile_config(1, 4096, 4096, cpu) == TileConfig(**best)
+    assert kernels.tile_config(1, 1024, 4096, cpu) != TileConfig(**best)  # another shape: the default
+    assert kernels.tile_config(8, 4096, 4096, cpu).block_m == 16  # another row bucket: the dot's default
+    table2 = tmp_path / "broken.json"
+    table2.write_text('{"cpu": [{"rows": 1}]}')
+    monkeypatch.setenv("MEDQA_NF4_TILES", str(table2))
+    with pytest.raises(ValueError, match="broken.json: not a tile table"):
+        kernels.tile_config(1, 4096, 4096, cpu)
