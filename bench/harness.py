@@ -19,6 +19,7 @@ from medqa_core.engine.attention import AttentionError
 from medqa_core.engine.config import (
     RunConfig,
 )
+from medqa_core.engine.session import Session, load_session
 from medqa_core.measure.ceilings import EnergyMeter
 from medqa_core.measure.device import detect_backend
 from medqa_core.measure.timing import (
@@ -34,7 +35,6 @@ from medqa_core.measure.timing import (
 )
 from medqa_core.results.benchcase import BenchCase
 from medqa_core.results.failure import OomFailure
-from medqa_core.run import Session, load_session
 
 logger = logging.getLogger("medqa_core.bench")
 

@@ -24,7 +24,7 @@ from medqa_core.compare.runsets import (
     summarize,
     summary_dict,
 )
-from medqa_core.engine.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
+from medqa_core.engine.attention import check_trainable, resolve_attention
 from medqa_core.engine.checkpoint import (
     CheckpointError,
     CheckpointLock,
@@ -33,36 +33,15 @@ from medqa_core.engine.checkpoint import (
     list_checkpoints,
     lock_checkpoints,
 )
-from medqa_core.engine.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
+from medqa_core.engine.config import AUTO_PROFILE, RunConfig, choose_profile, memory_cap_gib, train_profile
 from medqa_core.engine.curve import EvalCurve
-from medqa_core.engine.data import (
-    MedQAItem,
-    bundled_data_dir,
-    check_prompt_lengths,
-    encode_train,
-    find_split,
-    has_split,
-    load_medqa,
-)
+from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, load_splits
 from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.fp8 import fp8_formats
-from medqa_core.engine.model import (
-    QuantInfo,
-    add_lora,
-    check_adapter,
-    count_parameters,
-    load_adapter,
-    load_base_model,
-    load_tokenizer,
-    preset_dir,
-    quant_info,
-    remote_code,
-    resolve_model_dir,
-    save_adapter,
-)
-from medqa_core.engine.numerics import Numerics, resolve_numerics
+from medqa_core.engine.model import check_adapter, count_parameters, preset_dir, remote_code, save_adapter
 from medqa_core.engine.preemption import Interrupted, StopOnSignals
+from medqa_core.engine.session import Session, load_session
 from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
 from medqa_core.engine.train import total_steps, train
 from medqa_core.measure.device import device_memory_gib, resolve_device
@@ -91,84 +70,6 @@ RANDOM_WEIGHTS_NOTE = ("random-weight preset {name} (seed {seed}): the figures m
                        "pipeline, not medical knowledge; accuracy stays near chance (25%)")
 ROCM_NOTE = ("ROCm: this code path has not been validated by the project on a ROCm machine; "
              "compare against a CUDA record with `medqa-parity report` before trusting it")
-
-
-@dataclass
-class Session:
-    """A model loaded and ready: LoRA attached, attention resolved and checked once."""
-
-    config: RunConfig
-    device: torch.device
-    model_dir: Path
-    tokenizer: Any
-    model: Any
-    attention: AttentionChoice
-    kernel_ran: str
-    quant: QuantInfo
-    numerics: Numerics
-
-
-@dataclass(frozen=True)
-class Splits:
-    train: list[MedQAItem]
-    train_name: str
-    eval: list[MedQAItem]
-    eval_name: str
-    notes: tuple[str, ...]
-
-
-def load_splits(cfg: DataConfig, evaluates: bool = True) -> Splits:
-    """The fine-tuning and evaluation questions. Without a train split, dev stands in for it.
-
-    Args:
-        evaluates: whether the job scores the evaluation split (``train`` does not: its note then names only
-            the split it fine-tuned on).
-    """
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else bundled_data_dir()
-    notes: list[str] = []
-    train_split = cfg.train_split
-    if train_split == "auto":
-        train_split = "train" if has_split(data_dir, "train") else "dev"
-        if train_split == "dev":
-            scored = f", evaluated on {cfg.eval_split}" if evaluates else ""
-            notes.append(f"no train split in {data_dir}: fine-tuned on dev{scored}")
-    train_path, eval_path = find_split(data_dir, train_split), find_split(data_dir, cfg.eval_split)
-    return Splits(
-        train=load_medqa(train_path, cfg.train_limit), train_name=train_path.name,
-        eval=load_medqa(eval_path, cfg.eval_limit), eval_name=eval_path.name, notes=tuple(notes),
-    )
-
-
-def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.device | None = None,
-                 trust_remote_code: bool = False) -> Session:
-    """Load the base model (preset or folder), quantize it, attach LoRA (new or saved).
-
-    Args:
-        trust_remote_code: run a model folder's own code (its config.json ``auto_map``); refused otherwise.
-    """
-    device = device or resolve_device(cfg.backend)
-    attention = resolve_attention(cfg.model.attn)
-    numerics = resolve_numerics(cfg.model.dtype, device)
-    model_dir = resolve_model_dir(cfg.model, trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation, numerics.torch_dtype,
-                           trust_remote_code)
-    quant = quant_info(base)
-    if adapter_dir:
-        model = load_adapter(base, adapter_dir)
-    else:
-        torch.manual_seed(cfg.train.seed)  # LoRA A's initialisation: the same adapter start on every run
-        model = add_lora(base, cfg.lora)
-    ids = tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]
-    # Two prompts in one row when packing: the masked path that training and scoring actually take.
-    packed = cfg.train.packing or cfg.eval.packing
-    probe = torch.tensor([ids + ids if packed else ids], device=device)
-    positions = torch.tensor([list(range(len(ids))) * 2], device=device) if packed else None
-    kernel_ran = detect_kernel(model, probe, attention, positions,
-                               None if numerics.torch_dtype == torch.float32 else numerics.torch_dtype)
-    logger.info("model %s on %s, attention %s ran as %s, compute %s (%s)", model_dir, device, attention.requested,
-                kernel_ran, numerics.compute_dtype, numerics.reason)
-    return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant, numerics)
 
 
 def _model_info(session: Session) -> dict[str, Any]:

@@ -165,10 +165,10 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
         The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
     """
     from medqa_core.engine.config import train_profile
-    from medqa_core.engine.data import first_examples
+    from medqa_core.engine.data import first_examples, load_splits
+    from medqa_core.engine.session import load_session
     from medqa_core.engine.train import prepare_training
     from medqa_core.measure.fingerprint import machine_fingerprint
-    from medqa_core.run import load_session, load_splits
 
     session = load_session(cfg)
     splits = load_splits(cfg.data)
