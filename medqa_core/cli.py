@@ -483,7 +483,8 @@ TRACE_DIR = "runs/trace"
 def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from medqa_core.measure.trace import format_profile, profile_training, save_profiles
+    from medqa_core.measure.trace import format_profile, save_profiles
+    from medqa_core.run import profile_training
 
     names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
     args.profile = None  # each traced profile applies its own settings over the flags

@@ -1,4 +1,5 @@
-"""RunConfig -> load model -> train / evaluate -> RunRecord saved under results/."""
+"""RunConfig -> load model -> train / evaluate -> RunRecord saved under results/ (and the trace command's
+profiled steps): the orchestrator; nothing imports it but cli."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ from medqa_core.engine.checkpoint import (
 )
 from medqa_core.engine.config import AUTO_PROFILE, RunConfig, choose_profile, memory_cap_gib, train_profile
 from medqa_core.engine.curve import EvalCurve
-from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, load_splits
+from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, first_examples, load_splits
 from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.fp8 import fp8_formats
@@ -43,10 +44,11 @@ from medqa_core.engine.model import check_adapter, count_parameters, preset_dir,
 from medqa_core.engine.preemption import Interrupted, StopOnSignals
 from medqa_core.engine.session import Session, load_session
 from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
-from medqa_core.engine.train import total_steps, train
+from medqa_core.engine.train import prepare_training, total_steps, train
 from medqa_core.measure.device import device_memory_gib, resolve_device
 from medqa_core.measure.fingerprint import machine_fingerprint
 from medqa_core.measure.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.measure.trace import StepProfile, profile_steps
 from medqa_core.results.failure import OomFailure
 from medqa_core.results.record import EvalResult, RunRecord, save_record
 from medqa_core.results.runset import RunSet, RunSetEntry, relative_path, save_runset
@@ -476,6 +478,45 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         assert first_error is not None
         raise OutputWriteError(record, path, problems, first_error)
     return record, path
+
+
+# ---- trace: where a train step's time goes, per named training settings ----------------------------------------
+
+def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
+                                                                                          dict[str, Any]]:
+    """Load ``cfg``'s model once and profile our train step under each named training profile.
+
+    Each profile steps on the first batch of its own batch size in the training loop's order.
+
+    Returns:
+        The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
+    """
+    session = load_session(cfg)
+    splits = load_splits(cfg.data)
+    results: dict[str, StepProfile] = {}
+    settings: dict[str, Any] = {}
+    for name in profiles:
+        tc = train_profile(name, cfg.train)
+        examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
+                                  tc.loss_on)
+        trainer = prepare_training(session.model, tc, session.device, session.attention,
+                                   session.tokenizer.pad_token_id, session.numerics)
+        settings[name] = {"train": dataclasses.asdict(tc), "compile": trainer.compiled.as_dict()}
+        try:
+            results[name] = profile_steps(trainer, examples, session.device, steps, warmup)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            settings[name]["oom"] = str(e).splitlines()[0][:300]  # recorded; the next profile still runs
+            logger.warning("profile %s: out of memory (%s)", name, settings[name]["oom"])
+        finally:
+            trainer.close()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            free_device_memory(session.device)
+    meta = {"fingerprint": machine_fingerprint(session.device), "model": cfg.model.name,
+            "attention": {"requested": session.attention.requested, "ran": session.kernel_ran},
+            "settings": settings}
+    return results, meta
 
 
 # ---- run sets: N seeds and the first seed once more, one model load --------------------------------------------
