@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from medqa_core.arms.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.engine.attention import AttentionError, check_trainable, resolve_attention
-from medqa_core.engine.config import TrainConfig, memory_cap_gib, train_profile
+from medqa_core.engine.attention import AttentionError, attention_info, training_attention
+from medqa_core.engine.config import TrainConfig, memory_cap_gib, memory_promise_held, train_profile
 from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
@@ -108,8 +108,7 @@ def test_train_reference(benchmark: Any, case: Any, models: Any, loop_batches: A
                            arm.numerics, ceilings, device)
         benchmark.extra_info.update(
             info, backend=detect_backend(), model=arm.model_dir.name,
-            attention={"requested": arm.attention.requested, "ran": arm.kernel_ran,
-                       "attn_implementation": arm.attention.attn_implementation},
+            attention=attention_info(arm.attention, arm.kernel_ran),
             quantization=dataclasses.asdict(arm.quant),
         )
         reference_results.update(tokens_per_s=info["tokens_per_s"], batch_size=run_config.train.batch_size)
@@ -163,7 +162,7 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
     tc = train_profile(profile, run_config.train)
     if tc.attn:
         try:
-            check_trainable(resolve_attention(tc.attn), device)
+            training_attention(tc.attn, device)
         except AttentionError as e:
             pytest.skip(f"{profile}: {e}")
     examples = loop_batches(tc.batch_size)
@@ -176,5 +175,4 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                     activation_budget=tc.activation_budget):
         info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,
                           device, attn, ours_results)
-        peak = info["peak_mem_gib"]
-        benchmark.extra_info["within_memory_cap"] = None if cap is None or peak is None else peak <= cap
+        benchmark.extra_info["within_memory_cap"] = memory_promise_held(profile, info["peak_mem_gib"])

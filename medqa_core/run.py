@@ -25,7 +25,7 @@ from medqa_core.compare.runsets import (
     summarize,
     summary_dict,
 )
-from medqa_core.engine.attention import check_trainable, resolve_attention
+from medqa_core.engine.attention import attention_info, training_attention
 from medqa_core.engine.checkpoint import (
     CheckpointError,
     CheckpointLock,
@@ -34,7 +34,14 @@ from medqa_core.engine.checkpoint import (
     list_checkpoints,
     lock_checkpoints,
 )
-from medqa_core.engine.config import AUTO_PROFILE, RunConfig, choose_profile, memory_cap_gib, train_profile
+from medqa_core.engine.config import (
+    AUTO_PROFILE,
+    RunConfig,
+    choose_profile,
+    memory_cap_gib,
+    memory_promise_held,
+    train_profile,
+)
 from medqa_core.engine.curve import EvalCurve
 from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, first_examples, load_splits
 from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -47,9 +54,8 @@ from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_s
 from medqa_core.engine.train import prepare_training, total_steps, train
 from medqa_core.measure.device import device_memory_gib, resolve_device
 from medqa_core.measure.fingerprint import machine_fingerprint
-from medqa_core.measure.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
+from medqa_core.measure.timing import free_device_memory, is_oom, oom_failure
 from medqa_core.measure.trace import StepProfile, profile_steps
-from medqa_core.results.failure import OomFailure
 from medqa_core.results.record import EvalResult, RunRecord, save_record
 from medqa_core.results.runset import RunSet, RunSetEntry, relative_path, save_runset
 from medqa_core.results.storage import (
@@ -129,9 +135,8 @@ def profile_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | Non
     spec = cfg.train.profile
     if spec is None:
         return None
-    cap = memory_cap_gib(spec)
-    return {"spec": spec, "chosen_by": chosen_by or "asked", "memory_cap_gib": cap, "peak_mem_gib": peak_gib,
-            "held": None if cap is None or peak_gib is None else peak_gib <= cap}
+    return {"spec": spec, "chosen_by": chosen_by or "asked", "memory_cap_gib": memory_cap_gib(spec),
+            "peak_mem_gib": peak_gib, "held": memory_promise_held(spec, peak_gib)}
 
 
 # Settings that may differ when a run resumes: they do not change the steps trained so far. The steps
@@ -290,7 +295,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     device = resolve_device(cfg.backend)
     cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
-        check_trainable(resolve_attention(cfg.train.attn), device)
+        training_attention(cfg.train.attn, device)
     if trains and cfg.train.fp8:  # likewise a device without fp8 tensor cores
         fp8_formats(device)
     if resume is not None and trains:
@@ -437,16 +442,14 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         if not is_oom(e):
             raise
         # Out of memory is a result: record which configuration ran out and keep what finished.
-        oom = OomFailure(phase=phase, message=(str(e).strip().splitlines() or [type(e).__name__])[0],
-                         memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device))
+        oom = oom_failure(e, phase, device)
         failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.results.failure)
         logger.error("%s", oom.text)
     if failure is not None:
         free_device_memory(device)  # the failed step's tensors, held by the traceback until now
     record = RunRecord(
         kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=model_info,
-        attention={"requested": attention.requested, "ran": session.kernel_ran,
-                   "attn_implementation": attention.attn_implementation},
+        attention=attention_info(attention, session.kernel_ran),
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
         adapter_dir=saved_adapter or adapter_dir,
         numerics={**session.numerics.as_dict(),  # with the fp8 lever: the formats and scaling the base ran
@@ -590,7 +593,7 @@ def execute_set(cfg: RunConfig, plan: SetPlan, progress: Progress | None = None,
     device = resolve_device(cfg.backend)
     resolved, _ = resolve_profile(cfg, device)
     if resolved.train.attn:
-        check_trainable(resolve_attention(resolved.train.attn), device)
+        training_attention(resolved.train.attn, device)
     steps = total_steps(len(splits.train), resolved.train)
     every = plan.eval_every or max(1, math.ceil(steps / CURVE_POINTS))
     session = load_session(dataclasses.replace(resolved, train=dataclasses.replace(resolved.train,

@@ -90,6 +90,26 @@ def test_auto_profile_resolves_on_the_device_and_the_record_says_whether_it_held
     assert profile_promise(tiny_config, None, 1.0) is None
 
 
+def test_the_memory_promise_is_judged_in_one_place() -> None:
+    from medqa_core.engine.config import memory_promise_held
+
+    cap = MEMORY_CAP_GIB["capped"]
+    assert memory_promise_held("capped", cap) is True  # at the cap: held
+    assert memory_promise_held("capped+batch_size=16", cap + 0.01) is False  # overrides keep the class's promise
+    assert memory_promise_held("capped", None) is None  # CPU: no device peak
+    assert memory_promise_held("default", 100.0) is None  # no promise made
+
+
+def test_the_training_attention_is_chosen_and_described_in_one_place() -> None:
+    from medqa_core.engine.attention import AttentionError, attention_info, training_attention
+
+    eager = training_attention("eager", CPU)
+    assert attention_info(eager, "eager") == {"requested": "eager", "ran": "eager", "attn_implementation": "eager"}
+    assert attention_info(training_attention("sdpa-math", CPU), "sdpa-math")["attn_implementation"] == "sdpa"
+    with pytest.raises(AttentionError, match="no backward on CPU"):
+        training_attention("flex", CPU)
+
+
 def test_cli_uses_auto_unless_a_profile_setting_is_given() -> None:
     from medqa_core.cli import build_config, build_parser
 

@@ -233,6 +233,18 @@ def memory_cap_gib(spec: str) -> float | None:
     return MEMORY_CAP_GIB.get(spec.split("+")[0])
 
 
+def memory_promise_held(spec: str, peak_gib: float | None) -> bool | None:
+    """Whether a run under profile spec ``spec`` kept its memory promise (peak <= :func:`memory_cap_gib`).
+
+    The one verdict a run record's ``profile.held`` and a bench case's ``within_memory_cap`` both take.
+
+    Returns:
+        True or False; None where the profile promises no peak or no device peak was measured (CPU).
+    """
+    cap = memory_cap_gib(spec)
+    return None if cap is None or peak_gib is None else peak_gib <= cap
+
+
 def choose_profile(card_gib: float | None) -> str:
     """The fastest memory class that fits a card of ``card_gib`` GiB (None: no GPU, the default profile).
 
