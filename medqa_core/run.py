@@ -320,6 +320,95 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             lock.release()
 
 
+def _check_room(session: Session, cfg: RunConfig, kind: str, splits: Splits, adapter_out: str | None,
+                ckpt: str | None, resume: str | None) -> None:
+    """Refuse a job whose disks lack room for its record, adapter and checkpoints (sized by :func:`output_bytes`).
+
+    Raises:
+        OutputFolderError: naming the folder, the option, the room needed and the room free.
+    """
+    adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
+    needs = [(Path(cfg.results_dir), record_b, "--results")]
+    if kind in ("run", "train"):
+        needs.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, adapter_b, "--adapter-out"))
+    if ckpt:
+        # At its fullest the folder holds --keep-checkpoints of them and the one being written; those there
+        # already take their room.
+        every, n_steps = cfg.train.checkpoint_every, total_steps(len(splits.train), cfg.train)
+        held = min(len(list_checkpoints(Path(ckpt))), cfg.train.keep_checkpoints)
+        peak = min(cfg.train.keep_checkpoints + 1, held + (n_steps // every if every else 0) + 1)
+        needs.append((Path(ckpt), max(peak - held, 1) * checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
+    check_room(needs)
+    logger.debug("outputs: adapter about %s, a checkpoint about %s, the record about %s", size_text(adapter_b),
+                 size_text(checkpoint_b), size_text(record_b))
+
+
+def _adapter_target(adapter_out: str | None) -> Path:
+    """Where the adapter goes: ``--adapter-out``, else a new folder under :data:`DEFAULT_ADAPTERS`."""
+    # The time, this process and a random suffix: two jobs started in the same second never share it.
+    return Path(adapter_out) if adapter_out else \
+        DEFAULT_ADAPTERS / unique_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+
+
+def _save_adapter_or_rescue(model: Any, target: Path, state: dict[str, Any] | None
+                            ) -> tuple[str | None, str | None, WriteError | None]:
+    """Save the fine-tuned adapter in ``target``, else in :func:`rescue_dir`: the fine-tune is done, keep it.
+
+    Returns:
+        (the folder saved in or None, a sentence on what went elsewhere or None, the first write error or None).
+    """
+    try:
+        return str(save_adapter(model, target, state)), None, None
+    except WriteError as e:
+        instead, second, saved = rescue_dir() / unique_name(target.name), None, None
+        try:
+            saved = str(save_adapter(model, instead, state))
+        except WriteError as e2:
+            instead, second = None, e2
+        problem = _saved_elsewhere("the adapter", e, instead, second)
+        logger.error("%s", problem)
+        return saved, problem, e
+
+
+def _write_failure(e: CheckpointWriteError, phase: str, ckpt: str | None, session: Session,
+                   adapter_out: str | None, is_main: bool) -> dict[str, Any]:
+    """The record's ``failure`` (kind "write") when a checkpoint could not be written; the checkpoints before it
+    stand. After the last step the fine-tune itself finished: its adapter is saved (``failure["adapter"]``)."""
+    newest = list_checkpoints(Path(ckpt))[-1:] if ckpt else []
+    failure = {"kind": "write", "phase": phase, "path": str(e.path), "message": e.reason,
+               "free_bytes": e.free_bytes, "step": e.step, "steps": e.steps,
+               "checkpoint": str(newest[0]) if newest else None, "adapter": None}
+    logger.error("%s during %s", e, phase)
+    if e.step == e.steps and is_main and not is_sharded(session.model):
+        target = _adapter_target(adapter_out)
+        for folder in (target, rescue_dir() / unique_name(target.name)):
+            try:
+                failure["adapter"] = str(save_adapter(session.model, folder))
+                break
+            except WriteError as e2:
+                logger.error("%s", e2)
+    return failure
+
+
+def _save_record_or_rescue(record: RunRecord, results_dir: str) -> tuple[Path | None, str | None, WriteError | None]:
+    """Save ``record`` in ``results_dir``, else in :func:`rescue_dir`.
+
+    Returns:
+        (the path saved to or None, a sentence on what went elsewhere or None, the first write error or None).
+    """
+    try:
+        return save_record(record, results_dir), None, None
+    except WriteError as e:
+        path, second = None, None
+        try:
+            path = save_record(record, rescue_dir())
+        except WriteError as e2:
+            second = e2
+        problem = _saved_elsewhere("the record", e, path, second)
+        logger.error("%s", problem)
+        return path, problem, e
+
+
 def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
                     progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
                     trust_remote_code: bool, device: torch.device, info: DistInfo, splits: Splits,
@@ -331,20 +420,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
     session = session or load_session(cfg, adapter_dir=adapter_dir, device=device,
                                       trust_remote_code=trust_remote_code)
     if info.is_main:  # before any scoring or training: room for what the job will write
-        adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
-        needs = [(Path(cfg.results_dir), record_b, "--results")]
-        if trains:
-            needs.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, adapter_b, "--adapter-out"))
-        if ckpt:
-            # At its fullest the folder holds --keep-checkpoints of them and the one being written; those there
-            # already take their room.
-            every, n_steps = cfg.train.checkpoint_every, total_steps(len(splits.train), cfg.train)
-            held = min(len(list_checkpoints(Path(ckpt))), cfg.train.keep_checkpoints)
-            peak = min(cfg.train.keep_checkpoints + 1, held + (n_steps // every if every else 0) + 1)
-            needs.append((Path(ckpt), max(peak - held, 1) * checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
-        check_room(needs)
-        logger.debug("outputs: adapter about %s, a checkpoint about %s, the record about %s", size_text(adapter_b),
-                     size_text(checkpoint_b), size_text(record_b))
+        _check_room(session, cfg, kind, splits, adapter_out, ckpt, resume)
     custom = remote_code(session.model_dir) if trust_remote_code and cfg.model.path else []
     if custom:
         notes.append(f"--trust-remote-code: the model folder's own code ran ({'; '.join(custom)})")
@@ -390,24 +466,15 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
                                      checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
                                      dist_info=info, stop=stop.requested if stop is not None else None)
-            # The time, this process and a random suffix: two jobs started in the same second never share it.
-            target = Path(adapter_out) if adapter_out else \
-                DEFAULT_ADAPTERS / unique_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+            target = _adapter_target(adapter_out)
             # Sharded LoRA weights are gathered whole first: a collective, so every rank takes part.
             state = full_trainable_state(session.model) if is_sharded(session.model) else None
             if info.is_main:
-                try:
-                    saved_adapter = str(save_adapter(session.model, target, state))
-                except WriteError as e:  # the fine-tune is done: keep it, elsewhere, and say so
-                    first_error = first_error or e
-                    instead, second = rescue_dir() / unique_name(target.name), None
-                    try:
-                        saved_adapter = str(save_adapter(session.model, instead, state))
-                    except WriteError as e2:
-                        instead, second = None, e2
-                    problems.append(_saved_elsewhere("the adapter", e, instead, second))
-                    notes.append(problems[-1])
-                    logger.error("%s", problems[-1])
+                saved_adapter, problem, error = _save_adapter_or_rescue(session.model, target, state)
+                if problem is not None:  # the fine-tune is done: kept elsewhere, and said so
+                    first_error = first_error or error
+                    problems.append(problem)
+                    notes.append(problem)
             lap("train")
             if curve is not None:  # the curve's scoring ran between steps: its own phase, not training's
                 phases["curve"], phases["train"] = curve.seconds, phases["train"] - curve.seconds
@@ -423,21 +490,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         failure = e.as_failure(phase)
         logger.warning("%s during %s", e, phase)
     except CheckpointWriteError as e:  # training stops; the checkpoints before it stand
-        newest = list_checkpoints(Path(ckpt))[-1:] if ckpt else []
-        failure = {"kind": "write", "phase": phase, "path": str(e.path), "message": e.reason,
-                   "free_bytes": e.free_bytes, "step": e.step, "steps": e.steps,
-                   "checkpoint": str(newest[0]) if newest else None, "adapter": None}
-        logger.error("%s during %s", e, phase)
-        if e.step == e.steps and info.is_main and not is_sharded(session.model):
-            # The last step's checkpoint: the fine-tune itself finished, so its adapter is kept.
-            target = Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS / unique_name(
-                datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
-            for folder in (target, rescue_dir() / unique_name(target.name)):
-                try:
-                    failure["adapter"] = saved_adapter = str(save_adapter(session.model, folder))
-                    break
-                except WriteError as e2:
-                    logger.error("%s", e2)
+        failure = _write_failure(e, phase, ckpt, session, adapter_out, info.is_main)
+        saved_adapter = failure["adapter"] or saved_adapter
     except Exception as e:
         if not is_oom(e):
             raise
@@ -464,17 +518,10 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
     )
     path = None
     if info.is_main:
-        try:
-            path = save_record(record, cfg.results_dir)
-        except WriteError as e:
-            first_error = first_error or e
-            second = None
-            try:
-                path = save_record(record, rescue_dir())
-            except WriteError as e2:
-                second = e2
-            problems.append(_saved_elsewhere("the record", e, path, second))
-            logger.error("%s", problems[-1])
+        path, problem, error = _save_record_or_rescue(record, cfg.results_dir)
+        if problem is not None:
+            first_error = first_error or error
+            problems.append(problem)
     barrier()
     shutdown()
     if problems:
