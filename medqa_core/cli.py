@@ -627,10 +627,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with raw help text and no abbreviated options, for the top level and (argparse makes them
+    of the parent's class) every command: ``run --adapter X`` is refused, not taken for ``--adapter-out X``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="medqa-parity", formatter_class=raw,
+    parser = _Parser(
+        prog="medqa-parity",
         description="QLoRA fine-tuning and MedQA evaluation benchmarks, the same on CUDA, ROCm and CPU.",
         epilog=_examples("medqa-parity run                       # the tiny preset on the bundled subset",
                          "medqa-parity compare                   # your newest run beside the committed machines",
@@ -638,8 +647,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "medqa-parity gate --baseline base.json --candidate new.json"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_job_commands(sub)
+    _add_trace_command(sub)
+    _add_fingerprint_command(sub)
+    _add_result_commands(sub)
+    _add_verdict_commands(sub)
+    return parser
+
+
+def _add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that run a job and save a run record: run, train, evaluate."""
     p = sub.add_parser("run", help="evaluate, fine-tune with QLoRA, evaluate again; save a run record",
-                       formatter_class=raw,
                        description="Evaluate the model on MedQA, fine-tune it with QLoRA, evaluate again, and save "
                                    "a fingerprinted run record. With no arguments: the tiny preset on the bundled "
                                    "MedQA subset.",
@@ -654,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)",
-                       formatter_class=raw, description="Fine-tune with QLoRA, save the adapter and a run record.",
+                       description="Fine-tune with QLoRA, save the adapter and a run record.",
                        epilog=_examples("medqa-parity train --max-steps 20",
                                         "medqa-parity train --checkpoint-dir ckpt --checkpoint-every 50",
                                         "medqa-parity train --resume ckpt"))
@@ -668,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("evaluate", help="score MedQA options with the base model or a saved adapter",
-                       formatter_class=raw, description="Score every question's four options (lm-evaluation-harness "
+                       description="Score every question's four options (lm-evaluation-harness "
                                                         "medqa_4options) and save a run record.",
                        epilog=_examples("medqa-parity evaluate --eval-limit 100",
                                         "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z-4242-1a2b3c"))
@@ -678,8 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder saved by train/run")
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
+
+
+def _add_trace_command(sub: argparse._SubParsersAction) -> None:
+    """trace: where a train step's time goes, per training profile."""
     p = sub.add_parser("trace", help="trace our train step: where the time goes, per training profile",
-                       formatter_class=raw,
                        description="Run a few train steps under torch.profiler for each training profile named by "
                                    "--profile and group the kernel time (matmul, 4-bit dequantization, attention, "
                                    "optimizer, compiled fusions, element-wise) against the step's wall time. Saves "
@@ -696,16 +717,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help=f"JSON file (default: {TRACE_DIR}/TIME_MODEL_BACKEND.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_trace)
-    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON", formatter_class=raw,
+
+
+def _add_fingerprint_command(sub: argparse._SubParsersAction) -> None:
+    """fingerprint: this machine, as a record carries it."""
+    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON",
                        epilog=_examples("medqa-parity fingerprint", "medqa-parity fingerprint --backend cpu"))
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
+
+
+def _add_result_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands over saved results: report, compare, export-mlflow."""
     from medqa_core.compare.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
     from medqa_core.report.mlflow_export import DEFAULT_EXPERIMENT  # mlflow itself is imported only to export
 
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
-                       formatter_class=raw,
                        description="Compare run records and/or pytest-benchmark files of one model: speed and "
                                    "memory as ratios to a baseline, paired accuracy statistics (bootstrap CI, "
                                    "McNemar, TOST equivalence), log-probability and loss drift, settings, "
@@ -728,7 +756,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("compare", help="how does my machine compare? your newest run beside the committed ones",
-                       formatter_class=raw,
                        description="Set your run record (default: the newest in runs/records) beside the committed "
                                    "records (results/runs) of the same model, kind and questions on other hardware, "
                                    "one per machine, and print what `medqa-parity report` concludes: the parity "
@@ -745,7 +772,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("export-mlflow", help="log run records and bench files to MLflow (pip install '.[mlflow]')",
-                       formatter_class=raw,
                        description="Log each run record, and each arm and kernel of a pytest-benchmark file, as an "
                                    "MLflow run: speed, memory and accuracy as metrics (the loss curve by step), "
                                    "settings and config as params, device, kernel and git commit as tags, the file "
@@ -762,8 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_export_mlflow)
+
+
+def _add_verdict_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that answer pass or fail: gate, check."""
     p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
-                       formatter_class=raw,
                        description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "
                                    "matched case by case) on throughput (with a Mann-Whitney test of the rounds), "
                                    "peak memory, accuracy (McNemar where paired) and the parity verdict. Exit 0: "
@@ -798,7 +827,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_gate)
     p = sub.add_parser("check", help="check a published claim (CLAIM.toml) line by line against run sets",
-                       formatter_class=raw,
                        description="Read a claim (model, method, hardware, software, dataset, epochs, wall time, "
                                    "accuracy, parity margin; see claims/*.toml) and answer each line: HOLDS, "
                                    "CONTRADICTED, or NOT CHECKABLE HERE with why (no such hardware among the run sets, "
@@ -814,7 +842,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runsets", nargs="*", metavar="RUNSET", help="run-set files (run --repeats) to check it against")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_check)
-    return parser
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
