@@ -14,7 +14,7 @@ peak of the compute dtype, medqa_core.measure.flops.DATASHEET_PEAKS) and ``mfu``
 measured in this run), ``peak_mem_gib`` over the real batches, ``host_rss_gib``, ``compute_dtype``,
 attention requested and ran, quantization, backend, ``batch_size``, ``loss_per_round``; ours adds
 ``speedup_vs_reference`` (same run) and ``compile`` (graphs, warm-up seconds, recompiles in the rounds).
-``test_train_profile`` runs ours once per ``--train-profiles`` name (config.TRAIN_PROFILES) on its own
+``test_train_profile`` runs ours once per ``--train-profiles`` name (config.NAMED_SETTINGS) on its own
 batches and records ``memory_cap_gib`` / ``within_memory_cap`` where the profile promises a peak.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from medqa_core.arms.reference import REFERENCE_ATTN, collate_reference, reference_step
 from medqa_core.engine.attention import AttentionError, attention_info, training_attention
-from medqa_core.engine.config import TrainConfig, memory_cap_gib, memory_promise_held, train_profile
+from medqa_core.engine.config import TrainConfig, apply_named_settings, memory_cap_gib, memory_promise_held
 from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
@@ -159,7 +159,7 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                        device: torch.device, attn: str, profile: str,
                        ours_results: dict[int, dict[str, float]]) -> None:
     """Ours under a named profile (``--train-profiles``): its batch size, recompute and compile settings."""
-    tc = train_profile(profile, run_config.train)
+    tc = apply_named_settings(profile, run_config.train)
     if tc.attn:
         try:
             training_attention(tc.attn, device)

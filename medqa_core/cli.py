@@ -22,17 +22,17 @@ from typing import Any
 
 from medqa_core.engine.config import (
     ATTN_KERNELS,
-    AUTO_PROFILE,
+    AUTO_SETTINGS,
     COMPILE_MODES,
     DTYPES,
     LOSS_ON,
     MEMORY_CAP_GIB,
+    NAMED_SETTINGS,
     NF4_BLOCKSIZES,
     PRESETS,
     QUANT_MODES,
     QUANT_STORAGE,
     SHARD_MODES,
-    TRAIN_PROFILES,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -40,7 +40,7 @@ from medqa_core.engine.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    train_profile,
+    apply_named_settings,
 )
 from medqa_core.measure.device import BACKENDS
 
@@ -114,8 +114,8 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"
 
 
-def _profile_help() -> str:
-    names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in TRAIN_PROFILES.items())
+def _settings_help() -> str:
+    names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in NAMED_SETTINGS.items())
     caps = ", ".join(f"{name} <= {cap:g} GiB" for name, cap in MEMORY_CAP_GIB.items())
     return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one, "
             f"e.g. capped+batch_size=16. Peak memory promised: {caps}. auto (the default unless a batch, "
@@ -143,7 +143,7 @@ def _add_train_args(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     t.add_argument("--compile", default=DEFAULTS.train.compile, choices=COMPILE_MODES,
                    help="torch.compile each decoder layer; auto: on GPUs only; where Inductor cannot run, eager, "
                         "recorded (default: %(default)s)")
-    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]", help=_profile_help())
+    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]", help=_settings_help())
     t.add_argument("--no-packing", dest="packing", action="store_false",
                    help="pad each example to the batch's longest instead of packing examples into shared rows")
     t.add_argument("--pack-len", type=int, default=tc.pack_len,
@@ -279,7 +279,7 @@ def cmd_runset(args: argparse.Namespace, plan: Any) -> int:
     return 0 if len(loaded) == len(plan.order()) else 3
 
 
-def profile_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
+def settings_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
     """No flag whose setting a profile also sets (batch, recompute, packing, compile, LoRA dropout, attention) was
     changed: "auto" may choose them without overriding what the user asked for."""
     defaults = DEFAULTS.train
@@ -302,10 +302,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             checkpoint_layers=args.checkpoint_layers, compile=args.compile,
             shard=getattr(args, "shard", DEFAULTS.train.shard),
         )
-        if args.profile == AUTO_PROFILE or (args.profile is None and profile_flags_are_defaults(args, train)):
-            train = dataclasses.replace(train, profile=AUTO_PROFILE)  # resolved on the device (run.resolve_profile)
+        if args.profile == AUTO_SETTINGS or (args.profile is None and settings_flags_are_defaults(args, train)):
+            train = dataclasses.replace(train, profile=AUTO_SETTINGS)  # run.resolve_auto_settings, on the device
         elif args.profile:
-            train = train_profile(args.profile, train)
+            train = apply_named_settings(args.profile, train)
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             target_modules=targets)
@@ -484,14 +484,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from medqa_core.measure.trace import format_profile, save_profiles
-    from medqa_core.run import profile_training
+    from medqa_core.run import trace_training
 
     names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
     args.profile = None  # each traced profile applies its own settings over the flags
     cfg = build_config(args)
     for name in names:
-        train_profile(name)  # an unknown name fails here, before the model loads
-    profiles, meta = profile_training(cfg, names, args.steps, args.warmup)
+        apply_named_settings(name)  # an unknown name fails here, before the model loads
+    profiles, meta = trace_training(cfg, names, args.steps, args.warmup)
     for name, p in profiles.items():
         print(format_profile(f"{name} ({meta['settings'][name]['compile']['detail']})", p))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

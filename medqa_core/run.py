@@ -35,12 +35,12 @@ from medqa_core.engine.checkpoint import (
     lock_checkpoints,
 )
 from medqa_core.engine.config import (
-    AUTO_PROFILE,
+    AUTO_SETTINGS,
     RunConfig,
-    choose_profile,
+    apply_named_settings,
+    choose_memory_class,
     memory_cap_gib,
     memory_promise_held,
-    train_profile,
 )
 from medqa_core.engine.curve import EvalCurve
 from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, first_examples, load_splits
@@ -114,23 +114,23 @@ def _bar(progress: Progress | None, phase: str, stop: StopOnSignals | None = Non
     return bar
 
 
-def resolve_profile(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, str | None]:
-    """``cfg`` with an "auto" profile replaced by the memory class that fits ``device`` (config.choose_profile).
+def resolve_auto_settings(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, str | None]:
+    """``cfg`` with an "auto" profile replaced by the memory class that fits ``device`` (config.choose_memory_class).
 
     Returns:
         The config, and how its profile was chosen ("auto: ...") or None when the user named it (or none).
     """
-    if cfg.train.profile != AUTO_PROFILE:
+    if cfg.train.profile != AUTO_SETTINGS:
         return cfg, None
     card = device_memory_gib(device)
-    name = choose_profile(card)
-    train = train_profile(name, dataclasses.replace(cfg.train, profile=None))
+    name = choose_memory_class(card)
+    train = apply_named_settings(name, dataclasses.replace(cfg.train, profile=None))
     why = f"auto: a {card:.1f} GiB card" if card is not None else "auto: no GPU"
     logger.info("profile %s (%s)", name, why)
     return dataclasses.replace(cfg, train=train), why
 
 
-def profile_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | None) -> dict[str, Any] | None:
+def memory_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | None) -> dict[str, Any] | None:
     """What the run's profile promised (its peak memory) and whether the run kept it; None without a profile."""
     spec = cfg.train.profile
     if spec is None:
@@ -293,7 +293,7 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if kind == "evaluate" and adapter_dir:
         check_adapter(adapter_dir)  # a mistyped --adapter fails in a second, not after the model loads
     device = resolve_device(cfg.backend)
-    cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
+    cfg, profile_chosen_by = resolve_auto_settings(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
         training_attention(cfg.train.attn, device)
     if trains and cfg.train.fp8:  # likewise a device without fp8 tensor cores
@@ -512,7 +512,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
                   if k in phases},
-        profile=profile_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
+        profile=memory_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
         if trains else None,
         eval_curve=tuple(curve.points) if curve is not None and curve.points else None,
     )
@@ -532,7 +532,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
 
 # ---- trace: where a train step's time goes, per named training settings ----------------------------------------
 
-def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
+def trace_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
                                                                                           dict[str, Any]]:
     """Load ``cfg``'s model once and profile our train step under each named training profile.
 
@@ -546,7 +546,7 @@ def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int)
     results: dict[str, StepProfile] = {}
     settings: dict[str, Any] = {}
     for name in profiles:
-        tc = train_profile(name, cfg.train)
+        tc = apply_named_settings(name, cfg.train)
         examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
                                   tc.loss_on)
         trainer = prepare_training(session.model, tc, session.device, session.attention,
@@ -638,7 +638,7 @@ def execute_set(cfg: RunConfig, plan: SetPlan, progress: Progress | None = None,
     check_prompt_lengths(splits.train, cfg.train.max_seq_len)
     check_prompt_lengths(splits.eval, cfg.eval.max_seq_len, "--eval-max-seq-len")
     device = resolve_device(cfg.backend)
-    resolved, _ = resolve_profile(cfg, device)
+    resolved, _ = resolve_auto_settings(cfg, device)
     if resolved.train.attn:
         training_attention(resolved.train.attn, device)
     steps = total_steps(len(splits.train), resolved.train)

@@ -221,13 +221,13 @@ def _profile_of(train: dict) -> str | None:
 
     A key an older record lacks did not exist then: it counts as TrainConfig's default.
     """
-    from medqa_core.engine.config import TRAIN_PROFILES, TrainConfig, train_profile
+    from medqa_core.engine.config import NAMED_SETTINGS, TrainConfig, apply_named_settings
 
     keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "lora_dropout", "adamw", "attn",
             "activation_budget")
     default = TrainConfig()
-    for name in TRAIN_PROFILES:
-        tc = train_profile(name)
+    for name in NAMED_SETTINGS:
+        tc = apply_named_settings(name)
         if all(train.get(k, getattr(default, k)) == getattr(tc, k) for k in keys):
             return name
     return None
