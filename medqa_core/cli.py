@@ -476,7 +476,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 
 # Where `trace` saves by default: git-ignored (runs/), so that tracing leaves the checkout clean and the records
-# made after it are not marked git_dirty. Traces worth keeping are committed under results/profile/ by hand.
+# made after it are not marked git_dirty. Traces worth keeping are committed under results/traces/ by hand.
 TRACE_DIR = "runs/trace"
 
 
