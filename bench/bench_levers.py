@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from medqa_core.arms.levers import LOSS_CURVE_TOLERANCE, CurveGap, loss_curve
-from medqa_core.engine.attention import AttentionError, check_trainable, resolve_attention
+from medqa_core.engine.attention import AttentionError, training_attention
 from medqa_core.engine.config import TrainConfig
 from medqa_core.engine.model import reset_adapter
 
@@ -47,7 +47,7 @@ def test_lever_loss_curve(benchmark: Any, case: Any, models: Any, loop_batches: 
                     attention_requested=attn, compile_requested="off"):
         if changed.attn:
             try:
-                check_trainable(resolve_attention(changed.attn), device)
+                training_attention(changed.attn, device)
             except AttentionError as e:
                 pytest.skip(str(e))
         session = models.ours(attn)

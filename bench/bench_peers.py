@@ -28,7 +28,7 @@ import torch
 from bench_train import _rounds_over, _train_info
 
 from medqa_core.arms.peers import DISTRIBUTIONS, PeerUnavailable, installed_version
-from medqa_core.engine.config import train_profile
+from medqa_core.engine.config import apply_named_settings
 from medqa_core.measure.device import detect_backend
 
 pytestmark = pytest.mark.benchmark(group="train")
@@ -62,8 +62,8 @@ def test_train_peer(benchmark: Any, case: Any, models: Any, loop_batches: Any, b
                     ceilings: dict[str, Any], reference_results: dict[str, Any],
                     ours_results: dict[int, dict[str, float]], device: torch.device, peer: str) -> None:
     stack, profile = PEER_CASES[peer]
-    batch_size = (bench_options.peer_batch_size or train_profile(profile, run_config.train).batch_size) if profile \
-        else run_config.train.batch_size
+    batch_size = (bench_options.peer_batch_size or apply_named_settings(profile, run_config.train).batch_size) \
+        if profile else run_config.train.batch_size
     examples = loop_batches(batch_size)
     with case.guard(arm="peer", peer=peer, stack=stack, stack_version=installed_version(DISTRIBUTIONS[stack]),
                     batch_size=batch_size,

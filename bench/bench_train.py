@@ -14,7 +14,7 @@ peak of the compute dtype, medqa_core.measure.flops.DATASHEET_PEAKS) and ``mfu``
 measured in this run), ``peak_mem_gib`` over the real batches, ``host_rss_gib``, ``compute_dtype``,
 attention requested and ran, quantization, backend, ``batch_size``, ``loss_per_round``; ours adds
 ``speedup_vs_reference`` (same run) and ``compile`` (graphs, warm-up seconds, recompiles in the rounds).
-``test_train_profile`` runs ours once per ``--train-profiles`` name (config.TRAIN_PROFILES) on its own
+``test_train_profile`` runs ours once per ``--train-profiles`` name (config.NAMED_SETTINGS) on its own
 batches and records ``memory_cap_gib`` / ``within_memory_cap`` where the profile promises a peak.
 """
 
@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from medqa_core.arms.reference import REFERENCE_ATTN, collate_reference, reference_step
-from medqa_core.engine.attention import AttentionError, check_trainable, resolve_attention
-from medqa_core.engine.config import TrainConfig, memory_cap_gib, train_profile
+from medqa_core.engine.attention import AttentionError, attention_info, training_attention
+from medqa_core.engine.config import TrainConfig, apply_named_settings, memory_cap_gib, memory_promise_held
 from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
@@ -108,8 +108,7 @@ def test_train_reference(benchmark: Any, case: Any, models: Any, loop_batches: A
                            arm.numerics, ceilings, device)
         benchmark.extra_info.update(
             info, backend=detect_backend(), model=arm.model_dir.name,
-            attention={"requested": arm.attention.requested, "ran": arm.kernel_ran,
-                       "attn_implementation": arm.attention.attn_implementation},
+            attention=attention_info(arm.attention, arm.kernel_ran),
             quantization=dataclasses.asdict(arm.quant),
         )
         reference_results.update(tokens_per_s=info["tokens_per_s"], batch_size=run_config.train.batch_size)
@@ -160,10 +159,10 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                        device: torch.device, attn: str, profile: str,
                        ours_results: dict[int, dict[str, float]]) -> None:
     """Ours under a named profile (``--train-profiles``): its batch size, recompute and compile settings."""
-    tc = train_profile(profile, run_config.train)
+    tc = apply_named_settings(profile, run_config.train)
     if tc.attn:
         try:
-            check_trainable(resolve_attention(tc.attn), device)
+            training_attention(tc.attn, device)
         except AttentionError as e:
             pytest.skip(f"{profile}: {e}")
     examples = loop_batches(tc.batch_size)
@@ -176,5 +175,4 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                     activation_budget=tc.activation_budget):
         info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,
                           device, attn, ours_results)
-        peak = info["peak_mem_gib"]
-        benchmark.extra_info["within_memory_cap"] = None if cap is None or peak is None else peak <= cap
+        benchmark.extra_info["within_memory_cap"] = memory_promise_held(profile, info["peak_mem_gib"])

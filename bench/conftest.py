@@ -30,13 +30,12 @@ from options import _FILE_ORDER, BENCH_DIR, BenchOptions, add_options
 from medqa_core.engine.config import (
     RunConfig,
 )
-from medqa_core.engine.data import TrainExample, encode_train, format_prompt, iter_batches
+from medqa_core.engine.data import Splits, TrainExample, encode_train, format_prompt, iter_batches, load_splits
 from medqa_core.engine.model import load_tokenizer, resolve_model_dir
 from medqa_core.measure.ceilings import EnergyMeter, HardwareProbeError, measure_copy_bandwidth, measure_matmul_flops
 from medqa_core.measure.device import resolve_device
 from medqa_core.measure.fingerprint import machine_fingerprint
 from medqa_core.results.benchcase import BenchCase
-from medqa_core.run import Splits, load_splits
 
 logger = logging.getLogger("medqa_core.bench")
 

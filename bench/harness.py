@@ -15,10 +15,11 @@ import torch
 
 from medqa_core.arms.peers import PeerArm, load_peer
 from medqa_core.arms.reference import ReferenceArm, load_reference
-from medqa_core.engine.attention import AttentionError
+from medqa_core.engine.attention import AttentionError, attention_info, is_no_kernel
 from medqa_core.engine.config import (
     RunConfig,
 )
+from medqa_core.engine.session import Session, load_session
 from medqa_core.measure.ceilings import EnergyMeter
 from medqa_core.measure.device import detect_backend
 from medqa_core.measure.timing import (
@@ -27,19 +28,16 @@ from medqa_core.measure.timing import (
     free_device_memory,
     host_rss_gib,
     is_oom,
-    memory_allocated_gib,
+    oom_failure,
     peak_memory_gib,
     reset_peak_memory,
     synchronize,
 )
 from medqa_core.results.benchcase import BenchCase
-from medqa_core.results.failure import OomFailure
-from medqa_core.run import Session, load_session
 
 logger = logging.getLogger("medqa_core.bench")
 
 T = TypeVar("T")
-_NO_SDPA_KERNEL = ("No available kernel", "No viable backend")  # torch's words when a forced SDPA backend cannot run
 
 
 def _through_schema(benchmark: Any) -> None:
@@ -88,7 +86,7 @@ class ModelSlot:
             pytest.skip(self._skipped[key])
         except RuntimeError as e:
             # torch's answer when a forced SDPA backend has no kernel for this device/dtype/shape.
-            if not any(m in str(e) for m in _NO_SDPA_KERNEL):
+            if not is_no_kernel(e):
                 raise
             self._skipped[key] = f"attention kernel {key[-1]!r} cannot run here: {str(e).splitlines()[0]}"
             pytest.skip(self._skipped[key])
@@ -126,14 +124,6 @@ class _RoundOOM(Exception):
         self.details = details
 
 
-def _oom_details(exc: BaseException, device: torch.device, during: str) -> dict[str, Any]:
-    # Read while the failed step's tensors are still referenced: this is the memory at the time.
-    # The same schema as a run record's failure (medqa_core.results.failure).
-    return OomFailure(phase=during, message=str(exc).strip().splitlines()[0] if str(exc).strip() else
-                      type(exc).__name__, memory_allocated_gib=memory_allocated_gib(device),
-                      peak_mem_gib=peak_memory_gib(device), host_rss_gib=host_rss_gib()).to_dict()
-
-
 class Case:
     """One benchmark case: times a synchronizing target through ``benchmark.pedantic`` and turns an
     out-of-memory anywhere in the case into that case's recorded result."""
@@ -161,7 +151,7 @@ class Case:
         except Exception as e:
             if not is_oom(e):
                 raise
-            oom = _oom_details(e, self.device, "outside the timed rounds")
+            oom = oom_failure(e, "outside the timed rounds", self.device, with_host_rss=True).to_dict()
         if oom is None:
             _through_schema(self.benchmark)
             return
@@ -223,7 +213,8 @@ class Case:
                 if not is_oom(e):
                     raise
                 # An exception escaping pedantic would drop the case from the saved file.
-                failure.append(_oom_details(e, self.device, f"{'warm-up' if warm else 'timed'} round {calls}"))
+                failure.append(oom_failure(e, f"{'warm-up' if warm else 'timed'} round {calls}", self.device,
+                                           with_host_rss=True).to_dict())
                 return
             if not warm:
                 times.append(timer.elapsed_s)
@@ -274,8 +265,7 @@ class Case:
             "model": session.config.model.name,
             "weights": "local folder" if session.config.model.path else
                        f"random preset (seed {session.config.model.seed}): speed, not medical knowledge",
-            "attention": {"requested": session.attention.requested, "ran": session.kernel_ran,
-                          "attn_implementation": session.attention.attn_implementation},
+            "attention": attention_info(session.attention, session.kernel_ran),
             "quantization": dataclasses.asdict(session.quant),
             "compute_dtype": session.numerics.compute_dtype,
             "numerics": session.numerics.as_dict(),

@@ -11,16 +11,16 @@ import torch
 from medqa_core.engine.config import (
     ATTN_KERNELS,
     DTYPES,
+    NAMED_SETTINGS,
     NF4_BLOCKSIZES,
     PRESETS,
-    TRAIN_PROFILES,
     ConfigError,
     DataConfig,
     EvalConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
-    train_profile,
+    apply_named_settings,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -54,7 +54,7 @@ class BenchOptions:
     reference: bool
     gradient_checkpointing: bool = False
     eval_batch_size: int | None = None  # None: EvalConfig's default for the device, as a run takes it
-    train_profiles: tuple[str, ...] = ()  # named TrainConfig settings (config.TRAIN_PROFILES), one case each
+    train_profiles: tuple[str, ...] = ()  # named TrainConfig settings (config.NAMED_SETTINGS), one case each
     dtype: str = "auto"  # --dtype, as medqa-parity run takes it
     nf4_blocksize: int | None = None
     peer_batch_size: int | None = None  # the liger-batch peer case's batch; None: the max-speed profile's
@@ -75,12 +75,12 @@ class BenchOptions:
                                     f"give a comma-separated list of {', '.join(ATTN_KERNELS)}")
         gpu = device.type == "cuda"
         profiles_opt = config.getoption("train_profiles")
-        profiles_opt = (",".join(p for p in TRAIN_PROFILES if p != "default") if gpu else "") \
+        profiles_opt = (",".join(p for p in NAMED_SETTINGS if p != "default") if gpu else "") \
             if profiles_opt is None else profiles_opt
         profiles = tuple(dict.fromkeys(p.strip() for p in profiles_opt.split(",") if p.strip()))
         try:
             for spec in profiles:
-                train_profile(spec)
+                apply_named_settings(spec)
         except ConfigError as e:
             raise pytest.UsageError(f"--train-profiles: {e}") from e
         questions = config.getoption("questions")
@@ -163,7 +163,7 @@ def add_options(parser: pytest.Parser) -> None:
                 help="questions per scoring forward (default: medqa-parity run's, 64 on a GPU and 8 on CPU)")
     g.addoption("--train-profiles", default=None, metavar="NAMES",
                 help="comma-separated training profiles, each one more train case of ours beside the reference: "
-                     f"{', '.join(TRAIN_PROFILES)}, each optionally with +KEY=VALUE overrides "
+                     f"{', '.join(NAMED_SETTINGS)}, each optionally with +KEY=VALUE overrides "
                      "(e.g. capped+batch_size=16) (default: every one but 'default' on a GPU, none on CPU)")
     g.addoption("--dtype", default="auto", choices=DTYPES,
                 help="compute dtype, as medqa-parity run --dtype (default: %(default)s)")

@@ -6,7 +6,7 @@ must move (packed weight, absmax codes and scales, LoRA factors, input and outpu
 that rate against the copy bandwidth measured in the same run. Also the largest error of each arm against
 ``x.float() @ W.float().T`` of bitsandbytes' own dequantized weight, in units in the last place of bf16.
 
-    python bench/profile_nf4_kernel.py --out results/profile/NAME.json [--rows 1,8,32,64] [--sweep]
+    python bench/profile_nf4_kernel.py --out results/traces/NAME.json [--rows 1,8,32,64] [--sweep]
         [--tiles-out medqa_core/engine/kernels/nf4_tiles.json]
 
 GPU only. ``--sweep`` also times a grid of tile shapes at 1 and 8 rows and reports the fastest; ``--tiles-out``
@@ -134,7 +134,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path, help="JSON file to write (results/profile/...)")
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to write (results/traces/...)")
     parser.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts (default: %(default)s)")
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")

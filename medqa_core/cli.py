@@ -22,17 +22,17 @@ from typing import Any
 
 from medqa_core.engine.config import (
     ATTN_KERNELS,
-    AUTO_PROFILE,
+    AUTO_SETTINGS,
     COMPILE_MODES,
     DTYPES,
     LOSS_ON,
     MEMORY_CAP_GIB,
+    NAMED_SETTINGS,
     NF4_BLOCKSIZES,
     PRESETS,
     QUANT_MODES,
     QUANT_STORAGE,
     SHARD_MODES,
-    TRAIN_PROFILES,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -40,7 +40,7 @@ from medqa_core.engine.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    train_profile,
+    apply_named_settings,
 )
 from medqa_core.measure.device import BACKENDS
 
@@ -114,8 +114,8 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"
 
 
-def _profile_help() -> str:
-    names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in TRAIN_PROFILES.items())
+def _settings_help() -> str:
+    names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in NAMED_SETTINGS.items())
     caps = ", ".join(f"{name} <= {cap:g} GiB" for name, cap in MEMORY_CAP_GIB.items())
     return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one, "
             f"e.g. capped+batch_size=16. Peak memory promised: {caps}. auto (the default unless a batch, "
@@ -143,7 +143,7 @@ def _add_train_args(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     t.add_argument("--compile", default=DEFAULTS.train.compile, choices=COMPILE_MODES,
                    help="torch.compile each decoder layer; auto: on GPUs only; where Inductor cannot run, eager, "
                         "recorded (default: %(default)s)")
-    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]", help=_profile_help())
+    t.add_argument("--profile", metavar="NAME[+KEY=VALUE...]", help=_settings_help())
     t.add_argument("--no-packing", dest="packing", action="store_false",
                    help="pad each example to the batch's longest instead of packing examples into shared rows")
     t.add_argument("--pack-len", type=int, default=tc.pack_len,
@@ -279,7 +279,7 @@ def cmd_runset(args: argparse.Namespace, plan: Any) -> int:
     return 0 if len(loaded) == len(plan.order()) else 3
 
 
-def profile_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
+def settings_flags_are_defaults(args: argparse.Namespace, train: TrainConfig) -> bool:
     """No flag whose setting a profile also sets (batch, recompute, packing, compile, LoRA dropout, attention) was
     changed: "auto" may choose them without overriding what the user asked for."""
     defaults = DEFAULTS.train
@@ -302,10 +302,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             checkpoint_layers=args.checkpoint_layers, compile=args.compile,
             shard=getattr(args, "shard", DEFAULTS.train.shard),
         )
-        if args.profile == AUTO_PROFILE or (args.profile is None and profile_flags_are_defaults(args, train)):
-            train = dataclasses.replace(train, profile=AUTO_PROFILE)  # resolved on the device (run.resolve_profile)
+        if args.profile == AUTO_SETTINGS or (args.profile is None and settings_flags_are_defaults(args, train)):
+            train = dataclasses.replace(train, profile=AUTO_SETTINGS)  # run.resolve_auto_settings, on the device
         elif args.profile:
-            train = train_profile(args.profile, train)
+            train = apply_named_settings(args.profile, train)
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             target_modules=targets)
@@ -476,21 +476,22 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 
 # Where `trace` saves by default: git-ignored (runs/), so that tracing leaves the checkout clean and the records
-# made after it are not marked git_dirty. Traces worth keeping are committed under results/profile/ by hand.
+# made after it are not marked git_dirty. Traces worth keeping are committed under results/traces/ by hand.
 TRACE_DIR = "runs/trace"
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from medqa_core.measure.trace import format_profile, profile_training, save_profiles
+    from medqa_core.measure.trace import format_profile, save_profiles
+    from medqa_core.run import trace_training
 
     names = [n.strip() for n in (args.profile or "default").split(",") if n.strip()]
     args.profile = None  # each traced profile applies its own settings over the flags
     cfg = build_config(args)
     for name in names:
-        train_profile(name)  # an unknown name fails here, before the model loads
-    profiles, meta = profile_training(cfg, names, args.steps, args.warmup)
+        apply_named_settings(name)  # an unknown name fails here, before the model loads
+    profiles, meta = trace_training(cfg, names, args.steps, args.warmup)
     for name, p in profiles.items():
         print(format_profile(f"{name} ({meta['settings'][name]['compile']['detail']})", p))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -626,10 +627,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with raw help text and no abbreviated options, for the top level and (argparse makes them
+    of the parent's class) every command: ``run --adapter X`` is refused, not taken for ``--adapter-out X``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="medqa-parity", formatter_class=raw,
+    parser = _Parser(
+        prog="medqa-parity",
         description="QLoRA fine-tuning and MedQA evaluation benchmarks, the same on CUDA, ROCm and CPU.",
         epilog=_examples("medqa-parity run                       # the tiny preset on the bundled subset",
                          "medqa-parity compare                   # your newest run beside the committed machines",
@@ -637,8 +647,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "medqa-parity gate --baseline base.json --candidate new.json"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_job_commands(sub)
+    _add_trace_command(sub)
+    _add_fingerprint_command(sub)
+    _add_result_commands(sub)
+    _add_verdict_commands(sub)
+    return parser
+
+
+def _add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that run a job and save a run record: run, train, evaluate."""
     p = sub.add_parser("run", help="evaluate, fine-tune with QLoRA, evaluate again; save a run record",
-                       formatter_class=raw,
                        description="Evaluate the model on MedQA, fine-tune it with QLoRA, evaluate again, and save "
                                    "a fingerprinted run record. With no arguments: the tiny preset on the bundled "
                                    "MedQA subset.",
@@ -653,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("train", help="fine-tune with QLoRA and save the adapter (no evaluation)",
-                       formatter_class=raw, description="Fine-tune with QLoRA, save the adapter and a run record.",
+                       description="Fine-tune with QLoRA, save the adapter and a run record.",
                        epilog=_examples("medqa-parity train --max-steps 20",
                                         "medqa-parity train --checkpoint-dir ckpt --checkpoint-every 50",
                                         "medqa-parity train --resume ckpt"))
@@ -667,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
     p = sub.add_parser("evaluate", help="score MedQA options with the base model or a saved adapter",
-                       formatter_class=raw, description="Score every question's four options (lm-evaluation-harness "
+                       description="Score every question's four options (lm-evaluation-harness "
                                                         "medqa_4options) and save a run record.",
                        epilog=_examples("medqa-parity evaluate --eval-limit 100",
                                         "medqa-parity evaluate --adapter runs/adapters/20261125T225615Z-4242-1a2b3c"))
@@ -677,8 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder saved by train/run")
     _add_output_args(p)
     p.set_defaults(func=cmd_execute)
+
+
+def _add_trace_command(sub: argparse._SubParsersAction) -> None:
+    """trace: where a train step's time goes, per training profile."""
     p = sub.add_parser("trace", help="trace our train step: where the time goes, per training profile",
-                       formatter_class=raw,
                        description="Run a few train steps under torch.profiler for each training profile named by "
                                    "--profile and group the kernel time (matmul, 4-bit dequantization, attention, "
                                    "optimizer, compiled fusions, element-wise) against the step's wall time. Saves "
@@ -695,16 +717,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help=f"JSON file (default: {TRACE_DIR}/TIME_MODEL_BACKEND.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_trace)
-    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON", formatter_class=raw,
+
+
+def _add_fingerprint_command(sub: argparse._SubParsersAction) -> None:
+    """fingerprint: this machine, as a record carries it."""
+    p = sub.add_parser("fingerprint", help="print this machine's fingerprint as JSON",
                        epilog=_examples("medqa-parity fingerprint", "medqa-parity fingerprint --backend cpu"))
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_fingerprint)
+
+
+def _add_result_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands over saved results: report, compare, export-mlflow."""
     from medqa_core.compare.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
     from medqa_core.report.mlflow_export import DEFAULT_EXPERIMENT  # mlflow itself is imported only to export
 
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
-                       formatter_class=raw,
                        description="Compare run records and/or pytest-benchmark files of one model: speed and "
                                    "memory as ratios to a baseline, paired accuracy statistics (bootstrap CI, "
                                    "McNemar, TOST equivalence), log-probability and loss drift, settings, "
@@ -727,7 +756,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("compare", help="how does my machine compare? your newest run beside the committed ones",
-                       formatter_class=raw,
                        description="Set your run record (default: the newest in runs/records) beside the committed "
                                    "records (results/runs) of the same model, kind and questions on other hardware, "
                                    "one per machine, and print what `medqa-parity report` concludes: the parity "
@@ -744,7 +772,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("export-mlflow", help="log run records and bench files to MLflow (pip install '.[mlflow]')",
-                       formatter_class=raw,
                        description="Log each run record, and each arm and kernel of a pytest-benchmark file, as an "
                                    "MLflow run: speed, memory and accuracy as metrics (the loss curve by step), "
                                    "settings and config as params, device, kernel and git commit as tags, the file "
@@ -761,8 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_export_mlflow)
+
+
+def _add_verdict_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that answer pass or fail: gate, check."""
     p = sub.add_parser("gate", help="fail (exit 1) when a candidate run regressed against a baseline run",
-                       formatter_class=raw,
                        description="Compare a candidate run with a baseline (run records, or pytest-benchmark files "
                                    "matched case by case) on throughput (with a Mann-Whitney test of the rounds), "
                                    "peak memory, accuracy (McNemar where paired) and the parity verdict. Exit 0: "
@@ -797,7 +827,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_gate)
     p = sub.add_parser("check", help="check a published claim (CLAIM.toml) line by line against run sets",
-                       formatter_class=raw,
                        description="Read a claim (model, method, hardware, software, dataset, epochs, wall time, "
                                    "accuracy, parity margin; see claims/*.toml) and answer each line: HOLDS, "
                                    "CONTRADICTED, or NOT CHECKABLE HERE with why (no such hardware among the run sets, "
@@ -813,7 +842,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runsets", nargs="*", metavar="RUNSET", help="run-set files (run --repeats) to check it against")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_check)
-    return parser
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:

@@ -1,4 +1,5 @@
-"""RunConfig -> load model -> train / evaluate -> RunRecord saved under results/."""
+"""RunConfig -> load model -> train / evaluate -> RunRecord saved under results/ (and the trace command's
+profiled steps): the orchestrator; nothing imports it but cli."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from medqa_core.compare.runsets import (
     summarize,
     summary_dict,
 )
-from medqa_core.engine.attention import AttentionChoice, check_trainable, detect_kernel, resolve_attention
+from medqa_core.engine.attention import attention_info, training_attention
 from medqa_core.engine.checkpoint import (
     CheckpointError,
     CheckpointLock,
@@ -33,42 +34,28 @@ from medqa_core.engine.checkpoint import (
     list_checkpoints,
     lock_checkpoints,
 )
-from medqa_core.engine.config import AUTO_PROFILE, DataConfig, RunConfig, choose_profile, memory_cap_gib, train_profile
-from medqa_core.engine.curve import EvalCurve
-from medqa_core.engine.data import (
-    MedQAItem,
-    bundled_data_dir,
-    check_prompt_lengths,
-    encode_train,
-    find_split,
-    has_split,
-    load_medqa,
+from medqa_core.engine.config import (
+    AUTO_SETTINGS,
+    RunConfig,
+    apply_named_settings,
+    choose_memory_class,
+    memory_cap_gib,
+    memory_promise_held,
 )
+from medqa_core.engine.curve import EvalCurve
+from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, first_examples, load_splits
 from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.fp8 import fp8_formats
-from medqa_core.engine.model import (
-    QuantInfo,
-    add_lora,
-    check_adapter,
-    count_parameters,
-    load_adapter,
-    load_base_model,
-    load_tokenizer,
-    preset_dir,
-    quant_info,
-    remote_code,
-    resolve_model_dir,
-    save_adapter,
-)
-from medqa_core.engine.numerics import Numerics, resolve_numerics
+from medqa_core.engine.model import check_adapter, count_parameters, preset_dir, remote_code, save_adapter
 from medqa_core.engine.preemption import Interrupted, StopOnSignals
+from medqa_core.engine.session import Session, load_session
 from medqa_core.engine.sharded import check_sharding, full_trainable_state, is_sharded, shard_model
-from medqa_core.engine.train import total_steps, train
+from medqa_core.engine.train import prepare_training, total_steps, train
 from medqa_core.measure.device import device_memory_gib, resolve_device
 from medqa_core.measure.fingerprint import machine_fingerprint
-from medqa_core.measure.timing import free_device_memory, is_oom, memory_allocated_gib, peak_memory_gib
-from medqa_core.results.failure import OomFailure
+from medqa_core.measure.timing import free_device_memory, is_oom, oom_failure
+from medqa_core.measure.trace import StepProfile, profile_steps
 from medqa_core.results.record import EvalResult, RunRecord, save_record
 from medqa_core.results.runset import RunSet, RunSetEntry, relative_path, save_runset
 from medqa_core.results.storage import (
@@ -91,84 +78,6 @@ RANDOM_WEIGHTS_NOTE = ("random-weight preset {name} (seed {seed}): the figures m
                        "pipeline, not medical knowledge; accuracy stays near chance (25%)")
 ROCM_NOTE = ("ROCm: this code path has not been validated by the project on a ROCm machine; "
              "compare against a CUDA record with `medqa-parity report` before trusting it")
-
-
-@dataclass
-class Session:
-    """A model loaded and ready: LoRA attached, attention resolved and checked once."""
-
-    config: RunConfig
-    device: torch.device
-    model_dir: Path
-    tokenizer: Any
-    model: Any
-    attention: AttentionChoice
-    kernel_ran: str
-    quant: QuantInfo
-    numerics: Numerics
-
-
-@dataclass(frozen=True)
-class Splits:
-    train: list[MedQAItem]
-    train_name: str
-    eval: list[MedQAItem]
-    eval_name: str
-    notes: tuple[str, ...]
-
-
-def load_splits(cfg: DataConfig, evaluates: bool = True) -> Splits:
-    """The fine-tuning and evaluation questions. Without a train split, dev stands in for it.
-
-    Args:
-        evaluates: whether the job scores the evaluation split (``train`` does not: its note then names only
-            the split it fine-tuned on).
-    """
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else bundled_data_dir()
-    notes: list[str] = []
-    train_split = cfg.train_split
-    if train_split == "auto":
-        train_split = "train" if has_split(data_dir, "train") else "dev"
-        if train_split == "dev":
-            scored = f", evaluated on {cfg.eval_split}" if evaluates else ""
-            notes.append(f"no train split in {data_dir}: fine-tuned on dev{scored}")
-    train_path, eval_path = find_split(data_dir, train_split), find_split(data_dir, cfg.eval_split)
-    return Splits(
-        train=load_medqa(train_path, cfg.train_limit), train_name=train_path.name,
-        eval=load_medqa(eval_path, cfg.eval_limit), eval_name=eval_path.name, notes=tuple(notes),
-    )
-
-
-def load_session(cfg: RunConfig, adapter_dir: str | None = None, device: torch.device | None = None,
-                 trust_remote_code: bool = False) -> Session:
-    """Load the base model (preset or folder), quantize it, attach LoRA (new or saved).
-
-    Args:
-        trust_remote_code: run a model folder's own code (its config.json ``auto_map``); refused otherwise.
-    """
-    device = device or resolve_device(cfg.backend)
-    attention = resolve_attention(cfg.model.attn)
-    numerics = resolve_numerics(cfg.model.dtype, device)
-    model_dir = resolve_model_dir(cfg.model, trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    base = load_base_model(model_dir, cfg.model, device, attention.attn_implementation, numerics.torch_dtype,
-                           trust_remote_code)
-    quant = quant_info(base)
-    if adapter_dir:
-        model = load_adapter(base, adapter_dir)
-    else:
-        torch.manual_seed(cfg.train.seed)  # LoRA A's initialisation: the same adapter start on every run
-        model = add_lora(base, cfg.lora)
-    ids = tokenizer("Question: which kernel ran?\nAnswer:")["input_ids"]
-    # Two prompts in one row when packing: the masked path that training and scoring actually take.
-    packed = cfg.train.packing or cfg.eval.packing
-    probe = torch.tensor([ids + ids if packed else ids], device=device)
-    positions = torch.tensor([list(range(len(ids))) * 2], device=device) if packed else None
-    kernel_ran = detect_kernel(model, probe, attention, positions,
-                               None if numerics.torch_dtype == torch.float32 else numerics.torch_dtype)
-    logger.info("model %s on %s, attention %s ran as %s, compute %s (%s)", model_dir, device, attention.requested,
-                kernel_ran, numerics.compute_dtype, numerics.reason)
-    return Session(cfg, device, model_dir, tokenizer, model, attention, kernel_ran, quant, numerics)
 
 
 def _model_info(session: Session) -> dict[str, Any]:
@@ -205,30 +114,29 @@ def _bar(progress: Progress | None, phase: str, stop: StopOnSignals | None = Non
     return bar
 
 
-def resolve_profile(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, str | None]:
-    """``cfg`` with an "auto" profile replaced by the memory class that fits ``device`` (config.choose_profile).
+def resolve_auto_settings(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, str | None]:
+    """``cfg`` with an "auto" profile replaced by the memory class that fits ``device`` (config.choose_memory_class).
 
     Returns:
         The config, and how its profile was chosen ("auto: ...") or None when the user named it (or none).
     """
-    if cfg.train.profile != AUTO_PROFILE:
+    if cfg.train.profile != AUTO_SETTINGS:
         return cfg, None
     card = device_memory_gib(device)
-    name = choose_profile(card)
-    train = train_profile(name, dataclasses.replace(cfg.train, profile=None))
+    name = choose_memory_class(card)
+    train = apply_named_settings(name, dataclasses.replace(cfg.train, profile=None))
     why = f"auto: a {card:.1f} GiB card" if card is not None else "auto: no GPU"
     logger.info("profile %s (%s)", name, why)
     return dataclasses.replace(cfg, train=train), why
 
 
-def profile_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | None) -> dict[str, Any] | None:
+def memory_promise(cfg: RunConfig, chosen_by: str | None, peak_gib: float | None) -> dict[str, Any] | None:
     """What the run's profile promised (its peak memory) and whether the run kept it; None without a profile."""
     spec = cfg.train.profile
     if spec is None:
         return None
-    cap = memory_cap_gib(spec)
-    return {"spec": spec, "chosen_by": chosen_by or "asked", "memory_cap_gib": cap, "peak_mem_gib": peak_gib,
-            "held": None if cap is None or peak_gib is None else peak_gib <= cap}
+    return {"spec": spec, "chosen_by": chosen_by or "asked", "memory_cap_gib": memory_cap_gib(spec),
+            "peak_mem_gib": peak_gib, "held": memory_promise_held(spec, peak_gib)}
 
 
 # Settings that may differ when a run resumes: they do not change the steps trained so far. The steps
@@ -385,9 +293,9 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     if kind == "evaluate" and adapter_dir:
         check_adapter(adapter_dir)  # a mistyped --adapter fails in a second, not after the model loads
     device = resolve_device(cfg.backend)
-    cfg, profile_chosen_by = resolve_profile(cfg, device) if trains else (cfg, None)
+    cfg, profile_chosen_by = resolve_auto_settings(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
-        check_trainable(resolve_attention(cfg.train.attn), device)
+        training_attention(cfg.train.attn, device)
     if trains and cfg.train.fp8:  # likewise a device without fp8 tensor cores
         fp8_formats(device)
     if resume is not None and trains:
@@ -412,6 +320,95 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
             lock.release()
 
 
+def _check_room(session: Session, cfg: RunConfig, kind: str, splits: Splits, adapter_out: str | None,
+                ckpt: str | None, resume: str | None) -> None:
+    """Refuse a job whose disks lack room for its record, adapter and checkpoints (sized by :func:`output_bytes`).
+
+    Raises:
+        OutputFolderError: naming the folder, the option, the room needed and the room free.
+    """
+    adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
+    needs = [(Path(cfg.results_dir), record_b, "--results")]
+    if kind in ("run", "train"):
+        needs.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, adapter_b, "--adapter-out"))
+    if ckpt:
+        # At its fullest the folder holds --keep-checkpoints of them and the one being written; those there
+        # already take their room.
+        every, n_steps = cfg.train.checkpoint_every, total_steps(len(splits.train), cfg.train)
+        held = min(len(list_checkpoints(Path(ckpt))), cfg.train.keep_checkpoints)
+        peak = min(cfg.train.keep_checkpoints + 1, held + (n_steps // every if every else 0) + 1)
+        needs.append((Path(ckpt), max(peak - held, 1) * checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
+    check_room(needs)
+    logger.debug("outputs: adapter about %s, a checkpoint about %s, the record about %s", size_text(adapter_b),
+                 size_text(checkpoint_b), size_text(record_b))
+
+
+def _adapter_target(adapter_out: str | None) -> Path:
+    """Where the adapter goes: ``--adapter-out``, else a new folder under :data:`DEFAULT_ADAPTERS`."""
+    # The time, this process and a random suffix: two jobs started in the same second never share it.
+    return Path(adapter_out) if adapter_out else \
+        DEFAULT_ADAPTERS / unique_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+
+
+def _save_adapter_or_rescue(model: Any, target: Path, state: dict[str, Any] | None
+                            ) -> tuple[str | None, str | None, WriteError | None]:
+    """Save the fine-tuned adapter in ``target``, else in :func:`rescue_dir`: the fine-tune is done, keep it.
+
+    Returns:
+        (the folder saved in or None, a sentence on what went elsewhere or None, the first write error or None).
+    """
+    try:
+        return str(save_adapter(model, target, state)), None, None
+    except WriteError as e:
+        instead, second, saved = rescue_dir() / unique_name(target.name), None, None
+        try:
+            saved = str(save_adapter(model, instead, state))
+        except WriteError as e2:
+            instead, second = None, e2
+        problem = _saved_elsewhere("the adapter", e, instead, second)
+        logger.error("%s", problem)
+        return saved, problem, e
+
+
+def _write_failure(e: CheckpointWriteError, phase: str, ckpt: str | None, session: Session,
+                   adapter_out: str | None, is_main: bool) -> dict[str, Any]:
+    """The record's ``failure`` (kind "write") when a checkpoint could not be written; the checkpoints before it
+    stand. After the last step the fine-tune itself finished: its adapter is saved (``failure["adapter"]``)."""
+    newest = list_checkpoints(Path(ckpt))[-1:] if ckpt else []
+    failure = {"kind": "write", "phase": phase, "path": str(e.path), "message": e.reason,
+               "free_bytes": e.free_bytes, "step": e.step, "steps": e.steps,
+               "checkpoint": str(newest[0]) if newest else None, "adapter": None}
+    logger.error("%s during %s", e, phase)
+    if e.step == e.steps and is_main and not is_sharded(session.model):
+        target = _adapter_target(adapter_out)
+        for folder in (target, rescue_dir() / unique_name(target.name)):
+            try:
+                failure["adapter"] = str(save_adapter(session.model, folder))
+                break
+            except WriteError as e2:
+                logger.error("%s", e2)
+    return failure
+
+
+def _save_record_or_rescue(record: RunRecord, results_dir: str) -> tuple[Path | None, str | None, WriteError | None]:
+    """Save ``record`` in ``results_dir``, else in :func:`rescue_dir`.
+
+    Returns:
+        (the path saved to or None, a sentence on what went elsewhere or None, the first write error or None).
+    """
+    try:
+        return save_record(record, results_dir), None, None
+    except WriteError as e:
+        path, second = None, None
+        try:
+            path = save_record(record, rescue_dir())
+        except WriteError as e2:
+            second = e2
+        problem = _saved_elsewhere("the record", e, path, second)
+        logger.error("%s", problem)
+        return path, problem, e
+
+
 def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
                     progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
                     trust_remote_code: bool, device: torch.device, info: DistInfo, splits: Splits,
@@ -423,20 +420,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
     session = session or load_session(cfg, adapter_dir=adapter_dir, device=device,
                                       trust_remote_code=trust_remote_code)
     if info.is_main:  # before any scoring or training: room for what the job will write
-        adapter_b, checkpoint_b, record_b = output_bytes(session, kind, len(splits.eval))
-        needs = [(Path(cfg.results_dir), record_b, "--results")]
-        if trains:
-            needs.append((Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS, adapter_b, "--adapter-out"))
-        if ckpt:
-            # At its fullest the folder holds --keep-checkpoints of them and the one being written; those there
-            # already take their room.
-            every, n_steps = cfg.train.checkpoint_every, total_steps(len(splits.train), cfg.train)
-            held = min(len(list_checkpoints(Path(ckpt))), cfg.train.keep_checkpoints)
-            peak = min(cfg.train.keep_checkpoints + 1, held + (n_steps // every if every else 0) + 1)
-            needs.append((Path(ckpt), max(peak - held, 1) * checkpoint_b, "--resume" if resume else "--checkpoint-dir"))
-        check_room(needs)
-        logger.debug("outputs: adapter about %s, a checkpoint about %s, the record about %s", size_text(adapter_b),
-                     size_text(checkpoint_b), size_text(record_b))
+        _check_room(session, cfg, kind, splits, adapter_out, ckpt, resume)
     custom = remote_code(session.model_dir) if trust_remote_code and cfg.model.path else []
     if custom:
         notes.append(f"--trust-remote-code: the model folder's own code ran ({'; '.join(custom)})")
@@ -482,24 +466,15 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
                                      checkpoint_dir=Path(ckpt) if ckpt else None,
                                      resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
                                      dist_info=info, stop=stop.requested if stop is not None else None)
-            # The time, this process and a random suffix: two jobs started in the same second never share it.
-            target = Path(adapter_out) if adapter_out else \
-                DEFAULT_ADAPTERS / unique_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+            target = _adapter_target(adapter_out)
             # Sharded LoRA weights are gathered whole first: a collective, so every rank takes part.
             state = full_trainable_state(session.model) if is_sharded(session.model) else None
             if info.is_main:
-                try:
-                    saved_adapter = str(save_adapter(session.model, target, state))
-                except WriteError as e:  # the fine-tune is done: keep it, elsewhere, and say so
-                    first_error = first_error or e
-                    instead, second = rescue_dir() / unique_name(target.name), None
-                    try:
-                        saved_adapter = str(save_adapter(session.model, instead, state))
-                    except WriteError as e2:
-                        instead, second = None, e2
-                    problems.append(_saved_elsewhere("the adapter", e, instead, second))
-                    notes.append(problems[-1])
-                    logger.error("%s", problems[-1])
+                saved_adapter, problem, error = _save_adapter_or_rescue(session.model, target, state)
+                if problem is not None:  # the fine-tune is done: kept elsewhere, and said so
+                    first_error = first_error or error
+                    problems.append(problem)
+                    notes.append(problem)
             lap("train")
             if curve is not None:  # the curve's scoring ran between steps: its own phase, not training's
                 phases["curve"], phases["train"] = curve.seconds, phases["train"] - curve.seconds
@@ -515,35 +490,20 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         failure = e.as_failure(phase)
         logger.warning("%s during %s", e, phase)
     except CheckpointWriteError as e:  # training stops; the checkpoints before it stand
-        newest = list_checkpoints(Path(ckpt))[-1:] if ckpt else []
-        failure = {"kind": "write", "phase": phase, "path": str(e.path), "message": e.reason,
-                   "free_bytes": e.free_bytes, "step": e.step, "steps": e.steps,
-                   "checkpoint": str(newest[0]) if newest else None, "adapter": None}
-        logger.error("%s during %s", e, phase)
-        if e.step == e.steps and info.is_main and not is_sharded(session.model):
-            # The last step's checkpoint: the fine-tune itself finished, so its adapter is kept.
-            target = Path(adapter_out) if adapter_out else DEFAULT_ADAPTERS / unique_name(
-                datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
-            for folder in (target, rescue_dir() / unique_name(target.name)):
-                try:
-                    failure["adapter"] = saved_adapter = str(save_adapter(session.model, folder))
-                    break
-                except WriteError as e2:
-                    logger.error("%s", e2)
+        failure = _write_failure(e, phase, ckpt, session, adapter_out, info.is_main)
+        saved_adapter = failure["adapter"] or saved_adapter
     except Exception as e:
         if not is_oom(e):
             raise
         # Out of memory is a result: record which configuration ran out and keep what finished.
-        oom = OomFailure(phase=phase, message=(str(e).strip().splitlines() or [type(e).__name__])[0],
-                         memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device))
+        oom = oom_failure(e, phase, device)
         failure = oom.to_dict()  # the same schema as a bench case's OOM (medqa_core.results.failure)
         logger.error("%s", oom.text)
     if failure is not None:
         free_device_memory(device)  # the failed step's tensors, held by the traceback until now
     record = RunRecord(
         kind=kind, config=cfg.to_dict(), fingerprint=machine_fingerprint(device), model=model_info,
-        attention={"requested": attention.requested, "ran": session.kernel_ran,
-                   "attn_implementation": attention.attn_implementation},
+        attention=attention_info(attention, session.kernel_ran),
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
         adapter_dir=saved_adapter or adapter_dir,
         numerics={**session.numerics.as_dict(),  # with the fp8 lever: the formats and scaling the base ran
@@ -552,29 +512,61 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
                   if k in phases},
-        profile=profile_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
+        profile=memory_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
         if trains else None,
         eval_curve=tuple(curve.points) if curve is not None and curve.points else None,
     )
     path = None
     if info.is_main:
-        try:
-            path = save_record(record, cfg.results_dir)
-        except WriteError as e:
-            first_error = first_error or e
-            second = None
-            try:
-                path = save_record(record, rescue_dir())
-            except WriteError as e2:
-                second = e2
-            problems.append(_saved_elsewhere("the record", e, path, second))
-            logger.error("%s", problems[-1])
+        path, problem, error = _save_record_or_rescue(record, cfg.results_dir)
+        if problem is not None:
+            first_error = first_error or error
+            problems.append(problem)
     barrier()
     shutdown()
     if problems:
         assert first_error is not None
         raise OutputWriteError(record, path, problems, first_error)
     return record, path
+
+
+# ---- trace: where a train step's time goes, per named training settings ----------------------------------------
+
+def trace_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
+                                                                                          dict[str, Any]]:
+    """Load ``cfg``'s model once and profile our train step under each named training profile.
+
+    Each profile steps on the first batch of its own batch size in the training loop's order.
+
+    Returns:
+        The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
+    """
+    session = load_session(cfg)
+    splits = load_splits(cfg.data)
+    results: dict[str, StepProfile] = {}
+    settings: dict[str, Any] = {}
+    for name in profiles:
+        tc = apply_named_settings(name, cfg.train)
+        examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
+                                  tc.loss_on)
+        trainer = prepare_training(session.model, tc, session.device, session.attention,
+                                   session.tokenizer.pad_token_id, session.numerics)
+        settings[name] = {"train": dataclasses.asdict(tc), "compile": trainer.compiled.as_dict()}
+        try:
+            results[name] = profile_steps(trainer, examples, session.device, steps, warmup)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            settings[name]["oom"] = str(e).splitlines()[0][:300]  # recorded; the next profile still runs
+            logger.warning("profile %s: out of memory (%s)", name, settings[name]["oom"])
+        finally:
+            trainer.close()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            free_device_memory(session.device)
+    meta = {"fingerprint": machine_fingerprint(session.device), "model": cfg.model.name,
+            "attention": {"requested": session.attention.requested, "ran": session.kernel_ran},
+            "settings": settings}
+    return results, meta
 
 
 # ---- run sets: N seeds and the first seed once more, one model load --------------------------------------------
@@ -646,9 +638,9 @@ def execute_set(cfg: RunConfig, plan: SetPlan, progress: Progress | None = None,
     check_prompt_lengths(splits.train, cfg.train.max_seq_len)
     check_prompt_lengths(splits.eval, cfg.eval.max_seq_len, "--eval-max-seq-len")
     device = resolve_device(cfg.backend)
-    resolved, _ = resolve_profile(cfg, device)
+    resolved, _ = resolve_auto_settings(cfg, device)
     if resolved.train.attn:
-        check_trainable(resolve_attention(resolved.train.attn), device)
+        training_attention(resolved.train.attn, device)
     steps = total_steps(len(splits.train), resolved.train)
     every = plan.eval_every or max(1, math.ceil(steps / CURVE_POINTS))
     session = load_session(dataclasses.replace(resolved, train=dataclasses.replace(resolved.train,

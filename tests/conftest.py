@@ -58,7 +58,7 @@ def tiny_config(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def tiny_session(tiny_config: RunConfig):
-    from medqa_core.run import load_session
+    from medqa_core.engine.session import load_session
 
     return load_session(tiny_config)
 

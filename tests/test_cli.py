@@ -206,3 +206,23 @@ def test_evaluate_with_a_missing_adapter_stops_before_the_model_loads(tiny_model
     assert main(["evaluate", "--backend", "cpu", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "empty"),
                  "--eval-limit", "2", "--results", str(tmp_path / "records")]) == 2
     assert "no adapter_model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, meant", [
+    (["run", "--adapter", "x"], "--adapter-out"),  # an evaluate flag given to run: not taken for --adapter-out
+    (["evaluate", "--eval-lim", "3"], "--eval-limit"),
+    (["gate", "--candidate", "b.json", "--base", "a.json"], "--baseline"),
+])
+def test_an_abbreviated_option_is_refused_not_guessed(argv, meant, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"unrecognized arguments: {' '.join(argv[-2:])}; did you mean {meant}?" in err
+
+
+def test_every_command_refuses_abbreviations():
+    import argparse
+
+    parser = build_parser()
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert not parser.allow_abbrev and not [name for name, p in commands.items() if p.allow_abbrev]

@@ -20,9 +20,8 @@ pytestmark = pytest.mark.slow  # real multi-process or full-bench runs: the full
 def expected_rank_tokens(model_dir: Path, world_size: int) -> tuple[tuple[int, ...], ...]:
     """Each step's real tokens per rank under balance_tokens, from the data as the loop draws it."""
     from medqa_core.engine.config import DataConfig, TrainConfig
-    from medqa_core.engine.data import encode_train, iter_batches
+    from medqa_core.engine.data import encode_train, iter_batches, load_splits
     from medqa_core.engine.model import load_tokenizer
-    from medqa_core.run import load_splits
 
     cfg = TrainConfig()
     tok = load_tokenizer(model_dir)

@@ -69,7 +69,8 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(tiny_config, tmp_path_factory) -> Trained:
-    from medqa_core.run import checkpoint_config, load_session
+    from medqa_core.engine.session import load_session
+    from medqa_core.run import checkpoint_config
 
     cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(
         tiny_config.train, max_steps=2, batch_size=2, checkpoint_every=1, timing_warmup_steps=0))

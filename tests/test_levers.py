@@ -11,13 +11,13 @@ from medqa_core.engine.compiling import CompileState, compile_layers, uncompile_
 from medqa_core.engine.config import (
     CARD_HEADROOM_GIB,
     MEMORY_CAP_GIB,
-    TRAIN_PROFILES,
+    NAMED_SETTINGS,
     ConfigError,
     LoraSettings,
     TrainConfig,
-    choose_profile,
+    apply_named_settings,
+    choose_memory_class,
     memory_cap_gib,
-    train_profile,
 )
 from medqa_core.engine.data import collate_packed, encode_train, load_medqa
 from medqa_core.engine.model import add_lora, decoder_layers, load_base_model, set_checkpointing
@@ -37,57 +37,77 @@ NUMERICS = resolve_numerics("auto", CPU)  # bf16 where this CPU has it, else fp3
 
 
 def test_profile_spec_applies_overrides_and_names_bad_keys() -> None:
-    capped = train_profile("capped+batch_size=4+checkpoint_layers=1+compile=off")
+    capped = apply_named_settings("capped+batch_size=4+checkpoint_layers=1+compile=off")
     assert (capped.batch_size, capped.checkpoint_layers, capped.compile, capped.gradient_checkpointing) == \
         (4, 1, "off", True)
     assert memory_cap_gib("capped+batch_size=4") == MEMORY_CAP_GIB["capped"] and memory_cap_gib("eager") is None
-    assert train_profile("default") == dataclasses.replace(TrainConfig(), profile="default")
-    assert train_profile("lean+lora_dropout=0.1+adamw=fused+activation_budget=0.5").lora_dropout == 0.1
+    assert apply_named_settings("default") == dataclasses.replace(TrainConfig(), profile="default")
+    assert apply_named_settings("lean+lora_dropout=0.1+adamw=fused+activation_budget=0.5").lora_dropout == 0.1
     with pytest.raises(ConfigError, match="unknown profile 'fast'"):
-        train_profile("fast")
+        apply_named_settings("fast")
     with pytest.raises(ConfigError, match="'lr=1' is not KEY=VALUE"):
-        train_profile("capped+lr=1")
+        apply_named_settings("capped+lr=1")
     with pytest.raises(ConfigError, match="batch_size"):
-        train_profile("capped+batch_size=many")
+        apply_named_settings("capped+batch_size=many")
     with pytest.raises(ConfigError, match="unknown compile setting"):
-        train_profile("capped+compile=yes")
+        apply_named_settings("capped+compile=yes")
     with pytest.raises(ConfigError, match="needs gradient_checkpointing"):
         TrainConfig(checkpoint_layers=2)
     with pytest.raises(ConfigError, match="unknown adamw"):
-        train_profile("lean+adamw=sgd")
+        apply_named_settings("lean+adamw=sgd")
     with pytest.raises(ConfigError, match="activation_budget"):
         TrainConfig(activation_budget=1.5)
 
 
 def test_the_fastest_memory_class_that_fits_the_card_is_chosen() -> None:
     caps = MEMORY_CAP_GIB
-    assert choose_profile(None) == "default"  # no GPU
-    assert choose_profile(79.2) == "max-speed"  # an H100 80GB as torch reports it
-    assert choose_profile(caps["max-speed"] + CARD_HEADROOM_GIB - 0.1) == "capped"
-    assert choose_profile(23.6) == "capped"  # a 24 GB card
-    assert choose_profile(15.6) == "lean"  # a 16 GB card
-    assert choose_profile(8.0) == "lean"  # smaller than every class: the one that needs least
+    assert choose_memory_class(None) == "default"  # no GPU
+    assert choose_memory_class(79.2) == "max-speed"  # an H100 80GB as torch reports it
+    assert choose_memory_class(caps["max-speed"] + CARD_HEADROOM_GIB - 0.1) == "capped"
+    assert choose_memory_class(23.6) == "capped"  # a 24 GB card
+    assert choose_memory_class(15.6) == "lean"  # a 16 GB card
+    assert choose_memory_class(8.0) == "lean"  # smaller than every class: the one that needs least
     # Every class's promise is below the card it is chosen for.
     for card in (8.0, 15.6, 23.6, 79.2, 139.8):
-        name = choose_profile(card)
+        name = choose_memory_class(card)
         assert name == "lean" or caps[name] + CARD_HEADROOM_GIB <= card
 
 
 def test_auto_profile_resolves_on_the_device_and_the_record_says_whether_it_held(tiny_config) -> None:
-    from medqa_core.run import profile_promise, resolve_profile
+    from medqa_core.run import memory_promise, resolve_auto_settings
 
     cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, profile="auto"))
-    resolved, why = resolve_profile(cfg, CPU)
+    resolved, why = resolve_auto_settings(cfg, CPU)
     assert resolved.train.profile == "default" and why == "auto: no GPU"
     assert resolved.train.max_steps == tiny_config.train.max_steps  # the flags a profile does not set stay
-    assert resolve_profile(tiny_config, CPU) == (tiny_config, None)  # no auto: untouched
-    lean = dataclasses.replace(tiny_config, train=train_profile("lean", tiny_config.train))
-    held = profile_promise(lean, None, 3.0)
+    assert resolve_auto_settings(tiny_config, CPU) == (tiny_config, None)  # no auto: untouched
+    lean = dataclasses.replace(tiny_config, train=apply_named_settings("lean", tiny_config.train))
+    held = memory_promise(lean, None, 3.0)
     assert held == {"spec": "lean", "chosen_by": "asked", "memory_cap_gib": MEMORY_CAP_GIB["lean"],
                     "peak_mem_gib": 3.0, "held": True}
-    assert profile_promise(lean, "auto: a 15.6 GiB card", MEMORY_CAP_GIB["lean"] + 0.5)["held"] is False
-    assert profile_promise(resolved, why, None)["held"] is None  # CPU: no device peak, no promise
-    assert profile_promise(tiny_config, None, 1.0) is None
+    assert memory_promise(lean, "auto: a 15.6 GiB card", MEMORY_CAP_GIB["lean"] + 0.5)["held"] is False
+    assert memory_promise(resolved, why, None)["held"] is None  # CPU: no device peak, no promise
+    assert memory_promise(tiny_config, None, 1.0) is None
+
+
+def test_the_memory_promise_is_judged_in_one_place() -> None:
+    from medqa_core.engine.config import memory_promise_held
+
+    cap = MEMORY_CAP_GIB["capped"]
+    assert memory_promise_held("capped", cap) is True  # at the cap: held
+    assert memory_promise_held("capped+batch_size=16", cap + 0.01) is False  # overrides keep the class's promise
+    assert memory_promise_held("capped", None) is None  # CPU: no device peak
+    assert memory_promise_held("default", 100.0) is None  # no promise made
+
+
+def test_the_training_attention_is_chosen_and_described_in_one_place() -> None:
+    from medqa_core.engine.attention import AttentionError, attention_info, training_attention
+
+    eager = training_attention("eager", CPU)
+    assert attention_info(eager, "eager") == {"requested": "eager", "ran": "eager", "attn_implementation": "eager"}
+    assert attention_info(training_attention("sdpa-math", CPU), "sdpa-math")["attn_implementation"] == "sdpa"
+    with pytest.raises(AttentionError, match="no backward on CPU"):
+        training_attention("flex", CPU)
 
 
 def test_cli_uses_auto_unless_a_profile_setting_is_given() -> None:
@@ -100,7 +120,7 @@ def test_cli_uses_auto_unless_a_profile_setting_is_given() -> None:
     assert build_config(parse(["run", "--gradient-checkpointing"])).train.profile is None
     assert build_config(parse(["run", "--lora-dropout", "0.1"])).train.profile is None  # a profile would drop it
     assert build_config(parse(["run", "--attn", "eager"])).train.profile is None  # a profile trains with flex
-    assert build_config(parse(["run", "--profile", "lean"])).train.batch_size == TRAIN_PROFILES["lean"]["batch_size"]
+    assert build_config(parse(["run", "--profile", "lean"])).train.batch_size == NAMED_SETTINGS["lean"]["batch_size"]
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ import torch
 from medqa_core.engine.config import RunConfig
 from medqa_core.engine.data import CHOICES, MedQAItem, bundled_data_dir, find_split, load_medqa
 from medqa_core.engine.evaluate import evaluate
-from medqa_core.run import load_session
+from medqa_core.engine.session import load_session
 
 lm_eval = pytest.importorskip(
     "lm_eval", reason='lm-evaluation-harness is not installed; pip install -e ".[numerics]" to run this test')

@@ -12,8 +12,8 @@ from medqa_core.engine.data import load_medqa
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.model import quant_info
 from medqa_core.engine.numerics import DtypeError, autocast, resolve_numerics
+from medqa_core.engine.session import load_session
 from medqa_core.measure.device import cpu_has_native_bf16, relevant_cpu_flags
-from medqa_core.run import load_session
 
 CPU = torch.device("cpu")
 AVX2_EPYC = frozenset({"fpu", "sse2", "avx", "avx2", "fma", "f16c"})  # an AMD EPYC 7003's flags, abridged

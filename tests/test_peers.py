@@ -48,8 +48,8 @@ from medqa_core.arms.reference import collate_reference, load_reference
 from medqa_core.engine.config import RunConfig, TrainConfig
 from medqa_core.engine.data import MedQAItem, collate_packed, encode_train
 from medqa_core.engine.numerics import Numerics, autocast
+from medqa_core.engine.session import load_session
 from medqa_core.engine.train import answer_loss
-from medqa_core.run import load_session
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

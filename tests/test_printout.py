@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from medqa_core.engine.config import DataConfig
+from medqa_core.engine.data import load_splits
 from medqa_core.report.run_summary import summary_lines
 from medqa_core.results.record import load_record
-from medqa_core.run import load_splits
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 SCORED_ADAPTER = RUNS / "20261125T230158Z_evaluate_tiny_cpu_f19b0880.json"  # evaluate --adapter

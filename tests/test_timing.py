@@ -16,6 +16,7 @@ from medqa_core.measure.timing import (
     host_peak_rss_gib,
     host_rss_gib,
     is_oom,
+    oom_failure,
     peak_memory_gib,
     reset_peak_memory,
     synchronize,
@@ -122,6 +123,17 @@ def test_is_oom_recognises_out_of_memory(exc: BaseException) -> None:
 )
 def test_is_oom_rejects_other_errors(exc: BaseException) -> None:
     assert not is_oom(exc)
+
+
+def test_an_out_of_memory_is_recorded_by_its_first_line_and_the_memory_then() -> None:
+    cpu = torch.device("cpu")
+    oom = oom_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text"),
+                      "fine-tune", cpu)
+    # On CPU the allocator reports no device memory; a run record leaves the host's out, a bench case keeps it.
+    assert (oom.kind, oom.phase, oom.message) == ("oom", "fine-tune", "CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert oom.memory_allocated_gib is None and oom.peak_mem_gib is None and oom.host_rss_gib is None
+    bench = oom_failure(MemoryError(), "timed round 2", cpu, with_host_rss=True)
+    assert bench.message == "MemoryError" and bench.host_rss_gib is not None and bench.host_rss_gib > 0
 
 
 @needs_gpu

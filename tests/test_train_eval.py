@@ -22,8 +22,8 @@ from medqa_core.engine.data import (
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.model import load_adapter, load_base_model, save_adapter
 from medqa_core.engine.numerics import resolve_numerics
+from medqa_core.engine.session import load_session
 from medqa_core.engine.train import answer_loss, token_losses, train
-from medqa_core.run import load_session
 
 NUMERICS = resolve_numerics("auto", torch.device("cpu"))  # bf16 where this CPU has it natively, else fp32
 

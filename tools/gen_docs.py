@@ -221,13 +221,13 @@ def _profile_of(train: dict) -> str | None:
 
     A key an older record lacks did not exist then: it counts as TrainConfig's default.
     """
-    from medqa_core.engine.config import TRAIN_PROFILES, TrainConfig, train_profile
+    from medqa_core.engine.config import NAMED_SETTINGS, TrainConfig, apply_named_settings
 
     keys = ("batch_size", "gradient_checkpointing", "checkpoint_layers", "compile", "lora_dropout", "adamw", "attn",
             "activation_budget")
     default = TrainConfig()
-    for name in TRAIN_PROFILES:
-        tc = train_profile(name)
+    for name in NAMED_SETTINGS:
+        tc = apply_named_settings(name)
         if all(train.get(k, getattr(default, k)) == getattr(tc, k) for k in keys):
             return name
     return None
@@ -306,7 +306,7 @@ def lever_table(results: Path) -> str:
 def miss_bounds(results: Path) -> str:
     """What the levers not taken could buy at most: the newest step profile of ``max-speed`` with one share of the
     step's time taken away at a time (cumulatively), as tokens/s of that profiled batch."""
-    paths = [p for p in result_files(results, "profile/*.json") if "max-speed" in _json(p)["profiles"]]
+    paths = [p for p in result_files(results, "traces/*.json") if "max-speed" in _json(p)["profiles"]]
     if not paths:
         return "(no step profile of max-speed yet)"
     path = paths[-1]
@@ -586,7 +586,7 @@ def nf4_kernel_profile(results: Path) -> str:
     """Kernel time against bytes moved, per layer shape, rows and arm, from bench/profile_nf4_kernel.py files."""
     rows = ["| file | layer (N x K) | rows | arm | time per call | bytes moved / time | of copy bandwidth "
             "| max error (bf16 ulp) |", "|---|---|---|---|---|---|---|---|"]
-    for path in result_files(results, "profile/*nf4*.json"):
+    for path in result_files(results, "traces/*nf4*.json"):
         data = _json(path)
         for r in data["rows"]:
             if r["arm"] == "sweep":
@@ -606,7 +606,7 @@ def profile_table(path: Path) -> str:
     data = _json(path)
     fp = data["meta"]["fingerprint"]
     categories = sorted({c for p in data["profiles"].values() for c in p["categories"]})
-    rows = [f"[{path.name}](results/profile/{path.name}): {fp.get('gpu_name') or fp.get('cpu_model')}, "
+    rows = [f"[{path.name}](results/traces/{path.name}): {fp.get('gpu_name') or fp.get('cpu_model')}, "
             f"{data['meta']['model']}, commit {str(fp.get('git_commit'))[:7]}"
             + (" (a copied tree with local changes)" if fp.get("git_dirty") else "") + "; ms per step.", "",
             "| settings | real tokens | wall | tokens/s | kernels | host-bound | " + " | ".join(categories)
@@ -627,7 +627,7 @@ def profile_table(path: Path) -> str:
 
 def profile_tables(results: Path) -> str:
     """Every committed profile file, oldest first."""
-    paths = result_files(results, "profile/*.json")
+    paths = result_files(results, "traces/*.json")
     return "\n\n".join(profile_table(p) for p in paths) if paths else "(no profile yet)"
 
 

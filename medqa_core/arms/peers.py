@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from medqa_core.arms.reference import REFERENCE_LORA, ReferenceArm, collate_reference, load_reference, reference_step
+from medqa_core.engine.attention import attention_info
 from medqa_core.engine.config import RunConfig
 from medqa_core.engine.data import IGNORE_INDEX, TrainExample
 from medqa_core.engine.model import QuantInfo, quant_info, resolve_model_dir
@@ -230,8 +231,7 @@ class LigerArm:
             "recipe": "reference (medqa_core.reference) under apply_liger_kernel_to_mistral, applied before loading",
             "lora": dataclasses.asdict(REFERENCE_LORA),
             "gradient_checkpointing": ref.gradient_checkpointing,
-            "attention": {"requested": ref.attention.requested, "ran": ref.kernel_ran,
-                          "attn_implementation": ref.attention.attn_implementation},
+            "attention": attention_info(ref.attention, ref.kernel_ran),
             "quantization": dataclasses.asdict(ref.quant),
         }
 

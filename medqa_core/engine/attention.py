@@ -39,6 +39,15 @@ _KERNEL_OPS = (
 )
 
 
+# torch's words (lower-cased) when a forced SDPA backend has no kernel for this device, dtype or shape.
+NO_KERNEL_MESSAGES = ("no available kernel", "no viable backend")
+
+
+def is_no_kernel(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch finding no kernel for a forced SDPA backend (a RuntimeError naming none)."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in NO_KERNEL_MESSAGES)
+
+
 class AttentionError(ValueError):
     """The requested attention kernel is unknown or cannot run on this machine."""
 
@@ -79,6 +88,26 @@ def check_trainable(choice: AttentionChoice, device: torch.device) -> None:
     if choice.requested == "flex" and device.type == "cpu":
         raise AttentionError(f"flex attention has no backward on CPU (torch {torch.__version__}), so it cannot "
                              "train there; train with sdpa (a profile: add +attn=sdpa, e.g. max-speed+attn=sdpa)")
+
+
+def training_attention(kernel: str, device: torch.device) -> AttentionChoice:
+    """The attention kernel of the training steps (``TrainConfig.attn``), resolved and checked to train on ``device``.
+
+    The one place a training kernel is chosen: ``run`` calls it before the model loads, ``train`` when it
+    switches kernels, the bench before a case.
+
+    Raises:
+        AttentionError: an unknown or missing kernel, or one without a backward on ``device`` (flex on CPU).
+    """
+    choice = resolve_attention(kernel)
+    check_trainable(choice, device)
+    return choice
+
+
+def attention_info(choice: AttentionChoice, ran: str) -> dict[str, str]:
+    """What a run record and a bench case say of attention: the kernel asked for, the one that ran (see
+    :func:`detect_kernel`) and transformers' implementation."""
+    return {"requested": choice.requested, "ran": ran, "attn_implementation": choice.attn_implementation}
 
 
 def switch_attention(model: Any, choice: AttentionChoice) -> str:
@@ -150,7 +179,7 @@ def detect_kernel(model: Any, input_ids: torch.Tensor, choice: AttentionChoice,
         with torch.no_grad(), attention_context(choice), autocast, recorder:
             model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     except RuntimeError as e:
-        if not any(s in str(e).lower() for s in ("no available kernel", "no viable backend")):
+        if not is_no_kernel(e):
             raise
         raise AttentionError(f"--attn {choice.requested} cannot run on {input_ids.device.type} with this model "
                              f"(torch: {str(e).splitlines()[0]}); pick another --attn, or sdpa to let torch choose"

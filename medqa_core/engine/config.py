@@ -168,7 +168,7 @@ class TrainConfig:
     # hardware computes (medqa_core/engine/fp8.py); refused before the model loads where no fp8 tensor cores exist.
     # A lever to add to a profile (e.g. max-speed+fp8=true), not a default: the default numerics stay bf16.
     fp8: bool = False
-    profile: str | None = None  # the --profile spec these settings came from (train_profile sets it)
+    profile: str | None = None  # the --profile spec these settings came from (apply_named_settings sets it)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
     seed: int = 0  # LoRA initialisation, dropout and data order
@@ -203,11 +203,13 @@ class TrainConfig:
                f"activation_budget must be in [0, 1], got {self.activation_budget}")
 
 
-# Named training settings (``--profile``), applied over TrainConfig's defaults. Batch sizes, recompute counts and
-# levers were chosen from bench runs of the mistral-7b preset on real MedQA batches (docs/performance.md has them).
+# Named training settings, applied over TrainConfig's defaults. Users name them with ``--profile`` and records
+# keep the spec as ``train.profile`` (both kept as they are); in code they are settings, not a profiler's output.
+# Batch sizes, recompute counts and levers were chosen from bench runs of the mistral-7b preset on real MedQA
+# batches (docs/performance.md has them).
 # The three memory classes drop LoRA's dropout (lora_dropout=0) and train with flex attention (GPUs only: it has
 # no backward on CPU); their effect on the loss curve is measured in bench/bench_levers.py, not assumed.
-TRAIN_PROFILES: dict[str, dict[str, Any]] = {
+NAMED_SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     # The default with compiling off, so the bench shows what torch.compile alone buys.
     "eager": dict(compile="off"),
@@ -222,18 +224,30 @@ TRAIN_PROFILES: dict[str, dict[str, Any]] = {
 # The peak device memory (allocated, GiB) each memory class promises; the run record and the bench say whether it
 # held. Each sits under its card class (80, 24, 16 GB) with room for the CUDA context and the allocator's reserve.
 MEMORY_CAP_GIB = {"max-speed": 76.0, "capped": 22.0, "lean": 12.0}
-# What a card must have beyond a profile's cap for ``choose_profile`` to pick it: the context, cuBLAS and
+# What a card must have beyond a profile's cap for ``choose_memory_class`` to pick it: the context, cuBLAS and
 # Triton workspaces, and blocks the caching allocator reserves but has not handed out.
 CARD_HEADROOM_GIB = 1.5
-AUTO_PROFILE = "auto"  # TrainConfig.profile to resolve on the device (run.resolve_profile, choose_profile)
+AUTO_SETTINGS = "auto"  # TrainConfig.profile to resolve on the device (run.resolve_auto_settings, choose_memory_class)
 
 
 def memory_cap_gib(spec: str) -> float | None:
-    """The peak memory a profile spec (see :func:`train_profile`) promises, if its profile promises one."""
+    """The peak memory a profile spec (see :func:`apply_named_settings`) promises, if its profile promises one."""
     return MEMORY_CAP_GIB.get(spec.split("+")[0])
 
 
-def choose_profile(card_gib: float | None) -> str:
+def memory_promise_held(spec: str, peak_gib: float | None) -> bool | None:
+    """Whether a run under profile spec ``spec`` kept its memory promise (peak <= :func:`memory_cap_gib`).
+
+    The one verdict a run record's ``profile.held`` and a bench case's ``within_memory_cap`` both take.
+
+    Returns:
+        True or False; None where the profile promises no peak or no device peak was measured (CPU).
+    """
+    cap = memory_cap_gib(spec)
+    return None if cap is None or peak_gib is None else peak_gib <= cap
+
+
+def choose_memory_class(card_gib: float | None) -> str:
     """The fastest memory class that fits a card of ``card_gib`` GiB (None: no GPU, the default profile).
 
     A card too small for every class gets ``lean``, the class that needs the least.
@@ -245,7 +259,7 @@ def choose_profile(card_gib: float | None) -> str:
 
 
 # What a profile spec may set after its name ("capped+batch_size=24+checkpoint_layers=20"), and how to read it.
-PROFILE_KEYS: dict[str, Any] = {
+SETTINGS_KEYS: dict[str, Any] = {
     "batch_size": int, "checkpoint_layers": int, "pack_len": int,
     "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
     "lora_dropout": float, "adamw": str, "activation_budget": float, "attn": str, "fp8": lambda v: _parse_bool(v),
@@ -257,22 +271,22 @@ def _parse_bool(value: str) -> bool:
     return value.lower() in ("true", "1")
 
 
-def train_profile(spec: str, base: TrainConfig | None = None) -> TrainConfig:
+def apply_named_settings(spec: str, base: TrainConfig | None = None) -> TrainConfig:
     """TrainConfig with a profile's settings over ``base`` (default: TrainConfig()).
 
     Args:
-        spec: a name of :data:`TRAIN_PROFILES`, optionally followed by ``+key=value`` overrides of
-            :data:`PROFILE_KEYS` (for tuning a profile to another card's memory).
+        spec: a name of :data:`NAMED_SETTINGS`, optionally followed by ``+key=value`` overrides of
+            :data:`SETTINGS_KEYS` (for tuning a profile to another card's memory).
     """
     name, *overrides = spec.split("+")
-    _check(name in TRAIN_PROFILES, f"unknown profile {name!r} in {spec!r}; choose one of {', '.join(TRAIN_PROFILES)}")
-    settings = dict(TRAIN_PROFILES[name])
+    _check(name in NAMED_SETTINGS, f"unknown profile {name!r} in {spec!r}; choose one of {', '.join(NAMED_SETTINGS)}")
+    settings = dict(NAMED_SETTINGS[name])
     for item in overrides:
         key, sep, value = item.partition("=")
-        _check(bool(sep) and key in PROFILE_KEYS,
-               f"profile {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(PROFILE_KEYS)}")
+        _check(bool(sep) and key in SETTINGS_KEYS,
+               f"profile {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(SETTINGS_KEYS)}")
         try:
-            settings[key] = PROFILE_KEYS[key](value)
+            settings[key] = SETTINGS_KEYS[key](value)
         except ValueError as e:
             raise ConfigError(f"profile {spec!r}: {key}: {e}") from e
     return dataclasses.replace(base or TrainConfig(), **settings, profile=spec)

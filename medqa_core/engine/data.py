@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from medqa_core.engine.config import DataConfig
+
 CHOICES = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "  # lm-evaluation-harness's default between prompt and continuation
 REQUIRED_FIELDS = ("question", "options", "answer_idx")
@@ -390,3 +392,34 @@ def iter_batches(examples: Sequence[TrainExample], batch_size: int, seed: int,
         for i in range(0, len(order), batch_size):
             yield epoch, [examples[j] for j in order[i : i + batch_size]]
         epoch += 1
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[MedQAItem]
+    train_name: str
+    eval: list[MedQAItem]
+    eval_name: str
+    notes: tuple[str, ...]
+
+
+def load_splits(cfg: DataConfig, evaluates: bool = True) -> Splits:
+    """The fine-tuning and evaluation questions. Without a train split, dev stands in for it.
+
+    Args:
+        evaluates: whether the job scores the evaluation split (``train`` does not: its note then names only
+            the split it fine-tuned on).
+    """
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else bundled_data_dir()
+    notes: list[str] = []
+    train_split = cfg.train_split
+    if train_split == "auto":
+        train_split = "train" if has_split(data_dir, "train") else "dev"
+        if train_split == "dev":
+            scored = f", evaluated on {cfg.eval_split}" if evaluates else ""
+            notes.append(f"no train split in {data_dir}: fine-tuned on dev{scored}")
+    train_path, eval_path = find_split(data_dir, train_split), find_split(data_dir, cfg.eval_split)
+    return Splits(
+        train=load_medqa(train_path, cfg.train_limit), train_name=train_path.name,
+        eval=load_medqa(eval_path, cfg.eval_limit), eval_name=eval_path.name, notes=tuple(notes),
+    )

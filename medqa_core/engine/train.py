@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from medqa_core.engine.attention import (
     AttentionChoice,
     attention_context,
-    check_trainable,
-    resolve_attention,
     switch_attention,
+    training_attention,
 )
 from medqa_core.engine.checkpoint import (
     CheckpointError,
@@ -354,8 +353,7 @@ def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attenti
     info = info or DistInfo()
     attn_before = None
     if cfg.attn is not None and cfg.attn != attention.requested:
-        attention = resolve_attention(cfg.attn)
-        check_trainable(attention, device)
+        attention = training_attention(cfg.attn, device)
         attn_before = switch_attention(model, attention)
     optimizer, scheduler = make_optimizer(model, cfg, device)
     step_loss = wrap_data_parallel(model, device, info, numerics)

@@ -211,6 +211,115 @@ def machine_state(baseline: RunSummary, candidate: RunSummary, limit_pct: float 
 
 
 
+def _invalid_figures(a: RunSummary, b: RunSummary) -> dict[str, list[str]]:
+    """Metric or phase -> what is wrong with it on either side (not finite, incomplete), for the figures measured."""
+    invalid: dict[str, list[str]] = {}
+    measured = {*a.metrics, *b.metrics, *a.phases, *b.phases}
+    for side, f in [("baseline", f) for f in a.invalid] + [("candidate", f) for f in b.invalid]:
+        # Damage counts for the figures a side has (a record without train has no train rates, the other does).
+        keys = [k for k in f.checks if k in measured] or list(f.checks[:1])
+        for key in keys:
+            invalid.setdefault(key, []).append(f"{side} {f.text}")
+    return invalid
+
+
+def _invalid_checks(name: str, invalid: Mapping[str, list[str]], thresholds: Thresholds) -> list[Check]:
+    """One inconclusive check per gated figure of :func:`_invalid_figures`."""
+    checks: list[Check] = []
+    for key, texts in invalid.items():
+        if key in (BASE, FINE_TUNED):
+            if thresholds.gated("accuracy"):
+                checks.append(invalid_check(name, "accuracy", f"accuracy ({key})", texts))
+        elif thresholds.gated("speed" if key in SPEED else "memory", key):
+            checks.append(invalid_check(name, "speed" if key in SPEED else "memory", key, texts))
+    return checks
+
+
+def _metric_checks(baseline: GateCase, candidate: GateCase, thresholds: Thresholds, invalid: Mapping[str, Any],
+                   differs: Sequence[str], reason: str, same_machine: bool, machine: str) -> list[Check]:
+    """The speed and memory checks of one case: not compared where ``differs`` (other work, settings or hardware)
+    or, for speed, where the machine moved; unusable where a side lacks the figure; else judged."""
+    a, b, name = baseline.summary, candidate.summary, candidate.name
+    checks: list[Check] = []
+    for metric in (*SPEED, *MEMORY):
+        kind = "speed" if metric in SPEED else "memory"
+        ma, mb = a.metrics.get(metric), b.metrics.get(metric)
+        if (ma is None and mb is None) or not thresholds.gated(kind, metric) or metric in invalid:
+            continue
+        va, vb = (None if m is None else m.value for m in (ma, mb))
+        unit, label = metric_unit(metric), metric_label(metric)
+        if differs:
+            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=_nan(va),
+                                candidate=_nan(vb), unit=unit, change=math.nan, threshold="-",
+                                evidence="different workload (baseline vs candidate): " + ", ".join(differs),
+                                message=f"{name}: {label} not compared: other work or hardware ({', '.join(differs)})",
+                                reason=reason))
+        elif va is None:
+            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=math.nan,
+                                candidate=_nan(vb), unit=unit, change=math.nan, threshold="-",
+                                evidence="not measured in the baseline",
+                                message=f"{name}: {label} not compared: the baseline did not "
+                                        "measure it",
+                                reason="not in the baseline"))
+        elif vb is None and candidate.oom:
+            continue  # the out-of-memory check speaks for it
+        elif vb is None or not (math.isfinite(va) and math.isfinite(vb) and va > 0):
+            threshold = f"{'-' if kind == 'speed' else '+'}{thresholds.pct(metric):g}%"
+            checks.append(unusable_check(name, kind, metric, va, vb, threshold,
+                                         allowed=thresholds.missing_ok(kind, metric), paths=(a.path, b.path)))
+        elif kind == "speed" and not same_machine:
+            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=va, candidate=vb, unit=unit,
+                                change=math.nan, threshold=f"-{thresholds.pct(metric):g}%", evidence=machine,
+                                message=f"{name}: {label} not compared: {machine}", reason="machine moved"))
+        elif kind == "speed":
+            checks.append(speed_check(name, metric, va, vb, baseline.rounds.get(metric, ()),
+                                      candidate.rounds.get(metric, ()), thresholds.pct(metric), thresholds.alpha,
+                                      baseline.timings.get(metric), candidate.timings.get(metric), machine))
+        else:
+            checks.append(memory_check(name, metric, va, vb, thresholds.pct(metric)))
+    return checks
+
+
+def _accuracy_checks(baseline: GateCase, candidate: GateCase, thresholds: Thresholds, invalid: Mapping[str, Any]
+                     ) -> tuple[list[Check], list[str], dict[str, Any], dict[str, Any]]:
+    """The accuracy checks of one case, per phase both scored, on the questions both scored.
+
+    Returns:
+        (checks, notes, the baseline's and the candidate's phases to judge parity on: those without an invalid
+        figure, cut to the questions both scored).
+    """
+    a, b, name = baseline.summary, candidate.summary, candidate.name
+    checks: list[Check] = []
+    notes: list[str] = []
+    paired_a = {p: s for p, s in a.phases.items() if p not in invalid}
+    paired_b = {p: s for p, s in b.phases.items() if p not in invalid}
+    for phase in [p for p in paired_a if p in paired_b]:  # in the baseline's order, every run the same
+        pa, pb = a.phases[phase], b.phases[phase]
+        if pa.questions and pb.questions:
+            pa, pb = paired_a[phase], paired_b[phase] = common_questions(pa, pb)
+            if pa.n_questions < a.phases[phase].n_questions:  # the candidate left out questions the baseline scored
+                why = (f"the candidate ({b.path}) scored {pa.n_questions} of the {a.phases[phase].n_questions} "
+                       f"questions the baseline ({a.path}) scored")
+                checks.append(invalid_check(name, "accuracy", f"accuracy ({phase})", [why]))
+                del paired_a[phase], paired_b[phase]
+                continue
+            if pb.n_questions != b.phases[phase].n_questions:
+                notes.append(f"{name}: {phase} compared on the {pa.n_questions} questions both scored "
+                             f"(baseline {a.phases[phase].n_questions}, candidate {b.phases[phase].n_questions})")
+        if thresholds.gated("accuracy"):
+            checks.append(accuracy_check(name, phase, pa, pb, thresholds.accuracy_pp, thresholds.alpha))
+    for phase in [p for p in paired_a if p not in b.phases]:
+        if thresholds.gated("accuracy") and not candidate.oom:
+            checks.append(unusable_check(name, "accuracy", f"accuracy ({phase})", 100 * a.phases[phase].accuracy,
+                                         None, f"-{thresholds.accuracy_pp:g} pp", unit="%", paths=(a.path, b.path)))
+    for phase in [p for p in paired_b if p not in a.phases]:
+        if thresholds.gated("accuracy"):
+            checks.append(unusable_check(name, "accuracy", f"accuracy ({phase})", None,
+                                         100 * b.phases[phase].accuracy, f"-{thresholds.accuracy_pp:g} pp", unit="%",
+                                         paths=(a.path, b.path)))
+    return checks, notes, paired_a, paired_b
+
+
 def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds) -> tuple[list[Check], list[str]]:
     """Every check of one matched case, and notes.
 
@@ -238,19 +347,8 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
     checks: list[Check] = []
     notes: list[str] = []
     # Figures not finite or incomplete on either side: their checks cannot be judged, and are not run.
-    invalid: dict[str, list[str]] = {}
-    measured = {*a.metrics, *b.metrics, *a.phases, *b.phases}
-    for side, f in [("baseline", f) for f in a.invalid] + [("candidate", f) for f in b.invalid]:
-        # Damage counts for the figures a side has (a record without train has no train rates, the other does).
-        keys = [k for k in f.checks if k in measured] or list(f.checks[:1])
-        for key in keys:
-            invalid.setdefault(key, []).append(f"{side} {f.text}")
-    for key, texts in invalid.items():
-        if key in (BASE, FINE_TUNED):
-            if thresholds.gated("accuracy"):
-                checks.append(invalid_check(name, "accuracy", f"accuracy ({key})", texts))
-        elif thresholds.gated("speed" if key in SPEED else "memory", key):
-            checks.append(invalid_check(name, "speed" if key in SPEED else "memory", key, texts))
+    invalid = _invalid_figures(a, b)
+    checks += _invalid_checks(name, invalid, thresholds)
     if candidate.oom and not baseline.oom and thresholds.gated("memory"):
         checks.append(Check(case=name, kind="memory", field="out of memory", status=FAIL, baseline=math.nan,
                             candidate=math.nan, unit="", change=math.nan, threshold="none", evidence=candidate.oom,
@@ -266,69 +364,11 @@ def compare_case(baseline: GateCase, candidate: GateCase, thresholds: Thresholds
     reason = other_machine or ("other settings" if settings else "other workload")
     # Nor is the same machine busier or slower, as the runs measured it (memory does not depend on it).
     same_machine, machine = machine_state(a, b, thresholds.machine_pct)
-    for metric in (*SPEED, *MEMORY):
-        kind = "speed" if metric in SPEED else "memory"
-        ma, mb = a.metrics.get(metric), b.metrics.get(metric)
-        if (ma is None and mb is None) or not thresholds.gated(kind, metric) or metric in invalid:
-            continue
-        va, vb = (None if m is None else m.value for m in (ma, mb))
-        unit, label = metric_unit(metric), metric_label(metric)
-        if differs:
-            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=_nan(va),
-                                candidate=_nan(vb), unit=unit, change=math.nan, threshold="-",
-                                evidence="different workload (baseline vs candidate): " + ", ".join(differs),
-                                message=f"{name}: {label} not compared: other work or hardware ({', '.join(differs)})",
-                                reason=reason))
-        elif va is None:
-            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=math.nan,
-                                candidate=_nan(vb), unit=unit, change=math.nan, threshold="-",
-                                evidence="not measured in the baseline",
-                                message=f"{name}: {label} not compared: the baseline did not "
-                                        "measure it",
-                                reason="not in the baseline"))
-        elif vb is None and candidate.oom:
-            continue  # the out-of-memory check above speaks for it
-        elif vb is None or not (math.isfinite(va) and math.isfinite(vb) and va > 0):
-            threshold = f"{'-' if kind == 'speed' else '+'}{thresholds.pct(metric):g}%"
-            checks.append(unusable_check(name, kind, metric, va, vb, threshold,
-                                         allowed=thresholds.missing_ok(kind, metric), paths=(a.path, b.path)))
-        elif kind == "speed" and not same_machine:
-            checks.append(Check(case=name, kind=kind, field=metric, status=SKIP, baseline=va, candidate=vb, unit=unit,
-                                change=math.nan, threshold=f"-{thresholds.pct(metric):g}%", evidence=machine,
-                                message=f"{name}: {label} not compared: {machine}", reason="machine moved"))
-        elif kind == "speed":
-            checks.append(speed_check(name, metric, va, vb, baseline.rounds.get(metric, ()),
-                                      candidate.rounds.get(metric, ()), thresholds.pct(metric), thresholds.alpha,
-                                      baseline.timings.get(metric), candidate.timings.get(metric), machine))
-        else:
-            checks.append(memory_check(name, metric, va, vb, thresholds.pct(metric)))
-    # A phase with an invalid figure is judged neither on accuracy nor on parity: its check above says why.
-    paired_a = {p: s for p, s in a.phases.items() if p not in invalid}
-    paired_b = {p: s for p, s in b.phases.items() if p not in invalid}
-    for phase in [p for p in paired_a if p in paired_b]:  # in the baseline's order, every run the same
-        pa, pb = a.phases[phase], b.phases[phase]
-        if pa.questions and pb.questions:
-            pa, pb = paired_a[phase], paired_b[phase] = common_questions(pa, pb)
-            if pa.n_questions < a.phases[phase].n_questions:  # the candidate left out questions the baseline scored
-                why = (f"the candidate ({b.path}) scored {pa.n_questions} of the {a.phases[phase].n_questions} "
-                       f"questions the baseline ({a.path}) scored")
-                checks.append(invalid_check(name, "accuracy", f"accuracy ({phase})", [why]))
-                del paired_a[phase], paired_b[phase]
-                continue
-            if pb.n_questions != b.phases[phase].n_questions:
-                notes.append(f"{name}: {phase} compared on the {pa.n_questions} questions both scored "
-                             f"(baseline {a.phases[phase].n_questions}, candidate {b.phases[phase].n_questions})")
-        if thresholds.gated("accuracy"):
-            checks.append(accuracy_check(name, phase, pa, pb, thresholds.accuracy_pp, thresholds.alpha))
-    for phase in [p for p in paired_a if p not in b.phases]:
-        if thresholds.gated("accuracy") and not candidate.oom:
-            checks.append(unusable_check(name, "accuracy", f"accuracy ({phase})", 100 * a.phases[phase].accuracy,
-                                         None, f"-{thresholds.accuracy_pp:g} pp", unit="%", paths=(a.path, b.path)))
-    for phase in [p for p in paired_b if p not in a.phases]:
-        if thresholds.gated("accuracy"):
-            checks.append(unusable_check(name, "accuracy", f"accuracy ({phase})", None,
-                                         100 * b.phases[phase].accuracy, f"-{thresholds.accuracy_pp:g} pp", unit="%",
-                                         paths=(a.path, b.path)))
+    checks += _metric_checks(baseline, candidate, thresholds, invalid, differs, reason, same_machine, machine)
+    # A phase with an invalid figure is judged neither on accuracy nor on parity: its check says why.
+    accuracy, accuracy_notes, paired_a, paired_b = _accuracy_checks(baseline, candidate, thresholds, invalid)
+    checks += accuracy
+    notes += accuracy_notes
     if thresholds.gated("parity"):
         tol = thresholds.tolerances
         try:

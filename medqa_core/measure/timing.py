@@ -21,6 +21,8 @@ import numpy as np
 import psutil
 import torch
 
+from medqa_core.results.failure import OomFailure
+
 _GIB = 2**30
 
 
@@ -217,3 +219,25 @@ def is_oom(exc: BaseException) -> bool:
         return False
     message = str(exc).lower()
     return any(m in message for m in OOM_MESSAGES)
+
+
+def oom_failure(exc: BaseException, phase: str, device: torch.device, with_host_rss: bool = False) -> OomFailure:
+    """The record of an out-of-memory: what ran, the error's first line and the memory in use at the time.
+
+    The one builder of a run record's ``failure`` and a bench case's ``extra_info["oom"]``
+    (:class:`medqa_core.results.failure.OomFailure`). Call it inside the ``except`` block, while the failed
+    step's tensors are still referenced: the memory read is the memory at the time.
+
+    Args:
+        exc: the error :func:`is_oom` recognised.
+        phase: what was running ("fine-tune", "timed round 3", ...).
+        device: where it ran out.
+        with_host_rss: also read the host's resident memory (bench cases record it; run records never have).
+
+    Returns:
+        The failure, kind "oom".
+    """
+    lines = str(exc).strip().splitlines()
+    return OomFailure(phase=phase, message=lines[0] if lines else type(exc).__name__,
+                      memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device),
+                      host_rss_gib=host_rss_gib() if with_host_rss else None)

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from medqa_core.engine.data import TrainExample
-from medqa_core.measure.timing import Timer, free_device_memory, is_oom, peak_memory_gib, reset_peak_memory
+from medqa_core.measure.timing import Timer, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +84,14 @@ def _device_events(prof: Any, on_gpu: bool) -> list[tuple[str, float, int]]:
     return rows
 
 
-def profile_steps(step: Any, examples: Sequence[TrainExample], device: torch.device, steps: int = 3,
+def profile_steps(step: Any, examples: Sequence[Any], device: torch.device, steps: int = 3,
                   warmup: int = 2, top_n: int = 15) -> StepProfile:
     """Profile ``steps`` calls of ``step(batch)`` after ``warmup`` unprofiled ones.
 
     Args:
         step: a :class:`medqa_core.engine.train.TrainingStep` (forward, backward, optimizer; ``step.collate``
             batches as the training loop does).
-        examples: the step's examples.
+        examples: the step's examples (``engine.data.TrainExample``).
         device: where the model runs.
         steps: profiled steps.
         warmup: steps first (compile, allocator, kernel selection).
@@ -153,46 +152,3 @@ def save_profiles(path: str | Path, profiles: dict[str, StepProfile], meta: dict
     tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(out)
     return out
-
-
-def profile_training(cfg: Any, profiles: Sequence[str], steps: int, warmup: int) -> tuple[dict[str, StepProfile],
-                                                                                          dict[str, Any]]:
-    """Load ``cfg``'s model once and profile our train step under each named training profile.
-
-    Each profile steps on the first batch of its own batch size in the training loop's order.
-
-    Returns:
-        The profiles by name, and the metadata to save beside them (fingerprint, settings, compile state).
-    """
-    from medqa_core.engine.config import train_profile
-    from medqa_core.engine.data import first_examples
-    from medqa_core.engine.train import prepare_training
-    from medqa_core.measure.fingerprint import machine_fingerprint
-    from medqa_core.run import load_session, load_splits
-
-    session = load_session(cfg)
-    splits = load_splits(cfg.data)
-    results: dict[str, StepProfile] = {}
-    settings: dict[str, Any] = {}
-    for name in profiles:
-        tc = train_profile(name, cfg.train)
-        examples = first_examples(session.tokenizer, splits.train, tc.batch_size, tc.seed, tc.max_seq_len,
-                                  tc.loss_on)
-        trainer = prepare_training(session.model, tc, session.device, session.attention,
-                                   session.tokenizer.pad_token_id, session.numerics)
-        settings[name] = {"train": dataclasses.asdict(tc), "compile": trainer.compiled.as_dict()}
-        try:
-            results[name] = profile_steps(trainer, examples, session.device, steps, warmup)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            settings[name]["oom"] = str(e).splitlines()[0][:300]  # recorded; the next profile still runs
-            logger.warning("profile %s: out of memory (%s)", name, settings[name]["oom"])
-        finally:
-            trainer.close()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            free_device_memory(session.device)
-    meta = {"fingerprint": machine_fingerprint(session.device), "model": cfg.model.name,
-            "attention": {"requested": session.attention.requested, "ran": session.kernel_ran},
-            "settings": settings}
-    return results, meta
