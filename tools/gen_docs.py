@@ -306,7 +306,7 @@ def lever_table(results: Path) -> str:
 def miss_bounds(results: Path) -> str:
     """What the levers not taken could buy at most: the newest step profile of ``max-speed`` with one share of the
     step's time taken away at a time (cumulatively), as tokens/s of that profiled batch."""
-    paths = [p for p in result_files(results, "traces/*.json") if "max-speed" in _json(p)["profiles"]]
+    paths = [p for p in _step_traces(results) if "max-speed" in _json(p)["profiles"]]
     if not paths:
         return "(no step profile of max-speed yet)"
     path = paths[-1]
@@ -625,9 +625,14 @@ def profile_table(path: Path) -> str:
     return "\n".join(rows)
 
 
+def _step_traces(results: Path) -> list[Path]:
+    """The `trace` command's files (bench/profile_nf4_kernel.py's kernel profiles lie beside them)."""
+    return [p for p in result_files(results, "traces/*.json") if _json(p).get("kind") != "nf4-kernel-profile"]
+
+
 def profile_tables(results: Path) -> str:
-    """Every committed profile file, oldest first."""
-    paths = result_files(results, "traces/*.json")
+    """Every committed `trace` file, oldest first (the NF4 kernel's profiles have their own table)."""
+    paths = _step_traces(results)
     return "\n\n".join(profile_table(p) for p in paths) if paths else "(no profile yet)"
 
 
