@@ -555,16 +555,19 @@ def _nf4_arm(name: str) -> str | None:
 
 
 def inference_table(results: Path) -> str:
-    """What a buyer reads: per bench file that timed our NF4 kernel beside bitsandbytes', per kernel and batch,
-    time to first token, prefill and decode tokens/s, the share of the decode roofline and joules per token."""
+    """What a buyer reads: the newest bench file per device that timed our NF4 kernel beside bitsandbytes', per
+    kernel and batch: time to first token, prefill and decode tokens/s, the share of the decode roofline and
+    joules per token."""
     rows = ["| device | 4-bit kernel | batch | time to first token | prefill tokens/s | decode tokens/s "
             "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|"]
+    newest: dict[str, tuple[Path, dict]] = {}  # the newest file per device (files sort by number)
     for path in result_files(results, "bench/*/*.json"):
         data = _json(path)
+        if any(_nf4_arm(b["name"]) == "triton" for b in data["benchmarks"]):
+            newest[_bench_device(data)] = (path, data)
+    for path, data in newest.values():
         cases = _cases(data)
         arms = {name: _nf4_arm(name) for name in cases if name.startswith("test_decode_compiled")}
-        if "triton" not in arms.values():
-            continue
         for name, arm in sorted(arms.items(), key=lambda kv: (kv[1] != "triton", cases[kv[0]].batch_size or 1)):
             e = cases[name]
             if not e.decode_tokens_per_s:
