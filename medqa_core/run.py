@@ -552,7 +552,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
                   if k in phases},
-        profile=profile_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
+        profile=profile_promise(cfg, profile_chosen_by,
+                                results["train"].memory.peak_mem_gib if results["train"] else None)
         if trains else None,
         eval_curve=tuple(curve.points) if curve is not None and curve.points else None,
     )
