@@ -546,7 +546,7 @@ def test_a_nan_figure_is_blamed_on_its_own_side(tmp_path, capsys):
     code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
     out = _flat(out)
     assert code == 4 and (f"scoring questions/s cannot be judged: candidate {tmp_path / 'candidate.json'}: "
-                          "test_scoring[sdpa]: extra_info.questions_per_s = nan") in out
+                          "test_scoring[sdpa]: extra_info.scoring.questions_per_s = nan") in out
     assert "baseline " + str(tmp_path / "baseline.json") + ":" not in out
 
 

@@ -50,7 +50,11 @@ def _same(old: Any, new: Any) -> bool:
     return type(new) in (type(old), float) and new == old if not isinstance(old, dict) else new == old
 
 
-@pytest.mark.parametrize("path", [p for p, k in FILES if k == "record"], ids=lambda p: p.relative_to(RESULTS).as_posix())
+def _id(path: Path) -> str:
+    return path.relative_to(RESULTS).as_posix()
+
+
+@pytest.mark.parametrize("path", [p for p, k in FILES if k == "record"], ids=_id)
 def test_every_committed_run_record_migrates_without_changing_a_figure(path):
     raw = json.loads(path.read_text(encoding="utf-8"))
     record = read_result_file(path)
@@ -75,7 +79,7 @@ def test_every_committed_run_record_migrates_without_changing_a_figure(path):
                 raw[phase]["accuracy"], raw[phase]["questions_per_s"], raw[phase]["peak_mem_gib"])
 
 
-@pytest.mark.parametrize("path", [p for p, k in FILES if k == "bench"], ids=lambda p: p.relative_to(RESULTS).as_posix())
+@pytest.mark.parametrize("path", [p for p, k in FILES if k == "bench"], ids=_id)
 def test_every_committed_bench_file_migrates_without_changing_a_figure(path):
     raw = json.loads(path.read_text(encoding="utf-8"))
     bench = read_result_file(path)

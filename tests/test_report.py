@@ -273,7 +273,7 @@ def test_unknown_files_are_refused_naming_found_and_expected(tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"accuracy": 0.7}))
     with pytest.raises(CompareError, match=r"other.json: found an object with keys accuracy; expected a run record "
-                                          r"\(schema_version 1, .*\) or a pytest-benchmark file"):
+                                          r"\(schema_version 2, .*\) or a pytest-benchmark file"):
         summarize_file(other)
     bench = tmp_path / "plain_bench.json"
     bench.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
