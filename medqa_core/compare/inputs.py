@@ -400,7 +400,11 @@ def _short_device(device: str, name_cpu: bool = False) -> str:
 
 
 def device_label(fp: Mapping[str, Any]) -> str:
-    """The device a fingerprint names: the GPU, or "CPU: <model>"."""
+    """The device a fingerprint names: the GPU, or "CPU: <model>".
+
+    The one function that builds a device's label: the report, the gate, run summaries, run sets, claims and
+    tools/gen_docs.py all call it (labels and tables may shorten it, as :func:`label_runs` does).
+    """
     return fp.get("gpu_name") or f"CPU: {fp.get('cpu_model') or 'unknown'}"
 
 

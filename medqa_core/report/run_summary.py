@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medqa_core.compare.inputs import record_settings
+from medqa_core.compare.inputs import device_label, record_settings
 from medqa_core.results.record import EvalResult, RunRecord
 
 
@@ -30,7 +30,7 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
         Lines, "name  value", then the record's notes.
     """
     fp, tr = record.fingerprint, record.train
-    device = fp.get("gpu_name") or fp.get("cpu_model") or "cpu"
+    device = device_label(fp)
     q = record.model["quantization"]
     dtype = record_settings(record)["compute_dtype"]
     quant = f"none ({dtype})" if q["method"] == "none" else (
