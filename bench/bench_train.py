@@ -35,7 +35,7 @@ from medqa_core.engine.config import TrainConfig, memory_cap_gib, train_profile
 from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
-from medqa_core.engine.train import adamw_fused, prepare_training
+from medqa_core.engine.train import adamw_fused, measure_compile, prepare_training
 from medqa_core.measure.device import detect_backend, gpu_name
 from medqa_core.measure.flops import ModelShape, train_step_flops
 from medqa_core.results.measurements import TrainThroughput
@@ -128,10 +128,10 @@ def _time_ours(benchmark: Any, case: Any, models: Any, examples: list[list[Train
     info = _train_info(case, rounds, session.model, examples, [b["input_ids"].numel() for b in batches],
                        session.numerics, ceilings, device)
     reference = reference_results.get("tokens_per_s")
-    compiled = trainer.compiled.as_dict()
-    timed_recompiles = sum(trainer.compiled.graphs_per_step[bench_options.warmup_rounds:])
+    # The same Compile a run record's train.compile holds, with the recompiles of the timed rounds.
+    compiled = measure_compile(trainer.compiled, timed_from=bench_options.warmup_rounds)
     benchmark.extra_info.update(
-        info, **case.session_info(session), compile={**compiled, "recompiles_in_timed_rounds": timed_recompiles},
+        info, **case.session_info(session), compile=compiled.to_dict(),
         reference_tokens_per_s=reference,
         speedup_vs_reference=info["throughput"]["tokens_per_s"] / reference if reference else None,
     )

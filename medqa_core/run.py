@@ -503,7 +503,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
             lap("train")
             if curve is not None:  # the curve's scoring ran between steps: its own phase, not training's
                 phases["curve"], phases["train"] = curve.seconds, phases["train"] - curve.seconds
-            compile_s = (results["train"].compile or {}).get("warmup_s", 0.0)
+            compiled = results["train"].compile
+            compile_s = (compiled.warmup_s or 0.0) if compiled else 0.0
             phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"

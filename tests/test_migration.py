@@ -68,8 +68,11 @@ def test_every_committed_run_record_migrates_without_changing_a_figure(path):
             part, name = _V1_TRAIN_FIELDS[key]
             assert _same(tr[key], getattr(getattr(record.train, part), name)), (key, part, name)
         for key in set(tr) - set(_V1_TRAIN_FIELDS) - {"loss_per_step", "step_time_s", "step_imbalance",
-                                                       "rank_step_time_s", "rank_step_tokens"}:
+                                                       "rank_step_time_s", "rank_step_tokens", "compile"}:
             assert getattr(record.train, key) == tr[key], key
+        for key, value in (tr.get("compile") or {}).items():  # typed now (Compile): each value as it was
+            assert _same(value, getattr(record.train.compile, key)) or list(getattr(record.train.compile, key)) \
+                == value, ("compile", key)
         assert list(record.train.step_time_s) == tr["step_time_s"]
         assert list(record.train.loss_per_step) == tr["loss_per_step"]
     for phase in ("eval_before", "eval_after"):
@@ -92,6 +95,8 @@ def test_every_committed_bench_file_migrates_without_changing_a_figure(path):
             measurement = getattr(case, part)
             assert measurement is not None, (entry.name, key)
             assert _same(info[key], getattr(measurement, name)), (entry.name, key, info[key])
+        for key, value in (info.get("compile") or {}).items():  # typed now (Compile): each value as it was
+            assert _same(value, getattr(case.compile, key)) or list(getattr(case.compile, key)) == value, key
         for key in ("batch_size", "arm", "compute_dtype", "speedup_vs_reference", "decode_tokens_per_s",
                     "prefill_tokens_per_s", "accuracy"):
             if key in info:

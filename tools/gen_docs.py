@@ -296,8 +296,8 @@ def lever_table(results: Path) -> str:
     def figure(ref: list[str]) -> tuple[str, BenchCase]:
         path = next(p for p in result_files(results, "bench/*/*.json") if p.name == ref[0])
         case = _bench(path).cases[ref[1]]
-        compiled = case.details.get("compile") or {}
-        eager = " (ran eagerly: no graph compiled)" if compiled.get("ran") and not compiled.get("graphs") else ""
+        compiled = case.compile
+        eager = " (ran eagerly: no graph compiled)" if compiled and compiled.ran and not compiled.graphs else ""
         return (f"{case.tokens_per_s:,.0f} tokens/s, {case.peak_mem_gib:.1f} GiB, `{case.profile}`{eager} "
                 f"[{path.name[:4]}]({_link(results, path)})", case)
 
@@ -424,10 +424,11 @@ def peers_table(results: Path) -> str:
 
 
 def tr_compile(record: RunRecord) -> str:
-    c = (record.train.compile or {}) if record.train else {}
-    if not c.get("ran"):
+    c = record.train.compile if record.train else None
+    if not (c and c.ran):
         return "not compiled"
-    return f"{c.get('warmup_s', 0):.0f} s ({c.get('graphs', '?')} graphs), {c.get('recompiles', '?')}"
+    return (f"{c.warmup_s or 0:.0f} s ({'?' if c.graphs is None else c.graphs} graphs), "
+            f"{'?' if c.recompiles is None else c.recompiles}")
 
 
 def _latest_gpu_benches(results: Path) -> list[tuple[str, BenchFile]]:
@@ -505,7 +506,7 @@ def _train_split_row(split: dict, e: BenchCase, bench: BenchFile) -> str:
         path, r = runs[-1]
         tr = r.train
         scale = split["questions"] / tr.n_examples
-        compile_s = (tr.compile or {}).get("warmup_s", 0.0)
+        compile_s = (tr.compile.warmup_s or 0.0) if tr.compile else 0.0
         minutes = (sum(tr.step_time_s) * scale + compile_s) / 60
         return (head + f"{minutes:.1f} min: the run [{path.name[:16]}](results/runs/{path.name}) fine-tuned "
                 f"{tr.epochs:g} epochs of {tr.n_examples:,} dev questions in {sum(tr.step_time_s):.0f} s of steps "

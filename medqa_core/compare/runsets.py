@@ -105,7 +105,7 @@ class RunFigures:
             loss_per_step=train.loss_per_step if train else (),
             curve=tuple((int(p["step"]), float(p["eval_loss_nats"])) for p in record.eval_curve or ()),
             step_time_s=train.step_time_s if train else (),
-            compile_s=float((train.compile or {}).get("warmup_s") or 0.0) if train else 0.0,
+            compile_s=float((train.compile.warmup_s if train.compile else None) or 0.0) if train else 0.0,
             path=path,
         )
 

@@ -58,7 +58,7 @@ from medqa_core.engine.sharded import is_sharded, sharding_info
 from medqa_core.measure.device import gpu_name
 from medqa_core.measure.flops import ModelShape, train_step_flops
 from medqa_core.measure.timing import Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
-from medqa_core.results.measurements import Memory, TrainThroughput
+from medqa_core.results.measurements import Compile, Memory, TrainThroughput
 from medqa_core.results.record import StepImbalance, TrainResult
 from medqa_core.results.storage import WriteError
 
@@ -385,6 +385,21 @@ def measure_throughput(step_time_s: Sequence[float], step_tokens: Sequence[int],
                                       numerics.short)
 
 
+def measure_compile(state: CompileState, timed_from: int | None = None) -> Compile:
+    """What torch.compile did, as run records and bench cases save it.
+
+    Args:
+        state: the train step's compile state after its steps.
+        timed_from: the first timed step of a bench case (its recompiles after it are counted); None for a run.
+
+    Returns:
+        The :class:`Compile` measurement.
+    """
+    d = state.as_dict()
+    timed = None if timed_from is None else sum(state.graphs_per_step[timed_from:])
+    return Compile(**{**d, "recompile_steps": tuple(d["recompile_steps"])}, recompiles_in_timed_rounds=timed)
+
+
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
           attention: AttentionChoice, pad_id: int, numerics: Numerics, progress: ProgressFn | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
@@ -507,7 +522,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         memory=Memory(peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib()),
         loss_per_step=tuple(losses), step_time_s=tuple(step_times),
         world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
-        compile=trainer.compiled.as_dict(),
+        compile=measure_compile(trainer.compiled),
         rank_step_time_s=tuple(rank_times) if info.enabled else None,
         rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
         step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,

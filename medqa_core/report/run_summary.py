@@ -67,10 +67,12 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
             train_attn = record.config["train"].get("attn")
             rows.append(("profile", f"{promise['spec']} ({promise['chosen_by']}){cap}"
                                     + (f"; trains with {train_attn} attention" if train_attn else "")))
-        if tr.compile and tr.compile.get("ran"):
-            cache = tr.compile.get("cache") or {}
-            rows.append(("compile", f"{tr.compile.get('graphs', '?')} graphs, {tr.compile.get('warmup_s', 0):.1f} s "
-                                    f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"
+        compiled = tr.compile
+        if compiled and compiled.ran:
+            cache = compiled.cache or {}
+            graphs = "?" if compiled.graphs is None else compiled.graphs
+            rows.append(("compile", f"{graphs} graphs, {compiled.warmup_s or 0:.1f} s "
+                                    f"before the first step, {compiled.recompiles or 0} recompiles in training"
                                     + (f", compile cache {cache['state']}" if cache.get("state") else "")))
         if tp.mfu_datasheet is not None and tp.datasheet_peak is not None and tp.model_flops_per_s is not None:
             rows.append(("MFU", f"{100 * tp.mfu_datasheet:.1f}% of the {tp.datasheet_peak['name']} datasheet dense "

@@ -16,9 +16,10 @@ Case schema versions:
        (tokens_per_s, step_time_s_median/_iqr, model_flops_per_s, mfu_datasheet, datasheet_peak, mfu_measured,
        measured_peak_flops_per_s: schema 2's mfu and peak_bf16_flops_per_s), ``memory`` (peak_mem_gib,
        host_rss_gib), ``energy`` (joules_per_token, joules_per_question) and ``scoring`` (questions_per_s,
-       questions_per_s_iqr, round_time_s_median). Schema 2's flat fields move there unchanged on read.
+       questions_per_s_iqr, round_time_s_median); ``compile`` is typed (Compile). Schema 2's flat fields move
+       there unchanged on read.
 
-Fields not named below (compile state, dynamo counters, per-round losses, ...) are kept as written in
+Fields not named below (dynamo counters, per-round losses, ...) are kept as written in
 ``details`` and saved flat beside the typed ones. No torch here.
 """
 
@@ -30,7 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medqa_core.results.failure import FailureError, OomFailure
-from medqa_core.results.measurements import MEASUREMENTS, Energy, MeasurementError, Memory, Scoring, TrainThroughput
+from medqa_core.results.measurements import (
+    MEASUREMENTS,
+    Compile,
+    Energy,
+    MeasurementError,
+    Memory,
+    Scoring,
+    TrainThroughput,
+)
 from medqa_core.results.record import QuestionResult
 
 BENCH_CASE_SCHEMA = 3
@@ -77,6 +86,7 @@ class BenchCase:
         batch_size ... prompt_tokens, profile, memory_cap_gib: what the case did (see WORKLOAD_FIELDS).
         throughput: the train step's TrainThroughput, as a run record's ``train.throughput`` (tokens_per_s, step
             time, MFU over the datasheet and the measured peak).
+        compile: what torch.compile did in a train case (Compile, as a run record's ``train.compile``).
         speedup_vs_reference, reference_tokens_per_s: ours against the reference arm of the same run.
         prefill_tokens_per_s, ttft_s_*: prefill rate and time to first token.
         decode_tokens_per_s, roofline_fraction: decode rate and its share of the weight-read roofline.
@@ -118,6 +128,7 @@ class BenchCase:
     memory_cap_gib: float | None = None
     within_memory_cap: bool | None = None
     throughput: TrainThroughput | None = None
+    compile: Compile | None = None
     speedup_vs_reference: float | None = None
     reference_tokens_per_s: float | None = None
     prefill_tokens_per_s: float | None = None
@@ -357,7 +368,8 @@ def _short(value: Any) -> str:
 _KINDS = {"float | None": "number", "int | None": "integer", "bool | None": "true/false", "str | None": "text",
           "str": "text", "Mapping[str, Any] | None": "object", "OomFailure | None": "out-of-memory object",
           "tuple[QuestionResult, ...]": "predictions", "TrainThroughput | None": "measurement",
-          "Memory | None": "measurement", "Energy | None": "measurement", "Scoring | None": "measurement"}
+          "Memory | None": "measurement", "Energy | None": "measurement", "Scoring | None": "measurement",
+          "Compile | None": "measurement"}
 # Field name -> expected kind, from the annotations above: one list of fields.
 _TYPES = {f.name: _KINDS[str(f.type)] for f in dataclasses.fields(BenchCase)
           if f.name not in ("details", "unmeasured", "schema_version")}

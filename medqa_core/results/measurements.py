@@ -13,6 +13,7 @@ computed once and read the same way from either file (optimum-benchmark's ``Late
                      measures and leaves the other None.
     Energy           joules of the timed rounds, per token and per question (None: no meter here).
     Scoring          questions per second of the scoring loop (median over rounds), its IQR, a round's time.
+    Compile          what torch.compile did before and during the timed steps: graphs, seconds, recompiles.
 """
 
 from __future__ import annotations
@@ -59,9 +60,27 @@ class _Measurement:
             raise MeasurementError(f"{where}: unknown field {', '.join(unknown)} (written by a newer medqa-parity?)")
         out: dict[str, Any] = {}
         for key, value in d.items():
+            kind = str(names[key].type)
             if value is None:
                 out[key] = None
-            elif str(names[key].type).startswith("dict"):
+            elif kind.startswith("str | bool"):
+                if not isinstance(value, str | bool):
+                    raise MeasurementError(f"{where}.{key} = {value!r}; expected text, true/false or null")
+                out[key] = value
+            elif kind.startswith("str"):
+                if not isinstance(value, str):
+                    raise MeasurementError(f"{where}.{key} = {value!r}; expected text or null")
+                out[key] = value
+            elif kind.startswith("bool"):
+                if not isinstance(value, bool):
+                    raise MeasurementError(f"{where}.{key} = {value!r}; expected true/false or null")
+                out[key] = value
+            elif kind.startswith("tuple"):
+                if not isinstance(value, list | tuple) or any(isinstance(x, bool) or not isinstance(x, int)
+                                                              for x in value):
+                    raise MeasurementError(f"{where}.{key} = {value!r}; expected a list of integers or null")
+                out[key] = tuple(value)
+            elif kind.startswith("dict"):
                 if not isinstance(value, Mapping):
                     raise MeasurementError(f"{where}.{key} = {value!r}; expected an object or null")
                 out[key] = dict(value)
@@ -165,8 +184,25 @@ class Scoring(_Measurement):
     round_time_s_median: float | None = None  # a whole round, tokenization included
 
 
+@dataclass(frozen=True)
+class Compile(_Measurement):
+    """torch.compile of the decoder layers (engine/compiling.CompileState), as the train step ran it."""
+
+    requested: str | bool | None = None  # TrainConfig.compile: "auto", "on", "off" (older files: true/false)
+    ran: bool | None = None  # whether compiled layers ran (False: eager, with the reason in detail)
+    detail: str | None = None
+    graphs: int | None = None  # graphs Dynamo compiled in all
+    compile_s: float | None = None  # seconds Dynamo and Inductor spent compiling them
+    warmup_graphs: int | None = None  # graphs compiled by the warm-up before step 1
+    warmup_s: float | None = None  # the warm-up's wall seconds
+    recompiles: int | None = None  # graphs compiled during training steps, after the warm-up
+    recompile_steps: tuple[int, ...] | None = None  # the steps that compiled one
+    cache: dict[str, Any] | None = None  # the compile cache: state, file, artifacts_loaded, saved_bytes, ...
+    recompiles_in_timed_rounds: int | None = None  # bench cases: graphs compiled during the timed rounds
+
+
 MEASUREMENTS: dict[str, type[_Measurement]] = {"throughput": TrainThroughput, "memory": Memory, "energy": Energy,
-                                               "scoring": Scoring}
+                                               "scoring": Scoring, "compile": Compile}
 
 
 def measurement_fields(m: _Measurement | None, prefix: str) -> list[tuple[str, Any]]:

@@ -18,8 +18,8 @@ Fields of a record (units in names):
     attention        requested kernel and the one the profiler saw run.
     train            TrainResult or null: steps, losses, step times, and the measurements a bench case shares
                      (medqa_core.results.measurements): ``throughput`` (tokens_per_s, step_time_s_median/_iqr,
-                     model_flops_per_s, mfu_datasheet, datasheet_peak) and ``memory`` (peak_mem_gib,
-                     host_peak_rss_gib).
+                     model_flops_per_s, mfu_datasheet, datasheet_peak), ``memory`` (peak_mem_gib,
+                     host_peak_rss_gib) and ``compile``.
     eval_before      EvalResult of the base model (LoRA not applied) or null.
     eval_after       EvalResult after fine-tuning (or of the evaluated adapter) or null.
     adapter_dir      where the LoRA adapter was saved, or null.
@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medqa_core.results.measurements import MeasurementError, Memory, TrainThroughput
+from medqa_core.results.measurements import Compile, MeasurementError, Memory, TrainThroughput
 from medqa_core.results.storage import fsync_dir, is_write_failure, new_folders, remove_if_empty, write_error
 
 SCHEMA_VERSION = 2
@@ -140,7 +140,7 @@ class TrainResult:
     step_time_s: tuple[float, ...]
     world_size: int = 1  # data-parallel ranks; tokens and tokens_per_s count all of them
     all_reduce_s: float | None = None  # one all-reduce of all LoRA gradients, measured alone
-    compile: dict[str, Any] | None = None  # compiling.CompileState: requested, ran, detail, graphs, recompiles
+    compile: Compile | None = None  # what torch.compile did (a bench case's ``compile`` too)
     # Under torchrun (None for one process): per step, per rank, the step's wall time and real tokens (a step
     # trained before a resume from a checkpoint that lacks them is empty), their StepImbalance over the timed
     # steps, and how the ranks shared the model (distributed.ddp_info's DDP buckets, sharded.sharding_info's).
@@ -213,11 +213,12 @@ def _train_from_dict(d: dict[str, Any] | None, where: str = "record") -> TrainRe
     try:
         throughput = TrainThroughput.from_dict(d["throughput"], f"{where}: train.throughput")
         memory = Memory.from_dict(d["memory"], f"{where}: train.memory")
+        compiled = None if d.get("compile") is None else Compile.from_dict(d["compile"], f"{where}: train.compile")
     except MeasurementError as e:
         raise RecordError(str(e)) from e
     return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"]),
                           **ranks, "step_imbalance": StepImbalance(**imbalance) if imbalance else None,
-                          "throughput": throughput, "memory": memory})
+                          "throughput": throughput, "memory": memory, "compile": compiled})
 
 
 def _migrate_v1(d: dict[str, Any]) -> dict[str, Any]:
