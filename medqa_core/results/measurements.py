@@ -40,7 +40,8 @@ class _Measurement:
     """Every field is a number or None (``datasheet_peak``: an object or None)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The measurement as JSON saves it (a tuple as a list, so a saved file and its re-reading compare equal)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls: type[M], d: Any, where: str) -> M:
