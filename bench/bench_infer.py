@@ -24,6 +24,7 @@ from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.measure.ceilings import weight_bytes_per_token
 from medqa_core.measure.timing import Stats, Timer, is_oom
+from medqa_core.results.measurements import Scoring
 
 logger = logging.getLogger("medqa_core.bench")
 
@@ -62,8 +63,8 @@ def test_prefill(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[i
         prompt_tokens = prefill_batch * seq_len
         benchmark.extra_info.update(
             case.session_info(session), ttft_s_median=stats.median, ttft_s_iqr=stats.iqr, timed_rounds=stats.n,
-            prefill_tokens_per_s=prompt_tokens / stats.median, joules_per_token=case.joules_per(rounds, prompt_tokens),
-            **case.memory_info(rounds),
+            prefill_tokens_per_s=prompt_tokens / stats.median,
+            energy=case.energy(rounds, tokens_per_round=prompt_tokens).to_dict(), memory=case.memory(rounds).to_dict(),
         )
 
 
@@ -180,7 +181,7 @@ def _decode_info(case: Any, rounds: Any, ttft: Stats, model: Any, ceilings: dict
         generate_tokens_per_s=batch * produced / generate_s.median, weight_bytes_per_token=weight_bytes,
         copy_bandwidth_bytes_per_s=bandwidth, roofline_tokens_per_s=roofline,
         roofline_fraction=decode_tokens_per_s / roofline if roofline and decode_tokens_per_s else None,
-        joules_per_token=case.joules_per(rounds, batch * produced), **case.memory_info(rounds),
+        energy=case.energy(rounds, tokens_per_round=batch * produced).to_dict(), memory=case.memory(rounds).to_dict(),
     )
 
 
@@ -216,8 +217,10 @@ def test_scoring(benchmark: Any, case: Any, models: Any, splits: Any, run_config
         per_round = Stats.from_values([r.questions_per_s for r in rounds.outputs])
         prompt_tokens = rounds.outputs[0].n_tokens
         benchmark.extra_info.update(
-            case.session_info(session), questions_per_s=per_round.median, questions_per_s_iqr=per_round.iqr,
-            round_time_s_median=rounds.stats.median, timed_rounds=rounds.stats.n, prompt_tokens=prompt_tokens,
-            joules_per_token=case.joules_per(rounds, prompt_tokens),
-            joules_per_question=case.joules_per(rounds, len(splits.eval)), **case.memory_info(rounds),
+            case.session_info(session), timed_rounds=rounds.stats.n, prompt_tokens=prompt_tokens,
+            scoring=Scoring(questions_per_s=per_round.median, questions_per_s_iqr=per_round.iqr,
+                            round_time_s_median=rounds.stats.median).to_dict(),
+            energy=case.energy(rounds, tokens_per_round=prompt_tokens,
+                               questions_per_round=len(splits.eval)).to_dict(),
+            memory=case.memory(rounds).to_dict(),
         )

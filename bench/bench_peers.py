@@ -86,6 +86,6 @@ def test_train_peer(benchmark: Any, case: Any, models: Any, loop_batches: Any, b
         benchmark.extra_info.update(
             info, **arm.info(), ran=True, model=arm.model_dir.name, numerics=arm.numerics.as_dict(),
             reference_tokens_per_s=reference, reference_batch_size=reference_results.get("batch_size"),
-            speedup_vs_reference=info["tokens_per_s"] / reference if reference else None,
-            **_versus_ours(info["tokens_per_s"], ours_results.get(batch_size, {})),
+            speedup_vs_reference=info["throughput"]["tokens_per_s"] / reference if reference else None,
+            **_versus_ours(info["throughput"]["tokens_per_s"], ours_results.get(batch_size, {})),
         )

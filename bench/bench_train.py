@@ -6,12 +6,14 @@ compiles, the same memory. Ours batches as ``medqa_core.engine.train`` does (``T
 rows, of one width and even row counts when compiled, with the compile warm-up before the first round);
 the reference pads each batch to its longest example.
 
-The headline ``tokens_per_s`` is what a run reports: real (non-pad) tokens of the timed rounds over
-their summed time. Also in ``extra_info``: ``step_time_s_median``/``_iqr``, ``tokens_per_round``,
-``model_flops_per_s`` (medqa_core.measure.flops: the frozen base needs no weight gradients, the LM head runs
-only at labelled positions, attention per packed example), ``mfu_datasheet`` (over the vendor's dense
-peak of the compute dtype, medqa_core.measure.flops.DATASHEET_PEAKS) and ``mfu`` (over the bf16 matmul peak
-measured in this run), ``peak_mem_gib`` over the real batches, ``host_rss_gib``, ``compute_dtype``,
+The headline ``throughput.tokens_per_s`` is what a run reports, built by the same function as a run record's
+``train.throughput`` (medqa_core.results.measurements.TrainThroughput.from_steps): real (non-pad) tokens of
+the timed rounds over their summed time, ``step_time_s_median``/``_iqr``, ``model_flops_per_s``
+(medqa_core.measure.flops: the frozen base needs no weight gradients, the LM head runs only at labelled
+positions, attention per packed example), ``mfu_datasheet`` (over the vendor's dense peak of the compute
+dtype) and ``mfu_measured`` (over the bf16 matmul peak measured in this run). Also in ``extra_info``:
+``tokens_per_round``, ``memory`` (``peak_mem_gib`` over the real batches, ``host_rss_gib``), ``energy``,
+``compute_dtype``,
 attention requested and ran, quantization, backend, ``batch_size``, ``loss_per_round``; ours adds
 ``speedup_vs_reference`` (same run) and ``compile`` (graphs, warm-up seconds, recompiles in the rounds).
 ``test_train_profile`` runs ours once per ``--train-profiles`` name (config.NAMED_SETTINGS) on its own
@@ -33,9 +35,10 @@ from medqa_core.engine.config import TrainConfig, apply_named_settings, memory_c
 from medqa_core.engine.data import TrainExample
 from medqa_core.engine.model import count_parameters
 from medqa_core.engine.numerics import Numerics
-from medqa_core.engine.train import adamw_fused, prepare_training
+from medqa_core.engine.train import adamw_fused, measure_compile, prepare_training
 from medqa_core.measure.device import detect_backend, gpu_name
-from medqa_core.measure.flops import ModelShape, datasheet_mfu, train_step_flops
+from medqa_core.measure.flops import ModelShape, train_step_flops
+from medqa_core.results.measurements import TrainThroughput
 
 pytestmark = pytest.mark.benchmark(group="train")
 
@@ -59,35 +62,27 @@ def _train_info(case: Any, rounds: Any, model: torch.nn.Module, examples: Sequen
     timed = slice(len(examples) - len(rounds.times_s), None)  # the timed rounds are the last ones
     tokens = [sum(e.n_tokens for e in batch) for batch in examples[timed]]
     shape = ModelShape.from_config(model.config)
-    flops = sum(train_step_flops(shape, [e.n_tokens for e in batch], sum(e.n_labels for e in batch))
-                for batch in examples[timed])
-    seconds = sum(rounds.times_s)
-    stats = rounds.stats
+    flops = [train_step_flops(shape, [e.n_tokens for e in batch], sum(e.n_labels for e in batch))
+             for batch in examples[timed]]
     parameters, trainable = count_parameters(model)
-    measured = ceilings.get("matmul_bf16_flops_per_s")
-    mfu_datasheet, datasheet = datasheet_mfu(flops / seconds, gpu_name(device), numerics.short)
+    # The one function a run record's throughput comes from too (MFU over the datasheet peak, computed once).
+    throughput = TrainThroughput.from_steps(rounds.times_s, tokens, flops, gpu_name(device), numerics.short,
+                                            ceilings.get("matmul_bf16_flops_per_s"))
     return {
-        "tokens_per_s": sum(tokens) / seconds,
+        "throughput": throughput.to_dict(),
         "timing": f"{len(tokens)} consecutive distinct batches of the training loop's order",
-        "step_time_s_median": stats.median,
-        "step_time_s_iqr": stats.iqr,
-        "timed_rounds": stats.n,
+        "timed_rounds": len(rounds.times_s),
         "tokens_per_step": sum(tokens) / len(tokens),
         "tokens_per_round": tokens,
         "round_times_s": list(rounds.times_s),
         "padded_tokens_per_step": sum(padded_tokens[timed]) / len(tokens),
         "parameters": parameters,
         "trainable_parameters": trainable,
-        "model_flops_per_s": flops / seconds,
-        "peak_bf16_flops_per_s": measured,
-        "mfu": flops / seconds / measured if measured else None,
-        "datasheet_peak": datasheet,
-        "mfu_datasheet": mfu_datasheet,
         "compute_dtype": numerics.compute_dtype,
         "loss_per_round": rounds.outputs,
-        "joules_per_token": case.joules_per(rounds, sum(tokens) / len(tokens)),
+        "energy": case.energy(rounds, tokens_per_round=sum(tokens) / len(tokens)).to_dict(),
         "bnb_cpu_packed_weights": _cpu_packed(model),
-        **case.memory_info(rounds),
+        "memory": case.memory(rounds).to_dict(),
     }
 
 
@@ -111,7 +106,8 @@ def test_train_reference(benchmark: Any, case: Any, models: Any, loop_batches: A
             attention=attention_info(arm.attention, arm.kernel_ran),
             quantization=dataclasses.asdict(arm.quant),
         )
-        reference_results.update(tokens_per_s=info["tokens_per_s"], batch_size=run_config.train.batch_size)
+        reference_results.update(tokens_per_s=info["throughput"]["tokens_per_s"],
+                                 batch_size=run_config.train.batch_size)
 
 
 def _time_ours(benchmark: Any, case: Any, models: Any, examples: list[list[TrainExample]], bench_options: Any,
@@ -131,14 +127,14 @@ def _time_ours(benchmark: Any, case: Any, models: Any, examples: list[list[Train
     info = _train_info(case, rounds, session.model, examples, [b["input_ids"].numel() for b in batches],
                        session.numerics, ceilings, device)
     reference = reference_results.get("tokens_per_s")
-    compiled = trainer.compiled.as_dict()
-    timed_recompiles = sum(trainer.compiled.graphs_per_step[bench_options.warmup_rounds:])
+    # The same Compile a run record's train.compile holds, with the recompiles of the timed rounds.
+    compiled = measure_compile(trainer.compiled, timed_from=bench_options.warmup_rounds)
     benchmark.extra_info.update(
-        info, **case.session_info(session), compile={**compiled, "recompiles_in_timed_rounds": timed_recompiles},
+        info, **case.session_info(session), compile=compiled.to_dict(),
         reference_tokens_per_s=reference,
-        speedup_vs_reference=info["tokens_per_s"] / reference if reference else None,
+        speedup_vs_reference=info["throughput"]["tokens_per_s"] / reference if reference else None,
     )
-    ours_results.setdefault(tc.batch_size, {})[benchmark.name] = info["tokens_per_s"]
+    ours_results.setdefault(tc.batch_size, {})[benchmark.name] = info["throughput"]["tokens_per_s"]
     return info
 
 
@@ -175,4 +171,4 @@ def test_train_profile(benchmark: Any, case: Any, models: Any, loop_batches: Any
                     activation_budget=tc.activation_budget):
         info = _time_ours(benchmark, case, models, examples, bench_options, tc, ceilings, reference_results,
                           device, attn, ours_results)
-        benchmark.extra_info["within_memory_cap"] = memory_promise_held(profile, info["peak_mem_gib"])
+        benchmark.extra_info["within_memory_cap"] = memory_promise_held(profile, info["memory"]["peak_mem_gib"])

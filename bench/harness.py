@@ -34,6 +34,7 @@ from medqa_core.measure.timing import (
     synchronize,
 )
 from medqa_core.results.benchcase import BenchCase
+from medqa_core.results.measurements import Energy, Memory
 
 logger = logging.getLogger("medqa_core.bench")
 
@@ -248,14 +249,14 @@ class Case:
             values.append(timer.elapsed_s)
         return Stats.from_values(values)
 
-    def joules_per(self, rounds: Rounds, units_per_round: float) -> float | str:
-        """Energy per unit (token, question) over the timed rounds, or ``"unavailable"``."""
-        if rounds.joules is None:
-            return "unavailable"
-        return rounds.joules / (units_per_round * len(rounds.times_s))
+    def energy(self, rounds: Rounds, tokens_per_round: float | None = None,
+               questions_per_round: float | None = None) -> Energy:
+        """Energy of the timed rounds, per token and per question (None without a meter)."""
+        return Energy.from_rounds(rounds.joules, len(rounds.times_s), tokens_per_round, questions_per_round)
 
-    def memory_info(self, rounds: Rounds) -> dict[str, Any]:
-        return {"peak_mem_gib": rounds.peak_mem_gib, "host_rss_gib": host_rss_gib()}
+    def memory(self, rounds: Rounds) -> Memory:
+        """Device peak over the rounds and host resident memory now (a run record's Memory holds its peak)."""
+        return Memory(peak_mem_gib=rounds.peak_mem_gib, host_rss_gib=host_rss_gib())
 
     def session_info(self, session: Session) -> dict[str, Any]:
         """What every case of ours records about the loaded model (as a run record does)."""

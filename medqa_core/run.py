@@ -478,7 +478,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
             lap("train")
             if curve is not None:  # the curve's scoring ran between steps: its own phase, not training's
                 phases["curve"], phases["train"] = curve.seconds, phases["train"] - curve.seconds
-            compile_s = (results["train"].compile or {}).get("warmup_s", 0.0)
+            compiled = results["train"].compile
+            compile_s = (compiled.warmup_s or 0.0) if compiled else 0.0
             phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
@@ -512,7 +513,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         wall_time_s=time.perf_counter() - started, failure=failure,
         phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
                   if k in phases},
-        profile=memory_promise(cfg, profile_chosen_by, results["train"].peak_mem_gib if results["train"] else None)
+        profile=memory_promise(cfg, profile_chosen_by,
+                               results["train"].memory.peak_mem_gib if results["train"] else None)
         if trains else None,
         eval_curve=tuple(curve.points) if curve is not None and curve.points else None,
     )

@@ -70,16 +70,17 @@ def test_train_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     cases = _cases(bench_run)
     reference, ours = cases["test_train_reference"]["extra_info"], cases["test_train_ours[sdpa]"]["extra_info"]
     for info in (reference, ours):
-        assert info["tokens_per_s"] > 0
-        assert info["step_time_s_median"] > 0 and info["step_time_s_iqr"] >= 0
+        tp = info["throughput"]  # the TrainThroughput a run record's train.throughput holds (case schema 3)
+        assert tp["tokens_per_s"] > 0
+        assert tp["step_time_s_median"] > 0 and tp["step_time_s_iqr"] >= 0
         # What a run reports: the timed rounds' real tokens over their summed time, each round a distinct batch.
         assert len(info["tokens_per_round"]) == info["timed_rounds"] == 2
         assert len(set(info["tokens_per_round"])) == 2  # two different batches of the loop's order
-        assert info["tokens_per_s"] == pytest.approx(sum(info["tokens_per_round"]) / sum(info["round_times_s"]))
+        assert tp["tokens_per_s"] == pytest.approx(sum(info["tokens_per_round"]) / sum(info["round_times_s"]))
         assert info["tokens_per_step"] <= info["padded_tokens_per_step"]  # real tokens only: pads are left out
-        assert "peak_mem_gib" in info and info["host_rss_gib"] > 0
-        assert info["mfu"] == pytest.approx(info["model_flops_per_s"] / info["peak_bf16_flops_per_s"])
-        assert info["mfu_datasheet"] is None or info["backend"] != "cpu"  # no datasheet peak for a CPU
+        assert "peak_mem_gib" in info["memory"] and info["memory"]["host_rss_gib"] > 0
+        assert tp["mfu_measured"] == pytest.approx(tp["model_flops_per_s"] / tp["measured_peak_flops_per_s"])
+        assert tp["mfu_datasheet"] is None or info["backend"] != "cpu"  # no datasheet peak for a CPU
         assert info["compute_dtype"] in ("bfloat16", "float32")
         assert info["quantization"]["method"] == "bnb-nf4"
         assert info["attention"]["requested"] == "sdpa" and info["attention"]["ran"].startswith("sdpa")
@@ -90,7 +91,8 @@ def test_train_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     assert ours["arm"] == "ours"
     # Both arms stepped on the same examples.
     assert ours["tokens_per_step"] == reference["tokens_per_step"]
-    assert ours["speedup_vs_reference"] == pytest.approx(ours["tokens_per_s"] / reference["tokens_per_s"])
+    assert ours["speedup_vs_reference"] == pytest.approx(ours["throughput"]["tokens_per_s"]
+                                                         / reference["throughput"]["tokens_per_s"])
 
 
 def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
@@ -119,10 +121,10 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
         assert static["graph"] == ("none: graphs need a GPU" if not torch.cuda.is_available() else
                                    "HIP graph" if torch.version.hip else "CUDA graph")
     scoring = cases["test_scoring[sdpa]"]["extra_info"]
-    assert scoring["questions_per_s"] > 0 and scoring["questions"] == 6
+    assert scoring["scoring"]["questions_per_s"] > 0 and scoring["questions"] == 6
     for info in (prefill, *decodes, scoring):
-        energy = info["joules_per_token"]
-        assert energy is None or energy > 0  # null: no energy meter here (case schema 2)
+        energy = info["energy"]["joules_per_token"]
+        assert energy is None or energy > 0  # null: no energy meter here
 
 
 def test_every_case_reads_through_the_schema_and_a_headline_is_printed(bench_run: dict[str, Any]) -> None:
@@ -157,7 +159,7 @@ def test_machine_info_has_fingerprint_and_ceilings(bench_run: dict[str, Any]) ->
     assert hardware["matmul_bf16_flops_per_s"] > 0 and hardware["copy_bandwidth_bytes_per_s"] > 0
     # The peak MFU divides by is the one measured in this run.
     train = _cases(bench_run)["test_train_ours[sdpa]"]["extra_info"]
-    assert train["peak_bf16_flops_per_s"] == hardware["matmul_bf16_flops_per_s"]
+    assert train["throughput"]["measured_peak_flops_per_s"] == hardware["matmul_bf16_flops_per_s"]
     assert hardware["energy_meter"] in ("nvml", "amdsmi", "unavailable")
 
 
@@ -169,7 +171,7 @@ def test_oom_is_recorded_and_the_suite_goes_on(bench_run: dict[str, Any]) -> Non
     assert {k: info[k] for k in ("arm", "attention_requested", "batch_size", "seq_len")} == {
         "arm": "ours", "attention_requested": "sdpa", "batch_size": 2, "seq_len": 32}
     assert oom["message"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert oom["phase"] == "warm-up round 1" and oom["kind"] == "oom" and info["schema_version"] == 2
+    assert oom["phase"] == "warm-up round 1" and oom["kind"] == "oom" and info["schema_version"] == 3
     assert "memory_allocated_gib" in oom and oom["host_rss_gib"] > 0  # None on CPU: not tracked there
     assert "ttft_s_median" not in cases[OOM_CASE]["extra_info"]  # no figures from a case that did not run
     # Every other case ran after it (ours' train step comes last) and was saved without an OOM.
@@ -191,9 +193,9 @@ def test_profile_cases_record_their_settings(bench_run: dict[str, Any]) -> None:
     capped = cases[f"test_train_profile[sdpa-{CAPPED}]"]["extra_info"]
     assert {k: eager["compile"][k] for k in ("requested", "ran", "detail", "graphs", "recompiles")} == \
         {"requested": "off", "ran": False, "detail": "off", "graphs": 0, "recompiles": 0}
-    assert eager["batch_size"] == 2 and eager["tokens_per_s"] > 0 and eager["speedup_vs_reference"] > 0
+    assert eager["batch_size"] == 2 and eager["throughput"]["tokens_per_s"] > 0 and eager["speedup_vs_reference"] > 0
     assert (capped["batch_size"], capped["checkpoint_layers"], capped["gradient_checkpointing"]) == (3, 1, True)
     assert capped["memory_cap_gib"] == MEMORY_CAP_GIB["capped"]
     # No device peak on CPU: whether the cap held is unknown, not claimed.
-    peak = capped["peak_mem_gib"]
+    peak = capped["memory"]["peak_mem_gib"]
     assert capped["within_memory_cap"] is (None if peak is None else peak <= MEMORY_CAP_GIB["capped"])

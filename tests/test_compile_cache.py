@@ -24,7 +24,7 @@ def _train(model_dir: Path, out: Path, cache: Path, inductor_cache: Path) -> dic
                           capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = (out / "results").glob("*.json")
-    return load_record(record).train.compile
+    return load_record(record).train.compile.to_dict()
 
 
 @pytest.mark.slow

@@ -90,9 +90,9 @@ def test_compiled_layers_under_two_ranks_train_as_eager(tiny_model_dir, tmp_path
     assert_same_curve(one_process.train.loss_per_step, two.loss_per_step)
     why_not = compile_unavailable(torch.device("cpu"))
     if why_not is None:  # Inductor runs here: every graph compiled before step 1, none while training
-        assert two.compile["ran"] and two.compile["graphs"] > 0 and two.compile["recompiles"] == 0
+        assert two.compile.ran and two.compile.graphs > 0 and two.compile.recompiles == 0
     else:
-        assert not two.compile["ran"] and two.compile["detail"] == f"eager: {why_not}"
+        assert not two.compile.ran and two.compile.detail == f"eager: {why_not}"
 
 
 # ---- token-balanced split -----------------------------------------------------------------------------

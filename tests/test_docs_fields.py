@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medqa_core.cli import build_parser
 from medqa_core.engine.config import PRESETS
+from medqa_core.results.measurements import MEASUREMENTS
 from medqa_core.results.record import EvalResult, RunRecord, TrainResult
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -24,6 +25,15 @@ def test_run_record_doc_names_every_field_of_a_record():
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in _words(section)]
         assert not missing, f"docs/run-record.md does not name {cls.__name__} fields {missing}"
     assert "`phases_s`" in section and "`mfu_datasheet`" in section
+
+
+def test_run_record_doc_names_every_field_of_each_measurement():
+    text = (DOCS / "run-record.md").read_text()
+    section = text[text.index("## Measurements"):text.index("## Run record")]
+    for cls in MEASUREMENTS.values():
+        assert f"`{cls.__name__}`" in section
+        missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in section]
+        assert not missing, f"docs/run-record.md does not name {cls.__name__} fields {missing}"
 
 
 def test_usage_doc_names_every_preset_the_cache_and_every_command():

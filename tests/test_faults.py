@@ -711,7 +711,7 @@ def test_a_malformed_line_past_the_train_limit_stops_the_run(tmp_path, capsys):
     assert len(load_medqa(write_jsonl(tmp_path / "ok.jsonl", [QUESTION] * 3), limit=2)) == 2
 
 
-@pytest.mark.parametrize(("part", "field"), [("train", "tokens_per_s"), ("eval_after", "accuracy")])
+@pytest.mark.parametrize(("part", "field"), [("train", "throughput"), ("eval_after", "accuracy")])
 def test_a_record_missing_a_field_names_it(tmp_path, part, field):
     from test_record import make_record
 

@@ -27,6 +27,7 @@ from medqa_core.gate.cases import cases_from_record
 from medqa_core.gate.checks import speed_check
 from medqa_core.gate.decide import gate_cases
 from medqa_core.gate.thresholds import GateError, Thresholds, find_pyproject, load_thresholds, read_gate_table
+from medqa_core.results.measurements import Memory, TrainThroughput
 from medqa_core.results.record import SCHEMA_VERSION, EvalResult, QuestionResult, RunRecord, TrainResult, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +41,12 @@ def _train(step_times: np.ndarray, peak_mem_gib: float | None = 10.0, tokens_per
     q1, q3 = np.percentile(timed, [25, 75])
     return TrainResult(
         steps=len(step_times), epochs=1.0, n_examples=8 * len(step_times), tokens=tokens_per_step * len(step_times),
-        timed_steps=len(timed), train_time_s=sum(timed), tokens_per_s=tokens_per_step * len(timed) / sum(timed),
-        step_time_s_median=statistics.median(timed), step_time_s_iqr=float(q3 - q1),
+        timed_steps=len(timed), train_time_s=sum(timed),
+        throughput=TrainThroughput(tokens_per_s=tokens_per_step * len(timed) / sum(timed),
+                                   step_time_s_median=statistics.median(timed), step_time_s_iqr=float(q3 - q1)),
+        memory=Memory(peak_mem_gib=peak_mem_gib, host_peak_rss_gib=2.0),
         loss_per_step=tuple(2.0 - 0.05 * i for i in range(len(step_times))),
-        step_time_s=tuple(float(t) for t in step_times), peak_mem_gib=peak_mem_gib, host_peak_rss_gib=2.0)
+        step_time_s=tuple(float(t) for t in step_times))
 
 
 def _eval(n_wrong_extra: int = 0) -> EvalResult:
@@ -331,7 +334,8 @@ def _noisy_run(seed: int) -> RunRecord:
     within +-NOISE/4 of 2 GiB, and the same scores (the same command scores bit for bit on CPU)."""
     rng = np.random.default_rng(seed)
     train = _train(0.5 * rng.uniform(1 - NOISE, 1 + NOISE, 12))
-    train = dataclasses.replace(train, host_peak_rss_gib=2.0 * rng.uniform(1 - NOISE / 4, 1 + NOISE / 4))
+    train = dataclasses.replace(train, memory=Memory(peak_mem_gib=train.memory.peak_mem_gib,
+                                                     host_peak_rss_gib=2.0 * rng.uniform(1 - NOISE / 4, 1 + NOISE / 4)))
     return make_record(train=train, eval_before=_eval(), eval_after=_eval())
 
 
@@ -542,7 +546,7 @@ def test_a_nan_figure_is_blamed_on_its_own_side(tmp_path, capsys):
     code, out, _ = _gate_files(tmp_path, json.loads(CI_BASELINE.read_text()), candidate, capsys)
     out = _flat(out)
     assert code == 4 and (f"scoring questions/s cannot be judged: candidate {tmp_path / 'candidate.json'}: "
-                          "test_scoring[sdpa]: extra_info.questions_per_s = nan") in out
+                          "test_scoring[sdpa]: extra_info.scoring.questions_per_s = nan") in out
     assert "baseline " + str(tmp_path / "baseline.json") + ":" not in out
 
 

@@ -75,7 +75,8 @@ RECORD_CASES = {
     "accuracy inf": (lambda d: d["eval_after"].__setitem__("accuracy", math.inf),
                      "record: accuracy (fine-tuned) cannot be judged: candidate {c}: eval_after.accuracy = inf"),
     "train tokens/s inf": (lambda d: d["train"].__setitem__("tokens_per_s", math.inf),
-                           "record: train tokens/s cannot be judged: candidate {c}: train.tokens_per_s = inf"),
+                           "record: train tokens/s cannot be judged: candidate {c}: "
+                           "train.throughput.tokens_per_s = inf"),
     "scoring questions/s -inf": (
         lambda d: d["eval_after"].__setitem__("questions_per_s", -math.inf),
         "record: scoring questions/s cannot be judged: candidate {c}: eval_after.questions_per_s = -inf"),

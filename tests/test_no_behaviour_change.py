@@ -5,7 +5,10 @@ tiny Mistral of ``conftest.py`` at commit a7ec99a (before the packages moved, is
 ``MEDQA_PARITY_WRITE_BEFORE=OUT.json pytest tests/test_no_behaviour_change.py``. Figures that depend on the
 clock or the machine (timings, throughput, resident memory, paths, the fingerprint) are compared by presence
 and type only; every other field must match: strings and integers exactly, losses and log-probabilities to
-1e-5 (CPU reductions may round differently). Renamed fields are listed in :data:`RENAMES`.
+1e-5 (CPU reductions may round differently). Renamed fields are listed in :data:`RENAMES`: run record schema 2
+(issue 28, one owner per figure) moved the flat train figures into the measurements a bench case shares,
+``train.throughput`` and ``train.memory``, values unchanged; :data:`CHANGED` lists the one value a schema bump
+changes by design.
 """
 
 from __future__ import annotations
@@ -23,17 +26,27 @@ FIXTURE = Path(__file__).resolve().parent / "data" / "run_before_house.json"
 ARGV = ["run", "--backend", "cpu", "--train-limit", "8", "--eval-limit", "8", "--max-steps", "3",
         "--batch-size", "4", "--lora-dropout", "0"]
 
-# Old field path -> new field path (dotted); none so far: the move renamed no field.
-RENAMES: dict[str, str] = {}
+# Old field path -> new field path (dotted): run record schema 2 nests the train figures (the move renamed none).
+RENAMES: dict[str, str] = {
+    **{f"train.{k}": f"train.throughput.{k}" for k in ("tokens_per_s", "step_time_s_median", "step_time_s_iqr",
+                                                         "model_flops_per_s", "mfu_datasheet", "datasheet_peak")},
+    "train.peak_mem_gib": "train.memory.peak_mem_gib",
+    "train.host_peak_rss_gib": "train.memory.host_peak_rss_gib",
+}
+# Fields whose value changed by design: (before, now).
+CHANGED: dict[str, tuple[Any, Any]] = {"schema_version": (1, 2)}
 # Fields other issues added since the fixture was written, with what this run (no lever, no curve, no
 # compile) must give: the move itself added none.
 ADDED: dict[str, Any] = {"numerics.fp8": None, "eval_curve": None, "config.train.fp8": False,
-                         "train.compile.cache": None}
+                         "train.compile.cache": None, "train.compile.recompiles_in_timed_rounds": None,
+                         # Memory's and TrainThroughput's fields a bench case fills and a run record does not.
+                         "train.memory.host_rss_gib": None, "train.throughput.mfu_measured": None,
+                         "train.throughput.measured_peak_flops_per_s": None}
 # Fields set by the clock, the machine or where the test ran: compared by presence and type.
 VARYING = re.compile(
     r"^(created_utc|wall_time_s|fingerprint(\..*)?|adapter_dir|config\.results_dir|config\.model\.path|model\.dir"
-    r"|train\.(train_time_s|tokens_per_s|step_time_s.*|host_peak_rss_gib|model_flops_per_s|peak_mem_gib"
-    r"|compile\.(compile_s|warmup_s))"
+    r"|train\.(train_time_s|throughput\.(tokens_per_s|step_time_s.*|model_flops_per_s)|step_time_s.*"
+    r"|memory\.(host_peak_rss_gib|peak_mem_gib)|compile\.(compile_s|warmup_s))"
     r"|phases_s\..*|eval_(before|after)\.(eval_time_s|questions_per_s|peak_mem_gib)|notes\.\d+)$")
 # Printed lines whose figures are timings or the machine: their label must be there, their text may differ.
 # Paths in every other line are masked.
@@ -102,6 +115,8 @@ def test_tiny_run_record_matches_the_record_before_the_move(tiny_model_dir, tmp_
     new = flatten(after["record"])
     for key, value in ADDED.items():
         assert new.pop(key) == value, key
+    for key, (was, now) in CHANGED.items():
+        assert old.pop(key) == was and new.pop(key) == now, key
     assert sorted(old) == sorted(new), (sorted(set(old) ^ set(new)))
     differ = [(k, old[k], new[k]) for k in old if not _same(k, old[k], new[k])]
     assert not differ, differ[:20]

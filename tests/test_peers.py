@@ -308,7 +308,7 @@ def test_missing_peer_is_a_saved_skip_with_its_reason(peer_bench: dict[str, Any]
         # The saved file carries the loader's own reason, and pytest reports the case skipped with it.
         assert info["skipped_reason"] == expected.value.reason
         assert (info["arm"], info["stack"], info["ran"], info["backend"]) == ("peer", stack, False, "cpu")
-        assert "tokens_per_s" not in info  # no figures from a case that did not run
+        assert "throughput" not in info  # no figures from a case that did not run
         assert expected.value.reason.split(";")[0] in peer_bench["stdout"]
     assert not UNSLOTH or "unsloth" not in cases["test_train_peer[unsloth]"]["skipped_reason"]
 
@@ -319,9 +319,11 @@ def test_peer_case_has_the_train_figures(peer_bench: dict[str, Any]) -> None:
     liger, big = cases["test_train_peer[liger]"], cases["test_train_peer[liger-batch]"]
     for info in (liger, big):
         assert info["ran"] is True and "skipped_reason" not in info
-        assert info["tokens_per_s"] == pytest.approx(sum(info["tokens_per_round"]) / sum(info["round_times_s"]))
+        assert info["throughput"]["tokens_per_s"] == pytest.approx(sum(info["tokens_per_round"])
+                                                                   / sum(info["round_times_s"]))
         assert len(info["loss_per_round"]) == info["timed_rounds"] == 2
-        assert info["speedup_vs_reference"] == pytest.approx(info["tokens_per_s"] / reference["tokens_per_s"])
+        assert info["speedup_vs_reference"] == pytest.approx(info["throughput"]["tokens_per_s"]
+                                                             / reference["throughput"]["tokens_per_s"])
         assert info["reference_batch_size"] == 2 and info["stack_version"] == "fake (no-op patch)"
         assert info["quantization"]["method"] == "bnb-nf4" and info["attention"]["ran"].startswith("sdpa")
     # Same batches as the reference at the same batch size; the fake patch changed nothing, so the same loss.
@@ -332,7 +334,8 @@ def test_peer_case_has_the_train_figures(peer_bench: dict[str, Any]) -> None:
     # Ours' cases of batch 2 (default and eager); the fastest is the headline.
     speedups = liger["ours_speedups_over_this_peer"]
     assert set(speedups) == {"test_train_ours[sdpa]", "test_train_profile[sdpa-eager]"}
-    assert speedups["test_train_ours[sdpa]"] == pytest.approx(ours["tokens_per_s"] / liger["tokens_per_s"])
+    assert speedups["test_train_ours[sdpa]"] == pytest.approx(ours["throughput"]["tokens_per_s"]
+                                                              / liger["throughput"]["tokens_per_s"])
     assert liger["ours_speedup_over_this_peer"] == max(speedups.values())
     assert liger["ours_case"] == max(speedups, key=speedups.__getitem__)
     # liger-batch at --peer-batch-size 3, where ours ran no case: no ratio claimed.

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from medqa_core.results.measurements import Memory, TrainThroughput
 from medqa_core.results.record import (
     SCHEMA_VERSION,
     EvalResult,
@@ -22,7 +23,8 @@ def make_record(**overrides) -> RunRecord:
     q = (QuestionResult("test.jsonl:1", 1, 1, (-1.5, -0.2, -2.0, -3.0)),
          QuestionResult("test.jsonl:2", 0, 3, (-1.0, -2.0, -2.5, -0.5)))
     ev = EvalResult("test.jsonl", 2, 0.5, (0.1, 0.9), 500, 1.0, 2.0, None, q)
-    tr = TrainResult(3, 1.0, 24, 6000, 2, 2.0, 2000.0, 1.0, 0.1, (2.0, 1.5, 1.2), (1.1, 1.0, 1.0), None, 1.5)
+    tr = TrainResult(3, 1.0, 24, 6000, 2, 2.0, TrainThroughput(2000.0, 1.0, 0.1), Memory(None, 1.5), (2.0, 1.5, 1.2),
+                     (1.1, 1.0, 1.0))
     fields = dict(kind="run", config={"backend": "auto"}, fingerprint={"backend": "cpu"},
                   model={"name": "tiny", "parameters": 10, "trainable_parameters": 1, "quantization": {}},
                   attention={"requested": "sdpa", "ran": "sdpa-math"}, train=tr, eval_before=ev, eval_after=ev,

@@ -18,6 +18,7 @@ from medqa_core.compare.tables import markdown_table
 from medqa_core.report.build import build_report
 from medqa_core.report.render import make_report
 from medqa_core.report.tables import metrics_table
+from medqa_core.results.measurements import Memory, TrainThroughput
 from medqa_core.results.record import (
     SCHEMA_VERSION,
     EvalResult,
@@ -49,8 +50,8 @@ def scores(seed: int, accuracy: float = 0.3, n: int = N, noise: float = 0.0, bas
 def make_record(backend: str = "cuda", gpu: str | None = "NVIDIA H100 80GB HBM3", seed: int = 0, noise: float = 0.0,
                 before: EvalResult | None = None, after: EvalResult | None = None, **overrides) -> RunRecord:
     loss = tuple(2.0 - 0.1 * i + (0.01 * seed if backend != "cuda" else 0.0) for i in range(10))
-    tr = TrainResult(10, 1.0, 80, 20_000, 8, 4.0, 4000.0 if backend == "cuda" else 3000.0, 0.5, 0.05, loss,
-                     (2.0, 1.0, 0.45, 0.5, 0.5, 0.55, 0.5, 0.48, 0.52, 0.5), 20.0, 3.0)
+    tr = TrainResult(10, 1.0, 80, 20_000, 8, 4.0, TrainThroughput(4000.0 if backend == "cuda" else 3000.0, 0.5, 0.05),
+                     Memory(20.0, 3.0), loss, (2.0, 1.0, 0.45, 0.5, 0.5, 0.55, 0.5, 0.48, 0.52, 0.5))
     fingerprint = {"backend": backend, "gpu_name": gpu, "cpu_model": "Xeon", "torch_version": "2.11.0",
                    "torch_hip": "7.0" if backend == "rocm" else None, "driver_version": "580", "hostname": "secret-box",
                    "packages": {"bitsandbytes": "0.50.2"}, "git_commit": "abc123"}
@@ -272,7 +273,7 @@ def test_unknown_files_are_refused_naming_found_and_expected(tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"accuracy": 0.7}))
     with pytest.raises(CompareError, match=r"other.json: found an object with keys accuracy; expected a run record "
-                                          r"\(schema_version 1, .*\) or a pytest-benchmark file"):
+                                          r"\(schema_version 2, .*\) or a pytest-benchmark file"):
         summarize_file(other)
     bench = tmp_path / "plain_bench.json"
     bench.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))

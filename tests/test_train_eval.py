@@ -85,7 +85,7 @@ def test_qlora_overfits_a_few_questions(tiny_config):
     assert sum(result.loss_per_step[-5:]) / 5 < result.loss_per_step[0] - 0.8
     assert before.accuracy < 1.0 and after.accuracy == 1.0
     assert result.tokens == 30 * sum(e.n_tokens for e in examples)
-    assert result.tokens_per_s > 0 and result.peak_mem_gib is None  # CPU: no device memory figure
+    assert result.throughput.tokens_per_s > 0 and result.memory.peak_mem_gib is None  # CPU: no device memory figure
 
 
 def test_adapter_round_trip_gives_identical_logprobs(tiny_config, tmp_path):

@@ -26,10 +26,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
 
-from medqa_core.compare.inputs import device_label  # noqa: E402
+from medqa_core.compare.inputs import BenchFile, device_label, read_bench_file  # noqa: E402
 from medqa_core.report.run_summary import summary_lines  # noqa: E402
 from medqa_core.results.benchcase import BenchCase  # noqa: E402
 from medqa_core.results.record import RunRecord, load_record  # noqa: E402
+from medqa_core.results.runset import read_runset  # noqa: E402
 
 logger = logging.getLogger("gen_docs")
 # Files whose generated blocks this tool keeps current.
@@ -61,8 +62,8 @@ def single_runs(results: Path, pattern: str) -> list[Path]:
     (``runsets`` block), and their settings are a set's, not the embedded default's."""
     in_sets: set[Path] = set()
     for runset in result_files(results, "runsets/*.json"):
-        for run in _json(runset).get("runs", ()):
-            in_sets.add((runset.parent / run["path"]).resolve())
+        for run in read_runset(runset).runs:
+            in_sets.add((runset.parent / run.path).resolve())
     return [p for p in result_files(results, pattern) if p.resolve() not in in_sets]
 
 
@@ -71,12 +72,15 @@ def _targets() -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def _cases(data: dict) -> dict[str, BenchCase]:
-    """A bench file's cases by name, read through the one schema."""
-    return {b["name"]: BenchCase.from_extra_info(b["extra_info"], b["name"]) for b in data["benchmarks"]}
+@cache
+def _bench(path: Path) -> BenchFile:
+    """A bench file, read once through the one reader (medqa_core.compare.inputs: cases migrated to the schema)."""
+    return read_bench_file(path)
 
 
 def _json(path: Path) -> dict:
+    """A trace file (results/traces/: measure/trace.py's and bench/profile_nf4_kernel.py's output), which
+    neither the report nor the gate reads; run records and bench files go through :func:`_bench` and load_record."""
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -107,10 +111,11 @@ def runs_table(results: Path) -> str:
         quant = "bf16" if q["method"] == "none" else f"{q['quant_type']} b{q['blocksize']}"
         speed = peak = step = "-"
         if tr is not None:
-            speed = f"{tr.tokens_per_s:,.0f}"
-            step = f"{1000 * tr.step_time_s_median:.0f} ms ({1000 * tr.step_time_s_iqr:.0f})"
-            peak = (f"{tr.peak_mem_gib:.1f} GiB" if tr.peak_mem_gib is not None
-                    else f"host {tr.host_peak_rss_gib:.1f} GiB")
+            tp, memory = tr.throughput, tr.memory
+            speed = f"{tp.tokens_per_s:,.0f}"
+            step = f"{1000 * tp.step_time_s_median:.0f} ms ({1000 * tp.step_time_s_iqr:.0f})"
+            peak = (f"{memory.peak_mem_gib:.1f} GiB" if memory.peak_mem_gib is not None
+                    else f"host {memory.host_peak_rss_gib:.1f} GiB")
         n = (r.eval_after or r.eval_before).n_questions if (r.eval_after or r.eval_before) else "-"
         rows.append(
             f"| [{path.name[:16]}](results/runs/{path.name}) | {_device(r.fingerprint)} "
@@ -146,8 +151,8 @@ def default_run_summary(results: Path) -> str:
     return "```text\n" + text + "\n```"
 
 
-def _bench_device(data: dict) -> str:
-    return _device(data["machine_info"].get("medqa_fingerprint", {}))
+def _bench_device(bench: BenchFile) -> str:
+    return _device(bench.fingerprint)
 
 
 def _pct(x: float | None) -> str:
@@ -158,12 +163,12 @@ def bench_table(results: Path, only: str = "") -> str:
     """One row per case (whose name starts with ``only``) of each pytest-benchmark file under ``results/bench``."""
     rows = ["| file | device | case | headline |", "|---|---|---|---|"]
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        for name, case in _cases(data).items():
+        bench = _bench(path)
+        for name, case in bench.cases.items():
             if not name.startswith(only):
                 continue
             link = f"[{path.name}]({_link(results, path)})"
-            rows.append(f"| {link} | {_bench_device(data)} | `{name}` | {case.headline()} |")
+            rows.append(f"| {link} | {_bench_device(bench)} | `{name}` | {case.headline()} |")
     return "\n".join(rows)
 
 
@@ -184,14 +189,15 @@ def scaling_table(results: Path) -> str:
         ones = [o for _, o in gpu if o.train.world_size == 1 and o.fingerprint["gpu_name"] == r.fingerprint["gpu_name"]
                 and o.config["train"]["batch_size"] == batch // n and o.fingerprint.get("hostname")
                 == r.fingerprint.get("hostname")]
-        eff = f"{r.train.tokens_per_s / (n * ones[-1].train.tokens_per_s):.1%}" if n > 1 and ones else "-"
+        rate = r.train.throughput.tokens_per_s
+        eff = f"{rate / (n * ones[-1].train.throughput.tokens_per_s):.1%}" if n > 1 and ones else "-"
         reduce_ms = f"{1000 * r.train.all_reduce_s:.1f} ms" if r.train.all_reduce_s else "-"
         # Medians over the timed steps (record.StepImbalance); records before it was measured show "-".
         imb = r.train.step_imbalance
         spread = f"{imb.time_max_over_mean:.3f} | {imb.tokens_max_over_mean:.3f}" if imb else "- | -"
-        rows.append(f"| {n} | {r.fingerprint['gpu_name']} | {batch} ({batch // n}) | {r.train.tokens_per_s:,.0f} "
-                    f"| {r.train.tokens_per_s / n:,.0f} | {eff} | {reduce_ms} | {spread} "
-                    f"| {r.train.peak_mem_gib:.1f} GiB "
+        rows.append(f"| {n} | {r.fingerprint['gpu_name']} | {batch} ({batch // n}) | {rate:,.0f} "
+                    f"| {rate / n:,.0f} | {eff} | {reduce_ms} | {spread} "
+                    f"| {r.train.memory.peak_mem_gib:.1f} GiB "
                     f"| [{path.name[:16]}](results/runs/{path.name}) |")
     return "\n".join(rows)
 
@@ -237,12 +243,12 @@ def _newest_reference(results: Path, gpu: str) -> tuple[Path, BenchCase] | None:
     """The reference arm of the newest bench file of ``gpu`` that ran it, and the file."""
     found = None
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        if data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name") != gpu:
+        bench = _bench(path)
+        if bench.gpu_name != gpu:
             continue
-        ref = _cases(data).get("test_train_reference")
-        if ref is not None and ref.tokens_per_s and (found is None or data.get("datetime", "") >= found[0]):
-            found = (data.get("datetime", ""), path, ref)
+        ref = bench.cases.get("test_train_reference")
+        if ref is not None and ref.tokens_per_s and (found is None or bench.datetime >= found[0]):
+            found = (bench.datetime, path, ref)
     return found[1:] if found else None
 
 
@@ -262,20 +268,20 @@ def profile_targets(results: Path) -> str:
     rows = ["| card | profile | real run: tokens/s | peak (promise) | held | vs the reference | target | met | files |",
             "|---|---|---|---|---|---|---|---|---|"]
     for (gpu, name), (path, r) in sorted(newest.items(), key=lambda kv: (kv[0][0], list(targets).index(kv[0][1]))):
-        want, tr = targets[name], r.train
+        want, rate, peak = targets[name], r.train.throughput.tokens_per_s, r.train.memory.peak_mem_gib
         ref = _newest_reference(results, gpu)
-        ratio = tr.tokens_per_s / ref[1].tokens_per_s if ref else None
+        ratio = rate / ref[1].tokens_per_s if ref else None
         cap = MEMORY_CAP_GIB[name]
-        held = tr.peak_mem_gib is not None and tr.peak_mem_gib <= cap
+        held = peak is not None and peak <= cap
         goal = [f"<= {want['memory_gib']:g} GiB", f">= {want['speedup_vs_reference']:g}x"]
-        met = tr.peak_mem_gib is not None and tr.peak_mem_gib <= want["memory_gib"] and ratio is not None \
+        met = peak is not None and peak <= want["memory_gib"] and ratio is not None \
             and ratio >= want["speedup_vs_reference"]
         if "tokens_per_s" in want:
             goal.append(f">= {want['tokens_per_s']:,} tokens/s")
-            met = met and tr.tokens_per_s >= want["tokens_per_s"]
+            met = met and rate >= want["tokens_per_s"]
         ref_text = f"{ratio:.2f}x ({ref[1].tokens_per_s:,.0f} in [{ref[0].name}]({_link(results, ref[0])}))" \
             if ref else "no reference on this card"
-        rows.append(f"| {gpu} | `{name}` | {tr.tokens_per_s:,.0f} | {tr.peak_mem_gib:.1f} GiB (<= {cap:g}) | "
+        rows.append(f"| {gpu} | `{name}` | {rate:,.0f} | {peak:.1f} GiB (<= {cap:g}) | "
                     f"{'yes' if held else 'no'} | {ref_text} | {', '.join(goal)} | {'yes' if met else 'no'} | "
                     f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows)
@@ -289,9 +295,9 @@ def lever_table(results: Path) -> str:
 
     def figure(ref: list[str]) -> tuple[str, BenchCase]:
         path = next(p for p in result_files(results, "bench/*/*.json") if p.name == ref[0])
-        case = _cases(_json(path))[ref[1]]
-        compiled = case.details.get("compile") or {}
-        eager = " (ran eagerly: no graph compiled)" if compiled.get("ran") and not compiled.get("graphs") else ""
+        case = _bench(path).cases[ref[1]]
+        compiled = case.compile
+        eager = " (ran eagerly: no graph compiled)" if compiled and compiled.ran and not compiled.graphs else ""
         return (f"{case.tokens_per_s:,.0f} tokens/s, {case.peak_mem_gib:.1f} GiB, `{case.profile}`{eager} "
                 f"[{path.name[:4]}]({_link(results, path)})", case)
 
@@ -333,8 +339,8 @@ def lever_curves(results: Path) -> str:
     rows = ["| file | device | lever | steps | max abs diff (nats) | max / mean loss | within the tolerance |",
             "|---|---|---|---|---|---|---|"]
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        for name, c in _cases(data).items():
+        bench = _bench(path)
+        for name, c in bench.cases.items():
             gap = c.details.get("curve_gap")
             if not (name.startswith("test_lever_loss_curve") and gap):
                 continue
@@ -342,7 +348,7 @@ def lever_curves(results: Path) -> str:
             # Before the adapter was reset per case, the cases before had trained it on these very batches.
             verdict = "not a comparison: the default curve is ~0 (the adapter had learnt these batches)" \
                 if sum(default) / len(default) < 0.01 else ("yes" if gap["within_tolerance"] else "no")
-            rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(data)} | "
+            rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} | "
                         f"{c.details.get('lever')} | {gap['steps']} | {gap['max_abs_diff']:.4f} | "
                         f"{_pct(gap['relative'])} (<= {_pct(c.details['tolerance'])}) | {verdict} |")
     return "\n".join(rows) if len(rows) > 2 else "(no lever loss-curve case committed yet)"
@@ -355,9 +361,9 @@ def bench_vs_run(results: Path) -> str:
             "| compile before step 1, recompiles | run wall time | files |",
             "|---|---|---|---|---|---|---|---|---|"]
     runs = [(p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")]
-    for f, data in _latest_gpu_benches(results):
-        cases = _cases(data)
-        gpu = data["machine_info"]["medqa_fingerprint"].get("gpu_name")
+    for f, bench in _latest_gpu_benches(results):
+        cases = bench.cases
+        gpu = bench.gpu_name
         scoring = next((c for n, c in cases.items() if n.startswith("test_scoring")), None)
         for name, case in cases.items():
             if not name.startswith("test_train_profile") or case.tokens_per_s is None:
@@ -372,8 +378,8 @@ def bench_vs_run(results: Path) -> str:
             q = (f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after
                  else "-")
             rows.append(f"| {gpu} | `{case.profile}` | {case.tokens_per_s:,.0f} ({case.peak_mem_gib:.1f} GiB) | "
-                        f"{tr.tokens_per_s:,.0f} ({tr.peak_mem_gib:.1f} GiB) "
-                        f"| {tr.tokens_per_s / case.tokens_per_s:.2f} | {q} | {c} | {r.wall_time_s:.0f} s "
+                        f"{tr.throughput.tokens_per_s:,.0f} ({tr.memory.peak_mem_gib:.1f} GiB) "
+                        f"| {tr.throughput.tokens_per_s / case.tokens_per_s:.2f} | {q} | {c} | {r.wall_time_s:.0f} s "
                         f"| [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
                         f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows) if len(rows) > 2 else "(no GPU bench file with a matching real run yet)"
@@ -381,21 +387,20 @@ def bench_vs_run(results: Path) -> str:
 
 def peers_table(results: Path) -> str:
     """Stack x device: the newest bench file with peer arms per card, each stack ran or skipped (and why)."""
-    newest: dict[str, tuple[str, Path, dict]] = {}
+    newest: dict[str, tuple[str, Path, BenchFile]] = {}
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        ran = [b for b in data["benchmarks"] if b["name"].startswith("test_train_peer")
-               and b["extra_info"].get("tokens_per_s") is not None]
+        bench = _bench(path)
+        ran = [n for n, c in bench.cases.items() if n.startswith("test_train_peer") and c.tokens_per_s is not None]
         if ran:  # a file where at least one peer stack ran (skips alone are listed in docs/peers.md's own runs)
-            device = device_label(data["machine_info"].get("medqa_fingerprint", {}))
-            found = (data.get("datetime", ""), path, data)
+            device = device_label(bench.fingerprint)
+            found = (bench.datetime, path, bench)
             newest[device] = max(newest.get(device, found), found, key=lambda f: f[0])
     if not newest:
         return "(no bench file with peer arms yet)"
     rows = ["| device | stack | batch | real tokens/s | peak memory | vs the reference | ours over it | file |",
             "|---|---|---|---|---|---|---|---|"]
-    for device, (_, path, data) in sorted(newest.items()):
-        cases = _cases(data)
+    for device, (_, path, bench) in sorted(newest.items()):
+        cases = bench.cases
         ours = {c.batch_size: c for n, c in cases.items() if c.arm == "ours" and c.tokens_per_s}
         for name, c in ((n, c) for n, c in cases.items() if n.startswith("test_train")):
             if c.arm == "ours":
@@ -419,25 +424,26 @@ def peers_table(results: Path) -> str:
 
 
 def tr_compile(record: RunRecord) -> str:
-    c = (record.train.compile or {}) if record.train else {}
-    if not c.get("ran"):
+    c = record.train.compile if record.train else None
+    if not (c and c.ran):
         return "not compiled"
-    return f"{c.get('warmup_s', 0):.0f} s ({c.get('graphs', '?')} graphs), {c.get('recompiles', '?')}"
+    return (f"{c.warmup_s or 0:.0f} s ({'?' if c.graphs is None else c.graphs} graphs), "
+            f"{'?' if c.recompiles is None else c.recompiles}")
 
 
-def _latest_gpu_benches(results: Path) -> list[tuple[str, dict]]:
-    """(``machine folder/file name``, data) of the newest bench file with training profiles, one per GPU model."""
-    newest: dict[str, tuple[str, str, dict]] = {}
+def _latest_gpu_benches(results: Path) -> list[tuple[str, BenchFile]]:
+    """(``machine folder/file name``, file) of the newest bench file with training profiles, one per GPU model."""
+    newest: dict[str, tuple[str, str, BenchFile]] = {}
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        gpu = data["machine_info"].get("medqa_fingerprint", {}).get("gpu_name")
-        names = [b["name"] for b in data["benchmarks"]]
+        bench = _bench(path)
+        gpu = bench.gpu_name
+        names = [e.name for e in bench.entries]
         # A full bench run: training profiles and scoring (a peers-only or decode-only file is not one).
         if gpu and any(n.startswith("test_train_profile") for n in names) and any(n.startswith("test_scoring")
                                                                                   for n in names):
-            found = (data.get("datetime", ""), f"{path.parent.name}/{path.name}", data)
+            found = (bench.datetime, f"{path.parent.name}/{path.name}", bench)
             newest[gpu] = max(newest.get(gpu, found), found, key=lambda f: f[:2])
-    return [(f, data) for _, f, data in sorted(newest.values(), key=lambda f: f[1])]
+    return [(f, bench) for _, f, bench in sorted(newest.values(), key=lambda f: f[1])]
 
 
 def performance_table(results: Path) -> str:
@@ -445,17 +451,17 @@ def performance_table(results: Path) -> str:
     runs = _latest_gpu_benches(results)
     if not runs:
         return "(no GPU bench run with training profiles yet)"
-    return "\n\n".join(_performance_rows(f, data) for f, data in runs)
+    return "\n\n".join(_performance_rows(f, bench) for f, bench in runs)
 
 
-def _performance_rows(f: str, data: dict) -> str:
+def _performance_rows(f: str, bench: BenchFile) -> str:
     """One run's table: ours beside the reference arm measured in the same run, against docs/targets.toml."""
     targets = _targets()
-    cases = _cases(data)
-    medians = {b["name"]: b["stats"]["median"] for b in data["benchmarks"]}
+    cases = bench.cases
+    medians = {e.name: e.median_s for e in bench.entries}
     ours = [c for n, c in cases.items() if n.startswith("test_train_ours") or n.startswith("test_train_profile")]
     ref = cases["test_train_reference"]
-    rows = [f"Run: [{f.split('/')[-1]}](results/bench/{f}), {_bench_device(data)}; the reference ran "
+    rows = [f"Run: [{f.split('/')[-1]}](results/bench/{f}), {_bench_device(bench)}; the reference ran "
             f"{ref.tokens_per_s:,.0f} real tokens/s at {ref.peak_mem_gib:.1f} GiB in it.", "",
             "| target | measured | met |", "|---|---|---|"]
     want = targets["memory_capped"]["speedup_vs_reference"]
@@ -465,14 +471,16 @@ def _performance_rows(f: str, data: dict) -> str:
                     f"reference | {e.peak_mem_gib:.1f} GiB, {e.tokens_per_s:,.0f} tokens/s = {ratio:.2f}x "
                     f"(batch {e.batch_size}, {e.checkpoint_layers} of the layers recomputed) "
                     f"| {'yes' if e.within_memory_cap and ratio >= want else 'no'} |")
-    e = max(ours, key=lambda e: e.mfu or 0)
+    e = max(ours, key=lambda e: (e.throughput and e.throughput.mfu_measured) or 0)
+    tp = e.throughput
     mfu = targets["max_speed"]["mfu"]
-    met = "yes" if (e.mfu or 0) >= mfu else "no"
-    datasheet = "" if e.mfu_datasheet is None else f" ({_pct(e.mfu_datasheet)} of the datasheet dense peak)"
+    met = "yes" if (tp.mfu_measured or 0) >= mfu else "no"
+    datasheet = "" if tp.mfu_datasheet is None else f" ({_pct(tp.mfu_datasheet)} of the datasheet dense peak)"
     rows.append(f"| max-speed (`{e.profile or 'default'}`): MFU >= {100 * mfu:g}% of the measured peak | "
-                f"{_pct(e.mfu)}{datasheet} at {e.tokens_per_s:,.0f} tokens/s ({e.speedup_vs_reference:.2f}x the "
+                f"{_pct(tp.mfu_measured)}{datasheet} at {e.tokens_per_s:,.0f} tokens/s "
+                f"({e.speedup_vs_reference:.2f}x the "
                 f"reference), batch {e.batch_size}, {e.peak_mem_gib:.1f} GiB | {met} |")
-    rows.append(_train_split_row(targets["train_split"], e, data))
+    rows.append(_train_split_row(targets["train_split"], e, bench))
     scoring = targets["scoring"]
     for name, e in ((n, c) for n, c in cases.items() if n.startswith("test_scoring")):
         round_s = medians[name]  # a round also tokenizes the questions
@@ -485,10 +493,10 @@ def _performance_rows(f: str, data: dict) -> str:
     return "\n".join(rows)
 
 
-def _train_split_row(split: dict, e: BenchCase, data: dict) -> str:
+def _train_split_row(split: dict, e: BenchCase, bench: BenchFile) -> str:
     """Time to result on the train split: a real run of it where one is committed, else the committed 2-epoch dev
     run of the same profile and card scaled by question count (stated as such), else the bench's arithmetic."""
-    gpu = data["machine_info"]["medqa_fingerprint"].get("gpu_name")
+    gpu = bench.gpu_name
     runs = [(p, load_record(p)) for p in result_files(ROOT / "results", "runs/*_run_*_cuda_*.json")]
     runs = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
             and _profile_of(r.config["train"]) == e.profile and r.config["train"].get("epochs") == split["epochs"]
@@ -498,7 +506,7 @@ def _train_split_row(split: dict, e: BenchCase, data: dict) -> str:
         path, r = runs[-1]
         tr = r.train
         scale = split["questions"] / tr.n_examples
-        compile_s = (tr.compile or {}).get("warmup_s", 0.0)
+        compile_s = (tr.compile.warmup_s or 0.0) if tr.compile else 0.0
         minutes = (sum(tr.step_time_s) * scale + compile_s) / 60
         return (head + f"{minutes:.1f} min: the run [{path.name[:16]}](results/runs/{path.name}) fine-tuned "
                 f"{tr.epochs:g} epochs of {tr.n_examples:,} dev questions in {sum(tr.step_time_s):.0f} s of steps "
@@ -527,8 +535,8 @@ def decode_table(results: Path) -> str:
     rows = ["| file | device | batch | compiled path | eager `generate` | compiled | speed-up | first call (compile) "
             "| joules/token eager, compiled |", "|---|---|---|---|---|---|---|---|---|"]
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        cases = _cases(data)
+        bench = _bench(path)
+        cases = bench.cases
         for name, compiled in cases.items():
             eager_name = re.sub(r"-(triton|bitsandbytes)\]$", "]",
                                 name.replace("test_decode_compiled", "test_decode_eager"))
@@ -537,9 +545,9 @@ def decode_table(results: Path) -> str:
                     and compiled.decode_tokens_per_s):
                 continue
             first = compiled.details.get("first_call_s") or compiled.details.get("first_generate_s")
-            joules = [e.joules_per_token for e in (eager, compiled)]
+            joules = [e.energy.joules_per_token if e.energy else None for e in (eager, compiled)]
             rows.append(
-                f"| [{path.name}]({_link(results, path)}) | {_bench_device(data)} "
+                f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} "
                 f"| {compiled.batch_size or 1} | {_decode_path(compiled)} "
                 f"| {eager.decode_tokens_per_s:,.1f} tokens/s ({_pct(eager.roofline_fraction)} of roofline) "
                 f"| {compiled.decode_tokens_per_s:,.1f} tokens/s ({_pct(compiled.roofline_fraction)}) "
@@ -560,13 +568,13 @@ def inference_table(results: Path) -> str:
     joules per token."""
     rows = ["| device | 4-bit kernel | batch | time to first token | prefill tokens/s | decode tokens/s "
             "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|"]
-    newest: dict[str, tuple[Path, dict]] = {}  # the newest file per device (files sort by number)
+    newest: dict[str, tuple[Path, BenchFile]] = {}  # the newest file per device (files sort by number)
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        if any(_nf4_arm(b["name"]) == "triton" for b in data["benchmarks"]):
-            newest[_bench_device(data)] = (path, data)
-    for path, data in newest.values():
-        cases = _cases(data)
+        bench = _bench(path)
+        if any(_nf4_arm(name) == "triton" for name in bench.cases):
+            newest[_bench_device(bench)] = (path, bench)
+    for path, bench in newest.values():
+        cases = bench.cases
         arms = {name: _nf4_arm(name) for name in cases if name.startswith("test_decode_compiled")}
         for name, arm in sorted(arms.items(), key=lambda kv: (kv[1] != "triton", cases[kv[0]].batch_size or 1)):
             e = cases[name]
@@ -574,9 +582,9 @@ def inference_table(results: Path) -> str:
                 continue
             batch = e.batch_size or 1
             prefill = cases.get(f"test_prefill[{e.attention_requested}-batch{batch}]")
-            joules = e.joules_per_token
+            joules = e.energy.joules_per_token if e.energy else None
             rows.append(
-                f"| {_bench_device(data)} | {'ours (Triton)' if arm == 'triton' else 'bitsandbytes'} | {batch} "
+                f"| {_bench_device(bench)} | {'ours (Triton)' if arm == 'triton' else 'bitsandbytes'} | {batch} "
                 f"| {f'{e.ttft_s_median * 1e3:,.0f} ms' if e.ttft_s_median else '-'} "
                 f"| {f'{prefill.prefill_tokens_per_s:,.0f}' if prefill and prefill.prefill_tokens_per_s else '-'} "
                 f"| {e.decode_tokens_per_s:,.0f} | {_pct(e.roofline_fraction)} "
@@ -715,7 +723,7 @@ def machine_times(results: Path) -> str:
     rows = ["| CPU | torch's CPU kernels | threads | compute dtype | wall time of `medqa-parity run` "
             "| per train step (median) | record |", "|---|---|---|---|---|---|---|"]
     for (cpu, kernels), (path, r) in sorted(newest.items()):
-        step = f"{1000 * r.train.step_time_s_median:.0f} ms" if r.train else "-"
+        step = f"{1000 * r.train.throughput.step_time_s_median:.0f} ms" if r.train else "-"
         wall = f"{r.wall_time_s:.0f} s" if r.wall_time_s is not None else "not recorded"
         dtype = (r.numerics or {}).get("compute_dtype", "bfloat16 (before --dtype)")
         rows.append(f"| {cpu} | {kernels} | {r.fingerprint.get('cpu_cores_logical')} | {dtype} | {wall} | {step} "
@@ -729,15 +737,15 @@ def newest_per_device(results: Path) -> str:
     for path in single_runs(results, "runs/*_run_*.json"):
         r = load_record(path)
         acc = _acc(r.eval_after)
-        speed = f"{r.train.tokens_per_s:,.0f}" if r.train else "-"
+        speed = f"{r.train.throughput.tokens_per_s:,.0f}" if r.train else "-"
         found.setdefault(device_label(r.fingerprint), {})["record"] = (
             f"{r.model['name']}: {speed} train tokens/s, accuracy after {acc} "
             f"([{path.name[:16]}]({_link(results, path)}))")
     for path in result_files(results, "bench/*/*.json"):
-        data = _json(path)
-        train = [c for n, c in _cases(data).items() if n.startswith("test_train_ours") and c.tokens_per_s]
+        bench = _bench(path)
+        train = [c for n, c in bench.cases.items() if n.startswith("test_train_ours") and c.tokens_per_s]
         if train:
-            device = device_label(data["machine_info"].get("medqa_fingerprint", {}))
+            device = device_label(bench.fingerprint)
             found.setdefault(device, {})["bench"] = (f"{train[0].model}: {train[0].headline()} "
                                                      f"([{path.name}]({_link(results, path)}))")
     rows = ["| device | newest run record | newest bench file (our train step) |", "|---|---|---|"]

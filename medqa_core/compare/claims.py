@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medqa_core.compare.inputs import device_label
 from medqa_core.compare.runsets import (
     DEFAULT_ALPHA,
     DEFAULT_LOSS_MARGIN_NATS,
@@ -140,8 +141,7 @@ class LoadedSet:
 
     @property
     def device(self) -> str:
-        fp = self.fingerprint
-        return str(fp.get("gpu_name") or fp.get("cpu_model") or "unknown device")
+        return device_label(self.fingerprint)
 
     @property
     def backend(self) -> str:

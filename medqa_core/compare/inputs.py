@@ -26,6 +26,7 @@ from medqa_core.results.accuracy import wilson_ci95
 from medqa_core.results.benchcase import DEFAULT_COMPUTE_DTYPE, BenchCase, BenchCaseError
 from medqa_core.results.dtypes import DTYPE_NAMES
 from medqa_core.results.failure import FailureError, OomFailure
+from medqa_core.results.measurements import MEASUREMENTS, measurement_fields
 from medqa_core.results.record import (
     SCHEMA_VERSION,
     EvalResult,
@@ -175,6 +176,90 @@ def read_json(path: Path) -> Any:
         raise CompareError(f"{path}: not JSON ({e}); expected a run record or a pytest-benchmark file") from e
 
 
+@dataclass(frozen=True)
+class BenchFile:
+    """A pytest-benchmark file saved by ``pytest bench/``, read once: the machine, when, and every case.
+
+    Attributes:
+        path: the file.
+        fingerprint: ``machine_info.medqa_fingerprint`` (medqa_core.measure.fingerprint).
+        datetime: when pytest-benchmark saved it ("" where not saved).
+        version: pytest-benchmark's version ("?" where not saved).
+        entries: the cases in file order, their extra_info read through BenchCase (migrated to its schema).
+        data: the parsed file (machine and commit info), for :func:`summarize_entries`.
+    """
+
+    path: str
+    fingerprint: Mapping[str, Any]
+    datetime: str
+    version: str
+    entries: tuple[BenchEntry, ...]
+    data: Mapping[str, Any]
+
+    @property
+    def cases(self) -> dict[str, BenchCase]:
+        """The cases by name."""
+        return {e.name: e.case for e in self.entries}
+
+    @property
+    def gpu_name(self) -> str | None:
+        """The card the file was benched on, or None (a CPU)."""
+        return self.fingerprint.get("gpu_name") or None
+
+
+ResultFile = RunRecord | BenchFile
+
+
+def read_result_file(path: str | Path) -> ResultFile:
+    """Read a run record or a pytest-benchmark file, once: the one reader the report, the gate and the docs
+    generator share (older schemas migrated on read, figures checked to be numbers).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The record (:class:`RunRecord`), or the benchmark file (:class:`BenchFile`).
+
+    Raises:
+        CompareError: neither kind of file, another schema version, or malformed fields; names the
+            file, what was found and what was expected.
+    """
+    path = Path(path)
+    data = read_json(path)
+    try:
+        if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+            return BenchFile(str(path), (data.get("machine_info") or {}).get("medqa_fingerprint") or {},
+                             str(data.get("datetime", "")), str(data.get("version", "?")),
+                             read_bench_entries(data, str(path)), data)
+        if isinstance(data, dict) and "schema_version" in data:
+            record = record_from_dict(data, where=str(path))
+            check_record_figures(record, str(path))
+            return record
+    except CompareError:
+        raise
+    except RecordError as e:
+        raise CompareError(str(e)) from e
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+        # A field of the wrong type or shape somewhere in a hand-edited or truncated-then-fixed file.
+        raise CompareError(f"{path}: malformed field ({type(e).__name__}: {e}); expected a file as "
+                          "pytest bench/ or medqa-parity wrote it") from e
+    found = f"an object with keys {', '.join(sorted(data)[:8])}" if isinstance(data, dict) else type(data).__name__
+    raise CompareError(f"{path}: found {found}; expected a run record (schema_version {SCHEMA_VERSION}, kind, "
+                      "fingerprint, ...) or a pytest-benchmark file (machine_info, benchmarks)")
+
+
+def read_bench_file(path: str | Path) -> BenchFile:
+    """:func:`read_result_file` of a file that must be a pytest-benchmark file.
+
+    Raises:
+        CompareError: unreadable, or a run record; names the file.
+    """
+    result = read_result_file(path)
+    if not isinstance(result, BenchFile):
+        raise CompareError(f"{path}: a run record; expected a pytest-benchmark file (machine_info, benchmarks)")
+    return result
+
+
 def summarize_file(path: str | Path) -> list[RunSummary]:
     """Read a run record (one summary) or a pytest-benchmark file (one per arm and kernel).
 
@@ -190,26 +275,24 @@ def summarize_file(path: str | Path) -> list[RunSummary]:
         CompareError: neither kind of file, another schema version, or malformed fields; names the
             file, what was found and what was expected.
     """
-    path = Path(path)
-    data = read_json(path)
+    return summarize_result(read_result_file(path), str(path))
+
+
+def summarize_result(result: ResultFile, path: str) -> list[RunSummary]:
+    """The summaries of a file :func:`read_result_file` read (a record: one; a bench file: one per arm and kernel).
+
+    Raises:
+        CompareError: a failure entry or a figure that cannot be read; names the file.
+    """
     try:
-        if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
-            return summarize_benchmark(data, str(path))
-        if isinstance(data, dict) and "schema_version" in data:
-            record = record_from_dict(data, where=str(path))
-            check_record_figures(record, str(path))
-            return [summarize_record(record, str(path))]
+        if isinstance(result, RunRecord):
+            return [summarize_record(result, path)]
+        return [summarize_entries(group, result.data, path) for group in group_entries(result.entries)]
     except CompareError:
         raise
-    except RecordError as e:
-        raise CompareError(str(e)) from e
     except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
-        # A field of the wrong type or shape somewhere in a hand-edited or truncated-then-fixed file.
         raise CompareError(f"{path}: malformed field ({type(e).__name__}: {e}); expected a file as "
                           "pytest bench/ or medqa-parity wrote it") from e
-    found = f"an object with keys {', '.join(sorted(data)[:8])}" if isinstance(data, dict) else type(data).__name__
-    raise CompareError(f"{path}: found {found}; expected a run record (schema_version {SCHEMA_VERSION}, kind, "
-                      "fingerprint, ...) or a pytest-benchmark file (machine_info, benchmarks)")
 
 
 def load_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None) -> list[RunSummary]:
@@ -266,9 +349,10 @@ def check_record_figures(record: RunRecord, where: str) -> None:
                 number(f"{phase}.questions[{i}].logprobs", x)
     tr = record.train
     if tr is not None:
-        for name in ("tokens_per_s", "step_time_s_median", "host_peak_rss_gib"):
-            number(f"train.{name}", getattr(tr, name))
-        number("train.peak_mem_gib", tr.peak_mem_gib, optional=True)
+        for name in ("tokens_per_s", "step_time_s_median"):
+            number(f"train.throughput.{name}", getattr(tr.throughput, name))
+        number("train.memory.host_peak_rss_gib", tr.memory.host_peak_rss_gib)
+        number("train.memory.peak_mem_gib", tr.memory.peak_mem_gib, optional=True)
         for name in ("loss_per_step", "step_time_s"):
             for x in getattr(tr, name):
                 number(f"train.{name}", x)
@@ -316,7 +400,11 @@ def _short_device(device: str, name_cpu: bool = False) -> str:
 
 
 def device_label(fp: Mapping[str, Any]) -> str:
-    """The device a fingerprint names: the GPU, or "CPU: <model>"."""
+    """The device a fingerprint names: the GPU, or "CPU: <model>".
+
+    The one function that builds a device's label: the report, the gate, run summaries, run sets, claims and
+    tools/gen_docs.py all call it (labels and tables may shorten it, as :func:`label_runs` does).
+    """
     return fp.get("gpu_name") or f"CPU: {fp.get('cpu_model') or 'unknown'}"
 
 
@@ -390,14 +478,14 @@ def record_invalid(record: RunRecord, path: str) -> tuple[InvalidFigure, ...]:
             out.append(InvalidFigure(path, "train", f"is null in a {record.kind} record of a job that finished",
                                      (*_TRAIN_SPEED, "host_rss_gib")))
     else:
-        finite("train.tokens_per_s", tr.tokens_per_s, _TRAIN_SPEED)
-        finite("train.step_time_s_median", tr.step_time_s_median, _TRAIN_SPEED)
+        finite("train.throughput.tokens_per_s", tr.throughput.tokens_per_s, _TRAIN_SPEED)
+        finite("train.throughput.step_time_s_median", tr.throughput.step_time_s_median, _TRAIN_SPEED)
         bad = [i for i, t in enumerate(tr.step_time_s) if not math.isfinite(t)]
         if bad:
             out.append(InvalidFigure(path, f"train.step_time_s[{bad[0]}]", f"= {tr.step_time_s[bad[0]]!r} ({len(bad)} "
                                      f"of {len(tr.step_time_s)} step times not finite)", _TRAIN_SPEED))
-        finite("train.host_peak_rss_gib", tr.host_peak_rss_gib, ("host_rss_gib",))
-        finite("train.peak_mem_gib", tr.peak_mem_gib, ("peak_mem_gib",))
+        finite("train.memory.host_peak_rss_gib", tr.memory.host_peak_rss_gib, ("host_rss_gib",))
+        finite("train.memory.peak_mem_gib", tr.memory.peak_mem_gib, ("peak_mem_gib",))
     for name, phase in (("eval_before", BASE), ("eval_after", FINE_TUNED)):
         ev = getattr(record, name)
         if ev is None:
@@ -462,10 +550,12 @@ def _record_metrics(record: RunRecord) -> dict[str, Metric]:
     if tr is not None:
         timed = np.asarray(tr.step_time_s[len(tr.step_time_s) - tr.timed_steps:], dtype=float)
         q1, q3 = (np.percentile(timed, [25, 75]) if timed.size else (math.nan, math.nan))
-        out["train_tokens_per_s"] = _rate(tr.tokens_per_s, tr.step_time_s_median, q1, q3)
-        out["step_time_s"] = Metric(tr.step_time_s_median, float(q1), float(q3))
-        out["host_rss_gib"] = Metric(tr.host_peak_rss_gib)
-    peaks = [x for x in (tr.peak_mem_gib if tr else None, *(e.peak_mem_gib for e in _evals(record))) if x is not None]
+        tp, memory = tr.throughput, tr.memory
+        out["train_tokens_per_s"] = _rate(tp.tokens_per_s, tp.step_time_s_median, q1, q3)
+        out["step_time_s"] = Metric(tp.step_time_s_median, float(q1), float(q3))
+        out["host_rss_gib"] = Metric(memory.host_gib)  # the process's peak: what a run record measures
+    peaks = [x for x in (tr.memory.peak_mem_gib if tr else None, *(e.peak_mem_gib for e in _evals(record)))
+             if x is not None]
     if peaks:
         out["peak_mem_gib"] = Metric(max(peaks))
     last = record.eval_after or record.eval_before
@@ -644,11 +734,11 @@ def summarize_entries(entries: Sequence[BenchEntry], data: Mapping[str, Any], pa
 
 
 # A bench case's extra_info field -> what the gate compares it as (the rest are shown, not gated).
-_BENCH_CHECKS = {"tokens_per_s": _TRAIN_SPEED, "step_time_s_median": _TRAIN_SPEED,
+_BENCH_CHECKS = {"throughput.tokens_per_s": _TRAIN_SPEED, "throughput.step_time_s_median": _TRAIN_SPEED,
                  "prefill_tokens_per_s": ("prefill_tokens_per_s",),
                  "decode_tokens_per_s": ("decode_tokens_per_s", "decode_compiled_tokens_per_s"),
-                 "questions_per_s": ("questions_per_s",), "peak_mem_gib": ("peak_mem_gib",),
-                 "host_rss_gib": ("host_rss_gib",), "accuracy": (BASE,)}
+                 "scoring.questions_per_s": ("questions_per_s",), "memory.peak_mem_gib": ("peak_mem_gib",),
+                 "memory.host_rss_gib": ("host_rss_gib",), "accuracy": (BASE,)}
 
 
 def bench_invalid(entry: BenchEntry, path: str) -> tuple[InvalidFigure, ...]:
@@ -674,11 +764,12 @@ def bench_invalid(entry: BenchEntry, path: str) -> tuple[InvalidFigure, ...]:
         if value is not None and not math.isfinite(value):
             out.append(InvalidFigure(path, f"{entry.name}: stats.{key}", f"= {value!r}", speed))
     c = entry.case
-    for f in dataclasses.fields(c):
-        value = getattr(c, f.name)
+    figures = [(f.name, getattr(c, f.name)) for f in dataclasses.fields(c)]
+    figures += [kv for name in MEASUREMENTS for kv in measurement_fields(getattr(c, name), name)]
+    for name, value in figures:
         if isinstance(value, float) and not math.isfinite(value):
-            out.append(InvalidFigure(path, f"{entry.name}: extra_info.{f.name}", f"= {value!r}",
-                                     _BENCH_CHECKS.get(f.name, ())))
+            out.append(InvalidFigure(path, f"{entry.name}: extra_info.{name}", f"= {value!r}",
+                                     _BENCH_CHECKS.get(name, ())))
     if c.predictions and c.n_questions is not None and len(c.predictions) != c.n_questions:
         out.append(InvalidFigure(path, f"{entry.name}: extra_info.predictions", f"holds {len(c.predictions)} "
                                  f"questions; n_questions says {c.n_questions}", (BASE,)))
@@ -704,7 +795,7 @@ def _bench_metrics(entries: Sequence[BenchEntry]) -> dict[str, Metric]:
     if latency:
         out["ttft_s"] = Metric(latency[0].case.ttft_s_median)
     for key in ("peak_mem_gib", "host_rss_gib"):  # the most any case needed
-        values = [v for e in ran if (v := getattr(e.case, key)) is not None]
+        values = [v for e in ran if e.case.memory is not None and (v := getattr(e.case.memory, key)) is not None]
         if values:
             out[key] = Metric(max(values))
     return out
@@ -733,10 +824,10 @@ def _take_train(entry: BenchEntry, out: dict[str, Metric]) -> None:
     c = entry.case
     if not entry.is_train:
         return
-    if c.step_time_s_median is not None and "step_time_s" not in out:
-        out["step_time_s"] = Metric(c.step_time_s_median, entry.q1_s, entry.q3_s)
-    for key in ("mfu", "speedup_vs_reference"):
-        value = getattr(c, key)
+    tp = c.throughput
+    if tp is not None and tp.step_time_s_median is not None and "step_time_s" not in out:
+        out["step_time_s"] = Metric(tp.step_time_s_median, entry.q1_s, entry.q3_s)
+    for key, value in (("mfu", tp.mfu_measured if tp else None), ("speedup_vs_reference", c.speedup_vs_reference)):
         if value is not None and key not in out:
             out[key] = Metric(value)
 

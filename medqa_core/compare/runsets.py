@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import t as student_t
 
+from medqa_core.compare.inputs import device_label
 from medqa_core.results.record import QuestionResult, RunRecord
 from medqa_core.results.runset import LoadedRun
 
@@ -104,7 +105,7 @@ class RunFigures:
             loss_per_step=train.loss_per_step if train else (),
             curve=tuple((int(p["step"]), float(p["eval_loss_nats"])) for p in record.eval_curve or ()),
             step_time_s=train.step_time_s if train else (),
-            compile_s=float((train.compile or {}).get("warmup_s") or 0.0) if train else 0.0,
+            compile_s=float((train.compile.warmup_s if train.compile else None) or 0.0) if train else 0.0,
             path=path,
         )
 
@@ -546,10 +547,10 @@ def summarize_loaded(runs: Sequence[LoadedRun], target_nats: float, label: str) 
                      target_nats, label)
 
 
-def device_label(fingerprint: dict[str, Any]) -> str:
-    """How tables name a set's machine: "NVIDIA H100 80GB HBM3 (cuda)", "Intel(R) Xeon(R) Processor (cpu)"."""
-    device = fingerprint.get("gpu_name") or fingerprint.get("cpu_model") or "unknown device"
-    return f"{device} ({fingerprint.get('backend', '?')})"
+def machine_label(fingerprint: dict[str, Any]) -> str:
+    """How tables name a set's machine: the device (:func:`~medqa_core.compare.inputs.device_label`) and backend,
+    "NVIDIA H100 80GB HBM3 (cuda)", "CPU: Intel(R) Xeon(R) Processor (cpu)"."""
+    return f"{device_label(fingerprint)} ({fingerprint.get('backend', '?')})"
 
 
 def set_summary_lines(summary: SetSummary) -> list[str]:

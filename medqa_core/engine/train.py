@@ -55,8 +55,9 @@ from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.engine.preemption import Interrupted
 from medqa_core.engine.sharded import is_sharded, sharding_info
 from medqa_core.measure.device import gpu_name
-from medqa_core.measure.flops import ModelShape, datasheet_mfu, train_step_flops
-from medqa_core.measure.timing import Stats, Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
+from medqa_core.measure.flops import ModelShape, train_step_flops
+from medqa_core.measure.timing import Timer, host_peak_rss_gib, peak_memory_gib, reset_peak_memory
+from medqa_core.results.measurements import Compile, Memory, TrainThroughput
 from medqa_core.results.record import StepImbalance, TrainResult
 from medqa_core.results.storage import WriteError
 
@@ -363,6 +364,40 @@ def prepare_training(model: Any, cfg: TrainConfig, device: torch.device, attenti
                         make_scaler(device, numerics), compiled, info, attn_before)
 
 
+def measure_throughput(step_time_s: Sequence[float], step_tokens: Sequence[int],
+                       step_flops: Sequence[float | None], skip: int, device: torch.device,
+                       numerics: Numerics) -> TrainThroughput:
+    """The throughput of the steps after the first ``skip`` (the timing warm-up), as a bench case measures it.
+
+    Args:
+        step_time_s, step_tokens, step_flops: per step of the run, wall seconds, real tokens (all ranks) and
+            model FLOPs (None: trained before a resume, not counted in the FLOP rate).
+        skip: the timing warm-up steps left out.
+        device: where it ran (its card picks the datasheet peak).
+        numerics: the compute dtype that ran.
+
+    Returns:
+        :meth:`TrainThroughput.from_steps` of the timed steps.
+    """
+    return TrainThroughput.from_steps(step_time_s[skip:], step_tokens[skip:], step_flops[skip:], gpu_name(device),
+                                      numerics.short)
+
+
+def measure_compile(state: CompileState, timed_from: int | None = None) -> Compile:
+    """What torch.compile did, as run records and bench cases save it.
+
+    Args:
+        state: the train step's compile state after its steps.
+        timed_from: the first timed step of a bench case (its recompiles after it are counted); None for a run.
+
+    Returns:
+        The :class:`Compile` measurement.
+    """
+    d = state.as_dict()
+    timed = None if timed_from is None else sum(state.graphs_per_step[timed_from:])
+    return Compile(**{**d, "recompile_steps": tuple(d["recompile_steps"])}, recompiles_in_timed_rounds=timed)
+
+
 def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
           attention: AttentionChoice, pad_id: int, numerics: Numerics, progress: ProgressFn | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
@@ -413,7 +448,7 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
         rank_tokens = list(state.rank_step_tokens) or [()] * state.step
         seen = state.examples_seen
         shape = ModelShape.from_config(model.config)
-        step_flops: list[float] = [0.0] * state.step  # steps before a resume are left out of the FLOP rate
+        step_flops: list[float | None] = [None] * state.step  # steps before a resume: not in the FLOP rate
 
         def local_batch(batch_examples: list[TrainExample]) -> dict[str, torch.Tensor]:
             local = batch_examples
@@ -474,24 +509,18 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     finally:
         trainer.close()  # scoring after training runs as after a fresh load
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step
-    timed_time = sum(step_times[skip:])
-    timed_tokens = sum(step_tokens[skip:])
-    stats = Stats.from_values(step_times[skip:])
-    timed_flops = step_flops[max(skip, state.step):]
-    flops_per_s = sum(timed_flops) / sum(step_times[max(skip, state.step):]) if timed_flops else None
-    mfu_datasheet, datasheet = datasheet_mfu(flops_per_s, gpu_name(device), numerics.short)
     trainable = [p for p in model.parameters() if p.requires_grad]
     parallel = None
     if info.enabled:
         parallel = sharding_info(model) if is_sharded(model) else ddp_info(trainer.step_loss)
     return TrainResult(
         steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
-        timed_steps=n_steps - skip, train_time_s=timed_time, tokens_per_s=timed_tokens / timed_time,
-        step_time_s_median=stats.median, step_time_s_iqr=stats.iqr, loss_per_step=tuple(losses),
-        step_time_s=tuple(step_times), peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib(),
+        timed_steps=n_steps - skip, train_time_s=sum(step_times[skip:]),
+        throughput=measure_throughput(step_times, step_tokens, step_flops, skip, device, numerics),
+        memory=Memory(peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib()),
+        loss_per_step=tuple(losses), step_time_s=tuple(step_times),
         world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
-        compile=trainer.compiled.as_dict(), model_flops_per_s=flops_per_s,
-        mfu_datasheet=mfu_datasheet, datasheet_peak=datasheet,
+        compile=measure_compile(trainer.compiled),
         rank_step_time_s=tuple(rank_times) if info.enabled else None,
         rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
         step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,

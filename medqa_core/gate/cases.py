@@ -12,20 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from medqa_core.compare.inputs import (
+    BenchFile,
     CompareError,
     RunSummary,
-    check_record_figures,
-    read_bench_entries,
-    read_json,
+    read_result_file,
     record_settings,
     summarize_entries,
-    summarize_file,
     summarize_record,
+    summarize_result,
 )
 from medqa_core.compare.metrics import SPEED_KEYS
 from medqa_core.compare.tables import flatten_dict
 from medqa_core.gate.thresholds import GateError
-from medqa_core.results.record import RunRecord, record_from_dict
+from medqa_core.results.record import RunRecord
 
 # Config entries of a run record that say where, not what: they may differ between comparable runs.
 _CONFIG_IGNORED = ("results_dir", "backend", "model.path", "model.allow_pickle", "data.data_dir",
@@ -76,26 +75,21 @@ def cases_from_record(record: RunRecord, path: str) -> tuple[GateCase, ...]:
     return (GateCase("record", summary, rounds, timings, workload, summary.oom.text if summary.oom else None),)
 
 
-def cases_from_benchmark(data: Mapping[str, Any], path: str) -> tuple[GateCase, ...]:
+def cases_from_benchmark(bench: BenchFile) -> tuple[GateCase, ...]:
     """A pytest-benchmark file as one case per benchmark entry, summarized by the report's reader.
 
     Args:
-        data: the parsed file.
-        path: where it came from.
+        bench: the file, read by :func:`~medqa_core.compare.inputs.read_result_file`.
 
     Returns:
         Cases in file order; rounds are pytest-benchmark's per-round times where the file kept them.
 
     Raises:
-        GateError: not a file of medqa-parity's bench/, a case of the wrong types, or a case name given twice.
+        GateError: a case name given twice.
     """
-    try:
-        entries = read_bench_entries(data, path)
-    except CompareError as e:
-        raise GateError(str(e)) from e
     cases: list[GateCase] = []
-    for entry in entries:
-        summary = summarize_entries([entry], data, path)
+    for entry in bench.entries:
+        summary = summarize_entries([entry], bench.data, bench.path)
         speed = [k for k in SPEED_KEYS if k in summary.metrics]
         workload = {**{f"param {k}": v for k, v in entry.params.items()}, **entry.case.workload()}
         cases.append(GateCase(
@@ -107,15 +101,15 @@ def cases_from_benchmark(data: Mapping[str, Any], path: str) -> tuple[GateCase, 
     names = [c.name for c in cases]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise GateError(f"{path}: case {', '.join(twice)} appears twice; cannot tell which to compare")
+        raise GateError(f"{bench.path}: case {', '.join(twice)} appears twice; cannot tell which to compare")
     return tuple(cases)
 
 
 def load_cases(path: str | Path) -> tuple[GateCase, ...]:
     """Read a run record or a pytest-benchmark file into gate cases.
 
-    The report's :func:`~medqa_core.compare.inputs.summarize_file` checks the file first (kind, schema
-    version, field types); the gate then splits a benchmark file into its cases.
+    The file is read once, by the report's :func:`~medqa_core.compare.inputs.read_result_file` (kind, schema
+    version and its migration, field types); the gate then splits a benchmark file into its cases.
 
     Args:
         path: the file.
@@ -127,14 +121,11 @@ def load_cases(path: str | Path) -> tuple[GateCase, ...]:
         GateError: missing or unreadable file, neither kind, another schema version, a figure of the
             wrong type; names the file.
     """
-    path = Path(path)
     try:
-        summaries = summarize_file(path)
-        data = read_json(path)
+        result = read_result_file(path)
+        if isinstance(result, RunRecord):
+            return cases_from_record(result, str(path))
+        summarize_result(result, str(path))  # the report's checks of the whole file (failure entries, ...)
+        return cases_from_benchmark(result)
     except CompareError as e:
         raise GateError(str(e)) from e
-    if summaries[0].source == "record":
-        record = record_from_dict(data, where=str(path))
-        check_record_figures(record, str(path))
-        return cases_from_record(record, str(path))
-    return cases_from_benchmark(data, str(path))

@@ -51,8 +51,9 @@ def datasheet_mfu(flops_per_s: float | None, gpu_name: str | None,
                   dtype: str) -> tuple[float | None, dict[str, Any] | None]:
     """MFU against the card's datasheet peak for the compute dtype, and that peak as records save it.
 
-    The one place a dtype picks its datasheet rate: run records (engine/train.py) and bench cases
-    (bench/bench_train.py) both call it.
+    The one place a dtype picks its datasheet rate, called once per throughput by
+    :meth:`medqa_core.results.measurements.TrainThroughput.from_steps`, which builds it for run records
+    (engine/train.py) and bench cases (bench/bench_train.py) alike.
 
     Args:
         flops_per_s: model FLOPs per second of the timed steps (None: not measured).

@@ -23,9 +23,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from medqa_core.compare.inputs import RunSummary, device_label, summarize_file
+from medqa_core.compare.inputs import RunSummary, device_label, read_result_file, summarize_result
 from medqa_core.compare.metrics import METRICS
-from medqa_core.results.record import load_record
+from medqa_core.results.record import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def file_runs(path: str | Path) -> list[MlflowRun]:
         CompareError: the file is neither kind, or damaged (as for ``medqa-parity report``).
     """
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    summaries = summarize_file(path)
-    config = load_record(path).config if summaries[0].source == "record" else None
+    result = read_result_file(path)  # read once: the summaries and the record's config come from the one reading
+    summaries = summarize_result(result, str(path))
+    config = result.config if isinstance(result, RunRecord) else None
     return [mlflow_run(s, f"{digest}#{i}", config) for i, s in enumerate(summaries)]
 
 

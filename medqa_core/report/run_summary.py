@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medqa_core.compare.inputs import record_settings
+from medqa_core.compare.inputs import device_label, record_settings
 from medqa_core.results.record import EvalResult, RunRecord
 
 
@@ -30,15 +30,16 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
         Lines, "name  value", then the record's notes.
     """
     fp, tr = record.fingerprint, record.train
-    device = fp.get("gpu_name") or fp.get("cpu_model") or "cpu"
+    device = device_label(fp)
     q = record.model["quantization"]
     dtype = record_settings(record)["compute_dtype"]
     quant = f"none ({dtype})" if q["method"] == "none" else (
         f"{q['quant_type']} blocksize {q['blocksize']}, double quant {q['double_quant']}, compute {q['compute_dtype']}")
     peak = "-"
     if tr is not None:
-        peak = f"{tr.peak_mem_gib:.2f} GiB device" if tr.peak_mem_gib is not None else "n/a on cpu"
-        peak += f", host RSS {tr.host_peak_rss_gib:.2f} GiB"
+        memory = tr.memory
+        peak = f"{memory.peak_mem_gib:.2f} GiB device" if memory.peak_mem_gib is not None else "n/a on cpu"
+        peak += f", host RSS {memory.host_peak_rss_gib:.2f} GiB"
     # Trainable parameters exist where the job trained; a scoring job (evaluate) trains none.
     trained = "" if record.kind == "evaluate" else f", {record.model['trainable_parameters'] / 1e6:.2f}M trainable"
     rows = [
@@ -51,11 +52,12 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
         ("attention kernel", f"{record.attention['ran']} (asked: {record.attention['requested']})"),
     ]
     if tr is not None:
+        tp = tr.throughput
         rows += [
             ("train", f"{tr.steps} steps, {tr.epochs:.2f} epochs of {tr.n_examples} questions, "
                       f"loss {tr.loss_per_step[0]:.3f} -> {tr.loss_per_step[-1]:.3f}"),
-            ("train tokens/s", f"{tr.tokens_per_s:,.0f} real tokens/s (step {1000 * tr.step_time_s_median:.0f} ms "
-                               f"median, IQR {1000 * tr.step_time_s_iqr:.0f} ms)"),
+            ("train tokens/s", f"{tp.tokens_per_s:,.0f} real tokens/s (step {1000 * tp.step_time_s_median:.0f} ms "
+                               f"median, IQR {1000 * tp.step_time_s_iqr:.0f} ms)"),
             ("peak memory", peak),
         ]
         promise = record.profile
@@ -65,17 +67,19 @@ def summary_lines(record: RunRecord, path: Any) -> list[str]:
             train_attn = record.config["train"].get("attn")
             rows.append(("profile", f"{promise['spec']} ({promise['chosen_by']}){cap}"
                                     + (f"; trains with {train_attn} attention" if train_attn else "")))
-        if tr.compile and tr.compile.get("ran"):
-            cache = tr.compile.get("cache") or {}
-            rows.append(("compile", f"{tr.compile.get('graphs', '?')} graphs, {tr.compile.get('warmup_s', 0):.1f} s "
-                                    f"before the first step, {tr.compile.get('recompiles', 0)} recompiles in training"
+        compiled = tr.compile
+        if compiled and compiled.ran:
+            cache = compiled.cache or {}
+            graphs = "?" if compiled.graphs is None else compiled.graphs
+            rows.append(("compile", f"{graphs} graphs, {compiled.warmup_s or 0:.1f} s "
+                                    f"before the first step, {compiled.recompiles or 0} recompiles in training"
                                     + (f", compile cache {cache['state']}" if cache.get("state") else "")))
-        if tr.mfu_datasheet is not None:
-            rows.append(("MFU", f"{100 * tr.mfu_datasheet:.1f}% of the {tr.datasheet_peak['name']} datasheet dense "
-                                f"{tr.datasheet_peak['dtype']} peak ({tr.model_flops_per_s / 1e12:.0f} TFLOP/s of "
+        if tp.mfu_datasheet is not None and tp.datasheet_peak is not None and tp.model_flops_per_s is not None:
+            rows.append(("MFU", f"{100 * tp.mfu_datasheet:.1f}% of the {tp.datasheet_peak['name']} datasheet dense "
+                                f"{tp.datasheet_peak['dtype']} peak ({tp.model_flops_per_s / 1e12:.0f} TFLOP/s of "
                                 "model FLOPs)"))
         if tr.world_size > 1:
-            rows.append(("data parallel", f"{tr.world_size} ranks, {tr.tokens_per_s / tr.world_size:,.0f} tokens/s "
+            rows.append(("data parallel", f"{tr.world_size} ranks, {tp.tokens_per_s / tr.world_size:,.0f} tokens/s "
                                           f"per rank; one all-reduce of the LoRA gradients "
                                           f"{1000 * tr.all_reduce_s:.1f} ms alone"))
             if tr.parallel:

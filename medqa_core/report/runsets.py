@@ -22,7 +22,7 @@ from medqa_core.compare.runsets import (
     SetComparison,
     SetSummary,
     compare_sets,
-    device_label,
+    machine_label,
     summarize_loaded,
 )
 from medqa_core.compare.stats import format_p
@@ -60,7 +60,7 @@ def load_runsets(paths: Sequence[str | Path], margin_pp: float,
     summaries = []
     for i, p in enumerate(paths):
         runset, loaded = load_runset(p)
-        label = f"S{i + 1} {device_label(runset.fingerprint)}"
+        label = f"S{i + 1} {machine_label(runset.fingerprint)}"
         summaries.append(summarize_loaded(loaded, runset.target_loss_nats if target_nats is None else target_nats,
                                           label))
     comparisons = tuple(compare_sets(summaries[0], s, margin_pp, loss_margin_nats, alpha) for s in summaries[1:])

@@ -8,10 +8,18 @@ and stamp ``schema_version``. The report, the gate and the docs read saved files
 Case schema versions:
     1  files written before the schema existed (no ``schema_version`` in extra_info); the
        out-of-memory entry named its phase ``during``. Read by migration.
-    2  this module: ``schema_version`` and ``compute_dtype`` added; ``oom`` is
+    2  ``schema_version`` and ``compute_dtype`` added; ``oom`` is
        :class:`~medqa_core.results.failure.OomFailure`; an unmeasured energy is null, not "unavailable".
+       Read by migration.
+    3  this module: the figures a run record shares are the measurements of
+       :mod:`medqa_core.results.measurements`, nested under the run record's names: ``throughput``
+       (tokens_per_s, step_time_s_median/_iqr, model_flops_per_s, mfu_datasheet, datasheet_peak, mfu_measured,
+       measured_peak_flops_per_s: schema 2's mfu and peak_bf16_flops_per_s), ``memory`` (peak_mem_gib,
+       host_rss_gib), ``energy`` (joules_per_token, joules_per_question) and ``scoring`` (questions_per_s,
+       questions_per_s_iqr, round_time_s_median); ``compile`` is typed (Compile). Schema 2's flat fields move
+       there unchanged on read.
 
-Fields not named below (compile state, dynamo counters, per-round losses, ...) are kept as written in
+Fields not named below (dynamo counters, per-round losses, ...) are kept as written in
 ``details`` and saved flat beside the typed ones. No torch here.
 """
 
@@ -23,9 +31,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medqa_core.results.failure import FailureError, OomFailure
+from medqa_core.results.measurements import (
+    MEASUREMENTS,
+    Compile,
+    Energy,
+    MeasurementError,
+    Memory,
+    Scoring,
+    TrainThroughput,
+)
 from medqa_core.results.record import QuestionResult
 
-BENCH_CASE_SCHEMA = 2
+BENCH_CASE_SCHEMA = 3
+READABLE_SCHEMAS = (1, 2, BENCH_CASE_SCHEMA)
+# Schema 2's flat fields -> (measurement, field) of schema 3.
+_V2_FIELDS = {"tokens_per_s": ("throughput", "tokens_per_s"),
+              "step_time_s_median": ("throughput", "step_time_s_median"),
+              "step_time_s_iqr": ("throughput", "step_time_s_iqr"),
+              "model_flops_per_s": ("throughput", "model_flops_per_s"),
+              "mfu_datasheet": ("throughput", "mfu_datasheet"),
+              "datasheet_peak": ("throughput", "datasheet_peak"),
+              "mfu": ("throughput", "mfu_measured"),
+              "peak_bf16_flops_per_s": ("throughput", "measured_peak_flops_per_s"),
+              "peak_mem_gib": ("memory", "peak_mem_gib"),
+              "host_rss_gib": ("memory", "host_rss_gib"),
+              "joules_per_token": ("energy", "joules_per_token"),
+              "joules_per_question": ("energy", "joules_per_question"),
+              "questions_per_s": ("scoring", "questions_per_s"),
+              "questions_per_s_iqr": ("scoring", "questions_per_s_iqr"),
+              "round_time_s_median": ("scoring", "round_time_s_median")}
 # What a case did: speed and memory of two cases compare only where these match.
 WORKLOAD_FIELDS = ("batch_size", "seq_len", "seq_len_max", "tokens_per_step", "questions", "eval_batch_size",
                    "new_tokens", "cache", "compile_mode", "decode_loop", "gradient_checkpointing", "packing",
@@ -50,15 +84,15 @@ class BenchCase:
         compute_dtype: autocast / compute dtype of the case ("bfloat16", "float16", "float32").
         quantization: settings read back from a quantized layer.
         batch_size ... prompt_tokens, profile, memory_cap_gib: what the case did (see WORKLOAD_FIELDS).
-        tokens_per_s: train step real (non-pad) tokens per second; step_time_s_*: its step time.
-        mfu: model FLOPs utilization of the train step (fraction of the measured bf16 matmul peak).
-        mfu_datasheet: the same over the vendor's dense peak of the compute dtype (None on a CPU or an unlisted card).
+        throughput: the train step's TrainThroughput, as a run record's ``train.throughput`` (tokens_per_s, step
+            time, MFU over the datasheet and the measured peak).
+        compile: what torch.compile did in a train case (Compile, as a run record's ``train.compile``).
         speedup_vs_reference, reference_tokens_per_s: ours against the reference arm of the same run.
         prefill_tokens_per_s, ttft_s_*: prefill rate and time to first token.
         decode_tokens_per_s, roofline_fraction: decode rate and its share of the weight-read roofline.
-        questions_per_s(_iqr), round_time_s_median: scoring rate (model time) and the whole round's time.
+        scoring: questions_per_s(_iqr), round_time_s_median: scoring rate (model time) and the whole round's time.
         accuracy, n_questions, split, predictions: an accuracy case's scores, per question.
-        peak_mem_gib, host_rss_gib, joules_per_token: memory and energy (None: not measured here).
+        memory, energy: Memory (peak_mem_gib, host_rss_gib) and Energy (None fields: not measured here).
         parameters, trainable_parameters: model size.
         timed_rounds: rounds behind the figures.
         oom: what ran out of memory, or None.
@@ -93,11 +127,8 @@ class BenchCase:
     checkpoint_layers: int | None = None
     memory_cap_gib: float | None = None
     within_memory_cap: bool | None = None
-    tokens_per_s: float | None = None
-    step_time_s_median: float | None = None
-    step_time_s_iqr: float | None = None
-    mfu: float | None = None
-    mfu_datasheet: float | None = None  # over the vendor's dense peak of the compute dtype (medqa_core.measure.flops)
+    throughput: TrainThroughput | None = None
+    compile: Compile | None = None
     speedup_vs_reference: float | None = None
     reference_tokens_per_s: float | None = None
     prefill_tokens_per_s: float | None = None
@@ -105,16 +136,13 @@ class BenchCase:
     ttft_s_iqr: float | None = None
     decode_tokens_per_s: float | None = None
     roofline_fraction: float | None = None
-    questions_per_s: float | None = None
-    questions_per_s_iqr: float | None = None
-    round_time_s_median: float | None = None
+    scoring: Scoring | None = None
     accuracy: float | None = None
     n_questions: int | None = None
     split: str | None = None
     predictions: tuple[QuestionResult, ...] = ()
-    peak_mem_gib: float | None = None
-    host_rss_gib: float | None = None
-    joules_per_token: float | None = None
+    memory: Memory | None = None
+    energy: Energy | None = None
     parameters: int | None = None
     trainable_parameters: int | None = None
     timed_rounds: int | None = None
@@ -134,6 +162,21 @@ class BenchCase:
         """The compute dtype, bf16 where the file predates the field."""
         return self.compute_dtype or DEFAULT_COMPUTE_DTYPE
 
+    @property
+    def tokens_per_s(self) -> float | None:
+        """``throughput.tokens_per_s``, or None (not a train case, or out of memory)."""
+        return None if self.throughput is None else self.throughput.tokens_per_s
+
+    @property
+    def questions_per_s(self) -> float | None:
+        """``scoring.questions_per_s``, or None (not a scoring case)."""
+        return None if self.scoring is None else self.scoring.questions_per_s
+
+    @property
+    def peak_mem_gib(self) -> float | None:
+        """``memory.peak_mem_gib``: the device peak, or None (CPU, or not measured)."""
+        return None if self.memory is None else self.memory.peak_mem_gib
+
     def workload(self) -> dict[str, Any]:
         """What the case did, for matching two cases (WORKLOAD_FIELDS that were recorded)."""
         out = {k: getattr(self, k) for k in WORKLOAD_FIELDS if getattr(self, k) is not None}
@@ -146,13 +189,14 @@ class BenchCase:
             return self.oom.text
         if self.details.get("skipped_reason"):  # a case that could not run here (a peer stack not installed, ...)
             return f"skipped: {self.details['skipped_reason']}"
-        if self.tokens_per_s is not None:
-            mfu = ("-" if self.mfu is None else f"{100 * self.mfu:.1f}% of the measured peak") \
-                if self.mfu_datasheet is None else f"{100 * self.mfu_datasheet:.1f}% of the datasheet peak"
-            step = "" if self.step_time_s_median is None else f", step {1000 * self.step_time_s_median:.0f} ms"
+        tp = self.throughput
+        if tp is not None and tp.tokens_per_s is not None:
+            mfu = ("-" if tp.mfu_measured is None else f"{100 * tp.mfu_measured:.1f}% of the measured peak") \
+                if tp.mfu_datasheet is None else f"{100 * tp.mfu_datasheet:.1f}% of the datasheet peak"
+            step = "" if tp.step_time_s_median is None else f", step {1000 * tp.step_time_s_median:.0f} ms"
             peak = "n/a" if self.peak_mem_gib is None else f"{self.peak_mem_gib:.1f} GiB"
             speedup = f", {self.speedup_vs_reference:.2f}x the reference" if self.speedup_vs_reference else ""
-            return (f"{self.tokens_per_s:,.0f} real tokens/s, MFU {mfu}{step}, peak {peak}, batch {self.batch_size}"
+            return (f"{tp.tokens_per_s:,.0f} real tokens/s, MFU {mfu}{step}, peak {peak}, batch {self.batch_size}"
                     f"{speedup}")
         if self.decode_tokens_per_s is not None:
             roof = "" if self.roofline_fraction is None else f", {100 * self.roofline_fraction:.1f}% of roofline"
@@ -183,7 +227,7 @@ class BenchCase:
                 continue
             if f.name == "predictions":
                 value = [{**dataclasses.asdict(q), "logprobs": list(q.logprobs)} for q in value]
-            elif f.name == "oom":
+            elif f.name == "oom" or f.name in MEASUREMENTS:
                 value = value.to_dict()
             elif isinstance(value, Mapping):
                 value = dict(value)
@@ -195,7 +239,7 @@ class BenchCase:
 
     @classmethod
     def from_extra_info(cls, info: Mapping[str, Any], where: str = "extra_info") -> BenchCase:
-        """Read a case's extra_info (schema 1 is migrated; a newer schema is refused).
+        """Read a case's extra_info (schemas 1 and 2 are migrated; a newer schema is refused).
 
         Args:
             info: the saved extra_info.
@@ -211,12 +255,14 @@ class BenchCase:
         if not isinstance(info, Mapping):
             raise BenchCaseError(f"{where}: extra_info is {type(info).__name__}; expected an object")
         found = info.get("schema_version", 1)
-        if found not in (1, BENCH_CASE_SCHEMA):
-            raise BenchCaseError(f"{where}: bench case schema_version {found!r}, expected 1 or {BENCH_CASE_SCHEMA}; "
-                                 "it was written by another version of medqa-parity")
+        if found not in READABLE_SCHEMAS:
+            raise BenchCaseError(f"{where}: bench case schema_version {found!r}, expected {BENCH_CASE_SCHEMA} (1 and 2 "
+                                 "are migrated on read); it was written by another version of medqa-parity")
         data = dict(info)
         if found == 1:
             data = _migrate_v1(data)
+        if found in (1, 2):
+            data = _migrate_v2(data)
         kwargs: dict[str, Any] = {"schema_version": BENCH_CASE_SCHEMA}
         details: dict[str, Any] = {}
         for key, value in data.items():
@@ -240,9 +286,34 @@ def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _migrate_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 -> 3: the flat figures a run record shares move, unchanged, into their measurement.
+
+    A measurement is made only where the case wrote one of its fields; an energy written "unavailable"
+    (bench/ wrote that without a meter) becomes null.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _V2_FIELDS:
+            part, name = _V2_FIELDS[key]
+            nested.setdefault(part, {})[name] = None if value == "unavailable" else value
+        else:
+            out[key] = value
+    clash = sorted(out.keys() & nested.keys())
+    if clash:
+        raise BenchCaseError(f"{', '.join(clash)} in a schema 2 case beside its flat fields")
+    return {**out, **nested}
+
+
 def _check(key: str, value: Any, kind: str, where: str) -> Any:
-    if value is None or (key == "joules_per_token" and value == "unavailable"):
+    if value is None:
         return None
+    if kind == "measurement":
+        try:
+            return MEASUREMENTS[key].from_dict(value, f"{where}: {key}")
+        except MeasurementError as e:
+            raise BenchCaseError(str(e)) from e
     bad = BenchCaseError(f"{where}: {key} = {_short(value)} ({type(value).__name__}); expected {kind}")
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -296,7 +367,9 @@ def _short(value: Any) -> str:
 
 _KINDS = {"float | None": "number", "int | None": "integer", "bool | None": "true/false", "str | None": "text",
           "str": "text", "Mapping[str, Any] | None": "object", "OomFailure | None": "out-of-memory object",
-          "tuple[QuestionResult, ...]": "predictions"}
+          "tuple[QuestionResult, ...]": "predictions", "TrainThroughput | None": "measurement",
+          "Memory | None": "measurement", "Energy | None": "measurement", "Scoring | None": "measurement",
+          "Compile | None": "measurement"}
 # Field name -> expected kind, from the annotations above: one list of fields.
 _TYPES = {f.name: _KINDS[str(f.type)] for f in dataclasses.fields(BenchCase)
           if f.name not in ("details", "unmeasured", "schema_version")}

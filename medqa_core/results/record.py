@@ -3,7 +3,8 @@
 Pure data: nothing here imports torch, so reports and gates read records anywhere.
 
 Fields of a record (units in names):
-    schema_version   int, SCHEMA_VERSION of the writer; another version is refused on load.
+    schema_version   int, SCHEMA_VERSION of the writer (2); schema 1 is migrated on read (its flat train
+                     figures moved into train.throughput and train.memory), another version is refused.
     kind             "run" (train + evaluate before/after), "train" or "evaluate".
     created_utc      ISO-8601 time the record was written.
     config           RunConfig.to_dict() of the run.
@@ -15,7 +16,10 @@ Fields of a record (units in names):
                      compile (the warm-up before step 1), train (the steps, checkpoints, the adapter's save),
                      score_after; null in older records.
     attention        requested kernel and the one the profiler saw run.
-    train            TrainResult or null.
+    train            TrainResult or null: steps, losses, step times, and the measurements a bench case shares
+                     (medqa_core.results.measurements): ``throughput`` (tokens_per_s, step_time_s_median/_iqr,
+                     model_flops_per_s, mfu_datasheet, datasheet_peak), ``memory`` (peak_mem_gib,
+                     host_peak_rss_gib) and ``compile``.
     eval_before      EvalResult of the base model (LoRA not applied) or null.
     eval_after       EvalResult after fine-tuning (or of the evaluated adapter) or null.
     adapter_dir      where the LoRA adapter was saved, or null.
@@ -47,9 +51,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from medqa_core.results.measurements import Compile, MeasurementError, Memory, TrainThroughput
 from medqa_core.results.storage import fsync_dir, is_write_failure, new_folders, remove_if_empty, write_error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 kept the train figures flat in ``train``; schema 2 nests them as the measurements a bench case
+# shares (medqa_core.results.measurements). Read by migration: _migrate_v1.
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
+# Schema 1's flat train fields -> (measurement, field) of schema 2.
+_V1_TRAIN_FIELDS = {"tokens_per_s": ("throughput", "tokens_per_s"),
+                    "step_time_s_median": ("throughput", "step_time_s_median"),
+                    "step_time_s_iqr": ("throughput", "step_time_s_iqr"),
+                    "model_flops_per_s": ("throughput", "model_flops_per_s"),
+                    "mfu_datasheet": ("throughput", "mfu_datasheet"),
+                    "datasheet_peak": ("throughput", "datasheet_peak"),
+                    "peak_mem_gib": ("memory", "peak_mem_gib"),
+                    "host_peak_rss_gib": ("memory", "host_peak_rss_gib")}
 
 
 class RecordError(ValueError):
@@ -117,19 +134,13 @@ class TrainResult:
     tokens: int  # real (non-pad) tokens over all steps
     timed_steps: int  # steps after the timing warm-up
     train_time_s: float  # wall time of the timed steps
-    tokens_per_s: float  # real tokens of timed steps / their time
-    step_time_s_median: float
-    step_time_s_iqr: float
+    throughput: TrainThroughput  # tokens_per_s, step_time_s_median/_iqr, model_flops_per_s, mfu_datasheet, ...
+    memory: Memory  # peak_mem_gib (device; None on CPU), host_peak_rss_gib
     loss_per_step: tuple[float, ...]
     step_time_s: tuple[float, ...]
-    peak_mem_gib: float | None  # device memory; None on CPU
-    host_peak_rss_gib: float
     world_size: int = 1  # data-parallel ranks; tokens and tokens_per_s count all of them
     all_reduce_s: float | None = None  # one all-reduce of all LoRA gradients, measured alone
-    compile: dict[str, Any] | None = None  # compiling.CompileState: requested, ran, detail, graphs, recompiles
-    model_flops_per_s: float | None = None  # flops.train_step_flops of the timed steps over their time
-    mfu_datasheet: float | None = None  # model_flops_per_s over the datasheet dense peak of the compute dtype
-    datasheet_peak: dict[str, Any] | None = None  # flops.DatasheetPeak that mfu_datasheet divides by
+    compile: Compile | None = None  # what torch.compile did (a bench case's ``compile`` too)
     # Under torchrun (None for one process): per step, per rank, the step's wall time and real tokens (a step
     # trained before a resume from a checkpoint that lacks them is empty), their StepImbalance over the timed
     # steps, and how the ranks shared the model (distributed.ddp_info's DDP buckets, sharded.sharding_info's).
@@ -155,7 +166,7 @@ class RunRecord:
     failure: dict[str, Any] | None = None  # e.g. an out-of-memory: phase, configuration, memory at the time
     numerics: dict[str, Any] | None = None  # numerics.Numerics.as_dict(); None: an older record (bf16)
     phases_s: dict[str, float] | None = None  # wall seconds: load, score_before, compile, train, score_after
-    # run.profile_promise: the --profile spec, how it was chosen, the peak it promised and whether it held
+    # run.memory_promise: the --profile spec, how it was chosen, the peak it promised and whether it held
     profile: dict[str, Any] | None = None
     # The eval loss during fine-tuning, per point {step, eval_loss_nats, accuracy, n_questions}; None: not measured
     eval_curve: tuple[dict[str, Any], ...] | None = None
@@ -199,8 +210,31 @@ def _train_from_dict(d: dict[str, Any] | None, where: str = "record") -> TrainRe
     _check_fields(TrainResult, d, where, "train")
     ranks = {k: tuple(tuple(step) for step in d[k]) for k in ("rank_step_time_s", "rank_step_tokens") if d.get(k)}
     imbalance = d.get("step_imbalance")
+    try:
+        throughput = TrainThroughput.from_dict(d["throughput"], f"{where}: train.throughput")
+        memory = Memory.from_dict(d["memory"], f"{where}: train.memory")
+        compiled = None if d.get("compile") is None else Compile.from_dict(d["compile"], f"{where}: train.compile")
+    except MeasurementError as e:
+        raise RecordError(str(e)) from e
     return TrainResult(**{**d, "loss_per_step": tuple(d["loss_per_step"]), "step_time_s": tuple(d["step_time_s"]),
-                          **ranks, "step_imbalance": StepImbalance(**imbalance) if imbalance else None})
+                          **ranks, "step_imbalance": StepImbalance(**imbalance) if imbalance else None,
+                          "throughput": throughput, "memory": memory, "compile": compiled})
+
+
+def _migrate_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 -> 2: the flat train figures move, unchanged, into ``train.throughput`` and ``train.memory``."""
+    train = d.get("train")
+    if not isinstance(train, dict):
+        return {**d, "schema_version": SCHEMA_VERSION}
+    nested: dict[str, dict[str, Any]] = {"throughput": {}, "memory": {}}
+    rest = {}
+    for key, value in train.items():
+        if key in _V1_TRAIN_FIELDS:
+            part, name = _V1_TRAIN_FIELDS[key]
+            nested[part][name] = value
+        else:
+            rest[key] = value
+    return {**d, "schema_version": SCHEMA_VERSION, "train": {**rest, **nested}}
 
 
 def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
@@ -212,9 +246,11 @@ def record_from_dict(d: dict[str, Any], where: str = "record") -> RunRecord:
     if not isinstance(d, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(d).__name__}")
     found = d.get("schema_version")
-    if found != SCHEMA_VERSION:
-        raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION}; "
+    if found not in READABLE_VERSIONS:
+        raise RecordError(f"{where}: schema_version {found!r}, expected {SCHEMA_VERSION} (or 1, migrated on read); "
                           "it was written by another version of medqa-parity")
+    if found == 1:
+        d = _migrate_v1(d)
     # Added within schema 1: older files lack them.
     d = {"wall_time_s": None, "failure": None, "numerics": None, "phases_s": None, "profile": None,
          "eval_curve": None, **d}

@@ -141,6 +141,16 @@ def read_json(path: Path) -> Any:
         raise RunSetError(f"{path}: not JSON ({e})") from e
 
 
+def read_runset(path: str | Path) -> RunSet:
+    """Read a run-set file without the records it names (see :func:`load_runset` for those).
+
+    Raises:
+        RunSetError: unreadable, not a run set, or another schema version; names the file.
+    """
+    path = Path(path)
+    return runset_from_dict(read_json(path), str(path))
+
+
 def is_runset_file(path: str | Path) -> bool:
     """Whether ``path`` holds a run-set file (a JSON object of kind "runset"); False for anything else."""
     try:
