@@ -436,93 +436,145 @@ def train(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device
     n_steps = total_steps(len(examples), cfg)
     trainer = prepare_training(model, cfg, device, attention, pad_id, numerics, info)
     config = checkpoint_config or {}
-    state = TrainProgress(0, 0, (), (), ())
+    log = _StepLog.start()
     try:
         if resume:
             if checkpoint_dir is None:
                 raise CheckpointError("resume needs a checkpoint folder")
-            state = load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config, n_steps)
-        losses, step_times, step_tokens = list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens)
-        # Per step, per rank (torchrun only); steps of a checkpoint written without them stay empty.
-        rank_times = list(state.rank_step_time_s) or [()] * state.step
-        rank_tokens = list(state.rank_step_tokens) or [()] * state.step
-        seen = state.examples_seen
+            log = _StepLog.start(load_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler, config,
+                                                 n_steps))
         shape = ModelShape.from_config(model.config)
-        step_flops: list[float | None] = [None] * state.step  # steps before a resume: not in the FLOP rate
-
-        def local_batch(batch_examples: list[TrainExample]) -> dict[str, torch.Tensor]:
-            local = batch_examples
-            if info.enabled:  # an even share of the tokens, not of the examples: the slowest rank sets the pace
-                mine = balance_tokens([e.n_tokens for e in batch_examples], info.world_size)[info.rank]
-                local = [batch_examples[i] for i in mine]
-            if not local:  # fewer examples than ranks: join the collective with a loss-free example
-                local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
-            return trainer.collate(local)
-
         batches = iter_batches(examples, cfg.batch_size, cfg.seed)
-        for _ in range(state.step):  # the order is fixed by the seed: skip what was already trained on
+        for _ in range(log.steps):  # the order is fixed by the seed: skip what was already trained on
             next(batches)
         if progress:
-            progress(state.step, n_steps, math.nan)  # the bar starts before the first step: its rate includes it
-        if state.step < n_steps:
-            trainer.warm_up(local_batch(next(iter_batches(examples, cfg.batch_size, cfg.seed))[1]))
+            progress(log.steps, n_steps, math.nan)  # the bar starts before the first step: its rate includes it
+        if log.steps < n_steps:
+            trainer.warm_up(_local_batch(trainer, info, next(iter_batches(examples, cfg.batch_size, cfg.seed))[1]))
         reset_peak_memory(device)
-        for step in range(state.step, n_steps):
+        for step in range(log.steps, n_steps):
             _, batch_examples = next(batches)
-            batch = local_batch(batch_examples)
-            seed = step_seed(cfg.seed, step, info.rank)
-            torch.manual_seed(seed)  # dropout's masks: a resumed run draws the same ones without replaying
-            with Timer(device) as timer:
-                loss_value = trainer(batch, lambda seed=seed: torch.manual_seed(seed))
-            n_tokens = int(batch["n_tokens"])
-            if info.enabled:
-                times, tokens = gather_step(timer.elapsed_s, n_tokens, device)
-                rank_times.append(times)
-                rank_tokens.append(tokens)
-                n_tokens = sum(tokens)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization "
-                                         "settings and bitsandbytes version for this backend")
-            losses.append(loss_value)
-            step_flops.append(train_step_flops(shape, [e.n_tokens for e in batch_examples],
-                                               sum(e.n_labels for e in batch_examples)))
-            step_times.append(timer.elapsed_s)
-            step_tokens.append(n_tokens)
-            seen += len(batch_examples)
+            loss_value = _run_step(trainer, info, batch_examples, step, cfg.seed, device, log)
+            log.flops.append(train_step_flops(shape, [e.n_tokens for e in batch_examples],
+                                              sum(e.n_labels for e in batch_examples)))
             if progress:
                 progress(step + 1, n_steps, loss_value)
-            done = step + 1
             stopping = stop_requested(stop, info, device)
-            due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
-            saved = None
-            if checkpoint_dir is not None and due and info.is_main:
-                progress_now = TrainProgress(done, seen, tuple(losses), tuple(step_times), tuple(step_tokens),
-                                             tuple(rank_times) if info.enabled else (),
-                                             tuple(rank_tokens) if info.enabled else ())
-                try:
-                    saved = save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler,
-                                            progress_now, config, cfg.keep_checkpoints)
-                except WriteError as e:
-                    raise CheckpointWriteError(e, done, n_steps) from e
-            if stopping and done < n_steps:
-                raise Interrupted(stopping, done, n_steps, str(saved) if saved else None)
+            saved = _checkpoint_if_due(checkpoint_dir, log, n_steps, cfg, bool(stopping), info, model, trainer,
+                                       config)
+            if stopping and log.steps < n_steps:
+                raise Interrupted(stopping, log.steps, n_steps, str(saved) if saved else None)
     finally:
         trainer.close()  # scoring after training runs as after a fresh load
+    return _train_result(model, examples, cfg, device, numerics, info, trainer, log, n_steps)
+
+
+@dataclass
+class _StepLog:
+    """Each step's figures so far, one list per figure, a resumed run's starting from its checkpoint's."""
+
+    losses: list[float]
+    times: list[float]
+    tokens: list[int]  # real tokens, all ranks
+    rank_times: list[tuple[float, ...]]  # per step, per rank (torchrun only; older checkpoints: empty)
+    rank_tokens: list[tuple[int, ...]]
+    flops: list[float | None]  # steps before a resume: None, not in the FLOP rate
+    seen: int  # examples trained on
+
+    @classmethod
+    def start(cls, state: TrainProgress | None = None) -> _StepLog:
+        state = state or TrainProgress(0, 0, (), (), ())
+        return cls(list(state.loss_per_step), list(state.step_time_s), list(state.step_tokens),
+                   list(state.rank_step_time_s) or [()] * state.step,
+                   list(state.rank_step_tokens) or [()] * state.step, [None] * state.step, state.examples_seen)
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    def progress(self, distributed: bool) -> TrainProgress:
+        """What a checkpoint saves of it."""
+        return TrainProgress(self.steps, self.seen, tuple(self.losses), tuple(self.times), tuple(self.tokens),
+                             tuple(self.rank_times) if distributed else (),
+                             tuple(self.rank_tokens) if distributed else ())
+
+
+def _local_batch(trainer: TrainingStep, info: DistInfo, batch_examples: list[TrainExample]) -> dict[str, torch.Tensor]:
+    """This rank's share of a global batch, collated."""
+    local = batch_examples
+    if info.enabled:  # an even share of the tokens, not of the examples: the slowest rank sets the pace
+        mine = balance_tokens([e.n_tokens for e in batch_examples], info.world_size)[info.rank]
+        local = [batch_examples[i] for i in mine]
+    if not local:  # fewer examples than ranks: join the collective with a loss-free example
+        local = [TrainExample(batch_examples[0].input_ids, (IGNORE_INDEX,) * batch_examples[0].n_tokens)]
+    return trainer.collate(local)
+
+
+def _run_step(trainer: TrainingStep, info: DistInfo, batch_examples: list[TrainExample], step: int, seed: int,
+              device: torch.device, log: _StepLog) -> float:
+    """One timed optimizer step, logged; its loss.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite.
+    """
+    batch = _local_batch(trainer, info, batch_examples)
+    step_seed_value = step_seed(seed, step, info.rank)
+    torch.manual_seed(step_seed_value)  # dropout's masks: a resumed run draws the same ones without replaying
+    with Timer(device) as timer:
+        loss_value = trainer(batch, lambda s=step_seed_value: torch.manual_seed(s))
+    n_tokens = int(batch["n_tokens"])
+    if info.enabled:
+        times, tokens = gather_step(timer.elapsed_s, n_tokens, device)
+        log.rank_times.append(times)
+        log.rank_tokens.append(tokens)
+        n_tokens = sum(tokens)
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; check the quantization "
+                                 "settings and bitsandbytes version for this backend")
+    log.losses.append(loss_value)
+    log.times.append(timer.elapsed_s)
+    log.tokens.append(n_tokens)
+    log.seen += len(batch_examples)
+    return loss_value
+
+
+def _checkpoint_if_due(checkpoint_dir: Path | None, log: _StepLog, n_steps: int, cfg: TrainConfig, stopping: bool,
+                       info: DistInfo, model: Any, trainer: TrainingStep, config: dict[str, Any]) -> Path | None:
+    """Write a checkpoint after the last step, every ``cfg.checkpoint_every`` steps and when stopping (rank 0).
+
+    Raises:
+        CheckpointWriteError: it could not be written.
+    """
+    done = log.steps
+    due = done == n_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
+    if checkpoint_dir is None or not due or not info.is_main:
+        return None
+    try:
+        return save_checkpoint(checkpoint_dir, model, trainer.optimizer, trainer.scheduler,
+                               log.progress(info.enabled), config, cfg.keep_checkpoints)
+    except WriteError as e:
+        raise CheckpointWriteError(e, done, n_steps) from e
+
+
+def _train_result(model: Any, examples: Sequence[TrainExample], cfg: TrainConfig, device: torch.device,
+                  numerics: Numerics, info: DistInfo, trainer: TrainingStep, log: _StepLog,
+                  n_steps: int) -> TrainResult:
+    """The run's training figures over the steps after the warm-up."""
     skip = min(cfg.timing_warmup_steps, max(n_steps - 1, 0))  # keep at least one timed step
     trainable = [p for p in model.parameters() if p.requires_grad]
     parallel = None
     if info.enabled:
         parallel = sharding_info(model) if is_sharded(model) else ddp_info(trainer.step_loss)
     return TrainResult(
-        steps=n_steps, epochs=seen / len(examples), n_examples=len(examples), tokens=sum(step_tokens),
-        timed_steps=n_steps - skip, train_time_s=sum(step_times[skip:]),
-        throughput=measure_throughput(step_times, step_tokens, step_flops, skip, device, numerics),
+        steps=n_steps, epochs=log.seen / len(examples), n_examples=len(examples), tokens=sum(log.tokens),
+        timed_steps=n_steps - skip, train_time_s=sum(log.times[skip:]),
+        throughput=measure_throughput(log.times, log.tokens, log.flops, skip, device, numerics),
         memory=Memory(peak_mem_gib=peak_memory_gib(device), host_peak_rss_gib=host_peak_rss_gib()),
-        loss_per_step=tuple(losses), step_time_s=tuple(step_times),
+        loss_per_step=tuple(log.losses), step_time_s=tuple(log.times),
         world_size=info.world_size, all_reduce_s=measure_all_reduce_s(trainable, device),
         compile=measure_compile(trainer.compiled),
-        rank_step_time_s=tuple(rank_times) if info.enabled else None,
-        rank_step_tokens=tuple(rank_tokens) if info.enabled else None,
-        step_imbalance=StepImbalance.from_ranks(rank_times, rank_tokens, skip) if info.enabled else None,
+        rank_step_time_s=tuple(log.rank_times) if info.enabled else None,
+        rank_step_tokens=tuple(log.rank_tokens) if info.enabled else None,
+        step_imbalance=StepImbalance.from_ranks(log.rank_times, log.rank_tokens, skip) if info.enabled else None,
         parallel=parallel,
     )
