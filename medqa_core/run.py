@@ -56,7 +56,7 @@ from medqa_core.measure.device import device_memory_gib, resolve_device
 from medqa_core.measure.fingerprint import machine_fingerprint
 from medqa_core.measure.timing import free_device_memory, is_oom, oom_failure
 from medqa_core.measure.trace import StepProfile, profile_steps
-from medqa_core.results.record import EvalResult, RunRecord, save_record
+from medqa_core.results.record import EvalResult, RunRecord, TrainResult, save_record
 from medqa_core.results.runset import RunSet, RunSetEntry, relative_path, save_runset
 from medqa_core.results.storage import (
     WriteError,
@@ -409,6 +409,52 @@ def _save_record_or_rescue(record: RunRecord, results_dir: str) -> tuple[Path | 
         return path, problem, e
 
 
+@dataclass
+class _PhaseClock:
+    """Wall seconds of each phase, so a run's time to result splits into load, compile, train and score."""
+
+    phases: dict[str, float]
+    mark: float
+
+    @classmethod
+    def since(cls, started: float) -> _PhaseClock:
+        now = time.perf_counter()
+        return cls({"load": now - started}, now)
+
+    def lap(self, name: str) -> None:
+        """The time since the last lap goes to ``name``."""
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+    def split_train(self, result: TrainResult, curve: EvalCurve | None) -> None:
+        """Out of the fine-tune's lap: the curve's scoring between steps, and the compile warm-up before step 1."""
+        if curve is not None:
+            self.phases["curve"], self.phases["train"] = curve.seconds, self.phases["train"] - curve.seconds
+        compile_s = (result.compile.warmup_s or 0.0) if result.compile else 0.0
+        self.phases["compile"], self.phases["train"] = compile_s, self.phases["train"] - compile_s
+
+    def phases_s(self) -> dict[str, float]:
+        return {k: self.phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
+                if k in self.phases}
+
+
+def _fine_tune(session: Session, cfg: RunConfig, splits: Splits, progress: Progress | None,
+               curve: EvalCurve | None, ckpt: str | None, resume: str | None, info: DistInfo,
+               stop: StopOnSignals | None) -> TrainResult:
+    """The fine-tune of a run or train job: its examples encoded, the eval curve hooked in, trained."""
+    tok = session.tokenizer
+    examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
+    bar = _bar(progress, "fine-tune")
+    if curve is not None:
+        curve.use_split(splits.eval, splits.eval_name)
+        bar = curve.hook(bar, session.model, tok, cfg.eval, session.device, session.attention, session.numerics)
+    return train(session.model, examples, cfg.train, session.device, session.attention, tok.pad_token_id,
+                 session.numerics, bar, checkpoint_dir=Path(ckpt) if ckpt else None, resume=resume is not None,
+                 checkpoint_config=checkpoint_config(cfg), dist_info=info,
+                 stop=stop.requested if stop is not None else None)
+
+
 def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_out: str | None,
                     progress: Progress | None, ckpt: str | None, resume: str | None, stop: StopOnSignals | None,
                     trust_remote_code: bool, device: torch.device, info: DistInfo, splits: Splits,
@@ -427,15 +473,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
     model_info = _model_info(session)  # before any sharding: a sharded weight counts only this rank's slice
     if cfg.train.shard == "fsdp":
         shard_model(session.model, device)
-    # Wall seconds of each phase, so a run's time to result splits into load, compile, train and score.
-    phases: dict[str, float] = {"load": time.perf_counter() - started}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - clock
-        clock = time.perf_counter()
-
+    clock = _PhaseClock.since(started)
     tok, device, attention = session.tokenizer, session.device, session.attention
     results: dict[str, Any] = {"eval_before": None, "train": None, "eval_after": None}
     saved_adapter, failure = None, None
@@ -453,40 +491,27 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
             results["eval_before"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                               splits.eval_name, _bar(progress, phase, stop),
                                               numerics=session.numerics)
-            lap("score_before")
+            clock.lap("score_before")
         if kind in ("run", "train"):
             phase = "fine-tune"
-            examples = [encode_train(tok, item, cfg.train.max_seq_len, cfg.train.loss_on) for item in splits.train]
-            bar = _bar(progress, phase)
-            if curve is not None:
-                curve.use_split(splits.eval, splits.eval_name)
-                bar = curve.hook(bar, session.model, tok, cfg.eval, device, attention, session.numerics)
-            results["train"] = train(session.model, examples, cfg.train, device, attention, tok.pad_token_id,
-                                     session.numerics, bar,
-                                     checkpoint_dir=Path(ckpt) if ckpt else None,
-                                     resume=resume is not None, checkpoint_config=checkpoint_config(cfg),
-                                     dist_info=info, stop=stop.requested if stop is not None else None)
-            target = _adapter_target(adapter_out)
+            results["train"] = _fine_tune(session, cfg, splits, progress, curve, ckpt, resume, info, stop)
             # Sharded LoRA weights are gathered whole first: a collective, so every rank takes part.
             state = full_trainable_state(session.model) if is_sharded(session.model) else None
             if info.is_main:
-                saved_adapter, problem, error = _save_adapter_or_rescue(session.model, target, state)
+                saved_adapter, problem, error = _save_adapter_or_rescue(session.model, _adapter_target(adapter_out),
+                                                                        state)
                 if problem is not None:  # the fine-tune is done: kept elsewhere, and said so
                     first_error = first_error or error
                     problems.append(problem)
                     notes.append(problem)
-            lap("train")
-            if curve is not None:  # the curve's scoring ran between steps: its own phase, not training's
-                phases["curve"], phases["train"] = curve.seconds, phases["train"] - curve.seconds
-            compiled = results["train"].compile
-            compile_s = (compiled.warmup_s or 0.0) if compiled else 0.0
-            phases["compile"], phases["train"] = compile_s, phases["train"] - compile_s  # warm-up before step 1
+            clock.lap("train")
+            clock.split_train(results["train"], curve)
         if info.is_main and (kind == "run" or (kind == "evaluate" and adapter_dir)):
             phase = "evaluate (after)"
             results["eval_after"] = evaluate(session.model, tok, splits.eval, cfg.eval, device, attention,
                                              splits.eval_name, _bar(progress, phase, stop),
                                              numerics=session.numerics)
-            lap("score_after")
+            clock.lap("score_after")
     except Interrupted as e:  # a result too: what finished is kept, training continues with --resume
         failure = e.as_failure(phase)
         logger.warning("%s during %s", e, phase)
@@ -510,9 +535,7 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         numerics={**session.numerics.as_dict(),  # with the fp8 lever: the formats and scaling the base ran
                   "fp8": dataclasses.asdict(fp8_formats(device)) if trains and cfg.train.fp8 else None},
         notes=_notes(session, tuple(notes)),
-        wall_time_s=time.perf_counter() - started, failure=failure,
-        phases_s={k: phases[k] for k in ("load", "score_before", "compile", "train", "curve", "score_after")
-                  if k in phases},
+        wall_time_s=time.perf_counter() - started, failure=failure, phases_s=clock.phases_s(),
         profile=memory_promise(cfg, profile_chosen_by,
                                results["train"].memory.peak_mem_gib if results["train"] else None)
         if trains else None,
