@@ -141,13 +141,14 @@ def _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr
 
 @triton.jit
 def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + x @ w^T: x [BM, J], w [BN, J]; float32 products of ``dtype`` values (exact), float32 sums."""
+    """acc + x @ w^T: x [BM, J], w [BN, J] (either may be the weight); float32 products of ``dtype`` values
+    (exact), float32 sums."""
     if EMULATE:
-        return tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     elif dtype == tl.float32:
         return tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # not TF32: bitsandbytes' fp32 is exact
     else:
-        return tl.dot(x.to(dtype), tl.trans(w), acc)
+        return tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
 
 
 @triton.jit
@@ -183,7 +184,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                       SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                       SWAP: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
     # Program (pid_n, pid_m, pid_k): outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the
     # pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks.
     pid_n = tl.program_id(0)
@@ -205,9 +206,14 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
         if DOT:
             # The G blocks as one [BN, BLOCK_K] tile in natural column order (even and odd columns interleaved),
             # so each tl.dot has K = BLOCK_K.
+            # SWAP: out^T = W @ x^T, the weight tile as the MMA's A operand (from registers): its M is BLOCK_N,
+            # so Hopper's wgmma (M 64 a warpgroup) applies at 16 rows, where x @ W^T falls back to mma.sync.
             offs_k = tl.arange(0, BLOCK_K)
             x_row = x_ptr + offs_m[:, None] * stride_xm
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if SWAP:
+                acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for it in range(it0, it1):
                 b0 = it * G
                 w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
@@ -215,7 +221,12 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                                             DOUBLE_QUANT, EMULATE)
                 w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # [BN, G, HB, 2] -> [BN, BK]
                 x = tl.load(x_row + (b0 * BLOCKSIZE + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
-                acc = _dot(x, w, acc, dtype, EMULATE)
+                if SWAP:
+                    acc_t = _dot(w, x, acc_t, dtype, EMULATE)
+                else:
+                    acc = _dot(x, w, acc, dtype, EMULATE)
+            if SWAP:
+                acc = tl.trans(acc_t)
         else:
             # Broadcast multiply-adds: each weight tile dequantized once for BLOCK_M rows (BLOCK_M 1: a GEMV).
             # Products accumulate elementwise; the one reduction across lanes comes after the loop.
@@ -333,7 +344,7 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
                      out_features=out_features, in_features=in_features, **kwargs)
 
 
-MODES = ("fma", "dot")
+MODES = ("fma", "dot", "dot_swap")
 
 
 def _power_of_two(value: int) -> bool:
@@ -347,9 +358,10 @@ class TileConfig:
     ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's
     blocks). ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations
     (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"fma"`` (broadcast
-    multiply-adds, any ``block_m``; at 1 a GEMV) or ``"dot"`` (``tl.dot`` with K = ``block_k``, ``block_m`` and
-    ``block_n`` at least 16); None, as tile tables written before these fields read, is ``"fma"`` below 16 rows a
-    tile and ``"dot"`` from 16 (what those tables measured).
+    multiply-adds, any ``block_m``; at 1 a GEMV), ``"dot"`` (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
+    ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
+    ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
+    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured).
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -371,8 +383,8 @@ class TileConfig:
             raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
-        if self.kernel_mode == "dot" and min(self.block_m, self.block_n) < 16:
-            raise ValueError(f"TileConfig: mode 'dot' needs block_m and block_n >= 16 (tl.dot), got "
+        if self.kernel_mode != "fma" and min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"TileConfig: mode {self.kernel_mode!r} needs block_m and block_n >= 16 (tl.dot), got "
                              f"{self.block_m} x {self.block_n}; use mode 'fma' for fewer rows")
 
     @property
@@ -423,32 +435,37 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
-    """The tile chosen on paper (nothing of v3 has been measured on a GPU; a sweep's table overrides it).
+    """The tile chosen on paper: nothing of v3 has been timed on a GPU (a sweep's table overrides it). Register
+    counts below are ptxas's (sm_90a) and the AMD compiler's (gfx942) for kernels compiled, not run, here.
 
-    - 1 row: the GEMV (fma, block_m 1) at v2's swept best (block_n 8, block_k 512, 2 warps).
-    - 2..16 rows: fma with block_m the rows' power of two, so each weight tile is dequantized once for all rows
-      (v2's 16-row dot path dequantized 16 rows' worth of tiles for 8 rows and ran one tl.dot per 32 columns);
-      block_k keeps the float32 accumulator [block_m, block_n, block_k / 2] at 8192 values (64 a lane at 4 warps).
-    - more rows: dot with K = block_k = 256 a tl.dot (v2's dots had K 32).
-    - split_k: doubled (up to 8, keeping two iterations a split) until the grid has ~4 programs per SM. The
-      GEMV's long K loop of dependent loads was v2's suspected limit, and k/v_proj (N 1024, 128 programs of
-      block_n 8) left most of an H100's 132 SMs idle.
+    - 1 row: the GEMV (fma, block_m 1) at v2's swept best (block_n 8, block_k 512, 2 warps; 168-178 registers).
+    - 2..4 rows: fma, block_m the rows' power of two: each weight tile dequantized once for all rows, with
+      block_k keeping the accumulator [block_m, block_n, block_k / 2] at 4096 floats.
+    - 5..64 rows: dot_swap, K = block_k = 128 a tl.dot (v2's had 32) and the weight as the MMA's A operand, so
+      Hopper's wgmma applies (M = block_n = 64). Why not fma from 5 rows: at an H100's 3.35 TB/s the weights
+      stream at ~6.7e12 a second; times 8 rows that is ~54e12 FMA/s, above its ~33e12 of fp32 FMA, so fma is
+      compute-bound there before the dequantization is counted.
+    - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
+      float32 partials (written and read once) under 1/8 of the packed weight's bytes. The GEMV's long K loop of
+      dependent loads was v2's suspected limit, and k/v_proj at one row (N 1024: 128 programs of block_n 8)
+      left most of an H100's 132 SMs idle.
     """
     if rows == 1:
-        block_m, block_n, block_k, warps, mode = 1, 8, 512, 2, "fma"
-    elif rows <= 16:
-        block_m = row_bucket(rows)
-        block_n = 16
-        block_k = min(512, max(64, 16384 // (block_m * block_n)))
-        warps, mode = 4, "fma"
+        block_m, block_n, block_k, warps, stages, mode = 1, 8, 512, 2, 2, "fma"
+    elif rows <= 4:
+        block_m, block_n = row_bucket(rows), 16
+        block_k, warps, stages, mode = 8192 // (block_m * block_n), 4, 2, "fma"
     else:
-        block_m, block_n, block_k, warps, mode = min(64, row_bucket(rows)), 64, 256, 4, "dot"
+        block_m = max(16, min(64, row_bucket(rows)))
+        block_n, block_k, warps, stages, mode = 64, 128, 8, 2 if block_m == 16 else 3, "dot_swap"
     programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
     split = 1
     while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
-           and in_features // (block_k * split * 2) >= 2):
+           and in_features // (block_k * split * 2) >= 2
+           # float32 partials, written and read, per output: at most 1/8 of its row's packed bytes
+           and (2 * split) * rows * 4 * 2 <= in_features // 2 // 8):
         split *= 2
-    return TileConfig(block_m, block_n, block_k, warps, 2, split, mode)
+    return TileConfig(block_m, block_n, block_k, warps, stages, split, mode)
 
 
 def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
@@ -531,7 +548,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     if rows == 0:
         return out.reshape(*lead, n)
     cfg = config or tile_config(rows, n, k, x.device)
-    dot = cfg.kernel_mode == "dot"
+    dot = cfg.kernel_mode != "fma"
     aligned = weight.aligned
     if aligned:
         block_k = _blocks_per_iteration(weight, cfg.block_k)
@@ -558,7 +575,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         iterations,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SPLIT_K=split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
+        SPLIT_K=split,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
