@@ -59,19 +59,26 @@ SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32
 def _sweep_grid(rows: int) -> list:
     """The tiles --sweep times at ``rows`` (at most 25, so four layer shapes sweep in minutes).
 
-    1 row: the GEMV (fma, block_m 1) around v2's best (block_n 8, block_k 512, 2 warps), split_k 1-8. 8 rows: fma
-    tiles of 8 rows against dots of 16 rows with K = block_k, as x @ W^T and swapped (W as the MMA's A operand,
-    wgmma on Hopper). 32 rows: dots. Tiles that spilled registers in ptxas (sm_90a) were left out.
+    1 row: the GEMV (fma, block_m 1) around v2's best (block_n 8, block_k 512, 2 warps), split_k 1-4, with and
+    without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows against dots of 16 rows with
+    K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on Hopper). 32 rows: dots. Compiled here
+    for sm_90a and gfx942, every tile fits (gfx942's 64 KiB of LDS included); tiles that spilled more than a few
+    bytes were left out.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
     if rows == 1:
-        grid = [TileConfig(1, bn, bk, 4 if bn == 16 else 2, 2, sk, "fma") for bn in (4, 8, 16) for bk in (256, 512)
-                for sk in (1, 2, 4, 8)]
-        return grid + [TileConfig(1, 8, 512, 4, 2, 1, "fma")]  # 25
+        grid = [TileConfig(1, bn, bk, nw, 2, sk, "fma", pf)
+                for bn, bk, nw, pf in ((8, 256, 2, False), (8, 256, 2, True), (8, 512, 2, False), (8, 512, 2, True),
+                                       (16, 256, 4, False), (16, 256, 4, True), (16, 512, 4, False))
+                for sk in (1, 2, 4)]
+        return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4, 8)] + [
+            TileConfig(1, 8, 512, 4, 2, 1, "fma")]  # 25
     if rows <= 16:
-        fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma") for bn, bk in ((8, 64), (8, 128), (16, 64), (16, 128))
-               for sk in (1, 2, 4)]
+        fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma", pf)
+               for bn, bk, pf in ((8, 64, False), (8, 128, False), (16, 64, False), (16, 128, False), (8, 128, True),
+                                  (16, 64, True))
+               for sk in (1, 4)]
         swap = [TileConfig(16, bn, bk, nw, ns, sk, "dot_swap")
                 for bn, bk, nw, ns in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 256, 8, 2), (128, 128, 8, 2))
                 for sk in (1, 4)]
@@ -138,7 +145,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, di
                 chosen = tile_config(rows, n, k, device)
                 best = None
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
-                for cfg in _sweep_grid(rows):
+                for cfg in dict.fromkeys([chosen, *_sweep_grid(rows)]):  # the tile in use competes too
                     try:
                         first = nf4_matmul(x, weight, config=cfg)
                         # The summation-order bound (stays meaningful where sums cancel), and the same bits on a

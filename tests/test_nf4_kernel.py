@@ -76,8 +76,8 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
 
 
 MODE_CONFIGS = [  # every inner loop, split_k 1-3 (3 over 4-5 iterations: uneven ranges), tiles wider than N
-    TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma"),
-    TileConfig(4, 16, 64, 1, 1, 2, "fma"), TileConfig(8, 8, 128, 1, 1, 3, "fma"),
+    TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True),
+    TileConfig(4, 16, 64, 1, 1, 3, "fma"), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
     TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot"),
     TileConfig(16, 64, 64, 1, 1, 2, "dot_swap"), TileConfig(16, 16, 128, 1, 1, 3, "dot_swap")]
 SPLIT_SHAPES = [  # (N, K, blocksize): 5 blocks a row (no split divides them), a block wider than block_k, not aligned
@@ -85,7 +85,7 @@ SPLIT_SHAPES = [  # (N, K, blocksize): 5 blocks a row (no split divides them), a
 
 
 @pytest.mark.parametrize("config", MODE_CONFIGS, ids=lambda c: f"{c.kernel_mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}"
-                         f"-s{c.split_k}")
+                         f"-s{c.split_k}{'-prefetch' if c.prefetch else ''}")
 @pytest.mark.parametrize(("n", "k", "blocksize"), SPLIT_SHAPES)
 @pytest.mark.parametrize(("double_quant", "lora"), [(False, True), (True, False)])
 def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, double_quant, lora) -> None:

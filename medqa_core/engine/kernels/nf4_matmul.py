@@ -19,14 +19,39 @@ ROCm's Triton; it has not run on an AMD GPU here (docs/decode.md says what has).
 
 Two kernels:
 
-- :func:`_nf4_matmul_kernel`: one program per ``BLOCK_N`` outputs and ``BLOCK_M`` rows; at one row it is a
-  GEMV (products summed in registers), above it a small-M GEMM (``tl.dot``). Its epilogue adds the bias and
-  LoRA's up-projection ``t @ B^T``, so an adapted layer's output is written once.
+- :func:`_nf4_matmul_kernel`: program (n, m, k) computes ``BLOCK_M`` rows x ``BLOCK_N`` outputs over its share
+  of K. Its epilogue adds the bias and LoRA's up-projection ``t @ B^T``, so an adapted layer's output is written
+  once. A :class:`TileConfig` picks the inner loop (``mode``) and the K split:
+
+  - ``fma``: each [BLOCK_N, BLOCK_K] weight tile is dequantized once and multiplied into all BLOCK_M rows by
+    broadcast multiply-adds into a float32 [BLOCK_M, BLOCK_N, G, HB] accumulator, reduced across lanes once
+    after the loop. At BLOCK_M 1 this is the GEMV; for a few rows it avoids tl.dot's 16-row minimum.
+  - ``dot``: G whole quantization blocks dequantized as one [BLOCK_N, BLOCK_K] tile in natural column order
+    (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K.
+  - ``dot_swap``: the same tiles as ``(W @ x^T)^T``: the weight is the MMA's A operand (from registers) and its M
+    is BLOCK_N, so Hopper's wgmma (M 64 a warpgroup) applies at 16 rows, where ``x @ W^T`` compiles to mma.sync.
+  - ``split_k`` > 1: the K loop (whole quantization blocks) is cut into ``split_k`` near-equal ranges, one program
+    each. Each writes its float32 partial to a [split_k, M, N] buffer; the last of a tile's programs to arrive
+    (an acq_rel atomic counter per output tile) sums the partials in index order 0, 1, ..., so the result does
+    not depend on which program finished last, sets the counter back to 0 and runs the epilogue once. One launch,
+    not a second reduce kernel: inside a CUDA graph a launch costs microseconds against a GEMV of 6-30 us. No
+    float32 atomics on the output: their order, and so the bits, would vary run to run.
+
 - :func:`_lora_down_kernel`: ``t = scaling * x @ A^T`` ([M, r], float32), LoRA's down-projection, one program
   per row block and rank.
 
 An adapted layer thus costs two launches (bitsandbytes + peft: the 4-bit matmul, two small GEMMs with their
 split-K reductions, and the scale and add).
+
+Scratch for split-K and CUDA graphs: the partials come from ``torch.empty`` per call (the caching allocator, or
+the graph's pool while capturing); the counters are one kept zeroed int32 buffer per device (:data:`_COUNTERS`),
+since ``torch.zeros`` per call would add a memset launch, so split-K calls must not run on two streams of one
+device at once. A capture that needs a bigger buffer than any warm-up made gets its own, zeroed by the graph.
+
+Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
+shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
+paper choice where the table has no entry. v1 and v2 were measured (docs/decode.md); v3 (modes, split-K,
+``dot_swap``) has been compiled for sm_90a and gfx942 here but not run on any GPU.
 """
 
 from __future__ import annotations
@@ -102,16 +127,13 @@ def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
 
 
 @triton.jit
-def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0,
-                blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr, HB: tl.constexpr,
-                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EMULATE: tl.constexpr):
-    """Quantization blocks ``b0 .. b0 + G - 1`` of rows ``offs_n`` (rows of whole blocks): their even and odd
-    columns, two [BLOCK_N, G, HB] tiles in ``dtype`` (float32 holding ``dtype``'s values under EMULATE), 0 on
-    masked rows.
+def _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row, stride_qn,
+              G: tl.constexpr, HB: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The packed bytes [BLOCK_N, G, HB] (int32) and float32 scales [BLOCK_N, G, 1] of quantization blocks
+    ``b0 .. b0 + G - 1`` of rows ``offs_n`` (rows of whole blocks): every load from HBM, none of the code lookups.
 
     Byte h of a block holds columns 2h (high nibble) and 2h + 1 (low nibble). The G blocks of a row are G * HB
-    consecutive bytes: one contiguous load a row, one scale a row and block, and two lookups in the 16-entry code
-    table (64 bytes, one cache line, so a warp's lookups do not diverge).
+    consecutive bytes: one contiguous load a row, and one scale a row and block.
     """
     offs_g = tl.arange(0, G)
     offs_h = tl.arange(0, HB)
@@ -120,10 +142,29 @@ def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                 other=0).to(tl.int32)  # [BN, G, HB]
     block = offs_n[:, None] * blocks_per_row + (b0 + offs_g)[None, :]  # [BN, G]
     scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, n_mask[:, None], BLOCKSIZE2,
-                       DOUBLE_QUANT)[:, :, None]
+                       DOUBLE_QUANT)
+    return q, scale[:, :, None]
+
+
+@triton.jit
+def _nf4_decode(code_ptr, q, scale, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """Even and odd columns of bytes ``q`` [BN, G, HB] scaled by ``scale``: two [BN, G, HB] tiles in ``dtype``
+    (float32 holding ``dtype``'s values under EMULATE), 0 on masked rows. Two lookups in the 16-entry code table
+    (64 bytes, one cache line, so a warp's lookups do not diverge)."""
     w_even = _round(tl.load(code_ptr + (q >> 4)) * scale, dtype, EMULATE)
     w_odd = _round(tl.load(code_ptr + (q & 15)) * scale, dtype, EMULATE)
     return w_even, w_odd
+
+
+@triton.jit
+def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0,
+                blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr, HB: tl.constexpr,
+                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EMULATE: tl.constexpr):
+    """Quantization blocks ``b0 .. b0 + G - 1`` of rows ``offs_n``, loaded and decoded: even and odd columns,
+    two [BLOCK_N, G, HB] tiles (see :func:`_nf4_load` and :func:`_nf4_decode`)."""
+    q, scale = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row,
+                         stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+    return _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
 
 
 @triton.jit
@@ -184,7 +225,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                       SWAP: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                       SWAP: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
+                       EMULATE: tl.constexpr):
     # Program (pid_n, pid_m, pid_k): outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the
     # pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks.
     pid_n = tl.program_id(0)
@@ -233,11 +275,24 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             x_row = x_ptr + offs_m[:, None, None] * stride_xm
             col = offs_g[None, :, None] * BLOCKSIZE + 2 * offs_h[None, None, :]  # [1, G, HB]: even columns
             part = tl.zeros((BLOCK_M, BLOCK_N, G, HB), dtype=tl.float32)
+            if PREFETCH:
+                # Software pipelining by hand (Triton pipelines only loops with a tl.dot): the next iteration's
+                # bytes and scales (the absmax -> code2 -> absmax2 chain) load while this one computes. The last
+                # iteration reloads its own blocks instead of reading past the range.
+                q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                               it0 * G, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
             for it in range(it0, it1):
                 b0 = it * G
-                w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                            offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2,
-                                            DOUBLE_QUANT, EMULATE)
+                if PREFETCH:
+                    q, scale = q_next, scale_next
+                    q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                                   n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row,
+                                                   stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+                    w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
+                else:
+                    w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB,
+                                                BLOCKSIZE2, DOUBLE_QUANT, EMULATE)
                 x_even = tl.load(x_row + b0 * BLOCKSIZE + col, mask=m_mask[:, None, None], other=0.0)  # [BM, G, HB]
                 x_odd = tl.load(x_row + b0 * BLOCKSIZE + col + 1, mask=m_mask[:, None, None], other=0.0)
                 part += (x_even.to(tl.float32)[:, None, :, :] * w_even.to(tl.float32)[None, :, :, :]
@@ -361,7 +416,8 @@ class TileConfig:
     multiply-adds, any ``block_m``; at 1 a GEMV), ``"dot"`` (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
     ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
     ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
-    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured).
+    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (``fma`` on
+    rows of whole blocks): load the next iteration's bytes and scales before decoding this one's.
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -374,6 +430,7 @@ class TileConfig:
     num_stages: int
     split_k: int = 1
     mode: str | None = None
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -438,7 +495,9 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
     """The tile chosen on paper: nothing of v3 has been timed on a GPU (a sweep's table overrides it). Register
     counts below are ptxas's (sm_90a) and the AMD compiler's (gfx942) for kernels compiled, not run, here.
 
-    - 1 row: the GEMV (fma, block_m 1) at v2's swept best (block_n 8, block_k 512, 2 warps; 168-178 registers).
+    - 1 row: the GEMV (fma, block_m 1): block_n 8 and 2 warps as v2's swept best, with the next iteration's
+      bytes and scales prefetched over block_k 256 (156 registers; v2's best, 512 columns without prefetch,
+      168): the same bytes in flight, but no longer waiting in series on each iteration's load chain.
     - 2..4 rows: fma, block_m the rows' power of two: each weight tile dequantized once for all rows, with
       block_k keeping the accumulator [block_m, block_n, block_k / 2] at 4096 floats.
     - 5..64 rows: dot_swap, K = block_k = 128 a tl.dot (v2's had 32) and the weight as the MMA's A operand, so
@@ -450,8 +509,9 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
       dependent loads was v2's suspected limit, and k/v_proj at one row (N 1024: 128 programs of block_n 8)
       left most of an H100's 132 SMs idle.
     """
+    prefetch = rows == 1
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode = 1, 8, 512, 2, 2, "fma"
+        block_m, block_n, block_k, warps, stages, mode = 1, 8, 256, 2, 2, "fma"
     elif rows <= 4:
         block_m, block_n = row_bucket(rows), 16
         block_k, warps, stages, mode = 8192 // (block_m * block_n), 4, 2, "fma"
@@ -465,7 +525,7 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
            # float32 partials, written and read, per output: at most 1/8 of its row's packed bytes
            and (2 * split) * rows * 4 * 2 <= in_features // 2 // 8):
         split *= 2
-    return TileConfig(block_m, block_n, block_k, warps, stages, split, mode)
+    return TileConfig(block_m, block_n, block_k, warps, stages, split, mode, prefetch)
 
 
 def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
@@ -576,7 +636,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
-        SPLIT_K=split,
+        PREFETCH=cfg.prefetch and not dot, SPLIT_K=split,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
