@@ -25,7 +25,9 @@ Two kernels:
 
   - ``fma``: each [BLOCK_N, BLOCK_K] weight tile is dequantized once and multiplied into all BLOCK_M rows by
     broadcast multiply-adds into a float32 [BLOCK_M, BLOCK_N, G, HB] accumulator, reduced across lanes once
-    after the loop. At BLOCK_M 1 this is the GEMV; for a few rows it avoids tl.dot's 16-row minimum.
+    after the loop. At BLOCK_M 1 this is the GEMV; for a few rows it avoids tl.dot's 16-row minimum. With
+    ``prefetch`` the next iteration's bytes and scales are loaded before this one's are decoded (Triton
+    software-pipelines only loops with a ``tl.dot``).
   - ``dot``: G whole quantization blocks dequantized as one [BLOCK_N, BLOCK_K] tile in natural column order
     (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K.
   - ``dot_swap``: the same tiles as ``(W @ x^T)^T``: the weight is the MMA's A operand (from registers) and its M
