@@ -9,8 +9,10 @@ that rate against the copy bandwidth measured in the same run. Also the largest 
     python bench/profile_nf4_kernel.py --out results/traces/NAME.json [--rows 1,8,32,64] [--sweep]
         [--tiles-out medqa_core/engine/kernels/nf4_tiles.json]
 
-GPU only. ``--sweep`` also times a grid of tile shapes at 1 and 8 rows and reports the fastest; ``--tiles-out``
-writes them as the kernel's tile table for this device (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
+GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``mode``) at 1, 8 and 32 rows and
+reports the fastest of those that give the right result twice (within bf16's eps of the sum of ``|x * w|``, the
+same bits both times); ``--tiles-out`` writes them as the kernel's tile table for this device, keeping other
+devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that made it)
@@ -51,12 +53,41 @@ def _time_s(fn, rep: int = 60) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / 1e3
 
 
+SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32) key the tile table
+
+
 def _sweep_grid(rows: int) -> list:
+    """The tiles --sweep times at ``rows`` (at most 25, so four layer shapes sweep in minutes).
+
+    1 row: the GEMV (fma, block_m 1) around v2's best (block_n 8, block_k 512, 2 warps), split_k 1-4, with and
+    without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows against dots of 16 rows with
+    K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on Hopper). 32 rows: dots. Compiled here
+    for sm_90a and gfx942, every tile fits (gfx942's 64 KiB of LDS included); tiles that spilled more than a few
+    bytes were left out.
+    """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
     if rows == 1:
-        return [TileConfig(1, bn, bk, nw, 2) for bn in (8, 16, 32) for bk in (256, 512) for nw in (2, 4)]
-    return [TileConfig(16, bn, bk, nw, 2) for bn in (32, 64, 128) for bk in (128, 256) for nw in (4, 8)]
+        grid = [TileConfig(1, bn, bk, nw, 2, sk, "fma", pf)
+                for bn, bk, nw, pf in ((8, 256, 2, False), (8, 256, 2, True), (8, 512, 2, False), (8, 512, 2, True),
+                                       (16, 256, 4, False), (16, 256, 4, True), (16, 512, 4, False))
+                for sk in (1, 2, 4)]
+        return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4, 8)] + [
+            TileConfig(1, 8, 512, 4, 2, 1, "fma")]  # 25
+    if rows <= 16:
+        fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma", pf)
+               for bn, bk, pf in ((8, 64, False), (8, 128, False), (16, 64, False), (16, 128, False), (8, 128, True),
+                                  (16, 64, True))
+               for sk in (1, 4)]
+        swap = [TileConfig(16, bn, bk, nw, ns, sk, "dot_swap")
+                for bn, bk, nw, ns in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 256, 8, 2), (128, 128, 8, 2))
+                for sk in (1, 4)]
+        dot = [TileConfig(16, 32, bk, 4, 2, sk, "dot") for bk, sk in ((64, 1), (128, 1), (128, 4))]
+        return fma + swap + dot  # 23
+    swap = [TileConfig(32, bn, bk, nw, 3, sk, "dot_swap") for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 64, 8))
+            for sk in (1, 2)]
+    dot = [TileConfig(32, bn, 128, nw, 3, sk, "dot") for bn, nw in ((32, 4), (64, 8)) for sk in (1, 2)]
+    return swap + dot  # 10
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, dict]:
@@ -110,21 +141,34 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, di
                 print(f"{layer:18s} M={rows:4d} {arm:18s} {seconds * 1e6:8.1f} us  "
                       f"{moved / seconds / 1e9:7.0f} GB/s ({moved / seconds / bandwidth:5.1%})  "
                       f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
-            if sweep and rows in (1, 8):
+            if sweep and rows in SWEEP_ROWS:
                 chosen = tile_config(rows, n, k, device)
                 best = None
-                for cfg in _sweep_grid(rows):
+                rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
+                for cfg in dict.fromkeys([chosen, *_sweep_grid(rows)]):  # the tile in use competes too
                     try:
+                        first = nf4_matmul(x, weight, config=cfg)
+                        # The summation-order bound (stays meaningful where sums cancel), and the same bits on a
+                        # second call: a split-K reduction that raced would fail one or the other.
+                        error = _abs_sum_eps(first, ref, x, dense)
+                        repeats = torch.equal(first, nf4_matmul(x, weight, config=cfg))
+                        if error > 1.0 or not repeats:
+                            raise ArithmeticError(f"error {error:.2f} eps of sum |x*w|, repeats {repeats}")
                         seconds = _time_s(lambda cfg=cfg: nf4_matmul(x, weight, config=cfg), rep=25)
-                    except Exception as e:  # a tile this device cannot hold (shared memory): skip it
-                        print(f"  sweep {cfg}: {type(e).__name__}", flush=True)
+                    except Exception as e:  # a tile this device cannot hold (shared memory), or a wrong one
+                        print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        rejected.append(dict(config=dataclasses.asdict(cfg), error=f"{type(e).__name__}: {e}"[:500]))
                         continue
                     if best is None or seconds < best[1]:
                         best = (cfg, seconds)
+                if best is None:
+                    print(f"  sweep: no tile ran for {layer} at {rows} rows", flush=True)
+                    continue
                 tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best[0])))
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep", chosen=dataclasses.asdict(chosen),
                                      best=dataclasses.asdict(best[0]), best_time_s=best[1],
-                                     best_bandwidth_fraction=(weight_bytes + io_bytes) / best[1] / bandwidth))
+                                     best_bandwidth_fraction=(weight_bytes + io_bytes) / best[1] / bandwidth,
+                                     rejected=rejected))
                 print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
                       f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
     result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
@@ -149,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     result, tiles = profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize)
     if args.tiles_out and args.sweep:
-        args.tiles_out.write_text(json.dumps(tiles, indent=1) + "\n")
+        # This device's entries replace its old ones; other devices' stay.
+        table = json.loads(args.tiles_out.read_text()) if args.tiles_out.is_file() else {}
+        args.tiles_out.write_text(json.dumps({**table, **tiles}, indent=1) + "\n")
         print(f"wrote {args.tiles_out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(kind="nf4-kernel-profile", started=started,

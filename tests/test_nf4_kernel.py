@@ -75,8 +75,79 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
     assert _ulps(out, ref) <= 1.0
 
 
+MODE_CONFIGS = [  # every inner loop, split_k 1-3 (3 over 4-5 iterations: uneven ranges), tiles wider than N
+    TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True),
+    TileConfig(4, 16, 64, 1, 1, 3, "fma"), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
+    TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot"),
+    TileConfig(16, 64, 64, 1, 1, 2, "dot_swap"), TileConfig(16, 16, 128, 1, 1, 3, "dot_swap")]
+SPLIT_SHAPES = [  # (N, K, blocksize): 5 blocks a row (no split divides them), a block wider than block_k, not aligned
+    (24, 320, 64), (20, 512, 256), (40, 96, 64), (33, 70, 64)]
+
+
+@pytest.mark.parametrize("config", MODE_CONFIGS, ids=lambda c: f"{c.kernel_mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}"
+                         f"-s{c.split_k}{'-prefetch' if c.prefetch else ''}")
+@pytest.mark.parametrize(("n", "k", "blocksize"), SPLIT_SHAPES)
+@pytest.mark.parametrize(("double_quant", "lora"), [(False, True), (True, False)])
+def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, double_quant, lora) -> None:
+    param, state = _quantized(n, k, blocksize, double_quant)
+    weight = _plain_dequantize(param, state).float()  # [N, K]
+    if k % blocksize == 0:
+        torch.testing.assert_close(weight, dequantize_4bit(param.data, state).float(), rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(4)
+    rank, scaling = 4, 2.0
+    a = (torch.randn(rank, k, generator=gen) * 0.1).bfloat16().to(DEVICE)
+    b = (torch.randn(n, rank, generator=gen) * 0.1).bfloat16().to(DEVICE)
+    bias = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
+    for rows in (1, 5, 17):
+        x = torch.randn(rows, k, generator=gen).bfloat16().to(DEVICE)
+        ref = x.float() @ weight.T
+        if lora:
+            out = nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling, config=config)
+            ref = ref + bias.float() + (scaling * (x.float() @ a.float().T)).bfloat16().float() @ b.float().T
+        else:
+            out = nf4_matmul(x, nf4_weight(param), config=config)
+        assert out.shape == (rows, n)
+        assert _ulps(out, ref) <= 1.0, f"rows {rows}"
+
+
+def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> None:
+    from medqa_core.engine.kernels import nf4_matmul as kernels
+
+    param, _ = _quantized(40, 512, 64, True)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+    config = TileConfig(4, 16, 64, 1, 1, 3, "fma")  # 3 tiles of N, 8 iterations in ranges of 2, 3, 3
+    first = nf4_matmul(x, nf4_weight(param), config=config)
+    counters = kernels._COUNTERS[torch.device(DEVICE)]
+    assert counters.abs().sum().item() == 0  # each tile's last program reset its counter for the next call
+    assert torch.equal(first, nf4_matmul(x, nf4_weight(param), config=config))
+    # More splits than iterations: clamped, each program keeps at least one iteration.
+    many = nf4_matmul(x, nf4_weight(param), config=TileConfig(4, 16, 64, 1, 1, 64, "fma"))
+    assert _ulps(many, x.float() @ _plain_dequantize(param, _).float().T) <= 1.0
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    (dict(block_m=8, mode="dot"), "needs block_m and block_n >= 16"),
+    (dict(block_m=16, block_n=8, mode="dot_swap"), "needs block_m and block_n >= 16"),
+    (dict(block_k=96), "block_k=96: must be a power of two"),
+    (dict(split_k=0), "split_k=0: must be at least 1"),
+    (dict(mode="wmma"), "choose one of")])
+def test_a_tile_that_cannot_run_is_refused(fields, match) -> None:
+    base = dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match=match):
+        TileConfig(**{**base, **fields})
+
+
+def test_a_tile_without_a_mode_runs_what_it_ran_before_modes() -> None:
+    # v2's tile tables carry neither split_k nor mode: one row (and any block_m under 16) was fma, 16 rows a dot.
+    assert TileConfig(1, 8, 512, 2, 2).kernel_mode == "fma"
+    assert TileConfig(16, 32, 256, 4, 2).kernel_mode == "dot"
+    assert TileConfig(16, 32, 256, 4, 2).split_k == 1
+
+
 @pytest.mark.parametrize("config", [TileConfig(1, 16, 64, 1, 1), TileConfig(1, 32, 64, 1, 1),
-                                    TileConfig(16, 16, 64, 1, 1), TileConfig(16, 64, 32, 1, 1)])
+                                    TileConfig(16, 16, 64, 1, 1), TileConfig(16, 64, 32, 1, 1),
+                                    TileConfig(1, 16, 64, 1, 1, 2, "fma"), TileConfig(8, 16, 64, 1, 1, 2, "fma"),
+                                    TileConfig(16, 64, 64, 1, 1, 2, "dot_swap")])
 def test_every_tile_shape_writes_every_output(config) -> None:
     # Odd N and rows that do not fill a tile: masked edges. torch.empty's garbage fails any unwritten output.
     n, k = 37, 192
@@ -89,11 +160,13 @@ def test_every_tile_shape_writes_every_output(config) -> None:
     assert _ulps(out, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
 
 
+@pytest.mark.parametrize("config", [None, TileConfig(4, 16, 64, 1, 1, 2, "fma"), TileConfig(16, 16, 64, 1, 1, 2, "dot"),
+                                    TileConfig(16, 16, 128, 1, 1, 1, "dot_swap")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_other_compute_dtypes(dtype) -> None:
-    param, state = _quantized(48, 128, 64, True, dtype=dtype)
-    x = torch.randn(3, 128).to(dtype).to(DEVICE)
-    out = nf4_matmul(x, nf4_weight(param))
+def test_other_compute_dtypes(dtype, config) -> None:
+    param, state = _quantized(48, 256, 64, True, dtype=dtype)
+    x = torch.randn(3, 256).to(dtype).to(DEVICE)
+    out = nf4_matmul(x, nf4_weight(param), config=config)
     ref = x.float() @ dequantize_4bit(param.data, state).float().T
     assert out.dtype == dtype
     if dtype == torch.float32:  # only the order of the sums differs: torch's float32 tolerance
@@ -191,14 +264,17 @@ def test_the_swept_tile_table_is_used_for_its_device_and_shape(tmp_path, monkeyp
     from medqa_core.engine.kernels import nf4_matmul as kernels
 
     table = tmp_path / "tiles.json"
-    best = {"block_m": 1, "block_n": 8, "block_k": 1024, "num_warps": 2, "num_stages": 3}
-    table.write_text(json.dumps({"cpu": [{"rows": 1, "n": 4096, "k": 4096, "config": best}]}))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter always takes its one fixed tile
+    best = {"block_m": 1, "block_n": 8, "block_k": 1024, "num_warps": 2, "num_stages": 3}  # v2: no split_k, mode
+    eight = {"block_m": 8, "block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 2, "split_k": 4, "mode": "fma"}
+    table.write_text(json.dumps({"cpu": [{"rows": 1, "n": 4096, "k": 4096, "config": best},
+                                         {"rows": 8, "n": 4096, "k": 4096, "config": eight}]}))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter always takes the default tile
     monkeypatch.setenv("MEDQA_NF4_TILES", str(table))
     cpu = torch.device("cpu")
     assert kernels.tile_config(1, 4096, 4096, cpu) == TileConfig(**best)
     assert kernels.tile_config(1, 1024, 4096, cpu) != TileConfig(**best)  # another shape: the default
-    assert kernels.tile_config(8, 4096, 4096, cpu).block_m == 16  # another row bucket: the dot's default
+    assert kernels.tile_config(5, 4096, 4096, cpu) == TileConfig(**eight)  # 5 rows: the bucket of 8
+    assert kernels.tile_config(16, 4096, 4096, cpu) == kernels._default_tile(16, 4096, 4096, 1)  # no bucket 16
     table2 = tmp_path / "broken.json"
     table2.write_text('{"cpu": [{"rows": 1}]}')
     monkeypatch.setenv("MEDQA_NF4_TILES", str(table2))

@@ -19,20 +19,48 @@ ROCm's Triton; it has not run on an AMD GPU here (docs/decode.md says what has).
 
 Two kernels:
 
-- :func:`_nf4_matmul_kernel`: one program per ``BLOCK_N`` outputs and ``BLOCK_M`` rows; at one row it is a
-  GEMV (products summed in registers), above it a small-M GEMM (``tl.dot``). Its epilogue adds the bias and
-  LoRA's up-projection ``t @ B^T``, so an adapted layer's output is written once.
+- :func:`_nf4_matmul_kernel`: program (n, m, k) computes ``BLOCK_M`` rows x ``BLOCK_N`` outputs over its share
+  of K. Its epilogue adds the bias and LoRA's up-projection ``t @ B^T``, so an adapted layer's output is written
+  once. A :class:`TileConfig` picks the inner loop (``mode``) and the K split:
+
+  - ``fma``: each [BLOCK_N, BLOCK_K] weight tile is dequantized once and multiplied into all BLOCK_M rows by
+    broadcast multiply-adds into a float32 [BLOCK_M, BLOCK_N, G, HB] accumulator, reduced across lanes once
+    after the loop. At BLOCK_M 1 this is the GEMV; for a few rows it avoids tl.dot's 16-row minimum. With
+    ``prefetch`` the next iteration's bytes and scales are loaded before this one's are decoded (Triton
+    software-pipelines only loops with a ``tl.dot``).
+  - ``dot``: G whole quantization blocks dequantized as one [BLOCK_N, BLOCK_K] tile in natural column order
+    (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K.
+  - ``dot_swap``: the same tiles as ``(W @ x^T)^T``: the weight is the MMA's A operand (from registers) and its M
+    is BLOCK_N, so Hopper's wgmma (M 64 a warpgroup) applies at 16 rows, where ``x @ W^T`` compiles to mma.sync.
+  - ``split_k`` > 1: the K loop (whole quantization blocks) is cut into ``split_k`` near-equal ranges, one program
+    each. Each writes its float32 partial to a [split_k, M, N] buffer; the last of a tile's programs to arrive
+    (an acq_rel atomic counter per output tile) sums the partials in index order 0, 1, ..., so the result does
+    not depend on which program finished last, sets the counter back to 0 and runs the epilogue once. One launch,
+    not a second reduce kernel: inside a CUDA graph a launch costs microseconds against a GEMV of 6-30 us. No
+    float32 atomics on the output: their order, and so the bits, would vary run to run.
+
 - :func:`_lora_down_kernel`: ``t = scaling * x @ A^T`` ([M, r], float32), LoRA's down-projection, one program
   per row block and rank.
 
 An adapted layer thus costs two launches (bitsandbytes + peft: the 4-bit matmul, two small GEMMs with their
 split-K reductions, and the scale and add).
+
+Scratch for split-K and CUDA graphs: the partials come from ``torch.empty`` per call (the caching allocator, or
+the graph's pool while capturing); the counters are one kept zeroed int32 buffer per device (:data:`_COUNTERS`),
+since ``torch.zeros`` per call would add a memset launch, so split-K calls must not run on two streams of one
+device at once. A capture that needs a bigger buffer than any warm-up made gets its own, zeroed by the graph.
+
+Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
+shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
+paper choice where the table has no entry. v1 and v2 were measured (docs/decode.md); v3 (modes, split-K,
+``dot_swap``) has been compiled for sm_90a and gfx942 here but not run on any GPU.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +68,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 
 def interpreting() -> bool:
@@ -99,24 +129,44 @@ def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
 
 
 @triton.jit
-def _nf4_block(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b,
-               blocks_per_row, stride_qn, dtype: tl.constexpr, HB: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr, EMULATE: tl.constexpr):
-    """Quantization block ``b`` of rows ``offs_n`` (rows of whole blocks): its even and odd columns, two
-    [BLOCK_N, HB] tiles in ``dtype`` (float32 holding ``dtype``'s values under EMULATE), 0 on masked rows.
+def _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row, stride_qn,
+              G: tl.constexpr, HB: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The packed bytes [BLOCK_N, G, HB] (int32) and float32 scales [BLOCK_N, G, 1] of quantization blocks
+    ``b0 .. b0 + G - 1`` of rows ``offs_n`` (rows of whole blocks): every load from HBM, none of the code lookups.
 
-    Byte h of a block holds columns 2h (high nibble) and 2h + 1 (low nibble): one contiguous load of HB bytes a
-    row, and two lookups in the 16-entry code table (64 bytes, one cache line, so a warp's lookups do not
-    diverge).
+    Byte h of a block holds columns 2h (high nibble) and 2h + 1 (low nibble). The G blocks of a row are G * HB
+    consecutive bytes: one contiguous load a row, and one scale a row and block.
     """
+    offs_g = tl.arange(0, G)
     offs_h = tl.arange(0, HB)
-    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + (b * HB + offs_h)[None, :], mask=n_mask[:, None],
-                other=0).to(tl.int32)
-    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n * blocks_per_row + b, n_mask,
-                       BLOCKSIZE2, DOUBLE_QUANT)[:, None]
+    byte = (b0 + offs_g)[None, :, None] * HB + offs_h[None, None, :]  # [1, G, HB]
+    q = tl.load(q_ptr + offs_n[:, None, None] * stride_qn + byte, mask=n_mask[:, None, None],
+                other=0).to(tl.int32)  # [BN, G, HB]
+    block = offs_n[:, None] * blocks_per_row + (b0 + offs_g)[None, :]  # [BN, G]
+    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, n_mask[:, None], BLOCKSIZE2,
+                       DOUBLE_QUANT)
+    return q, scale[:, :, None]
+
+
+@triton.jit
+def _nf4_decode(code_ptr, q, scale, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """Even and odd columns of bytes ``q`` [BN, G, HB] scaled by ``scale``: two [BN, G, HB] tiles in ``dtype``
+    (float32 holding ``dtype``'s values under EMULATE), 0 on masked rows. Two lookups in the 16-entry code table
+    (64 bytes, one cache line, so a warp's lookups do not diverge)."""
     w_even = _round(tl.load(code_ptr + (q >> 4)) * scale, dtype, EMULATE)
     w_odd = _round(tl.load(code_ptr + (q & 15)) * scale, dtype, EMULATE)
     return w_even, w_odd
+
+
+@triton.jit
+def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0,
+                blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr, HB: tl.constexpr,
+                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EMULATE: tl.constexpr):
+    """Quantization blocks ``b0 .. b0 + G - 1`` of rows ``offs_n``, loaded and decoded: even and odd columns,
+    two [BLOCK_N, G, HB] tiles (see :func:`_nf4_load` and :func:`_nf4_decode`)."""
+    q, scale = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row,
+                         stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+    return _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
 
 
 @triton.jit
@@ -134,66 +184,133 @@ def _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr
 
 @triton.jit
 def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + x @ w^T: x [BM, J], w [BN, J]; float32 products of ``dtype`` values (exact), float32 sums."""
+    """acc + x @ w^T: x [BM, J], w [BN, J] (either may be the weight); float32 products of ``dtype`` values
+    (exact), float32 sums."""
     if EMULATE:
-        return tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     elif dtype == tl.float32:
         return tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # not TF32: bitsandbytes' fp32 is exact
     else:
-        return tl.dot(x.to(dtype), tl.trans(w), acc)
+        return tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, stride_tm, stride_bn,
+              stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr, DOT: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """out = round(acc [BM, BN] + bias + t @ B^T): the one output write, after any split-K reduction."""
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if RANK > 0:
+        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from _lora_down_kernel, rounded to the compute
+        # dtype as peft's autocast matmuls round it.
+        offs_r = tl.arange(0, RANK_PAD)
+        r_mask = offs_r < RANK
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
+                    other=0.0)  # [BN, R]
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                    other=0.0)  # [BM, R], float32
+        t = _round(t, dtype, EMULATE)
+        if DOT:
+            acc = _dot(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
+        else:
+            acc += tl.sum(t.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round(acc, dtype, EMULATE).to(dtype),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       bias_ptr, t_ptr, b_ptr, out_ptr,
-                       M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row,
+                       bias_ptr, t_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr,
+                       M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row, iterations,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                       SWAP: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
                        EMULATE: tl.constexpr):
+    # Program (pid_n, pid_m, pid_k): outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the
+    # pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     dtype = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    x_row = x_ptr + offs_m[:, None] * stride_xm
+    it0 = pid_k * iterations // SPLIT_K
+    it1 = (pid_k + 1) * iterations // SPLIT_K
     if ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
         HB: tl.constexpr = BLOCKSIZE // 2
         G: tl.constexpr = BLOCK_K // BLOCKSIZE
+        offs_g = tl.arange(0, G)
         offs_h = tl.arange(0, HB)
-        if BLOCK_M == 1:
-            part = tl.zeros((BLOCK_N, HB), dtype=tl.float32)  # summed across lanes once, after the loop
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for b0 in range(0, blocks_per_row, G):
-            for g in tl.static_range(G):
-                b = b0 + g
-                w_even, w_odd = _nf4_block(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                           offs_n, n_mask, b, blocks_per_row, stride_qn, dtype, HB, BLOCKSIZE2,
-                                           DOUBLE_QUANT, EMULATE)
-                col = b * BLOCKSIZE + 2 * offs_h
-                x_even = tl.load(x_row + col[None, :], mask=m_mask[:, None], other=0.0)  # [BM, HB]
-                x_odd = tl.load(x_row + col[None, :] + 1, mask=m_mask[:, None], other=0.0)
-                if BLOCK_M == 1:
-                    part += w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(
-                        tl.float32)
+        if DOT:
+            # The G blocks as one [BN, BLOCK_K] tile in natural column order (even and odd columns interleaved),
+            # so each tl.dot has K = BLOCK_K.
+            # SWAP: out^T = W @ x^T, the weight tile as the MMA's A operand (from registers): its M is BLOCK_N,
+            # so Hopper's wgmma (M 64 a warpgroup) applies at 16 rows, where x @ W^T falls back to mma.sync.
+            offs_k = tl.arange(0, BLOCK_K)
+            x_row = x_ptr + offs_m[:, None] * stride_xm
+            if SWAP:
+                acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for it in range(it0, it1):
+                b0 = it * G
+                w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                            offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2,
+                                            DOUBLE_QUANT, EMULATE)
+                w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # [BN, G, HB, 2] -> [BN, BK]
+                x = tl.load(x_row + (b0 * BLOCKSIZE + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
+                if SWAP:
+                    acc_t = _dot(w, x, acc_t, dtype, EMULATE)
                 else:
-                    acc = _dot(x_even, w_even, acc, dtype, EMULATE)
-                    acc = _dot(x_odd, w_odd, acc, dtype, EMULATE)
-        if BLOCK_M == 1:
-            acc = tl.sum(part, axis=1)
+                    acc = _dot(x, w, acc, dtype, EMULATE)
+            if SWAP:
+                acc = tl.trans(acc_t)
+        else:
+            # Broadcast multiply-adds: each weight tile dequantized once for BLOCK_M rows (BLOCK_M 1: a GEMV).
+            # Products accumulate elementwise; the one reduction across lanes comes after the loop.
+            x_row = x_ptr + offs_m[:, None, None] * stride_xm
+            col = offs_g[None, :, None] * BLOCKSIZE + 2 * offs_h[None, None, :]  # [1, G, HB]: even columns
+            part = tl.zeros((BLOCK_M, BLOCK_N, G, HB), dtype=tl.float32)
+            if PREFETCH:
+                # Software pipelining by hand (Triton pipelines only loops with a tl.dot): the next iteration's
+                # bytes and scales (the absmax -> code2 -> absmax2 chain) load while this one computes. The last
+                # iteration reloads its own blocks instead of reading past the range.
+                q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                               it0 * G, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+            for it in range(it0, it1):
+                b0 = it * G
+                if PREFETCH:
+                    q, scale = q_next, scale_next
+                    q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                                   n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row,
+                                                   stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+                    w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
+                else:
+                    w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB,
+                                                BLOCKSIZE2, DOUBLE_QUANT, EMULATE)
+                x_even = tl.load(x_row + b0 * BLOCKSIZE + col, mask=m_mask[:, None, None], other=0.0)  # [BM, G, HB]
+                x_odd = tl.load(x_row + b0 * BLOCKSIZE + col + 1, mask=m_mask[:, None, None], other=0.0)
+                part += (x_even.to(tl.float32)[:, None, :, :] * w_even.to(tl.float32)[None, :, :, :]
+                         + x_odd.to(tl.float32)[:, None, :, :] * w_odd.to(tl.float32)[None, :, :, :])
+            acc = tl.sum(tl.sum(part, axis=3), axis=2)
     else:
+        # Any shape: each weight from its flat index, BLOCK_K columns an iteration.
         HALF: tl.constexpr = BLOCK_K // 2
         offs_j = tl.arange(0, HALF)
-        if BLOCK_M == 1:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        else:
+        x_row = x_ptr + offs_m[:, None] * stride_xm
+        if DOT:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_even = k0 + 2 * offs_j
+        else:
+            part2 = tl.zeros((BLOCK_M, BLOCK_N, HALF), dtype=tl.float32)
+        for it in range(it0, it1):
+            k_even = it * BLOCK_K + 2 * offs_j
             w_even = _round(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
                                          k_even, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype, EMULATE)
             w_odd = _round(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
@@ -201,36 +318,35 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             x_even = tl.load(x_row + k_even[None, :], mask=m_mask[:, None] & (k_even[None, :] < K), other=0.0)
             x_odd = tl.load(x_row + k_even[None, :] + 1, mask=m_mask[:, None] & (k_even[None, :] + 1 < K),
                             other=0.0)
-            if BLOCK_M == 1:
-                prod = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
-                acc += tl.sum(prod, axis=1)
-            else:
+            if DOT:
                 acc = _dot(x_even, w_even, acc, dtype, EMULATE)
                 acc = _dot(x_odd, w_odd, acc, dtype, EMULATE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            acc += bias
-        else:
-            acc += bias[None, :]
-    if RANK > 0:
-        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from _lora_down_kernel.
-        offs_r = tl.arange(0, RANK_PAD)
-        r_mask = offs_r < RANK
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                    other=0.0)  # [BN, R]
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                    other=0.0)  # [BM, R], float32
-        if BLOCK_M == 1:
-            acc += tl.sum(b.to(tl.float32) * _round(t, dtype, EMULATE).to(tl.float32), axis=1)
-        else:
-            acc = _dot(_round(t, dtype, EMULATE), b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
-    result = _round(acc, dtype, EMULATE).to(dtype)
-    if BLOCK_M == 1:
-        tl.store(out_ptr + offs_m * stride_om + offs_n, result, mask=n_mask)
+            else:
+                part2 += (x_even.to(tl.float32)[:, None, :] * w_even.to(tl.float32)[None, :, :]
+                          + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :])
+        if not DOT:
+            acc = tl.sum(part2, axis=2)
+    if SPLIT_K == 1:
+        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, stride_tm, stride_bn,
+                  stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
     else:
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], result,
-                 mask=m_mask[:, None] & n_mask[None, :])
+        # Deterministic split-K: each program writes its float32 partial to partial[pid_k, M, N]; the last of the
+        # tile's SPLIT_K programs to arrive (an acq_rel counter) sums the partials in index order 0..SPLIT_K-1,
+        # whichever program that is, resets the counter for the next call, and writes the output once.
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
+        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=mn_mask)
+        tl.debug_barrier()  # every lane's partial stored before the release below
+        counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                # .cg: from L2, where the other programs' partials are, never a stale L1 line.
+                total += tl.load(partial_ptr + s * M * N + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            _epilogue(total, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, stride_tm, stride_bn,
+                      stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
 
 
 @dataclass(frozen=True)
@@ -285,26 +401,71 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
                      out_features=out_features, in_features=in_features, **kwargs)
 
 
+MODES = ("fma", "dot", "dot_swap")
+
+
+def _power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
 @dataclass(frozen=True)
 class TileConfig:
-    """A kernel launch's tile shape and warps. ``block_k``: columns an iteration (whole quantization blocks on
-    the aligned path, rounded to divide a row's blocks)."""
+    """A kernel launch's tile shape, warps, K split and inner loop.
+
+    ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's
+    blocks). ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations
+    (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"fma"`` (broadcast
+    multiply-adds, any ``block_m``; at 1 a GEMV), ``"dot"`` (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
+    ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
+    ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
+    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (``fma`` on
+    rows of whole blocks): load the next iteration's bytes and scales before decoding this one's.
+
+    Raises:
+        ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
+    """
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
+    mode: str | None = None
+    prefetch: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            if not _power_of_two(getattr(self, name)):
+                raise ValueError(f"TileConfig.{name}={getattr(self, name)}: must be a power of two")
+        if self.split_k < 1:
+            raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
+        if self.mode not in (None, *MODES):
+            raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
+        if self.kernel_mode != "fma" and min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"TileConfig: mode {self.kernel_mode!r} needs block_m and block_n >= 16 (tl.dot), got "
+                             f"{self.block_m} x {self.block_n}; use mode 'fma' for fewer rows")
+
+    @property
+    def kernel_mode(self) -> str:
+        """The mode this tile runs: ``mode``, or for None ``"fma"`` below 16 rows a tile and ``"dot"`` from 16."""
+        return self.mode or ("dot" if self.block_m >= 16 else "fma")
 
 
 # Tiles measured best by bench/profile_nf4_kernel.py --sweep, per device name: a JSON list of
-# {"rows": bucket, "n": N, "k": K, "config": {...}}. MEDQA_NF4_TILES names another file (a fresh sweep).
+# {"rows": bucket, "n": N, "k": K, "config": {...}}; "split_k" and "mode" may be absent (1 and None).
+# MEDQA_NF4_TILES names another file (a fresh sweep).
 TUNED_TILES = Path(__file__).with_name("nf4_tiles.json")
+
+# Programs to aim for per multiprocessor (SM / CU) when the default tile splits K: enough resident programs to
+# keep loads in flight while each waits on its dependent loads (byte -> code, absmax code -> code2 -> absmax2).
+PROGRAMS_PER_MULTIPROCESSOR = 4
+MAX_DEFAULT_SPLIT_K = 8
 
 
 def row_bucket(rows: int) -> int:
-    """The row counts that share a tile: 1 (GEMV), then 16, 32, 64, ... (the dot's BLOCK_M)."""
-    return 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+    """The row counts that share a tuned tile: the next power of two (1, 2, 4, 8, 16, 32, 64, ...)."""
+    return triton.next_power_of_2(max(1, rows))
 
 
 @functools.cache
@@ -324,22 +485,62 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
-    """The tile for ``rows`` x ``out_features`` outputs over ``in_features``: the swept best for this device and
-    shape where bench/profile_nf4_kernel.py --sweep measured one, else a default.
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """SMs (CUDA) or CUs (ROCm) of ``device``; 1 elsewhere (the interpreter: no split worth making)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
-    The default: one row is a GEMV (BLOCK_M 1, products summed in registers); more rows use tensor-core dots,
-    which need 16 rows.
+
+def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
+    """The tile chosen on paper: nothing of v3 has been timed on a GPU (a sweep's table overrides it). Register
+    counts below are ptxas's (sm_90a) and the AMD compiler's (gfx942) for kernels compiled, not run, here.
+
+    - 1 row: the GEMV (fma, block_m 1): block_n 8 and 2 warps as v2's swept best, with the next iteration's
+      bytes and scales prefetched over block_k 256 (156 registers; v2's best, 512 columns without prefetch,
+      168): the same bytes in flight, but no longer waiting in series on each iteration's load chain.
+    - 2..4 rows: fma, block_m the rows' power of two: each weight tile dequantized once for all rows, with
+      block_k keeping the accumulator [block_m, block_n, block_k / 2] at 4096 floats.
+    - 5..64 rows: dot_swap, K = block_k = 128 a tl.dot (v2's had 32) and the weight as the MMA's A operand, so
+      Hopper's wgmma applies (M = block_n = 64). Why not fma from 5 rows: at an H100's 3.35 TB/s the weights
+      stream at ~6.7e12 a second; times 8 rows that is ~54e12 FMA/s, above its ~33e12 of fp32 FMA, so fma is
+      compute-bound there before the dequantization is counted.
+    - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
+      float32 partials (written and read once) under 1/8 of the packed weight's bytes. The GEMV's long K loop of
+      dependent loads was v2's suspected limit, and k/v_proj at one row (N 1024: 128 programs of block_n 8)
+      left most of an H100's 132 SMs idle.
+    """
+    prefetch = rows == 1
+    if rows == 1:
+        block_m, block_n, block_k, warps, stages, mode = 1, 8, 256, 2, 2, "fma"
+    elif rows <= 4:
+        block_m, block_n = row_bucket(rows), 16
+        block_k, warps, stages, mode = 8192 // (block_m * block_n), 4, 2, "fma"
+    else:
+        block_m = max(16, min(64, row_bucket(rows)))
+        block_n, block_k, warps, stages, mode = 64, 128, 8, 2 if block_m == 16 else 3, "dot_swap"
+    programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
+    split = 1
+    while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
+           and in_features // (block_k * split * 2) >= 2
+           # float32 partials, written and read, per output: at most 1/8 of its row's packed bytes
+           and (2 * split) * rows * 4 * 2 <= in_features // 2 // 8):
+        split *= 2
+    return TileConfig(block_m, block_n, block_k, warps, stages, split, mode, prefetch)
+
+
+def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
+    """The tile for ``rows`` x ``out_features`` outputs over ``in_features``: the swept best for this device,
+    shape and row bucket where bench/profile_nf4_kernel.py --sweep measured one, else :func:`_default_tile`.
     """
     if interpreting():
-        return TileConfig(1 if rows == 1 else 16, 16, 128, 1, 1)
+        return _default_tile(rows, out_features, in_features, 1)
     path = os.environ.get("MEDQA_NF4_TILES") or str(TUNED_TILES)
     tuned = _tuned(_device_name(device), path).get((row_bucket(rows), out_features, in_features))
     if tuned:
         return tuned
-    if rows == 1:
-        return TileConfig(1, 16 if out_features <= 4096 else 32, 512, 4, 2)
-    return TileConfig(min(64, row_bucket(rows)), 64, 256, 4, 2)
+    return _default_tile(rows, out_features, in_features, _multiprocessors(device))
 
 
 def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
@@ -349,6 +550,26 @@ def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
     while per_row % g:
         g //= 2
     return g * weight.blocksize
+
+
+# Split-K arrival counters, one int32 per output tile, per device. Zero between calls: each tile's last program
+# sets its counter back. Kept, not allocated per call, because torch.zeros would add a memset launch to every
+# call; so calls that split K must not run concurrently on two streams of one device (decode runs one stream).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    counters = _COUNTERS.get(device)
+    if counters is not None and counters.numel() >= tiles:
+        return counters
+    counters = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Memory from the graph's pool, zeroed by a memset the graph replays: right for this graph, not kept.
+        logger.info("nf4_matmul: split-K counters allocated inside a CUDA graph capture (%d tiles); a warm-up call "
+                    "before capture keeps them out of the graph", tiles)
+        return counters
+    _COUNTERS[device] = counters
+    return counters
 
 
 def lora_down(x: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -374,7 +595,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         bias: [N] or None.
         lora_a, lora_b: LoRA's A [r, K] and B [N, r], or None for the base layer alone.
         scaling: LoRA's alpha / r.
-        config: a tile shape (tests); None picks one for the shape.
+        config: a tile shape (tests, the sweep); None picks one for the shape.
 
     Returns:
         [..., N] in x's dtype.
@@ -389,21 +610,35 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     if rows == 0:
         return out.reshape(*lead, n)
     cfg = config or tile_config(rows, n, k, x.device)
+    dot = cfg.kernel_mode != "fma"
     aligned = weight.aligned
-    block_k = _blocks_per_iteration(weight, cfg.block_k) if aligned else max(16, cfg.block_k)
+    if aligned:
+        block_k = _blocks_per_iteration(weight, cfg.block_k)
+        iterations = (k // weight.blocksize) // (block_k // weight.blocksize)
+    else:
+        block_k = max(32 if dot else 2, cfg.block_k)  # the dot's halves need K >= 16
+        iterations = triton.cdiv(k, block_k)
+    split = max(1, min(cfg.split_k, iterations))
     rank = 0 if lora_a is None else int(lora_a.shape[0])
     t = lora_down(x2, lora_a, scaling) if rank else out  # out: an unused pointer when rank is 0
     b = lora_b if rank else out
     dq = weight.double_quant
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
+    if split > 1:
+        partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32)  # [split, M, N]
+        counters = _split_counters(x.device, grid[0] * grid[1])
+    else:
+        partial = counters = out  # unused pointers
     _nf4_matmul_kernel[grid](
         x2, weight.packed, weight.absmax, weight.code,
         weight.absmax2 if dq else weight.code, weight.code2 if dq else weight.code,
-        weight.offset if dq else weight.code, bias if bias is not None else out, t, b, out,
+        weight.offset if dq else weight.code, bias if bias is not None else out, t, b, out, partial, counters,
         rows, n, k, x2.stride(0), k // 2, t.stride(0), b.stride(0), out.stride(0), k // weight.blocksize,
+        iterations,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
+        PREFETCH=cfg.prefetch and not dot, SPLIT_K=split,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
