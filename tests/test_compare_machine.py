@@ -38,10 +38,13 @@ def test_compare_sets_the_newest_run_beside_the_other_machine_with_verdict_and_r
     # One screen wide; a line that holds only a path (copied as a whole) may be wider than that.
     assert all(len(line) <= WIDTH for line in lines if not line.removesuffix(" \\").endswith(".json")), \
         max(lines, key=len)
-    # The H100 run is the one other machine with a tiny run; the other CPU runs (same machine) and every
-    # mistral-7b run are left out.
-    assert "R2 committed  cuda, NVIDIA H100 80GB HBM3" in out and f"  {H100_RUN}\n" in out and "R3" not in out
-    assert "Parity holds across 2 run records" in out and "PASS: R2 vs R1, fine-tuned accuracy" in out
+    # The newest tiny run of each other machine (the H100, and an AMD EPYC CPU since 2026-12-05); the other
+    # runs of this Xeon and every mistral-7b run are left out.
+    committed = [line for line in lines if line[:1] == "R" and line[2:].startswith(" committed")]
+    assert "committed  cuda, NVIDIA H100 80GB HBM3, sdpa-cudnn" in out and f"  {H100_RUN}\n" in out
+    assert committed and not any("Xeon" in line for line in committed) and "R4" not in out
+    others = len(committed)
+    assert f"Parity holds across {others + 1} run records" in out and "PASS: R2 vs R1, fine-tuned accuracy" in out
     mine, h100 = load_record(CPU_RUN), load_record(H100_RUN)
     # the figures report's table divides
     ratio = h100.train.throughput.tokens_per_s / mine.train.throughput.tokens_per_s
