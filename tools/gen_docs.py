@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
 
+from medqa_core.compare.inference import inference_rows, newest_kernel_benches  # noqa: E402
 from medqa_core.compare.inputs import BenchFile, device_label, read_bench_file  # noqa: E402
 from medqa_core.report.run_summary import summary_lines  # noqa: E402
 from medqa_core.results.benchcase import BenchCase  # noqa: E402
@@ -557,38 +558,21 @@ def decode_table(results: Path) -> str:
     return "\n".join(rows)
 
 
-def _nf4_arm(name: str) -> str | None:
-    found = re.search(r"-(triton|bitsandbytes)\]$", name)
-    return found.group(1) if found else None
-
-
 def inference_table(results: Path) -> str:
     """What a buyer reads: the newest bench file per device that timed our NF4 kernel beside bitsandbytes', per
     kernel and batch: time to first token, prefill and decode tokens/s, the share of the decode roofline and
-    joules per token."""
+    joules per token (rows: medqa_core.compare.inference, which the parity report reads too)."""
     rows = ["| device | 4-bit kernel | batch | time to first token | prefill tokens/s | decode tokens/s "
             "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|"]
-    newest: dict[str, tuple[Path, BenchFile]] = {}  # the newest file per device (files sort by number)
-    for path in result_files(results, "bench/*/*.json"):
-        bench = _bench(path)
-        if any(_nf4_arm(name) == "triton" for name in bench.cases):
-            newest[_bench_device(bench)] = (path, bench)
-    for path, bench in newest.values():
-        cases = bench.cases
-        arms = {name: _nf4_arm(name) for name in cases if name.startswith("test_decode_compiled")}
-        for name, arm in sorted(arms.items(), key=lambda kv: (kv[1] != "triton", cases[kv[0]].batch_size or 1)):
-            e = cases[name]
-            if not e.decode_tokens_per_s:
-                continue
-            batch = e.batch_size or 1
-            prefill = cases.get(f"test_prefill[{e.attention_requested}-batch{batch}]")
-            joules = e.energy.joules_per_token if e.energy else None
+    for bench in newest_kernel_benches(_bench(p) for p in result_files(results, "bench/*/*.json")):
+        path = Path(bench.path)
+        for r in inference_rows(bench):
             rows.append(
-                f"| {_bench_device(bench)} | {'ours (Triton)' if arm == 'triton' else 'bitsandbytes'} | {batch} "
-                f"| {f'{e.ttft_s_median * 1e3:,.0f} ms' if e.ttft_s_median else '-'} "
-                f"| {f'{prefill.prefill_tokens_per_s:,.0f}' if prefill and prefill.prefill_tokens_per_s else '-'} "
-                f"| {e.decode_tokens_per_s:,.0f} | {_pct(e.roofline_fraction)} "
-                f"| {f'{joules:.2f} J' if isinstance(joules, float) else '-'} "
+                f"| {r.device} | {r.kernel_name} | {r.batch} "
+                f"| {f'{r.ttft_s * 1e3:,.0f} ms' if r.ttft_s else '-'} "
+                f"| {f'{r.prefill_tokens_per_s:,.0f}' if r.prefill_tokens_per_s else '-'} "
+                f"| {r.decode_tokens_per_s:,.0f} | {_pct(r.roofline_fraction)} "
+                f"| {f'{r.joules_per_token:.2f} J' if r.joules_per_token is not None else '-'} "
                 f"| [{path.name}]({_link(results, path)}) |")
     return "\n".join(rows)
 

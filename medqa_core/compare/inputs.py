@@ -309,13 +309,32 @@ def load_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None)
     Raises:
         CompareError: fewer than two runs, or an input that cannot be read.
     """
+    return summarize_inputs(read_inputs(paths, baseline))
+
+
+def read_inputs(paths: Sequence[str | Path], baseline: str | Path | None = None) -> list[tuple[str, ResultFile]]:
+    """Every input read once through :func:`read_result_file`, the baseline first (see :func:`load_inputs`).
+
+    Raises:
+        CompareError: an input that cannot be read.
+    """
     ordered = [Path(p) for p in paths]
     if baseline is not None:
         b = Path(baseline)
         ordered = [b] + [p for p in ordered if p.resolve() != b.resolve()]
-    runs = [s for p in ordered for s in summarize_file(p)]
+    return [(str(p), read_result_file(p)) for p in ordered]
+
+
+def summarize_inputs(results: Sequence[tuple[str, ResultFile]]) -> list[RunSummary]:
+    """The runs of files :func:`read_inputs` read, labelled R1, R2, ... (see :func:`load_inputs`).
+
+    Raises:
+        CompareError: fewer than two runs, or a figure that cannot be read.
+    """
+    runs = [s for path, result in results for s in summarize_result(result, path)]
     if len(runs) < 2:
-        raise CompareError(f"{len(runs)} run(s) in {', '.join(map(str, ordered))}; a report compares at least two")
+        raise CompareError(f"{len(runs)} run(s) in {', '.join(path for path, _ in results)}; a report compares at "
+                           "least two")
     return label_runs(runs)
 
 

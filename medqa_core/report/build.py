@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medqa_core.compare.inference import InferenceRow
 from medqa_core.compare.inputs import REFERENCE_ARM, SPEED_ONLY_ARMS, InvalidFigure, RunSummary
 from medqa_core.compare.pairs import adapter_trainers, compare_runs, same_adapter
 from medqa_core.compare.parity import Finding, PairParity, Tolerances, judge_pair
@@ -29,6 +30,7 @@ class Report:
     tolerances: Tolerances
     notes: tuple[str, ...]
     runsets: Any = None  # report.runsets.RunSets: the run sets given, each against the first; None without
+    inference: tuple[InferenceRow, ...] = ()  # the bench inputs' compiled decode per 4-bit kernel and batch
 
     @property
     def invalid(self) -> tuple[tuple[RunSummary, InvalidFigure], ...]:

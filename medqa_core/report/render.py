@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from medqa_core.compare.inputs import BASE, FINE_TUNED, CompareError, load_inputs
+from medqa_core.compare.inference import inference_rows
+from medqa_core.compare.inputs import BASE, FINE_TUNED, BenchFile, CompareError, read_inputs, summarize_inputs
 from medqa_core.compare.pairs import adapter_trainers
 from medqa_core.compare.parity import DEFAULT_MARGIN_PP, FAIL, FLAG, PASS, Finding, Tolerances
 from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS
@@ -29,6 +30,7 @@ from medqa_core.report.runsets import draw_runset_chart, effect_table, load_runs
 from medqa_core.report.tables import (
     accuracy_table,
     fingerprint_table,
+    inference_table,
     loss_table,
     metrics_display,
     metrics_table,
@@ -121,6 +123,11 @@ def _sections(report: Report) -> list[Section]:
             "letter; KL: KL(vs || run) of the softmax over the four option log-probabilities.",),
             parity_table(pairs), chart="logprob_drift"),
         Section("Loss curves", (), loss_table(pairs), chart="loss"),
+        Section("Inference", (
+            "The compiled static decoder per 4-bit kernel (ours, the Triton NF4 kernels, and bitsandbytes' as arms of "
+            "the same run) and batch: decode tokens/s count every row; the roofline is rows x the copy bandwidth "
+            "measured in the run / the weight bytes a step reads.",), inference_table(report.inference), css="wrap")
+        if report.inference else None,
         *runset_sections(report),
         Section("What the settings alone change", _settings_text(report)),
         Section("Cross-backend adapter check", _adapter_text(report)),
@@ -130,6 +137,7 @@ def _sections(report: Report) -> list[Section]:
                                  "runs of the table above.",),
                 fingerprint_table(runs), index=True, css="wrap"),
     ]
+    out = [s for s in out if s is not None]
     by_note: dict[str, list[str]] = {}
     for r in runs:
         for n in r.notes:
@@ -336,7 +344,8 @@ def make_report(paths: Sequence[str | Path], out_dir: str | Path, baseline: str 
         # One set alone: its first two seeds, so the paired statistics show what a seed alone changes.
         firsts = seeds[0][:2] if len(seeds) == 1 and not paths else [s[0] for s in seeds]
         paths = [*paths, *firsts]
-    report = build_report(load_inputs(paths, baseline), tol)
-    if sets is not None:
-        report = replace(report, runsets=sets)
+    results = read_inputs(paths, baseline)  # each file read once, for the runs and the inference table
+    report = build_report(summarize_inputs(results), tol)
+    report = replace(report, runsets=sets, inference=tuple(
+        row for _, result in results if isinstance(result, BenchFile) for row in inference_rows(result)))
     return report, write_report(report, out_dir)

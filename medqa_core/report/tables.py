@@ -1,4 +1,4 @@
-"""The report's tables (pandas): runs, performance, accuracy, parity, loss, quantization, fingerprints."""
+"""The report's tables (pandas): runs, performance, accuracy, parity, loss, inference, quantization, fingerprints."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from medqa_core.compare.inference import InferenceRow
 from medqa_core.compare.inputs import RunSummary
 from medqa_core.compare.metrics import METRICS, format_value
 from medqa_core.compare.parity import PairParity
@@ -202,3 +203,15 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+
+
+def inference_table(rows: Sequence[InferenceRow]) -> pd.DataFrame:
+    """Decode per device, 4-bit kernel and batch (compiled static decoder), with the first token and prefill."""
+    return pd.DataFrame([{
+        "device": r.device, "4-bit kernel": r.kernel_name, "batch": r.batch,
+        "time to first token": f"{r.ttft_s * 1e3:,.0f} ms" if r.ttft_s else "-",
+        "prefill tokens/s": f"{r.prefill_tokens_per_s:,.0f}" if r.prefill_tokens_per_s else "-",
+        "decode tokens/s": f"{r.decode_tokens_per_s:,.0f}",
+        "of roofline": "-" if r.roofline_fraction is None else f"{100 * r.roofline_fraction:.1f}%",
+        "joules/token": "-" if r.joules_per_token is None else f"{r.joules_per_token:.2f} J",
+        "file": Path(r.path).name} for r in rows])

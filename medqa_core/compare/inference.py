@@ -1,0 +1,63 @@
+"""Inference per 4-bit kernel and batch, from bench files: what a buyer reads beside the training figures.
+
+One row per compiled-decode case that names its 4-bit kernel (``test_decode_compiled[...-<kernel>]``): ours
+(the Triton NF4 kernels) and bitsandbytes' as arms of the same run. README and docs/decode.md
+(tools/gen_docs.py) and the parity report build their inference tables from these rows. No torch here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from medqa_core.compare.inputs import BenchFile, device_label
+
+_KERNEL = re.compile(r"^test_decode_compiled\[.*-(triton|bitsandbytes)\]$")
+KERNEL_NAMES = {"triton": "ours (Triton)", "bitsandbytes": "bitsandbytes"}
+
+
+@dataclass(frozen=True)
+class InferenceRow:
+    """One compiled-decode case: its kernel and batch, and the figures a buyer compares."""
+
+    device: str
+    kernel: str  # "triton" or "bitsandbytes"
+    batch: int
+    decode_tokens_per_s: float
+    roofline_fraction: float | None  # of rows x measured copy bandwidth / weight bytes a step reads
+    ttft_s: float | None  # time to first token (prefill + one step), median
+    prefill_tokens_per_s: float | None  # the same file's prefill case at this batch, if it ran
+    joules_per_token: float | None
+    path: str
+
+    @property
+    def kernel_name(self) -> str:
+        return KERNEL_NAMES[self.kernel]
+
+
+def inference_rows(bench: BenchFile) -> list[InferenceRow]:
+    """The file's compiled-decode cases that name a 4-bit kernel, ours first, then by batch."""
+    cases = {e.name: e.case for e in bench.entries}
+    rows = []
+    for name, case in cases.items():
+        found = _KERNEL.match(name)
+        if not found or not case.decode_tokens_per_s:
+            continue
+        batch = case.batch_size or 1
+        prefill = cases.get(f"test_prefill[{case.attention_requested}-batch{batch}]")
+        rows.append(InferenceRow(
+            device=device_label(bench.fingerprint), kernel=found.group(1), batch=batch,
+            decode_tokens_per_s=case.decode_tokens_per_s, roofline_fraction=case.roofline_fraction,
+            ttft_s=case.ttft_s_median, prefill_tokens_per_s=prefill.prefill_tokens_per_s if prefill else None,
+            joules_per_token=case.energy.joules_per_token if case.energy else None, path=bench.path))
+    return sorted(rows, key=lambda r: (r.kernel != "triton", r.batch))
+
+
+def newest_kernel_benches(benches: Iterable[BenchFile]) -> list[BenchFile]:
+    """Of ``benches`` (oldest first) that timed our kernel, the newest per device."""
+    newest: dict[str, BenchFile] = {}
+    for bench in benches:
+        if any(r.kernel == "triton" for r in inference_rows(bench)):
+            newest[device_label(bench.fingerprint)] = bench
+    return list(newest.values())
