@@ -75,3 +75,14 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_model_dir, tmp_path)
         load_checkpoint(ckpt, None, None, None, {"train": {"lr": 0.001}, "model": {}, "lora": {}, "data": {}})
     assert main([*argv, "--lr", "0.001", "--resume", str(ckpt)]) == 2
     assert main([*argv, "--resume", str(tmp_path / "empty")]) == 2
+
+
+def test_listing_a_checkpoint_folder_that_is_not_there_or_not_a_folder_finds_none(tmp_path):
+    # A job's write probe creates the --checkpoint-dir and removes it again: a reader polling it meanwhile (the
+    # signal tests do) must see "no checkpoint", not a FileNotFoundError.
+    assert list_checkpoints(tmp_path / "missing") == []
+    (tmp_path / "a-file").write_text("x")
+    assert list_checkpoints(tmp_path / "a-file") == []
+    (tmp_path / "ckpt" / "step-000002").mkdir(parents=True)
+    (tmp_path / "ckpt" / ".step-000003-host-1-ab").mkdir()
+    assert list_checkpoints(tmp_path / "ckpt") == [tmp_path / "ckpt" / "step-000002"]

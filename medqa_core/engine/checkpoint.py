@@ -138,9 +138,10 @@ def list_checkpoints(root: Path) -> list[Path]:
     Each was renamed into place once complete; whether it is still intact is for :func:`load_checkpoint`
     to verify. Temporary ``.step-*`` folders and other names are left out.
     """
-    if not root.is_dir():
-        return []
-    found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None]
+    try:
+        found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None]
+    except (FileNotFoundError, NotADirectoryError):  # none yet, or gone while read (a job's write probe removes
+        return []                                    # the folder it made; a reader polling it must not fail)
     return [p for _, p in sorted(found)]
 
 
