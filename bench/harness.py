@@ -16,9 +16,7 @@ import torch
 from medqa_core.arms.peers import PeerArm, load_peer
 from medqa_core.arms.reference import ReferenceArm, load_reference
 from medqa_core.engine.attention import AttentionError, attention_info, is_no_kernel
-from medqa_core.engine.config import (
-    RunConfig,
-)
+from medqa_core.engine.config import RunConfig
 from medqa_core.engine.session import Session, load_session
 from medqa_core.measure.ceilings import EnergyMeter
 from medqa_core.measure.device import detect_backend
