@@ -731,6 +731,7 @@ def _add_fingerprint_command(sub: argparse._SubParsersAction) -> None:
 def _add_result_commands(sub: argparse._SubParsersAction) -> None:
     """The commands over saved results: report, compare, export-mlflow."""
     from medqa_core.compare.parity import DEFAULT_MARGIN_PP  # numpy and scipy only, no torch
+    from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS  # scipy.stats: +0.5 s at module top
     from medqa_core.report.mlflow_export import DEFAULT_EXPERIMENT  # mlflow itself is imported only to export
 
     p = sub.add_parser("report", help="compare saved runs: tables, charts and a parity verdict (md + html)",
@@ -749,8 +750,6 @@ def _add_result_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", metavar="RUN", help="the run others are compared with (default: the first RUN)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="accuracy equivalence margin in percentage points (default: %(default)s)")
-    from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS
-
     p.add_argument("--loss-margin", type=float, default=DEFAULT_LOSS_MARGIN_NATS, metavar="NATS",
                    help="run sets: eval-loss equivalence margin in nats (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
