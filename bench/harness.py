@@ -150,7 +150,7 @@ class Case:
         except Exception as e:
             if not is_oom(e):
                 raise
-            oom = oom_failure(e, "outside the timed rounds", self.device, with_host_rss=True).to_dict()
+            oom = oom_failure(e, "outside the timed rounds", self.device).to_dict()
         if oom is None:
             _through_schema(self.benchmark)
             return
@@ -212,8 +212,7 @@ class Case:
                 if not is_oom(e):
                     raise
                 # An exception escaping pedantic would drop the case from the saved file.
-                failure.append(oom_failure(e, f"{'warm-up' if warm else 'timed'} round {calls}", self.device,
-                                           with_host_rss=True).to_dict())
+                failure.append(oom_failure(e, f"{'warm-up' if warm else 'timed'} round {calls}", self.device).to_dict())
                 return
             if not warm:
                 times.append(timer.elapsed_s)

@@ -174,6 +174,7 @@ def test_out_of_memory_is_recorded_and_earlier_phases_kept(tiny_model_dir, tmp_p
     record = load_record(path)
     assert record.failure["kind"] == "oom" and record.failure["phase"] == "fine-tune"
     assert "Tried to allocate 20.00 GiB" in record.failure["message"]
+    assert record.failure["host_rss_gib"] > 0  # as a bench case's OOM carries it (measure.timing.oom_failure)
     assert record.eval_before is not None and record.eval_before.n_questions == 4  # what finished is kept
     assert record.train is None and record.eval_after is None
 

@@ -501,6 +501,8 @@ def test_a_real_cpu_allocation_failure_is_a_result_with_exit_3(tiny_model_dir, t
     record = load_record(path)
     assert record.failure["kind"] == "oom" and record.failure["phase"] == "fine-tune"
     assert is_oom(RuntimeError(record.failure["message"])) or record.failure["message"] == "MemoryError"
+    # Host memory at the time, as a bench case's OOM carries it; at least the model and libraries were resident.
+    assert record.failure["host_rss_gib"] > 0
     assert record.eval_before is not None and record.eval_before.n_questions == 2  # what finished is kept
     assert record.train is None and record.eval_after is None
 

@@ -221,8 +221,9 @@ def is_oom(exc: BaseException) -> bool:
     return any(m in message for m in OOM_MESSAGES)
 
 
-def oom_failure(exc: BaseException, phase: str, device: torch.device, with_host_rss: bool = False) -> OomFailure:
-    """The record of an out-of-memory: what ran, the error's first line and the memory in use at the time.
+def oom_failure(exc: BaseException, phase: str, device: torch.device) -> OomFailure:
+    """The record of an out-of-memory: what ran, the error's first line and the memory in use at the time
+    (device, where it has an allocator, and the host's resident memory).
 
     The one builder of a run record's ``failure`` and a bench case's ``extra_info["oom"]``
     (:class:`medqa_core.results.failure.OomFailure`). Call it inside the ``except`` block, while the failed
@@ -232,7 +233,6 @@ def oom_failure(exc: BaseException, phase: str, device: torch.device, with_host_
         exc: the error :func:`is_oom` recognised.
         phase: what was running ("fine-tune", "timed round 3", ...).
         device: where it ran out.
-        with_host_rss: also read the host's resident memory (bench cases record it; run records never have).
 
     Returns:
         The failure, kind "oom".
@@ -240,4 +240,4 @@ def oom_failure(exc: BaseException, phase: str, device: torch.device, with_host_
     lines = str(exc).strip().splitlines()
     return OomFailure(phase=phase, message=lines[0] if lines else type(exc).__name__,
                       memory_allocated_gib=memory_allocated_gib(device), peak_mem_gib=peak_memory_gib(device),
-                      host_rss_gib=host_rss_gib() if with_host_rss else None)
+                      host_rss_gib=host_rss_gib())

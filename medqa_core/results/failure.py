@@ -32,7 +32,7 @@ class OomFailure:
         message: the error's first line.
         memory_allocated_gib: device memory allocated at the time; None on CPU.
         peak_mem_gib: device peak since the last reset; None on CPU.
-        host_rss_gib: host resident memory at the time, where measured.
+        host_rss_gib: host resident memory at the time (out of memory only; None in files older than that).
         kind: one of FAILURE_KINDS (kept in the file so a reader tells failures apart).
     """
 

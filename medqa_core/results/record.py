@@ -26,7 +26,7 @@ Fields of a record (units in names):
     notes            plain-language caveats (random-weight preset, untested backend, ...).
     wall_time_s      wall time of the whole job, model loading included.
     failure          null, or what stopped the job, with the phase it stopped in and a message:
-                     kind "oom" (memory_allocated_gib, peak_mem_gib at the time) or kind "interrupted"
+                     kind "oom" (memory_allocated_gib, peak_mem_gib, host_rss_gib at the time) or kind "interrupted"
                      (signal "SIGTERM"/"SIGINT", step and steps of training done and asked for, the
                      checkpoint written on the way out or null) or kind "write" (a checkpoint could not be
                      written: path, message, free_bytes on its disk then, step and steps, the newest
