@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -90,7 +91,10 @@ def _sweep_grid(rows: int) -> list:
     return swap + dot  # 10
 
 
-def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, dict]:
+def profile(rows_list: list[int], sweep: bool, blocksize: int,
+            save: Callable[[dict, dict], None] = lambda result, tiles: None) -> tuple[dict, dict]:
+    """Every arm at every row count, layer shape by layer shape; ``save`` gets what is done after each shape, so a
+    call cut off by a time limit keeps the shapes it finished."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -171,8 +175,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int) -> tuple[dict, di
                                      rejected=rejected))
                 print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
                       f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
-    result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
-                  rows=rows_out)
+        result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
+                      rows=rows_out)
+        save(result, {torch.cuda.get_device_name(device): tiles})
     return result, {torch.cuda.get_device_name(device): tiles}
 
 
@@ -191,16 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     from medqa_core.measure.fingerprint import machine_fingerprint
 
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    result, tiles = profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize)
-    if args.tiles_out and args.sweep:
-        # This device's entries replace its old ones; other devices' stay.
-        table = json.loads(args.tiles_out.read_text()) if args.tiles_out.is_file() else {}
-        args.tiles_out.write_text(json.dumps({**table, **tiles}, indent=1) + "\n")
-        print(f"wrote {args.tiles_out}")
+    fingerprint = machine_fingerprint(torch.device("cuda"))
+    # This device's entries replace its old ones; other devices' stay.
+    old_table = json.loads(args.tiles_out.read_text()) if args.tiles_out and args.tiles_out.is_file() else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(kind="nf4-kernel-profile", started=started,
-                                        fingerprint=machine_fingerprint(torch.device("cuda")), **result), indent=1))
-    print(f"wrote {args.out}")
+
+    def save(result: dict, tiles: dict) -> None:
+        if args.tiles_out and args.sweep:
+            args.tiles_out.write_text(json.dumps({**old_table, **tiles}, indent=1) + "\n")
+        args.out.write_text(json.dumps(dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
+                                            **result), indent=1))
+
+    profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save)
+    print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0
 
 
