@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -201,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     old_table = json.loads(args.tiles_out.read_text()) if args.tiles_out and args.tiles_out.is_file() else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
+    def write(path: Path, data: dict) -> None:  # whole or not at all: a kill mid-write keeps the last one
+        path.with_suffix(".tmp").write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+
     def save(result: dict, tiles: dict) -> None:
         if args.tiles_out and args.sweep:
-            args.tiles_out.write_text(json.dumps({**old_table, **tiles}, indent=1) + "\n")
-        args.out.write_text(json.dumps(dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
-                                            **result), indent=1))
+            write(args.tiles_out, {**old_table, **tiles})
+        write(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint, **result))
 
     profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save)
     print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
