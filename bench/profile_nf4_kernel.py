@@ -1,7 +1,9 @@
 """Kernel time against bytes moved: our NF4 (+LoRA) kernel, bitsandbytes' 4-bit matmul and bf16, per layer shape.
 
 One layer's matmul at a time, over the shapes of a Mistral-7B decoder layer, for each row count: the time of one
-call (Triton's ``do_bench_cudagraph``: replayed from a CUDA/HIP graph, as decode runs it; median), the bytes it
+call (Triton's ``do_bench_cudagraph``: replayed from a CUDA/HIP graph, as decode runs it; median; over distinct
+copies of the weight that together exceed three times the L2, recorded as ``weight_copies``: files before
+2026-12-06 timed one copy, so a layer whose 4-bit weight fits in L2 was read partly from there), the bytes it
 must move (packed weight, absmax codes and scales, LoRA factors, input and output, each once), their rate, and
 that rate against the copy bandwidth measured in the same run. Also the largest error of each arm against
 ``x.float() @ W.float().T`` of bitsandbytes' own dequantized weight, in units in the last place of bf16.
@@ -10,9 +12,9 @@ that rate against the copy bandwidth measured in the same run. Also the largest 
         [--tiles-out medqa_core/engine/kernels/nf4_tiles.json]
 
 GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``mode``) at 1, 8 and 32 rows and
-reports the fastest of those that give the right result twice (within bf16's eps of the sum of ``|x * w|``, the
-same bits both times); ``--tiles-out`` writes them as the kernel's tile table for this device, keeping other
-devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
+reports the fastest (every tile's time under ``tried``) of those that give the right result twice (within
+bf16's eps of the sum of ``|x * w|``, the same bits both times); ``--tiles-out`` writes them as the kernel's tile
+table for this device, keeping other devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that made it)
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -49,10 +52,20 @@ def _abs_sum_eps(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch
     return ((out.float() - ref.float()).abs() / bound.clamp_min(1e-30)).max().item()
 
 
-def _time_s(fn, rep: int = 60) -> float:
+def _time_s(fns: list, rep: int = 60) -> float:
+    """Seconds of one call: ``fns`` (the same call over distinct weight copies, more bytes than L2 holds) replayed
+    in turn from one CUDA graph, median over replays, divided by their number; so each call reads its weight
+    from HBM, as decode does, not from the L2 the previous replay filled."""
     import triton.testing
 
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / 1e3
+    return triton.testing.do_bench_cudagraph(lambda: [fn() for fn in fns], rep=rep, return_mode="median") / 1e3 \
+        / len(fns)
+
+
+def _copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of an ``nbytes`` weight make three times the device's L2 (1 where one does; at most 16)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return max(1, min(16, math.ceil(3 * l2 / nbytes)))
 
 
 SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32) key the tile table
@@ -93,7 +106,8 @@ def _sweep_grid(rows: int) -> list:
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
-            save: Callable[[dict, dict], None] = lambda result, tiles: None) -> tuple[dict, dict]:
+            save: Callable[[dict, dict], None] = lambda result, tiles: None,
+            device: torch.device | None = None) -> tuple[dict, dict]:
     """Every arm at every row count, layer shape by layer shape; ``save`` gets what is done after each shape, so a
     call cut off by a time limit keeps the shapes it finished."""
     import bitsandbytes as bnb
@@ -102,8 +116,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, row_bucket, tile_config
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
-    device = torch.device("cuda")
+    device = device or torch.device("cuda")  # another only to smoke-test the script on CPU (interpreter)
     bandwidth = measure_copy_bandwidth(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
     tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
@@ -117,6 +132,12 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
         b = (torch.randn(n, RANK, device=device, generator=gen) * 0.02).bfloat16()
         weight_bytes = packed.numel() * packed.element_size() + state.absmax.numel() + \
             state.state2.absmax.numel() * 4
+        # Distinct copies of the packed weight (its bulk; the absmax codes are 1/32 of it) and of the bf16 one.
+        params = [param] + [bnb.nn.Params4bit(packed.clone(), requires_grad=False, quant_state=state,
+                                              bnb_quantized=True) for _ in range(_copies(weight_bytes, device) - 1)]
+        weights = [weight] + [dataclasses.replace(weight, packed=p.data.view(torch.uint8).reshape(-1))
+                              for p in params[1:]]
+        denses = [dense] + [dense.clone() for _ in range(_copies(n * k * 2, device) - 1)]
         for rows in rows_list:
             x = torch.randn(rows, k, device=device, generator=gen).bfloat16()
             io_bytes = 2 * rows * (k + n)
@@ -124,20 +145,23 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             ref = x.float() @ dense.float().T
             ref_lora = ref + (2.0 * (x.float() @ a.float().T)).bfloat16().float() @ b.float().T
             arms = {
-                "ours": (lambda: nf4_matmul(x, weight), weight_bytes, ref),
-                "ours+lora": (lambda: nf4_matmul(x, weight, lora_a=a, lora_b=b, scaling=2.0),
+                "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
+                "ours+lora": ([lambda w=w: nf4_matmul(x, w, lora_a=a, lora_b=b, scaling=2.0) for w in weights],
                               weight_bytes + lora_bytes, ref_lora),
-                "bitsandbytes": (lambda: bnb.matmul_4bit(x, param.t(), quant_state=state), weight_bytes, ref),
-                "bitsandbytes+lora": (lambda: bnb.matmul_4bit(x, param.t(), quant_state=state)
-                                      + (x @ a.T) @ b.T * 2.0, weight_bytes + lora_bytes, ref_lora),
-                "bf16": (lambda: x @ dense.T, n * k * 2, ref),
+                "bitsandbytes": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state) for p in params],
+                                 weight_bytes, ref),
+                "bitsandbytes+lora": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state)
+                                       + (x @ a.T) @ b.T * 2.0 for p in params], weight_bytes + lora_bytes,
+                                      ref_lora),
+                "bf16": ([lambda d=d: x @ d.T for d in denses], n * k * 2, ref),
             }
-            for arm, (fn, wbytes, reference) in arms.items():
+            for arm, (fns, wbytes, reference) in arms.items():
                 lora = arm.endswith("lora")
-                out = fn()
-                seconds = _time_s(fn)
+                out = fns[0]()
+                seconds = _time_s(fns)
                 moved = wbytes + io_bytes
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm=arm, time_s=seconds, bytes=moved,
+                                     weight_copies=len(fns),
                                      bytes_per_s=moved / seconds, bandwidth_fraction=moved / seconds / bandwidth,
                                      max_ulps_vs_dequantize_matmul=_ulps(out, reference),
                                      max_abs_error=(out.float() - reference).abs().max().item(),
@@ -150,6 +174,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 chosen = tile_config(rows, n, k, device)
                 best = None
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
+                tried = []  # every tile that ran right, with its time
                 for cfg in dict.fromkeys([chosen, *_sweep_grid(rows)]):  # the tile in use competes too
                     try:
                         first = nf4_matmul(x, weight, config=cfg)
@@ -159,7 +184,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                         repeats = torch.equal(first, nf4_matmul(x, weight, config=cfg))
                         if error > 1.0 or not repeats:
                             raise ArithmeticError(f"error {error:.2f} eps of sum |x*w|, repeats {repeats}")
-                        seconds = _time_s(lambda cfg=cfg: nf4_matmul(x, weight, config=cfg), rep=25)
+                        seconds = _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg) for w in weights],
+                                          rep=25)
+                        tried.append(dict(config=dataclasses.asdict(cfg), time_s=seconds))
                     except Exception as e:  # a tile this device cannot hold (shared memory), or a wrong one
                         print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         rejected.append(dict(config=dataclasses.asdict(cfg), error=f"{type(e).__name__}: {e}"[:500]))
@@ -173,13 +200,13 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep", chosen=dataclasses.asdict(chosen),
                                      best=dataclasses.asdict(best[0]), best_time_s=best[1],
                                      best_bandwidth_fraction=(weight_bytes + io_bytes) / best[1] / bandwidth,
-                                     rejected=rejected))
+                                     tried=tried, rejected=rejected))
                 print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
                       f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
         result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
                       rows=rows_out)
-        save(result, {torch.cuda.get_device_name(device): tiles})
-    return result, {torch.cuda.get_device_name(device): tiles}
+        save(result, {device_name: tiles})
+    return result, {device_name: tiles}
 
 
 def main(argv: list[str] | None = None) -> int:

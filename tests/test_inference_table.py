@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medqa_core.compare.inference import inference_rows, newest_kernel_benches
+from medqa_core.compare.inference import inference_rows, newest_inference_rows
 from medqa_core.compare.inputs import read_bench_file
 from medqa_core.report.render import make_report
 
@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "results" / "bench" / "Linux-CPython-3.12-64bit"
 KERNELS = BENCH / "0017_h200-cuda-nf4-decode-v1.json"  # test_decode_compiled[sdpa-batch1-{triton,bitsandbytes}]
 NO_KERNELS = BENCH / "0010_h200-cuda-decode.json"  # compiled decode before the kernel arms existed
+# One H100 call, one pytest session per kernel arm: ours in 0018, bitsandbytes' in 0019 (same commit).
+H100_OURS = BENCH / "0018_h100-cuda-nf4-decode-v3-triton.json"
+H100_BNB = BENCH / "0019_h100-cuda-nf4-decode-v3-bnb.json"
 
 
 def _decode_figures(path: Path) -> dict[str, float]:
@@ -34,7 +37,24 @@ def test_one_row_per_kernel_arm_ours_first_with_the_saved_figures():
 def test_a_file_without_kernel_arms_gives_no_row_and_is_not_the_newest():
     assert inference_rows(read_bench_file(NO_KERNELS)) == []
     benches = [read_bench_file(p) for p in (KERNELS, NO_KERNELS)]
-    assert [b.path for b in newest_kernel_benches(benches)] == [str(KERNELS)]
+    assert {r.path for r in newest_inference_rows(benches)} == {str(KERNELS)}
+
+
+def test_arms_saved_as_two_files_of_one_call_join_but_another_commit_never_does(tmp_path):
+    benches = [read_bench_file(p) for p in (KERNELS, H100_OURS, H100_BNB)]
+    rows = [(r.device, r.kernel, r.batch, Path(r.path).name) for r in newest_inference_rows(benches)]
+    assert rows == [("NVIDIA H200", "triton", 1, KERNELS.name), ("NVIDIA H200", "bitsandbytes", 1, KERNELS.name),
+                    ("NVIDIA H100 80GB HBM3", "triton", 1, H100_OURS.name),
+                    ("NVIDIA H100 80GB HBM3", "triton", 8, H100_OURS.name),
+                    ("NVIDIA H100 80GB HBM3", "bitsandbytes", 1, H100_BNB.name),
+                    ("NVIDIA H100 80GB HBM3", "bitsandbytes", 8, H100_BNB.name)]
+    # The same bitsandbytes file under another commit: not the same code, so ours stands alone.
+    data = json.loads(H100_BNB.read_text())
+    data["machine_info"]["medqa_fingerprint"]["git_commit"] = "0" * 40
+    other = tmp_path / "other-commit.json"
+    other.write_text(json.dumps(data))
+    alone = newest_inference_rows([read_bench_file(p) for p in (H100_OURS, other)])
+    assert [(r.kernel, r.batch) for r in alone] == [("triton", 1), ("triton", 8)]
 
 
 def test_the_parity_report_shows_the_inference_table_of_its_bench_inputs(tmp_path):

@@ -118,7 +118,7 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
     config = TileConfig(4, 16, 64, 1, 1, 3, "fma")  # 3 tiles of N, 8 iterations in ranges of 2, 3, 3
     first = nf4_matmul(x, nf4_weight(param), config=config)
-    counters = kernels._COUNTERS[torch.device(DEVICE)]
+    counters = kernels._COUNTERS[x.device]  # keyed by the tensor's device: cuda:0, not "cuda"
     assert counters.abs().sum().item() == 0  # each tile's last program reset its counter for the next call
     assert torch.equal(first, nf4_matmul(x, nf4_weight(param), config=config))
     # More splits than iterations: clamped, each program keeps at least one iteration.

@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python tools/gen_docs.py` from a checkout, installed or not
 
-from medqa_core.compare.inference import inference_rows, newest_kernel_benches  # noqa: E402
+from medqa_core.compare.inference import newest_inference_rows  # noqa: E402
 from medqa_core.compare.inputs import BenchFile, device_label, read_bench_file  # noqa: E402
 from medqa_core.report.run_summary import summary_lines  # noqa: E402
 from medqa_core.results.benchcase import BenchCase  # noqa: E402
@@ -559,36 +559,50 @@ def decode_table(results: Path) -> str:
 
 
 def inference_table(results: Path) -> str:
-    """What a buyer reads: the newest bench file per device that timed our NF4 kernel beside bitsandbytes', per
+    """What a buyer reads: per device the newest bench run that timed our NF4 kernel beside bitsandbytes', per
     kernel and batch: time to first token, prefill and decode tokens/s, the share of the decode roofline and
     joules per token (rows: medqa_core.compare.inference, which the parity report reads too)."""
     rows = ["| device | 4-bit kernel | batch | time to first token | prefill tokens/s | decode tokens/s "
             "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|"]
-    for bench in newest_kernel_benches(_bench(p) for p in result_files(results, "bench/*/*.json")):
-        path = Path(bench.path)
-        for r in inference_rows(bench):
-            rows.append(
-                f"| {r.device} | {r.kernel_name} | {r.batch} "
-                f"| {f'{r.ttft_s * 1e3:,.0f} ms' if r.ttft_s else '-'} "
-                f"| {f'{r.prefill_tokens_per_s:,.0f}' if r.prefill_tokens_per_s else '-'} "
-                f"| {r.decode_tokens_per_s:,.0f} | {_pct(r.roofline_fraction)} "
-                f"| {f'{r.joules_per_token:.2f} J' if r.joules_per_token is not None else '-'} "
-                f"| [{path.name}]({_link(results, path)}) |")
+    for r in newest_inference_rows(_bench(p) for p in result_files(results, "bench/*/*.json")):
+        path = Path(r.path)
+        rows.append(
+            f"| {r.device} | {r.kernel_name} | {r.batch} "
+            f"| {f'{r.ttft_s * 1e3:,.0f} ms' if r.ttft_s else '-'} "
+            f"| {f'{r.prefill_tokens_per_s:,.0f}' if r.prefill_tokens_per_s else '-'} "
+            f"| {r.decode_tokens_per_s:,.0f} | {_pct(r.roofline_fraction)} "
+            f"| {f'{r.joules_per_token:.2f} J' if r.joules_per_token is not None else '-'} "
+            f"| [{path.name}]({_link(results, path)}) |")
     return "\n".join(rows)
 
 
+NF4_ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")
+
+
 def nf4_kernel_profile(results: Path) -> str:
-    """Kernel time against bytes moved, per layer shape, rows and arm, from bench/profile_nf4_kernel.py files."""
-    rows = ["| file | layer (N x K) | rows | arm | time per call | bytes moved / time | of copy bandwidth "
-            "| max error (bf16 ulp) |", "|---|---|---|---|---|---|---|---|"]
+    """Kernel time against bytes moved, from bench/profile_nf4_kernel.py files: one row per file, layer shape and
+    rows, each arm's time per call and share of the copy bandwidth; where the file swept tiles, the best tile's
+    time; the largest error of ours and bitsandbytes' in bf16 eps of the sum of |x * w|."""
+    rows = ["| file | layer (N x K) | rows | " + " | ".join(NF4_ARMS) + " | ours, best swept tile "
+            "| max error: ours / bitsandbytes |", "|---" * (5 + len(NF4_ARMS)) + "|"]
+
+    def cell(r: dict | None) -> str:
+        return f"{r['time_s'] * 1e6:,.1f} us ({_pct(r['bandwidth_fraction'])})" if r else "-"
+
+    def error(r: dict | None) -> str:
+        return f"{r['max_error_abs_sum_eps']:.3f}" if r and r.get("max_error_abs_sum_eps") is not None else "-"
+
     for path in result_files(results, "traces/*nf4*.json"):
-        data = _json(path)
-        for r in data["rows"]:
-            if r["arm"] == "sweep":
-                continue
-            rows.append(f"| [{path.name}]({_link(results, path)}) | {r['layer']} ({r['n']} x {r['k']}) | {r['rows']} "
-                        f"| {r['arm']} | {r['time_s'] * 1e6:,.1f} us | {r['bytes_per_s'] / 1e9:,.0f} GB/s "
-                        f"| {_pct(r['bandwidth_fraction'])} | {r['max_ulps_vs_dequantize_matmul']:.1f} |")
+        by_case: dict[tuple, dict[str, dict]] = {}
+        for r in _json(path)["rows"]:
+            by_case.setdefault((r["layer"], r["n"], r["k"], r["rows"]), {})[r["arm"]] = r
+        for (layer, n, k, m), arms in by_case.items():
+            sweep = arms.get("sweep")
+            best = (f"{sweep['best_time_s'] * 1e6:,.1f} us ({_pct(sweep['best_bandwidth_fraction'])})"
+                    if sweep else "-")
+            rows.append(f"| [{path.name}]({_link(results, path)}) | {layer} ({n} x {k}) | {m} | "
+                        + " | ".join(cell(arms.get(a)) for a in NF4_ARMS)
+                        + f" | {best} | {error(arms.get('ours'))} / {error(arms.get('bitsandbytes'))} |")
     return "\n".join(rows)
 
 

@@ -54,10 +54,29 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
     return sorted(rows, key=lambda r: (r.kernel != "triton", r.batch))
 
 
-def newest_kernel_benches(benches: Iterable[BenchFile]) -> list[BenchFile]:
-    """Of ``benches`` (oldest first) that timed our kernel, the newest per device."""
+def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
+    """Of ``benches`` (oldest first), per device the newest file that timed our kernel, with its bitsandbytes arm.
+
+    The arms of one device call may be saved as separate files (one pytest session per kernel, so that a call cut
+    short keeps the arm it finished): bitsandbytes' rows then come from the newest file of the same device and
+    the same code (git commit of the fingerprint) that has them. Rows of another commit are never mixed in.
+    """
+    benches = list(benches)
+    rows: list[InferenceRow] = []
+    for device, ours in _newest_per_device(benches, "triton").items():
+        own = inference_rows(ours)
+        if not any(r.kernel == "bitsandbytes" for r in own):
+            same_code = [b for b in benches if device_label(b.fingerprint) == device
+                         and b.fingerprint.get("git_commit") == ours.fingerprint.get("git_commit")]
+            partner = _newest_per_device(same_code, "bitsandbytes").get(device)
+            own += [r for r in inference_rows(partner) if r.kernel == "bitsandbytes"] if partner else []
+        rows += sorted(own, key=lambda r: (r.kernel != "triton", r.batch))
+    return rows
+
+
+def _newest_per_device(benches: Iterable[BenchFile], kernel: str) -> dict[str, BenchFile]:
     newest: dict[str, BenchFile] = {}
     for bench in benches:
-        if any(r.kernel == "triton" for r in inference_rows(bench)):
+        if any(r.kernel == kernel for r in inference_rows(bench)):
             newest[device_label(bench.fingerprint)] = bench
-    return list(newest.values())
+    return newest
