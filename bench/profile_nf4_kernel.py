@@ -72,37 +72,36 @@ SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 25, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 26, so four layer shapes sweep in minutes).
 
-    1 row: the GEMV (fma, block_m 1) around v2's best (block_n 8, block_k 512, 2 warps), split_k 1-4, with and
-    without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows against dots of 16 rows with
-    K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on Hopper). 32 rows: dots. Compiled here
-    for sm_90a and gfx942, every tile fits (gfx942's 64 KiB of LDS included); tiles that spilled more than a few
-    bytes were left out.
+    1 row: the GEMV (fma, block_m 1) around v3's H100 winners (block_n 8-16, block_k 256-512, 2-4 warps), split_k
+    1-4, with and without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows (v3's winners)
+    against dots of 16 rows with K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on
+    Hopper), with and without prefetch. 32 rows: dots, and fma tiles of 8 and 16 rows. The dot loops are not
+    software-pipelined by Triton (v4), so their num_stages is 1. Compiled here for sm_90a, none spills.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
     if rows == 1:
         grid = [TileConfig(1, bn, bk, nw, 2, sk, "fma", pf)
-                for bn, bk, nw, pf in ((8, 256, 2, False), (8, 256, 2, True), (8, 512, 2, False), (8, 512, 2, True),
+                for bn, bk, nw, pf in ((8, 256, 2, False), (8, 512, 2, False), (8, 512, 4, False), (8, 512, 4, True),
                                        (16, 256, 4, False), (16, 256, 4, True), (16, 512, 4, False))
                 for sk in (1, 2, 4)]
-        return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4, 8)] + [
-            TileConfig(1, 8, 512, 4, 2, 1, "fma")]  # 25
+        return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4)] + [
+            TileConfig(1, 16, 512, 8, 2, 1, "fma"), TileConfig(1, 32, 256, 8, 2, 1, "fma")]  # 25
     if rows <= 16:
         fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma", pf)
-               for bn, bk, pf in ((8, 64, False), (8, 128, False), (16, 64, False), (16, 128, False), (8, 128, True),
-                                  (16, 64, True))
-               for sk in (1, 4)]
-        swap = [TileConfig(16, bn, bk, nw, ns, sk, "dot_swap")
-                for bn, bk, nw, ns in ((64, 64, 4, 3), (64, 128, 8, 2), (64, 256, 8, 2), (128, 128, 8, 2))
-                for sk in (1, 4)]
-        dot = [TileConfig(16, 32, bk, 4, 2, sk, "dot") for bk, sk in ((64, 1), (128, 1), (128, 4))]
-        return fma + swap + dot  # 23
-    swap = [TileConfig(32, bn, bk, nw, 3, sk, "dot_swap") for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 64, 8))
-            for sk in (1, 2)]
-    dot = [TileConfig(32, bn, 128, nw, 3, sk, "dot") for bn, nw in ((32, 4), (64, 8)) for sk in (1, 2)]
-    return swap + dot  # 10
+               for bn, bk, pf in ((16, 64, False), (16, 128, False), (8, 128, False), (16, 64, True))
+               for sk in (1, 2, 4)]
+        swap = [TileConfig(16, bn, bk, nw, 1, sk, "dot_swap", pf)
+                for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 128, 8)) for sk in (1, 4) for pf in (False, True)]
+        dot = [TileConfig(16, 32, 128, 4, 1, sk, "dot", True) for sk in (1, 4)]
+        return fma + swap + dot  # 26
+    swap = [TileConfig(32, bn, bk, nw, 1, sk, "dot_swap", pf)
+            for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 64, 8)) for sk in (1, 2) for pf in (False, True)]
+    dot = [TileConfig(32, bn, 128, nw, 1, sk, "dot", True) for bn, nw in ((32, 4), (64, 8)) for sk in (1, 2)]
+    fma = [TileConfig(8, 16, 64, 4, 2, 4, "fma"), TileConfig(16, 16, 64, 4, 2, 4, "fma")]
+    return swap + dot + fma  # 18
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,

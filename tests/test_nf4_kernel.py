@@ -75,11 +75,12 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
     assert _ulps(out, ref) <= 1.0
 
 
-MODE_CONFIGS = [  # every inner loop, split_k 1-3 (3 over 4-5 iterations: uneven ranges), tiles wider than N
+MODE_CONFIGS = [  # every inner loop with and without prefetch, split_k 1-3 (3 over 4-5 iterations: uneven
+    # ranges), tiles wider than N
     TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True),
     TileConfig(4, 16, 64, 1, 1, 3, "fma"), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
-    TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot"),
-    TileConfig(16, 64, 64, 1, 1, 2, "dot_swap"), TileConfig(16, 16, 128, 1, 1, 3, "dot_swap")]
+    TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot", prefetch=True),
+    TileConfig(16, 64, 64, 1, 1, 2, "dot_swap"), TileConfig(16, 16, 128, 1, 1, 3, "dot_swap", prefetch=True)]
 SPLIT_SHAPES = [  # (N, K, blocksize): 5 blocks a row (no split divides them), a block wider than block_k, not aligned
     (24, 320, 64), *(pytest.param(*shape, marks=pytest.mark.slow)  # the fast subset keeps the first: ~1 min less
                      for shape in [(20, 512, 256), (40, 96, 64), (33, 70, 64)])]

@@ -29,7 +29,9 @@ Two kernels:
     ``prefetch`` the next iteration's bytes and scales are loaded before this one's are decoded (Triton
     software-pipelines only loops with a ``tl.dot``).
   - ``dot``: G whole quantization blocks dequantized as one [BLOCK_N, BLOCK_K] tile in natural column order
-    (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K.
+    (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K. Its loop is kept
+    out of Triton's software pipelining (which would route the code-table lookups through shared memory);
+    ``prefetch`` pipelines the HBM loads by hand.
   - ``dot_swap``: the same tiles as ``(W @ x^T)^T``: the weight is the MMA's A operand (from registers) and its M
     is BLOCK_N, so Hopper's wgmma (M 64 a warpgroup) applies at 16 rows, where ``x @ W^T`` compiles to mma.sync.
   - ``split_k`` > 1: the K loop (whole quantization blocks) is cut into ``split_k`` near-equal ranges, one program
@@ -52,8 +54,8 @@ device at once. A capture that needs a bigger buffer than any warm-up made gets 
 
 Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
 shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
-paper choice where the table has no entry. v1 and v2 were measured (docs/decode.md); v3 (modes, split-K,
-``dot_swap``) has been compiled for sm_90a and gfx942 here but not run on any GPU.
+choice where the table has no entry. v1, v2 and v3 were measured on H200/H100 (docs/decode.md); v4 (the dot
+loop unpipelined, prefetch in the dot modes) has been compiled for sm_90a here but not run on any GPU.
 """
 
 from __future__ import annotations
@@ -258,11 +260,25 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                 acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for it in range(it0, it1):
+            if PREFETCH:
+                q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                               it0 * G, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+            # Not software-pipelined by Triton (num_stages=1): with a tl.dot in the loop its pipeliner turns every
+            # load into cp.async through shared memory, the code-table lookups too (one 4-byte gather a weight;
+            # seen in the sm_90a TTGIR), and the v3 dot tiles ran 10x slower than bitsandbytes on an H100.
+            # PREFETCH pipelines the HBM loads by hand instead, as in the fma path.
+            for it in tl.range(it0, it1, num_stages=1):
                 b0 = it * G
-                w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                            offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2,
-                                            DOUBLE_QUANT, EMULATE)
+                if PREFETCH:
+                    q, scale = q_next, scale_next
+                    q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                                   n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row,
+                                                   stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+                    w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
+                else:
+                    w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB,
+                                                BLOCKSIZE2, DOUBLE_QUANT, EMULATE)
                 w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # [BN, G, HB, 2] -> [BN, BK]
                 x = tl.load(x_row + (b0 * BLOCKSIZE + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
                 if SWAP:
@@ -418,8 +434,8 @@ class TileConfig:
     multiply-adds, any ``block_m``; at 1 a GEMV), ``"dot"`` (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
     ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
     ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
-    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (``fma`` on
-    rows of whole blocks): load the next iteration's bytes and scales before decoding this one's.
+    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (rows of
+    whole blocks): load the next iteration's bytes and scales before decoding this one's.
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -494,32 +510,30 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
-    """The tile chosen on paper: nothing of v3 has been timed on a GPU (a sweep's table overrides it). Register
-    counts below are ptxas's (sm_90a) and the AMD compiler's (gfx942) for kernels compiled, not run, here.
+    """The tile where the device's table has none: the H100 sweep's winners (2026-12-06) where it measured,
+    paper choices elsewhere.
 
-    - 1 row: the GEMV (fma, block_m 1): block_n 8 and 2 warps as v2's swept best, with the next iteration's
-      bytes and scales prefetched over block_k 256 (156 registers; v2's best, 512 columns without prefetch,
-      168): the same bytes in flight, but no longer waiting in series on each iteration's load chain.
-    - 2..4 rows: fma, block_m the rows' power of two: each weight tile dequantized once for all rows, with
-      block_k keeping the accumulator [block_m, block_n, block_k / 2] at 4096 floats.
-    - 5..64 rows: dot_swap, K = block_k = 128 a tl.dot (v2's had 32) and the weight as the MMA's A operand, so
-      Hopper's wgmma applies (M = block_n = 64). Why not fma from 5 rows: at an H100's 3.35 TB/s the weights
-      stream at ~6.7e12 a second; times 8 rows that is ~54e12 FMA/s, above its ~33e12 of fp32 FMA, so fma is
-      compute-bound there before the dequantization is counted.
+    - 1 row: the GEMV (fma, block_m 1, block_n 8, block_k 512, 4 warps, no prefetch): the H100 sweep's winner
+      for q/o_proj; its winners for the other shapes differ only in block_n (16), block_k (256) or warps (2),
+      and none prefetched.
+    - 2..8 rows: fma, block_m the rows' power of two, block_n 16, block_k keeping the accumulator
+      [block_m, block_n, block_k / 2] at 4096 floats: at 8 rows the H100 sweep's winner on every shape, ahead
+      of every dot tile.
+    - 9..64 rows: dot_swap, K = block_k = 128 a tl.dot, the weight as the MMA's A operand (Hopper's wgmma at
+      M = block_n = 64), with the next iteration's bytes and scales prefetched by hand. A paper choice: the
+      dot loop is no longer software-pipelined by Triton (see the kernel), and this form has not run on a GPU.
     - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
-      float32 partials (written and read once) under 1/8 of the packed weight's bytes. The GEMV's long K loop of
-      dependent loads was v2's suspected limit, and k/v_proj at one row (N 1024: 128 programs of block_n 8)
-      left most of an H100's 132 SMs idle.
+      float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
-    prefetch = rows == 1
+    prefetch = False
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode = 1, 8, 256, 2, 2, "fma"
-    elif rows <= 4:
+        block_m, block_n, block_k, warps, stages, mode = 1, 8, 512, 4, 2, "fma"
+    elif rows <= 8:
         block_m, block_n = row_bucket(rows), 16
         block_k, warps, stages, mode = 8192 // (block_m * block_n), 4, 2, "fma"
     else:
         block_m = max(16, min(64, row_bucket(rows)))
-        block_n, block_k, warps, stages, mode = 64, 128, 8, 2 if block_m == 16 else 3, "dot_swap"
+        block_n, block_k, warps, stages, mode, prefetch = 64, 128, 8, 1, "dot_swap", True
     programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
     split = 1
     while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
@@ -638,7 +652,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
-        PREFETCH=cfg.prefetch and not dot, SPLIT_K=split,
+        PREFETCH=cfg.prefetch, SPLIT_K=split,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
