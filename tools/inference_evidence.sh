@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The inference evidence of docs/decode.md, on this machine's GPU (CUDA or ROCm), saved under OUT step by step:
+#
+#   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes')
+#   sweep    time the tile grid at 1, 8 and 32 rows; writes OUT/nf4_tiles.json (this device's tile table) and
+#            OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
+#   profile  the kernel profile at 64 rows with the swept tiles
+#   bench    the decode bench, one pytest session per 4-bit kernel arm (ours, then bitsandbytes'), so a run
+#            cut short keeps the arms it finished; OUT/bench/<machine>/NNNN_<arm>.json
+#
+#   tools/inference_evidence.sh OUT [STEP...]      (default: all four, in that order)
+#
+# Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
+# 1,8,32,64), STEP_TIMEOUT (seconds a step may take, default none). A step that fails is reported and the next
+# one runs; the exit code is the number of failed steps. To publish: copy the bench files into
+# results/bench/<machine>/ and the sweep/profile files into results/traces/ (docs/decode.md lists them), commit
+# them, and run `python tools/gen_docs.py`.
+set -uo pipefail
+OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|profile|bench ...]}
+shift
+STEPS=${*:-tests sweep profile bench}
+for s in $STEPS; do  # all checked before any runs
+    case $s in tests | sweep | profile | bench) ;; *) echo "unknown step '$s' (tests, sweep, profile, bench)" >&2; exit 2 ;; esac
+done
+PRESET=${PRESET:-mistral-7b}
+BATCHES=${BATCHES:-1,8,32,64}
+DATA_ARGS=()
+[[ -n ${DATA:-} ]] && DATA_ARGS=(--data "$DATA")
+LIMIT=()
+[[ -n ${STEP_TIMEOUT:-} ]] && LIMIT=(timeout "$STEP_TIMEOUT")
+mkdir -p "$OUT"
+# Tiles swept in this run take effect for the steps after it; the repository's table stays as it is.
+cp medqa_core/engine/kernels/nf4_tiles.json "$OUT/nf4_tiles.json"
+export MEDQA_NF4_TILES="$OUT/nf4_tiles.json"
+failed=0
+
+step() {  # step NAME COMMAND...: run it, its output in OUT/NAME.log, and say how it ended
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "${LIMIT[@]}" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc (log: $OUT/$name.log)"
+    [[ $rc -eq 0 ]] || failed=$((failed + 1))
+}
+
+for s in $STEPS; do
+    case $s in
+    tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ;;
+    sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
+        --rows 1,8,32 --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
+    profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile-64.json" --rows 64 ;;
+    bench)
+        for arm in triton bitsandbytes; do
+            step "bench-$arm" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k decode_compiled \
+                --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" --nf4-kernels "$arm" \
+                --benchmark-save="nf4-decode-$arm" --benchmark-storage="file://$OUT/bench"
+            grep -h "tokens/s" "$OUT/bench-$arm.log"
+        done ;;
+    esac
+done
+exit "$failed"
