@@ -55,7 +55,8 @@ device at once. A capture that needs a bigger buffer than any warm-up made gets 
 Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
 shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
 choice where the table has no entry. v1, v2 and v3 were measured on H200/H100 (docs/decode.md); v4 (the dot
-loop unpipelined, prefetch in the dot modes) has been compiled for sm_90a here but not run on any GPU.
+loop unpipelined, prefetch in the dot modes, the GEMV's weights kept in their load layout) has been compiled
+for sm_90a and gfx942 here but not run on any GPU.
 """
 
 from __future__ import annotations
@@ -289,10 +290,15 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                 acc = tl.trans(acc_t)
         else:
             # Broadcast multiply-adds: each weight tile dequantized once for BLOCK_M rows (BLOCK_M 1: a GEMV).
-            # Products accumulate elementwise; the one reduction across lanes comes after the loop.
+            # Products accumulate elementwise (the GEMV: summed over each block's bytes, within a thread); the
+            # reduction across lanes comes after the loop.
             x_row = x_ptr + offs_m[:, None, None] * stride_xm
             col = offs_g[None, :, None] * BLOCKSIZE + 2 * offs_h[None, None, :]  # [1, G, HB]: even columns
-            part = tl.zeros((BLOCK_M, BLOCK_N, G, HB), dtype=tl.float32)
+            offs_2 = tl.arange(0, 2)
+            if BLOCK_M == 1:  # the GEMV: per row and block, summed over the block's bytes each iteration
+                part = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+            else:
+                part = tl.zeros((BLOCK_M, BLOCK_N, G, HB), dtype=tl.float32)
             if PREFETCH:
                 # Software pipelining by hand (Triton pipelines only loops with a tl.dot): the next iteration's
                 # bytes and scales (the absmax -> code2 -> absmax2 chain) load while this one computes. The last
@@ -311,11 +317,26 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                     w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                                 offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB,
                                                 BLOCKSIZE2, DOUBLE_QUANT, EMULATE)
-                x_even = tl.load(x_row + b0 * BLOCKSIZE + col, mask=m_mask[:, None, None], other=0.0)  # [BM, G, HB]
-                x_odd = tl.load(x_row + b0 * BLOCKSIZE + col + 1, mask=m_mask[:, None, None], other=0.0)
-                part += (x_even.to(tl.float32)[:, None, :, :] * w_even.to(tl.float32)[None, :, :, :]
-                         + x_odd.to(tl.float32)[:, None, :, :] * w_odd.to(tl.float32)[None, :, :, :])
-            acc = tl.sum(tl.sum(part, axis=3), axis=2)
+                if BLOCK_M == 1:
+                    # x's columns as (even, odd) pairs, one contiguous load split in two, and the products summed
+                    # over each block's bytes at once, into [BN, G]: so the dequantized weights stay in the
+                    # registers their bytes were loaded into and x (BN times smaller) is what gets moved between
+                    # layouts. Two strided x loads and a [BN, G, HB] accumulator moved every weight through shared
+                    # memory each iteration instead (sm_90a TTGIR and PTX, docs/decode.md).
+                    x_pair = tl.load(x_ptr + pid_m * stride_xm + b0 * BLOCKSIZE + offs_g[:, None, None] * BLOCKSIZE
+                                     + 2 * offs_h[None, :, None] + offs_2[None, None, :])  # [G, HB, 2]; pid_m < M
+                    x_even, x_odd = tl.split(x_pair)  # [G, HB] each
+                    part += tl.sum(w_even.to(tl.float32) * x_even.to(tl.float32)[None, :, :]
+                                   + w_odd.to(tl.float32) * x_odd.to(tl.float32)[None, :, :], axis=2)
+                else:
+                    x_even = tl.load(x_row + b0 * BLOCKSIZE + col, mask=m_mask[:, None, None], other=0.0)  # [BM, G, HB]
+                    x_odd = tl.load(x_row + b0 * BLOCKSIZE + col + 1, mask=m_mask[:, None, None], other=0.0)
+                    part += (x_even.to(tl.float32)[:, None, :, :] * w_even.to(tl.float32)[None, :, :, :]
+                             + x_odd.to(tl.float32)[:, None, :, :] * w_odd.to(tl.float32)[None, :, :, :])
+            if BLOCK_M == 1:
+                acc = tl.sum(part, axis=1)[None, :]
+            else:
+                acc = tl.sum(tl.sum(part, axis=3), axis=2)
     else:
         # Any shape: each weight from its flat index, BLOCK_K columns an iteration.
         HALF: tl.constexpr = BLOCK_K // 2
