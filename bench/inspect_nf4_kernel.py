@@ -1,0 +1,130 @@
+"""What the compiler made of our NF4 kernel, without a GPU: per tile, the counts that explained its speed.
+
+Compiles ``_nf4_matmul_kernel`` (medqa_core/engine/kernels/nf4_matmul.py) ahead of time for a GPU target with
+Triton's own compiler, as a launch on a Mistral-7B layer would specialize it (pointers and the strides of
+whole quantization blocks divisible by 16), and reads its intermediate code:
+
+- in the K loop: ``convert_layout`` ops (a tensor moved between register layouts, through shared memory unless
+  the layouts match) and ``cp.async`` copies (Triton's software pipeliner; for the code-table lookups a
+  4-byte gather into shared memory per weight, what made v3's dot tiles slow);
+- in the PTX (NVIDIA): shared-memory loads and stores, warp shuffles, barriers, global load widths;
+- from ptxas (NVIDIA): registers and spill bytes; shared memory per program (both targets).
+
+    python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid]
+
+Without ``--grid``: the default tile of each row count (``_default_tile``); with it, every tile the sweep of
+bench/profile_nf4_kernel.py times. A count is a lead, not a time: the sweep on a GPU decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_nf4_kernel import MISTRAL_7B_LAYERS, _sweep_grid  # noqa: E402
+
+from medqa_core.engine.kernels.nf4_matmul import TileConfig, _default_tile, _nf4_matmul_kernel  # noqa: E402
+
+TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
+POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", absmax2_ptr="*fp32",
+                code2_ptr="*fp32", offset_ptr="*fp32", bias_ptr="*bf16", t_ptr="*fp32", b_ptr="*bf16",
+                out_ptr="*bf16", partial_ptr="*fp32", counter_ptr="*i32")
+INTS = ("M", "N", "K", "stride_xm", "stride_qn", "stride_tm", "stride_bn", "stride_om", "blocks_per_row",
+        "iterations")
+MULTIPLES_OF_16 = ("N", "K", "stride_xm", "stride_qn", "stride_bn", "stride_om", "blocks_per_row")  # at 4096+
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCounts:
+    """One compiled tile: where its time could go (``None``: not reported for this target)."""
+
+    tile: TileConfig
+    shared_bytes: int
+    loop_convert_layouts: int
+    loop_async_copies: int
+    shared_accesses: int | None
+    shuffles: int | None
+    barriers: int | None
+    registers: int | None
+    spill_bytes: int | None
+
+
+def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
+    """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, no LoRA."""
+    names = list(_nf4_matmul_kernel.arg_names)
+    constants = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True, HAS_BIAS=False, RANK=0,
+                     RANK_PAD=16, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=max(tile.block_k, blocksize),
+                     DOT=tile.kernel_mode != "fma", SWAP=tile.kernel_mode == "dot_swap", PREFETCH=tile.prefetch,
+                     SPLIT_K=tile.split_k, EMULATE=False)
+    signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **dict.fromkeys(constants, "constexpr")}
+    source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},
+                       {(names.index(c),): v for c, v in constants.items()},
+                       {(names.index(a),): [["tt.divisibility", 16]] for a in (*POINTERS, *MULTIPLES_OF_16)})
+    return triton.compile(source, target=TARGETS[target],
+                          options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+
+
+def _ptxas(ptx: str) -> tuple[int | None, int | None]:
+    """Registers and spill-store bytes from Triton's bundled ptxas (None where it cannot run here)."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.is_file()), None)
+    if ptxas is None:
+        return None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        done = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"],
+                              capture_output=True, text=True)
+    registers = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return (int(registers.group(1)) if registers else None), (int(spills.group(1)) if spills else None)
+
+
+def inspect(tile: TileConfig, target: str) -> KernelCounts:
+    compiled = compile_tile(tile, target)
+    ttgir = compiled.asm["ttgir"]
+    start = ttgir.find("scf.for")
+    loop = ttgir[start:ttgir.find("scf.yield", start)] if start >= 0 else ""
+    ptx = compiled.asm.get("ptx", "")
+    registers, spills = _ptxas(ptx) if ptx else (None, None)
+    return KernelCounts(
+        tile=tile, shared_bytes=compiled.metadata.shared, loop_convert_layouts=loop.count("ttg.convert_layout"),
+        loop_async_copies=loop.count("async_copy_global_to_local"),
+        shared_accesses=len(re.findall(r"\b(?:ld|st)\.shared", ptx)) if ptx else None,
+        shuffles=ptx.count("shfl.sync") if ptx else None, barriers=ptx.count("bar.sync") if ptx else None,
+        registers=registers, spill_bytes=spills)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a")
+    parser.add_argument("--rows", default="1,8,32", help="comma-separated row counts (default: %(default)s)")
+    parser.add_argument("--grid", action="store_true", help="every tile the sweep times, not only the default")
+    args = parser.parse_args(argv)
+    n, k = MISTRAL_7B_LAYERS["q_proj/o_proj"]
+    print("| rows | tile | shared | loop converts | loop cp.async | shared ld/st | shuffles | barriers | registers "
+          "| spills |\n|---|---|---|---|---|---|---|---|---|---|")
+    for rows in (int(r) for r in args.rows.split(",")):
+        tiles = _sweep_grid(rows) if args.grid else [_default_tile(rows, n, k, 132)]
+        for tile in tiles:
+            c = inspect(tile, args.target)
+            print(f"| {rows} | {tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
+                  f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''} | "
+                  f"{c.shared_bytes} | {c.loop_convert_layouts} | {c.loop_async_copies} | "
+                  + " | ".join("-" if v is None else str(v) for v in (c.shared_accesses, c.shuffles, c.barriers,
+                                                                       c.registers, c.spill_bytes)) + " |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

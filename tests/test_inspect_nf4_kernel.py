@@ -1,0 +1,43 @@
+"""The NF4 kernel's compiled form on sm_90a (bench/inspect_nf4_kernel.py, no GPU needed): the two properties v4's
+speed rests on, so a change that loses them fails here before a GPU call measures it (docs/decode.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _inspect(*tile) -> dict:
+    """bench/inspect_nf4_kernel.inspect of TileConfig(*tile), in a process where Triton compiles (the tests'
+    TRITON_INTERPRET=1 makes @triton.jit functions interpreted ones, which cannot be compiled)."""
+    code = ("import dataclasses, json, sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import inspect; "
+            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
+            f"c = inspect(TileConfig(*{tile!r}), 'sm_90a'); print(json.dumps(dataclasses.asdict(c)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("tile", [(16, 64, 128, 8, 3, 1, "dot_swap", True), (32, 32, 128, 4, 3, 2, "dot", False)],
+                         ids=str)
+def test_the_dot_loop_is_not_pipelined_through_shared_memory(tile):
+    # num_stages 3 asked for: the loop still has no cp.async (Triton's pipeliner would route the code-table
+    # lookups through shared memory, one 4-byte gather a weight).
+    assert _inspect(*tile)["loop_async_copies"] == 0
+
+
+def test_the_gemv_keeps_its_weights_in_their_load_layout():
+    counts = _inspect(1, 8, 512, 4, 2, 1, "fma", False)
+    # Only x (two [G, HB] halves) changes layout in the loop; v3 moved the weights: ~54 shared accesses, 83 shuffles.
+    assert counts["loop_convert_layouts"] <= 2 and counts["loop_async_copies"] == 0
+    assert counts["shared_accesses"] < 20 and counts["shuffles"] < 16
+    assert counts["spill_bytes"] in (0, None)
