@@ -173,6 +173,43 @@ def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
 
 
 @triton.jit
+def _nf4_iteration(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1, q_next,
+                   scale_next, blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr, HB: tl.constexpr,
+                   BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr,
+                   EMULATE: tl.constexpr):
+    """Iteration ``it``'s quantization blocks, decoded (even and odd columns), and the loads the next one decodes.
+
+    With PREFETCH, software pipelining by hand (Triton pipelines only loops with a tl.dot, and there it routes the
+    code-table lookups through shared memory): ``q_next, scale_next`` are this iteration's bytes and scales, loaded
+    one iteration earlier (:func:`_nf4_first_loads`), and the next iteration's load here, while these decode; the
+    last iteration reloads its own blocks instead of reading past the range. Without, they pass through.
+    """
+    if PREFETCH:
+        q, scale = q_next, scale_next
+        q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                       tl.minimum(it + 1, it1 - 1) * G, blocks_per_row, stride_qn, G, HB,
+                                       BLOCKSIZE2, DOUBLE_QUANT)
+        w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
+    else:
+        w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                    it * G, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT,
+                                    EMULATE)
+    return w_even, w_odd, q_next, scale_next
+
+
+@triton.jit
+def _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it0, blocks_per_row,
+                     stride_qn, G: tl.constexpr, HB: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr):
+    """What :func:`_nf4_iteration` takes at the first iteration: with PREFETCH its bytes and scales, else zeros."""
+    if PREFETCH:
+        return _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it0 * G,
+                         blocks_per_row, stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+    else:
+        return 0, 0.0
+
+
+@triton.jit
 def _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k, N, K,
                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """Weights [BLOCK_N, len(k)] of any shape (odd K, blocks that straddle rows), each from its flat index."""
@@ -261,25 +298,18 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                 acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if PREFETCH:
-                q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
-                                               it0 * G, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+            q_next, scale_next = _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                                  n_mask, it0, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2,
+                                                  DOUBLE_QUANT, PREFETCH)
             # Not software-pipelined by Triton (num_stages=1): with a tl.dot in the loop its pipeliner turns every
             # load into cp.async through shared memory, the code-table lookups too (one 4-byte gather a weight;
             # seen in the sm_90a TTGIR), and the v3 dot tiles ran 10x slower than bitsandbytes on an H100.
             # PREFETCH pipelines the HBM loads by hand instead, as in the fma path.
             for it in tl.range(it0, it1, num_stages=1):
                 b0 = it * G
-                if PREFETCH:
-                    q, scale = q_next, scale_next
-                    q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                                                   n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row,
-                                                   stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
-                    w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
-                else:
-                    w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                                offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB,
-                                                BLOCKSIZE2, DOUBLE_QUANT, EMULATE)
+                w_even, w_odd, q_next, scale_next = _nf4_iteration(
+                    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1, q_next,
+                    scale_next, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
                 w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # [BN, G, HB, 2] -> [BN, BK]
                 x = tl.load(x_row + (b0 * BLOCKSIZE + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
                 if SWAP:
@@ -299,24 +329,14 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                 part = tl.zeros((BLOCK_N, G), dtype=tl.float32)
             else:
                 part = tl.zeros((BLOCK_M, BLOCK_N, G, HB), dtype=tl.float32)
-            if PREFETCH:
-                # Software pipelining by hand (Triton pipelines only loops with a tl.dot): the next iteration's
-                # bytes and scales (the absmax -> code2 -> absmax2 chain) load while this one computes. The last
-                # iteration reloads its own blocks instead of reading past the range.
-                q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
-                                               it0 * G, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
+            q_next, scale_next = _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                                  n_mask, it0, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2,
+                                                  DOUBLE_QUANT, PREFETCH)
             for it in range(it0, it1):
                 b0 = it * G
-                if PREFETCH:
-                    q, scale = q_next, scale_next
-                    q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                                                   n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row,
-                                                   stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
-                    w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
-                else:
-                    w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                                offs_n, n_mask, b0, blocks_per_row, stride_qn, dtype, G, HB,
-                                                BLOCKSIZE2, DOUBLE_QUANT, EMULATE)
+                w_even, w_odd, q_next, scale_next = _nf4_iteration(
+                    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1, q_next,
+                    scale_next, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
                 if BLOCK_M == 1:
                     # x's columns as (even, odd) pairs, one contiguous load split in two, and the products summed
                     # over each block's bytes at once, into [BN, G]: so the dequantized weights stay in the
