@@ -10,10 +10,14 @@ whole quantization blocks divisible by 16), and reads its intermediate code:
 - in the PTX (NVIDIA): shared-memory loads and stores, warp shuffles, barriers, global load widths;
 - from ptxas (NVIDIA): registers and spill bytes; shared memory per program (both targets).
 
-    python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid]
+    python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid] [--out FILE]
+    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch] ...
 
 Without ``--grid``: the default tile of each row count (``_default_tile``); with it, every tile the sweep of
-bench/profile_nf4_kernel.py times. A count is a lead, not a time: the sweep on a GPU decides.
+bench/profile_nf4_kernel.py times; ``--tile`` (repeatable) names tiles instead, so two kernel versions can be
+compared tile for tile. ``--out`` also saves the rows with the machine's fingerprint (the kernel's git
+commit and Triton's version among them) as results/traces/*_nf4-kernel-compiled-*.json, which docs/decode.md's
+table of compiled counts is generated from. A count is a lead, not a time: the sweep on a GPU decides.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -104,25 +110,59 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
         registers=registers, spill_bytes=spills)
 
 
+def _tile_arg(text: str) -> tuple[int, TileConfig]:
+    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch]`` as (rows, TileConfig); argparse names a bad one."""
+    try:
+        rows, fields = text.split(":")
+        *numbers, mode = fields.split(",")[:7]
+        return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch=fields.endswith(",prefetch"))
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch] ({e})") \
+            from e
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a")
     parser.add_argument("--rows", default="1,8,32", help="comma-separated row counts (default: %(default)s)")
     parser.add_argument("--grid", action="store_true", help="every tile the sweep times, not only the default")
+    parser.add_argument("--tile", action="append", type=_tile_arg, metavar="ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE",
+                        help="a tile to inspect, e.g. 1:1,8,512,4,2,1,fma or 16:16,64,128,8,3,1,dot_swap,prefetch")
+    parser.add_argument("--out", type=Path, help="also save the rows as JSON (results/traces/...)")
     args = parser.parse_args(argv)
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    saved = []
     n, k = MISTRAL_7B_LAYERS["q_proj/o_proj"]
     print("| rows | tile | shared | loop converts | loop cp.async | shared ld/st | shuffles | barriers | registers "
           "| spills |\n|---|---|---|---|---|---|---|---|---|---|")
-    for rows in (int(r) for r in args.rows.split(",")):
-        tiles = _sweep_grid(rows) if args.grid else [_default_tile(rows, n, k, 132)]
+    if args.tile:
+        groups = [(rows, [tile]) for rows, tile in args.tile]
+    else:
+        groups = [(rows, _sweep_grid(rows) if args.grid else [_default_tile(rows, n, k, 132)])
+                  for rows in (int(r) for r in args.rows.split(","))]
+    for rows, tiles in groups:
         for tile in tiles:
-            c = inspect(tile, args.target)
-            print(f"| {rows} | {tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
-                  f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''} | "
-                  f"{c.shared_bytes} | {c.loop_convert_layouts} | {c.loop_async_copies} | "
+            name = (f"{tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
+                    f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}")
+            try:
+                c = inspect(tile, args.target)
+            except Exception as e:  # a tile this target cannot compile: its row says why, the others still run
+                print(f"| {rows} | {name} | does not compile for {args.target}: {type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''} |", flush=True)
+                continue
+            print(f"| {rows} | {name} | {c.shared_bytes} | {c.loop_convert_layouts} | {c.loop_async_copies} | "
                   + " | ".join("-" if v is None else str(v) for v in (c.shared_accesses, c.shuffles, c.barriers,
                                                                        c.registers, c.spill_bytes)) + " |",
                   flush=True)
+            saved.append(dict(rows=rows, **dataclasses.asdict(c), tile_name=name))
+    if args.out:
+        from medqa_core.measure.fingerprint import machine_fingerprint
+        from medqa_core.results.record import write_json_atomic
+
+        write_json_atomic(args.out, dict(kind="nf4-kernel-compiled", started=started, target=args.target,
+                                         triton_version=triton.__version__,
+                                         fingerprint=machine_fingerprint(torch.device("cpu")), tiles=saved))
+        print(f"wrote {args.out}")
     return 0
 
 

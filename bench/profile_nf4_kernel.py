@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -221,21 +220,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from medqa_core.measure.fingerprint import machine_fingerprint
+    from medqa_core.results.record import write_json_atomic
 
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     fingerprint = machine_fingerprint(torch.device("cuda"))
     # This device's entries replace its old ones; other devices' stay.
     old_table = json.loads(args.tiles_out.read_text()) if args.tiles_out and args.tiles_out.is_file() else {}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(path: Path, data: dict) -> None:  # whole or not at all: a kill mid-write keeps the last one
-        path.with_suffix(".tmp").write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(path.with_suffix(".tmp"), path)
-
-    def save(result: dict, tiles: dict) -> None:
+    def save(result: dict, tiles: dict) -> None:  # each file whole or not at all: a kill keeps the last save
         if args.tiles_out and args.sweep:
-            write(args.tiles_out, {**old_table, **tiles})
-        write(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint, **result))
+            write_json_atomic(args.tiles_out, {**old_table, **tiles})
+        write_json_atomic(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
+                                         **result))
 
     profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save)
     print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))

@@ -592,7 +592,9 @@ def nf4_kernel_profile(results: Path) -> str:
     def error(r: dict | None) -> str:
         return f"{r['max_error_abs_sum_eps']:.3f}" if r and r.get("max_error_abs_sum_eps") is not None else "-"
 
-    for path in result_files(results, "traces/*nf4*.json"):
+    for path in result_files(results, "traces/*nf4-kernel-*.json"):
+        if _json(path).get("kind") != "nf4-kernel-profile":
+            continue
         by_case: dict[tuple, dict[str, dict]] = {}
         for r in _json(path)["rows"]:
             by_case.setdefault((r["layer"], r["n"], r["k"], r["rows"]), {})[r["arm"]] = r
@@ -603,6 +605,24 @@ def nf4_kernel_profile(results: Path) -> str:
             rows.append(f"| [{path.name}]({_link(results, path)}) | {layer} ({n} x {k}) | {m} | "
                         + " | ".join(cell(arms.get(a)) for a in NF4_ARMS)
                         + f" | {best} | {error(arms.get('ours'))} / {error(arms.get('bitsandbytes'))} |")
+    return "\n".join(rows)
+
+
+def nf4_kernel_compiled(results: Path) -> str:
+    """What the compiler made of the NF4 kernel, per file (kernel version) and tile: bench/inspect_nf4_kernel.py
+    --out files, compiled on a CPU-only machine for a GPU target."""
+    rows = ["| file | kernel commit | target | rows | tile | layout conversions in the loop | cp.async in the loop "
+            "| shared-memory accesses | shuffles | barriers | registers | spill bytes |", "|---" * 12 + "|"]
+    for path in result_files(results, "traces/*nf4-kernel-compiled*.json"):
+        data = _json(path)
+        fp = data["fingerprint"]
+        commit = str(fp.get("git_commit"))[:7] + (" + local changes" if fp.get("git_dirty") else "")
+        for t in data["tiles"]:
+            rows.append(f"| [{path.name}]({_link(results, path)}) | {commit} | {data['target']} "
+                        f"(Triton {data['triton_version']}) | {t['rows']} | {t['tile_name']} "
+                        f"| {t['loop_convert_layouts']} | {t['loop_async_copies']} | "
+                        + " | ".join("-" if t[k] is None else str(t[k]) for k in
+                                     ("shared_accesses", "shuffles", "barriers", "registers", "spill_bytes")) + " |")
     return "\n".join(rows)
 
 
@@ -636,7 +656,8 @@ def profile_table(path: Path) -> str:
 
 def _step_traces(results: Path) -> list[Path]:
     """The `trace` command's files (bench/profile_nf4_kernel.py's kernel profiles lie beside them)."""
-    return [p for p in result_files(results, "traces/*.json") if _json(p).get("kind") != "nf4-kernel-profile"]
+    return [p for p in result_files(results, "traces/*.json")
+            if _json(p).get("kind") not in ("nf4-kernel-profile", "nf4-kernel-compiled")]
 
 
 def profile_tables(results: Path) -> str:
@@ -810,6 +831,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
+    "nf4-kernel-compiled": nf4_kernel_compiled,
     "runsets": runsets_table, "claims": claims_check,
 }
 

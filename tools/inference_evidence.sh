@@ -4,7 +4,7 @@
 #   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes')
 #   sweep    time the tile grid at 1, 8 and 32 rows; writes OUT/nf4_tiles.json (this device's tile table) and
 #            OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
-#   profile  the kernel profile at 64 rows with the swept tiles
+#   profile  the kernel profile at 64 rows (default tiles: the sweep stops at 32)
 #   bench    the decode bench, one pytest session per 4-bit kernel arm (ours, then bitsandbytes'), so a run
 #            cut short keeps the arms it finished; OUT/bench/<machine>/NNNN_<arm>.json
 #
