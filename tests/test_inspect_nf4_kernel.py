@@ -37,7 +37,8 @@ def test_the_dot_loop_is_not_pipelined_through_shared_memory(tile):
 
 def test_the_gemv_keeps_its_weights_in_their_load_layout():
     counts = _inspect(1, 8, 512, 4, 2, 1, "fma", False)
-    # Only x (two [G, HB] halves) changes layout in the loop; v3 moved the weights: ~54 shared accesses, 83 shuffles.
+    # Only x (two [G, HB] halves) changes layout in the loop; v3 moved the weights: 55 shared accesses, 83 shuffles
+    # on this tile (results/traces/*_nf4-kernel-compiled-v3.json).
     assert counts["loop_convert_layouts"] <= 2 and counts["loop_async_copies"] == 0
     assert counts["shared_accesses"] < 20 and counts["shuffles"] < 16
     assert counts["spill_bytes"] in (0, None)
