@@ -11,7 +11,7 @@
 #   tools/inference_evidence.sh OUT [STEP...]      (default: all four, in that order)
 #
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
-# 1,8,32,64), STEP_TIMEOUT (seconds a step may take, default none). A step that fails is reported and the next
+# 1,8,32,64), SWEEP_ROWS (row counts the sweep tunes, default 1,8,32), STEP_TIMEOUT (seconds a step may take, default none). A step that fails is reported and the next
 # one runs; the exit code is the number of failed steps. To publish: copy the bench files into
 # results/bench/<machine>/ and the sweep/profile files into results/traces/ (docs/decode.md lists them), commit
 # them, and run `python tools/gen_docs.py`.
@@ -24,6 +24,7 @@ for s in $STEPS; do  # all checked before any runs
 done
 PRESET=${PRESET:-mistral-7b}
 BATCHES=${BATCHES:-1,8,32,64}
+SWEEP_ROWS=${SWEEP_ROWS:-1,8,32}
 DATA_ARGS=()
 [[ -n ${DATA:-} ]] && DATA_ARGS=(--data "$DATA")
 LIMIT=()
@@ -48,7 +49,7 @@ for s in $STEPS; do
     case $s in
     tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ;;
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
-        --rows 1,8,32 --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
+        --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile-64.json" --rows 64 ;;
     bench)
         for arm in triton bitsandbytes; do
