@@ -11,10 +11,10 @@
 #   tools/inference_evidence.sh OUT [STEP...]      (default: all four, in that order)
 #
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
-# 1,8,32,64), SWEEP_ROWS (row counts the sweep tunes, default 1,8,32), STEP_TIMEOUT (seconds a step may take, default none). A step that fails is reported and the next
-# one runs; the exit code is the number of failed steps. To publish: copy the bench files into
-# results/bench/<machine>/ and the sweep/profile files into results/traces/ (docs/decode.md lists them), commit
-# them, and run `python tools/gen_docs.py`.
+# 1,8,32,64), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32), STEP_TIMEOUT (seconds a step may
+# take, default none). A step that fails is reported and the next one runs; the exit code is the number of
+# failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
+# results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
 set -uo pipefail
 OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|profile|bench ...]}
 shift
