@@ -106,3 +106,22 @@ def test_performance_has_a_table_per_card_and_no_scoring_verdict_on_a_subset(tmp
     assert runs == ["Run: [0002.json", "Run: [0003.json"]  # the newest of each card
     h200, h100 = text.split("Run: [0003.json")
     assert "not measured: 512 questions scored" in h100 and "not measured" not in h200
+
+
+def test_a_run_of_another_model_never_answers_a_bench_target(tmp_path):
+    """The committed `small` H100 run set ran `max-speed` for 2 epochs, as the 7B bench's profile case did: only
+    a run of the bench's own model (its parameter count) may fill the profile and bench-against-run tables."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "bench" / "machine").mkdir(parents=True)
+    bench = ROOT / "results" / "bench" / "Linux-CPython-3.12-64bit" / "0008_h100-cuda.json"
+    (tmp_path / "bench" / "machine" / bench.name).write_bytes(bench.read_bytes())
+    small = json.loads((ROOT / "results" / "runs" / "20261206T043044Z_run_small_cuda_271a52db.json").read_text())
+    (tmp_path / "runs" / "20261206T043044Z_run_small_cuda_271a52db.json").write_text(json.dumps(small))
+    gen_docs._tracked.cache_clear()
+    assert gen_docs.profile_targets(tmp_path) == "(no real run of a memory class yet)"
+    assert gen_docs.bench_vs_run(tmp_path).startswith("(no GPU bench file")
+    seven_b = json.loads(bench.read_text())["benchmarks"][0]["extra_info"]["parameters"]
+    small["model"]["parameters"] = seven_b  # the same record, as if it had run the bench's model
+    (tmp_path / "runs" / "20261206T043044Z_run_small_cuda_271a52db.json").write_text(json.dumps(small))
+    assert "| NVIDIA H100 80GB HBM3 | `max-speed` |" in gen_docs.profile_targets(tmp_path)
+    assert "| NVIDIA H100 80GB HBM3 | `max-speed` |" in gen_docs.bench_vs_run(tmp_path)

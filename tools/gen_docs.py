@@ -253,6 +253,11 @@ def _newest_reference(results: Path, gpu: str) -> tuple[Path, BenchCase] | None:
     return found[1:] if found else None
 
 
+def _same_model(r: RunRecord, case: BenchCase) -> bool:
+    """A run and a bench case of one model (its parameter count): a `small` run never answers a 7B bench."""
+    return r.model.get("parameters") == case.parameters
+
+
 def profile_targets(results: Path) -> str:
     """The memory classes on real runs: the newest 2-epoch run of each profile per card, its promise, and the
     speed issue's targets (docs/targets.toml [profiles]) against the reference of the card's newest bench file."""
@@ -262,7 +267,8 @@ def profile_targets(results: Path) -> str:
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
     for path, r in ((p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")):
         name = _profile_of(r.config["train"]) if r.train and r.config["train"].get("epochs") == 2.0 else None
-        if name in targets and not r.failure:
+        ref = _newest_reference(results, r.fingerprint.get("gpu_name"))
+        if name in targets and not r.failure and (ref is None or _same_model(r, ref[1])):
             newest[(r.fingerprint.get("gpu_name"), name)] = (path, r)  # files sort by time
     if not newest:
         return "(no real run of a memory class yet)"
@@ -370,7 +376,8 @@ def bench_vs_run(results: Path) -> str:
             if not name.startswith("test_train_profile") or case.tokens_per_s is None:
                 continue
             match = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
-                     and _profile_of(r.config["train"]) == case.profile and r.model["quantization"].get("blocksize")
+                     and _same_model(r, case) and _profile_of(r.config["train"]) == case.profile
+                     and r.model["quantization"].get("blocksize")
                      == (case.quantization or {}).get("blocksize") and r.config["train"].get("epochs") == 2.0]
             if not match:
                 continue
@@ -430,6 +437,28 @@ def tr_compile(record: RunRecord) -> str:
         return "not compiled"
     return (f"{c.warmup_s or 0:.0f} s ({'?' if c.graphs is None else c.graphs} graphs), "
             f"{'?' if c.recompiles is None else c.recompiles}")
+
+
+def compile_cache_table(results: Path) -> str:
+    """Every committed GPU run whose record says how its compile cache stood: the compile phase before step 1,
+    cold (nothing to load) or warm (artifacts loaded), against the issue's <= 10 s for a warm one."""
+    target = _targets()["compile_cache"]["warm_phase_s"]
+    rows = ["| run | card | model, profile | cache | artifacts loaded, FX graph hits / misses | compiling | "
+            f"compile phase before step 1 | warm <= {target:g} s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for path in result_files(results, "runs/*_cuda_*.json"):
+        r = load_record(path)
+        c = r.train.compile if r.train else None
+        cache = (c.cache or {}) if c and c.ran else {}
+        if not cache.get("state"):
+            continue
+        warm = cache["state"] == "warm"
+        rows.append(f"| [{path.name[:16]}]({_link(results, path)}) | {r.fingerprint.get('gpu_name')} "
+                    f"| {r.model.get('name')}, `{_profile_of(r.config['train']) or 'custom'}` | {cache['state']} "
+                    f"| {cache.get('artifacts_loaded', 0)}, {cache.get('fx_graph_hits', 0)} / "
+                    f"{cache.get('fx_graph_misses', 0)} | {c.compile_s or 0:.1f} s | {c.warmup_s or 0:.1f} s "
+                    f"| {('yes' if (c.warmup_s or 0) <= target else 'no') if warm else '-'} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no committed GPU run records its compile cache yet)"
 
 
 def _latest_gpu_benches(results: Path) -> list[tuple[str, BenchFile]]:
@@ -500,7 +529,8 @@ def _train_split_row(split: dict, e: BenchCase, bench: BenchFile) -> str:
     gpu = bench.gpu_name
     runs = [(p, load_record(p)) for p in result_files(ROOT / "results", "runs/*_run_*_cuda_*.json")]
     runs = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
-            and _profile_of(r.config["train"]) == e.profile and r.config["train"].get("epochs") == split["epochs"]
+            and _same_model(r, e) and _profile_of(r.config["train"]) == e.profile
+            and r.config["train"].get("epochs") == split["epochs"]
             and r.model["quantization"].get("blocksize") == (e.quantization or {}).get("blocksize")]
     head = f"| {split['epochs']} epochs of the train split in <= {split['minutes']:g} min | "
     if runs:
@@ -832,7 +862,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
     "nf4-kernel-compiled": nf4_kernel_compiled,
-    "runsets": runsets_table, "claims": claims_check,
+    "runsets": runsets_table, "claims": claims_check, "compile-cache": compile_cache_table,
 }
 
 
