@@ -8,7 +8,10 @@ whole quantization blocks divisible by 16), and reads its intermediate code:
   the layouts match) and ``cp.async`` copies (Triton's software pipeliner; for the code-table lookups a
   4-byte gather into shared memory per weight, what made v3's dot tiles slow);
 - in the PTX (NVIDIA): shared-memory loads and stores, warp shuffles, barriers, global load widths;
-- from ptxas (NVIDIA): registers and spill bytes; shared memory per program (both targets).
+- from ptxas (NVIDIA): registers and spill bytes; shared memory per program (both targets);
+- in the SASS (NVIDIA, Triton's bundled nvdisasm): the instructions of the K loop, and per weight (the loop's
+  instructions over the weights one thread handles an iteration): a warp issues one instruction a cycle per
+  scheduler, so this bounds the weights a second an SM can decode, whatever the memory system delivers.
 
     python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid] [--out FILE]
     python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch] ...
@@ -63,6 +66,8 @@ class KernelCounts:
     barriers: int | None
     registers: int | None
     spill_bytes: int | None
+    loop_instructions: int | None = None  # SASS instructions of the K loop (its longest backward branch)
+    instructions_per_weight: float | None = None  # loop_instructions / weights a thread handles an iteration
 
 
 def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
@@ -95,6 +100,25 @@ def _ptxas(ptx: str) -> tuple[int | None, int | None]:
     return (int(registers.group(1)) if registers else None), (int(spills.group(1)) if spills else None)
 
 
+def _sass_loop_instructions(cubin: bytes) -> int | None:
+    """Instructions in the longest loop of ``cubin``'s SASS (a label and the last branch back to it), from
+    Triton's bundled nvdisasm; None where it cannot run here."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(cubin)
+        sass = subprocess.run([str(nvdisasm), "-c", f"{tmp}/k.cubin"], capture_output=True, text=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `?\(?(\.L_x_\d+)", line)) and labels.get(m.group(1), i) < i]
+    if not loops:
+        return None
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    return sum(1 for line in lines[start:end + 1] if re.match(r"^\s+/\*[0-9a-f]+\*/", line))
+
+
 def inspect(tile: TileConfig, target: str) -> KernelCounts:
     compiled = compile_tile(tile, target)
     ttgir = compiled.asm["ttgir"]
@@ -102,12 +126,15 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
     loop = ttgir[start:ttgir.find("scf.yield", start)] if start >= 0 else ""
     ptx = compiled.asm.get("ptx", "")
     registers, spills = _ptxas(ptx) if ptx else (None, None)
+    sass_loop = _sass_loop_instructions(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
+    weights_per_thread = tile.block_n * max(tile.block_k, 64) / (tile.num_warps * 32)  # a K-loop iteration
     return KernelCounts(
         tile=tile, shared_bytes=compiled.metadata.shared, loop_convert_layouts=loop.count("ttg.convert_layout"),
         loop_async_copies=loop.count("async_copy_global_to_local"),
         shared_accesses=len(re.findall(r"\b(?:ld|st)\.shared", ptx)) if ptx else None,
         shuffles=ptx.count("shfl.sync") if ptx else None, barriers=ptx.count("bar.sync") if ptx else None,
-        registers=registers, spill_bytes=spills)
+        registers=registers, spill_bytes=spills, loop_instructions=sass_loop,
+        instructions_per_weight=None if sass_loop is None else round(sass_loop / weights_per_thread, 2))
 
 
 def _tile_arg(text: str) -> tuple[int, TileConfig]:
@@ -134,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = []
     n, k = MISTRAL_7B_LAYERS["q_proj/o_proj"]
     print("| rows | tile | shared | loop converts | loop cp.async | shared ld/st | shuffles | barriers | registers "
-          "| spills |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| spills | SASS loop | per weight |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.tile:
         groups = [(rows, [tile]) for rows, tile in args.tile]
     else:
@@ -152,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"| {rows} | {name} | {c.shared_bytes} | {c.loop_convert_layouts} | {c.loop_async_copies} | "
                   + " | ".join("-" if v is None else str(v) for v in (c.shared_accesses, c.shuffles, c.barriers,
-                                                                       c.registers, c.spill_bytes)) + " |",
+                                                                       c.registers, c.spill_bytes, c.loop_instructions,
+                                                                       c.instructions_per_weight)) + " |",
                   flush=True)
             saved.append(dict(rows=rows, **dataclasses.asdict(c), tile_name=name))
     if args.out:

@@ -42,3 +42,13 @@ def test_the_gemv_keeps_its_weights_in_their_load_layout():
     assert counts["loop_convert_layouts"] <= 2 and counts["loop_async_copies"] == 0
     assert counts["shared_accesses"] < 20 and counts["shuffles"] < 16
     assert counts["spill_bytes"] in (0, None)
+
+
+def test_the_gemv_loop_is_found_in_the_sass_and_counted_per_weight():
+    counts = _inspect(1, 8, 512, 4, 2, 1, "fma", False)
+    if counts["loop_instructions"] is None:
+        pytest.skip("Triton's bundled nvdisasm is not here")
+    # One iteration: 8 x 512 weights over 128 threads, 32 a thread; at least a load, a lookup and an FMA for
+    # each pair of weights, and nothing like the whole kernel (the loop is the longest backward branch).
+    assert 32 * 1.5 < counts["loop_instructions"] < 32 * 40
+    assert counts["instructions_per_weight"] == round(counts["loop_instructions"] / 32, 2)

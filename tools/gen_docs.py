@@ -642,7 +642,8 @@ def nf4_kernel_compiled(results: Path) -> str:
     """What the compiler made of the NF4 kernel, per file (kernel version) and tile: bench/inspect_nf4_kernel.py
     --out files, compiled on a CPU-only machine for a GPU target."""
     rows = ["| file | kernel commit | target | rows | tile | layout conversions in the loop | cp.async in the loop "
-            "| shared-memory accesses | shuffles | barriers | registers | spill bytes |", "|---" * 12 + "|"]
+            "| shared-memory accesses | shuffles | barriers | registers | spill bytes "
+            "| SASS instructions in the loop | per weight |", "|---" * 14 + "|"]
     for path in result_files(results, "traces/*nf4-kernel-compiled*.json"):
         data = _json(path)
         fp = data["fingerprint"]
@@ -651,8 +652,9 @@ def nf4_kernel_compiled(results: Path) -> str:
             rows.append(f"| [{path.name}]({_link(results, path)}) | {commit} | {data['target']} "
                         f"(Triton {data['triton_version']}) | {t['rows']} | {t['tile_name']} "
                         f"| {t['loop_convert_layouts']} | {t['loop_async_copies']} | "
-                        + " | ".join("-" if t[k] is None else str(t[k]) for k in
-                                     ("shared_accesses", "shuffles", "barriers", "registers", "spill_bytes")) + " |")
+                        + " | ".join("-" if t.get(k) is None else str(t[k]) for k in
+                                     ("shared_accesses", "shuffles", "barriers", "registers", "spill_bytes",
+                                      "loop_instructions", "instructions_per_weight")) + " |")
     return "\n".join(rows)
 
 

@@ -551,30 +551,25 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
-    """The tile where the device's table has none: the H100 sweep's winners (2026-12-06) where it measured,
-    paper choices elsewhere.
+    """The tile where the device's table has none: the v4 H100 sweep's (2026-12-06) best single tile per row
+    bucket, the one whose worst shape is nearest that shape's own winner.
 
-    - 1 row: the GEMV (fma, block_m 1, block_n 8, block_k 512, 4 warps, no prefetch): the H100 sweep's winner
-      for q/o_proj; its winners for the other shapes differ only in block_n (16), block_k (256) or warps (2),
-      and none prefetched.
-    - 2..8 rows: fma, block_m the rows' power of two, block_n 16, block_k keeping the accumulator
-      [block_m, block_n, block_k / 2] at 4096 floats: at 8 rows the H100 sweep's winner on every shape, ahead
-      of every dot tile.
-    - 9..64 rows: dot_swap, K = block_k = 128 a tl.dot, the weight as the MMA's A operand (Hopper's wgmma at
-      M = block_n = 64), with the next iteration's bytes and scales prefetched by hand. A paper choice: the
-      dot loop is no longer software-pipelined by Triton (see the kernel), and this form has not run on a GPU.
+    - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch): within 1.09x of the
+      winner on every layer shape.
+    - 2..64 rows: dot_swap, K = block_k = 128 a tl.dot, the weight as the MMA's A operand (Hopper's wgmma at
+      M = block_n = 64), 8 warps, no prefetch: at 8 rows (as block_m 16) within 1.25x of the winner on every
+      shape, where the best fma tile was 2.5x off. Prefetching by hand lost on every shape. 32 and 64 rows were
+      not swept (v4).
     - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
-      float32 partials (written and read once) under 1/8 of the packed weight's bytes.
+      float32 partials (written and read once) under 1/4 of the packed weight's bytes; at 8 rows that is the
+      swept winners' 4 on q/o and k/v_proj.
     """
     prefetch = False
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode = 1, 8, 512, 4, 2, "fma"
-    elif rows <= 8:
-        block_m, block_n = row_bucket(rows), 16
-        block_k, warps, stages, mode = 8192 // (block_m * block_n), 4, 2, "fma"
+        block_m, block_n, block_k, warps, stages, mode = 1, 16, 512, 4, 2, "fma"
     else:
         block_m = max(16, min(64, row_bucket(rows)))
-        block_n, block_k, warps, stages, mode, prefetch = 64, 128, 8, 1, "dot_swap", True
+        block_n, block_k, warps, stages, mode = 64, 128, 8, 1, "dot_swap"
     programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
     split = 1
     while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
