@@ -258,6 +258,21 @@ def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatc
         nf4_kernel_choice(adapted_4bit_model, cpu, "triton")
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert nf4_kernel_choice(plain, cpu, "auto") == ("none", "no 4-bit layers")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert nf4_kernel_choice(adapted_4bit_model, cpu, "auto")[0] == "bitsandbytes"  # not the interpreter either
+
+
+@pytest.mark.parametrize(("hip", "rows", "expected"), [(None, 1, "triton"), (None, 8, "triton"),
+                                                       (None, 32, "bitsandbytes"), ("6.4.0", 1, "bitsandbytes")])
+def test_auto_takes_ours_where_it_was_measured_ahead(adapted_4bit_model, monkeypatch, hip, rows, expected) -> None:
+    """On CUDA up to the largest batch measured ahead (bench file 0020); bitsandbytes' above it and on ROCm,
+    where ours has not run. The choice reads only the device's type and the build (no GPU is touched)."""
+    from medqa_core.engine.decoding import nf4_kernel_choice
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    kernel, why = nf4_kernel_choice(adapted_4bit_model, torch.device("cuda"), "auto", rows)
+    assert kernel == expected and why.startswith("auto: ")
+    assert ("ROCm" in why) == (hip is not None)
 
 
 def test_the_swept_tile_table_is_used_for_its_device_and_shape(tmp_path, monkeypatch) -> None:

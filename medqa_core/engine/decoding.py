@@ -52,8 +52,14 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str) -> tuple[str, str]:
-    """Which kernel runs the 4-bit layers during decode: ("triton" | "bitsandbytes" | "none", why).
+# The largest decode batch at which ours was measured ahead of bitsandbytes' (bench file 0020, an H100):
+# "auto" takes ours up to it and bitsandbytes' above, where ours has not been measured (docs/decode.md).
+AUTO_TRITON_MAX_ROWS = 8
+
+
+def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, rows: int = 1) -> tuple[str, str]:
+    """Which kernel runs the 4-bit layers during decode of ``rows`` sequences: ("triton" | "bitsandbytes" |
+    "none", why).
 
     Raises:
         ValueError: an unknown choice, or "triton" where it cannot run.
@@ -67,12 +73,19 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str) 
     why = triton_nf4_unavailable(device)
     if asked == "triton" and why:
         raise ValueError(f"nf4_kernel 'triton' cannot run here: {why}")
-    if asked == "auto":
-        # Ours is exact but measured slower than bitsandbytes' on an H100 and an H200 (docs/decode.md): auto takes
-        # the faster kernel until a bench file shows ours ahead.
-        return "bitsandbytes", why or ("auto: bitsandbytes' kernels, faster than ours as measured "
-                                       "(docs/decode.md); nf4_kernel='triton' runs ours")
-    return "triton", "asked"
+    if asked == "triton":
+        return "triton", "asked"
+    if why:
+        return "bitsandbytes", why
+    if device.type != "cuda":  # CPU behaviour unchanged: the interpreter is for tests, far too slow to use
+        return "bitsandbytes", "auto: bitsandbytes' kernels off a GPU (ours runs on CPU only under Triton's interpreter)"
+    if torch.version.hip:
+        return "bitsandbytes", "auto: ours has not run on ROCm (docs/rocm.md); nf4_kernel='triton' runs it"
+    if rows > AUTO_TRITON_MAX_ROWS:
+        return "bitsandbytes", (f"auto: ours is measured ahead up to batch {AUTO_TRITON_MAX_ROWS} only "
+                                "(docs/decode.md); nf4_kernel='triton' runs it")
+    return "triton", f"auto: ours, measured ahead of bitsandbytes' at batch 1 and {AUTO_TRITON_MAX_ROWS} on CUDA"
+
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     """A ``StaticCache`` for ``max_len`` tokens of a model with ``config``, and its layer kind.
@@ -122,7 +135,8 @@ class StaticDecoder:
         batch: rows per call.
         max_len: prompt plus new tokens, at most; the cache holds exactly this many.
         use_graph: capture the step as a CUDA/HIP graph (GPUs only).
-        nf4_kernel: "auto" (ours on a GPU with Triton, else bitsandbytes), "triton" or "bitsandbytes".
+        nf4_kernel: "auto" (ours on a CUDA GPU with Triton up to batch 8, else bitsandbytes), "triton" or
+            "bitsandbytes".
 
     Raises:
         ValueError: ``nf4_kernel`` unknown, or "triton" where Triton cannot run.
@@ -146,7 +160,7 @@ class StaticDecoder:
         self._want_graph = use_graph and self.device.type == "cuda"
         graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
             "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
-        kernel, why = nf4_kernel_choice(self.base, self.device, nf4_kernel)
+        kernel, why = nf4_kernel_choice(self.base, self.device, nf4_kernel, batch)
         self._swap = None
         if kernel == "triton":
             from medqa_core.engine.kernels.nf4_layers import NF4Swap
