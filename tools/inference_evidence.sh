@@ -5,8 +5,8 @@
 #   sweep    time the tile grid at 1, 8 and 32 rows; writes OUT/nf4_tiles.json (this device's tile table) and
 #            OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
 #   profile  the kernel profile at 64 rows (default tiles: the sweep stops at 32)
-#   bench    the decode bench, one pytest session per 4-bit kernel arm (ours, then bitsandbytes'), so a run
-#            cut short keeps the arms it finished; OUT/bench/<machine>/NNNN_<arm>.json
+#   bench    the prefill and decode bench, one pytest session per 4-bit kernel arm (ours, then bitsandbytes'),
+#            so a run cut short keeps the arms it finished; OUT/bench/<machine>/NNNN_<arm>.json
 #
 #   tools/inference_evidence.sh OUT [STEP...]      (default: all four, in that order)
 #
@@ -53,7 +53,7 @@ for s in $STEPS; do
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile-64.json" --rows 64 ;;
     bench)
         for arm in triton bitsandbytes; do
-            step "bench-$arm" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k decode_compiled \
+            step "bench-$arm" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k "decode_compiled or prefill" \
                 --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" --nf4-kernels "$arm" \
                 --benchmark-save="nf4-decode-$arm" --benchmark-storage="file://$OUT/bench"
             grep -h "tokens/s" "$OUT/bench-$arm.log"
