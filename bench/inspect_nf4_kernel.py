@@ -14,7 +14,7 @@ whole quantization blocks divisible by 16), and reads its intermediate code:
   scheduler, so this bounds the weights a second an SM can decode, whatever the memory system delivers.
 
     python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid] [--out FILE]
-    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch] ...
+    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared] ...
 
 Without ``--grid``: the default tile of each row count (``_default_tile``); with it, every tile the sweep of
 bench/profile_nf4_kernel.py times; ``--tile`` (repeatable) names tiles instead, so two kernel versions can be
@@ -76,6 +76,7 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
     constants = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True, HAS_BIAS=False, RANK=0,
                      RANK_PAD=16, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode != "fma", SWAP=tile.kernel_mode == "dot_swap", PREFETCH=tile.prefetch,
+                     SHARED_TABLE=tile.shared_table,
                      SPLIT_K=tile.split_k, EMULATE=False)
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},
@@ -138,14 +139,19 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
 
 
 def _tile_arg(text: str) -> tuple[int, TileConfig]:
-    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch]`` as (rows, TileConfig); argparse names a bad one."""
+    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared]`` as (rows, TileConfig); argparse names a bad
+    one."""
     try:
         rows, fields = text.split(":")
         *numbers, mode = fields.split(",")[:7]
-        return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch=fields.endswith(",prefetch"))
+        flags = fields.split(",")[7:]
+        if set(flags) - {"prefetch", "shared"}:
+            raise ValueError(f"unknown flag(s) {sorted(set(flags) - {'prefetch', 'shared'})}")
+        return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
+                                     shared_table="shared" in flags)
     except (ValueError, TypeError) as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch] ({e})") \
-            from e
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared] ({e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for rows, tiles in groups:
         for tile in tiles:
             name = (f"{tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
-                    f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}")
+                    f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}"
+                    f"{' shared-table' if tile.shared_table else ''}")
             try:
                 c = inspect(tile, args.target)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run

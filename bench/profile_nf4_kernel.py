@@ -71,13 +71,14 @@ SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 26, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 30, so four layer shapes sweep in minutes).
 
     1 row: the GEMV (fma, block_m 1) around v3's H100 winners (block_n 8-16, block_k 256-512, 2-4 warps), split_k
     1-4, with and without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows (v3's winners)
     against dots of 16 rows with K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on
     Hopper), with and without prefetch. 32 rows: dots, and fma tiles of 8 and 16 rows. The dot loops are not
-    software-pipelined by Triton (v4), so their num_stages is 1. Compiled here for sm_90a, none spills.
+    software-pipelined by Triton (v4), so their num_stages is 1. v5: the winners' shapes again with the code
+    table in shared memory (``shared_table``). Compiled here for sm_90a, none spills.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
@@ -87,7 +88,9 @@ def _sweep_grid(rows: int) -> list:
                                        (16, 256, 4, False), (16, 256, 4, True), (16, 512, 4, False))
                 for sk in (1, 2, 4)]
         return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4)] + [
-            TileConfig(1, 16, 512, 8, 2, 1, "fma"), TileConfig(1, 32, 256, 8, 2, 1, "fma")]  # 25
+            TileConfig(1, 16, 512, 8, 2, 1, "fma"), TileConfig(1, 32, 256, 8, 2, 1, "fma")] + [
+            TileConfig(1, bn, 512, nw, 2, sk, "fma", shared_table=True)
+            for bn, nw, sk in ((16, 4, 1), (16, 4, 2), (16, 4, 4), (8, 4, 4), (8, 2, 4))]  # 30
     if rows <= 16:
         fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma", pf)
                for bn, bk, pf in ((16, 64, False), (16, 128, False), (8, 128, False), (16, 64, True))
@@ -95,12 +98,15 @@ def _sweep_grid(rows: int) -> list:
         swap = [TileConfig(16, bn, bk, nw, 1, sk, "dot_swap", pf)
                 for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 128, 8)) for sk in (1, 4) for pf in (False, True)]
         dot = [TileConfig(16, 32, 128, 4, 1, sk, "dot", True) for sk in (1, 4)]
-        return fma + swap + dot  # 26
+        shared = [TileConfig(16, 64, bk, nw, 1, 4, "dot_swap", shared_table=True) for bk, nw in ((128, 8), (64, 4))] \
+            + [TileConfig(16, 32, 128, 4, 1, 4, "dot", True, shared_table=True)]
+        return fma + swap + dot + shared  # 29
     swap = [TileConfig(32, bn, bk, nw, 1, sk, "dot_swap", pf)
             for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 64, 8)) for sk in (1, 2) for pf in (False, True)]
     dot = [TileConfig(32, bn, 128, nw, 1, sk, "dot", True) for bn, nw in ((32, 4), (64, 8)) for sk in (1, 2)]
     fma = [TileConfig(8, 16, 64, 4, 2, 4, "fma"), TileConfig(16, 16, 64, 4, 2, 4, "fma")]
-    return swap + dot + fma  # 18
+    shared = [TileConfig(32, 64, bk, nw, 1, 1, "dot_swap", shared_table=True) for bk, nw in ((128, 8), (64, 4))]
+    return swap + dot + fma + shared  # 20
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,

@@ -52,3 +52,14 @@ def test_the_gemv_loop_is_found_in_the_sass_and_counted_per_weight():
     # each pair of weights, and nothing like the whole kernel (the loop is the longest backward branch).
     assert 32 * 1.5 < counts["loop_instructions"] < 32 * 40
     assert counts["instructions_per_weight"] == round(counts["loop_instructions"] / 32, 2)
+
+
+def test_the_shared_code_table_takes_fewer_instructions_a_weight():
+    """v5's lookup: tl.gather from the code table staged in shared memory instead of a global load a weight, which
+    drops each lookup's 64-bit address arithmetic (docs/decode.md)."""
+    table_in_global = _inspect(1, 16, 512, 4, 2, 1, "fma", False, False)
+    table_in_shared = _inspect(1, 16, 512, 4, 2, 1, "fma", False, True)
+    if table_in_global["instructions_per_weight"] is None:
+        pytest.skip("Triton's bundled nvdisasm is not here")
+    assert table_in_shared["instructions_per_weight"] < 0.9 * table_in_global["instructions_per_weight"]
+    assert table_in_shared["spill_bytes"] in (0, None)

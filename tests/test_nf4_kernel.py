@@ -75,19 +75,20 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
     assert _ulps(out, ref) <= 1.0
 
 
-MODE_CONFIGS = [  # every inner loop with and without prefetch, split_k 1-3 (3 over 4-5 iterations: uneven
-    # ranges), tiles wider than N
-    TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True),
-    TileConfig(4, 16, 64, 1, 1, 3, "fma"), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
+MODE_CONFIGS = [  # every inner loop with and without prefetch and the shared code table, split_k 1-3 (3 over
+    # 4-5 iterations: uneven ranges), tiles wider than N
+    TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True, shared_table=True),
+    TileConfig(4, 16, 64, 1, 1, 3, "fma", shared_table=True), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
     TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot", prefetch=True),
-    TileConfig(16, 64, 64, 1, 1, 2, "dot_swap"), TileConfig(16, 16, 128, 1, 1, 3, "dot_swap", prefetch=True)]
+    TileConfig(16, 64, 64, 1, 1, 2, "dot_swap", shared_table=True),
+    TileConfig(16, 16, 128, 1, 1, 3, "dot_swap", prefetch=True)]
 SPLIT_SHAPES = [  # (N, K, blocksize): 5 blocks a row (no split divides them), a block wider than block_k, not aligned
     (24, 320, 64), *(pytest.param(*shape, marks=pytest.mark.slow)  # the fast subset keeps the first: ~1 min less
                      for shape in [(20, 512, 256), (40, 96, 64), (33, 70, 64)])]
 
 
 @pytest.mark.parametrize("config", MODE_CONFIGS, ids=lambda c: f"{c.kernel_mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}"
-                         f"-s{c.split_k}{'-prefetch' if c.prefetch else ''}")
+                         f"-s{c.split_k}{'-prefetch' if c.prefetch else ''}{'-shared' if c.shared_table else ''}")
 @pytest.mark.parametrize(("n", "k", "blocksize"), SPLIT_SHAPES)
 @pytest.mark.parametrize(("double_quant", "lora"), [(False, True), (True, False)])
 def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, double_quant, lora) -> None:

@@ -78,7 +78,7 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, 
     if why:
         return "bitsandbytes", why
     if device.type != "cuda":  # CPU behaviour unchanged: the interpreter is for tests, far too slow to use
-        return "bitsandbytes", "auto: bitsandbytes' kernels off a GPU (ours runs on CPU only under Triton's interpreter)"
+        return "bitsandbytes", "auto: bitsandbytes' kernels off a GPU (ours runs on CPU only under the interpreter)"
     if torch.version.hip:
         return "bitsandbytes", "auto: ours has not run on ROCm (docs/rocm.md); nf4_kernel='triton' runs it"
     if rows > AUTO_TRITON_MAX_ROWS:

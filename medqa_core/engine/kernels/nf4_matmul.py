@@ -152,31 +152,41 @@ def _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_m
 
 
 @triton.jit
-def _nf4_decode(code_ptr, q, scale, dtype: tl.constexpr, EMULATE: tl.constexpr):
+def _nf4_decode(code_ptr, table, q, scale, dtype: tl.constexpr, SHARED_TABLE: tl.constexpr,
+                EMULATE: tl.constexpr):
     """Even and odd columns of bytes ``q`` [BN, G, HB] scaled by ``scale``: two [BN, G, HB] tiles in ``dtype``
-    (float32 holding ``dtype``'s values under EMULATE), 0 on masked rows. Two lookups in the 16-entry code table
-    (64 bytes, one cache line, so a warp's lookups do not diverge)."""
-    w_even = _round(tl.load(code_ptr + (q >> 4)) * scale, dtype, EMULATE)
-    w_odd = _round(tl.load(code_ptr + (q & 15)) * scale, dtype, EMULATE)
-    return w_even, w_odd
+    (float32 holding ``dtype``'s values under EMULATE), 0 on masked rows. Two lookups in the 16-entry code table:
+    global-memory loads (64 bytes, one cache line, so a warp's lookups do not diverge), or with SHARED_TABLE
+    ``tl.gather`` from ``table`` (the same 16 values, loaded once; Triton stages it in shared memory), which
+    drops each lookup's 64-bit address arithmetic (v5, sm_90a SASS: docs/decode.md)."""
+    if SHARED_TABLE:
+        shape: tl.constexpr = q.shape
+        flat = tl.reshape(q, (shape[0] * shape[1] * shape[2],))
+        code_even = tl.reshape(tl.gather(table, flat >> 4, 0), shape)
+        code_odd = tl.reshape(tl.gather(table, flat & 15, 0), shape)
+    else:
+        code_even = tl.load(code_ptr + (q >> 4))
+        code_odd = tl.load(code_ptr + (q & 15))
+    return _round(code_even * scale, dtype, EMULATE), _round(code_odd * scale, dtype, EMULATE)
 
 
 @triton.jit
-def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0,
+def _nf4_blocks(q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0,
                 blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr, HB: tl.constexpr,
-                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EMULATE: tl.constexpr):
+                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SHARED_TABLE: tl.constexpr,
+                EMULATE: tl.constexpr):
     """Quantization blocks ``b0 .. b0 + G - 1`` of rows ``offs_n``, loaded and decoded: even and odd columns,
     two [BLOCK_N, G, HB] tiles (see :func:`_nf4_load` and :func:`_nf4_decode`)."""
     q, scale = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row,
                          stride_qn, G, HB, BLOCKSIZE2, DOUBLE_QUANT)
-    return _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
+    return _nf4_decode(code_ptr, table, q, scale, dtype, SHARED_TABLE, EMULATE)
 
 
 @triton.jit
-def _nf4_iteration(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1, q_next,
-                   scale_next, blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr, HB: tl.constexpr,
-                   BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr,
-                   EMULATE: tl.constexpr):
+def _nf4_iteration(q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1,
+                   q_next, scale_next, blocks_per_row, stride_qn, dtype: tl.constexpr, G: tl.constexpr,
+                   HB: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr,
+                   SHARED_TABLE: tl.constexpr, EMULATE: tl.constexpr):
     """Iteration ``it``'s quantization blocks, decoded (even and odd columns), and the loads the next one decodes.
 
     With PREFETCH, software pipelining by hand (Triton pipelines only loops with a tl.dot, and there it routes the
@@ -189,11 +199,11 @@ def _nf4_iteration(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_p
         q_next, scale_next = _nf4_load(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
                                        tl.minimum(it + 1, it1 - 1) * G, blocks_per_row, stride_qn, G, HB,
                                        BLOCKSIZE2, DOUBLE_QUANT)
-        w_even, w_odd = _nf4_decode(code_ptr, q, scale, dtype, EMULATE)
+        w_even, w_odd = _nf4_decode(code_ptr, table, q, scale, dtype, SHARED_TABLE, EMULATE)
     else:
-        w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
-                                    it * G, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT,
-                                    EMULATE)
+        w_even, w_odd = _nf4_blocks(q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                    n_mask, it * G, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2,
+                                    DOUBLE_QUANT, SHARED_TABLE, EMULATE)
     return w_even, w_odd, q_next, scale_next
 
 
@@ -267,8 +277,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                       SWAP: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
-                       EMULATE: tl.constexpr):
+                       SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
+                       SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
     # Program (pid_n, pid_m, pid_k): outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the
     # pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks.
     pid_n = tl.program_id(0)
@@ -287,6 +297,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
         G: tl.constexpr = BLOCK_K // BLOCKSIZE
         offs_g = tl.arange(0, G)
         offs_h = tl.arange(0, HB)
+        table = tl.load(code_ptr + tl.arange(0, 16))  # the code table, once (read only with SHARED_TABLE)
         if DOT:
             # The G blocks as one [BN, BLOCK_K] tile in natural column order (even and odd columns interleaved),
             # so each tl.dot has K = BLOCK_K.
@@ -308,8 +319,9 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             for it in tl.range(it0, it1, num_stages=1):
                 b0 = it * G
                 w_even, w_odd, q_next, scale_next = _nf4_iteration(
-                    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1, q_next,
-                    scale_next, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
+                    q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1,
+                    q_next, scale_next, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH,
+                    SHARED_TABLE, EMULATE)
                 w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # [BN, G, HB, 2] -> [BN, BK]
                 x = tl.load(x_row + (b0 * BLOCKSIZE + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
                 if SWAP:
@@ -335,8 +347,9 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             for it in range(it0, it1):
                 b0 = it * G
                 w_even, w_odd, q_next, scale_next = _nf4_iteration(
-                    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1, q_next,
-                    scale_next, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
+                    q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1,
+                    q_next, scale_next, blocks_per_row, stride_qn, dtype, G, HB, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH,
+                    SHARED_TABLE, EMULATE)
                 if BLOCK_M == 1:
                     # x's columns as (even, odd) pairs, one contiguous load split in two, and the products summed
                     # over each block's bytes at once, into [BN, G]: so the dequantized weights stay in the
@@ -476,7 +489,9 @@ class TileConfig:
     ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
     ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
     ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (rows of
-    whole blocks): load the next iteration's bytes and scales before decoding this one's.
+    whole blocks): load the next iteration's bytes and scales before decoding this one's. ``shared_table`` (rows
+    of whole blocks): the code-table lookups by ``tl.gather`` from the table staged in shared memory, not by
+    global-memory loads (v5; fewer instructions a weight in the compiled loop, not yet timed on a GPU).
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -490,6 +505,7 @@ class TileConfig:
     split_k: int = 1
     mode: str | None = None
     prefetch: bool = False
+    shared_table: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -688,7 +704,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
-        PREFETCH=cfg.prefetch, SPLIT_K=split,
+        PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
