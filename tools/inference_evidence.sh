@@ -25,25 +25,10 @@ done
 PRESET=${PRESET:-mistral-7b}
 BATCHES=${BATCHES:-1,8,32,64}
 SWEEP_ROWS=${SWEEP_ROWS:-1,8,32}
-DATA_ARGS=()
-[[ -n ${DATA:-} ]] && DATA_ARGS=(--data "$DATA")
-LIMIT=()
-[[ -n ${STEP_TIMEOUT:-} ]] && LIMIT=(timeout "$STEP_TIMEOUT")
-mkdir -p "$OUT"
+source "$(dirname "$0")/evidence_steps.sh"
 # Tiles swept in this run take effect for the steps after it; the repository's table stays as it is.
 cp medqa_core/engine/kernels/nf4_tiles.json "$OUT/nf4_tiles.json"
 export MEDQA_NF4_TILES="$OUT/nf4_tiles.json"
-failed=0
-
-step() {  # step NAME COMMAND...: run it, its output in OUT/NAME.log, and say how it ended
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "${LIMIT[@]}" "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "== $name: exit $rc (log: $OUT/$name.log)"
-    [[ $rc -eq 0 ]] || failed=$((failed + 1))
-}
 
 for s in $STEPS; do
     case $s in

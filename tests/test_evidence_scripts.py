@@ -1,0 +1,57 @@
+"""tools/inference_evidence.sh and tools/training_evidence.sh: each step runs, a failed one is counted and the
+next still runs, an unknown step is refused before any runs, and the repository's tile table is never written (a
+sweep writes its own copy under OUT)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "inference_evidence.sh"
+TRAINING = ROOT / "tools" / "training_evidence.sh"
+
+
+def _run(out: Path, *steps: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("TRITON_INTERPRET", None)  # the GPU-only steps must see no GPU, as a CPU machine does
+    return subprocess.run(["bash", str(script), str(out), *steps], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("script", "steps"), [(SCRIPT, ("tests", "sweeep")), (TRAINING, ("cold", "sweeep"))],
+                         ids=["inference", "training"])
+def test_an_unknown_step_is_refused_with_exit_2(tmp_path, script, steps):
+    done = _run(tmp_path / "out", *steps, script=script)
+    assert done.returncode == 2
+    assert "unknown step 'sweeep'" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before any step ran
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the fp8 step runs for real on a GPU")
+def test_the_fp8_step_is_refused_here_in_one_line_and_counted(tmp_path):
+    """On CPU max-speed+fp8 cannot train (its flex attention has no CPU backward, fp8 no tensor cores; the first
+    check refuses it, tests/test_fp8.py covers fp8's own line): one line, exit 2, counted, nothing loaded."""
+    out = tmp_path / "out"
+    done = _run(out, "fp8", script=TRAINING)
+    assert done.returncode == 1, done.stdout + done.stderr  # one step failed
+    assert "== fp8: exit 2" in done.stdout
+    log = (out / "fp8.log").read_text().strip().splitlines()
+    assert len(log) == 1 and log[0].startswith("medqa-parity: error:")
+    assert not (out / "runs").exists() or not list((out / "runs").glob("*.json"))  # before the model loaded
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the GPU steps run for real on a GPU")
+def test_failed_steps_are_counted_and_the_next_one_still_runs(tmp_path):
+    table = (ROOT / "medqa_core" / "engine" / "kernels" / "nf4_tiles.json").read_text()
+    out = tmp_path / "out"
+    done = _run(out, "sweep", "profile")
+    assert done.returncode == 2, done.stdout + done.stderr  # two steps failed: no GPU here
+    assert "== sweep: exit 2" in done.stdout and "== profile: exit 2" in done.stdout
+    assert "needs a CUDA or ROCm GPU" in (out / "sweep.log").read_text()
+    assert (out / "nf4_tiles.json").read_text() == table  # the run's copy, which a sweep would update
+    assert (ROOT / "medqa_core" / "engine" / "kernels" / "nf4_tiles.json").read_text() == table
