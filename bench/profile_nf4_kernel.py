@@ -71,14 +71,15 @@ SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 30, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 32, so four layer shapes sweep in minutes).
 
     1 row: the GEMV (fma, block_m 1) around v3's H100 winners (block_n 8-16, block_k 256-512, 2-4 warps), split_k
     1-4, with and without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows (v3's winners)
     against dots of 16 rows with K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on
     Hopper), with and without prefetch. 32 rows: dots, and fma tiles of 8 and 16 rows. The dot loops are not
     software-pipelined by Triton (v4), so their num_stages is 1. v5: the winners' shapes again with the code
-    table in shared memory (``shared_table``). Compiled here for sm_90a, none spills.
+    table in shared memory (``shared_table``), and at 1 row two 16-row dot_swap tiles. Compiled here for sm_90a,
+    none spills.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
@@ -90,7 +91,11 @@ def _sweep_grid(rows: int) -> list:
         return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4)] + [
             TileConfig(1, 16, 512, 8, 2, 1, "fma"), TileConfig(1, 32, 256, 8, 2, 1, "fma")] + [
             TileConfig(1, bn, 512, nw, 2, sk, "fma", shared_table=True)
-            for bn, nw, sk in ((16, 4, 1), (16, 4, 2), (16, 4, 4), (8, 4, 4), (8, 2, 4))]  # 30
+            for bn, nw, sk in ((16, 4, 1), (16, 4, 2), (16, 4, 4), (8, 4, 4), (8, 2, 4))] + [
+            # One row on the tensor cores (15 of the MMA's 16 rows masked): fewer instructions a weight in the
+            # compiled loop than the GEMV (inspect_nf4_kernel), whether that pays is for the GPU to say.
+            TileConfig(16, 64, 64, 4, 1, 4, "dot_swap", shared_table=True),
+            TileConfig(16, 64, 128, 8, 1, 4, "dot_swap", shared_table=True)]  # 32
     if rows <= 16:
         fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma", pf)
                for bn, bk, pf in ((16, 64, False), (16, 128, False), (8, 128, False), (16, 64, True))
