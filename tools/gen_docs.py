@@ -443,9 +443,9 @@ def compile_cache_table(results: Path) -> str:
     """Every committed GPU run whose record says how its compile cache stood: the compile phase before step 1,
     cold (nothing to load) or warm (artifacts loaded), against the issue's <= 10 s for a warm one."""
     target = _targets()["compile_cache"]["warm_phase_s"]
-    rows = ["| run | card | model, profile | cache | artifacts loaded, FX graph hits / misses | compiling | "
-            f"compile phase before step 1 | warm <= {target:g} s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | card | model, profile | cache | artifacts loaded, FX graph hits / misses | AOTAutograd hits / "
+            f"misses / bypasses | compiling | compile phase before step 1 | warm <= {target:g} s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for path in result_files(results, "runs/*_cuda_*.json"):
         r = load_record(path)
         c = r.train.compile if r.train else None
@@ -456,7 +456,11 @@ def compile_cache_table(results: Path) -> str:
         rows.append(f"| [{path.name[:16]}]({_link(results, path)}) | {r.fingerprint.get('gpu_name')} "
                     f"| {r.model.get('name')}, `{_profile_of(r.config['train']) or 'custom'}` | {cache['state']} "
                     f"| {cache.get('artifacts_loaded', 0)}, {cache.get('fx_graph_hits', 0)} / "
-                    f"{cache.get('fx_graph_misses', 0)} | {c.compile_s or 0:.1f} s | {c.warmup_s or 0:.1f} s "
+                    f"{cache.get('fx_graph_misses', 0)} | "
+                    + (f"{cache['autograd_cache_hits']} / {cache['autograd_cache_misses']} / "
+                       f"{cache.get('autograd_cache_bypasses', '-')}" if "autograd_cache_hits" in cache
+                       else "- (not recorded)")
+                    + f" | {c.compile_s or 0:.1f} s | {c.warmup_s or 0:.1f} s "
                     f"| {('yes' if (c.warmup_s or 0) <= target else 'no') if warm else '-'} |")
     return "\n".join(rows) if len(rows) > 2 else "(no committed GPU run records its compile cache yet)"
 

@@ -57,11 +57,13 @@ class GraphCounter:
 class CompileCache:
     """Inductor's compiled artifacts for one machine and set of settings: torch.compiler's portable "mega-cache"
     (FX graphs, AOT autograd, autotuning), saved after a run's compile and loaded by the next run with the same
-    key, so that run's compile skips code generation and autotuning (Dynamo still traces, which is quick here:
-    the layers share one graph).
+    key, so that run's compile skips code generation and autotuning (Dynamo still traces every time).
 
     ``state``: "warm" (artifacts loaded before compiling), "cold" (none yet; saved after the warm-up), or
-    "off: <why>". ``fx_graph_hits``/``fx_graph_misses`` are Inductor's own counts during the compile.
+    "off: <why>". ``fx_graph_hits``/``fx_graph_misses`` are Inductor's own counts during the compile,
+    ``autograd_cache_hits``/``autograd_cache_misses``/``autograd_cache_bypasses`` AOTAutograd's (a hit skips
+    tracing the joint graph; a bypass never looks: bitsandbytes' 4-bit matmul is a ``torch.autograd.Function``,
+    which Dynamo traces as ``autograd_function_apply``, a target AOTAutograd's cache does not accept).
     """
 
     path: Path | None
@@ -70,11 +72,16 @@ class CompileCache:
     saved_bytes: int = 0
     fx_graph_hits: int = 0
     fx_graph_misses: int = 0
+    autograd_cache_hits: int = 0
+    autograd_cache_misses: int = 0
+    autograd_cache_bypasses: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"state": self.state, "file": str(self.path) if self.path else None,
                 "artifacts_loaded": self.artifacts_loaded, "saved_bytes": self.saved_bytes,
-                "fx_graph_hits": self.fx_graph_hits, "fx_graph_misses": self.fx_graph_misses}
+                "fx_graph_hits": self.fx_graph_hits, "fx_graph_misses": self.fx_graph_misses,
+                "autograd_cache_hits": self.autograd_cache_hits, "autograd_cache_misses": self.autograd_cache_misses,
+                "autograd_cache_bypasses": self.autograd_cache_bypasses}
 
 
 # Settings that change no compiled graph: two runs that differ only here share a cache entry.
@@ -121,6 +128,9 @@ def save_compile_cache(cache: CompileCache) -> None:
 
     cache.fx_graph_hits = int(counters["inductor"]["fxgraph_cache_hit"])
     cache.fx_graph_misses = int(counters["inductor"]["fxgraph_cache_miss"])
+    cache.autograd_cache_hits = int(counters["aot_autograd"]["autograd_cache_hit"])
+    cache.autograd_cache_misses = int(counters["aot_autograd"]["autograd_cache_miss"])
+    cache.autograd_cache_bypasses = int(counters["aot_autograd"]["autograd_cache_bypass"])
     if cache.state != "cold" or cache.path is None:
         return
     saved = torch.compiler.save_cache_artifacts()
@@ -209,6 +219,7 @@ def compile_layers(model: Any, device: torch.device, mode: str, cache_folder: Pa
         from torch._dynamo.utils import counters
 
         counters["inductor"].clear()  # hits and misses of this compile only
+        counters["aot_autograd"].clear()
         config = model.config.to_dict() if hasattr(model, "config") else {}
         state.cache = open_compile_cache(cache_folder, compile_cache_key(device, config, settings or {}))
     for layer in layers:
