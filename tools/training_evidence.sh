@@ -12,8 +12,10 @@
 #
 #   tools/training_evidence.sh OUT [STEP...]      (default: all five, in that order)
 #
-# Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), STEP_TIMEOUT
-# (seconds a step may take, default none), MEDQA_PARITY_CACHE (the compile cache's folder: empty for `cold`).
+# Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), PROFILE (the
+# --profile of `cold` and `warm`, default: none, the run picks; e.g. max-speed+base_custom_op=true, whose graphs
+# AOTAutograd's cache serves too), STEP_TIMEOUT (seconds a step may take, default none), MEDQA_PARITY_CACHE (the
+# compile cache's folder: empty for `cold`).
 # A step that fails is reported and the next one runs; the exit code is the number of failed steps. To publish:
 # copy OUT/runs/*.json into results/runs/ and the bench files into results/bench/<machine>/, commit them, run
 # `medqa-parity report results/runs/<warm> results/runs/<fp8> --out results/report-fp8` and
@@ -34,7 +36,7 @@ BENCH=(python3 -m pytest -p no:cacheprovider --preset "$PRESET" "${DATA_ARGS[@]}
 
 for s in $STEPS; do
     case $s in
-    cold | warm) step "$s" "${RUN[@]}" ;;
+    cold | warm) step "$s" "${RUN[@]}" ${PROFILE:+--profile "$PROFILE"} ;;
     fp8) step fp8 "${RUN[@]}" --profile max-speed+fp8=true ;;
     bench) step bench "${BENCH[@]}" bench/bench_train.py -k "reference or profile" \
         --train-profiles max-speed,max-speed+fp8=true --benchmark-save=train-fp8 ;;

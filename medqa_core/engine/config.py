@@ -168,6 +168,10 @@ class TrainConfig:
     # hardware computes (medqa_core/engine/fp8.py); refused before the model loads where no fp8 tensor cores exist.
     # A lever to add to a profile (e.g. max-speed+fp8=true), not a default: the default numerics stay bf16.
     fp8: bool = False
+    # The frozen 4-bit base's matmul as a torch.library custom op (bitsandbytes' kernels, the same numbers), which
+    # AOTAutograd's compile cache accepts where bitsandbytes' autograd.Function makes it bypass every graph
+    # (medqa_core/engine/nf4_base_op.py). A lever until a GPU run shows it as fast; fp8, where on, runs instead.
+    base_custom_op: bool = False
     profile: str | None = None  # the --profile spec these settings came from (apply_named_settings sets it)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
@@ -263,6 +267,7 @@ SETTINGS_KEYS: dict[str, Any] = {
     "batch_size": int, "checkpoint_layers": int, "pack_len": int,
     "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
     "lora_dropout": float, "adamw": str, "activation_budget": float, "attn": str, "fp8": lambda v: _parse_bool(v),
+    "base_custom_op": lambda v: _parse_bool(v),
 }
 
 

@@ -51,6 +51,7 @@ from medqa_core.engine.distributed import (
 )
 from medqa_core.engine.fp8 import fp8_formats, set_fp8_base
 from medqa_core.engine.model import cache_dir, set_checkpointing, set_lora_dropout
+from medqa_core.engine.nf4_base_op import set_custom_op_base
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.engine.preemption import Interrupted
 from medqa_core.engine.sharded import is_sharded, sharding_info
@@ -240,6 +241,8 @@ def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> 
     set_activation_budget(cfg.activation_budget)
     if cfg.fp8:
         set_fp8_base(model, fp8_formats(device))
+    elif cfg.base_custom_op:
+        set_custom_op_base(model, True)
     return compile_layers(model, device, cfg.compile, cache_dir() / "compile", dataclasses.asdict(cfg))
 
 
@@ -247,6 +250,7 @@ def reset_model_settings(model: Any) -> None:
     """Undo :func:`apply_model_settings`: eager layers, no recompute, the adapter's own dropout."""
     uncompile_layers(model)
     set_fp8_base(model, None)
+    set_custom_op_base(model, False)
     set_checkpointing(model, False)
     set_activation_budget(None)
     set_lora_dropout(model, None)
