@@ -38,6 +38,7 @@ CHANGED: dict[str, tuple[Any, Any]] = {"schema_version": (1, 2)}
 # Fields other issues added since the fixture was written, with what this run (no lever, no curve, no
 # compile) must give: the move itself added none.
 ADDED: dict[str, Any] = {"numerics.fp8": None, "eval_curve": None, "config.train.fp8": False,
+                         "config.train.base_custom_op": False,
                          "train.compile.cache": None, "train.compile.recompiles_in_timed_rounds": None,
                          # Memory's and TrainThroughput's fields a bench case fills and a run record does not.
                          "train.memory.host_rss_gib": None, "train.throughput.mfu_measured": None,
