@@ -125,3 +125,21 @@ def test_a_run_of_another_model_never_answers_a_bench_target(tmp_path):
     (tmp_path / "runs" / "20261206T043044Z_run_small_cuda_271a52db.json").write_text(json.dumps(small))
     assert "| NVIDIA H100 80GB HBM3 | `max-speed` |" in gen_docs.profile_targets(tmp_path)
     assert "| NVIDIA H100 80GB HBM3 | `max-speed` |" in gen_docs.bench_vs_run(tmp_path)
+
+
+def test_readme_briefs_carry_the_full_tables_figures():
+    """README's short tables (inference, run sets) show the figures of docs' full ones, never others."""
+    gen_docs._tracked.cache_clear()
+    results = ROOT / "results"
+    full = [row.split(" | ") for row in gen_docs.inference_table(results).splitlines()[2:]]
+    brief = gen_docs.inference_brief(results).splitlines()[2:]
+    assert brief
+    for row in brief:
+        device, batch, ours, theirs = (c.strip("| ") for c in row.split(" | ")[:4])
+        for kernel, cell in (("ours (Triton)", ours), ("bitsandbytes", theirs)):
+            match = [r for r in full if r[0].strip("| ") == device and r[1] == kernel and r[2] == batch]
+            assert cell == "-" and not match or cell == f"{match[0][5]} ({match[0][6]})", (row, kernel)
+    sets = gen_docs.runsets_table(results)
+    for row in gen_docs.runsets_brief(results).splitlines()[2:]:
+        name, mean = row.split(" | ")[0], row.split(" | ")[2].split(" (")[0]
+        assert any(r.startswith(name) and f"| {mean} (" in r for r in sets.splitlines()), row

@@ -610,6 +610,20 @@ def inference_table(results: Path) -> str:
     return "\n".join(rows)
 
 
+def inference_brief(results: Path) -> str:
+    """README's view of :func:`inference_table`: per device and batch, decode tokens/s (share of the roofline)
+    of our kernel beside bitsandbytes' in the same run."""
+    cells: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in newest_inference_rows(_bench(p) for p in result_files(results, "bench/*/*.json")):
+        cell = cells.setdefault((r.device, r.batch), {"path": Path(r.path)})
+        cell[r.kernel_name] = f"{r.decode_tokens_per_s:,.0f} ({_pct(r.roofline_fraction)})"
+    rows = ["| device | batch | decode tokens/s (of roofline): ours | bitsandbytes | file |", "|---|---|---|---|---|"]
+    for (device, batch), cell in cells.items():
+        rows.append(f"| {device} | {batch} | {cell.get('ours (Triton)', '-')} | {cell.get('bitsandbytes', '-')} "
+                    f"| [{cell['path'].name}]({_link(results, cell['path'])}) |")
+    return "\n".join(rows) if len(rows) > 2 else "(no decode bench with our NF4 kernel committed yet)"
+
+
 NF4_ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")
 
 
@@ -812,24 +826,35 @@ def _committed_runsets(results: Path) -> list[Path]:
     return result_files(results, "runsets/*.json")
 
 
-def runsets_table(results: Path) -> str:
-    """One row per committed run set (results/runsets): its seeds, spreads, same-seed repeat and time to target."""
+def _runset_rows(results: Path) -> list[tuple[Path, Any, Any, Any]]:
+    """(path, run set, its runs, their summary) of every committed run set."""
     from medqa_core.compare.runsets import summarize_loaded
     from medqa_core.results.runset import load_runset
 
+    rows = []
+    for path in _committed_runsets(results):
+        runset, runs = load_runset(path)
+        rows.append((path, runset, runs, summarize_loaded(runs, runset.target_loss_nats, path.name)))
+    return rows
+
+
+def _same_seed(s: Any) -> str:
+    rep = s.repeat
+    return "-" if rep is None else ("bit for bit" if rep.identical else
+                                    f"{rep.accuracy_pp:+.2f} pp, {rep.eval_loss_nats:+.3g} nats")
+
+
+def runsets_table(results: Path) -> str:
+    """One row per committed run set (results/runsets): its seeds, spreads, same-seed repeat and time to target."""
     rows = ["| run set | device | model, steps | seeds | accuracy mean (sd) [range] | eval loss, nats: mean (sd) "
             "[range] | same seed twice | time to target |",
             "|---|---|---|---|---|---|---|---|"]
-    for path in _committed_runsets(results):
-        runset, runs = load_runset(path)
-        s = summarize_loaded(runs, runset.target_loss_nats, path.name)
-        acc, loss, rep, ttt = s.accuracy, s.eval_loss_nats, s.repeat, s.time_to_target
+    for path, runset, runs, s in _runset_rows(results):
+        acc, loss, ttt = s.accuracy, s.eval_loss_nats, s.time_to_target
         first = runs[0].record
         model = first.model["name"]
         steps = first.train.steps if first.train else "-"
         n_q = first.eval_after.n_questions if first.eval_after else "-"
-        same = "-" if rep is None else ("bit for bit" if rep.identical else
-                                        f"{rep.accuracy_pp:+.2f} pp, {rep.eval_loss_nats:+.3g} nats")
         time = (f"{ttt.result_s:.0f} s to {ttt.target_nats:g} nats (sd {ttt.spread.sd:.0f} s, {ttt.reached} of "
                 f"{len(ttt.steps)} reached; steps {', '.join('-' if x is None else str(x) for x in ttt.steps)})"
                 if ttt.result_s is not None else f"- ({ttt.why})")
@@ -837,10 +862,20 @@ def runsets_table(results: Path) -> str:
             f"| [{path.name[:16]}](results/runsets/{path.name}) | {_device(runset.fingerprint)} "
             f"| {model}, {steps} steps, {n_q} questions | {', '.join(map(str, runset.seeds))} "
             f"| {100 * acc.mean:.2f}% ({100 * acc.sd:.2f} pp) [{100 * acc.min:.2f}, {100 * acc.max:.2f}] "
-            f"| {loss.mean:.4f} ({loss.sd:.3g}) [{loss.min:.4f}, {loss.max:.4f}] | {same} | {time} |")
+            f"| {loss.mean:.4f} ({loss.sd:.3g}) [{loss.min:.4f}, {loss.max:.4f}] | {_same_seed(s)} | {time} |")
     if len(rows) == 2:
         rows.append("| (no run set committed) | | | | | | | |")
     return "\n".join(rows)
+
+
+def runsets_brief(results: Path) -> str:
+    """README's view of :func:`runsets_table`: per set, the seed spread of accuracy and the same-seed repeat."""
+    rows = ["| run set | device, model | accuracy over the seeds: mean (sd) | same seed twice |", "|---|---|---|---|"]
+    for path, runset, runs, s in _runset_rows(results):
+        rows.append(f"| [{path.name[:16]}](results/runsets/{path.name}) | {_device(runset.fingerprint)}, "
+                    f"{runs[0].record.model['name']} | {100 * s.accuracy.mean:.2f}% ({100 * s.accuracy.sd:.2f} pp, "
+                    f"{len(runset.seeds)} seeds) | {_same_seed(s)} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no run set committed)"
 
 
 def claims_check(results: Path) -> str:
@@ -868,7 +903,8 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
     "nf4-kernel-compiled": nf4_kernel_compiled,
-    "runsets": runsets_table, "claims": claims_check, "compile-cache": compile_cache_table,
+    "runsets": runsets_table, "runsets-brief": runsets_brief, "inference-brief": inference_brief,
+    "claims": claims_check, "compile-cache": compile_cache_table,
 }
 
 
