@@ -263,14 +263,19 @@ def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatc
     assert nf4_kernel_choice(adapted_4bit_model, cpu, "auto")[0] == "bitsandbytes"  # not the interpreter either
 
 
-@pytest.mark.parametrize(("hip", "rows", "expected"), [(None, 1, "triton"), (None, 8, "triton"),
-                                                       (None, 32, "bitsandbytes"), ("6.4.0", 1, "bitsandbytes")])
-def test_auto_takes_ours_where_it_was_measured_ahead(adapted_4bit_model, monkeypatch, hip, rows, expected) -> None:
-    """On CUDA up to the largest batch measured ahead (bench file 0020); bitsandbytes' above it and on ROCm,
-    where ours has not run. The choice reads only the device's type and the build (no GPU is touched)."""
+@pytest.mark.parametrize(("gpu", "hip", "rows", "expected"), [
+    ("NVIDIA H100 80GB HBM3", None, 1, "triton"), ("NVIDIA H100 80GB HBM3", None, 8, "triton"),
+    ("NVIDIA H100 80GB HBM3", None, 32, "bitsandbytes"), ("NVIDIA H200", None, 1, "bitsandbytes"),
+    ("AMD Instinct MI300X", "6.4.0", 1, "bitsandbytes")])
+def test_auto_takes_ours_where_it_was_measured_ahead(adapted_4bit_model, monkeypatch, gpu, hip, rows,
+                                                     expected) -> None:
+    """Ours on the GPUs and batches where the bench measured it ahead (an H100 up to batch 8, file 0020);
+    bitsandbytes' elsewhere and on ROCm, where ours has not run. The choice reads only the device's name and
+    the build (no GPU is touched)."""
     from medqa_core.engine.decoding import nf4_kernel_choice
 
     monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
     kernel, why = nf4_kernel_choice(adapted_4bit_model, torch.device("cuda"), "auto", rows)
     assert kernel == expected and why.startswith("auto: ")
     assert ("ROCm" in why) == (hip is not None)

@@ -52,9 +52,10 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
     return None
 
 
-# The largest decode batch at which ours was measured ahead of bitsandbytes' (bench file 0020, an H100):
-# "auto" takes ours up to it and bitsandbytes' above, where ours has not been measured (docs/decode.md).
-AUTO_TRITON_MAX_ROWS = 8
+# The GPUs whose decode bench measured ours ahead of bitsandbytes', with the largest batch at which it did
+# (results/bench/.../0020_h100-cuda-nf4-decode-v4.json): "auto" takes ours there up to that batch, and
+# bitsandbytes' on every other GPU and batch, where ours has not been measured ahead (docs/decode.md).
+AUTO_TRITON_MAX_ROWS = {"NVIDIA H100 80GB HBM3": 8}
 
 
 def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, rows: int = 1) -> tuple[str, str]:
@@ -81,10 +82,15 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, 
         return "bitsandbytes", "auto: bitsandbytes' kernels off a GPU (ours runs on CPU only under the interpreter)"
     if torch.version.hip:
         return "bitsandbytes", "auto: ours has not run on ROCm (docs/rocm.md); nf4_kernel='triton' runs it"
-    if rows > AUTO_TRITON_MAX_ROWS:
-        return "bitsandbytes", (f"auto: ours is measured ahead up to batch {AUTO_TRITON_MAX_ROWS} only "
+    name = torch.cuda.get_device_name(device)
+    most = AUTO_TRITON_MAX_ROWS.get(name)
+    if most is None:
+        return "bitsandbytes", (f"auto: ours has not been measured ahead on {name} (docs/decode.md); "
+                                "nf4_kernel='triton' runs it")
+    if rows > most:
+        return "bitsandbytes", (f"auto: ours is measured ahead on {name} up to batch {most} only "
                                 "(docs/decode.md); nf4_kernel='triton' runs it")
-    return "triton", f"auto: ours, measured ahead of bitsandbytes' at batch 1 and {AUTO_TRITON_MAX_ROWS} on CUDA"
+    return "triton", f"auto: ours, measured ahead of bitsandbytes' on {name} up to batch {most}"
 
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
@@ -135,8 +141,8 @@ class StaticDecoder:
         batch: rows per call.
         max_len: prompt plus new tokens, at most; the cache holds exactly this many.
         use_graph: capture the step as a CUDA/HIP graph (GPUs only).
-        nf4_kernel: "auto" (ours on a CUDA GPU with Triton up to batch 8, else bitsandbytes), "triton" or
-            "bitsandbytes".
+        nf4_kernel: "auto" (ours where the bench measured it ahead: :data:`AUTO_TRITON_MAX_ROWS`; else
+            bitsandbytes), "triton" or "bitsandbytes".
 
     Raises:
         ValueError: ``nf4_kernel`` unknown, or "triton" where Triton cannot run.
