@@ -32,6 +32,7 @@ from medqa_core.engine.config import (
     PRESETS,
     QUANT_MODES,
     QUANT_STORAGE,
+    SETTINGS_KEYS,
     SHARD_MODES,
     ConfigError,
     DataConfig,
@@ -117,8 +118,10 @@ def _settings_text(settings: dict[str, Any]) -> str:
 def _settings_help() -> str:
     names = "; ".join(f"{name} ({_settings_text(settings)})" for name, settings in NAMED_SETTINGS.items())
     caps = ", ".join(f"{name} <= {cap:g} GiB" for name, cap in MEMORY_CAP_GIB.items())
-    return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one, "
-            f"e.g. capped+batch_size=16. Peak memory promised: {caps}. auto (the default unless a batch, "
+    keys = ", ".join(SETTINGS_KEYS)
+    return (f"named training settings that replace the flags they set: {names}. +KEY=VALUE overrides one "
+            f"({keys}), e.g. capped+batch_size=16 or max-speed+fp8=true (docs/usage.md). Peak memory promised: "
+            f"{caps}. auto (the default unless a batch, "
             "recompute, packing, compile, --lora-dropout or --attn flag is given): on a GPU the fastest of "
             "those that fits the card's memory, on CPU default")
 
