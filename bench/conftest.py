@@ -211,16 +211,16 @@ def prompt_ids(tokenizer: Any, splits: Splits, bench_options: BenchOptions) -> C
     Test prompts are tokenized one after another into one stream (each with its BOS) and cut into
     rows, so every row is exactly the requested length.
     """
-    need = max(1, bench_options.batch_size) * bench_options.seq_len
     stream: list[int] = []
-    while len(stream) < need:
-        for item in splits.eval:
-            stream += tokenizer(format_prompt(item))["input_ids"]
-            if len(stream) >= need:
-                break
 
     def make(batch: int) -> torch.Tensor:
-        return torch.tensor(stream[: batch * bench_options.seq_len]).view(batch, bench_options.seq_len)
+        need = batch * bench_options.seq_len  # grown on demand: decode batches may exceed --batch-size
+        while len(stream) < need:
+            for item in splits.eval:
+                stream.extend(tokenizer(format_prompt(item))["input_ids"])
+                if len(stream) >= need:
+                    break
+        return torch.tensor(stream[:need]).view(batch, bench_options.seq_len)
 
     return make
 

@@ -45,6 +45,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "-p", "oom_injection", "--inject-oom", OOM_CASE,
         # Profile cases without compiling (compile time would dominate a tiny run): the fields are what is checked.
         "--train-profiles", f"eager,{CAPPED}",
+        "--decode-batches", "1,16",  # 16 rows of 32 tokens: more prompt tokens than --bench-batch-size rows hold
         "-k", "not lever_loss_curve",  # the levers' curves are tests/test_levers.py's: the harness is what is tested
         f"--benchmark-json={out / 'bench.json'}", f"--benchmark-storage=file://{out / 'storage'}",
         "--benchmark-save=harness",
@@ -102,8 +103,8 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
     assert prefill["prefill_tokens_per_s"] == pytest.approx(32 / prefill["ttft_s_median"])
     # The compiled decode runs once per 4-bit kernel (--nf4-kernels; on CPU bitsandbytes alone), named by it.
     decodes = [cases[name]["extra_info"] for name in (
-        "test_decode_eager[sdpa-batch1]", "test_decode_eager[sdpa-batch2]",
-        "test_decode_compiled[sdpa-batch1-bitsandbytes]", "test_decode_compiled[sdpa-batch2-bitsandbytes]")]
+        "test_decode_eager[sdpa-batch1]", "test_decode_eager[sdpa-batch16]",
+        "test_decode_compiled[sdpa-batch1-bitsandbytes]", "test_decode_compiled[sdpa-batch16-bitsandbytes]")]
     for decode in decodes:
         assert decode["new_tokens"] == 3  # per row; min_new_tokens = max_new_tokens: EOS does not stop it early
         assert decode["weight_bytes_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
@@ -112,7 +113,7 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
         if decode["decode_tokens_per_s"] is not None:  # None only when generate(3) was not slower than generate(1)
             assert decode["roofline_fraction"] == pytest.approx(
                 decode["decode_tokens_per_s"] / decode["roofline_tokens_per_s"])
-    assert [d["batch_size"] for d in decodes] == [1, 2, 1, 2]
+    assert [d["batch_size"] for d in decodes] == [1, 16, 1, 16]
     for static in decodes[2:]:
         assert static["decode_loop"] == "StaticDecoder" and static["cache"] == "static"
         assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles

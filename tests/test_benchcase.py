@@ -52,10 +52,19 @@ def test_a_newer_schema_is_refused_by_name():
     ({"schema_version": 3, "memory": {"peak_mem_gib": "80"}}, "memory.peak_mem_gib", "a number"),
     ({"schema_version": 3, "scoring": [1.0]}, "scoring is list;", "an object"),
     ({"batch_size": 8.5}, "batch_size", "integer"), ({"packing": 1}, "packing", "true/false"),
-    ({"attention": []}, "attention", "object")])
+    ({"attention": []}, "attention", "object"),
+    ({"gradient_checkpointing": 1}, "gradient_checkpointing", "true/false or a mode")])
 def test_a_field_of_the_wrong_type_names_field_found_and_expected(info, field, expected):
     with pytest.raises(BenchCaseError, match=rf"case: {field}.* expected {expected}"):
         BenchCase.from_extra_info(info, "case")
+
+
+@pytest.mark.parametrize("mode", [True, False, "unsloth"])
+def test_gradient_checkpointing_is_true_false_or_a_peers_mode(mode):
+    # Unsloth's arm records its own offloading mode by name ("unsloth"), as its settings say
+    case = BenchCase.from_extra_info({"schema_version": 3, "gradient_checkpointing": mode}, "case")
+    assert case.gradient_checkpointing == mode
+    assert case.workload()["gradient_checkpointing"] == mode
 
 
 def test_unknown_fields_are_kept_as_written():

@@ -121,7 +121,7 @@ class BenchCase:
     cache: str | None = None
     compile_mode: str | None = None
     decode_loop: str | None = None
-    gradient_checkpointing: bool | None = None
+    gradient_checkpointing: bool | str | None = None  # a peer's own mode by name (Unsloth's "unsloth")
     packing: bool | None = None
     profile: str | None = None
     checkpoint_layers: int | None = None
@@ -327,6 +327,10 @@ def _check(key: str, value: Any, kind: str, where: str) -> Any:
         if not isinstance(value, bool):
             raise bad
         return value
+    if kind == "true/false or a mode":
+        if not isinstance(value, bool | str):
+            raise bad
+        return value
     if kind == "text":
         if not isinstance(value, str):
             raise bad
@@ -365,7 +369,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-_KINDS = {"float | None": "number", "int | None": "integer", "bool | None": "true/false", "str | None": "text",
+_KINDS = {"float | None": "number", "int | None": "integer", "bool | None": "true/false",
+          "bool | str | None": "true/false or a mode", "str | None": "text",
           "str": "text", "Mapping[str, Any] | None": "object", "OomFailure | None": "out-of-memory object",
           "tuple[QuestionResult, ...]": "predictions", "TrainThroughput | None": "measurement",
           "Memory | None": "measurement", "Energy | None": "measurement", "Scoring | None": "measurement",

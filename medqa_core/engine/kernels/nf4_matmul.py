@@ -491,7 +491,8 @@ class TileConfig:
     ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (rows of
     whole blocks): load the next iteration's bytes and scales before decoding this one's. ``shared_table`` (rows
     of whole blocks): the code-table lookups by ``tl.gather`` from the table staged in shared memory, not by
-    global-memory loads (v5; fewer instructions a weight in the compiled loop, not yet timed on a GPU).
+    global-memory loads (v5; fewer instructions a weight in the compiled loop; on the H100 it won every swept
+    shape at 1 and 8 rows, and the defaults use it).
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -567,25 +568,25 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
-    """The tile where the device's table has none: the v4 H100 sweep's (2026-12-06) best single tile per row
-    bucket, the one whose worst shape is nearest that shape's own winner.
+    """The tile where the device's table has none: the v5 H100 sweep's (2026-12-06,
+    results/traces/20261206T0648Z_h100_nf4-kernel-v5.json) best single tile per row bucket, the one whose worst
+    shape is nearest that shape's own winner. Both take the code table from shared memory (``shared_table``),
+    which won on every swept shape at 1 and 8 rows.
 
-    - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch): within 1.09x of the
+    - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch): within 1.07x of the
       winner on every layer shape.
-    - 2..64 rows: dot_swap, K = block_k = 128 a tl.dot, the weight as the MMA's A operand (Hopper's wgmma at
-      M = block_n = 64), 8 warps, no prefetch: at 8 rows (as block_m 16) within 1.25x of the winner on every
-      shape, where the best fma tile was 2.5x off. Prefetching by hand lost on every shape. 32 and 64 rows were
-      not swept (v4).
+    - 2..64 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand: at 8 rows (as
+      block_m 16) within 1.25x of the winner on every shape, where v4's default (dot_swap, block_n 64, 8 warps)
+      was 1.5x off. 32 and 64 rows were not swept (v5).
     - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
       float32 partials (written and read once) under 1/4 of the packed weight's bytes; at 8 rows that is the
-      swept winners' 4 on q/o and k/v_proj.
+      swept winners' 4.
     """
-    prefetch = False
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode = 1, 16, 512, 4, 2, "fma"
+        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 16, 512, 4, 2, "fma", False
     else:
         block_m = max(16, min(64, row_bucket(rows)))
-        block_n, block_k, warps, stages, mode = 64, 128, 8, 1, "dot_swap"
+        block_n, block_k, warps, stages, mode, prefetch = 32, 128, 4, 1, "dot", True
     programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
     split = 1
     while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
@@ -593,7 +594,7 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
            # float32 partials, written and read, per output: at most 1/8 of its row's packed bytes
            and (2 * split) * rows * 4 * 2 <= in_features // 2 // 8):
         split *= 2
-    return TileConfig(block_m, block_n, block_k, warps, stages, split, mode, prefetch)
+    return TileConfig(block_m, block_n, block_k, warps, stages, split, mode, prefetch, shared_table=True)
 
 
 def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
