@@ -19,6 +19,9 @@ NO_KERNELS = BENCH / "0010_h200-cuda-decode.json"  # compiled decode before the 
 # One H100 call, one pytest session per kernel arm: ours in 0018, bitsandbytes' in 0019 (same commit).
 H100_OURS = BENCH / "0018_h100-cuda-nf4-decode-v3-triton.json"
 H100_BNB = BENCH / "0019_h100-cuda-nf4-decode-v3-bnb.json"
+# Another H100 call: batches 1 and 8 one session per arm (0021 ours, 0022 bitsandbytes'), then 32 and 64 both arms.
+V5 = [BENCH / f"{name}.json" for name in ("0021_h100-cuda-nf4-decode-v5-triton", "0022_h100-cuda-nf4-decode-v5-bnb",
+                                          "0023_h100-cuda-nf4-decode-v5-32-64")]
 
 
 def _decode_figures(path: Path) -> dict[str, float]:
@@ -55,6 +58,14 @@ def test_arms_saved_as_two_files_of_one_call_join_but_another_commit_never_does(
     other.write_text(json.dumps(data))
     alone = newest_inference_rows([read_bench_file(p) for p in (H100_OURS, other)])
     assert [(r.kernel, r.batch) for r in alone] == [("triton", 1), ("triton", 8)]
+
+
+def test_the_batches_of_one_call_saved_as_three_files_join_newest_per_kernel_and_batch():
+    benches = [read_bench_file(p) for p in (H100_OURS, H100_BNB, *V5)]
+    rows = [(r.kernel, r.batch, Path(r.path).name) for r in newest_inference_rows(benches)]
+    assert rows == [("triton", 1, V5[0].name), ("triton", 8, V5[0].name), ("triton", 32, V5[2].name),
+                    ("triton", 64, V5[2].name), ("bitsandbytes", 1, V5[1].name), ("bitsandbytes", 8, V5[1].name),
+                    ("bitsandbytes", 32, V5[2].name), ("bitsandbytes", 64, V5[2].name)]
 
 
 def test_the_parity_report_shows_the_inference_table_of_its_bench_inputs(tmp_path):

@@ -127,6 +127,25 @@ def test_a_run_of_another_model_never_answers_a_bench_target(tmp_path):
     assert "| NVIDIA H100 80GB HBM3 | `max-speed` |" in gen_docs.bench_vs_run(tmp_path)
 
 
+def test_a_lever_run_answers_only_the_bench_case_of_its_own_settings(tmp_path):
+    """The fp8 run is `max-speed+fp8=true`: it pairs with that bench case (not plain max-speed's) and is judged
+    against its card's floor; the peers table joins the peer file with the same call's reference and ours."""
+    (tmp_path / "runs").mkdir()
+    bench_dir = tmp_path / "bench" / "machine"
+    bench_dir.mkdir(parents=True)
+    committed = ROOT / "results" / "bench" / "Linux-CPython-3.12-64bit"
+    for name in ("0024_h100-cuda-train-fp8.json", "0025_h100-cuda-peers.json"):
+        (bench_dir / name).write_bytes((committed / name).read_bytes())
+    run = "20261206T070103Z_run_mistral-7b_cuda_a5e3bf4f.json"
+    (tmp_path / "runs" / run).write_bytes((ROOT / "results" / "runs" / run).read_bytes())
+    gen_docs._tracked.cache_clear()
+    pairs = gen_docs.bench_vs_run(tmp_path).splitlines()[2:]
+    assert len(pairs) == 1 and pairs[0].startswith("| NVIDIA H100 80GB HBM3 | `max-speed+fp8=true` | 19,194 ")
+    assert ">= 19,000 tokens/s | yes |" in gen_docs.profile_targets(tmp_path)  # issue 31's H100 floor
+    unsloth = next(r for r in gen_docs.peers_table(tmp_path).splitlines() if "| unsloth" in r)
+    assert "| 5,039 |" in unsloth and "(`max-speed`, batch 48)" in unsloth  # ours' fastest bf16 case, not fp8's
+
+
 def test_readme_briefs_carry_the_full_tables_figures():
     """README's short tables (inference, run sets) show the figures of docs' full ones, never others."""
     gen_docs._tracked.cache_clear()

@@ -223,10 +223,14 @@ def settings_effects(results: Path) -> str:
     return "\n".join(f"- {line}" for line in section.strip().splitlines() if line.strip())
 
 
-def _profile_of(train: dict) -> str | None:
-    """The --profile whose settings a record's config.train has (batch, recompute, compile, levers), if any.
+# Settings a profile case may add to its named settings (``+KEY=VALUE``) that change what a step computes.
+LEVER_KEYS = ("fp8", "base_custom_op")
 
-    A key an older record lacks did not exist then: it counts as TrainConfig's default.
+
+def _profile_of(train: dict) -> str | None:
+    """The --profile spelling whose settings a record's config.train has: the named settings it matches (batch,
+    recompute, compile, ...) and, as ``+KEY=VALUE``, the levers it changed from them (``max-speed+fp8=true``), as
+    the bench spells a profile case. A key an older record lacks did not exist then: TrainConfig's default.
     """
     from medqa_core.engine.config import NAMED_SETTINGS, TrainConfig, apply_named_settings
 
@@ -236,7 +240,9 @@ def _profile_of(train: dict) -> str | None:
     for name in NAMED_SETTINGS:
         tc = apply_named_settings(name)
         if all(train.get(k, getattr(default, k)) == getattr(tc, k) for k in keys):
-            return name
+            levers = [f"+{k}={str(train[k]).lower()}" for k in LEVER_KEYS
+                      if k in train and train[k] != getattr(tc, k)]
+            return name + "".join(levers)
     return None
 
 
@@ -266,15 +272,18 @@ def profile_targets(results: Path) -> str:
     targets = _targets()["profiles"]
     newest: dict[tuple[str, str], tuple[Path, RunRecord]] = {}
     for path, r in ((p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")):
-        name = _profile_of(r.config["train"]) if r.train and r.config["train"].get("epochs") == 2.0 else None
+        spec = _profile_of(r.config["train"]) if r.train and r.config["train"].get("epochs") == 2.0 else None
         ref = _newest_reference(results, r.fingerprint.get("gpu_name"))
-        if name in targets and not r.failure and (ref is None or _same_model(r, ref[1])):
-            newest[(r.fingerprint.get("gpu_name"), name)] = (path, r)  # files sort by time
+        if spec and spec.split("+")[0] in targets and not r.failure and (ref is None or _same_model(r, ref[1])):
+            newest[(r.fingerprint.get("gpu_name"), spec)] = (path, r)  # files sort by time
     if not newest:
         return "(no real run of a memory class yet)"
     rows = ["| card | profile | real run: tokens/s | peak (promise) | held | vs the reference | target | met | files |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for (gpu, name), (path, r) in sorted(newest.items(), key=lambda kv: (kv[0][0], list(targets).index(kv[0][1]))):
+    for (gpu, spec), (path, r) in sorted(newest.items(),
+                                          key=lambda kv: (kv[0][0], list(targets).index(kv[0][1].split("+")[0]),
+                                                          kv[0][1])):
+        name = spec.split("+")[0]
         want, rate, peak = targets[name], r.train.throughput.tokens_per_s, r.train.memory.peak_mem_gib
         ref = _newest_reference(results, gpu)
         ratio = rate / ref[1].tokens_per_s if ref else None
@@ -283,12 +292,13 @@ def profile_targets(results: Path) -> str:
         goal = [f"<= {want['memory_gib']:g} GiB", f">= {want['speedup_vs_reference']:g}x"]
         met = peak is not None and peak <= want["memory_gib"] and ratio is not None \
             and ratio >= want["speedup_vs_reference"]
-        if "tokens_per_s" in want:
-            goal.append(f">= {want['tokens_per_s']:,} tokens/s")
-            met = met and rate >= want["tokens_per_s"]
+        floor = want.get("tokens_per_s_by_card", {}).get(gpu, want.get("tokens_per_s"))
+        if floor:
+            goal.append(f">= {floor:,} tokens/s")
+            met = met and rate >= floor
         ref_text = f"{ratio:.2f}x ({ref[1].tokens_per_s:,.0f} in [{ref[0].name}]({_link(results, ref[0])}))" \
             if ref else "no reference on this card"
-        rows.append(f"| {gpu} | `{name}` | {rate:,.0f} | {peak:.1f} GiB (<= {cap:g}) | "
+        rows.append(f"| {gpu} | `{spec}` | {rate:,.0f} | {peak:.1f} GiB (<= {cap:g}) | "
                     f"{'yes' if held else 'no'} | {ref_text} | {', '.join(goal)} | {'yes' if met else 'no'} | "
                     f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows)
@@ -368,28 +378,29 @@ def bench_vs_run(results: Path) -> str:
             "| compile before step 1, recompiles | run wall time | files |",
             "|---|---|---|---|---|---|---|---|---|"]
     runs = [(p, load_record(p)) for p in result_files(results, "runs/*_run_*_cuda_*.json")]
-    for f, bench in _latest_gpu_benches(results):
-        cases = bench.cases
-        gpu = bench.gpu_name
-        scoring = next((c for n, c in cases.items() if n.startswith("test_scoring")), None)
-        for name, case in cases.items():
-            if not name.startswith("test_train_profile") or case.tokens_per_s is None:
-                continue
-            match = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
-                     and _same_model(r, case) and _profile_of(r.config["train"]) == case.profile
-                     and r.model["quantization"].get("blocksize")
-                     == (case.quantization or {}).get("blocksize") and r.config["train"].get("epochs") == 2.0]
-            if not match:
-                continue
-            path, r = match[-1]
-            tr, c = r.train, tr_compile(r)
-            q = (f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after
-                 else "-")
-            rows.append(f"| {gpu} | `{case.profile}` | {case.tokens_per_s:,.0f} ({case.peak_mem_gib:.1f} GiB) | "
-                        f"{tr.throughput.tokens_per_s:,.0f} ({tr.memory.peak_mem_gib:.1f} GiB) "
-                        f"| {tr.throughput.tokens_per_s / case.tokens_per_s:.2f} | {q} | {c} | {r.wall_time_s:.0f} s "
-                        f"| [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
-                        f"[{path.name[:16]}]({_link(results, path)}) |")
+    newest: dict[tuple[str, str], tuple[str, BenchFile, BenchCase]] = {}  # (card, profile): its newest bench case
+    for path in result_files(results, "bench/*/*.json"):  # files sort by time
+        bench = _bench(path)
+        for name, case in bench.cases.items():
+            if bench.gpu_name and name.startswith("test_train_profile") and case.tokens_per_s is not None:
+                newest[(bench.gpu_name, case.profile)] = (f"{path.parent.name}/{path.name}", bench, case)
+    for (gpu, _), (f, bench, case) in sorted(newest.items()):
+        scoring = next((c for n, c in bench.cases.items() if n.startswith("test_scoring")), None)
+        match = [(p, r) for p, r in runs if r.fingerprint.get("gpu_name") == gpu and r.train is not None
+                 and _same_model(r, case) and _profile_of(r.config["train"]) == case.profile
+                 and r.model["quantization"].get("blocksize")
+                 == (case.quantization or {}).get("blocksize") and r.config["train"].get("epochs") == 2.0]
+        if not match:
+            continue
+        path, r = match[-1]
+        tr, c = r.train, tr_compile(r)
+        q = (f"{scoring.questions_per_s:.1f} / {r.eval_after.questions_per_s:.1f}" if scoring and r.eval_after
+             else "-")
+        rows.append(f"| {gpu} | `{case.profile}` | {case.tokens_per_s:,.0f} ({case.peak_mem_gib:.1f} GiB) | "
+                    f"{tr.throughput.tokens_per_s:,.0f} ({tr.memory.peak_mem_gib:.1f} GiB) "
+                    f"| {tr.throughput.tokens_per_s / case.tokens_per_s:.2f} | {q} | {c} | {r.wall_time_s:.0f} s "
+                    f"| [{f.split('/')[-1]}]({_link(results, results / 'bench' / f)}), "
+                    f"[{path.name[:16]}]({_link(results, path)}) |")
     return "\n".join(rows) if len(rows) > 2 else "(no GPU bench file with a matching real run yet)"
 
 
@@ -405,12 +416,23 @@ def peers_table(results: Path) -> str:
             newest[device] = max(newest.get(device, found), found, key=lambda f: f[0])
     if not newest:
         return "(no bench file with peer arms yet)"
-    rows = ["| device | stack | batch | real tokens/s | peak memory | vs the reference | ours over it | file |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| device | stack | batch | real tokens/s | peak memory | vs the reference | ours' fastest bf16 profile "
+            "over it | file |", "|---|---|---|---|---|---|---|---|"]
     for device, (_, path, bench) in sorted(newest.items()):
-        cases = bench.cases
-        ours = {c.batch_size: c for n, c in cases.items() if c.arm == "ours" and c.tokens_per_s}
-        for name, c in ((n, c) for n, c in cases.items() if n.startswith("test_train")):
+        # The reference and our arms of the same call may be in another file of the same code (one pytest session
+        # per bench module): joined, the newest case of each name.
+        commit = bench.fingerprint.get("git_commit")
+        cases: dict[str, tuple[Path, BenchCase]] = {}
+        for other in result_files(results, "bench/*/*.json"):
+            b = _bench(other)
+            if device_label(b.fingerprint) == device and b.fingerprint.get("git_commit") == commit:
+                cases.update({n: (other, c) for n, c in b.cases.items() if n.startswith("test_train")
+                              and (other == path or c.arm in ("ours", "reference"))})
+        bf16 = [c for _, c in cases.values()
+                if c.arm == "ours" and c.tokens_per_s and "fp8=true" not in (c.profile or "")]
+        best = max(bf16, key=lambda c: c.tokens_per_s, default=None)
+        reference = next((c for _, c in cases.values() if c.arm == "reference" and c.tokens_per_s), None)
+        for name, (where, c) in cases.items():
             if c.arm == "ours":
                 label = f"ours (`{c.profile or 'default'}`)"
             elif c.arm == "reference":
@@ -418,16 +440,20 @@ def peers_table(results: Path) -> str:
             else:
                 version = c.details.get("stack_version")
                 label = f"{c.details.get('stack', name)}" + (f" {version}" if version else "")
+                warned = any("imported before" in w for w in (c.details.get(c.details.get("stack", ""), {}) or {})
+                             .get("import_warnings", []))
+                label += " (it warned: imported after transformers)" if warned else ""
             if c.tokens_per_s is None:
                 why = c.details.get("skipped_reason") or (c.oom.text if c.oom else "no figure")
                 rows.append(f"| {device} | {label} | - | skipped: {why} | | | | |")
                 continue
-            best = ours.get(c.batch_size)
-            over = f"{best.tokens_per_s / c.tokens_per_s:.2f}x" if best and c.arm != "ours" else "-"
-            ref = f"{c.speedup_vs_reference:.2f}x" if c.speedup_vs_reference else "-"
+            over = f"{best.tokens_per_s / c.tokens_per_s:.2f}x (`{best.profile}`, batch {best.batch_size})" \
+                if best and c.arm == "peer" else "-"
+            speedup = c.speedup_vs_reference or (c.tokens_per_s / reference.tokens_per_s if reference else None)
+            ref = f"{speedup:.2f}x" if speedup and c.arm != "reference" else "-"
             peak = "n/a" if c.peak_mem_gib is None else f"{c.peak_mem_gib:.1f} GiB"
             rows.append(f"| {device} | {label} | {c.batch_size} | {c.tokens_per_s:,.0f} | {peak} | {ref} "
-                        f"| {over} | [{path.name}]({_link(results, path)}) |")
+                        f"| {over} | [{where.name}]({_link(results, where)}) |")
     return "\n".join(rows)
 
 
@@ -807,8 +833,9 @@ def newest_per_device(results: Path) -> str:
         r = load_record(path)
         acc = _acc(r.eval_after)
         speed = f"{r.train.throughput.tokens_per_s:,.0f}" if r.train else "-"
+        spec = (r.config.get("train") or {}).get("profile")
         found.setdefault(device_label(r.fingerprint), {})["record"] = (
-            f"{r.model['name']}: {speed} train tokens/s, accuracy after {acc} "
+            f"{r.model['name']}{f' `{spec}`' if spec else ''}: {speed} train tokens/s, accuracy after {acc} "
             f"([{path.name[:16]}]({_link(results, path)}))")
     for path in result_files(results, "bench/*/*.json"):
         bench = _bench(path)

@@ -55,22 +55,21 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
 
 
 def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
-    """Of ``benches`` (oldest first), per device the newest file that timed our kernel, with its bitsandbytes arm.
+    """Of ``benches`` (oldest first), per device the newest file that timed our kernel, joined with the files of
+    the same device and the same code (git commit of the fingerprint): a row per kernel and batch, the newest.
 
-    The arms of one device call may be saved as separate files (one pytest session per kernel, so that a call cut
-    short keeps the arm it finished): bitsandbytes' rows then come from the newest file of the same device and
-    the same code (git commit of the fingerprint) that has them. Rows of another commit are never mixed in.
+    One device call may save its arms and batches as separate files (one pytest session per kernel, or per batch
+    range, so that a session cut short keeps what it finished). Rows of another commit are never mixed in.
     """
     benches = list(benches)
     rows: list[InferenceRow] = []
     for device, ours in _newest_per_device(benches, "triton").items():
-        own = inference_rows(ours)
-        if not any(r.kernel == "bitsandbytes" for r in own):
-            same_code = [b for b in benches if device_label(b.fingerprint) == device
-                         and b.fingerprint.get("git_commit") == ours.fingerprint.get("git_commit")]
-            partner = _newest_per_device(same_code, "bitsandbytes").get(device)
-            own += [r for r in inference_rows(partner) if r.kernel == "bitsandbytes"] if partner else []
-        rows += sorted(own, key=lambda r: (r.kernel != "triton", r.batch))
+        commit = ours.fingerprint.get("git_commit")
+        picked: dict[tuple[str, int], InferenceRow] = {}
+        for bench in benches:  # oldest first: a newer file's row replaces an older one's
+            if device_label(bench.fingerprint) == device and bench.fingerprint.get("git_commit") == commit:
+                picked.update({(r.kernel, r.batch): r for r in inference_rows(bench)})
+        rows += sorted(picked.values(), key=lambda r: (r.kernel != "triton", r.batch))
     return rows
 
 
