@@ -46,7 +46,7 @@ from medqa_core.engine.curve import EvalCurve
 from medqa_core.engine.data import Splits, check_prompt_lengths, encode_train, first_examples, load_splits
 from medqa_core.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from medqa_core.engine.evaluate import evaluate
-from medqa_core.engine.fp8 import fp8_formats
+from medqa_core.engine.fp8 import run_formats
 from medqa_core.engine.model import check_adapter, count_parameters, preset_dir, remote_code, save_adapter
 from medqa_core.engine.preemption import Interrupted, StopOnSignals
 from medqa_core.engine.session import Session, load_session
@@ -296,8 +296,8 @@ def execute(cfg: RunConfig, kind: str = "run", adapter_dir: str | None = None, a
     cfg, profile_chosen_by = resolve_auto_settings(cfg, device) if trains else (cfg, None)
     if trains and cfg.train.attn:  # e.g. flex on CPU: refused before the model loads and anything is scored
         training_attention(cfg.train.attn, device)
-    if trains and cfg.train.fp8:  # likewise a device without fp8 tensor cores
-        fp8_formats(device)
+    if trains:  # likewise fp8 on a device without fp8 tensor cores
+        run_formats(device, cfg.train.fp8, cfg.train.fp8_emulate)
     if resume is not None and trains:
         check_resume(Path(resume), checkpoint_config(cfg), total_steps(len(splits.train), cfg.train))
     ckpt = (resume or checkpoint_dir) if trains else None
@@ -533,7 +533,8 @@ def _execute_locked(cfg: RunConfig, kind: str, adapter_dir: str | None, adapter_
         train=results["train"], eval_before=results["eval_before"], eval_after=results["eval_after"],
         adapter_dir=saved_adapter or adapter_dir,
         numerics={**session.numerics.as_dict(),  # with the fp8 lever: the formats and scaling the base ran
-                  "fp8": dataclasses.asdict(fp8_formats(device)) if trains and cfg.train.fp8 else None},
+                  "fp8": dataclasses.asdict(formats) if trains and (formats := run_formats(
+                      device, cfg.train.fp8, cfg.train.fp8_emulate)) else None},
         notes=_notes(session, tuple(notes)),
         wall_time_s=time.perf_counter() - started, failure=failure, phases_s=clock.phases_s(),
         profile=memory_promise(cfg, profile_chosen_by,

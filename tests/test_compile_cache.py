@@ -19,9 +19,9 @@ def _train(model_dir: Path, out: Path, cache: Path, inductor_cache: Path) -> dic
     # a hit in the second run can only come from the artifacts the first saved there.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDQA_PARITY_CACHE": str(cache),
            "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
-    # With the base_custom_op lever, whose graphs AOTAutograd's cache serves too (bitsandbytes' own 4-bit matmul
-    # makes every graph bypass it: tests/test_nf4_base_op.py).
-    argv = train_argv(model_dir, out, "--compile", "on", "--profile", "default+base_custom_op=true", steps=2)
+    # The 4-bit base runs through the base_custom_op custom op (the default), whose graphs AOTAutograd's cache
+    # serves too (bitsandbytes' own 4-bit matmul makes every graph bypass it: tests/test_nf4_base_op.py).
+    argv = train_argv(model_dir, out, "--compile", "on", steps=2)
     done = subprocess.run([sys.executable, "-m", "medqa_core.cli", *argv],
                           capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

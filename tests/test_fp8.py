@@ -12,6 +12,7 @@ from medqa_core.engine.fp8 import (
     Fp8Unavailable,
     fp8_formats,
     quantize_rows,
+    run_formats,
     scaled_matmul,
     set_fp8_base,
 )
@@ -100,3 +101,18 @@ def test_the_fp8_lever_is_refused_before_the_model_loads(tmp_path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == ("medqa-parity: error: fp8 matmuls need a GPU with fp8 tensor cores (cpu here); "
                                    "train without the fp8 lever (drop +fp8=true)")
+
+
+@pytest.mark.parametrize(("emulate", "pair"), [("ocp", ("e4m3fn", "e5m2")), ("fnuz", ("e4m3fnuz", "e5m2fnuz"))])
+def test_an_emulated_vendor_format_runs_anywhere_and_says_so(emulate, pair) -> None:
+    formats = run_formats(torch.device("cpu"), fp8=False, emulate=emulate)
+    assert (formats.forward, formats.gradient) == pair and formats.emulated
+    assert run_formats(torch.device("cpu"), fp8=False, emulate=None) is None
+
+
+def test_fp8_emulate_takes_only_the_two_vendor_formats() -> None:
+    from medqa_core.engine.config import ConfigError, apply_named_settings
+
+    assert apply_named_settings("default+fp8_emulate=fnuz").fp8_emulate == "fnuz"
+    with pytest.raises(ConfigError, match="fp8_emulate: expected one of ocp, fnuz, got 'e4m3'"):
+        apply_named_settings("default+fp8_emulate=e4m3")

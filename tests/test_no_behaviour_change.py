@@ -38,7 +38,10 @@ CHANGED: dict[str, tuple[Any, Any]] = {"schema_version": (1, 2)}
 # Fields other issues added since the fixture was written, with what this run (no lever, no curve, no
 # compile) must give: the move itself added none.
 ADDED: dict[str, Any] = {"numerics.fp8": None, "eval_curve": None, "config.train.fp8": False,
-                         "config.train.base_custom_op": False,
+                         "config.train.fp8_emulate": None,
+                         # bitsandbytes' matmul through a custom op (the default since 2026-12-06): the same
+                         # numbers, which this test's comparison with the fixture checks.
+                         "config.train.base_custom_op": True,
                          "train.compile.cache": None, "train.compile.recompiles_in_timed_rounds": None,
                          # Memory's and TrainThroughput's fields a bench case fills and a run record does not.
                          "train.memory.host_rss_gib": None, "train.throughput.mfu_measured": None,

@@ -32,6 +32,8 @@ N = 300
 QUANT = {"method": "bnb-nf4", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "bfloat16",
          "bitsandbytes_version": "0.50.2"}
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def scores(seed: int, accuracy: float = 0.3, n: int = N, noise: float = 0.0, base: int = 0) -> EvalResult:
     """``n`` questions with seeded log-probabilities; ``noise`` perturbs those of seed ``base``'s."""
@@ -357,3 +359,19 @@ def test_same_hardware_other_blocksize_measures_the_setting_not_parity(tmp_path)
     assert "R2 vs R1 (both cuda" in section and "blocksize: 64 vs 128" in section
     assert "log-probabilities |diff| mean" in section and "predictions agree on" in section
     # On other hardware the same difference stays a failure, with the setting named (the ROCm test above).
+
+
+def test_fp8_against_bf16_on_one_card_is_a_setting_with_its_fine_tuned_drift(tmp_path):
+    """Issue 31: the committed H100 fp8 run against the bf16 run of the same batches. fp8 is named as the setting
+    (with the formats that ran), and the fine-tuned model's drift (KL, |diff|) is what it changed."""
+    runs = ROOT / "results" / "runs"
+    paths = [runs / "20261206T065855Z_run_mistral-7b_cuda_c40acc51.json",
+             runs / "20261206T070103Z_run_mistral-7b_cuda_a5e3bf4f.json"]
+    report, _ = make_report(paths, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert report.verdict == "not judged"
+    assert "fp8 e4m3fn/e5m2" in report.runs[1].label and "fp8 off" in report.runs[0].label
+    section = md.split("## What the settings alone change")[1].split("\n## ")[0]
+    assert "fp8 base matmuls: off vs e4m3fn/e5m2" in section
+    fine_tuned = section.split("fine-tuned: ")[1]
+    assert fine_tuned.startswith("log-probabilities |diff| mean") and "mean KL" in fine_tuned

@@ -214,17 +214,33 @@ def report_verdict(results: Path) -> str:
     return "\n".join(lines[start : end + 1]).strip()
 
 
-def settings_effects(results: Path) -> str:
-    """The section "What the settings alone change" of the committed numerics report (results/report-numerics)."""
-    path = results / "report-numerics" / "report.md"
+def _settings_section(results: Path, folder: str) -> str:
+    """The section "What the settings alone change" of the committed report in results/``folder``."""
+    path = results / folder / "report.md"
     if not path.is_file():
-        return "(no committed numerics report yet)"
+        return f"(no committed report in results/{folder} yet)"
     section = path.read_text(encoding="utf-8").split("## What the settings alone change", 1)[1].split("\n## ")[0]
     return "\n".join(f"- {line}" for line in section.strip().splitlines() if line.strip())
 
 
-# Settings a profile case may add to its named settings (``+KEY=VALUE``) that change what a step computes.
-LEVER_KEYS = ("fp8", "base_custom_op")
+def settings_effects(results: Path) -> str:
+    """The numerics report's settings section (results/report-numerics: blocksize, compute dtype)."""
+    return _settings_section(results, "report-numerics")
+
+
+def fp8_effects(results: Path) -> str:
+    """The fp8 report's settings section (results/report-fp8: an fp8 GPU run against bf16 on the same batches)."""
+    return _settings_section(results, "report-fp8")
+
+
+def fp8_formats_effects(results: Path) -> str:
+    """The vendor formats' report (results/report-fp8-formats: e4m3fn/e5m2 against e4m3fnuz/e5m2fnuz emulated)."""
+    return _settings_section(results, "report-fp8-formats")
+
+
+# Settings a profile case may add to its named settings (``+KEY=VALUE``) that change what a step computes
+# (base_custom_op does not: bitsandbytes' numbers through a custom op, so its runs answer the plain profile).
+LEVER_KEYS = ("fp8", "fp8_emulate")
 
 
 def _profile_of(train: dict) -> str | None:
@@ -469,9 +485,10 @@ def compile_cache_table(results: Path) -> str:
     """Every committed GPU run whose record says how its compile cache stood: the compile phase before step 1,
     cold (nothing to load) or warm (artifacts loaded), against the issue's <= 10 s for a warm one."""
     target = _targets()["compile_cache"]["warm_phase_s"]
-    rows = ["| run | card | model, profile | cache | artifacts loaded, FX graph hits / misses | AOTAutograd hits / "
-            f"misses / bypasses | compiling | compile phase before step 1 | warm <= {target:g} s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | card | model, profile | 4-bit base matmul | cache | artifacts loaded, FX graph hits / misses "
+            "| AOTAutograd hits / misses / bypasses | compiling | compile phase before step 1 "
+            f"| warm <= {target:g} s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for path in result_files(results, "runs/*_cuda_*.json"):
         r = load_record(path)
         c = r.train.compile if r.train else None
@@ -480,7 +497,8 @@ def compile_cache_table(results: Path) -> str:
             continue
         warm = cache["state"] == "warm"
         rows.append(f"| [{path.name[:16]}]({_link(results, path)}) | {r.fingerprint.get('gpu_name')} "
-                    f"| {r.model.get('name')}, `{_profile_of(r.config['train']) or 'custom'}` | {cache['state']} "
+                    f"| {r.model.get('name')}, `{_profile_of(r.config['train']) or 'custom'}` | {_base_matmul(r)} "
+                    f"| {cache['state']} "
                     f"| {cache.get('artifacts_loaded', 0)}, {cache.get('fx_graph_hits', 0)} / "
                     f"{cache.get('fx_graph_misses', 0)} | "
                     + (f"{cache['autograd_cache_hits']} / {cache['autograd_cache_misses']} / "
@@ -489,6 +507,14 @@ def compile_cache_table(results: Path) -> str:
                     + f" | {c.compile_s or 0:.1f} s | {c.warmup_s or 0:.1f} s "
                     f"| {('yes' if (c.warmup_s or 0) <= target else 'no') if warm else '-'} |")
     return "\n".join(rows) if len(rows) > 2 else "(no committed GPU run records its compile cache yet)"
+
+
+def _base_matmul(r: RunRecord) -> str:
+    """How a run's frozen 4-bit base multiplied: fp8, the custom op, or bitsandbytes' autograd.Function."""
+    train = r.config.get("train") or {}
+    if (r.numerics or {}).get("fp8"):
+        return "fp8 (autograd.Function)"
+    return "custom op" if train.get("base_custom_op") else "bitsandbytes (autograd.Function)"
 
 
 def _latest_gpu_benches(results: Path) -> list[tuple[str, BenchFile]]:
@@ -926,7 +952,8 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "gate-noise": gate_noise_tables,
     "runs": runs_table, "default-run": default_run_summary, "bench": bench_table, "scaling": scaling_table,
     "decode": decode_table, "machine-times": machine_times, "newest": newest_per_device,
-    "settings-effects": settings_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
+    "settings-effects": settings_effects, "fp8-effects": fp8_effects,
+    "fp8-formats": fp8_formats_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
     "nf4-kernel-compiled": nf4_kernel_compiled,

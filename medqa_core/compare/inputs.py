@@ -402,7 +402,8 @@ def label_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
 
 
 # Settings a label shows where runs differ in them, with the prefix it shows them by.
-_LABEL_SETTINGS = {"compute_dtype": "", "eval_packing": "eval packing ", "nf4_blocksize": "blocksize "}
+_LABEL_SETTINGS = {"compute_dtype": "", "eval_packing": "eval packing ", "nf4_blocksize": "blocksize ",
+                   "fp8": "fp8 "}
 
 
 def _short_device(device: str, name_cpu: bool = False) -> str:
@@ -529,23 +530,34 @@ def record_invalid(record: RunRecord, path: str) -> tuple[InvalidFigure, ...]:
 
 
 def record_settings(record: RunRecord) -> dict[str, Any]:
-    """The settings of a record that move its numbers: compute dtype, eval packing, NF4 blocksize.
+    """The settings of a record that move its numbers: compute dtype, eval packing, NF4 blocksize, fp8 matmuls.
 
     Records from before these were chosen lack them: their compute dtype was bf16, their packing is
-    config.eval.packing, their blocksize the quantized layer's (model.quantization).
+    config.eval.packing, their blocksize the quantized layer's (model.quantization); a record from before the fp8
+    lever has none (not compared), one after says "off" or the formats that ran (numerics.fp8).
 
     Args:
         record: a loaded record.
 
     Returns:
-        {"compute_dtype", "eval_packing", "nf4_blocksize"} (a value None where not recorded).
+        {"compute_dtype", "eval_packing", "nf4_blocksize", "fp8"} (a value None where not recorded).
     """
     numerics = getattr(record, "numerics", None) or {}
     requested = (record.config.get("model") or {}).get("dtype")
     dtype = numerics.get("compute_dtype") or DTYPE_NAMES.get(str(requested)) or DEFAULT_COMPUTE_DTYPE
     quantization = record.model.get("quantization") or {}
     return {"compute_dtype": dtype, "eval_packing": (record.config.get("eval") or {}).get("packing"),
-            "nf4_blocksize": quantization.get("blocksize")}
+            "nf4_blocksize": quantization.get("blocksize"), "fp8": _fp8_setting(record)}
+
+
+def _fp8_setting(record: RunRecord) -> str | None:
+    """The frozen base's matmuls: "off", or the formats that ran ("e4m3fn/e5m2", "emulated" where cast on CPU)."""
+    if "fp8" not in (record.config.get("train") or {}):
+        return None  # before the lever existed, or an evaluate record (no training)
+    ran = (getattr(record, "numerics", None) or {}).get("fp8")
+    if not ran:
+        return "off"
+    return f"{ran['forward']}/{ran['gradient']}" + (" emulated" if ran.get("emulated") else "")
 
 
 def _name(value: Any) -> str | None:

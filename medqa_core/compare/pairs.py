@@ -18,7 +18,7 @@ from medqa_core.compare.parity import PairParity, ParityError, PhaseParity, Tole
 # compared as a setting of the run (RunSummary.settings), for every quantization.
 _QUANT_IGNORED = ("bitsandbytes_version", "cpu_packed_inference", "compute_dtype")
 # RunSummary.settings compared beside the quantization dict, with the name a difference is given.
-_SETTINGS = {"compute_dtype": "compute dtype", "eval_packing": "eval packing"}
+_SETTINGS = {"compute_dtype": "compute dtype", "eval_packing": "eval packing", "fp8": "fp8 base matmuls"}
 
 
 def check_comparable(a: RunSummary, b: RunSummary) -> None:
@@ -61,7 +61,7 @@ def quantization_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> tupl
 
 
 def settings_differences(a: RunSummary, b: RunSummary) -> tuple[str, ...]:
-    """Settings that move the numbers and differ: compute dtype, eval packing, NF4 settings.
+    """Settings that move the numbers and differ: compute dtype, eval packing, fp8 base matmuls, NF4 settings.
 
     A setting one side did not record (a bench file's eval packing) is not compared; a case that ran
     out of memory before loading its model recorded no quantization, and none is compared.

@@ -168,10 +168,15 @@ class TrainConfig:
     # hardware computes (medqa_core/engine/fp8.py); refused before the model loads where no fp8 tensor cores exist.
     # A lever to add to a profile (e.g. max-speed+fp8=true), not a default: the default numerics stay bf16.
     fp8: bool = False
+    # The same lever with one vendor's formats emulated ("ocp": e4m3fn/e5m2, "fnuz": e4m3fnuz/e5m2fnuz): the casts
+    # and rounding are PyTorch's real ones, the matmul runs in float32 on the dequantized fp8 values, on any device
+    # (CPU too). For comparing the two formats on one machine; implies fp8.
+    fp8_emulate: str | None = None
     # The frozen 4-bit base's matmul as a torch.library custom op (bitsandbytes' kernels, the same numbers), which
     # AOTAutograd's compile cache accepts where bitsandbytes' autograd.Function makes it bypass every graph
-    # (medqa_core/engine/nf4_base_op.py). A lever until a GPU run shows it as fast; fp8, where on, runs instead.
-    base_custom_op: bool = False
+    # (medqa_core/engine/nf4_base_op.py). On by default since the H100 7B runs of 2026-12-06 stepped as fast as
+    # bitsandbytes' path and compiled warm in 8.3 s (docs/performance.md); fp8, where on, runs instead.
+    base_custom_op: bool = True
     profile: str | None = None  # the --profile spec these settings came from (apply_named_settings sets it)
     checkpoint_every: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
@@ -267,8 +272,13 @@ SETTINGS_KEYS: dict[str, Any] = {
     "batch_size": int, "checkpoint_layers": int, "pack_len": int,
     "gradient_checkpointing": lambda v: _parse_bool(v), "compile": str,
     "lora_dropout": float, "adamw": str, "activation_budget": float, "attn": str, "fp8": lambda v: _parse_bool(v),
-    "base_custom_op": lambda v: _parse_bool(v),
+    "base_custom_op": lambda v: _parse_bool(v), "fp8_emulate": lambda v: _parse_choice(v, ("ocp", "fnuz")),
 }
+
+
+def _parse_choice(value: str, choices: tuple[str, ...]) -> str:
+    _check(value in choices, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _parse_bool(value: str) -> bool:

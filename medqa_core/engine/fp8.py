@@ -75,6 +75,17 @@ def fp8_formats(device: torch.device, emulate: bool = False, formats: tuple[str,
     return Fp8Formats(*OCP)
 
 
+def run_formats(device: torch.device, fp8: bool, emulate: str | None) -> Fp8Formats | None:
+    """What a run's fp8 settings (TrainConfig.fp8, .fp8_emulate) run on ``device``: None where both are off.
+
+    Raises:
+        Fp8Unavailable: ``fp8`` on a device without fp8 tensor cores (an emulated format runs anywhere).
+    """
+    if emulate:
+        return fp8_formats(device, emulate=True, formats=FNUZ if emulate == "fnuz" else OCP)
+    return fp8_formats(device) if fp8 else None
+
+
 def quantize_rows(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` [R, C] as fp8 rows and their float32 scales [R, 1]: ``t ~= q * scale``, each row's amax at the
     format's largest value. An all-zero row gets scale 1."""

@@ -11,8 +11,9 @@ registered on it, which the cache accepts:
 - backward: ``grad @ dequantize_4bit(W)``, the weight dequantized again as ``MatMul4Bit.backward`` does
   (nothing kept from the forward; the frozen weight gets no gradient).
 
-So the numbers are bitsandbytes' (tests/test_nf4_base_op.py: the same loss and gradients, bit for bit). A
-lever, not a default, until a GPU run shows its speed equals bitsandbytes' path.
+So the numbers are bitsandbytes' (tests/test_nf4_base_op.py: the same loss and gradients, bit for bit). The
+default (TrainConfig.base_custom_op) since an H100 run of the 7B preset showed its step time equal to bitsandbytes'
+path and its warm compile phase at 8.3 s (docs/performance.md); ``+base_custom_op=false`` goes back.
 """
 
 from __future__ import annotations

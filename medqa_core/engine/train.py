@@ -49,7 +49,7 @@ from medqa_core.engine.distributed import (
     gather_step,
     measure_all_reduce_s,
 )
-from medqa_core.engine.fp8 import fp8_formats, set_fp8_base
+from medqa_core.engine.fp8 import run_formats, set_fp8_base
 from medqa_core.engine.model import cache_dir, set_checkpointing, set_lora_dropout
 from medqa_core.engine.nf4_base_op import set_custom_op_base
 from medqa_core.engine.numerics import Numerics, autocast
@@ -239,8 +239,9 @@ def apply_model_settings(model: Any, cfg: TrainConfig, device: torch.device) -> 
     set_lora_dropout(model, cfg.lora_dropout)
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_layers)
     set_activation_budget(cfg.activation_budget)
-    if cfg.fp8:
-        set_fp8_base(model, fp8_formats(device))
+    formats = run_formats(device, cfg.fp8, cfg.fp8_emulate)
+    if formats:
+        set_fp8_base(model, formats)
     elif cfg.base_custom_op:
         set_custom_op_base(model, True)
     return compile_layers(model, device, cfg.compile, cache_dir() / "compile", dataclasses.asdict(cfg))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from medqa_core.compare.inference import inference_rows
-from medqa_core.compare.inputs import BASE, FINE_TUNED, BenchFile, CompareError, read_inputs, summarize_inputs
+from medqa_core.compare.inputs import FINE_TUNED, BenchFile, CompareError, read_inputs, summarize_inputs
 from medqa_core.compare.pairs import adapter_trainers
 from medqa_core.compare.parity import DEFAULT_MARGIN_PP, FAIL, FLAG, PASS, Finding, Tolerances
 from medqa_core.compare.runsets import DEFAULT_LOSS_MARGIN_NATS
@@ -173,9 +173,10 @@ def _settings_text(report: Report) -> tuple[str, ...]:
         parts = []
         for ph in pair.phases:
             lp, acc = ph.logprobs, ph.accuracy
-            # The base model's drift is what the settings change, same weights or not (NF4 against none).
+            # The drift is what the settings change: on the base model directly (same weights or not, NF4 against
+            # none), on the fine-tuned one through training (a training setting such as fp8 moves the adapter).
             drift = (f"log-probabilities |diff| mean {lp.mean_abs:.3g}, max {lp.max_abs:.3g} nats, mean KL "
-                     f"{lp.kl_mean:.2e}; " if ph.same_weights or ph.phase == BASE else "")
+                     f"{lp.kl_mean:.2e}; ")
             parts.append(f"{ph.phase}: {drift}predictions agree on {100 * acc.agreement:.1f}% of {acc.n}, accuracy "
                          f"{100 * acc.diff:+.2f} pp")
         if pair.loss is not None:
@@ -183,7 +184,8 @@ def _settings_text(report: Report) -> tuple[str, ...]:
                          f"max {pair.loss.max_abs:.3g}")
         lines.append(f"{pair.b} vs {pair.a} ({where}), {'; '.join(pair.settings_diffs)}: " + "; ".join(parts) + ".")
     return tuple(lines) or ("No two inputs ran on the same hardware with other settings (compute dtype, eval "
-                            "packing, NF4 settings); compare such runs to see how much the settings alone explain.",)
+                            "packing, fp8 base matmuls, NF4 settings); compare such runs to see how much the settings "
+                            "alone explain.",)
 
 
 def _adapter_text(report: Report) -> tuple[str, ...]:
