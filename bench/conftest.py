@@ -18,6 +18,15 @@ stacks (bench_peers.py) last, since their patches of transformers are process-wi
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+# Unsloth patches transformers best when imported before it ("Unsloth should be imported before [transformers]"),
+# and its patches stay for the process: MEDQA_UNSLOTH_FIRST=1 imports it here, before anything imports
+# transformers, for a session that runs the unsloth arm alone (tools/training_evidence.sh's peers step).
+if os.environ.get("MEDQA_UNSLOTH_FIRST") == "1" and importlib.util.find_spec("unsloth") is not None:
+    import unsloth  # noqa: F401
+
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any

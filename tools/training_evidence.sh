@@ -8,7 +8,8 @@
 #   fp8    the same run with the fp8 lever (`--profile max-speed+fp8=true`), refused in one line where the GPU
 #          has no fp8 tensor cores; report it against `warm` (below) for its cost in accuracy
 #   bench  the train bench on the same batches: the reference arm, max-speed, max-speed with fp8
-#   peers  the peers' arms (Unsloth, Liger-Kernel) where installed; one that cannot run is a skip with its reason
+#   peers  the peers' arms (Liger-Kernel, then Unsloth in its own session, imported before transformers) where
+#          installed; one that cannot run is a skip with its reason
 #
 #   tools/training_evidence.sh OUT [STEP...]      (default: all five, in that order)
 #
@@ -40,7 +41,11 @@ for s in $STEPS; do
     fp8) step fp8 "${RUN[@]}" --profile max-speed+fp8=true ;;
     bench) step bench "${BENCH[@]}" bench/bench_train.py -k "reference or profile" \
         --train-profiles max-speed,max-speed+fp8=true --benchmark-save=train-fp8 ;;
-    peers) step peers "${BENCH[@]}" bench/bench_peers.py --benchmark-save=peers ;;
+    peers)  # Unsloth alone in a second session that imports it before transformers (bench/conftest.py)
+        step peers "${BENCH[@]}" bench/bench_peers.py -k "not unsloth" --benchmark-save=peers
+        MEDQA_UNSLOTH_FIRST=1 step peers-unsloth "${BENCH[@]}" bench/bench_peers.py -k unsloth \
+            --benchmark-save=peers-unsloth
+        grep -h "^run \|tokens/s\|SKIPPED\|error" "$OUT/peers-unsloth.log" | tail -n 8 ;;
     esac
     grep -h "^run \|tokens/s\|compile\|SKIPPED\|error" "$OUT/$s.log" | tail -n 8
 done
