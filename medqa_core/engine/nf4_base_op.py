@@ -111,8 +111,12 @@ def set_custom_op_base(model: torch.nn.Module, on: bool) -> int:
 
 
 def _custom_op_forward(layer: torch.nn.Module):
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        # As Linear4bit.forward: the input in the layer's compute dtype, the caller's dtype back.
+        # As Linear4bit.forward: the weight's quant state put back where a wrapper dropped it (FSDP turns the
+        # Params4bit into a plain Parameter), the input in the layer's compute dtype, the caller's dtype back.
+        fix_4bit_weight_quant_state_from_module(layer)
         return nf4_base_matmul(x.to(layer.compute_dtype or x.dtype), *_op_args(layer)).to(x.dtype)
 
     return forward
