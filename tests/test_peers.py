@@ -24,6 +24,7 @@ Unsloth's runs in a child process, since ``import unsloth`` patches transformers
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -348,3 +349,16 @@ def test_peers_run_after_ours_and_the_reference(peer_bench: dict[str, Any]) -> N
     peers = [name for name in order if name.startswith("test_train_peer")]
     assert peers == [f"test_train_peer[{p}]" for p in ("liger", "liger-batch", "torchtune", "unsloth")]
     assert order[-len(peers):] == peers  # nothing of ours or the reference after a patching peer
+
+
+def test_unsloth_first_without_unsloth_installed_still_collects_the_peer_cases() -> None:
+    """MEDQA_UNSLOTH_FIRST=1 (the evidence script's unsloth session) imports unsloth before transformers only where
+    it is installed; elsewhere the session runs and the arm records its skip, as without the variable."""
+    if importlib.util.find_spec("unsloth") is not None:
+        pytest.skip("unsloth is installed here: importing it would patch this process's transformers")
+    env = {**os.environ, "MEDQA_UNSLOTH_FIRST": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "bench" / "bench_peers.py"), "--collect-only",
+                           "-q", "-p", "no:cacheprovider", "-k", "unsloth"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "bench_peers.py::test_train_peer[unsloth]" in done.stdout
