@@ -25,7 +25,10 @@ import os
 # and its patches stay for the process: MEDQA_UNSLOTH_FIRST=1 imports it here, before anything imports
 # transformers, for a session that runs the unsloth arm alone (tools/training_evidence.sh's peers step).
 if os.environ.get("MEDQA_UNSLOTH_FIRST") == "1" and importlib.util.find_spec("unsloth") is not None:
-    import unsloth  # noqa: F401
+    try:
+        import unsloth  # noqa: F401
+    except Exception:  # the arm imports it again and records this error as its case's skip reason
+        pass
 
 import logging
 from collections.abc import Callable, Iterator

@@ -114,5 +114,5 @@ def test_fp8_emulate_takes_only_the_two_vendor_formats() -> None:
     from medqa_core.engine.config import ConfigError, apply_named_settings
 
     assert apply_named_settings("default+fp8_emulate=fnuz").fp8_emulate == "fnuz"
-    with pytest.raises(ConfigError, match="fp8_emulate: expected one of ocp, fnuz, got 'e4m3'"):
+    with pytest.raises(ConfigError, match="unknown fp8_emulate 'e4m3'; choose one of ocp, fnuz"):
         apply_named_settings("default+fp8_emulate=e4m3")

@@ -53,8 +53,8 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
 
 
 # The GPUs whose decode bench measured ours ahead of bitsandbytes', with the largest batch at which it did
-# (results/bench/.../0020_h100-cuda-nf4-decode-v4.json): "auto" takes ours there up to that batch, and
-# bitsandbytes' on every other GPU and batch, where ours has not been measured ahead (docs/decode.md).
+# (results/bench/Linux-CPython-3.12-64bit/0020, 0021 and 0022; at batch 32 the two were level, 0023): "auto"
+# takes ours there up to that batch, and bitsandbytes' on every other GPU and batch (docs/decode.md).
 AUTO_TRITON_MAX_ROWS = {"NVIDIA H100 80GB HBM3": 8}
 
 

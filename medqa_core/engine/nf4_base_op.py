@@ -13,7 +13,8 @@ registered on it, which the cache accepts:
 
 So the numbers are bitsandbytes' (tests/test_nf4_base_op.py: the same loss and gradients, bit for bit). The
 default (TrainConfig.base_custom_op) since an H100 run of the 7B preset showed its step time equal to bitsandbytes'
-path and its warm compile phase at 8.3 s (docs/performance.md); ``+base_custom_op=false`` goes back.
+path and its warm compile phase within the 10 s target (docs/performance.md); ``+base_custom_op=false`` goes
+back.
 """
 
 from __future__ import annotations

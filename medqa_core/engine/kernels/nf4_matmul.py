@@ -573,14 +573,12 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
     shape is nearest that shape's own winner. Both take the code table from shared memory (``shared_table``),
     which won on every swept shape at 1 and 8 rows.
 
-    - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch): within 1.07x of the
-      winner on every layer shape.
+    - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch).
     - 2..64 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand: at 8 rows (as
-      block_m 16) within 1.25x of the winner on every shape, where v4's default (dot_swap, block_n 64, 8 warps)
-      was 1.5x off. 32 and 64 rows were not swept (v5).
+      block_m 16) nearer every shape's winner than v4's default (dot_swap, block_n 64, 8 warps). 32 and 64
+      rows were not swept (v5).
     - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
-      float32 partials (written and read once) under 1/4 of the packed weight's bytes; at 8 rows that is the
-      swept winners' 4.
+      float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
     if rows == 1:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 16, 512, 4, 2, "fma", False
