@@ -9,9 +9,10 @@ that rate against the copy bandwidth measured in the same run. Also the largest 
 ``x.float() @ W.float().T`` of bitsandbytes' own dequantized weight, in units in the last place of bf16.
 
     python bench/profile_nf4_kernel.py --out results/traces/NAME.json [--rows 1,8,32,64] [--sweep]
-        [--tiles-out medqa_core/engine/kernels/nf4_tiles.json]
+        [--tiles-out medqa_core/engine/kernels/nf4_tiles.json] [--layers gate_proj/up_proj,...]
+    ncu --clock-control none -k regex:"nf4|4bit" python bench/profile_nf4_kernel.py --out X --once ...
 
-GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``mode``) at 1, 8 and 32 rows and
+GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``mode``) at 1, 8, 32 and 64 rows and
 reports the fastest (every tile's time under ``tried``) of those that give the right result twice (within
 bf16's eps of the sum of ``|x * w|``, the same bits both times); ``--tiles-out`` writes them as the kernel's tile
 table for this device, keeping other devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
@@ -67,58 +68,51 @@ def _copies(nbytes: int, device: torch.device) -> int:
     return max(1, min(16, math.ceil(3 * l2 / nbytes)))
 
 
-SWEEP_ROWS = (1, 8, 32)  # the row counts --sweep tunes; their buckets (1, 8, 32) key the tile table
+SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key the tile table
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 32, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 16 a row count, so four layer shapes sweep in minutes).
 
-    1 row: the GEMV (fma, block_m 1) around v3's H100 winners (block_n 8-16, block_k 256-512, 2-4 warps), split_k
-    1-4, with and without prefetching the next iteration's loads. 8 rows: fma tiles of 8 rows (v3's winners)
-    against dots of 16 rows with K = block_k, as x @ W^T and swapped (W as the MMA's A operand: wgmma on
-    Hopper), with and without prefetch. 32 rows: dots, and fma tiles of 8 and 16 rows. The dot loops are not
-    software-pipelined by Triton (v4), so their num_stages is 1. v5: the winners' shapes again with the code
-    table in shared memory (``shared_table``), and at 1 row two 16-row dot_swap tiles. Compiled here for sm_90a,
-    none spills.
+    v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
+    With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
+    so the dot tiles come both ways: loads prefetched by hand (num_stages 1, ``prefetch``), or pipelined by Triton
+    (num_stages 3-4: cp.async copies of the packed bytes, scales and x, several iterations in flight).
+
+    - 1 row: v5's GEMV winners (fma, block_m 1), and 16-row dots (15 rows masked) pipelined by Triton.
+    - 8 rows: v5's 8-row winners (dot with prefetch, dot_swap), and pipelined dots.
+    - 32 and 64 rows: dots of the rows' own height, by hand and pipelined.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
+    def shared(*args: object, **kwargs: object) -> TileConfig:
+        return TileConfig(*args, **kwargs, shared_table=True)
+
     if rows == 1:
-        grid = [TileConfig(1, bn, bk, nw, 2, sk, "fma", pf)
-                for bn, bk, nw, pf in ((8, 256, 2, False), (8, 512, 2, False), (8, 512, 4, False), (8, 512, 4, True),
-                                       (16, 256, 4, False), (16, 256, 4, True), (16, 512, 4, False))
-                for sk in (1, 2, 4)]
-        return grid + [TileConfig(1, 4, 512, 2, 2, sk, "fma", True) for sk in (2, 4)] + [
-            TileConfig(1, 16, 512, 8, 2, 1, "fma"), TileConfig(1, 32, 256, 8, 2, 1, "fma")] + [
-            TileConfig(1, bn, 512, nw, 2, sk, "fma", shared_table=True)
-            for bn, nw, sk in ((16, 4, 1), (16, 4, 2), (16, 4, 4), (8, 4, 4), (8, 2, 4))] + [
-            # One row on the tensor cores (15 of the MMA's 16 rows masked): fewer instructions a weight in the
-            # compiled loop than the GEMV (inspect_nf4_kernel), whether that pays is for the GPU to say.
-            TileConfig(16, 64, 64, 4, 1, 4, "dot_swap", shared_table=True),
-            TileConfig(16, 64, 128, 8, 1, 4, "dot_swap", shared_table=True)]  # 32
-    if rows <= 16:
-        fma = [TileConfig(8, bn, bk, 4, 2, sk, "fma", pf)
-               for bn, bk, pf in ((16, 64, False), (16, 128, False), (8, 128, False), (16, 64, True))
-               for sk in (1, 2, 4)]
-        swap = [TileConfig(16, bn, bk, nw, 1, sk, "dot_swap", pf)
-                for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 128, 8)) for sk in (1, 4) for pf in (False, True)]
-        dot = [TileConfig(16, 32, 128, 4, 1, sk, "dot", True) for sk in (1, 4)]
-        shared = [TileConfig(16, 64, bk, nw, 1, 4, "dot_swap", shared_table=True) for bk, nw in ((128, 8), (64, 4))] \
-            + [TileConfig(16, 32, 128, 4, 1, 4, "dot", True, shared_table=True)]
-        return fma + swap + dot + shared  # 29
-    swap = [TileConfig(32, bn, bk, nw, 1, sk, "dot_swap", pf)
-            for bn, bk, nw in ((64, 64, 4), (64, 128, 8), (128, 64, 8)) for sk in (1, 2) for pf in (False, True)]
-    dot = [TileConfig(32, bn, 128, nw, 1, sk, "dot", True) for bn, nw in ((32, 4), (64, 8)) for sk in (1, 2)]
-    fma = [TileConfig(8, 16, 64, 4, 2, 4, "fma"), TileConfig(16, 16, 64, 4, 2, 4, "fma")]
-    shared = [TileConfig(32, 64, bk, nw, 1, 1, "dot_swap", shared_table=True) for bk, nw in ((128, 8), (64, 4))]
-    return swap + dot + fma + shared  # 20
+        gemv = [shared(1, bn, 512, nw, 2, sk, "fma") for bn, nw, sk in
+                ((16, 4, 1), (16, 4, 2), (16, 4, 4), (8, 4, 4), (8, 2, 4))]
+        pipelined = [shared(16, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
+                     ((64, 128, 4, 3, 4, "dot_swap"), (64, 256, 4, 3, 2, "dot_swap"), (64, 128, 4, 4, 2, "dot_swap"),
+                      (128, 128, 8, 3, 2, "dot_swap"), (32, 128, 4, 3, 4, "dot"), (32, 256, 4, 3, 2, "dot"))]
+        return gemv + pipelined  # 11
+    block_m = max(16, rows)
+    by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
+        shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]
+    pipelined = [shared(block_m, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
+                 ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
+                  (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
+                  (128, 64, 8, 3, 1, "dot_swap"))]
+    return by_hand + pipelined  # 10-11
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
-            device: torch.device | None = None) -> tuple[dict, dict]:
-    """Every arm at every row count, layer shape by layer shape; ``save`` gets what is done after each shape, so a
-    call cut off by a time limit keeps the shapes it finished."""
+            device: torch.device | None = None, layers: list[str] | None = None,
+            once: bool = False) -> tuple[dict, dict]:
+    """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only);
+    ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
+    ``once``: each arm's first weight copy called once, untimed, nothing saved: the launches for an external
+    profiler (Nsight Compute) to capture."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -132,6 +126,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     rows_out = []
     tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
     for layer, (n, k) in MISTRAL_7B_LAYERS.items():
+        if layers and layer not in layers:
+            continue
         w = torch.randn(n, k, device=device, generator=gen).bfloat16() * 0.02
         packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
         param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
@@ -167,6 +163,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             for arm, (fns, wbytes, reference) in arms.items():
                 lora = arm.endswith("lora")
                 out = fns[0]()
+                if once:
+                    continue
                 seconds = _time_s(fns)
                 moved = wbytes + io_bytes
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm=arm, time_s=seconds, bytes=moved,
@@ -179,7 +177,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 print(f"{layer:18s} M={rows:4d} {arm:18s} {seconds * 1e6:8.1f} us  "
                       f"{moved / seconds / 1e9:7.0f} GB/s ({moved / seconds / bandwidth:5.1%})  "
                       f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
-            if sweep and rows in SWEEP_ROWS:
+            if sweep and not once and rows in SWEEP_ROWS:
                 chosen = tile_config(rows, n, k, device)
                 best = None
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
@@ -214,7 +212,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                       f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
         result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
                       rows=rows_out)
-        save(result, {device_name: tiles})
+        if not once:
+            save(result, {device_name: tiles})
     return result, {device_name: tiles}
 
 
@@ -225,7 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
     parser.add_argument("--tiles-out", type=Path, help="with --sweep: write the best tiles as the kernel's tile table")
+    parser.add_argument("--layers",
+                        help=f"comma-separated layer shapes, of {', '.join(MISTRAL_7B_LAYERS)} (default: all)")
+    parser.add_argument("--once", action="store_true",
+                        help="call each arm once, untimed, and write nothing: for Nsight Compute (ncu) to profile")
     args = parser.parse_args(argv)
+    layers = args.layers.split(",") if args.layers else None
+    unknown = sorted(set(layers or ()) - set(MISTRAL_7B_LAYERS))
+    if unknown:
+        parser.error(f"--layers: unknown {', '.join(unknown)}; choose among {', '.join(MISTRAL_7B_LAYERS)}")
     if not torch.cuda.is_available():
         print("profile_nf4_kernel: needs a CUDA or ROCm GPU (the CPU interpreter's times mean nothing)",
               file=sys.stderr)
@@ -244,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
                                          **result))
 
-    profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save)
-    print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
+    profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once)
+    if not args.once:
+        print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0
 
 

@@ -119,6 +119,11 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
         assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles
         assert static["cache_layers"] == "full" and static["first_call_s"] > 0 and static["fallback"] is None
         assert static["nf4_kernel"].startswith("bitsandbytes ") and static["nf4_fused_layers"] == 0
+        # Where a step's time goes: the steps after a fresh prefill that fit the cache (3 new tokens: 2)
+        step = static["decode_step_profile"]
+        assert step["steps"] == 2 and step["tokens_per_step"] == static["batch_size"] and step["wall_ms"] > 0
+        assert step["busy_ms"] == pytest.approx(sum(step["categories"].values()))
+        assert step["launches"].keys() == step["categories"].keys() and all(n > 0 for n in step["launches"].values())
         assert static["graph"] == ("none: graphs need a GPU" if not torch.cuda.is_available() else
                                    "HIP graph" if torch.version.hip else "CUDA graph")
     scoring = cases["test_scoring[sdpa]"]["extra_info"]

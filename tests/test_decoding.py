@@ -66,6 +66,26 @@ def test_static_decoder_gives_the_eager_tokens_from_one_graph(batch) -> None:
     torch.testing.assert_close(decoder.generate(ids, 1), eager[:, :1], rtol=0, atol=0)  # prefill only
 
 
+def test_a_step_alone_continues_the_prefill_and_stops_at_the_cache_end() -> None:
+    # StaticDecoder.step is what the bench profiles: the same tokens as generate, one at a time
+    model = _fp32_model("cpu")
+    ids = torch.randint(3, PRESET_COMMON["vocab_size"], (1, PROMPT))
+    eager = _eager_tokens(model, ids)
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, batch=1, max_len=PROMPT + NEW, use_graph=False)
+    with pytest.raises(ValueError, match="call generate"):
+        decoder.step()  # not compiled yet
+    decoder.generate(ids, 2)
+    decoder.generate(ids, 1)  # a fresh prefill: room for NEW more positions
+    picked = []
+    for _ in range(NEW):
+        decoder.step()
+        picked.append(decoder.token.clone())
+    torch.testing.assert_close(torch.cat(picked, dim=1)[:, :NEW - 1], eager[:, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at most max_len - prompt"):
+        decoder.step()  # the cache is full
+
+
 def test_static_decoder_refuses_what_its_cache_cannot_hold() -> None:
     decoder = StaticDecoder(_fp32_model("cpu"), batch=1, max_len=PROMPT + NEW, use_graph=False)
     with pytest.raises(ValueError, match="does not fit this decoder"):

@@ -133,7 +133,7 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
     config = TileConfig(4, 16, 64, 1, 1, 3, "fma")  # 3 tiles of N, 8 iterations in ranges of 2, 3, 3
     first = nf4_matmul(x, nf4_weight(param), config=config)
-    counters = kernels._COUNTERS[x.device]  # keyed by the tensor's device: cuda:0, not "cuda"
+    counters = kernels._COUNTERS[(x.device, "split_k")]  # keyed by the tensor's device: cuda:0, not "cuda"
     assert counters.abs().sum().item() == 0  # each tile's last program reset its counter for the next call
     assert torch.equal(first, nf4_matmul(x, nf4_weight(param), config=config))
     # More splits than iterations: clamped, each program keeps at least one iteration.
@@ -208,6 +208,12 @@ def test_lora_is_fused_into_the_same_output(rows) -> None:
     assert _ulps(out, ref) <= 1.0
     base_only = nf4_matmul(x, nf4_weight(param), bias=bias)
     assert (out.float() - base_only.float()).abs().max() > 0.01  # the adapter really contributed
+    # One launch: its first `rank` programs computed t, its tiles waited for them and counted themselves; the last
+    # set both counters back, so the next call (a graph replay) starts from zero and gives the same bits.
+    from medqa_core.engine.kernels import nf4_matmul as kernels
+
+    assert kernels._COUNTERS[(x.device, "lora")][:2].tolist() == [0, 0]
+    assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling))
 
 
 def test_a_non_nf4_weight_is_refused() -> None:

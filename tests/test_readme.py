@@ -90,6 +90,25 @@ def test_decode_table_sets_the_compiled_path_beside_eager(tmp_path):
     assert "| 8 |" in rows[1] and "| 20.0x |" in rows[1]  # each batch against eager at the same batch
 
 
+def test_decode_step_table_splits_a_step_into_kernels_and_gaps(tmp_path):
+    folder = tmp_path / "bench" / "machine"
+    folder.mkdir(parents=True)
+    step = {"steps": 8, "tokens_per_step": 1, "wall_ms": 6.0, "busy_ms": 4.5,
+            "categories": {"4-bit matmul (ours)": 4.0, "attention": 0.5},
+            "launches": {"4-bit matmul (ours)": 224.0, "attention": 32.0}}
+    _bench_file(folder, "0001_h100", "H100", {
+        "test_decode_compiled[sdpa-batch1-triton]": {"decode_loop": "StaticDecoder", "batch_size": 1,
+                                                     "nf4_kernel": "triton-nf4 (medqa_core.engine.kernels)",
+                                                     "decode_step_profile": step},
+        "test_decode_compiled[sdpa-batch8-bitsandbytes]": {"decode_loop": "StaticDecoder", "batch_size": 8}})
+    gen_docs._tracked.cache_clear()
+    lines = gen_docs.decode_step_table(tmp_path).splitlines()
+    assert lines[0].endswith("| 4-bit matmul (ours) | attention |")  # categories by their total time
+    assert len(lines) == 3  # a case without a step profile has no row
+    assert ("| ours (Triton) | 1 | 6.00 ms | 4.50 ms | 1.50 ms | 256 | 4.00 ms (x224) | 0.50 ms (x32) |"
+            in lines[2])
+
+
 def test_performance_has_a_table_per_card_and_no_scoring_verdict_on_a_subset(tmp_path):
     folder = tmp_path / "bench" / "machine"
     folder.mkdir(parents=True)

@@ -676,6 +676,39 @@ def inference_brief(results: Path) -> str:
     return "\n".join(rows) if len(rows) > 2 else "(no decode bench with our NF4 kernel committed yet)"
 
 
+def decode_step_table(results: Path) -> str:
+    """Where one decode step's time goes, from bench files whose compiled decode cases profiled a few steps
+    (bench_infer.py, after the timed rounds): per file, 4-bit kernel and batch, the step's wall time, its kernels'
+    time, the gaps between them (wall minus kernels: launches inside the graph, idle time), and per kernel category
+    the time and kernels per step."""
+    found = []
+    for path in result_files(results, "bench/*/*.json"):
+        bench = _bench(path)
+        for name, case in bench.cases.items():
+            step = case.details.get("decode_step_profile")
+            if name.startswith("test_decode_compiled") and step:
+                found.append((path, bench, case, step))
+    if not found:
+        return "(no decode bench with a step profile committed yet)"
+    totals: dict[str, float] = {}
+    for *_, step in found:
+        for category, ms in step["categories"].items():
+            totals[category] = totals.get(category, 0.0) + ms
+    categories = sorted(totals, key=lambda c: -totals[c])
+    rows = ["| file | device | 4-bit kernel | batch | step (wall) | kernels | gaps | kernels a step | "
+            + " | ".join(categories) + " |", "|---" * (8 + len(categories)) + "|"]
+    for path, bench, case, step in found:
+        kernel = "ours (Triton)" if str(case.details.get("nf4_kernel", "")).startswith("triton") else \
+            str(case.details.get("nf4_kernel", "-"))
+        launches = step.get("launches", {})
+        rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} | {kernel} "
+                    f"| {case.batch_size or 1} | {step['wall_ms']:.2f} ms | {step['busy_ms']:.2f} ms "
+                    f"| {max(step['wall_ms'] - step['busy_ms'], 0.0):.2f} ms | {sum(launches.values()):,.0f} | "
+                    + " | ".join(f"{step['categories'][c]:.2f} ms (x{launches.get(c, 0):,.0f})"
+                                 if c in step["categories"] else "-" for c in categories) + " |")
+    return "\n".join(rows)
+
+
 NF4_ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")
 
 
@@ -956,7 +989,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "fp8-formats": fp8_formats_effects, "bench-vs-run": bench_vs_run, "peers": peers_table,
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
-    "nf4-kernel-compiled": nf4_kernel_compiled,
+    "nf4-kernel-compiled": nf4_kernel_compiled, "decode-step": decode_step_table,
     "runsets": runsets_table, "runsets-brief": runsets_brief, "inference-brief": inference_brief,
     "claims": claims_check, "compile-cache": compile_cache_table,
 }

@@ -2,29 +2,32 @@
 # The inference evidence of docs/decode.md, on this machine's GPU (CUDA or ROCm), saved under OUT step by step:
 #
 #   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes')
-#   sweep    time the tile grid at 1, 8 and 32 rows; writes OUT/nf4_tiles.json (this device's tile table) and
-#            OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
-#   profile  the kernel profile at 64 rows (default tiles: the sweep stops at 32)
+#   sweep    time the tile grid at 1, 8, 32 and 64 rows; writes OUT/nf4_tiles.json (this device's tile table)
+#            and OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
+#   ncu      Nsight Compute on the gate/up_proj shape at 1 and 8 rows, ours (the tiles in use) and bitsandbytes':
+#            where each kernel's time goes (speed of light, warp stalls, occupancy); OUT/ncu.log. NVIDIA only
+#   profile  the kernel profile at the sweep's rows with the tiles in use, without sweeping (not in the default)
 #   bench    the prefill and decode bench, one pytest session per 4-bit kernel arm (ours, then bitsandbytes'),
 #            so a run cut short keeps the arms it finished; OUT/bench/<machine>/NNNN_<arm>.json
 #
-#   tools/inference_evidence.sh OUT [STEP...]      (default: all four, in that order)
+#   tools/inference_evidence.sh OUT [STEP...]      (default: tests sweep ncu bench, in that order)
 #
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
-# 1,8,32,64), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32), STEP_TIMEOUT (seconds a step may
+# 1,8,32,64), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32,64), STEP_TIMEOUT (seconds a step may
 # take, default none). A step that fails is reported and the next one runs; the exit code is the number of
 # failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
 # results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
 set -uo pipefail
 OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|profile|bench ...]}
 shift
-STEPS=${*:-tests sweep profile bench}
+STEPS=${*:-tests sweep ncu bench}
 for s in $STEPS; do  # all checked before any runs
-    case $s in tests | sweep | profile | bench) ;; *) echo "unknown step '$s' (tests, sweep, profile, bench)" >&2; exit 2 ;; esac
+    case $s in tests | sweep | ncu | profile | bench) ;;
+    *) echo "unknown step '$s' (tests, sweep, ncu, profile, bench)" >&2; exit 2 ;; esac
 done
 PRESET=${PRESET:-mistral-7b}
 BATCHES=${BATCHES:-1,8,32,64}
-SWEEP_ROWS=${SWEEP_ROWS:-1,8,32}
+SWEEP_ROWS=${SWEEP_ROWS:-1,8,32,64}
 source "$(dirname "$0")/evidence_steps.sh"
 # Tiles swept in this run take effect for the steps after it; the repository's table stays as it is.
 cp medqa_core/engine/kernels/nf4_tiles.json "$OUT/nf4_tiles.json"
@@ -35,7 +38,10 @@ for s in $STEPS; do
     tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ;;
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
-    profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile-64.json" --rows 64 ;;
+    ncu) step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|kgemm_4bit" \
+        python3 bench/profile_nf4_kernel.py --out "$OUT/ncu-unused.json" --once --rows 1,8 --layers gate_proj/up_proj ;;
+    profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
         for arm in triton bitsandbytes; do
             step "bench-$arm" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k "decode_compiled or prefill" \

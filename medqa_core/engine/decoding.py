@@ -163,6 +163,7 @@ class StaticDecoder:
         self._compiled = torch.compile(self._step, mode="default", dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
+        self._steps_left = 0  # steps the cache has room for (generate sets it after the prefill)
         self._want_graph = use_graph and self.device.type == "cuda"
         graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
             "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
@@ -242,11 +243,30 @@ class StaticDecoder:
             if new_tokens > 1 and not self._warm:
                 self._warm_up()
                 self._prefill(input_ids)
+            self._steps_left = self.max_len - input_ids.shape[1]  # the cache's free positions
             tokens = [self.token.clone()]
             for _ in range(new_tokens - 1):
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._compiled()
+                self._advance()
                 tokens.append(self.token.clone())
         return torch.cat(tokens, dim=1)
+
+    def _advance(self) -> None:
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._compiled()
+        self._steps_left -= 1
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One more token for every row, after :meth:`generate` (compiled and warm): the step alone, as a
+        profiler sees it. The token is left in the decoder's state.
+
+        Raises:
+            ValueError: not warm yet, or the cache is full (a step would write past it).
+        """
+        if not self._warm or self._steps_left <= 0:
+            raise ValueError("StaticDecoder.step: call generate(ids, n > 1) first, and at most max_len - prompt "
+                             "steps after its prefill")
+        with self._swap or contextlib.nullcontext():
+            self._advance()

@@ -1,9 +1,11 @@
-"""Where one training step's time goes: torch.profiler over a few steps, grouped into categories.
+"""Where one step's time goes: torch.profiler over a few steps, grouped into categories.
 
-On a GPU the device kernels are grouped by name (matmuls, 4-bit dequantization, attention, optimizer,
-Inductor's fused kernels, other element-wise work) and set against the step's wall time: a step whose
-wall time far exceeds its kernel time is bound by the host (Python and kernel launches), not the GPU.
-On CPU the operators' own CPU time is grouped the same way. Batching the data (collate) is timed apart.
+A step is a training step (:func:`profile_steps`) or any call, such as one decode step (:func:`profile_calls`).
+On a GPU the device kernels are grouped by name (matmuls, our and bitsandbytes' 4-bit kernels, attention,
+optimizer, Inductor's fused kernels, other element-wise work) and set against the step's wall time: a step whose
+wall time far exceeds its kernel time is bound by the host (Python and kernel launches) or, inside a CUDA graph,
+by the gaps between its kernels. On CPU the operators' own CPU time is grouped the same way. Batching the data
+(collate) is timed apart.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # (category, substrings of kernel / operator names), first match wins; case-insensitive.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("4-bit matmul (ours)", ("_nf4_matmul_kernel",)),
+    ("LoRA down-projection (ours)", ("_lora_down_kernel",)),
+    ("4-bit matmul (bitsandbytes)", ("kgemm_4bit", "gemv_4bit")),
     ("dequantize 4-bit", ("dequant",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
@@ -59,6 +64,7 @@ class StepProfile:
     peak_mem_gib: float | None
     categories: dict[str, float]  # category -> ms per step
     top: tuple[dict[str, Any], ...]  # the heaviest kernels / operators: name, category, ms, calls per step
+    launches: dict[str, float] = dataclasses.field(default_factory=dict)  # category -> kernels (operators) a step
 
     @property
     def host_bound_ms(self) -> float:
@@ -105,6 +111,12 @@ def profile_steps(step: Any, examples: Sequence[Any], device: torch.device, step
     step.warm_up(batch)
     for _ in range(warmup):
         step(batch)
+    return profile_calls(lambda: step(batch), device, steps, n_tokens, top_n, collate_ms)
+
+
+def profile_calls(call: Any, device: torch.device, steps: int, tokens_per_step: int, top_n: int = 15,
+                  collate_ms: float = 0.0) -> StepProfile:
+    """Profile ``steps`` calls of ``call()``, already warm (compiled, captured): a step is one call."""
     reset_peak_memory(device)
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -112,20 +124,24 @@ def profile_steps(step: Any, examples: Sequence[Any], device: torch.device, step
     with profile(activities=activities) as prof:
         for _ in range(steps):
             with Timer(device) as timer:
-                step(batch)
+                call()
             walls.append(timer.elapsed_s)
     rows = _device_events(prof, on_gpu)
     categories: dict[str, float] = {}
-    for name, us, _ in rows:
-        categories[categorize(name)] = categories.get(categorize(name), 0.0) + us / 1e3 / steps
+    launches: dict[str, float] = {}
+    for name, us, calls in rows:
+        category = categorize(name)
+        categories[category] = categories.get(category, 0.0) + us / 1e3 / steps
+        launches[category] = launches.get(category, 0.0) + calls / steps
     top = sorted(rows, key=lambda r: -r[1])[:top_n]
     return StepProfile(
-        device=str(device), steps=steps, tokens_per_step=n_tokens,
+        device=str(device), steps=steps, tokens_per_step=tokens_per_step,
         wall_ms=1e3 * sorted(walls)[len(walls) // 2], busy_ms=sum(categories.values()), collate_ms=collate_ms,
         peak_mem_gib=peak_memory_gib(device),
         categories=dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         top=tuple({"name": n[:160], "category": categorize(n), "ms": us / 1e3 / steps, "calls": c / steps}
                   for n, us, c in top),
+        launches={k: launches[k] for k in sorted(launches, key=lambda k: -categories[k])},
     )
 
 
@@ -136,7 +152,8 @@ def format_profile(label: str, p: StepProfile) -> str:
              f"host-bound {p.host_bound_ms:.1f} ms, collate {p.collate_ms:.1f} ms, peak "
              f"{'n/a' if p.peak_mem_gib is None else f'{p.peak_mem_gib:.1f} GiB'}"]
     for category, ms in p.categories.items():
-        lines.append(f"  {category:<28} {ms:9.1f} ms  {100 * ms / max(p.busy_ms, 1e-9):5.1f}%")
+        lines.append(f"  {category:<28} {ms:9.1f} ms  {100 * ms / max(p.busy_ms, 1e-9):5.1f}%  "
+                     f"x{p.launches.get(category, 0):.0f}")
     lines.append("  heaviest:")
     for row in p.top:
         lines.append(f"    {row['ms']:8.1f} ms  x{row['calls']:<6.0f} {row['category']:<24} {row['name'][:90]}")

@@ -6,7 +6,7 @@ the originals back on exit, so the model is unchanged outside the block and the 
 back each time (torch.compile's guards stay valid).
 
 A wrapper runs :func:`medqa_core.engine.kernels.nf4_matmul.nf4_matmul` through a ``torch.library`` custom op, which
-torch.compile keeps as one opaque call and a CUDA/HIP graph records as its two launches. Above ``max_rows``
+torch.compile keeps as one opaque call and a CUDA/HIP graph records as its one launch. Above ``max_rows``
 rows (a prefill) it calls the original layer, since bitsandbytes' dequantize + cuBLAS GEMM is then
 compute-bound and fast.
 """

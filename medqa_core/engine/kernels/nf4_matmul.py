@@ -17,11 +17,15 @@ Nothing assumes a warp width: Triton maps each tile onto the device's warps (32 
 wavefronts on CDNA), and every shape is a Python-chosen block size, not a lane count. The same source runs on
 ROCm's Triton; it has not run on an AMD GPU here (docs/decode.md says what has).
 
-Two kernels:
+One kernel, :func:`_nf4_matmul_kernel`, one launch per layer, adapted or not:
 
-- :func:`_nf4_matmul_kernel`: program (n, m, k) computes ``BLOCK_M`` rows x ``BLOCK_N`` outputs over its share
-  of K. Its epilogue adds the bias and LoRA's up-projection ``t @ B^T``, so an adapted layer's output is written
-  once. A :class:`TileConfig` picks the inner loop (``mode``) and the K split:
+- with LoRA, its first ``r`` programs compute LoRA's down-projection ``t = scaling * x @ A^T`` ([M, r], float32),
+  one rank each, and count themselves done (a release atomic);
+- every other program computes ``BLOCK_M`` rows x ``BLOCK_N`` outputs over its share of K. Its epilogue adds the
+  bias and LoRA's up-projection ``t @ B^T`` (after an acquire check that t is done: the LoRA programs have lower
+  indices, so they were dispatched first and are short; the check rarely waits), so an adapted layer's output
+  is written once. The last tile to finish sets the counters back. A :class:`TileConfig` picks the inner loop
+  (``mode``) and the K split:
 
   - ``fma``: each [BLOCK_N, BLOCK_K] weight tile is dequantized once and multiplied into all BLOCK_M rows by
     broadcast multiply-adds into a float32 [BLOCK_M, BLOCK_N, G, HB] accumulator, reduced across lanes once
@@ -29,9 +33,11 @@ Two kernels:
     ``prefetch`` the next iteration's bytes and scales are loaded before this one's are decoded (Triton
     software-pipelines only loops with a ``tl.dot``).
   - ``dot``: G whole quantization blocks dequantized as one [BLOCK_N, BLOCK_K] tile in natural column order
-    (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K. Its loop is kept
-    out of Triton's software pipelining (which would route the code-table lookups through shared memory);
-    ``prefetch`` pipelines the HBM loads by hand.
+    (even and odd nibbles joined), x loaded [BLOCK_M, BLOCK_K], one ``tl.dot`` with K = BLOCK_K. With the code
+    table in registers' reach (``shared_table``, a ``tl.gather``) and no ``prefetch``, Triton software-pipelines
+    the loop over ``num_stages`` (cp.async copies of bytes, scales and x); otherwise the loop is kept out of its
+    pipelining (which would route global code-table lookups through shared memory) and ``prefetch`` pipelines
+    the HBM loads by hand.
   - ``dot_swap``: the same tiles as ``(W @ x^T)^T``: the weight is the MMA's A operand (from registers) and its M
     is BLOCK_N, so Hopper's wgmma (M 64 a warpgroup) applies at 16 rows, where ``x @ W^T`` compiles to mma.sync.
   - ``split_k`` > 1: the K loop (whole quantization blocks) is cut into ``split_k`` near-equal ranges, one program
@@ -41,22 +47,20 @@ Two kernels:
     not a second reduce kernel: inside a CUDA graph a launch costs microseconds against a GEMV of 6-30 us. No
     float32 atomics on the output: their order, and so the bits, would vary run to run.
 
-- :func:`_lora_down_kernel`: ``t = scaling * x @ A^T`` ([M, r], float32), LoRA's down-projection, one program
-  per row block and rank.
+An adapted layer thus costs one launch (v5 and before: two, the down-projection a kernel of its own;
+bitsandbytes + peft: the 4-bit matmul, two small GEMMs with their split-K reductions, and the scale and add).
 
-An adapted layer thus costs two launches (bitsandbytes + peft: the 4-bit matmul, two small GEMMs with their
-split-K reductions, and the scale and add).
-
-Scratch for split-K and CUDA graphs: the partials come from ``torch.empty`` per call (the caching allocator, or
-the graph's pool while capturing); the counters are one kept zeroed int32 buffer per device (:data:`_COUNTERS`),
-since ``torch.zeros`` per call would add a memset launch, so split-K calls must not run on two streams of one
-device at once. A capture that needs a bigger buffer than any warm-up made gets its own, zeroed by the graph.
+Scratch for split-K, LoRA and CUDA graphs: the partials and t come from ``torch.empty`` per call (the caching
+allocator, or the graph's pool while capturing); the counters are kept zeroed int32 buffers per device and purpose
+(:data:`_COUNTERS`), since ``torch.zeros`` per call would add a memset launch, so calls must not run on two
+streams of one device at once. A capture that needs a bigger buffer than any warm-up made gets its own, zeroed by
+the graph.
 
 Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
 shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
-choice where the table has no entry. v1, v2 and v3 were measured on H200/H100 (docs/decode.md); v4 (the dot
-loop unpipelined, prefetch in the dot modes, the GEMV's weights kept in their load layout) has been compiled
-for sm_90a and gfx942 here but not run on any GPU.
+choice where the table has no entry. v1 to v5 were measured on H200/H100 (docs/decode.md); v6 (LoRA in the
+same launch, the dot loops pipelined by Triton where the table is shared) was compiled for sm_90a and gfx942 here
+before it ran.
 """
 
 from __future__ import annotations
@@ -81,23 +85,19 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _lora_down_kernel(x_ptr, a_ptr, t_ptr, M, K, stride_xm, stride_am, stride_tm, scaling,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    # t[m, r] = scaling * sum_k x[m, k] * A[r, k]: program (row block, r).
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
+def _lora_down_rows(x_ptr, a_ptr, r, offs_m, m_mask, K, stride_xm, stride_am, scaling,
+                    BLOCK_M: tl.constexpr, LORA_BLOCK_K: tl.constexpr):
+    """LoRA's down-projection for rank ``r`` and rows ``offs_m``: ``scaling * x @ A[r]^T``, [BLOCK_M] float32."""
+    offs_k = tl.arange(0, LORA_BLOCK_K)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, LORA_BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
-        a = tl.load(a_ptr + r * stride_am + k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
+        a = tl.load(a_ptr + r * stride_am + k, mask=k_mask, other=0.0).to(tl.float32)  # [LBK]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)  # [BM, BK]
+                    other=0.0).to(tl.float32)  # [BM, LBK]
         acc += tl.sum(x * a[None, :], axis=1)
-    tl.store(t_ptr + offs_m * stride_tm + r, acc * scaling, mask=m_mask)
+    return acc * scaling
 
 
 @triton.jit
@@ -245,22 +245,28 @@ def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, stride_tm, stride_bn,
-              stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr, DOT: tl.constexpr,
-              EMULATE: tl.constexpr):
+def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr, output_tiles,
+              stride_tm, stride_bn, stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+              DOT: tl.constexpr, EMULATE: tl.constexpr):
     """out = round(acc [BM, BN] + bias + t @ B^T): the one output write, after any split-K reduction."""
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if RANK > 0:
-        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from _lora_down_kernel, rounded to the compute
-        # dtype as peft's autocast matmuls round it.
+        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first RANK programs, rounded to
+        # the compute dtype as peft's autocast matmuls round it. Those programs were dispatched before this one
+        # (in index order, as CUTLASS's stream-K fix-up also relies on) and are short, so t is almost always
+        # written by the time a tile gets here: the wait is a check that rarely spins.
+        done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
+        while done < RANK:
+            done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
         offs_r = tl.arange(0, RANK_PAD)
         r_mask = offs_r < RANK
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
                     other=0.0)  # [BN, R]
+        # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
         t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                    other=0.0)  # [BM, R], float32
+                    other=0.0, cache_modifier=".cg")  # [BM, R], float32
         t = _round(t, dtype, EMULATE)
         if DOT:
             acc = _dot(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
@@ -268,22 +274,64 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
             acc += tl.sum(t.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round(acc, dtype, EMULATE).to(dtype),
              mask=m_mask[:, None] & n_mask[None, :])
+    if RANK > 0:
+        # Every output tile has read t: the last one to get here sets both counters back for the next call.
+        tl.debug_barrier()
+        finished = tl.atomic_add(lora_counter_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if finished == output_tiles - 1:
+            tl.atomic_xchg(lora_counter_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(lora_counter_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       bias_ptr, t_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr,
-                       M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row, iterations,
+                       bias_ptr, a_ptr, t_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, lora_counter_ptr,
+                       M, N, K, stride_xm, stride_qn, stride_am, stride_tm, stride_bn, stride_om, blocks_per_row,
+                       iterations, scaling,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                       LORA_BLOCK_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
-                       SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
-    # Program (pid_n, pid_m, pid_k): outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the
-    # pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+                       SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr):
+    # Programs 0 .. RANK - 1 (with LoRA): rank pid of LoRA's down-projection t = scaling * x @ A^T for every row,
+    # then counted done. The rest: program RANK + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
+    # [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges
+    # of whole quantization blocks; its epilogue adds t @ B^T. So an adapted layer is one launch.
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    tile = pid
+    if RANK > 0:  # (without LoRA the branch is not compiled at all)
+        tile = pid - RANK
+        if pid < RANK:
+            for m0 in range(0, M, BLOCK_M):
+                offs_lm = m0 + tl.arange(0, BLOCK_M)
+                lm_mask = offs_lm < M
+                t_r = _lora_down_rows(x_ptr, a_ptr, pid, offs_lm, lm_mask, K, stride_xm, stride_am, scaling,
+                                      BLOCK_M, LORA_BLOCK_K)
+                tl.store(t_ptr + offs_lm * stride_tm + pid, t_r, mask=lm_mask)
+            tl.debug_barrier()  # every lane's t stored before the release below
+            tl.atomic_add(lora_counter_ptr, 1, sem="release", scope="gpu")
+    if tile >= 0:
+        _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, t_ptr, b_ptr,
+                  out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, tile % n_tiles, (tile // n_tiles) % m_tiles,
+                  tile // (n_tiles * m_tiles), n_tiles, m_tiles, M, N, K, stride_xm, stride_qn, stride_tm,
+                  stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
+                  HAS_BIAS, RANK, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE, SPLIT_K,
+                  NUM_STAGES, EMULATE)
+
+
+@triton.jit
+def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, t_ptr, b_ptr,
+              out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, pid_n, pid_m, pid_k, n_tiles, m_tiles,
+              M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row, iterations,
+              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+              SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
+              SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr):
+    """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction)."""
     dtype = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,11 +360,12 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             q_next, scale_next = _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
                                                   n_mask, it0, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2,
                                                   DOUBLE_QUANT, PREFETCH)
+            LOOP_STAGES: tl.constexpr = NUM_STAGES if SHARED_TABLE and not PREFETCH else 1
             # Not software-pipelined by Triton (num_stages=1): with a tl.dot in the loop its pipeliner turns every
             # load into cp.async through shared memory, the code-table lookups too (one 4-byte gather a weight;
             # seen in the sm_90a TTGIR), and the v3 dot tiles ran 10x slower than bitsandbytes on an H100.
             # PREFETCH pipelines the HBM loads by hand instead, as in the fma path.
-            for it in tl.range(it0, it1, num_stages=1):
+            for it in tl.range(it0, it1, num_stages=LOOP_STAGES):
                 b0 = it * G
                 w_even, w_odd, q_next, scale_next = _nf4_iteration(
                     q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1,
@@ -337,8 +386,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             x_row = x_ptr + offs_m[:, None, None] * stride_xm
             col = offs_g[None, :, None] * BLOCKSIZE + 2 * offs_h[None, None, :]  # [1, G, HB]: even columns
             offs_2 = tl.arange(0, 2)
-            if BLOCK_M == 1:  # the GEMV: per row and block, summed over the block's bytes each iteration
-                part = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+            if BLOCK_M == 1:  # the GEMV: one float32 sum per weight byte's position, reduced after the loop
+                part = tl.zeros((BLOCK_N, G, HB), dtype=tl.float32)
             else:
                 part = tl.zeros((BLOCK_M, BLOCK_N, G, HB), dtype=tl.float32)
             q_next, scale_next = _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
@@ -359,15 +408,16 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                     x_pair = tl.load(x_ptr + pid_m * stride_xm + b0 * BLOCKSIZE + offs_g[:, None, None] * BLOCKSIZE
                                      + 2 * offs_h[None, :, None] + offs_2[None, None, :])  # [G, HB, 2]; pid_m < M
                     x_even, x_odd = tl.split(x_pair)  # [G, HB] each
-                    part += tl.sum(w_even.to(tl.float32) * x_even.to(tl.float32)[None, :, :]
-                                   + w_odd.to(tl.float32) * x_odd.to(tl.float32)[None, :, :], axis=2)
+                    # Two chained multiply-adds a byte (one FMA a weight), not a product, an FMA and an add.
+                    part = part + w_even.to(tl.float32) * x_even.to(tl.float32)[None, :, :]
+                    part = part + w_odd.to(tl.float32) * x_odd.to(tl.float32)[None, :, :]
                 else:
                     x_even = tl.load(x_row + b0 * BLOCKSIZE + col, mask=m_mask[:, None, None], other=0.0)  # [BM, G, HB]
                     x_odd = tl.load(x_row + b0 * BLOCKSIZE + col + 1, mask=m_mask[:, None, None], other=0.0)
                     part += (x_even.to(tl.float32)[:, None, :, :] * w_even.to(tl.float32)[None, :, :, :]
                              + x_odd.to(tl.float32)[:, None, :, :] * w_odd.to(tl.float32)[None, :, :, :])
             if BLOCK_M == 1:
-                acc = tl.sum(part, axis=1)[None, :]
+                acc = tl.sum(tl.sum(part, axis=2), axis=1)[None, :]
             else:
                 acc = tl.sum(tl.sum(part, axis=3), axis=2)
     else:
@@ -397,8 +447,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
         if not DOT:
             acc = tl.sum(part2, axis=2)
     if SPLIT_K == 1:
-        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, stride_tm, stride_bn,
-                  stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
+        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
+                  n_tiles * m_tiles, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
     else:
         # Deterministic split-K: each program writes its float32 partial to partial[pid_k, M, N]; the last of the
         # tile's SPLIT_K programs to arrive (an acq_rel counter) sums the partials in index order 0..SPLIT_K-1,
@@ -407,7 +457,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
         tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
         tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=mn_mask)
         tl.debug_barrier()  # every lane's partial stored before the release below
-        counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+        counter = counter_ptr + pid_m * n_tiles + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -415,8 +465,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                 # .cg: from L2, where the other programs' partials are, never a stale L1 line.
                 total += tl.load(partial_ptr + s * M * N + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-            _epilogue(total, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, stride_tm, stride_bn,
-                      stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
+            _epilogue(total, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
+                      n_tiles * m_tiles, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
 
 
 @dataclass(frozen=True)
@@ -617,36 +667,30 @@ def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
     return g * weight.blocksize
 
 
-# Split-K arrival counters, one int32 per output tile, per device. Zero between calls: each tile's last program
-# sets its counter back. Kept, not allocated per call, because torch.zeros would add a memset launch to every
-# call; so calls that split K must not run concurrently on two streams of one device (decode runs one stream).
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Arrival counters, per device and purpose: "split_k", one int32 per output tile; "lora", two (LoRA programs done,
+# output tiles done). Zero between calls: each call's last program sets them back. Kept, not allocated per call,
+# because torch.zeros would add a memset launch to every call; so calls must not run concurrently on two streams
+# of one device (decode runs one stream).
+_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    counters = _COUNTERS.get(device)
-    if counters is not None and counters.numel() >= tiles:
+def _counters(device: torch.device, purpose: str, count: int) -> torch.Tensor:
+    counters = _COUNTERS.get((device, purpose))
+    if counters is not None and counters.numel() >= count:
         return counters
-    counters = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+    counters = torch.zeros(max(count, 4096), device=device, dtype=torch.int32)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # Memory from the graph's pool, zeroed by a memset the graph replays: right for this graph, not kept.
-        logger.info("nf4_matmul: split-K counters allocated inside a CUDA graph capture (%d tiles); a warm-up call "
-                    "before capture keeps them out of the graph", tiles)
+        logger.info("nf4_matmul: %s counters allocated inside a CUDA graph capture (%d); a warm-up call before "
+                    "capture keeps them out of the graph", purpose, count)
         return counters
-    _COUNTERS[device] = counters
+    _COUNTERS[(device, purpose)] = counters
     return counters
 
 
-def lora_down(x: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * x @ A^T`` in float32: [M, r] from x [M, K] and A [r, K]."""
-    rows, k = x.shape
-    rank = lora_a.shape[0]
-    t = torch.empty(rows, rank, device=x.device, dtype=torch.float32)
-    block_m = 1 if rows == 1 else 16
-    grid = (triton.cdiv(rows, block_m), rank)
-    _lora_down_kernel[grid](x, lora_a, t, rows, k, x.stride(0), lora_a.stride(0), t.stride(0), float(scaling),
-                            BLOCK_M=block_m, BLOCK_K=min(1024, triton.next_power_of_2(k)))
-    return t
+def _lora_block_k(block_m: int) -> int:
+    """Columns an iteration of the LoRA programs' [block_m, K] loads: about 64 values a lane at 4 warps."""
+    return max(64, min(1024, 8192 // block_m))
 
 
 def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
@@ -685,25 +729,29 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         iterations = triton.cdiv(k, block_k)
     split = max(1, min(cfg.split_k, iterations))
     rank = 0 if lora_a is None else int(lora_a.shape[0])
-    t = lora_down(x2, lora_a, scaling) if rank else out  # out: an unused pointer when rank is 0
+    # t: LoRA's [rows, rank] down-projection, written by the launch's first `rank` programs, read by its epilogues
+    t = torch.empty(rows, rank, device=x.device, dtype=torch.float32) if rank else out  # else an unused pointer
+    a = lora_a if rank else out
     b = lora_b if rank else out
     dq = weight.double_quant
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
+    n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m)
     if split > 1:
         partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32)  # [split, M, N]
-        counters = _split_counters(x.device, grid[0] * grid[1])
+        counters = _counters(x.device, "split_k", n_tiles * m_tiles)
     else:
         partial = counters = out  # unused pointers
-    _nf4_matmul_kernel[grid](
+    lora_counters = _counters(x.device, "lora", 2) if rank else out
+    _nf4_matmul_kernel[(rank + n_tiles * m_tiles * split,)](
         x2, weight.packed, weight.absmax, weight.code,
         weight.absmax2 if dq else weight.code, weight.code2 if dq else weight.code,
-        weight.offset if dq else weight.code, bias if bias is not None else out, t, b, out, partial, counters,
-        rows, n, k, x2.stride(0), k // 2, t.stride(0), b.stride(0), out.stride(0), k // weight.blocksize,
-        iterations,
+        weight.offset if dq else weight.code, bias if bias is not None else out, a, t, b, out, partial, counters,
+        lora_counters, rows, n, k, x2.stride(0), k // 2, a.stride(0), t.stride(0), b.stride(0), out.stride(0),
+        k // weight.blocksize, iterations, float(scaling),
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
+        LORA_BLOCK_K=_lora_block_k(cfg.block_m),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
-        PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split,
+        PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
