@@ -72,7 +72,7 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 16 a row count, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 17 a row count, so four layer shapes sweep in minutes).
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
@@ -89,12 +89,15 @@ def _sweep_grid(rows: int) -> list:
         return TileConfig(*args, **kwargs, shared_table=True)
 
     if rows == 1:
-        gemv = [shared(1, bn, 512, nw, 2, sk, "fma") for bn, nw, sk in
-                ((16, 4, 1), (16, 4, 2), (16, 4, 4), (8, 4, 4), (8, 2, 4))]
+        gemv = [shared(1, bn, bk, nw, 2, sk, "fma") for bn, bk, nw, sk in
+                ((16, 512, 4, 1), (16, 512, 4, 2), (16, 512, 4, 4), (8, 512, 4, 4), (8, 512, 2, 4),
+                 # v6 (the H100's ncu: the GEMV at 128 registers ran 4 programs an SM, a quarter of the warps it
+                 # could hold, latency-bound): the same bytes a program over more lanes, ~80 registers a lane
+                 (16, 512, 8, 1), (16, 512, 8, 2), (16, 256, 4, 1), (16, 256, 4, 2), (8, 256, 2, 4), (32, 512, 8, 1))]
         pipelined = [shared(16, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
                      ((64, 128, 4, 3, 4, "dot_swap"), (64, 256, 4, 3, 2, "dot_swap"), (64, 128, 4, 4, 2, "dot_swap"),
                       (128, 128, 8, 3, 2, "dot_swap"), (32, 128, 4, 3, 4, "dot"), (32, 256, 4, 3, 2, "dot"))]
-        return gemv + pipelined  # 11
+        return gemv + pipelined  # 17
     block_m = max(16, rows)
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]

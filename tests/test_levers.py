@@ -238,6 +238,9 @@ def _attention():
 
 def test_profiler_groups_operators_and_times_the_step(fresh_model, tmp_path) -> None:
     assert categorize("void kDequantizeBlockwise<__nv_bfloat16>") == "dequantize 4-bit"
+    assert categorize("void gemm_4bit_simt<__nv_bfloat16, 1>(__nv_bfloat16 const*)") == "4-bit matmul (bitsandbytes)"
+    assert categorize("void gemm_4bit_sm80_m16n8k16<__nv_bfloat16, 32, 64, 128>") == "4-bit matmul (bitsandbytes)"
+    assert categorize("_nf4_matmul_kernel") == "4-bit matmul (ours)"
     assert categorize("nvjet_sm90_tst_128x248_64x4_2x1_v_bz_coopA_NNT") == "matmul"
     assert categorize("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
     assert categorize("triton_poi_fused_add_mul_silu_0") == "fused by torch.compile"

@@ -13,7 +13,8 @@
 #   tools/inference_evidence.sh OUT [STEP...]      (default: tests sweep ncu bench, in that order)
 #
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
-# 1,8,32,64), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32,64), STEP_TIMEOUT (seconds a step may
+# 1,8,32,64), ARMS (the bench's 4-bit kernel arms, default "triton bitsandbytes"), SWEEP_ROWS (the row counts the
+# sweep tunes, default 1,8,32,64), STEP_TIMEOUT (seconds a step may
 # take, default none). A step that fails is reported and the next one runs; the exit code is the number of
 # failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
 # results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
@@ -39,11 +40,11 @@ for s in $STEPS; do
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
     ncu) step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|kgemm_4bit" \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|gemm_4bit" \
         python3 bench/profile_nf4_kernel.py --out "$OUT/ncu-unused.json" --once --rows 1,8 --layers gate_proj/up_proj ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
-        for arm in triton bitsandbytes; do
+        for arm in ${ARMS:-triton bitsandbytes}; do
             step "bench-$arm" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k "decode_compiled or prefill" \
                 --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" --nf4-kernels "$arm" \
                 --benchmark-save="nf4-decode-$arm" --benchmark-storage="file://$OUT/bench"
