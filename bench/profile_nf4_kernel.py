@@ -220,6 +220,16 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     return result, {device_name: tiles}
 
 
+def merge_tiles(old: dict, new: dict) -> dict:
+    """The tile table ``old`` with ``new``'s entries in: an entry of the same device, row bucket and shape is
+    replaced, every other stays (a sweep at some row counts keeps the others' tiles)."""
+    merged = {device: list(entries) for device, entries in old.items()}
+    for device, entries in new.items():
+        fresh = {(e["rows"], e["n"], e["k"]) for e in entries}
+        merged[device] = [e for e in merged.get(device, []) if (e["rows"], e["n"], e["k"]) not in fresh] + entries
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="JSON file to write (results/traces/...)")
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(result: dict, tiles: dict) -> None:  # each file whole or not at all: a kill keeps the last save
         if args.tiles_out and args.sweep:
-            write_json_atomic(args.tiles_out, {**old_table, **tiles})
+            write_json_atomic(args.tiles_out, merge_tiles(old_table, tiles))
         write_json_atomic(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
                                          **result))
 

@@ -1,5 +1,5 @@
-"""bench/profile_nf4_kernel.py's command line: a layer name it does not know is refused in one line, exit 2, before
-anything runs (on a GPU machine too: the check comes first)."""
+"""bench/profile_nf4_kernel.py: a layer name it does not know is refused in one line, exit 2, before anything runs
+(on a GPU machine too: the check comes first); a sweep at some row counts keeps the table's other tiles."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def test_an_unknown_layer_is_named_with_the_choices(tmp_path):
     assert ("--layers: unknown gate; choose among q_proj/o_proj, k_proj/v_proj, gate_proj/up_proj, down_proj"
             in done.stderr)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_sweep_at_some_rows_keeps_the_tiles_of_the_others():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_nf4_kernel import merge_tiles
+
+    old = {"H100": [{"rows": 1, "n": 8, "k": 64, "config": "a"}, {"rows": 8, "n": 8, "k": 64, "config": "b"}],
+           "H200": [{"rows": 1, "n": 8, "k": 64, "config": "c"}]}
+    merged = merge_tiles(old, {"H100": [{"rows": 1, "n": 8, "k": 64, "config": "new"}]})
+    assert merged["H100"] == [{"rows": 8, "n": 8, "k": 64, "config": "b"},
+                              {"rows": 1, "n": 8, "k": 64, "config": "new"}]
+    assert merged["H200"] == old["H200"]
