@@ -618,23 +618,25 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
-    """The tile where the device's table has none: the v5 H100 sweep's (2026-12-06,
-    results/traces/20261206T0648Z_h100_nf4-kernel-v5.json) best single tile per row bucket, the one whose worst
-    shape is nearest that shape's own winner. Both take the code table from shared memory (``shared_table``),
-    which won on every swept shape at 1 and 8 rows.
+    """The tile where the device's table has none: per row bucket, the single swept tile whose worst shape is
+    nearest that shape's own winner, from the v6 H100 sweeps (2026-12-06,
+    results/traces/20261206T0941Z_h100_nf4-kernel-v6-gemv.json at 1 row, 20261206T0926Z_h100_nf4-kernel-v6.json at
+    8, 32 and 64). All take the code table from shared memory (``shared_table``).
 
     - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch).
-    - 2..64 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand: at 8 rows (as
-      block_m 16) nearer every shape's winner than v4's default (dot_swap, block_n 64, 8 warps). 32 and 64
-      rows were not swept (v5).
+    - 2..16 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand (the 8-row sweep's).
+    - 17..64 rows: dot_swap, block_n 64, block_k 64, 4 warps, pipelined by Triton over 3 stages (the 32-row
+      sweep's; at 64 rows a pipelined dot of block_n 32 was nearer, the table holds it for the H100).
     - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
       float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
     if rows == 1:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 16, 512, 4, 2, "fma", False
+    elif rows <= 16:
+        block_m, block_n, block_k, warps, stages, mode, prefetch = 16, 32, 128, 4, 1, "dot", True
     else:
-        block_m = max(16, min(64, row_bucket(rows)))
-        block_n, block_k, warps, stages, mode, prefetch = 32, 128, 4, 1, "dot", True
+        block_m = min(64, row_bucket(rows))
+        block_n, block_k, warps, stages, mode, prefetch = 64, 64, 4, 3, "dot_swap", False
     programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
     split = 1
     while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
