@@ -72,14 +72,15 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 17 a row count, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 21 a row count, so four layer shapes sweep in minutes).
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
     so the dot tiles come both ways: loads prefetched by hand (num_stages 1, ``prefetch``), or pipelined by Triton
     (num_stages 3-4: cp.async copies of the packed bytes, scales and x, several iterations in flight).
 
-    - 1 row: v5's GEMV winners (fma, block_m 1), and 16-row dots (15 rows masked) pipelined by Triton.
+    - 1 row: v5's GEMV winners (fma, block_m 1), lower-register GEMVs, GEMVs pipelined by Triton, and 16-row
+      dots (15 rows masked) pipelined by Triton.
     - 8 rows: v5's 8-row winners (dot with prefetch, dot_swap), and pipelined dots.
     - 32 and 64 rows: dots of the rows' own height, by hand and pipelined.
     """
@@ -94,10 +95,14 @@ def _sweep_grid(rows: int) -> list:
                  # v6 (the H100's ncu: the GEMV at 128 registers ran 4 programs an SM, a quarter of the warps it
                  # could hold, latency-bound): the same bytes a program over more lanes, ~80 registers a lane
                  (16, 512, 8, 1), (16, 512, 8, 2), (16, 256, 4, 1), (16, 256, 4, 2), (8, 256, 2, 4), (32, 512, 8, 1))]
+        # The GEMV pipelined by Triton (3-4 stages: cp.async copies, several iterations' bytes in flight), the other
+        # lever ncu pointed at; compiled only so far
+        gemv += [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
+                 ((16, 256, 4, 3, 1), (16, 256, 4, 4, 2), (16, 512, 4, 3, 1), (8, 512, 4, 3, 4))]
         pipelined = [shared(16, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
                      ((64, 128, 4, 3, 4, "dot_swap"), (64, 256, 4, 3, 2, "dot_swap"), (64, 128, 4, 4, 2, "dot_swap"),
                       (128, 128, 8, 3, 2, "dot_swap"), (32, 128, 4, 3, 4, "dot"), (32, 256, 4, 3, 2, "dot"))]
-        return gemv + pipelined  # 17
+        return gemv + pipelined  # 21
     block_m = max(16, rows)
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]

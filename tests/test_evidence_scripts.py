@@ -55,3 +55,10 @@ def test_failed_steps_are_counted_and_the_next_one_still_runs(tmp_path):
     assert "needs a CUDA or ROCm GPU" in (out / "sweep.log").read_text()
     assert (out / "nf4_tiles.json").read_text() == table  # the run's copy, which a sweep would update
     assert (ROOT / "medqa_core" / "engine" / "kernels" / "nf4_tiles.json").read_text() == table
+
+
+@pytest.mark.skipif(__import__("shutil").which("ncu") is not None, reason="Nsight Compute is installed here")
+def test_the_nsight_step_is_skipped_where_there_is_no_ncu(tmp_path):
+    done = _run(tmp_path / "out", "ncu")
+    assert done.returncode == 0, done.stdout + done.stderr  # skipped, not failed: ROCm machines have no ncu
+    assert "== ncu: skipped (no ncu on PATH" in done.stdout

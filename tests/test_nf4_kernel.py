@@ -94,14 +94,18 @@ MODE_CONFIGS = [  # every inner loop with and without prefetch and the shared co
     TileConfig(4, 16, 64, 1, 1, 3, "fma", shared_table=True), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
     TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot", prefetch=True),
     TileConfig(16, 64, 64, 1, 1, 2, "dot_swap", shared_table=True),
-    TileConfig(16, 16, 128, 1, 1, 3, "dot_swap", prefetch=True)]
+    TileConfig(16, 16, 128, 1, 1, 3, "dot_swap", prefetch=True),
+    # 3 stages with the shared table: Triton pipelines the loop on a GPU (the interpreter runs it as written)
+    TileConfig(1, 16, 128, 1, 3, 2, "fma", shared_table=True),
+    TileConfig(16, 32, 64, 1, 3, 3, "dot", shared_table=True)]
 SPLIT_SHAPES = [  # (N, K, blocksize): 5 blocks a row (no split divides them), a block wider than block_k, not aligned
     (24, 320, 64), *(pytest.param(*shape, marks=pytest.mark.slow)  # the fast subset keeps the first: ~1 min less
                      for shape in [(20, 512, 256), (40, 96, 64), (33, 70, 64)])]
 
 
 @pytest.mark.parametrize("config", MODE_CONFIGS, ids=lambda c: f"{c.kernel_mode}-m{c.block_m}-n{c.block_n}-k{c.block_k}"
-                         f"-s{c.split_k}{'-prefetch' if c.prefetch else ''}{'-shared' if c.shared_table else ''}")
+                         f"-s{c.split_k}-st{c.num_stages}{'-prefetch' if c.prefetch else ''}"
+                         f"{'-shared' if c.shared_table else ''}")
 @pytest.mark.parametrize(("n", "k", "blocksize"), SPLIT_SHAPES)
 @pytest.mark.parametrize(("double_quant", "lora"), [(False, True), (True, False)])
 def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, double_quant, lora) -> None:

@@ -5,7 +5,8 @@
 #   sweep    time the tile grid at 1, 8, 32 and 64 rows; writes OUT/nf4_tiles.json (this device's tile table)
 #            and OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
 #   ncu      Nsight Compute on the gate/up_proj shape at 1 and 8 rows, ours (the tiles in use) and bitsandbytes':
-#            where each kernel's time goes (speed of light, warp stalls, occupancy); OUT/ncu.log. NVIDIA only
+#            where each kernel's time goes (speed of light, warp stalls, occupancy); OUT/ncu.log. Skipped where
+#            ncu is not on PATH (it is NVIDIA's)
 #   profile  the kernel profile at the sweep's rows with the tiles in use, without sweeping (not in the default)
 #   bench    the prefill and decode bench, one pytest session per 4-bit kernel arm (ours, then bitsandbytes'),
 #            so a run cut short keeps the arms it finished; OUT/bench/<machine>/NNNN_<arm>.json
@@ -39,7 +40,9 @@ for s in $STEPS; do
     tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ;;
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
-    ncu) step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+    ncu)
+        if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
+        step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|gemm_4bit" \
         python3 bench/profile_nf4_kernel.py --out "$OUT/ncu-unused.json" --once --rows 1,8 --layers gate_proj/up_proj ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;

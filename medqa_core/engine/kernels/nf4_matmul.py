@@ -333,6 +333,11 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction)."""
     dtype = out_ptr.dtype.element_ty
+    # Triton software-pipelines the K loop over NUM_STAGES (cp.async copies of the packed bytes, scales and x,
+    # several iterations in flight) where the code table is shared (its lookups are gathers, not loads it would
+    # route through shared memory), nothing is prefetched by hand, and the tile asks for 3 stages or more; every
+    # tile measured before v6 had 1 or 2 and keeps its unpipelined loop.
+    LOOP_STAGES: tl.constexpr = NUM_STAGES if SHARED_TABLE and not PREFETCH and NUM_STAGES >= 3 else 1
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -360,11 +365,10 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
             q_next, scale_next = _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
                                                   n_mask, it0, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2,
                                                   DOUBLE_QUANT, PREFETCH)
-            LOOP_STAGES: tl.constexpr = NUM_STAGES if SHARED_TABLE and not PREFETCH else 1
-            # Not software-pipelined by Triton (num_stages=1): with a tl.dot in the loop its pipeliner turns every
-            # load into cp.async through shared memory, the code-table lookups too (one 4-byte gather a weight;
-            # seen in the sm_90a TTGIR), and the v3 dot tiles ran 10x slower than bitsandbytes on an H100.
-            # PREFETCH pipelines the HBM loads by hand instead, as in the fma path.
+            # Without the shared table the loop stays out of Triton's pipelining (LOOP_STAGES 1): with a tl.dot in
+            # it, the pipeliner turns every load into cp.async through shared memory, the code-table lookups too
+            # (one 4-byte gather a weight; seen in the sm_90a TTGIR), and the v3 dot tiles ran 10x slower than
+            # bitsandbytes on an H100. PREFETCH pipelines the HBM loads by hand instead, as in the fma path.
             for it in tl.range(it0, it1, num_stages=LOOP_STAGES):
                 b0 = it * G
                 w_even, w_odd, q_next, scale_next = _nf4_iteration(
@@ -393,7 +397,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
             q_next, scale_next = _nf4_first_loads(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
                                                   n_mask, it0, blocks_per_row, stride_qn, G, HB, BLOCKSIZE2,
                                                   DOUBLE_QUANT, PREFETCH)
-            for it in range(it0, it1):
+            for it in tl.range(it0, it1, num_stages=LOOP_STAGES):
                 b0 = it * G
                 w_even, w_odd, q_next, scale_next = _nf4_iteration(
                     q_ptr, absmax_ptr, code_ptr, table, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it, it1,
@@ -542,7 +546,8 @@ class TileConfig:
     whole blocks): load the next iteration's bytes and scales before decoding this one's. ``shared_table`` (rows
     of whole blocks): the code-table lookups by ``tl.gather`` from the table staged in shared memory, not by
     global-memory loads (v5; fewer instructions a weight in the compiled loop; on the H100 it won every swept
-    shape at 1 and 8 rows, and the defaults use it).
+    shape at 1 and 8 rows, and the defaults use it). ``num_stages`` of 3 or more with the shared table and no
+    prefetch: Triton software-pipelines the K loop over that many stages (v6; the 8-64-row winners on the H100).
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
