@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 # (category, substrings of kernel / operator names), first match wins; case-insensitive.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("4-bit matmul (ours)", ("_nf4_matmul_kernel",)),
-    ("LoRA down-projection (ours)", ("_lora_down_kernel",)),
     ("4-bit matmul (bitsandbytes)", ("gemm_4bit",)),  # gemm_4bit_simt (1 row), gemm_4bit_sm80_* (a few)
     ("dequantize 4-bit", ("dequant",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
