@@ -103,9 +103,13 @@ MODE_CONFIGS = [  # every inner loop with and without prefetch and the shared co
 SPLIT_SHAPES = [(24, 320, 64), (20, 512, 256), (40, 96, 64), (33, 70, 64)]
 
 
+QUANT_LORA = [(False, True), (True, False)]  # (double quantization, LoRA): each alone
+
+
 def _mode_cases():
-    """Every config on every shape; under the interpreter, which runs a loop as written whatever its stages, the
-    pipelined configs on the first shape only (they are the same code there as their unpipelined twins)."""
+    """Every config on every shape, each with double quantization and with LoRA. Under the interpreter, which is
+    slow: the pipelined configs on the first shape only (it runs a loop as written, whatever its stages, so they
+    are their unpipelined twins' code there), and on the other shapes one of the two variants, in turn."""
     for config in MODE_CONFIGS:
         name = (f"{config.kernel_mode}-m{config.block_m}-n{config.block_n}-k{config.block_k}-s{config.split_k}"
                 f"-st{config.num_stages}{'-prefetch' if config.prefetch else ''}"
@@ -113,12 +117,13 @@ def _mode_cases():
         for i, shape in enumerate(SPLIT_SHAPES):
             if i and config.num_stages >= 3 and DEVICE == "cpu":
                 continue
-            yield pytest.param(config, *shape, marks=[pytest.mark.slow] if i else [],
-                               id=f"{name}-{'-'.join(map(str, shape))}")
+            variants = QUANT_LORA if i == 0 or DEVICE != "cpu" else [QUANT_LORA[i % 2]]
+            for double_quant, lora in variants:
+                yield pytest.param(config, *shape, double_quant, lora, marks=[pytest.mark.slow] if i else [],
+                                   id=f"{name}-{'-'.join(map(str, shape))}-{'dq' if double_quant else 'lora'}")
 
 
-@pytest.mark.parametrize(("config", "n", "k", "blocksize"), list(_mode_cases()))
-@pytest.mark.parametrize(("double_quant", "lora"), [(False, True), (True, False)])
+@pytest.mark.parametrize(("config", "n", "k", "blocksize", "double_quant", "lora"), list(_mode_cases()))
 def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, double_quant, lora) -> None:
     param, state = _quantized(n, k, blocksize, double_quant)
     weight = _plain_dequantize(param, state).float()  # [N, K]
