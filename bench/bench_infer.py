@@ -24,7 +24,7 @@ from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.measure.ceilings import weight_bytes_per_token
 from medqa_core.measure.timing import Stats, Timer, is_oom
-from medqa_core.measure.trace import StepProfile, profile_calls
+from medqa_core.measure.trace import profile_calls
 from medqa_core.results.measurements import Scoring
 
 logger = logging.getLogger("medqa_core.bench")
@@ -116,13 +116,13 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                                                                                      session.numerics))
                 # Graphs compiled in this case (a failed graph attempt's included): 1 when all went well.
                 counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
-                step_profile = _profile_decode_step(decoder, ids, new_tokens, session.attention, session.numerics,
-                                                    device)
+                step_profile, step_profile_error = _profile_decode_step(decoder, ids, new_tokens, session.attention,
+                                                                        session.numerics, device)
             finally:
                 torch._dynamo.reset()  # drop the compiled step (and the graph's memory, with the decoder)
             benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings, batch), dynamo=counts,
                                         first_call_s=first_call_s, fallback=fallback,
-                                        decode_step_profile=step_profile.to_dict(),
+                                        decode_step_profile=step_profile, decode_step_profile_error=step_profile_error,
                                         **dataclasses.asdict(decoder.setup))
         benchmark.extra_info.update(case.session_info(session))
 
@@ -161,13 +161,25 @@ PROFILED_DECODE_STEPS = 8
 
 
 def _profile_decode_step(decoder: StaticDecoder, ids: torch.Tensor, new_tokens: int, attention: AttentionChoice,
-                         numerics: Numerics, device: torch.device) -> StepProfile:
+                         numerics: Numerics, device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
     """Where one decode step's time goes: torch.profiler over a few steps (graph replays on a GPU) after a fresh
-    prefill, outside the timed rounds. Its wall time over its kernels' time is the gaps between them."""
+    prefill, outside the timed rounds. Its wall time over its kernels' time is the gaps between them.
+
+    Returns:
+        The profile (``StepProfile.to_dict()``) and None; or None and why the profiler failed: the case keeps its
+        timed figures either way.
+    """
     with attention_context(attention), autocast(device, numerics):
         decoder.generate(ids, 1)  # the prefill: the cache holds the prompt again
         steps = max(1, min(PROFILED_DECODE_STEPS, new_tokens - 1))
-        return profile_calls(decoder.step, device, steps, tokens_per_step=ids.shape[0], top_n=10)
+        try:
+            return profile_calls(decoder.step, device, steps, tokens_per_step=ids.shape[0], top_n=10).to_dict(), None
+        except RuntimeError as e:  # the profiler (kineto, CUPTI) failing here; an out-of-memory is the case's
+            if is_oom(e):
+                raise
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            logger.warning("decode: step profile not taken (%s); the timed figures stand", why)
+            return None, why
 
 
 def _time_decode(case: Any, bench_options: Any, generate: Callable[[int], Callable[[], int]]) -> tuple[Any, Stats]:

@@ -10,7 +10,7 @@ that rate against the copy bandwidth measured in the same run. Also the largest 
 
     python bench/profile_nf4_kernel.py --out results/traces/NAME.json [--rows 1,8,32,64] [--sweep]
         [--tiles-out medqa_core/engine/kernels/nf4_tiles.json] [--layers gate_proj/up_proj,...]
-    ncu --clock-control none -k regex:"nf4|4bit" python bench/profile_nf4_kernel.py --out X --once ...
+    ncu --clock-control none -k regex:"nf4|4bit" python bench/profile_nf4_kernel.py --once [--rows ...] [--layers ...]
 
 GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``mode``) at 1, 8, 32 and 64 rows and
 reports the fastest (every tile's time under ``tried``) of those that give the right result twice (within
@@ -237,7 +237,7 @@ def merge_tiles(old: dict, new: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path, help="JSON file to write (results/traces/...)")
+    parser.add_argument("--out", type=Path, help="JSON file to write (results/traces/...); needed but with --once")
     parser.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts (default: %(default)s)")
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true",
                         help="call each arm once, untimed, and write nothing: for Nsight Compute (ncu) to profile")
     args = parser.parse_args(argv)
+    if not args.out and not args.once:
+        parser.error("--out is required (only --once, which writes nothing, runs without it)")
     layers = args.layers.split(",") if args.layers else None
     unknown = sorted(set(layers or ()) - set(MISTRAL_7B_LAYERS))
     if unknown:

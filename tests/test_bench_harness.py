@@ -121,6 +121,7 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
         assert static["nf4_kernel"].startswith("bitsandbytes ") and static["nf4_fused_layers"] == 0
         # Where a step's time goes: the steps after a fresh prefill that fit the cache (3 new tokens: 2)
         step = static["decode_step_profile"]
+        assert static["decode_step_profile_error"] is None
         assert step["steps"] == 2 and step["tokens_per_step"] == static["batch_size"] and step["wall_ms"] > 0
         assert step["busy_ms"] == pytest.approx(sum(step["categories"].values()))
         assert step["launches"].keys() == step["categories"].keys() and all(n > 0 for n in step["launches"].values())

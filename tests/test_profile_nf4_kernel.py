@@ -19,6 +19,13 @@ def test_an_unknown_layer_is_named_with_the_choices(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_out_is_required_except_with_once(tmp_path):
+    done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--rows", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--out is required (only --once, which writes nothing, runs without it)" in done.stderr
+
+
 def test_a_sweep_at_some_rows_keeps_the_tiles_of_the_others():
     sys.path.insert(0, str(ROOT / "bench"))
     from profile_nf4_kernel import merge_tiles

@@ -20,7 +20,7 @@
 # failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
 # results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
 set -uo pipefail
-OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|profile|bench ...]}
+OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|ncu|profile|bench ...]}
 shift
 STEPS=${*:-tests sweep ncu bench}
 for s in $STEPS; do  # all checked before any runs
@@ -44,7 +44,7 @@ for s in $STEPS; do
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
         step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|gemm_4bit" \
-        python3 bench/profile_nf4_kernel.py --out "$OUT/ncu-unused.json" --once --rows 1,8 --layers gate_proj/up_proj ;;
+        python3 bench/profile_nf4_kernel.py --once --rows 1,8 --layers gate_proj/up_proj ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
         for arm in ${ARMS:-triton bitsandbytes}; do
