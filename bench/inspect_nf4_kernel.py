@@ -76,9 +76,10 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
     constants = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True, HAS_BIAS=False, RANK=0,
                      RANK_PAD=16, LORA_BLOCK_K=64, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                      BLOCK_K=max(tile.block_k, blocksize),
-                     DOT=tile.kernel_mode != "fma", SWAP=tile.kernel_mode == "dot_swap", PREFETCH=tile.prefetch,
-                     SHARED_TABLE=tile.shared_table,
-                     SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, EMULATE=False)
+                     DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
+                     PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
+                     SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
+                     ROUND_ASM=TARGETS[target].backend == "cuda", EMULATE=False)
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), "scaling": "fp32", **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},
                        {(names.index(c),): v for c, v in constants.items()},

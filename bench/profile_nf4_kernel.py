@@ -90,6 +90,11 @@ def _sweep_grid(rows: int) -> list:
         return TileConfig(*args, **kwargs, shared_table=True)
 
     if rows == 1:
+        # v7's GEMV (int32 words, one row of W a lane): rows a program, columns an iteration, warps, split
+        words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=pf) for bn, bk, nw, sk, pf in
+                 ((128, 64, 4, 4, True), (128, 64, 4, 8, True), (128, 128, 4, 4, True), (64, 128, 4, 4, True),
+                  (64, 128, 2, 8, True), (256, 64, 8, 4, True), (256, 128, 8, 2, True), (64, 256, 4, 2, True),
+                  (32, 128, 1, 4, True), (128, 64, 4, 4, False), (64, 128, 4, 4, False))]
         gemv = [shared(1, bn, bk, nw, 2, sk, "fma") for bn, bk, nw, sk in
                 ((16, 512, 4, 1), (16, 512, 4, 2), (16, 512, 4, 4), (8, 512, 4, 4), (8, 512, 2, 4),
                  # v6 (the H100's ncu: the GEMV at 128 registers ran 4 programs an SM, a quarter of the warps it
@@ -102,7 +107,7 @@ def _sweep_grid(rows: int) -> list:
         pipelined = [shared(16, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
                      ((64, 128, 4, 3, 4, "dot_swap"), (64, 256, 4, 3, 2, "dot_swap"), (64, 128, 4, 4, 2, "dot_swap"),
                       (128, 128, 8, 3, 2, "dot_swap"), (32, 128, 4, 3, 4, "dot"), (32, 256, 4, 3, 2, "dot"))]
-        return gemv + pipelined  # 21
+        return words + gemv + pipelined  # 32
     block_m = max(16, rows)
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]

@@ -233,6 +233,102 @@ def _nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr
 
 
 @triton.jit
+def _round_to(p, dtype: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 ``p`` rounded to ``dtype`` and kept as float32 (what a multiply-add with x takes).
+
+    ROUND_ASM (NVIDIA, bf16): one ``cvt.rn.bf16x2.f32`` with a zero low half, whose 32 bits are the rounded value as
+    float32; Triton's cast is a convert and a shift back (two instructions a weight). Elsewhere the cast, the same
+    round to nearest even."""
+    if ROUND_ASM:
+        bits = tl.inline_asm_elementwise("{ .reg .f32 z; mov.f32 z, 0f00000000; cvt.rn.bf16x2.f32 $0, $1, z; }",
+                                         "=r,f", [p], dtype=tl.uint32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return _round(p, dtype, EMULATE).to(tl.float32)
+
+
+@triton.jit
+def _gemv_position(words, table, scale, x_e, part, SHIFT: tl.constexpr, dtype: tl.constexpr,
+                   ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """part + w * x for the weight at bit ``SHIFT`` of every packed word: its code from the table (the shift and
+    mask fold into the lookup's byte address), scaled and rounded as bitsandbytes dequantizes it."""
+    nib = (words >> SHIFT) & 15
+    shape: tl.constexpr = nib.shape
+    code = tl.reshape(tl.gather(table, tl.reshape(nib, (shape[0] * shape[1] * shape[2],)), 0), shape)
+    return part + _round_to(code * scale, dtype, ROUND_ASM, EMULATE) * x_e[None, :, :]
+
+
+@triton.jit
+def _split8(x8):
+    """[G, W, 8] -> its eight [G, W] slices, element 0 first (tl.split in registers: the 8 are one thread's)."""
+    shape: tl.constexpr = x8.shape
+    even, odd = tl.split(tl.reshape(x8, (shape[0], shape[1], 4, 2)))  # elements 2i and 2i + 1
+    e04, e26 = tl.split(tl.reshape(even, (shape[0], shape[1], 2, 2)))  # elements 4a and 4a + 2
+    e15, e37 = tl.split(tl.reshape(odd, (shape[0], shape[1], 2, 2)))  # elements 4a + 1 and 4a + 3
+    e0, e4 = tl.split(e04)
+    e2, e6 = tl.split(e26)
+    e1, e5 = tl.split(e15)
+    e3, e7 = tl.split(e37)
+    return e0, e1, e2, e3, e4, e5, e6, e7
+
+
+@triton.jit
+def _nf4_gemv(x_row_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it0, it1,
+              blocks_per_row, stride_qn, dtype: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              PREFETCH: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """x's row ``x_row_ptr`` times BLOCK_N rows of W over iterations [it0, it1) of G quantization blocks: [BLOCK_N] float32.
+
+    v7's GEMV. The packed bytes are read as int32 words, eight weights each (bitsandbytes' byte order, element 2i
+    in the high nibble of byte i), so each weight is one shift and mask, not a byte extract first; its position in
+    the word is a compile-time shift. x is read once an iteration as [G, W, 8] and split in registers into the
+    eight positions. With PREFETCH the next iteration's words and scales are loaded before this one's decode.
+    """
+    W: tl.constexpr = BLOCKSIZE // 8  # words a quantization block
+    words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+    offs_g = tl.arange(0, G)
+    offs_w = tl.arange(0, W)
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    row_words = words_ptr + offs_n[:, None, None] * (stride_qn // 4) + offs_g[None, :, None] * W + offs_w[None, None, :]
+    x_row = x_row_ptr + offs_g[:, None, None] * BLOCKSIZE + offs_w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    part = tl.zeros((BLOCK_N, G, W), dtype=tl.float32)
+    words_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                         it0 * G, blocks_per_row, W, BLOCKSIZE2, DOUBLE_QUANT)
+    for it in range(it0, it1):
+        if PREFETCH:
+            words, scale = words_next, scale_next
+            words_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                                 n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row, W,
+                                                 BLOCKSIZE2, DOUBLE_QUANT)
+        else:
+            words, scale = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                       it * G, blocks_per_row, W, BLOCKSIZE2, DOUBLE_QUANT)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.load(x_row + it * G * BLOCKSIZE).to(tl.float32))
+        # Element e of a word: byte e // 2, the high nibble for even e.
+        part = _gemv_position(words, table, scale, x0, part, 4, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x1, part, 0, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x2, part, 12, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x3, part, 8, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x4, part, 20, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x5, part, 16, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x6, part, 28, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_position(words, table, scale, x7, part, 24, dtype, ROUND_ASM, EMULATE)
+    return tl.sum(tl.sum(part, axis=2), axis=1)
+
+
+@triton.jit
+def _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row,
+                W: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The GEMV's loads from HBM for blocks b0 .. b0 + G - 1: words [BN, G, W] (int32) and scales [BN, G, 1]."""
+    words = tl.load(row_words + b0 * W, mask=n_mask[:, None, None], other=0)
+    offs_g = tl.arange(0, row_words.shape[1])
+    block = offs_n[:, None] * blocks_per_row + (b0 + offs_g)[None, :]
+    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, n_mask[:, None], BLOCKSIZE2,
+                       DOUBLE_QUANT)
+    return words, scale[:, :, None]
+
+
+@triton.jit
 def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
     """acc + x @ w^T: x [BM, J], w [BN, J] (either may be the weight); float32 products of ``dtype`` values
     (exact), float32 sums."""
@@ -293,7 +389,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        LORA_BLOCK_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
-                       SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr):
+                       SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
+                       ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
     # Programs 0 .. RANK - 1 (with LoRA): rank pid of LoRA's down-projection t = scaling * x @ A^T for every row,
     # then counted done. The rest: program RANK + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
     # [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges
@@ -319,7 +416,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   tile // (n_tiles * m_tiles), n_tiles, m_tiles, M, N, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE, SPLIT_K,
-                  NUM_STAGES, EMULATE)
+                  NUM_STAGES, GEMV, ROUND_ASM, EMULATE)
 
 
 @triton.jit
@@ -330,7 +427,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
               SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
-              SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr):
+              SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, ROUND_ASM: tl.constexpr,
+              EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction)."""
     dtype = out_ptr.dtype.element_ty
     # Triton software-pipelines the K loop over NUM_STAGES (cp.async copies of the packed bytes, scales and x,
@@ -351,7 +449,11 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
         offs_g = tl.arange(0, G)
         offs_h = tl.arange(0, HB)
         table = tl.load(code_ptr + tl.arange(0, 16))  # the code table, once (read only with SHARED_TABLE)
-        if DOT:
+        if GEMV:
+            acc = _nf4_gemv(x_ptr + pid_m * stride_xm, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                            offs_n, n_mask, it0, it1, blocks_per_row, stride_qn, dtype, BLOCK_N, G, BLOCKSIZE,
+                            BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, ROUND_ASM, EMULATE)[None, :]
+        elif DOT:
             # The G blocks as one [BN, BLOCK_K] tile in natural column order (even and odd columns interleaved),
             # so each tl.dot has K = BLOCK_K.
             # SWAP: out^T = W @ x^T, the weight tile as the MMA's A operand (from registers): its M is BLOCK_N,
@@ -499,7 +601,8 @@ class NF4Weight:
     @property
     def aligned(self) -> bool:
         """Rows of whole quantization blocks (the fast path): a row starts a block and a byte."""
-        return self.in_features % self.blocksize == 0 and self.in_features % 2 == 0
+        return (self.in_features % self.blocksize == 0 and self.in_features % 8 == 0
+                and self.packed.data_ptr() % 4 == 0)  # the GEMV reads int32 words
 
 
 def nf4_weight(param: torch.Tensor) -> NF4Weight:
@@ -525,7 +628,7 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
                      out_features=out_features, in_features=in_features, **kwargs)
 
 
-MODES = ("fma", "dot", "dot_swap")
+MODES = ("gemv", "fma", "dot", "dot_swap")
 
 
 def _power_of_two(value: int) -> bool:
@@ -571,7 +674,10 @@ class TileConfig:
             raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
-        if self.kernel_mode != "fma" and min(self.block_m, self.block_n) < 16:
+        if self.kernel_mode == "gemv":
+            if self.block_m != 1:
+                raise ValueError(f"TileConfig: mode 'gemv' is one row of x a tile (block_m 1), got {self.block_m}")
+        elif self.kernel_mode != "fma" and min(self.block_m, self.block_n) < 16:
             raise ValueError(f"TileConfig: mode {self.kernel_mode!r} needs block_m and block_n >= 16 (tl.dot), got "
                              f"{self.block_m} x {self.block_n}; use mode 'fma' for fewer rows")
 
@@ -628,7 +734,8 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
     results/traces/20261206T0941Z_h100_nf4-kernel-v6-gemv.json at 1 row, 20261206T0926Z_h100_nf4-kernel-v6.json at
     8, 32 and 64). All take the code table from shared memory (``shared_table``).
 
-    - 1 row: the GEMV (fma, block_m 1, block_n 16, block_k 512, 4 warps, no prefetch).
+    - 1 row: v7's GEMV (int32 words; 128 rows of W a program, 64 columns an iteration, 4 warps, prefetch):
+      compiled here to about 7 SASS instructions a weight against v6's 9 (bench/inspect_nf4_kernel.py).
     - 2..16 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand (the 8-row sweep's).
     - 17..64 rows: dot_swap, block_n 64, block_k 64, 4 warps, pipelined by Triton over 3 stages (the 32-row
       sweep's; at 64 rows a pipelined dot of block_n 32 was nearer, the table holds it for the H100).
@@ -636,7 +743,7 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
       float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 16, 512, 4, 2, "fma", False
+        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 128, 64, 4, 1, "gemv", True
     elif rows <= 16:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 16, 32, 128, 4, 1, "dot", True
     else:
@@ -700,6 +807,12 @@ def _lora_block_k(block_m: int) -> int:
     return max(64, min(1024, 8192 // block_m))
 
 
+def _round_asm(x: torch.Tensor) -> bool:
+    """The GEMV rounds weights to bf16 with one PTX instruction (NVIDIA, bf16 compute); elsewhere with Triton's
+    cast, the same round to nearest even."""
+    return x.device.type == "cuda" and torch.version.hip is None and x.dtype == torch.bfloat16 and not interpreting()
+
+
 def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
                lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                scaling: float = 1.0, config: TileConfig | None = None) -> torch.Tensor:
@@ -726,7 +839,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     if rows == 0:
         return out.reshape(*lead, n)
     cfg = config or tile_config(rows, n, k, x.device)
-    dot = cfg.kernel_mode != "fma"
+    dot = cfg.kernel_mode in ("dot", "dot_swap")
     aligned = weight.aligned
     if aligned:
         block_k = _blocks_per_iteration(weight, cfg.block_k)
@@ -759,6 +872,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         LORA_BLOCK_K=_lora_block_k(cfg.block_m),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-        EMULATE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GEMV=cfg.kernel_mode == "gemv", ROUND_ASM=_round_asm(x), EMULATE=interpreting(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
