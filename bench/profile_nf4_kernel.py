@@ -90,11 +90,12 @@ def _sweep_grid(rows: int) -> list:
         return TileConfig(*args, **kwargs, shared_table=True)
 
     if rows == 1:
-        # v7's GEMV (int32 words, one row of W a lane): rows a program, columns an iteration, warps, split
-        words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=pf) for bn, bk, nw, sk, pf in
-                 ((128, 64, 4, 4, True), (128, 64, 4, 8, True), (128, 128, 4, 4, True), (64, 128, 4, 4, True),
-                  (64, 128, 2, 8, True), (256, 64, 8, 4, True), (256, 128, 8, 2, True), (64, 256, 4, 2, True),
-                  (32, 128, 1, 4, True), (128, 64, 4, 4, False), (64, 128, 4, 4, False))]
+        # v7's GEMV (int32 words, a word a lane, 256 columns an iteration): rows a program (block_n = rows a
+        # lane x warps), warps, split, prefetch
+        words = [TileConfig(1, bn, 256, nw, 1, sk, "gemv", prefetch=pf) for bn, nw, sk, pf in
+                 ((32, 4, 8, True), (16, 4, 8, True), (64, 8, 8, True), (32, 8, 8, True), (16, 2, 8, True),
+                  (8, 1, 8, True), (16, 1, 4, True), (32, 4, 4, True), (32, 4, 16, True), (32, 4, 8, False),
+                  (64, 4, 8, True))]
         gemv = [shared(1, bn, bk, nw, 2, sk, "fma") for bn, bk, nw, sk in
                 ((16, 512, 4, 1), (16, 512, 4, 2), (16, 512, 4, 4), (8, 512, 4, 4), (8, 512, 2, 4),
                  # v6 (the H100's ncu: the GEMV at 128 registers ran 4 programs an SM, a quarter of the warps it

@@ -248,23 +248,45 @@ def _round_to(p, dtype: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.const
 
 
 @triton.jit
-def _gemv_position(words, table, scale, x_e, part, SHIFT: tl.constexpr, dtype: tl.constexpr,
-                   ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
-    """part + w * x for the weight at bit ``SHIFT`` of every packed word: its code from the table (the shift and
-    mask fold into the lookup's byte address), scaled and rounded as bitsandbytes dequantizes it."""
-    nib = (words >> SHIFT) & 15
+def _gemv_codes(words, table):
+    """The eight weights' codes of every packed word [R, NW, G, W] (element e of a word: byte e // 2, the high
+    nibble for even e), from one ``tl.gather`` of the table: eight would each stage the table in shared memory
+    between two barriers. The shifts and masks fold into the lookups' byte addresses."""
+    n0 = (words >> 4) & 15
+    n1 = words & 15
+    n2 = (words >> 12) & 15
+    n3 = (words >> 8) & 15
+    n4 = (words >> 20) & 15
+    n5 = (words >> 16) & 15
+    n6 = (words >> 28) & 15
+    n7 = (words >> 24) & 15
+    nib = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
     shape: tl.constexpr = nib.shape
-    code = tl.reshape(tl.gather(table, tl.reshape(nib, (shape[0] * shape[1] * shape[2],)), 0), shape)
-    return part + _round_to(code * scale, dtype, ROUND_ASM, EMULATE) * x_e[None, :, :]
+    flat: tl.constexpr = shape[0] * shape[1] * shape[2] * shape[3] * 8
+    code = tl.reshape(tl.gather(table, tl.reshape(nib, (flat,)), 0), shape)
+    c0123, c4567 = tl.split(code)
+    c01, c23 = tl.split(c0123)
+    c45, c67 = tl.split(c4567)
+    c0, c1 = tl.split(c01)
+    c2, c3 = tl.split(c23)
+    c4, c5 = tl.split(c45)
+    c6, c7 = tl.split(c67)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _gemv_fma(code, scale, x_e, part, dtype: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """part + w * x: the weight ``round(code * scale)`` as bitsandbytes dequantizes it, x [NW, G, W]."""
+    return part + _round_to(code * scale, dtype, ROUND_ASM, EMULATE) * x_e[None, :, :, :]
 
 
 @triton.jit
 def _split8(x8):
-    """[G, W, 8] -> its eight [G, W] slices, element 0 first (tl.split in registers: the 8 are one thread's)."""
+    """[A, B, C, 8] -> its eight [A, B, C] slices, element 0 first (tl.split in registers: the 8 are one lane's)."""
     shape: tl.constexpr = x8.shape
-    even, odd = tl.split(tl.reshape(x8, (shape[0], shape[1], 4, 2)))  # elements 2i and 2i + 1
-    e04, e26 = tl.split(tl.reshape(even, (shape[0], shape[1], 2, 2)))  # elements 4a and 4a + 2
-    e15, e37 = tl.split(tl.reshape(odd, (shape[0], shape[1], 2, 2)))  # elements 4a + 1 and 4a + 3
+    even, odd = tl.split(tl.reshape(x8, (shape[0], shape[1], shape[2], 4, 2)))  # elements 2i and 2i + 1
+    e04, e26 = tl.split(tl.reshape(even, (shape[0], shape[1], shape[2], 2, 2)))  # elements 4a and 4a + 2
+    e15, e37 = tl.split(tl.reshape(odd, (shape[0], shape[1], shape[2], 2, 2)))  # elements 4a + 1 and 4a + 3
     e0, e4 = tl.split(e04)
     e2, e6 = tl.split(e26)
     e1, e5 = tl.split(e15)
@@ -273,25 +295,37 @@ def _split8(x8):
 
 
 @triton.jit
-def _nf4_gemv(x_row_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, it0, it1,
+def _nf4_gemv(x_row_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, pid_n, N, it0, it1,
               blocks_per_row, stride_qn, dtype: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
-              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-              PREFETCH: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
-    """x's row ``x_row_ptr`` times BLOCK_N rows of W over iterations [it0, it1) of G quantization blocks: [BLOCK_N] float32.
+              NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+              DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """x's row ``x_row_ptr`` times rows ``pid_n * BLOCK_N ..`` of W over iterations [it0, it1) of G quantization
+    blocks: [BLOCK_N // NUM_WARPS, NUM_WARPS] float32 (row ``pid_n * BLOCK_N + i * NUM_WARPS + j`` at [i, j]).
 
     v7's GEMV. The packed bytes are read as int32 words, eight weights each (bitsandbytes' byte order, element 2i
     in the high nibble of byte i), so each weight is one shift and mask, not a byte extract first; its position in
-    the word is a compile-time shift. x is read once an iteration as [G, W, 8] and split in registers into the
-    eight positions. With PREFETCH the next iteration's words and scales are loaded before this one's decode.
+    the word is a compile-time shift. The tiles are [R, NUM_WARPS, G, W] (W words a block): a lane holds one
+    word (G x W = 32 lanes at 256 columns an iteration), a warp a row at a time, R rows in registers (Triton puts
+    the warps on the dimension after the lanes', so the rows' order is r * NUM_WARPS + warp).
+    x is read as [NUM_WARPS, G, W, 8], each warp its own copy, so a lane loads the eight x values of its word
+    (16 bytes) and splits them in registers: no layout change through shared memory. With PREFETCH the next
+    iteration's words and scales are loaded before this one's decode.
     """
     W: tl.constexpr = BLOCKSIZE // 8  # words a quantization block
+    R: tl.constexpr = BLOCK_N // NUM_WARPS
     words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+    offs_n = pid_n * BLOCK_N + tl.reshape(tl.arange(0, BLOCK_N), (R, NUM_WARPS))
+    n_mask = offs_n < N
     offs_g = tl.arange(0, G)
-    offs_w = tl.arange(0, W)
+    # The block's words in a scrambled order (any permutation, the same for x): Triton then sees no contiguity and
+    # gives each lane one word, lanes along the row (a warp's load still covers whole 32-byte sectors).
+    offs_w = (tl.arange(0, W) * 3) % W if W > 2 else tl.arange(0, W)
     table = tl.load(code_ptr + tl.arange(0, 16))
-    row_words = words_ptr + offs_n[:, None, None] * (stride_qn // 4) + offs_g[None, :, None] * W + offs_w[None, None, :]
-    x_row = x_row_ptr + offs_g[:, None, None] * BLOCKSIZE + offs_w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    part = tl.zeros((BLOCK_N, G, W), dtype=tl.float32)
+    row_words = (words_ptr + offs_n[:, :, None, None] * (stride_qn // 4) + offs_g[None, None, :, None] * W
+                 + offs_w[None, None, None, :])
+    x_row = (x_row_ptr + tl.zeros((NUM_WARPS, 1, 1, 1), dtype=tl.int32) + offs_g[None, :, None, None] * BLOCKSIZE
+             + offs_w[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])
+    part = tl.zeros((R, NUM_WARPS, G, W), dtype=tl.float32)
     words_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
                                          it0 * G, blocks_per_row, W, BLOCKSIZE2, DOUBLE_QUANT)
     for it in range(it0, it1):
@@ -304,28 +338,29 @@ def _nf4_gemv(x_row_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, of
             words, scale = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
                                        it * G, blocks_per_row, W, BLOCKSIZE2, DOUBLE_QUANT)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.load(x_row + it * G * BLOCKSIZE).to(tl.float32))
-        # Element e of a word: byte e // 2, the high nibble for even e.
-        part = _gemv_position(words, table, scale, x0, part, 4, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x1, part, 0, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x2, part, 12, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x3, part, 8, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x4, part, 20, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x5, part, 16, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x6, part, 28, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_position(words, table, scale, x7, part, 24, dtype, ROUND_ASM, EMULATE)
-    return tl.sum(tl.sum(part, axis=2), axis=1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _gemv_codes(words, table)
+        part = _gemv_fma(c0, scale, x0, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c1, scale, x1, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c2, scale, x2, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c3, scale, x3, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c4, scale, x4, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c5, scale, x5, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c6, scale, x6, part, dtype, ROUND_ASM, EMULATE)
+        part = _gemv_fma(c7, scale, x7, part, dtype, ROUND_ASM, EMULATE)
+    return tl.sum(tl.sum(part, axis=3), axis=2)
 
 
 @triton.jit
 def _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row,
                 W: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """The GEMV's loads from HBM for blocks b0 .. b0 + G - 1: words [BN, G, W] (int32) and scales [BN, G, 1]."""
-    words = tl.load(row_words + b0 * W, mask=n_mask[:, None, None], other=0)
-    offs_g = tl.arange(0, row_words.shape[1])
-    block = offs_n[:, None] * blocks_per_row + (b0 + offs_g)[None, :]
-    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, n_mask[:, None], BLOCKSIZE2,
+    """The GEMV's loads from HBM for blocks b0 .. b0 + G - 1: words [R, NW, G, W] (int32) and scales
+    [R, NW, G, 1]."""
+    words = tl.load(row_words + b0 * W, mask=n_mask[:, :, None, None], other=0)
+    offs_g = tl.arange(0, row_words.shape[2])
+    block = offs_n[:, :, None] * blocks_per_row + (b0 + offs_g)[None, None, :]
+    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, n_mask[:, :, None], BLOCKSIZE2,
                        DOUBLE_QUANT)
-    return words, scale[:, :, None]
+    return words, scale[:, :, :, None]
 
 
 @triton.jit
@@ -390,7 +425,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
-                       ROUND_ASM: tl.constexpr, EMULATE: tl.constexpr):
+                       ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
     # Programs 0 .. RANK - 1 (with LoRA): rank pid of LoRA's down-projection t = scaling * x @ A^T for every row,
     # then counted done. The rest: program RANK + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
     # [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges
@@ -416,7 +451,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   tile // (n_tiles * m_tiles), n_tiles, m_tiles, M, N, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE, SPLIT_K,
-                  NUM_STAGES, GEMV, ROUND_ASM, EMULATE)
+                  NUM_STAGES, GEMV, ROUND_ASM, NUM_WARPS, EMULATE)
 
 
 @triton.jit
@@ -428,7 +463,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
               SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
               SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, ROUND_ASM: tl.constexpr,
-              EMULATE: tl.constexpr):
+              NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction)."""
     dtype = out_ptr.dtype.element_ty
     # Triton software-pipelines the K loop over NUM_STAGES (cp.async copies of the packed bytes, scales and x,
@@ -450,9 +485,10 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
         offs_h = tl.arange(0, HB)
         table = tl.load(code_ptr + tl.arange(0, 16))  # the code table, once (read only with SHARED_TABLE)
         if GEMV:
-            acc = _nf4_gemv(x_ptr + pid_m * stride_xm, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            offs_n, n_mask, it0, it1, blocks_per_row, stride_qn, dtype, BLOCK_N, G, BLOCKSIZE,
-                            BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, ROUND_ASM, EMULATE)[None, :]
+            acc = tl.reshape(_nf4_gemv(x_ptr + pid_m * stride_xm, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                       offset_ptr, pid_n, N, it0, it1, blocks_per_row, stride_qn, dtype, BLOCK_N, G,
+                                       NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, ROUND_ASM, EMULATE),
+                             (1, BLOCK_N))
         elif DOT:
             # The G blocks as one [BN, BLOCK_K] tile in natural column order (even and odd columns interleaved),
             # so each tl.dot has K = BLOCK_K.
@@ -734,8 +770,8 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
     results/traces/20261206T0941Z_h100_nf4-kernel-v6-gemv.json at 1 row, 20261206T0926Z_h100_nf4-kernel-v6.json at
     8, 32 and 64). All take the code table from shared memory (``shared_table``).
 
-    - 1 row: v7's GEMV (int32 words; 128 rows of W a program, 64 columns an iteration, 4 warps, prefetch):
-      compiled here to about 7 SASS instructions a weight against v6's 9 (bench/inspect_nf4_kernel.py).
+    - 1 row: v7's GEMV (int32 words, a word a lane; 32 rows of W a program, 256 columns an iteration, 4 warps,
+      prefetch).
     - 2..16 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand (the 8-row sweep's).
     - 17..64 rows: dot_swap, block_n 64, block_k 64, 4 warps, pipelined by Triton over 3 stages (the 32-row
       sweep's; at 64 rows a pipelined dot of block_n 32 was nearer, the table holds it for the H100).
@@ -743,7 +779,7 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
       float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 128, 64, 4, 1, "gemv", True
+        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 32, 256, 4, 1, "gemv", True
     elif rows <= 16:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 16, 32, 128, 4, 1, "dot", True
     else:
@@ -872,7 +908,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         LORA_BLOCK_K=_lora_block_k(cfg.block_m),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-        GEMV=cfg.kernel_mode == "gemv", ROUND_ASM=_round_asm(x), EMULATE=interpreting(), num_warps=cfg.num_warps,
+        GEMV=cfg.kernel_mode == "gemv", ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps, EMULATE=interpreting(),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
