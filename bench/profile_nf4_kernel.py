@@ -90,12 +90,13 @@ def _sweep_grid(rows: int) -> list:
         return TileConfig(*args, **kwargs, shared_table=True)
 
     if rows == 1:
-        # v7's GEMV (int32 words, a word a lane, 256 columns an iteration): rows a program (block_n = rows a
-        # lane x warps), warps, split, prefetch
-        words = [TileConfig(1, bn, 256, nw, 1, sk, "gemv", prefetch=pf) for bn, nw, sk, pf in
-                 ((32, 4, 8, True), (16, 4, 8, True), (64, 8, 8, True), (32, 8, 8, True), (16, 2, 8, True),
-                  (8, 1, 8, True), (16, 1, 4, True), (32, 4, 4, True), (32, 4, 16, True), (32, 4, 8, False),
-                  (64, 4, 8, True))]
+        # v7's GEMV (int32 words, a word a lane; at 512 columns an iteration two words a lane, halves of a block):
+        # rows a program (block_n = rows a lane x warps), columns, warps, split, prefetch
+        words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=pf) for bn, bk, nw, sk, pf in
+                 ((32, 256, 4, 8, True), (16, 256, 4, 8, True), (64, 256, 8, 8, True), (8, 256, 1, 8, True),
+                  (32, 256, 4, 4, True), (32, 256, 4, 8, False), (16, 512, 4, 8, True), (16, 512, 4, 4, True),
+                  (8, 512, 2, 8, True), (16, 512, 2, 8, True), (8, 512, 1, 8, True), (32, 512, 8, 8, True),
+                  (32, 512, 4, 4, True), (16, 512, 4, 8, False))]
         gemv = [shared(1, bn, bk, nw, 2, sk, "fma") for bn, bk, nw, sk in
                 ((16, 512, 4, 1), (16, 512, 4, 2), (16, 512, 4, 4), (8, 512, 4, 4), (8, 512, 2, 4),
                  # v6 (the H100's ncu: the GEMV at 128 registers ran 4 programs an SM, a quarter of the warps it
@@ -108,7 +109,7 @@ def _sweep_grid(rows: int) -> list:
         pipelined = [shared(16, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
                      ((64, 128, 4, 3, 4, "dot_swap"), (64, 256, 4, 3, 2, "dot_swap"), (64, 128, 4, 4, 2, "dot_swap"),
                       (128, 128, 8, 3, 2, "dot_swap"), (32, 128, 4, 3, 4, "dot"), (32, 256, 4, 3, 2, "dot"))]
-        return words + gemv + pipelined  # 32
+        return words + gemv + pipelined  # 35
     block_m = max(16, rows)
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]

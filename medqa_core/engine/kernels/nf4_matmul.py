@@ -312,55 +312,74 @@ def _nf4_gemv(x_row_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, of
     iteration's words and scales are loaded before this one's decode.
     """
     W: tl.constexpr = BLOCKSIZE // 8  # words a quantization block
+    # Words a lane holds of each block: 2 where G blocks of W words are 64 words (two halves of a block a lane:
+    # one scale for both, half the scale loads a weight), else 1.
+    V: tl.constexpr = 2 if G * W == 64 else 1
+    WL: tl.constexpr = W // V
     R: tl.constexpr = BLOCK_N // NUM_WARPS
     words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     offs_n = pid_n * BLOCK_N + tl.reshape(tl.arange(0, BLOCK_N), (R, NUM_WARPS))
     n_mask = offs_n < N
     offs_g = tl.arange(0, G)
-    # The block's words in a scrambled order (any permutation, the same for x): Triton then sees no contiguity and
+    # A half's words in a scrambled order (any permutation, the same for x): Triton then sees no contiguity and
     # gives each lane one word, lanes along the row (a warp's load still covers whole 32-byte sectors).
-    offs_w = (tl.arange(0, W) * 3) % W if W > 2 else tl.arange(0, W)
+    offs_w = (tl.arange(0, WL) * 3) % WL if WL > 2 else tl.arange(0, WL)
     table = tl.load(code_ptr + tl.arange(0, 16))
     row_words = (words_ptr + offs_n[:, :, None, None] * (stride_qn // 4) + offs_g[None, None, :, None] * W
                  + offs_w[None, None, None, :])
     x_row = (x_row_ptr + tl.zeros((NUM_WARPS, 1, 1, 1), dtype=tl.int32) + offs_g[None, :, None, None] * BLOCKSIZE
              + offs_w[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])
-    part = tl.zeros((R, NUM_WARPS, G, W), dtype=tl.float32)
-    words_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
-                                         it0 * G, blocks_per_row, W, BLOCKSIZE2, DOUBLE_QUANT)
+    part = tl.zeros((R, NUM_WARPS, G, WL), dtype=tl.float32)
+    lo_next, hi_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                               n_mask, it0 * G, blocks_per_row, W, V, BLOCKSIZE2, DOUBLE_QUANT)
     for it in range(it0, it1):
         if PREFETCH:
-            words, scale = words_next, scale_next
-            words_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                                                 n_mask, tl.minimum(it + 1, it1 - 1) * G, blocks_per_row, W,
-                                                 BLOCKSIZE2, DOUBLE_QUANT)
+            lo, hi, scale = lo_next, hi_next, scale_next
+            lo_next, hi_next, scale_next = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                       offs_n, n_mask, tl.minimum(it + 1, it1 - 1) * G,
+                                                       blocks_per_row, W, V, BLOCKSIZE2, DOUBLE_QUANT)
         else:
-            words, scale = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
-                                       it * G, blocks_per_row, W, BLOCKSIZE2, DOUBLE_QUANT)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.load(x_row + it * G * BLOCKSIZE).to(tl.float32))
-        c0, c1, c2, c3, c4, c5, c6, c7 = _gemv_codes(words, table)
-        part = _gemv_fma(c0, scale, x0, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c1, scale, x1, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c2, scale, x2, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c3, scale, x3, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c4, scale, x4, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c5, scale, x5, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c6, scale, x6, part, dtype, ROUND_ASM, EMULATE)
-        part = _gemv_fma(c7, scale, x7, part, dtype, ROUND_ASM, EMULATE)
+            lo, hi, scale = _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask,
+                                        it * G, blocks_per_row, W, V, BLOCKSIZE2, DOUBLE_QUANT)
+        x_it = x_row + it * G * BLOCKSIZE
+        part = _gemv_words(lo, table, scale, tl.load(x_it).to(tl.float32), part, dtype, ROUND_ASM, EMULATE)
+        if V == 2:
+            part = _gemv_words(hi, table, scale, tl.load(x_it + WL * 8).to(tl.float32), part, dtype, ROUND_ASM,
+                               EMULATE)
     return tl.sum(tl.sum(part, axis=3), axis=2)
 
 
 @triton.jit
+def _gemv_words(words, table, scale, x8, part, dtype: tl.constexpr, ROUND_ASM: tl.constexpr,
+                EMULATE: tl.constexpr):
+    """part + the products of words [R, NW, G, WL] (eight weights each) with their x values x8 [NW, G, WL, 8]."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x8)
+    c0, c1, c2, c3, c4, c5, c6, c7 = _gemv_codes(words, table)
+    part = _gemv_fma(c0, scale, x0, part, dtype, ROUND_ASM, EMULATE)
+    part = _gemv_fma(c1, scale, x1, part, dtype, ROUND_ASM, EMULATE)
+    part = _gemv_fma(c2, scale, x2, part, dtype, ROUND_ASM, EMULATE)
+    part = _gemv_fma(c3, scale, x3, part, dtype, ROUND_ASM, EMULATE)
+    part = _gemv_fma(c4, scale, x4, part, dtype, ROUND_ASM, EMULATE)
+    part = _gemv_fma(c5, scale, x5, part, dtype, ROUND_ASM, EMULATE)
+    part = _gemv_fma(c6, scale, x6, part, dtype, ROUND_ASM, EMULATE)
+    return _gemv_fma(c7, scale, x7, part, dtype, ROUND_ASM, EMULATE)
+
+
+@triton.jit
 def _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, n_mask, b0, blocks_per_row,
-                W: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """The GEMV's loads from HBM for blocks b0 .. b0 + G - 1: words [R, NW, G, W] (int32) and scales
-    [R, NW, G, 1]."""
-    words = tl.load(row_words + b0 * W, mask=n_mask[:, :, None, None], other=0)
+                W: tl.constexpr, V: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The GEMV's loads from HBM for blocks b0 .. b0 + G - 1: the first and (V 2) second half of their words
+    [R, NW, G, W // V] (int32), and their scales [R, NW, G, 1]."""
+    lo = tl.load(row_words + b0 * W, mask=n_mask[:, :, None, None], other=0)
+    if V == 2:
+        hi = tl.load(row_words + b0 * W + W // 2, mask=n_mask[:, :, None, None], other=0)
+    else:
+        hi = lo
     offs_g = tl.arange(0, row_words.shape[2])
     block = offs_n[:, :, None] * blocks_per_row + (b0 + offs_g)[None, None, :]
     scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, n_mask[:, :, None], BLOCKSIZE2,
                        DOUBLE_QUANT)
-    return words, scale[:, :, :, None]
+    return lo, hi, scale[:, :, :, None]
 
 
 @triton.jit
