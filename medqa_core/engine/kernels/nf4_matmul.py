@@ -27,9 +27,13 @@ One kernel, :func:`_nf4_matmul_kernel`, one launch per layer, adapted or not:
   is written once. The last tile to finish sets the counters back. A :class:`TileConfig` picks the inner loop
   (``mode``) and the K split:
 
+  - ``gemv`` (v7, one row of x a tile): the packed bytes read as int32 words, a word a lane (two, halves of one
+    block, at 64 words an iteration), so a weight costs a shift and mask folded into the code-table lookup's
+    address, the scale multiply, the round to the compute dtype (one ``cvt.rn.bf16x2.f32`` on NVIDIA) and an FMA;
+    x is read by each warp as [G, W, 8] and split in registers, R rows of W a lane share it.
   - ``fma``: each [BLOCK_N, BLOCK_K] weight tile is dequantized once and multiplied into all BLOCK_M rows by
     broadcast multiply-adds into a float32 [BLOCK_M, BLOCK_N, G, HB] accumulator, reduced across lanes once
-    after the loop. At BLOCK_M 1 this is the GEMV; for a few rows it avoids tl.dot's 16-row minimum. With
+    after the loop. At BLOCK_M 1 this was the GEMV to v6; for a few rows it avoids tl.dot's 16-row minimum. With
     ``prefetch`` the next iteration's bytes and scales are loaded before this one's are decoded (Triton
     software-pipelines only loops with a ``tl.dot``).
   - ``dot``: G whole quantization blocks dequantized as one [BLOCK_N, BLOCK_K] tile in natural column order
