@@ -79,8 +79,8 @@ def _sweep_grid(rows: int) -> list:
     so the dot tiles come both ways: loads prefetched by hand (num_stages 1, ``prefetch``), or pipelined by Triton
     (num_stages 3-4: cp.async copies of the packed bytes, scales and x, several iterations in flight).
 
-    - 1 row: v5's GEMV winners (fma, block_m 1), lower-register GEMVs, GEMVs pipelined by Triton, and 16-row
-      dots (15 rows masked) pipelined by Triton.
+    - 1 row: v7's GEMV tiles (mode gemv), v6's GEMV winners (fma, block_m 1) and two of them pipelined by
+      Triton, and a 16-row dot (15 rows masked) pipelined by Triton.
     - 8 rows: v5's 8-row winners (dot with prefetch, dot_swap), and pipelined dots.
     - 32 and 64 rows: dots of the rows' own height, by hand and pipelined.
     """
@@ -97,19 +97,12 @@ def _sweep_grid(rows: int) -> list:
                   (32, 256, 4, 4, True), (32, 256, 4, 8, False), (16, 512, 4, 8, True), (16, 512, 4, 4, True),
                   (8, 512, 2, 8, True), (16, 512, 2, 8, True), (8, 512, 1, 8, True), (32, 512, 8, 8, True),
                   (32, 512, 4, 4, True), (16, 512, 4, 8, False))]
-        gemv = [shared(1, bn, bk, nw, 2, sk, "fma") for bn, bk, nw, sk in
-                ((16, 512, 4, 1), (16, 512, 4, 2), (16, 512, 4, 4), (8, 512, 4, 4), (8, 512, 2, 4),
-                 # v6 (the H100's ncu: the GEMV at 128 registers ran 4 programs an SM, a quarter of the warps it
-                 # could hold, latency-bound): the same bytes a program over more lanes, ~80 registers a lane
-                 (16, 512, 8, 1), (16, 512, 8, 2), (16, 256, 4, 1), (16, 256, 4, 2), (8, 256, 2, 4), (32, 512, 8, 1))]
-        # The GEMV pipelined by Triton (3-4 stages: cp.async copies, several iterations' bytes in flight), the other
-        # lever ncu pointed at; compiled only so far
-        gemv += [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
-                 ((16, 256, 4, 3, 1), (16, 256, 4, 4, 2), (16, 512, 4, 3, 1), (8, 512, 4, 3, 4))]
-        pipelined = [shared(16, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
-                     ((64, 128, 4, 3, 4, "dot_swap"), (64, 256, 4, 3, 2, "dot_swap"), (64, 128, 4, 4, 2, "dot_swap"),
-                      (128, 128, 8, 3, 2, "dot_swap"), (32, 128, 4, 3, 4, "dot"), (32, 256, 4, 3, 2, "dot"))]
-        return words + gemv + pipelined  # 35
+        # v6's GEMV (fma, block_m 1): its winners, and two it pipelined by Triton (compiled only before v7)
+        gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
+                ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 512, 4, 2, 4), (8, 256, 2, 2, 4),
+                 (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
+        pipelined = [shared(16, 64, 128, 4, 3, 4, "dot_swap")]
+        return words + gemv + pipelined  # 22
     block_m = max(16, rows)
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]
