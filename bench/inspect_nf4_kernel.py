@@ -49,7 +49,7 @@ POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", 
                 code2_ptr="*fp32", offset_ptr="*fp32", bias_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32",
                 b_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", counter_ptr="*i32", lora_counter_ptr="*i32")
 INTS = ("M", "N", "K", "stride_xm", "stride_qn", "stride_am", "stride_tm", "stride_bn", "stride_om",
-        "blocks_per_row", "iterations")
+        "blocks_per_row", "iterations", "lora_chunk")
 MULTIPLES_OF_16 = ("N", "K", "stride_xm", "stride_qn", "stride_bn", "stride_om", "blocks_per_row")  # at 4096+
 
 
@@ -74,7 +74,7 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
     """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, no LoRA."""
     names = list(_nf4_matmul_kernel.arg_names)
     constants = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True, HAS_BIAS=False, RANK=0,
-                     RANK_PAD=16, LORA_BLOCK_K=64, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                     RANK_PAD=16, LORA_BLOCK_K=64, LORA_SPLIT=1, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                      BLOCK_K=max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,

@@ -215,8 +215,12 @@ def test_other_compute_dtypes(dtype, config) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 6, 20])
-def test_lora_is_fused_into_the_same_output(rows) -> None:
-    n, k, rank, scaling = 40, 128, 8, 2.0
+@pytest.mark.parametrize("k", [128, 1344])  # LoRA's down-projection in one chunk of K; in 5, the last one shorter
+def test_lora_is_fused_into_the_same_output(rows, k) -> None:
+    from medqa_core.engine.kernels import nf4_matmul as kernels
+
+    assert kernels._lora_split(k) == ((1, 128) if k == 128 else (5, 269))
+    n, rank, scaling = 40, 8, 2.0
     param, state = _quantized(n, k, 64, True)
     gen = torch.Generator().manual_seed(2)
     a = (torch.randn(rank, k, generator=gen) * 0.1).bfloat16().to(DEVICE)
@@ -230,10 +234,9 @@ def test_lora_is_fused_into_the_same_output(rows) -> None:
     assert _ulps(out, ref) <= 1.0
     base_only = nf4_matmul(x, nf4_weight(param), bias=bias)
     assert (out.float() - base_only.float()).abs().max() > 0.01  # the adapter really contributed
-    # One launch: its first `rank` programs computed t, its tiles waited for them and counted themselves; the last
-    # set both counters back, so the next call (a graph replay) starts from zero and gives the same bits.
-    from medqa_core.engine.kernels import nf4_matmul as kernels
-
+    # One launch: its first `rank` x chunks programs computed t's partials, its tiles waited for them, summed them
+    # in chunk order and counted themselves; the last set both counters back, so the next call (a graph replay)
+    # starts from zero and gives the same bits.
     assert kernels._COUNTERS[(x.device, "lora")][:2].tolist() == [0, 0]
     assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling))
 

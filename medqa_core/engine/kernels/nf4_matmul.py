@@ -89,14 +89,15 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _lora_down_rows(x_ptr, a_ptr, r, offs_m, m_mask, K, stride_xm, stride_am, scaling,
+def _lora_down_rows(x_ptr, a_ptr, r, offs_m, m_mask, k_lo, k_hi, stride_xm, stride_am, scaling,
                     BLOCK_M: tl.constexpr, LORA_BLOCK_K: tl.constexpr):
-    """LoRA's down-projection for rank ``r`` and rows ``offs_m``: ``scaling * x @ A[r]^T``, [BLOCK_M] float32."""
+    """LoRA's down-projection for rank ``r``, rows ``offs_m`` and columns [k_lo, k_hi): ``scaling * x @ A[r]^T``
+    over those columns, [BLOCK_M] float32."""
     offs_k = tl.arange(0, LORA_BLOCK_K)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, LORA_BLOCK_K):
+    for k0 in range(k_lo, k_hi, LORA_BLOCK_K):
         k = k0 + offs_k
-        k_mask = k < K
+        k_mask = k < k_hi
         a = tl.load(a_ptr + r * stride_am + k, mask=k_mask, other=0.0).to(tl.float32)  # [LBK]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)  # [BM, LBK]
@@ -400,27 +401,30 @@ def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr, output_tiles,
-              stride_tm, stride_bn, stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-              DOT: tl.constexpr, EMULATE: tl.constexpr):
+              M, stride_tm, stride_bn, stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
+              RANK_PAD: tl.constexpr, LORA_SPLIT: tl.constexpr, DOT: tl.constexpr, EMULATE: tl.constexpr):
     """out = round(acc [BM, BN] + bias + t @ B^T): the one output write, after any split-K reduction."""
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if RANK > 0:
-        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first RANK programs, rounded to
-        # the compute dtype as peft's autocast matmuls round it. Those programs were dispatched before this one
-        # (in index order, as CUTLASS's stream-K fix-up also relies on) and are short, so t is almost always
-        # written by the time a tile gets here: the wait is a check that rarely spins.
+        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first RANK * LORA_SPLIT programs
+        # (each rank's K in LORA_SPLIT chunks, summed here in chunk order), rounded to the compute dtype as peft's
+        # autocast matmuls round it. Those programs were dispatched before this one (in index order, as CUTLASS's
+        # stream-K fix-up also relies on) and are short, so t is almost always written by the time a tile gets
+        # here: the wait is a check that rarely spins.
         done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
-        while done < RANK:
+        while done < RANK * LORA_SPLIT:
             done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
         offs_r = tl.arange(0, RANK_PAD)
         r_mask = offs_r < RANK
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
                     other=0.0)  # [BN, R]
-        # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                    other=0.0, cache_modifier=".cg")  # [BM, R], float32
+        t = tl.zeros((offs_m.shape[0], RANK_PAD), dtype=tl.float32)
+        for c in tl.static_range(LORA_SPLIT):
+            # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
+            t += tl.load(t_ptr + (c * M + offs_m[:, None]) * stride_tm + offs_r[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")  # [BM, R]
         t = _round(t, dtype, EMULATE)
         if DOT:
             acc = _dot(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
@@ -441,16 +445,17 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
 def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                        bias_ptr, a_ptr, t_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, lora_counter_ptr,
                        M, N, K, stride_xm, stride_qn, stride_am, stride_tm, stride_bn, stride_om, blocks_per_row,
-                       iterations, scaling,
+                       iterations, scaling, lora_chunk,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-                       LORA_BLOCK_K: tl.constexpr,
+                       LORA_BLOCK_K: tl.constexpr, LORA_SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
                        ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
-    # Programs 0 .. RANK - 1 (with LoRA): rank pid of LoRA's down-projection t = scaling * x @ A^T for every row,
-    # then counted done. The rest: program RANK + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
+    # Programs 0 .. RANK * LORA_SPLIT - 1 (with LoRA): rank pid // LORA_SPLIT of LoRA's down-projection
+    # t = scaling * x @ A^T for every row, over chunk pid % LORA_SPLIT of K, into that chunk's partial, then counted
+    # done. The rest: program RANK * LORA_SPLIT + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
     # [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges
     # of whole quantization blocks; its epilogue adds t @ B^T. So an adapted layer is one launch.
     pid = tl.program_id(0)
@@ -458,14 +463,18 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
     m_tiles = tl.cdiv(M, BLOCK_M)
     tile = pid
     if RANK > 0:  # (without LoRA the branch is not compiled at all)
-        tile = pid - RANK
-        if pid < RANK:
+        tile = pid - RANK * LORA_SPLIT
+        if tile < 0:
+            r = pid // LORA_SPLIT
+            chunk = pid % LORA_SPLIT
+            k_lo = chunk * lora_chunk
+            k_hi = tl.minimum(K, k_lo + lora_chunk)
             for m0 in range(0, M, BLOCK_M):
                 offs_lm = m0 + tl.arange(0, BLOCK_M)
                 lm_mask = offs_lm < M
-                t_r = _lora_down_rows(x_ptr, a_ptr, pid, offs_lm, lm_mask, K, stride_xm, stride_am, scaling,
+                t_r = _lora_down_rows(x_ptr, a_ptr, r, offs_lm, lm_mask, k_lo, k_hi, stride_xm, stride_am, scaling,
                                       BLOCK_M, LORA_BLOCK_K)
-                tl.store(t_ptr + offs_lm * stride_tm + pid, t_r, mask=lm_mask)
+                tl.store(t_ptr + (chunk * M + offs_lm) * stride_tm + r, t_r, mask=lm_mask)
             tl.debug_barrier()  # every lane's t stored before the release below
             tl.atomic_add(lora_counter_ptr, 1, sem="release", scope="gpu")
     if tile >= 0:
@@ -473,8 +482,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, tile % n_tiles, (tile // n_tiles) % m_tiles,
                   tile // (n_tiles * m_tiles), n_tiles, m_tiles, M, N, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
-                  HAS_BIAS, RANK, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE, SPLIT_K,
-                  NUM_STAGES, GEMV, ROUND_ASM, NUM_WARPS, EMULATE)
+                  HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE,
+                  SPLIT_K, NUM_STAGES, GEMV, ROUND_ASM, NUM_WARPS, EMULATE)
 
 
 @triton.jit
@@ -483,7 +492,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row, iterations,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+              LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
               SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
               SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, ROUND_ASM: tl.constexpr,
               NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
@@ -613,7 +622,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
             acc = tl.sum(part2, axis=2)
     if SPLIT_K == 1:
         _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
-                  n_tiles * m_tiles, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
+                  n_tiles * m_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT, DOT,
+                  EMULATE)
     else:
         # Deterministic split-K: each program writes its float32 partial to partial[pid_k, M, N]; the last of the
         # tile's SPLIT_K programs to arrive (an acq_rel counter) sums the partials in index order 0..SPLIT_K-1,
@@ -631,7 +641,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                 total += tl.load(partial_ptr + s * M * N + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
             _epilogue(total, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
-                      n_tiles * m_tiles, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, DOT, EMULATE)
+                      n_tiles * m_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT,
+                      DOT, EMULATE)
 
 
 @dataclass(frozen=True)
@@ -861,6 +872,20 @@ def _counters(device: torch.device, purpose: str, count: int) -> torch.Tensor:
     return counters
 
 
+# LoRA's down-projection x @ A^T is split along K into chunks of at least this many columns (up to 16 chunks), one
+# program each per rank: a rank's whole K in one program was a long chain of dependent loads that the output tiles'
+# epilogues waited on (about 2-5 us an adapted layer at one row on the H100, the v6 sweep's "+lora" rows).
+LORA_MIN_CHUNK = 256
+LORA_MAX_SPLIT = 16
+
+
+def _lora_split(in_features: int) -> tuple[int, int]:
+    """(chunks, columns a chunk) of LoRA's down-projection over ``in_features``."""
+    split = max(1, min(LORA_MAX_SPLIT, in_features // LORA_MIN_CHUNK))
+    chunk = triton.cdiv(in_features, split)
+    return triton.cdiv(in_features, chunk), chunk
+
+
 def _lora_block_k(block_m: int) -> int:
     """Columns an iteration of the LoRA programs' [block_m, K] loads: about 64 values a lane at 4 warps."""
     return max(64, min(1024, 8192 // block_m))
@@ -908,8 +933,10 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         iterations = triton.cdiv(k, block_k)
     split = max(1, min(cfg.split_k, iterations))
     rank = 0 if lora_a is None else int(lora_a.shape[0])
-    # t: LoRA's [rows, rank] down-projection, written by the launch's first `rank` programs, read by its epilogues
-    t = torch.empty(rows, rank, device=x.device, dtype=torch.float32) if rank else out  # else an unused pointer
+    # t: LoRA's down-projection, [lora_split, rows, rank] partials over K's chunks, written by the launch's first
+    # rank * lora_split programs, summed in chunk order by its epilogues
+    lora_split, lora_chunk = _lora_split(k)
+    t = torch.empty(lora_split, rows, rank, device=x.device, dtype=torch.float32) if rank else out  # else unused
     a = lora_a if rank else out
     b = lora_b if rank else out
     dq = weight.double_quant
@@ -920,15 +947,15 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     else:
         partial = counters = out  # unused pointers
     lora_counters = _counters(x.device, "lora", 2) if rank else out
-    _nf4_matmul_kernel[(rank + n_tiles * m_tiles * split,)](
+    _nf4_matmul_kernel[(rank * lora_split + n_tiles * m_tiles * split,)](
         x2, weight.packed, weight.absmax, weight.code,
         weight.absmax2 if dq else weight.code, weight.code2 if dq else weight.code,
         weight.offset if dq else weight.code, bias if bias is not None else out, a, t, b, out, partial, counters,
-        lora_counters, rows, n, k, x2.stride(0), k // 2, a.stride(0), t.stride(0), b.stride(0), out.stride(0),
-        k // weight.blocksize, iterations, float(scaling),
+        lora_counters, rows, n, k, x2.stride(0), k // 2, a.stride(0), rank, b.stride(0), out.stride(0),
+        k // weight.blocksize, iterations, float(scaling), lora_chunk,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        LORA_BLOCK_K=_lora_block_k(cfg.block_m),
+        LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps, EMULATE=interpreting(),
