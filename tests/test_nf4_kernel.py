@@ -90,9 +90,9 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
 
 MODE_CONFIGS = [  # every inner loop with and without prefetch and the shared code table, split_k 1-3 (3 over
     # 4-5 iterations: uneven ranges), tiles wider than N
-    TileConfig(1, 16, 64, 1, 1, 1, "gemv"), TileConfig(1, 32, 128, 1, 1, 3, "gemv", prefetch=True),
-    TileConfig(1, 16, 512, 1, 1, 2, "gemv", prefetch=True),  # 64 words an iteration: two a lane where it fits
-    TileConfig(1, 8, 64, 1, 1, 1, "fma"), TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True, shared_table=True),
+    TileConfig(1, 16, 64, 1, 1, 1, "gemv"),
+    TileConfig(1, 32, 512, 1, 1, 3, "gemv", prefetch=True),  # 64 words an iteration: two a lane where it fits
+    TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True, shared_table=True),
     TileConfig(4, 16, 64, 1, 1, 3, "fma", shared_table=True), TileConfig(8, 8, 128, 1, 1, 2, "fma", prefetch=True),
     TileConfig(16, 16, 64, 1, 1, 1, "dot"), TileConfig(16, 32, 128, 1, 1, 3, "dot", prefetch=True),
     TileConfig(16, 64, 64, 1, 1, 2, "dot_swap", shared_table=True),
