@@ -762,9 +762,10 @@ class TileConfig:
 # MEDQA_NF4_TILES names another file (a fresh sweep).
 TUNED_TILES = Path(__file__).with_name("nf4_tiles.json")
 
-# Programs to aim for per multiprocessor (SM / CU) when the default tile splits K: enough resident programs to
-# keep loads in flight while each waits on its dependent loads (byte -> code, absmax code -> code2 -> absmax2).
-PROGRAMS_PER_MULTIPROCESSOR = 4
+# Warps to aim for per multiprocessor (SM / CU) when the default tile splits K (four programs of four warps): enough
+# resident warps to keep loads in flight while each waits on its dependent loads (byte -> code, absmax code ->
+# code2 -> absmax2).
+WARPS_PER_MULTIPROCESSOR = 16
 MAX_DEFAULT_SPLIT_K = 8
 
 
@@ -800,20 +801,20 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
     """The tile where the device's table has none: per row bucket, the single swept tile whose worst shape is
-    nearest that shape's own winner, from the v6 H100 sweeps (2026-12-06,
-    results/traces/20261206T0941Z_h100_nf4-kernel-v6-gemv.json at 1 row, 20261206T0926Z_h100_nf4-kernel-v6.json at
-    8, 32 and 64). All take the code table from shared memory (``shared_table``).
+    nearest that shape's own winner, from the H100 sweeps (2026-12-06: at 1 row v7's,
+    results/traces/20261206T1313Z_h100_nf4-kernel-v7b-gemv.json; at 8, 32 and 64 v6's,
+    20261206T0926Z_h100_nf4-kernel-v6.json). All take the code table from shared memory (``shared_table``).
 
-    - 1 row: v7's GEMV (int32 words, a word a lane; 32 rows of W a program, 256 columns an iteration, 4 warps,
-      prefetch).
+    - 1 row: v7's GEMV, 8 rows of W a one-warp program, 256 columns an iteration, prefetch (within 13% of each
+      shape's best in that sweep; v6's fma tiles were up to 31% off on one shape or another).
     - 2..16 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand (the 8-row sweep's).
     - 17..64 rows: dot_swap, block_n 64, block_k 64, 4 warps, pipelined by Triton over 3 stages (the 32-row
       sweep's; at 64 rows a pipelined dot of block_n 32 was nearer, the table holds it for the H100).
-    - split_k: doubled (up to 8) until the grid has 4 programs per SM, keeping two iterations a split and the
+    - split_k: doubled (up to 8) until the grid has 16 warps per SM, keeping two iterations a split and the
       float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
     if rows == 1:
-        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 32, 256, 4, 1, "gemv", True
+        block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 8, 256, 1, 1, "gemv", True
     elif rows <= 16:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 16, 32, 128, 4, 1, "dot", True
     else:
@@ -821,7 +822,7 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
         block_n, block_k, warps, stages, mode, prefetch = 64, 64, 4, 3, "dot_swap", False
     programs = triton.cdiv(out_features, block_n) * triton.cdiv(rows, block_m)
     split = 1
-    while (programs * split < PROGRAMS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
+    while (programs * split * warps < WARPS_PER_MULTIPROCESSOR * multiprocessors and split < MAX_DEFAULT_SPLIT_K
            and in_features // (block_k * split * 2) >= 2
            # float32 partials, written and read, per output: at most 1/8 of its row's packed bytes
            and (2 * split) * rows * 4 * 2 <= in_features // 2 // 8):
