@@ -241,6 +241,23 @@ def test_lora_is_fused_into_the_same_output(rows, k) -> None:
     assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling))
 
 
+def test_packed_bytes_at_an_address_the_gemv_cannot_read_as_words_take_the_any_shape_path() -> None:
+    import dataclasses
+
+    param, state = _quantized(32, 256, 64, True)
+    weight = nf4_weight(param)
+    assert weight.aligned
+    shifted = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:]  # one byte off 4
+    shifted.copy_(weight.packed)
+    odd = dataclasses.replace(weight, packed=shifted)
+    assert not odd.aligned  # int32 words would be misaligned there
+    x = torch.randn(1, 256).bfloat16().to(DEVICE)
+    ref = x.float() @ _plain_dequantize(param, state).float().T
+    gemv = TileConfig(1, 16, 256, 1, 1, 2, "gemv", prefetch=True)
+    assert _ulps(nf4_matmul(x, odd, config=gemv), ref) <= 1.0
+    assert torch.equal(nf4_matmul(x, odd, config=gemv), nf4_matmul(x, odd, config=gemv))
+
+
 def test_a_non_nf4_weight_is_refused() -> None:
     with pytest.raises(ValueError, match="not an NF4"):
         nf4_weight(torch.nn.Parameter(torch.zeros(4, 4)))
