@@ -264,18 +264,11 @@ def _gemv_codes(words, table):
     n5 = (words >> 16) & 15
     n6 = (words >> 28) & 15
     n7 = (words >> 24) & 15
-    nib = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
+    # [..., a, b, c] holds element 4a + 2b + c (tl.join adds the last dimension), as x's [..., 2, 2, 2] does
+    nib = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
     shape: tl.constexpr = nib.shape
     flat: tl.constexpr = shape[0] * shape[1] * shape[2] * shape[3] * 8
-    code = tl.reshape(tl.gather(table, tl.reshape(nib, (flat,)), 0), shape)
-    c0123, c4567 = tl.split(code)
-    c01, c23 = tl.split(c0123)
-    c45, c67 = tl.split(c4567)
-    c0, c1 = tl.split(c01)
-    c2, c3 = tl.split(c23)
-    c4, c5 = tl.split(c45)
-    c6, c7 = tl.split(c67)
-    return c0, c1, c2, c3, c4, c5, c6, c7
+    return _split222(tl.reshape(tl.gather(table, tl.reshape(nib, (flat,)), 0), shape))
 
 
 @triton.jit
@@ -285,12 +278,12 @@ def _gemv_fma(code, scale, x_e, part, dtype: tl.constexpr, ROUND_ASM: tl.constex
 
 
 @triton.jit
-def _split8(x8):
-    """[A, B, C, 8] -> its eight [A, B, C] slices, element 0 first (tl.split in registers: the 8 are one lane's)."""
-    shape: tl.constexpr = x8.shape
-    even, odd = tl.split(tl.reshape(x8, (shape[0], shape[1], shape[2], 4, 2)))  # elements 2i and 2i + 1
-    e04, e26 = tl.split(tl.reshape(even, (shape[0], shape[1], shape[2], 2, 2)))  # elements 4a and 4a + 2
-    e15, e37 = tl.split(tl.reshape(odd, (shape[0], shape[1], shape[2], 2, 2)))  # elements 4a + 1 and 4a + 3
+def _split222(t):
+    """t [..., 2, 2, 2] -> its eight [...] slices, element 4a + 2b + c at [..., a, b, c], element 0 first
+    (tl.split in registers: the eight are one lane's)."""
+    e0246, e1357 = tl.split(t)
+    e04, e26 = tl.split(e0246)
+    e15, e37 = tl.split(e1357)
     e0, e4 = tl.split(e04)
     e2, e6 = tl.split(e26)
     e1, e5 = tl.split(e15)
@@ -357,7 +350,8 @@ def _nf4_gemv(x_row_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, of
 def _gemv_words(words, table, scale, x8, part, dtype: tl.constexpr, ROUND_ASM: tl.constexpr,
                 EMULATE: tl.constexpr):
     """part + the products of words [R, NW, G, WL] (eight weights each) with their x values x8 [NW, G, WL, 8]."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x8)
+    shape: tl.constexpr = x8.shape
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split222(tl.reshape(x8, (shape[0], shape[1], shape[2], 2, 2, 2)))
     c0, c1, c2, c3, c4, c5, c6, c7 = _gemv_codes(words, table)
     part = _gemv_fma(c0, scale, x0, part, dtype, ROUND_ASM, EMULATE)
     part = _gemv_fma(c1, scale, x1, part, dtype, ROUND_ASM, EMULATE)
