@@ -663,7 +663,8 @@ class NF4Weight:
 
     @property
     def aligned(self) -> bool:
-        """Rows of whole quantization blocks (the fast path): a row starts a block and a byte."""
+        """Rows of whole quantization blocks (the fast path): a row starts a block and a byte, and the packed bytes
+        can be read as int32 words (the GEMV's loads); else every mode takes the any-shape path."""
         return (self.in_features % self.blocksize == 0 and self.in_features % 8 == 0
                 and self.packed.data_ptr() % 4 == 0)  # the GEMV reads int32 words
 
@@ -704,8 +705,10 @@ class TileConfig:
 
     ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's
     blocks). ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations
-    (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"fma"`` (broadcast
-    multiply-adds, any ``block_m``; at 1 a GEMV), ``"dot"`` (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
+    (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"gemv"`` (v7, ``block_m`` 1:
+    int32 words, ``block_n`` rows of W a program over ``num_warps`` warps; ``shared_table`` does not apply, its
+    lookups are always a gather), ``"fma"`` (broadcast multiply-adds, any ``block_m``; at 1 v6's GEMV), ``"dot"``
+    (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
     ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
     ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
     ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (rows of
@@ -867,8 +870,9 @@ def _counters(device: torch.device, purpose: str, count: int) -> torch.Tensor:
 
 
 # LoRA's down-projection x @ A^T is split along K into chunks of at least this many columns (up to 16 chunks), one
-# program each per rank: a rank's whole K in one program was a long chain of dependent loads that the output tiles'
-# epilogues waited on (about 2-5 us an adapted layer at one row on the H100, the v6 sweep's "+lora" rows).
+# program each per rank, instead of a rank's whole K in one program (a chain of dependent loads the output tiles'
+# epilogues wait on). Measured on an H100 at one row (docs/decode.md, v7): no gain over the one program; kept
+# because the bench files of v7 ran with it.
 LORA_MIN_CHUNK = 256
 LORA_MAX_SPLIT = 16
 
@@ -953,7 +957,6 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps, EMULATE=interpreting(),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
