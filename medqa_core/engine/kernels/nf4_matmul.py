@@ -743,6 +743,9 @@ class TileConfig:
         if self.kernel_mode == "gemv":
             if self.block_m != 1:
                 raise ValueError(f"TileConfig: mode 'gemv' is one row of x a tile (block_m 1), got {self.block_m}")
+            if self.block_n < self.num_warps:
+                raise ValueError(f"TileConfig: mode 'gemv' gives each warp its own rows, so block_n "
+                                 f"({self.block_n}) must be at least num_warps ({self.num_warps})")
         elif self.kernel_mode != "fma" and min(self.block_m, self.block_n) < 16:
             raise ValueError(f"TileConfig: mode {self.kernel_mode!r} needs block_m and block_n >= 16 (tl.dot), got "
                              f"{self.block_m} x {self.block_n}; use mode 'fma' for fewer rows")
