@@ -78,7 +78,7 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
                      BLOCK_K=max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
-                     SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
+                     SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv", MMA=tile.kernel_mode == "mma",
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), "scaling": "fp32", **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},

@@ -74,14 +74,16 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 def _sweep_grid(rows: int) -> list:
     """The tiles --sweep times at ``rows`` (at most 21 a row count, so four layer shapes sweep in minutes).
 
+    v8: at 1 and 8 rows, ten tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only.
+
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
     so the dot tiles come both ways: loads prefetched by hand (num_stages 1, ``prefetch``), or pipelined by Triton
     (num_stages 3-4: cp.async copies of the packed bytes, scales and x, several iterations in flight).
 
-    - 1 row: v7's GEMV tiles (mode gemv), v6's GEMV winners (fma, block_m 1) and two of them pipelined by
-      Triton, and a 16-row dot (15 rows masked) pipelined by Triton.
-    - 8 rows: v5's 8-row winners (dot with prefetch, dot_swap), and pipelined dots.
+    - 1 row: v8's MMA tiles, v7's one-warp GEMV tiles (mode gemv), v6's GEMV winners (fma, block_m 1) and two of
+      them pipelined by Triton.
+    - 8 rows: v8's MMA tiles, v5's 8-row winners (dot with prefetch, dot_swap), and pipelined dots.
     - 32 and 64 rows: dots of the rows' own height, by hand and pipelined.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
@@ -89,28 +91,28 @@ def _sweep_grid(rows: int) -> list:
     def shared(*args: object, **kwargs: object) -> TileConfig:
         return TileConfig(*args, **kwargs, shared_table=True)
 
+    # v8's MMA GEMV (NVIDIA; 1 to 8 rows of x at one cost): warps (16 rows of W each), columns an iteration, split,
+    # prefetch. Elsewhere nf4_matmul refuses them and the sweep lists them as rejected.
+    mma = [TileConfig(8, 16 * nw, bk, nw, 1, sk, "mma", prefetch=pf) for nw, bk, sk, pf in
+           ((1, 128, 2, True), (1, 128, 4, True), (1, 128, 8, True), (1, 128, 16, True), (1, 64, 8, True),
+            (1, 64, 16, True), (1, 128, 8, False), (2, 128, 4, True), (2, 128, 8, True), (4, 128, 4, True))]
     if rows == 1:
-        # v7's GEMV (int32 words, a word a lane; at 512 columns an iteration two words a lane, halves of a block):
-        # rows a program (block_n = rows a lane x warps), columns, warps, split, prefetch
-        words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=pf) for bn, bk, nw, sk, pf in
-                 ((32, 256, 4, 8, True), (16, 256, 4, 8, True), (64, 256, 8, 8, True), (8, 256, 1, 8, True),
-                  (32, 256, 4, 4, True), (32, 256, 4, 8, False), (16, 512, 4, 8, True), (16, 512, 4, 4, True),
-                  (8, 512, 2, 8, True), (16, 512, 2, 8, True), (8, 512, 1, 8, True), (32, 512, 8, 8, True),
-                  (32, 512, 4, 4, True), (16, 512, 4, 8, False))]
-        # v6's GEMV (fma, block_m 1): its winners, and two it pipelined by Triton (compiled only before v7)
+        # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
+        words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
+                 ((8, 256, 1, 8), (8, 512, 1, 8), (8, 512, 2, 8))]
+        # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
-                ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 512, 4, 2, 4), (8, 256, 2, 2, 4),
-                 (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        pipelined = [shared(16, 64, 128, 4, 3, 4, "dot_swap")]
-        return words + gemv + pipelined  # 22
+                ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
+        return mma + words + gemv  # 18
     block_m = max(16, rows)
+    mma = mma if rows <= 8 else []
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]
     pipelined = [shared(block_m, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return by_hand + pipelined  # 10-11
+    return mma + by_hand + pipelined  # 20-21 at 8 rows, 10-11 above
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,

@@ -90,6 +90,7 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
 
 MODE_CONFIGS = [  # every inner loop with and without prefetch and the shared code table, split_k 1-3 (3 over
     # 4-5 iterations: uneven ranges), tiles wider than N
+    TileConfig(8, 16, 64, 1, 1, 1, "mma"), TileConfig(8, 32, 64, 2, 1, 3, "mma", prefetch=True),
     TileConfig(1, 16, 64, 1, 1, 1, "gemv"),
     TileConfig(1, 32, 512, 1, 1, 3, "gemv", prefetch=True),  # 64 words an iteration: two a lane where it fits
     TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True, shared_table=True),
@@ -119,6 +120,8 @@ def _mode_cases():
         for i, shape in enumerate(SPLIT_SHAPES):
             if i and config.num_stages >= 3 and DEVICE == "cpu":
                 continue
+            if config.kernel_mode == "mma" and shape[1] % config.block_k:
+                continue  # refused (test_the_mma_mode_refuses_what_it_cannot_run)
             variants = QUANT_LORA if i == 0 or DEVICE != "cpu" else [QUANT_LORA[i % 2]]
             for double_quant, lora in variants:
                 yield pytest.param(config, *shape, double_quant, lora, marks=[pytest.mark.slow] if i else [],
@@ -201,9 +204,12 @@ def test_every_tile_shape_writes_every_output(config) -> None:
 
 
 @pytest.mark.parametrize("config", [None, TileConfig(4, 16, 64, 1, 1, 2, "fma"), TileConfig(16, 16, 64, 1, 1, 2, "dot"),
-                                    TileConfig(16, 16, 128, 1, 1, 1, "dot_swap")], ids=str)
+                                    TileConfig(16, 16, 128, 1, 1, 1, "dot_swap"),
+                                    TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_compute_dtypes(dtype, config) -> None:
+    if config is not None and config.kernel_mode == "mma" and dtype == torch.float32:
+        pytest.skip("the MMAs take bf16 or fp16: test_the_mma_mode_refuses_what_it_cannot_run")
     param, state = _quantized(48, 256, 64, True, dtype=dtype)
     x = torch.randn(3, 256).to(dtype).to(DEVICE)
     out = nf4_matmul(x, nf4_weight(param), config=config)
@@ -241,6 +247,33 @@ def test_lora_is_fused_into_the_same_output(rows, k) -> None:
     # starts from zero and gives the same bits.
     assert kernels._COUNTERS[(x.device, "lora")][:2].tolist() == [0, 0]
     assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling))
+
+
+@pytest.mark.parametrize(("n", "k", "blocksize", "dtype", "block_k", "match"), [
+    (32, 256, 64, torch.float32, 64, "bf16 or fp16, not torch.float32"),
+    (32, 192, 64, torch.bfloat16, 128, "K 192 is not a multiple of block_k 128"),
+    (32, 256, 64, torch.bfloat16, 512, "blocksize 64 not of a lane's 128 columns"),
+    (33, 70, 64, torch.bfloat16, 32, "not whole quantization blocks")])
+def test_the_mma_mode_refuses_what_it_cannot_run(n, k, blocksize, dtype, block_k, match) -> None:
+    param, state = _quantized(n, k, blocksize, False, dtype=dtype)
+    x = torch.randn(1, k).to(dtype).to(DEVICE)
+    with pytest.raises(ValueError, match=match):
+        nf4_matmul(x, nf4_weight(param), config=TileConfig(8, 16, block_k, 1, 1, 1, "mma"))
+    # the default tile (mma at up to 8 rows where it can run) takes another mode there, exactly
+    ref = x.float() @ _plain_dequantize(param, state).float().T
+    assert _within_float32_sums(nf4_matmul(x, nf4_weight(param)), ref, x, _plain_dequantize(param, state))
+
+
+def test_the_mma_mode_is_exact_at_every_row_count() -> None:
+    # x's rows are the MMA's 8 columns: 1 to 8 rows decode the weights once; 13 rows take two row tiles
+    param, state = _quantized(40, 256, 64, True)
+    weight = _plain_dequantize(param, state).float()
+    x = torch.randn(13, 256).bfloat16().to(DEVICE)
+    config = TileConfig(8, 16, 128, 1, 1, 1, "mma", prefetch=True)
+    full = nf4_matmul(x, nf4_weight(param), config=config)
+    assert _ulps(full, x.float() @ weight.T) <= 1.0
+    for rows in (1, 3, 8):
+        assert _ulps(nf4_matmul(x[:rows], nf4_weight(param), config=config), x[:rows].float() @ weight.T) <= 1.0
 
 
 def test_packed_bytes_at_an_address_the_gemv_cannot_read_as_words_take_the_any_shape_path() -> None:

@@ -381,6 +381,232 @@ def _gemv_loads(row_words, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_
 
 
 @triton.jit
+def _lanes(NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+    """(lane, warp) of each of a program's 32 * NUM_WARPS threads, one tensor element each. On the GPU read from
+    the hardware (``%laneid``, ``%tid.x``), so the MMA fragments of :func:`_nf4_mma` rest on no assumption about how
+    Triton lays a tensor over lanes; under the interpreter the element's index."""
+    i = tl.arange(0, 32 * NUM_WARPS)
+    if EMULATE:
+        return i % 32, i // 32
+    else:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [i], dtype=tl.int32, is_pure=True, pack=1)
+        tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [i], dtype=tl.int32, is_pure=True, pack=1)
+        return lane, tid // 32
+
+
+@triton.jit
+def _mma_code(table, index, EMULATE: tl.constexpr):
+    """The NF4 level of 4-bit code ``index & 15`` (float32). On the GPU one ``shfl.sync`` from the lane that holds
+    it: lane L holds level L & 15 (``table``, a register a lane), and shfl reads only the low 5 bits of its lane
+    index, so ``index`` may carry the word's higher nibbles unmasked. Interpreter: a gather from the 16 levels."""
+    if EMULATE:
+        return tl.gather(table, index & 15, 0)
+    else:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [table, index],
+                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma_pair(lo, hi, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 ``lo`` and ``hi`` rounded to ``dtype`` (nearest even) and packed in 32 bits, lo in the low half: one
+    MMA operand register (one ``cvt.rn`` for both on the GPU)."""
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            lo_bits = _round(lo, dtype, True).to(tl.uint32, bitcast=True) >> 16
+            hi_bits = _round(hi, dtype, True).to(tl.uint32, bitcast=True)
+        else:
+            lo_bits = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            hi_bits = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return (hi_bits | lo_bits).to(tl.int32, bitcast=True)
+    elif dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_unpair(pair, dtype: tl.constexpr):
+    """The two float32 values (low half, high half) of a packed ``dtype`` pair (the interpreter's MMA)."""
+    bits = pair.to(tl.uint32, bitcast=True)
+    if dtype == tl.bfloat16:
+        return (bits << 16).to(tl.float32, bitcast=True), (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        lo = (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fragment_row(left, right, dtype: tl.constexpr, NUM_WARPS: tl.constexpr):
+    """[NUM_WARPS, 8, 16]: row g of a 16-column fragment from lane 4g + t's pairs, columns 2t, 2t + 1 (``left``)
+    and 2t + 8, 2t + 9 (``right``)."""
+    l0, l1 = _mma_unpair(left, dtype)
+    r0, r1 = _mma_unpair(right, dtype)
+    cols_lo = tl.reshape(tl.join(l0, l1), (NUM_WARPS, 8, 8))
+    cols_hi = tl.reshape(tl.join(r0, r1), (NUM_WARPS, 8, 8))
+    return tl.reshape(tl.permute(tl.join(cols_lo, cols_hi), (0, 1, 3, 2)), (NUM_WARPS, 8, 16))
+
+
+@triton.jit
+def _stack_rows(top, bottom):
+    """[W, 8, C] twice -> [W, 16, C], ``top`` rows 0-7."""
+    w: tl.constexpr = top.shape[0]
+    c: tl.constexpr = top.shape[2]
+    return tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (w, 16, c))
+
+
+@triton.jit
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, dtype: tl.constexpr, NUM_WARPS: tl.constexpr):
+    """What ``mma.sync.m16n8k16`` computes, on whole warps' registers ([32 * NUM_WARPS] each, lane 4g + t):
+    A [16, 16] (a0: row g, columns 2t, 2t + 1; a1: row g + 8; a2, a3: columns + 8), B [16, 8] (b0: rows 2t, 2t + 1 of
+    column g; b1: rows + 8), C and D [16, 8] (c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8). float32 products
+    of the 16-bit values (exact) summed in float32."""
+    a = _stack_rows(_fragment_row(a0, a2, dtype, NUM_WARPS), _fragment_row(a1, a3, dtype, NUM_WARPS))  # [W, 16, 16]
+    b_t = _fragment_row(b0, b1, dtype, NUM_WARPS)  # [W, 8 (column n), 16 (k)]
+    c = _stack_rows(tl.reshape(tl.join(c0, c1), (NUM_WARPS, 8, 8)), tl.reshape(tl.join(c2, c3), (NUM_WARPS, 8, 8)))
+    d = c + tl.sum(a[:, :, None, :] * b_t[:, None, :, :], axis=3)  # [W, 16, 8]
+    top, bottom = tl.split(tl.permute(tl.reshape(d, (NUM_WARPS, 2, 8, 8)), (0, 2, 3, 1)))
+    d0, d1 = tl.split(tl.reshape(top, (NUM_WARPS, 8, 4, 2)))
+    d2, d3 = tl.split(tl.reshape(bottom, (NUM_WARPS, 8, 4, 2)))
+    lanes: tl.constexpr = 32 * NUM_WARPS
+    return (tl.reshape(d0, (lanes,)), tl.reshape(d1, (lanes,)), tl.reshape(d2, (lanes,)),
+            tl.reshape(d3, (lanes,)))
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
+         EMULATE: tl.constexpr):
+    """D = A @ B + C, one ``mma.sync.aligned.m16n8k16`` a warp (float32 accumulators; see :func:`_mma_emulated`
+    for the fragments)."""
+    if EMULATE:
+        return _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, dtype, NUM_WARPS)
+    elif dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _pick(t, i: tl.constexpr):
+    """Column ``i`` of an integer tensor [L, C] whose rows are each one lane's registers: a register chosen at
+    compile time (the selects fold away)."""
+    return tl.sum(tl.where(tl.arange(0, t.shape[1])[None, :] == i, t, 0), axis=1)
+
+
+@triton.jit
+def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
+               words_per_row, WL: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr):
+    """An iteration's loads from HBM for :func:`_nf4_mma`: a lane's WL int32 words of rows ``row_g`` and ``row_h``
+    (rows that exist: no masks) from column ``col`` on, one load each inside one quantization block, and their two
+    scales."""
+    offs = tl.arange(0, WL)[None, :]
+    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + col // 8, WL)[:, None] + offs)
+    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + col // 8, WL)[:, None] + offs)
+    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g * blocks_per_row + col // BLOCKSIZE,
+                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h * blocks_per_row + col // BLOCKSIZE,
+                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    return words_g, words_h, scale_g, scale_h
+
+
+@triton.jit
+def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, dtype: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """One A operand register of rows g and g + 8: the weights of the nibbles at bits ``shift + 4`` and ``shift``
+    of their words (bitsandbytes' element 2i is byte i's high nibble: these are two consecutive columns), each
+    ``round(code * absmax)`` as bitsandbytes dequantizes it."""
+    row_g = _mma_pair(_mma_code(table, word_g >> (shift + 4), EMULATE) * scale_g,
+                      _mma_code(table, word_g >> shift, EMULATE) * scale_g, dtype, EMULATE)
+    row_h = _mma_pair(_mma_code(table, word_h >> (shift + 4), EMULATE) * scale_h,
+                      _mma_code(table, word_h >> shift, EMULATE) * scale_h, dtype, EMULATE)
+    return row_g, row_h
+
+
+@triton.jit
+def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m, pid_k,
+             M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
+             NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+             PREFETCH: tl.constexpr, EMULATE: tl.constexpr):
+    """Rows ``pid_n * 16 * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of BLOCK_K
+    columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
+
+    v8 (NVIDIA: mma.sync and shfl.sync; the interpreter emulates both). Each warp computes a 16-row tile of W
+    against up to 8 rows of x with ``mma.sync.m16n8k16`` (float32 accumulators), x's rows as the MMA's 8 columns,
+    so 1 to 8 rows cost the same. A lane (g, t) = (lane // 4, lane % 4) decodes W rows g and g + 8 over its own 8 * WL
+    consecutive columns of each iteration (WL int32 words a row: one load each), and its x words are those
+    columns of x row g. The dot product does not care which k a column is called inside the MMA, so the lane's
+    columns 4j .. 4j + 3 are MMA j's k = 2t, 2t + 1, 2t + 8, 2t + 9 for both A and B: the weights go into operand
+    registers as they are decoded, and x's bf16 pairs are its B registers as loaded. A weight costs a shift, a
+    ``shfl`` (the code table lives one level a lane), a multiply by its scale and half a ``cvt.rn`` pair: no
+    float32 FMA, no layout change, no shared memory.
+    """
+    WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its two rows an iteration
+    lane, warp = _lanes(NUM_WARPS, EMULATE)
+    g = lane // 4
+    t = lane % 4
+    out_g = pid_n * (16 * NUM_WARPS) + warp * 16 + g  # the lane's two output rows: W rows g and g + 8 of its tile
+    out_h = out_g + 8
+    # Rows past N and x rows past M read the last one instead (no masks on the loads; their results are not stored)
+    row_g = tl.minimum(out_g, N - 1)
+    row_h = tl.minimum(out_h, N - 1)
+    x_row = tl.minimum(pid_m * 8 + g, M - 1)  # lane g's x row: the MMA's column g
+    if EMULATE:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+    else:
+        table = tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+    words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    words_per_row = K // 8
+    x_words_per_row = stride_xm // 2
+    c0 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    c1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    c2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    c3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
+                                                    row_h, it0 * BLOCK_K + t * (8 * WL), blocks_per_row,
+                                                    words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+    for it in range(it0, it1):
+        col = it * BLOCK_K + t * (8 * WL)  # the lane's first column this iteration
+        if PREFETCH:
+            words_g, words_h, scale_g, scale_h = wg_next, wh_next, sg_next, sh_next
+            wg_next, wh_next, sg_next, sh_next = _mma_loads(
+                words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h,
+                tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WL), blocks_per_row, words_per_row, WL, BLOCKSIZE,
+                BLOCKSIZE2, DOUBLE_QUANT)
+        else:
+            words_g, words_h, scale_g, scale_h = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                            row_g, row_h, col, blocks_per_row, words_per_row, WL,
+                                                            BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        for i in tl.static_range(WL):
+            # x's 8 columns of word i: 4 words (16 bytes) a load, so that one lane holds them all
+            x_words = tl.load(xw_ptr + tl.multiple_of(x_row * x_words_per_row + col // 2 + 4 * i, 4)[:, None]
+                              + tl.arange(0, 4)[None, :])
+            word_g = _pick(words_g, i)
+            word_h = _pick(words_h, i)
+            for half in tl.static_range(2):
+                # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
+                a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
+                a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
+                c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_words, 2 * half), _pick(x_words, 2 * half + 1), c0, c1,
+                                      c2, c3, dtype, NUM_WARPS, EMULATE)
+    # D[m, n] = W row m . x row n: c0, c1 at (g, 2t), (g, 2t + 1); c2, c3 at (g + 8, ...)
+    part = partial_ptr + pid_k * M * N
+    n0 = pid_m * 8 + 2 * t
+    tl.store(part + n0 * N + out_g, c0, mask=(n0 < M) & (out_g < N))
+    tl.store(part + (n0 + 1) * N + out_g, c1, mask=(n0 + 1 < M) & (out_g < N))
+    tl.store(part + n0 * N + out_h, c2, mask=(n0 < M) & (out_h < N))
+    tl.store(part + (n0 + 1) * N + out_h, c3, mask=(n0 + 1 < M) & (out_h < N))
+
+
+@triton.jit
 def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
     """acc + x @ w^T: x [BM, J], w [BN, J] (either may be the weight); float32 products of ``dtype`` values
     (exact), float32 sums."""
@@ -444,7 +670,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        LORA_BLOCK_K: tl.constexpr, LORA_SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
-                       SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
+                       SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
                        ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
     # Programs 0 .. RANK * LORA_SPLIT - 1 (with LoRA): rank pid // LORA_SPLIT of LoRA's down-projection
     # t = scaling * x @ A^T for every row, over chunk pid % LORA_SPLIT of K, into that chunk's partial, then counted
@@ -476,7 +702,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   tile // (n_tiles * m_tiles), n_tiles, m_tiles, M, N, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE,
-                  SPLIT_K, NUM_STAGES, GEMV, ROUND_ASM, NUM_WARPS, EMULATE)
+                  SPLIT_K, NUM_STAGES, GEMV, MMA, ROUND_ASM, NUM_WARPS, EMULATE)
 
 
 @triton.jit
@@ -487,8 +713,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
               LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
-              SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, ROUND_ASM: tl.constexpr,
-              NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+              SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
+              ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction)."""
     dtype = out_ptr.dtype.element_ty
     # Triton software-pipelines the K loop over NUM_STAGES (cp.async copies of the packed bytes, scales and x,
@@ -502,7 +728,14 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
     n_mask = offs_n < N
     it0 = pid_k * iterations // SPLIT_K
     it1 = (pid_k + 1) * iterations // SPLIT_K
-    if ALIGNED:
+    if MMA:
+        # Written to partial[pid_k]; read back as a [BLOCK_M, BLOCK_N] tile below (a lane's results are not where
+        # Triton's tile layout has them).
+        _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m,
+                 pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, NUM_WARPS, BLOCKSIZE,
+                 BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
+    elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
         HB: tl.constexpr = BLOCKSIZE // 2
         G: tl.constexpr = BLOCK_K // BLOCKSIZE
@@ -613,7 +846,12 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                           + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :])
         if not DOT:
             acc = tl.sum(part2, axis=2)
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
     if SPLIT_K == 1:
+        if MMA:
+            tl.debug_barrier()  # every lane's results stored before any lane reads the tile
+            acc = tl.load(partial_ptr + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
         _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
                   n_tiles * m_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT, DOT,
                   EMULATE)
@@ -621,9 +859,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
         # Deterministic split-K: each program writes its float32 partial to partial[pid_k, M, N]; the last of the
         # tile's SPLIT_K programs to arrive (an acq_rel counter) sums the partials in index order 0..SPLIT_K-1,
         # whichever program that is, resets the counter for the next call, and writes the output once.
-        mn_mask = m_mask[:, None] & n_mask[None, :]
-        tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
-        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=mn_mask)
+        if not MMA:  # (the MMA path stored its partial already)
+            tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=mn_mask)
         tl.debug_barrier()  # every lane's partial stored before the release below
         counter = counter_ptr + pid_m * n_tiles + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
@@ -692,7 +929,7 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
                      out_features=out_features, in_features=in_features, **kwargs)
 
 
-MODES = ("gemv", "fma", "dot", "dot_swap")
+MODES = ("mma", "gemv", "fma", "dot", "dot_swap")
 
 
 def _power_of_two(value: int) -> bool:
@@ -740,7 +977,12 @@ class TileConfig:
             raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
-        if self.kernel_mode == "gemv":
+        if self.kernel_mode == "mma":
+            if self.block_m != 8 or self.block_n != 16 * self.num_warps or self.block_k < 32:
+                raise ValueError(f"TileConfig: mode 'mma' is 8 rows of x (block_m 8) by 16 rows of W a warp (block_n "
+                                 f"{16 * self.num_warps} at {self.num_warps} warps) over block_k >= 32 columns, got "
+                                 f"{self.block_m} x {self.block_n} x {self.block_k}")
+        elif self.kernel_mode == "gemv":
             if self.block_m != 1:
                 raise ValueError(f"TileConfig: mode 'gemv' is one row of x a tile (block_m 1), got {self.block_m}")
             if self.block_n < self.num_warps:
@@ -798,7 +1040,8 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int) -> TileConfig:
+def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int,
+                  mma: bool = False) -> TileConfig:
     """The tile where the device's table has none: per row bucket, the single swept tile whose worst shape is
     nearest that shape's own winner, from the H100 sweeps (2026-12-06: at 1 row v7's,
     results/traces/20261206T1313Z_h100_nf4-kernel-v7b-gemv.json; at 8, 32 and 64 v6's,
@@ -812,7 +1055,10 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
     - split_k: doubled (up to 8) until the grid has 16 warps per SM, keeping two iterations a split and the
       float32 partials (written and read once) under 1/8 of the packed weight's bytes.
     """
-    if rows == 1:
+    if mma and rows <= 8:
+        block_k = 128 if in_features % 128 == 0 else 64
+        block_m, block_n, warps, stages, mode, prefetch = 8, 16, 1, 1, "mma", True
+    elif rows == 1:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 1, 8, 256, 1, 1, "gemv", True
     elif rows <= 16:
         block_m, block_n, block_k, warps, stages, mode, prefetch = 16, 32, 128, 4, 1, "dot", True
@@ -834,12 +1080,19 @@ def tile_config(rows: int, out_features: int, in_features: int, device: torch.de
     shape and row bucket where bench/profile_nf4_kernel.py --sweep measured one, else :func:`_default_tile`.
     """
     if interpreting():
-        return _default_tile(rows, out_features, in_features, 1)
+        return _default_tile(rows, out_features, in_features, 1, mma=True)
     path = os.environ.get("MEDQA_NF4_TILES") or str(TUNED_TILES)
     tuned = _tuned(_device_name(device), path).get((row_bucket(rows), out_features, in_features))
     if tuned:
         return tuned
-    return _default_tile(rows, out_features, in_features, _multiprocessors(device))
+    return _default_tile(rows, out_features, in_features, _multiprocessors(device), mma=_has_mma(device))
+
+
+@functools.cache
+def _has_mma(device: torch.device) -> bool:
+    """An NVIDIA GPU with bf16 MMAs (sm_80 on), where the ``mma`` mode runs."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
@@ -898,6 +1151,24 @@ def _round_asm(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.version.hip is None and x.dtype == torch.bfloat16 and not interpreting()
 
 
+def mma_unfit(x: torch.Tensor, weight: NF4Weight, block_k: int) -> str | None:
+    """Why the ``mma`` mode cannot compute ``x @ W^T`` at ``block_k`` columns an iteration, or None where it can:
+    it needs an NVIDIA GPU with bf16 MMAs (sm_80 on; or Triton's interpreter, which emulates them), a bf16 or fp16
+    compute dtype, rows of whole quantization blocks read as int32 words, K a multiple of ``block_k``, and a lane's
+    ``block_k / 4`` columns inside one quantization block."""
+    if not interpreting() and not _has_mma(x.device):
+        where = "ROCm" if torch.version.hip else x.device.type
+        return f"it needs an NVIDIA GPU of compute capability 8.0 or later (mma.sync, shfl.sync), not {where}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"its MMAs take bf16 or fp16, not {x.dtype}"
+    if not weight.aligned:
+        return "the packed weight's rows are not whole quantization blocks of int32 words"
+    if weight.in_features % block_k or weight.blocksize % (block_k // 4):
+        return (f"K {weight.in_features} is not a multiple of block_k {block_k}, or blocksize {weight.blocksize} "
+                f"not of a lane's {block_k // 4} columns")
+    return None
+
+
 def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
                lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                scaling: float = 1.0, config: TileConfig | None = None) -> torch.Tensor:
@@ -924,9 +1195,21 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     if rows == 0:
         return out.reshape(*lead, n)
     cfg = config or tile_config(rows, n, k, x.device)
+    mma = cfg.kernel_mode == "mma"
+    if mma:
+        why_not = mma_unfit(x, weight, cfg.block_k)
+        if why_not and config is not None:
+            raise ValueError(f"nf4_matmul: mode 'mma' cannot run here: {why_not}")
+        if why_not:
+            cfg, mma = _default_tile(rows, n, k, _multiprocessors(x.device), mma=False), False
+        elif x2.stride(0) != k or x2.data_ptr() % 4:
+            x2 = x2.clone()  # its rows read as int32 words of two values
     dot = cfg.kernel_mode in ("dot", "dot_swap")
     aligned = weight.aligned
-    if aligned:
+    if mma:
+        block_k = cfg.block_k
+        iterations = k // block_k
+    elif aligned:
         block_k = _blocks_per_iteration(weight, cfg.block_k)
         iterations = (k // weight.blocksize) // (block_k // weight.blocksize)
     else:
@@ -942,11 +1225,9 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     b = lora_b if rank else out
     dq = weight.double_quant
     n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m)
-    if split > 1:
-        partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32)  # [split, M, N]
-        counters = _counters(x.device, "split_k", n_tiles * m_tiles)
-    else:
-        partial = counters = out  # unused pointers
+    # [split, M, N]: split-K's float32 partials; the MMA path writes its results there even unsplit
+    partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32) if split > 1 or mma else out
+    counters = _counters(x.device, "split_k", n_tiles * m_tiles) if split > 1 else out  # else unused
     lora_counters = _counters(x.device, "lora", 2) if rank else out
     _nf4_matmul_kernel[(rank * lora_split + n_tiles * m_tiles * split,)](
         x2, weight.packed, weight.absmax, weight.code,
@@ -959,7 +1240,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-        GEMV=cfg.kernel_mode == "gemv", ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps, EMULATE=interpreting(),
+        GEMV=cfg.kernel_mode == "gemv", MMA=mma, ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps, EMULATE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
