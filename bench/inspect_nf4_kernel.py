@@ -75,10 +75,11 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
     names = list(_nf4_matmul_kernel.arg_names)
     constants = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True, HAS_BIAS=False, RANK=0,
                      RANK_PAD=16, LORA_BLOCK_K=64, LORA_SPLIT=1, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                     BLOCK_K=max(tile.block_k, blocksize),
+                     BLOCK_K=tile.block_k if tile.kernel_mode == "mma" else max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
-                     SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv", MMA=tile.kernel_mode == "mma",
+                     SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
+                     MMA=tile.kernel_mode == "mma",
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), "scaling": "fp32", **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},

@@ -1240,7 +1240,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-        GEMV=cfg.kernel_mode == "gemv", MMA=mma, ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps, EMULATE=interpreting(),
+        GEMV=cfg.kernel_mode == "gemv", MMA=mma, ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps,
+        EMULATE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*lead, n)
