@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tile:
         groups = [(rows, [tile]) for rows, tile in args.tile]
     else:
-        groups = [(rows, _sweep_grid(rows) if args.grid else [_default_tile(rows, n, k, 132)])
+        mma = TARGETS[args.target].backend == "cuda"  # the default's MMA GEMV is NVIDIA's
+        groups = [(rows, _sweep_grid(rows) if args.grid else [_default_tile(rows, n, k, 132, mma=mma)])
                   for rows in (int(r) for r in args.rows.split(","))]
     for rows, tiles in groups:
         for tile in tiles:
