@@ -328,7 +328,7 @@ def _decode(model, kernel: str, ids: torch.Tensor, new: int):
     return tokens, decoder.setup
 
 
-@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # GEMV and dot paths; ~40 s each
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # ~40 s each
 def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_model, batch) -> None:
     model = adapted_4bit_model
     ids = torch.randint(3, 32000, (batch, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -338,6 +338,7 @@ def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_m
     assert setup.nf4_kernel.startswith("triton-nf4") and bnb_setup.nf4_kernel.startswith("bitsandbytes")
     layers = TINY["num_hidden_layers"] * 7  # q, k, v, o, gate, up, down
     assert (setup.nf4_fused_layers, setup.nf4_fused_lora_layers) == (layers, layers)
+    assert setup.nf4_modes == f"mma x{layers}" and bnb_setup.nf4_modes == ""  # the MMA GEMV, up to 8 rows
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert dict(model.named_modules()) == modules_before  # the originals are back in place
 

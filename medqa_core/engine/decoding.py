@@ -127,6 +127,7 @@ class DecodeSetup:
     nf4_kernel_why: str = ""  # why that kernel: asked, auto and the device, or why Triton could not run
     nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
     nf4_fused_lora_layers: int = 0
+    nf4_modes: str = ""  # our kernel's inner loops at this batch, with their layer counts ("mma x224"); "" if not ours
 
 
 class StaticDecoder:
@@ -183,7 +184,8 @@ class StaticDecoder:
         self.setup = DecodeSetup(
             compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
             nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,
-            nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0)
+            nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
+            nf4_modes=self._swap.modes(batch) if self._swap else "")
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "

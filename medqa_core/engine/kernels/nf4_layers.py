@@ -14,12 +14,13 @@ compute-bound and fast.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from medqa_core.engine.kernels.nf4_matmul import NF4Weight, nf4_matmul, nf4_weight
+from medqa_core.engine.kernels.nf4_matmul import NF4Weight, choose_tile, nf4_matmul, nf4_weight
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,13 @@ class NF4Swap:
         lora = sum(1 for *_, fused in self._slots if fused.lora_a is not None)
         self.info = SwapInfo(kernel="triton-nf4 (medqa_core.engine.kernels)", layers=len(self._slots), lora_layers=lora,
                              max_rows=max_rows)
+
+    def modes(self, rows: int) -> str:
+        """The kernel modes the layers run at ``rows`` rows, with their counts (e.g. ``"mma x224"``): recorded
+        beside decode figures, so a file says which inner loop produced them."""
+        counts = Counter(choose_tile(rows, fused.nf4, fused.compute_dtype, fused.nf4.packed.device).kernel_mode
+                         for *_, fused in self._slots)
+        return ", ".join(f"{mode} x{count}" for mode, count in counts.most_common())
 
     def __enter__(self) -> NF4Swap:
         for parent, name, _, fused in self._slots:

@@ -1151,22 +1151,41 @@ def _round_asm(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.version.hip is None and x.dtype == torch.bfloat16 and not interpreting()
 
 
-def mma_unfit(x: torch.Tensor, weight: NF4Weight, block_k: int) -> str | None:
+def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int) -> str | None:
     """Why the ``mma`` mode cannot compute ``x @ W^T`` at ``block_k`` columns an iteration, or None where it can:
     it needs an NVIDIA GPU with bf16 MMAs (sm_80 on; or Triton's interpreter, which emulates them), a bf16 or fp16
     compute dtype, rows of whole quantization blocks read as int32 words, K a multiple of ``block_k``, and a lane's
     ``block_k / 4`` columns inside one quantization block."""
-    if not interpreting() and not _has_mma(x.device):
-        where = "ROCm" if torch.version.hip else x.device.type
+    if not interpreting() and not _has_mma(device):
+        where = "ROCm" if torch.version.hip else device.type
         return f"it needs an NVIDIA GPU of compute capability 8.0 or later (mma.sync, shfl.sync), not {where}"
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"its MMAs take bf16 or fp16, not {x.dtype}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"its MMAs take bf16 or fp16, not {dtype}"
     if not weight.aligned:
         return "the packed weight's rows are not whole quantization blocks of int32 words"
     if weight.in_features % block_k or weight.blocksize % (block_k // 4):
         return (f"K {weight.in_features} is not a multiple of block_k {block_k}, or blocksize {weight.blocksize} "
                 f"not of a lane's {block_k // 4} columns")
     return None
+
+
+def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.device,
+                config: TileConfig | None = None) -> TileConfig:
+    """The tile :func:`nf4_matmul` runs for ``rows`` rows of x in ``dtype``: ``config``, or :func:`tile_config`'s;
+    an ``mma`` tile the call cannot run becomes the default of the other modes.
+
+    Raises:
+        ValueError: ``config`` asks for the ``mma`` mode where it cannot run.
+    """
+    n, k = weight.out_features, weight.in_features
+    cfg = config or tile_config(rows, n, k, device)
+    if cfg.kernel_mode == "mma":
+        why_not = mma_unfit(device, dtype, weight, cfg.block_k)
+        if why_not and config is not None:
+            raise ValueError(f"nf4_matmul: mode 'mma' cannot run here: {why_not}")
+        if why_not:
+            return _default_tile(rows, n, k, _multiprocessors(device), mma=False)
+    return cfg
 
 
 def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
@@ -1194,16 +1213,10 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out.reshape(*lead, n)
-    cfg = config or tile_config(rows, n, k, x.device)
+    cfg = choose_tile(rows, weight, x.dtype, x.device, config)
     mma = cfg.kernel_mode == "mma"
-    if mma:
-        why_not = mma_unfit(x, weight, cfg.block_k)
-        if why_not and config is not None:
-            raise ValueError(f"nf4_matmul: mode 'mma' cannot run here: {why_not}")
-        if why_not:
-            cfg, mma = _default_tile(rows, n, k, _multiprocessors(x.device), mma=False), False
-        elif x2.stride(0) != k or x2.data_ptr() % 4:
-            x2 = x2.clone()  # its rows read as int32 words of two values
+    if mma and (x2.stride(0) != k or x2.data_ptr() % 4):
+        x2 = x2.clone()  # its rows are read as int32 words of two values
     dot = cfg.kernel_mode in ("dot", "dot_swap")
     aligned = weight.aligned
     if mma:
