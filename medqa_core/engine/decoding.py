@@ -53,7 +53,8 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
 
 
 # The GPUs whose decode bench measured ours ahead of bitsandbytes', with the largest batch at which it did
-# (results/bench/Linux-CPython-3.12-64bit/0026 against 0027, batches 1-64, v6; 0028 against 0029 at 1 and 8):
+# (results/bench/Linux-CPython-3.12-64bit/0026 against 0027, batches 1-64, v6; 0028 against 0029 at 1 and 8;
+# v8: 0032 against 0033 at 1 and 8):
 # "auto" takes ours there up to that batch, and bitsandbytes' on every other GPU and batch (docs/decode.md).
 AUTO_TRITON_MAX_ROWS = {"NVIDIA H100 80GB HBM3": 64}
 

@@ -13,9 +13,10 @@ It reads bitsandbytes' own storage, so a model quantized by bitsandbytes needs n
 So the only difference from bitsandbytes' dequantize + matmul is the order of the float32 sums: outputs agree
 within the rounding of the output dtype (tests/test_nf4_kernel.py states the tolerance).
 
-Nothing assumes a warp width: Triton maps each tile onto the device's warps (32 lanes on NVIDIA, 64-wide
-wavefronts on CDNA), and every shape is a Python-chosen block size, not a lane count. The same source runs on
-ROCm's Triton; it has not run on an AMD GPU here (docs/decode.md says what has).
+Nothing assumes a warp width but the ``mma`` mode (below), which only NVIDIA GPUs run: Triton maps each tile onto
+the device's warps (32 lanes on NVIDIA, 64-wide wavefronts on CDNA), and every shape is a Python-chosen block
+size, not a lane count. The same source runs on ROCm's Triton; it has not run on an AMD GPU here (docs/decode.md
+says what has).
 
 One kernel, :func:`_nf4_matmul_kernel`, one launch per layer, adapted or not:
 
@@ -27,6 +28,13 @@ One kernel, :func:`_nf4_matmul_kernel`, one launch per layer, adapted or not:
   is written once. The last tile to finish sets the counters back. A :class:`TileConfig` picks the inner loop
   (``mode``) and the K split:
 
+  - ``mma`` (v8, 1 to 8 rows of x a tile, NVIDIA only): each warp multiplies a 16-row tile of W with the rows of
+    x on the tensor cores (``mma.sync.m16n8k16``, x's rows as its 8 columns, float32 accumulators), decoding the
+    weights straight into the MMA's operand registers: a lane reads int32 words of W rows g and g + 8 over its own
+    consecutive columns, a code is one ``shfl.sync`` from the lane that holds that level, and two rounded weights
+    are one ``cvt.rn``. Inline PTX (the lane and warp indices too), so :func:`mma_unfit` keeps it to NVIDIA GPUs
+    of sm_80 on (Triton's interpreter emulates it); the lanes' results go to the split-K buffer and come back as
+    a tile for the shared epilogue.
   - ``gemv`` (v7, one row of x a tile): the packed bytes read as int32 words, a word a lane (two, halves of one
     block, at 64 words an iteration), so a weight costs a shift and mask folded into the code-table lookup's
     address, the scale multiply, the round to the compute dtype (one ``cvt.rn.bf16x2.f32`` on NVIDIA) and an FMA;
@@ -942,7 +950,10 @@ class TileConfig:
 
     ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's
     blocks). ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations
-    (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"gemv"`` (v7, ``block_m`` 1:
+    (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"mma"`` (v8, NVIDIA: ``block_m``
+    8, ``block_n`` 16 a warp, ``block_k`` 32 to 128 columns an iteration, a quarter of it a lane's; ``prefetch``
+    loads the next iteration's words and scales first; ``shared_table`` does not apply), ``"gemv"`` (v7,
+    ``block_m`` 1:
     int32 words, ``block_n`` rows of W a program over ``num_warps`` warps; ``shared_table`` does not apply, its
     lookups are always a gather), ``"fma"`` (broadcast multiply-adds, any ``block_m``; at 1 v6's GEMV), ``"dot"``
     (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
@@ -1043,13 +1054,18 @@ def _multiprocessors(device: torch.device) -> int:
 def _default_tile(rows: int, out_features: int, in_features: int, multiprocessors: int,
                   mma: bool = False) -> TileConfig:
     """The tile where the device's table has none: per row bucket, the single swept tile whose worst shape is
-    nearest that shape's own winner, from the H100 sweeps (2026-12-06: at 1 row v7's,
-    results/traces/20261206T1313Z_h100_nf4-kernel-v7b-gemv.json; at 8, 32 and 64 v6's,
-    20261206T0926Z_h100_nf4-kernel-v6.json). All take the code table from shared memory (``shared_table``).
+    nearest that shape's own winner, from the H100 sweeps (2026-12-06: at 1 and 8 rows v8's,
+    results/traces/20261206T1540Z_h100_nf4-kernel-v8-mma.json, and where ``mma`` is False v7's,
+    20261206T1313Z_h100_nf4-kernel-v7b-gemv.json; at 32 and 64 v6's, 20261206T0926Z_h100_nf4-kernel-v6.json).
 
-    - 1 row: v7's GEMV, 8 rows of W a one-warp program, 256 columns an iteration, prefetch (within 13% of each
+    - 1 to 8 rows with ``mma`` (an NVIDIA GPU of sm_80 on): v8's MMA GEMV, 16 rows of W a one-warp program, 128
+      columns an iteration (64 where K is not a multiple of 128), prefetch, split by the rule below: within 1%
+      of the sweep's best on q/o and down_proj at 1 and 8 rows, 12% on gate/up (its best: 4 warps a program),
+      25% on k/v (its best: a split of 16, past the rule's 8).
+    - 1 row otherwise: v7's GEMV, 8 rows of W a one-warp program, 256 columns an iteration, prefetch (within 13% of each
       shape's best in that sweep; v6's fma tiles were up to 31% off on one shape or another).
-    - 2..16 rows: dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand (the 8-row sweep's).
+    - 2..16 rows otherwise (and 9..16): dot, K = block_k = 128 a tl.dot, block_n 32, 4 warps, prefetch by hand
+      (v6's 8-row sweep's).
     - 17..64 rows: dot_swap, block_n 64, block_k 64, 4 warps, pipelined by Triton over 3 stages (the 32-row
       sweep's; at 64 rows a pipelined dot of block_n 32 was nearer, the table holds it for the H100).
     - split_k: doubled (up to 8) until the grid has 16 warps per SM, keeping two iterations a split and the
