@@ -70,7 +70,7 @@ the graph.
 
 Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
 shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
-choice where the table has no entry. v1 to v7 were measured on H200/H100 (docs/decode.md); every version is
+choice where the table has no entry. v1 to v8 were measured on H200/H100 (docs/decode.md); every version is
 compiled for sm_90a and gfx942 here (bench/inspect_nf4_kernel.py) before it runs.
 """
 
