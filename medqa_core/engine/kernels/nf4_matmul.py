@@ -1096,7 +1096,8 @@ def tile_config(rows: int, out_features: int, in_features: int, device: torch.de
     shape and row bucket where bench/profile_nf4_kernel.py --sweep measured one, else :func:`_default_tile`.
     """
     if interpreting():
-        return _default_tile(rows, out_features, in_features, 1, mma=True)
+        # The portable defaults: the MMA mode's emulation is several times slower, and its own tests ask for it
+        return _default_tile(rows, out_features, in_features, 1)
     path = os.environ.get("MEDQA_NF4_TILES") or str(TUNED_TILES)
     tuned = _tuned(_device_name(device), path).get((row_bucket(rows), out_features, in_features))
     if tuned:
