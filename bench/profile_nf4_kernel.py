@@ -72,9 +72,10 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 23 a row count, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 25 a row count, so four layer shapes sweep in minutes).
 
-    v8: at 1 and 8 rows, twelve tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only.
+    v8/v9: at 1 and 8 rows, fourteen tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
+    two 16-row tiles a warp.
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
@@ -91,14 +92,15 @@ def _sweep_grid(rows: int) -> list:
     def shared(*args: object, **kwargs: object) -> TileConfig:
         return TileConfig(*args, **kwargs, shared_table=True)
 
-    # v8's MMA GEMV (NVIDIA; 1 to 8 rows of x at one cost): warps (16 rows of W each), columns an iteration, split,
-    # prefetch. Elsewhere nf4_matmul refuses them and the sweep lists them as rejected.
-    mma = [TileConfig(8, 16 * nw, bk, nw, 1, sk, "mma", prefetch=pf) for nw, bk, sk, pf in
-           ((1, 128, 4, True), (1, 128, 8, True), (1, 128, 16, True), (1, 64, 8, True), (1, 64, 16, True),
-            (1, 128, 8, False), (2, 128, 4, True), (2, 128, 8, True), (2, 128, 16, True), (4, 128, 4, True),
-            (4, 128, 8, True), (4, 128, 16, True))]
-    # (v8's first sweep, 20261206T1540Z: gate/up's best was the one 4-warp tile, at 0.68 waves; the 4-warp tiles
-    # of splits 8 and 16 and 2 warps at 16 came after it, and split 2, last on every shape, went)
+    # v8's MMA GEMV (NVIDIA; 1 to 8 rows of x at one cost): warps, 16-row tiles of W a warp (v9: two share each x
+    # word), columns an iteration, split; v9 prefetches x with the words. Elsewhere nf4_matmul refuses them and the
+    # sweep lists them as rejected.
+    mma = [TileConfig(8, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=True) for nw, tiles, bk, sk in
+           ((1, 1, 128, 8), (1, 1, 128, 16), (1, 1, 64, 8), (2, 1, 128, 8), (4, 1, 128, 4), (4, 1, 128, 8),
+            (1, 2, 128, 4), (1, 2, 128, 8), (1, 2, 128, 16), (2, 2, 128, 4), (2, 2, 128, 8), (4, 2, 128, 2),
+            (4, 2, 128, 4), (4, 2, 128, 8))]
+    # (v8's sweeps, 20261206T1540Z: the winners were one warp at split 8-16 and, on gate/up, four warps at split 4
+    # and 0.68 waves; no tile without prefetch won)
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
@@ -106,7 +108,7 @@ def _sweep_grid(rows: int) -> list:
         # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        return mma + words + gemv  # 20
+        return mma + words + gemv  # 22
     block_m = max(16, rows)
     mma = mma if rows <= 8 else []
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
@@ -115,7 +117,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 22-23 at 8 rows, 10-11 above
+    return mma + by_hand + pipelined  # 24-25 at 8 rows, 10-11 above
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,

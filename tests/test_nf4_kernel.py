@@ -91,6 +91,7 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize_and_matmul(n, k, blocksize, 
 MODE_CONFIGS = [  # every inner loop with and without prefetch and the shared code table, split_k 1-3 (3 over
     # 4-5 iterations: uneven ranges), tiles wider than N
     TileConfig(8, 16, 64, 1, 1, 1, "mma"), TileConfig(8, 32, 64, 2, 1, 3, "mma", prefetch=True),
+    TileConfig(8, 64, 64, 2, 1, 2, "mma", prefetch=True),  # two 16-row tiles a warp (v9)
     TileConfig(1, 16, 64, 1, 1, 1, "gemv"),
     TileConfig(1, 32, 512, 1, 1, 3, "gemv", prefetch=True),  # 64 words an iteration: two a lane where it fits
     TileConfig(1, 16, 128, 1, 1, 3, "fma", prefetch=True, shared_table=True),
@@ -265,12 +266,13 @@ def test_the_mma_mode_refuses_what_it_cannot_run(n, k, blocksize, dtype, block_k
     assert _within_float32_sums(nf4_matmul(x, nf4_weight(param)), ref, x, _plain_dequantize(param, state))
 
 
-def test_the_mma_mode_is_exact_at_every_row_count() -> None:
+@pytest.mark.parametrize("config", [TileConfig(8, 16, 128, 1, 1, 1, "mma", prefetch=True),
+                                    TileConfig(8, 32, 128, 1, 1, 1, "mma")], ids=str)  # one tile a warp, two
+def test_the_mma_mode_is_exact_at_every_row_count(config) -> None:
     # x's rows are the MMA's 8 columns: 1 to 8 rows decode the weights once; 13 rows take two row tiles
     param, state = _quantized(40, 256, 64, True)
     weight = _plain_dequantize(param, state).float()
     x = torch.randn(13, 256).bfloat16().to(DEVICE)
-    config = TileConfig(8, 16, 128, 1, 1, 1, "mma", prefetch=True)
     full = nf4_matmul(x, nf4_weight(param), config=config)
     assert _ulps(full, x.float() @ weight.T) <= 1.0
     for rows in (1, 3, 8):

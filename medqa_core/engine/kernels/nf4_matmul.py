@@ -512,9 +512,9 @@ def _pick(t, i: tl.constexpr):
 def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
                words_per_row, WL: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                DOUBLE_QUANT: tl.constexpr):
-    """An iteration's loads from HBM for :func:`_nf4_mma`: a lane's WL int32 words of rows ``row_g`` and ``row_h``
-    (rows that exist: no masks) from column ``col`` on, one load each inside one quantization block, and their two
-    scales."""
+    """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
+    ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
+    quantization block, and their two scales."""
     offs = tl.arange(0, WL)[None, :]
     words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + col // 8, WL)[:, None] + offs)
     words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + col // 8, WL)[:, None] + offs)
@@ -523,6 +523,16 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
     scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h * blocks_per_row + col // BLOCKSIZE,
                          True, BLOCKSIZE2, DOUBLE_QUANT)
     return words_g, words_h, scale_g, scale_h
+
+
+@triton.jit
+def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr):
+    """A lane's x values of its 8 * WL columns from ``col`` on, of x row ``x_row``: [WL, lanes, 4] int32 words of
+    two values each (bf16/fp16 pairs, the MMA's B registers as loaded), 16 bytes a load. The lanes' dimension
+    comes before the 4 contiguous words, so Triton gives each lane all of its words ([lanes, 4 * WL] would spread
+    a lane's 16 words over four lanes and move them back through shared memory)."""
+    first = tl.multiple_of(x_row * x_words_per_row + col // 2, 4)  # a lane's first word: 16-byte aligned
+    return tl.load(xw_ptr + first[None, :, None] + 4 * tl.arange(0, WL)[:, None, None] + tl.arange(0, 4)[None, None, :])
 
 
 @triton.jit
@@ -539,32 +549,65 @@ def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, d
 
 
 @triton.jit
+def _mma_tile(words_g, words_h, scale_g, scale_h, x_words, table, c0, c1, c2, c3, WL: tl.constexpr,
+              dtype: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+    """One iteration of one 16-row tile: its 2 * WL MMAs (k 16 each) on the lane's words of rows g and g + 8 and
+    the x words of the same columns, into accumulators c0..c3."""
+    for i in tl.static_range(WL):
+        word_g = _pick(words_g, i)
+        word_h = _pick(words_h, i)
+        x_word = tl.sum(tl.where(tl.arange(0, WL)[:, None, None] == i, x_words, 0), axis=0)  # [lanes, 4]: word i's
+        for half in tl.static_range(2):
+            # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
+            a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
+            a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
+            c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_word, 2 * half), _pick(x_word, 2 * half + 1), c0, c1, c2,
+                                  c3, dtype, NUM_WARPS, EMULATE)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3):
+    """A tile's accumulators into the float32 partial [M, N]: D[m, n] = W row m . x row n, so c0, c1 are W row
+    ``out_g`` against x rows n0, n0 + 1 and c2, c3 W row ``out_g + 8``."""
+    out_h = out_g + 8
+    tl.store(part + n0 * N + out_g, c0, mask=(n0 < M) & (out_g < N))
+    tl.store(part + (n0 + 1) * N + out_g, c1, mask=(n0 + 1 < M) & (out_g < N))
+    tl.store(part + n0 * N + out_h, c2, mask=(n0 < M) & (out_h < N))
+    tl.store(part + (n0 + 1) * N + out_h, c3, mask=(n0 + 1 < M) & (out_h < N))
+
+
+@triton.jit
 def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m, pid_k,
              M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
-             NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-             PREFETCH: tl.constexpr, EMULATE: tl.constexpr):
-    """Rows ``pid_n * 16 * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of BLOCK_K
-    columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
+             TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+             DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr):
+    """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
+    BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
 
-    v8 (NVIDIA: mma.sync and shfl.sync; the interpreter emulates both). Each warp computes a 16-row tile of W
+    v8 (NVIDIA: mma.sync and shfl.sync; the interpreter emulates both). Each warp computes TILES 16-row tiles of W
     against up to 8 rows of x with ``mma.sync.m16n8k16`` (float32 accumulators), x's rows as the MMA's 8 columns,
-    so 1 to 8 rows cost the same. A lane (g, t) = (lane // 4, lane % 4) decodes W rows g and g + 8 over its own 8 * WL
-    consecutive columns of each iteration (WL int32 words a row: one load each), and its x words are those
-    columns of x row g. The dot product does not care which k a column is called inside the MMA, so the lane's
-    columns 4j .. 4j + 3 are MMA j's k = 2t, 2t + 1, 2t + 8, 2t + 9 for both A and B: the weights go into operand
-    registers as they are decoded, and x's bf16 pairs are its B registers as loaded. A weight costs a shift, a
-    ``shfl`` (the code table lives one level a lane), a multiply by its scale and half a ``cvt.rn`` pair: no
-    float32 FMA, no layout change, no shared memory.
+    so 1 to 8 rows cost the same. A lane (g, t) = (lane // 4, lane % 4) decodes W rows g and g + 8 of each tile
+    over its own 8 * WL consecutive columns of each iteration (WL int32 words a row: one load each), and its x
+    words are those columns of x row g. The dot product does not care which k a column is called inside the MMA,
+    so the lane's columns 4j .. 4j + 3 are MMA j's k = 2t, 2t + 1, 2t + 8, 2t + 9 for both A and B: the weights go
+    into operand registers as they are decoded, and x's bf16 pairs are its B registers as loaded. A weight costs a
+    shift, a ``shfl`` (the code table lives one level a lane), a multiply by its scale and half a ``cvt.rn`` pair:
+    no float32 FMA, no layout change, no shared memory.
+
+    v9: TILES (1 or 2) tiles a warp share each x word they load (x is loaded twice the weights' bytes a tile,
+    from L1), and with PREFETCH x is loaded an iteration ahead with the words (v8 loaded it just before its MMAs:
+    Nsight Compute's top stall on an H100).
     """
-    WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its two rows an iteration
+    WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     lane, warp = _lanes(NUM_WARPS, EMULATE)
     g = lane // 4
     t = lane % 4
-    out_g = pid_n * (16 * NUM_WARPS) + warp * 16 + g  # the lane's two output rows: W rows g and g + 8 of its tile
-    out_h = out_g + 8
+    # The lane's output rows: W rows g and g + 8 of each of its warp's TILES tiles (16 rows apart)
+    out_g = pid_n * (16 * TILES * NUM_WARPS) + warp * (16 * TILES) + g
     # Rows past N and x rows past M read the last one instead (no masks on the loads; their results are not stored)
     row_g = tl.minimum(out_g, N - 1)
-    row_h = tl.minimum(out_h, N - 1)
+    row_h = tl.minimum(out_g + 8, N - 1)
     x_row = tl.minimum(pid_m * 8 + g, M - 1)  # lane g's x row: the MMA's column g
     if EMULATE:
         table = tl.load(code_ptr + tl.arange(0, 16))
@@ -578,40 +621,61 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     c1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
     c2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
     c3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-    wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
-                                                    row_h, it0 * BLOCK_K + t * (8 * WL), blocks_per_row,
-                                                    words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+    if TILES == 2:  # the second tile: W rows 16 further on
+        row_g2 = tl.minimum(out_g + 16, N - 1)
+        row_h2 = tl.minimum(out_g + 24, N - 1)
+        d0 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        d1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        d2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        d3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    if PREFETCH:  # the first iteration's loads
+        col0 = it0 * BLOCK_K + t * (8 * WL)
+        wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                        row_g, row_h, col0, blocks_per_row, words_per_row, WL,
+                                                        BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        x_next = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL)
+        if TILES == 2:
+            wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                                                                offset_ptr, row_g2, row_h2, col0, blocks_per_row,
+                                                                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2,
+                                                                DOUBLE_QUANT)
     for it in range(it0, it1):
         col = it * BLOCK_K + t * (8 * WL)  # the lane's first column this iteration
         if PREFETCH:
+            # This iteration's loads were made one earlier; the next one's are made here, before the decode (the
+            # last iteration reloads its own columns instead of reading past the range).
             words_g, words_h, scale_g, scale_h = wg_next, wh_next, sg_next, sh_next
+            x_words = x_next
+            if TILES == 2:
+                words_g2, words_h2, scale_g2, scale_h2 = wg2_next, wh2_next, sg2_next, sh2_next
+            col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WL)
             wg_next, wh_next, sg_next, sh_next = _mma_loads(
-                words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h,
-                tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WL), blocks_per_row, words_per_row, WL, BLOCKSIZE,
-                BLOCKSIZE2, DOUBLE_QUANT)
+                words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
+                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            x_next = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL)
+            if TILES == 2:
+                wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
+                    words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
+                    blocks_per_row, words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
         else:
-            words_g, words_h, scale_g, scale_h = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                                            row_g, row_h, col, blocks_per_row, words_per_row, WL,
-                                                            BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        for i in tl.static_range(WL):
-            # x's 8 columns of word i: 4 words (16 bytes) a load, so that one lane holds them all
-            x_words = tl.load(xw_ptr + tl.multiple_of(x_row * x_words_per_row + col // 2 + 4 * i, 4)[:, None]
-                              + tl.arange(0, 4)[None, :])
-            word_g = _pick(words_g, i)
-            word_h = _pick(words_h, i)
-            for half in tl.static_range(2):
-                # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
-                a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
-                a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
-                c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_words, 2 * half), _pick(x_words, 2 * half + 1), c0, c1,
-                                      c2, c3, dtype, NUM_WARPS, EMULATE)
-    # D[m, n] = W row m . x row n: c0, c1 at (g, 2t), (g, 2t + 1); c2, c3 at (g + 8, ...)
+            words_g, words_h, scale_g, scale_h = _mma_loads(
+                words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
+                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            x_words = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL)
+            if TILES == 2:
+                words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
+                    words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
+                    words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x_words, table, c0, c1, c2, c3, WL, dtype,
+                                   NUM_WARPS, EMULATE)
+        if TILES == 2:
+            d0, d1, d2, d3 = _mma_tile(words_g2, words_h2, scale_g2, scale_h2, x_words, table, d0, d1, d2, d3, WL,
+                                       dtype, NUM_WARPS, EMULATE)
     part = partial_ptr + pid_k * M * N
-    n0 = pid_m * 8 + 2 * t
-    tl.store(part + n0 * N + out_g, c0, mask=(n0 < M) & (out_g < N))
-    tl.store(part + (n0 + 1) * N + out_g, c1, mask=(n0 + 1 < M) & (out_g < N))
-    tl.store(part + n0 * N + out_h, c2, mask=(n0 < M) & (out_h < N))
-    tl.store(part + (n0 + 1) * N + out_h, c3, mask=(n0 + 1 < M) & (out_h < N))
+    n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
+    _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
+    if TILES == 2:
+        _mma_store(part, n0, out_g + 16, M, N, d0, d1, d2, d3)
 
 
 @triton.jit
@@ -740,8 +804,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
         # Written to partial[pid_k]; read back as a [BLOCK_M, BLOCK_N] tile below (a lane's results are not where
         # Triton's tile layout has them).
         _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m,
-                 pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, NUM_WARPS, BLOCKSIZE,
-                 BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
+                 pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS),
+                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -989,10 +1053,11 @@ class TileConfig:
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
         if self.kernel_mode == "mma":
-            if self.block_m != 8 or self.block_n != 16 * self.num_warps or self.block_k < 32:
-                raise ValueError(f"TileConfig: mode 'mma' is 8 rows of x (block_m 8) by 16 rows of W a warp (block_n "
-                                 f"{16 * self.num_warps} at {self.num_warps} warps) over block_k >= 32 columns, got "
-                                 f"{self.block_m} x {self.block_n} x {self.block_k}")
+            if (self.block_m != 8 or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
+                    or self.block_k < 32):
+                raise ValueError(f"TileConfig: mode 'mma' is 8 rows of x (block_m 8) by 16 or 32 rows of W a warp "
+                                 f"(block_n {16 * self.num_warps} or {32 * self.num_warps} at {self.num_warps} warps) "
+                                 f"over block_k >= 32 columns, got {self.block_m} x {self.block_n} x {self.block_k}")
         elif self.kernel_mode == "gemv":
             if self.block_m != 1:
                 raise ValueError(f"TileConfig: mode 'gemv' is one row of x a tile (block_m 1), got {self.block_m}")
