@@ -91,7 +91,7 @@ def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: 
 
 def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor], bench_options: Any,
             ceilings: dict[str, Any], device: torch.device, attn: str, batch: int, compiled: bool,
-            nf4_kernel: str = "bitsandbytes") -> None:
+            nf4_kernel: str = "bitsandbytes", decode_attention: str = "auto") -> None:
     seq_len, new_tokens = bench_options.seq_len, bench_options.decode_tokens
     with case.guard(arm="ours", attention_requested=attn, batch_size=batch, seq_len=seq_len, new_tokens=new_tokens,
                     cache="static" if compiled else "dynamic", compile_mode="default" if compiled else None,
@@ -110,7 +110,8 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
             counts_before = _dynamo_counts()
             try:
                 decoder, first_call_s, fallback = _warm_decoder(model, ids, new_tokens, session.attention,
-                                                                 session.numerics, device, nf4_kernel)
+                                                                 session.numerics, device, nf4_kernel,
+                                                                 decode_attention)
                 rounds, ttft = _time_decode(case, bench_options,
                                             lambda n: _static_decode(decoder, ids, n, session.attention,
                                                                                      session.numerics))
@@ -129,7 +130,7 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
 
 def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: AttentionChoice,
                   numerics: Numerics, device: torch.device,
-                  nf4_kernel: str) -> tuple[StaticDecoder, float, str | None]:
+                  nf4_kernel: str, decode_attention: str) -> tuple[StaticDecoder, float, str | None]:
     """A StaticDecoder that has compiled its step: with a CUDA/HIP graph on a GPU, else visibly without.
 
     Returns:
@@ -140,8 +141,8 @@ def _warm_decoder(model: Any, ids: torch.Tensor, new_tokens: int, attention: Att
     for use_graph in dict.fromkeys((device.type == "cuda", False)):
         try:
             decoder = StaticDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + new_tokens, use_graph=use_graph,
-                                    nf4_kernel=nf4_kernel)
-        except ValueError as e:  # our NF4 kernel asked for where it cannot run
+                                    nf4_kernel=nf4_kernel, attention=decode_attention)
+        except ValueError as e:  # our NF4 kernel or attention asked for where it cannot run
             pytest.skip(str(e))
         try:
             with Timer(device) as first_call:
@@ -230,7 +231,7 @@ def test_decode_compiled(benchmark: Any, case: Any, models: Any, prompt_ids: Cal
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip(f"torch.compile is not supported with Python/torch {torch.__version__} here")
     _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, decode_batch, compiled=True,
-            nf4_kernel=nf4_kernel)
+            nf4_kernel=nf4_kernel, decode_attention=bench_options.decode_attention)
 
 
 @pytest.mark.benchmark(group="scoring")

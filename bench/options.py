@@ -22,6 +22,7 @@ from medqa_core.engine.config import (
     TrainConfig,
     apply_named_settings,
 )
+from medqa_core.engine.decoding import DECODE_ATTENTIONS
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Defaults sized for a 2-core CPU (a few minutes on the tiny preset); a GPU gets the full split
@@ -60,6 +61,7 @@ class BenchOptions:
     peer_batch_size: int | None = None  # the liger-batch peer case's batch; None: the max-speed profile's
     decode_batches: tuple[int, ...] = (1, 8)  # rows of the decode cases
     nf4_kernels: tuple[str, ...] = ("bitsandbytes",)  # 4-bit kernels of the compiled decode case, one arm each
+    decode_attention: str = "auto"  # the compiled decode steps' attention (StaticDecoder(attention=...))
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -110,7 +112,7 @@ class BenchOptions:
             eval_batch_size=config.getoption("bench_eval_batch_size"),
             train_profiles=profiles, dtype=config.getoption("dtype"), nf4_blocksize=config.getoption("nf4_blocksize"),
             peer_batch_size=config.getoption("peer_batch_size"), decode_batches=decode_batches,
-            nf4_kernels=nf4_kernels,
+            nf4_kernels=nf4_kernels, decode_attention=config.getoption("decode_attention"),
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
@@ -176,6 +178,10 @@ def add_options(parser: pytest.Parser) -> None:
     g.addoption("--nf4-kernels", default=None, metavar="NAMES",
                 help="4-bit kernels of the compiled decode case, one arm each: triton (ours, "
                      "medqa_core.engine.kernels), bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
+    g.addoption("--decode-attention", default="auto", choices=DECODE_ATTENTIONS,
+                help="attention of the compiled decode steps: triton (ours, one-token split-key kernel), model "
+                     "(the model's own, --attn's), auto (ours where measured ahead) (default: %(default)s); "
+                     "recorded in each case's 'attention'")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 

@@ -153,13 +153,13 @@ def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, do
 
 
 def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> None:
-    from medqa_core.engine.kernels import nf4_matmul as kernels
+    from medqa_core.engine.kernels import common
 
     param, _ = _quantized(40, 512, 64, True)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
     config = TileConfig(4, 16, 64, 1, 1, 3, "fma")  # 3 tiles of N, 8 iterations in ranges of 2, 3, 3
     first = nf4_matmul(x, nf4_weight(param), config=config)
-    counters = kernels._COUNTERS[(x.device, "split_k")]  # keyed by the tensor's device: cuda:0, not "cuda"
+    counters = common.ARRIVAL_COUNTERS[(x.device, "split_k")]  # keyed by the tensor's device: cuda:0, not "cuda"
     assert counters.abs().sum().item() == 0  # each tile's last program reset its counter for the next call
     assert torch.equal(first, nf4_matmul(x, nf4_weight(param), config=config))
     # More splits than iterations: clamped, each program keeps at least one iteration.
@@ -226,6 +226,7 @@ def test_other_compute_dtypes(dtype, config) -> None:
 @pytest.mark.parametrize("rows", [1, 6, 20])
 @pytest.mark.parametrize("k", [128, 1344])  # LoRA's down-projection in one chunk of K; in 5, the last one shorter
 def test_lora_is_fused_into_the_same_output(rows, k) -> None:
+    from medqa_core.engine.kernels import common
     from medqa_core.engine.kernels import nf4_matmul as kernels
 
     assert kernels._lora_split(k) == ((1, 128) if k == 128 else (5, 269))
@@ -246,7 +247,7 @@ def test_lora_is_fused_into_the_same_output(rows, k) -> None:
     # One launch: its first `rank` x chunks programs computed t's partials, its tiles waited for them, summed them
     # in chunk order and counted themselves; the last set both counters back, so the next call (a graph replay)
     # starts from zero and gives the same bits.
-    assert kernels._COUNTERS[(x.device, "lora")][:2].tolist() == [0, 0]
+    assert common.ARRIVAL_COUNTERS[(x.device, "lora")][:2].tolist() == [0, 0]
     assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling))
 
 

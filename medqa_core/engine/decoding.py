@@ -14,6 +14,8 @@ is then a single graph launch: what is timed is the device's work.
 
 On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.engine.kernels) instead of bitsandbytes'
 batch-1 kernel and LoRA's separate small matmuls; ``nf4_kernel`` chooses, and :class:`DecodeSetup` records which ran.
+Likewise ``attention`` may run the steps' attention with our split-key Triton kernel (reading the grouped KV cache in
+place) instead of the model's own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import copy
 import importlib.util
 import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 NF4_KERNELS = ("auto", "triton", "bitsandbytes")  # StaticDecoder(nf4_kernel=...)
+DECODE_ATTENTIONS = ("auto", "triton", "model")  # StaticDecoder(attention=...)
 
 
 def _has_nf4_layers(model: torch.nn.Module) -> bool:
@@ -45,7 +49,7 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
     """
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
-    from medqa_core.engine.kernels.nf4_matmul import interpreting
+    from medqa_core.engine.kernels.common import interpreting
 
     if device.type != "cuda" and not interpreting():
         return f"Triton kernels need a GPU ({device.type} here; TRITON_INTERPRET=1 runs them on CPU for tests)"
@@ -94,6 +98,40 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, 
     return "triton", f"auto: ours, measured ahead of bitsandbytes' on {name} up to batch {most}"
 
 
+# The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA): "auto" takes ours
+# there, the model's everywhere else (docs/decode.md).
+AUTO_TRITON_ATTENTION: frozenset[str] = frozenset()
+
+
+def decode_attention_choice(model: torch.nn.Module, device: torch.device, asked: str) -> tuple[str, str]:
+    """Which attention the decode steps run: ("triton" | "model", why). "model" is the model's own
+    (its ``attn_implementation``, SDPA in the bench); the prefill always runs it.
+
+    Raises:
+        ValueError: an unknown choice, or "triton" where it cannot run.
+    """
+    if asked not in DECODE_ATTENTIONS:
+        raise ValueError(f"attention {asked!r}: choose one of {', '.join(DECODE_ATTENTIONS)}")
+    if asked == "model":
+        return "model", "asked"
+    why = triton_nf4_unavailable(device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not why and not getattr(base, "_can_set_attn_implementation", lambda: False)():
+        why = f"{type(base).__name__} does not follow transformers' AttentionInterface"
+    if asked == "triton":
+        if why:
+            raise ValueError(f"attention 'triton' cannot run here: {why}")
+        return "triton", "asked"
+    if why:
+        return "model", why
+    if device.type != "cuda":
+        return "model", "auto: the model's attention off a GPU (ours runs on CPU only under the interpreter)"
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip or name not in AUTO_TRITON_ATTENTION:
+        return "model", f"auto: ours has not been measured ahead on {name} (docs/decode.md); attention='triton' runs it"
+    return "triton", f"auto: ours, measured ahead of the model's attention on {name}"
+
+
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     """A ``StaticCache`` for ``max_len`` tokens of a model with ``config``, and its layer kind.
 
@@ -129,6 +167,8 @@ class DecodeSetup:
     nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
     nf4_fused_lora_layers: int = 0
     nf4_modes: str = ""  # our kernel's inner loops at this batch, with their layer counts ("mma x224"); "" if not ours
+    attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
+    attention_why: str = ""
 
 
 class StaticDecoder:
@@ -145,12 +185,15 @@ class StaticDecoder:
         use_graph: capture the step as a CUDA/HIP graph (GPUs only).
         nf4_kernel: "auto" (ours where the bench measured it ahead: :data:`AUTO_TRITON_MAX_ROWS`; else
             bitsandbytes), "triton" or "bitsandbytes".
+        attention: the steps' attention: "auto" (ours where the bench measured it ahead:
+            :data:`AUTO_TRITON_ATTENTION`; else the model's), "triton" or "model".
 
     Raises:
-        ValueError: ``nf4_kernel`` unknown, or "triton" where Triton cannot run.
+        ValueError: ``nf4_kernel`` or ``attention`` unknown, or "triton" where Triton cannot run.
     """
 
-    def __init__(self, model: Any, batch: int, max_len: int, use_graph: bool, nf4_kernel: str = "auto") -> None:
+    def __init__(self, model: Any, batch: int, max_len: int, use_graph: bool, nf4_kernel: str = "auto",
+                 attention: str = "auto") -> None:
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers included
         self.device = self.base.device
         self.max_len = max_len
@@ -182,11 +225,21 @@ class StaticDecoder:
             kernel_name = f"bitsandbytes {bitsandbytes.__version__}"
         else:
             kernel_name = "none"
+        attention_kind, attention_why = decode_attention_choice(self.base, self.device, attention)
+        self._attention_swap = None
+        if attention_kind == "triton":
+            from medqa_core.engine.kernels.decode_attention_swap import DecodeAttentionSwap
+
+            self._attention_swap = DecodeAttentionSwap(self.base)
+            attention_name = "triton-decode (medqa_core.engine.kernels)"
+        else:
+            attention_name = f"model: {self.base.config._attn_implementation}"
         self.setup = DecodeSetup(
             compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
             nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,
             nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
-            nf4_modes=self._swap.modes(batch) if self._swap else "")
+            nf4_modes=self._swap.modes(batch) if self._swap else "", attention=attention_name,
+            attention_why=attention_why)
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "
@@ -241,7 +294,7 @@ class StaticDecoder:
         if input_ids.shape[0] != self.token.shape[0] or input_ids.shape[1] + new_tokens > self.max_len:
             raise ValueError(f"prompt {tuple(input_ids.shape)} + {new_tokens} new tokens does not fit this decoder "
                              f"(batch {self.token.shape[0]}, {self.max_len} tokens); make a decoder for that size")
-        with self._swap or contextlib.nullcontext():  # our NF4 kernels in the 4-bit layers' places, if chosen
+        with self._kernels():
             self._prefill(input_ids)
             if new_tokens > 1 and not self._warm:
                 self._warm_up()
@@ -271,5 +324,11 @@ class StaticDecoder:
         if not self._warm or self._steps_left <= 0:
             raise ValueError("StaticDecoder.step: call generate(ids, n > 1) first, and at most max_len - prompt "
                              "steps after its prefill")
-        with self._swap or contextlib.nullcontext():
+        with self._kernels():
             self._advance()
+
+    @contextlib.contextmanager
+    def _kernels(self) -> Iterator[None]:
+        """Our NF4 kernels in the 4-bit layers' places and our attention in the model's, where chosen."""
+        with self._swap or contextlib.nullcontext(), self._attention_swap or contextlib.nullcontext():
+            yield

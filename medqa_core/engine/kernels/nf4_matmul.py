@@ -64,9 +64,9 @@ bitsandbytes + peft: the 4-bit matmul, two small GEMMs with their split-K reduct
 
 Scratch for split-K, LoRA and CUDA graphs: the partials and t come from ``torch.empty`` per call (the caching
 allocator, or the graph's pool while capturing); the counters are kept zeroed int32 buffers per device and purpose
-(:data:`_COUNTERS`), since ``torch.zeros`` per call would add a memset launch, so calls must not run on two
-streams of one device at once. A capture that needs a bigger buffer than any warm-up made gets its own, zeroed by
-the graph.
+(:func:`medqa_core.engine.kernels.common.arrival_counters`), since ``torch.zeros`` per call would add a memset
+launch, so calls must not run on two streams of one device at once. A capture that needs a bigger buffer than any
+warm-up made gets its own, zeroed by the graph.
 
 Which tile wins is measured, not assumed: ``bench/profile_nf4_kernel.py --sweep`` times a grid of tiles per layer
 shape and row count and writes the best as a table per device (``nf4_tiles.json``); :func:`_default_tile` is the
@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,12 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-logger = logging.getLogger(__name__)
-
-
-def interpreting() -> bool:
-    """Triton's CPU interpreter is on (tests): kernels then run on CPU tensors, one fixed config."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from medqa_core.engine.kernels.common import arrival_counters, dot_nt, interpreting, round_to_dtype
 
 
 @triton.jit
@@ -110,25 +104,6 @@ def _lora_down_rows(x_ptr, a_ptr, r, offs_m, m_mask, k_lo, k_hi, stride_xm, stri
                     other=0.0).to(tl.float32)  # [BM, LBK]
         acc += tl.sum(x * a[None, :], axis=1)
     return acc * scaling
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """float32 ``x`` rounded to ``dtype`` (round to nearest even).
-
-    On a GPU a plain cast. Triton's CPU interpreter truncates float32 -> bf16 and multiplies bf16 dots as raw
-    integers, so there (EMULATE) the rounding is done on the bits and the value stays float32: the kernel then
-    computes the same numbers as on a GPU, with float32 dots.
-    """
-    if EMULATE:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return x.to(dtype).to(tl.float32)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -179,7 +154,7 @@ def _nf4_decode(code_ptr, table, q, scale, dtype: tl.constexpr, SHARED_TABLE: tl
     else:
         code_even = tl.load(code_ptr + (q >> 4))
         code_odd = tl.load(code_ptr + (q & 15))
-    return _round(code_even * scale, dtype, EMULATE), _round(code_odd * scale, dtype, EMULATE)
+    return round_to_dtype(code_even * scale, dtype, EMULATE), round_to_dtype(code_odd * scale, dtype, EMULATE)
 
 
 @triton.jit
@@ -256,7 +231,7 @@ def _round_to(p, dtype: tl.constexpr, ROUND_ASM: tl.constexpr, EMULATE: tl.const
                                          "=r,f", [p], dtype=tl.uint32, is_pure=True, pack=1)
         return bits.to(tl.float32, bitcast=True)
     else:
-        return _round(p, dtype, EMULATE).to(tl.float32)
+        return round_to_dtype(p, dtype, EMULATE).to(tl.float32)
 
 
 @triton.jit
@@ -420,8 +395,8 @@ def _mma_pair(lo, hi, dtype: tl.constexpr, EMULATE: tl.constexpr):
     MMA operand register (one ``cvt.rn`` for both on the GPU)."""
     if EMULATE:
         if dtype == tl.bfloat16:
-            lo_bits = _round(lo, dtype, True).to(tl.uint32, bitcast=True) >> 16
-            hi_bits = _round(hi, dtype, True).to(tl.uint32, bitcast=True)
+            lo_bits = round_to_dtype(lo, dtype, True).to(tl.uint32, bitcast=True) >> 16
+            hi_bits = round_to_dtype(hi, dtype, True).to(tl.uint32, bitcast=True)
         else:
             lo_bits = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
             hi_bits = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
@@ -679,18 +654,6 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
 
 
 @triton.jit
-def _dot(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + x @ w^T: x [BM, J], w [BN, J] (either may be the weight); float32 products of ``dtype`` values
-    (exact), float32 sums."""
-    if EMULATE:
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    elif dtype == tl.float32:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # not TF32: bitsandbytes' fp32 is exact
-    else:
-        return tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
-
-
-@triton.jit
 def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr, output_tiles,
               M, stride_tm, stride_bn, stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
               RANK_PAD: tl.constexpr, LORA_SPLIT: tl.constexpr, DOT: tl.constexpr, EMULATE: tl.constexpr):
@@ -716,12 +679,12 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
             # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
             t += tl.load(t_ptr + (c * M + offs_m[:, None]) * stride_tm + offs_r[None, :],
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")  # [BM, R]
-        t = _round(t, dtype, EMULATE)
+        t = round_to_dtype(t, dtype, EMULATE)
         if DOT:
-            acc = _dot(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
+            acc = dot_nt(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
         else:
             acc += tl.sum(t.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _round(acc, dtype, EMULATE).to(dtype),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], round_to_dtype(acc, dtype, EMULATE).to(dtype),
              mask=m_mask[:, None] & n_mask[None, :])
     if RANK > 0:
         # Every output tile has read t: the last one to get here sets both counters back for the next call.
@@ -846,9 +809,9 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                 w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # [BN, G, HB, 2] -> [BN, BK]
                 x = tl.load(x_row + (b0 * BLOCKSIZE + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
                 if SWAP:
-                    acc_t = _dot(w, x, acc_t, dtype, EMULATE)
+                    acc_t = dot_nt(w, x, acc_t, dtype, EMULATE)
                 else:
-                    acc = _dot(x, w, acc, dtype, EMULATE)
+                    acc = dot_nt(x, w, acc, dtype, EMULATE)
             if SWAP:
                 acc = tl.trans(acc_t)
         else:
@@ -903,16 +866,18 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
             part2 = tl.zeros((BLOCK_M, BLOCK_N, HALF), dtype=tl.float32)
         for it in range(it0, it1):
             k_even = it * BLOCK_K + 2 * offs_j
-            w_even = _round(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                                         k_even, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype, EMULATE)
-            w_odd = _round(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                                        k_even + 1, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype, EMULATE)
+            w_even = round_to_dtype(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                 offs_n, k_even, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype,
+                                    EMULATE)
+            w_odd = round_to_dtype(_nf4_element(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                offs_n, k_even + 1, N, K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), dtype,
+                                   EMULATE)
             x_even = tl.load(x_row + k_even[None, :], mask=m_mask[:, None] & (k_even[None, :] < K), other=0.0)
             x_odd = tl.load(x_row + k_even[None, :] + 1, mask=m_mask[:, None] & (k_even[None, :] + 1 < K),
                             other=0.0)
             if DOT:
-                acc = _dot(x_even, w_even, acc, dtype, EMULATE)
-                acc = _dot(x_odd, w_odd, acc, dtype, EMULATE)
+                acc = dot_nt(x_even, w_even, acc, dtype, EMULATE)
+                acc = dot_nt(x_odd, w_odd, acc, dtype, EMULATE)
             else:
                 part2 += (x_even.to(tl.float32)[:, None, :] * w_even.to(tl.float32)[None, :, :]
                           + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :])
@@ -1186,27 +1151,6 @@ def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
     return g * weight.blocksize
 
 
-# Arrival counters, per device and purpose: "split_k", one int32 per output tile; "lora", two (LoRA programs done,
-# output tiles done). Zero between calls: each call's last program sets them back. Kept, not allocated per call,
-# because torch.zeros would add a memset launch to every call; so calls must not run concurrently on two streams
-# of one device (decode runs one stream).
-_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, purpose: str, count: int) -> torch.Tensor:
-    counters = _COUNTERS.get((device, purpose))
-    if counters is not None and counters.numel() >= count:
-        return counters
-    counters = torch.zeros(max(count, 4096), device=device, dtype=torch.int32)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # Memory from the graph's pool, zeroed by a memset the graph replays: right for this graph, not kept.
-        logger.info("nf4_matmul: %s counters allocated inside a CUDA graph capture (%d); a warm-up call before "
-                    "capture keeps them out of the graph", purpose, count)
-        return counters
-    _COUNTERS[(device, purpose)] = counters
-    return counters
-
-
 # LoRA's down-projection x @ A^T is split along K into chunks of at least this many columns (up to 16 chunks), one
 # program each per rank, instead of a rank's whole K in one program (a chain of dependent loads the output tiles'
 # epilogues wait on). Measured on an H100 at one row (docs/decode.md, v7): no gain over the one program; kept
@@ -1322,8 +1266,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m)
     # [split, M, N]: split-K's float32 partials; the MMA path writes its results there even unsplit
     partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32) if split > 1 or mma else out
-    counters = _counters(x.device, "split_k", n_tiles * m_tiles) if split > 1 else out  # else unused
-    lora_counters = _counters(x.device, "lora", 2) if rank else out
+    counters = arrival_counters(x.device, "split_k", n_tiles * m_tiles) if split > 1 else out  # else unused
+    lora_counters = arrival_counters(x.device, "lora", 2) if rank else out
     _nf4_matmul_kernel[(rank * lora_split + n_tiles * m_tiles * split,)](
         x2, weight.packed, weight.absmax, weight.code,
         weight.absmax2 if dq else weight.code, weight.code2 if dq else weight.code,

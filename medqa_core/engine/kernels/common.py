@@ -1,0 +1,70 @@
+"""What our Triton kernels share: the interpreter switch, exact rounding and dots that give the GPU's numbers
+under Triton's CPU interpreter, and the arrival counters that let a launch's last program finish its work."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (tests): kernels then run on CPU tensors, one fixed config."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def round_to_dtype(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 ``x`` rounded to ``dtype`` (round to nearest even).
+
+    On a GPU a plain cast. Triton's CPU interpreter truncates float32 -> bf16 and multiplies bf16 dots as raw
+    integers, so there (EMULATE) the rounding is done on the bits and the value stays float32: the kernel then
+    computes the same numbers as on a GPU, with float32 dots.
+    """
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def dot_nt(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + x @ w^T: x [BM, J], w [BN, J]; float32 products of ``dtype`` values (exact), float32 sums."""
+    if EMULATE:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    elif dtype == tl.float32:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # not TF32: bitsandbytes' fp32 is exact
+    else:
+        return tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
+
+
+# Arrival counters, per device and purpose (nf4_matmul: "split_k", one int32 per output tile, and "lora", two;
+# decode attention: "attention", one per query group). Zero between calls: each call's last program sets them
+# back. Kept, not allocated per call, because torch.zeros would add a memset launch to every call; so calls must
+# not run concurrently on two streams of one device (decode runs one stream).
+ARRIVAL_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, purpose: str, count: int) -> torch.Tensor:
+    """At least ``count`` zeroed int32 counters of ``device`` for ``purpose``, the same buffer each call."""
+    counters = ARRIVAL_COUNTERS.get((device, purpose))
+    if counters is not None and counters.numel() >= count:
+        return counters
+    counters = torch.zeros(max(count, 4096), device=device, dtype=torch.int32)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Memory from the graph's pool, zeroed by a memset the graph replays: right for this graph, not kept.
+        logger.info("%s counters allocated inside a CUDA graph capture (%d); a warm-up call before capture keeps "
+                    "them out of the graph", purpose, count)
+        return counters
+    ARRIVAL_COUNTERS[(device, purpose)] = counters
+    return counters

@@ -1,0 +1,139 @@
+"""Our decode-attention kernel against a float32 softmax reference, under Triton's CPU interpreter (or on a GPU).
+
+The tolerance: the kernel sums the scores and weighted values in float32 and rounds the softmax weights to the
+values' dtype before the second dot, as flash attention does; the output is then within bf16's eps times
+(sum of weight * |v|) + |output| of the float32 reference (its softmax weights unrounded): see ``_reference``.
+tests/conftest.py turns the interpreter on where no GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
+
+from medqa_core.engine.kernels.decode_attention import BLOCK_L, decode_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(q, k, v, mask, scaling):
+    """float32 softmax(q k^T * scaling + mask) v, each query head against its group's KV head, and the bound on
+    |out - reference|: the softmax weights rounded to bf16 (half an eps each, relative) summed against |v|, and
+    the output's own rounding (half an eps of it), with as much again for float32's sums."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scaling  # [B, Hq, 1, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = torch.softmax(scores, dim=-1)
+    ref = weights @ v
+    return ref, torch.finfo(torch.bfloat16).eps * (weights @ v.abs() + ref.abs())
+
+
+def _close(out, reference) -> bool:
+    ref, bound = reference
+    return bool(((out.float() - ref).abs() <= bound).all())
+
+
+def _inputs(batch, q_heads, kv_heads, length, head_dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, 1, head_dim, generator=gen).bfloat16().to(DEVICE)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=gen).bfloat16().to(DEVICE)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=gen).bfloat16().to(DEVICE)
+    return q, k, v
+
+
+def _valid_positions(batch, length, valid):
+    """transformers' decode mask of a static cache: [B, 1, 1, L], True at the positions written so far."""
+    return (torch.arange(length, device=DEVICE) < valid).expand(batch, 1, 1, length)
+
+
+@pytest.mark.parametrize(("batch", "q_heads", "kv_heads", "length", "valid", "splits"), [
+    (1, 4, 1, 50, 50, 1),  # one block, shorter than BLOCK_L, no mask needed
+    (2, 8, 2, 200, 137, 3),  # GQA 4: splits over 64-key blocks, the last split partly masked
+    (1, 2, 2, 300, 65, 4),  # no GQA; splits 3 and 4 see no valid key at all (they must add nothing, no NaN)
+    (3, 12, 4, 130, 130, 2),  # GQA 3 (not a power of two), three sequences
+])
+def test_decode_attention_matches_a_float32_softmax(batch, q_heads, kv_heads, length, valid, splits) -> None:
+    q, k, v = _inputs(batch, q_heads, kv_heads, length, 32)
+    mask = _valid_positions(batch, length, valid)
+    out = decode_attention(q, k, v, mask, scaling=0.3, splits=splits)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert _close(out, _reference(q, k, v, mask, 0.3))
+    # masked keys really are out: changing them changes nothing
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, valid:] = 100.0
+    v2[:, :, valid:] = -100.0
+    assert torch.equal(out, decode_attention(q, k2, v2, mask, scaling=0.3, splits=splits))
+
+
+def test_splits_are_combined_in_a_fixed_order_and_leave_their_counters_at_zero() -> None:
+    from medqa_core.engine.kernels import common
+
+    q, k, v = _inputs(2, 8, 2, 4 * BLOCK_L, 64, seed=1)
+    mask = _valid_positions(2, 4 * BLOCK_L, 3 * BLOCK_L + 5)
+    first = decode_attention(q, k, v, mask, splits=4)
+    assert common.ARRIVAL_COUNTERS[(q.device, "attention")].abs().sum().item() == 0
+    assert torch.equal(first, decode_attention(q, k, v, mask, splits=4))  # the same bits on the next call
+    one = decode_attention(q, k, v, mask, splits=1)
+    assert _close(first, _reference(q, k, v, mask, 64**-0.5))
+    assert _close(one, _reference(q, k, v, mask, 64**-0.5))
+
+
+def test_an_additive_float_mask_and_no_mask() -> None:
+    q, k, v = _inputs(2, 4, 2, 96, 16, seed=2)
+    additive = torch.zeros(2, 1, 1, 96, device=DEVICE)
+    additive[0, ..., 40:] = torch.finfo(torch.float32).min  # transformers' float masks use the dtype's min
+    additive[1, ..., :10] = -1.5  # any additive bias, not only 0 / min
+    out = decode_attention(q, k, v, additive, scaling=0.25, splits=2)
+    assert _close(out, _reference(q, k, v, additive, 0.25))
+    assert _close(decode_attention(q, k, v, None), _reference(q, k, v, None, 16**-0.5))
+
+
+@pytest.mark.parametrize(("shape", "match"), [
+    ((1, 4, 2, 8), "one query token"),  # two query tokens
+    ((1, 6, 1, 8), "up to 16 query heads"),  # 6 query heads over 4 KV heads
+])
+def test_what_it_cannot_compute_is_refused(shape, match) -> None:
+    q = torch.zeros(shape[0], shape[1], shape[2], 16, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(q, k, k, None)
+
+
+def test_static_decoder_with_our_attention_gives_the_model_attentions_tokens(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from medqa_core.engine.decoding import StaticDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to(DEVICE).eval()
+    ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    runs = {}
+    for attention in ("triton", "model"):
+        torch._dynamo.reset()
+        decoder = StaticDecoder(model, batch=2, max_len=ids.shape[1] + 5, use_graph=DEVICE == "cuda",
+                                attention=attention)
+        runs[attention] = decoder.generate(ids, 5), decoder.setup
+        assert model.config._attn_implementation == "sdpa"  # the model's own attention is back after generate
+        if DEVICE == "cpu":  # (on a GPU the step is a graph replay: the profiler sees kernels, not ops)
+            decoder.generate(ids, 2)
+            with torch.profiler.profile() as prof:
+                decoder.step()
+            ran = {e.name for e in prof.events()}
+            assert ("medqa_parity::decode_attention" in ran) == (attention == "triton")
+    (ours, setup), (theirs, model_setup) = runs["triton"], runs["model"]
+    assert setup.attention.startswith("triton-decode") and model_setup.attention == "model: sdpa"
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_the_decoder_refuses_an_unknown_attention(tiny_model_dir) -> None:
+    from medqa_core.engine.decoding import decode_attention_choice
+
+    with pytest.raises(ValueError, match="choose one of auto, triton, model"):
+        decode_attention_choice(torch.nn.Linear(2, 2), torch.device(DEVICE), "flash")
+    # off a GPU "auto" keeps the model's attention (the interpreter is for tests)
+    assert decode_attention_choice(torch.nn.Linear(2, 2), torch.device("cpu"), "auto")[0] == "model"
