@@ -126,7 +126,7 @@ def test_static_decoder_with_our_attention_gives_the_model_attentions_tokens(tin
             ran = {e.name for e in prof.events()}
             assert ("medqa_parity::decode_attention" in ran) == (attention == "triton")
     (ours, setup), (theirs, model_setup) = runs["triton"], runs["model"]
-    assert setup.attention.startswith("triton-decode") and model_setup.attention == "model: sdpa"
+    assert setup.decode_attention.startswith("triton-decode") and model_setup.decode_attention == "model: sdpa"
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 

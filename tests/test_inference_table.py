@@ -76,3 +76,20 @@ def test_the_parity_report_shows_the_inference_table_of_its_bench_inputs(tmp_pat
     assert f"{_decode_figures(KERNELS)['test_decode_compiled[sdpa-batch1-triton]']:,.0f}" in section
     _, _ = make_report([NO_KERNELS, BENCH / "0007_h200-cuda-decode.json"], tmp_path / "without")
     assert "## Inference" not in (tmp_path / "without" / "report.md").read_text()  # no kernel arm: no section
+
+
+def test_our_attention_is_its_own_row_beside_the_models_of_the_same_call(tmp_path):
+    # The same call's ours-arm file again, as the bench saves it with --decode-attention triton
+    data = json.loads(H100_OURS.read_text())
+    for b in data["benchmarks"]:
+        b["extra_info"]["decode_attention"] = "triton-decode (medqa_core.engine.kernels)"
+        b["extra_info"]["decode_tokens_per_s"] = b["extra_info"].get("decode_tokens_per_s") and 1234.0
+    ours_attention = tmp_path / "0099_h100-attn-triton.json"
+    ours_attention.write_text(json.dumps(data))
+    rows = newest_inference_rows([read_bench_file(p) for p in (H100_OURS, H100_BNB, ours_attention)])
+    assert [(r.kernel_name, r.batch, Path(r.path).name) for r in rows] == [
+        ("ours (Triton)", 1, H100_OURS.name), ("ours (Triton)", 8, H100_OURS.name),
+        ("ours (Triton) + our attention", 1, ours_attention.name),
+        ("ours (Triton) + our attention", 8, ours_attention.name),
+        ("bitsandbytes", 1, H100_BNB.name), ("bitsandbytes", 8, H100_BNB.name)]
+    assert [r.decode_tokens_per_s for r in rows if r.attention == "triton"] == [1234.0, 1234.0]

@@ -1,8 +1,10 @@
 """Inference per 4-bit kernel and batch, from bench files: what a buyer reads beside the training figures.
 
 One row per compiled-decode case that names its 4-bit kernel (``test_decode_compiled[...-<kernel>]``): ours
-(the Triton NF4 kernels) and bitsandbytes' as arms of the same run. README and docs/decode.md
-(tools/gen_docs.py) and the parity report build their inference tables from these rows. No torch here.
+(the Triton NF4 kernels) and bitsandbytes' as arms of the same run, and the steps' attention (the model's, or
+ours: the bench's ``--decode-attention``), which one device call may save as another file of the same cases.
+README and docs/decode.md (tools/gen_docs.py) and the parity report build their inference tables from these
+rows. No torch here.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ class InferenceRow:
     prefill_tokens_per_s: float | None  # the same file's prefill case at this batch, if it ran
     joules_per_token: float | None
     path: str
+    attention: str = "model"  # the decode steps' attention: "triton" (ours) or "model" (the model's own, --attn's)
 
     @property
     def kernel_name(self) -> str:
-        return KERNEL_NAMES[self.kernel]
+        return KERNEL_NAMES[self.kernel] + (" + our attention" if self.attention == "triton" else "")
 
 
 def inference_rows(bench: BenchFile) -> list[InferenceRow]:
@@ -50,8 +53,15 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
             device=device_label(bench.fingerprint), kernel=found.group(1), batch=batch,
             decode_tokens_per_s=case.decode_tokens_per_s, roofline_fraction=case.roofline_fraction,
             ttft_s=case.ttft_s_median, prefill_tokens_per_s=prefill.prefill_tokens_per_s if prefill else None,
-            joules_per_token=case.energy.joules_per_token if case.energy else None, path=bench.path))
-    return sorted(rows, key=lambda r: (r.kernel != "triton", r.batch))
+            joules_per_token=case.energy.joules_per_token if case.energy else None, path=bench.path,
+            # (files before StaticDecoder's attention choice ran the model's)
+            attention="triton" if str(case.details.get("decode_attention", "")).startswith("triton") else "model"))
+    return sorted(rows, key=_order)
+
+
+def _order(row: InferenceRow) -> tuple[bool, bool, int]:
+    """Ours first, the model's attention before ours, then by batch."""
+    return row.kernel != "triton", row.attention == "triton", row.batch
 
 
 def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
@@ -68,8 +78,8 @@ def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
         picked: dict[tuple[str, int], InferenceRow] = {}
         for bench in benches:  # oldest first: a newer file's row replaces an older one's
             if device_label(bench.fingerprint) == device and bench.fingerprint.get("git_commit") == commit:
-                picked.update({(r.kernel, r.batch): r for r in inference_rows(bench)})
-        rows += sorted(picked.values(), key=lambda r: (r.kernel != "triton", r.batch))
+                picked.update({(r.kernel, r.attention, r.batch): r for r in inference_rows(bench)})
+        rows += sorted(picked.values(), key=_order)
     return rows
 
 

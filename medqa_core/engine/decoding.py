@@ -167,8 +167,8 @@ class DecodeSetup:
     nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
     nf4_fused_lora_layers: int = 0
     nf4_modes: str = ""  # our kernel's inner loops at this batch, with their layer counts ("mma x224"); "" if not ours
-    attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
-    attention_why: str = ""
+    decode_attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
+    decode_attention_why: str = ""
 
 
 class StaticDecoder:
@@ -238,8 +238,8 @@ class StaticDecoder:
             compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
             nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,
             nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
-            nf4_modes=self._swap.modes(batch) if self._swap else "", attention=attention_name,
-            attention_why=attention_why)
+            nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
+            decode_attention_why=attention_why)
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "
