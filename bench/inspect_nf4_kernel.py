@@ -68,6 +68,33 @@ class KernelCounts:
     spill_bytes: int | None
     loop_instructions: int | None = None  # SASS instructions of the K loop (its longest backward branch)
     instructions_per_weight: float | None = None  # loop_instructions / weights a thread handles an iteration
+    mma_lanes_in_order: bool | None = None  # mode mma: every mma.sync runs where element i is lane i (None: no MMA)
+
+
+def mma_lanes_in_order(ttgir: str) -> bool | None:
+    """Whether every ``mma.sync`` of the MMA mode runs in a layout that puts element i of its [lanes] operands in
+    thread i (lane i % 32 of warp i // 32), or None where the kernel has none.
+
+    The mode's fragments are per hardware lane (from ``%laneid``): in another layout the MMA would gather its
+    operands from other lanes than the ones that computed them. Triton picks layouts per tensor: a [WL, lanes, 4]
+    x load was laid with lanes over the words by Triton 3.6 (threadsPerWarp [4, 8, 1]), not by 3.9, and the MMA
+    ran in that layout's slice; every GPU test of v9's first build failed. So the layout is checked here, where
+    any Triton compiles it, before a GPU runs it.
+    """
+    blocked = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*\}>)", ttgir, re.M))
+    layouts = set()
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" in line and "mma.sync" in line:
+            layouts.update(re.findall(r"tensor<\d+xf32, (#[^>]*>?)>", line.split("->")[-1]))
+    if not layouts:
+        return None
+    for layout in layouts:
+        found = re.fullmatch(r"#ttg\.slice<\{dim = 1, parent = (#\w+)\}>", layout) or re.fullmatch(r"(#\w+)", layout)
+        parent = blocked.get(found.group(1), "") if found else ""
+        lanes = "threadsPerWarp = [32, 1]" if layout.startswith("#ttg.slice") else "threadsPerWarp = [32]"
+        if lanes not in parent or not re.search(r"sizePerThread = \[1[,\]]", parent):
+            return False
+    return True
 
 
 def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
@@ -138,7 +165,8 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
         shared_accesses=len(re.findall(r"\b(?:ld|st)\.shared", ptx)) if ptx else None,
         shuffles=ptx.count("shfl.sync") if ptx else None, barriers=ptx.count("bar.sync") if ptx else None,
         registers=registers, spill_bytes=spills, loop_instructions=sass_loop,
-        instructions_per_weight=None if sass_loop is None else round(sass_loop / weights_per_thread, 2))
+        instructions_per_weight=None if sass_loop is None else round(sass_loop / weights_per_thread, 2),
+        mma_lanes_in_order=mma_lanes_in_order(ttgir))
 
 
 def _tile_arg(text: str) -> tuple[int, TileConfig]:
@@ -170,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = []
     n, k = MISTRAL_7B_LAYERS["q_proj/o_proj"]
     print("| rows | tile | shared | loop converts | loop cp.async | shared ld/st | shuffles | barriers | registers "
-          "| spills | SASS loop | per weight |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| spills | SASS loop | per weight | MMA lanes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.tile:
         groups = [(rows, [tile]) for rows, tile in args.tile]
     else:
@@ -191,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {rows} | {name} | {c.shared_bytes} | {c.loop_convert_layouts} | {c.loop_async_copies} | "
                   + " | ".join("-" if v is None else str(v) for v in (c.shared_accesses, c.shuffles, c.barriers,
                                                                        c.registers, c.spill_bytes, c.loop_instructions,
-                                                                       c.instructions_per_weight)) + " |",
+                                                                       c.instructions_per_weight))
+                  + f" | {'-' if c.mma_lanes_in_order is None else 'in order' if c.mma_lanes_in_order else 'MOVED'} |",
                   flush=True)
             saved.append(dict(rows=rows, **dataclasses.asdict(c), tile_name=name))
     if args.out:

@@ -63,3 +63,12 @@ def test_the_shared_code_table_takes_fewer_instructions_a_weight():
         pytest.skip("Triton's bundled nvdisasm is not here")
     assert table_in_shared["instructions_per_weight"] < 0.9 * table_in_global["instructions_per_weight"]
     assert table_in_shared["spill_bytes"] in (0, None)
+
+
+@pytest.mark.parametrize("tile", [(8, 16, 128, 1, 1, 8, "mma", True), (8, 128, 128, 4, 1, 4, "mma", True),
+                                  (8, 32, 64, 1, 1, 2, "mma", False)], ids=str)
+def test_every_mma_runs_where_its_operands_lanes_are(tile):
+    # The MMA mode's fragments are per hardware lane: each mma.sync must run in a layout with element i in lane i
+    # (v9's first build loaded x as [words, lanes, 4], which Triton 3.6 laid out with lanes over the words; every
+    # GPU test failed while the interpreter passed)
+    assert _inspect(*tile)["mma_lanes_in_order"] is True

@@ -501,13 +501,23 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
 
 
 @triton.jit
+def _mma_x_word(xw_ptr, x_row, col, x_words_per_row, i: tl.constexpr):
+    """A lane's x values of its word i's 8 columns (from ``col + 8 i`` on) of x row ``x_row``: [lanes, 4] int32
+    words of two values each (bf16/fp16 pairs, the MMA's B registers as loaded), one 16-byte load. One tensor a
+    word, each [lanes, 4]: Triton then gives each lane its own row (v8's layout). One [WL, lanes, 4] tensor was
+    laid out differently by Triton 3.6 (lanes over the words too), which put the MMAs' operands in other lanes."""
+    return tl.load(xw_ptr + tl.multiple_of(x_row * x_words_per_row + col // 2 + 4 * i, 4)[:, None]
+                   + tl.arange(0, 4)[None, :])
+
+
+@triton.jit
 def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr):
-    """A lane's x values of its 8 * WL columns from ``col`` on, of x row ``x_row``: [WL, lanes, 4] int32 words of
-    two values each (bf16/fp16 pairs, the MMA's B registers as loaded), 16 bytes a load. The lanes' dimension
-    comes before the 4 contiguous words, so Triton gives each lane all of its words ([lanes, 4 * WL] would spread
-    a lane's 16 words over four lanes and move them back through shared memory)."""
-    first = tl.multiple_of(x_row * x_words_per_row + col // 2, 4)  # a lane's first word: 16-byte aligned
-    return tl.load(xw_ptr + first[None, :, None] + 4 * tl.arange(0, WL)[:, None, None] + tl.arange(0, 4)[None, None, :])
+    """The x words of an iteration (:func:`_mma_x_word`), words 0 to WL - 1 (up to 4; the rest repeat word 0)."""
+    x0 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 0)
+    x1 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 1) if WL > 1 else x0
+    x2 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 2) if WL > 2 else x0
+    x3 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 3) if WL > 3 else x0
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -524,14 +534,21 @@ def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, d
 
 
 @triton.jit
-def _mma_tile(words_g, words_h, scale_g, scale_h, x_words, table, c0, c1, c2, c3, WL: tl.constexpr,
+def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, WL: tl.constexpr,
               dtype: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
     """One iteration of one 16-row tile: its 2 * WL MMAs (k 16 each) on the lane's words of rows g and g + 8 and
-    the x words of the same columns, into accumulators c0..c3."""
+    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3."""
     for i in tl.static_range(WL):
         word_g = _pick(words_g, i)
         word_h = _pick(words_h, i)
-        x_word = tl.sum(tl.where(tl.arange(0, WL)[:, None, None] == i, x_words, 0), axis=0)  # [lanes, 4]: word i's
+        if i == 0:
+            x_word = x0
+        elif i == 1:
+            x_word = x1
+        elif i == 2:
+            x_word = x2
+        else:
+            x_word = x3
         for half in tl.static_range(2):
             # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
             a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
@@ -608,7 +625,7 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                                         row_g, row_h, col0, blocks_per_row, words_per_row, WL,
                                                         BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        x_next = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL)
+        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL)
         if TILES == 2:
             wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                                                 offset_ptr, row_g2, row_h2, col0, blocks_per_row,
@@ -620,14 +637,14 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             # This iteration's loads were made one earlier; the next one's are made here, before the decode (the
             # last iteration reloads its own columns instead of reading past the range).
             words_g, words_h, scale_g, scale_h = wg_next, wh_next, sg_next, sh_next
-            x_words = x_next
+            x0, x1, x2, x3 = xn0, xn1, xn2, xn3
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = wg2_next, wh2_next, sg2_next, sh2_next
             col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WL)
             wg_next, wh_next, sg_next, sh_next = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
                 words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-            x_next = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL)
+            xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL)
             if TILES == 2:
                 wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
@@ -636,16 +653,16 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             words_g, words_h, scale_g, scale_h = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
                 words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-            x_words = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL)
+            x0, x1, x2, x3 = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL)
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
                     words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x_words, table, c0, c1, c2, c3, WL, dtype,
-                                   NUM_WARPS, EMULATE)
+        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, WL,
+                                   dtype, NUM_WARPS, EMULATE)
         if TILES == 2:
-            d0, d1, d2, d3 = _mma_tile(words_g2, words_h2, scale_g2, scale_h2, x_words, table, d0, d1, d2, d3, WL,
-                                       dtype, NUM_WARPS, EMULATE)
+            d0, d1, d2, d3 = _mma_tile(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, d0, d1, d2, d3,
+                                       WL, dtype, NUM_WARPS, EMULATE)
     part = partial_ptr + pid_k * M * N
     n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
     _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
