@@ -123,11 +123,12 @@ def _sweep_grid(rows: int) -> list:
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
             device: torch.device | None = None, layers: list[str] | None = None,
-            once: bool = False) -> tuple[dict, dict]:
+            once: bool = False, modes: list[str] | None = None) -> tuple[dict, dict]:
     """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only);
     ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
     ``once``: each arm's first weight copy called once, untimed, nothing saved: the launches for an external
-    profiler (Nsight Compute) to capture."""
+    profiler (Nsight Compute) to capture. ``modes``: sweep only the grid's tiles of these modes (the tile in use
+    competes whatever its mode)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -197,7 +198,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 best = None
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
                 tried = []  # every tile that ran right, with its time
-                for cfg in dict.fromkeys([chosen, *_sweep_grid(rows)]):  # the tile in use competes too
+                grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
+                for cfg in dict.fromkeys([chosen, *grid]):  # the tile in use competes too
                     try:
                         first = nf4_matmul(x, weight, config=cfg)
                         # The summation-order bound (stays meaningful where sums cancel), and the same bits on a
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles-out", type=Path, help="with --sweep: write the best tiles as the kernel's tile table")
     parser.add_argument("--layers",
                         help=f"comma-separated layer shapes, of {', '.join(MISTRAL_7B_LAYERS)} (default: all)")
+    parser.add_argument("--modes",
+                        help="with --sweep: comma-separated kernel modes whose tiles to sweep (default: all)")
     parser.add_argument("--once", action="store_true",
                         help="call each arm once, untimed, and write nothing: for Nsight Compute (ncu) to profile")
     args = parser.parse_args(argv)
@@ -260,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(layers or ()) - set(MISTRAL_7B_LAYERS))
     if unknown:
         parser.error(f"--layers: unknown {', '.join(unknown)}; choose among {', '.join(MISTRAL_7B_LAYERS)}")
+    modes = args.modes.split(",") if args.modes else None
+    from medqa_core.engine.kernels.nf4_matmul import MODES
+
+    if set(modes or ()) - set(MODES):
+        parser.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}; choose among {', '.join(MODES)}")
     if not torch.cuda.is_available():
         print("profile_nf4_kernel: needs a CUDA or ROCm GPU (the CPU interpreter's times mean nothing)",
               file=sys.stderr)
@@ -278,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
                                          **result))
 
-    profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once)
+    profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once,
+            modes=modes)
     if not args.once:
         print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0

@@ -19,6 +19,14 @@ def test_an_unknown_layer_is_named_with_the_choices(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_an_unknown_mode_is_named_with_the_choices(tmp_path):
+    done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--out", str(tmp_path / "x.json"), "--sweep",
+                           "--modes", "mma,wmma"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--modes: unknown wmma; choose among mma, gemv, fma, dot, dot_swap" in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_out_is_required_except_with_once(tmp_path):
     done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--rows", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
