@@ -30,19 +30,24 @@ QUESTION = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Mistral with the real Mistral tokenizer, saved as safetensors to a temp folder."""
+def save_tiny_mistral(folder: Path, **overrides: int) -> Path:
+    """A random tiny Mistral (``TINY``, changed by ``overrides``) with the real Mistral tokenizer, saved as
+    safetensors to ``folder``."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from medqa_core.engine.model import save_preset_tokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-mistral")
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**{**PRESET_COMMON, "sliding_window": None, **TINY}))
+    model = MistralForCausalLM(MistralConfig(**{**PRESET_COMMON, "sliding_window": None, **TINY, **overrides}))
     model.to(torch.bfloat16).save_pretrained(folder)
     save_preset_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Mistral with the real Mistral tokenizer, saved as safetensors to a temp folder."""
+    return save_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"))
 
 
 @pytest.fixture(scope="session")
