@@ -117,3 +117,34 @@ def two_ddp_ranks(tiny_model_dir, tmp_path_factory) -> RunRecord:
     """The same job on 2 gloo ranks with DDP (the default), writing a checkpoint into its folder's ckpt/."""
     out = tmp_path_factory.mktemp("two")
     return run_cli(train_argv(tiny_model_dir, out, "--checkpoint-dir", str(out / "ckpt")), nproc=2)
+
+
+# ---- a fine-tune run by the CLI in its own process (tests/test_resume.py, tests/test_faults.py) ---------------
+
+# Killed or signalled once the first checkpoint (step 2) is there, a run still has 10 steps to go: it dies mid-way.
+FINE_TUNE_STEPS = 12
+
+
+def fine_tune_cmd(model_dir: Path, tmp_path: Path, name: str, *extra: str, steps: int = FINE_TUNE_STEPS) -> list[str]:
+    """``medqa-parity train`` of the tiny model as a child process, a checkpoint every 2 steps, outputs under
+    ``tmp_path / name``."""
+    return [sys.executable, "-m", "medqa_core.cli", "train", "--backend", "cpu", "--model", str(model_dir),
+            "--train-limit", "32", "--batch-size", "4", "--max-steps", str(steps), "--checkpoint-every", "2",
+            "--results", str(tmp_path / name / "results"), "--adapter-out", str(tmp_path / name / "adapter"),
+            *extra]
+
+
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd``; it must exit 0."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The outputs (results/, adapter/) of :func:`fine_tune_cmd` run start to end: what a killed or signalled run
+    of the same command, resumed, must repeat bit for bit. One run, shared by the kill and the signal tests."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_ok(fine_tune_cmd(tiny_model_dir, tmp, "whole"))
+    return tmp / "whole"

@@ -26,11 +26,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import QUESTION, write_jsonl
+from conftest import FINE_TUNE_STEPS, QUESTION, fine_tune_cmd, run_ok, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_resume import _run, _train_cmd
 
 from medqa_core.cli import main
 from medqa_core.engine import checkpoint as ckpt_module
@@ -382,16 +381,6 @@ def test_records_checkpoints_and_adapters_follow_the_umask(tiny_model_dir, tmp_p
 
 # ---- preemption: SIGTERM and SIGINT to a real fine-tune -------------------------------------------
 
-SIGNAL_STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    _run(_train_cmd(tiny_model_dir, tmp, "whole", steps=SIGNAL_STEPS))
-    return tmp / "whole"
-
-
 def _interrupt(cmd: list[str], ckpt: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
     """Start a fine-tune, send ``sig`` once its first checkpoint is there, and wait for it to stop."""
     # A child of a shell that ignores SIGINT (a background job) would inherit that: give it the default back.
@@ -413,28 +402,27 @@ def test_a_signal_stops_at_a_step_boundary_with_checkpoint_record_and_one_line(t
     """SIGTERM, then --resume: the loss curve and adapter of an uninterrupted run, bit for bit. SIGINT takes
     the same path to its checkpoint (only the signal's name differs), so its resume is not run again."""
     ckpt = tmp_path / "stopped" / "ckpt"
-    done = _interrupt(_train_cmd(tiny_model_dir, tmp_path, "stopped", "--checkpoint-dir", str(ckpt),
-                                 steps=SIGNAL_STEPS), ckpt, sig)
+    done = _interrupt(fine_tune_cmd(tiny_model_dir, tmp_path, "stopped", "--checkpoint-dir", str(ckpt)), ckpt, sig)
     assert done.returncode == code, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
     (record_path,) = (tmp_path / "stopped" / "results").glob("*.json")
     record = load_record(record_path)
     failure = record.failure
     stopped_at = failure["step"]
-    assert 0 < stopped_at < SIGNAL_STEPS, "the signal must land mid-run for this test to mean anything"
+    assert 0 < stopped_at < FINE_TUNE_STEPS, "the signal must land mid-run for this test to mean anything"
     assert failure["kind"] == "interrupted" and failure["signal"] == sig.name and failure["phase"] == "fine-tune"
-    assert failure["steps"] == SIGNAL_STEPS and failure["checkpoint"] == str(ckpt / f"step-{stopped_at:06d}")
+    assert failure["steps"] == FINE_TUNE_STEPS and failure["checkpoint"] == str(ckpt / f"step-{stopped_at:06d}")
     assert record.train is None and list_checkpoints(ckpt)[-1].name == f"step-{stopped_at:06d}"
     assert not list(ckpt.glob(".step-*"))  # no half-written checkpoint
     (line,) = _error_lines(done.stderr)
     assert line == (f"medqa-parity: interrupted by {sig.name} during fine-tune after step {stopped_at} of "
-                    f"{SIGNAL_STEPS}; checkpoint {failure['checkpoint']}: continue with --resume {ckpt}; "
+                    f"{FINE_TUNE_STEPS}; checkpoint {failure['checkpoint']}: continue with --resume {ckpt}; "
                     f"what finished is saved in {record_path}")
     if not resume:
         return
     uninterrupted = request.getfixturevalue("uninterrupted")
-    _run(_train_cmd(tiny_model_dir, tmp_path, "stopped", "--resume", str(ckpt), "--results",
-                    str(tmp_path / "resumed"), steps=SIGNAL_STEPS))
+    run_ok(fine_tune_cmd(tiny_model_dir, tmp_path, "stopped", "--resume", str(ckpt), "--results",
+                         str(tmp_path / "resumed")))
     (resumed,) = (tmp_path / "resumed").glob("*.json")
     (whole,) = (uninterrupted / "results").glob("*.json")
     assert load_record(resumed).train.loss_per_step == load_record(whole).train.loss_per_step

@@ -6,38 +6,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from conftest import FINE_TUNE_STEPS, fine_tune_cmd, run_ok
 from safetensors.torch import load_file
 
 from medqa_core.engine.checkpoint import CheckpointError, list_checkpoints
 from medqa_core.results.record import load_record
 
-STEPS = 40
-
-
-def _train_cmd(model_dir, tmp_path, name, *extra, steps=STEPS):
-    return [sys.executable, "-m", "medqa_core.cli", "train", "--backend", "cpu", "--model", str(model_dir),
-            "--train-limit", "32", "--batch-size", "4", "--max-steps", str(steps), "--checkpoint-every", "2",
-            "--results", str(tmp_path / name / "results"), "--adapter-out", str(tmp_path / name / "adapter"),
-            *extra]
-
-
-def _run(cmd):
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
-
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
-    _run(_train_cmd(tiny_model_dir, tmp_path, "whole", "--checkpoint-dir", str(tmp_path / "whole" / "ckpt")))
-
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, uninterrupted):
     ckpt = tmp_path / "killed" / "ckpt"
-    proc = subprocess.Popen(_train_cmd(tiny_model_dir, tmp_path, "killed", "--checkpoint-dir", str(ckpt)),
+    proc = subprocess.Popen(fine_tune_cmd(tiny_model_dir, tmp_path, "killed", "--checkpoint-dir", str(ckpt)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300  # a hang guard, not a speed limit
     while not list_checkpoints(ckpt) and time.monotonic() < deadline and proc.poll() is None:
@@ -46,16 +29,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = json.loads((list_checkpoints(ckpt)[-1] / "state.json").read_text())["progress"]["step"]
-    assert 0 < killed_at < STEPS, "the run must die mid-way for this test to mean anything"
+    assert 0 < killed_at < FINE_TUNE_STEPS, "the run must die mid-way for this test to mean anything"
     assert not (tmp_path / "killed" / "results").exists()  # no record: it really died
 
-    _run(_train_cmd(tiny_model_dir, tmp_path, "killed", "--resume", str(ckpt)))
+    run_ok(fine_tune_cmd(tiny_model_dir, tmp_path, "killed", "--resume", str(ckpt)))
 
-    (whole,) = (tmp_path / "whole" / "results").glob("*.json")
+    (whole,) = (uninterrupted / "results").glob("*.json")
     (resumed,) = (tmp_path / "killed" / "results").glob("*.json")
     # Bit for bit on CPU: same data order, optimizer state, RNG states (LoRA dropout) and LoRA weights.
     assert load_record(resumed).train.loss_per_step == load_record(whole).train.loss_per_step
-    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    a = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list_checkpoints(ckpt)) == 2  # --keep-checkpoints default
