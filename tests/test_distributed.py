@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from medqa_core.engine.compiling import compile_unavailable
 from medqa_core.engine.distributed import DDP_BUCKET_CAP_MB, balance_tokens
+from medqa_core.results.record import RunRecord
 
 pytestmark = pytest.mark.slow  # real multi-process or full-bench runs: the full suite only
 
@@ -55,10 +56,25 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, one_process, two_ddp_r
     assert b.parallel["gradient_as_bucket_view"] is True and b.parallel["bucket_mib"]
 
 
-def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir, tmp_path, two_ddp_ranks):
-    ckpt = tmp_path / "ckpt"
-    first = run_cli(train_argv(tiny_model_dir, tmp_path / "first", "--checkpoint-dir", str(ckpt), steps=2),
-                    nproc=2).train
+@pytest.fixture(scope="module")
+def two_steps_c10d(tiny_model_dir, tmp_path_factory) -> RunRecord:
+    """2 steps on 2 ranks through the multi-node launch (--nnodes, c10d rendezvous at an endpoint) with one node of
+    two processes, writing its checkpoint into its folder's ckpt/: the launch test's job, and the first part of
+    the resume test's."""
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launcher = ("--nnodes=1", "--node-rank=0", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+                "--rdzv-id=medqa-test")
+    out = tmp_path_factory.mktemp("two-steps-c10d")
+    return run_cli(train_argv(tiny_model_dir, out, "--checkpoint-dir", str(out / "ckpt"), steps=2), nproc=2,
+                   launcher=launcher)
+
+
+def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir, tmp_path, two_ddp_ranks,
+                                                                  two_steps_c10d):
+    ckpt = Path(two_steps_c10d.adapter_dir).parent / "ckpt"
+    first = two_steps_c10d.train
     rest = run_cli(train_argv(tiny_model_dir, tmp_path / "rest", "--resume", str(ckpt)), nproc=2).train
     whole = two_ddp_ranks.train
     assert rest.steps == STEPS and rest.loss_per_step[:2] == first.loss_per_step
@@ -68,14 +84,9 @@ def test_two_ranks_resume_from_a_checkpoint_and_repeat_the_curve(tiny_model_dir,
     assert rest.rank_step_tokens[:2] == first.rank_step_tokens and len(rest.rank_step_time_s) == STEPS
 
 
-def test_c10d_rendezvous_as_across_nodes_on_one_machine(tiny_model_dir, tmp_path, one_process):
+def test_c10d_rendezvous_as_across_nodes_on_one_machine(one_process, two_steps_c10d):
     """The multi-node launch (--nnodes, c10d rendezvous at an endpoint), with one node of two processes."""
-    with socket.socket() as s:  # a free port for the rendezvous store
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    launcher = ("--nnodes=1", "--node-rank=0", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
-                "--rdzv-id=medqa-test")
-    two = run_cli(train_argv(tiny_model_dir, tmp_path, steps=2), nproc=2, launcher=launcher).train
+    two = two_steps_c10d.train
     assert two.world_size == 2
     assert_same_curve(one_process.train.loss_per_step[:2], two.loss_per_step)
 
