@@ -98,4 +98,5 @@ def test_dynamic_shapes_would_recompile_without_the_static_collate(model_and_exa
     pad_id = model_and_examples[1].pad_token_id
     for step in _two_epochs(model_and_examples[2], trainer):
         trainer(collate_packed(step, pad_id, PACK_LEN))  # widths vary per batch
-    assert trainer.compiled.recompiles >= 2
+    # Graphs compiled after the first step (which compiles the first width's): a later width compiled again
+    assert sum(trainer.compiled.graphs_per_step[1:]) >= 1
