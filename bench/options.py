@@ -181,7 +181,7 @@ def add_options(parser: pytest.Parser) -> None:
     g.addoption("--decode-attention", default="auto", choices=DECODE_ATTENTIONS,
                 help="attention of the compiled decode steps: triton (ours, one-token split-key kernel), model "
                      "(the model's own, --attn's), auto (ours where measured ahead) (default: %(default)s); "
-                     "recorded in each case's 'attention'")
+                     "recorded in each case's 'decode_attention'")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 

@@ -93,15 +93,18 @@ def test_an_additive_float_mask_and_no_mask() -> None:
     assert _close(decode_attention(q, k, v, None), _reference(q, k, v, None, 16**-0.5))
 
 
-@pytest.mark.parametrize(("shape", "match"), [
-    ((1, 4, 2, 8), "one query token"),  # two query tokens
-    ((1, 6, 1, 8), "up to 16 query heads"),  # 6 query heads over 4 KV heads
+@pytest.mark.parametrize(("q_shape", "k_shape", "mask_keys", "match"), [
+    ((1, 4, 2, 16), (1, 4, 8, 16), None, "one query token"),  # two query tokens
+    ((1, 6, 1, 16), (1, 4, 8, 16), None, "up to 16 query heads"),  # 6 query heads over 4 KV heads
+    ((1, 4, 1, 8), (1, 4, 8, 8), None, "head size of 16 or more"),  # below a tl.dot's K
+    ((1, 4, 1, 16), (1, 4, 8, 16), 6, "the mask covers 6 keys, the cache holds 8"),
 ])
-def test_what_it_cannot_compute_is_refused(shape, match) -> None:
-    q = torch.zeros(shape[0], shape[1], shape[2], 16, dtype=torch.bfloat16, device=DEVICE)
-    k = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16, device=DEVICE)
+def test_what_it_cannot_compute_is_refused(q_shape, k_shape, mask_keys, match) -> None:
+    q = torch.zeros(q_shape, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(k_shape, dtype=torch.bfloat16, device=DEVICE)
+    mask = None if mask_keys is None else torch.ones(1, 1, 1, mask_keys, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match=match):
-        decode_attention(q, k, k, None)
+        decode_attention(q, k, k, mask)
 
 
 def test_static_decoder_with_our_attention_gives_the_model_attentions_tokens(tiny_model_dir) -> None:

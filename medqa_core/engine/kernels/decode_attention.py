@@ -129,7 +129,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """softmax(q k^T * scaling + mask) v for one query token a sequence, grouped-query aware.
 
     Args:
-        query: [B, Hq, 1, D] (bf16, fp16 or fp32); D a power of two.
+        query: [B, Hq, 1, D] (bf16, fp16 or fp32); D a power of two, at least 16 (a tl.dot's least K).
         key, value: [B, Hkv, L, D], Hq a multiple of Hkv (up to 16 query heads a KV head), last dim contiguous.
         mask: None, or transformers' mask [B or 1, 1, 1, L]: boolean (True attends) or additive float.
         scaling: the scores' scale (None: 1 / sqrt(D)).
@@ -140,11 +140,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    if q_len != 1 or q_heads % kv_heads or q_heads // kv_heads > GROUP_ROWS or head_dim & (head_dim - 1):
+    if (q_len != 1 or q_heads % kv_heads or q_heads // kv_heads > GROUP_ROWS or head_dim < 16
+            or head_dim & (head_dim - 1)):
         raise ValueError(f"decode_attention: one query token and up to {GROUP_ROWS} query heads a KV head with a "
-                         f"power-of-two head size, got query {tuple(query.shape)}, key {tuple(key.shape)}")
+                         f"power-of-two head size of 16 or more, got query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)}")
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("decode_attention: key and value need a contiguous last dimension")
+    if mask is not None and mask.shape[-1] != length:
+        raise ValueError(f"decode_attention: the mask covers {mask.shape[-1]} keys, the cache holds {length}")
     q = query[:, :, 0]  # [B, Hq, D]
     if q.stride(-1) != 1:
         q = q.contiguous()
