@@ -226,12 +226,13 @@ def test_decode_eager(benchmark: Any, case: Any, models: Any, prompt_ids: Callab
 @pytest.mark.benchmark(group="decode")
 def test_decode_compiled(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], torch.Tensor],
                          bench_options: Any, ceilings: dict[str, Any], device: torch.device, attn: str,
-                         decode_batch: int, nf4_kernel: str) -> None:
-    """The hardware-bound decode, once per 4-bit kernel (--nf4-kernels): ours (triton) and bitsandbytes' as arms."""
+                         decode_batch: int, nf4_kernel: str, decode_attention: str) -> None:
+    """The hardware-bound decode, once per 4-bit kernel (--nf4-kernels) and attention (--decode-attention): ours
+    (triton) and the others as arms."""
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip(f"torch.compile is not supported with Python/torch {torch.__version__} here")
     _decode(benchmark, case, models, prompt_ids, bench_options, ceilings, device, attn, decode_batch, compiled=True,
-            nf4_kernel=nf4_kernel, decode_attention=bench_options.decode_attention)
+            nf4_kernel=nf4_kernel, decode_attention=decode_attention)
 
 
 @pytest.mark.benchmark(group="scoring")

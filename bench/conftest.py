@@ -89,6 +89,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("decode_batch", opts.decode_batches, ids=lambda b: f"batch{b}")
     if "nf4_kernel" in metafunc.fixturenames:
         metafunc.parametrize("nf4_kernel", opts.nf4_kernels)
+    # One attention keeps the case names of files saved before there could be several (the decode_attention
+    # fixture gives it); several are arms of their own
+    if "decode_attention" in metafunc.fixturenames and len(opts.decode_attentions) > 1:
+        metafunc.parametrize("decode_attention", opts.decode_attentions, ids=lambda a: f"attn-{a}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -235,6 +239,12 @@ def prompt_ids(tokenizer: Any, splits: Splits, bench_options: BenchOptions) -> C
         return torch.tensor(stream[:need]).view(batch, bench_options.seq_len)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def decode_attention(bench_options: BenchOptions) -> str:
+    """The one --decode-attention asked for (several are parametrized instead: pytest_generate_tests)."""
+    return bench_options.decode_attentions[0]
 
 
 @pytest.fixture(scope="session")

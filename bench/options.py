@@ -61,7 +61,7 @@ class BenchOptions:
     peer_batch_size: int | None = None  # the liger-batch peer case's batch; None: the max-speed profile's
     decode_batches: tuple[int, ...] = (1, 8)  # rows of the decode cases
     nf4_kernels: tuple[str, ...] = ("bitsandbytes",)  # 4-bit kernels of the compiled decode case, one arm each
-    decode_attention: str = "auto"  # the compiled decode steps' attention (StaticDecoder(attention=...))
+    decode_attentions: tuple[str, ...] = ("auto",)  # the compiled decode steps' attentions, one arm each
 
     @classmethod
     def from_config(cls, config: pytest.Config, device: torch.device) -> BenchOptions:
@@ -98,6 +98,11 @@ class BenchOptions:
         if not nf4_kernels or set(nf4_kernels) - {"triton", "bitsandbytes"}:
             raise pytest.UsageError(f"--nf4-kernels {kernels_opt!r}: give a comma-separated list of triton, "
                                     "bitsandbytes")
+        attentions_opt = config.getoption("decode_attention")
+        decode_attentions = tuple(dict.fromkeys(a.strip() for a in attentions_opt.split(",") if a.strip()))
+        if not decode_attentions or set(decode_attentions) - set(DECODE_ATTENTIONS):
+            raise pytest.UsageError(f"--decode-attention {attentions_opt!r}: give a comma-separated list of "
+                                    f"{', '.join(DECODE_ATTENTIONS)}")
         opts = cls(
             preset=config.getoption("preset"), model=config.getoption("model"), data=config.getoption("data"),
             attn=tuple(dict.fromkeys(attn)), batch_size=config.getoption("bench_batch_size"),
@@ -112,7 +117,7 @@ class BenchOptions:
             eval_batch_size=config.getoption("bench_eval_batch_size"),
             train_profiles=profiles, dtype=config.getoption("dtype"), nf4_blocksize=config.getoption("nf4_blocksize"),
             peer_batch_size=config.getoption("peer_batch_size"), decode_batches=decode_batches,
-            nf4_kernels=nf4_kernels, decode_attention=config.getoption("decode_attention"),
+            nf4_kernels=nf4_kernels, decode_attentions=decode_attentions,
         )
         for name, value, least in (("--bench-batch-size", opts.batch_size, 1), ("--bench-seq-len", opts.seq_len, 2),
                                    ("--questions", opts.questions or 1, 1), ("--train-rounds", opts.train_rounds, 1),
@@ -178,10 +183,11 @@ def add_options(parser: pytest.Parser) -> None:
     g.addoption("--nf4-kernels", default=None, metavar="NAMES",
                 help="4-bit kernels of the compiled decode case, one arm each: triton (ours, "
                      "medqa_core.engine.kernels), bitsandbytes (default: both on a GPU, bitsandbytes on CPU)")
-    g.addoption("--decode-attention", default="auto", choices=DECODE_ATTENTIONS,
-                help="attention of the compiled decode steps: triton (ours, one-token split-key kernel), model "
-                     "(the model's own, --attn's), auto (ours where measured ahead) (default: %(default)s); "
-                     "recorded in each case's 'decode_attention'")
+    g.addoption("--decode-attention", default="auto", metavar="NAMES",
+                help="attentions of the compiled decode steps, comma-separated, one arm each (several: the case "
+                     "names end in attn-NAME): triton (ours, one-token split-key kernel), model (the model's own, "
+                     "--attn's), auto (ours where measured ahead) (default: %(default)s); recorded in each case's "
+                     "'decode_attention'")
     g.addoption("--gradient-checkpointing", action="store_true",
                 help="our arm recomputes activations (the memory-capped profile); the reference always does")
 

@@ -209,3 +209,24 @@ def test_profile_cases_record_their_settings(bench_run: dict[str, Any]) -> None:
     # No device peak on CPU: whether the cap held is unknown, not claimed.
     peak = capped["memory"]["peak_mem_gib"]
     assert capped["within_memory_cap"] is (None if peak is None else peak <= MEMORY_CAP_GIB["capped"])
+
+
+def _collect(*options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "bench_infer.py"), "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "-k", "decode_compiled", "--nf4-kernels", "bitsandbytes",
+                           *options], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_decode_attentions_are_arms_of_one_session() -> None:
+    # Several --decode-attention values: one compiled decode case each, named by it; one keeps the names files
+    # were saved under before; an unknown one is refused by name before anything runs.
+    several = _collect("--decode-attention", "model,triton", "--decode-batches", "1")
+    assert several.returncode == 0, several.stdout[-2000:] + several.stderr[-2000:]
+    assert [line for line in several.stdout.splitlines() if "::" in line] == [
+        "bench/bench_infer.py::test_decode_compiled[sdpa-batch1-bitsandbytes-attn-model]",
+        "bench/bench_infer.py::test_decode_compiled[sdpa-batch1-bitsandbytes-attn-triton]"]
+    one = _collect("--decode-attention", "triton", "--decode-batches", "1")
+    assert "bench/bench_infer.py::test_decode_compiled[sdpa-batch1-bitsandbytes]" in one.stdout.splitlines()
+    unknown = _collect("--decode-attention", "model,flash")
+    assert unknown.returncode == 4  # pytest's usage error
+    assert "--decode-attention 'model,flash': give a comma-separated list of auto, triton, model" in unknown.stderr

@@ -15,8 +15,8 @@
 #
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
 # 1,8,32,64), ARMS (the bench's 4-bit kernel arms, default "triton bitsandbytes"), DECODE_ATTENTION (the decode
-# steps' attention, the bench's --decode-attention: auto, triton or model; default auto; named in the bench files'
-# names when set), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32,64), STEP_TIMEOUT (seconds a step may
+# steps' attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of
+# the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32,64), STEP_TIMEOUT (seconds a step may
 # take, default none). A step that fails is reported and the next one runs; the exit code is the number of
 # failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
 # results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
@@ -49,11 +49,12 @@ for s in $STEPS; do
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
         for arm in ${ARMS:-triton bitsandbytes}; do
-            name="$arm${DECODE_ATTENTION:+-attn-$DECODE_ATTENTION}"
+            attns=${DECODE_ATTENTION:-}
+            name="$arm${attns:+-attn-${attns//,/-}}"
             step "bench-$name" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k "decode_compiled or prefill" \
                 --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" --nf4-kernels "$arm" \
                 --decode-attention "${DECODE_ATTENTION:-auto}" \
-                --benchmark-save="nf4-decode-$name" --benchmark-storage="file://$OUT/bench"
+                --benchmark-save="nf4-decode-$name" --benchmark-storage="file://$OUT/bench" --durations=0
             grep -h "tokens/s" "$OUT/bench-$name.log"
         done ;;
     esac
