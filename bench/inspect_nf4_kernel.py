@@ -46,11 +46,14 @@ from medqa_core.engine.kernels.nf4_matmul import TileConfig, _default_tile, _nf4
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", absmax2_ptr="*fp32",
-                code2_ptr="*fp32", offset_ptr="*fp32", bias_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32",
+                code2_ptr="*fp32", offset_ptr="*fp32",
+                **{f"{name}_s{s}_ptr": kind for s in (1, 2)
+                   for name, kind in (("q", "*u8"), ("absmax", "*u8"), ("absmax2", "*fp32"), ("offset", "*fp32"))},
+                bias_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32",
                 b_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", counter_ptr="*i32", lora_counter_ptr="*i32")
-INTS = ("M", "N", "K", "stride_xm", "stride_qn", "stride_am", "stride_tm", "stride_bn", "stride_om",
+INTS = ("M", "N0", "N1", "N2", "K", "stride_xm", "stride_qn", "stride_am", "stride_tm", "stride_bn", "stride_om",
         "blocks_per_row", "iterations", "lora_chunk")
-MULTIPLES_OF_16 = ("N", "K", "stride_xm", "stride_qn", "stride_bn", "stride_om", "blocks_per_row")  # at 4096+
+MULTIPLES_OF_16 = ("N0", "K", "stride_xm", "stride_qn", "stride_bn", "stride_om", "blocks_per_row")  # at 4096+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +100,21 @@ def mma_lanes_in_order(ttgir: str) -> bool | None:
     return True
 
 
-def compile_tile(tile: TileConfig, target: str, blocksize: int = 64):
-    """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, no LoRA."""
+def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1):
+    """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, no LoRA, ``segments``
+    sibling weights."""
     names = list(_nf4_matmul_kernel.arg_names)
-    constants = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True, HAS_BIAS=False, RANK=0,
-                     RANK_PAD=16, LORA_BLOCK_K=64, LORA_SPLIT=1, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+    constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True,
+                     HAS_BIAS=False, RANK=0, RANK_PAD=16, LORA_BLOCK_K=64, LORA_SPLIT=1, BLOCK_M=tile.block_m,
+                     BLOCK_N=tile.block_n,
                      BLOCK_K=tile.block_k if tile.kernel_mode == "mma" else max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
                      SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
                      MMA=tile.kernel_mode == "mma",
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
-    signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), "scaling": "fp32", **dict.fromkeys(constants, "constexpr")}
+    scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
+    signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},
                        {(names.index(c),): v for c, v in constants.items()},
                        {(names.index(a),): [["tt.divisibility", 16]] for a in (*POINTERS, *MULTIPLES_OF_16)})

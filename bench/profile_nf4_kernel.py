@@ -34,7 +34,11 @@ import torch
 
 MISTRAL_7B_LAYERS = {  # name: (out_features N, in_features K)
     "q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
-    "down_proj": (4096, 14336)}
+    "down_proj": (4096, 14336),
+    # Siblings as our kernel runs them since v10, one launch each (nf4_layers.SIBLINGS): ours calls them as their
+    # segments (SIBLING_SEGMENTS), bitsandbytes and bf16 as one weight of all their rows
+    "q+k+v_proj": (6144, 4096), "gate+up_proj": (28672, 4096)}
+SIBLING_SEGMENTS = {"q+k+v_proj": (4096, 1024, 1024), "gate+up_proj": (14336, 14336)}
 RANK = 16  # the presets' LoRA rank (config.LoraSettings)
 
 
@@ -50,6 +54,20 @@ def _abs_sum_eps(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch
     stays meaningful where the sum cancels to near zero (there the ulp of the result is tiny)."""
     bound = x.float().abs() @ w.float().abs().T * torch.finfo(torch.bfloat16).eps
     return ((out.float() - ref.float()).abs() / bound.clamp_min(1e-30)).max().item()
+
+
+def _segments(weight, sizes: tuple[int, ...]) -> list:
+    """``weight`` [N, K] as sibling weights of ``sizes`` rows (views of its tensors): what one launch of siblings
+    reads. Each segment's blocks are whole groups of the double-quantized scales (true of the 7B shapes)."""
+    k, parts, row0 = weight.in_features, [], 0
+    for n in sizes:
+        blocks = slice(row0 * k // weight.blocksize, (row0 + n) * k // weight.blocksize)
+        groups = slice(blocks.start // weight.blocksize2, blocks.stop // weight.blocksize2)
+        parts.append(dataclasses.replace(weight, packed=weight.packed[row0 * k // 2:(row0 + n) * k // 2],
+                                         absmax=weight.absmax[blocks], absmax2=weight.absmax2[groups],
+                                         out_features=n))
+        row0 += n
+    return parts
 
 
 def _time_s(fns: list, rep: int = 60) -> float:
@@ -158,16 +176,24 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                                               bnb_quantized=True) for _ in range(_copies(weight_bytes, device) - 1)]
         weights = [weight] + [dataclasses.replace(weight, packed=p.data.view(torch.uint8).reshape(-1))
                               for p in params[1:]]
+        sizes = SIBLING_SEGMENTS.get(layer, (n,))
+        if len(sizes) > 1:  # ours reads them as siblings, each with its own LoRA rank block
+            weights = [_segments(w, sizes) for w in weights]
+            a = torch.cat([a] + [(torch.randn(RANK, k, device=device, generator=gen) * 0.02).bfloat16()
+                                 for _ in sizes[1:]])
         denses = [dense] + [dense.clone() for _ in range(_copies(n * k * 2, device) - 1)]
         for rows in rows_list:
             x = torch.randn(rows, k, device=device, generator=gen).bfloat16()
             io_bytes = 2 * rows * (k + n)
-            lora_bytes = 2 * RANK * (k + n)
+            lora_bytes = 2 * RANK * (len(sizes) * k + n)
             ref = x.float() @ dense.float().T
-            ref_lora = ref + (2.0 * (x.float() @ a.float().T)).bfloat16().float() @ b.float().T
+            t = (2.0 * (x.float() @ a.float().T)).bfloat16().float()  # [rows, S * RANK]
+            ref_lora = ref + torch.cat([t[:, i * RANK:(i + 1) * RANK] @ b_s.float().T
+                                        for i, b_s in enumerate(b.split(sizes))], dim=1)
             arms = {
                 "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
-                "ours+lora": ([lambda w=w: nf4_matmul(x, w, lora_a=a, lora_b=b, scaling=2.0) for w in weights],
+                "ours+lora": ([lambda w=w: nf4_matmul(x, w, lora_a=a, lora_b=b, scaling=[2.0] * len(sizes))
+                               for w in weights],
                               weight_bytes + lora_bytes, ref_lora),
                 "bitsandbytes": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state) for p in params],
                                  weight_bytes, ref),
@@ -176,6 +202,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                                       ref_lora),
                 "bf16": ([lambda d=d: x @ d.T for d in denses], n * k * 2, ref),
             }
+            if len(sizes) > 1:  # bitsandbytes and peft run siblings' adapters one layer at a time: their own rows
+                del arms["bitsandbytes+lora"]
             for arm, (fns, wbytes, reference) in arms.items():
                 lora = arm.endswith("lora")
                 out = fns[0]()
@@ -201,11 +229,11 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
                 for cfg in dict.fromkeys([chosen, *grid]):  # the tile in use competes too
                     try:
-                        first = nf4_matmul(x, weight, config=cfg)
+                        first = nf4_matmul(x, weights[0], config=cfg)
                         # The summation-order bound (stays meaningful where sums cancel), and the same bits on a
                         # second call: a split-K reduction that raced would fail one or the other.
                         error = _abs_sum_eps(first, ref, x, dense)
-                        repeats = torch.equal(first, nf4_matmul(x, weight, config=cfg))
+                        repeats = torch.equal(first, nf4_matmul(x, weights[0], config=cfg))
                         if error > 1.0 or not repeats:
                             raise ArithmeticError(f"error {error:.2f} eps of sum |x*w|, repeats {repeats}")
                         seconds = _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg) for w in weights],

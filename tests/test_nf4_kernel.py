@@ -152,6 +152,46 @@ def test_every_mode_and_split_matches_the_references(config, n, k, blocksize, do
         assert _ulps(out, ref) <= 1.0, f"rows {rows}"
 
 
+SIBLING_CONFIGS = [  # split-K in each, and tiles that straddle no segment but end inside one (rows 40, 24, 16)
+    TileConfig(8, 16, 64, 1, 1, 2, "mma", prefetch=True), TileConfig(8, 32, 64, 1, 1, 3, "mma"),
+    TileConfig(1, 8, 128, 2, 1, 2, "gemv", prefetch=True), TileConfig(4, 16, 64, 1, 1, 2, "fma"),
+    TileConfig(16, 16, 128, 1, 1, 2, "dot", shared_table=True)]
+
+
+@pytest.mark.parametrize(("config", "double_quant"), [(c, i % 2 == 1) for i, c in enumerate(SIBLING_CONFIGS)],
+                         ids=[f"{c.kernel_mode}-n{c.block_n}-s{c.split_k}" for c in SIBLING_CONFIGS])
+def test_siblings_in_one_launch_give_each_launch_alones_bits(config, double_quant) -> None:
+    # q/k/v-like siblings (40, 24 and 16 rows of one K) in one launch, each with its own LoRA scaling: every output
+    # is bitwise what the weight's own launch with the same tile writes, LoRA and bias included.
+    k, rank, scalings = 256, 4, (2.0, 0.5, 1.0)
+    params = [_quantized(n, k, 64, double_quant, seed=i)[0] for i, n in enumerate((40, 24, 16))]
+    weights = [nf4_weight(p) for p in params]
+    gen = torch.Generator().manual_seed(6)
+    a = [(torch.randn(rank, k, generator=gen) * 0.1).bfloat16().to(DEVICE) for _ in weights]
+    b = [(torch.randn(w.out_features, rank, generator=gen) * 0.1).bfloat16().to(DEVICE) for w in weights]
+    bias = [torch.randn(w.out_features, generator=gen).bfloat16().to(DEVICE) for w in weights]
+    for rows in (9,) if config.kernel_mode == "mma" else (1,) if config.kernel_mode == "gemv" else (3,):
+        x = torch.randn(rows, k, generator=gen).bfloat16().to(DEVICE)
+        alone = torch.cat([nf4_matmul(x, w, bias=c, lora_a=a_, lora_b=b_, scaling=s, config=config)
+                           for w, c, a_, b_, s in zip(weights, bias, a, b, scalings, strict=True)], dim=1)
+        together = nf4_matmul(x, weights, bias=torch.cat(bias), lora_a=torch.cat(a), lora_b=torch.cat(b),
+                              scaling=scalings, config=config)
+        assert torch.equal(together, alone), f"rows {rows}"
+        two = nf4_matmul(x, weights[:2], config=config)  # two siblings, no LoRA: gate/up
+        assert torch.equal(two, torch.cat([nf4_matmul(x, w, config=config) for w in weights[:2]], dim=1))
+
+
+def test_siblings_one_launch_cannot_take_are_refused_by_name() -> None:
+    x = torch.randn(1, 256).bfloat16().to(DEVICE)
+    w256, w128 = nf4_weight(_quantized(16, 256, 64, False)[0]), nf4_weight(_quantized(16, 128, 64, False)[0])
+    with pytest.raises(ValueError, match="their K, block sizes or double quantization differ"):
+        nf4_matmul(x, [w256, w128])
+    with pytest.raises(ValueError, match="4 weights: one launch takes 1 to 3"):
+        nf4_matmul(x, [w256] * 4)
+    with pytest.raises(ValueError, match="2 weights need 2 LoRA scalings, got 3"):
+        nf4_matmul(x, [w256] * 2, scaling=(1.0, 1.0, 1.0))
+
+
 def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> None:
     from medqa_core.engine.kernels import common
 
@@ -342,11 +382,50 @@ def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_m
     assert setup.nf4_kernel.startswith("triton-nf4") and bnb_setup.nf4_kernel.startswith("bitsandbytes")
     layers = TINY["num_hidden_layers"] * 7  # q, k, v, o, gate, up, down
     assert (setup.nf4_fused_layers, setup.nf4_fused_lora_layers) == (layers, layers)
+    launches = TINY["num_hidden_layers"] * 4  # q/k/v as one, o, gate/up as one, down
+    assert setup.nf4_launches == launches
     # the MMA GEMV up to 8 rows on an NVIDIA GPU; the interpreter's defaults are the portable modes (one a batch)
-    assert setup.nf4_modes == (f"mma x{layers}" if DEVICE == "cuda" else f"{'gemv' if batch == 1 else 'dot'} x{layers}")
+    assert setup.nf4_modes == (f"mma x{launches}" if DEVICE == "cuda"
+                               else f"{'gemv' if batch == 1 else 'dot'} x{launches}")
     assert bnb_setup.nf4_modes == ""
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert dict(model.named_modules()) == modules_before  # the originals are back in place
+
+
+class _Attention(torch.nn.Module):
+    """q/k/v siblings, each fed the input ``feed`` says: the same tensor for all three, or another for v."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        for i, (name, n) in enumerate((("q_proj", 32), ("k_proj", 16), ("v_proj", 16))):
+            layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            layer.weight = _quantized(n, k, 64, True, seed=10 + i)[0]
+            setattr(self, name, layer)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x if other is None else other)], dim=-1)
+
+
+def test_siblings_share_one_launch_and_never_mistake_another_input() -> None:
+    from medqa_core.engine.kernels.nf4_layers import NF4Swap
+
+    model = _Attention(128).to(DEVICE)
+    x, other = torch.randn(2, 128).bfloat16().to(DEVICE), torch.randn(2, 128).bfloat16().to(DEVICE)
+    swap = NF4Swap(model, max_rows=8)
+    assert (swap.info.layers, swap.info.launches) == (3, 1)
+    alone = NF4Swap(model, max_rows=8, siblings=False)
+    assert alone.info.launches == 3
+    with alone:
+        expected, expected_other = model(x), model(x, other)
+    with swap:
+        pending = model.q_proj._pending
+        assert torch.equal(model(x), expected)
+        assert pending.input is None and not pending.outputs  # every sibling took its output: nothing held
+        # v fed another tensor: it runs the launch for that input instead of taking the output computed for x
+        assert torch.equal(model(x, other), expected_other)
+        rows = 16  # a prefill: the layers themselves
+        assert torch.equal(model.q_proj(torch.ones(rows, 128).bfloat16().to(DEVICE)),
+                           swap._slots[0][2](torch.ones(rows, 128).bfloat16().to(DEVICE)))
 
 
 def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatch) -> None:

@@ -14,8 +14,8 @@ def test_an_unknown_layer_is_named_with_the_choices(tmp_path):
     done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--out", str(tmp_path / "x.json"), "--once",
                            "--layers", "gate_proj/up_proj,gate"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert ("--layers: unknown gate; choose among q_proj/o_proj, k_proj/v_proj, gate_proj/up_proj, down_proj"
-            in done.stderr)
+    assert ("--layers: unknown gate; choose among q_proj/o_proj, k_proj/v_proj, gate_proj/up_proj, down_proj, "
+            "q+k+v_proj, gate+up_proj" in done.stderr)
     assert not (tmp_path / "x.json").exists()
 
 
@@ -44,3 +44,29 @@ def test_a_sweep_at_some_rows_keeps_the_tiles_of_the_others():
     assert merged["H100"] == [{"rows": 8, "n": 8, "k": 64, "config": "b"},
                               {"rows": 1, "n": 8, "k": 64, "config": "new"}]
     assert merged["H200"] == old["H200"]
+
+
+def test_siblings_read_as_segments_are_the_weight_they_were_cut_from():
+    # What the profile times for q+k+v_proj and gate+up_proj: one weight cut into sibling segments (views), each
+    # segment's scales a whole number of double-quantization groups; one launch of the segments gives the whole
+    # weight's outputs, bit for bit, with the same tile.
+    import bitsandbytes as bnb
+    import pytest
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_nf4_kernel import _segments
+
+    from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)).bfloat16().to(device)
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    whole = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
+    parts = _segments(whole, (64, 16, 16))
+    assert [p.out_features for p in parts] == [64, 16, 16] and parts[2].absmax2.numel() == 1
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
+    tile = TileConfig(1, 16, 256, 1, 1, 2, "gemv")
+    assert torch.equal(nf4_matmul(x, parts, config=tile), nf4_matmul(x, whole, config=tile))

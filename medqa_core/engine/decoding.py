@@ -166,6 +166,7 @@ class DecodeSetup:
     nf4_kernel_why: str = ""  # why that kernel: asked, auto and the device, or why Triton could not run
     nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
     nf4_fused_lora_layers: int = 0
+    nf4_launches: int = 0  # our kernel's launches a step: sibling layers (q/k/v, gate/up) share one (v10)
     nf4_modes: str = ""  # our kernel's inner loops at this batch, with their layer counts ("mma x224"); "" if not ours
     decode_attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
     decode_attention_why: str = ""
@@ -238,6 +239,7 @@ class StaticDecoder:
             compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
             nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,
             nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
+            nf4_launches=self._swap.info.launches if self._swap else 0,
             nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
             decode_attention_why=attention_why)
         if cache_layers == "sliding":

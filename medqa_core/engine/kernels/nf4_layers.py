@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from medqa_core.engine.kernels.nf4_matmul import NF4Weight, choose_tile, nf4_matmul, nf4_weight
+from medqa_core.engine.kernels.nf4_matmul import NF4Weight, choose_tile, nf4_matmul, nf4_weight, siblings_unfit
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +30,23 @@ DEFAULT_MAX_ROWS = 64
 
 
 @torch.library.custom_op("medqa_parity::nf4_linear", mutates_args=())
-def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-               absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-               offset: torch.Tensor | None, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-               lora_b: torch.Tensor | None, blocksize: int, blocksize2: int, out_features: int, in_features: int,
-               scaling: float) -> torch.Tensor:
-    """The custom op: x [..., K] -> [..., N] in x's dtype (see nf4_matmul)."""
-    weight = NF4Weight(packed=packed, absmax=absmax, code=code, blocksize=blocksize,
-                       out_features=out_features, in_features=in_features, absmax2=absmax2, code2=code2,
-                       offset=offset, blocksize2=blocksize2)
-    return nf4_matmul(x, weight, bias, lora_a, lora_b, scaling)
+def nf4_linear(x: torch.Tensor, packed: list[torch.Tensor], absmax: list[torch.Tensor], code: torch.Tensor,
+               absmax2: list[torch.Tensor], code2: torch.Tensor | None, offset: list[torch.Tensor],
+               bias: torch.Tensor | None, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, blocksize: int,
+               blocksize2: int, out_features: list[int], in_features: int, scaling: list[float]) -> torch.Tensor:
+    """The custom op: x [..., K] -> [..., sum(out_features)] in x's dtype, one or several sibling weights side by
+    side (see nf4_matmul); ``absmax2`` and ``offset`` empty without double quantization."""
+    weights = [NF4Weight(packed=p, absmax=a, code=code, blocksize=blocksize, out_features=n, in_features=in_features,
+                         absmax2=absmax2[i] if absmax2 else None, code2=code2 if absmax2 else None,
+                         offset=offset[i] if absmax2 else None, blocksize2=blocksize2)
+               for i, (p, a, n) in enumerate(zip(packed, absmax, out_features, strict=True))]
+    return nf4_matmul(x, weights, bias, lora_a, lora_b, scaling)
 
 
 @nf4_linear.register_fake
 def _(x, packed, absmax, code, absmax2, code2, offset, bias, lora_a, lora_b, blocksize, blocksize2,
       out_features, in_features, scaling):
-    return x.new_empty(*x.shape[:-1], out_features)
+    return x.new_empty(*x.shape[:-1], sum(out_features))
 
 
 def _is_lora_4bit(module: torch.nn.Module) -> bool:
@@ -53,48 +55,131 @@ def _is_lora_4bit(module: torch.nn.Module) -> bool:
     return hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), bnb.nn.Linear4bit)
 
 
+def _is_nf4(module: torch.nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return _is_lora_4bit(module) or (isinstance(module, bnb.nn.Linear4bit)
+                                     and module.weight.quant_state.quant_type == "nf4")
+
+
+# Layers of one parent that read the same input, so one launch can compute them together (Llama, Mistral, Qwen:
+# attention's q/k/v, the MLP's gate/up)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 class FusedNF4Linear(torch.nn.Module):
-    """A bitsandbytes ``Linear4bit`` (with its one active LoRA adapter, if any) computed by our kernel.
+    """One or several bitsandbytes ``Linear4bit`` layers that read the same input (each with its one active LoRA
+    adapter, if any) computed by one launch of our kernel: their outputs side by side.
 
     Args:
-        layer: the bitsandbytes layer, or the peft LoRA layer around one.
-        max_rows: more rows than this go to ``layer`` itself.
+        layers: the bitsandbytes layers, or the peft LoRA layers around them; several must be alike (all adapted
+            with one rank, or none; all with a bias, or none; weights one launch can take: ``siblings_unfit``).
+        max_rows: more rows than this go to the layers themselves.
+
+    Raises:
+        ValueError: a LoRA layer this kernel cannot fuse (several adapters, DoRA, merged), or layers not alike.
     """
 
-    def __init__(self, layer: torch.nn.Module, max_rows: int) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module], max_rows: int) -> None:
         super().__init__()
-        lora = _is_lora_4bit(layer)
-        base = layer.base_layer if lora else layer
-        self.original = layer
+        self.originals = list(layers)
         self.max_rows = max_rows
-        self.compute_dtype = base.compute_dtype or base.weight.quant_state.dtype
-        w = nf4_weight(base.weight)
-        self.nf4 = w
-        self.bias = base.bias
+        bases = [layer.base_layer if _is_lora_4bit(layer) else layer for layer in layers]
+        self.compute_dtype = bases[0].compute_dtype or bases[0].weight.quant_state.dtype
+        self.weights = [nf4_weight(base.weight) for base in bases]
+        self.sizes = [w.out_features for w in self.weights]
+        why_not = _unalike(layers, bases, self.compute_dtype) or siblings_unfit(self.weights)
+        if why_not:
+            raise ValueError(f"{', '.join(type(layer).__name__ for layer in layers)}: not one launch: {why_not}")
+        self.bias = None if bases[0].bias is None else torch.cat([base.bias.detach() for base in bases])
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
-        self.scaling = 1.0
-        if lora:
-            adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-            if len(adapters) != 1 or layer.merged or layer.disable_adapters or adapters[0] in getattr(
-                    layer, "lora_variant", {}):
-                raise ValueError(f"{type(layer).__name__}: only one plain (not merged, not DoRA) active adapter is "
-                                 f"fused, found {adapters}")
-            name = adapters[0]
+        self.scaling = [1.0] * len(layers)
+        if _is_lora_4bit(layers[0]):
+            names = [_adapter(layer) for layer in layers]
             # Under autocast, peft runs LoRA's matmuls in the compute dtype: the kernel reads these copies.
-            self.lora_a = layer.lora_A[name].weight.detach().to(self.compute_dtype)  # [r, K]
-            self.lora_b = layer.lora_B[name].weight.detach().to(self.compute_dtype)  # [N, r]
-            self.scaling = float(layer.scaling[name])
+            adapted = list(zip(layers, names, strict=True))
+            self.lora_a = torch.cat([layer.lora_A[name].weight.detach() for layer, name in adapted]).to(
+                self.compute_dtype)  # [S * r, K]
+            self.lora_b = torch.cat([layer.lora_B[name].weight.detach() for layer, name in adapted]).to(
+                self.compute_dtype)  # [N, r]
+            self.scaling = [float(layer.scaling[name]) for layer, name in adapted]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > self.max_rows or self.original.training:
-            return self.original(x)
-        w = self.nf4
+        w = self.weights
+        dq = w[0].double_quant
         out = torch.ops.medqa_parity.nf4_linear(
-            x.to(self.compute_dtype), w.packed, w.absmax, w.code, w.absmax2, w.code2, w.offset,
-            None if self.bias is None else self.bias.to(self.compute_dtype), self.lora_a, self.lora_b, w.blocksize,
-            w.blocksize2, w.out_features, w.in_features, self.scaling)
+            x.to(self.compute_dtype), [v.packed for v in w], [v.absmax for v in w], w[0].code,
+            [v.absmax2 for v in w] if dq else [], w[0].code2, [v.offset for v in w] if dq else [],
+            None if self.bias is None else self.bias.to(self.compute_dtype), self.lora_a, self.lora_b, w[0].blocksize,
+            w[0].blocksize2, self.sizes, w[0].in_features, self.scaling)
         return out.to(x.dtype)
+
+
+def _adapter(layer: torch.nn.Module) -> str:
+    """The one plain active adapter of a peft LoRA layer.
+
+    Raises:
+        ValueError: several, or one that is merged, disabled or DoRA.
+    """
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(adapters) != 1 or layer.merged or layer.disable_adapters or adapters[0] in getattr(
+            layer, "lora_variant", {}):
+        raise ValueError(f"{type(layer).__name__}: only one plain (not merged, not DoRA) active adapter is "
+                         f"fused, found {adapters}")
+    return adapters[0]
+
+
+def _unalike(layers: Sequence[torch.nn.Module], bases: Sequence[torch.nn.Module], dtype: torch.dtype) -> str | None:
+    """Why sibling layers cannot share a launch's LoRA, bias and compute dtype, or None."""
+    if len({_is_lora_4bit(layer) for layer in layers}) > 1:
+        return "some carry a LoRA adapter, some not"
+    if _is_lora_4bit(layers[0]) and len({layer.lora_A[_adapter(layer)].weight.shape[0] for layer in layers}) > 1:
+        return "their LoRA ranks differ"
+    if len({base.bias is None for base in bases}) > 1:
+        return "some have a bias, some not"
+    if any((base.compute_dtype or base.weight.quant_state.dtype) != dtype for base in bases):
+        return "their compute dtypes differ"
+    return None
+
+
+class _Pending:
+    """A sibling group's outputs not yet taken, and the input they were computed from."""
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.outputs: dict[int, torch.Tensor] = {}
+
+
+class NF4Sibling(torch.nn.Module):
+    """One layer's place while the swap holds: its part of its group's launch (:class:`FusedNF4Linear`).
+
+    The first of a group called with an input runs the launch for all of them and keeps the others' outputs; a
+    sibling then called with that same tensor takes its own, so the model calls each layer as before (q, k, v in
+    turn) and the group costs one launch. A sibling called with another input (a model that feeds them
+    differently) runs the launch again: slower, never wrong. Above ``max_rows`` rows (a prefill) or in training,
+    the layer itself runs.
+    """
+
+    def __init__(self, group: FusedNF4Linear, index: int, pending: _Pending) -> None:
+        super().__init__()
+        self.group = group
+        self.index = index
+        self._pending = pending
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group, pending = self.group, self._pending
+        if x.numel() // x.shape[-1] > group.max_rows or group.originals[self.index].training:
+            return group.originals[self.index](x)
+        if pending.input is x and self.index in pending.outputs:
+            out = pending.outputs.pop(self.index)
+            if not pending.outputs:
+                pending.input = None  # every sibling served: hold no tensor past the step
+            return out
+        outs = group(x).split(group.sizes, dim=-1)
+        pending.outputs = {i: out for i, out in enumerate(outs) if i != self.index}
+        pending.input = x if pending.outputs else None
+        return outs[self.index]
 
 
 @dataclass(frozen=True)
@@ -105,50 +190,74 @@ class SwapInfo:
     layers: int  # 4-bit layers computed by our kernel
     lora_layers: int  # of which carry a LoRA adapter, fused into the same call
     max_rows: int
+    launches: int  # our kernel's launches a forward: sibling layers (q/k/v, gate/up) share one
 
 
 class NF4Swap:
     """Our kernel in place of each bitsandbytes 4-bit layer of ``model``, inside ``with``.
 
+    Sibling layers (:data:`SIBLINGS`) that are alike run as one launch (:class:`NF4Sibling`); the others one
+    launch each.
+
     Args:
         model: a transformers model (peft-wrapped or not) with bitsandbytes NF4 layers.
         max_rows: rows per call up to which our kernel runs (decode); above it the original layer.
+        siblings: join sibling layers into one launch (False: one launch a layer, as before v10).
 
     Raises:
         ValueError: no NF4 layer, or a LoRA layer this kernel cannot fuse (several adapters, DoRA, merged).
     """
 
-    def __init__(self, model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> None:
-        import bitsandbytes as bnb
-
-        self._slots: list[tuple[torch.nn.Module, str, torch.nn.Module, FusedNF4Linear]] = []
+    def __init__(self, model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS, siblings: bool = True) -> None:
+        self._slots: list[tuple[torch.nn.Module, str, torch.nn.Module, NF4Sibling]] = []
+        self._groups: list[FusedNF4Linear] = []
         stack = [model]
         while stack:
             parent = stack.pop()
-            for name, child in parent.named_children():
-                if _is_lora_4bit(child) or (isinstance(child, bnb.nn.Linear4bit)
-                                            and child.weight.quant_state.quant_type == "nf4"):
-                    self._slots.append((parent, name, child, FusedNF4Linear(child, max_rows)))
-                else:
-                    stack.append(child)
+            layers = {name: child for name, child in parent.named_children() if _is_nf4(child)}
+            stack.extend(child for name, child in parent.named_children() if name not in layers)
+            for names in _groups(parent, layers, max_rows, siblings):
+                group = FusedNF4Linear([layers[name] for name in names], max_rows)
+                pending = _Pending()
+                self._groups.append(group)
+                self._slots.extend((parent, name, layers[name], NF4Sibling(group, i, pending))
+                                   for i, name in enumerate(names))
         if not self._slots:
             raise ValueError("no bitsandbytes NF4 layer in the model: nothing for the NF4 kernel to run")
-        lora = sum(1 for *_, fused in self._slots if fused.lora_a is not None)
+        lora = sum(len(group.sizes) for group in self._groups if group.lora_a is not None)
         self.info = SwapInfo(kernel="triton-nf4 (medqa_core.engine.kernels)", layers=len(self._slots), lora_layers=lora,
-                             max_rows=max_rows)
+                             max_rows=max_rows, launches=len(self._groups))
 
     def modes(self, rows: int) -> str:
-        """The kernel modes the layers run at ``rows`` rows, with their counts (e.g. ``"mma x224"``): recorded
+        """The kernel modes the launches run at ``rows`` rows, with their counts (e.g. ``"mma x160"``): recorded
         beside decode figures, so a file says which inner loop produced them."""
-        counts = Counter(choose_tile(rows, fused.nf4, fused.compute_dtype, fused.nf4.packed.device).kernel_mode
-                         for *_, fused in self._slots)
+        counts = Counter(choose_tile(rows, group.weights[0], group.compute_dtype, group.weights[0].packed.device,
+                                     out_features=sum(group.sizes)).kernel_mode for group in self._groups)
         return ", ".join(f"{mode} x{count}" for mode, count in counts.most_common())
 
     def __enter__(self) -> NF4Swap:
-        for parent, name, _, fused in self._slots:
-            setattr(parent, name, fused)
+        for parent, name, _, sibling in self._slots:
+            setattr(parent, name, sibling)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for parent, name, original, _ in self._slots:
             setattr(parent, name, original)
+
+
+def _groups(parent: torch.nn.Module, layers: dict[str, torch.nn.Module], max_rows: int,
+            siblings: bool) -> list[tuple[str, ...]]:
+    """``parent``'s NF4 layers as launch groups: each complete set of :data:`SIBLINGS` that can share a launch,
+    every other layer alone (with why a set could not share, logged)."""
+    groups: list[tuple[str, ...]] = []
+    for names in SIBLINGS if siblings else ():
+        if not set(names) <= layers.keys():
+            continue
+        try:
+            FusedNF4Linear([layers[name] for name in names], max_rows)
+        except ValueError as e:
+            logger.info("NF4 kernel: %s.%s one launch each (%s)", type(parent).__name__, "/".join(names), e)
+            continue
+        groups.append(names)
+    joined = {name for names in groups for name in names}
+    return groups + [(name,) for name in layers if name not in joined]

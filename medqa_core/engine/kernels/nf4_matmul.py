@@ -79,6 +79,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -673,19 +674,20 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr, output_tiles,
               M, stride_tm, stride_bn, stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
-              RANK_PAD: tl.constexpr, LORA_SPLIT: tl.constexpr, DOT: tl.constexpr, EMULATE: tl.constexpr):
+              RANK_PAD: tl.constexpr, LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, DOT: tl.constexpr,
+              EMULATE: tl.constexpr):
     """out = round(acc [BM, BN] + bias + t @ B^T): the one output write, after any split-K reduction."""
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if RANK > 0:
-        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first RANK * LORA_SPLIT programs
+        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first LORA_PROGRAMS programs
         # (each rank's K in LORA_SPLIT chunks, summed here in chunk order), rounded to the compute dtype as peft's
         # autocast matmuls round it. Those programs were dispatched before this one (in index order, as CUTLASS's
         # stream-K fix-up also relies on) and are short, so t is almost always written by the time a tile gets
         # here: the wait is a check that rarely spins.
         done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
-        while done < RANK * LORA_SPLIT:
+        while done < LORA_PROGRAMS:
             done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
         offs_r = tl.arange(0, RANK_PAD)
         r_mask = offs_r < RANK
@@ -714,32 +716,50 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
 
 @triton.jit
 def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                       q_s1_ptr, absmax_s1_ptr, absmax2_s1_ptr, offset_s1_ptr, q_s2_ptr, absmax_s2_ptr, absmax2_s2_ptr,
+                       offset_s2_ptr,
                        bias_ptr, a_ptr, t_ptr, b_ptr, out_ptr, partial_ptr, counter_ptr, lora_counter_ptr,
-                       M, N, K, stride_xm, stride_qn, stride_am, stride_tm, stride_bn, stride_om, blocks_per_row,
-                       iterations, scaling, lora_chunk,
-                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       M, N0, N1, N2, K, stride_xm, stride_qn, stride_am, stride_tm, stride_bn, stride_om,
+                       blocks_per_row, iterations, scaling0, scaling1, scaling2, lora_chunk,
+                       SEGMENTS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                        LORA_BLOCK_K: tl.constexpr, LORA_SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
                        ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
-    # Programs 0 .. RANK * LORA_SPLIT - 1 (with LoRA): rank pid // LORA_SPLIT of LoRA's down-projection
-    # t = scaling * x @ A^T for every row, over chunk pid % LORA_SPLIT of K, into that chunk's partial, then counted
-    # done. The rest: program RANK * LORA_SPLIT + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
-    # [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges
-    # of whole quantization blocks; its epilogue adds t @ B^T. So an adapted layer is one launch.
+    # SEGMENTS (1 to 3) weights of the same K side by side, one launch: their outputs are columns [0, N0),
+    # [N0, N0 + N1), [N0 + N1, N0 + N1 + N2) of out (sibling layers that read the same x: q/k/v, gate/up). A tile
+    # lies in one segment, whose pointers it takes; everything it writes (output, split-K partials and counters)
+    # is that segment's own region, so inside a segment the code is that of one weight.
+    # Programs 0 .. SEGMENTS * RANK * LORA_SPLIT - 1 (with LoRA): rank pid // LORA_SPLIT (segment rank // RANK's)
+    # of LoRA's down-projection t = scaling * x @ A^T for every row, over chunk pid % LORA_SPLIT of K, into that
+    # chunk's partial, then counted done. The rest: program SEGMENTS * RANK * LORA_SPLIT
+    # + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1)
+    # of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks; its epilogue adds
+    # t @ B^T. So an adapted layer (or a group of siblings) is one launch.
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
+    n_tiles0 = tl.cdiv(N0, BLOCK_N)
+    n_tiles1 = tl.cdiv(N1, BLOCK_N)
+    n_tiles2 = tl.cdiv(N2, BLOCK_N)
+    n_tiles = n_tiles0 + n_tiles1 + n_tiles2  # N1, N2 are 0 below 2 and 3 segments
     m_tiles = tl.cdiv(M, BLOCK_M)
     tile = pid
     if RANK > 0:  # (without LoRA the branch is not compiled at all)
-        tile = pid - RANK * LORA_SPLIT
+        tile = pid - SEGMENTS * RANK * LORA_SPLIT
         if tile < 0:
             r = pid // LORA_SPLIT
             chunk = pid % LORA_SPLIT
             k_lo = chunk * lora_chunk
             k_hi = tl.minimum(K, k_lo + lora_chunk)
+            scaling = scaling0
+            if SEGMENTS > 1:
+                if r >= RANK:
+                    scaling = scaling1
+                if SEGMENTS > 2:
+                    if r >= 2 * RANK:
+                        scaling = scaling2
             for m0 in range(0, M, BLOCK_M):
                 offs_lm = m0 + tl.arange(0, BLOCK_M)
                 lm_mask = offs_lm < M
@@ -749,25 +769,48 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
             tl.debug_barrier()  # every lane's t stored before the release below
             tl.atomic_add(lora_counter_ptr, 1, sem="release", scope="gpu")
     if tile >= 0:
+        pid_n = tile % n_tiles
+        pid_m = (tile // n_tiles) % m_tiles
+        pid_k = tile // (n_tiles * m_tiles)
+        n_seg = N0
+        if SEGMENTS > 1:  # the tile's segment: its weight, and its part of every output buffer
+            n_base = 0
+            tile_base = 0
+            seg = 0
+            if pid_n >= n_tiles0:
+                q_ptr, absmax_ptr, absmax2_ptr, offset_ptr = q_s1_ptr, absmax_s1_ptr, absmax2_s1_ptr, offset_s1_ptr
+                n_seg, n_base, tile_base, seg = N1, N0, n_tiles0, 1
+            if SEGMENTS > 2:
+                if pid_n >= n_tiles0 + n_tiles1:
+                    q_ptr, absmax_ptr, absmax2_ptr, offset_ptr = q_s2_ptr, absmax_s2_ptr, absmax2_s2_ptr, offset_s2_ptr
+                    n_seg, n_base, tile_base, seg = N2, N0 + N1, n_tiles0 + n_tiles1, 2
+            pid_n -= tile_base
+            out_ptr += n_base
+            bias_ptr += n_base
+            b_ptr += n_base * stride_bn
+            t_ptr += seg * RANK
+            partial_ptr += SPLIT_K * M * n_base
+            counter_ptr += m_tiles * tile_base
         _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, t_ptr, b_ptr,
-                  out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, tile % n_tiles, (tile // n_tiles) % m_tiles,
-                  tile // (n_tiles * m_tiles), n_tiles, m_tiles, M, N, K, stride_xm, stride_qn, stride_tm,
+                  out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, pid_n, pid_m, pid_k,
+                  tl.cdiv(n_seg, BLOCK_N), m_tiles, n_tiles * m_tiles, M, n_seg, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
-                  HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT, SWAP, PREFETCH, SHARED_TABLE,
-                  SPLIT_K, NUM_STAGES, GEMV, MMA, ROUND_ASM, NUM_WARPS, EMULATE)
+                  HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK * LORA_SPLIT, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
+                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, ROUND_ASM, NUM_WARPS, EMULATE)
 
 
 @triton.jit
 def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, t_ptr, b_ptr,
-              out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, pid_n, pid_m, pid_k, n_tiles, m_tiles,
+              out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, pid_n, pid_m, pid_k, n_tiles, m_tiles, output_tiles,
               M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row, iterations,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-              LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
-              SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
-              ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
-    """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction)."""
+              LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr,
+              SHARED_TABLE: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
+              MMA: tl.constexpr, ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+    """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction).
+    ``n_tiles`` and ``N`` are its segment's; ``output_tiles`` counts the launch's."""
     dtype = out_ptr.dtype.element_ty
     # Triton software-pipelines the K loop over NUM_STAGES (cp.async copies of the packed bytes, scales and x,
     # several iterations in flight) where the code table is shared (its lookups are gathers, not loads it would
@@ -907,8 +950,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
             tl.debug_barrier()  # every lane's results stored before any lane reads the tile
             acc = tl.load(partial_ptr + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
         _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
-                  n_tiles * m_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT, DOT,
-                  EMULATE)
+                  output_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_PROGRAMS, LORA_SPLIT,
+                  DOT, EMULATE)
     else:
         # Deterministic split-K: each program writes its float32 partial to partial[pid_k, M, N]; the last of the
         # tile's SPLIT_K programs to arrive (an acq_rel counter) sums the partials in index order 0..SPLIT_K-1,
@@ -925,8 +968,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                 total += tl.load(partial_ptr + s * M * N + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
             _epilogue(total, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
-                      n_tiles * m_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_SPLIT,
-                      DOT, EMULATE)
+                      output_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_PROGRAMS,
+                      LORA_SPLIT, DOT, EMULATE)
 
 
 @dataclass(frozen=True)
@@ -1213,14 +1256,15 @@ def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block
 
 
 def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.device,
-                config: TileConfig | None = None) -> TileConfig:
-    """The tile :func:`nf4_matmul` runs for ``rows`` rows of x in ``dtype``: ``config``, or :func:`tile_config`'s;
-    an ``mma`` tile the call cannot run becomes the default of the other modes.
+                config: TileConfig | None = None, out_features: int | None = None) -> TileConfig:
+    """The tile :func:`nf4_matmul` runs for ``rows`` rows of x in ``dtype``: ``config``, or :func:`tile_config`'s
+    for ``out_features`` rows of W (siblings' together; default: the weight's); an ``mma`` tile the call cannot run
+    becomes the default of the other modes.
 
     Raises:
         ValueError: ``config`` asks for the ``mma`` mode where it cannot run.
     """
-    n, k = weight.out_features, weight.in_features
+    n, k = out_features or weight.out_features, weight.in_features
     cfg = config or tile_config(rows, n, k, device)
     if cfg.kernel_mode == "mma":
         why_not = mma_unfit(device, dtype, weight, cfg.block_k)
@@ -1231,23 +1275,61 @@ def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.
     return cfg
 
 
-def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
+MAX_SEGMENTS = 3  # weights one launch computes side by side (q/k/v)
+
+
+def siblings_unfit(weights: Sequence[NF4Weight]) -> str | None:
+    """Why ``weights`` cannot run as the segments of one :func:`nf4_matmul` launch, or None where they can: up to
+    three, of the same K, block sizes, double quantization and code tables (the kernel reads one of each)."""
+    first = weights[0]
+    if not 1 <= len(weights) <= MAX_SEGMENTS:
+        return f"{len(weights)} weights: one launch takes 1 to {MAX_SEGMENTS}"
+    for w in weights[1:]:
+        if (w.in_features, w.blocksize, w.double_quant, w.blocksize2) != (
+                first.in_features, first.blocksize, first.double_quant, first.blocksize2):
+            return "their K, block sizes or double quantization differ"
+        if not torch.equal(w.code, first.code) or (w.double_quant and not torch.equal(w.code2, first.code2)):
+            return "their code tables differ"
+        if w.aligned != first.aligned:
+            return "some rows are whole quantization blocks of int32 words, some not"
+    return None
+
+
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: torch.Tensor | None = None,
                lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-               scaling: float = 1.0, config: TileConfig | None = None) -> torch.Tensor:
+               scaling: float | Sequence[float] = 1.0, config: TileConfig | None = None) -> torch.Tensor:
     """``x @ W^T + bias + scaling * (x @ A^T) @ B^T`` for x [..., K], in x's dtype, W dequantized in registers.
+
+    Several weights (sibling layers that read the same x, up to three: q/k/v, gate/up) run as one launch whose
+    output is theirs side by side: W is their rows stacked, each with its own LoRA rank block and scaling. Each
+    output tile is computed as a launch of its weight alone with the same tile would compute it.
 
     Args:
         x: activations [..., K] (bf16, fp16 or fp32).
-        weight: the packed NF4 weight [N, K].
-        bias: [N] or None.
-        lora_a, lora_b: LoRA's A [r, K] and B [N, r], or None for the base layer alone.
-        scaling: LoRA's alpha / r.
-        config: a tile shape (tests, the sweep); None picks one for the shape.
+        weight: the packed NF4 weight [N, K], or sibling weights [N_s, K] (:func:`siblings_unfit` says which can).
+        bias: [N] (N the weights' rows together) or None.
+        lora_a, lora_b: LoRA's A [r, K] and B [N, r], or None for the base layer alone. Siblings: their A's stacked
+            [S * r, K] (one rank r each) and B's stacked [N, r].
+        scaling: LoRA's alpha / r; siblings: one each.
+        config: a tile shape (tests, the sweep); None picks one for the shape (siblings: their rows together).
 
     Returns:
         [..., N] in x's dtype.
+
+    Raises:
+        ValueError: siblings one launch cannot take, or a scaling for each that is missing.
     """
-    n, k = weight.out_features, weight.in_features
+    weights = [weight] if isinstance(weight, NF4Weight) else list(weight)
+    segments = len(weights)
+    why_not = siblings_unfit(weights)
+    if why_not:
+        raise ValueError(f"nf4_matmul: these weights cannot share a launch: {why_not}")
+    scalings = [float(scaling)] * segments if isinstance(scaling, (int, float)) else [float(s) for s in scaling]
+    if len(scalings) != segments:
+        raise ValueError(f"nf4_matmul: {segments} weights need {segments} LoRA scalings, got {len(scalings)}")
+    first = weights[0]
+    seg_rows = [w.out_features for w in weights]
+    n, k = sum(seg_rows), first.in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -1256,42 +1338,50 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out.reshape(*lead, n)
-    cfg = choose_tile(rows, weight, x.dtype, x.device, config)
+    cfg = choose_tile(rows, first, x.dtype, x.device, config, out_features=n)
     mma = cfg.kernel_mode == "mma"
     if mma and (x2.stride(0) != k or x2.data_ptr() % 4):
         x2 = x2.clone()  # its rows are read as int32 words of two values
     dot = cfg.kernel_mode in ("dot", "dot_swap")
-    aligned = weight.aligned
+    aligned = first.aligned
     if mma:
         block_k = cfg.block_k
         iterations = k // block_k
     elif aligned:
-        block_k = _blocks_per_iteration(weight, cfg.block_k)
-        iterations = (k // weight.blocksize) // (block_k // weight.blocksize)
+        block_k = _blocks_per_iteration(first, cfg.block_k)
+        iterations = (k // first.blocksize) // (block_k // first.blocksize)
     else:
         block_k = max(32 if dot else 2, cfg.block_k)  # the dot's halves need K >= 16
         iterations = triton.cdiv(k, block_k)
     split = max(1, min(cfg.split_k, iterations))
-    rank = 0 if lora_a is None else int(lora_a.shape[0])
-    # t: LoRA's down-projection, [lora_split, rows, rank] partials over K's chunks, written by the launch's first
-    # rank * lora_split programs, summed in chunk order by its epilogues
+    rank = 0 if lora_a is None else int(lora_a.shape[0]) // segments  # each sibling's
+    # t: LoRA's down-projection, [lora_split, rows, segments * rank] partials over K's chunks, written by the
+    # launch's first segments * rank * lora_split programs, summed in chunk order by its epilogues
     lora_split, lora_chunk = _lora_split(k)
-    t = torch.empty(lora_split, rows, rank, device=x.device, dtype=torch.float32) if rank else out  # else unused
-    a = lora_a if rank else out
+    t = torch.empty(lora_split, rows, segments * rank, device=x.device, dtype=torch.float32) if rank else out
+    a = lora_a if rank else out  # else unused
     b = lora_b if rank else out
-    dq = weight.double_quant
-    n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m)
-    # [split, M, N]: split-K's float32 partials; the MMA path writes its results there even unsplit
+    dq = first.double_quant
+    n_tiles = sum(triton.cdiv(rows_s, cfg.block_n) for rows_s in seg_rows)
+    m_tiles = triton.cdiv(rows, cfg.block_m)
+    # [split, M, N]: split-K's float32 partials, a segment's [split, M, N_s] after another's; the MMA path writes
+    # its results there even unsplit
     partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32) if split > 1 or mma else out
     counters = arrival_counters(x.device, "split_k", n_tiles * m_tiles) if split > 1 else out  # else unused
     lora_counters = arrival_counters(x.device, "lora", 2) if rank else out
-    _nf4_matmul_kernel[(rank * lora_split + n_tiles * m_tiles * split,)](
-        x2, weight.packed, weight.absmax, weight.code,
-        weight.absmax2 if dq else weight.code, weight.code2 if dq else weight.code,
-        weight.offset if dq else weight.code, bias if bias is not None else out, a, t, b, out, partial, counters,
-        lora_counters, rows, n, k, x2.stride(0), k // 2, a.stride(0), rank, b.stride(0), out.stride(0),
-        k // weight.blocksize, iterations, float(scaling), lora_chunk,
-        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
+
+    def quant(w: NF4Weight) -> list[torch.Tensor]:  # what the kernel reads of one weight
+        return [w.packed, w.absmax, w.absmax2 if dq else w.code, w.offset if dq else w.code]
+
+    segment_args = [t_ for w in (weights + [first] * (MAX_SEGMENTS - segments))[1:] for t_ in quant(w)]
+    _nf4_matmul_kernel[(segments * rank * lora_split + n_tiles * m_tiles * split,)](
+        x2, first.packed, first.absmax, first.code, first.absmax2 if dq else first.code,
+        first.code2 if dq else first.code, first.offset if dq else first.code, *segment_args,
+        bias if bias is not None else out, a, t, b, out, partial, counters, lora_counters,
+        rows, *(seg_rows + [0] * (MAX_SEGMENTS - segments)), k, x2.stride(0), k // 2, a.stride(0),
+        segments * rank, b.stride(0), out.stride(0), k // first.blocksize, iterations,
+        *(scalings + [1.0] * (MAX_SEGMENTS - segments)), lora_chunk,
+        SEGMENTS=segments, BLOCKSIZE=first.blocksize, BLOCKSIZE2=first.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
         LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
