@@ -16,8 +16,10 @@
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
 # 1,8,32,64), ARMS (the bench's 4-bit kernel arms, default "triton bitsandbytes"), DECODE_ATTENTION (the decode
 # steps' attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of
-# the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep tunes, default 1,8,32,64), STEP_TIMEOUT (seconds a step may
-# take, default none). A step that fails is reported and the next one runs; the exit code is the number of
+# the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep
+# tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
+# those modes' tiles; default all), TESTS_K (the tests step's -k expression; default all), STEP_TIMEOUT (seconds a
+# step may take, default none). A step that fails is reported and the next one runs; the exit code is the number of
 # failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
 # results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
 set -uo pipefail
@@ -38,9 +40,10 @@ export MEDQA_NF4_TILES="$OUT/nf4_tiles.json"
 
 for s in $STEPS; do
     case $s in
-    tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ;;
+    tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
-        --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ;;
+        --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ${SWEEP_LAYERS:+--layers "$SWEEP_LAYERS"} \
+        ${SWEEP_MODES:+--modes "$SWEEP_MODES"} ;;
     ncu)
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
         step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
