@@ -18,7 +18,8 @@ the device's warps (32 lanes on NVIDIA, 64-wide wavefronts on CDNA), and every s
 size, not a lane count. The same source runs on ROCm's Triton; it has not run on an AMD GPU here (docs/decode.md
 says what has).
 
-One kernel, :func:`_nf4_matmul_kernel`, one launch per layer, adapted or not:
+One kernel, :func:`_nf4_matmul_kernel`, one launch per layer, adapted or not, or per group of up to three sibling
+layers that read the same x (v10: q/k/v, gate/up; their weights side by side as segments, each tile inside one):
 
 - with LoRA, its first ``r`` programs compute LoRA's down-projection ``t = scaling * x @ A^T`` ([M, r], float32),
   one rank each, and count themselves done (a release atomic);
