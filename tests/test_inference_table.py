@@ -93,3 +93,26 @@ def test_our_attention_is_its_own_row_beside_the_models_of_the_same_call(tmp_pat
         ("ours (Triton) + our attention", 8, ours_attention.name),
         ("bitsandbytes", 1, H100_BNB.name), ("bitsandbytes", 8, H100_BNB.name)]
     assert [r.decode_tokens_per_s for r in rows if r.attention == "triton"] == [1234.0, 1234.0]
+
+
+def test_attention_arms_of_one_session_are_rows_of_their_own(tmp_path):
+    # --decode-attention model,triton: one file whose case names end in the attention
+    data = json.loads(H100_OURS.read_text())
+    arms = []
+    for b in data["benchmarks"]:
+        if not b["name"].startswith("test_decode_compiled["):
+            arms.append(b)
+            continue
+        for attention in ("model", "triton"):
+            arm = json.loads(json.dumps(b))
+            arm["name"] = arm["fullname"] = b["name"][:-1] + f"-attn-{attention}]"
+            arm["extra_info"]["decode_attention"] = ("triton-decode (medqa_core.engine.kernels)"
+                                                     if attention == "triton" else "model: sdpa")
+            arms.append(arm)
+    data["benchmarks"] = arms
+    both = tmp_path / "0099_h100-attn-model-triton.json"
+    both.write_text(json.dumps(data))
+    rows = newest_inference_rows([read_bench_file(both)])
+    assert [(r.kernel_name, r.batch) for r in rows] == [
+        ("ours (Triton)", 1), ("ours (Triton)", 8), ("ours (Triton) + our attention", 1),
+        ("ours (Triton) + our attention", 8)]

@@ -1,6 +1,7 @@
 """Inference per 4-bit kernel and batch, from bench files: what a buyer reads beside the training figures.
 
-One row per compiled-decode case that names its 4-bit kernel (``test_decode_compiled[...-<kernel>]``): ours
+One row per compiled-decode case that names its 4-bit kernel (``test_decode_compiled[...-<kernel>]``, or
+``...-<kernel>-attn-<attention>]`` where one session ran several attentions): ours
 (the Triton NF4 kernels) and bitsandbytes' as arms of the same run, and the steps' attention (the model's, or
 ours: the bench's ``--decode-attention``), which one device call may save as another file of the same cases.
 README and docs/decode.md (tools/gen_docs.py) and the parity report build their inference tables from these
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 
 from medqa_core.compare.inputs import BenchFile, device_label
 
-_KERNEL = re.compile(r"^test_decode_compiled\[.*-(triton|bitsandbytes)\]$")
+# (with several --decode-attention arms the name ends in the attention: ...-triton-attn-model])
+_KERNEL = re.compile(r"^test_decode_compiled\[.*-(triton|bitsandbytes)(?:-attn-\w+)?\]$")
 KERNEL_NAMES = {"triton": "ours (Triton)", "bitsandbytes": "bitsandbytes"}
 
 
