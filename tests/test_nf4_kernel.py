@@ -214,7 +214,9 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     (dict(split_k=0), "split_k=0: must be at least 1"),
     (dict(mode="wmma"), "choose one of"),
     (dict(block_m=4, mode="gemv"), "one row of x a tile"),
-    (dict(block_m=1, block_n=2, mode="gemv"), r"block_n \(2\) must be at least num_warps \(4\)")])
+    (dict(block_m=1, block_n=2, mode="gemv"), r"block_n \(2\) must be at least num_warps \(4\)"),
+    # a lane loads up to 4 x words an iteration: a wider block_k summed wrong x (the sweep caught it)
+    (dict(block_m=8, block_n=64, block_k=256, mode="mma"), "over block_k 32 to 128 columns, got 8 x 64 x 256")])
 def test_a_tile_that_cannot_run_is_refused(fields, match) -> None:
     base = dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match=match):

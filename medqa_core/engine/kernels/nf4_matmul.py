@@ -1041,7 +1041,7 @@ class TileConfig:
     ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's
     blocks). ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations
     (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"mma"`` (v8, NVIDIA: ``block_m``
-    8, ``block_n`` 16 a warp, ``block_k`` 32 to 128 columns an iteration, a quarter of it a lane's; ``prefetch``
+    8, ``block_n`` 16 or 32 a warp, ``block_k`` 32 to 128 columns an iteration, a quarter of it a lane's; ``prefetch``
     loads the next iteration's words and scales first; ``shared_table`` does not apply), ``"gemv"`` (v7,
     ``block_m`` 1:
     int32 words, ``block_n`` rows of W a program over ``num_warps`` warps; ``shared_table`` does not apply, its
@@ -1080,10 +1080,11 @@ class TileConfig:
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
         if self.kernel_mode == "mma":
             if (self.block_m != 8 or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
-                    or self.block_k < 32):
+                    or not 32 <= self.block_k <= 128):  # a lane loads up to 4 x words an iteration
                 raise ValueError(f"TileConfig: mode 'mma' is 8 rows of x (block_m 8) by 16 or 32 rows of W a warp "
                                  f"(block_n {16 * self.num_warps} or {32 * self.num_warps} at {self.num_warps} warps) "
-                                 f"over block_k >= 32 columns, got {self.block_m} x {self.block_n} x {self.block_k}")
+                                 f"over block_k 32 to 128 columns, got {self.block_m} x {self.block_n} x "
+                                 f"{self.block_k}")
         elif self.kernel_mode == "gemv":
             if self.block_m != 1:
                 raise ValueError(f"TileConfig: mode 'gemv' is one row of x a tile (block_m 1), got {self.block_m}")
