@@ -140,3 +140,23 @@ def test_the_decoder_refuses_an_unknown_attention(tiny_model_dir) -> None:
         decode_attention_choice(torch.nn.Linear(2, 2), torch.device(DEVICE), "flash")
     # off a GPU "auto" keeps the model's attention (the interpreter is for tests)
     assert decode_attention_choice(torch.nn.Linear(2, 2), torch.device("cpu"), "auto")[0] == "model"
+
+
+@pytest.mark.parametrize(("gpu", "hip", "rows", "expected"), [
+    ("NVIDIA H200", None, 1, "triton"), ("NVIDIA H200", None, 8, "triton"), ("NVIDIA H200", None, 9, "model"),
+    ("NVIDIA H100 80GB HBM3", None, 1, "model"), ("AMD Instinct MI300X", "6.4.0", 1, "model")])
+def test_auto_takes_our_attention_where_it_was_measured_ahead(tiny_model_dir, monkeypatch, gpu, hip, rows,
+                                                             expected) -> None:
+    """Ours on the GPUs and batches where the bench measured it ahead of SDPA (an H200 at batches 1 and 8, file
+    0034), the model's elsewhere and on ROCm. The choice reads only the device's name and the build (no GPU is
+    touched)."""
+    from transformers import AutoModelForCausalLM
+
+    from medqa_core.engine.decoding import decode_attention_choice
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    kind, why = decode_attention_choice(model, torch.device("cuda"), "auto", rows)
+    assert kind == expected and why.startswith("auto: ")
+    assert ("up to batch 8" in why) == (gpu == "NVIDIA H200")

@@ -450,13 +450,14 @@ def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatc
 
 @pytest.mark.parametrize(("gpu", "hip", "rows", "expected"), [
     ("NVIDIA H100 80GB HBM3", None, 1, "triton"), ("NVIDIA H100 80GB HBM3", None, 64, "triton"),
-    ("NVIDIA H100 80GB HBM3", None, 65, "bitsandbytes"), ("NVIDIA H200", None, 1, "bitsandbytes"),
+    ("NVIDIA H100 80GB HBM3", None, 65, "bitsandbytes"), ("NVIDIA H200", None, 8, "triton"),
+    ("NVIDIA H200", None, 9, "bitsandbytes"), ("NVIDIA H100 PCIe", None, 1, "bitsandbytes"),
     ("AMD Instinct MI300X", "6.4.0", 1, "bitsandbytes")])
 def test_auto_takes_ours_where_it_was_measured_ahead(adapted_4bit_model, monkeypatch, gpu, hip, rows,
                                                      expected) -> None:
-    """Ours on the GPUs and batches where the bench measured it ahead (an H100 up to batch 64, files 0026-0029);
-    bitsandbytes' elsewhere and on ROCm, where ours has not run. The choice reads only the device's name and
-    the build (no GPU is touched)."""
+    """Ours on the GPUs and batches where the bench measured it ahead (an H100 up to batch 64, files 0026-0029;
+    an H200 up to batch 8, 0034-0035); bitsandbytes' elsewhere and on ROCm, where ours has not run. The choice
+    reads only the device's name and the build (no GPU is touched)."""
     from medqa_core.engine.decoding import nf4_kernel_choice
 
     monkeypatch.setattr(torch.version, "hip", hip)

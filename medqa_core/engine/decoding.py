@@ -58,9 +58,9 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
 
 # The GPUs whose decode bench measured ours ahead of bitsandbytes', with the largest batch at which it did
 # (results/bench/Linux-CPython-3.12-64bit/0026 against 0027, batches 1-64, v6; 0028 against 0029 at 1 and 8;
-# v8: 0032 against 0033 at 1 and 8):
+# v8: 0032 against 0033 at 1 and 8; the H200, v10: 0034 against 0035 at 1 and 8):
 # "auto" takes ours there up to that batch, and bitsandbytes' on every other GPU and batch (docs/decode.md).
-AUTO_TRITON_MAX_ROWS = {"NVIDIA H100 80GB HBM3": 64}
+AUTO_TRITON_MAX_ROWS = {"NVIDIA H100 80GB HBM3": 64, "NVIDIA H200": 8}
 
 
 def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, rows: int = 1) -> tuple[str, str]:
@@ -98,14 +98,16 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, 
     return "triton", f"auto: ours, measured ahead of bitsandbytes' on {name} up to batch {most}"
 
 
-# The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA): "auto" takes ours
-# there, the model's everywhere else (docs/decode.md).
-AUTO_TRITON_ATTENTION: frozenset[str] = frozenset()
+# The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA), with the largest
+# batch at which it did (the H200: 0034, ours and SDPA arms of one session, at 1 and 8): "auto" takes ours there
+# up to that batch, the model's everywhere else (docs/decode.md).
+AUTO_TRITON_ATTENTION = {"NVIDIA H200": 8}
 
 
-def decode_attention_choice(model: torch.nn.Module, device: torch.device, asked: str) -> tuple[str, str]:
-    """Which attention the decode steps run: ("triton" | "model", why). "model" is the model's own
-    (its ``attn_implementation``, SDPA in the bench); the prefill always runs it.
+def decode_attention_choice(model: torch.nn.Module, device: torch.device, asked: str,
+                            rows: int = 1) -> tuple[str, str]:
+    """Which attention the decode steps of ``rows`` sequences run: ("triton" | "model", why). "model" is the
+    model's own (its ``attn_implementation``, SDPA in the bench); the prefill always runs it.
 
     Raises:
         ValueError: an unknown choice, or "triton" where it cannot run.
@@ -127,9 +129,13 @@ def decode_attention_choice(model: torch.nn.Module, device: torch.device, asked:
     if device.type != "cuda":
         return "model", "auto: the model's attention off a GPU (ours runs on CPU only under the interpreter)"
     name = torch.cuda.get_device_name(device)
-    if torch.version.hip or name not in AUTO_TRITON_ATTENTION:
+    most = None if torch.version.hip else AUTO_TRITON_ATTENTION.get(name)
+    if most is None:
         return "model", f"auto: ours has not been measured ahead on {name} (docs/decode.md); attention='triton' runs it"
-    return "triton", f"auto: ours, measured ahead of the model's attention on {name}"
+    if rows > most:
+        return "model", (f"auto: ours is measured ahead on {name} up to batch {most} only (docs/decode.md); "
+                         "attention='triton' runs it")
+    return "triton", f"auto: ours, measured ahead of the model's attention on {name} up to batch {most}"
 
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
@@ -226,7 +232,7 @@ class StaticDecoder:
             kernel_name = f"bitsandbytes {bitsandbytes.__version__}"
         else:
             kernel_name = "none"
-        attention_kind, attention_why = decode_attention_choice(self.base, self.device, attention)
+        attention_kind, attention_why = decode_attention_choice(self.base, self.device, attention, batch)
         self._attention_swap = None
         if attention_kind == "triton":
             from medqa_core.engine.kernels.decode_attention_swap import DecodeAttentionSwap
