@@ -706,6 +706,8 @@ def decode_step_table(results: Path) -> str:
     for path, bench, case, step in found:
         kernel = "ours (Triton)" if str(case.details.get("nf4_kernel", "")).startswith("triton") else \
             str(case.details.get("nf4_kernel", "-"))
+        if str(case.details.get("decode_attention", "")).startswith("triton"):
+            kernel += " + our attention"
         launches = step.get("launches", {})
         rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} | {kernel} "
                     f"| {case.batch_size or 1} | {step['wall_ms']:.2f} ms | {step['busy_ms']:.2f} ms "
