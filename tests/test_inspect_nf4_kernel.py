@@ -72,3 +72,18 @@ def test_every_mma_runs_where_its_operands_lanes_are(tile):
     # (v9's first build loaded x as [words, lanes, 4], which Triton 3.6 laid out with lanes over the words; every
     # GPU test failed while the interpreter passed)
     assert _inspect(*tile)["mma_lanes_in_order"] is True
+
+
+def test_three_sibling_segments_compile_for_both_vendors():
+    # v10's launch of q/k/v (SEGMENTS 3: pointers picked per program) compiles for NVIDIA's sm_90a in the mma mode
+    # and for AMD's gfx942 in the portable gemv mode (ROCm's path; it has not run on an AMD GPU).
+    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
+            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
+            "mma = compile_tile(TileConfig(8, 64, 128, 2, 1, 4, 'mma', True), 'sm_90a', segments=3); "
+            "gemv = compile_tile(TileConfig(1, 8, 256, 1, 1, 8, 'gemv', True), 'gfx942', segments=3); "
+            "print('mma.sync' in mma.asm['ptx'], len(gemv.asm['amdgcn']) > 0)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]
