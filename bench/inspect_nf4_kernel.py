@@ -14,7 +14,7 @@ whole quantization blocks divisible by 16), and reads its intermediate code:
   scheduler, so this bounds the weights a second an SM can decode, whatever the memory system delivers.
 
     python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid] [--out FILE]
-    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared] ...
+    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared][,split] ...
 
 Without ``--grid``: the default tile of each row count (``_default_tile``); with it, every tile the sweep of
 bench/profile_nf4_kernel.py times; ``--tile`` (repeatable) names tiles instead, so two kernel versions can be
@@ -111,7 +111,7 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
                      SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
-                     MMA=tile.kernel_mode == "mma",
+                     MMA=tile.kernel_mode == "mma", SPLIT_LOOKUP=tile.split_lookup,
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
     scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
@@ -176,19 +176,19 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
 
 
 def _tile_arg(text: str) -> tuple[int, TileConfig]:
-    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared]`` as (rows, TileConfig); argparse names a bad
-    one."""
+    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared][,split]`` as (rows, TileConfig); argparse names a
+    bad one."""
     try:
         rows, fields = text.split(":")
         *numbers, mode = fields.split(",")[:7]
         flags = fields.split(",")[7:]
-        if set(flags) - {"prefetch", "shared"}:
-            raise ValueError(f"unknown flag(s) {sorted(set(flags) - {'prefetch', 'shared'})}")
+        if set(flags) - {"prefetch", "shared", "split"}:
+            raise ValueError(f"unknown flag(s) {sorted(set(flags) - {'prefetch', 'shared', 'split'})}")
         return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
-                                     shared_table="shared" in flags)
+                                     shared_table="shared" in flags, split_lookup="split" in flags)
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared] ({e})") from e
+            f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared][,split] ({e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         for tile in tiles:
             name = (f"{tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
                     f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}"
-                    f"{' shared-table' if tile.shared_table else ''}")
+                    f"{' shared-table' if tile.shared_table else ''}{' split-lookup' if tile.split_lookup else ''}")
             try:
                 c = inspect(tile, args.target)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run

@@ -90,10 +90,10 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 25 a row count, so four layer shapes sweep in minutes).
+    """The tiles --sweep times at ``rows`` (at most 30 a row count).
 
     v8/v9: at 1 and 8 rows, fourteen tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
-    two 16-row tiles a warp.
+    two 16-row tiles a warp; v11: five more with the split lookup (``split_lookup``).
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
@@ -119,6 +119,9 @@ def _sweep_grid(rows: int) -> list:
             (4, 2, 128, 4), (4, 2, 128, 8))]
     # (v8's sweeps, 20261206T1540Z: the winners were one warp at split 8-16 and, on gate/up, four warps at split 4
     # and 0.68 waves; no tile without prefetch won)
+    # v11: the split lookup (rows g + 8 by byte permutes) on the v9/v10 winners' shapes
+    mma += [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, split_lookup=True)
+            for nw, tiles, sk in ((1, 1, 8), (4, 1, 4), (1, 2, 16), (2, 2, 4), (4, 2, 8))]
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
@@ -126,7 +129,7 @@ def _sweep_grid(rows: int) -> list:
         # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        return mma + words + gemv  # 22
+        return mma + words + gemv  # 27
     block_m = max(16, rows)
     mma = mma if rows <= 8 else []
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
@@ -135,7 +138,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 24-25 at 8 rows, 10-11 above
+    return mma + by_hand + pipelined  # 29-30 at 8 rows, 10-11 above
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,

@@ -192,6 +192,21 @@ def test_siblings_one_launch_cannot_take_are_refused_by_name() -> None:
         nf4_matmul(x, [w256] * 2, scaling=(1.0, 1.0, 1.0))
 
 
+@pytest.mark.parametrize(("tile", "double_quant"), [
+    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True), True),  # one 16-row tile a warp, split K
+    (TileConfig(8, 64, 64, 2, 1, 1, "mma"), False)],  # two tiles a warp, 2 warps, no prefetch
+    ids=["one-tile-dq", "two-tiles"])
+def test_the_split_lookup_decodes_every_weight_to_the_same_bits(tile, double_quant) -> None:
+    # v11: rows g + 8 from byte permutes on each block's table of rounded weights, rows g by shfl. The weights are
+    # bitsandbytes' either way, and so is every output bit (48 rows: a partial tile; 256 columns: 4 blocks a row).
+    param, state = _quantized(48, 256, 64, double_quant)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEVICE)
+    split = TileConfig(**{**tile.__dict__, "split_lookup": True})
+    out = nf4_matmul(x, nf4_weight(param), config=split)
+    assert torch.equal(out, nf4_matmul(x, nf4_weight(param), config=tile))
+    assert _ulps(out, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
+
+
 def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> None:
     from medqa_core.engine.kernels import common
 
@@ -216,7 +231,8 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     (dict(block_m=4, mode="gemv"), "one row of x a tile"),
     (dict(block_m=1, block_n=2, mode="gemv"), r"block_n \(2\) must be at least num_warps \(4\)"),
     # a lane loads up to 4 x words an iteration: a wider block_k summed wrong x (the sweep caught it)
-    (dict(block_m=8, block_n=64, block_k=256, mode="mma"), "over block_k 32 to 128 columns, got 8 x 64 x 256")])
+    (dict(block_m=8, block_n=64, block_k=256, mode="mma"), "over block_k 32 to 128 columns, got 8 x 64 x 256"),
+    (dict(mode="dot", split_lookup=True), "split_lookup is the mma mode's")])
 def test_a_tile_that_cannot_run_is_refused(fields, match) -> None:
     base = dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match=match):

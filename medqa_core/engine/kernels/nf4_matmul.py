@@ -536,10 +536,72 @@ def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, d
 
 
 @triton.jit
-def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, WL: tl.constexpr,
-              dtype: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+def _prmt(a, b, selector, EMULATE: tl.constexpr):
+    """``prmt.b32``: byte k of the result is byte ``n & 7`` of the 8 bytes ``b:a`` (a's are 0-3), n the selector's
+    nibble k; where n's bit 3 is set, that byte's sign bit repeated instead. int32 tensors of one shape."""
+    if EMULATE:
+        a = a.to(tl.uint32, bitcast=True)
+        b = b.to(tl.uint32, bitcast=True)
+        sel = selector.to(tl.uint32, bitcast=True)
+        out = tl.zeros_like(a)
+        for k in tl.static_range(4):
+            nibble = (sel >> (4 * k)) & 15
+            shift = 8 * (nibble & 3)
+            byte = tl.where((nibble & 7) < 4, a >> shift, b >> shift) & 0xFF
+            byte = tl.where((nibble & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
+            out = out | (byte << (8 * k))
+        return out.to(tl.int32, bitcast=True)
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, selector], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _byte_planes(scale, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, dtype: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """One row's block as a table in registers: the 16 weights ``round(level * scale)`` it can hold (bitsandbytes'
+    dequantization, levels ``l0..l15``), as 4 registers of their low bytes (4 levels each) and 4 of their high
+    bytes, which :func:`_mma_weights_prmt` indexes with byte permutes."""
+    p0 = _mma_pair(l0 * scale, l1 * scale, dtype, EMULATE)
+    p1 = _mma_pair(l2 * scale, l3 * scale, dtype, EMULATE)
+    p2 = _mma_pair(l4 * scale, l5 * scale, dtype, EMULATE)
+    p3 = _mma_pair(l6 * scale, l7 * scale, dtype, EMULATE)
+    p4 = _mma_pair(l8 * scale, l9 * scale, dtype, EMULATE)
+    p5 = _mma_pair(l10 * scale, l11 * scale, dtype, EMULATE)
+    p6 = _mma_pair(l12 * scale, l13 * scale, dtype, EMULATE)
+    p7 = _mma_pair(l14 * scale, l15 * scale, dtype, EMULATE)
+    lo_bytes = tl.zeros_like(p0) + 0x6420  # bytes 0, 2 of each pair: the low bytes of two weights each
+    hi_bytes = tl.zeros_like(p0) + 0x7531
+    return (_prmt(p0, p1, lo_bytes, EMULATE), _prmt(p2, p3, lo_bytes, EMULATE), _prmt(p4, p5, lo_bytes, EMULATE),
+            _prmt(p6, p7, lo_bytes, EMULATE), _prmt(p0, p1, hi_bytes, EMULATE), _prmt(p2, p3, hi_bytes, EMULATE),
+            _prmt(p4, p5, hi_bytes, EMULATE), _prmt(p6, p7, hi_bytes, EMULATE))
+
+
+@triton.jit
+def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, EMULATE: tl.constexpr):
+    """The two A operand registers of one row that :func:`_mma_weights` gives for bytes ``shift // 8`` and
+    ``shift // 8 + 1`` of ``word``, from the row's byte planes (:func:`_byte_planes`) by ALU byte permutes instead
+    of one ``shfl`` a weight: the four codes' low and high bytes from levels 0-7 and 8-15, each code's bit 3
+    choosing, then paired as the MMA takes them (a byte's high nibble is the lower column)."""
+    codes = word >> shift
+    index = codes & 0x7777  # the four codes' low 3 bits: a byte of 8 each
+    upper = codes & 0x8888
+    # 0xFF in the bytes whose code is 8-15: nibble 9 repeats the sign of byte 1 (0x80), nibble 0 takes byte 0 (0)
+    choose = _prmt(tl.zeros_like(word) + 0x8000, tl.zeros_like(word), upper | (upper >> 3), EMULATE)
+    lo = (_prmt(lo0, lo1, index, EMULATE) & ~choose) | (_prmt(lo2, lo3, index, EMULATE) & choose)
+    hi = (_prmt(hi0, hi1, index, EMULATE) & ~choose) | (_prmt(hi2, hi3, index, EMULATE) & choose)
+    # columns of byte shift // 8: its high nibble (code 1) in the low half; of the next byte: codes 3 then 2
+    return (_prmt(lo, hi, tl.zeros_like(word) + 0x4051, EMULATE),
+            _prmt(lo, hi, tl.zeros_like(word) + 0x6273, EMULATE))
+
+
+@triton.jit
+def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, lo0, lo1, lo2, lo3, hi0,
+              hi1, hi2, hi3, WL: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
+              SPLIT_LOOKUP: tl.constexpr, EMULATE: tl.constexpr):
     """One iteration of one 16-row tile: its 2 * WL MMAs (k 16 each) on the lane's words of rows g and g + 8 and
-    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3."""
+    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3. SPLIT_LOOKUP: row
+    g + 8's weights from its byte planes ``lo0..hi3`` (ALU permutes), row g's by ``shfl`` (the load/store pipe)."""
     for i in tl.static_range(WL):
         word_g = _pick(words_g, i)
         word_h = _pick(words_h, i)
@@ -555,6 +617,8 @@ def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1,
             # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
             a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
             a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
+            if SPLIT_LOOKUP:  # (the shfl lookups of row g + 8 above are then unused: the compiler drops them)
+                a1, a3 = _mma_weights_prmt(word_h, 16 * half, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, EMULATE)
             c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_word, 2 * half), _pick(x_word, 2 * half + 1), c0, c1, c2,
                                   c3, dtype, NUM_WARPS, EMULATE)
     return c0, c1, c2, c3
@@ -575,7 +639,7 @@ def _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3):
 def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m, pid_k,
              M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-             DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr):
+             DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_LOOKUP: tl.constexpr, EMULATE: tl.constexpr):
     """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
     BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
 
@@ -592,6 +656,10 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     v9: TILES (1 or 2) tiles a warp share each x word they load (x is loaded twice the weights' bytes a tile,
     from L1), and with PREFETCH x is loaded an iteration ahead with the words (v8 loaded it just before its MMAs:
     Nsight Compute's top stall on an H100).
+
+    v11 (SPLIT_LOOKUP): one ``shfl`` a weight held the L1/TEX data pipe at 75% while DRAM ran at 31% (v10 on an
+    H200), so row g + 8's weights come from ALU byte permutes on a table of its block's 16 rounded weights
+    (:func:`_byte_planes`, built each iteration), row g's by ``shfl`` as before: the lookups split across two pipes.
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     lane, warp = _lanes(NUM_WARPS, EMULATE)
@@ -607,6 +675,11 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         table = tl.load(code_ptr + tl.arange(0, 16))
     else:
         table = tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+    # the 16 levels, each in every lane (split lookup's tables; unused otherwise, and then not loaded)
+    l0, l1, l2, l3 = tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
+    l4, l5, l6, l7 = tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7)
+    l8, l9, l10, l11 = tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11)
+    l12, l13, l14, l15 = tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15)
     words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     words_per_row = K // 8
@@ -660,11 +733,19 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
                     words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, WL,
-                                   dtype, NUM_WARPS, EMULATE)
+        if SPLIT_LOOKUP:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
+                                                          l12, l13, l14, l15, dtype, EMULATE)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = (scale_h,) * 8  # unused
+        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, p0, p1,
+                                   p2, p3, p4, p5, p6, p7, WL, dtype, NUM_WARPS, SPLIT_LOOKUP, EMULATE)
         if TILES == 2:
+            if SPLIT_LOOKUP:
+                p0, p1, p2, p3, p4, p5, p6, p7 = _byte_planes(scale_h2, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+                                                              l11, l12, l13, l14, l15, dtype, EMULATE)
             d0, d1, d2, d3 = _mma_tile(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, d0, d1, d2, d3,
-                                       WL, dtype, NUM_WARPS, EMULATE)
+                                       p0, p1, p2, p3, p4, p5, p6, p7, WL, dtype, NUM_WARPS, SPLIT_LOOKUP, EMULATE)
     part = partial_ptr + pid_k * M * N
     n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
     _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
@@ -729,7 +810,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
-                       ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+                       SPLIT_LOOKUP: tl.constexpr, ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr,
+                       EMULATE: tl.constexpr):
     # SEGMENTS (1 to 3) weights of the same K side by side, one launch: their outputs are columns [0, N0),
     # [N0, N0 + N1), [N0 + N1, N0 + N1 + N2) of out (sibling layers that read the same x: q/k/v, gate/up). A tile
     # lies in one segment, whose pointers it takes; everything it writes (output, split-K partials and counters)
@@ -797,7 +879,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   tl.cdiv(n_seg, BLOCK_N), m_tiles, n_tiles * m_tiles, M, n_seg, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK * LORA_SPLIT, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
-                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, ROUND_ASM, NUM_WARPS, EMULATE)
+                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, SPLIT_LOOKUP, ROUND_ASM, NUM_WARPS,
+                  EMULATE)
 
 
 @triton.jit
@@ -809,7 +892,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr,
               SHARED_TABLE: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
-              MMA: tl.constexpr, ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+              MMA: tl.constexpr, SPLIT_LOOKUP: tl.constexpr, ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr,
+              EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction).
     ``n_tiles`` and ``N`` are its segment's; ``output_tiles`` counts the launch's."""
     dtype = out_ptr.dtype.element_ty
@@ -829,7 +913,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
         # Triton's tile layout has them).
         _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m,
                  pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS),
-                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, EMULATE)
+                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, SPLIT_LOOKUP, EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -1055,6 +1139,8 @@ class TileConfig:
     global-memory loads (v5; fewer instructions a weight in the compiled loop; on the H100 it won every swept
     shape at 1 and 8 rows, and the defaults use it). ``num_stages`` of 3 or more with the shared table and no
     prefetch: Triton software-pipelines the K loop over that many stages (v6; the 8-64-row winners on the H100).
+    ``split_lookup`` (mode ``mma``, v11): rows g + 8 of each tile decoded by ALU byte permutes from a table of their
+    block's rounded weights, rows g by ``shfl``, so the lookups use two pipes (:func:`_nf4_mma`).
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -1069,6 +1155,7 @@ class TileConfig:
     mode: str | None = None
     prefetch: bool = False
     shared_table: bool = False
+    split_lookup: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -1078,6 +1165,9 @@ class TileConfig:
             raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
+        if self.split_lookup and self.kernel_mode != "mma":
+            raise ValueError(f"TileConfig: split_lookup is the mma mode's (its rows g + 8 by byte permutes), not "
+                             f"mode {self.kernel_mode!r}'s")
         if self.kernel_mode == "mma":
             if (self.block_m != 8 or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
                     or not 32 <= self.block_k <= 128):  # a lane loads up to 4 x words an iteration
@@ -1388,7 +1478,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-        GEMV=cfg.kernel_mode == "gemv", MMA=mma, ROUND_ASM=_round_asm(x), NUM_WARPS=cfg.num_warps,
+        GEMV=cfg.kernel_mode == "gemv", MMA=mma, SPLIT_LOOKUP=cfg.split_lookup, ROUND_ASM=_round_asm(x),
+        NUM_WARPS=cfg.num_warps,
         EMULATE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
