@@ -1,9 +1,10 @@
 """Our NF4 kernels in place of bitsandbytes' 4-bit layers (and their peft LoRA) while a decoder runs.
 
 :class:`NF4Swap` finds every bitsandbytes ``Linear4bit`` of a model, bare or inside a peft LoRA layer, and
-builds one :class:`FusedNF4Linear` for each, once. ``with swap:`` puts them in their parents' places and puts
-the originals back on exit, so the model is unchanged outside the block and the same wrapper objects come
-back each time (torch.compile's guards stay valid).
+builds one :class:`FusedNF4Linear` for each, or for each group of siblings that read the same input (q/k/v,
+gate/up: one launch), once. ``with swap:`` puts an :class:`NF4Sibling` in each layer's place and puts the
+originals back on exit, so the model is unchanged outside the block and the same wrapper objects come back each
+time (torch.compile's guards stay valid).
 
 A wrapper runs :func:`medqa_core.engine.kernels.nf4_matmul.nf4_matmul` through a ``torch.library`` custom op, which
 torch.compile keeps as one opaque call and a CUDA/HIP graph records as its one launch. Above ``max_rows``
@@ -216,8 +217,7 @@ class NF4Swap:
             parent = stack.pop()
             layers = {name: child for name, child in parent.named_children() if _is_nf4(child)}
             stack.extend(child for name, child in parent.named_children() if name not in layers)
-            for names in _groups(parent, layers, max_rows, siblings):
-                group = FusedNF4Linear([layers[name] for name in names], max_rows)
+            for names, group in _groups(parent, layers, max_rows, siblings):
                 pending = _Pending()
                 self._groups.append(group)
                 self._slots.extend((parent, name, layers[name], NF4Sibling(group, i, pending))
@@ -246,18 +246,17 @@ class NF4Swap:
 
 
 def _groups(parent: torch.nn.Module, layers: dict[str, torch.nn.Module], max_rows: int,
-            siblings: bool) -> list[tuple[str, ...]]:
+            siblings: bool) -> list[tuple[tuple[str, ...], FusedNF4Linear]]:
     """``parent``'s NF4 layers as launch groups: each complete set of :data:`SIBLINGS` that can share a launch,
     every other layer alone (with why a set could not share, logged)."""
-    groups: list[tuple[str, ...]] = []
+    groups: list[tuple[tuple[str, ...], FusedNF4Linear]] = []
     for names in SIBLINGS if siblings else ():
         if not set(names) <= layers.keys():
             continue
         try:
-            FusedNF4Linear([layers[name] for name in names], max_rows)
+            groups.append((names, FusedNF4Linear([layers[name] for name in names], max_rows)))
         except ValueError as e:
             logger.info("NF4 kernel: %s.%s one launch each (%s)", type(parent).__name__, "/".join(names), e)
-            continue
-        groups.append(names)
-    joined = {name for names in groups for name in names}
-    return groups + [(name,) for name in layers if name not in joined]
+    joined = {name for names, _ in groups for name in names}
+    return groups + [((name,), FusedNF4Linear([layer], max_rows)) for name, layer in layers.items()
+                     if name not in joined]
