@@ -1,0 +1,405 @@
+"""Mode ``mma`` of ``nf4_matmul`` (v8 to v11, NVIDIA only): 1 to 8 rows of x against W on the tensor cores.
+
+Each warp multiplies 16-row tiles of W with the rows of x (``mma.sync.m16n8k16``, x's rows as its 8 columns,
+float32 accumulators), decoding the weights straight into the MMA's operand registers: a lane reads int32 words of
+W rows g and g + 8 over its own consecutive columns, a code is one ``shfl.sync`` from the lane that holds that
+level (v11's ``split_lookup``: rows g + 8 by byte permutes instead), and two rounded weights are one ``cvt.rn``.
+Inline PTX (the lane and warp indices too), so ``nf4_matmul.mma_unfit`` keeps it to NVIDIA GPUs of sm_80 on;
+Triton's interpreter emulates every instruction (``EMULATE``), which is what the CPU tests run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from medqa_core.engine.kernels.common import round_to_dtype
+from medqa_core.engine.kernels.nf4_decode import _nf4_scale
+
+
+@triton.jit
+def _lanes(NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+    """(lane, warp) of each of a program's 32 * NUM_WARPS threads, one tensor element each. On the GPU read from
+    the hardware (``%laneid``, ``%tid.x``), so the MMA fragments of :func:`_nf4_mma` rest on no assumption about how
+    Triton lays a tensor over lanes; under the interpreter the element's index."""
+    i = tl.arange(0, 32 * NUM_WARPS)
+    if EMULATE:
+        return i % 32, i // 32
+    else:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [i], dtype=tl.int32, is_pure=True, pack=1)
+        tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [i], dtype=tl.int32, is_pure=True, pack=1)
+        return lane, tid // 32
+
+
+@triton.jit
+def _mma_code(table, index, EMULATE: tl.constexpr):
+    """The NF4 level of 4-bit code ``index & 15`` (float32). On the GPU one ``shfl.sync`` from the lane that holds
+    it: lane L holds level L & 15 (``table``, a register a lane), and shfl reads only the low 5 bits of its lane
+    index, so ``index`` may carry the word's higher nibbles unmasked. Interpreter: a gather from the 16 levels."""
+    if EMULATE:
+        return tl.gather(table, index & 15, 0)
+    else:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [table, index],
+                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma_pair(lo, hi, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 ``lo`` and ``hi`` rounded to ``dtype`` (nearest even) and packed in 32 bits, lo in the low half: one
+    MMA operand register (one ``cvt.rn`` for both on the GPU)."""
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            lo_bits = round_to_dtype(lo, dtype, True).to(tl.uint32, bitcast=True) >> 16
+            hi_bits = round_to_dtype(hi, dtype, True).to(tl.uint32, bitcast=True)
+        else:
+            lo_bits = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            hi_bits = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return (hi_bits | lo_bits).to(tl.int32, bitcast=True)
+    elif dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_unpair(pair, dtype: tl.constexpr):
+    """The two float32 values (low half, high half) of a packed ``dtype`` pair (the interpreter's MMA)."""
+    bits = pair.to(tl.uint32, bitcast=True)
+    if dtype == tl.bfloat16:
+        return (bits << 16).to(tl.float32, bitcast=True), (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        lo = (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fragment_row(left, right, dtype: tl.constexpr, NUM_WARPS: tl.constexpr):
+    """[NUM_WARPS, 8, 16]: row g of a 16-column fragment from lane 4g + t's pairs, columns 2t, 2t + 1 (``left``)
+    and 2t + 8, 2t + 9 (``right``)."""
+    l0, l1 = _mma_unpair(left, dtype)
+    r0, r1 = _mma_unpair(right, dtype)
+    cols_lo = tl.reshape(tl.join(l0, l1), (NUM_WARPS, 8, 8))
+    cols_hi = tl.reshape(tl.join(r0, r1), (NUM_WARPS, 8, 8))
+    return tl.reshape(tl.permute(tl.join(cols_lo, cols_hi), (0, 1, 3, 2)), (NUM_WARPS, 8, 16))
+
+
+@triton.jit
+def _stack_rows(top, bottom):
+    """[W, 8, C] twice -> [W, 16, C], ``top`` rows 0-7."""
+    w: tl.constexpr = top.shape[0]
+    c: tl.constexpr = top.shape[2]
+    return tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (w, 16, c))
+
+
+@triton.jit
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, dtype: tl.constexpr, NUM_WARPS: tl.constexpr):
+    """What ``mma.sync.m16n8k16`` computes, on whole warps' registers ([32 * NUM_WARPS] each, lane 4g + t):
+    A [16, 16] (a0: row g, columns 2t, 2t + 1; a1: row g + 8; a2, a3: columns + 8), B [16, 8] (b0: rows 2t, 2t + 1 of
+    column g; b1: rows + 8), C and D [16, 8] (c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8). float32 products
+    of the 16-bit values (exact) summed in float32."""
+    a = _stack_rows(_fragment_row(a0, a2, dtype, NUM_WARPS), _fragment_row(a1, a3, dtype, NUM_WARPS))  # [W, 16, 16]
+    b_t = _fragment_row(b0, b1, dtype, NUM_WARPS)  # [W, 8 (column n), 16 (k)]
+    c = _stack_rows(tl.reshape(tl.join(c0, c1), (NUM_WARPS, 8, 8)), tl.reshape(tl.join(c2, c3), (NUM_WARPS, 8, 8)))
+    d = c + tl.sum(a[:, :, None, :] * b_t[:, None, :, :], axis=3)  # [W, 16, 8]
+    top, bottom = tl.split(tl.permute(tl.reshape(d, (NUM_WARPS, 2, 8, 8)), (0, 2, 3, 1)))
+    d0, d1 = tl.split(tl.reshape(top, (NUM_WARPS, 8, 4, 2)))
+    d2, d3 = tl.split(tl.reshape(bottom, (NUM_WARPS, 8, 4, 2)))
+    lanes: tl.constexpr = 32 * NUM_WARPS
+    return (tl.reshape(d0, (lanes,)), tl.reshape(d1, (lanes,)), tl.reshape(d2, (lanes,)),
+            tl.reshape(d3, (lanes,)))
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
+         EMULATE: tl.constexpr):
+    """D = A @ B + C, one ``mma.sync.aligned.m16n8k16`` a warp (float32 accumulators; see :func:`_mma_emulated`
+    for the fragments)."""
+    if EMULATE:
+        return _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, dtype, NUM_WARPS)
+    elif dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _pick(t, i: tl.constexpr):
+    """Column ``i`` of an integer tensor [L, C] whose rows are each one lane's registers: a register chosen at
+    compile time (the selects fold away)."""
+    return tl.sum(tl.where(tl.arange(0, t.shape[1])[None, :] == i, t, 0), axis=1)
+
+
+@triton.jit
+def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
+               words_per_row, WL: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr):
+    """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
+    ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
+    quantization block, and their two scales."""
+    offs = tl.arange(0, WL)[None, :]
+    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + col // 8, WL)[:, None] + offs)
+    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + col // 8, WL)[:, None] + offs)
+    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g * blocks_per_row + col // BLOCKSIZE,
+                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h * blocks_per_row + col // BLOCKSIZE,
+                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    return words_g, words_h, scale_g, scale_h
+
+
+@triton.jit
+def _mma_x_word(xw_ptr, x_row, col, x_words_per_row, i: tl.constexpr):
+    """A lane's x values of its word i's 8 columns (from ``col + 8 i`` on) of x row ``x_row``: [lanes, 4] int32
+    words of two values each (bf16/fp16 pairs, the MMA's B registers as loaded), one 16-byte load. One tensor a
+    word, each [lanes, 4]: Triton then gives each lane its own row (v8's layout). One [WL, lanes, 4] tensor was
+    laid out differently by Triton 3.6 (lanes over the words too), which put the MMAs' operands in other lanes."""
+    return tl.load(xw_ptr + tl.multiple_of(x_row * x_words_per_row + col // 2 + 4 * i, 4)[:, None]
+                   + tl.arange(0, 4)[None, :])
+
+
+@triton.jit
+def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr):
+    """The x words of an iteration (:func:`_mma_x_word`), words 0 to WL - 1 (up to 4; the rest repeat word 0)."""
+    x0 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 0)
+    x1 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 1) if WL > 1 else x0
+    x2 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 2) if WL > 2 else x0
+    x3 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 3) if WL > 3 else x0
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, dtype: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """One A operand register of rows g and g + 8: the weights of the nibbles at bits ``shift + 4`` and ``shift``
+    of their words (bitsandbytes' element 2i is byte i's high nibble: these are two consecutive columns), each
+    ``round(code * absmax)`` as bitsandbytes dequantizes it."""
+    row_g = _mma_pair(_mma_code(table, word_g >> (shift + 4), EMULATE) * scale_g,
+                      _mma_code(table, word_g >> shift, EMULATE) * scale_g, dtype, EMULATE)
+    row_h = _mma_pair(_mma_code(table, word_h >> (shift + 4), EMULATE) * scale_h,
+                      _mma_code(table, word_h >> shift, EMULATE) * scale_h, dtype, EMULATE)
+    return row_g, row_h
+
+
+@triton.jit
+def _prmt(a, b, selector, EMULATE: tl.constexpr):
+    """``prmt.b32``: byte k of the result is byte ``n & 7`` of the 8 bytes ``b:a`` (a's are 0-3), n the selector's
+    nibble k; where n's bit 3 is set, that byte's sign bit repeated instead. int32 tensors of one shape."""
+    if EMULATE:
+        a = a.to(tl.uint32, bitcast=True)
+        b = b.to(tl.uint32, bitcast=True)
+        sel = selector.to(tl.uint32, bitcast=True)
+        out = tl.zeros_like(a)
+        for k in tl.static_range(4):
+            nibble = (sel >> (4 * k)) & 15
+            shift = 8 * (nibble & 3)
+            byte = tl.where((nibble & 7) < 4, a >> shift, b >> shift) & 0xFF
+            byte = tl.where((nibble & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
+            out = out | (byte << (8 * k))
+        return out.to(tl.int32, bitcast=True)
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, selector], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _byte_planes(scale, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, dtype: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    """One row's block as a table in registers: the 16 weights ``round(level * scale)`` it can hold (bitsandbytes'
+    dequantization, levels ``l0..l15``), as 4 registers of their low bytes (4 levels each) and 4 of their high
+    bytes, which :func:`_mma_weights_prmt` indexes with byte permutes."""
+    p0 = _mma_pair(l0 * scale, l1 * scale, dtype, EMULATE)
+    p1 = _mma_pair(l2 * scale, l3 * scale, dtype, EMULATE)
+    p2 = _mma_pair(l4 * scale, l5 * scale, dtype, EMULATE)
+    p3 = _mma_pair(l6 * scale, l7 * scale, dtype, EMULATE)
+    p4 = _mma_pair(l8 * scale, l9 * scale, dtype, EMULATE)
+    p5 = _mma_pair(l10 * scale, l11 * scale, dtype, EMULATE)
+    p6 = _mma_pair(l12 * scale, l13 * scale, dtype, EMULATE)
+    p7 = _mma_pair(l14 * scale, l15 * scale, dtype, EMULATE)
+    lo_bytes = tl.zeros_like(p0) + 0x6420  # bytes 0, 2 of each pair: the low bytes of two weights each
+    hi_bytes = tl.zeros_like(p0) + 0x7531
+    return (_prmt(p0, p1, lo_bytes, EMULATE), _prmt(p2, p3, lo_bytes, EMULATE), _prmt(p4, p5, lo_bytes, EMULATE),
+            _prmt(p6, p7, lo_bytes, EMULATE), _prmt(p0, p1, hi_bytes, EMULATE), _prmt(p2, p3, hi_bytes, EMULATE),
+            _prmt(p4, p5, hi_bytes, EMULATE), _prmt(p6, p7, hi_bytes, EMULATE))
+
+
+@triton.jit
+def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, EMULATE: tl.constexpr):
+    """The two A operand registers of one row that :func:`_mma_weights` gives for bytes ``shift // 8`` and
+    ``shift // 8 + 1`` of ``word``, from the row's byte planes (:func:`_byte_planes`) by ALU byte permutes instead
+    of one ``shfl`` a weight: the four codes' low and high bytes from levels 0-7 and 8-15, each code's bit 3
+    choosing, then paired as the MMA takes them (a byte's high nibble is the lower column)."""
+    codes = word >> shift
+    index = codes & 0x7777  # the four codes' low 3 bits: a byte of 8 each
+    upper = codes & 0x8888
+    # 0xFF in the bytes whose code is 8-15: nibble 9 repeats the sign of byte 1 (0x80), nibble 0 takes byte 0 (0)
+    choose = _prmt(tl.zeros_like(word) + 0x8000, tl.zeros_like(word), upper | (upper >> 3), EMULATE)
+    lo = (_prmt(lo0, lo1, index, EMULATE) & ~choose) | (_prmt(lo2, lo3, index, EMULATE) & choose)
+    hi = (_prmt(hi0, hi1, index, EMULATE) & ~choose) | (_prmt(hi2, hi3, index, EMULATE) & choose)
+    # columns of byte shift // 8: its high nibble (code 1) in the low half; of the next byte: codes 3 then 2
+    return (_prmt(lo, hi, tl.zeros_like(word) + 0x4051, EMULATE),
+            _prmt(lo, hi, tl.zeros_like(word) + 0x6273, EMULATE))
+
+
+@triton.jit
+def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, lo0, lo1, lo2, lo3, hi0,
+              hi1, hi2, hi3, WL: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
+              SPLIT_LOOKUP: tl.constexpr, EMULATE: tl.constexpr):
+    """One iteration of one 16-row tile: its 2 * WL MMAs (k 16 each) on the lane's words of rows g and g + 8 and
+    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3. SPLIT_LOOKUP: row
+    g + 8's weights from its byte planes ``lo0..hi3`` (ALU permutes), row g's by ``shfl`` (the load/store pipe)."""
+    for i in tl.static_range(WL):
+        word_g = _pick(words_g, i)
+        word_h = _pick(words_h, i)
+        if i == 0:
+            x_word = x0
+        elif i == 1:
+            x_word = x1
+        elif i == 2:
+            x_word = x2
+        else:
+            x_word = x3
+        for half in tl.static_range(2):
+            # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
+            a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
+            a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
+            if SPLIT_LOOKUP:  # (the shfl lookups of row g + 8 above are then unused: the compiler drops them)
+                a1, a3 = _mma_weights_prmt(word_h, 16 * half, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, EMULATE)
+            c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_word, 2 * half), _pick(x_word, 2 * half + 1), c0, c1, c2,
+                                  c3, dtype, NUM_WARPS, EMULATE)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3):
+    """A tile's accumulators into the float32 partial [M, N]: D[m, n] = W row m . x row n, so c0, c1 are W row
+    ``out_g`` against x rows n0, n0 + 1 and c2, c3 W row ``out_g + 8``."""
+    out_h = out_g + 8
+    tl.store(part + n0 * N + out_g, c0, mask=(n0 < M) & (out_g < N))
+    tl.store(part + (n0 + 1) * N + out_g, c1, mask=(n0 + 1 < M) & (out_g < N))
+    tl.store(part + n0 * N + out_h, c2, mask=(n0 < M) & (out_h < N))
+    tl.store(part + (n0 + 1) * N + out_h, c3, mask=(n0 + 1 < M) & (out_h < N))
+
+
+@triton.jit
+def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m, pid_k,
+             M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
+             TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+             DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_LOOKUP: tl.constexpr, EMULATE: tl.constexpr):
+    """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
+    BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
+
+    v8 (NVIDIA: mma.sync and shfl.sync; the interpreter emulates both). Each warp computes TILES 16-row tiles of W
+    against up to 8 rows of x with ``mma.sync.m16n8k16`` (float32 accumulators), x's rows as the MMA's 8 columns,
+    so 1 to 8 rows cost the same. A lane (g, t) = (lane // 4, lane % 4) decodes W rows g and g + 8 of each tile
+    over its own 8 * WL consecutive columns of each iteration (WL int32 words a row: one load each), and its x
+    words are those columns of x row g. The dot product does not care which k a column is called inside the MMA,
+    so the lane's columns 4j .. 4j + 3 are MMA j's k = 2t, 2t + 1, 2t + 8, 2t + 9 for both A and B: the weights go
+    into operand registers as they are decoded, and x's bf16 pairs are its B registers as loaded. A weight costs a
+    shift, a ``shfl`` (the code table lives one level a lane), a multiply by its scale and half a ``cvt.rn`` pair:
+    no float32 FMA, no layout change, no shared memory.
+
+    v9: TILES (1 or 2) tiles a warp share each x word they load (x is loaded twice the weights' bytes a tile,
+    from L1), and with PREFETCH x is loaded an iteration ahead with the words (v8 loaded it just before its MMAs:
+    Nsight Compute's top stall on an H100).
+
+    v11 (SPLIT_LOOKUP): one ``shfl`` a weight held the L1/TEX data pipe at 75% while DRAM ran at 31% (v10 on an
+    H200), so row g + 8's weights come from ALU byte permutes on a table of its block's 16 rounded weights
+    (:func:`_byte_planes`, built each iteration), row g's by ``shfl`` as before: the lookups split across two pipes.
+    """
+    WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
+    lane, warp = _lanes(NUM_WARPS, EMULATE)
+    g = lane // 4
+    t = lane % 4
+    # The lane's output rows: W rows g and g + 8 of each of its warp's TILES tiles (16 rows apart)
+    out_g = pid_n * (16 * TILES * NUM_WARPS) + warp * (16 * TILES) + g
+    # Rows past N and x rows past M read the last one instead (no masks on the loads; their results are not stored)
+    row_g = tl.minimum(out_g, N - 1)
+    row_h = tl.minimum(out_g + 8, N - 1)
+    x_row = tl.minimum(pid_m * 8 + g, M - 1)  # lane g's x row: the MMA's column g
+    if EMULATE:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+    else:
+        table = tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+    # the 16 levels, each in every lane (split lookup's tables; unused otherwise, and then not loaded)
+    l0, l1, l2, l3 = tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
+    l4, l5, l6, l7 = tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7)
+    l8, l9, l10, l11 = tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11)
+    l12, l13, l14, l15 = tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15)
+    words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    words_per_row = K // 8
+    x_words_per_row = stride_xm // 2
+    c0 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    c1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    c2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    c3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    if TILES == 2:  # the second tile: W rows 16 further on
+        row_g2 = tl.minimum(out_g + 16, N - 1)
+        row_h2 = tl.minimum(out_g + 24, N - 1)
+        d0 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        d1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        d2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        d3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    if PREFETCH:  # the first iteration's loads
+        col0 = it0 * BLOCK_K + t * (8 * WL)
+        wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                                        row_g, row_h, col0, blocks_per_row, words_per_row, WL,
+                                                        BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL)
+        if TILES == 2:
+            wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                                                                offset_ptr, row_g2, row_h2, col0, blocks_per_row,
+                                                                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2,
+                                                                DOUBLE_QUANT)
+    for it in range(it0, it1):
+        col = it * BLOCK_K + t * (8 * WL)  # the lane's first column this iteration
+        if PREFETCH:
+            # This iteration's loads were made one earlier; the next one's are made here, before the decode (the
+            # last iteration reloads its own columns instead of reading past the range).
+            words_g, words_h, scale_g, scale_h = wg_next, wh_next, sg_next, sh_next
+            x0, x1, x2, x3 = xn0, xn1, xn2, xn3
+            if TILES == 2:
+                words_g2, words_h2, scale_g2, scale_h2 = wg2_next, wh2_next, sg2_next, sh2_next
+            col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WL)
+            wg_next, wh_next, sg_next, sh_next = _mma_loads(
+                words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
+                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL)
+            if TILES == 2:
+                wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
+                    words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
+                    blocks_per_row, words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        else:
+            words_g, words_h, scale_g, scale_h = _mma_loads(
+                words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
+                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            x0, x1, x2, x3 = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL)
+            if TILES == 2:
+                words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
+                    words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
+                    words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        if SPLIT_LOOKUP:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
+                                                          l12, l13, l14, l15, dtype, EMULATE)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = (scale_h,) * 8  # unused
+        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, p0, p1,
+                                   p2, p3, p4, p5, p6, p7, WL, dtype, NUM_WARPS, SPLIT_LOOKUP, EMULATE)
+        if TILES == 2:
+            if SPLIT_LOOKUP:
+                p0, p1, p2, p3, p4, p5, p6, p7 = _byte_planes(scale_h2, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+                                                              l11, l12, l13, l14, l15, dtype, EMULATE)
+            d0, d1, d2, d3 = _mma_tile(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, d0, d1, d2, d3,
+                                       p0, p1, p2, p3, p4, p5, p6, p7, WL, dtype, NUM_WARPS, SPLIT_LOOKUP, EMULATE)
+    part = partial_ptr + pid_k * M * N
+    n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
+    _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
+    if TILES == 2:
+        _mma_store(part, n0, out_g + 16, M, N, d0, d1, d2, d3)
