@@ -173,7 +173,7 @@ class DecodeSetup:
     nf4_fused_layers: int = 0  # 4-bit layers our kernel ran (of which with LoRA fused: nf4_fused_lora_layers)
     nf4_fused_lora_layers: int = 0
     nf4_launches: int = 0  # our kernel's launches a step: sibling layers (q/k/v, gate/up) share one (v10)
-    nf4_modes: str = ""  # our kernel's inner loops at this batch, with their layer counts ("mma x224"); "" if not ours
+    nf4_modes: str = ""  # our kernel's inner loops at this batch, with their launch counts ("mma x128"); "" if not ours
     decode_attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
     decode_attention_why: str = ""
 
