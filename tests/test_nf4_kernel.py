@@ -391,7 +391,8 @@ def _decode(model, kernel: str, ids: torch.Tensor, new: int):
 
 
 # batch 1 (mode gemv under the interpreter, mma on a GPU) on a GPU only: on CPU batch 3 runs the same decoder, swap
-# and sibling launches through the interpreter, and batch 1 took another 45 s of CI's 15 minutes
+# and sibling launches through the interpreter, and with batch 1 the pair took 81 s of CI's 15 minutes (batch 3
+# alone: 25 s; pytest --durations on this 2-core AMD EPYC)
 @pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="batch 3 covers it under the interpreter; batch 1 runs on a GPU")), 3])
 def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_model, batch) -> None:

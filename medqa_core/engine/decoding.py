@@ -87,15 +87,22 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, 
         return "bitsandbytes", "auto: bitsandbytes' kernels off a GPU (ours runs on CPU only under the interpreter)"
     if torch.version.hip:
         return "bitsandbytes", "auto: ours has not run on ROCm (docs/rocm.md); nf4_kernel='triton' runs it"
-    name = torch.cuda.get_device_name(device)
-    most = AUTO_TRITON_MAX_ROWS.get(name)
+    return _measured_ahead(AUTO_TRITON_MAX_ROWS, torch.cuda.get_device_name(device), rows,
+                           ("bitsandbytes", "bitsandbytes'", "nf4_kernel"))
+
+
+def _measured_ahead(table: dict[str, int], name: str, rows: int, theirs: tuple[str, str, str]) -> tuple[str, str]:
+    """"auto"'s choice from a table of GPUs where the bench measured ours ahead, up to a batch: ("triton", why),
+    or (the other's name, why). ``theirs``: the other's name, how the reason names it, the option that asks for
+    ours."""
+    other, named, option = theirs
+    most = table.get(name)
     if most is None:
-        return "bitsandbytes", (f"auto: ours has not been measured ahead on {name} (docs/decode.md); "
-                                "nf4_kernel='triton' runs it")
+        return other, f"auto: ours has not been measured ahead on {name} (docs/decode.md); {option}='triton' runs it"
     if rows > most:
-        return "bitsandbytes", (f"auto: ours is measured ahead on {name} up to batch {most} only "
-                                "(docs/decode.md); nf4_kernel='triton' runs it")
-    return "triton", f"auto: ours, measured ahead of bitsandbytes' on {name} up to batch {most}"
+        return other, (f"auto: ours is measured ahead on {name} up to batch {most} only (docs/decode.md); "
+                       f"{option}='triton' runs it")
+    return "triton", f"auto: ours, measured ahead of {named} on {name} up to batch {most}"
 
 
 # The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA), with the largest
@@ -128,14 +135,8 @@ def decode_attention_choice(model: torch.nn.Module, device: torch.device, asked:
         return "model", why
     if device.type != "cuda":
         return "model", "auto: the model's attention off a GPU (ours runs on CPU only under the interpreter)"
-    name = torch.cuda.get_device_name(device)
-    most = None if torch.version.hip else AUTO_TRITON_ATTENTION.get(name)
-    if most is None:
-        return "model", f"auto: ours has not been measured ahead on {name} (docs/decode.md); attention='triton' runs it"
-    if rows > most:
-        return "model", (f"auto: ours is measured ahead on {name} up to batch {most} only (docs/decode.md); "
-                         "attention='triton' runs it")
-    return "triton", f"auto: ours, measured ahead of the model's attention on {name} up to batch {most}"
+    return _measured_ahead({} if torch.version.hip else AUTO_TRITON_ATTENTION, torch.cuda.get_device_name(device),
+                           rows, ("model", "the model's attention", "attention"))
 
 
 def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
