@@ -14,7 +14,7 @@ whole quantization blocks divisible by 16), and reads its intermediate code:
   scheduler, so this bounds the weights a second an SM can decode, whatever the memory system delivers.
 
     python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid] [--out FILE]
-    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared][,split] ...
+    python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...] ...  (FLAGS below)
 
 Without ``--grid``: the default tile of each row count (``_default_tile``); with it, every tile the sweep of
 bench/profile_nf4_kernel.py times; ``--tile`` (repeatable) names tiles instead, so two kernel versions can be
@@ -42,7 +42,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_nf4_kernel import MISTRAL_7B_LAYERS, _sweep_grid  # noqa: E402
 
-from medqa_core.engine.kernels.nf4_matmul import TileConfig, _default_tile, _nf4_matmul_kernel  # noqa: E402
+from medqa_core.engine.kernels.nf4_matmul import LOOKUPS, TileConfig, _default_tile, _nf4_matmul_kernel  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", absmax2_ptr="*fp32",
@@ -111,7 +111,7 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
                      SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
-                     MMA=tile.kernel_mode == "mma", SPLIT_LOOKUP=tile.split_lookup,
+                     MMA=tile.kernel_mode == "mma", PRMT_ROWS=LOOKUPS.index(tile.lookup), BLOCK_SCALE=tile.block_scale,
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
     scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
@@ -175,20 +175,24 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
         mma_lanes_in_order=mma_lanes_in_order(ttgir))
 
 
+FLAGS = ("prefetch", "shared", "split", "prmt", "scaled")  # split/prmt: TileConfig.lookup; scaled: block_scale
+
+
 def _tile_arg(text: str) -> tuple[int, TileConfig]:
-    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared][,split]`` as (rows, TileConfig); argparse names a
-    bad one."""
+    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...]`` as (rows, TileConfig), FLAGs from :data:`FLAGS`; argparse
+    names a bad one."""
     try:
         rows, fields = text.split(":")
         *numbers, mode = fields.split(",")[:7]
         flags = fields.split(",")[7:]
-        if set(flags) - {"prefetch", "shared", "split"}:
-            raise ValueError(f"unknown flag(s) {sorted(set(flags) - {'prefetch', 'shared', 'split'})}")
+        if set(flags) - set(FLAGS):
+            raise ValueError(f"unknown flag(s) {sorted(set(flags) - set(FLAGS))}")
+        lookup = "split" if "split" in flags else "prmt" if "prmt" in flags else "shfl"
         return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
-                                     shared_table="shared" in flags, split_lookup="split" in flags)
+                                     shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags)
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,prefetch][,shared][,split] ({e})") from e
+            f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...] with FLAGs of {FLAGS} ({e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         for tile in tiles:
             name = (f"{tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
                     f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}"
-                    f"{' shared-table' if tile.shared_table else ''}{' split-lookup' if tile.split_lookup else ''}")
+                    f"{' shared-table' if tile.shared_table else ''}"
+                    f"{'' if tile.lookup == 'shfl' else ' ' + tile.lookup + '-lookup'}"
+                    f"{' block-scale' if tile.block_scale else ''}")
             try:
                 c = inspect(tile, args.target)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run

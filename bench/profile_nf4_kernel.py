@@ -92,8 +92,8 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 def _sweep_grid(rows: int) -> list:
     """The tiles --sweep times at ``rows`` (at most 30 a row count).
 
-    v8/v9: at 1 and 8 rows, fourteen tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
-    two 16-row tiles a warp; v11: five more with the split lookup (``split_lookup``).
+    v8-v12: at 1 and 8 rows, nineteen tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
+    two 16-row tiles a warp: five shapes with each ``lookup``, four with ``block_scale``.
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
@@ -112,16 +112,15 @@ def _sweep_grid(rows: int) -> list:
 
     # v8's MMA GEMV (NVIDIA; 1 to 8 rows of x at one cost): warps, 16-row tiles of W a warp (v9: two share each x
     # word), columns an iteration, split; v9 prefetches x with the words. Elsewhere nf4_matmul refuses them and the
-    # sweep lists them as rejected.
-    mma = [TileConfig(8, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=True) for nw, tiles, bk, sk in
-           ((1, 1, 128, 8), (1, 1, 128, 16), (1, 1, 64, 8), (2, 1, 128, 8), (4, 1, 128, 4), (4, 1, 128, 8),
-            (1, 2, 128, 4), (1, 2, 128, 8), (1, 2, 128, 16), (2, 2, 128, 4), (2, 2, 128, 8), (4, 2, 128, 2),
-            (4, 2, 128, 4), (4, 2, 128, 8))]
-    # (v8's sweeps, 20261206T1540Z: the winners were one warp at split 8-16 and, on gate/up, four warps at split 4
-    # and 0.68 waves; no tile without prefetch won)
-    # v11: the split lookup (rows g + 8 by byte permutes) on the v9/v10 winners' shapes
-    mma += [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, split_lookup=True)
-            for nw, tiles, sk in ((1, 1, 8), (4, 1, 4), (1, 2, 16), (2, 2, 4), (4, 2, 8))]
+    # sweep lists them as rejected. v12: the v9/v10 winners' shapes only (v8's sweeps, 20261206T1540Z, and v10's,
+    # 20261206T2016Z: one warp at split 8-16, on gate/up four warps at split 4), each with the three lookups (shfl;
+    # v11's split; v12's prmt), then v12's block scale (an iteration inside one block: 64 columns, twice the split).
+    shapes = ((1, 1, 8), (4, 1, 4), (1, 2, 16), (2, 2, 4), (4, 2, 8))
+    mma = [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup=lookup)
+           for lookup in ("shfl", "split", "prmt") for nw, tiles, sk in shapes]
+    mma += [TileConfig(8, 16 * nw * tiles, 64, nw, 1, sk, "mma", prefetch=True, lookup=lookup, block_scale=True)
+            for nw, tiles, sk, lookup in ((1, 1, 16, "prmt"), (4, 1, 8, "prmt"), (2, 2, 8, "prmt"),
+                                          (1, 1, 16, "split"))]
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
@@ -145,7 +144,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
             device: torch.device | None = None, layers: list[str] | None = None,
             once: bool = False, modes: list[str] | None = None) -> tuple[dict, dict]:
-    """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only);
+    """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only, in
+    that order);
     ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
     ``once``: each arm's first weight copy called once, untimed, nothing saved: the launches for an external
     profiler (Nsight Compute) to capture. ``modes``: sweep only the grid's tiles of these modes (the tile in use
@@ -162,9 +162,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
     tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
-    for layer, (n, k) in MISTRAL_7B_LAYERS.items():
-        if layers and layer not in layers:
-            continue
+    for layer in layers or MISTRAL_7B_LAYERS:  # in the order asked: a call cut short keeps the first ones
+        n, k = MISTRAL_7B_LAYERS[layer]
         w = torch.randn(n, k, device=device, generator=gen).bfloat16() * 0.02
         packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
         param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)

@@ -89,9 +89,10 @@ def test_three_sibling_segments_compile_for_both_vendors():
     assert done.stdout.split() == ["True", "True"]
 
 
-def test_the_split_lookup_halves_the_shuffles_a_weight():
-    # v11: rows g + 8 by byte permutes, so the loop's shuffles (one a weight before; v10's top stall on an H200 was
-    # the MIO unit that runs them) halve, for some more ALU instructions a weight
-    shfl, split = _inspect(8, 64, 128, 4, 1, 4, "mma", True), _inspect(8, 64, 128, 4, 1, 4, "mma", True, False, True)
-    assert split["shuffles"] * 2 == shfl["shuffles"]
-    assert split["spill_bytes"] in (0, None) and split["mma_lanes_in_order"] is True
+def test_byte_permute_lookups_take_the_shuffles_off_the_loop():
+    # v11 ("split"): rows g + 8 by byte permutes, so the shuffles (one a weight before; v10's top stall on an H200
+    # was the MIO unit that runs them) halve; v12 ("prmt"): every row, none left. More ALU instructions a weight.
+    shfl, split, prmt = (_inspect(8, 64, 128, 4, 1, 4, "mma", True, False, lookup) for lookup in ("shfl", "split",
+                                                                                                  "prmt"))
+    assert split["shuffles"] * 2 == shfl["shuffles"] and prmt["shuffles"] == 0
+    assert all(c["spill_bytes"] in (0, None) and c["mma_lanes_in_order"] is True for c in (split, prmt))

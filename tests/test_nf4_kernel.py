@@ -193,19 +193,47 @@ def test_siblings_one_launch_cannot_take_are_refused_by_name() -> None:
         nf4_matmul(x, [w256] * 2, scaling=(1.0, 1.0, 1.0))
 
 
-@pytest.mark.parametrize(("tile", "double_quant"), [
-    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True), True),  # one 16-row tile a warp, split K
-    (TileConfig(8, 64, 64, 2, 1, 1, "mma"), False)],  # two tiles a warp, 2 warps, no prefetch
-    ids=["one-tile-dq", "two-tiles"])
-def test_the_split_lookup_decodes_every_weight_to_the_same_bits(tile, double_quant) -> None:
-    # v11: rows g + 8 from byte permutes on each block's table of rounded weights, rows g by shfl. The weights are
-    # bitsandbytes' either way, and so is every output bit (48 rows: a partial tile; 256 columns: 4 blocks a row).
+@pytest.mark.parametrize(("tile", "double_quant", "lookup"), [
+    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True), True, "split"),  # one 16-row tile a warp, split K
+    (TileConfig(8, 64, 64, 2, 1, 1, "mma"), False, "prmt")],  # two tiles a warp, 2 warps, no prefetch
+    ids=["one-tile-dq-split", "two-tiles-prmt"])
+def test_byte_permute_lookups_decode_every_weight_to_the_same_bits(tile, double_quant, lookup) -> None:
+    # v11 ("split"): rows g + 8 from byte permutes on each block's table of rounded weights, rows g by shfl; v12
+    # ("prmt"): every row by permutes. The weights are bitsandbytes' either way, and so is every output bit (48
+    # rows: a partial tile; 256 columns: 4 blocks a row).
     param, state = _quantized(48, 256, 64, double_quant)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEVICE)
-    split = TileConfig(**{**tile.__dict__, "split_lookup": True})
-    out = nf4_matmul(x, nf4_weight(param), config=split)
+    permuted = TileConfig(**{**tile.__dict__, "lookup": lookup})
+    out = nf4_matmul(x, nf4_weight(param), config=permuted)
     assert torch.equal(out, nf4_matmul(x, nf4_weight(param), config=tile))
     assert _ulps(out, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
+
+
+@pytest.mark.parametrize(("tile", "double_quant", "dtype"), [
+    (TileConfig(8, 16, 64, 1, 1, 2, "mma", prefetch=True, lookup="prmt", block_scale=True), True, torch.bfloat16),
+    (TileConfig(8, 64, 32, 2, 1, 1, "mma", block_scale=True), False, torch.float16)],
+    ids=["prmt-dq-bf16", "shfl-two-tiles-fp16"])
+def test_block_scale_is_bitsandbytes_within_one_rounding_of_each_weight(tile, double_quant, dtype) -> None:
+    # v12's block_scale: the MMAs take each level rounded to the dtype and scale a block's sums after them, where
+    # bitsandbytes rounds level * absmax. Each weight then differs from bitsandbytes' by at most its two roundings
+    # (eps relative), so the tolerance: half an ulp of the output (its own rounding) + eps * (|x| @ |W|^T). Measured
+    # here (interpreter): at most 0.07 eps * (|x| @ |W|^T) past the half ulp, in both dtypes, double quant on and off.
+    param, state = _quantized(48, 256, 64, double_quant, dtype=dtype)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    weight = _plain_dequantize(param, state).float()
+    ref = x.float() @ weight.T
+    out = nf4_matmul(x, nf4_weight(param), config=tile)
+    eps = torch.finfo(dtype).eps
+    half_ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))) * eps / 2
+    assert ((out.float() - ref).abs() <= half_ulp + eps * (x.float().abs() @ weight.abs().T)).all()
+    assert not torch.equal(out, nf4_matmul(x, nf4_weight(param), config=TileConfig(8, 16, 64, 1, 1, 2, "mma")))
+
+
+def test_block_scale_needs_an_iteration_inside_one_block() -> None:
+    param, _ = _quantized(16, 256, 64, False)
+    x = torch.randn(1, 256).bfloat16().to(DEVICE)
+    with pytest.raises(ValueError, match="blocksize 64 is not a multiple of block_k 128"):
+        nf4_matmul(x, nf4_weight(param), config=TileConfig(8, 16, 128, 1, 1, 1, "mma", block_scale=True))
 
 
 def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> None:
@@ -233,7 +261,9 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     (dict(block_m=1, block_n=2, mode="gemv"), r"block_n \(2\) must be at least num_warps \(4\)"),
     # a lane loads up to 4 x words an iteration: a wider block_k summed wrong x (the sweep caught it)
     (dict(block_m=8, block_n=64, block_k=256, mode="mma"), "over block_k 32 to 128 columns, got 8 x 64 x 256"),
-    (dict(mode="dot", split_lookup=True), "split_lookup is the mma mode's")])
+    (dict(mode="dot", lookup="prmt"), "are the mma mode's"),
+    (dict(mode="fma", block_scale=True), "are the mma mode's"),
+    (dict(block_m=8, block_n=16, num_warps=1, mode="mma", lookup="lut"), "lookup='lut': choose one of")])
 def test_a_tile_that_cannot_run_is_refused(fields, match) -> None:
     base = dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
     with pytest.raises(ValueError, match=match):
@@ -412,6 +442,30 @@ def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_m
     assert bnb_setup.nf4_modes == ""
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert dict(model.named_modules()) == modules_before  # the originals are back in place
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="tile tables are read on a GPU; the interpreter runs the defaults")
+def test_block_scale_tiles_decode_bitsandbytes_tokens(adapted_4bit_model, tmp_path, monkeypatch) -> None:
+    # v12's block scale is not bitwise bitsandbytes' (a weight rounds its level, not level * absmax): greedy decoding
+    # must still give bitsandbytes' tokens where a tile table picks it for every launch (the tiny model's q+k+v,
+    # o, gate+up and down at one row).
+    import json
+
+    from medqa_core.engine.kernels.nf4_matmul import _device_name
+
+    hidden, inter = TINY["hidden_size"], TINY["intermediate_size"]
+    kv = hidden // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
+    tile = dict(TileConfig(8, 16, 64, 1, 1, 2, "mma", prefetch=True, lookup="prmt", block_scale=True).__dict__)
+    shapes = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)]
+    table = tmp_path / "tiles.json"
+    table.write_text(json.dumps({_device_name(torch.device(DEVICE)): [dict(rows=1, n=n, k=k, config=tile)
+                                                                      for n, k in shapes]}))
+    monkeypatch.setenv("MEDQA_NF4_TILES", str(table))
+    ids = torch.randint(3, 32000, (1, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ours, setup = _decode(adapted_4bit_model, "triton", ids, 6)
+    theirs, _ = _decode(adapted_4bit_model, "bitsandbytes", ids, 6)
+    assert setup.nf4_modes == f"mma prmt block-scale x{TINY['num_hidden_layers'] * 4}"
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 class _Attention(torch.nn.Module):

@@ -229,10 +229,11 @@ class NF4Swap:
                              max_rows=max_rows, launches=len(self._groups))
 
     def modes(self, rows: int) -> str:
-        """The kernel modes the launches run at ``rows`` rows, with their counts (e.g. ``"mma x160"``): recorded
-        beside decode figures, so a file says which inner loop produced them."""
+        """The kernel modes the launches run at ``rows`` rows, with their counts (e.g. ``"mma x96, mma prmt
+        x32"``, :attr:`TileConfig.inner_loop`): recorded beside decode figures, so a file says which inner loop
+        produced them."""
         counts = Counter(choose_tile(rows, group.weights[0], group.compute_dtype, group.weights[0].packed.device,
-                                     out_features=sum(group.sizes)).kernel_mode for group in self._groups)
+                                     out_features=sum(group.sizes)).inner_loop for group in self._groups)
         return ", ".join(f"{mode} x{count}" for mode, count in counts.most_common())
 
     def __enter__(self) -> NF4Swap:

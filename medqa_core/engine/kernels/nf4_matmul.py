@@ -168,7 +168,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
-                       SPLIT_LOOKUP: tl.constexpr, ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr,
+                       PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, ROUND_ASM: tl.constexpr,
+                       NUM_WARPS: tl.constexpr,
                        EMULATE: tl.constexpr):
     # SEGMENTS (1 to 3) weights of the same K side by side, one launch: their outputs are columns [0, N0),
     # [N0, N0 + N1), [N0 + N1, N0 + N1 + N2) of out (sibling layers that read the same x: q/k/v, gate/up). A tile
@@ -237,7 +238,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   tl.cdiv(n_seg, BLOCK_N), m_tiles, n_tiles * m_tiles, M, n_seg, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK * LORA_SPLIT, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
-                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, SPLIT_LOOKUP, ROUND_ASM, NUM_WARPS,
+                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, PRMT_ROWS, BLOCK_SCALE, ROUND_ASM,
+                  NUM_WARPS,
                   EMULATE)
 
 
@@ -250,7 +252,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr,
               SHARED_TABLE: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
-              MMA: tl.constexpr, SPLIT_LOOKUP: tl.constexpr, ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr,
+              MMA: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, ROUND_ASM: tl.constexpr,
+              NUM_WARPS: tl.constexpr,
               EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction).
     ``n_tiles`` and ``N`` are its segment's; ``output_tiles`` counts the launch's."""
@@ -271,7 +274,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
         # Triton's tile layout has them).
         _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m,
                  pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS),
-                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, SPLIT_LOOKUP, EMULATE)
+                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -470,6 +473,7 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
 
 
 MODES = ("mma", "gemv", "fma", "dot", "dot_swap")
+LOOKUPS = ("shfl", "split", "prmt")  # mode mma: rows by byte permutes 0, 1 (g + 8) or 2 (both) of a lane's two
 
 
 def _power_of_two(value: int) -> bool:
@@ -497,8 +501,14 @@ class TileConfig:
     global-memory loads (v5; fewer instructions a weight in the compiled loop; on the H100 it won every swept
     shape at 1 and 8 rows, and the defaults use it). ``num_stages`` of 3 or more with the shared table and no
     prefetch: Triton software-pipelines the K loop over that many stages (v6; the 8-64-row winners on the H100).
-    ``split_lookup`` (mode ``mma``, v11): rows g + 8 of each tile decoded by ALU byte permutes from a table of their
-    block's rounded weights, rows g by ``shfl``, so the lookups use two pipes (:func:`_nf4_mma`).
+    ``lookup`` (mode ``mma``): how a code becomes its weight. ``"shfl"`` (v8): one ``shfl`` a weight from the lane
+    that holds its level; ``"split"`` (v11): rows g + 8 of each tile by ALU byte permutes on a table of their
+    block's rounded weights, rows g by ``shfl``, so the lookups use two pipes; ``"prmt"`` (v12): every row by byte
+    permutes, no ``shfl`` (:func:`_nf4_mma`). ``block_scale`` (mode ``mma``, v12): the MMAs take each code's level
+    rounded to the dtype and each block's sums are scaled after them, not each weight before: no multiply or
+    rounding a weight, and with ``lookup`` ``"prmt"`` one table for the whole launch. Not bitwise bitsandbytes'
+    dequantization then (a weight rounds ``level`` where bitsandbytes rounds ``level * absmax``), within the
+    tolerance tests/test_nf4_kernel.py states.
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -513,7 +523,15 @@ class TileConfig:
     mode: str | None = None
     prefetch: bool = False
     shared_table: bool = False
-    split_lookup: bool = False
+    lookup: str = "shfl"
+    block_scale: bool = False
+
+    @property
+    def inner_loop(self) -> str:
+        """The mode with how its lanes decode where that is not the default: ``"mma"``, ``"mma prmt"``,
+        ``"mma prmt block-scale"``: what a decode record names."""
+        return " ".join([self.kernel_mode] + ([self.lookup] if self.lookup != "shfl" else [])
+                        + (["block-scale"] if self.block_scale else []))
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -523,9 +541,11 @@ class TileConfig:
             raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
-        if self.split_lookup and self.kernel_mode != "mma":
-            raise ValueError(f"TileConfig: split_lookup is the mma mode's (its rows g + 8 by byte permutes), not "
-                             f"mode {self.kernel_mode!r}'s")
+        if self.lookup not in LOOKUPS:
+            raise ValueError(f"TileConfig.lookup={self.lookup!r}: choose one of {LOOKUPS}")
+        if (self.lookup != "shfl" or self.block_scale) and self.kernel_mode != "mma":
+            raise ValueError(f"TileConfig: lookup {self.lookup!r} and block_scale are the mma mode's (how its lanes "
+                             f"decode a code), not mode {self.kernel_mode!r}'s")
         if self.kernel_mode == "mma":
             if (self.block_m != 8 or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
                     or not 32 <= self.block_k <= 128):  # a lane loads up to 4 x words an iteration
@@ -687,11 +707,12 @@ def _round_asm(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.version.hip is None and x.dtype == torch.bfloat16 and not interpreting()
 
 
-def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int) -> str | None:
+def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int,
+              block_scale: bool = False) -> str | None:
     """Why the ``mma`` mode cannot compute ``x @ W^T`` at ``block_k`` columns an iteration, or None where it can:
     it needs an NVIDIA GPU with bf16 MMAs (sm_80 on; or Triton's interpreter, which emulates them), a bf16 or fp16
     compute dtype, rows of whole quantization blocks read as int32 words, K a multiple of ``block_k``, and a lane's
-    ``block_k / 4`` columns inside one quantization block."""
+    ``block_k / 4`` columns inside one quantization block (``block_scale``: all ``block_k``)."""
     if not interpreting() and not _has_mma(device):
         where = "ROCm" if torch.version.hip else device.type
         return f"it needs an NVIDIA GPU of compute capability 8.0 or later (mma.sync, shfl.sync), not {where}"
@@ -702,6 +723,9 @@ def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block
     if weight.in_features % block_k or weight.blocksize % (block_k // 4):
         return (f"K {weight.in_features} is not a multiple of block_k {block_k}, or blocksize {weight.blocksize} "
                 f"not of a lane's {block_k // 4} columns")
+    if block_scale and weight.blocksize % block_k:
+        return f"block_scale scales an iteration's sums by one block's absmax: blocksize {weight.blocksize} is not a " \
+               f"multiple of block_k {block_k}"
     return None
 
 
@@ -717,7 +741,7 @@ def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.
     n, k = out_features or weight.out_features, weight.in_features
     cfg = config or tile_config(rows, n, k, device)
     if cfg.kernel_mode == "mma":
-        why_not = mma_unfit(device, dtype, weight, cfg.block_k)
+        why_not = mma_unfit(device, dtype, weight, cfg.block_k, cfg.block_scale)
         if why_not and config is not None:
             raise ValueError(f"nf4_matmul: mode 'mma' cannot run here: {why_not}")
         if why_not:
@@ -836,7 +860,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-        GEMV=cfg.kernel_mode == "gemv", MMA=mma, SPLIT_LOOKUP=cfg.split_lookup, ROUND_ASM=_round_asm(x),
+        GEMV=cfg.kernel_mode == "gemv", MMA=mma, PRMT_ROWS=LOOKUPS.index(cfg.lookup), BLOCK_SCALE=cfg.block_scale,
+        ROUND_ASM=_round_asm(x),
         NUM_WARPS=cfg.num_warps,
         EMULATE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -3,7 +3,8 @@
 Each warp multiplies 16-row tiles of W with the rows of x (``mma.sync.m16n8k16``, x's rows as its 8 columns,
 float32 accumulators), decoding the weights straight into the MMA's operand registers: a lane reads int32 words of
 W rows g and g + 8 over its own consecutive columns, a code is one ``shfl.sync`` from the lane that holds that
-level (v11's ``split_lookup``: rows g + 8 by byte permutes instead), and two rounded weights are one ``cvt.rn``.
+level (v11/v12's ``lookup``: some rows or all by byte permutes instead), and two rounded weights are one ``cvt.rn``
+(v12's ``block_scale``: the levels unscaled, each block's sums scaled after the MMAs).
 Inline PTX (the lane and warp indices too), so ``nf4_matmul.mma_unfit`` keeps it to NVIDIA GPUs of sm_80 on;
 Triton's interpreter emulates every instruction (``EMULATE``), which is what the CPU tests run.
 """
@@ -145,12 +146,15 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
     ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
     quantization block, and their two scales."""
     offs = tl.arange(0, WL)[None, :]
-    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + col // 8, WL)[:, None] + offs)
-    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + col // 8, WL)[:, None] + offs)
-    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g * blocks_per_row + col // BLOCKSIZE,
-                         True, BLOCKSIZE2, DOUBLE_QUANT)
-    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h * blocks_per_row + col // BLOCKSIZE,
-                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    # unsigned: the indices are never negative, and a signed division by a power of two costs a sign fix-up
+    word = col.to(tl.uint32) // 8
+    block = col.to(tl.uint32) // BLOCKSIZE
+    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WL)[:, None] + offs)
+    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WL)[:, None] + offs)
+    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                         row_g.to(tl.uint32) * blocks_per_row + block, True, BLOCKSIZE2, DOUBLE_QUANT)
+    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                         row_h.to(tl.uint32) * blocks_per_row + block, True, BLOCKSIZE2, DOUBLE_QUANT)
     return words_g, words_h, scale_g, scale_h
 
 
@@ -185,6 +189,22 @@ def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, d
     row_h = _mma_pair(_mma_code(table, word_h >> (shift + 4), EMULATE) * scale_h,
                       _mma_code(table, word_h >> shift, EMULATE) * scale_h, dtype, EMULATE)
     return row_g, row_h
+
+
+@triton.jit
+def _mma_levels(word, shift: tl.constexpr, levels_lo, levels_hi, EMULATE: tl.constexpr):
+    """One A operand register of one row with ``block_scale`` (v12): the levels of the nibbles at bits
+    ``shift + 4`` (low half) and ``shift`` of ``word``, rounded to the MMA's dtype and unscaled. Two ``shfl`` from
+    the lanes that hold them (``levels_lo``: a level's bits in the low half, ``levels_hi`` in the high) and an OR:
+    no multiply, no ``cvt``. Interpreter: gathers from the 16 levels."""
+    if EMULATE:
+        return tl.gather(levels_lo, (word >> (shift + 4)) & 15, 0) | tl.gather(levels_hi, (word >> shift) & 15, 0)
+    else:
+        lo = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                       [levels_lo, word >> (shift + 4)], dtype=tl.int32, is_pure=True, pack=1)
+        hi = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                       [levels_hi, word >> shift], dtype=tl.int32, is_pure=True, pack=1)
+        return lo | hi
 
 
 @triton.jit
@@ -237,9 +257,13 @@ def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, h
     choosing, then paired as the MMA takes them (a byte's high nibble is the lower column)."""
     codes = word >> shift
     index = codes & 0x7777  # the four codes' low 3 bits: a byte of 8 each
-    upper = codes & 0x8888
-    # 0xFF in the bytes whose code is 8-15: nibble 9 repeats the sign of byte 1 (0x80), nibble 0 takes byte 0 (0)
-    choose = _prmt(tl.zeros_like(word) + 0x8000, tl.zeros_like(word), upper | (upper >> 3), EMULATE)
+    # 0xFF in the bytes whose code is 8-15, 0 in the others: each selector nibble is the code's bit 3 twice (bits 3
+    # and 0; bits 1-2 are the next code's), so codes 8-15 repeat the sign of an odd byte (0x80) and codes 0-7 take
+    # an even one (0). One bit-select and one permute.
+    shifted = codes >> 3
+    upper = shifted ^ ((codes ^ shifted) & 0x8888)  # a bit-select: codes' bits 3, the rest from codes >> 3
+    sign_bytes = tl.zeros_like(word) - 0x7FFF8000  # 0x80008000
+    choose = _prmt(sign_bytes, sign_bytes, upper, EMULATE)
     lo = (_prmt(lo0, lo1, index, EMULATE) & ~choose) | (_prmt(lo2, lo3, index, EMULATE) & choose)
     hi = (_prmt(hi0, hi1, index, EMULATE) & ~choose) | (_prmt(hi2, hi3, index, EMULATE) & choose)
     # columns of byte shift // 8: its high nibble (code 1) in the low half; of the next byte: codes 3 then 2
@@ -248,12 +272,14 @@ def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, h
 
 
 @triton.jit
-def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, lo0, lo1, lo2, lo3, hi0,
-              hi1, hi2, hi3, WL: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
-              SPLIT_LOOKUP: tl.constexpr, EMULATE: tl.constexpr):
+def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3, g0, g1,
+              g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, WL: tl.constexpr, dtype: tl.constexpr,
+              NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
     """One iteration of one 16-row tile: its 2 * WL MMAs (k 16 each) on the lane's words of rows g and g + 8 and
-    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3. SPLIT_LOOKUP: row
-    g + 8's weights from its byte planes ``lo0..hi3`` (ALU permutes), row g's by ``shfl`` (the load/store pipe)."""
+    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3. PRMT_ROWS 1: row
+    g + 8's weights from its byte planes ``h0..h7`` (ALU permutes, :func:`_byte_planes`), row g's by ``shfl`` (the
+    load/store pipe); 2: row g's from ``g0..g7`` too. BLOCK_SCALE: the levels unscaled (``levels_lo/hi`` by
+    ``shfl``, or the planes of the levels), the caller scales the sums."""
     for i in tl.static_range(WL):
         word_g = _pick(words_g, i)
         word_h = _pick(words_h, i)
@@ -266,14 +292,52 @@ def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1,
         else:
             x_word = x3
         for half in tl.static_range(2):
-            # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1
-            a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
-            a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
-            if SPLIT_LOOKUP:  # (the shfl lookups of row g + 8 above are then unused: the compiler drops them)
-                a1, a3 = _mma_weights_prmt(word_h, 16 * half, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, EMULATE)
+            # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1 (lookups that a row's byte
+            # permutes replace are unused: the compiler drops them)
+            if BLOCK_SCALE:
+                a0 = _mma_levels(word_g, 16 * half, levels_lo, levels_hi, EMULATE)
+                a2 = _mma_levels(word_g, 16 * half + 8, levels_lo, levels_hi, EMULATE)
+                a1 = _mma_levels(word_h, 16 * half, levels_lo, levels_hi, EMULATE)
+                a3 = _mma_levels(word_h, 16 * half + 8, levels_lo, levels_hi, EMULATE)
+            else:
+                a0, a1 = _mma_weights(word_g, word_h, 16 * half, table, scale_g, scale_h, dtype, EMULATE)
+                a2, a3 = _mma_weights(word_g, word_h, 16 * half + 8, table, scale_g, scale_h, dtype, EMULATE)
+            if PRMT_ROWS >= 1:
+                a1, a3 = _mma_weights_prmt(word_h, 16 * half, h0, h1, h2, h3, h4, h5, h6, h7, EMULATE)
+            if PRMT_ROWS == 2:
+                a0, a2 = _mma_weights_prmt(word_g, 16 * half, g0, g1, g2, g3, g4, g5, g6, g7, EMULATE)
             c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_word, 2 * half), _pick(x_word, 2 * half + 1), c0, c1, c2,
                                   c3, dtype, NUM_WARPS, EMULATE)
     return c0, c1, c2, c3
+
+
+@triton.jit
+def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3,
+                   l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6,
+                   q7, WL: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr,
+                   BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """:func:`_mma_tile` with the byte planes it needs: BLOCK_SCALE, the launch's planes of the unscaled levels
+    ``q0..q7`` (each iteration's MMAs from zero, their sums scaled into c0..c3: a row's block scale, one FFMA
+    an accumulator); otherwise each iteration's planes of the rows' blocks (built here, where PRMT_ROWS asks)."""
+    if BLOCK_SCALE:
+        zero = tl.zeros_like(c0)
+        e0, e1, e2, e3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi,
+                                   zero, zero, zero, zero, q0, q1, q2, q3, q4, q5, q6, q7, q0, q1, q2, q3, q4, q5, q6,
+                                   q7, WL, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
+        return c0 + e0 * scale_g, c1 + e1 * scale_g, c2 + e2 * scale_h, c3 + e3 * scale_h
+    if PRMT_ROWS >= 1:
+        h0, h1, h2, h3, h4, h5, h6, h7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12,
+                                                      l13, l14, l15, dtype, EMULATE)
+    else:
+        h0, h1, h2, h3, h4, h5, h6, h7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
+    if PRMT_ROWS == 2:
+        g0, g1, g2, g3, g4, g5, g6, g7 = _byte_planes(scale_g, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12,
+                                                      l13, l14, l15, dtype, EMULATE)
+    else:
+        g0, g1, g2, g3, g4, g5, g6, g7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
+    return _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3,
+                     g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, WL, dtype, NUM_WARPS, PRMT_ROWS,
+                     BLOCK_SCALE, EMULATE)
 
 
 @triton.jit
@@ -291,7 +355,8 @@ def _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3):
 def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m, pid_k,
              M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-             DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_LOOKUP: tl.constexpr, EMULATE: tl.constexpr):
+             DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
+             EMULATE: tl.constexpr):
     """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
     BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
 
@@ -309,9 +374,12 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     from L1), and with PREFETCH x is loaded an iteration ahead with the words (v8 loaded it just before its MMAs:
     Nsight Compute's top stall on an H100).
 
-    v11 (SPLIT_LOOKUP): one ``shfl`` a weight held the L1/TEX data pipe at 75% while DRAM ran at 31% (v10 on an
+    v11 (PRMT_ROWS 1): one ``shfl`` a weight held the L1/TEX data pipe at 75% while DRAM ran at 31% (v10 on an
     H200), so row g + 8's weights come from ALU byte permutes on a table of its block's 16 rounded weights
     (:func:`_byte_planes`, built each iteration), row g's by ``shfl`` as before: the lookups split across two pipes.
+    v12: PRMT_ROWS 2, both rows by permutes (no ``shfl``); BLOCK_SCALE (an iteration inside one quantization
+    block), the MMAs on the unscaled levels and each iteration's sums scaled by the rows' block scales, which drops
+    a multiply and half a ``cvt`` a weight and, with permutes, builds the planes once.
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     lane, warp = _lanes(NUM_WARPS, EMULATE)
@@ -327,11 +395,20 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         table = tl.load(code_ptr + tl.arange(0, 16))
     else:
         table = tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
-    # the 16 levels, each in every lane (split lookup's tables; unused otherwise, and then not loaded)
-    l0, l1, l2, l3 = tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
-    l4, l5, l6, l7 = tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7)
-    l8, l9, l10, l11 = tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11)
-    l12, l13, l14, l15 = tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15)
+    if BLOCK_SCALE:  # the levels rounded to dtype, as the low or high half of a register (lane L: level L & 15)
+        level = table if EMULATE else table.to(tl.float32, bitcast=True)
+        levels_lo = _mma_pair(level, tl.zeros_like(level), dtype, EMULATE)
+        levels_hi = _mma_pair(tl.zeros_like(level), level, dtype, EMULATE)
+    else:
+        levels_lo, levels_hi = table, table  # unused
+    # the 16 levels, each in every lane (the byte planes' tables; unused otherwise, and then not loaded). The
+    # address carries lane // 32 (0, but not to ptxas): levels it cannot prove uniform stay in the lanes' registers,
+    # where a permute reads them, not in uniform registers copied back before each permute (v12's first compile).
+    levels = code_ptr + lane // 32
+    l0, l1, l2, l3 = tl.load(levels), tl.load(levels + 1), tl.load(levels + 2), tl.load(levels + 3)
+    l4, l5, l6, l7 = tl.load(levels + 4), tl.load(levels + 5), tl.load(levels + 6), tl.load(levels + 7)
+    l8, l9, l10, l11 = tl.load(levels + 8), tl.load(levels + 9), tl.load(levels + 10), tl.load(levels + 11)
+    l12, l13, l14, l15 = tl.load(levels + 12), tl.load(levels + 13), tl.load(levels + 14), tl.load(levels + 15)
     words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     words_per_row = K // 8
@@ -340,6 +417,10 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     c1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
     c2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
     c3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    one = tl.full((32 * NUM_WARPS,), 1.0, dtype=tl.float32)
+    # the planes of the unscaled levels (BLOCK_SCALE with permutes: the launch's one table; otherwise unused)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _byte_planes(one, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13,
+                                                  l14, l15, dtype, EMULATE)
     if TILES == 2:  # the second tile: W rows 16 further on
         row_g2 = tl.minimum(out_g + 16, N - 1)
         row_h2 = tl.minimum(out_g + 24, N - 1)
@@ -358,7 +439,8 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
                                                                 offset_ptr, row_g2, row_h2, col0, blocks_per_row,
                                                                 words_per_row, WL, BLOCKSIZE, BLOCKSIZE2,
                                                                 DOUBLE_QUANT)
-    for it in range(it0, it1):
+    # unrolled twice: the prefetched registers of one iteration are the next one's without a copy between them
+    for it in tl.range(it0, it1, loop_unroll_factor=2):
         col = it * BLOCK_K + t * (8 * WL)  # the lane's first column this iteration
         if PREFETCH:
             # This iteration's loads were made one earlier; the next one's are made here, before the decode (the
@@ -385,19 +467,15 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
                     words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        if SPLIT_LOOKUP:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
-                                                          l12, l13, l14, l15, dtype, EMULATE)
-        else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = (scale_h,) * 8  # unused
-        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, c0, c1, c2, c3, p0, p1,
-                                   p2, p3, p4, p5, p6, p7, WL, dtype, NUM_WARPS, SPLIT_LOOKUP, EMULATE)
+        c0, c1, c2, c3 = _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
+                                        levels_hi, c0, c1, c2, c3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
+                                        l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, dtype, NUM_WARPS,
+                                        PRMT_ROWS, BLOCK_SCALE, EMULATE)
         if TILES == 2:
-            if SPLIT_LOOKUP:
-                p0, p1, p2, p3, p4, p5, p6, p7 = _byte_planes(scale_h2, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
-                                                              l11, l12, l13, l14, l15, dtype, EMULATE)
-            d0, d1, d2, d3 = _mma_tile(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, d0, d1, d2, d3,
-                                       p0, p1, p2, p3, p4, p5, p6, p7, WL, dtype, NUM_WARPS, SPLIT_LOOKUP, EMULATE)
+            d0, d1, d2, d3 = _mma_iteration(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, levels_lo,
+                                            levels_hi, d0, d1, d2, d3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+                                            l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, dtype,
+                                            NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
     part = partial_ptr + pid_k * M * N
     n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
     _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
