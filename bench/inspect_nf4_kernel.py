@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_nf4_kernel import MISTRAL_7B_LAYERS, _sweep_grid  # noqa: E402
 
 from medqa_core.engine.kernels.nf4_matmul import LOOKUPS, TileConfig, _default_tile, _nf4_matmul_kernel  # noqa: E402
+from medqa_core.engine.kernels.nf4_mma import UNROLL  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", absmax2_ptr="*fp32",
@@ -165,6 +166,8 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
     registers, spills = _ptxas(ptx) if ptx else (None, None)
     sass_loop = _sass_loop_instructions(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
     weights_per_thread = tile.block_n * max(tile.block_k, 64) / (tile.num_warps * 32)  # a K-loop iteration
+    if tile.kernel_mode == "mma":  # (v12: its compiled loop makes UNROLL iterations a pass)
+        weights_per_thread = tile.block_n * tile.block_k / (tile.num_warps * 32) * UNROLL.value
     return KernelCounts(
         tile=tile, shared_bytes=compiled.metadata.shared, loop_convert_layouts=loop.count("ttg.convert_layout"),
         loop_async_copies=loop.count("async_copy_global_to_local"),

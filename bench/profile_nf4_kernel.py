@@ -114,13 +114,13 @@ def _sweep_grid(rows: int) -> list:
     # word), columns an iteration, split; v9 prefetches x with the words. Elsewhere nf4_matmul refuses them and the
     # sweep lists them as rejected. v12: the v9/v10 winners' shapes only (v8's sweeps, 20261206T1540Z, and v10's,
     # 20261206T2016Z: one warp at split 8-16, on gate/up four warps at split 4), each with the three lookups (shfl;
-    # v11's split; v12's prmt), then v12's block scale (an iteration inside one block: 64 columns, twice the split).
+    # v11's split; v12's prmt), then v12's block scale with permutes (an iteration of one block, 64 columns, at twice
+    # the split; or of two).
     shapes = ((1, 1, 8), (4, 1, 4), (1, 2, 16), (2, 2, 4), (4, 2, 8))
     mma = [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup=lookup)
            for lookup in ("shfl", "split", "prmt") for nw, tiles, sk in shapes]
-    mma += [TileConfig(8, 16 * nw * tiles, 64, nw, 1, sk, "mma", prefetch=True, lookup=lookup, block_scale=True)
-            for nw, tiles, sk, lookup in ((1, 1, 16, "prmt"), (4, 1, 8, "prmt"), (2, 2, 8, "prmt"),
-                                          (1, 1, 16, "split"))]
+    mma += [TileConfig(8, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=True, lookup="prmt", block_scale=True)
+            for nw, tiles, bk, sk in ((1, 1, 64, 16), (4, 1, 64, 8), (2, 2, 64, 8), (1, 1, 128, 8))]
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in

@@ -707,12 +707,11 @@ def _round_asm(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.version.hip is None and x.dtype == torch.bfloat16 and not interpreting()
 
 
-def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int,
-              block_scale: bool = False) -> str | None:
+def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int) -> str | None:
     """Why the ``mma`` mode cannot compute ``x @ W^T`` at ``block_k`` columns an iteration, or None where it can:
     it needs an NVIDIA GPU with bf16 MMAs (sm_80 on; or Triton's interpreter, which emulates them), a bf16 or fp16
     compute dtype, rows of whole quantization blocks read as int32 words, K a multiple of ``block_k``, and a lane's
-    ``block_k / 4`` columns inside one quantization block (``block_scale``: all ``block_k``)."""
+    ``block_k / 4`` columns inside one quantization block."""
     if not interpreting() and not _has_mma(device):
         where = "ROCm" if torch.version.hip else device.type
         return f"it needs an NVIDIA GPU of compute capability 8.0 or later (mma.sync, shfl.sync), not {where}"
@@ -723,9 +722,6 @@ def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block
     if weight.in_features % block_k or weight.blocksize % (block_k // 4):
         return (f"K {weight.in_features} is not a multiple of block_k {block_k}, or blocksize {weight.blocksize} "
                 f"not of a lane's {block_k // 4} columns")
-    if block_scale and weight.blocksize % block_k:
-        return f"block_scale scales an iteration's sums by one block's absmax: blocksize {weight.blocksize} is not a " \
-               f"multiple of block_k {block_k}"
     return None
 
 
@@ -741,7 +737,7 @@ def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.
     n, k = out_features or weight.out_features, weight.in_features
     cfg = config or tile_config(rows, n, k, device)
     if cfg.kernel_mode == "mma":
-        why_not = mma_unfit(device, dtype, weight, cfg.block_k, cfg.block_scale)
+        why_not = mma_unfit(device, dtype, weight, cfg.block_k)
         if why_not and config is not None:
             raise ValueError(f"nf4_matmul: mode 'mma' cannot run here: {why_not}")
         if why_not:

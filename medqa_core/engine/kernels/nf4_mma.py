@@ -17,6 +17,8 @@ import triton.language as tl
 from medqa_core.engine.kernels.common import round_to_dtype
 from medqa_core.engine.kernels.nf4_decode import _nf4_scale
 
+UNROLL = tl.constexpr(2)  # iterations a pass of the compiled K loop makes (bench/inspect_nf4_kernel.py divides by it)
+
 
 @triton.jit
 def _lanes(NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
@@ -140,41 +142,54 @@ def _pick(t, i: tl.constexpr):
 
 @triton.jit
 def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
-               words_per_row, WL: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr):
+               words_per_row, WL: tl.constexpr, PARTS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
     ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
-    quantization block, and their two scales."""
-    offs = tl.arange(0, WL)[None, :]
+    quantization block, and their two scales. PARTS > 1 (block scale over several blocks an iteration): the words
+    are WL / PARTS from ``col`` in each of PARTS consecutive blocks, and the scales [lanes, PARTS]."""
+    WP: tl.constexpr = WL // PARTS
+    i = tl.arange(0, WL)
+    offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
     # unsigned: the indices are never negative, and a signed division by a power of two costs a sign fix-up
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
-    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WL)[:, None] + offs)
-    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WL)[:, None] + offs)
-    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                         row_g.to(tl.uint32) * blocks_per_row + block, True, BLOCKSIZE2, DOUBLE_QUANT)
-    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                         row_h.to(tl.uint32) * blocks_per_row + block, True, BLOCKSIZE2, DOUBLE_QUANT)
+    if PARTS > 1:
+        block = block[:, None] + tl.arange(0, PARTS)[None, :]
+        base_g = row_g.to(tl.uint32)[:, None] * blocks_per_row
+        base_h = row_h.to(tl.uint32)[:, None] * blocks_per_row
+    else:
+        base_g = row_g.to(tl.uint32) * blocks_per_row
+        base_h = row_h.to(tl.uint32) * blocks_per_row
+    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)[:, None] + offs)
+    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)[:, None] + offs)
+    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, base_g + block, True, BLOCKSIZE2,
+                         DOUBLE_QUANT)
+    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, base_h + block, True, BLOCKSIZE2,
+                         DOUBLE_QUANT)
     return words_g, words_h, scale_g, scale_h
 
 
 @triton.jit
-def _mma_x_word(xw_ptr, x_row, col, x_words_per_row, i: tl.constexpr):
-    """A lane's x values of its word i's 8 columns (from ``col + 8 i`` on) of x row ``x_row``: [lanes, 4] int32
-    words of two values each (bf16/fp16 pairs, the MMA's B registers as loaded), one 16-byte load. One tensor a
-    word, each [lanes, 4]: Triton then gives each lane its own row (v8's layout). One [WL, lanes, 4] tensor was
-    laid out differently by Triton 3.6 (lanes over the words too), which put the MMAs' operands in other lanes."""
-    return tl.load(xw_ptr + tl.multiple_of(x_row * x_words_per_row + col // 2 + 4 * i, 4)[:, None]
+def _mma_x_word(xw_ptr, x_row, col, x_words_per_row, offset: tl.constexpr):
+    """A lane's x values of the 8 columns from ``col + offset`` on of x row ``x_row``: [lanes, 4] int32 words of
+    two values each (bf16/fp16 pairs, the MMA's B registers as loaded), one 16-byte load. One tensor a word, each
+    [lanes, 4]: Triton then gives each lane its own row (v8's layout). One [WL, lanes, 4] tensor was laid out
+    differently by Triton 3.6 (lanes over the words too), which put the MMAs' operands in other lanes."""
+    return tl.load(xw_ptr + tl.multiple_of(x_row * x_words_per_row + col // 2 + offset // 2, 4)[:, None]
                    + tl.arange(0, 4)[None, :])
 
 
 @triton.jit
-def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr):
-    """The x words of an iteration (:func:`_mma_x_word`), words 0 to WL - 1 (up to 4; the rest repeat word 0)."""
+def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr, PARTS: tl.constexpr,
+                 BLOCKSIZE: tl.constexpr):
+    """The x words of an iteration (:func:`_mma_x_word`), words 0 to WL - 1 (up to 4; the rest repeat word 0):
+    the columns of the weight words :func:`_mma_loads` gives."""
+    WP: tl.constexpr = WL // PARTS
     x0 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 0)
-    x1 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 1) if WL > 1 else x0
-    x2 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 2) if WL > 2 else x0
-    x3 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 3) if WL > 3 else x0
+    x1 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (1 % WP) + (1 // WP) * BLOCKSIZE) if WL > 1 else x0
+    x2 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (2 % WP) + (2 // WP) * BLOCKSIZE) if WL > 2 else x0
+    x3 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (3 % WP) + (3 // WP) * BLOCKSIZE) if WL > 3 else x0
     return x0, x1, x2, x3
 
 
@@ -273,14 +288,16 @@ def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, h
 
 @triton.jit
 def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3, g0, g1,
-              g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, WL: tl.constexpr, dtype: tl.constexpr,
-              NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
-    """One iteration of one 16-row tile: its 2 * WL MMAs (k 16 each) on the lane's words of rows g and g + 8 and
-    the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators c0..c3. PRMT_ROWS 1: row
-    g + 8's weights from its byte planes ``h0..h7`` (ALU permutes, :func:`_byte_planes`), row g's by ``shfl`` (the
-    load/store pipe); 2: row g's from ``g0..g7`` too. BLOCK_SCALE: the levels unscaled (``levels_lo/hi`` by
-    ``shfl``, or the planes of the levels), the caller scales the sums."""
-    for i in tl.static_range(WL):
+              g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, W0: tl.constexpr, WN: tl.constexpr,
+              dtype: tl.constexpr, NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """One iteration of one 16-row tile, its words W0 .. W0 + WN - 1: two MMAs a word (k 16 each) on the lane's
+    words of rows g and g + 8 and the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators
+    c0..c3. PRMT_ROWS 1: row g + 8's weights from its byte planes ``h0..h7`` (ALU permutes, :func:`_byte_planes`),
+    row g's by ``shfl`` (the load/store pipe); 2: row g's from ``g0..g7`` too. BLOCK_SCALE: the levels unscaled
+    (``levels_lo/hi`` by ``shfl``, or the planes of the levels), the caller scales the sums.
+    """
+    for i in tl.static_range(W0, W0 + WN):
         word_g = _pick(words_g, i)
         word_h = _pick(words_h, i)
         if i == 0:
@@ -314,30 +331,40 @@ def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_
 @triton.jit
 def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3,
                    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6,
-                   q7, WL: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr,
-                   BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
+                   q7, WL: tl.constexpr, PARTS: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
+                   PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
     """:func:`_mma_tile` with the byte planes it needs: BLOCK_SCALE, the launch's planes of the unscaled levels
-    ``q0..q7`` (each iteration's MMAs from zero, their sums scaled into c0..c3: a row's block scale, one FFMA
-    an accumulator); otherwise each iteration's planes of the rows' blocks (built here, where PRMT_ROWS asks)."""
+    ``q0..q7``, and each block's MMAs (PARTS an iteration) from zero, their sums scaled into c0..c3 (a row's block
+    scale, one FFMA an accumulator); otherwise each iteration's planes of the rows' blocks (built here, where
+    PRMT_ROWS asks)."""
     if BLOCK_SCALE:
+        WP: tl.constexpr = WL // PARTS
         zero = tl.zeros_like(c0)
-        e0, e1, e2, e3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi,
-                                   zero, zero, zero, zero, q0, q1, q2, q3, q4, q5, q6, q7, q0, q1, q2, q3, q4, q5, q6,
-                                   q7, WL, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
-        return c0 + e0 * scale_g, c1 + e1 * scale_g, c2 + e2 * scale_h, c3 + e3 * scale_h
-    if PRMT_ROWS >= 1:
-        h0, h1, h2, h3, h4, h5, h6, h7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12,
-                                                      l13, l14, l15, dtype, EMULATE)
-    else:
-        h0, h1, h2, h3, h4, h5, h6, h7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
-    if PRMT_ROWS == 2:
-        g0, g1, g2, g3, g4, g5, g6, g7 = _byte_planes(scale_g, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12,
-                                                      l13, l14, l15, dtype, EMULATE)
-    else:
-        g0, g1, g2, g3, g4, g5, g6, g7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
-    return _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3,
-                     g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, WL, dtype, NUM_WARPS, PRMT_ROWS,
-                     BLOCK_SCALE, EMULATE)
+        for p in tl.static_range(PARTS):
+            if PARTS == 1:
+                sg, sh = scale_g, scale_h
+            else:
+                sg, sh = _pick(scale_g, p), _pick(scale_h, p)
+            e0, e1, e2, e3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
+                                       levels_hi, zero, zero, zero, zero, q0, q1, q2, q3, q4, q5, q6, q7, q0, q1, q2,
+                                       q3, q4, q5, q6, q7, p * WP, WP, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE,
+                                       EMULATE)
+            c0, c1, c2, c3 = c0 + e0 * sg, c1 + e1 * sg, c2 + e2 * sh, c3 + e3 * sh
+    else:  # (one return, at the end: Triton traces the code after a return inside an if)
+        if PRMT_ROWS >= 1:
+            h0, h1, h2, h3, h4, h5, h6, h7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
+                                                          l12, l13, l14, l15, dtype, EMULATE)
+        else:
+            h0, h1, h2, h3, h4, h5, h6, h7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
+        if PRMT_ROWS == 2:
+            g0, g1, g2, g3, g4, g5, g6, g7 = _byte_planes(scale_g, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
+                                                          l12, l13, l14, l15, dtype, EMULATE)
+        else:
+            g0, g1, g2, g3, g4, g5, g6, g7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
+        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi,
+                                   c0, c1, c2, c3, g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, 0,
+                                   WL, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -377,11 +404,15 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     v11 (PRMT_ROWS 1): one ``shfl`` a weight held the L1/TEX data pipe at 75% while DRAM ran at 31% (v10 on an
     H200), so row g + 8's weights come from ALU byte permutes on a table of its block's 16 rounded weights
     (:func:`_byte_planes`, built each iteration), row g's by ``shfl`` as before: the lookups split across two pipes.
-    v12: PRMT_ROWS 2, both rows by permutes (no ``shfl``); BLOCK_SCALE (an iteration inside one quantization
-    block), the MMAs on the unscaled levels and each iteration's sums scaled by the rows' block scales, which drops
-    a multiply and half a ``cvt`` a weight and, with permutes, builds the planes once.
+    v12: PRMT_ROWS 2, both rows by permutes (no ``shfl``); BLOCK_SCALE, the MMAs on the unscaled levels and each
+    block's sums scaled by the rows' block scales, which drops a multiply and half a ``cvt`` a weight and, with
+    permutes, builds the planes once (an iteration of several blocks, PARTS: a lane's words are WP in each, so
+    that an MMA's 16 columns lie in one block).
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
+    # block scale over several blocks an iteration: a lane's words in each (the MMAs of a block sum one scale)
+    PARTS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_SCALE and BLOCK_K > BLOCKSIZE else 1
+    WP: tl.constexpr = WL // PARTS  # a lane's consecutive words
     lane, warp = _lanes(NUM_WARPS, EMULATE)
     g = lane // 4
     t = lane % 4
@@ -429,19 +460,19 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         d2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
         d3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
     if PREFETCH:  # the first iteration's loads
-        col0 = it0 * BLOCK_K + t * (8 * WL)
+        col0 = it0 * BLOCK_K + t * (8 * WP)
         wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                                         row_g, row_h, col0, blocks_per_row, words_per_row, WL,
-                                                        BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL)
+                                                        PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
         if TILES == 2:
             wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                                                 offset_ptr, row_g2, row_h2, col0, blocks_per_row,
-                                                                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2,
-                                                                DOUBLE_QUANT)
+                                                                words_per_row, WL, PARTS, BLOCKSIZE,
+                                                                BLOCKSIZE2, DOUBLE_QUANT)
     # unrolled twice: the prefetched registers of one iteration are the next one's without a copy between them
-    for it in tl.range(it0, it1, loop_unroll_factor=2):
-        col = it * BLOCK_K + t * (8 * WL)  # the lane's first column this iteration
+    for it in tl.range(it0, it1, loop_unroll_factor=UNROLL):
+        col = it * BLOCK_K + t * (8 * WP)  # the lane's first column this iteration
         if PREFETCH:
             # This iteration's loads were made one earlier; the next one's are made here, before the decode (the
             # last iteration reloads its own columns instead of reading past the range).
@@ -449,32 +480,34 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             x0, x1, x2, x3 = xn0, xn1, xn2, xn3
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = wg2_next, wh2_next, sg2_next, sh2_next
-            col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WL)
+            col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WP)
             wg_next, wh_next, sg_next, sh_next = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
-                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-            xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL)
+                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
-                    blocks_per_row, words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                    blocks_per_row, words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
         else:
             words_g, words_h, scale_g, scale_h = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
-                words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-            x0, x1, x2, x3 = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL)
+                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            x0, x1, x2, x3 = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
-                    words_per_row, WL, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                    words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
         c0, c1, c2, c3 = _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
                                         levels_hi, c0, c1, c2, c3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
-                                        l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, dtype, NUM_WARPS,
+                                        l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS, dtype,
+                                        NUM_WARPS,
                                         PRMT_ROWS, BLOCK_SCALE, EMULATE)
         if TILES == 2:
             d0, d1, d2, d3 = _mma_iteration(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, levels_lo,
                                             levels_hi, d0, d1, d2, d3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
-                                            l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, dtype,
+                                            l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS,
+                                            dtype,
                                             NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
     part = partial_ptr + pid_k * M * N
     n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
