@@ -230,6 +230,13 @@ def test_block_scale_is_bitsandbytes_within_one_rounding_of_each_weight(tile, do
     assert not torch.equal(out, nf4_matmul(x, nf4_weight(param), config=TileConfig(8, 16, 64, 1, 1, 2, "mma")))
 
 
+def test_block_scale_over_more_than_two_blocks_an_iteration_is_refused_by_name() -> None:
+    param, _ = _quantized(16, 256, 32, False)
+    x = torch.randn(1, 256).bfloat16().to(DEVICE)
+    with pytest.raises(ValueError, match="not block_k 128 of blocksize 32"):
+        nf4_matmul(x, nf4_weight(param), config=TileConfig(8, 16, 128, 1, 1, 1, "mma", block_scale=True))
+
+
 def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> None:
     from medqa_core.engine.kernels import common
 

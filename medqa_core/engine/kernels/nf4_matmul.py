@@ -707,11 +707,12 @@ def _round_asm(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.version.hip is None and x.dtype == torch.bfloat16 and not interpreting()
 
 
-def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int) -> str | None:
+def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block_k: int,
+              block_scale: bool = False) -> str | None:
     """Why the ``mma`` mode cannot compute ``x @ W^T`` at ``block_k`` columns an iteration, or None where it can:
     it needs an NVIDIA GPU with bf16 MMAs (sm_80 on; or Triton's interpreter, which emulates them), a bf16 or fp16
     compute dtype, rows of whole quantization blocks read as int32 words, K a multiple of ``block_k``, and a lane's
-    ``block_k / 4`` columns inside one quantization block."""
+    ``block_k / 4`` columns inside one quantization block (``block_scale``: up to two blocks an iteration)."""
     if not interpreting() and not _has_mma(device):
         where = "ROCm" if torch.version.hip else device.type
         return f"it needs an NVIDIA GPU of compute capability 8.0 or later (mma.sync, shfl.sync), not {where}"
@@ -722,6 +723,9 @@ def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block
     if weight.in_features % block_k or weight.blocksize % (block_k // 4):
         return (f"K {weight.in_features} is not a multiple of block_k {block_k}, or blocksize {weight.blocksize} "
                 f"not of a lane's {block_k // 4} columns")
+    if block_scale and block_k > 2 * weight.blocksize:
+        return (f"block_scale scales one or two blocks an iteration, not block_k {block_k} of blocksize "
+                f"{weight.blocksize}")
     return None
 
 
@@ -737,7 +741,7 @@ def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.
     n, k = out_features or weight.out_features, weight.in_features
     cfg = config or tile_config(rows, n, k, device)
     if cfg.kernel_mode == "mma":
-        why_not = mma_unfit(device, dtype, weight, cfg.block_k)
+        why_not = mma_unfit(device, dtype, weight, cfg.block_k, cfg.block_scale)
         if why_not and config is not None:
             raise ValueError(f"nf4_matmul: mode 'mma' cannot run here: {why_not}")
         if why_not:

@@ -146,27 +146,25 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
     ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
-    quantization block, and their two scales. PARTS > 1 (block scale over several blocks an iteration): the words
-    are WL / PARTS from ``col`` in each of PARTS consecutive blocks, and the scales [lanes, PARTS]."""
+    quantization block, and their two scales. PARTS 2 (block scale over two blocks an iteration): the words are
+    WL / 2 from ``col`` in each of the two blocks, and a scale [lanes, 2] a row (``tl.join``: both in the lane)."""
     WP: tl.constexpr = WL // PARTS
     i = tl.arange(0, WL)
     offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
     # unsigned: the indices are never negative, and a signed division by a power of two costs a sign fix-up
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
-    if PARTS > 1:
-        block = block[:, None] + tl.arange(0, PARTS)[None, :]
-        base_g = row_g.to(tl.uint32)[:, None] * blocks_per_row
-        base_h = row_h.to(tl.uint32)[:, None] * blocks_per_row
-    else:
-        base_g = row_g.to(tl.uint32) * blocks_per_row
-        base_h = row_h.to(tl.uint32) * blocks_per_row
+    block_g = row_g.to(tl.uint32) * blocks_per_row + block
+    block_h = row_h.to(tl.uint32) * blocks_per_row + block
     words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)[:, None] + offs)
     words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)[:, None] + offs)
-    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, base_g + block, True, BLOCKSIZE2,
-                         DOUBLE_QUANT)
-    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, base_h + block, True, BLOCKSIZE2,
-                         DOUBLE_QUANT)
+    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g, True, BLOCKSIZE2, DOUBLE_QUANT)
+    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h, True, BLOCKSIZE2, DOUBLE_QUANT)
+    if PARTS == 2:
+        scale_g = tl.join(scale_g, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g + 1, True,
+                                              BLOCKSIZE2, DOUBLE_QUANT))
+        scale_h = tl.join(scale_h, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h + 1, True,
+                                              BLOCKSIZE2, DOUBLE_QUANT))
     return words_g, words_h, scale_g, scale_h
 
 
@@ -340,11 +338,14 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, le
     if BLOCK_SCALE:
         WP: tl.constexpr = WL // PARTS
         zero = tl.zeros_like(c0)
+        if PARTS == 2:
+            sg0, sg1 = tl.split(scale_g)
+            sh0, sh1 = tl.split(scale_h)
+        else:
+            sg0, sg1, sh0, sh1 = scale_g, scale_g, scale_h, scale_h
         for p in tl.static_range(PARTS):
-            if PARTS == 1:
-                sg, sh = scale_g, scale_h
-            else:
-                sg, sh = _pick(scale_g, p), _pick(scale_h, p)
+            sg = sg0 if p == 0 else sg1
+            sh = sh0 if p == 0 else sh1
             e0, e1, e2, e3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
                                        levels_hi, zero, zero, zero, zero, q0, q1, q2, q3, q4, q5, q6, q7, q0, q1, q2,
                                        q3, q4, q5, q6, q7, p * WP, WP, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE,
@@ -411,7 +412,7 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     # block scale over several blocks an iteration: a lane's words in each (the MMAs of a block sum one scale)
-    PARTS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_SCALE and BLOCK_K > BLOCKSIZE else 1
+    PARTS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_SCALE and BLOCK_K > BLOCKSIZE else 1  # 1 or 2 (mma_unfit)
     WP: tl.constexpr = WL // PARTS  # a lane's consecutive words
     lane, warp = _lanes(NUM_WARPS, EMULATE)
     g = lane // 4
