@@ -276,6 +276,9 @@ def test_a_tile_without_a_mode_runs_what_it_ran_before_modes() -> None:
     assert TileConfig(1, 8, 512, 2, 2).kernel_mode == "fma"
     assert TileConfig(16, 32, 256, 4, 2).kernel_mode == "dot"
     assert TileConfig(16, 32, 256, 4, 2).split_k == 1
+    # what a decode record names: the mode, and how its lanes decode where not the default
+    assert TileConfig(16, 32, 256, 4, 2).inner_loop == "dot"
+    assert TileConfig(8, 16, 128, 1, 1, 1, "mma", lookup="prmt", block_scale=True).inner_loop == "mma prmt block-scale"
 
 
 @pytest.mark.parametrize("config", [TileConfig(1, 16, 64, 1, 1), TileConfig(1, 32, 64, 1, 1),
