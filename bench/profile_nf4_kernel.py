@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,49 @@ def _segments(weight, sizes: tuple[int, ...]) -> list:
                                          out_features=n))
         row0 += n
     return parts
+
+
+def _compile_tile(job: tuple) -> str | None:
+    """Worker of :func:`compile_ahead` (a spawned process): tile ``config`` launched once at ``rows`` rows on a
+    fresh weight of ``sizes`` rows (siblings as segments) over ``k`` columns, as the sweep launches it, so Triton
+    compiles the same specialization into its on-disk cache. What went wrong, in one line, or None."""
+    config, rows, sizes, k, blocksize, device = job
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import quantize_4bit
+
+        from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+
+        w = torch.randn(sum(sizes), k, device=device).bfloat16() * 0.02
+        packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        weight = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
+        x = torch.randn(rows, k, device=device).bfloat16()
+        nf4_matmul(x, _segments(weight, sizes) if len(sizes) > 1 else weight, config=TileConfig(**config))
+        return None
+    except Exception as e:  # the sweep times the tile itself and reports what fails there
+        return f"{type(e).__name__}: {e}"[:200]
+
+
+def compile_ahead(tiles: list, rows: int, sizes: tuple[int, ...], k: int, blocksize: int, device: torch.device,
+                  workers: int, timeout_s: float = 300.0) -> list[str | None]:
+    """Each tile's kernel compiled by ``workers`` spawned processes at once into Triton's on-disk cache, so the
+    sweep's timing loop loads them instead of compiling one at a time: on a fresh machine the grid's compiles took
+    most of a 150 s sweep step (session 42: results/logs/h100-20261206-session42/). One line per tile, None
+    where it compiled; a pool that fails or outlasts ``timeout_s`` is reported and left (the sweep compiles what
+    is missing)."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [(dataclasses.asdict(t), rows, tuple(sizes), k, blocksize, str(device)) for t in tiles]
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(jobs))),
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return list(pool.map(_compile_tile, jobs, timeout=timeout_s))
+    except Exception as e:  # a broken or slow pool costs the sweep its head start, never the sweep
+        print(f"  compile ahead: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return [f"{type(e).__name__}"] * len(jobs)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _time_s(fns: list, rep: int = 60) -> float:
@@ -143,13 +187,14 @@ def _sweep_grid(rows: int) -> list:
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
             device: torch.device | None = None, layers: list[str] | None = None,
-            once: bool = False, modes: list[str] | None = None) -> tuple[dict, dict]:
+            once: bool = False, modes: list[str] | None = None, compile_workers: int = 1) -> tuple[dict, dict]:
     """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only, in
     that order);
     ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
     ``once``: each arm's first weight copy called once, untimed, nothing saved: the launches for an external
     profiler (Nsight Compute) to capture. ``modes``: sweep only the grid's tiles of these modes (the tile in use
-    competes whatever its mode)."""
+    competes whatever its mode). ``compile_workers`` > 1: each row count's grid compiled first by that many
+    processes at once (:func:`compile_ahead`)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -229,6 +274,12 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
                 tried = []  # every tile that ran right, with its time
                 grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
+                if device.type == "cuda" and compile_workers > 1:
+                    began = time.perf_counter()
+                    failed = sum(e is not None for e in compile_ahead(list(dict.fromkeys([chosen, *grid])), rows,
+                                                                      sizes, k, blocksize, device, compile_workers))
+                    print(f"  compiled ahead: {len(grid) + 1} tiles in {time.perf_counter() - began:.0f} s "
+                          f"({compile_workers} processes; {failed} left to the sweep)", flush=True)
                 for cfg in dict.fromkeys([chosen, *grid]):  # the tile in use competes too
                     try:
                         first = nf4_matmul(x, weights[0], config=cfg)
@@ -285,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated layer shapes, of {', '.join(MISTRAL_7B_LAYERS)} (default: all)")
     parser.add_argument("--modes",
                         help="with --sweep: comma-separated kernel modes whose tiles to sweep (default: all)")
+    parser.add_argument("--compile-workers", type=int, default=8,
+                        help="with --sweep: processes that compile the grid's tiles before it is timed (default: "
+                             "%(default)s; 1 compiles each as it is timed)")
     parser.add_argument("--once", action="store_true",
                         help="call each arm once, untimed, and write nothing: for Nsight Compute (ncu) to profile")
     args = parser.parse_args(argv)
@@ -318,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                          **result))
 
     profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once,
-            modes=modes)
+            modes=modes, compile_workers=args.compile_workers)
     if not args.once:
         print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0

@@ -70,3 +70,20 @@ def test_siblings_read_as_segments_are_the_weight_they_were_cut_from():
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
     tile = TileConfig(1, 16, 256, 1, 1, 2, "gemv")
     assert torch.equal(nf4_matmul(x, parts, config=tile), nf4_matmul(x, whole, config=tile))
+
+
+def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails():
+    # Spawned workers launch each tile once, so Triton's on-disk cache holds it before the sweep times it (on a GPU;
+    # here the interpreter runs it): a tile that cannot run is one line, left to the sweep, not a failed pool.
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_nf4_kernel import compile_ahead
+
+    from medqa_core.engine.kernels.nf4_matmul import TileConfig
+
+    tiles = [TileConfig(1, 16, 64, 1, 1, 1, "fma"), TileConfig(8, 16, 128, 1, 1, 1, "mma")]  # K 64 < block_k 128
+    # two siblings of 256 rows: each segment's 256 blocks a whole group of double-quantized scales, as on the 7B
+    done = compile_ahead(tiles, 1, (256, 256), 64, 64, torch.device("cpu"), workers=2)
+    assert done[0] is None
+    assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")
