@@ -62,3 +62,17 @@ def test_the_nsight_step_is_skipped_where_there_is_no_ncu(tmp_path):
     done = _run(tmp_path / "out", "ncu")
     assert done.returncode == 0, done.stdout + done.stderr  # skipped, not failed: ROCm machines have no ncu
     assert "== ncu: skipped (no ncu on PATH" in done.stdout
+
+
+def test_a_step_past_its_limit_is_interrupted_so_it_can_save_what_finished(tmp_path):
+    # STEP_TIMEOUT sends SIGINT (pytest's Ctrl-C: pytest-benchmark then saves its finished cases), is counted as a
+    # failed step (exit 124) and the next step still runs.
+    out = tmp_path / "out"
+    waits = (f"import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: (open({str(out / 'saved')!r}, 'w')"
+             ".write('saved'), sys.exit(130))); time.sleep(60)")
+    script = (f'OUT={out}; STEP_TIMEOUT=2; source tools/evidence_steps.sh; step slow {sys.executable} -c "{waits}"; '
+              'step next true; exit "$failed"')
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "== slow: exit 124" in done.stdout and "== next: exit 0" in done.stdout
+    assert (out / "saved").read_text() == "saved"
