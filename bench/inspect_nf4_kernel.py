@@ -190,6 +190,8 @@ def _tile_arg(text: str) -> tuple[int, TileConfig]:
         flags = fields.split(",")[7:]
         if set(flags) - set(FLAGS):
             raise ValueError(f"unknown flag(s) {sorted(set(flags) - set(FLAGS))}")
+        if {"split", "prmt"} <= set(flags):
+            raise ValueError("split and prmt are two lookups: name one")
         lookup = "split" if "split" in flags else "prmt" if "prmt" in flags else "shfl"
         return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
                                      shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags)

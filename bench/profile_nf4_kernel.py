@@ -106,12 +106,16 @@ def compile_ahead(tiles: list, rows: int, sizes: tuple[int, ...], k: int, blocks
     pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(jobs))),
                                                   mp_context=multiprocessing.get_context("spawn"))
     try:
-        return list(pool.map(_compile_tile, jobs, timeout=timeout_s))
+        done = list(pool.map(_compile_tile, jobs, timeout=timeout_s))
+        pool.shutdown()
+        return done
     except Exception as e:  # a broken or slow pool costs the sweep its head start, never the sweep
         print(f"  compile ahead: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        return [f"{type(e).__name__}"] * len(jobs)
-    finally:
+        # no worker left compiling and launching while the sweep times its tiles (the executor has no public way)
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
+        return [f"{type(e).__name__}"] * len(jobs)
 
 
 def _time_s(fns: list, rep: int = 60) -> float:

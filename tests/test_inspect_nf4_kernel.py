@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,15 @@ def test_byte_permute_lookups_take_the_shuffles_off_the_loop():
                                                                                                   "prmt"))
     assert split["shuffles"] * 2 == shfl["shuffles"] and prmt["shuffles"] == 0
     assert all(c["spill_bytes"] in (0, None) and c["mma_lanes_in_order"] is True for c in (split, prmt))
+
+
+@pytest.mark.parametrize(("text", "why"), [("1:8,16,128,1,1,8,mma,split,prmt", "split and prmt are two lookups"),
+                                           ("1:8,16,128,1,1,8,mma,fast", "unknown flag(s) ['fast']")])
+def test_a_tile_argument_that_names_no_one_tile_is_refused_with_why(text, why):
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from inspect_nf4_kernel import _tile_arg
+
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(why)):
+        _tile_arg(text)
