@@ -113,6 +113,7 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
                      PREFETCH=tile.prefetch, SHARED_TABLE=tile.shared_table,
                      SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
                      MMA=tile.kernel_mode == "mma", PRMT_ROWS=LOOKUPS.index(tile.lookup), BLOCK_SCALE=tile.block_scale,
+                     SCALES_AHEAD=tile.kernel_mode == "mma" and tile.scales_ahead,
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
     scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
@@ -178,7 +179,8 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
         mma_lanes_in_order=mma_lanes_in_order(ttgir))
 
 
-FLAGS = ("prefetch", "shared", "split", "prmt", "scaled")  # split/prmt: TileConfig.lookup; scaled: block_scale
+# split/prmt: TileConfig.lookup; scaled: block_scale; ahead: scales_ahead
+FLAGS = ("prefetch", "shared", "split", "prmt", "scaled", "ahead")
 
 
 def _tile_arg(text: str) -> tuple[int, TileConfig]:
@@ -194,7 +196,8 @@ def _tile_arg(text: str) -> tuple[int, TileConfig]:
             raise ValueError("split and prmt are two lookups: name one")
         lookup = "split" if "split" in flags else "prmt" if "prmt" in flags else "shfl"
         return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
-                                     shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags)
+                                     shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags,
+                                     scales_ahead="ahead" in flags)
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...] with FLAGs of {FLAGS} ({e})") from e
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}"
                     f"{' shared-table' if tile.shared_table else ''}"
                     f"{'' if tile.lookup == 'shfl' else ' ' + tile.lookup + '-lookup'}"
-                    f"{' block-scale' if tile.block_scale else ''}")
+                    f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}")
             try:
                 c = inspect(tile, args.target)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run

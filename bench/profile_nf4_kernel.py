@@ -138,10 +138,11 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 30 a row count).
+    """The tiles --sweep times at ``rows`` (at most 40 a row count).
 
-    v8-v12: at 1 and 8 rows, nineteen tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
-    two 16-row tiles a warp: five shapes with each ``lookup``, four with ``block_scale``.
+    v8-v13: at 1 and 8 rows, 28 tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
+    two 16-row tiles a warp: five shapes with the ``shfl`` and ``prmt`` lookups, four with ``block_scale``, each
+    with and without ``scales_ahead``.
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
@@ -164,11 +165,15 @@ def _sweep_grid(rows: int) -> list:
     # 20261206T2016Z: one warp at split 8-16, on gate/up four warps at split 4), each with the three lookups (shfl;
     # v11's split; v12's prmt), then v12's block scale with permutes (an iteration of one block, 64 columns, at twice
     # the split; or of two).
+    # v13: each with its scales loaded a group ahead too (scales_ahead), and v11's split lookup left out (v12's
+    # prmt takes all the shuffles off where split took half).
     shapes = ((1, 1, 8), (4, 1, 4), (1, 2, 16), (2, 2, 4), (4, 2, 8))
-    mma = [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup=lookup)
-           for lookup in ("shfl", "split", "prmt") for nw, tiles, sk in shapes]
-    mma += [TileConfig(8, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=True, lookup="prmt", block_scale=True)
-            for nw, tiles, bk, sk in ((1, 1, 64, 16), (4, 1, 64, 8), (2, 2, 64, 8), (1, 1, 128, 8))]
+    mma = [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup=lookup, scales_ahead=ahead)
+           for ahead in (False, True) for lookup in ("shfl", "prmt") for nw, tiles, sk in shapes]
+    mma += [TileConfig(8, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=True, lookup="prmt", block_scale=True,
+                       scales_ahead=ahead)
+            for ahead in (False, True) for nw, tiles, bk, sk in ((1, 1, 64, 16), (4, 1, 64, 8), (2, 2, 64, 8),
+                                                                  (1, 1, 128, 8))]
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
@@ -176,7 +181,7 @@ def _sweep_grid(rows: int) -> list:
         # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        return mma + words + gemv  # 27
+        return mma + words + gemv  # 36
     block_m = max(16, rows)
     mma = mma if rows <= 8 else []
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
@@ -185,7 +190,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 29-30 at 8 rows, 10-11 above
+    return mma + by_hand + pipelined  # 39 at 8 rows, 10-11 above
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,

@@ -168,9 +168,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
-                       PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, ROUND_ASM: tl.constexpr,
-                       NUM_WARPS: tl.constexpr,
-                       EMULATE: tl.constexpr):
+                       PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, SCALES_AHEAD: tl.constexpr,
+                       ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
     # SEGMENTS (1 to 3) weights of the same K side by side, one launch: their outputs are columns [0, N0),
     # [N0, N0 + N1), [N0 + N1, N0 + N1 + N2) of out (sibling layers that read the same x: q/k/v, gate/up). A tile
     # lies in one segment, whose pointers it takes; everything it writes (output, split-K partials and counters)
@@ -238,9 +237,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   tl.cdiv(n_seg, BLOCK_N), m_tiles, n_tiles * m_tiles, M, n_seg, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK * LORA_SPLIT, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
-                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, PRMT_ROWS, BLOCK_SCALE, ROUND_ASM,
-                  NUM_WARPS,
-                  EMULATE)
+                  SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD,
+                  ROUND_ASM, NUM_WARPS, EMULATE)
 
 
 @triton.jit
@@ -252,7 +250,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr,
               SHARED_TABLE: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
-              MMA: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, ROUND_ASM: tl.constexpr,
+              MMA: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, SCALES_AHEAD: tl.constexpr,
+              ROUND_ASM: tl.constexpr,
               NUM_WARPS: tl.constexpr,
               EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction).
@@ -267,14 +266,21 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    it0 = pid_k * iterations // SPLIT_K
-    it1 = (pid_k + 1) * iterations // SPLIT_K
+    if SCALES_AHEAD:  # ranges of whole groups of 4 quantization blocks (nf4_mma._group_scales)
+        IPG: tl.constexpr = 4 * BLOCKSIZE // BLOCK_K
+        groups = tl.cdiv(iterations, IPG)
+        it0 = pid_k * groups // SPLIT_K * IPG
+        it1 = tl.minimum((pid_k + 1) * groups // SPLIT_K * IPG, iterations)
+    else:
+        it0 = pid_k * iterations // SPLIT_K
+        it1 = (pid_k + 1) * iterations // SPLIT_K
     if MMA:
         # Written to partial[pid_k]; read back as a [BLOCK_M, BLOCK_N] tile below (a lane's results are not where
         # Triton's tile layout has them).
         _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m,
                  pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS),
-                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, EMULATE)
+                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD,
+                 EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -508,7 +514,10 @@ class TileConfig:
     rounded to the dtype and each block's sums are scaled after them, not each weight before: no multiply or
     rounding a weight, and with ``lookup`` ``"prmt"`` one table for the whole launch. Not bitwise bitsandbytes'
     dequantization then (a weight rounds ``level`` where bitsandbytes rounds ``level * absmax``), within the
-    tolerance tests/test_nf4_kernel.py states.
+    tolerance tests/test_nf4_kernel.py states. ``scales_ahead`` (mode ``mma``, v13): the four lanes of a row load
+    the scales of four blocks once, one each, and each iteration takes its block's by one ``shfl``, instead of
+    every lane loading its block's scale every iteration (K split in whole groups of four blocks); bitwise the
+    same results.
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -525,13 +534,15 @@ class TileConfig:
     shared_table: bool = False
     lookup: str = "shfl"
     block_scale: bool = False
+    scales_ahead: bool = False
 
     @property
     def inner_loop(self) -> str:
         """The mode with how its lanes decode where that is not the default: ``"mma"``, ``"mma prmt"``,
-        ``"mma prmt block-scale"``: what a decode record names."""
+        ``"mma prmt block-scale scales-ahead"``: what a decode record names."""
         return " ".join([self.kernel_mode] + ([self.lookup] if self.lookup != "shfl" else [])
-                        + (["block-scale"] if self.block_scale else []))
+                        + (["block-scale"] if self.block_scale else [])
+                        + (["scales-ahead"] if self.scales_ahead else []))
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -543,9 +554,9 @@ class TileConfig:
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
         if self.lookup not in LOOKUPS:
             raise ValueError(f"TileConfig.lookup={self.lookup!r}: choose one of {LOOKUPS}")
-        if (self.lookup != "shfl" or self.block_scale) and self.kernel_mode != "mma":
-            raise ValueError(f"TileConfig: lookup {self.lookup!r} and block_scale are the mma mode's (how its lanes "
-                             f"decode a code), not mode {self.kernel_mode!r}'s")
+        if (self.lookup != "shfl" or self.block_scale or self.scales_ahead) and self.kernel_mode != "mma":
+            raise ValueError(f"TileConfig: lookup {self.lookup!r}, block_scale and scales_ahead are the mma mode's "
+                             f"(how its lanes decode a code), not mode {self.kernel_mode!r}'s")
         if self.kernel_mode == "mma":
             if (self.block_m != 8 or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
                     or not 32 <= self.block_k <= 128):  # a lane loads up to 4 x words an iteration
@@ -827,7 +838,9 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     else:
         block_k = max(32 if dot else 2, cfg.block_k)  # the dot's halves need K >= 16
         iterations = triton.cdiv(k, block_k)
-    split = max(1, min(cfg.split_k, iterations))
+    # scales_ahead splits K in whole groups of 4 blocks: no more splits than groups
+    groups = triton.cdiv(iterations, 4 * first.blocksize // block_k) if mma and cfg.scales_ahead else iterations
+    split = max(1, min(cfg.split_k, groups))
     rank = 0 if lora_a is None else int(lora_a.shape[0]) // segments  # each sibling's
     # t: LoRA's down-projection, [lora_split, rows, segments * rank] partials over K's chunks, written by the
     # launch's first segments * rank * lora_split programs, summed in chunk order by its epilogues
@@ -861,6 +874,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", MMA=mma, PRMT_ROWS=LOOKUPS.index(cfg.lookup), BLOCK_SCALE=cfg.block_scale,
+        SCALES_AHEAD=mma and cfg.scales_ahead,
         ROUND_ASM=_round_asm(x),
         NUM_WARPS=cfg.num_warps,
         EMULATE=interpreting(),

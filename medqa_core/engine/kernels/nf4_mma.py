@@ -143,11 +143,12 @@ def _pick(t, i: tl.constexpr):
 @triton.jit
 def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
                words_per_row, WL: tl.constexpr, PARTS: tl.constexpr, BLOCKSIZE: tl.constexpr,
-               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SCALES: tl.constexpr = True):
     """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
     ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
     quantization block, and their two scales. PARTS 2 (block scale over two blocks an iteration): the words are
-    WL / 2 from ``col`` in each of the two blocks, and a scale [lanes, 2] a row (``tl.join``: both in the lane)."""
+    WL / 2 from ``col`` in each of the two blocks, and a scale [lanes, 2] a row (``tl.join``: both in the lane).
+    SCALES False (v13, the scales a group ahead: :func:`_group_scales`): zeros in their place, no load."""
     WP: tl.constexpr = WL // PARTS
     i = tl.arange(0, WL)
     offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
@@ -158,14 +159,64 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
     block_h = row_h.to(tl.uint32) * blocks_per_row + block
     words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)[:, None] + offs)
     words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)[:, None] + offs)
-    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g, True, BLOCKSIZE2, DOUBLE_QUANT)
-    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h, True, BLOCKSIZE2, DOUBLE_QUANT)
-    if PARTS == 2:
-        scale_g = tl.join(scale_g, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g + 1, True,
-                                              BLOCKSIZE2, DOUBLE_QUANT))
-        scale_h = tl.join(scale_h, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h + 1, True,
-                                              BLOCKSIZE2, DOUBLE_QUANT))
+    if SCALES:
+        scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g, True, BLOCKSIZE2,
+                             DOUBLE_QUANT)
+        scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h, True, BLOCKSIZE2,
+                             DOUBLE_QUANT)
+        if PARTS == 2:
+            scale_g = tl.join(scale_g, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g + 1, True,
+                                                  BLOCKSIZE2, DOUBLE_QUANT))
+            scale_h = tl.join(scale_h, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h + 1, True,
+                                                  BLOCKSIZE2, DOUBLE_QUANT))
+    else:
+        scale_g = tl.zeros((row_g.shape[0],), dtype=tl.float32)
+        if PARTS == 2:
+            scale_g = tl.join(scale_g, scale_g)
+        scale_h = scale_g
     return words_g, words_h, scale_g, scale_h
+
+
+@triton.jit
+def _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, group, t, blocks_per_row,
+                  BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """v13: the scales of a group of 4 quantization blocks of rows ``row_g`` and ``row_h`` (4 * BLOCKSIZE
+    columns), lane t holding block ``4 * group + t`` of each (the row's last where that is past it). The four lanes
+    of a row load one block each, once a group, where v12 loaded the same scale in all four, every iteration:
+    :func:`_lane_scale` hands each iteration its block's."""
+    block = tl.minimum(group * 4 + t, blocks_per_row - 1).to(tl.uint32)
+    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g.to(tl.uint32) * blocks_per_row + block,
+                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h.to(tl.uint32) * blocks_per_row + block,
+                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    return scale_g, scale_h
+
+
+@triton.jit
+def _lane_scale(scales, source, warp, EMULATE: tl.constexpr):
+    """The scale lane ``source`` of the same warp holds in ``scales`` (:func:`_group_scales`): one ``shfl``."""
+    if EMULATE:
+        return tl.gather(scales, warp * 32 + source, 0)
+    else:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                         [scales.to(tl.int32, bitcast=True), source], dtype=tl.int32, is_pure=True,
+                                         pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _iteration_scales(ahead_g, ahead_h, it, t, lane, warp, WL: tl.constexpr, PARTS: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, EMULATE: tl.constexpr):
+    """The scales :func:`_mma_loads` gives for iteration ``it``, from its group's (:func:`_group_scales`): the
+    lane's block of the group (of each part) is held by lane ``(lane & ~3) | block``."""
+    IPG: tl.constexpr = 4 * BLOCKSIZE // BLOCK_K  # iterations a group
+    WP: tl.constexpr = WL // PARTS
+    block = ((it % IPG) * BLOCK_K + t * (8 * WP)) // BLOCKSIZE
+    scale_g = _lane_scale(ahead_g, (lane & ~3) | block, warp, EMULATE)
+    scale_h = _lane_scale(ahead_h, (lane & ~3) | block, warp, EMULATE)
+    if PARTS == 2:
+        scale_g = tl.join(scale_g, _lane_scale(ahead_g, (lane & ~3) | (block + 1), warp, EMULATE))
+        scale_h = tl.join(scale_h, _lane_scale(ahead_h, (lane & ~3) | (block + 1), warp, EMULATE))
+    return scale_g, scale_h
 
 
 @triton.jit
@@ -384,7 +435,7 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
              M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
-             EMULATE: tl.constexpr):
+             SCALES_AHEAD: tl.constexpr, EMULATE: tl.constexpr):
     """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
     BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
 
@@ -409,11 +460,20 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     block's sums scaled by the rows' block scales, which drops a multiply and half a ``cvt`` a weight and, with
     permutes, builds the planes once (an iteration of several blocks, PARTS: a lane's words are WP in each, so
     that an MMA's 16 columns lie in one block).
+
+    v13 (SCALES_AHEAD): an iteration loaded each row's scale in all four lanes of the row, three dependent loads
+    (absmax code, code2, absmax2) of 8 rows' lines each, where the words are two: most of the L1 wavefronts
+    once the lookups left the load/store pipe. Now the four lanes of a row load the scales of 4 consecutive blocks
+    (a group) once, one each (:func:`_group_scales`; with PREFETCH the next group's), and an iteration takes its
+    block's scale by one ``shfl`` a row (:func:`_iteration_scales`); the launch splits K in whole groups. The same
+    float32 scales: bitwise v12's results.
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     # block scale over several blocks an iteration: a lane's words in each (the MMAs of a block sum one scale)
     PARTS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_SCALE and BLOCK_K > BLOCKSIZE else 1  # 1 or 2 (mma_unfit)
     WP: tl.constexpr = WL // PARTS  # a lane's consecutive words
+    IPG: tl.constexpr = 4 * BLOCKSIZE // BLOCK_K  # SCALES_AHEAD: iterations a group of 4 blocks
+    SCALES_EACH: tl.constexpr = not SCALES_AHEAD  # the scales loaded with the words, every iteration (v8-v12)
     lane, warp = _lanes(NUM_WARPS, EMULATE)
     g = lane // 4
     t = lane % 4
@@ -460,17 +520,25 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         d1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
         d2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
         d3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    if SCALES_AHEAD:  # it0 starts a group (the launch splits K in whole groups)
+        ahead_g, ahead_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, it0 // IPG, t,
+                                         blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+        next_g, next_h = ahead_g, ahead_h
+        if TILES == 2:
+            ahead_g2, ahead_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2,
+                                               it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+            next_g2, next_h2 = ahead_g2, ahead_h2
     if PREFETCH:  # the first iteration's loads
         col0 = it0 * BLOCK_K + t * (8 * WP)
         wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                                         row_g, row_h, col0, blocks_per_row, words_per_row, WL,
-                                                        PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                                                        PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
         xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
         if TILES == 2:
             wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                                                 offset_ptr, row_g2, row_h2, col0, blocks_per_row,
                                                                 words_per_row, WL, PARTS, BLOCKSIZE,
-                                                                BLOCKSIZE2, DOUBLE_QUANT)
+                                                                BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
     # unrolled twice: the prefetched registers of one iteration are the next one's without a copy between them
     for it in tl.range(it0, it1, loop_unroll_factor=UNROLL):
         col = it * BLOCK_K + t * (8 * WP)  # the lane's first column this iteration
@@ -484,21 +552,45 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WP)
             wg_next, wh_next, sg_next, sh_next = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
-                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
             xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
-                    blocks_per_row, words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                    blocks_per_row, words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
         else:
             words_g, words_h, scale_g, scale_h = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
-                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
             x0, x1, x2, x3 = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
-                    words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+                    words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+        if SCALES_AHEAD:
+            if it % IPG == 0:  # a group's first iteration: its scales (loaded a group earlier with PREFETCH)
+                if PREFETCH:
+                    ahead_g, ahead_h = next_g, next_h
+                    next_group = tl.minimum(it // IPG + 1, (it1 - 1) // IPG)
+                    next_g, next_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h,
+                                                   next_group, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+                    if TILES == 2:
+                        ahead_g2, ahead_h2 = next_g2, next_h2
+                        next_g2, next_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2,
+                                                         row_h2, next_group, t, blocks_per_row, BLOCKSIZE2,
+                                                         DOUBLE_QUANT)
+                else:
+                    ahead_g, ahead_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h,
+                                                     it // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+                    if TILES == 2:
+                        ahead_g2, ahead_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2,
+                                                           row_h2, it // IPG, t, blocks_per_row, BLOCKSIZE2,
+                                                           DOUBLE_QUANT)
+            scale_g, scale_h = _iteration_scales(ahead_g, ahead_h, it, t, lane, warp, WL, PARTS, BLOCK_K, BLOCKSIZE,
+                                                 EMULATE)
+            if TILES == 2:
+                scale_g2, scale_h2 = _iteration_scales(ahead_g2, ahead_h2, it, t, lane, warp, WL, PARTS, BLOCK_K,
+                                                       BLOCKSIZE, EMULATE)
         c0, c1, c2, c3 = _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
                                         levels_hi, c0, c1, c2, c3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
                                         l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS, dtype,
