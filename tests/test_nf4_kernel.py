@@ -283,6 +283,7 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     (dict(block_m=8, block_n=64, block_k=256, mode="mma"), "over block_k 32 to 128 columns, got 8 x 64 x 256"),
     (dict(mode="dot", lookup="prmt"), "are the mma mode's"),
     (dict(mode="fma", block_scale=True), "are the mma mode's"),
+    (dict(mode="gemv", block_m=1, scales_ahead=True), "are the mma mode's"),
     (dict(block_m=8, block_n=16, num_warps=1, mode="mma", lookup="lut"), "lookup='lut': choose one of")])
 def test_a_tile_that_cannot_run_is_refused(fields, match) -> None:
     base = dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
@@ -298,6 +299,7 @@ def test_a_tile_without_a_mode_runs_what_it_ran_before_modes() -> None:
     # what a decode record names: the mode, and how its lanes decode where not the default
     assert TileConfig(16, 32, 256, 4, 2).inner_loop == "dot"
     assert TileConfig(8, 16, 128, 1, 1, 1, "mma", lookup="prmt", block_scale=True).inner_loop == "mma prmt block-scale"
+    assert TileConfig(8, 16, 128, 1, 1, 1, "mma", scales_ahead=True).inner_loop == "mma scales-ahead"
 
 
 @pytest.mark.parametrize("config", [TileConfig(1, 16, 64, 1, 1), TileConfig(1, 32, 64, 1, 1),

@@ -35,6 +35,13 @@ def _lanes(NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _shfl(value, source):
+    """``shfl.sync.idx``: int32 ``value`` of lane ``source`` of the warp (the low 5 bits of ``source``)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [value, source],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _mma_code(table, index, EMULATE: tl.constexpr):
     """The NF4 level of 4-bit code ``index & 15`` (float32). On the GPU one ``shfl.sync`` from the lane that holds
     it: lane L holds level L & 15 (``table``, a register a lane), and shfl reads only the low 5 bits of its lane
@@ -42,8 +49,7 @@ def _mma_code(table, index, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.gather(table, index & 15, 0)
     else:
-        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [table, index],
-                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+        return _shfl(table, index).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -198,9 +204,7 @@ def _lane_scale(scales, source, warp, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.gather(scales, warp * 32 + source, 0)
     else:
-        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
-                                         [scales.to(tl.int32, bitcast=True), source], dtype=tl.int32, is_pure=True,
-                                         pack=1).to(tl.float32, bitcast=True)
+        return _shfl(scales.to(tl.int32, bitcast=True), source).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -264,11 +268,7 @@ def _mma_levels(word, shift: tl.constexpr, levels_lo, levels_hi, EMULATE: tl.con
     if EMULATE:
         return tl.gather(levels_lo, (word >> (shift + 4)) & 15, 0) | tl.gather(levels_hi, (word >> shift) & 15, 0)
     else:
-        lo = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
-                                       [levels_lo, word >> (shift + 4)], dtype=tl.int32, is_pure=True, pack=1)
-        hi = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
-                                       [levels_hi, word >> shift], dtype=tl.int32, is_pure=True, pack=1)
-        return lo | hi
+        return _shfl(levels_lo, word >> (shift + 4)) | _shfl(levels_hi, word >> shift)
 
 
 @triton.jit
