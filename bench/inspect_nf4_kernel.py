@@ -158,11 +158,23 @@ def _sass_loop_instructions(cubin: bytes) -> int | None:
     return sum(1 for line in lines[start:end + 1] if re.match(r"^\s+/\*[0-9a-f]+\*/", line))
 
 
+def _first_loop(ttgir: str) -> str:
+    """The body of the first ``scf.for`` in ``ttgir``: its lines up to the brace that closes it at its own indent
+    (an ``scf.if`` inside yields before the loop's end; v13's group scales)."""
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if "scf.for" in line:
+            indent = len(line) - len(line.lstrip())
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("}")
+                        and len(lines[j]) - len(lines[j].lstrip()) == indent), len(lines))
+            return "\n".join(lines[i:end])
+    return ""
+
+
 def inspect(tile: TileConfig, target: str) -> KernelCounts:
     compiled = compile_tile(tile, target)
     ttgir = compiled.asm["ttgir"]
-    start = ttgir.find("scf.for")
-    loop = ttgir[start:ttgir.find("scf.yield", start)] if start >= 0 else ""
+    loop = _first_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
     registers, spills = _ptxas(ptx) if ptx else (None, None)
     sass_loop = _sass_loop_instructions(compiled.asm["cubin"]) if "cubin" in compiled.asm else None

@@ -109,3 +109,17 @@ def test_a_tile_argument_that_names_no_one_tile_is_refused_with_why(text, why):
 
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(why)):
         _tile_arg(text)
+
+
+def test_the_loop_counted_runs_to_its_own_end_past_a_branch_inside_it():
+    # v13 reloads its group scales under an scf.if inside the K loop: the if's yield is not the loop's end.
+    sys.path.insert(0, str(ROOT / "bench"))
+    from inspect_nf4_kernel import _first_loop
+
+    ttgir = "\n".join(["  %a = ttg.convert_layout %x", "  scf.for %i = %c0 to %n {",
+                       "    %b = scf.if %p -> (tensor) {", "      scf.yield %y", "    } else {", "      scf.yield %z",
+                       "    }", "    %c = ttg.convert_layout %b", "    scf.yield %c", "  }",
+                       "  %d = ttg.convert_layout %c"])
+    loop = _first_loop(ttgir)
+    assert loop.count("ttg.convert_layout") == 1 and loop.rstrip().endswith("scf.yield %c")
+    assert _first_loop("no loop here") == ""
