@@ -211,11 +211,11 @@ def test_byte_permute_lookups_decode_every_weight_to_the_same_bits(tile, double_
 
 @pytest.mark.parametrize(("tile", "n", "k", "blocksize", "double_quant", "rows"), [
     # 128 columns an iteration (a group of 4 blocks is 2 iterations), split K: 3 groups in 2 ranges
-    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True), 48, 768, 64, True, 3),
+    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True), 24, 768, 64, True, 3),
     # two tiles a warp, permutes, no prefetch: 5 blocks a row, so the second group is 1 block and 3 clamped
-    (TileConfig(8, 64, 64, 2, 1, 1, "mma", lookup="prmt"), 48, 320, 64, False, 2),
+    (TileConfig(8, 64, 64, 2, 1, 1, "mma", lookup="prmt"), 40, 320, 64, False, 2),
     # block scale over two blocks an iteration: two scales a row an iteration, each from its own lane
-    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True, lookup="prmt", block_scale=True), 40, 768, 64, True, 1),
+    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True, lookup="prmt", block_scale=True), 16, 512, 64, True, 1),
     # blocksize 128 at 64 columns an iteration: 8 iterations a group, the row shorter than one
     (TileConfig(8, 32, 64, 1, 1, 1, "mma", prefetch=True), 24, 384, 128, True, 5)],
     ids=["k128-split-dq", "two-tiles-prmt-partial-group", "block-scale-two-blocks", "blocksize128"])
