@@ -301,6 +301,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                         seconds = _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg) for w in weights],
                                           rep=25)
                         tried.append(dict(config=dataclasses.asdict(cfg), time_s=seconds))
+                        # each tile's time in the log too: a sweep cut inside a shape saves no file for it
+                        print(f"  tile {seconds * 1e6:8.1f} us  {cfg}", flush=True)
                     except Exception as e:  # a tile this device cannot hold (shared memory), or a wrong one
                         print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         rejected.append(dict(config=dataclasses.asdict(cfg), error=f"{type(e).__name__}: {e}"[:500]))
