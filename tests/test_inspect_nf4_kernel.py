@@ -123,3 +123,17 @@ def test_the_loop_counted_runs_to_its_own_end_past_a_branch_inside_it():
     loop = _first_loop(ttgir)
     assert loop.count("ttg.convert_layout") == 1 and loop.rstrip().endswith("scf.yield %c")
     assert _first_loop("no loop here") == ""
+
+
+def test_the_group_scales_are_carried_through_the_loop_as_four_values():
+    # v13 with prefetch carries this group's scales of rows g and g + 8 and the next group's through the K loop.
+    # Bound to one tensor before the loop, Triton's compiler carried them as two values (the interpreter, as four):
+    # every group but a program's first took the next group's scales, wrong on the H100 (session 43).
+    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
+            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
+            "c = compile_tile(TileConfig(8, 16, 128, 1, 1, 8, 'mma', prefetch=True, scales_ahead=True), 'sm_90a'); "
+            "print(next(line for line in c.asm['ttir'].splitlines() if 'scf.for' in line))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    loop = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=True).stdout
+    assert loop.count("tensor<32xf32>") == 8  # its result types: 4 accumulators and 4 group scales (was 6)

@@ -520,14 +520,17 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         d1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
         d2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
         d3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-    if SCALES_AHEAD:  # it0 starts a group (the launch splits K in whole groups)
-        ahead_g, ahead_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, it0 // IPG, t,
-                                         blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
-        next_g, next_h = ahead_g, ahead_h
+    if SCALES_AHEAD:  # it0 starts a group (the launch splits K in whole groups), whose first iteration loads
+        # ``ahead`` (or, with PREFETCH, takes ``next``, loaded here). Each name starts as a tensor of its own: names
+        # bound to one tensor before a loop were carried through it as one value (Triton 3.6, compiled; the
+        # interpreter keeps them apart), which gave every group the next group's scales on the H100 (session 43).
+        ahead_g, ahead_h = tl.zeros_like(c0), tl.zeros_like(c1)
+        next_g, next_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, it0 // IPG, t,
+                                       blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
         if TILES == 2:
-            ahead_g2, ahead_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2,
-                                               it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
-            next_g2, next_h2 = ahead_g2, ahead_h2
+            ahead_g2, ahead_h2 = tl.zeros_like(c2), tl.zeros_like(c3)
+            next_g2, next_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2,
+                                             it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
     if PREFETCH:  # the first iteration's loads
         col0 = it0 * BLOCK_K + t * (8 * WP)
         wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
