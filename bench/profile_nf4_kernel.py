@@ -138,11 +138,11 @@ SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key t
 
 
 def _sweep_grid(rows: int) -> list:
-    """The tiles --sweep times at ``rows`` (at most 40 a row count).
+    """The tiles --sweep times at ``rows`` (at most 30 a row count).
 
-    v8-v13: at 1 and 8 rows, 28 tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
-    two 16-row tiles a warp: five shapes with the ``shfl`` and ``prmt`` lookups, four with ``block_scale``, each
-    with and without ``scales_ahead``.
+    v8-v13: at 1 and 8 rows, 17 tiles of the MMA GEMV (mode mma), which runs on NVIDIA GPUs only, of one and
+    two 16-row tiles a warp: five shapes with and without ``scales_ahead``, with ``block_scale`` a group ahead,
+    and two with the ``prmt`` lookup a group ahead.
 
     v6: every tile takes the code table from shared memory (v5's winners did, on every shape at 1 and 8 rows).
     With the table a ``tl.gather``, Triton's software pipeliner no longer routes the lookups through shared memory,
@@ -161,19 +161,20 @@ def _sweep_grid(rows: int) -> list:
 
     # v8's MMA GEMV (NVIDIA; 1 to 8 rows of x at one cost): warps, 16-row tiles of W a warp (v9: two share each x
     # word), columns an iteration, split; v9 prefetches x with the words. Elsewhere nf4_matmul refuses them and the
-    # sweep lists them as rejected. v12: the v9/v10 winners' shapes only (v8's sweeps, 20261206T1540Z, and v10's,
-    # 20261206T2016Z: one warp at split 8-16, on gate/up four warps at split 4), each with the three lookups (shfl;
-    # v11's split; v12's prmt), then v12's block scale with permutes (an iteration of one block, 64 columns, at twice
-    # the split; or of two).
-    # v13: each with its scales loaded a group ahead too (scales_ahead), and v11's split lookup left out (v12's
-    # prmt takes all the shuffles off where split took half).
+    # sweep lists them as rejected. The v9/v10 winners' shapes (v8's sweeps, 20261206T1540Z, and v10's,
+    # 20261206T2016Z: one warp at split 8-16, on gate/up two or four warps at split 4).
+    # v13, after session 43's H100 sweep (20261207T0225Z): the shfl lookup won every shape at 1 and 8 rows, v12's
+    # prmt lookup and block scale with permutes lost by 10-40% on the same shapes; scales loaded a group ahead were
+    # 5-11% faster where they ran right (a program of one group; the rest were wrong, fixed since). So: each shape
+    # with and without scales_ahead, block scale with the shfl lookup (not yet timed) a group ahead, and prmt a
+    # group ahead on the two shapes it came nearest.
     shapes = ((1, 1, 8), (4, 1, 4), (1, 2, 16), (2, 2, 4), (4, 2, 8))
-    mma = [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup=lookup, scales_ahead=ahead)
-           for ahead in (False, True) for lookup in ("shfl", "prmt") for nw, tiles, sk in shapes]
-    mma += [TileConfig(8, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=True, lookup="prmt", block_scale=True,
-                       scales_ahead=ahead)
-            for ahead in (False, True) for nw, tiles, bk, sk in ((1, 1, 64, 16), (4, 1, 64, 8), (2, 2, 64, 8),
-                                                                  (1, 1, 128, 8))]
+    mma = [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, scales_ahead=ahead)
+           for ahead in (False, True) for nw, tiles, sk in shapes]
+    mma += [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, block_scale=True, scales_ahead=True)
+            for nw, tiles, sk in shapes]
+    mma += [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup="prmt", scales_ahead=True)
+            for nw, tiles, sk in ((4, 1, 4), (2, 2, 4))]
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
@@ -181,7 +182,7 @@ def _sweep_grid(rows: int) -> list:
         # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        return mma + words + gemv  # 36
+        return mma + words + gemv  # 25
     block_m = max(16, rows)
     mma = mma if rows <= 8 else []
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
@@ -190,7 +191,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 39 at 8 rows, 10-11 above
+    return mma + by_hand + pipelined  # 28 at 8 rows, 10-11 above
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
