@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,18 @@ QUESTION = {
     "meta_info": "step2&3",
     "answer_idx": "B",
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (README: `pytest -n 2`) the workers run at once, each with the jobs its tests start: each
+    gets its share of the cores for torch's threads and Inductor's compile workers, not all of them, unless the
+    environment says otherwise. Set in the controller before it starts the workers, so torch in each worker and in
+    each job reads it from its start."""
+    workers = len(config.getoption("tx", None) or []) if config.getoption("dist", "no") != "no" else 0
+    if workers > 1:  # in the controller only: a worker's dist is "no"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+            os.environ.setdefault(name, str(max(1, cores // workers)))
 
 
 def save_tiny_mistral(folder: Path, **overrides: int) -> Path:
@@ -66,6 +79,13 @@ def tiny_session(tiny_config: RunConfig):
     from medqa_core.engine.session import load_session
 
     return load_session(tiny_config)
+
+
+def without_xdist(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less pytest-xdist's ``PYTEST_XDIST_*`` variables, for a pytest a test starts (``pytest bench/``): under
+    ``pytest -n`` a child inherits them, and pytest-benchmark, seeing ``PYTEST_XDIST_WORKER``, takes itself for an
+    xdist worker and disables itself (its cases run unmeasured, no file is saved)."""
+    return {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST_")}
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

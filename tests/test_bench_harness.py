@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import without_xdist
 
 from medqa_core.engine.config import MEMORY_CAP_GIB
 
@@ -41,7 +42,7 @@ def bench_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("bench")
     attn = "sdpa" if torch.cuda.is_available() else f"sdpa,{MISSING_KERNEL}"
     paths = [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]  # tests/ holds the oom_injection plugin
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env = {**without_xdist(os.environ), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     cmd = [
         sys.executable, "-m", "pytest", str(BENCH), "--model", str(tiny_model_dir), *TINY, "--attn", attn,
         "-p", "no:cacheprovider", "-rs",

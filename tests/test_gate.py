@@ -607,6 +607,13 @@ def test_another_compute_dtype_is_not_compared_for_speed_and_named(tmp_path, cap
 # ---- CI gates what it says (issue 21, item 6) --------------------------------------------------------
 
 
+def test_ci_run_runs_readmes_test_command_exactly():
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("# 2. ", 1)[1].splitlines()[1]
+    assert command.startswith('pip install -e ".[test]" && pytest')
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
 def test_the_workflow_runs_ci_run_and_carries_no_thresholds_of_its_own():
     workflow = (ROOT / ".github" / "workflows" / "parity.yml").read_text()
     assert "run: .ci/run" in workflow and "--threshold" not in workflow

@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import without_xdist
 
 from medqa_core.arms.peers import (
     UNSLOTH_NOT_IN_EXTRA,
@@ -285,8 +286,8 @@ def peer_bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     and the ``fake_liger`` plugin runs the liger case through the reference under a no-op patch."""
     out = tmp_path_factory.mktemp("peer-bench")
     paths = [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "CUDA_VISIBLE_DEVICES": "",
-           "HIP_VISIBLE_DEVICES": ""}
+    env = {**without_xdist(os.environ), "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+           "CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench"), *TINY, "-p", "no:cacheprovider", "-rs",
            "-p", "fake_liger", "-k", "peer or test_train_reference or test_train_ours or test_train_profile",
            f"--benchmark-storage=file://{out / 'storage'}", "--benchmark-save=peers"]
