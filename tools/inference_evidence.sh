@@ -18,7 +18,7 @@
 # steps' attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of
 # the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep
 # tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
-# those modes' tiles; default all), TESTS_K (the tests step's -k expression; default all), STEP_TIMEOUT (seconds a
+# those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8), TESTS_K (the tests step's -k expression; default all), STEP_TIMEOUT (seconds a
 # step may take, default none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and
 # the next one runs; the exit code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
 # results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
@@ -43,7 +43,7 @@ for s in $STEPS; do
     tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ${SWEEP_LAYERS:+--layers "$SWEEP_LAYERS"} \
-        ${SWEEP_MODES:+--modes "$SWEEP_MODES"} ;;
+        ${SWEEP_MODES:+--modes "$SWEEP_MODES"} ${SWEEP_WORKERS:+--compile-workers "$SWEEP_WORKERS"} ;;
     ncu)
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
         step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
