@@ -684,9 +684,11 @@ def inference_brief(results: Path) -> str:
 
 def decode_step_table(results: Path) -> str:
     """Where one decode step's time goes, from bench files whose compiled decode cases profiled a few steps
-    (bench_infer.py, after the timed rounds): per file, 4-bit kernel and batch, the step's wall time, its kernels'
-    time, the gaps between them (wall minus kernels: launches inside the graph, idle time), and per kernel category
-    the time and kernels per step."""
+    (bench_infer.py, after the timed rounds): per file, 4-bit kernel and batch, the step's wall time under the
+    profiler, the step of the timed rounds (batch / decode tokens/s), its kernels' time, the gaps between them
+    (each wall minus kernels: launches inside the graph, idle time), and per kernel category the time and kernels
+    per step. The profiler's own cost falls in its gaps (CUPTI records every kernel of the replayed graph); the
+    kernels' durations are the GPU's, so the timed step minus them is the nearer figure for the real gaps."""
     found = []
     for path in result_files(results, "bench/*/*.json"):
         bench = _bench(path)
@@ -701,17 +703,22 @@ def decode_step_table(results: Path) -> str:
         for category, ms in step["categories"].items():
             totals[category] = totals.get(category, 0.0) + ms
     categories = sorted(totals, key=lambda c: -totals[c])
-    rows = ["| file | device | 4-bit kernel | batch | step (wall) | kernels | gaps | kernels a step | "
-            + " | ".join(categories) + " |", "|---" * (8 + len(categories)) + "|"]
+    rows = ["| file | device | 4-bit kernel | batch | step under the profiler | step, timed | kernels | gaps: profiled "
+            "| gaps: timed | kernels a step | " + " | ".join(categories) + " |", "|---" * (10 + len(categories)) + "|"]
     for path, bench, case, step in found:
         kernel = "ours (Triton)" if str(case.details.get("nf4_kernel", "")).startswith("triton") else \
             str(case.details.get("nf4_kernel", "-"))
         if str(case.details.get("decode_attention", "")).startswith("triton"):
             kernel += " + our attention"
         launches = step.get("launches", {})
+        tokens_per_s = case.decode_tokens_per_s
+        timed_ms = (case.batch_size or 1) / tokens_per_s * 1e3 if tokens_per_s else None
+        timed = f"{timed_ms:.2f} ms" if timed_ms else "-"
+        timed_gaps = f"{max(timed_ms - step['busy_ms'], 0.0):.2f} ms" if timed_ms else "-"
         rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} | {kernel} "
-                    f"| {case.batch_size or 1} | {step['wall_ms']:.2f} ms | {step['busy_ms']:.2f} ms "
-                    f"| {max(step['wall_ms'] - step['busy_ms'], 0.0):.2f} ms | {sum(launches.values()):,.0f} | "
+                    f"| {case.batch_size or 1} | {step['wall_ms']:.2f} ms | {timed} | {step['busy_ms']:.2f} ms "
+                    f"| {max(step['wall_ms'] - step['busy_ms'], 0.0):.2f} ms | {timed_gaps} "
+                    f"| {sum(launches.values()):,.0f} | "
                     + " | ".join(f"{step['categories'][c]:.2f} ms (x{launches.get(c, 0):,.0f})"
                                  if c in step["categories"] else "-" for c in categories) + " |")
     return "\n".join(rows)
