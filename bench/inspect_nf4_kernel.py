@@ -42,7 +42,14 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_nf4_kernel import MISTRAL_7B_LAYERS, _sweep_grid  # noqa: E402
 
-from medqa_core.engine.kernels.nf4_matmul import LOOKUPS, TileConfig, _default_tile, _nf4_matmul_kernel  # noqa: E402
+from medqa_core.engine.kernels.nf4_matmul import (  # noqa: E402
+    LOOKUPS,
+    TileConfig,
+    _default_tile,
+    _lora_block_k,
+    _lora_split,
+    _nf4_matmul_kernel,
+)
 from medqa_core.engine.kernels.nf4_mma import UNROLL  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
@@ -101,12 +108,16 @@ def mma_lanes_in_order(ttgir: str) -> bool | None:
     return True
 
 
-def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1):
-    """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, no LoRA, ``segments``
-    sibling weights."""
+def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1, rank: int = 0):
+    """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, ``segments`` sibling
+    weights, LoRA of ``rank`` (0: none) as nf4_matmul launches it over K = 4096."""
     names = list(_nf4_matmul_kernel.arg_names)
+    lora_split, lora_chunk = _lora_split(4096)
     constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True,
-                     HAS_BIAS=False, RANK=0, RANK_PAD=16, LORA_BLOCK_K=64, LORA_SPLIT=1, BLOCK_M=tile.block_m,
+                     HAS_BIAS=False, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(rank)),
+                     LORA_BLOCK_K=min(_lora_block_k(tile.block_m, tile.num_warps), triton.next_power_of_2(lora_chunk))
+                     if rank else 64,
+                     LORA_SPLIT=lora_split if rank else 1, BLOCK_M=tile.block_m,
                      BLOCK_N=tile.block_n,
                      BLOCK_K=tile.block_k if tile.kernel_mode == "mma" else max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",
@@ -171,8 +182,8 @@ def _first_loop(ttgir: str) -> str:
     return ""
 
 
-def inspect(tile: TileConfig, target: str) -> KernelCounts:
-    compiled = compile_tile(tile, target)
+def inspect(tile: TileConfig, target: str, rank: int = 0) -> KernelCounts:
+    compiled = compile_tile(tile, target, rank=rank)
     ttgir = compiled.asm["ttgir"]
     loop = _first_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
@@ -191,13 +202,15 @@ def inspect(tile: TileConfig, target: str) -> KernelCounts:
         mma_lanes_in_order=mma_lanes_in_order(ttgir))
 
 
-# split/prmt: TileConfig.lookup; scaled: block_scale; ahead: scales_ahead
-FLAGS = ("prefetch", "shared", "split", "prmt", "scaled", "ahead")
+# split/prmt: TileConfig.lookup; scaled: block_scale; ahead: scales_ahead; lora: a LoRA of the presets' rank in the
+# launch (its programs and epilogue share the kernel's registers)
+FLAGS = ("prefetch", "shared", "split", "prmt", "scaled", "ahead", "lora")
+LORA_RANK = 16
 
 
-def _tile_arg(text: str) -> tuple[int, TileConfig]:
-    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...]`` as (rows, TileConfig), FLAGs from :data:`FLAGS`; argparse
-    names a bad one."""
+def _tile_arg(text: str) -> tuple[int, TileConfig, int]:
+    """``ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...]`` as (rows, TileConfig, LoRA rank), FLAGs from
+    :data:`FLAGS`; argparse names a bad one."""
     try:
         rows, fields = text.split(":")
         *numbers, mode = fields.split(",")[:7]
@@ -209,7 +222,7 @@ def _tile_arg(text: str) -> tuple[int, TileConfig]:
         lookup = "split" if "split" in flags else "prmt" if "prmt" in flags else "shfl"
         return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
                                      shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags,
-                                     scales_ahead="ahead" in flags)
+                                     scales_ahead="ahead" in flags), LORA_RANK if "lora" in flags else 0
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...] with FLAGs of {FLAGS} ({e})") from e
@@ -230,20 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     print("| rows | tile | shared | loop converts | loop cp.async | shared ld/st | shuffles | barriers | registers "
           "| spills | SASS loop | per weight | MMA lanes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.tile:
-        groups = [(rows, [tile]) for rows, tile in args.tile]
+        groups = [(rows, [(tile, rank)]) for rows, tile, rank in args.tile]
     else:
         mma = TARGETS[args.target].backend == "cuda"  # the default's MMA GEMV is NVIDIA's
-        groups = [(rows, _sweep_grid(rows) if args.grid else [_default_tile(rows, n, k, 132, mma=mma)])
+        groups = [(rows, [(t, 0) for t in (_sweep_grid(rows) if args.grid
+                                           else [_default_tile(rows, n, k, 132, mma=mma)])])
                   for rows in (int(r) for r in args.rows.split(","))]
     for rows, tiles in groups:
-        for tile in tiles:
+        for tile, rank in tiles:
             name = (f"{tile.kernel_mode} m{tile.block_m} n{tile.block_n} k{tile.block_k} w{tile.num_warps} "
                     f"s{tile.num_stages} split{tile.split_k}{' prefetch' if tile.prefetch else ''}"
                     f"{' shared-table' if tile.shared_table else ''}"
                     f"{'' if tile.lookup == 'shfl' else ' ' + tile.lookup + '-lookup'}"
-                    f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}")
+                    f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}"
+                    f"{f' lora{rank}' if rank else ''}")
             try:
-                c = inspect(tile, args.target)
+                c = inspect(tile, args.target, rank)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run
                 print(f"| {rows} | {name} | does not compile for {args.target}: {type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''} |", flush=True)

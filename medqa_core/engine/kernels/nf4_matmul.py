@@ -131,8 +131,6 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
             done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
         offs_r = tl.arange(0, RANK_PAD)
         r_mask = offs_r < RANK
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                    other=0.0)  # [BN, R]
         t = tl.zeros((offs_m.shape[0], RANK_PAD), dtype=tl.float32)
         for c in tl.static_range(LORA_SPLIT):
             # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
@@ -140,9 +138,18 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")  # [BM, R]
         t = round_to_dtype(t, dtype, EMULATE)
         if DOT:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BN, R]
             acc = dot_nt(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
         else:
-            acc += tl.sum(t.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+            # A rank at a time: the [BM, BN, R] products at once held 128 registers a lane in the MMA GEMV's
+            # tiles (80 without LoRA), a third of its warps a multiprocessor (bench/inspect_nf4_kernel.py)
+            up = tl.zeros_like(acc)
+            for r in tl.static_range(RANK):
+                t_r = tl.sum(tl.where(offs_r[None, :] == r, t, 0.0), axis=1)  # [BM]
+                b_r = tl.load(b_ptr + offs_n * stride_bn + r, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+                up += t_r[:, None] * b_r[None, :]
+            acc += up
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], round_to_dtype(acc, dtype, EMULATE).to(dtype),
              mask=m_mask[:, None] & n_mask[None, :])
     if RANK > 0:
@@ -707,9 +714,11 @@ def _lora_split(in_features: int) -> tuple[int, int]:
     return triton.cdiv(in_features, chunk), chunk
 
 
-def _lora_block_k(block_m: int) -> int:
-    """Columns an iteration of the LoRA programs' [block_m, K] loads: about 64 values a lane at 4 warps."""
-    return max(64, min(1024, 8192 // block_m))
+def _lora_block_k(block_m: int, num_warps: int) -> int:
+    """Columns an iteration of the LoRA programs' [block_m, K] loads: about 16 values a lane. The LoRA programs
+    share the kernel's register count: at 64 a lane (v6-v13) they set it (the MMA GEMV's tiles went from 71-80
+    registers to 122-128 with LoRA); at 16 they take no more than the tile does."""
+    return max(16, min(1024, 16 * 32 * num_warps // block_m))
 
 
 def _round_asm(x: torch.Tensor) -> bool:
@@ -870,7 +879,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         *(scalings + [1.0] * (MAX_SEGMENTS - segments)), lora_chunk,
         SEGMENTS=segments, BLOCKSIZE=first.blocksize, BLOCKSIZE2=first.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
         HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        LORA_BLOCK_K=min(_lora_block_k(cfg.block_m), triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split,
+        LORA_BLOCK_K=min(_lora_block_k(cfg.block_m, cfg.num_warps), triton.next_power_of_2(lora_chunk)),
+        LORA_SPLIT=lora_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", MMA=mma, PRMT_ROWS=LOOKUPS.index(cfg.lookup), BLOCK_SCALE=cfg.block_scale,
