@@ -169,23 +169,25 @@ def _sass_loop_instructions(cubin: bytes) -> int | None:
     return sum(1 for line in lines[start:end + 1] if re.match(r"^\s+/\*[0-9a-f]+\*/", line))
 
 
-def _first_loop(ttgir: str) -> str:
-    """The body of the first ``scf.for`` in ``ttgir``: its lines up to the brace that closes it at its own indent
-    (an ``scf.if`` inside yields before the loop's end; v13's group scales)."""
+def _k_loop(ttgir: str) -> str:
+    """The body of the longest ``scf.for`` in ``ttgir``, the K loop: its lines up to the brace that closes it at its
+    own indent (an ``scf.if`` inside yields before the loop's end; v13's group scales). The longest, not the first:
+    with LoRA the launch's first loop is its down-projection's."""
     lines = ttgir.splitlines()
+    loops = []
     for i, line in enumerate(lines):
         if "scf.for" in line:
             indent = len(line) - len(line.lstrip())
             end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("}")
                         and len(lines[j]) - len(lines[j].lstrip()) == indent), len(lines))
-            return "\n".join(lines[i:end])
-    return ""
+            loops.append(lines[i:end])
+    return "\n".join(max(loops, key=len)) if loops else ""
 
 
 def inspect(tile: TileConfig, target: str, rank: int = 0) -> KernelCounts:
     compiled = compile_tile(tile, target, rank=rank)
     ttgir = compiled.asm["ttgir"]
-    loop = _first_loop(ttgir)
+    loop = _k_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
     registers, spills = _ptxas(ptx) if ptx else (None, None)
     sass_loop = _sass_loop_instructions(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
