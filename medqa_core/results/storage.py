@@ -262,12 +262,39 @@ def probe_dir(path: Path, option: str) -> Path:
     if blocker is not None:
         what = "is a file" if blocker == path else f"cannot be created: {blocker} is a file"
         raise OutputFolderError(f"{path}: {what}, not a folder; give {option} a folder (new or existing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputFolderError(f"{path}: cannot create the folder ({e.strerror}); give {option} a folder you "
-                                "can write") from e
-    probe = path / f".medqa-parity-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    # Another process may create and remove the same folder meanwhile (the ranks of a distributed job each check
+    # their outputs, and remove what they created for the check): a folder that vanishes is made again.
+    for attempt in range(PROBE_ATTEMPTS):
+        last = attempt == PROBE_ATTEMPTS - 1
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as e:  # it was there for a moment: made and removed by another process
+            if last:
+                raise OutputFolderError(f"{path}: the folder keeps vanishing ({e.strerror}); give {option} a "
+                                        "folder no other job removes") from e
+            continue
+        except OSError as e:
+            raise OutputFolderError(f"{path}: cannot create the folder ({e.strerror}); give {option} a folder you "
+                                    "can write") from e
+        try:
+            _write_probe(path)
+            return path
+        except FileNotFoundError as e:  # the folder went away under the probe
+            if last:
+                raise OutputFolderError(f"{path}: the folder keeps vanishing ({e.strerror}); give {option} a "
+                                        "folder no other job removes") from e
+        except OSError as e:
+            raise OutputFolderError(f"{path}: cannot write in the folder ({e.strerror}; {free_text(path)}); give "
+                                    f"{option} a folder you can write, or free space there") from e
+    return path
+
+
+PROBE_ATTEMPTS = 5
+
+
+def _write_probe(folder: Path) -> None:
+    """A tiny file created exclusively in ``folder``, written, fsynced and removed."""
+    probe = folder / f".medqa-parity-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -275,9 +302,6 @@ def probe_dir(path: Path, option: str) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        raise OutputFolderError(f"{path}: cannot write in the folder ({e.strerror}; {free_text(path)}); give "
-                                f"{option} a folder you can write, or free space there") from e
     finally:
         try:
             probe.unlink()
@@ -285,7 +309,6 @@ def probe_dir(path: Path, option: str) -> Path:
             pass
         except OSError:
             logger.warning("could not remove the write probe %s", probe)
-    return path
 
 
 def unique_name(stem: str) -> str:
