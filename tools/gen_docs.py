@@ -712,7 +712,8 @@ def decode_step_table(results: Path) -> str:
             kernel += " + our attention"
         launches = step.get("launches", {})
         tokens_per_s = case.decode_tokens_per_s
-        timed_ms = (case.batch_size or 1) / tokens_per_s * 1e3 if tokens_per_s else None
+        timed_ms = (case.batch_size or 1) / tokens_per_s * 1e3 if tokens_per_s and math.isfinite(tokens_per_s) \
+            and tokens_per_s > 0 else None  # a missing or broken rate gives "-", never a step
         timed = f"{timed_ms:.2f} ms" if timed_ms else "-"
         timed_gaps = f"{max(timed_ms - step['busy_ms'], 0.0):.2f} ms" if timed_ms else "-"
         rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} | {kernel} "

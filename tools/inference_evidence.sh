@@ -18,10 +18,12 @@
 # steps' attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of
 # the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep
 # tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
-# those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8), TESTS_K (the tests step's -k expression; default all), STEP_TIMEOUT (seconds a
-# step may take, default none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and
-# the next one runs; the exit code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the sweep/profile files into
-# results/traces/ (docs/decode.md lists them), commit them, and run `python tools/gen_docs.py`.
+# those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8),
+# TESTS_K (the tests step's -k expression; default all), STEP_TIMEOUT (seconds a step may take, default none;
+# then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one runs; the exit
+# code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the
+# sweep/profile files into results/traces/ (docs/decode.md lists them), commit them, and run
+# `python tools/gen_docs.py`.
 set -uo pipefail
 OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|ncu|profile|bench ...]}
 shift

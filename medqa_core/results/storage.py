@@ -241,6 +241,10 @@ def remove_if_empty(folders: list[Path]) -> None:
             pass
 
 
+# Tries at making and probing a folder that another process makes and removes meanwhile (probe_dir)
+PROBE_ATTEMPTS = 5
+
+
 def probe_dir(path: Path, option: str) -> Path:
     """Create ``path`` (and its parents) if needed and prove a file can be written in it, before any work.
 
@@ -287,9 +291,6 @@ def probe_dir(path: Path, option: str) -> Path:
             raise OutputFolderError(f"{path}: cannot write in the folder ({e.strerror}; {free_text(path)}); give "
                                     f"{option} a folder you can write, or free space there") from e
     return path
-
-
-PROBE_ATTEMPTS = 5
 
 
 def _write_probe(folder: Path) -> None:

@@ -142,8 +142,8 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BN, R]
             acc = dot_nt(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
         else:
-            # A rank at a time: the [BM, BN, R] products at once held 128 registers a lane in the MMA GEMV's
-            # tiles (80 without LoRA), a third of its warps a multiprocessor (bench/inspect_nf4_kernel.py)
+            # A rank at a time: with the [BM, BN, R] products held at once, the MMA GEMV's tiles took 92-122
+            # registers with LoRA against 71-80 without (compiled traces 20261207T0456Z, 20261207T0451Z)
             up = tl.zeros_like(acc)
             for r in tl.static_range(RANK):
                 t_r = tl.sum(tl.where(offs_r[None, :] == r, t, 0.0), axis=1)  # [BM]
@@ -716,8 +716,8 @@ def _lora_split(in_features: int) -> tuple[int, int]:
 
 def _lora_block_k(block_m: int, num_warps: int) -> int:
     """Columns an iteration of the LoRA programs' [block_m, K] loads: about 16 values a lane. The LoRA programs
-    share the kernel's register count: at 64 a lane (v6-v13) they set it (the MMA GEMV's tiles went from 71-80
-    registers to 122-128 with LoRA); at 16 they take no more than the tile does."""
+    share the kernel's register count: at 64 a lane (v6-v13), with the epilogue's products held at once, the MMA
+    GEMV's tiles took 92-122 registers with LoRA against 71-80 without; at 16 they take no more than the tile does."""
     return max(16, min(1024, 16 * 32 * num_warps // block_m))
 
 
