@@ -24,7 +24,7 @@ from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.measure.ceilings import weight_bytes_per_token
 from medqa_core.measure.timing import Stats, Timer, is_oom
-from medqa_core.measure.trace import profile_calls
+from medqa_core.measure.trace import OURS_4BIT, profile_calls, time_by_launch
 from medqa_core.results.measurements import Scoring
 
 logger = logging.getLogger("medqa_core.bench")
@@ -119,11 +119,14 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                 counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
                 step_profile, step_profile_error = _profile_decode_step(decoder, ids, new_tokens, session.attention,
                                                                         session.numerics, device)
+                by_launch = time_by_launch(step_profile["sequence"], decoder.nf4_launches,
+                                           ceilings.get("copy_bandwidth_bytes_per_s")) if step_profile else []
             finally:
                 torch._dynamo.reset()  # drop the compiled step (and the graph's memory, with the decoder)
             benchmark.extra_info.update(_decode_info(case, rounds, ttft, model, ceilings, batch), dynamo=counts,
                                         first_call_s=first_call_s, fallback=fallback,
                                         decode_step_profile=step_profile, decode_step_profile_error=step_profile_error,
+                                        nf4_time_by_launch=by_launch,
                                         **dataclasses.asdict(decoder.setup))
         benchmark.extra_info.update(case.session_info(session))
 
@@ -174,7 +177,8 @@ def _profile_decode_step(decoder: StaticDecoder, ids: torch.Tensor, new_tokens: 
         decoder.generate(ids, 1)  # the prefill: the cache holds the prompt again
         steps = max(1, min(PROFILED_DECODE_STEPS, new_tokens - 1))
         try:
-            return profile_calls(decoder.step, device, steps, tokens_per_step=ids.shape[0], top_n=10).to_dict(), None
+            return profile_calls(decoder.step, device, steps, tokens_per_step=ids.shape[0], top_n=10,
+                                 sequence_of=OURS_4BIT if decoder.nf4_launches else None).to_dict(), None
         except RuntimeError as e:  # the profiler (kineto, CUPTI) failing here; an out-of-memory is the case's
             if is_oom(e):
                 raise

@@ -30,7 +30,7 @@ from medqa_core.engine.train import (
     reset_model_settings,
     train_step,
 )
-from medqa_core.measure.trace import OTHER, categorize, profile_steps
+from medqa_core.measure.trace import OTHER, categorize, profile_calls, profile_steps, time_by_launch
 
 CPU = torch.device("cpu")
 NUMERICS = resolve_numerics("auto", CPU)  # bf16 where this CPU has it, else fp32
@@ -258,6 +258,33 @@ def test_profiler_groups_operators_and_times_the_step(fresh_model, tmp_path) -> 
     assert p.categories.get("matmul", 0) > 0 and p.categories.get("dequantize 4-bit", 0) > 0
     assert abs(sum(p.categories.values()) - p.busy_ms) < 1e-6
     assert p.top and all(row["category"] == categorize(row["name"]) for row in p.top)
+
+
+def test_a_profile_follows_one_category_launch_by_launch() -> None:
+    small, large = torch.nn.Linear(8, 8), torch.nn.Linear(512, 512)
+    xs, xl = torch.randn(1, 8), torch.randn(256, 512)
+
+    def step() -> None:  # two matmuls a step, the second about 30,000 times the first's work
+        small(xs)
+        large(xl)
+
+    step()
+    p = profile_calls(step, CPU, steps=3, tokens_per_step=1, sequence_of="matmul")
+    assert len(p.sequence) == 2 and p.sequence[1] > p.sequence[0] > 0  # aten::linear each, not its aten::addmm too
+    assert profile_calls(step, CPU, steps=3, tokens_per_step=1).sequence == ()  # not asked
+    assert profile_calls(step, CPU, steps=3, tokens_per_step=1, sequence_of="attention").sequence == ()
+
+
+def test_kernel_time_is_set_against_the_bytes_of_each_kind_of_launch() -> None:
+    launches = [("q+k+v", 100), ("down", 400), ("q+k+v", 100), ("down", 400)]
+    rows = time_by_launch([1.0, 2.0, 1.0, 2.0], launches, bandwidth=1e6)
+    assert rows == [
+        {"launch": "q+k+v", "per_step": 2, "ms": 2.0, "us_each": 1000.0, "bytes_each": 100,
+         "bandwidth_fraction": pytest.approx(0.1)},
+        {"launch": "down", "per_step": 2, "ms": 4.0, "us_each": 2000.0, "bytes_each": 400,
+         "bandwidth_fraction": pytest.approx(0.2)}]
+    assert time_by_launch([1.0, 2.0, 1.0], launches, 1e6) == []  # kernels that do not pair up: no row
+    assert time_by_launch([1.0, 2.0, 1.0, 2.0], launches, None)[0]["bandwidth_fraction"] is None
 
 
 @pytest.fixture()

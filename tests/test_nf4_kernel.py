@@ -529,6 +529,34 @@ def test_siblings_share_one_launch_and_never_mistake_another_input() -> None:
                            swap._slots[0][2](torch.ones(rows, 128).bfloat16().to(DEVICE)))
 
 
+class _DecoderLayer(torch.nn.Module):
+    """A decoder layer's 4-bit layers, attention's registered first, as a decoder calls them."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = torch.nn.Module(), torch.nn.Module()
+        for parent, names in ((self.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (self.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for i, name in enumerate(names):
+                layer = bnb.nn.Linear4bit(k, k, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+                layer.weight = _quantized(k, k, 64, True, seed=20 + i)[0]
+                setattr(parent, name, layer)
+
+
+def test_the_swap_lists_its_launches_in_the_order_a_decoder_calls_them() -> None:
+    from medqa_core.engine.kernels.nf4_layers import NF4Swap
+
+    model = torch.nn.Sequential(_DecoderLayer(128), _DecoderLayer(128)).to(DEVICE)
+    swap = NF4Swap(model, max_rows=8)
+    assert [name for name, _ in swap.launches] == ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj",
+                                                   "down_proj"] * 2
+    o_proj = model[0].self_attn.o_proj.weight
+    state = o_proj.quant_state  # 128 x 128 codes, a scale code per 64, their scales per 256, one offset
+    assert dict(swap.launches)["o_proj"] == o_proj.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() \
+        + 4 == 128 * 128 // 2 + 256 + 4 + 4
+    assert dict(swap.launches)["q_proj+k_proj+v_proj"] == 3 * dict(swap.launches)["o_proj"]
+
+
 def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatch) -> None:
     from medqa_core.engine.decoding import nf4_kernel_choice
 

@@ -111,6 +111,24 @@ def test_decode_step_table_splits_a_step_into_kernels_and_gaps(tmp_path):
             "| 0.50 ms (x32) |" in lines[2])
 
 
+def test_decode_launch_table_gives_each_kind_of_launch_its_share(tmp_path):
+    folder = tmp_path / "bench" / "machine"
+    folder.mkdir(parents=True)
+    by_launch = [{"launch": "q_proj+k_proj+v_proj", "per_step": 32, "ms": 0.5, "us_each": 15.625,
+                  "bytes_each": 14_000_000, "bandwidth_fraction": 0.3},
+                 {"launch": "gate_proj+up_proj", "per_step": 32, "ms": 1.5, "us_each": 46.875,
+                  "bytes_each": 62_000_000, "bandwidth_fraction": 0.55}]
+    _bench_file(folder, "0001_h100", "H100", {
+        "test_decode_compiled[sdpa-batch1-triton]": {"decode_loop": "StaticDecoder", "batch_size": 1,
+                                                     "nf4_time_by_launch": by_launch},
+        "test_decode_compiled[sdpa-batch1-bitsandbytes]": {"decode_loop": "StaticDecoder", "batch_size": 1}})
+    gen_docs._tracked.cache_clear()
+    lines = gen_docs.decode_launch_table(tmp_path).splitlines()
+    assert len(lines) == 4  # the bitsandbytes case has no launches of ours: no row
+    assert lines[2].endswith("| 1 | q_proj+k_proj+v_proj | 32 | 15.6 | 14.0 | 30.0% | 25.0% |")
+    assert lines[3].endswith("| 1 | gate_proj+up_proj | 32 | 46.9 | 62.0 | 55.0% | 75.0% |")
+
+
 def test_performance_has_a_table_per_card_and_no_scoring_verdict_on_a_subset(tmp_path):
     folder = tmp_path / "bench" / "machine"
     folder.mkdir(parents=True)

@@ -725,6 +725,29 @@ def decode_step_table(results: Path) -> str:
     return "\n".join(rows)
 
 
+def decode_launch_table(results: Path) -> str:
+    """Our 4-bit kernel's time in one decode step, per kind of launch, against the bytes each reads: from bench
+    files whose step profile kept the kernel's launches one by one (bench_infer.py: ``nf4_time_by_launch``, the
+    launches lined up with the layers in the order the model calls them). The share of the copy bandwidth is
+    that of the same run; the real decode reads the weights from HBM, as these launches did."""
+    rows = ["| file | device | batch | launch | a step | us a launch | MB a launch | of copy bandwidth "
+            "| of the 4-bit time |", "|---" * 9 + "|"]
+    for path in result_files(results, "bench/*/*.json"):
+        bench = _bench(path)
+        for case in bench.cases.values():
+            launches = case.details.get("nf4_time_by_launch") or []
+            total_ms = sum(row["ms"] for row in launches)
+            for row in launches:
+                rows.append(f"| [{path.name}]({_link(results, path)}) | {_bench_device(bench)} "
+                            f"| {case.batch_size or 1} | {row['launch']} | {row['per_step']} "
+                            f"| {row['us_each']:.1f} | {row['bytes_each'] / 1e6:.1f} "
+                            f"| {_pct(row['bandwidth_fraction'])} "
+                            f"| {_pct(row['ms'] / total_ms)} |")
+    if len(rows) == 2:
+        return "(no decode bench with our kernel's launches profiled one by one committed yet)"
+    return "\n".join(rows)
+
+
 NF4_ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")
 
 
@@ -1006,6 +1029,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "profile-targets": profile_targets, "levers": lever_table, "lever-curves": lever_curves,
     "miss-bounds": miss_bounds, "inference": inference_table, "nf4-kernel-profile": nf4_kernel_profile,
     "nf4-kernel-compiled": nf4_kernel_compiled, "decode-step": decode_step_table,
+    "decode-launches": decode_launch_table,
     "runsets": runsets_table, "runsets-brief": runsets_brief, "inference-brief": inference_brief,
     "claims": claims_check, "compile-cache": compile_cache_table,
 }

@@ -242,6 +242,8 @@ class StaticDecoder:
             attention_name = "triton-decode (medqa_core.engine.kernels)"
         else:
             attention_name = f"model: {self.base.config._attn_implementation}"
+        # Our kernel's launches a step in launch order, (layers, bytes each reads): what a step profile's kernels are
+        self.nf4_launches: tuple[tuple[str, int], ...] = self._swap.launches if self._swap else ()
         self.setup = DecodeSetup(
             compile_mode="default", graph=graph, cache_layers=cache_layers, nf4_kernel=kernel_name,
             nf4_kernel_why=why, nf4_fused_layers=self._swap.info.layers if self._swap else 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from medqa_core.measure.timing import Timer, peak_memory_gib, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
+OURS_4BIT = "4-bit matmul (ours)"
 # (category, substrings of kernel / operator names), first match wins; case-insensitive.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("4-bit matmul (ours)", ("_nf4_matmul_kernel",)),
+    (OURS_4BIT, ("_nf4_matmul_kernel",)),
     ("4-bit matmul (bitsandbytes)", ("gemm_4bit",)),  # gemm_4bit_simt (1 row), gemm_4bit_sm80_* (a few)
     ("dequantize 4-bit", ("dequant",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -64,6 +66,9 @@ class StepProfile:
     categories: dict[str, float]  # category -> ms per step
     top: tuple[dict[str, Any], ...]  # the heaviest kernels / operators: name, category, ms, calls per step
     launches: dict[str, float] = dataclasses.field(default_factory=dict)  # category -> kernels (operators) a step
+    # ms of each kernel (outermost operator on CPU) of the category profile_calls was asked to follow, in the
+    # order a step launches them, each the median over the steps; empty when not asked or not one per step alike
+    sequence: tuple[float, ...] = ()
 
     @property
     def host_bound_ms(self) -> float:
@@ -113,9 +118,33 @@ def profile_steps(step: Any, examples: Sequence[Any], device: torch.device, step
     return profile_calls(lambda: step(batch), device, steps, n_tokens, top_n, collate_ms)
 
 
+def _sequence(prof: Any, on_gpu: bool, category: str, steps: int) -> tuple[float, ...]:
+    """Milliseconds of each kernel of ``category`` in launch order, the median over ``steps`` steps of each
+    position (:attr:`StepProfile.sequence`); on CPU the outermost operators of the category (an ``aten::linear``,
+    not the ``aten::addmm`` inside it). Empty when the kernels do not split into ``steps`` equal steps."""
+    def outermost(e: Any) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if categorize(parent.name) == category:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    events = sorted((e for e in prof.events() if e.device_type == kind and categorize(e.name) == category
+                     and (on_gpu or outermost(e))), key=lambda e: e.time_range.start)
+    if not events or len(events) % steps:
+        return ()
+    per_step = len(events) // steps
+    ms = [e.time_range.elapsed_us() / 1e3 for e in events]
+    return tuple(statistics.median(ms[i::per_step]) for i in range(per_step))
+
+
 def profile_calls(call: Any, device: torch.device, steps: int, tokens_per_step: int, top_n: int = 15,
-                  collate_ms: float = 0.0) -> StepProfile:
-    """Profile ``steps`` calls of ``call()``, already warm (compiled, captured): a step is one call."""
+                  collate_ms: float = 0.0, sequence_of: str | None = None) -> StepProfile:
+    """Profile ``steps`` calls of ``call()``, already warm (compiled, captured): a step is one call.
+    ``sequence_of``: a category (:data:`CATEGORIES`) whose kernels' times are also kept one by one, in launch
+    order (:attr:`StepProfile.sequence`)."""
     reset_peak_memory(device)
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -141,7 +170,34 @@ def profile_calls(call: Any, device: torch.device, steps: int, tokens_per_step: 
         top=tuple({"name": n[:160], "category": categorize(n), "ms": us / 1e3 / steps, "calls": c / steps}
                   for n, us, c in top),
         launches={k: launches[k] for k in sorted(launches, key=lambda k: -categories[k])},
+        sequence=_sequence(prof, on_gpu, sequence_of, steps) if sequence_of else (),
     )
+
+
+def time_by_launch(sequence: Sequence[float], launches: Sequence[tuple[str, int]],
+                   bandwidth: float | None) -> list[dict[str, Any]]:
+    """Kernel time against bytes read, per kind of launch: :attr:`StepProfile.sequence` (ms, launch order) beside
+    what each of those launches is, ``(name, bytes it reads)`` in the same order.
+
+    Returns:
+        One row per name, in first-launch order: launches a step, ms a step, us a launch, bytes a launch, and
+        (with ``bandwidth``, bytes/s) the share of it those bytes took; ``[]`` when the two do not pair up
+        one to one.
+    """
+    if not sequence or len(sequence) != len(launches):
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    for ms, (name, nbytes) in zip(sequence, launches, strict=True):
+        row = rows.setdefault(name, {"launch": name, "per_step": 0, "ms": 0.0, "bytes": 0})
+        row["per_step"] += 1
+        row["ms"] += ms
+        row["bytes"] += nbytes
+    for row in rows.values():
+        row["us_each"] = 1e3 * row["ms"] / row["per_step"]
+        row["bytes_each"] = row.pop("bytes") // row["per_step"]
+        row["bandwidth_fraction"] = (row["bytes_each"] * row["per_step"] / (row["ms"] / 1e3) / bandwidth
+                                     if bandwidth and row["ms"] > 0 else None)
+    return list(rows.values())
 
 
 def format_profile(label: str, p: StepProfile) -> str:

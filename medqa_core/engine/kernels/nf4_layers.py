@@ -106,6 +106,13 @@ class FusedNF4Linear(torch.nn.Module):
                 self.compute_dtype)  # [N, r]
             self.scaling = [float(layer.scaling[name]) for layer, name in adapted]
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes a launch reads besides its input: packed weights, their scales, LoRA's matrices, the bias."""
+        tensors = [t for w in self.weights for t in (w.packed, w.absmax, w.absmax2, w.offset) if t is not None]
+        tensors += [t for t in (self.lora_a, self.lora_b, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
         dq = w[0].double_quant
@@ -212,6 +219,8 @@ class NF4Swap:
     def __init__(self, model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS, siblings: bool = True) -> None:
         self._slots: list[tuple[torch.nn.Module, str, torch.nn.Module, NF4Sibling]] = []
         self._groups: list[FusedNF4Linear] = []
+        position = {id(module): i for i, module in enumerate(model.modules())}
+        named: list[tuple[int, str, FusedNF4Linear]] = []
         stack = [model]
         while stack:
             parent = stack.pop()
@@ -220,10 +229,14 @@ class NF4Swap:
             for names, group in _groups(parent, layers, max_rows, siblings):
                 pending = _Pending()
                 self._groups.append(group)
+                named.append((position[id(layers[names[0]])], "+".join(names), group))
                 self._slots.extend((parent, name, layers[name], NF4Sibling(group, i, pending))
                                    for i, name in enumerate(names))
         if not self._slots:
             raise ValueError("no bitsandbytes NF4 layer in the model: nothing for the NF4 kernel to run")
+        # A decoder layer calls its layers in the order it registers them (q/k/v, o, gate/up, down), so module
+        # order is launch order: what lines a profile's kernels up with their layers (trace.time_by_launch).
+        self.launches = tuple((name, group.bytes_read) for _, name, group in sorted(named, key=lambda t: t[0]))
         lora = sum(len(group.sizes) for group in self._groups if group.lora_a is not None)
         self.info = SwapInfo(kernel="triton-nf4 (medqa_core.engine.kernels)", layers=len(self._slots), lora_layers=lora,
                              max_rows=max_rows, launches=len(self._groups))
