@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,10 +72,21 @@ def _segments(weight, sizes: tuple[int, ...]) -> list:
     return parts
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """One launch the sweep will time: ``tile`` at ``rows`` rows on a weight of ``sizes`` rows (siblings as
+    segments) over ``k`` columns."""
+
+    tile: Any  # TileConfig
+    rows: int
+    sizes: tuple[int, ...]
+    k: int
+
+
 def _compile_tile(job: tuple) -> str | None:
-    """Worker of :func:`compile_ahead` (a spawned process): tile ``config`` launched once at ``rows`` rows on a
-    fresh weight of ``sizes`` rows (siblings as segments) over ``k`` columns, as the sweep launches it, so Triton
-    compiles the same specialization into its on-disk cache. What went wrong, in one line, or None."""
+    """Worker of :func:`compile_ahead` (a spawned process): a :class:`CompileJob`'s launch once on a fresh weight,
+    as the sweep launches it, so Triton compiles the same specialization into its on-disk cache. What went wrong,
+    in one line, or None."""
     config, rows, sizes, k, blocksize, device = job
     try:
         import bitsandbytes as bnb
@@ -92,21 +104,22 @@ def _compile_tile(job: tuple) -> str | None:
         return f"{type(e).__name__}: {e}"[:200]
 
 
-def compile_ahead(tiles: list, rows: int, sizes: tuple[int, ...], k: int, blocksize: int, device: torch.device,
-                  workers: int, timeout_s: float = 300.0) -> list[str | None]:
-    """Each tile's kernel compiled by ``workers`` spawned processes at once into Triton's on-disk cache, so the
+def compile_ahead(jobs: list[CompileJob], blocksize: int, device: torch.device, workers: int,
+                  timeout_s: float = 600.0) -> list[str | None]:
+    """Every job's kernel compiled by ``workers`` spawned processes at once into Triton's on-disk cache, so the
     sweep's timing loop loads them instead of compiling one at a time: on a fresh machine the grid's compiles took
-    most of a 150 s sweep step (session 42: results/logs/h100-20261206-session42/). One line per tile, None
-    where it compiled; a pool that fails or outlasts ``timeout_s`` is reported and left (the sweep compiles what
-    is missing)."""
+    most of a 150 s sweep step (session 42: results/logs/h100-20261206-session42/). The whole sweep's jobs go to
+    one pool: a pool per shape and row count paid its processes' start each time (session 43: 56-58 s each for
+    29 tiles on 8 processes). One line per job, None where it compiled; a pool that fails or outlasts
+    ``timeout_s`` is reported and left (the sweep compiles what is missing)."""
     import concurrent.futures
     import multiprocessing
 
-    jobs = [(dataclasses.asdict(t), rows, tuple(sizes), k, blocksize, str(device)) for t in tiles]
-    pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(jobs))),
+    args = [(dataclasses.asdict(j.tile), j.rows, j.sizes, j.k, blocksize, str(device)) for j in jobs]
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(args))),
                                                   mp_context=multiprocessing.get_context("spawn"))
     try:
-        done = list(pool.map(_compile_tile, jobs, timeout=timeout_s))
+        done = list(pool.map(_compile_tile, args, timeout=timeout_s))
         pool.shutdown()
         return done
     except Exception as e:  # a broken or slow pool costs the sweep its head start, never the sweep
@@ -115,7 +128,7 @@ def compile_ahead(tiles: list, rows: int, sizes: tuple[int, ...], k: int, blocks
         for process in list(getattr(pool, "_processes", {}).values()):
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
-        return [f"{type(e).__name__}"] * len(jobs)
+        return [f"{type(e).__name__}"] * len(args)
 
 
 def _time_s(fns: list, rep: int = 60) -> float:
@@ -194,6 +207,15 @@ def _sweep_grid(rows: int) -> list:
     return mma + by_hand + pipelined  # 28 at 8 rows, 10-11 above
 
 
+def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None) -> list:
+    """The tiles the sweep times for one shape and row count, in order: the tile in use (it competes too, whatever
+    its mode), then the grid's tiles of ``modes`` (all without)."""
+    from medqa_core.engine.kernels.nf4_matmul import tile_config
+
+    grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
+    return list(dict.fromkeys([tile_config(rows, n, k, device), *grid]))
+
+
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
             device: torch.device | None = None, layers: list[str] | None = None,
@@ -203,8 +225,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
     ``once``: each arm's first weight copy called once, untimed, nothing saved: the launches for an external
     profiler (Nsight Compute) to capture. ``modes``: sweep only the grid's tiles of these modes (the tile in use
-    competes whatever its mode). ``compile_workers`` > 1: each row count's grid compiled first by that many
-    processes at once (:func:`compile_ahead`)."""
+    competes whatever its mode). ``compile_workers`` > 1: the sweep's tiles of every shape and row count
+    compiled first by that many processes at once (:func:`compile_ahead`)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -217,6 +239,16 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
     tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
+    if sweep and not once and device.type == "cuda" and compile_workers > 1:
+        jobs = [CompileJob(tile, rows, SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]),
+                           MISTRAL_7B_LAYERS[layer][1])
+                for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list if rows in SWEEP_ROWS
+                for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes)]
+        began = time.perf_counter()
+        failed = sum(e is not None for e in compile_ahead(jobs, blocksize, device, compile_workers))
+        print(f"compiled ahead: {len(jobs)} tiles of every shape and row count in "
+              f"{time.perf_counter() - began:.0f} s ({compile_workers} processes; {failed} left to the sweep)",
+              flush=True)
     for layer in layers or MISTRAL_7B_LAYERS:  # in the order asked: a call cut short keeps the first ones
         n, k = MISTRAL_7B_LAYERS[layer]
         w = torch.randn(n, k, device=device, generator=gen).bfloat16() * 0.02
@@ -283,14 +315,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 best = None
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
                 tried = []  # every tile that ran right, with its time
-                grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
-                if device.type == "cuda" and compile_workers > 1:
-                    began = time.perf_counter()
-                    failed = sum(e is not None for e in compile_ahead(list(dict.fromkeys([chosen, *grid])), rows,
-                                                                      sizes, k, blocksize, device, compile_workers))
-                    print(f"  compiled ahead: {len(grid) + 1} tiles in {time.perf_counter() - began:.0f} s "
-                          f"({compile_workers} processes; {failed} left to the sweep)", flush=True)
-                for cfg in dict.fromkeys([chosen, *grid]):  # the tile in use competes too
+                for cfg in _sweep_tiles(rows, n, k, device, modes):
                     try:
                         first = nf4_matmul(x, weights[0], config=cfg)
                         # The summation-order bound (stays meaningful where sums cancel), and the same bits on a

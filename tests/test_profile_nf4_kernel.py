@@ -78,12 +78,15 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from profile_nf4_kernel import compile_ahead
+    from profile_nf4_kernel import CompileJob, compile_ahead
 
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
-    tiles = [TileConfig(1, 16, 64, 1, 1, 1, "fma"), TileConfig(8, 16, 128, 1, 1, 1, "mma")]  # K 64 < block_k 128
-    # two siblings of 256 rows: each segment's 256 blocks a whole group of double-quantized scales, as on the 7B
-    done = compile_ahead(tiles, 1, (256, 256), 64, 64, torch.device("cpu"), workers=2)
-    assert done[0] is None
+    # two siblings of 256 rows: each segment's 256 blocks a whole group of double-quantized scales, as on the 7B;
+    # jobs of two shapes and row counts in one pool, as the sweep sends its whole grid
+    jobs = [CompileJob(TileConfig(1, 16, 64, 1, 1, 1, "fma"), 1, (256, 256), 64),
+            CompileJob(TileConfig(8, 16, 128, 1, 1, 1, "mma"), 1, (256, 256), 64),  # K 64 < block_k 128
+            CompileJob(TileConfig(4, 16, 64, 1, 1, 2, "fma"), 3, (48,), 128)]
+    done = compile_ahead(jobs, 64, torch.device("cpu"), workers=2)
+    assert done[0] is None and done[2] is None
     assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")
