@@ -126,11 +126,15 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
         # autocast matmuls round it. Those programs were dispatched before this one (in index order, as CUTLASS's
         # stream-K fix-up also relies on) and are short, so t is almost always written by the time a tile gets
         # here: the wait is a check that rarely spins.
+        offs_r = tl.arange(0, RANK_PAD)
+        r_mask = offs_r < RANK
+        # B waits on nothing: loaded before the wait, not after it, so its L2 round trip is not one more link in
+        # the launch's last tile's chain (v15; v14 loaded each rank's column after t)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BN, R]
         done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
         while done < LORA_PROGRAMS:
             done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
-        offs_r = tl.arange(0, RANK_PAD)
-        r_mask = offs_r < RANK
         t = tl.zeros((offs_m.shape[0], RANK_PAD), dtype=tl.float32)
         for c in tl.static_range(LORA_SPLIT):
             # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
@@ -138,8 +142,6 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")  # [BM, R]
         t = round_to_dtype(t, dtype, EMULATE)
         if DOT:
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
-                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BN, R]
             acc = dot_nt(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
         else:
             # A rank at a time: with the [BM, BN, R] products held at once, the MMA GEMV's tiles took 92-122
@@ -147,7 +149,7 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
             up = tl.zeros_like(acc)
             for r in tl.static_range(RANK):
                 t_r = tl.sum(tl.where(offs_r[None, :] == r, t, 0.0), axis=1)  # [BM]
-                b_r = tl.load(b_ptr + offs_n * stride_bn + r, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+                b_r = tl.sum(tl.where(offs_r[None, :] == r, b.to(tl.float32), 0.0), axis=1)  # [BN]
                 up += t_r[:, None] * b_r[None, :]
             acc += up
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], round_to_dtype(acc, dtype, EMULATE).to(dtype),
