@@ -4,7 +4,8 @@
 #   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes')
 #   sweep    time the tile grid at 1, 8, 32 and 64 rows; writes OUT/nf4_tiles.json (this device's tile table)
 #            and OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
-#   ncu      Nsight Compute on the gate/up_proj shape at 1 and 8 rows, ours (the tiles in use) and bitsandbytes':
+#   ncu      Nsight Compute on the gate/up_proj shape (NCU_LAYERS: others) at 1 and 8 rows, ours (the tiles in use,
+#            with and without LoRA) and bitsandbytes':
 #            where each kernel's time goes (speed of light, warp stalls, occupancy); OUT/ncu.log. Skipped where
 #            ncu is not on PATH (it is NVIDIA's)
 #   profile  the kernel profile at the sweep's rows with the tiles in use, without sweeping (not in the default)
@@ -19,9 +20,11 @@
 # the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep
 # tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
 # those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8),
-# TESTS_K (the tests step's -k expression; default all), STEP_TIMEOUT (seconds a step may take, default none;
-# then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one runs; the exit
-# code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the
+# TESTS_K (the tests step's -k expression; default all), NCU_LAYERS (the ncu step's --layers, default
+# gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then
+# name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take,
+# default none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one
+# runs; the exit code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the
 # sweep/profile files into results/traces/ (docs/decode.md lists them), commit them, and run
 # `python tools/gen_docs.py`.
 set -uo pipefail
@@ -50,7 +53,7 @@ for s in $STEPS; do
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
         step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|gemm_4bit" \
-        python3 bench/profile_nf4_kernel.py --once --rows 1,8 --layers gate_proj/up_proj ;;
+        python3 bench/profile_nf4_kernel.py --once --rows 1,8 --layers "${NCU_LAYERS:-gate_proj/up_proj}" ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
         for arm in ${ARMS:-triton bitsandbytes}; do
