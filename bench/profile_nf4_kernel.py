@@ -230,6 +230,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
+    from medqa_core.engine.kernels import nf4_matmul as kernels
     from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, row_bucket, tile_config
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
@@ -346,6 +347,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
                       f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
         result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
+                      lora_min_chunk=kernels.LORA_MIN_CHUNK,
                       rows=rows_out)
         if not once:
             save(result, {device_name: tiles})
@@ -376,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-workers", type=int, default=8,
                         help="with --sweep: processes that compile the grid's tiles before it is timed (default: "
                              "%(default)s; 1 compiles each as it is timed)")
+    parser.add_argument("--lora-min-chunk", type=int, metavar="COLUMNS",
+                        help="columns of K a LoRA down-projection program takes at least (the kernel's "
+                             "LORA_MIN_CHUNK, 256; larger: fewer, longer LoRA programs), recorded in --out")
     parser.add_argument("--once", action="store_true",
                         help="call each arm once, untimed, and write nothing: for Nsight Compute (ncu) to profile")
     args = parser.parse_args(argv)
@@ -388,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",") if args.modes else None
     from medqa_core.engine.kernels.nf4_matmul import MODES
 
+    if args.lora_min_chunk is not None and args.lora_min_chunk < 16:
+        parser.error(f"--lora-min-chunk: {args.lora_min_chunk} columns; at least 16 (a LoRA program's smallest load)")
     if set(modes or ()) - set(MODES):
         parser.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}; choose among {', '.join(MODES)}")
     if not torch.cuda.is_available():
@@ -408,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out, dict(kind="nf4-kernel-profile", started=started, fingerprint=fingerprint,
                                          **result))
 
+    if args.lora_min_chunk is not None:  # read at each launch (nf4_matmul._lora_split): in effect from here on
+        from medqa_core.engine.kernels import nf4_matmul as kernels
+
+        kernels.LORA_MIN_CHUNK = args.lora_min_chunk
     profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once,
             modes=modes, compile_workers=args.compile_workers)
     if not args.once:

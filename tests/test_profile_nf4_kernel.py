@@ -90,3 +90,11 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     done = compile_ahead(jobs, 64, torch.device("cpu"), workers=2)
     assert done[0] is None and done[2] is None
     assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")
+
+
+def test_a_lora_chunk_too_small_to_load_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--out", str(tmp_path / "x.json"),
+                           "--lora-min-chunk", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--lora-min-chunk: 8 columns; at least 16 (a LoRA program's smallest load)" in done.stderr
+    assert not (tmp_path / "x.json").exists()
