@@ -557,6 +557,28 @@ def test_the_swap_lists_its_launches_in_the_order_a_decoder_calls_them() -> None
     assert dict(swap.launches)["q_proj+k_proj+v_proj"] == 3 * dict(swap.launches)["o_proj"]
 
 
+def test_a_mistral_model_calls_its_launches_in_the_order_the_swap_lists_them(adapted_4bit_model) -> None:
+    # What lines a decode step's kernels up with their layers (trace.time_by_launch): a real decoder's forward
+    # calls the swap's launches in its list's order, layer after layer
+    from medqa_core.engine.kernels.nf4_layers import NF4Swap
+
+    model = adapted_4bit_model.get_base_model()
+    swap = NF4Swap(model, max_rows=8)
+    called: list[str] = []
+    for group in swap._groups:
+        name = "+".join(_qualified(model, layer).rsplit(".", 1)[-1] for layer in group.originals)
+        group.register_forward_pre_hook(lambda _module, _args, name=name: called.append(name))
+    ids = torch.randint(3, 32000, (1, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with swap, torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(ids[:, :1])  # one row: every layer runs our kernel
+    assert called == [name for name, _ in swap.launches]
+    assert called[:4] == ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"]
+
+
+def _qualified(model: torch.nn.Module, layer: torch.nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is layer)
+
+
 def test_the_kernel_choice_is_visible_and_checked(adapted_4bit_model, monkeypatch) -> None:
     from medqa_core.engine.decoding import nf4_kernel_choice
 
