@@ -46,8 +46,7 @@ from medqa_core.engine.kernels.nf4_matmul import (  # noqa: E402
     LOOKUPS,
     TileConfig,
     _default_tile,
-    _lora_block_k,
-    _lora_split,
+    _lora_constexprs,
     _nf4_matmul_kernel,
 )
 from medqa_core.engine.kernels.nf4_mma import UNROLL  # noqa: E402
@@ -112,12 +111,9 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
     """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, ``segments`` sibling
     weights, LoRA of ``rank`` (0: none) as nf4_matmul launches it over K = 4096."""
     names = list(_nf4_matmul_kernel.arg_names)
-    lora_split, lora_chunk = _lora_split(4096)
     constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True,
-                     HAS_BIAS=False, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(rank)),
-                     LORA_BLOCK_K=min(_lora_block_k(tile.block_m, tile.num_warps), triton.next_power_of_2(lora_chunk))
-                     if rank else 64,
-                     LORA_SPLIT=lora_split if rank else 1, BLOCK_M=tile.block_m,
+                     HAS_BIAS=False, **_lora_constexprs(rank, 4096, tile.block_m, tile.num_warps),
+                     BLOCK_M=tile.block_m,
                      BLOCK_N=tile.block_n,
                      BLOCK_K=tile.block_k if tile.kernel_mode == "mma" else max(tile.block_k, blocksize),
                      DOT=tile.kernel_mode in ("dot", "dot_swap"), SWAP=tile.kernel_mode == "dot_swap",

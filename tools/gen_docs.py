@@ -742,7 +742,7 @@ def decode_launch_table(results: Path) -> str:
                             f"| {case.batch_size or 1} | {row['launch']} | {row['per_step']} "
                             f"| {row['us_each']:.1f} | {row['bytes_each'] / 1e6:.1f} "
                             f"| {_pct(row['bandwidth_fraction'])} "
-                            f"| {_pct(row['ms'] / total_ms)} |")
+                            f"| {_pct(row['ms'] / total_ms if total_ms > 0 else None)} |")
     if len(rows) == 2:
         return "(no decode bench with our kernel's launches profiled one by one committed yet)"
     return "\n".join(rows)

@@ -723,6 +723,15 @@ def _lora_block_k(block_m: int, num_warps: int) -> int:
     return max(16, min(1024, 16 * 32 * num_warps // block_m))
 
 
+def _lora_constexprs(rank: int, in_features: int, block_m: int, num_warps: int) -> dict[str, int]:
+    """The kernel's LoRA constexprs for a launch (also what bench/inspect_nf4_kernel.py compiles): each sibling's
+    rank, its power-of-two pad, the LoRA programs' load width and the chunks of K they split it in."""
+    lora_split, lora_chunk = _lora_split(in_features)
+    return dict(RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
+                LORA_BLOCK_K=min(_lora_block_k(block_m, num_warps), triton.next_power_of_2(lora_chunk)),
+                LORA_SPLIT=lora_split)
+
+
 def _round_asm(x: torch.Tensor) -> bool:
     """The GEMV rounds weights to bf16 with one PTX instruction (NVIDIA, bf16 compute); elsewhere with Triton's
     cast, the same round to nearest even."""
@@ -880,9 +889,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         segments * rank, b.stride(0), out.stride(0), k // first.blocksize, iterations,
         *(scalings + [1.0] * (MAX_SEGMENTS - segments)), lora_chunk,
         SEGMENTS=segments, BLOCKSIZE=first.blocksize, BLOCKSIZE2=first.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
-        HAS_BIAS=bias is not None, RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        LORA_BLOCK_K=min(_lora_block_k(cfg.block_m, cfg.num_warps), triton.next_power_of_2(lora_chunk)),
-        LORA_SPLIT=lora_split,
+        HAS_BIAS=bias is not None, **_lora_constexprs(rank, k, cfg.block_m, cfg.num_warps),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", MMA=mma, PRMT_ROWS=LOOKUPS.index(cfg.lookup), BLOCK_SCALE=cfg.block_scale,
