@@ -107,12 +107,13 @@ def mma_lanes_in_order(ttgir: str) -> bool | None:
     return True
 
 
-def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1, rank: int = 0):
+def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1, rank: int = 0,
+                 rows: int = 1):
     """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, ``segments`` sibling
-    weights, LoRA of ``rank`` (0: none) as nf4_matmul launches it over K = 4096."""
+    weights, LoRA of ``rank`` (0: none) as nf4_matmul launches it over K = 4096 at ``rows`` rows."""
     names = list(_nf4_matmul_kernel.arg_names)
     constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True,
-                     HAS_BIAS=False, **_lora_constexprs(rank, 4096, tile.block_m, tile.num_warps),
+                     HAS_BIAS=False, **_lora_constexprs(rank, 4096, rows, tile.block_m, tile.num_warps),
                      BLOCK_M=tile.block_m,
                      BLOCK_N=tile.block_n,
                      BLOCK_K=tile.block_k if tile.kernel_mode == "mma" else max(tile.block_k, blocksize),
@@ -180,8 +181,8 @@ def _k_loop(ttgir: str) -> str:
     return "\n".join(max(loops, key=len)) if loops else ""
 
 
-def inspect(tile: TileConfig, target: str, rank: int = 0) -> KernelCounts:
-    compiled = compile_tile(tile, target, rank=rank)
+def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1) -> KernelCounts:
+    compiled = compile_tile(tile, target, rank=rank, rows=rows)
     ttgir = compiled.asm["ttgir"]
     loop = _k_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}"
                     f"{f' lora{rank}' if rank else ''}")
             try:
-                c = inspect(tile, args.target, rank)
+                c = inspect(tile, args.target, rank, rows)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run
                 print(f"| {rows} | {name} | does not compile for {args.target}: {type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''} |", flush=True)

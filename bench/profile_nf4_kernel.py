@@ -74,31 +74,39 @@ def _segments(weight, sizes: tuple[int, ...]) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class CompileJob:
-    """One launch the sweep will time: ``tile`` at ``rows`` rows on a weight of ``sizes`` rows (siblings as
-    segments) over ``k`` columns."""
+    """One launch the profile will time: ``tile`` at ``rows`` rows on a weight of ``sizes`` rows (siblings as
+    segments) over ``k`` columns, with LoRA of ``rank`` (0: none)."""
 
     tile: Any  # TileConfig
     rows: int
     sizes: tuple[int, ...]
     k: int
+    rank: int = 0
 
 
 def _compile_tile(job: tuple) -> str | None:
     """Worker of :func:`compile_ahead` (a spawned process): a :class:`CompileJob`'s launch once on a fresh weight,
-    as the sweep launches it, so Triton compiles the same specialization into its on-disk cache. What went wrong,
-    in one line, or None."""
-    config, rows, sizes, k, blocksize, device = job
+    as the profile launches it (LoRA's chunks as the parent's ``lora_min_chunk`` makes them), so Triton compiles
+    the same specialization into its on-disk cache. What went wrong, in one line, or None."""
+    config, rows, sizes, k, rank, lora_min_chunk, blocksize, device = job
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import quantize_4bit
 
+        from medqa_core.engine.kernels import nf4_matmul as kernels
         from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
 
+        kernels.LORA_MIN_CHUNK = lora_min_chunk
         w = torch.randn(sum(sizes), k, device=device).bfloat16() * 0.02
         packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
         weight = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
         x = torch.randn(rows, k, device=device).bfloat16()
-        nf4_matmul(x, _segments(weight, sizes) if len(sizes) > 1 else weight, config=TileConfig(**config))
+        lora = {}
+        if rank:
+            lora = dict(lora_a=torch.randn(rank * len(sizes), k, device=device).bfloat16() * 0.02,
+                        lora_b=torch.randn(sum(sizes), rank, device=device).bfloat16() * 0.02,
+                        scaling=[2.0] * len(sizes))
+        nf4_matmul(x, _segments(weight, sizes) if len(sizes) > 1 else weight, config=TileConfig(**config), **lora)
         return None
     except Exception as e:  # the sweep times the tile itself and reports what fails there
         return f"{type(e).__name__}: {e}"[:200]
@@ -115,7 +123,10 @@ def compile_ahead(jobs: list[CompileJob], blocksize: int, device: torch.device, 
     import concurrent.futures
     import multiprocessing
 
-    args = [(dataclasses.asdict(j.tile), j.rows, j.sizes, j.k, blocksize, str(device)) for j in jobs]
+    from medqa_core.engine.kernels import nf4_matmul as kernels
+
+    args = [(dataclasses.asdict(j.tile), j.rows, j.sizes, j.k, j.rank, kernels.LORA_MIN_CHUNK, blocksize,
+             str(device)) for j in jobs]
     pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(args))),
                                                   mp_context=multiprocessing.get_context("spawn"))
     try:
@@ -148,6 +159,7 @@ def _copies(nbytes: int, device: torch.device) -> int:
 
 
 SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key the tile table
+ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")  # what each shape and row count times
 
 
 def _sweep_grid(rows: int) -> list:
@@ -219,14 +231,16 @@ def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[st
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
             device: torch.device | None = None, layers: list[str] | None = None,
-            once: bool = False, modes: list[str] | None = None, compile_workers: int = 1) -> tuple[dict, dict]:
+            once: bool = False, modes: list[str] | None = None, compile_workers: int = 1,
+            arms: list[str] | None = None) -> tuple[dict, dict]:
     """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only, in
     that order);
     ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
     ``once``: each arm's first weight copy called once, untimed, nothing saved: the launches for an external
     profiler (Nsight Compute) to capture. ``modes``: sweep only the grid's tiles of these modes (the tile in use
-    competes whatever its mode). ``compile_workers`` > 1: the sweep's tiles of every shape and row count
-    compiled first by that many processes at once (:func:`compile_ahead`)."""
+    competes whatever its mode). ``compile_workers`` > 1: the tiles in use (with and without LoRA) and the
+    sweep's, of every shape and row count, compiled first by that many processes at once (:func:`compile_ahead`).
+    ``arms``: time only these of ARMS."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -240,15 +254,21 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
     tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
-    if sweep and not once and device.type == "cuda" and compile_workers > 1:
-        jobs = [CompileJob(tile, rows, SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]),
-                           MISTRAL_7B_LAYERS[layer][1])
-                for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list if rows in SWEEP_ROWS
-                for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes)]
+    arms = list(arms or ARMS)
+    if not once and device.type == "cuda" and compile_workers > 1:
+        sizes_of = {layer: SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]) for layer in MISTRAL_7B_LAYERS}
+        ranks = [rank for arm, rank in (("ours", 0), ("ours+lora", RANK)) if arm in arms]
+        jobs = [CompileJob(tile_config(rows, *MISTRAL_7B_LAYERS[layer], device), rows, sizes_of[layer],
+                           MISTRAL_7B_LAYERS[layer][1], rank)
+                for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list for rank in ranks]
+        if sweep:
+            jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1])
+                     for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list if rows in SWEEP_ROWS
+                     for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes)]
         began = time.perf_counter()
         failed = sum(e is not None for e in compile_ahead(jobs, blocksize, device, compile_workers))
         print(f"compiled ahead: {len(jobs)} tiles of every shape and row count in "
-              f"{time.perf_counter() - began:.0f} s ({compile_workers} processes; {failed} left to the sweep)",
+              f"{time.perf_counter() - began:.0f} s ({compile_workers} processes; {failed} left to the timing loop)",
               flush=True)
     for layer in layers or MISTRAL_7B_LAYERS:  # in the order asked: a call cut short keeps the first ones
         n, k = MISTRAL_7B_LAYERS[layer]
@@ -280,7 +300,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             t = (2.0 * (x.float() @ a.float().T)).bfloat16().float()  # [rows, S * RANK]
             ref_lora = ref + torch.cat([t[:, i * RANK:(i + 1) * RANK] @ b_s.float().T
                                         for i, b_s in enumerate(b.split(sizes))], dim=1)
-            arms = {
+            cases = {
                 "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
                 "ours+lora": ([lambda w=w: nf4_matmul(x, w, lora_a=a, lora_b=b, scaling=[2.0] * len(sizes))
                                for w in weights],
@@ -293,8 +313,10 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 "bf16": ([lambda d=d: x @ d.T for d in denses], n * k * 2, ref),
             }
             if len(sizes) > 1:  # bitsandbytes and peft run siblings' adapters one layer at a time: their own rows
-                del arms["bitsandbytes+lora"]
-            for arm, (fns, wbytes, reference) in arms.items():
+                del cases["bitsandbytes+lora"]
+            for arm, (fns, wbytes, reference) in cases.items():
+                if arm not in arms:
+                    continue
                 lora = arm.endswith("lora")
                 out = fns[0]()
                 if once:
@@ -376,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes",
                         help="with --sweep: comma-separated kernel modes whose tiles to sweep (default: all)")
     parser.add_argument("--compile-workers", type=int, default=8,
-                        help="with --sweep: processes that compile the grid's tiles before it is timed (default: "
-                             "%(default)s; 1 compiles each as it is timed)")
+                        help="processes that compile the tiles (in use, and with --sweep the grid's) before they "
+                             "are timed (default: %(default)s; 1 compiles each as it is timed)")
+    parser.add_argument("--arms", help=f"comma-separated arms to time, of {', '.join(ARMS)} (default: all)")
     parser.add_argument("--lora-min-chunk", type=int, metavar="COLUMNS",
                         help="columns of K a LoRA down-projection program takes at least (the kernel's "
-                             "LORA_MIN_CHUNK, 256; larger: fewer, longer LoRA programs), recorded in --out")
+                             "LORA_MIN_CHUNK, 1024; larger: fewer, longer LoRA programs), recorded in --out")
     parser.add_argument("--once", action="store_true",
                         help="call each arm once, untimed, and write nothing: for Nsight Compute (ncu) to profile")
     args = parser.parse_args(argv)
@@ -391,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--layers: unknown {', '.join(unknown)}; choose among {', '.join(MISTRAL_7B_LAYERS)}")
     modes = args.modes.split(",") if args.modes else None
+    arms = args.arms.split(",") if args.arms else None
+    if set(arms or ()) - set(ARMS):
+        parser.error(f"--arms: unknown {', '.join(sorted(set(arms) - set(ARMS)))}; choose among {', '.join(ARMS)}")
     from medqa_core.engine.kernels.nf4_matmul import MODES
 
     if args.lora_min_chunk is not None and args.lora_min_chunk < 16:
@@ -420,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels.LORA_MIN_CHUNK = args.lora_min_chunk
     profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once,
-            modes=modes, compile_workers=args.compile_workers)
+            modes=modes, compile_workers=args.compile_workers, arms=arms)
     if not args.once:
         print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0

@@ -337,32 +337,42 @@ def test_other_compute_dtypes(dtype, config) -> None:
         assert _within_float32_sums(out, ref, x, w)
 
 
-@pytest.mark.parametrize("rows", [1, 6, 20])
-@pytest.mark.parametrize("k", [128, 1344])  # LoRA's down-projection in one chunk of K; in 5, the last one shorter
-def test_lora_is_fused_into_the_same_output(rows, k) -> None:
+@pytest.mark.parametrize(("rows", "k", "rank", "config"), [
+    (1, 128, 8, None), (6, 128, 8, None), (20, 128, 8, None),
+    (1, 1408, 8, None), (6, 1408, 8, None), (20, 1408, 8, None),
+    # the MMA tiles' LoRA is one more MMA a 16 ranks: 24 ranks are two, the second half padding; 9 rows, two row
+    # tiles
+    (1, 640, 24, TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True)),
+    (9, 640, 24, TileConfig(8, 32, 128, 1, 1, 1, "mma"))], ids=str)
+def test_lora_is_fused_into_the_same_output(rows, k, rank, config, monkeypatch) -> None:
     from medqa_core.engine.kernels import common
     from medqa_core.engine.kernels import nf4_matmul as kernels
 
-    assert kernels._lora_split(k) == ((1, 128) if k == 128 else (5, 269))
-    n, rank, scaling = 40, 8, 2.0
+    # LoRA's down-projection in one chunk of K; in 2; in 5, the last one shorter (chunks of 256 columns at least,
+    # as profile_nf4_kernel.py --lora-min-chunk sets them: the default's 1024 would need K of 2048 and more, slow
+    # under the interpreter)
+    monkeypatch.setattr(kernels, "LORA_MIN_CHUNK", 256)
+    assert kernels._lora_split(k) == {128: (1, 128), 640: (2, 320), 1408: (5, 282)}[k]
+    n, scaling = 40, 2.0
     param, state = _quantized(n, k, 64, True)
     gen = torch.Generator().manual_seed(2)
     a = (torch.randn(rank, k, generator=gen) * 0.1).bfloat16().to(DEVICE)
     b = (torch.randn(n, rank, generator=gen) * 0.1).bfloat16().to(DEVICE)
     bias = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
     x = torch.randn(rows, k, generator=gen).bfloat16().to(DEVICE)
-    out = nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling)
+    out = nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling, config=config)
     # peft under autocast: the down-projection rounded to bf16, then up, scaled and added.
     t = (scaling * (x.float() @ a.float().T)).bfloat16().float()
     ref = x.float() @ dequantize_4bit(param.data, state).float().T + bias.float() + t @ b.float().T
     assert _ulps(out, ref) <= 1.0
-    base_only = nf4_matmul(x, nf4_weight(param), bias=bias)
+    base_only = nf4_matmul(x, nf4_weight(param), bias=bias, config=config)
     assert (out.float() - base_only.float()).abs().max() > 0.01  # the adapter really contributed
-    # One launch: its first `rank` x chunks programs computed t's partials, its tiles waited for them, summed them
-    # in chunk order and counted themselves; the last set both counters back, so the next call (a graph replay)
-    # starts from zero and gives the same bits.
-    assert common.ARRIVAL_COUNTERS[(x.device, "lora")][:2].tolist() == [0, 0]
-    assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling))
+    # One launch: its first rank x chunks programs computed t's partials, each rank's last summed them in chunk
+    # order; its tiles waited for every rank and counted themselves; the last set the counters back (ranks done,
+    # tiles finished, each rank's chunks), so the next call (a graph replay) starts from zero, with the same bits.
+    assert common.ARRIVAL_COUNTERS[(x.device, "lora")][:2 + rank].tolist() == [0] * (2 + rank)
+    assert torch.equal(out, nf4_matmul(x, nf4_weight(param), bias=bias, lora_a=a, lora_b=b, scaling=scaling,
+                                       config=config))
 
 
 @pytest.mark.parametrize(("n", "k", "blocksize", "dtype", "block_k", "match"), [

@@ -27,6 +27,15 @@ def test_an_unknown_mode_is_named_with_the_choices(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_an_unknown_arm_is_named_with_the_choices(tmp_path):
+    done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--out", str(tmp_path / "x.json"),
+                           "--arms", "ours+lora,marlin"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert ("--arms: unknown marlin; choose among ours, ours+lora, bitsandbytes, bitsandbytes+lora, bf16"
+            in done.stderr)
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_out_is_required_except_with_once(tmp_path):
     done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--rows", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -86,7 +95,7 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     # jobs of two shapes and row counts in one pool, as the sweep sends its whole grid
     jobs = [CompileJob(TileConfig(1, 16, 64, 1, 1, 1, "fma"), 1, (256, 256), 64),
             CompileJob(TileConfig(8, 16, 128, 1, 1, 1, "mma"), 1, (256, 256), 64),  # K 64 < block_k 128
-            CompileJob(TileConfig(4, 16, 64, 1, 1, 2, "fma"), 3, (48,), 128)]
+            CompileJob(TileConfig(4, 16, 64, 1, 1, 2, "fma"), 3, (48,), 128, 4)]  # with LoRA of rank 4
     done = compile_ahead(jobs, 64, torch.device("cpu"), workers=2)
     assert done[0] is None and done[2] is None
     assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")

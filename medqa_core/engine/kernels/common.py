@@ -48,6 +48,29 @@ def dot_nt(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
         return tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
 
 
+
+@triton.jit
+def wait_for_lora(lora_counter_ptr, LORA_RANKS: tl.constexpr):
+    """Spin until the LoRA programs have written t for all the launch's LORA_RANKS ranks (nf4_matmul's "lora"
+    counters: ranks done, then waiters finished). The LoRA programs come first in the grid, dispatched before any
+    waiter, so a waiter never holds the slot one of them needs."""
+    done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
+    while done < LORA_RANKS:
+        done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def lora_waiter_finished(lora_counter_ptr, waiters):
+    """This program has passed :func:`wait_for_lora`: the last of the launch's ``waiters`` to get here sets both
+    counters back for the next call. Relaxed (v16; acq_rel before): the count orders nothing but itself, since a
+    waiter counts itself only after its acquiring wait returned and the next call's programs start after this
+    launch ends; so no fence (a wait for the program's output stores) at the end of every waiter."""
+    tl.debug_barrier()  # every warp of the program past the wait
+    finished = tl.atomic_add(lora_counter_ptr + 1, 1, sem="relaxed", scope="gpu")
+    if finished == waiters - 1:
+        tl.atomic_xchg(lora_counter_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(lora_counter_ptr + 1, 0, sem="relaxed", scope="gpu")
+
 # Arrival counters, per device and purpose (nf4_matmul: "split_k", one int32 per output tile, and "lora", two;
 # decode attention: "attention", one per query group). Zero between calls: each call's last program sets them
 # back. Kept, not allocated per call, because torch.zeros would add a memset launch to every call; so calls must

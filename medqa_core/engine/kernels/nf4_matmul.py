@@ -88,7 +88,14 @@ import torch
 import triton
 import triton.language as tl
 
-from medqa_core.engine.kernels.common import arrival_counters, dot_nt, interpreting, round_to_dtype
+from medqa_core.engine.kernels.common import (
+    arrival_counters,
+    dot_nt,
+    interpreting,
+    lora_waiter_finished,
+    round_to_dtype,
+    wait_for_lora,
+)
 from medqa_core.engine.kernels.nf4_decode import _nf4_element, _nf4_first_loads, _nf4_iteration
 from medqa_core.engine.kernels.nf4_gemv import _nf4_gemv
 from medqa_core.engine.kernels.nf4_mma import _nf4_mma
@@ -114,38 +121,36 @@ def _lora_down_rows(x_ptr, a_ptr, r, offs_m, m_mask, k_lo, k_hi, stride_xm, stri
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr, output_tiles,
               M, stride_tm, stride_bn, stride_om, HAS_BIAS: tl.constexpr, RANK: tl.constexpr,
-              RANK_PAD: tl.constexpr, LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, DOT: tl.constexpr,
-              EMULATE: tl.constexpr):
+              RANK_PAD: tl.constexpr, LORA_RANKS: tl.constexpr, DOT: tl.constexpr, EMULATE: tl.constexpr):
     """out = round(acc [BM, BN] + bias + t @ B^T): the one output write, after any split-K reduction."""
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if RANK > 0:
-        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first LORA_PROGRAMS programs
-        # (each rank's K in LORA_SPLIT chunks, summed here in chunk order), rounded to the compute dtype as peft's
-        # autocast matmuls round it. Those programs were dispatched before this one (in index order, as CUTLASS's
-        # stream-K fix-up also relies on) and are short, so t is almost always written by the time a tile gets
-        # here: the wait is a check that rarely spins.
+        # LoRA's up-projection: + t @ B^T, t = scaling * x @ A^T from this launch's first programs (each rank's K
+        # in LORA_SPLIT chunks, summed in chunk order by the rank's last; LORA_RANKS ranks in all), rounded to the
+        # compute dtype as peft's autocast matmuls round it. Those programs were dispatched before this one (in
+        # index order, as CUTLASS's stream-K fix-up also relies on) and are short, so t is almost always written by
+        # the time a tile gets here: the wait is a check that rarely spins.
         offs_r = tl.arange(0, RANK_PAD)
         r_mask = offs_r < RANK
         # B waits on nothing: loaded before the wait, not after it, so its L2 round trip is not one more link in
         # the launch's last tile's chain (v15; v14 loaded each rank's column after t)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BN, R]
-        done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
-        while done < LORA_PROGRAMS:
-            done = tl.atomic_add(lora_counter_ptr, 0, sem="acquire", scope="gpu")
-        t = tl.zeros((offs_m.shape[0], RANK_PAD), dtype=tl.float32)
-        for c in tl.static_range(LORA_SPLIT):
-            # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
-            t += tl.load(t_ptr + (c * M + offs_m[:, None]) * stride_tm + offs_r[None, :],
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")  # [BM, R]
+        wait_for_lora(lora_counter_ptr, LORA_RANKS)
+        # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                    other=0.0, cache_modifier=".cg")  # [BM, R]
         t = round_to_dtype(t, dtype, EMULATE)
         if DOT:
             acc = dot_nt(t, b.to(tl.float32) if EMULATE else b.to(dtype), acc, dtype, EMULATE)
         else:
             # A rank at a time: with the [BM, BN, R] products held at once, the MMA GEMV's tiles took 92-122
-            # registers with LoRA against 71-80 without (compiled traces 20261207T0456Z, 20261207T0451Z)
+            # registers with LoRA against 71-80 without (compiled traces 20261207T0456Z, 20261207T0451Z). Each
+            # rank's column is picked by a masked sum, a reduction across lanes: what the MMA tiles no longer do
+            # (v16, nf4_mma._mma_lora); loading each rank's columns in the tile's layout instead hoisted every
+            # load and took 255 registers (compiled for sm_90a).
             up = tl.zeros_like(acc)
             for r in tl.static_range(RANK):
                 t_r = tl.sum(tl.where(offs_r[None, :] == r, t, 0.0), axis=1)  # [BM]
@@ -155,12 +160,7 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], round_to_dtype(acc, dtype, EMULATE).to(dtype),
              mask=m_mask[:, None] & n_mask[None, :])
     if RANK > 0:
-        # Every output tile has read t: the last one to get here sets both counters back for the next call.
-        tl.debug_barrier()
-        finished = tl.atomic_add(lora_counter_ptr + 1, 1, sem="acq_rel", scope="gpu")
-        if finished == output_tiles - 1:
-            tl.atomic_xchg(lora_counter_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(lora_counter_ptr + 1, 0, sem="relaxed", scope="gpu")
+        lora_waiter_finished(lora_counter_ptr, output_tiles)
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        SEGMENTS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                        DOUBLE_QUANT: tl.constexpr,
                        ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-                       LORA_BLOCK_K: tl.constexpr, LORA_SPLIT: tl.constexpr,
+                       LORA_BLOCK_M: tl.constexpr, LORA_BLOCK_K: tl.constexpr, LORA_SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
@@ -210,14 +210,32 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                 if SEGMENTS > 2:
                     if r >= 2 * RANK:
                         scaling = scaling2
-            for m0 in range(0, M, BLOCK_M):
-                offs_lm = m0 + tl.arange(0, BLOCK_M)
+            for m0 in range(0, M, LORA_BLOCK_M):
+                offs_lm = m0 + tl.arange(0, LORA_BLOCK_M)
                 lm_mask = offs_lm < M
                 t_r = _lora_down_rows(x_ptr, a_ptr, r, offs_lm, lm_mask, k_lo, k_hi, stride_xm, stride_am, scaling,
-                                      BLOCK_M, LORA_BLOCK_K)
+                                      LORA_BLOCK_M, LORA_BLOCK_K)
                 tl.store(t_ptr + (chunk * M + offs_lm) * stride_tm + r, t_r, mask=lm_mask)
             tl.debug_barrier()  # every lane's t stored before the release below
-            tl.atomic_add(lora_counter_ptr, 1, sem="release", scope="gpu")
+            if LORA_SPLIT > 1:
+                # The rank's last chunk to arrive sums its LORA_SPLIT partials in chunk order into chunk 0's, so
+                # a waiter loads t once, not once a chunk (v16: the chunks' loads held registers in every tile).
+                arrived = tl.atomic_add(lora_counter_ptr + 2 + r, 1, sem="acq_rel", scope="gpu")
+                if arrived == LORA_SPLIT - 1:
+                    for m0 in range(0, M, LORA_BLOCK_M):
+                        offs_lm = m0 + tl.arange(0, LORA_BLOCK_M)
+                        lm_mask = offs_lm < M
+                        total = tl.zeros((LORA_BLOCK_M,), dtype=tl.float32)
+                        for c in tl.static_range(LORA_SPLIT):
+                            # .cg: from L2, where the other programs' partials are, never a stale L1 line.
+                            total += tl.load(t_ptr + (c * M + offs_lm) * stride_tm + r, mask=lm_mask, other=0.0,
+                                             cache_modifier=".cg")
+                        tl.store(t_ptr + offs_lm * stride_tm + r, total, mask=lm_mask)
+                    tl.atomic_xchg(lora_counter_ptr + 2 + r, 0, sem="relaxed", scope="gpu")
+                    tl.debug_barrier()  # every lane's t stored before the release below
+                    tl.atomic_add(lora_counter_ptr, 1, sem="release", scope="gpu")
+            else:
+                tl.atomic_add(lora_counter_ptr, 1, sem="release", scope="gpu")
     if tile >= 0:
         pid_n = tile % n_tiles
         pid_m = (tile // n_tiles) % m_tiles
@@ -245,7 +263,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   out_ptr, partial_ptr, counter_ptr, lora_counter_ptr, pid_n, pid_m, pid_k,
                   tl.cdiv(n_seg, BLOCK_N), m_tiles, n_tiles * m_tiles, M, n_seg, K, stride_xm, stride_qn, stride_tm,
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
-                  HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK * LORA_SPLIT, LORA_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
+                  HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
                   SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD,
                   ROUND_ASM, NUM_WARPS, EMULATE)
 
@@ -256,7 +274,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               M, N, K, stride_xm, stride_qn, stride_tm, stride_bn, stride_om, blocks_per_row, iterations,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
-              LORA_PROGRAMS: tl.constexpr, LORA_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LORA_RANKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, DOT: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr,
               SHARED_TABLE: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr,
               MMA: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, SCALES_AHEAD: tl.constexpr,
@@ -286,9 +304,10 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
     if MMA:
         # Written to partial[pid_k]; read back as a [BLOCK_M, BLOCK_N] tile below (a lane's results are not where
         # Triton's tile layout has them).
-        _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m,
-                 pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS),
-                 NUM_WARPS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD,
+        _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, t_ptr, b_ptr,
+                 lora_counter_ptr, pid_n, pid_m, pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, stride_tm,
+                 stride_bn, output_tiles, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS), NUM_WARPS, BLOCKSIZE,
+                 BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD, RANK, LORA_RANKS,
                  EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
@@ -404,6 +423,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                           + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :])
         if not DOT:
             acc = tl.sum(part2, axis=2)
+    EPILOGUE_RANK: tl.constexpr = 0 if MMA else RANK  # the MMA tiles added LoRA's up-projection already
     mn_mask = m_mask[:, None] & n_mask[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
     if SPLIT_K == 1:
@@ -411,8 +431,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
             tl.debug_barrier()  # every lane's results stored before any lane reads the tile
             acc = tl.load(partial_ptr + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
         _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
-                  output_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_PROGRAMS, LORA_SPLIT,
-                  DOT, EMULATE)
+                  output_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, EPILOGUE_RANK, RANK_PAD, LORA_RANKS, DOT,
+                  EMULATE)
     else:
         # Deterministic split-K: each program writes its float32 partial to partial[pid_k, M, N]; the last of the
         # tile's SPLIT_K programs to arrive (an acq_rel counter) sums the partials in index order 0..SPLIT_K-1,
@@ -429,8 +449,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                 total += tl.load(partial_ptr + s * M * N + tile, mask=mn_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
             _epilogue(total, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_ptr, lora_counter_ptr,
-                      output_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, RANK, RANK_PAD, LORA_PROGRAMS,
-                      LORA_SPLIT, DOT, EMULATE)
+                      output_tiles, M, stride_tm, stride_bn, stride_om, HAS_BIAS, EPILOGUE_RANK, RANK_PAD, LORA_RANKS,
+                      DOT, EMULATE)
 
 
 @dataclass(frozen=True)
@@ -703,9 +723,10 @@ def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
 
 # LoRA's down-projection x @ A^T is split along K into chunks of at least this many columns (up to 16 chunks), one
 # program each per rank, instead of a rank's whole K in one program (a chain of dependent loads the output tiles'
-# epilogues wait on). Measured on an H100 at one row (docs/decode.md, v7): no gain over the one program; kept
-# because the bench files of v7 ran with it.
-LORA_MIN_CHUNK = 256
+# epilogues wait on). 256 until v15; 1024 since v16: the LoRA programs come first in the grid and take whole
+# slots, so 768 of them for q+k+v (256 columns) held back its 384 tiles (Nsight Compute, session 46: 1.45 waves
+# against 0.48 without LoRA), and 1024 columns is one load a lane at one row (LORA_BLOCK_M 1).
+LORA_MIN_CHUNK = 1024
 LORA_MAX_SPLIT = 16
 
 
@@ -716,19 +737,24 @@ def _lora_split(in_features: int) -> tuple[int, int]:
     return triton.cdiv(in_features, chunk), chunk
 
 
-def _lora_block_k(block_m: int, num_warps: int) -> int:
-    """Columns an iteration of the LoRA programs' [block_m, K] loads: about 16 values a lane. The LoRA programs
-    share the kernel's register count: at 64 a lane (v6-v13), with the epilogue's products held at once, the MMA
-    GEMV's tiles took 92-122 registers with LoRA against 71-80 without; at 16 they take no more than the tile does."""
-    return max(16, min(1024, 16 * 32 * num_warps // block_m))
+def _lora_block_k(lora_block_m: int, num_warps: int) -> int:
+    """Columns an iteration of the LoRA programs' [lora_block_m, K] loads of x (and [K] of A): about 16 values a
+    lane in all. The LoRA programs share the kernel's register count: at 64 a lane (v6-v13), with the epilogue's
+    products held at once, the MMA GEMV's tiles took 92-122 registers with LoRA against 71-80 without; at 16 they
+    take no more than the tile does. At one row A's share counts as much as x's (1024 columns on 2 warps, 16 of
+    each a lane: 116 registers against 90, compiled for sm_90a)."""
+    return max(16, min(1024, 16 * 32 * num_warps // max(lora_block_m, 2)))
 
 
-def _lora_constexprs(rank: int, in_features: int, block_m: int, num_warps: int) -> dict[str, int]:
+def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_warps: int) -> dict[str, int]:
     """The kernel's LoRA constexprs for a launch (also what bench/inspect_nf4_kernel.py compiles): each sibling's
-    rank, its power-of-two pad, the LoRA programs' load width and the chunks of K they split it in."""
+    rank, its power-of-two pad, the LoRA programs' rows and columns a load and the chunks of K they split it in.
+    The LoRA programs take the launch's rows, not the tile's: an MMA tile has 8 rows at one (v16; before, 7 of
+    8 rows of every LoRA load were masked off and a chunk took several loads)."""
     lora_split, lora_chunk = _lora_split(in_features)
-    return dict(RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-                LORA_BLOCK_K=min(_lora_block_k(block_m, num_warps), triton.next_power_of_2(lora_chunk)),
+    lora_block_m = min(block_m, triton.next_power_of_2(max(rows, 1)))
+    return dict(RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))), LORA_BLOCK_M=lora_block_m,
+                LORA_BLOCK_K=min(_lora_block_k(lora_block_m, num_warps), triton.next_power_of_2(lora_chunk)),
                 LORA_SPLIT=lora_split)
 
 
@@ -875,7 +901,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     # its results there even unsplit
     partial = torch.empty(split, rows, n, device=x.device, dtype=torch.float32) if split > 1 or mma else out
     counters = arrival_counters(x.device, "split_k", n_tiles * m_tiles) if split > 1 else out  # else unused
-    lora_counters = arrival_counters(x.device, "lora", 2) if rank else out
+    # the LoRA programs' counters: ranks done, waiters finished, then each rank's arrived chunks
+    lora_counters = arrival_counters(x.device, "lora", 2 + segments * rank) if rank else out
 
     def quant(w: NF4Weight) -> list[torch.Tensor]:  # what the kernel reads of one weight
         return [w.packed, w.absmax, w.absmax2 if dq else w.code, w.offset if dq else w.code]
@@ -889,7 +916,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         segments * rank, b.stride(0), out.stride(0), k // first.blocksize, iterations,
         *(scalings + [1.0] * (MAX_SEGMENTS - segments)), lora_chunk,
         SEGMENTS=segments, BLOCKSIZE=first.blocksize, BLOCKSIZE2=first.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
-        HAS_BIAS=bias is not None, **_lora_constexprs(rank, k, cfg.block_m, cfg.num_warps),
+        HAS_BIAS=bias is not None, **_lora_constexprs(rank, k, rows, cfg.block_m, cfg.num_warps),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", MMA=mma, PRMT_ROWS=LOOKUPS.index(cfg.lookup), BLOCK_SCALE=cfg.block_scale,

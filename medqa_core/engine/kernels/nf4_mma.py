@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from medqa_core.engine.kernels.common import round_to_dtype
+from medqa_core.engine.kernels.common import lora_waiter_finished, round_to_dtype, wait_for_lora
 from medqa_core.engine.kernels.nf4_decode import _nf4_scale
 
 UNROLL = tl.constexpr(2)  # iterations a pass of the compiled K loop makes (bench/inspect_nf4_kernel.py divides by it)
@@ -419,6 +419,39 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, le
     return c0, c1, c2, c3
 
 
+
+@triton.jit
+def _lora_t_pairs(t_ptr, x_row, k, stride_tm, RANK: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """LoRA's t as the MMA's B operand: x row ``x_row``'s ranks ``k, k + 1`` (b0) and ``k + 8, k + 9`` (b1), rounded
+    to ``dtype`` (ranks from RANK on: 0)."""
+    row = t_ptr + x_row * stride_tm
+    # .cg: from L2, where the LoRA programs wrote t, never a stale L1 line.
+    v0 = tl.load(row + k, mask=k < RANK, other=0.0, cache_modifier=".cg")
+    v1 = tl.load(row + k + 1, mask=k + 1 < RANK, other=0.0, cache_modifier=".cg")
+    v2 = tl.load(row + k + 8, mask=k + 8 < RANK, other=0.0, cache_modifier=".cg")
+    v3 = tl.load(row + k + 9, mask=k + 9 < RANK, other=0.0, cache_modifier=".cg")
+    return _mma_pair(v0, v1, dtype, EMULATE), _mma_pair(v2, v3, dtype, EMULATE)
+
+
+@triton.jit
+def _lora_b_pairs(b_ptr, row_g, row_h, k, stride_bn, RANK: tl.constexpr, dtype: tl.constexpr,
+                  EMULATE: tl.constexpr):
+    """LoRA's B [N, RANK] as the MMA's A operand: rows ``row_g`` (a0: ranks k, k + 1; a2: k + 8, k + 9) and
+    ``row_h`` (a1, a3), as ``dtype`` pairs (ranks from RANK on: 0)."""
+    g = b_ptr + row_g * stride_bn + k
+    h = b_ptr + row_h * stride_bn + k
+    g0 = tl.load(g, mask=k < RANK, other=0.0).to(tl.float32)
+    g1 = tl.load(g + 1, mask=k + 1 < RANK, other=0.0).to(tl.float32)
+    g8 = tl.load(g + 8, mask=k + 8 < RANK, other=0.0).to(tl.float32)
+    g9 = tl.load(g + 9, mask=k + 9 < RANK, other=0.0).to(tl.float32)
+    h0 = tl.load(h, mask=k < RANK, other=0.0).to(tl.float32)
+    h1 = tl.load(h + 1, mask=k + 1 < RANK, other=0.0).to(tl.float32)
+    h8 = tl.load(h + 8, mask=k + 8 < RANK, other=0.0).to(tl.float32)
+    h9 = tl.load(h + 9, mask=k + 9 < RANK, other=0.0).to(tl.float32)
+    return (_mma_pair(g0, g1, dtype, EMULATE), _mma_pair(h0, h1, dtype, EMULATE), _mma_pair(g8, g9, dtype, EMULATE),
+            _mma_pair(h8, h9, dtype, EMULATE))
+
+
 @triton.jit
 def _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3):
     """A tile's accumulators into the float32 partial [M, N]: D[m, n] = W row m . x row n, so c0, c1 are W row
@@ -431,13 +464,15 @@ def _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3):
 
 
 @triton.jit
-def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, pid_n, pid_m, pid_k,
-             M, N, K, it0, it1, blocks_per_row, stride_xm, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
+def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, partial_ptr, t_ptr, b_ptr,
+             lora_counter_ptr, pid_n, pid_m, pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, stride_tm, stride_bn,
+             output_tiles, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
-             SCALES_AHEAD: tl.constexpr, EMULATE: tl.constexpr):
+             SCALES_AHEAD: tl.constexpr, RANK: tl.constexpr, LORA_RANKS: tl.constexpr, EMULATE: tl.constexpr):
     """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
-    BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``.
+    BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``; with LoRA (RANK), the
+    first of the output tile's K splits adds ``t @ B^T`` first.
 
     v8 (NVIDIA: mma.sync and shfl.sync; the interpreter emulates both). Each warp computes TILES 16-row tiles of W
     against up to 8 rows of x with ``mma.sync.m16n8k16`` (float32 accumulators), x's rows as the MMA's 8 columns,
@@ -467,6 +502,12 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     (a group) once, one each (:func:`_group_scales`; with PREFETCH the next group's), and an iteration takes its
     block's scale by one ``shfl`` a row (:func:`_iteration_scales`); the launch splits K in whole groups. The same
     float32 scales: bitwise v12's results.
+
+    v16 (RANK): LoRA's up-projection ``t @ B^T`` is one more MMA a 16 ranks, B's rows as A (W's rows g, g + 8) and
+    t's rows as B (x's rows), into the same accumulators, by the K split 0 of each output tile once the LoRA
+    programs are done. Until v15 the epilogue did it on a [BM, BN] tile, each rank picked out of [BM, R] and
+    [BN, R] tiles by a cross-lane sum: 32 shared-memory round trips and barriers in a row at the end of every
+    output tile. The products of the rounded t and B are exact either way; the float32 sums take another order.
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     # block scale over several blocks an iteration: a lane's words in each (the MMAs of a block sum one scale)
@@ -605,6 +646,18 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
                                             l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS,
                                             dtype,
                                             NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
+    if RANK > 0:
+        if pid_k == 0:
+            wait_for_lora(lora_counter_ptr, LORA_RANKS)
+            for r0 in tl.static_range(0, RANK, 16):
+                k = r0 + 2 * t  # the lane's ranks k, k + 1, k + 8, k + 9, as it holds k of W's columns
+                t0, t1 = _lora_t_pairs(t_ptr, x_row, k, stride_tm, RANK, dtype, EMULATE)
+                a0, a1, a2, a3 = _lora_b_pairs(b_ptr, row_g, row_h, k, stride_bn, RANK, dtype, EMULATE)
+                c0, c1, c2, c3 = _mma(a0, a1, a2, a3, t0, t1, c0, c1, c2, c3, dtype, NUM_WARPS, EMULATE)
+                if TILES == 2:
+                    a0, a1, a2, a3 = _lora_b_pairs(b_ptr, row_g2, row_h2, k, stride_bn, RANK, dtype, EMULATE)
+                    d0, d1, d2, d3 = _mma(a0, a1, a2, a3, t0, t1, d0, d1, d2, d3, dtype, NUM_WARPS, EMULATE)
+            lora_waiter_finished(lora_counter_ptr, output_tiles)
     part = partial_ptr + pid_k * M * N
     n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
     _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
