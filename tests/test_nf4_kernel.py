@@ -352,7 +352,7 @@ def test_lora_is_fused_into_the_same_output(rows, k, rank, config, monkeypatch) 
     # as profile_nf4_kernel.py --lora-min-chunk sets them: the default's 1024 would need K of 2048 and more, slow
     # under the interpreter)
     monkeypatch.setattr(kernels, "LORA_MIN_CHUNK", 256)
-    assert kernels._lora_split(k) == {128: (1, 128), 640: (2, 320), 1408: (5, 282)}[k]
+    assert kernels._lora_split(k, 1024) == {128: (1, 128), 640: (2, 320), 1408: (5, 282)}[k]
     n, scaling = 40, 2.0
     param, state = _quantized(n, k, 64, True)
     gen = torch.Generator().manual_seed(2)

@@ -725,14 +725,19 @@ def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
 # program each per rank, instead of a rank's whole K in one program (a chain of dependent loads the output tiles'
 # epilogues wait on). 256 until v15; 1024 since v16: the LoRA programs come first in the grid and take whole
 # slots, so 768 of them for q+k+v (256 columns) held back its 384 tiles (Nsight Compute, session 46: 1.45 waves
-# against 0.48 without LoRA), and 1024 columns is one load a lane at one row (LORA_BLOCK_M 1).
+# against 0.48 without LoRA), and 1024 columns is one load a lane at one row (LORA_BLOCK_M 1). But no more than
+# LORA_LOADS loads a program: a LoRA program's loads wait one after the other, and 1-warp tiles at 8 rows (64
+# columns a load) took 16 for 1024 columns, and ran 3-7 us slower with LoRA than at 256 (session 46's A/B).
 LORA_MIN_CHUNK = 1024
+LORA_LOADS = 4
 LORA_MAX_SPLIT = 16
 
 
-def _lora_split(in_features: int) -> tuple[int, int]:
-    """(chunks, columns a chunk) of LoRA's down-projection over ``in_features``."""
-    split = max(1, min(LORA_MAX_SPLIT, in_features // LORA_MIN_CHUNK))
+def _lora_split(in_features: int, lora_block_k: int) -> tuple[int, int]:
+    """(chunks, columns a chunk) of LoRA's down-projection over ``in_features``, whose programs load
+    ``lora_block_k`` columns at a time."""
+    least = min(LORA_MIN_CHUNK, LORA_LOADS * lora_block_k)
+    split = max(1, min(LORA_MAX_SPLIT, in_features // least))
     chunk = triton.cdiv(in_features, split)
     return triton.cdiv(in_features, chunk), chunk
 
@@ -751,11 +756,11 @@ def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_w
     rank, its power-of-two pad, the LoRA programs' rows and columns a load and the chunks of K they split it in.
     The LoRA programs take the launch's rows, not the tile's: an MMA tile has 8 rows at one (v16; before, 7 of
     8 rows of every LoRA load were masked off and a chunk took several loads)."""
-    lora_split, lora_chunk = _lora_split(in_features)
     lora_block_m = min(block_m, triton.next_power_of_2(max(rows, 1)))
+    lora_block_k = _lora_block_k(lora_block_m, num_warps)
+    lora_split, lora_chunk = _lora_split(in_features, lora_block_k)
     return dict(RANK=rank, RANK_PAD=max(16, triton.next_power_of_2(max(rank, 1))), LORA_BLOCK_M=lora_block_m,
-                LORA_BLOCK_K=min(_lora_block_k(lora_block_m, num_warps), triton.next_power_of_2(lora_chunk)),
-                LORA_SPLIT=lora_split)
+                LORA_BLOCK_K=min(lora_block_k, triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split)
 
 
 def _round_asm(x: torch.Tensor) -> bool:
@@ -890,7 +895,9 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     rank = 0 if lora_a is None else int(lora_a.shape[0]) // segments  # each sibling's
     # t: LoRA's down-projection, [lora_split, rows, segments * rank] partials over K's chunks, written by the
     # launch's first segments * rank * lora_split programs, summed in chunk order by its epilogues
-    lora_split, lora_chunk = _lora_split(k)
+    lora = _lora_constexprs(rank, k, rows, cfg.block_m, cfg.num_warps)
+    lora_split = lora["LORA_SPLIT"]
+    lora_chunk = triton.cdiv(k, lora_split)  # _lora_split's
     t = torch.empty(lora_split, rows, segments * rank, device=x.device, dtype=torch.float32) if rank else out
     a = lora_a if rank else out  # else unused
     b = lora_b if rank else out
@@ -916,7 +923,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         segments * rank, b.stride(0), out.stride(0), k // first.blocksize, iterations,
         *(scalings + [1.0] * (MAX_SEGMENTS - segments)), lora_chunk,
         SEGMENTS=segments, BLOCKSIZE=first.blocksize, BLOCKSIZE2=first.blocksize2, DOUBLE_QUANT=dq, ALIGNED=aligned,
-        HAS_BIAS=bias is not None, **_lora_constexprs(rank, k, rows, cfg.block_m, cfg.num_warps),
+        HAS_BIAS=bias is not None, **lora,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DOT=dot, SWAP=cfg.kernel_mode == "dot_swap",
         PREFETCH=cfg.prefetch, SHARED_TABLE=cfg.shared_table, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
         GEMV=cfg.kernel_mode == "gemv", MMA=mma, PRMT_ROWS=LOOKUPS.index(cfg.lookup), BLOCK_SCALE=cfg.block_scale,
