@@ -727,7 +727,7 @@ def _blocks_per_iteration(weight: NF4Weight, block_k: int) -> int:
 # slots, so 768 of them for q+k+v (256 columns) held back its 384 tiles (Nsight Compute, session 46: 1.45 waves
 # against 0.48 without LoRA), and 1024 columns is one load a lane at one row (LORA_BLOCK_M 1). But no more than
 # LORA_LOADS loads a program: a LoRA program's loads wait one after the other, and 1-warp tiles at 8 rows (64
-# columns a load) took 16 for 1024 columns, and ran 3-7 us slower with LoRA than at 256 (session 46's A/B).
+# columns a load) took 16 for 1024 columns, and ran 3.3-4.6 us slower with LoRA than at 256 (session 46's A/B).
 LORA_MIN_CHUNK = 1024
 LORA_LOADS = 4
 LORA_MAX_SPLIT = 16
