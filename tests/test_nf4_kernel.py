@@ -337,6 +337,17 @@ def test_other_compute_dtypes(dtype, config) -> None:
         assert _within_float32_sums(out, ref, x, w)
 
 
+def test_lora_programs_take_the_launchs_rows_and_at_most_four_loads_each() -> None:
+    from medqa_core.engine.kernels.nf4_matmul import _lora_constexprs
+
+    # one row on a 4-warp MMA tile (8 rows): one row a LoRA load of 1024 columns, chunks of 1024, one load each
+    one = _lora_constexprs(16, 4096, 1, 8, 4)
+    assert (one["LORA_BLOCK_M"], one["LORA_BLOCK_K"], one["LORA_SPLIT"]) == (1, 1024, 4)
+    # 8 rows on a 1-warp tile: 64 columns a load, so chunks of 256 (4 loads), not 1024 (16)
+    eight = _lora_constexprs(16, 4096, 8, 8, 1)
+    assert (eight["LORA_BLOCK_M"], eight["LORA_BLOCK_K"], eight["LORA_SPLIT"]) == (8, 64, 16)
+
+
 @pytest.mark.parametrize(("rows", "k", "rank", "config"), [
     (1, 128, 8, None), (6, 128, 8, None), (20, 128, 8, None),
     (1, 1408, 8, None), (6, 1408, 8, None), (20, 1408, 8, None),

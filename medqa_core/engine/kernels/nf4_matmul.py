@@ -149,7 +149,7 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, bias_ptr, t_ptr, b_ptr, out_p
             # A rank at a time: with the [BM, BN, R] products held at once, the MMA GEMV's tiles took 92-122
             # registers with LoRA against 71-80 without (compiled traces 20261207T0456Z, 20261207T0451Z). Each
             # rank's column is picked by a masked sum, a reduction across lanes: what the MMA tiles no longer do
-            # (v16, nf4_mma._mma_lora); loading each rank's columns in the tile's layout instead hoisted every
+            # (v16, in nf4_mma._nf4_mma); loading each rank's columns in the tile's layout instead hoisted every
             # load and took 255 registers (compiled for sm_90a).
             up = tl.zeros_like(acc)
             for r in tl.static_range(RANK):
@@ -185,10 +185,11 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
     # is that segment's own region, so inside a segment the code is that of one weight.
     # Programs 0 .. SEGMENTS * RANK * LORA_SPLIT - 1 (with LoRA): rank pid // LORA_SPLIT (segment rank // RANK's)
     # of LoRA's down-projection t = scaling * x @ A^T for every row, over chunk pid % LORA_SPLIT of K, into that
-    # chunk's partial, then counted done. The rest: program SEGMENTS * RANK * LORA_SPLIT
-    # + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs [BLOCK_M, BLOCK_N] over iterations [it0, it1)
-    # of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges of whole quantization blocks; its epilogue adds
-    # t @ B^T. So an adapted layer (or a group of siblings) is one launch.
+    # chunk's partial; the rank's last chunk sums them into chunk 0's and counts the rank done. The rest: program
+    # SEGMENTS * RANK * LORA_SPLIT + (pid_k * m_tiles + pid_m) * n_tiles + pid_n computes outputs
+    # [BLOCK_M, BLOCK_N] over iterations [it0, it1) of BLOCK_K columns, the pid_k-th of SPLIT_K near-equal ranges
+    # of whole quantization blocks; t @ B^T is added by its epilogue (by K split 0's MMAs on the MMA tiles). So an
+    # adapted layer (or a group of siblings) is one launch.
     pid = tl.program_id(0)
     n_tiles0 = tl.cdiv(N0, BLOCK_N)
     n_tiles1 = tl.cdiv(N1, BLOCK_N)
@@ -894,7 +895,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     split = max(1, min(cfg.split_k, groups))
     rank = 0 if lora_a is None else int(lora_a.shape[0]) // segments  # each sibling's
     # t: LoRA's down-projection, [lora_split, rows, segments * rank] partials over K's chunks, written by the
-    # launch's first segments * rank * lora_split programs, summed in chunk order by its epilogues
+    # launch's first segments * rank * lora_split programs, each rank's summed in chunk order into chunk 0's
     lora = _lora_constexprs(rank, k, rows, cfg.block_m, cfg.num_warps)
     lora_split = lora["LORA_SPLIT"]
     lora_chunk = triton.cdiv(k, lora_split)  # _lora_split's
