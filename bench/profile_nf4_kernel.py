@@ -16,6 +16,8 @@ GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``m
 reports the fastest (every tile's time under ``tried``) of those that give the right result twice (within
 bf16's eps of the sum of ``|x * w|``, the same bits both times); ``--tiles-out`` writes them as the kernel's tile
 table for this device, keeping other devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
+``--sweep-lora`` times each tile with LoRA (rank 16), as an adapted model's decode launches it, and writes entries
+that launches with LoRA take (``"lora": true``), beside those chosen without.
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that made it)
@@ -51,11 +53,28 @@ def _ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs() / ulp).max().item()
 
 
-def _abs_sum_eps(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
-    """Largest |out - ref| in units of bf16's eps times the sum of |x_k * w_nk|: the summation-order bound, which
-    stays meaningful where the sum cancels to near zero (there the ulp of the result is tiny)."""
-    bound = x.float().abs() @ w.float().abs().T * torch.finfo(torch.bfloat16).eps
+def _abs_sum_eps(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                 lora_abs: torch.Tensor | None = None) -> float:
+    """Largest |out - ref| in units of bf16's eps times the sum of |x_k * w_nk| (and of LoRA's |t_r * b_nr|,
+    ``lora_abs``): the summation-order bound, which stays meaningful where the sum cancels to near zero (there the
+    ulp of the result is tiny)."""
+    bound = x.float().abs() @ w.float().abs().T
+    if lora_abs is not None:
+        bound = bound + lora_abs
+    bound = bound * torch.finfo(torch.bfloat16).eps
     return ((out.float() - ref.float()).abs() / bound.clamp_min(1e-30)).max().item()
+
+
+def _lora_reference(x: torch.Tensor, ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sizes: tuple[int, ...],
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ref`` (x @ W^T in float32) plus LoRA's up-projection of siblings of ``sizes`` rows, each with its rank
+    block of A [S * r, K] and rows of B [N, r], t rounded to bf16 as the kernel rounds it; and the sum of LoRA's
+    |t_r * b_nr| per output, :func:`_abs_sum_eps`'s share of the bound for it."""
+    rank = a.shape[0] // len(sizes)
+    t = (scaling * (x.float() @ a.float().T)).bfloat16().float()  # [rows, S * r]
+    blocks = [(t[:, i * rank:(i + 1) * rank], b_s.float()) for i, b_s in enumerate(b.split(list(sizes)))]
+    return (ref + torch.cat([t_s @ b_s.T for t_s, b_s in blocks], dim=1),
+            torch.cat([t_s.abs() @ b_s.abs().T for t_s, b_s in blocks], dim=1))
 
 
 def _segments(weight, sizes: tuple[int, ...]) -> list:
@@ -219,20 +238,21 @@ def _sweep_grid(rows: int) -> list:
     return mma + by_hand + pipelined  # 28 at 8 rows, 10-11 above
 
 
-def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None) -> list:
-    """The tiles the sweep times for one shape and row count, in order: the tile in use (it competes too, whatever
-    its mode), then the grid's tiles of ``modes`` (all without)."""
+def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None,
+                 lora: bool = False) -> list:
+    """The tiles the sweep times for one shape and row count, in order: the tile in use (``lora``: by a launch with
+    LoRA; it competes too, whatever its mode), then the grid's tiles of ``modes`` (all without)."""
     from medqa_core.engine.kernels.nf4_matmul import tile_config
 
     grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
-    return list(dict.fromkeys([tile_config(rows, n, k, device), *grid]))
+    return list(dict.fromkeys([tile_config(rows, n, k, device, lora), *grid]))
 
 
 def profile(rows_list: list[int], sweep: bool, blocksize: int,
             save: Callable[[dict, dict], None] = lambda result, tiles: None,
             device: torch.device | None = None, layers: list[str] | None = None,
             once: bool = False, modes: list[str] | None = None, compile_workers: int = 1,
-            arms: list[str] | None = None) -> tuple[dict, dict]:
+            arms: list[str] | None = None, sweep_lora: bool = False) -> tuple[dict, dict]:
     """Every arm at every row count, layer shape by layer shape (``layers``: these of MISTRAL_7B_LAYERS only, in
     that order);
     ``save`` gets what is done after each shape, so a call cut off by a time limit keeps the shapes it finished.
@@ -240,7 +260,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     profiler (Nsight Compute) to capture. ``modes``: sweep only the grid's tiles of these modes (the tile in use
     competes whatever its mode). ``compile_workers`` > 1: the tiles in use (with and without LoRA) and the
     sweep's, of every shape and row count, compiled first by that many processes at once (:func:`compile_ahead`).
-    ``arms``: time only these of ARMS."""
+    ``arms``: time only these of ARMS. ``sweep_lora``: the sweep times each tile with LoRA of rank RANK, as decode
+    runs an adapted model, and its table entries say so (``"lora": true``; tile_config gives them to launches with
+    LoRA)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -258,13 +280,14 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     if not once and device.type == "cuda" and compile_workers > 1:
         sizes_of = {layer: SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]) for layer in MISTRAL_7B_LAYERS}
         ranks = [rank for arm, rank in (("ours", 0), ("ours+lora", RANK)) if arm in arms]
-        jobs = [CompileJob(tile_config(rows, *MISTRAL_7B_LAYERS[layer], device), rows, sizes_of[layer],
+        jobs = [CompileJob(tile_config(rows, *MISTRAL_7B_LAYERS[layer], device, rank > 0), rows, sizes_of[layer],
                            MISTRAL_7B_LAYERS[layer][1], rank)
                 for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list for rank in ranks]
         if sweep:
-            jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1])
+            jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1], RANK if sweep_lora else 0)
                      for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list if rows in SWEEP_ROWS
-                     for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes)]
+                     for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes, sweep_lora)]
+        jobs = list(dict.fromkeys(jobs))
         began = time.perf_counter()
         failed = sum(e is not None for e in compile_ahead(jobs, blocksize, device, compile_workers))
         print(f"compiled ahead: {len(jobs)} tiles of every shape and row count in "
@@ -297,13 +320,11 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             io_bytes = 2 * rows * (k + n)
             lora_bytes = 2 * RANK * (len(sizes) * k + n)
             ref = x.float() @ dense.float().T
-            t = (2.0 * (x.float() @ a.float().T)).bfloat16().float()  # [rows, S * RANK]
-            ref_lora = ref + torch.cat([t[:, i * RANK:(i + 1) * RANK] @ b_s.float().T
-                                        for i, b_s in enumerate(b.split(sizes))], dim=1)
+            lora_args = dict(lora_a=a, lora_b=b, scaling=[2.0] * len(sizes))
+            ref_lora, lora_abs = _lora_reference(x, ref, a, b, sizes, 2.0)
             cases = {
                 "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
-                "ours+lora": ([lambda w=w: nf4_matmul(x, w, lora_a=a, lora_b=b, scaling=[2.0] * len(sizes))
-                               for w in weights],
+                "ours+lora": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights],
                               weight_bytes + lora_bytes, ref_lora),
                 "bitsandbytes": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state) for p in params],
                                  weight_bytes, ref),
@@ -334,21 +355,23 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                       f"{moved / seconds / 1e9:7.0f} GB/s ({moved / seconds / bandwidth:5.1%})  "
                       f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
             if sweep and not once and rows in SWEEP_ROWS:
-                chosen = tile_config(rows, n, k, device)
+                chosen = tile_config(rows, n, k, device, sweep_lora)
                 best = None
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
                 tried = []  # every tile that ran right, with its time
-                for cfg in _sweep_tiles(rows, n, k, device, modes):
+                # with LoRA: the launch an adapted model makes, checked against LoRA's reference
+                extra, sweep_ref, sweep_abs = (lora_args, ref_lora, lora_abs) if sweep_lora else ({}, ref, None)
+                for cfg in _sweep_tiles(rows, n, k, device, modes, sweep_lora):
                     try:
-                        first = nf4_matmul(x, weights[0], config=cfg)
+                        first = nf4_matmul(x, weights[0], config=cfg, **extra)
                         # The summation-order bound (stays meaningful where sums cancel), and the same bits on a
                         # second call: a split-K reduction that raced would fail one or the other.
-                        error = _abs_sum_eps(first, ref, x, dense)
-                        repeats = torch.equal(first, nf4_matmul(x, weights[0], config=cfg))
+                        error = _abs_sum_eps(first, sweep_ref, x, dense, sweep_abs)
+                        repeats = torch.equal(first, nf4_matmul(x, weights[0], config=cfg, **extra))
                         if error > 1.0 or not repeats:
                             raise ArithmeticError(f"error {error:.2f} eps of sum |x*w|, repeats {repeats}")
-                        seconds = _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg) for w in weights],
-                                          rep=25)
+                        seconds = _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg, **extra)
+                                           for w in weights], rep=25)
                         tried.append(dict(config=dataclasses.asdict(cfg), time_s=seconds))
                         # each tile's time in the log too: a sweep cut inside a shape saves no file for it
                         print(f"  tile {seconds * 1e6:8.1f} us  {cfg}", flush=True)
@@ -361,13 +384,16 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 if best is None:
                     print(f"  sweep: no tile ran for {layer} at {rows} rows", flush=True)
                     continue
-                tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best[0])))
-                rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep", chosen=dataclasses.asdict(chosen),
+                tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best[0]),
+                                  **({"lora": True} if sweep_lora else {})))
+                swept_bytes = weight_bytes + io_bytes + (lora_bytes if sweep_lora else 0)
+                rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep+lora" if sweep_lora else "sweep",
+                                     chosen=dataclasses.asdict(chosen),
                                      best=dataclasses.asdict(best[0]), best_time_s=best[1],
-                                     best_bandwidth_fraction=(weight_bytes + io_bytes) / best[1] / bandwidth,
+                                     best_bandwidth_fraction=swept_bytes / best[1] / bandwidth,
                                      tried=tried, rejected=rejected))
                 print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
-                      f"({(weight_bytes + io_bytes) / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
+                      f"({swept_bytes / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
         result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
                       lora_min_chunk=kernels.LORA_MIN_CHUNK,
                       rows=rows_out)
@@ -377,12 +403,16 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
 
 
 def merge_tiles(old: dict, new: dict) -> dict:
-    """The tile table ``old`` with ``new``'s entries in: an entry of the same device, row bucket and shape is
-    replaced, every other stays (a sweep at some row counts keeps the others' tiles)."""
+    """The tile table ``old`` with ``new``'s entries in: an entry of the same device, row bucket, shape and LoRA
+    (timed with it or not) is replaced, every other stays (a sweep at some row counts keeps the others' tiles, a
+    sweep with LoRA the tiles chosen without)."""
+    def key(e: dict) -> tuple:
+        return e["rows"], e["n"], e["k"], bool(e.get("lora", False))
+
     merged = {device: list(entries) for device, entries in old.items()}
     for device, entries in new.items():
-        fresh = {(e["rows"], e["n"], e["k"]) for e in entries}
-        merged[device] = [e for e in merged.get(device, []) if (e["rows"], e["n"], e["k"]) not in fresh] + entries
+        fresh = {key(e) for e in entries}
+        merged[device] = [e for e in merged.get(device, []) if key(e) not in fresh] + entries
     return merged
 
 
@@ -393,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
     parser.add_argument("--tiles-out", type=Path, help="with --sweep: write the best tiles as the kernel's tile table")
+    parser.add_argument("--sweep-lora", action="store_true",
+                        help=f"with --sweep: time each tile with LoRA of rank {RANK}, as an adapted model's decode "
+                             "launches it; the table's entries are then those of launches with LoRA")
     parser.add_argument("--layers",
                         help=f"comma-separated layer shapes, of {', '.join(MISTRAL_7B_LAYERS)} (default: all)")
     parser.add_argument("--modes",
@@ -409,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.out and not args.once:
         parser.error("--out is required (only --once, which writes nothing, runs without it)")
+    if args.sweep_lora and not args.sweep:
+        parser.error("--sweep-lora times the sweep's tiles with LoRA: it needs --sweep")
     layers = args.layers.split(",") if args.layers else None
     unknown = sorted(set(layers or ()) - set(MISTRAL_7B_LAYERS))
     if unknown:
@@ -446,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels.LORA_MIN_CHUNK = args.lora_min_chunk
     profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once,
-            modes=modes, compile_workers=args.compile_workers, arms=arms)
+            modes=modes, compile_workers=args.compile_workers, arms=arms, sweep_lora=args.sweep_lora)
     if not args.once:
         print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0

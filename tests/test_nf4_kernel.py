@@ -654,6 +654,17 @@ def test_the_swept_tile_table_is_used_for_its_device_and_shape(tmp_path, monkeyp
     assert kernels.tile_config(1, 1024, 4096, cpu) != TileConfig(**best)  # another shape: the default
     assert kernels.tile_config(5, 4096, 4096, cpu) == TileConfig(**eight)  # 5 rows: the bucket of 8
     assert kernels.tile_config(16, 4096, 4096, cpu) == kernels._default_tile(16, 4096, 4096, 1)  # no bucket 16
+    # a launch with LoRA takes the entry timed with LoRA; without, the other; where one is missing, the one there is
+    with_lora = {"block_m": 8, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 1, "split_k": 4,
+                 "mode": "mma"}
+    both = tmp_path / "both.json"  # (tables are read once a path)
+    both.write_text(json.dumps({"cpu": [{"rows": 1, "n": 4096, "k": 4096, "config": best},
+                                        {"rows": 1, "n": 4096, "k": 4096, "config": with_lora, "lora": True},
+                                        {"rows": 8, "n": 4096, "k": 4096, "config": eight, "lora": True}]}))
+    monkeypatch.setenv("MEDQA_NF4_TILES", str(both))
+    assert kernels.tile_config(1, 4096, 4096, cpu, lora=True) == TileConfig(**with_lora)
+    assert kernels.tile_config(1, 4096, 4096, cpu) == TileConfig(**best)
+    assert kernels.tile_config(8, 4096, 4096, cpu) == TileConfig(**eight)
     table2 = tmp_path / "broken.json"
     table2.write_text('{"cpu": [{"rows": 1}]}')
     monkeypatch.setenv("MEDQA_NF4_TILES", str(table2))

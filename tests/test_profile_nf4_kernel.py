@@ -107,3 +107,53 @@ def test_a_lora_chunk_too_small_to_load_is_refused(tmp_path):
     assert done.returncode == 2
     assert "--lora-min-chunk: 8 columns; at least 16 (a LoRA program's smallest load)" in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_sweep_with_lora_keeps_the_tiles_chosen_without_it():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_nf4_kernel import merge_tiles
+
+    old = {"H100": [{"rows": 1, "n": 8, "k": 64, "config": "a"},
+                    {"rows": 1, "n": 8, "k": 64, "config": "b", "lora": True}]}
+    merged = merge_tiles(old, {"H100": [{"rows": 1, "n": 8, "k": 64, "config": "new", "lora": True}]})
+    assert merged["H100"] == [{"rows": 1, "n": 8, "k": 64, "config": "a"},
+                              {"rows": 1, "n": 8, "k": 64, "config": "new", "lora": True}]
+
+
+def test_sweep_lora_needs_sweep(tmp_path):
+    done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--out", str(tmp_path / "x.json"),
+                           "--sweep-lora"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--sweep-lora times the sweep's tiles with LoRA: it needs --sweep" in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_the_sweeps_lora_check_passes_the_kernel_and_fails_a_launch_without_lora():
+    # What --sweep-lora accepts a tile by: within bf16's eps of the sum of |x * w| and LoRA's |t * b|, against
+    # the LoRA reference. The kernel's own launch with LoRA passes; the same launch without it does not.
+    import bitsandbytes as bnb
+    import pytest
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_nf4_kernel import _abs_sum_eps, _lora_reference, _segments
+
+    from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, k, rank = (64, 16, 16), 1024, 4  # each segment a whole group of double-quantized scales
+    w = (torch.randn(sum(sizes), k, generator=gen) * 0.02).bfloat16()
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    dense = dequantize_4bit(packed, state)
+    whole = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
+    x = torch.randn(2, k, generator=gen).bfloat16()
+    a = (torch.randn(rank * len(sizes), k, generator=gen) * 0.1).bfloat16()
+    b = (torch.randn(sum(sizes), rank, generator=gen) * 0.1).bfloat16()
+    ref_lora, lora_abs = _lora_reference(x, x.float() @ dense.float().T, a, b, sizes, 2.0)
+    tile = TileConfig(2, 16, 64, 1, 1, 2, "fma")
+    out = nf4_matmul(x, _segments(whole, sizes), lora_a=a, lora_b=b, scaling=[2.0] * 3, config=tile)
+    assert _abs_sum_eps(out, ref_lora, x, dense, lora_abs) <= 1.0
+    without = nf4_matmul(x, _segments(whole, sizes), config=tile)
+    assert _abs_sum_eps(without, ref_lora, x, dense, lora_abs) > 1.0

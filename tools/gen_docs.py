@@ -754,7 +754,8 @@ NF4_ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")
 def nf4_kernel_profile(results: Path) -> str:
     """Kernel time against bytes moved, from bench/profile_nf4_kernel.py files: one row per file, layer shape and
     rows, each arm's time per call and share of the copy bandwidth; where the file swept tiles, the best tile's
-    time; the largest error of ours and bitsandbytes' in bf16 eps of the sum of |x * w|."""
+    time (with LoRA where the sweep timed it so); the largest error of ours and bitsandbytes' in bf16 eps of the
+    sum of |x * w|."""
     rows = ["| file | layer (N x K) | rows | " + " | ".join(NF4_ARMS) + " | ours, best swept tile "
             "| max error: ours / bitsandbytes |", "|---" * (5 + len(NF4_ARMS)) + "|"]
 
@@ -771,9 +772,9 @@ def nf4_kernel_profile(results: Path) -> str:
         for r in _json(path)["rows"]:
             by_case.setdefault((r["layer"], r["n"], r["k"], r["rows"]), {})[r["arm"]] = r
         for (layer, n, k, m), arms in by_case.items():
-            sweep = arms.get("sweep")
+            sweep = arms.get("sweep") or arms.get("sweep+lora")  # tiles timed without LoRA, or with it
             best = (f"{sweep['best_time_s'] * 1e6:,.1f} us ({_pct(sweep['best_bandwidth_fraction'])})"
-                    if sweep else "-")
+                    + (" with LoRA" if sweep["arm"] == "sweep+lora" else "") if sweep else "-")
             rows.append(f"| [{path.name}]({_link(results, path)}) | {layer} ({n} x {k}) | {m} | "
                         + " | ".join(cell(arms.get(a)) for a in NF4_ARMS)
                         + f" | {best} | {error(arms.get('ours'))} / {error(arms.get('bitsandbytes'))} |")

@@ -20,6 +20,7 @@
 # the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep
 # tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
 # those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8),
+# SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
 # TESTS_K (the tests step's -k expression; default all), NCU_LAYERS (the ncu step's --layers, default
 # gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then
 # name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take,
@@ -48,7 +49,8 @@ for s in $STEPS; do
     tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
     sweep) MEDQA_NF4_TILES=none step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ${SWEEP_LAYERS:+--layers "$SWEEP_LAYERS"} \
-        ${SWEEP_MODES:+--modes "$SWEEP_MODES"} ${SWEEP_WORKERS:+--compile-workers "$SWEEP_WORKERS"} ;;
+        ${SWEEP_MODES:+--modes "$SWEEP_MODES"} ${SWEEP_WORKERS:+--compile-workers "$SWEEP_WORKERS"} \
+        ${SWEEP_LORA:+--sweep-lora} ;;
     ncu)
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
         step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \

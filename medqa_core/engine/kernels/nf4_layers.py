@@ -246,7 +246,8 @@ class NF4Swap:
         x32"``, :attr:`TileConfig.inner_loop`): recorded beside decode figures, so a file says which inner loop
         produced them."""
         counts = Counter(choose_tile(rows, group.weights[0], group.compute_dtype, group.weights[0].packed.device,
-                                     out_features=sum(group.sizes)).inner_loop for group in self._groups)
+                                     out_features=sum(group.sizes), lora=group.lora_a is not None).inner_loop
+                         for group in self._groups)
         return ", ".join(f"{mode} x{count}" for mode, count in counts.most_common())
 
     def __enter__(self) -> NF4Swap:

@@ -611,8 +611,9 @@ class TileConfig:
 
 
 # Tiles measured best by bench/profile_nf4_kernel.py --sweep, per device name: a JSON list of
-# {"rows": bucket, "n": N, "k": K, "config": {...}}; "split_k" and "mode" may be absent (1 and None).
-# MEDQA_NF4_TILES names another file (a fresh sweep).
+# {"rows": bucket, "n": N, "k": K, "config": {...}}; "split_k" and "mode" may be absent (1 and None). An entry
+# with "lora": true was timed with LoRA (--sweep-lora), and is the one a launch with LoRA takes: the best tile
+# without LoRA was not the best with it (gate+up at one row, session 46). MEDQA_NF4_TILES names another file.
 TUNED_TILES = Path(__file__).with_name("nf4_tiles.json")
 
 # Warps to aim for per multiprocessor (SM / CU) when the default tile splits K (four programs of four warps): enough
@@ -628,13 +629,15 @@ def row_bucket(rows: int) -> int:
 
 
 @functools.cache
-def _tuned(device_name: str, path: str) -> dict[tuple[int, int, int], TileConfig]:
+def _tuned(device_name: str, path: str) -> dict[tuple[int, int, int, bool], TileConfig]:
+    """The tile table's entries for ``device_name``, keyed (rows bucket, N, K, timed with LoRA)."""
     file = Path(path)
     if not file.is_file():
         return {}
     try:
         table = json.loads(file.read_text())
-        return {(e["rows"], e["n"], e["k"]): TileConfig(**e["config"]) for e in table.get(device_name, [])}
+        return {(e["rows"], e["n"], e["k"], bool(e.get("lora", False))): TileConfig(**e["config"])
+                for e in table.get(device_name, [])}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{file}: not a tile table ({type(e).__name__}: {e}); "
                          "write it with bench/profile_nf4_kernel.py --sweep --tiles-out") from e
@@ -692,15 +695,19 @@ def _default_tile(rows: int, out_features: int, in_features: int, multiprocessor
     return TileConfig(block_m, block_n, block_k, warps, stages, split, mode, prefetch, shared_table=True)
 
 
-def tile_config(rows: int, out_features: int, in_features: int, device: torch.device) -> TileConfig:
-    """The tile for ``rows`` x ``out_features`` outputs over ``in_features``: the swept best for this device,
-    shape and row bucket where bench/profile_nf4_kernel.py --sweep measured one, else :func:`_default_tile`.
+def tile_config(rows: int, out_features: int, in_features: int, device: torch.device,
+                lora: bool = False) -> TileConfig:
+    """The tile for ``rows`` x ``out_features`` outputs over ``in_features`` (``lora``: a launch with LoRA): the
+    swept best for this device, shape and row bucket where bench/profile_nf4_kernel.py --sweep measured one (the
+    one timed as the launch runs, with or without LoRA, else the other), else :func:`_default_tile`.
     """
     if interpreting():
         # The portable defaults: the MMA mode's emulation is several times slower, and its own tests ask for it
         return _default_tile(rows, out_features, in_features, 1)
     path = os.environ.get("MEDQA_NF4_TILES") or str(TUNED_TILES)
-    tuned = _tuned(_device_name(device), path).get((row_bucket(rows), out_features, in_features))
+    table = _tuned(_device_name(device), path)
+    key = (row_bucket(rows), out_features, in_features)
+    tuned = table.get((*key, lora)) or table.get((*key, not lora))
     if tuned:
         return tuned
     return _default_tile(rows, out_features, in_features, _multiprocessors(device), mma=_has_mma(device))
@@ -793,16 +800,16 @@ def mma_unfit(device: torch.device, dtype: torch.dtype, weight: NF4Weight, block
 
 
 def choose_tile(rows: int, weight: NF4Weight, dtype: torch.dtype, device: torch.device,
-                config: TileConfig | None = None, out_features: int | None = None) -> TileConfig:
+                config: TileConfig | None = None, out_features: int | None = None, lora: bool = False) -> TileConfig:
     """The tile :func:`nf4_matmul` runs for ``rows`` rows of x in ``dtype``: ``config``, or :func:`tile_config`'s
-    for ``out_features`` rows of W (siblings' together; default: the weight's); an ``mma`` tile the call cannot run
-    becomes the default of the other modes.
+    for ``out_features`` rows of W (siblings' together; default: the weight's), with LoRA or not; an ``mma`` tile
+    the call cannot run becomes the default of the other modes.
 
     Raises:
         ValueError: ``config`` asks for the ``mma`` mode where it cannot run.
     """
     n, k = out_features or weight.out_features, weight.in_features
-    cfg = config or tile_config(rows, n, k, device)
+    cfg = config or tile_config(rows, n, k, device, lora)
     if cfg.kernel_mode == "mma":
         why_not = mma_unfit(device, dtype, weight, cfg.block_k, cfg.block_scale)
         if why_not and config is not None:
@@ -875,7 +882,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out.reshape(*lead, n)
-    cfg = choose_tile(rows, first, x.dtype, x.device, config, out_features=n)
+    rank = 0 if lora_a is None else int(lora_a.shape[0]) // segments  # each sibling's
+    cfg = choose_tile(rows, first, x.dtype, x.device, config, out_features=n, lora=rank > 0)
     mma = cfg.kernel_mode == "mma"
     if mma and (x2.stride(0) != k or x2.data_ptr() % 4):
         x2 = x2.clone()  # its rows are read as int32 words of two values
@@ -893,7 +901,6 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     # scales_ahead splits K in whole groups of 4 blocks: no more splits than groups
     groups = triton.cdiv(iterations, 4 * first.blocksize // block_k) if mma and cfg.scales_ahead else iterations
     split = max(1, min(cfg.split_k, groups))
-    rank = 0 if lora_a is None else int(lora_a.shape[0]) // segments  # each sibling's
     # t: LoRA's down-projection, [lora_split, rows, segments * rank] partials over K's chunks, written by the
     # launch's first segments * rank * lora_split programs, each rank's summed in chunk order into chunk 0's
     lora = _lora_constexprs(rank, k, rows, cfg.block_m, cfg.num_warps)
