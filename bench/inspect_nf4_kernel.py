@@ -48,6 +48,7 @@ from medqa_core.engine.kernels.nf4_matmul import (  # noqa: E402
     _default_tile,
     _lora_constexprs,
     _nf4_matmul_kernel,
+    pdl_fits,
 )
 from medqa_core.engine.kernels.nf4_mma import UNROLL  # noqa: E402
 
@@ -122,7 +123,8 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
                      SPLIT_K=tile.split_k, NUM_STAGES=tile.num_stages, GEMV=tile.kernel_mode == "gemv",
                      MMA=tile.kernel_mode == "mma", PRMT_ROWS=LOOKUPS.index(tile.lookup), BLOCK_SCALE=tile.block_scale,
                      SCALES_AHEAD=tile.kernel_mode == "mma" and tile.scales_ahead,
-                     ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps, EMULATE=False)
+                     ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps,
+                     PDL=target == "sm_90a" and pdl_fits(tile), EMULATE=False)  # as launched on Hopper
     scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
     signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},

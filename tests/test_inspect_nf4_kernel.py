@@ -140,3 +140,26 @@ def test_the_group_scales_are_carried_through_the_loop_as_four_values():
     loop = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300, check=True).stdout
     assert loop.count("tensor<32xf32>") == 8  # its result types: 4 accumulators and 4 group scales (was 6)
+
+
+@pytest.mark.parametrize("rank", [0, 16])
+def test_under_pdl_a_program_loads_weights_before_its_wait_and_writes_nothing_before_it(rank):
+    # v17, programmatic dependent launch (Hopper): a program may start while the kernel before it still runs, so
+    # before its griddepcontrol.wait it may only read what no kernel writes (the weights and their scales: loaded
+    # there, the point of it) and may write nothing (an output may reuse memory that kernel still reads). The
+    # PTX of an MMA tile with LoRA of two siblings has two waits (the LoRA programs' and the tiles'); every store
+    # and atomic comes after the first, and the trigger for the next kernel after the last.
+    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
+            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
+            "c = compile_tile(TileConfig(8, 64, 128, 2, 1, 4, 'mma', prefetch=True, block_scale=True, "
+            f"scales_ahead=True), 'sm_90a', segments=2, rank={rank}); print(c.asm['ptx'])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptx = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.splitlines()
+    waits = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    trigger = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
+    assert len(waits) == (2 if rank else 1) and len(trigger) == 1 and trigger[0] > waits[-1]
+    writes = [i for i, line in enumerate(ptx) if re.search(r"\b(st\.global|atom\.|red\.)", line)]
+    assert writes and min(writes) > waits[0]
+    if not rank:  # the tile's first words and its group's scales (two rows, three loads each) before its wait
+        assert sum("ld.global" in line for line in ptx[:waits[0]]) >= 8

@@ -177,6 +177,24 @@ class DecodeSetup:
     nf4_modes: str = ""  # our kernel's inner loops at this batch, with their launch counts ("mma x128"); "" if not ours
     decode_attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
     decode_attention_why: str = ""
+    pdl: str = "off"  # programmatic dependent launch of the step's kernels: "on: ..." or "off: <why>"
+
+
+def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
+    """Whether a decode step's kernels launch as programmatic dependents (PDL: each may start while the one
+    before it finishes), ours (medqa_core.engine.kernels.common.programmatic_launch) and inductor's
+    (``triton.enable_pdl``) together, and the line the result files record."""
+    if device.type != "cuda" or torch.version.hip is not None or importlib.util.find_spec("triton") is None:
+        return False, "off: an NVIDIA GPU with Triton only"
+    from medqa_core.engine.kernels.common import programmatic_launch
+
+    if not programmatic_launch(device):
+        return False, "off: sm_90 on only, and MEDQA_PDL=0 turns it off"
+    from torch._inductor import config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return False, f"off: torch {torch.__version__}'s inductor has no triton.enable_pdl"
+    return True, "on: our kernels and inductor's (griddepcontrol)"
 
 
 class StaticDecoder:
@@ -242,6 +260,7 @@ class StaticDecoder:
             attention_name = "triton-decode (medqa_core.engine.kernels)"
         else:
             attention_name = f"model: {self.base.config._attn_implementation}"
+        self._pdl, pdl = programmatic_dependent_launch(self.device)
         # Our kernel's launches a step in launch order, (layers, bytes each reads): what a step profile's kernels are
         self.nf4_launches: tuple[tuple[str, int], ...] = self._swap.launches if self._swap else ()
         self.setup = DecodeSetup(
@@ -250,7 +269,7 @@ class StaticDecoder:
             nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
             nf4_launches=self._swap.info.launches if self._swap else 0,
             nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
-            decode_attention_why=attention_why)
+            decode_attention_why=attention_why, pdl=pdl)
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "
@@ -280,6 +299,15 @@ class StaticDecoder:
     def _warm_up(self) -> None:
         """Compile the step and capture its graph. The steps run here advance the state: prefill again after."""
         self._warm = True
+        # inductor's kernels launched as programmatic dependents too (they wait for their inputs and let the next
+        # kernel start), so that ours start while the kernel before them finishes; set as the step compiles
+        from torch._inductor import config as inductor_config
+
+        pdl = inductor_config.patch({"triton.enable_pdl": True}) if self._pdl else contextlib.nullcontext()
+        with pdl:
+            self._compile_and_capture()
+
+    def _compile_and_capture(self) -> None:
         if not self._want_graph:
             self._compiled()
             return

@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +17,32 @@ logger = logging.getLogger(__name__)
 def interpreting() -> bool:
     """Triton's CPU interpreter is on (tests): kernels then run on CPU tensors, one fixed config."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Launch our kernels with programmatic dependent launch (PDL): an NVIDIA GPU of sm_90 on (Hopper's
+    ``griddepcontrol``), not the interpreter, and ``MEDQA_PDL`` not ``0`` (the A/B switch). A kernel so launched may
+    start while the kernel before it finishes: its programs load what no earlier kernel writes (the weights and
+    their scales) and then wait (:func:`wait_for_inputs`) before reading x or writing anything."""
+    return (device.type == "cuda" and torch.version.hip is None and not interpreting()
+            and os.environ.get("MEDQA_PDL", "1") != "0" and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """With PDL: wait until the kernel launched before this one has finished and its writes are visible
+    (``griddepcontrol.wait``). Every program passes here before it reads an input another kernel writes or writes
+    anything itself (another kernel may still read the memory an output reuses)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def let_dependents_launch(PDL: tl.constexpr):
+    """With PDL: the next kernel may start its programs once every program of this launch got here
+    (``griddepcontrol.launch_dependents``); they wait for this launch's end before they read what it writes."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -92,8 +92,11 @@ from medqa_core.engine.kernels.common import (
     arrival_counters,
     dot_nt,
     interpreting,
+    let_dependents_launch,
     lora_waiter_finished,
+    programmatic_launch,
     round_to_dtype,
+    wait_for_inputs,
     wait_for_lora,
 )
 from medqa_core.engine.kernels.nf4_decode import _nf4_element, _nf4_first_loads, _nf4_iteration
@@ -178,7 +181,8 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        SWAP: tl.constexpr, PREFETCH: tl.constexpr, SHARED_TABLE: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
                        PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, SCALES_AHEAD: tl.constexpr,
-                       ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, EMULATE: tl.constexpr):
+                       ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, PDL: tl.constexpr,
+                       EMULATE: tl.constexpr):
     # SEGMENTS (1 to 3) weights of the same K side by side, one launch: their outputs are columns [0, N0),
     # [N0, N0 + N1), [N0 + N1, N0 + N1 + N2) of out (sibling layers that read the same x: q/k/v, gate/up). A tile
     # lies in one segment, whose pointers it takes; everything it writes (output, split-K partials and counters)
@@ -200,6 +204,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
     if RANK > 0:  # (without LoRA the branch is not compiled at all)
         tile = pid - SEGMENTS * RANK * LORA_SPLIT
         if tile < 0:
+            wait_for_inputs(PDL)  # x
             r = pid // LORA_SPLIT
             chunk = pid % LORA_SPLIT
             k_lo = chunk * lora_chunk
@@ -266,7 +271,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
                   SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD,
-                  ROUND_ASM, NUM_WARPS, EMULATE)
+                  ROUND_ASM, NUM_WARPS, PDL, EMULATE)
 
 
 @triton.jit
@@ -281,9 +286,11 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               MMA: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, SCALES_AHEAD: tl.constexpr,
               ROUND_ASM: tl.constexpr,
               NUM_WARPS: tl.constexpr,
+              PDL: tl.constexpr,
               EMULATE: tl.constexpr):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction).
-    ``n_tiles`` and ``N`` are its segment's; ``output_tiles`` counts the launch's."""
+    ``n_tiles`` and ``N`` are its segment's; ``output_tiles`` counts the launch's. PDL: the MMA tiles load their
+    first weights before they wait for x (:func:`wait_for_inputs`), the others wait first."""
     dtype = out_ptr.dtype.element_ty
     # Triton software-pipelines the K loop over NUM_STAGES (cp.async copies of the packed bytes, scales and x,
     # several iterations in flight) where the code table is shared (its lookups are gathers, not loads it would
@@ -302,6 +309,8 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
     else:
         it0 = pid_k * iterations // SPLIT_K
         it1 = (pid_k + 1) * iterations // SPLIT_K
+    if not MMA:
+        wait_for_inputs(PDL)  # (the MMA tiles wait after their first weight loads)
     if MMA:
         # Written to partial[pid_k]; read back as a [BLOCK_M, BLOCK_N] tile below (a lane's results are not where
         # Triton's tile layout has them).
@@ -309,7 +318,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                  lora_counter_ptr, pid_n, pid_m, pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, stride_tm,
                  stride_bn, output_tiles, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS), NUM_WARPS, BLOCKSIZE,
                  BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD, RANK, LORA_RANKS,
-                 EMULATE)
+                 PDL, EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -424,6 +433,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                           + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :])
         if not DOT:
             acc = tl.sum(part2, axis=2)
+    let_dependents_launch(PDL)
     EPILOGUE_RANK: tl.constexpr = 0 if MMA else RANK  # the MMA tiles added LoRA's up-projection already
     mn_mask = m_mask[:, None] & n_mask[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
@@ -771,6 +781,13 @@ def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_w
                 LORA_BLOCK_K=min(lora_block_k, triton.next_power_of_2(lora_chunk)), LORA_SPLIT=lora_split)
 
 
+def pdl_fits(cfg: TileConfig) -> bool:
+    """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch):
+    not the tiles of byte-permute lookups, whose 16 levels held through the loop left the split lookup 8 bytes of
+    spills with the first weights loaded ahead of the wait (Triton 3.9, sm_90a; none in any tile table)."""
+    return cfg.lookup == "shfl"
+
+
 def _round_asm(x: torch.Tensor) -> bool:
     """The GEMV rounds weights to bf16 with one PTX instruction (NVIDIA, bf16 compute); elsewhere with Triton's
     cast, the same round to nearest even."""
@@ -923,6 +940,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         return [w.packed, w.absmax, w.absmax2 if dq else w.code, w.offset if dq else w.code]
 
     segment_args = [t_ for w in (weights + [first] * (MAX_SEGMENTS - segments))[1:] for t_ in quant(w)]
+    pdl = programmatic_launch(x.device) and pdl_fits(cfg)
     _nf4_matmul_kernel[(segments * rank * lora_split + n_tiles * m_tiles * split,)](
         x2, first.packed, first.absmax, first.code, first.absmax2 if dq else first.code,
         first.code2 if dq else first.code, first.offset if dq else first.code, *segment_args,
@@ -938,7 +956,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         SCALES_AHEAD=mma and cfg.scales_ahead,
         ROUND_ASM=_round_asm(x),
         NUM_WARPS=cfg.num_warps,
+        PDL=pdl,
         EMULATE=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out.reshape(*lead, n)

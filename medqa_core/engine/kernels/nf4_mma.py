@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from medqa_core.engine.kernels.common import lora_waiter_finished, round_to_dtype, wait_for_lora
+from medqa_core.engine.kernels.common import lora_waiter_finished, round_to_dtype, wait_for_inputs, wait_for_lora
 from medqa_core.engine.kernels.nf4_decode import _nf4_scale
 
 UNROLL = tl.constexpr(2)  # iterations a pass of the compiled K loop makes (bench/inspect_nf4_kernel.py divides by it)
@@ -469,7 +469,8 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
              output_tiles, dtype: tl.constexpr, BLOCK_K: tl.constexpr,
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
-             SCALES_AHEAD: tl.constexpr, RANK: tl.constexpr, LORA_RANKS: tl.constexpr, EMULATE: tl.constexpr):
+             SCALES_AHEAD: tl.constexpr, RANK: tl.constexpr, LORA_RANKS: tl.constexpr, PDL: tl.constexpr,
+             EMULATE: tl.constexpr):
     """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
     BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``; with LoRA (RANK), the
     first of the output tile's K splits adds ``t @ B^T`` first.
@@ -508,6 +509,12 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     programs are done. Until v15 the epilogue did it on a [BM, BN] tile, each rank picked out of [BM, R] and
     [BN, R] tiles by a cross-lane sum: 32 shared-memory round trips and barriers in a row at the end of every
     output tile. The products of the rounded t and B are exact either way; the float32 sums take another order.
+
+    v17 (PDL, Hopper on): launched as a programmatic dependent of the kernel before it, a program loads its first
+    iteration's weights and its first group's scales, which no kernel writes, while that kernel finishes, and
+    waits for it (:func:`wait_for_inputs`) only before it loads x. A launch's first loads were a dependent chain
+    (absmax code, then its code2 level; the words) every program paid before its first MMA: most of a 4-iteration
+    program of o_proj's tiles.
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     # block scale over several blocks an iteration: a lane's words in each (the MMAs of a block sum one scale)
@@ -572,17 +579,20 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             ahead_g2, ahead_h2 = tl.zeros_like(c2), tl.zeros_like(c3)
             next_g2, next_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2,
                                              it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
-    if PREFETCH:  # the first iteration's loads
+    if PREFETCH:  # the first iteration's loads: the weights' (and the scales above) before x's wait
         col0 = it0 * BLOCK_K + t * (8 * WP)
         wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                                         row_g, row_h, col0, blocks_per_row, words_per_row, WL,
                                                         PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
-        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
         if TILES == 2:
             wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                                                 offset_ptr, row_g2, row_h2, col0, blocks_per_row,
                                                                 words_per_row, WL, PARTS, BLOCKSIZE,
                                                                 BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+        wait_for_inputs(PDL)
+        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
+    else:
+        wait_for_inputs(PDL)
     # unrolled twice: the prefetched registers of one iteration are the next one's without a copy between them
     for it in tl.range(it0, it1, loop_unroll_factor=UNROLL):
         col = it * BLOCK_K + t * (8 * WP)  # the lane's first column this iteration
