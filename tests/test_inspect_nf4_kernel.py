@@ -163,3 +163,19 @@ def test_under_pdl_a_program_loads_weights_before_its_wait_and_writes_nothing_be
     assert writes and min(writes) > waits[0]
     if not rank:  # the tile's first words and its group's scales (two rows, three loads each) before its wait
         assert sum("ld.global" in line for line in ptx[:waits[0]]) >= 8
+
+
+def test_the_prefills_tiles_and_the_permute_lookups_do_not_launch_as_dependents():
+    # PDL only where it was measured to help (decode's MMA tiles with the shuffle lookup): a prefill-sized dot
+    # tile and an MMA tile of byte-permute lookups compile without griddepcontrol (nf4_matmul.pdl_fits).
+    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
+            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
+            "dot = compile_tile(TileConfig(64, 64, 64, 4, 3, 1, 'dot_swap', shared_table=True), 'sm_90a', rows=256); "
+            "prmt = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True, lookup='split'), 'sm_90a'); "
+            "mma = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True), 'sm_90a'); "
+            "print(*('griddepcontrol' in c.asm['ptx'] for c in (dot, prmt, mma)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "True"]

@@ -782,10 +782,14 @@ def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_w
 
 
 def pdl_fits(cfg: TileConfig) -> bool:
-    """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch):
-    not the tiles of byte-permute lookups, whose 16 levels held through the loop left the split lookup 8 bytes of
-    spills with the first weights loaded ahead of the wait (Triton 3.9, sm_90a; none in any tile table)."""
-    return cfg.lookup == "shfl"
+    """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch): the
+    MMA tiles of decode (1 to 8 rows), whose first weights load before the wait, with the shuffle lookup.
+
+    Not the prefill's tiles (dot, dot_swap, 16 rows and more: they wait first): with them launched so too, the
+    bench's prefill fell from 2,741 to 2,196 tokens/s at batch 1 on one H100 (session 47, call3; unexplained). Not
+    the byte-permute lookups: their 16 levels held through the loop left the split lookup 8 bytes of spills with
+    the first weights loaded ahead of the wait (Triton 3.9, sm_90a; no tile table holds them)."""
+    return cfg.kernel_mode == "mma" and cfg.lookup == "shfl"
 
 
 def _round_asm(x: torch.Tensor) -> bool:
