@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from medqa_core.engine.decoding import StaticDecoder
 from medqa_core.engine.evaluate import evaluate
 from medqa_core.engine.numerics import Numerics, autocast
 from medqa_core.measure.ceilings import weight_bytes_per_token
-from medqa_core.measure.timing import Stats, Timer, is_oom
+from medqa_core.measure.timing import Stats, Timer, is_oom, synchronize
 from medqa_core.measure.trace import OURS_4BIT, profile_calls, time_by_launch
 from medqa_core.results.measurements import Scoring
 
@@ -31,7 +32,7 @@ logger = logging.getLogger("medqa_core.bench")
 
 
 def _generate(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_id: int, attention: AttentionChoice,
-              numerics: Numerics, **options: Any) -> Callable[[], int]:
+              numerics: Numerics, **options: Any) -> Callable[[], Generated]:
     """A greedy ``generate`` of exactly ``new_tokens`` (min = max, so EOS cannot stop it early).
 
     Under autocast to the run's compute dtype, as scoring and training run: LoRA's fp32 weights would otherwise
@@ -39,11 +40,11 @@ def _generate(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_id: int,
     """
     mask = torch.ones_like(input_ids)  # [B, T]: rows are full-length prompts, no padding
 
-    def run() -> int:
+    def run() -> Generated:
         with attention_context(attention), autocast(input_ids.device, numerics):
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **options)
-        return out.shape[1] - input_ids.shape[1]  # out: [B, T + new]
+        return Generated(out.shape[1] - input_ids.shape[1])  # out: [B, T + new]
 
     return run
 
@@ -78,13 +79,32 @@ def _dynamo_counts() -> dict[str, int]:
             "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
-def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: int,
-                   attention: AttentionChoice, numerics: Numerics) -> Callable[[], int]:
-    """``new_tokens`` greedy tokens through the static decoder, under the settings ``_generate`` uses."""
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """What one timed decode round gives back: new tokens per row, and (StaticDecoder) the seconds from the
+    round's start until its prefill and first token were done, so that its steps' time is its own."""
 
-    def run() -> int:
-        with attention_context(attention), autocast(input_ids.device, numerics):
-            return decoder.generate(input_ids, new_tokens).shape[1]
+    tokens: int
+    prefill_s: float | None = None
+
+
+def _static_decode(decoder: StaticDecoder, input_ids: torch.Tensor, new_tokens: int,
+                   attention: AttentionChoice, numerics: Numerics) -> Callable[[], Generated]:
+    """``new_tokens`` greedy tokens through the static decoder, under the settings ``_generate`` uses; the round
+    synchronizes once after its prefill to clock it (the harness synchronized just before the round)."""
+    device = input_ids.device
+
+    def run() -> Generated:
+        start = time.perf_counter()
+        marks: list[float] = []
+
+        def prefill_done() -> None:
+            synchronize(device)
+            marks.append(time.perf_counter() - start)
+
+        with attention_context(attention), autocast(device, numerics):
+            tokens = decoder.generate(input_ids, new_tokens, after_prefill=prefill_done).shape[1]
+        return Generated(tokens, marks[0])
 
     return run
 
@@ -199,19 +219,31 @@ def _decode_info(case: Any, rounds: Any, ttft: Stats, model: Any, ceilings: dict
                  batch: int) -> dict[str, Any]:
     """Decode tokens/s over all rows, and the same as a fraction of its roofline.
 
+    The decode time: each round's time minus its own prefill and first token where the rounds clocked it
+    (StaticDecoder, since session 47), the median over rounds; else (eager ``generate``, and every file before)
+    the median of generate(N) minus that of generate(1), timed in other rounds: a time to first token that moved
+    between those rounds moved the figure (on one H100, 173 ms against 95 ms in the same code's earlier run).
+
     The roofline: each step reads the weights once for all ``batch`` rows, so at most
     ``batch`` x copy bandwidth / weight bytes tokens/s (the KV cache's bytes left out).
     """
     generate_s: Stats = rounds.stats
-    produced = rounds.outputs[0]  # new tokens per row
+    produced = rounds.outputs[0].tokens  # new tokens per row
     # generate(N) = prefill and first token + (N - 1) decode steps; generate(1) times the former.
-    decode_s = generate_s.median - ttft.median
+    prefills = [out.prefill_s for out in rounds.outputs]
+    if all(p is not None for p in prefills):
+        steps = Stats.from_values([t - p for t, p in zip(rounds.times_s, prefills, strict=True)])
+        decode_s, timing = steps.median, "per round: its time minus its own prefill and first token"
+    else:
+        steps = None
+        decode_s, timing = generate_s.median - ttft.median, "generate(N) minus generate(1), medians of other rounds"
     decode_tokens_per_s = batch * (produced - 1) / decode_s if decode_s > 0 else None
     weight_bytes = weight_bytes_per_token(model)
     bandwidth = ceilings.get("copy_bandwidth_bytes_per_s")
     roofline = batch * bandwidth / weight_bytes if bandwidth else None
     return dict(
         new_tokens=produced, generate_s_median=generate_s.median, generate_s_iqr=generate_s.iqr,
+        decode_s_median=decode_s, decode_s_iqr=steps.iqr if steps else None, decode_timing=timing,
         timed_rounds=generate_s.n, ttft_s_median=ttft.median, decode_tokens_per_s=decode_tokens_per_s,
         generate_tokens_per_s=batch * produced / generate_s.median, weight_bytes_per_token=weight_bytes,
         copy_bandwidth_bytes_per_s=bandwidth, roofline_tokens_per_s=roofline,

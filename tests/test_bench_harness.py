@@ -118,6 +118,14 @@ def test_infer_cases_have_report_fields(bench_run: dict[str, Any]) -> None:
             assert decode["roofline_fraction"] == pytest.approx(
                 decode["decode_tokens_per_s"] / decode["roofline_tokens_per_s"])
     assert [d["batch_size"] for d in decodes] == [1, 16, 1, 16]
+    # eager generate: decode = generate(3) - generate(1) of other rounds; the StaticDecoder clocks each round's
+    # prefill, so its decode is a median of its rounds' own steps, shorter than their whole time
+    assert all(d["decode_timing"].startswith("generate(N) minus generate(1)") for d in decodes[:2])
+    for static in decodes[2:]:
+        assert static["decode_timing"].startswith("per round: its time minus its own prefill")
+        assert 0 < static["decode_s_median"] < static["generate_s_median"] and static["decode_s_iqr"] >= 0
+        assert static["decode_tokens_per_s"] == pytest.approx(
+            static["batch_size"] * (static["new_tokens"] - 1) / static["decode_s_median"])
     for static in decodes[2:]:
         assert static["decode_loop"] == "StaticDecoder" and static["cache"] == "static"
         assert static["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0}  # one step graph, no recompiles

@@ -25,7 +25,7 @@ import copy
 import importlib.util
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,8 +324,11 @@ class StaticDecoder:
         self._graph = graph
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int,
+                 after_prefill: Callable[[], None] | None = None) -> torch.Tensor:
         """Greedy continuation of ``input_ids`` ([B, T], no padding): exactly ``new_tokens`` tokens, [B, N].
+        ``after_prefill`` is called once the prefill (and its first token) is queued, before the first step: where
+        a timer splits a call into its prefill and its steps.
 
         Raises:
             ValueError: the prompt and new tokens do not fit the cache, or the batch differs.
@@ -338,6 +341,8 @@ class StaticDecoder:
             if new_tokens > 1 and not self._warm:
                 self._warm_up()
                 self._prefill(input_ids)
+            if after_prefill is not None:
+                after_prefill()
             self._steps_left = self.max_len - input_ids.shape[1]  # the cache's free positions
             tokens = [self.token.clone()]
             for _ in range(new_tokens - 1):
