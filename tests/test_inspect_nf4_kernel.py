@@ -165,12 +165,12 @@ def test_under_pdl_a_program_loads_weights_before_its_wait_and_writes_nothing_be
         assert sum("ld.global" in line for line in ptx[:waits[0]]) >= 8
 
 
-def test_the_prefills_tiles_and_the_permute_lookups_do_not_launch_as_dependents():
-    # PDL only where it was measured to help (decode's MMA tiles with the shuffle lookup): a prefill-sized dot
-    # tile and an MMA tile of byte-permute lookups compile without griddepcontrol (nf4_matmul.pdl_fits).
+def test_the_dot_tiles_and_the_permute_lookups_do_not_launch_as_dependents():
+    # PDL only where it was measured (decode's MMA tiles with the shuffle lookup, batch 1 and 8): a dot tile of
+    # 64 rows (decode at batch 64) and an MMA tile of byte-permute lookups compile without griddepcontrol.
     code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
             "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
-            "dot = compile_tile(TileConfig(64, 64, 64, 4, 3, 1, 'dot_swap', shared_table=True), 'sm_90a', rows=256); "
+            "dot = compile_tile(TileConfig(64, 64, 64, 4, 3, 1, 'dot_swap', shared_table=True), 'sm_90a', rows=64); "
             "prmt = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True, lookup='split'), 'sm_90a'); "
             "mma = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True), 'sm_90a'); "
             "print(*('griddepcontrol' in c.asm['ptx'] for c in (dot, prmt, mma)))")

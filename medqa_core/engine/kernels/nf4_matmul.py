@@ -785,12 +785,10 @@ def pdl_fits(cfg: TileConfig) -> bool:
     """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch): the
     MMA tiles of decode (1 to 8 rows), whose first weights load before the wait, with the shuffle lookup.
 
-    Not the prefill's tiles (dot, dot_swap: 16 rows and more), which wait before their first load, so gain no
-    more than an earlier launch, and were not measured apart: with them launched so too, one decode case's time to
-    first token (its prefill runs them) was 173 ms against 95 ms in the same code's run before it on the same
-    H100 (session 47, calls 3 and 4; that machine's prefill cases, which run bitsandbytes' layers, moved 20%
-    between runs too). Not the byte-permute lookups: their 16 levels held through the loop left the split lookup
-    8 bytes of spills with the first weights loaded ahead of the wait (Triton 3.9, sm_90a; no table holds them)."""
+    Not the dot tiles (16 rows and more: decode at batch 32 and 64), which wait before their first load, so gain
+    no more than an earlier launch, and were not measured with it (session 47 timed batches 1 and 8). Not the
+    byte-permute lookups: their 16 levels held through the loop left the split lookup 8 bytes of spills with the
+    first weights loaded ahead of the wait (Triton 3.9, sm_90a; no table holds them)."""
     return cfg.kernel_mode == "mma" and cfg.lookup == "shfl"
 
 
