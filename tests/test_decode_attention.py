@@ -160,3 +160,35 @@ def test_auto_takes_our_attention_where_it_was_measured_ahead(tiny_model_dir, mo
     kind, why = decode_attention_choice(model, torch.device("cuda"), "auto", rows)
     assert kind == expected and why.startswith("auto: ")
     assert ("up to batch 8" in why) == (gpu == "NVIDIA H200")
+
+
+def test_under_pdl_it_waits_before_its_first_load_and_lets_the_next_kernel_start():
+    # Compiled for sm_90a as launched on Hopper (PDL): everything it reads was written this step, so its
+    # griddepcontrol.wait comes before any global load; the trigger for the next kernel (o_proj's, which loads its
+    # first weights meanwhile) right after it, and every store after both.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import triton; from triton.backends.compiler import GPUTarget; from triton.compiler import ASTSource; "
+        "from medqa_core.engine.kernels.decode_attention import _decode_attention_kernel as k; "
+        "names = list(k.arg_names); "
+        "ptrs = dict(q_ptr='*bf16', k_ptr='*bf16', v_ptr='*bf16', mask_ptr='*u8', out_ptr='*bf16', "
+        "partial_ptr='*fp32', stats_ptr='*fp32', counter_ptr='*i32'); "
+        "consts = dict(GROUP=4, HEAD_DIM=128, BLOCK=64, SPLITS=4, MASK=1, PDL=True, EMULATE=False); "
+        "sig = {n: ptrs.get(n, 'constexpr' if n in consts else 'fp32' if n == 'scale_log2' else 'i32') "
+        "for n in names}; "
+        "src = ASTSource(k, sig, {(names.index(c),): v for c, v in consts.items()}); "
+        "ptx = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4)).asm['ptx']; "
+        "lines = ptx.splitlines(); "
+        "first = lambda pat: min(i for i, line in enumerate(lines) if pat in line); "
+        "print(first('griddepcontrol.wait'), first('griddepcontrol.launch_dependents'), first('ld.global'), "
+        "first('st.global'))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wait, trigger, load, store = map(int, done.stdout.split()[-4:])
+    assert wait < trigger < load < store

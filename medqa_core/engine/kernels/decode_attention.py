@@ -11,6 +11,8 @@ a layer on an H100, about 0.5 ms of a 5 ms step (docs/decode.md). Here:
 - the keys' range is walked ``BLOCK_L`` at a time with the online softmax (running max and sum, float32), the
   scores and the weighted values by ``tl.dot`` with float32 sums, the weights rounded to the values' dtype for
   the second dot, as flash attention does;
+- on Hopper, launched as a programmatic dependent (common.programmatic_launch): it waits for the kernels
+  before it, then lets the next one (o_proj's) start loading its weights;
 - the split ranges' partial results meet in a float32 buffer; the last of a group's programs to arrive (an
   acq_rel counter) combines them in split order 0, 1, ..., so the result does not depend on which finished last,
   and sets the counter back (one launch, no reduce kernel, no float32 atomics).
@@ -29,7 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from medqa_core.engine.kernels.common import arrival_counters, dot_nt, interpreting, round_to_dtype
+from medqa_core.engine.kernels.common import (
+    arrival_counters,
+    dot_nt,
+    interpreting,
+    let_dependents_launch,
+    programmatic_launch,
+    round_to_dtype,
+    wait_for_inputs,
+)
 
 BLOCK_L = 64  # keys an iteration
 GROUP_ROWS = 16  # a group's query heads padded to a tl.dot's least M
@@ -41,9 +51,13 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                              stride_mb, stride_ml, stride_ob, stride_oh,
                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                             SPLITS: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr):
+                             SPLITS: tl.constexpr, MASK: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
     # Program (b * kv_heads + h) * SPLITS + split: query heads h * GROUP .. of sequence b against keys
     # [split * chunk, (split + 1) * chunk) of KV head h. MASK: 0 none, 1 boolean (True attends), 2 additive.
+    # PDL: everything it reads was written by the kernels before it (the cache this step), so it waits first; and
+    # lets the next kernel launch at once (o_proj's NF4 kernel: its programs load their first weights meanwhile).
+    wait_for_inputs(PDL)
+    let_dependents_launch(PDL)
     pid = tl.program_id(0)
     split = pid % SPLITS
     bh = pid // SPLITS
@@ -172,10 +186,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         stride_mb = m.stride(0) if m.shape[0] > 1 else 0
         stride_ml = m.stride(1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    pdl = programmatic_launch(query.device)
     _decode_attention_kernel[(groups * splits,)](
         q, key, value, mask_arg, out, partial, stats, counters, kv_heads, length, chunk, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
         value.stride(2), stride_mb, stride_ml, out.stride(0), out.stride(1),
-        GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK=BLOCK_L, SPLITS=splits, MASK=mask_kind,
-        EMULATE=interpreting(), num_warps=4)
+        GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK=BLOCK_L, SPLITS=splits, MASK=mask_kind, PDL=pdl,
+        EMULATE=interpreting(), num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out.unsqueeze(2)
