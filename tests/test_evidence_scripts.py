@@ -76,3 +76,23 @@ def test_a_step_past_its_limit_is_interrupted_so_it_can_save_what_finished(tmp_p
     assert done.returncode == 1, done.stdout + done.stderr
     assert "== slow: exit 124" in done.stdout and "== next: exit 0" in done.stdout
     assert (out / "saved").read_text() == "saved"
+
+
+def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
+    # PDL_AB: the bench step runs our kernel's arm twice on the same card, MEDQA_PDL=0 first (its own file name),
+    # and every other arm once. A python3 that records its bench arguments and MEDQA_PDL stands in for the bench.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"$MEDQA_PDL $*\" >> {calls}\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PDL_AB": "1",
+           "ARMS": "triton bitsandbytes", "DECODE_ATTENTION": "triton"}
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [(line.split()[0], next(a for a in line.split() if a.startswith("--benchmark-save=")))
+            for line in calls.read_text().splitlines() if "bench_infer.py" in line]
+    assert runs == [("0", "--benchmark-save=nf4-decode-triton-attn-triton-pdl-off"),
+                    ("1", "--benchmark-save=nf4-decode-triton-attn-triton"),
+                    ("1", "--benchmark-save=nf4-decode-bitsandbytes-attn-triton")]

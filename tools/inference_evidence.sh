@@ -21,7 +21,8 @@
 # tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
 # those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8),
 # SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
-# TESTS_K (the tests step's -k expression; default all), NCU_LAYERS (the ncu step's --layers, default
+# TESTS_K (the tests step's -k expression; default all), PDL_AB (set: the bench runs our kernel's arm first with
+# programmatic dependent launch off, MEDQA_PDL=0, then on, so the A/B is one card's), NCU_LAYERS (the ncu step's --layers, default
 # gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then
 # name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take,
 # default none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one
@@ -61,11 +62,16 @@ for s in $STEPS; do
         for arm in ${ARMS:-triton bitsandbytes}; do
             attns=${DECODE_ATTENTION:-}
             name="$arm${attns:+-attn-${attns//,/-}}"
-            step "bench-$name" python3 -m pytest bench/bench_infer.py -p no:cacheprovider -k "decode_compiled or prefill" \
-                --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" --nf4-kernels "$arm" \
-                --decode-attention "${DECODE_ATTENTION:-auto}" \
-                --benchmark-save="nf4-decode-$name" --benchmark-storage="file://$OUT/bench" --durations=0
-            grep -h "tokens/s" "$OUT/bench-$name.log"
+            # PDL_AB: ours once more before, with programmatic dependent launch off (MEDQA_PDL=0), on the same card
+            for pdl in ${PDL_AB:+0} 1; do
+                [[ $pdl == 0 && $arm != triton ]] && continue
+                run="$name${PDL_AB:+$([[ $pdl == 0 ]] && echo -pdl-off)}"
+                MEDQA_PDL=$pdl step "bench-$run" python3 -m pytest bench/bench_infer.py -p no:cacheprovider \
+                    -k "decode_compiled or prefill" --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" \
+                    --nf4-kernels "$arm" --decode-attention "${DECODE_ATTENTION:-auto}" \
+                    --benchmark-save="nf4-decode-$run" --benchmark-storage="file://$OUT/bench" --durations=0
+                grep -h "tokens/s" "$OUT/bench-$run.log"
+            done
         done ;;
     esac
 done
