@@ -28,6 +28,19 @@ def _inspect(*tile) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+COMPILE_TILE = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
+                "from medqa_core.engine.kernels.nf4_matmul import TileConfig; ")
+
+
+def _compiling(code: str) -> str:
+    """The stdout of ``code`` run in a process where Triton compiles (see :func:`_inspect`); it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 @pytest.mark.parametrize("tile", [(16, 64, 128, 8, 3, 1, "dot_swap", True), (32, 32, 128, 4, 3, 2, "dot", False)],
                          ids=str)
 def test_the_dot_loop_is_not_pipelined_through_shared_memory(tile):
@@ -78,16 +91,11 @@ def test_every_mma_runs_where_its_operands_lanes_are(tile):
 def test_three_sibling_segments_compile_for_both_vendors():
     # v10's launch of q/k/v (SEGMENTS 3: pointers picked per program) compiles for NVIDIA's sm_90a in the mma mode
     # and for AMD's gfx942 in the portable gemv mode (ROCm's path; it has not run on an AMD GPU).
-    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
-            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
-            "mma = compile_tile(TileConfig(8, 64, 128, 2, 1, 4, 'mma', True), 'sm_90a', segments=3); "
-            "gemv = compile_tile(TileConfig(1, 8, 256, 1, 1, 8, 'gemv', True), 'gfx942', segments=3); "
-            "print('mma.sync' in mma.asm['ptx'], len(gemv.asm['amdgcn']) > 0)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "True"]
+    out = _compiling(COMPILE_TILE
+                     + "mma = compile_tile(TileConfig(8, 64, 128, 2, 1, 4, 'mma', True), 'sm_90a', segments=3); "
+                     "gemv = compile_tile(TileConfig(1, 8, 256, 1, 1, 8, 'gemv', True), 'gfx942', segments=3); "
+                     "print('mma.sync' in mma.asm['ptx'], len(gemv.asm['amdgcn']) > 0)")
+    assert out.split() == ["True", "True"]
 
 
 def test_byte_permute_lookups_take_the_shuffles_off_the_loop():
@@ -132,13 +140,9 @@ def test_the_group_scales_are_carried_through_the_loop_as_four_values():
     # v13 with prefetch carries this group's scales of rows g and g + 8 and the next group's through the K loop.
     # Bound to one tensor before the loop, Triton's compiler carried them as two values (the interpreter, as four):
     # every group but a program's first took the next group's scales, wrong on the H100 (session 43).
-    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
-            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
-            "c = compile_tile(TileConfig(8, 16, 128, 1, 1, 8, 'mma', prefetch=True, scales_ahead=True), 'sm_90a'); "
-            "print(next(line for line in c.asm['ttir'].splitlines() if 'scf.for' in line))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    loop = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=True).stdout
+    loop = _compiling(COMPILE_TILE + "c = compile_tile(TileConfig(8, 16, 128, 1, 1, 8, 'mma', prefetch=True, "
+                      "scales_ahead=True), 'sm_90a'); "
+                      "print(next(line for line in c.asm['ttir'].splitlines() if 'scf.for' in line))")
     assert loop.count("tensor<32xf32>") == 8  # its result types: 4 accumulators and 4 group scales (was 6)
 
 
@@ -149,13 +153,9 @@ def test_under_pdl_a_program_loads_weights_before_its_wait_and_writes_nothing_be
     # there, the point of it) and may write nothing (an output may reuse memory that kernel still reads). The
     # PTX of an MMA tile with LoRA of two siblings has two waits (the LoRA programs' and the tiles'); every store
     # and atomic comes after the first, and the trigger for the next kernel after the last.
-    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
-            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
-            "c = compile_tile(TileConfig(8, 64, 128, 2, 1, 4, 'mma', prefetch=True, block_scale=True, "
-            f"scales_ahead=True), 'sm_90a', segments=2, rank={rank}); print(c.asm['ptx'])")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ptx = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=True).stdout.splitlines()
+    ptx = _compiling(COMPILE_TILE + "c = compile_tile(TileConfig(8, 64, 128, 2, 1, 4, 'mma', prefetch=True, "
+                     f"block_scale=True, scales_ahead=True), 'sm_90a', segments=2, rank={rank}); "
+                     "print(c.asm['ptx'])").splitlines()
     waits = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
     trigger = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
     assert len(waits) == (2 if rank else 1) and len(trigger) == 1 and trigger[0] > waits[-1]
@@ -168,14 +168,9 @@ def test_under_pdl_a_program_loads_weights_before_its_wait_and_writes_nothing_be
 def test_the_dot_tiles_and_the_permute_lookups_do_not_launch_as_dependents():
     # PDL only where it was measured (decode's MMA tiles with the shuffle lookup, batch 1 and 8): a dot tile of
     # 64 rows (decode at batch 64) and an MMA tile of byte-permute lookups compile without griddepcontrol.
-    code = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
-            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
-            "dot = compile_tile(TileConfig(64, 64, 64, 4, 3, 1, 'dot_swap', shared_table=True), 'sm_90a', rows=64); "
-            "prmt = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True, lookup='split'), 'sm_90a'); "
-            "mma = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True), 'sm_90a'); "
-            "print(*('griddepcontrol' in c.asm['ptx'] for c in (dot, prmt, mma)))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", "False", "True"]
+    out = _compiling(COMPILE_TILE + "dot = compile_tile(TileConfig(64, 64, 64, 4, 3, 1, 'dot_swap', "
+                     "shared_table=True), 'sm_90a', rows=64); "
+                     "prmt = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True, lookup='split'), "
+                     "'sm_90a'); mma = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True), 'sm_90a'); "
+                     "print(*('griddepcontrol' in c.asm['ptx'] for c in (dot, prmt, mma)))")
+    assert out.split() == ["False", "False", "True"]
