@@ -194,7 +194,7 @@ def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
         return False, f"off: torch {torch.__version__}'s inductor has no triton.enable_pdl"
-    return True, "on: our kernels and inductor's (griddepcontrol)"
+    return True, "on: inductor's kernels, and ours where they run (griddepcontrol)"
 
 
 class StaticDecoder:
