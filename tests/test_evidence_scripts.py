@@ -96,3 +96,11 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
     assert runs == [("0", "--benchmark-save=nf4-decode-triton-attn-triton-pdl-off"),
                     ("1", "--benchmark-save=nf4-decode-triton-attn-triton"),
                     ("1", "--benchmark-save=nf4-decode-bitsandbytes-attn-triton")]
+    # without PDL_AB, one run of each arm, under the caller's MEDQA_PDL
+    calls.unlink()
+    env = {**env, "MEDQA_PDL": "0"}
+    del env["PDL_AB"]
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[0] for line in calls.read_text().splitlines() if "bench_infer.py" in line] == ["0", "0"]

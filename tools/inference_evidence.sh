@@ -22,13 +22,13 @@
 # those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8),
 # SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
 # TESTS_K (the tests step's -k expression; default all), PDL_AB (set: the bench runs our kernel's arm first with
-# programmatic dependent launch off, MEDQA_PDL=0, then on, so the A/B is one card's), NCU_LAYERS (the ncu step's --layers, default
-# gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then
-# name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take,
-# default none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one
-# runs; the exit code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the
-# sweep/profile files into results/traces/ (docs/decode.md lists them), commit them, and run
-# `python tools/gen_docs.py`.
+# programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by default, so the A/B is one card's),
+# NCU_LAYERS (the ncu step's --layers, default gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was
+# copied from, which the result files then name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py),
+# STEP_TIMEOUT (seconds a step may take, default none; then SIGINT, so a bench keeps its finished cases). A step that
+# fails is reported and the next one runs; the exit code is the number of failed steps. To publish: copy the bench
+# files into results/bench/<machine>/ and the sweep/profile files into results/traces/ (docs/decode.md lists them),
+# commit them, and run `python tools/gen_docs.py`.
 set -uo pipefail
 OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|ncu|profile|bench ...]}
 shift
@@ -63,9 +63,10 @@ for s in $STEPS; do
             attns=${DECODE_ATTENTION:-}
             name="$arm${attns:+-attn-${attns//,/-}}"
             # PDL_AB: ours once more before, with programmatic dependent launch off (MEDQA_PDL=0), on the same card
-            for pdl in ${PDL_AB:+0} 1; do
-                [[ $pdl == 0 && $arm != triton ]] && continue
-                run="$name${PDL_AB:+$([[ $pdl == 0 ]] && echo -pdl-off)}"
+            for pass in ${PDL_AB:+off} asked; do
+                [[ $pass == off && $arm != triton ]] && continue
+                run="$name$([[ $pass == off ]] && echo -pdl-off)"
+                pdl=$([[ $pass == off ]] && echo 0 || echo "${MEDQA_PDL:-1}")
                 MEDQA_PDL=$pdl step "bench-$run" python3 -m pytest bench/bench_infer.py -p no:cacheprovider \
                     -k "decode_compiled or prefill" --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" \
                     --nf4-kernels "$arm" --decode-attention "${DECODE_ATTENTION:-auto}" \

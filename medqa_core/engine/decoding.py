@@ -25,6 +25,7 @@ import copy
 import importlib.util
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -188,8 +189,12 @@ def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
         return False, "off: an NVIDIA GPU with Triton only"
     from medqa_core.engine.kernels.common import programmatic_launch
 
+    if os.environ.get("MEDQA_PDL", "1") == "0":
+        return False, "off: MEDQA_PDL=0"
     if not programmatic_launch(device):
-        return False, "off: sm_90 on only, and MEDQA_PDL=0 turns it off"
+        major, minor = torch.cuda.get_device_capability(device)
+        return False, (f"off: needs an NVIDIA GPU of sm_90 or later and Triton's CUDA backend (this one is "
+                       f"sm_{major}{minor})")
     from torch._inductor import config as inductor_config
 
     if not hasattr(inductor_config.triton, "enable_pdl"):

@@ -3,13 +3,18 @@ under Triton's CPU interpreter, and the arrival counters that let a launch's las
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # NVIDIA's griddepcontrol; a Triton built without the CUDA backend has none (PDL is then never on)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +29,15 @@ def programmatic_launch(device: torch.device) -> bool:
     ``griddepcontrol``), not the interpreter, and ``MEDQA_PDL`` not ``0`` (the A/B switch). A kernel so launched may
     start while the kernel before it finishes: its programs load what no earlier kernel writes (the weights and
     their scales) and then wait (:func:`wait_for_inputs`) before reading x or writing anything."""
-    return (device.type == "cuda" and torch.version.hip is None and not interpreting()
-            and os.environ.get("MEDQA_PDL", "1") != "0" and torch.cuda.get_device_capability(device) >= (9, 0))
+    return os.environ.get("MEDQA_PDL", "1") != "0" and not interpreting() and _griddepcontrol(device)
+
+
+@functools.cache
+def _griddepcontrol(device: torch.device) -> bool:
+    """An NVIDIA GPU of sm_90 on, and a Triton that can emit ``griddepcontrol`` (read once a device: every launch
+    of ours asks)."""
+    return (device.type == "cuda" and torch.version.hip is None and gdc_wait is not None
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 @triton.jit
@@ -73,7 +85,6 @@ def dot_nt(x, w, acc, dtype: tl.constexpr, EMULATE: tl.constexpr):
         return tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # not TF32: bitsandbytes' fp32 is exact
     else:
         return tl.dot(x.to(dtype), tl.trans(w.to(dtype)), acc)
-
 
 
 @triton.jit
