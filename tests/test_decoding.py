@@ -7,7 +7,7 @@ import torch
 from conftest import TINY
 
 from medqa_core.engine.config import PRESET_COMMON
-from medqa_core.engine.decoding import StaticDecoder, static_cache
+from medqa_core.engine.decoding import StaticDecoder, inductor_tuning, static_cache
 
 # Mistral-7B-v0.1 has a 4,096-token sliding window; a window of 64 puts the test's prompt + new tokens inside it.
 WINDOW = 64
@@ -112,9 +112,22 @@ def test_static_decoder_runs_the_qlora_model(tiny_session) -> None:
     assert _graphs() - before == 1
 
 
+@pytest.mark.parametrize(("device", "env", "on"), [("cpu", "1", False), ("cuda", None, False), ("cuda", "0", False),
+                                                   ("cuda", "1", True)])
+def test_inductor_tunes_its_kernels_on_a_gpu_when_asked(device, env, on, monkeypatch) -> None:
+    if env is None:
+        monkeypatch.delenv("MEDQA_INDUCTOR_TUNING", raising=False)
+    else:
+        monkeypatch.setenv("MEDQA_INDUCTOR_TUNING", env)
+    tune, line = inductor_tuning(torch.device(device))
+    assert tune is on and line.startswith("on: " if on else "off: ")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
-@pytest.mark.parametrize("batch", [1, 2])
-def test_static_decoder_replays_one_graph_on_a_gpu(batch) -> None:
+@pytest.mark.parametrize(("batch", "tuning"), [(1, "0"), (2, "0"), (1, "1")])
+def test_static_decoder_replays_one_graph_on_a_gpu(batch, tuning, monkeypatch) -> None:
+    # with inductor tuning its kernels as they compile too: other block sizes, the same tokens
+    monkeypatch.setenv("MEDQA_INDUCTOR_TUNING", tuning)
     model = _fp32_model("cuda")
     ids = torch.randint(3, PRESET_COMMON["vocab_size"], (batch, PROMPT), device="cuda")
     eager = _eager_tokens(model, ids)
@@ -122,5 +135,6 @@ def test_static_decoder_replays_one_graph_on_a_gpu(batch) -> None:
     decoder = StaticDecoder(model, batch=batch, max_len=PROMPT + NEW, use_graph=True)
     first, again = decoder.generate(ids, NEW), decoder.generate(ids, NEW)
     assert decoder.setup.graph == ("HIP graph" if torch.version.hip else "CUDA graph")
+    assert decoder.setup.inductor_tuning.startswith("on: " if tuning == "1" else "off: ")
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
     torch.testing.assert_close(again, eager, rtol=0, atol=0)

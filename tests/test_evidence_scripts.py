@@ -104,3 +104,10 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [line.split()[0] for line in calls.read_text().splitlines() if "bench_infer.py" in line] == ["0", "0"]
+    # with inductor's tuning asked, the files' names say so
+    calls.unlink()
+    env = {**env, "MEDQA_INDUCTOR_TUNING": "1", "ARMS": "triton"}
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--benchmark-save=nf4-decode-triton-attn-triton-tuned" in calls.read_text()

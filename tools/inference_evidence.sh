@@ -23,7 +23,8 @@
 # SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
 # TESTS_K (the tests step's -k expression; default all), PDL_AB (set: the bench runs our kernel's arm first with
 # programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by default, so the A/B is one card's),
-# NCU_LAYERS (the ncu step's --layers, default gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was
+# MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as it compiles them; the bench files'
+# names end in -tuned), NCU_LAYERS (the ncu step's --layers, default gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was
 # copied from, which the result files then name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py),
 # STEP_TIMEOUT (seconds a step may take, default none; then SIGINT, so a bench keeps its finished cases). A step that
 # fails is reported and the next one runs; the exit code is the number of failed steps. To publish: copy the bench
@@ -62,6 +63,7 @@ for s in $STEPS; do
         for arm in ${ARMS:-triton bitsandbytes}; do
             attns=${DECODE_ATTENTION:-}
             name="$arm${attns:+-attn-${attns//,/-}}"
+            [[ ${MEDQA_INDUCTOR_TUNING:-0} == 1 ]] && name+=-tuned
             # PDL_AB: ours once more before, with programmatic dependent launch off (MEDQA_PDL=0), on the same card
             for pass in ${PDL_AB:+off} asked; do
                 [[ $pass == off && $arm != triton ]] && continue

@@ -179,6 +179,7 @@ class DecodeSetup:
     decode_attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
     decode_attention_why: str = ""
     pdl: str = "off"  # programmatic dependent launch of the step's kernels: "on: ..." or "off: <why>"
+    inductor_tuning: str = "off"  # inductor tuned its own kernels as the step compiled: "on: ..." or "off: <why>"
 
 
 def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
@@ -200,6 +201,18 @@ def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
     if not hasattr(inductor_config.triton, "enable_pdl"):
         return False, f"off: torch {torch.__version__}'s inductor has no triton.enable_pdl"
     return True, "on: inductor's kernels, and ours where they run (griddepcontrol)"
+
+
+def inductor_tuning(device: torch.device) -> tuple[bool, str]:
+    """Whether inductor times its own kernels of the decode step (the norms, rotary embedding, SiLU: a few
+    microseconds each, 195 launches of a 7B step) at other block sizes as it compiles them, and keeps the fastest
+    (``coordinate_descent_tuning``, as gpt-fast decodes); ``MEDQA_INDUCTOR_TUNING=1`` turns it on. Its line for the
+    result files."""
+    if device.type != "cuda":
+        return False, "off: inductor tunes its GPU (Triton) kernels only"
+    if os.environ.get("MEDQA_INDUCTOR_TUNING", "0") != "1":
+        return False, "off: MEDQA_INDUCTOR_TUNING=1 turns it on"
+    return True, "on: coordinate descent over inductor's block sizes, as the step compiles"
 
 
 class StaticDecoder:
@@ -266,6 +279,7 @@ class StaticDecoder:
         else:
             attention_name = f"model: {self.base.config._attn_implementation}"
         self._pdl, pdl = programmatic_dependent_launch(self.device)
+        self._tune, tuning = inductor_tuning(self.device)
         # Our kernel's launches a step in launch order, (layers, bytes each reads): what a step profile's kernels are
         self.nf4_launches: tuple[tuple[str, int], ...] = self._swap.launches if self._swap else ()
         self.setup = DecodeSetup(
@@ -274,7 +288,7 @@ class StaticDecoder:
             nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
             nf4_launches=self._swap.info.launches if self._swap else 0,
             nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
-            decode_attention_why=attention_why, pdl=pdl)
+            decode_attention_why=attention_why, pdl=pdl, inductor_tuning=tuning)
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "
@@ -308,8 +322,10 @@ class StaticDecoder:
         # kernel start), so that ours start while the kernel before them finishes; set as the step compiles
         from torch._inductor import config as inductor_config
 
-        pdl = inductor_config.patch({"triton.enable_pdl": True}) if self._pdl else contextlib.nullcontext()
-        with pdl:
+        options = {"triton.enable_pdl": True} if self._pdl else {}
+        if self._tune:
+            options["coordinate_descent_tuning"] = True
+        with inductor_config.patch(options):
             self._compile_and_capture()
 
     def _compile_and_capture(self) -> None:
