@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -89,76 +88,6 @@ def _segments(weight, sizes: tuple[int, ...]) -> list:
                                          out_features=n))
         row0 += n
     return parts
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileJob:
-    """One launch the profile will time: ``tile`` at ``rows`` rows on a weight of ``sizes`` rows (siblings as
-    segments) over ``k`` columns, with LoRA of ``rank`` (0: none)."""
-
-    tile: Any  # TileConfig
-    rows: int
-    sizes: tuple[int, ...]
-    k: int
-    rank: int = 0
-
-
-def _compile_tile(job: tuple) -> str | None:
-    """Worker of :func:`compile_ahead` (a spawned process): a :class:`CompileJob`'s launch once on a fresh weight,
-    as the profile launches it (LoRA's chunks as the parent's ``lora_min_chunk`` makes them), so Triton compiles
-    the same specialization into its on-disk cache. What went wrong, in one line, or None."""
-    config, rows, sizes, k, rank, lora_min_chunk, blocksize, device = job
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import quantize_4bit
-
-        from medqa_core.engine.kernels import nf4_matmul as kernels
-        from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
-
-        kernels.LORA_MIN_CHUNK = lora_min_chunk
-        w = torch.randn(sum(sizes), k, device=device).bfloat16() * 0.02
-        packed, state = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-        weight = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
-        x = torch.randn(rows, k, device=device).bfloat16()
-        lora = {}
-        if rank:
-            lora = dict(lora_a=torch.randn(rank * len(sizes), k, device=device).bfloat16() * 0.02,
-                        lora_b=torch.randn(sum(sizes), rank, device=device).bfloat16() * 0.02,
-                        scaling=[2.0] * len(sizes))
-        nf4_matmul(x, _segments(weight, sizes) if len(sizes) > 1 else weight, config=TileConfig(**config), **lora)
-        return None
-    except Exception as e:  # the sweep times the tile itself and reports what fails there
-        return f"{type(e).__name__}: {e}"[:200]
-
-
-def compile_ahead(jobs: list[CompileJob], blocksize: int, device: torch.device, workers: int,
-                  timeout_s: float = 600.0) -> list[str | None]:
-    """Every job's kernel compiled by ``workers`` spawned processes at once into Triton's on-disk cache, so the
-    sweep's timing loop loads them instead of compiling one at a time: on a fresh machine the grid's compiles took
-    most of a 150 s sweep step (session 42: results/logs/h100-20261206-session42/). The whole sweep's jobs go to
-    one pool: a pool per shape and row count paid its processes' start each time (session 43: 56-58 s each for
-    29 tiles on 8 processes). One line per job, None where it compiled; a pool that fails or outlasts
-    ``timeout_s`` is reported and left (the sweep compiles what is missing)."""
-    import concurrent.futures
-    import multiprocessing
-
-    from medqa_core.engine.kernels import nf4_matmul as kernels
-
-    args = [(dataclasses.asdict(j.tile), j.rows, j.sizes, j.k, j.rank, kernels.LORA_MIN_CHUNK, blocksize,
-             str(device)) for j in jobs]
-    pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(args))),
-                                                  mp_context=multiprocessing.get_context("spawn"))
-    try:
-        done = list(pool.map(_compile_tile, args, timeout=timeout_s))
-        pool.shutdown()
-        return done
-    except Exception as e:  # a broken or slow pool costs the sweep its head start, never the sweep
-        print(f"  compile ahead: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        # no worker left compiling and launching while the sweep times its tiles (the executor has no public way)
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        return [f"{type(e).__name__}"] * len(args)
 
 
 def _time_s(fns: list, rep: int = 60) -> float:
@@ -267,6 +196,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     from medqa_core.engine.kernels import nf4_matmul as kernels
+    from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
     from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, row_bucket, tile_config
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
@@ -281,15 +211,16 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
         sizes_of = {layer: SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]) for layer in MISTRAL_7B_LAYERS}
         ranks = [rank for arm, rank in (("ours", 0), ("ours+lora", RANK)) if arm in arms]
         jobs = [CompileJob(tile_config(rows, *MISTRAL_7B_LAYERS[layer], device, rank > 0), rows, sizes_of[layer],
-                           MISTRAL_7B_LAYERS[layer][1], rank)
+                           MISTRAL_7B_LAYERS[layer][1], rank, blocksize)
                 for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list for rank in ranks]
         if sweep:
-            jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1], RANK if sweep_lora else 0)
+            jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1], RANK if sweep_lora else 0,
+                                blocksize)
                      for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list if rows in SWEEP_ROWS
                      for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes, sweep_lora)]
         jobs = list(dict.fromkeys(jobs))
         began = time.perf_counter()
-        failed = sum(e is not None for e in compile_ahead(jobs, blocksize, device, compile_workers))
+        failed = sum(e is not None for e in compile_ahead(jobs, device, compile_workers))
         print(f"compiled ahead: {len(jobs)} tiles of every shape and row count in "
               f"{time.perf_counter() - began:.0f} s ({compile_workers} processes; {failed} left to the timing loop)",
               flush=True)

@@ -596,6 +596,35 @@ def test_a_mistral_model_calls_its_launches_in_the_order_the_swap_lists_them(ada
     assert called[:4] == ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"]
 
 
+def test_the_swaps_distinct_launches_compile_ahead_in_other_processes(adapted_4bit_model, tmp_path,
+                                                                     monkeypatch) -> None:
+    # A decoder's first step loads its tiles from Triton's cache where spawned processes compiled them
+    # (nf4_compile): one job for each distinct launch, each launchable as the step launches it (here the interpreter
+    # runs them); on a GPU the step's own launches then compile nothing more.
+    from medqa_core.engine.kernels.nf4_compile import compile_ahead
+    from medqa_core.engine.kernels.nf4_layers import NF4Swap
+    from medqa_core.engine.kernels.nf4_matmul import _nf4_matmul_kernel
+
+    model = adapted_4bit_model.get_base_model()
+    swap = NF4Swap(model, max_rows=3)
+    jobs = swap.compile_jobs(3)
+    h, i = TINY["hidden_size"], TINY["intermediate_size"]
+    kv = h // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
+    assert {(j.sizes, j.k) for j in jobs} == {((h, kv, kv), h), ((h,), h), ((i, i), h), ((h,), i)} and len(jobs) == 4
+    assert {(j.rows, j.rank, j.blocksize, j.double_quant, j.dtype, j.bias) for j in jobs} == {
+        (3, 4, 64, True, "bfloat16", False)}
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert compile_ahead(jobs, torch.device(DEVICE), workers=2) == [None] * 4
+    if DEVICE == "cuda":
+        compiled = set(tmp_path.iterdir())
+        assert len(compiled) >= 4
+        _nf4_matmul_kernel.device_caches.clear()  # this process's launches look in the on-disk cache again
+        ids = torch.randint(3, 32000, (3, 1), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        with swap, torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            model(ids)
+        assert set(tmp_path.iterdir()) == compiled
+
+
 def _qualified(model: torch.nn.Module, layer: torch.nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is layer)
 

@@ -86,9 +86,7 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     # here the interpreter runs it): a tile that cannot run is one line, left to the sweep, not a failed pool.
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from profile_nf4_kernel import CompileJob, compile_ahead
-
+    from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
     # two siblings of 256 rows: each segment's 256 blocks a whole group of double-quantized scales, as on the 7B;
@@ -96,7 +94,7 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     jobs = [CompileJob(TileConfig(1, 16, 64, 1, 1, 1, "fma"), 1, (256, 256), 64),
             CompileJob(TileConfig(8, 16, 128, 1, 1, 1, "mma"), 1, (256, 256), 64),  # K 64 < block_k 128
             CompileJob(TileConfig(4, 16, 64, 1, 1, 2, "fma"), 3, (48,), 128, 4)]  # with LoRA of rank 4
-    done = compile_ahead(jobs, 64, torch.device("cpu"), workers=2)
+    done = compile_ahead(jobs, torch.device("cpu"), workers=2)
     assert done[0] is None and done[2] is None
     assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")
 

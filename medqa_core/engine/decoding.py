@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -325,8 +326,30 @@ class StaticDecoder:
         options = {"triton.enable_pdl": True} if self._pdl else {}
         if self._tune:
             options["coordinate_descent_tuning"] = True
+        ahead = self._compile_ahead()
         with inductor_config.patch(options):
             self._compile_and_capture()
+        if ahead is not None:
+            ahead.join()  # no worker outlives the warm-up
+
+    def _compile_ahead(self) -> threading.Thread | None:
+        """Our NF4 kernel's tiles compiled by other processes while Dynamo traces the step, so that the step's
+        first launches load them from Triton's cache (``nf4_compile``: a minute of serial compiling on an H100)."""
+        if self._swap is None or self.device.type != "cuda":
+            return None
+        from medqa_core.engine.kernels.nf4_compile import compile_ahead
+
+        jobs = self._swap.compile_jobs(self.token.shape[0])
+
+        def run() -> None:
+            for job, failed in zip(jobs, compile_ahead(jobs, self.device, min(len(jobs), os.cpu_count() or 1)),
+                                   strict=True):
+                if failed:  # the step's own launch compiles it, and fails there if it must
+                    logger.info("NF4 tile %s not compiled ahead: %s", job.tile, failed)
+
+        thread = threading.Thread(target=run, name="nf4-compile-ahead", daemon=True)
+        thread.start()
+        return thread
 
     def _compile_and_capture(self) -> None:
         if not self._want_graph:

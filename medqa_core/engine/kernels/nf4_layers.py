@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from medqa_core.engine.kernels.nf4_compile import CompileJob
 from medqa_core.engine.kernels.nf4_matmul import NF4Weight, choose_tile, nf4_matmul, nf4_weight, siblings_unfit
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,19 @@ class NF4Swap:
         lora = sum(len(group.sizes) for group in self._groups if group.lora_a is not None)
         self.info = SwapInfo(kernel="triton-nf4 (medqa_core.engine.kernels)", layers=len(self._slots), lora_layers=lora,
                              max_rows=max_rows, launches=len(self._groups))
+
+    def compile_jobs(self, rows: int) -> list[CompileJob]:
+        """The distinct launches a forward of ``rows`` rows makes (one per shape: the 7B's 128 launches are four),
+        for :func:`medqa_core.engine.kernels.nf4_compile.compile_ahead`."""
+        jobs = []
+        for group in self._groups:
+            w = group.weights[0]
+            tile = choose_tile(rows, w, group.compute_dtype, w.packed.device, out_features=sum(group.sizes),
+                               lora=group.lora_a is not None)
+            rank = 0 if group.lora_a is None else group.lora_a.shape[0] // len(group.sizes)
+            jobs.append(CompileJob(tile, rows, tuple(group.sizes), w.in_features, rank, w.blocksize, w.double_quant,
+                                   str(group.compute_dtype).removeprefix("torch."), group.bias is not None))
+        return list(dict.fromkeys(jobs))
 
     def modes(self, rows: int) -> str:
         """The kernel modes the launches run at ``rows`` rows, with their counts (e.g. ``"mma x96, mma prmt
