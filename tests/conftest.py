@@ -109,6 +109,35 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(name, str(max(1, cores // workers)))
 
 
+# Files whose tests share a fixture that starts a job (a fine-tune, a bench, torchrun, a compiling process), in groups
+# of the files that share it: under `pytest -n` each group runs on one worker, so its jobs run once.
+SHARED_JOBS = (("test_distributed.py", "test_sharded.py"),  # one_process, two_ddp_ranks
+               ("test_faults.py", "test_resume.py"),  # uninterrupted; test_faults.py's trained
+               ("test_bench_harness.py",), ("test_peers.py",), ("test_compile_shapes.py",), ("test_runset_cli.py",),
+               ("test_inspect_nf4_kernel.py",), ("test_lm_eval_exact.py",))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """(pytest-xdist) `-n` alone hands tests out in chunks (--dist load), which can split a file whose tests share
+    a job across the workers, each then running the job. Instead: each group of :data:`SHARED_JOBS` is one unit of
+    work, the groups go first (most tests first), then the other tests one at a time, so the workers finish
+    together. (--dist loadgroup's xdist_group marks would say the same, but pytest-xdist 3.8 renames the tests they
+    mark through an attribute pytest 9.2 no longer reads: every test stays its own unit.) An explicit --dist
+    stays as asked."""
+    if config.getoption("dist") != "load" or any(a.startswith("--dist") for a in config.invocation_params.args):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    group_of = {name: group[0] for group in SHARED_JOBS for name in group}
+
+    class SharedJobScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+    return SharedJobScheduling(config, log)
+
+
 def save_tiny_mistral(folder: Path, **overrides: int) -> Path:
     """A random tiny Mistral (``TINY``, changed by ``overrides``) with the real Mistral tokenizer, saved as
     safetensors to ``folder``."""
