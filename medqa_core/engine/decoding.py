@@ -327,10 +327,12 @@ class StaticDecoder:
         if self._tune:
             options["coordinate_descent_tuning"] = True
         ahead = self._compile_ahead()
-        with inductor_config.patch(options):
-            self._compile_and_capture()
-        if ahead is not None:
-            ahead.join()  # no worker outlives the warm-up
+        try:
+            with inductor_config.patch(options):
+                self._compile_and_capture()
+        finally:
+            if ahead is not None:
+                ahead.join()  # no worker outlives the warm-up, nor a warm-up that failed
 
     def _compile_ahead(self) -> threading.Thread | None:
         """Our NF4 kernel's tiles compiled by other processes while Dynamo traces the step, so that the step's
