@@ -344,8 +344,11 @@ class StaticDecoder:
         jobs = self._swap.compile_jobs(self.token.shape[0])
 
         def run() -> None:
-            for job, failed in zip(jobs, compile_ahead(jobs, self.device, min(len(jobs), os.cpu_count() or 1)),
-                                   strict=True):
+            try:
+                done = compile_ahead(jobs, self.device, min(len(jobs), os.cpu_count() or 1))
+            except Exception as e:  # a pool that cannot start costs the head start only, never the decode
+                done = [f"{type(e).__name__}: {e}"[:200]] * len(jobs)
+            for job, failed in zip(jobs, done, strict=True):
                 if failed:  # the step's own launch compiles it, and fails there if it must
                     logger.info("NF4 tile %s not compiled ahead: %s", job.tile, failed)
 
