@@ -116,3 +116,21 @@ def test_attention_arms_of_one_session_are_rows_of_their_own(tmp_path):
     assert [(r.kernel_name, r.batch) for r in rows] == [
         ("ours (Triton)", 1), ("ours (Triton)", 8), ("ours (Triton) + our attention", 1),
         ("ours (Triton) + our attention", 8)]
+
+
+def test_an_ab_arm_run_away_from_the_defaults_is_never_the_tables_row():
+    # One H100 call (session 49): PDL off (0049), the defaults (0050), inductor's tuning on (0051), in that order.
+    off, default, tuned = (BENCH / f"{name}.json" for name in (
+        "0049_h100-cuda-nf4-decode-v17-pdl-off-ab2-triton", "0050_h100-cuda-nf4-decode-v17-pdl-on-ab2-triton",
+        "0051_h100-cuda-nf4-decode-v17-inductor-tuned-triton"))
+    assert [r.switch for r in inference_rows(read_bench_file(off))] == ["MEDQA_PDL=0"]
+    assert [r.kernel_name for r in inference_rows(read_bench_file(tuned))] == [
+        "ours (Triton) + our attention (MEDQA_INDUCTOR_TUNING=1)"]
+    assert [r.switch for r in inference_rows(read_bench_file(default))] == ["", ""]
+    # Newer files of the same code, but A/B arms: the defaults' rows stand, whatever the order.
+    for order in ((default, tuned), (default, off), (off, default, tuned)):
+        rows = newest_inference_rows([read_bench_file(p) for p in order])
+        assert [(r.batch, Path(r.path).name) for r in rows] == [(1, default.name), (8, default.name)]
+    saved = {b["name"]: b["extra_info"].get("decode_tokens_per_s")
+             for b in json.loads(default.read_text())["benchmarks"]}
+    assert rows[0].decode_tokens_per_s == saved["test_decode_compiled[sdpa-batch1-triton]"]

@@ -35,10 +35,23 @@ class InferenceRow:
     joules_per_token: float | None
     path: str
     attention: str = "model"  # the decode steps' attention: "triton" (ours) or "model" (the model's own, --attn's)
+    switch: str = ""  # a setting away from its default the case ran with ("MEDQA_PDL=0"): an A/B arm, "" if none
 
     @property
     def kernel_name(self) -> str:
-        return KERNEL_NAMES[self.kernel] + (" + our attention" if self.attention == "triton" else "")
+        return (KERNEL_NAMES[self.kernel] + (" + our attention" if self.attention == "triton" else "")
+                + (f" ({self.switch})" if self.switch else ""))
+
+
+def _switch(details: dict) -> str:
+    """The decode setting a case ran with away from its default, from the lines it recorded (an A/B arm: PDL
+    turned off, inductor's tuning turned on), or ""."""
+    switches = []
+    if str(details.get("pdl", "")) == "off: MEDQA_PDL=0":
+        switches.append("MEDQA_PDL=0")
+    if str(details.get("inductor_tuning", "")).startswith("on"):
+        switches.append("MEDQA_INDUCTOR_TUNING=1")
+    return ", ".join(switches)
 
 
 def inference_rows(bench: BenchFile) -> list[InferenceRow]:
@@ -57,7 +70,8 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
             ttft_s=case.ttft_s_median, prefill_tokens_per_s=prefill.prefill_tokens_per_s if prefill else None,
             joules_per_token=case.energy.joules_per_token if case.energy else None, path=bench.path,
             # (files before StaticDecoder's attention choice ran the model's)
-            attention="triton" if str(case.details.get("decode_attention", "")).startswith("triton") else "model"))
+            attention="triton" if str(case.details.get("decode_attention", "")).startswith("triton") else "model",
+            switch=_switch(case.details)))
     return sorted(rows, key=_order)
 
 
@@ -71,7 +85,9 @@ def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
     the same device and the same code (git commit of the fingerprint): a row per kernel and batch, the newest.
 
     One device call may save its arms and batches as separate files (one pytest session per kernel, or per batch
-    range, so that a session cut short keeps what it finished). Rows of another commit are never mixed in.
+    range, so that a session cut short keeps what it finished). Rows of another commit are never mixed in, nor
+    rows of an A/B arm run with a setting away from its default (:attr:`InferenceRow.switch`): the table gives
+    what a user's run gets.
     """
     benches = list(benches)
     rows: list[InferenceRow] = []
@@ -80,7 +96,7 @@ def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
         picked: dict[tuple[str, int], InferenceRow] = {}
         for bench in benches:  # oldest first: a newer file's row replaces an older one's
             if device_label(bench.fingerprint) == device and bench.fingerprint.get("git_commit") == commit:
-                picked.update({(r.kernel, r.attention, r.batch): r for r in inference_rows(bench)})
+                picked.update({(r.kernel, r.attention, r.batch): r for r in _defaults(bench)})
         rows += sorted(picked.values(), key=_order)
     return rows
 
@@ -88,6 +104,10 @@ def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
 def _newest_per_device(benches: Iterable[BenchFile], kernel: str) -> dict[str, BenchFile]:
     newest: dict[str, BenchFile] = {}
     for bench in benches:
-        if any(r.kernel == kernel for r in inference_rows(bench)):
+        if any(r.kernel == kernel for r in _defaults(bench)):
             newest[device_label(bench.fingerprint)] = bench
     return newest
+
+
+def _defaults(bench: BenchFile) -> list[InferenceRow]:
+    return [r for r in inference_rows(bench) if not r.switch]
