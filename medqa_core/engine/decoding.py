@@ -207,8 +207,8 @@ def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
 def inductor_tuning(device: torch.device) -> tuple[bool, str]:
     """Whether inductor times its own kernels of the decode step (the norms, rotary embedding, SiLU: a few
     microseconds each, 195 launches of a 7B step) at other block sizes as it compiles them, and keeps the fastest
-    (``coordinate_descent_tuning``, as gpt-fast decodes); ``MEDQA_INDUCTOR_TUNING=1`` turns it on. Its line for the
-    result files."""
+    (``coordinate_descent_tuning``, as gpt-fast decodes); ``MEDQA_INDUCTOR_TUNING=1`` turns it on (off by default:
+    no gain at batch 1 on an H100, docs/decode.md's session 49). Its line for the result files."""
     if device.type != "cuda":
         return False, "off: inductor tunes its GPU (Triton) kernels only"
     if os.environ.get("MEDQA_INDUCTOR_TUNING", "0") != "1":
