@@ -45,7 +45,8 @@ class InferenceRow:
 
 def _switch(details: dict) -> str:
     """The decode setting a case ran with away from its default, from the lines it recorded (an A/B arm: PDL
-    turned off, inductor's tuning turned on), or ""."""
+    turned off, inductor's tuning turned on), or "". The lines are those of medqa_core.engine.decoding's
+    ``programmatic_dependent_launch`` and ``inductor_tuning`` (read here as text: no torch in compare/)."""
     switches = []
     if str(details.get("pdl", "")) == "off: MEDQA_PDL=0":
         switches.append("MEDQA_PDL=0")
