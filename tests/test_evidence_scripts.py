@@ -111,3 +111,19 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--benchmark-save=nf4-decode-triton-attn-triton-tuned" in calls.read_text()
+
+
+def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):
+    # An ncu on PATH that records what it was asked to run, in place of NVIDIA's
+    fake = tmp_path / "bin" / "ncu"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$NCU_ARGS"\n')
+    fake.chmod(0o755)
+    args = tmp_path / "args"
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "NCU_ARGS": str(args),
+           "NCU_ROWS": "64", "NCU_LAYERS": "q+k+v_proj"}
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "ncu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    asked = args.read_text().splitlines()
+    assert asked[asked.index("--rows") + 1] == "64" and asked[asked.index("--layers") + 1] == "q+k+v_proj"

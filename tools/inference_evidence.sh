@@ -4,8 +4,8 @@
 #   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes')
 #   sweep    time the tile grid at 1, 8, 32 and 64 rows; writes OUT/nf4_tiles.json (this device's tile table)
 #            and OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
-#   ncu      Nsight Compute on the gate/up_proj shape (NCU_LAYERS: others) at 1 and 8 rows, ours (the tiles in use,
-#            with and without LoRA) and bitsandbytes':
+#   ncu      Nsight Compute on the gate/up_proj shape (NCU_LAYERS: others) at 1 and 8 rows (NCU_ROWS: others),
+#            ours (the tiles in use, with and without LoRA) and bitsandbytes':
 #            where each kernel's time goes (speed of light, warp stalls, occupancy); OUT/ncu.log. Skipped where
 #            ncu is not on PATH (it is NVIDIA's)
 #   profile  the kernel profile at the sweep's rows with the tiles in use, without sweeping (not in the default)
@@ -57,7 +57,7 @@ for s in $STEPS; do
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
         step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|gemm_4bit" \
-        python3 bench/profile_nf4_kernel.py --once --rows 1,8 --layers "${NCU_LAYERS:-gate_proj/up_proj}" ;;
+        python3 bench/profile_nf4_kernel.py --once --rows "${NCU_ROWS:-1,8}" --layers "${NCU_LAYERS:-gate_proj/up_proj}" ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
         for arm in ${ARMS:-triton bitsandbytes}; do
