@@ -6,6 +6,7 @@ Built on the committed H200 bench file that ran our Triton NF4 kernel beside bit
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from medqa_core.compare.inference import inference_rows, newest_inference_rows
@@ -134,3 +135,17 @@ def test_an_ab_arm_run_away_from_the_defaults_is_never_the_tables_row():
     saved = {b["name"]: b["extra_info"].get("decode_tokens_per_s")
              for b in json.loads(default.read_text())["benchmarks"]}
     assert rows[0].decode_tokens_per_s == saved["test_decode_compiled[sdpa-batch1-triton]"]
+
+
+def test_a_decode_figure_that_is_nan_is_never_a_row_and_never_replaces_a_good_one(tmp_path):
+    default = BENCH / "0050_h100-cuda-nf4-decode-v17-pdl-on-ab2-triton.json"
+    data = json.loads(default.read_text())
+    for b in data["benchmarks"]:
+        if b["name"] == "test_decode_compiled[sdpa-batch1-triton]":
+            b["extra_info"]["decode_tokens_per_s"] = float("nan")
+    damaged = tmp_path / "0099_h100-nan.json"
+    damaged.write_text(json.dumps(data))  # the same code, written after: newer
+    assert [r.batch for r in inference_rows(read_bench_file(damaged))] == [8]
+    rows = newest_inference_rows([read_bench_file(p) for p in (default, damaged)])
+    assert [(r.batch, Path(r.path).name) for r in rows] == [(1, default.name), (8, damaged.name)]
+    assert all(math.isfinite(r.decode_tokens_per_s) for r in rows)

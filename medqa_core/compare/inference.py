@@ -10,6 +10,7 @@ rows. No torch here.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
     rows = []
     for name, case in cases.items():
         found = _KERNEL.match(name)
-        if not found or not case.decode_tokens_per_s:
+        # a missing, NaN or infinite decode figure is no row (the file's invalid figures say where)
+        if not found or not case.decode_tokens_per_s or not math.isfinite(case.decode_tokens_per_s):
             continue
         batch = case.batch_size or 1
         prefill = cases.get(f"test_prefill[{case.attention_requested}-batch{batch}]")
