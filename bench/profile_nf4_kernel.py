@@ -125,7 +125,8 @@ def _sweep_grid(rows: int) -> list:
     - 1 row: v8's MMA tiles, v7's one-warp GEMV tiles (mode gemv), v6's GEMV winners (fma, block_m 1) and two of
       them pipelined by Triton.
     - 8 rows: v8's MMA tiles, v5's 8-row winners (dot with prefetch, dot_swap), and pipelined dots.
-    - 32 and 64 rows: dots of the rows' own height, by hand and pipelined.
+    - 32 and 64 rows: v18's MMA tiles of 32 and 64 rows a program, and dots of the rows' own height, by hand and
+      pipelined.
     """
     from medqa_core.engine.kernels.nf4_matmul import TileConfig
 
@@ -157,14 +158,27 @@ def _sweep_grid(rows: int) -> list:
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
         return mma + words + gemv  # 25
     block_m = max(16, rows)
-    mma = mma if rows <= 8 else []
+    if rows > 8:
+        # v18: the MMA tiles of 16 to 64 x rows a program (blocks of 8 sharing each decoded weight), block scale a
+        # group ahead (the 8-row winners' flags); with x prefetched only where its registers fit (64 columns and
+        # at most 32 rows: 168 registers, sm_90a; 64 rows take 171 without it), one and two tiles a warp, and at
+        # 64 rows programs of 32 rows too (two decode each weight).
+        def mma_tile(bm: int, nw: int, tiles: int, bk: int, sk: int, prefetch: bool) -> TileConfig:
+            return TileConfig(bm, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=prefetch, block_scale=True,
+                              scales_ahead=True)
+        bm = min(rows, 64)
+        mma = [mma_tile(bm, 1, 1, 64, sk, bm <= 32) for sk in (2, 4, 8)]
+        mma += [mma_tile(bm, 1, 1, 64, 4, False), mma_tile(bm, 2, 1, 64, 4, bm <= 32),
+                mma_tile(bm, 1, 2, 64, 4, False), mma_tile(bm, 1, 1, 32, 4, True)]
+        if rows >= 64:
+            mma += [mma_tile(32, 1, 1, 64, 4, True), mma_tile(32, 2, 1, 64, 4, True)]
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
         shared(block_m, 64, 64, 4, 1, sk, "dot_swap") for sk in ((1, 4) if rows <= 16 else (1,))]
     pipelined = [shared(block_m, bn, bk, nw, st, sk, mode) for bn, bk, nw, st, sk, mode in
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 28 at 8 rows, 10-11 above
+    return mma + by_hand + pipelined  # 28 at 8 rows, 17-21 above
 
 
 def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None,

@@ -414,6 +414,36 @@ def test_the_mma_mode_is_exact_at_every_row_count(config) -> None:
         assert _ulps(nf4_matmul(x[:rows], nf4_weight(param), config=config), x[:rows].float() @ weight.T) <= 1.0
 
 
+@pytest.mark.parametrize(("tile", "rows", "rank"), [
+    (TileConfig(16, 16, 128, 1, 1, 2, "mma", prefetch=True, scales_ahead=True), 13, 4),  # split K, LoRA
+    (TileConfig(32, 64, 64, 2, 1, 1, "mma", block_scale=True), 37, 0),  # two tiles a warp, block scale
+    (TileConfig(64, 32, 64, 1, 1, 2, "mma", prefetch=True, block_scale=True, scales_ahead=True), 21, 16)],
+    ids=["m16-split-lora", "m32-two-tiles-block-scale", "m64-block-scale-ahead-lora"])
+def test_x_blocks_of_one_program_give_the_8_row_tiles_bits(tile, rows, rank) -> None:
+    # v18: a program of 16 to 64 x rows decodes each weight once for its blocks of 8; each block's MMAs are those
+    # of an 8-row program, in the same order, so every output bit is the 8-row tile's (LoRA, split K, rows that
+    # end inside a block and past the last).
+    import dataclasses
+
+    param, state = _quantized(40, 256, 64, True)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, 256, generator=gen).bfloat16().to(DEVICE)
+    lora = {}
+    if rank:
+        lora = dict(lora_a=(torch.randn(rank, 256, generator=gen) * 0.1).bfloat16().to(DEVICE),
+                    lora_b=(torch.randn(40, rank, generator=gen) * 0.1).bfloat16().to(DEVICE), scaling=2.0)
+    out = nf4_matmul(x, nf4_weight(param), config=tile, **lora)
+    eight = nf4_matmul(x, nf4_weight(param), config=dataclasses.replace(tile, block_m=8), **lora)
+    assert torch.equal(out, eight)
+    if not rank and not tile.block_scale:
+        assert _ulps(out, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
+
+
+def test_the_mma_mode_takes_x_in_blocks_of_8_up_to_64_rows_a_program() -> None:
+    with pytest.raises(ValueError, match=r"8 to 64 rows of x \(block_m \(8, 16, 32, 64\)\)"):
+        TileConfig(128, 16, 128, 1, 1, 1, "mma")
+
+
 def test_packed_bytes_at_an_address_the_gemv_cannot_read_as_words_take_the_any_shape_path() -> None:
     import dataclasses
 

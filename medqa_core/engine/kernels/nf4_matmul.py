@@ -318,7 +318,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                  lora_counter_ptr, pid_n, pid_m, pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, stride_tm,
                  stride_bn, output_tiles, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS), NUM_WARPS, BLOCKSIZE,
                  BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD, RANK, LORA_RANKS,
-                 PDL, EMULATE)
+                 PDL, BLOCK_M // 8, EMULATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -519,6 +519,7 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
 
 
 MODES = ("mma", "gemv", "fma", "dot", "dot_swap")
+MMA_BLOCK_M = (8, 16, 32, 64)  # mode mma: x rows a program, blocks of 8 (v18: each weight decoded once for all)
 LOOKUPS = ("shfl", "split", "prmt")  # mode mma: rows by byte permutes 0, 1 (g + 8) or 2 (both) of a lane's two
 
 
@@ -530,34 +531,31 @@ def _power_of_two(value: int) -> bool:
 class TileConfig:
     """A kernel launch's tile shape, warps, K split and inner loop.
 
-    ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's
-    blocks). ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations
-    (clamped to the iterations there are), reduced in a fixed order. ``mode``: ``"mma"`` (v8, NVIDIA: ``block_m``
-    8, ``block_n`` 16 or 32 a warp, ``block_k`` 32 to 128 columns an iteration, a quarter of it a lane's; ``prefetch``
-    loads the next iteration's words and scales first; ``shared_table`` does not apply), ``"gemv"`` (v7,
-    ``block_m`` 1:
-    int32 words, ``block_n`` rows of W a program over ``num_warps`` warps; ``shared_table`` does not apply, its
-    lookups are always a gather), ``"fma"`` (broadcast multiply-adds, any ``block_m``; at 1 v6's GEMV), ``"dot"``
-    (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or
-    ``"dot_swap"`` (``(W @ x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need
-    ``block_m`` and ``block_n`` of at least 16. None, as tile tables written before these fields read, is
-    ``"fma"`` below 16 rows a tile and ``"dot"`` from 16 (what those tables measured). ``prefetch`` (rows of
-    whole blocks): load the next iteration's bytes and scales before decoding this one's. ``shared_table`` (rows
-    of whole blocks): the code-table lookups by ``tl.gather`` from the table staged in shared memory, not by
-    global-memory loads (v5; fewer instructions a weight in the compiled loop; on the H100 it won every swept
-    shape at 1 and 8 rows, and the defaults use it). ``num_stages`` of 3 or more with the shared table and no
-    prefetch: Triton software-pipelines the K loop over that many stages (v6; the 8-64-row winners on the H100).
-    ``lookup`` (mode ``mma``): how a code becomes its weight. ``"shfl"`` (v8): one ``shfl`` a weight from the lane
-    that holds its level; ``"split"`` (v11): rows g + 8 of each tile by ALU byte permutes on a table of their
-    block's rounded weights, rows g by ``shfl``, so the lookups use two pipes; ``"prmt"`` (v12): every row by byte
-    permutes, no ``shfl`` (:func:`_nf4_mma`). ``block_scale`` (mode ``mma``, v12): the MMAs take each code's level
-    rounded to the dtype and each block's sums are scaled after them, not each weight before: no multiply or
-    rounding a weight, and with ``lookup`` ``"prmt"`` one table for the whole launch. Not bitwise bitsandbytes'
-    dequantization then (a weight rounds ``level`` where bitsandbytes rounds ``level * absmax``), within the
-    tolerance tests/test_nf4_kernel.py states. ``scales_ahead`` (mode ``mma``, v13): the four lanes of a row load
-    the scales of four blocks once, one each, and each iteration takes its block's by one ``shfl``, instead of
-    every lane loading its block's scale every iteration (K split in whole groups of four blocks); bitwise the
-    same results.
+    ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's blocks).
+    ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations (clamped to the
+    iterations there are), reduced in a fixed order. ``mode``: ``"mma"`` (v8, NVIDIA: ``block_m`` 8, or v18 16 to 64 in
+    blocks of 8 that share each decoded weight; ``block_n`` 16 or 32 a warp, ``block_k`` 32 to 128 columns an iteration,
+    a quarter of it a lane's; ``prefetch`` loads the next iteration's words and scales first; ``shared_table`` does not
+    apply), ``"gemv"`` (v7, ``block_m`` 1: int32 words, ``block_n`` rows of W a program over ``num_warps`` warps;
+    ``shared_table`` does not apply, its lookups are always a gather), ``"fma"`` (broadcast multiply-adds, any
+    ``block_m``; at 1 v6's GEMV), ``"dot"`` (``x @ W^T`` by ``tl.dot`` with K = ``block_k``) or ``"dot_swap"`` (``(W @
+    x^T)^T``: the MMA's M is ``block_n``, which Hopper's wgmma wants at 64); the dots need ``block_m`` and ``block_n``
+    of at least 16. None, as tile tables written before these fields read, is ``"fma"`` below 16 rows a tile and
+    ``"dot"`` from 16 (what those tables measured). ``prefetch`` (rows of whole blocks): load the next iteration's bytes
+    and scales before decoding this one's. ``shared_table`` (rows of whole blocks): the code-table lookups by
+    ``tl.gather`` from the table staged in shared memory, not by global-memory loads (v5; fewer instructions a weight in
+    the compiled loop; on the H100 it won every swept shape at 1 and 8 rows, and the defaults use it). ``num_stages`` of
+    3 or more with the shared table and no prefetch: Triton software-pipelines the K loop over that many stages (v6; the
+    8-64-row winners on the H100). ``lookup`` (mode ``mma``): how a code becomes its weight. ``"shfl"`` (v8): one
+    ``shfl`` a weight from the lane that holds its level; ``"split"`` (v11): rows g + 8 of each tile by ALU byte
+    permutes on a table of their block's rounded weights, rows g by ``shfl``, so the lookups use two pipes; ``"prmt"``
+    (v12): every row by byte permutes, no ``shfl`` (:func:`_nf4_mma`). ``block_scale`` (mode ``mma``, v12): the MMAs
+    take each code's level rounded to the dtype and each block's sums are scaled after them, not each weight before: no
+    multiply or rounding a weight, and with ``lookup`` ``"prmt"`` one table for the whole launch. Not bitwise
+    bitsandbytes' dequantization then (a weight rounds ``level`` where bitsandbytes rounds ``level * absmax``), within
+    the tolerance tests/test_nf4_kernel.py states. ``scales_ahead`` (mode ``mma``, v13): the four lanes of a row load
+    the scales of four blocks once, one each, and each iteration takes its block's by one ``shfl``, instead of every
+    lane loading its block's scale every iteration (K split in whole groups of four blocks); bitwise the same results.
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
@@ -598,9 +596,10 @@ class TileConfig:
             raise ValueError(f"TileConfig: lookup {self.lookup!r}, block_scale and scales_ahead are the mma mode's "
                              f"(how its lanes decode a code), not mode {self.kernel_mode!r}'s")
         if self.kernel_mode == "mma":
-            if (self.block_m != 8 or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
+            if (self.block_m not in MMA_BLOCK_M or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
                     or not 32 <= self.block_k <= 128):  # a lane loads up to 4 x words an iteration
-                raise ValueError(f"TileConfig: mode 'mma' is 8 rows of x (block_m 8) by 16 or 32 rows of W a warp "
+                raise ValueError(f"TileConfig: mode 'mma' is 8 to 64 rows of x (block_m {MMA_BLOCK_M}) by 16 or 32 "
+                                 f"rows of W a warp "
                                  f"(block_n {16 * self.num_warps} or {32 * self.num_warps} at {self.num_warps} warps) "
                                  f"over block_k 32 to 128 columns, got {self.block_m} x {self.block_n} x "
                                  f"{self.block_k}")

@@ -247,6 +247,26 @@ def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr, PARTS: t
 
 
 @triton.jit
+def _mma_x_blocks(xw_ptr, x_rows, col, x_words_per_row, WL: tl.constexpr, PARTS: tl.constexpr,
+                  BLOCKSIZE: tl.constexpr):
+    """:func:`_mma_x_loads` for each of a program's blocks of 8 x rows (``x_rows``: a tuple, a lane's row in
+    each): a tuple of their words."""
+    blocks = ()
+    for j in tl.static_range(len(x_rows)):
+        blocks = blocks + (_mma_x_loads(xw_ptr, x_rows[j], col, x_words_per_row, WL, PARTS, BLOCKSIZE),)
+    return blocks
+
+
+@triton.jit
+def _zero_blocks(like, XB: tl.constexpr):
+    """XB blocks of four float32 accumulators (a tuple of 4-tuples), zero."""
+    blocks = ()
+    for _j in tl.static_range(XB):
+        blocks = blocks + ((tl.zeros_like(like), tl.zeros_like(like), tl.zeros_like(like), tl.zeros_like(like)),)
+    return blocks
+
+
+@triton.jit
 def _mma_weights(word_g, word_h, shift: tl.constexpr, table, scale_g, scale_h, dtype: tl.constexpr,
                  EMULATE: tl.constexpr):
     """One A operand register of rows g and g + 8: the weights of the nibbles at bits ``shift + 4`` and ``shift``
@@ -336,27 +356,21 @@ def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, h
 
 
 @triton.jit
-def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3, g0, g1,
+def _mma_tile(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, acc, g0, g1,
               g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, W0: tl.constexpr, WN: tl.constexpr,
               dtype: tl.constexpr, NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
               EMULATE: tl.constexpr):
-    """One iteration of one 16-row tile, its words W0 .. W0 + WN - 1: two MMAs a word (k 16 each) on the lane's
-    words of rows g and g + 8 and the x words x0..x3 of the same columns (:func:`_mma_x_loads`), into accumulators
-    c0..c3. PRMT_ROWS 1: row g + 8's weights from its byte planes ``h0..h7`` (ALU permutes, :func:`_byte_planes`),
-    row g's by ``shfl`` (the load/store pipe); 2: row g's from ``g0..g7`` too. BLOCK_SCALE: the levels unscaled
-    (``levels_lo/hi`` by ``shfl``, or the planes of the levels), the caller scales the sums.
+    """One iteration of one 16-row tile, its words W0 .. W0 + WN - 1: two MMAs a word (k 16 each) and x block on
+    the lane's words of rows g and g + 8 and each block's x words of the same columns (``xs``, a tuple of
+    :func:`_mma_x_loads`), into that block's accumulators (``acc``, a tuple of 4-tuples; returned). v18: the
+    weights are decoded once for all the blocks. PRMT_ROWS 1: row g + 8's weights from its byte planes ``h0..h7``
+    (ALU permutes, :func:`_byte_planes`), row g's by ``shfl`` (the load/store pipe); 2: row g's from ``g0..g7``
+    too. BLOCK_SCALE: the levels unscaled (``levels_lo/hi`` by ``shfl``, or the planes of the levels), the caller
+    scales the sums.
     """
     for i in tl.static_range(W0, W0 + WN):
         word_g = _pick(words_g, i)
         word_h = _pick(words_h, i)
-        if i == 0:
-            x_word = x0
-        elif i == 1:
-            x_word = x1
-        elif i == 2:
-            x_word = x2
-        else:
-            x_word = x3
         for half in tl.static_range(2):
             # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1 (lookups that a row's byte
             # permutes replace are unused: the compiler drops them)
@@ -372,23 +386,28 @@ def _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_
                 a1, a3 = _mma_weights_prmt(word_h, 16 * half, h0, h1, h2, h3, h4, h5, h6, h7, EMULATE)
             if PRMT_ROWS == 2:
                 a0, a2 = _mma_weights_prmt(word_g, 16 * half, g0, g1, g2, g3, g4, g5, g6, g7, EMULATE)
-            c0, c1, c2, c3 = _mma(a0, a1, a2, a3, _pick(x_word, 2 * half), _pick(x_word, 2 * half + 1), c0, c1, c2,
-                                  c3, dtype, NUM_WARPS, EMULATE)
-    return c0, c1, c2, c3
+            summed = ()
+            for j in tl.static_range(len(acc)):
+                x_word = xs[j][i]
+                c = acc[j]
+                summed = summed + (_mma(a0, a1, a2, a3, _pick(x_word, 2 * half), _pick(x_word, 2 * half + 1), c[0],
+                                        c[1], c[2], c[3], dtype, NUM_WARPS, EMULATE),)
+            acc = summed
+    return acc
 
 
 @triton.jit
-def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi, c0, c1, c2, c3,
+def _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, acc,
                    l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6,
                    q7, WL: tl.constexpr, PARTS: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr,
                    PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
     """:func:`_mma_tile` with the byte planes it needs: BLOCK_SCALE, the launch's planes of the unscaled levels
-    ``q0..q7``, and each block's MMAs (PARTS an iteration) from zero, their sums scaled into c0..c3 (a row's block
+    ``q0..q7``, and each block's MMAs (PARTS an iteration) from zero, their sums scaled into ``acc`` (a row's block
     scale, one FFMA an accumulator); otherwise each iteration's planes of the rows' blocks (built here, where
     PRMT_ROWS asks)."""
     if BLOCK_SCALE:
         WP: tl.constexpr = WL // PARTS
-        zero = tl.zeros_like(c0)
+        zero = _zero_blocks(acc[0][0], len(acc))
         if PARTS == 2:
             sg0, sg1 = tl.split(scale_g)
             sh0, sh1 = tl.split(scale_h)
@@ -397,11 +416,15 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, le
         for p in tl.static_range(PARTS):
             sg = sg0 if p == 0 else sg1
             sh = sh0 if p == 0 else sh1
-            e0, e1, e2, e3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
-                                       levels_hi, zero, zero, zero, zero, q0, q1, q2, q3, q4, q5, q6, q7, q0, q1, q2,
-                                       q3, q4, q5, q6, q7, p * WP, WP, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE,
-                                       EMULATE)
-            c0, c1, c2, c3 = c0 + e0 * sg, c1 + e1 * sg, c2 + e2 * sh, c3 + e3 * sh
+            e = _mma_tile(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, zero, q0, q1, q2, q3,
+                          q4, q5, q6, q7, q0, q1, q2, q3, q4, q5, q6, q7, p * WP, WP, dtype, NUM_WARPS, PRMT_ROWS,
+                          BLOCK_SCALE, EMULATE)
+            scaled = ()
+            for j in tl.static_range(len(acc)):
+                c = acc[j]
+                ej = e[j]
+                scaled = scaled + ((c[0] + ej[0] * sg, c[1] + ej[1] * sg, c[2] + ej[2] * sh, c[3] + ej[3] * sh),)
+            acc = scaled
     else:  # (one return, at the end: Triton traces the code after a return inside an if)
         if PRMT_ROWS >= 1:
             h0, h1, h2, h3, h4, h5, h6, h7 = _byte_planes(scale_h, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
@@ -413,10 +436,10 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, le
                                                           l12, l13, l14, l15, dtype, EMULATE)
         else:
             g0, g1, g2, g3, g4, g5, g6, g7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
-        c0, c1, c2, c3 = _mma_tile(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo, levels_hi,
-                                   c0, c1, c2, c3, g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, 0,
-                                   WL, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
-    return c0, c1, c2, c3
+        acc = _mma_tile(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, acc, g0, g1, g2, g3, g4,
+                        g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, 0, WL, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE,
+                        EMULATE)
+    return acc
 
 
 
@@ -470,8 +493,8 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
              SCALES_AHEAD: tl.constexpr, RANK: tl.constexpr, LORA_RANKS: tl.constexpr, PDL: tl.constexpr,
-             EMULATE: tl.constexpr):
-    """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 ..`` over iterations [it0, it1) of
+             XB: tl.constexpr, EMULATE: tl.constexpr):
+    """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 * XB ..`` over iterations [it0, it1) of
     BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``; with LoRA (RANK), the
     first of the output tile's K splits adds ``t @ B^T`` first.
 
@@ -515,6 +538,11 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     waits for it (:func:`wait_for_inputs`) only before it loads x. A launch's first loads were a dependent chain
     (absmax code, then its code2 level; the words) every program paid before its first MMA: most of a 4-iteration
     program of o_proj's tiles.
+
+    v18 (XB): a program takes XB blocks of 8 x rows (16 to 64 rows of decode at batch 16-64), each its own
+    accumulators and x words, and decodes each weight once for all of them: XB MMAs a decoded operand, where a
+    program per 8 rows decoded every weight again, and the dot tiles (v3-v6) decoded through shared memory at
+    about 10 instructions a weight.
     """
     WL: tl.constexpr = BLOCK_K // 32  # int32 words a lane reads of each of its rows an iteration
     # block scale over several blocks an iteration: a lane's words in each (the MMAs of a block sum one scale)
@@ -530,7 +558,9 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     # Rows past N and x rows past M read the last one instead (no masks on the loads; their results are not stored)
     row_g = tl.minimum(out_g, N - 1)
     row_h = tl.minimum(out_g + 8, N - 1)
-    x_row = tl.minimum(pid_m * 8 + g, M - 1)  # lane g's x row: the MMA's column g
+    x_rows = ()  # lane g's x row of each block of 8: the MMA's column g
+    for j in tl.static_range(XB):
+        x_rows = x_rows + (tl.minimum(pid_m * (8 * XB) + 8 * j + g, M - 1),)
     if EMULATE:
         table = tl.load(code_ptr + tl.arange(0, 16))
     else:
@@ -553,10 +583,8 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     words_per_row = K // 8
     x_words_per_row = stride_xm // 2
-    c0 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-    c1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-    c2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-    c3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    zero = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+    acc = _zero_blocks(zero, XB)  # each x block's accumulators: W rows g, g + 8 against its rows 2t, 2t + 1
     one = tl.full((32 * NUM_WARPS,), 1.0, dtype=tl.float32)
     # the planes of the unscaled levels (BLOCK_SCALE with permutes: the launch's one table; otherwise unused)
     q0, q1, q2, q3, q4, q5, q6, q7 = _byte_planes(one, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13,
@@ -564,19 +592,16 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
     if TILES == 2:  # the second tile: W rows 16 further on
         row_g2 = tl.minimum(out_g + 16, N - 1)
         row_h2 = tl.minimum(out_g + 24, N - 1)
-        d0 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-        d1 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-        d2 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
-        d3 = tl.zeros((32 * NUM_WARPS,), dtype=tl.float32)
+        acc2 = _zero_blocks(zero, XB)
     if SCALES_AHEAD:  # it0 starts a group (the launch splits K in whole groups), whose first iteration loads
         # ``ahead`` (or, with PREFETCH, takes ``next``, loaded here). Each name starts as a tensor of its own: names
         # bound to one tensor before a loop were carried through it as one value (Triton 3.6, compiled; the
         # interpreter keeps them apart), which gave every group the next group's scales on the H100 (session 43).
-        ahead_g, ahead_h = tl.zeros_like(c0), tl.zeros_like(c1)
+        ahead_g, ahead_h = tl.zeros_like(zero), tl.zeros_like(zero)
         next_g, next_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, it0 // IPG, t,
                                        blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
         if TILES == 2:
-            ahead_g2, ahead_h2 = tl.zeros_like(c2), tl.zeros_like(c3)
+            ahead_g2, ahead_h2 = tl.zeros_like(zero), tl.zeros_like(zero)
             next_g2, next_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2,
                                              it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
     if PREFETCH:  # the first iteration's loads: the weights' (and the scales above) before x's wait
@@ -590,7 +615,7 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
                                                                 words_per_row, WL, PARTS, BLOCKSIZE,
                                                                 BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
         wait_for_inputs(PDL)
-        xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
+        xs_next = _mma_x_blocks(xw_ptr, x_rows, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
     else:
         wait_for_inputs(PDL)
     # unrolled twice: the prefetched registers of one iteration are the next one's without a copy between them
@@ -600,14 +625,14 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             # This iteration's loads were made one earlier; the next one's are made here, before the decode (the
             # last iteration reloads its own columns instead of reading past the range).
             words_g, words_h, scale_g, scale_h = wg_next, wh_next, sg_next, sh_next
-            x0, x1, x2, x3 = xn0, xn1, xn2, xn3
+            xs = xs_next
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = wg2_next, wh2_next, sg2_next, sh2_next
             col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WP)
             wg_next, wh_next, sg_next, sh_next = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
                 words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
-            xn0, xn1, xn2, xn3 = _mma_x_loads(xw_ptr, x_row, col_load, x_words_per_row, WL, PARTS, BLOCKSIZE)
+            xs_next = _mma_x_blocks(xw_ptr, x_rows, col_load, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
@@ -616,7 +641,7 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             words_g, words_h, scale_g, scale_h = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
                 words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
-            x0, x1, x2, x3 = _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL, PARTS, BLOCKSIZE)
+            xs = _mma_x_blocks(xw_ptr, x_rows, col, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
@@ -645,14 +670,14 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             if TILES == 2:
                 scale_g2, scale_h2 = _iteration_scales(ahead_g2, ahead_h2, it, t, lane, warp, WL, PARTS, BLOCK_K,
                                                        BLOCKSIZE, EMULATE)
-        c0, c1, c2, c3 = _mma_iteration(words_g, words_h, scale_g, scale_h, x0, x1, x2, x3, table, levels_lo,
-                                        levels_hi, c0, c1, c2, c3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
+        acc = _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo,
+                                        levels_hi, acc, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
                                         l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS, dtype,
                                         NUM_WARPS,
                                         PRMT_ROWS, BLOCK_SCALE, EMULATE)
         if TILES == 2:
-            d0, d1, d2, d3 = _mma_iteration(words_g2, words_h2, scale_g2, scale_h2, x0, x1, x2, x3, table, levels_lo,
-                                            levels_hi, d0, d1, d2, d3, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
+            acc2 = _mma_iteration(words_g2, words_h2, scale_g2, scale_h2, xs, table, levels_lo,
+                                            levels_hi, acc2, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
                                             l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS,
                                             dtype,
                                             NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
@@ -661,15 +686,29 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             wait_for_lora(lora_counter_ptr, LORA_RANKS)
             for r0 in tl.static_range(0, RANK, 16):
                 k = r0 + 2 * t  # the lane's ranks k, k + 1, k + 8, k + 9, as it holds k of W's columns
-                t0, t1 = _lora_t_pairs(t_ptr, x_row, k, stride_tm, RANK, dtype, EMULATE)
-                a0, a1, a2, a3 = _lora_b_pairs(b_ptr, row_g, row_h, k, stride_bn, RANK, dtype, EMULATE)
-                c0, c1, c2, c3 = _mma(a0, a1, a2, a3, t0, t1, c0, c1, c2, c3, dtype, NUM_WARPS, EMULATE)
+                b_pairs = _lora_b_pairs(b_ptr, row_g, row_h, k, stride_bn, RANK, dtype, EMULATE)
                 if TILES == 2:
-                    a0, a1, a2, a3 = _lora_b_pairs(b_ptr, row_g2, row_h2, k, stride_bn, RANK, dtype, EMULATE)
-                    d0, d1, d2, d3 = _mma(a0, a1, a2, a3, t0, t1, d0, d1, d2, d3, dtype, NUM_WARPS, EMULATE)
+                    b_pairs2 = _lora_b_pairs(b_ptr, row_g2, row_h2, k, stride_bn, RANK, dtype, EMULATE)
+                summed = ()
+                summed2 = ()
+                for j in tl.static_range(XB):
+                    t0, t1 = _lora_t_pairs(t_ptr, x_rows[j], k, stride_tm, RANK, dtype, EMULATE)
+                    c = acc[j]
+                    summed = summed + (_mma(b_pairs[0], b_pairs[1], b_pairs[2], b_pairs[3], t0, t1, c[0], c[1], c[2],
+                                            c[3], dtype, NUM_WARPS, EMULATE),)
+                    if TILES == 2:
+                        d = acc2[j]
+                        summed2 = summed2 + (_mma(b_pairs2[0], b_pairs2[1], b_pairs2[2], b_pairs2[3], t0, t1, d[0],
+                                                  d[1], d[2], d[3], dtype, NUM_WARPS, EMULATE),)
+                acc = summed
+                if TILES == 2:
+                    acc2 = summed2
             lora_waiter_finished(lora_counter_ptr, output_tiles)
     part = partial_ptr + pid_k * M * N
-    n0 = pid_m * 8 + 2 * t  # the lane's x rows: the MMA's columns 2t, 2t + 1
-    _mma_store(part, n0, out_g, M, N, c0, c1, c2, c3)
-    if TILES == 2:
-        _mma_store(part, n0, out_g + 16, M, N, d0, d1, d2, d3)
+    for j in tl.static_range(XB):
+        n0 = pid_m * (8 * XB) + 8 * j + 2 * t  # the lane's x rows of block j: the MMA's columns 2t, 2t + 1
+        c = acc[j]
+        _mma_store(part, n0, out_g, M, N, c[0], c[1], c[2], c[3])
+        if TILES == 2:
+            d = acc2[j]
+            _mma_store(part, n0, out_g + 16, M, N, d[0], d[1], d[2], d[3])
