@@ -300,6 +300,7 @@ def test_a_tile_without_a_mode_runs_what_it_ran_before_modes() -> None:
     assert TileConfig(16, 32, 256, 4, 2).inner_loop == "dot"
     assert TileConfig(8, 16, 128, 1, 1, 1, "mma", lookup="prmt", block_scale=True).inner_loop == "mma prmt block-scale"
     assert TileConfig(8, 16, 128, 1, 1, 1, "mma", scales_ahead=True).inner_loop == "mma scales-ahead"
+    assert TileConfig(32, 16, 64, 1, 1, 1, "mma", block_scale=True).inner_loop == "mma m32 block-scale"
 
 
 @pytest.mark.parametrize("config", [TileConfig(1, 16, 64, 1, 1), TileConfig(1, 32, 64, 1, 1),

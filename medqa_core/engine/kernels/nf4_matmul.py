@@ -577,8 +577,10 @@ class TileConfig:
     @property
     def inner_loop(self) -> str:
         """The mode with how its lanes decode where that is not the default: ``"mma"``, ``"mma prmt"``,
-        ``"mma prmt block-scale scales-ahead"``: what a decode record names."""
-        return " ".join([self.kernel_mode] + ([self.lookup] if self.lookup != "shfl" else [])
+        ``"mma prmt block-scale scales-ahead"``, ``"mma m32 block-scale"`` (x rows a program, v18): what a decode
+        record names."""
+        rows = [f"m{self.block_m}"] if self.kernel_mode == "mma" and self.block_m > 8 else []
+        return " ".join([self.kernel_mode] + rows + ([self.lookup] if self.lookup != "shfl" else [])
                         + (["block-scale"] if self.block_scale else [])
                         + (["scales-ahead"] if self.scales_ahead else []))
 
@@ -782,10 +784,11 @@ def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_w
 
 def pdl_fits(cfg: TileConfig) -> bool:
     """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch): the
-    MMA tiles of decode (1 to 8 rows), whose first weights load before the wait, with the shuffle lookup.
+    MMA tiles of decode (1 to 64 rows; v18's of 16 to 64 not measured without it), whose first weights load before
+    the wait, with the shuffle lookup.
 
-    Not the dot tiles (16 rows and more: decode at batch 32 and 64), which wait before their first load, so gain
-    no more than an earlier launch, and were not measured with it (session 47 timed batches 1 and 8). Not the
+    Not the dot tiles (16 rows and more), which wait before their first load, so gain no more than an earlier
+    launch, and were not measured with it (session 47 timed batches 1 and 8). Not the
     byte-permute lookups: their 16 levels held through the loop left the split lookup 8 bytes of spills with the
     first weights loaded ahead of the wait (Triton 3.9, sm_90a; no table holds them)."""
     return cfg.kernel_mode == "mma" and cfg.lookup == "shfl"
