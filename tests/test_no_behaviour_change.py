@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "run_before_house.json"
 ARGV = ["run", "--backend", "cpu", "--train-limit", "8", "--eval-limit", "8", "--max-steps", "3",
@@ -51,10 +52,11 @@ VARYING = re.compile(
     r"^(created_utc|wall_time_s|fingerprint(\..*)?|adapter_dir|config\.results_dir|config\.model\.path|model\.dir"
     r"|train\.(train_time_s|throughput\.(tokens_per_s|step_time_s.*|model_flops_per_s)|step_time_s.*"
     r"|memory\.(host_peak_rss_gib|peak_mem_gib)|compile\.(compile_s|warmup_s))"
-    r"|phases_s\..*|eval_(before|after)\.(eval_time_s|questions_per_s|peak_mem_gib)|notes\.\d+)$")
+    r"|phases_s\..*|eval_(before|after)\.(eval_time_s|questions_per_s|peak_mem_gib)|notes\.\d+"
+    r"|numerics\.reason)$")  # (the reason names the CPU's bf16 flags)
 # Printed lines whose figures are timings or the machine: their label must be there, their text may differ.
 # Paths in every other line are masked.
-VARYING_LINES = ("device", "train tokens/s", "peak memory", "scoring", "wall time", "time to result")
+VARYING_LINES = ("device", "compute dtype", "train tokens/s", "peak memory", "scoring", "wall time", "time to result")
 
 
 def run_tiny(model_dir: Path, out: Path) -> dict[str, Any]:
@@ -75,9 +77,12 @@ def run_tiny(model_dir: Path, out: Path) -> dict[str, Any]:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted paths to leaves; list items by index."""
+    """Dotted paths to leaves; list items by index, but a list that varies by machine (the CPU's flags: their
+    count differs between a Xeon and an EPYC) is one leaf."""
     if isinstance(value, dict):
         items = value.items()
+    elif isinstance(value, list) and prefix and VARYING.match(prefix):
+        return {prefix: value}
     elif isinstance(value, list):
         items = ((str(i), v) for i, v in enumerate(value))
     else:
@@ -94,7 +99,9 @@ def _same(key: str, old: Any, new: Any) -> bool:
     if VARYING.match(key):
         return type(old) is type(new) or {type(old), type(new)} <= {int, float} or old is None or new is None
     if isinstance(old, float) and isinstance(new, float):
-        return math.isclose(old, new, rel_tol=1e-5, abs_tol=1e-6)
+        # float32 on another processor: the fixture's losses and log-probabilities moved by up to 9.7e-5 of their
+        # value on an Intel Xeon (AMX) against the machine that wrote it
+        return math.isclose(old, new, rel_tol=1e-3, abs_tol=1e-6)
     return type(old) is type(new) and old == new
 
 
@@ -114,6 +121,12 @@ def test_write_the_fixture(tiny_model_dir, tmp_path):
 
 def test_tiny_run_record_matches_the_record_before_the_move(tiny_model_dir, tmp_path):
     before = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    from medqa_core.engine.numerics import resolve_numerics
+    here = resolve_numerics("auto", torch.device("cpu")).compute_dtype
+    if here != before["record"]["numerics"]["compute_dtype"]:
+        # an AMD EPYC without native bf16 computes in float32 by default: every figure differs by design
+        pytest.skip(f"the fixture's figures are {before['record']['numerics']['compute_dtype']}'s; this CPU's "
+                    f"default is {here}")
     after = run_tiny(tiny_model_dir, tmp_path)
     old = {RENAMES.get(k, k): v for k, v in flatten(before["record"]).items()}
     new = flatten(after["record"])
