@@ -167,9 +167,10 @@ def _sweep_grid(rows: int) -> list:
             return TileConfig(bm, 16 * nw * tiles, bk, nw, 1, sk, "mma", prefetch=prefetch, block_scale=True,
                               scales_ahead=True)
         bm = min(rows, 64)
-        mma = [mma_tile(bm, 1, 1, 64, sk, bm <= 32) for sk in (2, 4, 8)]
-        mma += [mma_tile(bm, 1, 1, 64, 4, False), mma_tile(bm, 2, 1, 64, 4, bm <= 32),
-                mma_tile(bm, 1, 2, 64, 4, False), mma_tile(bm, 1, 1, 32, 4, True)]
+        ahead = bm <= 32  # x prefetched
+        mma = [mma_tile(bm, 1, 1, 64, sk, ahead) for sk in (2, 4, 8)]
+        mma += [mma_tile(bm, 1, 1, 64, 4, False)] if ahead else []
+        mma += [mma_tile(bm, 2, 1, 64, 4, ahead), mma_tile(bm, 1, 2, 64, 4, False), mma_tile(bm, 1, 1, 32, 4, True)]
         if rows >= 64:
             mma += [mma_tile(32, 1, 1, 64, 4, True), mma_tile(32, 2, 1, 64, 4, True)]
     by_hand = [shared(block_m, 32, 128, 4, 1, sk, "dot", True) for sk in ((1, 4) if rows <= 16 else (1, 2))] + [
@@ -178,7 +179,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 28 at 8 rows, 17-21 above
+    return mma + by_hand + pipelined  # 28 at 8 rows, 17-18 above
 
 
 def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None,

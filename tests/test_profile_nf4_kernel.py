@@ -155,3 +155,25 @@ def test_the_sweeps_lora_check_passes_the_kernel_and_fails_a_launch_without_lora
     assert _abs_sum_eps(out, ref_lora, x, dense, lora_abs) <= 1.0
     without = nf4_matmul(x, _segments(whole, sizes), config=tile)
     assert _abs_sum_eps(without, ref_lora, x, dense, lora_abs) > 1.0
+
+
+def test_the_sweeps_grid_at_32_and_64_rows_holds_mma_tiles_of_those_rows_that_run_on_every_layer():
+    # v18: the MMA tiles of 16 to 64 x rows a program compete with the dots there; each runs on the 7B's layers
+    # (K 4096 and 14336 at blocksize 64), and no row count's grid repeats a tile or passes 30
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from profile_nf4_kernel import _sweep_grid
+
+    from medqa_core.engine.kernels.nf4_matmul import NF4Weight, mma_unfit
+
+    for rows in (1, 8, 32, 64):
+        grid = _sweep_grid(rows)
+        assert len(grid) == len(set(grid)) <= 30, rows
+    for rows in (32, 64):
+        mma = [c for c in _sweep_grid(rows) if c.kernel_mode == "mma"]
+        assert {c.block_m for c in mma} == ({32} if rows == 32 else {32, 64})
+        for k in (4096, 14336):
+            weight = NF4Weight(torch.zeros(4096 * k // 2, dtype=torch.uint8), torch.zeros(1), torch.zeros(16),
+                               64, 4096, k, None, None, None, 256)
+            assert all(mma_unfit(torch.device("cpu"), torch.bfloat16, weight, c.block_k, c.block_scale) is None
+                       for c in mma), k
