@@ -127,3 +127,29 @@ def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     asked = args.read_text().splitlines()
     assert asked[asked.index("--rows") + 1] == "64" and asked[asked.index("--layers") + 1] == "q+k+v_proj"
+
+
+def test_the_full_nsight_step_saves_a_report_and_prints_its_details_and_source_page(tmp_path):
+    # NCU_SET=full: every section into OUT/ncu.ncu-rep, then the report read back twice: its details into ncu.log
+    # and each SASS instruction's counters into ncu-source.csv (a fake ncu that records each call and writes the
+    # report file the real one would)
+    fake = tmp_path / "bin" / "ncu"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$NCU_ARGS"\n'
+                    'for ((i = 1; i <= $#; i++)); do\n'
+                    '  [[ ${!i} == -o ]] && { j=$((i + 1)); touch "${!j}.ncu-rep"; }\n'
+                    'done\n'
+                    '[[ $1 == -i ]] && echo "printed $*"\nexit 0\n')
+    fake.chmod(0o755)
+    args = tmp_path / "args"
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "NCU_ARGS": str(args),
+           "NCU_SET": "full"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(SCRIPT), str(out), "ncu"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    profile, details, source = args.read_text().splitlines()
+    assert "--set full" in profile and f"-o {out}/ncu" in profile and "profile_nf4_kernel.py --once" in profile
+    assert details == f"-i {out}/ncu.ncu-rep --page details"
+    assert source == f"-i {out}/ncu.ncu-rep --page source --print-source sass --csv"
+    assert (out / "ncu-source.csv").read_text().startswith("printed -i")

@@ -15,21 +15,23 @@
 #   tools/inference_evidence.sh OUT [STEP...]      (default: tests sweep ncu bench, in that order)
 #
 # Environment: DATA (MedQA folder, default: the bundled subset), PRESET (default mistral-7b), BATCHES (default
-# 1,8,32,64), ARMS (the bench's 4-bit kernel arms, default "triton bitsandbytes"), DECODE_ATTENTION (the decode
-# steps' attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of
-# the same session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep
-# tunes, default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and
-# those modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8),
-# SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
-# TESTS_K (the tests step's -k expression; default all), PDL_AB (set: the bench runs our kernel's arm first with
-# programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by default, so the A/B is one card's),
-# MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as it compiles them; the bench files'
-# names end in -tuned), NCU_LAYERS (the ncu step's --layers, default gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was
-# copied from, which the result files then name: a copy's own .git may be stale; medqa_core/measure/fingerprint.py),
-# STEP_TIMEOUT (seconds a step may take, default none; then SIGINT, so a bench keeps its finished cases). A step that
-# fails is reported and the next one runs; the exit code is the number of failed steps. To publish: copy the bench
-# files into results/bench/<machine>/ and the sweep/profile files into results/traces/ (docs/decode.md lists them),
-# commit them, and run `python tools/gen_docs.py`.
+# 1,8,32,64), ARMS (the bench's 4-bit kernel arms, default "triton bitsandbytes"), DECODE_ATTENTION (the decode steps'
+# attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of the same
+# session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep tunes,
+# default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and those
+# modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8), SWEEP_LORA (set:
+# the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA), TESTS_K (the tests
+# step's -k expression; default all), NCU_SET (full: the ncu step collects every section, the per-instruction warp
+# stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv), PDL_AB (set: the bench
+# runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by
+# default, so the A/B is one card's), MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as
+# it compiles them; the bench files' names end in -tuned), NCU_LAYERS (the ncu step's --layers, default
+# gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then name:
+# a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take, default
+# none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one runs; the
+# exit code is the number of failed steps. To publish: copy the bench files into results/bench/<machine>/ and the
+# sweep/profile files into results/traces/ (docs/decode.md lists them), commit them, and run `python
+# tools/gen_docs.py`.
 set -uo pipefail
 OUT=${1:?usage: tools/inference_evidence.sh OUT [tests|sweep|ncu|profile|bench ...]}
 shift
@@ -55,9 +57,17 @@ for s in $STEPS; do
         ${SWEEP_LORA:+--sweep-lora} ;;
     ncu)
         if ! command -v ncu >/dev/null; then echo "== ncu: skipped (no ncu on PATH: Nsight Compute is NVIDIA's)"; continue; fi
-        step ncu ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k "regex:_nf4_matmul_kernel|gemm_4bit" \
-        python3 bench/profile_nf4_kernel.py --once --rows "${NCU_ROWS:-1,8}" --layers "${NCU_LAYERS:-gate_proj/up_proj}" ;;
+        sections=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
+                  --section LaunchStats --section MemoryWorkloadAnalysis)
+        # NCU_SET=full: every section, the source counters too (each SASS instruction's warp stalls), saved as a
+        # report and printed from it: its details (ncu.log) and its per-instruction source page (ncu-source.csv)
+        [[ ${NCU_SET:-} == full ]] && sections=(--set full --import-source no -f -o "$OUT/ncu")
+        step ncu ncu --clock-control none "${sections[@]}" -k "regex:_nf4_matmul_kernel|gemm_4bit" \
+        python3 bench/profile_nf4_kernel.py --once --rows "${NCU_ROWS:-1,8}" --layers "${NCU_LAYERS:-gate_proj/up_proj}"
+        if [[ ${NCU_SET:-} == full && -f $OUT/ncu.ncu-rep ]]; then
+            ncu -i "$OUT/ncu.ncu-rep" --page details >"$OUT/ncu.log" 2>&1
+            ncu -i "$OUT/ncu.ncu-rep" --page source --print-source sass --csv >"$OUT/ncu-source.csv" 2>&1
+        fi ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
     bench)
         for arm in ${ARMS:-triton bitsandbytes}; do
