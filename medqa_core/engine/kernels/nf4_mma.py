@@ -670,17 +670,13 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             if TILES == 2:
                 scale_g2, scale_h2 = _iteration_scales(ahead_g2, ahead_h2, it, t, lane, warp, WL, PARTS, BLOCK_K,
                                                        BLOCKSIZE, EMULATE)
-        acc = _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo,
-                                        levels_hi, acc, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,
-                                        l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS, dtype,
-                                        NUM_WARPS,
-                                        PRMT_ROWS, BLOCK_SCALE, EMULATE)
+        acc = _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, acc, l0, l1, l2,
+                             l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6,
+                             q7, WL, PARTS, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
         if TILES == 2:
-            acc2 = _mma_iteration(words_g2, words_h2, scale_g2, scale_h2, xs, table, levels_lo,
-                                            levels_hi, acc2, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10,
-                                            l11, l12, l13, l14, l15, q0, q1, q2, q3, q4, q5, q6, q7, WL, PARTS,
-                                            dtype,
-                                            NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
+            acc2 = _mma_iteration(words_g2, words_h2, scale_g2, scale_h2, xs, table, levels_lo, levels_hi, acc2, l0,
+                                  l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15, q0, q1, q2, q3,
+                                  q4, q5, q6, q7, WL, PARTS, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE, EMULATE)
     if RANK > 0:
         if pid_k == 0:
             wait_for_lora(lora_counter_ptr, LORA_RANKS)
