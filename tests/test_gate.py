@@ -594,6 +594,23 @@ def test_allow_not_compared_passes_and_still_says_why_in_the_verdict(tmp_path, c
     assert "gate: PASS: " in out and "(3 checks, 14 not compared: other CPU model: 14 speed and memory checks)" in out
 
 
+def test_the_same_cpu_model_with_other_instruction_sets_is_other_hardware(tmp_path, capsys):
+    # one model name, "Intel(R) Xeon(R) Processor", with AMX and without: speed and memory not compared, named;
+    # where one side recorded no flags (older files) the model and threads decide as before
+    baseline = json.loads(CI_BASELINE.read_text())
+    candidate = json.loads(CI_BASELINE.read_text())
+    flags = candidate["machine_info"]["medqa_fingerprint"]["cpu_flags"]
+    candidate["machine_info"]["medqa_fingerprint"]["cpu_flags"] = [*flags, "amx_bf16", "amx_int8", "amx_tile"]
+    code, out, _ = _gate_files(tmp_path, baseline, candidate, capsys, "--allow-not-compared")
+    out = _flat(out)
+    assert code == 0
+    assert "14 not compared: other CPU features: 14 speed and memory checks" in out
+    assert "amx_bf16" in out
+    del baseline["machine_info"]["medqa_fingerprint"]["cpu_flags"]
+    code, out, _ = _gate_files(tmp_path, baseline, candidate, capsys)
+    assert code == 0 and "other CPU features" not in _flat(out)
+
+
 def test_another_compute_dtype_is_not_compared_for_speed_and_named(tmp_path, capsys):
     candidate = json.loads(CI_BASELINE.read_text())
     for entry in candidate["benchmarks"]:
