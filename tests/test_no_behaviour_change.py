@@ -95,13 +95,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _same(key: str, old: Any, new: Any) -> bool:
+def _same(key: str, old: Any, new: Any, rel_tol: float) -> bool:
     if VARYING.match(key):
         return type(old) is type(new) or {type(old), type(new)} <= {int, float} or old is None or new is None
     if isinstance(old, float) and isinstance(new, float):
-        # float32 on another processor: the fixture's losses and log-probabilities moved by up to 9.7e-5 of their
-        # value on an Intel Xeon (AMX) against the machine that wrote it
-        return math.isclose(old, new, rel_tol=1e-3, abs_tol=1e-6)
+        return math.isclose(old, new, rel_tol=rel_tol, abs_tol=1e-6)
     return type(old) is type(new) and old == new
 
 
@@ -135,7 +133,12 @@ def test_tiny_run_record_matches_the_record_before_the_move(tiny_model_dir, tmp_
     for key, (was, now) in CHANGED.items():
         assert old.pop(key) == was and new.pop(key) == now, key
     assert sorted(old) == sorted(new), (sorted(set(old) ^ set(new)))
-    differ = [(k, old[k], new[k]) for k in old if not _same(k, old[k], new[k])]
+    # 1e-5 on a processor of the fixture's instruction sets; on another, float32 kernels take other paths: on an
+    # Intel Xeon with AMX the losses and log-probabilities moved by up to 9.7e-5 of their value (session 51)
+    same_isa = sorted(before["record"]["fingerprint"].get("cpu_flags") or []) == sorted(
+        after["record"]["fingerprint"].get("cpu_flags") or [])
+    rel_tol = 1e-5 if same_isa else 1e-3
+    differ = [(k, old[k], new[k]) for k in old if not _same(k, old[k], new[k], rel_tol)]
     assert not differ, differ[:20]
     assert len(before["printed"]) == len(after["printed"])
     for was, now in zip(before["printed"], after["printed"], strict=True):
