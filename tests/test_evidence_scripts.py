@@ -130,7 +130,8 @@ def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):
 
 
 def test_the_full_nsight_step_saves_a_report_and_prints_its_details_and_source_page(tmp_path):
-    # NCU_SET=full: every section into OUT/ncu.ncu-rep, then the report read back twice: its details into ncu.log
+    # NCU_SET=full: every section into OUT/ncu.ncu-rep, then the report read back twice: its details into
+    # ncu-details.log (ncu.log keeps the profiled run's output)
     # and each SASS instruction's counters into ncu-source.csv (a fake ncu that records each call and writes the
     # report file the real one would)
     fake = tmp_path / "bin" / "ncu"
@@ -153,3 +154,5 @@ def test_the_full_nsight_step_saves_a_report_and_prints_its_details_and_source_p
     assert details == f"-i {out}/ncu.ncu-rep --page details"
     assert source == f"-i {out}/ncu.ncu-rep --page source --print-source sass --csv"
     assert (out / "ncu-source.csv").read_text().startswith("printed -i")
+    assert (out / "ncu-details.log").read_text().startswith("printed -i")
+    assert "printed" not in (out / "ncu.log").read_text()  # the profiled run's own output, kept

@@ -60,12 +60,13 @@ for s in $STEPS; do
         sections=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
                   --section LaunchStats --section MemoryWorkloadAnalysis)
         # NCU_SET=full: every section, the source counters too (each SASS instruction's warp stalls), saved as a
-        # report and printed from it: its details (ncu.log) and its per-instruction source page (ncu-source.csv)
+        # report and printed from it: its details (ncu-details.log; ncu.log keeps the profiled run's output) and its
+        # per-instruction source page (ncu-source.csv)
         [[ ${NCU_SET:-} == full ]] && sections=(--set full --import-source no -f -o "$OUT/ncu")
         step ncu ncu --clock-control none "${sections[@]}" -k "regex:_nf4_matmul_kernel|gemm_4bit" \
         python3 bench/profile_nf4_kernel.py --once --rows "${NCU_ROWS:-1,8}" --layers "${NCU_LAYERS:-gate_proj/up_proj}"
         if [[ ${NCU_SET:-} == full && -f $OUT/ncu.ncu-rep ]]; then
-            ncu -i "$OUT/ncu.ncu-rep" --page details >"$OUT/ncu.log" 2>&1
+            ncu -i "$OUT/ncu.ncu-rep" --page details >"$OUT/ncu-details.log" 2>&1
             ncu -i "$OUT/ncu.ncu-rep" --page source --print-source sass --csv >"$OUT/ncu-source.csv" 2>&1
         fi ;;
     profile) step profile python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-profile.json" --rows "$SWEEP_ROWS" ;;
