@@ -168,7 +168,7 @@ def cpu_features(summary: RunSummary) -> tuple[str, ...] | None:
     return tuple(sorted(flags)) if isinstance(flags, list) and flags else None
 
 
-def hardware(summary: RunSummary, other_features: tuple[str, ...] | None = ()) -> str:
+def hardware(summary: RunSummary, other_features: tuple[str, ...] | None) -> str:
     """The machine a case's speed and memory belong to: GPU name, or CPU model with its thread count and, where
     both runs recorded them (``other_features``: the other run's :func:`cpu_features`; None: leave them out),
     its instruction sets. One model name covers several processors: an "Intel(R) Xeon(R) Processor" with AMX

@@ -784,7 +784,7 @@ def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_w
 
 def pdl_fits(cfg: TileConfig) -> bool:
     """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch): the
-    MMA tiles of decode (1 to 64 rows; v18's of 16 to 64 not measured without it), whose first weights load before
+    MMA tiles of decode (1 to 64 rows; v18's of 16 to 64 not yet run on a GPU), whose first weights load before
     the wait, with the shuffle lookup.
 
     Not the dot tiles (16 rows and more), which wait before their first load, so gain no more than an earlier
