@@ -149,3 +149,27 @@ def test_a_decode_figure_that_is_nan_is_never_a_row_and_never_replaces_a_good_on
     rows = newest_inference_rows([read_bench_file(p) for p in (default, damaged)])
     assert [(r.batch, Path(r.path).name) for r in rows] == [(1, default.name), (8, damaged.name)]
     assert all(math.isfinite(r.decode_tokens_per_s) for r in rows)
+
+
+def test_a_newer_commit_timing_some_batches_replaces_those_batches_only():
+    # Session 49 (commit 749481f): ours and bitsandbytes' at batch 1 and 8 (0050, 0052), at 32 and 64 (0053-0055).
+    # Session 52 (commit 8e4d88d): ours only, at 32 and 64, with the model's attention (0057) and ours (0059).
+    old = [BENCH / f"{name}.json" for name in (
+        "0050_h100-cuda-nf4-decode-v17-pdl-on-ab2-triton", "0052_h100-cuda-nf4-decode-v17-bnb",
+        "0053_h100-cuda-nf4-decode-v17-batch32-64-triton", "0054_h100-cuda-nf4-decode-v17-batch32-bnb",
+        "0055_h100-cuda-nf4-decode-v17-batch64-bnb")]
+    new = [BENCH / f"{name}.json" for name in (
+        "0057_h100-cuda-nf4-decode-v18-mma-tiles-batch32-64-sdpa-triton",
+        "0059_h100-cuda-nf4-decode-v18-mma-tiles-batch32-64-triton")]
+    rows = [(r.kernel_name, r.batch, Path(r.path).name[:4]) for r in newest_inference_rows(
+        [read_bench_file(p) for p in (*old, *new)])]
+    assert rows == [
+        ("ours (Triton)", 32, "0057"), ("ours (Triton)", 64, "0057"),
+        ("ours (Triton) + our attention", 1, "0050"), ("ours (Triton) + our attention", 8, "0050"),
+        ("ours (Triton) + our attention", 32, "0059"), ("ours (Triton) + our attention", 64, "0059"),
+        ("bitsandbytes", 1, "0052"), ("bitsandbytes", 8, "0052")]  # 32 and 64: not of the newer code
+    # Without the newer files, the older code's rows at 32 and 64 stand, bitsandbytes' beside them.
+    older = [(r.kernel, r.batch, Path(r.path).name[:4]) for r in newest_inference_rows(
+        [read_bench_file(p) for p in old]) if r.batch >= 32]
+    assert older == [("triton", 32, "0053"), ("triton", 64, "0053"), ("bitsandbytes", 32, "0054"),
+                     ("bitsandbytes", 64, "0055")]

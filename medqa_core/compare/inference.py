@@ -84,32 +84,28 @@ def _order(row: InferenceRow) -> tuple[bool, bool, int]:
 
 
 def newest_inference_rows(benches: Iterable[BenchFile]) -> list[InferenceRow]:
-    """Of ``benches`` (oldest first), per device the newest file that timed our kernel, joined with the files of
-    the same device and the same code (git commit of the fingerprint): a row per kernel and batch, the newest.
+    """Of ``benches`` (oldest first), per device and batch the newest code (git commit of the fingerprint) that
+    timed our kernel there, and every arm that code ran at that batch: a row per kernel, attention and batch, the
+    newest file's.
 
     One device call may save its arms and batches as separate files (one pytest session per kernel, or per batch
-    range, so that a session cut short keeps what it finished). Rows of another commit are never mixed in, nor
-    rows of an A/B arm run with a setting away from its default (:attr:`InferenceRow.switch`): the table gives
-    what a user's run gets.
+    range, so that a session cut short keeps what it finished), and a later call may time some batches only: the
+    other batches keep the rows of the code that last ran them. At one batch, rows of another commit are never
+    mixed in, nor rows of an A/B arm run with a setting away from its default (:attr:`InferenceRow.switch`): each
+    row gives what a user's run of that code gets, beside the other arms of the same code.
     """
     benches = list(benches)
-    rows: list[InferenceRow] = []
-    for device, ours in _newest_per_device(benches, "triton").items():
-        commit = ours.fingerprint.get("git_commit")
-        picked: dict[tuple[str, int], InferenceRow] = {}
-        for bench in benches:  # oldest first: a newer file's row replaces an older one's
-            if device_label(bench.fingerprint) == device and bench.fingerprint.get("git_commit") == commit:
-                picked.update({(r.kernel, r.attention, r.batch): r for r in _defaults(bench)})
-        rows += sorted(picked.values(), key=_order)
-    return rows
-
-
-def _newest_per_device(benches: Iterable[BenchFile], kernel: str) -> dict[str, BenchFile]:
-    newest: dict[str, BenchFile] = {}
+    newest: dict[tuple[str, int], str | None] = {}  # (device, batch): the commit that last timed ours there
     for bench in benches:
-        if any(r.kernel == kernel for r in _defaults(bench)):
-            newest[device_label(bench.fingerprint)] = bench
-    return newest
+        newest.update({(r.device, r.batch): bench.fingerprint.get("git_commit")
+                       for r in _defaults(bench) if r.kernel == "triton"})
+    picked: dict[tuple[str, str, str, int], InferenceRow] = {}
+    for bench in benches:  # oldest first: a newer file's row replaces an older one's
+        commit = bench.fingerprint.get("git_commit")
+        picked.update({(r.device, r.kernel, r.attention, r.batch): r for r in _defaults(bench)
+                       if (r.device, r.batch) in newest and newest[(r.device, r.batch)] == commit})
+    devices = dict.fromkeys(device for device, _ in newest)  # in the order they were first timed
+    return [r for device in devices for r in sorted((r for r in picked.values() if r.device == device), key=_order)]
 
 
 def _defaults(bench: BenchFile) -> list[InferenceRow]:

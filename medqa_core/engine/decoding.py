@@ -58,11 +58,11 @@ def triton_nf4_unavailable(device: torch.device) -> str | None:
     return None
 
 
-# The GPUs whose decode bench measured ours ahead of bitsandbytes', with the largest batch at which it did
+# The GPUs whose decode bench measured ours ahead of bitsandbytes', with the batches (fewest, most) at which it did
 # (results/bench/Linux-CPython-3.12-64bit/0026 against 0027, batches 1-64, v6; 0028 against 0029 at 1 and 8;
 # v8: 0032 against 0033 at 1 and 8; the H200, v10: 0034 against 0035 at 1 and 8):
-# "auto" takes ours there up to that batch, and bitsandbytes' on every other GPU and batch (docs/decode.md).
-AUTO_TRITON_MAX_ROWS = {"NVIDIA H100 80GB HBM3": 64, "NVIDIA H200": 8}
+# "auto" takes ours there at those batches, and bitsandbytes' on every other GPU and batch (docs/decode.md).
+AUTO_TRITON_BATCHES = {"NVIDIA H100 80GB HBM3": (1, 64), "NVIDIA H200": (1, 8)}
 
 
 def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, rows: int = 1) -> tuple[str, str]:
@@ -89,28 +89,31 @@ def nf4_kernel_choice(model: torch.nn.Module, device: torch.device, asked: str, 
         return "bitsandbytes", "auto: bitsandbytes' kernels off a GPU (ours runs on CPU only under the interpreter)"
     if torch.version.hip:
         return "bitsandbytes", "auto: ours has not run on ROCm (docs/rocm.md); nf4_kernel='triton' runs it"
-    return _measured_ahead(AUTO_TRITON_MAX_ROWS, torch.cuda.get_device_name(device), rows,
+    return _measured_ahead(AUTO_TRITON_BATCHES, torch.cuda.get_device_name(device), rows,
                            ("bitsandbytes", "bitsandbytes'", "nf4_kernel"))
 
 
-def _measured_ahead(table: dict[str, int], name: str, rows: int, theirs: tuple[str, str, str]) -> tuple[str, str]:
-    """"auto"'s choice from a table of GPUs where the bench measured ours ahead, up to a batch: ("triton", why),
-    or (the other's name, why). ``theirs``: the other's name, how the reason names it, the option that asks for
-    ours."""
+def _measured_ahead(table: dict[str, tuple[int, int]], name: str, rows: int,
+                    theirs: tuple[str, str, str]) -> tuple[str, str]:
+    """"auto"'s choice from a table of GPUs where the bench measured ours ahead, at batches (fewest, most):
+    ("triton", why), or (the other's name, why). ``theirs``: the other's name, how the reason names it, the option
+    that asks for ours."""
     other, named, option = theirs
-    most = table.get(name)
-    if most is None:
+    if name not in table:
         return other, f"auto: ours has not been measured ahead on {name} (docs/decode.md); {option}='triton' runs it"
-    if rows > most:
-        return other, (f"auto: ours is measured ahead on {name} up to batch {most} only (docs/decode.md); "
+    fewest, most = table[name]
+    batches = f"batch {most}" if fewest == most else f"batches {fewest} to {most}"
+    if not fewest <= rows <= most:
+        return other, (f"auto: ours is measured ahead on {name} at {batches} only, not {rows} (docs/decode.md); "
                        f"{option}='triton' runs it")
-    return "triton", f"auto: ours, measured ahead of {named} on {name} up to batch {most}"
+    return "triton", f"auto: ours, measured ahead of {named} on {name} at {batches}"
 
 
-# The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA), with the largest
-# batch at which it did (the H200: 0034, ours and SDPA arms of one session, at 1 and 8): "auto" takes ours there
-# up to that batch, the model's everywhere else (docs/decode.md).
-AUTO_TRITON_ATTENTION = {"NVIDIA H200": 8}
+# The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA), with the batches
+# (fewest, most) at which it did: the H200, 0034 (ours and SDPA arms of one session, at 1 and 8); the H100, v18's
+# tiles at 32 and 64 (0057 against 0059, and with session 49's tiles 0056 against 0058: one card, one session).
+# "auto" takes ours there at those batches, the model's everywhere else (docs/decode.md).
+AUTO_TRITON_ATTENTION = {"NVIDIA H200": (1, 8), "NVIDIA H100 80GB HBM3": (32, 64)}
 
 
 def decode_attention_choice(model: torch.nn.Module, device: torch.device, asked: str,
@@ -228,7 +231,7 @@ class StaticDecoder:
         batch: rows per call.
         max_len: prompt plus new tokens, at most; the cache holds exactly this many.
         use_graph: capture the step as a CUDA/HIP graph (GPUs only).
-        nf4_kernel: "auto" (ours where the bench measured it ahead: :data:`AUTO_TRITON_MAX_ROWS`; else
+        nf4_kernel: "auto" (ours where the bench measured it ahead: :data:`AUTO_TRITON_BATCHES`; else
             bitsandbytes), "triton" or "bitsandbytes".
         attention: the steps' attention: "auto" (ours where the bench measured it ahead:
             :data:`AUTO_TRITON_ATTENTION`; else the model's), "triton" or "model".
