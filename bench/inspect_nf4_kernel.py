@@ -130,8 +130,9 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},
                        {(names.index(c),): v for c, v in constants.items()},
                        {(names.index(a),): [["tt.divisibility", 16]] for a in (*POINTERS, *MULTIPLES_OF_16)})
+    cap = {"maxnreg": tile.max_registers} if tile.max_registers and TARGETS[target].backend == "cuda" else {}
     return triton.compile(source, target=TARGETS[target],
-                          options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+                          options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages, **cap))
 
 
 def _ptxas(ptx: str) -> tuple[int | None, int | None]:
@@ -204,8 +205,8 @@ def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1) -> Kern
 
 
 # split/prmt: TileConfig.lookup; scaled: block_scale; ahead: scales_ahead; lora: a LoRA of the presets' rank in the
-# launch (its programs and epilogue share the kernel's registers)
-FLAGS = ("prefetch", "shared", "split", "prmt", "scaled", "ahead", "lora")
+# launch (its programs and epilogue share the kernel's registers); maxnregN: max_registers N (v19)
+FLAGS = ("prefetch", "shared", "split", "prmt", "scaled", "ahead", "lora", "maxnregN")
 LORA_RANK = 16
 
 
@@ -216,14 +217,17 @@ def _tile_arg(text: str) -> tuple[int, TileConfig, int]:
         rows, fields = text.split(":")
         *numbers, mode = fields.split(",")[:7]
         flags = fields.split(",")[7:]
+        caps = [int(f[len("maxnreg"):]) for f in flags if re.fullmatch(r"maxnreg\d+", f)]
+        flags = [f for f in flags if not re.fullmatch(r"maxnreg\d+", f)]
         if set(flags) - set(FLAGS):
             raise ValueError(f"unknown flag(s) {sorted(set(flags) - set(FLAGS))}")
         if {"split", "prmt"} <= set(flags):
             raise ValueError("split and prmt are two lookups: name one")
         lookup = "split" if "split" in flags else "prmt" if "prmt" in flags else "shfl"
-        return int(rows), TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
-                                     shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags,
-                                     scales_ahead="ahead" in flags), LORA_RANK if "lora" in flags else 0
+        tile = TileConfig(*(int(v) for v in numbers), mode, prefetch="prefetch" in flags,
+                          shared_table="shared" in flags, lookup=lookup, block_scale="scaled" in flags,
+                          scales_ahead="ahead" in flags, max_registers=caps[-1] if caps else None)
+        return int(rows), tile, LORA_RANK if "lora" in flags else 0
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...] with FLAGs of {FLAGS} ({e})") from e
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{' shared-table' if tile.shared_table else ''}"
                     f"{'' if tile.lookup == 'shfl' else ' ' + tile.lookup + '-lookup'}"
                     f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}"
-                    f"{f' lora{rank}' if rank else ''}")
+                    f"{f' maxnreg{tile.max_registers}' if tile.max_registers else ''}{f' lora{rank}' if rank else ''}")
             try:
                 c = inspect(tile, args.target, rank, rows)
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run

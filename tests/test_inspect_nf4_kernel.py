@@ -209,3 +209,18 @@ def test_the_dot_tiles_and_the_permute_lookups_do_not_launch_as_dependents(compi
                      "'sm_90a'); mma = compile_tile(TileConfig(8, 64, 128, 4, 1, 4, 'mma', prefetch=True), 'sm_90a'); "
                      "print(*('griddepcontrol' in c.asm['ptx'] for c in (dot, prmt, mma)))")
     assert out.split() == ["False", "False", "True"]
+
+
+def test_a_register_cap_holds_the_compiled_kernel_under_it(compiling):
+    # v19: the one-row gate+up tile with LoRA takes 128 registers (2 warps: 8 programs an SM); capped at 80 it
+    # fits 12, and ptxas spills what does not fit. The tile argument names the cap (maxnregN).
+    code = ("import dataclasses, json, sys; sys.path.insert(0, 'bench'); "
+            "from inspect_nf4_kernel import inspect, _tile_arg; "
+            "rows, tile, rank = _tile_arg('1:8,64,128,2,1,4,mma,prefetch,scaled,ahead,lora,maxnreg80'); "
+            "capped = inspect(tile, 'sm_90a', rank=rank, rows=rows); "
+            "free = inspect(dataclasses.replace(tile, max_registers=None), 'sm_90a', rank=rank, rows=rows); "
+            "print(json.dumps([capped.registers, free.registers, capped.spill_bytes]))")
+    capped, free, spills = json.loads(compiling(code).strip().splitlines()[-1])
+    if capped is None:
+        pytest.skip("Triton's bundled ptxas cannot run here")
+    assert capped <= 80 < free and spills > 0

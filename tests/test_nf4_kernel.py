@@ -440,6 +440,40 @@ def test_x_blocks_of_one_program_give_the_8_row_tiles_bits(tile, rows, rank) -> 
         assert _ulps(out, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
 
 
+@pytest.mark.parametrize("tile", [TileConfig(8, 64, 128, 2, 1, 4, "mma", prefetch=True, block_scale=True,
+                                             scales_ahead=True),
+                                  TileConfig(1, 16, 256, 1, 1, 2, "gemv", prefetch=True)], ids=["mma", "gemv"])
+def test_a_register_cap_gives_the_same_bits_and_is_the_compiled_kernels(tile) -> None:
+    # v19: max_registers is ptxas' maxnreg (more warps an SM, the rest spilled): the same instructions in the same
+    # order, so the same bits (LoRA, split K). On an NVIDIA GPU the launch's compiled kernel holds the cap.
+    import dataclasses
+
+    param, _ = _quantized(128, 256, 64, True)
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(tile.block_m, 256, generator=gen).bfloat16().to(DEVICE)
+    lora = dict(lora_a=(torch.randn(16, 256, generator=gen) * 0.1).bfloat16().to(DEVICE),
+                lora_b=(torch.randn(128, 16, generator=gen) * 0.1).bfloat16().to(DEVICE), scaling=2.0)
+    if tile.kernel_mode == "mma" and DEVICE == "cpu":
+        pytest.skip("the MMA mode's inline PTX runs on NVIDIA GPUs only")
+    capped = dataclasses.replace(tile, max_registers=40)
+    assert torch.equal(nf4_matmul(x, nf4_weight(param), config=capped, **lora),
+                       nf4_matmul(x, nf4_weight(param), config=tile, **lora))
+    if DEVICE == "cuda" and not torch.version.hip:
+        from medqa_core.engine.kernels.nf4_matmul import _nf4_matmul_kernel
+
+        compiled = [k for cache in _nf4_matmul_kernel.device_caches.values() for k in cache[0].values()]
+        caps = [k for k in compiled if getattr(k.metadata, "maxnreg", None) == 40]
+        assert caps and all(0 < k.n_regs <= 40 for k in caps)
+
+
+def test_a_register_cap_is_named_and_must_be_one_ptxas_takes() -> None:
+    tile = TileConfig(8, 64, 128, 2, 1, 4, "mma", block_scale=True, scales_ahead=True, max_registers=96)
+    assert tile.inner_loop == "mma block-scale scales-ahead maxnreg96"
+    for cap in (16, 256):
+        with pytest.raises(ValueError, match=f"max_registers={cap}: ptxas takes 24 to 255"):
+            TileConfig(8, 64, 128, 2, 1, 4, "mma", max_registers=cap)
+
+
 def test_the_mma_mode_takes_x_in_blocks_of_8_up_to_64_rows_a_program() -> None:
     with pytest.raises(ValueError, match=r"8 to 64 rows of x \(block_m \(8, 16, 32, 64\)\)"):
         TileConfig(128, 16, 128, 1, 1, 1, "mma")

@@ -161,6 +161,8 @@ def test_the_sweeps_grid_at_32_and_64_rows_holds_mma_tiles_of_those_rows_that_ru
     # v18: the MMA tiles of 16 to 64 x rows a program compete with the dots there; each runs on the 7B's layers
     # (K 4096 and 14336 at blocksize 64), and no row count's grid repeats a tile or passes 30
     sys.path.insert(0, str(ROOT / "bench"))
+    import dataclasses
+
     import torch
     from profile_nf4_kernel import _sweep_grid
 
@@ -169,6 +171,10 @@ def test_the_sweeps_grid_at_32_and_64_rows_holds_mma_tiles_of_those_rows_that_ru
     for rows in (1, 8, 32, 64):
         grid = _sweep_grid(rows)
         assert len(grid) == len(set(grid)) <= 30, rows
+        # v19: each tile under a register cap is timed beside the same tile without it (the cap's own A/B)
+        capped = [c for c in grid if c.max_registers]
+        assert bool(capped) == (rows in (1, 8))
+        assert all(dataclasses.replace(c, max_registers=None) in grid for c in capped), rows
     for rows in (32, 64):
         mma = [c for c in _sweep_grid(rows) if c.kernel_mode == "mma"]
         assert {c.block_m for c in mma} == ({32} if rows == 32 else {32, 64})

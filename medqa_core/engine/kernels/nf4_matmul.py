@@ -556,9 +556,13 @@ class TileConfig:
     the tolerance tests/test_nf4_kernel.py states. ``scales_ahead`` (mode ``mma``, v13): the four lanes of a row load
     the scales of four blocks once, one each, and each iteration takes its block's by one ``shfl``, instead of every
     lane loading its block's scale every iteration (K split in whole groups of four blocks); bitwise the same results.
+    ``max_registers`` (v19, NVIDIA): a thread's register cap (ptxas' ``maxnreg``; None: ptxas' own choice), so that
+    more warps fit an SM; what does not fit spills to local memory. Other vendors' compilers take no cap: ignored
+    there. The same instructions in the same order either way: bitwise the same results.
 
     Raises:
-        ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, or a dot tile under 16.
+        ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, a dot tile under 16, or a
+            register cap outside ptxas' 24 to 255.
     """
 
     block_m: int
@@ -573,16 +577,18 @@ class TileConfig:
     lookup: str = "shfl"
     block_scale: bool = False
     scales_ahead: bool = False
+    max_registers: int | None = None
 
     @property
     def inner_loop(self) -> str:
         """The mode with how its lanes decode where that is not the default: ``"mma"``, ``"mma prmt"``,
-        ``"mma prmt block-scale scales-ahead"``, ``"mma m32 block-scale"`` (x rows a program, v18): what a decode
-        record names."""
+        ``"mma prmt block-scale scales-ahead"``, ``"mma m32 block-scale"`` (x rows a program, v18), ``"mma
+        maxnreg96"`` (a register cap, v19): what a decode record names."""
         rows = [f"m{self.block_m}"] if self.kernel_mode == "mma" and self.block_m > 8 else []
         return " ".join([self.kernel_mode] + rows + ([self.lookup] if self.lookup != "shfl" else [])
                         + (["block-scale"] if self.block_scale else [])
-                        + (["scales-ahead"] if self.scales_ahead else []))
+                        + (["scales-ahead"] if self.scales_ahead else [])
+                        + ([f"maxnreg{self.max_registers}"] if self.max_registers else []))
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -590,6 +596,8 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name}={getattr(self, name)}: must be a power of two")
         if self.split_k < 1:
             raise ValueError(f"TileConfig.split_k={self.split_k}: must be at least 1")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"TileConfig.max_registers={self.max_registers}: ptxas takes 24 to 255 (or None)")
         if self.mode not in (None, *MODES):
             raise ValueError(f"TileConfig.mode={self.mode!r}: choose one of {MODES} (or None)")
         if self.lookup not in LOOKUPS:
@@ -784,8 +792,8 @@ def _lora_constexprs(rank: int, in_features: int, rows: int, block_m: int, num_w
 
 def pdl_fits(cfg: TileConfig) -> bool:
     """Whether a tile launches as a programmatic dependent where the device can (common.programmatic_launch): the
-    MMA tiles of decode (1 to 64 rows; v18's of 16 to 64 not yet run on a GPU), whose first weights load before
-    the wait, with the shuffle lookup.
+    MMA tiles of decode (1 to 64 rows; v18's of 16 to 64 timed with it on an H100, session 52), whose first weights
+    load before the wait, with the shuffle lookup.
 
     Not the dot tiles (16 rows and more), which wait before their first load, so gain no more than an earlier
     launch, and were not measured with it (session 47 timed batches 1 and 8). Not the
@@ -965,5 +973,6 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         PDL=pdl,
         EMULATE=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers and not torch.version.hip else {}),
     )
     return out.reshape(*lead, n)
