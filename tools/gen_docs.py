@@ -676,7 +676,8 @@ def inference_brief(results: Path) -> str:
     names = [n.replace("ours (Triton)", "ours") for n in arms]
     rows = [f"| device | batch | decode tokens/s (of roofline): {' | '.join(names)} | file |",
             "|---" * (3 + len(names)) + "|"]
-    for (device, batch), cell in cells.items():
+    devices = list(dict.fromkeys(device for device, _ in cells))  # in the order the rows name them; then by batch
+    for (device, batch), cell in sorted(cells.items(), key=lambda item: (devices.index(item[0][0]), item[0][1])):
         rows.append(f"| {device} | {batch} | {' | '.join(cell.get(a, '-') for a in arms)} "
                     f"| [{cell['path'].name}]({_link(results, cell['path'])}) |")
     return "\n".join(rows)
