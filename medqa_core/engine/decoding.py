@@ -111,7 +111,8 @@ def _measured_ahead(table: dict[str, tuple[int, int]], name: str, rows: int,
 
 # The GPUs whose decode bench measured our decode attention ahead of the model's own (SDPA), with the batches
 # (fewest, most) at which it did: the H200, 0034 (ours and SDPA arms of one session, at 1 and 8); the H100, v18's
-# tiles at 32 and 64 (0057 against 0059, and with session 49's tiles 0056 against 0058: one card, one session).
+# tiles at 32 and 64 (0057 against 0059, and with the dot_swap tiles the table held before, 0056 against 0058: one
+# card, one session).
 # "auto" takes ours there at those batches, the model's everywhere else (docs/decode.md).
 AUTO_TRITON_ATTENTION = {"NVIDIA H200": (1, 8), "NVIDIA H100 80GB HBM3": (32, 64)}
 

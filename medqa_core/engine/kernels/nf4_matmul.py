@@ -558,7 +558,7 @@ class TileConfig:
     lane loading its block's scale every iteration (K split in whole groups of four blocks); bitwise the same results.
     ``max_registers`` (v19, NVIDIA): a thread's register cap (ptxas' ``maxnreg``; None: ptxas' own choice), so that
     more warps fit an SM; what does not fit spills to local memory. Other vendors' compilers take no cap: ignored
-    there. The same instructions in the same order either way: bitwise the same results.
+    there. The same arithmetic in the same order either way: bitwise the same results.
 
     Raises:
         ValueError: a size that is not a power of two, ``split_k`` below 1, an unknown mode, a dot tile under 16, or a
