@@ -108,6 +108,8 @@ def _copies(nbytes: int, device: torch.device) -> int:
 
 SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key the tile table
 ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")  # what each shape and row count times
+# v20's A/B (asked by --arms only): ours with LoRA, the block scales decoded to float32 first (MEDQA_NF4_SCALES)
+AB_ARMS = ("ours+lora+float32-scales",)
 
 
 def _sweep_grid(rows: int) -> list:
@@ -224,7 +226,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
 
     from medqa_core.engine.kernels import nf4_matmul as kernels
     from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
-    from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, row_bucket, tile_config
+    from medqa_core.engine.kernels.nf4_matmul import float32_scales, nf4_matmul, nf4_weight, row_bucket, tile_config
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
     device = device or torch.device("cuda")  # another only to smoke-test the script on CPU (interpreter)
@@ -273,6 +275,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             a = torch.cat([a] + [(torch.randn(RANK, k, device=device, generator=gen) * 0.02).bfloat16()
                                  for _ in sizes[1:]])
         denses = [dense] + [dense.clone() for _ in range(_copies(n * k * 2, device) - 1)]
+        weights_f32 = ([[float32_scales(s) for s in w] if isinstance(w, list) else float32_scales(w) for w in weights]
+                       if "ours+lora+float32-scales" in arms else [])
         for rows in rows_list:
             x = torch.randn(rows, k, device=device, generator=gen).bfloat16()
             io_bytes = 2 * rows * (k + n)
@@ -284,6 +288,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
                 "ours+lora": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights],
                               weight_bytes + lora_bytes, ref_lora),
+                # the bytes of the weights as stored (nested scales), as the other arms: what a user's model holds
+                "ours+lora+float32-scales": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights_f32],
+                                             weight_bytes + lora_bytes, ref_lora),
                 "bitsandbytes": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state) for p in params],
                                  weight_bytes, ref),
                 "bitsandbytes+lora": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state)
@@ -296,7 +303,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             for arm, (fns, wbytes, reference) in cases.items():
                 if arm not in arms:
                     continue
-                lora = arm.endswith("lora")
+                lora = "lora" in arm
                 out = fns[0]()
                 if once:
                     continue
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-workers", type=int, default=8,
                         help="processes that compile the tiles (in use, and with --sweep the grid's) before they "
                              "are timed (default: %(default)s; 1 compiles each as it is timed)")
-    parser.add_argument("--arms", help=f"comma-separated arms to time, of {', '.join(ARMS)} (default: all)")
+    parser.add_argument("--arms", help=f"comma-separated arms to time, of {', '.join(ARMS + AB_ARMS)} (default: "
+                                       f"{', '.join(ARMS)})")
     parser.add_argument("--lora-min-chunk", type=int, metavar="COLUMNS",
                         help="columns of K a LoRA down-projection program takes at least (the kernel's "
                              "LORA_MIN_CHUNK, 1024; larger: fewer, longer LoRA programs), recorded in --out")
@@ -408,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--layers: unknown {', '.join(unknown)}; choose among {', '.join(MISTRAL_7B_LAYERS)}")
     modes = args.modes.split(",") if args.modes else None
     arms = args.arms.split(",") if args.arms else None
-    if set(arms or ()) - set(ARMS):
-        parser.error(f"--arms: unknown {', '.join(sorted(set(arms) - set(ARMS)))}; choose among {', '.join(ARMS)}")
+    if set(arms or ()) - set(ARMS + AB_ARMS):
+        parser.error(f"--arms: unknown {', '.join(sorted(set(arms) - set(ARMS + AB_ARMS)))}; choose among "
+                     f"{', '.join(ARMS + AB_ARMS)}")
     from medqa_core.engine.kernels.nf4_matmul import MODES
 
     if args.lora_min_chunk is not None and args.lora_min_chunk < 16:

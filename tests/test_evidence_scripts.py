@@ -111,6 +111,19 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--benchmark-save=nf4-decode-triton-attn-triton-tuned" in calls.read_text()
+    # SCALES_AB: our arm first with the block scales decoded at load (v20), then as asked; the others once
+    calls.unlink()
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"$MEDQA_NF4_SCALES $*\" >> {calls}\n")
+    env = {**env, "SCALES_AB": "1", "ARMS": "triton bitsandbytes"}
+    del env["MEDQA_INDUCTOR_TUNING"]
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [(line.split()[0], next(a for a in line.split() if a.startswith("--benchmark-save=")))
+            for line in calls.read_text().splitlines() if "bench_infer.py" in line]
+    assert runs == [("float32", "--benchmark-save=nf4-decode-triton-attn-triton-float32-scales"),
+                    ("nested", "--benchmark-save=nf4-decode-triton-attn-triton"),
+                    ("nested", "--benchmark-save=nf4-decode-bitsandbytes-attn-triton")]
 
 
 def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):

@@ -173,3 +173,16 @@ def test_a_newer_commit_timing_some_batches_replaces_those_batches_only():
         [read_bench_file(p) for p in old]) if r.batch >= 32]
     assert older == [("triton", 32, "0053"), ("triton", 64, "0053"), ("bitsandbytes", 32, "0054"),
                      ("bitsandbytes", 64, "0055")]
+
+
+def test_a_case_with_the_scales_decoded_at_load_is_an_ab_arm(tmp_path):
+    # v20's switch (MEDQA_NF4_SCALES=float32), recorded by the decoder's setup: an A/B arm, never the table's row
+    default = BENCH / "0050_h100-cuda-nf4-decode-v17-pdl-on-ab2-triton.json"
+    data = json.loads(default.read_text())
+    for b in data["benchmarks"]:
+        b["extra_info"]["nf4_scales"] = "float32: decoded once as the layers were swapped in (MEDQA_NF4_SCALES=float32)"
+    arm = tmp_path / "0099_h100-float32-scales.json"
+    arm.write_text(json.dumps(data))
+    assert {r.switch for r in inference_rows(read_bench_file(arm))} == {"MEDQA_NF4_SCALES=float32"}
+    rows = newest_inference_rows([read_bench_file(p) for p in (default, arm)])
+    assert {Path(r.path).name for r in rows} == {default.name}

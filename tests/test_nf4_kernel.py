@@ -474,6 +474,50 @@ def test_a_register_cap_is_named_and_must_be_one_ptxas_takes() -> None:
             TileConfig(8, 64, 128, 2, 1, 4, "mma", max_registers=cap)
 
 
+@pytest.mark.parametrize("tile", [TileConfig(1, 16, 256, 1, 1, 2, "gemv", prefetch=True),
+                                  TileConfig(4, 16, 64, 2, 1, 2, "fma"),
+                                  TileConfig(8, 32, 128, 1, 1, 2, "mma", prefetch=True, scales_ahead=True)],
+                         ids=["gemv", "fma", "mma"])
+def test_block_scales_decoded_at_load_are_bitsandbytes_own_and_give_the_nested_paths_bits(tile) -> None:
+    # v20's A/B (MEDQA_NF4_SCALES=float32): the double-quantized absmax decoded once into float32, as bitsandbytes
+    # decodes it (a multiply, then an add); the launch then reads one scale a block. The same multiply and add as
+    # the loop's, so the same bits (under the interpreter; a GPU's compiler may fuse the loop's into one FMA).
+    from bitsandbytes.functional import dequantize_blockwise
+
+    from medqa_core.engine.kernels.nf4_matmul import float32_scales
+
+    if tile.kernel_mode == "mma" and DEVICE == "cpu":
+        pytest.skip("the MMA mode's inline PTX runs on NVIDIA GPUs only")
+    param, state = _quantized(48, 512, 64, True)
+    nested = nf4_weight(param)
+    decoded = float32_scales(nested)
+    assert not decoded.double_quant and decoded.absmax.dtype == torch.float32
+    assert torch.equal(decoded.absmax, dequantize_blockwise(state.absmax, state.state2) + state.offset)
+    assert float32_scales(decoded) is decoded  # nothing left to decode
+    gen = torch.Generator().manual_seed(20)
+    x = torch.randn(tile.block_m, 512, generator=gen).bfloat16().to(DEVICE)
+    lora = dict(lora_a=(torch.randn(8, 512, generator=gen) * 0.1).bfloat16().to(DEVICE),
+                lora_b=(torch.randn(48, 8, generator=gen) * 0.1).bfloat16().to(DEVICE), scaling=2.0)
+    ours = nf4_matmul(x, decoded, config=tile, **lora)
+    if DEVICE == "cpu":
+        assert torch.equal(ours, nf4_matmul(x, nested, config=tile, **lora))
+    plain = nf4_matmul(x, decoded, config=tile)
+    assert _ulps(plain, x.float() @ _plain_dequantize(param, state).float().T) <= 1.0
+
+
+def test_the_scale_layout_switch_takes_two_values_and_names_a_third(monkeypatch) -> None:
+    from medqa_core.engine.decoding import nf4_scales_line
+    from medqa_core.engine.kernels.nf4_matmul import scale_layout
+
+    monkeypatch.delenv("MEDQA_NF4_SCALES", raising=False)
+    assert scale_layout() == "nested" and nf4_scales_line().startswith("nested: ")
+    monkeypatch.setenv("MEDQA_NF4_SCALES", "float32")
+    assert scale_layout() == "float32" and nf4_scales_line().startswith("float32: ")
+    monkeypatch.setenv("MEDQA_NF4_SCALES", "fp8")
+    with pytest.raises(ValueError, match="MEDQA_NF4_SCALES='fp8': choose one of nested, float32"):
+        scale_layout()
+
+
 def test_the_mma_mode_takes_x_in_blocks_of_8_up_to_64_rows_a_program() -> None:
     with pytest.raises(ValueError, match=r"8 to 64 rows of x \(block_m \(8, 16, 32, 64\)\)"):
         TileConfig(128, 16, 128, 1, 1, 1, "mma")
@@ -553,6 +597,17 @@ def test_static_decoder_with_our_kernel_gives_bitsandbytes_tokens(adapted_4bit_m
     assert bnb_setup.nf4_modes == ""
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert dict(model.named_modules()) == modules_before  # the originals are back in place
+
+
+def test_the_decoder_with_scales_decoded_at_load_gives_bitsandbytes_tokens(adapted_4bit_model, monkeypatch) -> None:
+    # v20's A/B switch through StaticDecoder: every swapped layer reads float32 scales, the setup says so (what
+    # makes a bench case an A/B arm, never a table's row), and greedy tokens are bitsandbytes'.
+    monkeypatch.setenv("MEDQA_NF4_SCALES", "float32")
+    ids = torch.randint(3, 32000, (3, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ours, setup = _decode(adapted_4bit_model, "triton", ids, 3)
+    theirs, bnb_setup = _decode(adapted_4bit_model, "bitsandbytes", ids, 3)
+    assert setup.nf4_scales.startswith("float32: ") and bnb_setup.nf4_scales == ""
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="tile tables are read on a GPU; the interpreter runs the defaults")

@@ -24,7 +24,8 @@
 # step's -k expression; default all), NCU_SET (full: the ncu step collects every section, the per-instruction warp
 # stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv), PDL_AB (set: the bench
 # runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by
-# default, so the A/B is one card's), MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as
+# default, so the A/B is one card's), SCALES_AB (set: likewise first with the block scales decoded at load,
+# MEDQA_NF4_SCALES=float32; the files' names end in -float32-scales), MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as
 # it compiles them; the bench files' names end in -tuned), NCU_LAYERS (the ncu step's --layers, default
 # gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then name:
 # a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take, default
@@ -75,12 +76,15 @@ for s in $STEPS; do
             attns=${DECODE_ATTENTION:-}
             name="$arm${attns:+-attn-${attns//,/-}}"
             [[ ${MEDQA_INDUCTOR_TUNING:-0} == 1 ]] && name+=-tuned
-            # PDL_AB: ours once more before, with programmatic dependent launch off (MEDQA_PDL=0), on the same card
-            for pass in ${PDL_AB:+off} asked; do
-                [[ $pass == off && $arm != triton ]] && continue
-                run="$name$([[ $pass == off ]] && echo -pdl-off)"
+            # PDL_AB: ours once more before, with programmatic dependent launch off (MEDQA_PDL=0), on the same card;
+            # SCALES_AB: likewise with the block scales decoded at load (MEDQA_NF4_SCALES=float32)
+            for pass in ${PDL_AB:+off} ${SCALES_AB:+float32} asked; do
+                [[ $pass != asked && $arm != triton ]] && continue
+                run="$name$([[ $pass == off ]] && echo -pdl-off)$([[ $pass == float32 ]] && echo -float32-scales)"
                 pdl=$([[ $pass == off ]] && echo 0 || echo "${MEDQA_PDL:-1}")
-                MEDQA_PDL=$pdl step "bench-$run" python3 -m pytest bench/bench_infer.py -p no:cacheprovider \
+                scales=$([[ $pass == float32 ]] && echo float32 || echo "${MEDQA_NF4_SCALES:-nested}")
+                MEDQA_PDL=$pdl MEDQA_NF4_SCALES=$scales step "bench-$run" python3 -m pytest bench/bench_infer.py \
+                    -p no:cacheprovider \
                     -k "decode_compiled or prefill" --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" \
                     --nf4-kernels "$arm" --decode-attention "${DECODE_ATTENTION:-auto}" \
                     --benchmark-save="nf4-decode-$run" --benchmark-storage="file://$OUT/bench" --durations=0

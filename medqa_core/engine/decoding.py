@@ -184,6 +184,7 @@ class DecodeSetup:
     decode_attention: str = "model"  # the steps' attention: "model: <attn_implementation>" or "triton-decode (...)"
     decode_attention_why: str = ""
     pdl: str = "off"  # programmatic dependent launch of the step's kernels: "on: ..." or "off: <why>"
+    nf4_scales: str = ""  # how our kernel reads the block scales: "nested: ..." or "float32: ..." (v20); "" if not ours
     inductor_tuning: str = "off"  # inductor tuned its own kernels as the step compiled: "on: ..." or "off: <why>"
 
 
@@ -206,6 +207,16 @@ def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
     if not hasattr(inductor_config.triton, "enable_pdl"):
         return False, f"off: torch {torch.__version__}'s inductor has no triton.enable_pdl"
     return True, "on: inductor's kernels, and ours where they run (griddepcontrol)"
+
+
+def nf4_scales_line() -> str:
+    """How our kernel's launches read the block scales (``MEDQA_NF4_SCALES``, v20's A/B switch): the line the
+    result files record."""
+    from medqa_core.engine.kernels.nf4_matmul import scale_layout
+
+    if scale_layout() == "float32":
+        return "float32: decoded once as the layers were swapped in (MEDQA_NF4_SCALES=float32)"
+    return "nested: bitsandbytes' double-quantized absmax, decoded in the K loop"
 
 
 def inductor_tuning(device: torch.device) -> tuple[bool, str]:
@@ -293,7 +304,8 @@ class StaticDecoder:
             nf4_fused_lora_layers=self._swap.info.lora_layers if self._swap else 0,
             nf4_launches=self._swap.info.launches if self._swap else 0,
             nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
-            decode_attention_why=attention_why, pdl=pdl, inductor_tuning=tuning)
+            decode_attention_why=attention_why, pdl=pdl, inductor_tuning=tuning,
+            nf4_scales=nf4_scales_line() if self._swap else "")
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 
 from medqa_core.engine.kernels.nf4_compile import CompileJob
-from medqa_core.engine.kernels.nf4_matmul import NF4Weight, choose_tile, nf4_matmul, nf4_weight, siblings_unfit
+from medqa_core.engine.kernels.nf4_matmul import (
+    NF4Weight,
+    choose_tile,
+    float32_scales,
+    nf4_matmul,
+    nf4_weight,
+    scale_layout,
+    siblings_unfit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +97,8 @@ class FusedNF4Linear(torch.nn.Module):
         bases = [layer.base_layer if _is_lora_4bit(layer) else layer for layer in layers]
         self.compute_dtype = bases[0].compute_dtype or bases[0].weight.quant_state.dtype
         self.weights = [nf4_weight(base.weight) for base in bases]
+        if scale_layout() == "float32":  # v20's A/B: the scales decoded here, once, not in every launch's loop
+            self.weights = [float32_scales(w) for w in self.weights]
         self.sizes = [w.out_features for w in self.weights]
         why_not = _unalike(layers, bases, self.compute_dtype) or siblings_unfit(self.weights)
         if why_not:

@@ -77,6 +77,7 @@ compiled for sm_90a and gfx942 here (bench/inspect_nf4_kernel.py) before it runs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -516,6 +517,36 @@ def nf4_weight(param: torch.Tensor) -> NF4Weight:
                       blocksize2=int(inner.blocksize))
     return NF4Weight(packed=packed, absmax=state.absmax, code=code, blocksize=int(state.blocksize),
                      out_features=out_features, in_features=in_features, **kwargs)
+
+
+# v20, an A/B switch (off by default): the block scales decoded once, when the layers are swapped in
+SCALE_LAYOUTS = ("nested", "float32")
+
+
+def scale_layout() -> str:
+    """How our decode launches read the weights' block scales, from ``MEDQA_NF4_SCALES``: ``"nested"`` (the
+    default: bitsandbytes' double-quantized absmax as it is, each block's 8-bit code, its ``code2`` level and its
+    group's ``absmax2`` loaded in the K loop) or ``"float32"`` (:func:`float32_scales`: one 4-byte load a block,
+    four times the scale bytes of the 8-bit codes, the two-level lookup gone from the loop).
+
+    Raises:
+        ValueError: another value.
+    """
+    layout = os.environ.get("MEDQA_NF4_SCALES", "nested")
+    if layout not in SCALE_LAYOUTS:
+        raise ValueError(f"MEDQA_NF4_SCALES={layout!r}: choose one of {', '.join(SCALE_LAYOUTS)}")
+    return layout
+
+
+def float32_scales(w: NF4Weight) -> NF4Weight:
+    """``w`` with its double-quantized absmax decoded into float32 blocks, ``code2[code] * absmax2[group] +
+    offset`` (a multiply, then an add, as bitsandbytes' ``dequantize_4bit`` decodes them): the kernel then reads
+    them as a weight without double quantization. ``w`` itself if it has none. New tensors (4 bytes a block)."""
+    if not w.double_quant:
+        return w
+    group = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.blocksize2
+    scales = w.code2[w.absmax.long()] * w.absmax2[group]
+    return dataclasses.replace(w, absmax=scales + w.offset, absmax2=None, code2=None, offset=None)
 
 
 MODES = ("mma", "gemv", "fma", "dot", "dot_swap")
