@@ -109,11 +109,12 @@ def mma_lanes_in_order(ttgir: str) -> bool | None:
 
 
 def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1, rank: int = 0,
-                 rows: int = 1):
-    """The compiled kernel of ``tile`` for ``target``: double quantization on, bf16, no bias, ``segments`` sibling
-    weights, LoRA of ``rank`` (0: none) as nf4_matmul launches it over K = 4096 at ``rows`` rows."""
+                 rows: int = 1, double_quant: bool = True):
+    """The compiled kernel of ``tile`` for ``target``: double quantization on (off: the scales decoded at load,
+    v20's float32 blocks), bf16, no bias, ``segments`` sibling weights, LoRA of ``rank`` (0: none) as nf4_matmul
+    launches it over K = 4096 at ``rows`` rows."""
     names = list(_nf4_matmul_kernel.arg_names)
-    constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=True, ALIGNED=True,
+    constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=double_quant, ALIGNED=True,
                      HAS_BIAS=False, **_lora_constexprs(rank, 4096, rows, tile.block_m, tile.num_warps),
                      BLOCK_M=tile.block_m,
                      BLOCK_N=tile.block_n,
@@ -126,7 +127,9 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps,
                      PDL=target == "sm_90a" and pdl_fits(tile), EMULATE=False)  # as launched on Hopper
     scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
-    signature = {**POINTERS, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
+    pointers = POINTERS if double_quant else {  # the decoded scales: float32 a block
+        name: "*fp32" if name.startswith("absmax_") else kind for name, kind in POINTERS.items()}
+    signature = {**pointers, **dict.fromkeys(INTS, "i32"), **scalings, **dict.fromkeys(constants, "constexpr")}
     source = ASTSource(_nf4_matmul_kernel, {n: signature[n] for n in names},
                        {(names.index(c),): v for c, v in constants.items()},
                        {(names.index(a),): [["tt.divisibility", 16]] for a in (*POINTERS, *MULTIPLES_OF_16)})
@@ -184,8 +187,8 @@ def _k_loop(ttgir: str) -> str:
     return "\n".join(max(loops, key=len)) if loops else ""
 
 
-def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1) -> KernelCounts:
-    compiled = compile_tile(tile, target, rank=rank, rows=rows)
+def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1, double_quant: bool = True) -> KernelCounts:
+    compiled = compile_tile(tile, target, rank=rank, rows=rows, double_quant=double_quant)
     ttgir = compiled.asm["ttgir"]
     loop = _k_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", action="store_true", help="every tile the sweep times, not only the default")
     parser.add_argument("--tile", action="append", type=_tile_arg, metavar="ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE",
                         help="a tile to inspect, e.g. 1:1,8,512,4,2,1,fma or 16:16,64,128,8,3,1,dot_swap,prefetch")
+    parser.add_argument("--scales", choices=("nested", "float32"), default="nested",
+                        help="the weights' block scales: bitsandbytes' double-quantized codes (default) or float32 "
+                             "blocks decoded at load (v20, MEDQA_NF4_SCALES)")
     parser.add_argument("--out", type=Path, help="also save the rows as JSON (results/traces/...)")
     args = parser.parse_args(argv)
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -261,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{' shared-table' if tile.shared_table else ''}"
                     f"{'' if tile.lookup == 'shfl' else ' ' + tile.lookup + '-lookup'}"
                     f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}"
-                    f"{f' maxnreg{tile.max_registers}' if tile.max_registers else ''}{f' lora{rank}' if rank else ''}")
+                    f"{f' maxnreg{tile.max_registers}' if tile.max_registers else ''}{f' lora{rank}' if rank else ''}"
+                    f"{' float32-scales' if args.scales == 'float32' else ''}")
             try:
-                c = inspect(tile, args.target, rank, rows)
+                c = inspect(tile, args.target, rank, rows, double_quant=args.scales == "nested")
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run
                 print(f"| {rows} | {name} | does not compile for {args.target}: {type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''} |", flush=True)

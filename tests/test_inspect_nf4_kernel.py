@@ -224,3 +224,16 @@ def test_a_register_cap_holds_the_compiled_kernel_under_it(compiling):
     if capped is None:
         pytest.skip("Triton's bundled ptxas cannot run here")
     assert capped <= 80 < free and spills > 0
+
+
+def test_scales_decoded_at_load_compile_for_the_mma_tiles_with_a_shorter_loop(compiling):
+    # v20 (MEDQA_NF4_SCALES=float32): the MMA mode reads float32 block scales through the single-level path (the
+    # mode has no CPU run: this compile is its check off a GPU), and its K loop loses the two-level lookup.
+    code = ("import json, sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import inspect, _tile_arg; "
+            "rows, tile, rank = _tile_arg('1:8,64,128,2,1,4,mma,prefetch,scaled,ahead,lora'); "
+            "counts = [inspect(tile, 'sm_90a', rank, rows, double_quant=dq) for dq in (True, False)]; "
+            "print(json.dumps([[c.loop_instructions, c.spill_bytes] for c in counts]))")
+    (nested, nested_spills), (decoded, decoded_spills) = json.loads(compiling(code).strip().splitlines()[-1])
+    if nested is None:
+        pytest.skip("Triton's bundled nvdisasm cannot run here")
+    assert decoded < nested and decoded_spills in (0, None)
