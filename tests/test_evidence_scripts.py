@@ -78,52 +78,41 @@ def test_a_step_past_its_limit_is_interrupted_so_it_can_save_what_finished(tmp_p
     assert (out / "saved").read_text() == "saved"
 
 
+def _bench_runs(tmp_path, env: dict, variable: str) -> list[tuple[str, str]]:
+    """The bench step's runs, (``variable``'s value, the file name it saves), with a python3 on PATH that records
+    its arguments in place of the bench."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"${variable} $*\" >> {calls}\n")
+    (fake / "python3").chmod(0o755)
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, timeout=60,
+                          env={**env, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [(line.split()[0], next(a for a in line.split() if a.startswith("--benchmark-save="))[17:])
+            for line in calls.read_text().splitlines() if "bench_infer.py" in line]
+
+
 def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
     # PDL_AB: the bench step runs our kernel's arm twice on the same card, MEDQA_PDL=0 first (its own file name),
-    # and every other arm once. A python3 that records its bench arguments and MEDQA_PDL stands in for the bench.
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "calls.txt"
-    (fake / "python3").write_text(f"#!/bin/sh\necho \"$MEDQA_PDL $*\" >> {calls}\n")
-    (fake / "python3").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PDL_AB": "1",
-           "ARMS": "triton bitsandbytes", "DECODE_ATTENTION": "triton"}
-    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [(line.split()[0], next(a for a in line.split() if a.startswith("--benchmark-save=")))
-            for line in calls.read_text().splitlines() if "bench_infer.py" in line]
-    assert runs == [("0", "--benchmark-save=nf4-decode-triton-attn-triton-pdl-off"),
-                    ("1", "--benchmark-save=nf4-decode-triton-attn-triton"),
-                    ("1", "--benchmark-save=nf4-decode-bitsandbytes-attn-triton")]
+    # and every other arm once.
+    env = {**os.environ, "PDL_AB": "1", "ARMS": "triton bitsandbytes", "DECODE_ATTENTION": "triton"}
+    assert _bench_runs(tmp_path, env, "MEDQA_PDL") == [
+        ("0", "nf4-decode-triton-attn-triton-pdl-off"), ("1", "nf4-decode-triton-attn-triton"),
+        ("1", "nf4-decode-bitsandbytes-attn-triton")]
     # without PDL_AB, one run of each arm, under the caller's MEDQA_PDL
-    calls.unlink()
     env = {**env, "MEDQA_PDL": "0"}
     del env["PDL_AB"]
-    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split()[0] for line in calls.read_text().splitlines() if "bench_infer.py" in line] == ["0", "0"]
+    assert [pdl for pdl, _ in _bench_runs(tmp_path, env, "MEDQA_PDL")] == ["0", "0"]
     # with inductor's tuning asked, the files' names say so
-    calls.unlink()
-    env = {**env, "MEDQA_INDUCTOR_TUNING": "1", "ARMS": "triton"}
-    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "--benchmark-save=nf4-decode-triton-attn-triton-tuned" in calls.read_text()
+    tuned = _bench_runs(tmp_path, {**env, "MEDQA_INDUCTOR_TUNING": "1", "ARMS": "triton"}, "MEDQA_PDL")
+    assert [name for _, name in tuned] == ["nf4-decode-triton-attn-triton-tuned"]
     # SCALES_AB: our arm first with the block scales decoded at load (v20), then as asked; the others once
-    calls.unlink()
-    (fake / "python3").write_text(f"#!/bin/sh\necho \"$MEDQA_NF4_SCALES $*\" >> {calls}\n")
-    env = {**env, "SCALES_AB": "1", "ARMS": "triton bitsandbytes"}
-    del env["MEDQA_INDUCTOR_TUNING"]
-    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [(line.split()[0], next(a for a in line.split() if a.startswith("--benchmark-save=")))
-            for line in calls.read_text().splitlines() if "bench_infer.py" in line]
-    assert runs == [("float32", "--benchmark-save=nf4-decode-triton-attn-triton-float32-scales"),
-                    ("nested", "--benchmark-save=nf4-decode-triton-attn-triton"),
-                    ("nested", "--benchmark-save=nf4-decode-bitsandbytes-attn-triton")]
+    assert _bench_runs(tmp_path, {**env, "SCALES_AB": "1"}, "MEDQA_NF4_SCALES") == [
+        ("float32", "nf4-decode-triton-attn-triton-float32-scales"), ("nested", "nf4-decode-triton-attn-triton"),
+        ("nested", "nf4-decode-bitsandbytes-attn-triton")]
 
 
 def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):
