@@ -220,10 +220,19 @@ def test_profile_cases_record_their_settings(bench_run: dict[str, Any]) -> None:
     assert capped["within_memory_cap"] is (None if peak is None else peak <= MEMORY_CAP_GIB["capped"])
 
 
-def _collect(*options: str) -> subprocess.CompletedProcess[str]:
+def _collect(*options: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "bench_infer.py"), "--collect-only", "-q",
                            "-p", "no:cacheprovider", "-k", "decode_compiled", "--nf4-kernels", "bitsandbytes",
-                           *options], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           *options], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_an_unknown_scale_layout_is_refused_before_anything_runs() -> None:
+    # v20's A/B switch is an environment variable: a wrong value is a usage error naming it, not a skipped case
+    pytest.importorskip("triton")
+    bad = _collect("--decode-batches", "1", env={**os.environ, "MEDQA_NF4_SCALES": "fp8"})
+    assert bad.returncode == 4, bad.stdout[-2000:] + bad.stderr[-2000:]  # pytest's usage error
+    assert "MEDQA_NF4_SCALES='fp8': choose one of nested, float32" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_decode_attentions_are_arms_of_one_session() -> None:
