@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -151,18 +152,10 @@ def _sweep_grid(rows: int) -> list:
             for nw, tiles, sk in shapes]
     mma += [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup="prmt", scales_ahead=True)
             for nw, tiles, sk in ((4, 1, 4), (2, 2, 4))]
-    # v19, after Nsight Compute on session 52's one-row gate+up launch (25% occupancy at 128 registers, waiting on
-    # loads): the winners with LoRA at 1 and 8 rows under a register cap (ptxas' maxnreg), more warps an SM; the caps
-    # where ptxas spills little or nothing (sm_90a, Triton 3.6, with LoRA: gate+up's tile 128 -> 96/80/64 registers,
-    # down's at 96, the one-warp 16-row tiles at 80).
-    def capped(nw: int, tiles: int, sk: int, scaled: bool, cap: int) -> TileConfig:
-        return TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, block_scale=scaled,
-                          scales_ahead=True, max_registers=cap)
-    if rows == 1:
-        mma += [capped(2, 2, 4, True, cap) for cap in (96, 80, 64)]
-        mma += [capped(1, 2, 16, False, 96), capped(1, 1, 8, False, 80)]
-    elif rows == 8:
-        mma += [capped(2, 2, 4, True, 96), capped(1, 1, 8, True, 80)]
+    # v19's register caps (TileConfig.max_registers) left the grid after session 53's H100 sweeps at 1 and 8 rows
+    # (20261207T2148Z, 20261207T2150Z): the two-warp 64-column tile, which spills 140 bytes or more under a cap,
+    # 4-34% slower than uncapped; the one-warp tiles (0-32 bytes spilled) within 2% either way. A table entry may
+    # still name a cap.
     if rows == 1:
         # v7's GEMV (int32 words, a word a lane): the swept winner (down_proj) and its neighbours
         words = [TileConfig(1, bn, bk, nw, 1, sk, "gemv", prefetch=True) for bn, bk, nw, sk in
@@ -170,7 +163,7 @@ def _sweep_grid(rows: int) -> list:
         # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        return mma + words + gemv  # 30
+        return mma + words + gemv  # 25
     block_m = max(16, rows)
     if rows > 8:
         # v18: the MMA tiles of 16 to 64 x rows a program (blocks of 8 sharing each decoded weight), block scale a
@@ -193,7 +186,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 30 at 8 rows, 17-18 above
+    return mma + by_hand + pipelined  # 28 at 8 rows, 17-18 above
 
 
 def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None,
@@ -395,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated layer shapes, of {', '.join(MISTRAL_7B_LAYERS)} (default: all)")
     parser.add_argument("--modes",
                         help="with --sweep: comma-separated kernel modes whose tiles to sweep (default: all)")
-    parser.add_argument("--compile-workers", type=int, default=8,
+    parser.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
                         help="processes that compile the tiles (in use, and with --sweep the grid's) before they "
-                             "are timed (default: %(default)s; 1 compiles each as it is timed)")
+                             "are timed (default: one a CPU, %(default)s here; 1 compiles each as it is timed)")
     parser.add_argument("--arms", help=f"comma-separated arms to time, of {', '.join(ARMS + AB_ARMS)} (default: "
                                        f"{', '.join(ARMS)})")
     parser.add_argument("--lora-min-chunk", type=int, metavar="COLUMNS",
@@ -447,8 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         from medqa_core.engine.kernels import nf4_matmul as kernels
 
         kernels.LORA_MIN_CHUNK = args.lora_min_chunk
-    profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers, once=args.once,
-            modes=modes, compile_workers=args.compile_workers, arms=arms, sweep_lora=args.sweep_lora)
+    try:
+        profile([int(r) for r in args.rows.split(",")], args.sweep, args.blocksize, save, layers=layers,
+                once=args.once, modes=modes, compile_workers=args.compile_workers, arms=arms,
+                sweep_lora=args.sweep_lora)
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: the shapes saved so far stay as they were
+        kept = "nothing saved (--once)" if args.once else f"{args.out} holds the layer shapes finished before it"
+        print(f"profile_nf4_kernel: interrupted by SIGINT; {kept}", file=sys.stderr)
+        return 130
     if not args.once:
         print(f"wrote {args.out}" + (f" and {args.tiles_out}" if args.tiles_out and args.sweep else ""))
     return 0

@@ -19,10 +19,10 @@
 # attentions, the bench's --decode-attention: auto, triton, model or a comma-separated list of them, arms of the same
 # session; default auto; named in the bench files' names when set), SWEEP_ROWS (the row counts the sweep tunes,
 # default 1,8,32,64), SWEEP_LAYERS and SWEEP_MODES (the sweep's --layers and --modes: only those shapes and those
-# modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default 8), SWEEP_LORA (set:
-# the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA), TESTS_K (the tests
-# step's -k expression; default all), NCU_SET (full: the ncu step collects every section, the per-instruction warp
-# stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv), PDL_AB (set: the bench
+# modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default one a CPU),
+# SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
+# TESTS_K (the tests step's -k expression; default all), NCU_SET (full: the ncu step collects every section, the
+# per-instruction warp stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv), PDL_AB (set: the bench
 # runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by
 # default, so the A/B is one card's), SCALES_AB (set: likewise first with the block scales decoded at load,
 # MEDQA_NF4_SCALES=float32; the files' names end in -float32-scales), MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as
