@@ -152,6 +152,12 @@ def _sweep_grid(rows: int) -> list:
             for nw, tiles, sk in shapes]
     mma += [TileConfig(8, 16 * nw * tiles, 128, nw, 1, sk, "mma", prefetch=True, lookup="prmt", scales_ahead=True)
             for nw, tiles, sk in ((4, 1, 4), (2, 2, 4))]
+    # v21: 256 columns an iteration, a lane's whole quantization block of each row (a 128-byte line a row, twice the
+    # words in flight a warp; no block_scale, which takes at most two blocks an iteration): one-warp tiles of one and
+    # two 16-row tiles, two warps of two, at fewer splits (K's iterations halve).
+    wide = ((1, 1, 4), (1, 2, 8), (2, 2, 2), (4, 1, 4)) if rows == 1 else ((1, 1, 4), (2, 2, 2))
+    mma += [TileConfig(8, 16 * nw * tiles, 256, nw, 1, sk, "mma", prefetch=True, scales_ahead=True)
+            for nw, tiles, sk in wide]
     # v19's register caps (TileConfig.max_registers) left the grid after session 53's H100 sweeps at 1 and 8 rows
     # (20261207T2148Z, 20261207T2150Z): the two-warp 64-column tile, which spills 140 bytes or more under a cap,
     # 4-34% slower than uncapped; the one-warp tiles (0-32 bytes spilled) within 2% either way. A table entry may
@@ -163,7 +169,7 @@ def _sweep_grid(rows: int) -> list:
         # v6's GEMV (fma, block_m 1): the winners of v7's sweep (q/o, k/v, gate/up) and of v6's
         gemv = [shared(1, bn, bk, nw, st, sk, "fma") for bn, bk, nw, st, sk in
                 ((16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (8, 512, 4, 2, 4), (16, 256, 4, 3, 1), (8, 512, 4, 3, 4))]
-        return mma + words + gemv  # 25
+        return mma + words + gemv  # 29
     block_m = max(16, rows)
     if rows > 8:
         # v18: the MMA tiles of 16 to 64 x rows a program (blocks of 8 sharing each decoded weight), block scale a
@@ -186,7 +192,7 @@ def _sweep_grid(rows: int) -> list:
                  ((32, 128, 4, 3, 1, "dot"), (32, 128, 4, 3, 4, "dot"), (64, 128, 4, 3, 2, "dot"),
                   (64, 64, 4, 3, 4, "dot_swap"), (64, 128, 4, 3, 2, "dot_swap"), (64, 128, 8, 4, 1, "dot_swap"),
                   (128, 64, 8, 3, 1, "dot_swap"))]
-    return mma + by_hand + pipelined  # 28 at 8 rows, 17-18 above
+    return mma + by_hand + pipelined  # 30 at 8 rows, 17-18 above
 
 
 def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[str] | None,

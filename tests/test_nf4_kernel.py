@@ -228,6 +228,30 @@ def test_scales_a_group_ahead_give_the_same_bits(tile, n, k, blocksize, double_q
     assert torch.equal(nf4_matmul(x, nf4_weight(param), config=ahead), nf4_matmul(x, nf4_weight(param), config=tile))
 
 
+@pytest.mark.parametrize(("tile", "n", "k", "double_quant", "lora", "rows"), [
+    # one tile a warp, prefetch, the scales a group ahead (a group is one iteration here), 3 iterations in 2 ranges
+    (TileConfig(8, 16, 256, 1, 1, 2, "mma", prefetch=True, scales_ahead=True), 24, 768, True, True, 3),
+    # two tiles a warp, two blocks of 8 x rows a program (v18), the scales loaded with the words, rows past N
+    (TileConfig(16, 32, 256, 1, 1, 1, "mma"), 40, 512, False, False, 13)],
+    ids=["prefetch-ahead-split-dq-lora", "two-tiles-x-blocks"])
+def test_256_columns_an_iteration_give_bitsandbytes_within_its_tolerance(tile, n, k, double_quant, lora,
+                                                                          rows) -> None:
+    # v21: a lane reads one whole quantization block (64 columns, 8 words) of each of its rows an iteration, and
+    # the 8 x words of those columns (until v21 a lane took at most 4 x words: wider tiles summed the wrong x).
+    param, state = _quantized(n, k, 64, double_quant)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, k, generator=gen).bfloat16().to(DEVICE)
+    ref = x.float() @ _plain_dequantize(param, state).float().T
+    if lora:
+        a = (torch.randn(4, k, generator=gen) * 0.1).bfloat16().to(DEVICE)
+        b = (torch.randn(n, 4, generator=gen) * 0.1).bfloat16().to(DEVICE)
+        out = nf4_matmul(x, nf4_weight(param), lora_a=a, lora_b=b, scaling=2.0, config=tile)
+        ref = ref + (2.0 * (x.float() @ a.float().T)).bfloat16().float() @ b.float().T
+    else:
+        out = nf4_matmul(x, nf4_weight(param), config=tile)
+    assert _ulps(out, ref) <= 1.0
+
+
 @pytest.mark.parametrize(("tile", "double_quant", "dtype"), [
     # 128 columns an iteration: two blocks, each one's MMAs scaled; 32: part of one block
     (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True, lookup="prmt", block_scale=True), True, torch.bfloat16),
@@ -279,8 +303,8 @@ def test_split_k_reduces_in_a_fixed_order_and_leaves_its_counters_at_zero() -> N
     (dict(mode="wmma"), "choose one of"),
     (dict(block_m=4, mode="gemv"), "one row of x a tile"),
     (dict(block_m=1, block_n=2, mode="gemv"), r"block_n \(2\) must be at least num_warps \(4\)"),
-    # a lane loads up to 4 x words an iteration: a wider block_k summed wrong x (the sweep caught it)
-    (dict(block_m=8, block_n=64, block_k=256, mode="mma"), "over block_k 32 to 128 columns, got 8 x 64 x 256"),
+    # a lane reads up to 8 words of a row an iteration (v21; 4 until then, when a wider block_k summed wrong x)
+    (dict(block_m=8, block_n=64, block_k=512, mode="mma"), "over block_k 32 to 256 columns, got 8 x 64 x 512"),
     (dict(mode="dot", lookup="prmt"), "are the mma mode's"),
     (dict(mode="fma", block_scale=True), "are the mma mode's"),
     (dict(mode="gemv", block_m=1, scales_ahead=True), "are the mma mode's"),

@@ -157,9 +157,9 @@ def test_the_sweeps_lora_check_passes_the_kernel_and_fails_a_launch_without_lora
     assert _abs_sum_eps(without, ref_lora, x, dense, lora_abs) > 1.0
 
 
-def test_the_sweeps_grid_at_32_and_64_rows_holds_mma_tiles_of_those_rows_that_run_on_every_layer():
-    # v18: the MMA tiles of 16 to 64 x rows a program compete with the dots there; each runs on the 7B's layers
-    # (K 4096 and 14336 at blocksize 64), and no row count's grid repeats a tile or passes 30
+def test_the_sweeps_grid_holds_mma_tiles_that_run_on_every_layer():
+    # v18: the MMA tiles of 16 to 64 x rows a program compete with the dots there; every MMA tile of every row count
+    # runs on the 7B's layers (K 4096 and 14336 at blocksize 64), and no row count's grid repeats a tile or passes 30
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
     from profile_nf4_kernel import _sweep_grid
@@ -169,9 +169,12 @@ def test_the_sweeps_grid_at_32_and_64_rows_holds_mma_tiles_of_those_rows_that_ru
     for rows in (1, 8, 32, 64):
         grid = _sweep_grid(rows)
         assert len(grid) == len(set(grid)) <= 30, rows
-    for rows in (32, 64):
+    for rows in (1, 8, 32, 64):
         mma = [c for c in _sweep_grid(rows) if c.kernel_mode == "mma"]
-        assert {c.block_m for c in mma} == ({32} if rows == 32 else {32, 64})
+        if rows > 8:
+            assert {c.block_m for c in mma} == ({32} if rows == 32 else {32, 64})
+        else:  # v21: tiles of 256 columns an iteration too
+            assert {c.block_k for c in mma} == {128, 256}
         for k in (4096, 14336):
             weight = NF4Weight(torch.zeros(4096 * k // 2, dtype=torch.uint8), torch.zeros(1), torch.zeros(16),
                                64, 4096, k, None, None, None, 256)

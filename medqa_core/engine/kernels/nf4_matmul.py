@@ -565,7 +565,7 @@ class TileConfig:
     ``block_k``: columns an iteration (whole quantization blocks on the aligned path, rounded to divide a row's blocks).
     ``split_k``: programs sharing one output tile, each over a near-equal range of whole iterations (clamped to the
     iterations there are), reduced in a fixed order. ``mode``: ``"mma"`` (v8, NVIDIA: ``block_m`` 8, or v18 16 to 64 in
-    blocks of 8 that share each decoded weight; ``block_n`` 16 or 32 a warp, ``block_k`` 32 to 128 columns an iteration,
+    blocks of 8 that share each decoded weight; ``block_n`` 16 or 32 a warp, ``block_k`` 32 to 256 columns an iteration,
     a quarter of it a lane's; ``prefetch`` loads the next iteration's words and scales first; ``shared_table`` does not
     apply), ``"gemv"`` (v7, ``block_m`` 1: int32 words, ``block_n`` rows of W a program over ``num_warps`` warps;
     ``shared_table`` does not apply, its lookups are always a gather), ``"fma"`` (broadcast multiply-adds, any
@@ -638,11 +638,11 @@ class TileConfig:
                              f"(how its lanes decode a code), not mode {self.kernel_mode!r}'s")
         if self.kernel_mode == "mma":
             if (self.block_m not in MMA_BLOCK_M or self.block_n not in (16 * self.num_warps, 32 * self.num_warps)
-                    or not 32 <= self.block_k <= 128):  # a lane loads up to 4 x words an iteration
+                    or not 32 <= self.block_k <= 256):  # a lane's 8 to 64 columns: up to 8 words of a row
                 raise ValueError(f"TileConfig: mode 'mma' is 8 to 64 rows of x (block_m {MMA_BLOCK_M}) by 16 or 32 "
                                  f"rows of W a warp "
                                  f"(block_n {16 * self.num_warps} or {32 * self.num_warps} at {self.num_warps} warps) "
-                                 f"over block_k 32 to 128 columns, got {self.block_m} x {self.block_n} x "
+                                 f"over block_k 32 to 256 columns, got {self.block_m} x {self.block_n} x "
                                  f"{self.block_k}")
         elif self.kernel_mode == "gemv":
             if self.block_m != 1:

@@ -151,20 +151,25 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
                words_per_row, WL: tl.constexpr, PARTS: tl.constexpr, BLOCKSIZE: tl.constexpr,
                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SCALES: tl.constexpr = True):
     """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
-    ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, one load each inside one
-    quantization block, and their two scales. PARTS 2 (block scale over two blocks an iteration): the words are
-    WL / 2 from ``col`` in each of the two blocks, and a scale [lanes, 2] a row (``tl.join``: both in the lane).
-    SCALES False (v13, the scales a group ahead: :func:`_group_scales`): zeros in their place, no load."""
+    ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, inside one quantization block, as
+    tuples of [lanes, 4] loads (one where WL is 4 or less), and their two scales. PARTS 2 (block scale over two
+    blocks an iteration): the words are WL / 2 from ``col`` in each of the two blocks, and a scale [lanes, 2] a row
+    (``tl.join``: both in the lane). SCALES False (v13, the scales a group ahead: :func:`_group_scales`): zeros in
+    their place, no load."""
     WP: tl.constexpr = WL // PARTS
-    i = tl.arange(0, WL)
-    offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
+    CW: tl.constexpr = 4 if WL > 4 else WL  # words a load: Triton lays [lanes, 8] over two lanes (v21)
     # unsigned: the indices are never negative, and a signed division by a power of two costs a sign fix-up
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
     block_g = row_g.to(tl.uint32) * blocks_per_row + block
     block_h = row_h.to(tl.uint32) * blocks_per_row + block
-    words_g = tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)[:, None] + offs)
-    words_h = tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)[:, None] + offs)
+    words_g = ()  # WL // CW tensors [lanes, CW]
+    words_h = ()
+    for c in tl.static_range(WL // CW):
+        i = c * CW + tl.arange(0, CW)
+        offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
+        words_g = words_g + (tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)[:, None] + offs),)
+        words_h = words_h + (tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)[:, None] + offs),)
     if SCALES:
         scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g, True, BLOCKSIZE2,
                              DOUBLE_QUANT)
@@ -236,14 +241,13 @@ def _mma_x_word(xw_ptr, x_row, col, x_words_per_row, offset: tl.constexpr):
 @triton.jit
 def _mma_x_loads(xw_ptr, x_row, col, x_words_per_row, WL: tl.constexpr, PARTS: tl.constexpr,
                  BLOCKSIZE: tl.constexpr):
-    """The x words of an iteration (:func:`_mma_x_word`), words 0 to WL - 1 (up to 4; the rest repeat word 0):
-    the columns of the weight words :func:`_mma_loads` gives."""
+    """The x words of an iteration (:func:`_mma_x_word`), a tuple of WL (v21: up to 8, at block_k 256): the columns
+    of the weight words :func:`_mma_loads` gives."""
     WP: tl.constexpr = WL // PARTS
-    x0 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 0)
-    x1 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (1 % WP) + (1 // WP) * BLOCKSIZE) if WL > 1 else x0
-    x2 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (2 % WP) + (2 // WP) * BLOCKSIZE) if WL > 2 else x0
-    x3 = _mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (3 % WP) + (3 // WP) * BLOCKSIZE) if WL > 3 else x0
-    return x0, x1, x2, x3
+    words = ()
+    for i in tl.static_range(WL):
+        words = words + (_mma_x_word(xw_ptr, x_row, col, x_words_per_row, 8 * (i % WP) + (i // WP) * BLOCKSIZE),)
+    return words
 
 
 @triton.jit
@@ -358,19 +362,19 @@ def _mma_weights_prmt(word, shift: tl.constexpr, lo0, lo1, lo2, lo3, hi0, hi1, h
 @triton.jit
 def _mma_tile(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, acc, g0, g1,
               g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, W0: tl.constexpr, WN: tl.constexpr,
-              dtype: tl.constexpr, NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
-              EMULATE: tl.constexpr):
-    """One iteration of one 16-row tile, its words W0 .. W0 + WN - 1: two MMAs a word (k 16 each) and x block on
-    the lane's words of rows g and g + 8 and each block's x words of the same columns (``xs``, a tuple of
-    :func:`_mma_x_loads`), into that block's accumulators (``acc``, a tuple of 4-tuples; returned). v18: the
-    weights are decoded once for all the blocks. PRMT_ROWS 1: row g + 8's weights from its byte planes ``h0..h7``
-    (ALU permutes, :func:`_byte_planes`), row g's by ``shfl`` (the load/store pipe); 2: row g's from ``g0..g7``
-    too. BLOCK_SCALE: the levels unscaled (``levels_lo/hi`` by ``shfl``, or the planes of the levels), the caller
-    scales the sums.
+              CW: tl.constexpr, dtype: tl.constexpr, NUM_WARPS: tl.constexpr, PRMT_ROWS: tl.constexpr,
+              BLOCK_SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """One iteration of one 16-row tile, its words W0 .. W0 + WN - 1 (``words_g/h``: tuples of CW words a load):
+    two MMAs a word (k 16 each) and x block on the lane's words of rows g and g + 8 and each block's x words of the
+    same columns (``xs``, a tuple of :func:`_mma_x_loads`), into that block's accumulators (``acc``, a tuple of
+    4-tuples; returned). v18: the weights are decoded once for all the blocks. PRMT_ROWS 1: row g + 8's weights
+    from its byte planes ``h0..h7`` (ALU permutes, :func:`_byte_planes`), row g's by ``shfl`` (the load/store
+    pipe); 2: row g's from ``g0..g7`` too. BLOCK_SCALE: the levels unscaled (``levels_lo/hi`` by ``shfl``, or the
+    planes of the levels), the caller scales the sums.
     """
     for i in tl.static_range(W0, W0 + WN):
-        word_g = _pick(words_g, i)
-        word_h = _pick(words_h, i)
+        word_g = _pick(words_g[i // CW], i % CW)
+        word_h = _pick(words_h[i // CW], i % CW)
         for half in tl.static_range(2):
             # columns 8i + 4 half + (0, 1): byte 2 half; + (2, 3): byte 2 half + 1 (lookups that a row's byte
             # permutes replace are unused: the compiler drops them)
@@ -405,6 +409,7 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, lev
     ``q0..q7``, and each block's MMAs (PARTS an iteration) from zero, their sums scaled into ``acc`` (a row's block
     scale, one FFMA an accumulator); otherwise each iteration's planes of the rows' blocks (built here, where
     PRMT_ROWS asks)."""
+    CW: tl.constexpr = 4 if WL > 4 else WL  # words a load (:func:`_mma_loads`)
     if BLOCK_SCALE:
         WP: tl.constexpr = WL // PARTS
         zero = _zero_blocks(acc[0][0], len(acc))
@@ -417,7 +422,7 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, lev
             sg = sg0 if p == 0 else sg1
             sh = sh0 if p == 0 else sh1
             e = _mma_tile(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, zero, q0, q1, q2, q3,
-                          q4, q5, q6, q7, q0, q1, q2, q3, q4, q5, q6, q7, p * WP, WP, dtype, NUM_WARPS, PRMT_ROWS,
+                          q4, q5, q6, q7, q0, q1, q2, q3, q4, q5, q6, q7, p * WP, WP, CW, dtype, NUM_WARPS, PRMT_ROWS,
                           BLOCK_SCALE, EMULATE)
             scaled = ()
             for j in tl.static_range(len(acc)):
@@ -437,7 +442,7 @@ def _mma_iteration(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, lev
         else:
             g0, g1, g2, g3, g4, g5, g6, g7 = q0, q1, q2, q3, q4, q5, q6, q7  # unused
         acc = _mma_tile(words_g, words_h, scale_g, scale_h, xs, table, levels_lo, levels_hi, acc, g0, g1, g2, g3, g4,
-                        g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, 0, WL, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE,
+                        g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7, 0, WL, CW, dtype, NUM_WARPS, PRMT_ROWS, BLOCK_SCALE,
                         EMULATE)
     return acc
 
