@@ -14,7 +14,8 @@ that rate against the copy bandwidth measured in the same run. Also the largest 
 
 GPU only. ``--sweep`` also times a grid of tiles (shape, warps, ``split_k``, ``mode``) at 1, 8, 32 and 64 rows and
 reports the fastest (every tile's time under ``tried``) of those that give the right result twice (within
-bf16's eps of the sum of ``|x * w|``, the same bits both times); ``--tiles-out`` writes them as the kernel's tile
+bf16's eps of the sum of ``|x * w|``, the same bits both times), the three fastest within 10% timed again in
+turn first (``final_round``: the lowest median of three wins); ``--tiles-out`` writes them as the kernel's tile
 table for this device, keeping other devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
 ``--sweep-lora`` times each tile with LoRA (rank 16), as an adapted model's decode launches it, and writes entries
 that launches with LoRA take (``"lora": true``), beside those chosen without.
@@ -105,6 +106,26 @@ def _copies(nbytes: int, device: torch.device) -> int:
     """How many copies of an ``nbytes`` weight make three times the device's L2 (1 where one does; at most 16)."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
     return max(1, min(16, math.ceil(3 * l2 / nbytes)))
+
+
+def _final_round(timed: list[tuple], time_tile: Callable, top: int = 3, within: float = 0.10,
+                 rounds: int = 3) -> tuple:
+    """The sweep's pick among ``timed`` ((tile, seconds), each timed once): the fastest ``top`` within ``within``
+    of the fastest timed again in turn, ``rounds`` times each by ``time_tile``, the lowest median winning. Returns
+    (tile, its seconds, {tile: median} of the final round, empty where one tile was near enough). One timing a
+    tile, seconds apart from its rivals', let clocks decide close calls: session 53's sweep and session 47's put
+    the same two gate+up tiles at 8 rows in opposite orders, 8% apart."""
+    ranked = sorted(timed, key=lambda item: item[1])
+    contenders = [tile for tile, seconds in ranked[:top] if seconds <= ranked[0][1] * (1 + within)]
+    if len(contenders) == 1:
+        return ranked[0][0], ranked[0][1], {}
+    times: dict = {tile: [] for tile in contenders}
+    for _ in range(rounds):  # in turn, so that a drift in the card's clocks falls on every contender alike
+        for tile in contenders:
+            times[tile].append(time_tile(tile))
+    medians = {tile: sorted(ts)[len(ts) // 2] for tile, ts in times.items()}
+    best = min(contenders, key=medians.__getitem__)
+    return best, medians[best], medians
 
 
 SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key the tile table
@@ -320,11 +341,15 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                       f"err {rows_out[-1]['max_ulps_vs_dequantize_matmul']:.1f} ulp", flush=True)
             if sweep and not once and rows in SWEEP_ROWS:
                 chosen = tile_config(rows, n, k, device, sweep_lora)
-                best = None
+                timed = []  # (tile, seconds) of every tile that ran right
                 rejected = []  # tiles that failed to launch or gave a wrong result: never the table's
-                tried = []  # every tile that ran right, with its time
                 # with LoRA: the launch an adapted model makes, checked against LoRA's reference
                 extra, sweep_ref, sweep_abs = (lora_args, ref_lora, lora_abs) if sweep_lora else ({}, ref, None)
+
+                def time_tile(cfg) -> float:  # one launch's seconds (a TileConfig's), over the weight copies
+                    return _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg, **extra) for w in weights],
+                                   rep=25)
+
                 for cfg in _sweep_tiles(rows, n, k, device, modes, sweep_lora):
                     try:
                         first = nf4_matmul(x, weights[0], config=cfg, **extra)
@@ -334,30 +359,33 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                         repeats = torch.equal(first, nf4_matmul(x, weights[0], config=cfg, **extra))
                         if error > 1.0 or not repeats:
                             raise ArithmeticError(f"error {error:.2f} eps of sum |x*w|, repeats {repeats}")
-                        seconds = _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg, **extra)
-                                           for w in weights], rep=25)
-                        tried.append(dict(config=dataclasses.asdict(cfg), time_s=seconds))
+                        seconds = time_tile(cfg)
                         # each tile's time in the log too: a sweep cut inside a shape saves no file for it
                         print(f"  tile {seconds * 1e6:8.1f} us  {cfg}", flush=True)
                     except Exception as e:  # a tile this device cannot hold (shared memory), or a wrong one
                         print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         rejected.append(dict(config=dataclasses.asdict(cfg), error=f"{type(e).__name__}: {e}"[:500]))
                         continue
-                    if best is None or seconds < best[1]:
-                        best = (cfg, seconds)
-                if best is None:
+                    timed.append((cfg, seconds))
+                if not timed:
                     print(f"  sweep: no tile ran for {layer} at {rows} rows", flush=True)
                     continue
-                tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best[0]),
+                best, best_s, final = _final_round(timed, time_tile)
+                for cfg, seconds in final.items():
+                    print(f"  final {seconds * 1e6:8.1f} us  {cfg}", flush=True)
+                tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best),
                                   **({"lora": True} if sweep_lora else {})))
                 swept_bytes = weight_bytes + io_bytes + (lora_bytes if sweep_lora else 0)
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep+lora" if sweep_lora else "sweep",
                                      chosen=dataclasses.asdict(chosen),
-                                     best=dataclasses.asdict(best[0]), best_time_s=best[1],
-                                     best_bandwidth_fraction=swept_bytes / best[1] / bandwidth,
-                                     tried=tried, rejected=rejected))
-                print(f"  sweep best {best[0]} {best[1] * 1e6:.1f} us "
-                      f"({swept_bytes / best[1] / bandwidth:.1%}); was {chosen}", flush=True)
+                                     best=dataclasses.asdict(best), best_time_s=best_s,
+                                     best_bandwidth_fraction=swept_bytes / best_s / bandwidth,
+                                     tried=[dict(config=dataclasses.asdict(c), time_s=t) for c, t in timed],
+                                     rejected=rejected,
+                                     final_round=[dict(config=dataclasses.asdict(cfg), time_s=seconds)
+                                                  for cfg, seconds in final.items()]))
+                print(f"  sweep best {best} {best_s * 1e6:.1f} us "
+                      f"({swept_bytes / best_s / bandwidth:.1%}); was {chosen}", flush=True)
         result = dict(copy_bandwidth_bytes_per_s=bandwidth, blocksize=blocksize, double_quant=True, lora_rank=RANK,
                       lora_min_chunk=kernels.LORA_MIN_CHUNK,
                       rows=rows_out)
