@@ -19,6 +19,9 @@ turn first (``final_round``: the lowest median of three wins); ``--tiles-out`` w
 table for this device, keeping other devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
 ``--sweep-lora`` times each tile with LoRA (rank 16), as an adapted model's decode launches it, and writes entries
 that launches with LoRA take (``"lora": true``), beside those chosen without.
+
+Exit codes: 0 done; 2 an unknown option value, or no GPU; 130 stopped by SIGINT (Ctrl-C, or a time limit's
+``timeout --signal=INT``), one line on stderr: the file written so far keeps the layer shapes finished before it.
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that made it)

@@ -22,11 +22,12 @@
 # modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default one a CPU),
 # SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
 # TESTS_K (the tests step's -k expression; default all), NCU_SET (full: the ncu step collects every section, the
-# per-instruction warp stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv), PDL_AB (set: the bench
-# runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as MEDQA_PDL says, on by
-# default, so the A/B is one card's), SCALES_AB (set: likewise first with the block scales decoded at load,
-# MEDQA_NF4_SCALES=float32; the files' names end in -float32-scales), MEDQA_INDUCTOR_TUNING (1: inductor tunes its own kernels of the decode step as
-# it compiles them; the bench files' names end in -tuned), NCU_LAYERS (the ncu step's --layers, default
+# per-instruction warp stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv),
+# PDL_AB (set: the bench runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as
+# MEDQA_PDL says, on by default, so the A/B is one card's), SCALES_AB (set: likewise first with the block scales
+# decoded at load, MEDQA_NF4_SCALES=float32; the files' names end in -float32-scales), MEDQA_INDUCTOR_TUNING (1:
+# inductor tunes its own kernels of the decode step as it compiles them; the bench files' names end in -tuned),
+# NCU_LAYERS (the ncu step's --layers, default
 # gate_proj/up_proj), MEDQA_PARITY_GIT_COMMIT (the commit this tree was copied from, which the result files then name:
 # a copy's own .git may be stale; medqa_core/measure/fingerprint.py), STEP_TIMEOUT (seconds a step may take, default
 # none; then SIGINT, so a bench keeps its finished cases). A step that fails is reported and the next one runs; the
