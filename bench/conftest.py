@@ -69,11 +69,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("triton") is not None:  # our NF4 kernel's A/B switch: refused before anything runs
-        from medqa_core.engine.kernels.nf4_matmul import scale_layout
+    if importlib.util.find_spec("triton") is not None:  # our NF4 kernel's A/B switches: refused before anything runs
+        from medqa_core.engine.kernels.nf4_matmul import scale_layout, weight_layout
 
         try:
             scale_layout()
+            weight_layout()
         except ValueError as e:
             raise pytest.UsageError(str(e)) from None
     device = resolve_device("auto")

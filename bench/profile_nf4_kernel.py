@@ -133,8 +133,9 @@ def _final_round(timed: list[tuple], time_tile: Callable, top: int = 3, within: 
 
 SWEEP_ROWS = (1, 8, 32, 64)  # the row counts --sweep tunes; their buckets key the tile table
 ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")  # what each shape and row count times
-# v20's A/B (asked by --arms only): ours with LoRA, the block scales decoded to float32 first (MEDQA_NF4_SCALES)
-AB_ARMS = ("ours+lora+float32-scales",)
+# A/B arms (asked by --arms only): ours with LoRA, the block scales decoded to float32 first (v20,
+# MEDQA_NF4_SCALES), or the weights copied into the order of the tile in use first (v22, MEDQA_NF4_LAYOUT)
+AB_ARMS = ("ours+lora+float32-scales", "ours+lora+tiled")
 
 
 def _sweep_grid(rows: int) -> list:
@@ -249,7 +250,14 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
 
     from medqa_core.engine.kernels import nf4_matmul as kernels
     from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
-    from medqa_core.engine.kernels.nf4_matmul import float32_scales, nf4_matmul, nf4_weight, row_bucket, tile_config
+    from medqa_core.engine.kernels.nf4_matmul import (
+        float32_scales,
+        nf4_matmul,
+        nf4_weight,
+        row_bucket,
+        tile_config,
+        tile_nf4,
+    )
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
     device = device or torch.device("cuda")  # another only to smoke-test the script on CPU (interpreter)
@@ -263,8 +271,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
         sizes_of = {layer: SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]) for layer in MISTRAL_7B_LAYERS}
         ranks = [rank for arm, rank in (("ours", 0), ("ours+lora", RANK)) if arm in arms]
         jobs = [CompileJob(tile_config(rows, *MISTRAL_7B_LAYERS[layer], device, rank > 0), rows, sizes_of[layer],
-                           MISTRAL_7B_LAYERS[layer][1], rank, blocksize)
-                for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list for rank in ranks]
+                           MISTRAL_7B_LAYERS[layer][1], rank, blocksize, tiled=tiled)
+                for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list
+                for rank, tiled in [(rank, False) for rank in ranks] + [(RANK, True)] * ("ours+lora+tiled" in arms)]
         if sweep:
             jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1], RANK if sweep_lora else 0,
                                 blocksize)
@@ -307,6 +316,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             ref = x.float() @ dense.float().T
             lora_args = dict(lora_a=a, lora_b=b, scaling=[2.0] * len(sizes))
             ref_lora, lora_abs = _lora_reference(x, ref, a, b, sizes, 2.0)
+            in_use = tile_config(rows, n, k, device, True)  # the tile a launch with LoRA takes (v22 tiles for it)
+            weights_tiled = ([[tile_nf4(s, in_use) for s in w] if isinstance(w, list) else tile_nf4(w, in_use)
+                              for w in weights] if "ours+lora+tiled" in arms else [])
             cases = {
                 "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
                 "ours+lora": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights],
@@ -314,6 +326,8 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 # the bytes of the weights as stored (nested scales), as the other arms: what a user's model holds
                 "ours+lora+float32-scales": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights_f32],
                                              weight_bytes + lora_bytes, ref_lora),
+                "ours+lora+tiled": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights_tiled],
+                                    weight_bytes + lora_bytes, ref_lora),
                 "bitsandbytes": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state) for p in params],
                                  weight_bytes, ref),
                 "bitsandbytes+lora": ([lambda p=p: bnb.matmul_4bit(x, p.t(), quant_state=state)

@@ -226,13 +226,17 @@ def _collect(*options: str, env: dict[str, str] | None = None) -> subprocess.Com
                            *options], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_an_unknown_scale_layout_is_refused_before_anything_runs() -> None:
+def test_an_unknown_scale_or_weight_layout_is_refused_before_anything_runs() -> None:
     # v20's A/B switch is an environment variable: a wrong value is a usage error naming it, not a skipped case
     pytest.importorskip("triton")
     bad = _collect("--decode-batches", "1", env={**os.environ, "MEDQA_NF4_SCALES": "fp8"})
     assert bad.returncode == 4, bad.stdout[-2000:] + bad.stderr[-2000:]  # pytest's usage error
     assert "MEDQA_NF4_SCALES='fp8': choose one of nested, float32" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # v22's, likewise
+    bad = _collect("--decode-batches", "1", env={**os.environ, "MEDQA_NF4_LAYOUT": "marlin"})
+    assert bad.returncode == 4 and "Traceback" not in bad.stderr
+    assert "MEDQA_NF4_LAYOUT='marlin': choose one of bitsandbytes, tiled" in bad.stderr
 
 
 def test_decode_attentions_are_arms_of_one_session() -> None:

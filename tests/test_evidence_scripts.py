@@ -113,6 +113,10 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
     assert _bench_runs(tmp_path, {**env, "SCALES_AB": "1"}, "MEDQA_NF4_SCALES") == [
         ("float32", "nf4-decode-triton-attn-triton-float32-scales"), ("nested", "nf4-decode-triton-attn-triton"),
         ("nested", "nf4-decode-bitsandbytes-attn-triton")]
+    # LAYOUT_AB: our arm first with the weights tiled at load (v22), then as asked; the others once
+    assert _bench_runs(tmp_path, {**env, "LAYOUT_AB": "1"}, "MEDQA_NF4_LAYOUT") == [
+        ("tiled", "nf4-decode-triton-attn-triton-tiled"), ("bitsandbytes", "nf4-decode-triton-attn-triton"),
+        ("bitsandbytes", "nf4-decode-bitsandbytes-attn-triton")]
 
 
 def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):

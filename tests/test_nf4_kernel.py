@@ -252,6 +252,56 @@ def test_256_columns_an_iteration_give_bitsandbytes_within_its_tolerance(tile, n
     assert _ulps(out, ref) <= 1.0
 
 
+@pytest.mark.parametrize(("tile", "n", "k", "double_quant", "lora", "rows"), [
+    # prefetch, scales a group ahead, split K over 3 groups, LoRA, rows past the last 16-row tile
+    (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True, scales_ahead=True), 40, 1536, True, True, 3),
+    # block scale over two blocks an iteration (a lane's words in both), two tiles a warp, scales with the words
+    (TileConfig(8, 64, 128, 2, 1, 1, "mma", lookup="prmt", block_scale=True), 72, 512, False, False, 5),
+    # 256 columns (8 words a row, two loads a row), two blocks of 8 x rows; 32 columns (one word a row)
+    (TileConfig(16, 32, 256, 1, 1, 1, "mma", prefetch=True), 32, 512, True, False, 11),
+    (TileConfig(8, 16, 32, 1, 1, 3, "mma", scales_ahead=True), 24, 256, True, True, 2)],
+    ids=["k128-ahead-split-dq-lora", "block-scale-two-tiles", "k256-x-blocks", "k32-one-word"])
+def test_tiled_copies_give_bitsandbytes_orders_bits(tile, n, k, double_quant, lora, rows) -> None:
+    # v22: the words and absmax copied into the tile's read order are a permutation of bitsandbytes' (nothing
+    # decoded), and a launch that reads them gives every bit the launch over bitsandbytes' order gives. With
+    # bitsandbytes' copy zeroed the output stays: the launch read the tiled one.
+    import dataclasses
+
+    from medqa_core.engine.kernels.nf4_matmul import tile_nf4
+
+    param, _ = _quantized(n, k, 64, double_quant)
+    weight = nf4_weight(param)
+    tiled = tile_nf4(weight, tile)
+    assert tiled.tiled is not None and (tiled.tiled.block_k, tiled.tiled.parts) == (
+        tile.block_k, 2 if tile.block_scale and tile.block_k > 64 else 1)
+    # where each word and absmax lies, by the kernel's formula (nf4_mma._tiled_word, _scale_of)
+    wl, parts = tile.block_k // 32, tiled.tiled.parts
+    wp = wl // parts
+    row, word = torch.meshgrid(torch.arange(n), torch.arange(k // 8), indexing="ij")
+    it, u = word // (4 * wl), word % (4 * wl)  # u: the word within its iteration = (part, lane column, j)
+    lane_col, i = (u % (4 * wp)) // wp, (u // (4 * wp)) * wp + u % wp
+    at = (((row // 16) * (k // tile.block_k) + it) * 32 + (row % 8) * 4 + lane_col) * (2 * wl) + (row // 8) % 2 * wl + i
+    words = tiled.tiled.packed.view(torch.int32).cpu()
+    assert torch.equal(words[at.reshape(-1)], weight.packed.view(torch.int32).cpu())
+    assert words.numel() == 16 * -(-n // 16) * k // 8  # rows padded to whole 16-row tiles
+    row, block = torch.meshgrid(torch.arange(n), torch.arange(k // 64), indexing="ij")
+    at = (row // 16) * (k // 64 * 16) + block * 16 + row % 16
+    assert torch.equal(tiled.tiled.absmax.cpu()[at.reshape(-1)], weight.absmax.cpu())
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(rows, k, generator=gen).bfloat16().to(DEVICE)
+    kwargs = {}
+    if lora:
+        kwargs = dict(lora_a=(torch.randn(4, k, generator=gen) * 0.1).bfloat16().to(DEVICE),
+                      lora_b=(torch.randn(n, 4, generator=gen) * 0.1).bfloat16().to(DEVICE), scaling=2.0)
+    expected = nf4_matmul(x, weight, config=tile, **kwargs)
+    blanked = dataclasses.replace(tiled, packed=torch.zeros_like(weight.packed), absmax=torch.zeros_like(weight.absmax))
+    assert torch.equal(nf4_matmul(x, blanked, config=tile, **kwargs), expected)
+    # a tile of another order reads bitsandbytes' copy: the zeroed one here
+    other = TileConfig(**{**tile.__dict__, "block_k": 64})
+    zeroed = dataclasses.replace(blanked, tiled=None)
+    assert torch.equal(nf4_matmul(x, blanked, config=other), nf4_matmul(x, zeroed, config=other))
+
+
 @pytest.mark.parametrize(("tile", "double_quant", "dtype"), [
     # 128 columns an iteration: two blocks, each one's MMAs scaled; 32: part of one block
     (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True, lookup="prmt", block_scale=True), True, torch.bfloat16),
@@ -632,6 +682,32 @@ def test_the_decoder_with_scales_decoded_at_load_gives_bitsandbytes_tokens(adapt
     theirs, bnb_setup = _decode(adapted_4bit_model, "bitsandbytes", ids, 3)
     assert setup.nf4_scales.startswith("float32: ") and bnb_setup.nf4_scales == ""
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter's default tiles are not the MMA mode's, which tiles")
+def test_the_decoder_with_tiled_weights_gives_bitsandbytes_tokens(adapted_4bit_model, monkeypatch) -> None:
+    # v22's A/B switch through StaticDecoder: every launch reads copies in its tile's order, the setup says so, and
+    # greedy tokens are bitsandbytes'.
+    monkeypatch.setenv("MEDQA_NF4_LAYOUT", "tiled")
+    ids = torch.randint(3, 32000, (3, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ours, setup = _decode(adapted_4bit_model, "triton", ids, 3)
+    theirs, bnb_setup = _decode(adapted_4bit_model, "bitsandbytes", ids, 3)
+    launches = TINY["num_hidden_layers"] * 4
+    assert setup.nf4_layout.startswith(f"tiled: {launches} of {launches} launches") and bnb_setup.nf4_layout == ""
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_the_weight_layout_switch_takes_two_values_and_names_a_third(monkeypatch) -> None:
+    from medqa_core.engine.decoding import nf4_layout_line
+    from medqa_core.engine.kernels.nf4_matmul import weight_layout
+
+    monkeypatch.delenv("MEDQA_NF4_LAYOUT", raising=False)
+    assert weight_layout() == "bitsandbytes" and nf4_layout_line(0, 4).startswith("bitsandbytes: ")
+    monkeypatch.setenv("MEDQA_NF4_LAYOUT", "tiled")
+    assert weight_layout() == "tiled" and nf4_layout_line(3, 4).startswith("tiled: 3 of 4 launches ")
+    monkeypatch.setenv("MEDQA_NF4_LAYOUT", "marlin")
+    with pytest.raises(ValueError, match="MEDQA_NF4_LAYOUT='marlin': choose one of bitsandbytes, tiled"):
+        weight_layout()
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="tile tables are read on a GPU; the interpreter runs the defaults")

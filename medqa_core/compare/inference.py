@@ -46,9 +46,9 @@ class InferenceRow:
 
 def _switch(details: dict) -> str:
     """The decode setting a case ran with away from its default, from the lines it recorded (an A/B arm: PDL
-    turned off, inductor's tuning turned on, the block scales decoded at load), or "". The lines are those of
-    medqa_core.engine.decoding's ``programmatic_dependent_launch``, ``inductor_tuning`` and ``nf4_scales_line``
-    (read here as text: no torch in compare/)."""
+    turned off, inductor's tuning turned on, the block scales decoded at load, the weights tiled at load), or "".
+    The lines are those of medqa_core.engine.decoding's ``programmatic_dependent_launch``, ``inductor_tuning``,
+    ``nf4_scales_line`` and ``nf4_layout_line`` (read here as text: no torch in compare/)."""
     switches = []
     if str(details.get("pdl", "")) == "off: MEDQA_PDL=0":
         switches.append("MEDQA_PDL=0")
@@ -56,6 +56,8 @@ def _switch(details: dict) -> str:
         switches.append("MEDQA_INDUCTOR_TUNING=1")
     if str(details.get("nf4_scales", "")).startswith("float32"):
         switches.append("MEDQA_NF4_SCALES=float32")
+    if str(details.get("nf4_layout", "")).startswith("tiled"):
+        switches.append("MEDQA_NF4_LAYOUT=tiled")
     return ", ".join(switches)
 
 

@@ -185,6 +185,7 @@ class DecodeSetup:
     decode_attention_why: str = ""
     pdl: str = "off"  # programmatic dependent launch of the step's kernels: "on: ..." or "off: <why>"
     nf4_scales: str = ""  # how our kernel reads the block scales: "nested: ..." or "float32: ..." (v20); "" if not ours
+    nf4_layout: str = ""  # where our kernel reads the packed weights: "bitsandbytes: ..." or "tiled: ..." (v22)
     inductor_tuning: str = "off"  # inductor tuned its own kernels as the step compiled: "on: ..." or "off: <why>"
 
 
@@ -217,6 +218,17 @@ def nf4_scales_line() -> str:
     if scale_layout() == "float32":
         return "float32: decoded once as the layers were swapped in (MEDQA_NF4_SCALES=float32)"
     return "nested: bitsandbytes' double-quantized absmax, decoded in the K loop"
+
+
+def nf4_layout_line(tiled_launches: int, launches: int) -> str:
+    """Where our kernel's launches read the packed weights (``MEDQA_NF4_LAYOUT``, v22's A/B switch), with how many
+    of the step's ``launches`` read tiled copies: the line the result files record."""
+    from medqa_core.engine.kernels.nf4_matmul import weight_layout
+
+    if weight_layout() == "tiled":
+        return (f"tiled: {tiled_launches} of {launches} launches read copies in their MMA tile's order, made as the "
+                f"layers were swapped in (MEDQA_NF4_LAYOUT=tiled)")
+    return "bitsandbytes: its packed weights, read in place"
 
 
 def inductor_tuning(device: torch.device) -> tuple[bool, str]:
@@ -305,7 +317,8 @@ class StaticDecoder:
             nf4_launches=self._swap.info.launches if self._swap else 0,
             nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
             decode_attention_why=attention_why, pdl=pdl, inductor_tuning=tuning,
-            nf4_scales=nf4_scales_line() if self._swap else "")
+            nf4_scales=nf4_scales_line() if self._swap else "",
+            nf4_layout=nf4_layout_line(self._swap.info.tiled_launches, self._swap.info.launches) if self._swap else "")
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "

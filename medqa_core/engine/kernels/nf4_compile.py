@@ -23,7 +23,8 @@ from medqa_core.engine.kernels.nf4_matmul import TileConfig
 class CompileJob:
     """One launch to compile: ``tile`` at ``rows`` rows on a weight of ``sizes`` rows (siblings as segments) over
     ``k`` columns, with LoRA of ``rank`` (0: none), quantized as the model's (``blocksize``, ``double_quant``),
-    its input in ``dtype`` (a torch dtype's name), with a bias or not."""
+    its input in ``dtype`` (a torch dtype's name), with a bias or not, reading tiled copies of the weights or not
+    (``tiled``, v22)."""
 
     tile: TileConfig
     rows: int
@@ -34,6 +35,7 @@ class CompileJob:
     double_quant: bool = True
     dtype: str = "bfloat16"
     bias: bool = False
+    tiled: bool = False
 
 
 def _compile(job: tuple) -> str | None:
@@ -45,7 +47,7 @@ def _compile(job: tuple) -> str | None:
         from bitsandbytes.functional import quantize_4bit
 
         from medqa_core.engine.kernels import nf4_matmul as kernels
-        from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight
+        from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, tile_nf4
 
         kernels.LORA_MIN_CHUNK = lora_min_chunk
         j = CompileJob(**{**fields, "tile": TileConfig(**fields["tile"])})
@@ -56,8 +58,8 @@ def _compile(job: tuple) -> str | None:
             w = torch.randn(size, j.k, device=device, dtype=dtype) * 0.02
             packed, state = quantize_4bit(w, blocksize=j.blocksize, quant_type="nf4",
                                           compress_statistics=j.double_quant)
-            weights.append(nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state,
-                                                        bnb_quantized=True)))
+            weight = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
+            weights.append(tile_nf4(weight, j.tile) if j.tiled else weight)
         x = torch.randn(j.rows, j.k, device=device, dtype=dtype)
         lora = {}
         if j.rank:

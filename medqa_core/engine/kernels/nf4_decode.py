@@ -15,12 +15,21 @@ from medqa_core.engine.kernels.common import round_to_dtype
 def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """The float32 absmax of quantization blocks ``block`` (0 where masked)."""
+    return _nf4_scale_at(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, block, mask, BLOCKSIZE2,
+                         DOUBLE_QUANT)
+
+
+@triton.jit
+def _nf4_scale_at(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, at, block, mask,
+                  BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """:func:`_nf4_scale` of blocks ``block`` (bitsandbytes' index, which picks the absmax2 group) whose absmax
+    lies at ``at`` (v22's tiled order; ``block`` in bitsandbytes')."""
     if DOUBLE_QUANT:
-        code8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        code8 = tl.load(absmax_ptr + at, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + code8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
         return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
     else:
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return tl.load(absmax_ptr + at, mask=mask, other=0.0)
 
 
 @triton.jit

@@ -25,12 +25,15 @@ import torch
 from medqa_core.engine.kernels.nf4_compile import CompileJob
 from medqa_core.engine.kernels.nf4_matmul import (
     NF4Weight,
+    TiledNF4,
     choose_tile,
     float32_scales,
     nf4_matmul,
     nf4_weight,
     scale_layout,
     siblings_unfit,
+    tile_nf4,
+    weight_layout,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,19 +46,23 @@ DEFAULT_MAX_ROWS = 64
 def nf4_linear(x: torch.Tensor, packed: list[torch.Tensor], absmax: list[torch.Tensor], code: torch.Tensor,
                absmax2: list[torch.Tensor], code2: torch.Tensor | None, offset: list[torch.Tensor],
                bias: torch.Tensor | None, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, blocksize: int,
-               blocksize2: int, out_features: list[int], in_features: int, scaling: list[float]) -> torch.Tensor:
+               blocksize2: int, out_features: list[int], in_features: int, scaling: list[float],
+               tiled_packed: list[torch.Tensor], tiled_absmax: list[torch.Tensor], tiled_order: list[int]
+               ) -> torch.Tensor:
     """The custom op: x [..., K] -> [..., sum(out_features)] in x's dtype, one or several sibling weights side by
-    side (see nf4_matmul); ``absmax2`` and ``offset`` empty without double quantization."""
+    side (see nf4_matmul); ``absmax2`` and ``offset`` empty without double quantization; ``tiled_*`` (v22:
+    :class:`TiledNF4`, ``tiled_order`` its block_k and parts) empty without tiled copies."""
     weights = [NF4Weight(packed=p, absmax=a, code=code, blocksize=blocksize, out_features=n, in_features=in_features,
                          absmax2=absmax2[i] if absmax2 else None, code2=code2 if absmax2 else None,
-                         offset=offset[i] if absmax2 else None, blocksize2=blocksize2)
+                         offset=offset[i] if absmax2 else None, blocksize2=blocksize2,
+                         tiled=TiledNF4(tiled_packed[i], tiled_absmax[i], *tiled_order) if tiled_order else None)
                for i, (p, a, n) in enumerate(zip(packed, absmax, out_features, strict=True))]
     return nf4_matmul(x, weights, bias, lora_a, lora_b, scaling)
 
 
 @nf4_linear.register_fake
 def _(x, packed, absmax, code, absmax2, code2, offset, bias, lora_a, lora_b, blocksize, blocksize2,
-      out_features, in_features, scaling):
+      out_features, in_features, scaling, tiled_packed, tiled_absmax, tiled_order):
     return x.new_empty(*x.shape[:-1], sum(out_features))
 
 
@@ -116,11 +123,17 @@ class FusedNF4Linear(torch.nn.Module):
             self.lora_b = torch.cat([layer.lora_B[name].weight.detach() for layer, name in adapted]).to(
                 self.compute_dtype)  # [N, r]
             self.scaling = [float(layer.scaling[name]) for layer, name in adapted]
+        if weight_layout() == "tiled":  # v22's A/B: copies in the order of the tile a launch of max_rows takes
+            w = self.weights[0]
+            tile = choose_tile(max_rows, w, self.compute_dtype, w.packed.device, out_features=sum(self.sizes),
+                               lora=self.lora_a is not None)
+            self.weights = [tile_nf4(w, tile) for w in self.weights]
 
     @property
     def bytes_read(self) -> int:
         """Bytes a launch reads besides its input: packed weights, their scales, LoRA's matrices, the bias."""
-        tensors = [t for w in self.weights for t in (w.packed, w.absmax, w.absmax2, w.offset) if t is not None]
+        tensors = [t for w in self.weights for t in (*((w.tiled.packed, w.tiled.absmax) if w.tiled else
+                                                       (w.packed, w.absmax)), w.absmax2, w.offset) if t is not None]
         tensors += [t for t in (self.lora_a, self.lora_b, self.bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -131,7 +144,9 @@ class FusedNF4Linear(torch.nn.Module):
             x.to(self.compute_dtype), [v.packed for v in w], [v.absmax for v in w], w[0].code,
             [v.absmax2 for v in w] if dq else [], w[0].code2, [v.offset for v in w] if dq else [],
             None if self.bias is None else self.bias.to(self.compute_dtype), self.lora_a, self.lora_b, w[0].blocksize,
-            w[0].blocksize2, self.sizes, w[0].in_features, self.scaling)
+            w[0].blocksize2, self.sizes, w[0].in_features, self.scaling,
+            [v.tiled.packed for v in w] if w[0].tiled else [], [v.tiled.absmax for v in w] if w[0].tiled else [],
+            [w[0].tiled.block_k, w[0].tiled.parts] if w[0].tiled else [])
         return out.to(x.dtype)
 
 
@@ -210,6 +225,7 @@ class SwapInfo:
     lora_layers: int  # of which carry a LoRA adapter, fused into the same call
     max_rows: int
     launches: int  # our kernel's launches a forward: sibling layers (q/k/v, gate/up) share one
+    tiled_launches: int = 0  # of which read tiled copies of their weights (v22, MEDQA_NF4_LAYOUT=tiled)
 
 
 class NF4Swap:
@@ -250,7 +266,8 @@ class NF4Swap:
         self.launches = tuple((name, group.bytes_read) for _, name, group in sorted(named, key=lambda t: t[0]))
         lora = sum(len(group.sizes) for group in self._groups if group.lora_a is not None)
         self.info = SwapInfo(kernel="triton-nf4 (medqa_core.engine.kernels)", layers=len(self._slots), lora_layers=lora,
-                             max_rows=max_rows, launches=len(self._groups))
+                             max_rows=max_rows, launches=len(self._groups),
+                             tiled_launches=sum(group.weights[0].tiled is not None for group in self._groups))
 
     def compile_jobs(self, rows: int) -> list[CompileJob]:
         """The distinct launches a forward of ``rows`` rows makes (one per shape: the 7B's 128 launches are four),
@@ -262,7 +279,8 @@ class NF4Swap:
                                lora=group.lora_a is not None)
             rank = 0 if group.lora_a is None else group.lora_a.shape[0] // len(group.sizes)
             jobs.append(CompileJob(tile, rows, tuple(group.sizes), w.in_features, rank, w.blocksize, w.double_quant,
-                                   str(group.compute_dtype).removeprefix("torch."), group.bias is not None))
+                                   str(group.compute_dtype).removeprefix("torch."), group.bias is not None,
+                                   w.reads_tiled(tile)))
         return list(dict.fromkeys(jobs))
 
     def modes(self, rows: int) -> str:

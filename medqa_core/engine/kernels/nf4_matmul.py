@@ -183,7 +183,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                        SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, GEMV: tl.constexpr, MMA: tl.constexpr,
                        PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr, SCALES_AHEAD: tl.constexpr,
                        ROUND_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, PDL: tl.constexpr,
-                       EMULATE: tl.constexpr):
+                       EMULATE: tl.constexpr, TILED: tl.constexpr = False):
     # SEGMENTS (1 to 3) weights of the same K side by side, one launch: their outputs are columns [0, N0),
     # [N0, N0 + N1), [N0 + N1, N0 + N1 + N2) of out (sibling layers that read the same x: q/k/v, gate/up). A tile
     # lies in one segment, whose pointers it takes; everything it writes (output, split-K partials and counters)
@@ -272,7 +272,7 @@ def _nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
                   stride_bn, stride_om, blocks_per_row, iterations, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, ALIGNED,
                   HAS_BIAS, RANK, RANK_PAD, SEGMENTS * RANK, BLOCK_M, BLOCK_N, BLOCK_K, DOT,
                   SWAP, PREFETCH, SHARED_TABLE, SPLIT_K, NUM_STAGES, GEMV, MMA, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD,
-                  ROUND_ASM, NUM_WARPS, PDL, EMULATE)
+                  ROUND_ASM, NUM_WARPS, PDL, EMULATE, TILED)
 
 
 @triton.jit
@@ -288,7 +288,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
               ROUND_ASM: tl.constexpr,
               NUM_WARPS: tl.constexpr,
               PDL: tl.constexpr,
-              EMULATE: tl.constexpr):
+              EMULATE: tl.constexpr, TILED: tl.constexpr = False):
     """One output tile of :func:`_nf4_matmul_kernel`: its K range, then the epilogue (after split-K's reduction).
     ``n_tiles`` and ``N`` are its segment's; ``output_tiles`` counts the launch's. PDL: the MMA tiles load their
     first weights before they wait for x (:func:`wait_for_inputs`), the others wait first."""
@@ -319,7 +319,7 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
                  lora_counter_ptr, pid_n, pid_m, pid_k, M, N, K, it0, it1, blocks_per_row, stride_xm, stride_tm,
                  stride_bn, output_tiles, dtype, BLOCK_K, BLOCK_N // (16 * NUM_WARPS), NUM_WARPS, BLOCKSIZE,
                  BLOCKSIZE2, DOUBLE_QUANT, PREFETCH, PRMT_ROWS, BLOCK_SCALE, SCALES_AHEAD, RANK, LORA_RANKS,
-                 PDL, BLOCK_M // 8, EMULATE)
+                 PDL, BLOCK_M // 8, EMULATE, TILED)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: the tile comes from partial
     elif ALIGNED:
         # Rows of whole quantization blocks: G blocks an iteration (BLOCK_K columns), one scale per row and block.
@@ -466,6 +466,18 @@ def _nf4_tile(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
 
 
 @dataclass(frozen=True)
+class TiledNF4:
+    """v22: a weight's packed words and block scales copied into the order one MMA tile shape reads them
+    (:func:`tile_nf4`), for launches of that shape (``block_k``, and ``parts``: the blocks a lane's words span an
+    iteration, :func:`mma_parts`)."""
+
+    packed: torch.Tensor  # uint8 (int32 words): of each 16-row tile, iteration by iteration, lane by lane, its rows'
+    absmax: torch.Tensor  # the absmax (codes): of each 16-row tile, block by block, its 16 rows side by side
+    block_k: int
+    parts: int
+
+
+@dataclass(frozen=True)
 class NF4Weight:
     """bitsandbytes' packed NF4 weight ``[N, K]`` and what dequantizes it, as the kernel reads it.
 
@@ -483,10 +495,16 @@ class NF4Weight:
     code2: torch.Tensor | None = None  # float32 [256]: their 8-bit dynamic map
     offset: torch.Tensor | None = None  # float32 [1]: added to every dequantized absmax
     blocksize2: int = 256
+    tiled: TiledNF4 | None = None  # v22: the words and absmax in one MMA tile's order too (MEDQA_NF4_LAYOUT=tiled)
 
     @property
     def double_quant(self) -> bool:
         return self.absmax2 is not None
+
+    def reads_tiled(self, cfg: TileConfig) -> bool:
+        """Whether launches of tile ``cfg`` read this weight's tiled copy (v22): one made for that MMA order."""
+        return (self.tiled is not None and cfg.kernel_mode == "mma"
+                and (self.tiled.block_k, self.tiled.parts) == (cfg.block_k, mma_parts(cfg, self.blocksize)))
 
     @property
     def aligned(self) -> bool:
@@ -547,6 +565,55 @@ def float32_scales(w: NF4Weight) -> NF4Weight:
     group = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.blocksize2
     scales = w.code2[w.absmax.long()] * w.absmax2[group]
     return dataclasses.replace(w, absmax=scales + w.offset, absmax2=None, code2=None, offset=None)
+
+
+# v22, an A/B switch (off by default): the packed words and block scales also copied, when the layers are swapped in,
+# into the order the MMA tile of their launches reads them
+WEIGHT_LAYOUTS = ("bitsandbytes", "tiled")
+
+
+def weight_layout() -> str:
+    """Where our decode launches read the packed weights from, ``MEDQA_NF4_LAYOUT``: ``"bitsandbytes"`` (the
+    default: its own order, row by row, where a warp's 16 rows of an iteration lie ``K / 2`` bytes apart and each
+    row's absmax code in a sector of its own) or ``"tiled"`` (:func:`tile_nf4`: a copy in the order of the tile the
+    launch takes at the decoder's batch, a warp's loads of an iteration one contiguous run; as many bytes again on
+    the GPU).
+
+    Raises:
+        ValueError: another value.
+    """
+    layout = os.environ.get("MEDQA_NF4_LAYOUT", "bitsandbytes")
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"MEDQA_NF4_LAYOUT={layout!r}: choose one of {', '.join(WEIGHT_LAYOUTS)}")
+    return layout
+
+
+def mma_parts(cfg: TileConfig, blocksize: int) -> int:
+    """The quantization blocks a lane's words of a row span in one iteration of an MMA tile (the kernel's PARTS):
+    2 where a block-scale tile reads two blocks an iteration (a lane's words half in each), else 1."""
+    return cfg.block_k // blocksize if cfg.block_scale and cfg.block_k > blocksize else 1
+
+
+def tile_nf4(w: NF4Weight, cfg: TileConfig) -> NF4Weight:
+    """``w`` with its packed words and absmax also in the order launches of MMA tile ``cfg`` read them
+    (``w.tiled``; v22), ``w`` itself where that mode does not take it (rows not of whole blocks, K not of whole
+    iterations). A permutation of bitsandbytes' words and absmax, nothing decoded: every value is theirs. New
+    tensors, the rows padded to a multiple of 16 (zeros, never stored)."""
+    if cfg.kernel_mode != "mma" or not w.aligned or w.in_features % cfg.block_k:
+        return w
+    n, k = w.out_features, w.in_features
+    parts = mma_parts(cfg, w.blocksize)
+    per_part = cfg.block_k // 32 // parts  # a lane's consecutive words of a row in each part (the kernel's WP)
+    tiles = triton.cdiv(n, 16)
+    words = torch.nn.functional.pad(w.packed.view(torch.int32).reshape(n, k // 8), (0, 0, 0, 16 * tiles - n))
+    # word j + per_part * (t + 4 * p) of iteration i of row 16 T + 8 h + g (a row's words in the kernel's reading:
+    # lane t's per_part words of each part p) to [T, i, g, t, h, p, j]: lane 4g + t's words of rows g, g + 8 in turn
+    words = words.reshape(tiles, 2, 8, k // cfg.block_k, parts, 4, per_part).permute(0, 3, 2, 5, 1, 4, 6)
+    blocks = k // w.blocksize
+    absmax = torch.nn.functional.pad(w.absmax.reshape(n, blocks), (0, 0, 0, 16 * tiles - n))
+    absmax = absmax.reshape(tiles, 16, blocks).transpose(1, 2)  # [T, block, row]
+    return dataclasses.replace(w, tiled=TiledNF4(words.contiguous().view(torch.uint8).reshape(-1),
+                                                 absmax.contiguous().reshape(-1), cfg.block_k, parts))
 
 
 MODES = ("mma", "gemv", "fma", "dot", "dot_swap")
@@ -981,13 +1048,18 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
     # the LoRA programs' counters: ranks done, waiters finished, then each rank's arrived chunks
     lora_counters = arrival_counters(x.device, "lora", 2 + segments * rank) if rank else out
 
+    # v22: the tiled copies where every weight has one in this tile's order; bitsandbytes' own otherwise
+    tiled = all(w.reads_tiled(cfg) for w in weights)
+
     def quant(w: NF4Weight) -> list[torch.Tensor]:  # what the kernel reads of one weight
-        return [w.packed, w.absmax, w.absmax2 if dq else w.code, w.offset if dq else w.code]
+        packed, absmax = (w.tiled.packed, w.tiled.absmax) if tiled else (w.packed, w.absmax)
+        return [packed, absmax, w.absmax2 if dq else w.code, w.offset if dq else w.code]
 
     segment_args = [t_ for w in (weights + [first] * (MAX_SEGMENTS - segments))[1:] for t_ in quant(w)]
     pdl = programmatic_launch(x.device) and pdl_fits(cfg)
+    first_packed, first_absmax = quant(first)[:2]
     _nf4_matmul_kernel[(segments * rank * lora_split + n_tiles * m_tiles * split,)](
-        x2, first.packed, first.absmax, first.code, first.absmax2 if dq else first.code,
+        x2, first_packed, first_absmax, first.code, first.absmax2 if dq else first.code,
         first.code2 if dq else first.code, first.offset if dq else first.code, *segment_args,
         bias if bias is not None else out, a, t, b, out, partial, counters, lora_counters,
         rows, *(seg_rows + [0] * (MAX_SEGMENTS - segments)), k, x2.stride(0), k // 2, a.stride(0),
@@ -1002,7 +1074,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight | Sequence[NF4Weight], bias: t
         ROUND_ASM=_round_asm(x),
         NUM_WARPS=cfg.num_warps,
         PDL=pdl,
-        EMULATE=interpreting(),
+        EMULATE=interpreting(), TILED=tiled,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
         **({"maxnreg": cfg.max_registers} if cfg.max_registers and not torch.version.hip else {}),
     )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from medqa_core.engine.kernels.common import lora_waiter_finished, round_to_dtype, wait_for_inputs, wait_for_lora
-from medqa_core.engine.kernels.nf4_decode import _nf4_scale
+from medqa_core.engine.kernels.nf4_decode import _nf4_scale_at
 
 UNROLL = tl.constexpr(2)  # iterations a pass of the compiled K loop makes (bench/inspect_nf4_kernel.py divides by it)
 
@@ -147,39 +147,75 @@ def _pick(t, i: tl.constexpr):
 
 
 @triton.jit
+def _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row, block, blocks_per_row,
+              BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TILED: tl.constexpr):
+    """The float32 scale of quantization block ``block`` of W row ``row`` (uint32 indices). TILED (v22,
+    ``nf4_matmul.tile_nf4``): the absmax codes of a 16-row tile's rows lie side by side, block by block, so a
+    warp's 16 rows read one sector where bitsandbytes' order puts each in its own."""
+    index = row * blocks_per_row + block  # bitsandbytes' order: also what picks the absmax2 group
+    at = index
+    if TILED:
+        at = (row // 16) * (blocks_per_row * 16) + block * 16 + row % 16
+    return _nf4_scale_at(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, at, index, True, BLOCKSIZE2, DOUBLE_QUANT)
+
+
+@triton.jit
+def _tiled_word(row, it, t, words_per_row, WL: tl.constexpr):
+    """v22: where a lane's first word of W row ``row`` at iteration ``it`` lies in the tiled order
+    (``nf4_matmul.tile_nf4``): of each 16-row tile, iteration by iteration, lane 4g + t's WL words of row g then
+    its WL of row g + 8 (uint32 indices)."""
+    iterations = words_per_row // (4 * WL)
+    lane = (row % 8) * 4 + t
+    return (((row // 16) * iterations + it) * 32 + lane) * (2 * WL) + ((row // 8) % 2) * WL
+
+
+@triton.jit
 def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
                words_per_row, WL: tl.constexpr, PARTS: tl.constexpr, BLOCKSIZE: tl.constexpr,
-               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SCALES: tl.constexpr = True):
+               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SCALES: tl.constexpr = True,
+               TILED: tl.constexpr = False):
     """An iteration's loads from HBM for one 16-row tile of :func:`_nf4_mma`: a lane's WL int32 words of rows
     ``row_g`` and ``row_h`` (rows that exist: no masks) from column ``col`` on, inside one quantization block, as
     tuples of [lanes, 4] loads (one where WL is 4 or less), and their two scales. PARTS 2 (block scale over two
     blocks an iteration): the words are WL / 2 from ``col`` in each of the two blocks, and a scale [lanes, 2] a row
     (``tl.join``: both in the lane). SCALES False (v13, the scales a group ahead: :func:`_group_scales`): zeros in
-    their place, no load."""
+    their place, no load. TILED (v22): the same words from the tiled copy, where a lane's words of both rows are
+    side by side and a warp's 1 KB (at 128 columns) one contiguous run."""
     WP: tl.constexpr = WL // PARTS
     CW: tl.constexpr = 4 if WL > 4 else WL  # words a load: Triton lays [lanes, 8] over two lanes (v21)
     # unsigned: the indices are never negative, and a signed division by a power of two costs a sign fix-up
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
-    block_g = row_g.to(tl.uint32) * blocks_per_row + block
-    block_h = row_h.to(tl.uint32) * blocks_per_row + block
+    if TILED:
+        it = col.to(tl.uint32) // (32 * WL)
+        t = (col.to(tl.uint32) % (32 * WL)) // (8 * WP)
+        first_g = tl.multiple_of(_tiled_word(row_g.to(tl.uint32), it, t, words_per_row, WL), CW)
+        first_h = tl.multiple_of(_tiled_word(row_h.to(tl.uint32), it, t, words_per_row, WL), CW)
+    else:
+        first_g = tl.multiple_of(row_g * words_per_row + word, WP)
+        first_h = tl.multiple_of(row_h * words_per_row + word, WP)
     words_g = ()  # WL // CW tensors [lanes, CW]
     words_h = ()
     for c in tl.static_range(WL // CW):
         i = c * CW + tl.arange(0, CW)
-        offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
-        words_g = words_g + (tl.load(words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)[:, None] + offs),)
-        words_h = words_h + (tl.load(words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)[:, None] + offs),)
+        if TILED:
+            offs = i[None, :]  # the lane's words in the order they are read
+        else:
+            offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
+        words_g = words_g + (tl.load(words_ptr + first_g[:, None] + offs),)
+        words_h = words_h + (tl.load(words_ptr + first_h[:, None] + offs),)
     if SCALES:
-        scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g, True, BLOCKSIZE2,
-                             DOUBLE_QUANT)
-        scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h, True, BLOCKSIZE2,
-                             DOUBLE_QUANT)
+        rg = row_g.to(tl.uint32)
+        rh = row_h.to(tl.uint32)
+        scale_g = _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rg, block, blocks_per_row, BLOCKSIZE2,
+                            DOUBLE_QUANT, TILED)
+        scale_h = _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rh, block, blocks_per_row, BLOCKSIZE2,
+                            DOUBLE_QUANT, TILED)
         if PARTS == 2:
-            scale_g = tl.join(scale_g, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_g + 1, True,
-                                                  BLOCKSIZE2, DOUBLE_QUANT))
-            scale_h = tl.join(scale_h, _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_h + 1, True,
-                                                  BLOCKSIZE2, DOUBLE_QUANT))
+            scale_g = tl.join(scale_g, _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rg, block + 1,
+                                                 blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT, TILED))
+            scale_h = tl.join(scale_h, _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rh, block + 1,
+                                                 blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT, TILED))
     else:
         scale_g = tl.zeros((row_g.shape[0],), dtype=tl.float32)
         if PARTS == 2:
@@ -190,16 +226,16 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
 
 @triton.jit
 def _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, group, t, blocks_per_row,
-                  BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+                  BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TILED: tl.constexpr = False):
     """v13: the scales of a group of 4 quantization blocks of rows ``row_g`` and ``row_h`` (4 * BLOCKSIZE
     columns), lane t holding block ``4 * group + t`` of each (the row's last where that is past it). The four lanes
     of a row load one block each, once a group, where v12 loaded the same scale in all four, every iteration:
     :func:`_lane_scale` hands each iteration its block's."""
     block = tl.minimum(group * 4 + t, blocks_per_row - 1).to(tl.uint32)
-    scale_g = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g.to(tl.uint32) * blocks_per_row + block,
-                         True, BLOCKSIZE2, DOUBLE_QUANT)
-    scale_h = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h.to(tl.uint32) * blocks_per_row + block,
-                         True, BLOCKSIZE2, DOUBLE_QUANT)
+    scale_g = _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g.to(tl.uint32), block, blocks_per_row,
+                        BLOCKSIZE2, DOUBLE_QUANT, TILED)
+    scale_h = _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_h.to(tl.uint32), block, blocks_per_row,
+                        BLOCKSIZE2, DOUBLE_QUANT, TILED)
     return scale_g, scale_h
 
 
@@ -498,7 +534,7 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
              TILES: tl.constexpr, NUM_WARPS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              DOUBLE_QUANT: tl.constexpr, PREFETCH: tl.constexpr, PRMT_ROWS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
              SCALES_AHEAD: tl.constexpr, RANK: tl.constexpr, LORA_RANKS: tl.constexpr, PDL: tl.constexpr,
-             XB: tl.constexpr, EMULATE: tl.constexpr):
+             XB: tl.constexpr, EMULATE: tl.constexpr, TILED: tl.constexpr = False):
     """Rows ``pid_n * 16 * TILES * NUM_WARPS ..`` of W times x rows ``pid_m * 8 * XB ..`` over iterations [it0, it1) of
     BLOCK_K columns, on the tensor cores: written, float32, to ``partial_ptr[pid_k, m, n]``; with LoRA (RANK), the
     first of the output tile's K splits adds ``t @ B^T`` first.
@@ -604,21 +640,21 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
         # interpreter keeps them apart), which gave every group the next group's scales on the H100 (session 43).
         ahead_g, ahead_h = tl.zeros_like(zero), tl.zeros_like(zero)
         next_g, next_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, it0 // IPG, t,
-                                       blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+                                       blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT, TILED)
         if TILES == 2:
             ahead_g2, ahead_h2 = tl.zeros_like(zero), tl.zeros_like(zero)
             next_g2, next_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2,
-                                             it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+                                             it0 // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT, TILED)
     if PREFETCH:  # the first iteration's loads: the weights' (and the scales above) before x's wait
         col0 = it0 * BLOCK_K + t * (8 * WP)
         wg_next, wh_next, sg_next, sh_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                                         row_g, row_h, col0, blocks_per_row, words_per_row, WL,
-                                                        PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+                                                        PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH, TILED)
         if TILES == 2:
             wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                                                 offset_ptr, row_g2, row_h2, col0, blocks_per_row,
                                                                 words_per_row, WL, PARTS, BLOCKSIZE,
-                                                                BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+                                                                BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH, TILED)
         wait_for_inputs(PDL)
         xs_next = _mma_x_blocks(xw_ptr, x_rows, col0, x_words_per_row, WL, PARTS, BLOCKSIZE)
     else:
@@ -636,40 +672,40 @@ def _nf4_mma(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_
             col_load = tl.minimum(it + 1, it1 - 1) * BLOCK_K + t * (8 * WP)
             wg_next, wh_next, sg_next, sh_next = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col_load, blocks_per_row,
-                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH, TILED)
             xs_next = _mma_x_blocks(xw_ptr, x_rows, col_load, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 wg2_next, wh2_next, sg2_next, sh2_next = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col_load,
-                    blocks_per_row, words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+                    blocks_per_row, words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH, TILED)
         else:
             words_g, words_h, scale_g, scale_h = _mma_loads(
                 words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h, col, blocks_per_row,
-                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+                words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH, TILED)
             xs = _mma_x_blocks(xw_ptr, x_rows, col, x_words_per_row, WL, PARTS, BLOCKSIZE)
             if TILES == 2:
                 words_g2, words_h2, scale_g2, scale_h2 = _mma_loads(
                     words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2, row_h2, col, blocks_per_row,
-                    words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH)
+                    words_per_row, WL, PARTS, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, SCALES_EACH, TILED)
         if SCALES_AHEAD:
             if it % IPG == 0:  # a group's first iteration: its scales (loaded a group earlier with PREFETCH)
                 if PREFETCH:
                     ahead_g, ahead_h = next_g, next_h
                     next_group = tl.minimum(it // IPG + 1, (it1 - 1) // IPG)
                     next_g, next_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h,
-                                                   next_group, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+                                                   next_group, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT, TILED)
                     if TILES == 2:
                         ahead_g2, ahead_h2 = next_g2, next_h2
                         next_g2, next_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2,
                                                          row_h2, next_group, t, blocks_per_row, BLOCKSIZE2,
-                                                         DOUBLE_QUANT)
+                                                         DOUBLE_QUANT, TILED)
                 else:
                     ahead_g, ahead_h = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g, row_h,
-                                                     it // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT)
+                                                     it // IPG, t, blocks_per_row, BLOCKSIZE2, DOUBLE_QUANT, TILED)
                     if TILES == 2:
                         ahead_g2, ahead_h2 = _group_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g2,
                                                            row_h2, it // IPG, t, blocks_per_row, BLOCKSIZE2,
-                                                           DOUBLE_QUANT)
+                                                           DOUBLE_QUANT, TILED)
             scale_g, scale_h = _iteration_scales(ahead_g, ahead_h, it, t, lane, warp, WL, PARTS, BLOCK_K, BLOCKSIZE,
                                                  EMULATE)
             if TILES == 2:
