@@ -109,10 +109,11 @@ def mma_lanes_in_order(ttgir: str) -> bool | None:
 
 
 def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: int = 1, rank: int = 0,
-                 rows: int = 1, double_quant: bool = True):
+                 rows: int = 1, double_quant: bool = True, tiled: bool = False):
     """The compiled kernel of ``tile`` for ``target``: double quantization on (off: the scales decoded at load,
     v20's float32 blocks), bf16, no bias, ``segments`` sibling weights, LoRA of ``rank`` (0: none) as nf4_matmul
-    launches it over K = 4096 at ``rows`` rows."""
+    launches it over K = 4096 at ``rows`` rows, reading tiled copies of the weights (``tiled``, v22; the MMA mode
+    only) or bitsandbytes' order."""
     names = list(_nf4_matmul_kernel.arg_names)
     constants = dict(SEGMENTS=segments, BLOCKSIZE=blocksize, BLOCKSIZE2=256, DOUBLE_QUANT=double_quant, ALIGNED=True,
                      HAS_BIAS=False, **_lora_constexprs(rank, 4096, rows, tile.block_m, tile.num_warps),
@@ -125,7 +126,8 @@ def compile_tile(tile: TileConfig, target: str, blocksize: int = 64, segments: i
                      MMA=tile.kernel_mode == "mma", PRMT_ROWS=LOOKUPS.index(tile.lookup), BLOCK_SCALE=tile.block_scale,
                      SCALES_AHEAD=tile.kernel_mode == "mma" and tile.scales_ahead,
                      ROUND_ASM=TARGETS[target].backend == "cuda", NUM_WARPS=tile.num_warps,
-                     PDL=target == "sm_90a" and pdl_fits(tile), EMULATE=False)  # as launched on Hopper
+                     PDL=target == "sm_90a" and pdl_fits(tile), EMULATE=False,  # as launched on Hopper
+                     TILED=tiled and tile.kernel_mode == "mma")
     scalings = dict.fromkeys(("scaling0", "scaling1", "scaling2"), "fp32")
     pointers = POINTERS if double_quant else {  # the decoded scales: float32 a block
         name: "*fp32" if name.startswith("absmax_") else kind for name, kind in POINTERS.items()}
@@ -187,8 +189,9 @@ def _k_loop(ttgir: str) -> str:
     return "\n".join(max(loops, key=len)) if loops else ""
 
 
-def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1, double_quant: bool = True) -> KernelCounts:
-    compiled = compile_tile(tile, target, rank=rank, rows=rows, double_quant=double_quant)
+def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1, double_quant: bool = True,
+            tiled: bool = False) -> KernelCounts:
+    compiled = compile_tile(tile, target, rank=rank, rows=rows, double_quant=double_quant, tiled=tiled)
     ttgir = compiled.asm["ttgir"]
     loop = _k_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", choices=("nested", "float32"), default="nested",
                         help="the weights' block scales: bitsandbytes' double-quantized codes (default) or float32 "
                              "blocks decoded at load (v20, MEDQA_NF4_SCALES)")
+    parser.add_argument("--layout", choices=("bitsandbytes", "tiled"), default="bitsandbytes",
+                        help="where the MMA tiles read the weights: bitsandbytes' order (default) or copies in the "
+                             "tile's order (v22, MEDQA_NF4_LAYOUT)")
     parser.add_argument("--out", type=Path, help="also save the rows as JSON (results/traces/...)")
     args = parser.parse_args(argv)
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -268,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{'' if tile.lookup == 'shfl' else ' ' + tile.lookup + '-lookup'}"
                     f"{' block-scale' if tile.block_scale else ''}{' scales-ahead' if tile.scales_ahead else ''}"
                     f"{f' maxnreg{tile.max_registers}' if tile.max_registers else ''}{f' lora{rank}' if rank else ''}"
-                    f"{' float32-scales' if args.scales == 'float32' else ''}")
+                    f"{' float32-scales' if args.scales == 'float32' else ''}"
+                    f"{' tiled' if args.layout == 'tiled' and tile.kernel_mode == 'mma' else ''}")
             try:
-                c = inspect(tile, args.target, rank, rows, double_quant=args.scales == "nested")
+                c = inspect(tile, args.target, rank, rows, double_quant=args.scales == "nested",
+                            tiled=args.layout == "tiled")
             except Exception as e:  # a tile this target cannot compile: its row says why, the others still run
                 print(f"| {rows} | {name} | does not compile for {args.target}: {type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''} |", flush=True)

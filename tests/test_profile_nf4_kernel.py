@@ -93,9 +93,10 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     # jobs of two shapes and row counts in one pool, as the sweep sends its whole grid
     jobs = [CompileJob(TileConfig(1, 16, 64, 1, 1, 1, "fma"), 1, (256, 256), 64),
             CompileJob(TileConfig(8, 16, 128, 1, 1, 1, "mma"), 1, (256, 256), 64),  # K 64 < block_k 128
-            CompileJob(TileConfig(4, 16, 64, 1, 1, 2, "fma"), 3, (48,), 128, 4)]  # with LoRA of rank 4
+            CompileJob(TileConfig(4, 16, 64, 1, 1, 2, "fma"), 3, (48,), 128, 4),  # with LoRA of rank 4
+            CompileJob(TileConfig(8, 16, 64, 1, 1, 1, "mma"), 1, (24,), 128, tiled=True)]  # v22's tiled copies
     done = compile_ahead(jobs, torch.device("cpu"), workers=2)
-    assert done[0] is None and done[2] is None
+    assert done[0] is None and done[2] is None and done[3] is None
     assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")
 
 
