@@ -160,13 +160,15 @@ def _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row, block, blocks
 
 
 @triton.jit
-def _tiled_word(row, it, t, words_per_row, WL: tl.constexpr):
-    """v22: where a lane's first word of W row ``row`` at iteration ``it`` lies in the tiled order
-    (``nf4_matmul.tile_nf4``): of each 16-row tile, iteration by iteration, lane 4g + t's WL words of row g then
-    its WL of row g + 8 (uint32 indices)."""
+def _tiled_word(row, col, words_per_row, WL: tl.constexpr, PARTS: tl.constexpr):
+    """v22: where a lane's first word of W row ``row`` at column ``col`` lies in the tiled order
+    (``nf4_matmul.tile_nf4``): of each 16-row tile, iteration by iteration, lane 4g + t's WL words of row g then its
+    WL of row g + 8 (uint32 indices). The row's part is loop-invariant (hoisted); an iteration adds the column's."""
+    BLOCK_K: tl.constexpr = 32 * WL
     iterations = words_per_row // (4 * WL)
-    lane = (row % 8) * 4 + t
-    return (((row // 16) * iterations + it) * 32 + lane) * (2 * WL) + ((row // 8) % 2) * WL
+    row_part = ((row // 16) * iterations * 32 + (row % 8) * 4) * (2 * WL) + ((row // 8) % 2) * WL
+    # lane column t's column offset in the iteration is t * 8 * WL / PARTS: its words start 2 * WL * t further on
+    return row_part + (col // BLOCK_K) * (64 * WL) + (col % BLOCK_K) * PARTS // 4
 
 
 @triton.jit
@@ -187,10 +189,8 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
     if TILED:
-        it = col.to(tl.uint32) // (32 * WL)
-        t = (col.to(tl.uint32) % (32 * WL)) // (8 * WP)
-        first_g = tl.multiple_of(_tiled_word(row_g.to(tl.uint32), it, t, words_per_row, WL), CW)
-        first_h = tl.multiple_of(_tiled_word(row_h.to(tl.uint32), it, t, words_per_row, WL), CW)
+        first_g = tl.multiple_of(_tiled_word(row_g.to(tl.uint32), col.to(tl.uint32), words_per_row, WL, PARTS), CW)
+        first_h = tl.multiple_of(_tiled_word(row_h.to(tl.uint32), col.to(tl.uint32), words_per_row, WL, PARTS), CW)
     else:
         first_g = tl.multiple_of(row_g * words_per_row + word, WP)
         first_h = tl.multiple_of(row_h * words_per_row + word, WP)
