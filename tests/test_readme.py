@@ -205,3 +205,18 @@ def test_readme_briefs_carry_the_full_tables_figures():
     for row in gen_docs.runsets_brief(results).splitlines()[2:]:
         name, mean = row.split(" | ")[0], row.split(" | ")[2].split(" (")[0]
         assert any(r.startswith(name) and f"| {mean} (" in r for r in sets.splitlines()), row
+
+
+def test_kernel_profile_table_names_an_ab_arm_beside_the_arm_it_switches(tmp_path):
+    # A/B arms (ours with LoRA and a switch: v20's float32 scales, v22's tiled copies) get a column of their own,
+    # named by the switch, beside the plain ours+lora they are timed against
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    row = dict(layer="down_proj", n=4096, k=14336, rows=8, bandwidth_fraction=0.5)
+    (folder / "20990101T0000Z_h100_nf4-kernel-ab.json").write_text(json.dumps(dict(
+        kind="nf4-kernel-profile", rows=[{**row, "arm": "ours+lora", "time_s": 27.1e-6},
+                                         {**row, "arm": "ours+lora+tiled", "time_s": 24.4e-6}])))
+    gen_docs._tracked.cache_clear()
+    rows = gen_docs.nf4_kernel_profile(tmp_path).splitlines()
+    assert "| ours+lora, A/B arm |" in rows[0] and len(rows) == 3
+    assert "| 27.1 us (50.0%) |" in rows[2] and "| 24.4 us (50.0%) tiled |" in rows[2]

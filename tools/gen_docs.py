@@ -755,10 +755,10 @@ NF4_ARMS = ("ours", "ours+lora", "bitsandbytes", "bitsandbytes+lora", "bf16")
 def nf4_kernel_profile(results: Path) -> str:
     """Kernel time against bytes moved, from bench/profile_nf4_kernel.py files: one row per file, layer shape and
     rows, each arm's time per call and share of the copy bandwidth; where the file swept tiles, the best tile's
-    time (with LoRA where the sweep timed it so); the largest error of ours and bitsandbytes' in bf16 eps of the
-    sum of |x * w|."""
+    time (with LoRA where the sweep timed it so); an A/B arm's (ours with LoRA and a switch: ``ours+lora+NAME``,
+    named by NAME); the largest error of ours and bitsandbytes' in bf16 eps of the sum of |x * w|."""
     rows = ["| file | layer (N x K) | rows | " + " | ".join(NF4_ARMS) + " | ours, best swept tile "
-            "| max error: ours / bitsandbytes |", "|---" * (5 + len(NF4_ARMS)) + "|"]
+            "| ours+lora, A/B arm | max error: ours / bitsandbytes |", "|---" * (6 + len(NF4_ARMS)) + "|"]
 
     def cell(r: dict | None) -> str:
         return f"{r['time_s'] * 1e6:,.1f} us ({_pct(r['bandwidth_fraction'])})" if r else "-"
@@ -776,9 +776,11 @@ def nf4_kernel_profile(results: Path) -> str:
             sweep = arms.get("sweep") or arms.get("sweep+lora")  # tiles timed without LoRA, or with it
             best = (f"{sweep['best_time_s'] * 1e6:,.1f} us ({_pct(sweep['best_bandwidth_fraction'])})"
                     + (" with LoRA" if sweep["arm"] == "sweep+lora" else "") if sweep else "-")
+            switched = "; ".join(f"{cell(r)} {a.removeprefix('ours+lora+')}" for a, r in arms.items()
+                                 if a.startswith("ours+lora+")) or "-"
             rows.append(f"| [{path.name}]({_link(results, path)}) | {layer} ({n} x {k}) | {m} | "
                         + " | ".join(cell(arms.get(a)) for a in NF4_ARMS)
-                        + f" | {best} | {error(arms.get('ours'))} / {error(arms.get('bitsandbytes'))} |")
+                        + f" | {best} | {switched} | {error(arms.get('ours'))} / {error(arms.get('bitsandbytes'))} |")
     return "\n".join(rows)
 
 
