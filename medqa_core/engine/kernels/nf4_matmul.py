@@ -550,10 +550,19 @@ def scale_layout() -> str:
     Raises:
         ValueError: another value.
     """
-    layout = os.environ.get("MEDQA_NF4_SCALES", "nested")
-    if layout not in SCALE_LAYOUTS:
-        raise ValueError(f"MEDQA_NF4_SCALES={layout!r}: choose one of {', '.join(SCALE_LAYOUTS)}")
-    return layout
+    return _ab_switch("MEDQA_NF4_SCALES", SCALE_LAYOUTS)
+
+
+def _ab_switch(name: str, choices: tuple[str, ...]) -> str:
+    """Environment variable ``name``'s value, one of ``choices`` (the first where unset).
+
+    Raises:
+        ValueError: another value, named with the choices.
+    """
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def float32_scales(w: NF4Weight) -> NF4Weight:
@@ -582,10 +591,7 @@ def weight_layout() -> str:
     Raises:
         ValueError: another value.
     """
-    layout = os.environ.get("MEDQA_NF4_LAYOUT", "bitsandbytes")
-    if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"MEDQA_NF4_LAYOUT={layout!r}: choose one of {', '.join(WEIGHT_LAYOUTS)}")
-    return layout
+    return _ab_switch("MEDQA_NF4_LAYOUT", WEIGHT_LAYOUTS)
 
 
 def mma_parts(cfg: TileConfig, blocksize: int) -> int:
