@@ -471,7 +471,7 @@ class TiledNF4:
     (:func:`tile_nf4`), for launches of that shape (``block_k``, and ``parts``: the blocks a lane's words span an
     iteration, :func:`mma_parts`)."""
 
-    packed: torch.Tensor  # uint8 (int32 words): of each 16-row tile, iteration by iteration, lane by lane, its rows'
+    packed: torch.Tensor  # uint8 (int32 words): per 16-row tile and iteration, lane 4g + t's words of row g, then g + 8
     absmax: torch.Tensor  # the absmax (codes): of each 16-row tile, block by block, its 16 rows side by side
     block_k: int
     parts: int
