@@ -257,8 +257,9 @@ def test_256_columns_an_iteration_give_bitsandbytes_within_its_tolerance(tile, n
     (TileConfig(8, 16, 128, 1, 1, 2, "mma", prefetch=True, scales_ahead=True), 40, 1536, True, True, 3),
     # block scale over two blocks an iteration (a lane's words in both), two tiles a warp, scales with the words
     (TileConfig(8, 64, 128, 2, 1, 1, "mma", lookup="prmt", block_scale=True), 72, 512, False, False, 5),
-    # 256 columns (8 words a row, two loads a row), two blocks of 8 x rows; 32 columns (one word a row)
-    (TileConfig(16, 32, 256, 1, 1, 1, "mma", prefetch=True), 32, 512, True, False, 11),
+    # 256 columns (8 words a row, two loads a row), two blocks of 8 x rows (two warps: one warp of two 16-row
+    # tiles at 256 columns took ptxas minutes, and two tiles a warp is the case above); 32 columns (one word a row)
+    (TileConfig(16, 32, 256, 2, 1, 1, "mma", prefetch=True), 32, 512, True, False, 11),
     (TileConfig(8, 16, 32, 1, 1, 3, "mma", scales_ahead=True), 24, 256, True, True, 2)],
     ids=["k128-ahead-split-dq-lora", "block-scale-two-tiles", "k256-x-blocks", "k32-one-word"])
 def test_tiled_copies_give_bitsandbytes_orders_bits(tile, n, k, double_quant, lora, rows) -> None:
