@@ -18,10 +18,13 @@ bf16's eps of the sum of ``|x * w|``, the same bits both times), the three faste
 turn first (``final_round``: the lowest median of three wins); ``--tiles-out`` writes them as the kernel's tile
 table for this device, keeping other devices' entries (``MEDQA_NF4_TILES=FILE`` makes a run use that file).
 ``--sweep-lora`` times each tile with LoRA (rank 16), as an adapted model's decode launches it, and writes entries
-that launches with LoRA take (``"lora": true``), beside those chosen without.
+that launches with LoRA take (``"lora": true``), beside those chosen without. Under ``MEDQA_NF4_LAYOUT=tiled`` (the
+decoder's switch, v22) the sweep times each MMA tile on copies of the weights in that tile's own order, as a
+decoder with the switch reads them, and its trace rows and table entries say so (``"layout": "tiled"``).
 
-Exit codes: 0 done; 2 an unknown option value, or no GPU; 130 stopped by SIGINT (Ctrl-C, or a time limit's
-``timeout --signal=INT``), one line on stderr: the file written so far keeps the layer shapes finished before it.
+Exit codes: 0 done; 2 an unknown option value (``MEDQA_NF4_LAYOUT``'s too), or no GPU; 130 stopped by SIGINT
+(Ctrl-C, or a time limit's ``timeout --signal=INT``), one line on stderr: the file written so far keeps the layer
+shapes finished before it.
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that made it)
@@ -93,6 +96,15 @@ def _segments(weight, sizes: tuple[int, ...]) -> list:
                                          out_features=n))
         row0 += n
     return parts
+
+
+def _tiled(weights: list, cfg) -> list:
+    """Each of ``weights`` (a weight, or a list of sibling segments) with copies in MMA tile ``cfg``'s order (v22,
+    ``tile_nf4``; as it is where that tile reads bitsandbytes' order): what launches of ``cfg`` read in a decoder
+    with ``MEDQA_NF4_LAYOUT=tiled``."""
+    from medqa_core.engine.kernels.nf4_matmul import tile_nf4
+
+    return [[tile_nf4(s, cfg) for s in w] if isinstance(w, list) else tile_nf4(w, cfg) for w in weights]
 
 
 def _time_s(fns: list, rep: int = 60) -> float:
@@ -244,7 +256,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     sweep's, of every shape and row count, compiled first by that many processes at once (:func:`compile_ahead`).
     ``arms``: time only these of ARMS. ``sweep_lora``: the sweep times each tile with LoRA of rank RANK, as decode
     runs an adapted model, and its table entries say so (``"lora": true``; tile_config gives them to launches with
-    LoRA)."""
+    LoRA). Under ``MEDQA_NF4_LAYOUT=tiled`` the sweep times each tile on copies in its own order (:func:`_tiled`)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -256,7 +268,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
         nf4_weight,
         row_bucket,
         tile_config,
-        tile_nf4,
+        weight_layout,
     )
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
@@ -267,6 +279,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
     rows_out = []
     tiles = []  # the sweep's best per (rows bucket, N, K): the kernel's tile table
     arms = list(arms or ARMS)
+    sweep_tiled = sweep and weight_layout() == "tiled"  # the decoder's switch: the sweep times what it will read
     if not once and device.type == "cuda" and compile_workers > 1:
         sizes_of = {layer: SIBLING_SEGMENTS.get(layer, MISTRAL_7B_LAYERS[layer][:1]) for layer in MISTRAL_7B_LAYERS}
         ranks = [rank for arm, rank in (("ours", 0), ("ours+lora", RANK)) if arm in arms]
@@ -276,7 +289,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 for rank, tiled in [(rank, False) for rank in ranks] + [(RANK, True)] * ("ours+lora+tiled" in arms)]
         if sweep:
             jobs += [CompileJob(tile, rows, sizes_of[layer], MISTRAL_7B_LAYERS[layer][1], RANK if sweep_lora else 0,
-                                blocksize)
+                                blocksize, tiled=sweep_tiled)
                      for layer in layers or MISTRAL_7B_LAYERS for rows in rows_list if rows in SWEEP_ROWS
                      for tile in _sweep_tiles(rows, *MISTRAL_7B_LAYERS[layer], device, modes, sweep_lora)]
         jobs = list(dict.fromkeys(jobs))
@@ -317,8 +330,7 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
             lora_args = dict(lora_a=a, lora_b=b, scaling=[2.0] * len(sizes))
             ref_lora, lora_abs = _lora_reference(x, ref, a, b, sizes, 2.0)
             in_use = tile_config(rows, n, k, device, True)  # the tile a launch with LoRA takes (v22 tiles for it)
-            weights_tiled = ([[tile_nf4(s, in_use) for s in w] if isinstance(w, list) else tile_nf4(w, in_use)
-                              for w in weights] if "ours+lora+tiled" in arms else [])
+            weights_tiled = _tiled(weights, in_use) if "ours+lora+tiled" in arms else []
             cases = {
                 "ours": ([lambda w=w: nf4_matmul(x, w) for w in weights], weight_bytes, ref),
                 "ours+lora": ([lambda w=w: nf4_matmul(x, w, **lora_args) for w in weights],
@@ -364,16 +376,18 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 extra, sweep_ref, sweep_abs = (lora_args, ref_lora, lora_abs) if sweep_lora else ({}, ref, None)
 
                 def time_tile(cfg) -> float:  # one launch's seconds (a TileConfig's), over the weight copies
-                    return _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg, **extra) for w in weights],
+                    read = _tiled(weights, cfg) if sweep_tiled else weights  # copies in cfg's order, for its time
+                    return _time_s([lambda cfg=cfg, w=w: nf4_matmul(x, w, config=cfg, **extra) for w in read],
                                    rep=25)
 
                 for cfg in _sweep_tiles(rows, n, k, device, modes, sweep_lora):
                     try:
-                        first = nf4_matmul(x, weights[0], config=cfg, **extra)
+                        read = _tiled(weights[:1], cfg)[0] if sweep_tiled else weights[0]
+                        first = nf4_matmul(x, read, config=cfg, **extra)
                         # The summation-order bound (stays meaningful where sums cancel), and the same bits on a
                         # second call: a split-K reduction that raced would fail one or the other.
                         error = _abs_sum_eps(first, sweep_ref, x, dense, sweep_abs)
-                        repeats = torch.equal(first, nf4_matmul(x, weights[0], config=cfg, **extra))
+                        repeats = torch.equal(first, nf4_matmul(x, read, config=cfg, **extra))
                         if error > 1.0 or not repeats:
                             raise ArithmeticError(f"error {error:.2f} eps of sum |x*w|, repeats {repeats}")
                         seconds = time_tile(cfg)
@@ -390,11 +404,12 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
                 best, best_s, final = _final_round(timed, time_tile)
                 for cfg, seconds in final.items():
                     print(f"  final {seconds * 1e6:8.1f} us  {cfg}", flush=True)
+                layout = {"layout": "tiled"} if sweep_tiled else {}  # timed on copies in each tile's order
                 tiles.append(dict(rows=row_bucket(rows), n=n, k=k, config=dataclasses.asdict(best),
-                                  **({"lora": True} if sweep_lora else {})))
+                                  **({"lora": True} if sweep_lora else {}), **layout))
                 swept_bytes = weight_bytes + io_bytes + (lora_bytes if sweep_lora else 0)
                 rows_out.append(dict(layer=layer, n=n, k=k, rows=rows, arm="sweep+lora" if sweep_lora else "sweep",
-                                     chosen=dataclasses.asdict(chosen),
+                                     **layout, chosen=dataclasses.asdict(chosen),
                                      best=dataclasses.asdict(best), best_time_s=best_s,
                                      best_bandwidth_fraction=swept_bytes / best_s / bandwidth,
                                      tried=[dict(config=dataclasses.asdict(c), time_s=t) for c, t in timed],
@@ -469,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--lora-min-chunk: {args.lora_min_chunk} columns; at least 16 (a LoRA program's smallest load)")
     if set(modes or ()) - set(MODES):
         parser.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}; choose among {', '.join(MODES)}")
+    from medqa_core.engine.kernels.nf4_matmul import weight_layout
+
+    try:
+        weight_layout()  # MEDQA_NF4_LAYOUT, read again by the sweep: a wrong value is refused before anything runs
+    except ValueError as e:
+        parser.error(str(e))
     if not torch.cuda.is_available():
         print("profile_nf4_kernel: needs a CUDA or ROCm GPU (the CPU interpreter's times mean nothing)",
               file=sys.stderr)

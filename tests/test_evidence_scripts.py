@@ -119,6 +119,27 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
         ("bitsandbytes", "nf4-decode-bitsandbytes-attn-triton")]
 
 
+def test_sweep_layout_sets_the_sweeps_weight_layout_only(tmp_path):
+    # SWEEP_LAYOUT=tiled: the sweep (and only it) runs under MEDQA_NF4_LAYOUT=tiled, so it times each tile on copies
+    # in that tile's order; unset, the sweep reads bitsandbytes' order
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"$MEDQA_NF4_LAYOUT $*\" >> {calls}\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "ARMS": "triton"}
+    env.pop("MEDQA_NF4_LAYOUT", None)
+    for layout, want in (("tiled", "tiled"), (None, "bitsandbytes")):
+        calls.unlink(missing_ok=True)
+        run_env = {**env, "SWEEP_LAYOUT": layout} if layout else env
+        done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "sweep", "bench"], cwd=ROOT, timeout=60,
+                              env=run_env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs = {("sweep" if "profile_nf4_kernel.py" in line else "bench"): line.split()[0]
+                for line in calls.read_text().splitlines()}
+        assert runs == {"sweep": want, "bench": "bitsandbytes"}, layout
+
+
 def test_the_nsight_step_profiles_the_layers_and_rows_asked(tmp_path):
     # An ncu on PATH that records what it was asked to run, in place of NVIDIA's
     fake = tmp_path / "bin" / "ncu"

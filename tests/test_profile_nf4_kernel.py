@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,51 @@ def test_an_unknown_mode_is_named_with_the_choices(tmp_path):
     assert done.returncode == 2
     assert "--modes: unknown wmma; choose among mma, gemv, fma, dot, dot_swap" in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_unknown_weight_layout_is_named_with_the_choices(tmp_path):
+    # the sweep reads the decoder's switch: a wrong value is one line, exit 2, before anything runs
+    env = {**os.environ, "MEDQA_NF4_LAYOUT": "marlin"}
+    done = subprocess.run([sys.executable, "bench/profile_nf4_kernel.py", "--out", str(tmp_path / "x.json"), "--sweep"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert "MEDQA_NF4_LAYOUT='marlin': choose one of bitsandbytes, tiled" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_the_sweeps_tiled_copies_are_each_tiles_own_order():
+    # Under MEDQA_NF4_LAYOUT=tiled the sweep times each tile on copies in that tile's order: a weight and sibling
+    # segments alike get copies a launch of that tile reads (bitsandbytes' copy zeroed, its bits stay), another
+    # tile's order gives other bytes, and a tile of another mode reads bitsandbytes' order (no copy).
+    import bitsandbytes as bnb
+    import pytest
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_nf4_kernel import _segments, _tiled
+
+    from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, k = (32, 32), 512  # each segment whole groups of the double-quantized scales (256 blocks), as the 7B's
+    w = (torch.randn(sum(sizes), k, generator=gen) * 0.02).bfloat16()
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    whole = nf4_weight(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True))
+    x = torch.randn(3, k, generator=gen).bfloat16()
+    tile, other = TileConfig(8, 16, 128, 1, 1, 1, "mma"), TileConfig(8, 16, 64, 1, 1, 1, "mma")
+    want = [nf4_matmul(x, whole, config=tile), nf4_matmul(x, _segments(whole, sizes), config=tile)]
+    read = _tiled([whole, _segments(whole, sizes)], tile)
+    assert read[0].tiled is not None and all(s.tiled is not None for s in read[1])
+    assert not torch.equal(read[0].tiled.packed, _tiled([whole], other)[0].tiled.packed)
+    for v in [read[0], *read[1]]:
+        v.packed.zero_()  # the launches below can only have read the tiled copies
+    assert torch.equal(nf4_matmul(x, read[0], config=tile), want[0])
+    assert torch.equal(nf4_matmul(x, read[1], config=tile), want[1])
+    fma = TileConfig(2, 16, 64, 1, 1, 1, "fma")
+    assert _tiled([whole], fma)[0] is whole
 
 
 def test_an_unknown_arm_is_named_with_the_choices(tmp_path):

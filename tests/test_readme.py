@@ -220,3 +220,17 @@ def test_kernel_profile_table_names_an_ab_arm_beside_the_arm_it_switches(tmp_pat
     rows = gen_docs.nf4_kernel_profile(tmp_path).splitlines()
     assert "| ours+lora, A/B arm |" in rows[0] and len(rows) == 3
     assert "| 27.1 us (50.0%) |" in rows[2] and "| 24.4 us (50.0%) tiled |" in rows[2]
+
+
+def test_kernel_profile_table_says_a_sweep_timed_tiled_copies(tmp_path):
+    # a sweep under MEDQA_NF4_LAYOUT=tiled timed each tile on copies in its own order: its best says so
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    row = dict(layer="down_proj", n=4096, k=14336, rows=1, best_time_s=22.0e-6, best_bandwidth_fraction=0.5)
+    for name, layout in (("a", {}), ("b", {"layout": "tiled"})):
+        (folder / f"20990101T0000Z_h100_nf4-kernel-sweep-{name}.json").write_text(json.dumps(dict(
+            kind="nf4-kernel-profile", rows=[{**row, "arm": "sweep+lora", **layout}])))
+    gen_docs._tracked.cache_clear()
+    rows = gen_docs.nf4_kernel_profile(tmp_path).splitlines()[2:]
+    assert "| 22.0 us (50.0%) with LoRA |" in rows[0]
+    assert "| 22.0 us (50.0%) with LoRA, tiled copies |" in rows[1]

@@ -775,7 +775,8 @@ def nf4_kernel_profile(results: Path) -> str:
         for (layer, n, k, m), arms in by_case.items():
             sweep = arms.get("sweep") or arms.get("sweep+lora")  # tiles timed without LoRA, or with it
             best = (f"{sweep['best_time_s'] * 1e6:,.1f} us ({_pct(sweep['best_bandwidth_fraction'])})"
-                    + (" with LoRA" if sweep["arm"] == "sweep+lora" else "") if sweep else "-")
+                    + (" with LoRA" if sweep["arm"] == "sweep+lora" else "")
+                    + (", tiled copies" if sweep.get("layout") == "tiled" else "") if sweep else "-")
             switched = "; ".join(f"{cell(r)} {a.removeprefix('ours+lora+')}" for a, r in arms.items()
                                  if a.startswith("ours+lora+")) or "-"
             rows.append(f"| [{path.name}]({_link(results, path)}) | {layer} ({n} x {k}) | {m} | "

@@ -736,7 +736,9 @@ class TileConfig:
 # Tiles measured best by bench/profile_nf4_kernel.py --sweep, per device name: a JSON list of
 # {"rows": bucket, "n": N, "k": K, "config": {...}}; "split_k" and "mode" may be absent (1 and None). An entry
 # with "lora": true was timed with LoRA (--sweep-lora), and is the one a launch with LoRA takes: the best tile
-# without LoRA was not the best with it (gate+up at one row, session 46). MEDQA_NF4_TILES names another file.
+# without LoRA was not the best with it (gate+up at one row, session 46). An entry with "layout": "tiled" was
+# timed on copies in its tile's order (the sweep under MEDQA_NF4_LAYOUT=tiled); a launch takes it in either order.
+# MEDQA_NF4_TILES names another file.
 TUNED_TILES = Path(__file__).with_name("nf4_tiles.json")
 
 # Warps to aim for per multiprocessor (SM / CU) when the default tile splits K (four programs of four warps): enough
