@@ -260,8 +260,11 @@ def test_256_columns_an_iteration_give_bitsandbytes_within_its_tolerance(tile, n
     # 256 columns (8 words a row, two loads a row), two blocks of 8 x rows (two warps: one warp of two 16-row
     # tiles at 256 columns took ptxas minutes, and two tiles a warp is the case above); 32 columns (one word a row)
     (TileConfig(16, 32, 256, 2, 1, 1, "mma", prefetch=True), 32, 512, True, False, 11),
-    (TileConfig(8, 16, 32, 1, 1, 3, "mma", scales_ahead=True), 24, 256, True, True, 2)],
-    ids=["k128-ahead-split-dq-lora", "block-scale-two-tiles", "k256-x-blocks", "k32-one-word"])
+    (TileConfig(8, 16, 32, 1, 1, 3, "mma", scales_ahead=True), 24, 256, True, True, 2),
+    # two tiles a warp, the second wholly past N (48): its lanes' rows clamp to row 47, of the h half, and read
+    # words of the last tile (one base a lane: row g + 8's words after row g's)
+    (TileConfig(8, 32, 128, 1, 1, 1, "mma"), 48, 512, True, False, 2)],
+    ids=["k128-ahead-split-dq-lora", "block-scale-two-tiles", "k256-x-blocks", "k32-one-word", "tile-past-n"])
 def test_tiled_copies_give_bitsandbytes_orders_bits(tile, n, k, double_quant, lora, rows) -> None:
     # v22: the words and absmax copied into the tile's read order are a permutation of bitsandbytes' (nothing
     # decoded), and a launch that reads them gives every bit the launch over bitsandbytes' order gives. With

@@ -189,8 +189,12 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
     if TILED:
-        first_g = tl.multiple_of(_tiled_word(row_g.to(tl.uint32), col.to(tl.uint32), words_per_row, WL, PARTS), CW)
-        first_h = tl.multiple_of(_tiled_word(row_h.to(tl.uint32), col.to(tl.uint32), words_per_row, WL, PARTS), CW)
+        # One base a lane: row g + 8's words follow row g's. ``& ~8`` keeps a row clamped to N - 1 (a lane past N,
+        # whose results are not stored) on a g row of the last tile, so its h words are that tile's, in bounds;
+        # past N inside the tile lie the copy's zero rows.
+        row_w = row_g.to(tl.uint32) & 0xFFFFFFF7
+        first_g = tl.multiple_of(_tiled_word(row_w, col.to(tl.uint32), words_per_row, WL, PARTS), CW)
+        first_h = first_g + WL
     else:
         first_g = tl.multiple_of(row_g * words_per_row + word, WP)
         first_h = tl.multiple_of(row_h * words_per_row + word, WP)
