@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -144,6 +146,65 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     done = compile_ahead(jobs, torch.device("cpu"), workers=2)
     assert done[0] is None and done[2] is None and done[3] is None
     assert done[1].startswith("ValueError: nf4_matmul: mode 'mma' cannot run here: K 64 is not a multiple")
+
+
+INTERRUPTED_COMPILE = """
+import sys, threading, torch
+from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
+from medqa_core.engine.kernels.nf4_matmul import TileConfig
+jobs = [CompileJob(TileConfig(1, 16, 64, 1, 1, 1, "fma"), 1, (4096,), 4096)] * 3  # minutes under the interpreter
+result, finished = {}, threading.Event()
+
+
+def run():
+    result["done"] = compile_ahead(jobs, torch.device("cpu"), 2)
+    finished.set()
+
+
+if __name__ == "__main__":  # not in the spawned workers
+    try:
+        if sys.argv[1] == "thread":  # as StaticDecoder compiles ahead while it traces
+            threading.Thread(target=run, daemon=True).start()
+            finished.wait()
+        else:  # as the profile script does
+            compile_ahead(jobs, torch.device("cpu"), 2)
+    except KeyboardInterrupt:
+        finished.wait(60 if sys.argv[1] == "thread" else 0)  # (a join interrupted once may not wait again)
+        print("interrupted;", result.get("done", ["in the main thread"])[0][:60], file=sys.stderr)
+        sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("caller", ["thread", "main"])
+def test_a_sigint_during_compile_ahead_leaves_no_traceback_and_no_worker(caller):
+    # A real SIGINT to the whole process group (a terminal's Ctrl-C; a time limit's): the workers end at once and
+    # print nothing; a compiling thread ends with the pool reported broken, the main thread's handler says its line
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_COMPILE, caller], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    deadline = time.monotonic() + 120
+    workers = []
+    while len(workers) < 2 or min(w.cpu_times().user for w in workers) < 5:  # past their start, in a job
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.5)
+        try:
+            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if "resource_tracker" not in " ".join(c.cmdline())]
+        except psutil.NoSuchProcess:
+            workers = []
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    want = "compile ahead: BrokenProcessPool" if caller == "thread" else "in the main thread"
+    assert stderr.strip().splitlines()[-1].startswith(f"interrupted; {want}"), stderr[-2000:]
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
 def test_a_lora_chunk_too_small_to_load_is_refused(tmp_path):

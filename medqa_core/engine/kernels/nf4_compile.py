@@ -13,6 +13,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
+import signal
 
 import torch
 
@@ -82,14 +84,30 @@ def compile_ahead(jobs: list[CompileJob], device: torch.device, workers: int,
 
     args = [(dataclasses.asdict(j), kernels.LORA_MIN_CHUNK, str(device)) for j in jobs]
     pool = concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(args))),
-                                                  mp_context=multiprocessing.get_context("spawn"))
+                                                  mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_exit_on_sigint)
     try:
         done = list(pool.map(_compile, args, timeout=timeout_s))
         pool.shutdown()
         return done
-    except Exception as e:  # a broken or slow pool costs its head start, never the run
-        # no worker left compiling and launching while the caller times its kernels (the executor has no public way)
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+    except KeyboardInterrupt:  # the caller's own Ctrl-C: its handler has the one line to say
+        _stop(pool)
+        raise
+    except Exception as e:  # a broken or slow pool (its workers ended by a signal too) costs its head start only
+        _stop(pool)
         return [f"compile ahead: {type(e).__name__}: {str(e)[:200]}"] * len(jobs)
+
+
+def _exit_on_sigint() -> None:
+    """A worker's SIGINT handler. Ctrl-C, or a time limit's SIGINT, reaches the whole process group: a worker
+    ends at once, with no traceback (an idle one would print its KeyboardInterrupt's), and the pool then reports
+    itself broken to the caller, which goes on without the head start."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
+def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """No worker left compiling and launching while the caller times its kernels (the executor has no public
+    way)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
