@@ -189,15 +189,15 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
     word = col.to(tl.uint32) // 8
     block = col.to(tl.uint32) // BLOCKSIZE
     if TILED:
-        # One base a lane: row g + 8's words follow row g's. ``& ~8`` keeps a row clamped to N - 1 (a lane past N,
-        # whose results are not stored) on a g row of the last tile, so its h words are that tile's, in bounds;
-        # past N inside the tile lie the copy's zero rows.
+        # One base a lane: row g + 8's words follow row g's, WL words on (a constant off one pointer, not a second
+        # address). ``& ~8`` keeps a row clamped to N - 1 (a lane past N, whose results are not stored) on a g row
+        # of the last tile, so its h words are that tile's, in bounds; past N inside the tile lie the copy's zeros.
         row_w = row_g.to(tl.uint32) & 0xFFFFFFF7
-        first_g = tl.multiple_of(_tiled_word(row_w, col.to(tl.uint32), words_per_row, WL, PARTS), CW)
-        first_h = first_g + WL
+        base_g = words_ptr + tl.multiple_of(_tiled_word(row_w, col.to(tl.uint32), words_per_row, WL, PARTS), CW)
+        base_h = base_g + WL
     else:
-        first_g = tl.multiple_of(row_g * words_per_row + word, WP)
-        first_h = tl.multiple_of(row_h * words_per_row + word, WP)
+        base_g = words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)
+        base_h = words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)
     words_g = ()  # WL // CW tensors [lanes, CW]
     words_h = ()
     for c in tl.static_range(WL // CW):
@@ -206,8 +206,8 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
             offs = i[None, :]  # the lane's words in the order they are read
         else:
             offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
-        words_g = words_g + (tl.load(words_ptr + first_g[:, None] + offs),)
-        words_h = words_h + (tl.load(words_ptr + first_h[:, None] + offs),)
+        words_g = words_g + (tl.load(base_g[:, None] + offs),)
+        words_h = words_h + (tl.load(base_h[:, None] + offs),)
     if SCALES:
         rg = row_g.to(tl.uint32)
         rh = row_h.to(tl.uint32)
