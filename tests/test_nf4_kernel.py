@@ -688,11 +688,14 @@ def test_the_decoder_with_scales_decoded_at_load_gives_bitsandbytes_tokens(adapt
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter's default tiles are not the MMA mode's, which tiles")
 def test_the_decoder_with_tiled_weights_gives_bitsandbytes_tokens(adapted_4bit_model, monkeypatch) -> None:
-    # v22's A/B switch through StaticDecoder: every launch reads copies in its tile's order, the setup says so, and
-    # greedy tokens are bitsandbytes'.
+    # v22's A/B switch through StaticDecoder: every launch reads copies in its tile's order (the tiled arguments
+    # through the custom op), the setup says so, and greedy tokens are bitsandbytes'.
     monkeypatch.setenv("MEDQA_NF4_LAYOUT", "tiled")
+    if DEVICE == "cpu":  # the interpreter's tiles are the portable modes', which read bitsandbytes' order: an MMA one
+        from medqa_core.engine.kernels import nf4_matmul as kernels
+
+        monkeypatch.setattr(kernels, "tile_config", lambda *args, **kwargs: TileConfig(8, 16, 64, 1, 1, 1, "mma"))
     ids = torch.randint(3, 32000, (3, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ours, setup = _decode(adapted_4bit_model, "triton", ids, 3)
     theirs, bnb_setup = _decode(adapted_4bit_model, "bitsandbytes", ids, 3)
