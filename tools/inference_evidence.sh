@@ -22,7 +22,8 @@
 # modes' tiles; default all), SWEEP_WORKERS (processes compiling the sweep's tiles ahead, default one a CPU),
 # SWEEP_LORA (set: the sweep times its tiles with LoRA, and writes the table's entries for launches with LoRA),
 # SWEEP_LAYOUT (tiled: the sweep times each tile on copies of the weights in that tile's order, as a decoder with
-# MEDQA_NF4_LAYOUT=tiled reads them; its entries say "layout": "tiled"; default: MEDQA_NF4_LAYOUT's, else bitsandbytes'),
+# MEDQA_NF4_LAYOUT=tiled reads them; its entries say "layout": "tiled"; default: MEDQA_NF4_LAYOUT's, else
+# bitsandbytes'),
 # TESTS_K (the tests step's -k expression; default all), NCU_SET (full: the ncu step collects every section, the
 # per-instruction warp stalls too, and prints the report's details and its SASS source page, OUT/ncu-source.csv),
 # PDL_AB (set: the bench runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as
@@ -57,7 +58,8 @@ export MEDQA_NF4_TILES="$OUT/nf4_tiles.json"
 for s in $STEPS; do
     case $s in
     tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
-    sweep) MEDQA_NF4_TILES=none MEDQA_NF4_LAYOUT=${SWEEP_LAYOUT:-${MEDQA_NF4_LAYOUT:-bitsandbytes}} step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
+    sweep) MEDQA_NF4_TILES=none MEDQA_NF4_LAYOUT=${SWEEP_LAYOUT:-${MEDQA_NF4_LAYOUT:-bitsandbytes}} \
+        step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ${SWEEP_LAYERS:+--layers "$SWEEP_LAYERS"} \
         ${SWEEP_MODES:+--modes "$SWEEP_MODES"} ${SWEEP_WORKERS:+--compile-workers "$SWEEP_WORKERS"} \
         ${SWEEP_LORA:+--sweep-lora} ;;

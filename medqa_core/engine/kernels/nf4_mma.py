@@ -196,18 +196,20 @@ def _mma_loads(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_g,
         base_g = words_ptr + tl.multiple_of(_tiled_word(row_w, col.to(tl.uint32), words_per_row, WL, PARTS), CW)
         base_h = base_g + WL
     else:
-        base_g = words_ptr + tl.multiple_of(row_g * words_per_row + word, WP)
-        base_h = words_ptr + tl.multiple_of(row_h * words_per_row + word, WP)
+        first_g = tl.multiple_of(row_g * words_per_row + word, WP)
+        first_h = tl.multiple_of(row_h * words_per_row + word, WP)
     words_g = ()  # WL // CW tensors [lanes, CW]
     words_h = ()
     for c in tl.static_range(WL // CW):
         i = c * CW + tl.arange(0, CW)
         if TILED:
             offs = i[None, :]  # the lane's words in the order they are read
+            at_g, at_h = base_g[:, None] + offs, base_h[:, None] + offs
         else:
             offs = ((i % WP) + (i // WP) * (BLOCKSIZE // 8))[None, :]
-        words_g = words_g + (tl.load(base_g[:, None] + offs),)
-        words_h = words_h + (tl.load(base_h[:, None] + offs),)
+            at_g, at_h = words_ptr + first_g[:, None] + offs, words_ptr + first_h[:, None] + offs
+        words_g = words_g + (tl.load(at_g),)
+        words_h = words_h + (tl.load(at_h),)
     if SCALES:
         rg = row_g.to(tl.uint32)
         rh = row_h.to(tl.uint32)
