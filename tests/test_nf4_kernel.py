@@ -701,6 +701,17 @@ def test_the_decoder_with_tiled_weights_gives_bitsandbytes_tokens(adapted_4bit_m
     theirs, bnb_setup = _decode(adapted_4bit_model, "bitsandbytes", ids, 3)
     launches = TINY["num_hidden_layers"] * 4
     assert setup.nf4_layout.startswith(f"tiled: {launches} of {launches} launches") and bnb_setup.nf4_layout == ""
+    assert " GiB beside bitsandbytes' copy; MEDQA_NF4_LAYOUT=tiled)" in setup.nf4_layout
+    # what the copies hold: every 4-bit weight's packed words and absmax codes once more, rows padded to 16-row tiles
+    import bitsandbytes as bnb
+
+    from medqa_core.engine.kernels.nf4_layers import NF4Swap
+
+    bases = [m for m in adapted_4bit_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    state = bases[0].weight.quant_state
+    want = sum(-(-m.out_features // 16) * 16 * m.in_features * (1 / 2 + state.absmax.element_size() / state.blocksize)
+               for m in bases)
+    assert NF4Swap(adapted_4bit_model, max_rows=3).info.tiled_bytes == want > 0
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
@@ -712,6 +723,7 @@ def test_the_weight_layout_switch_takes_two_values_and_names_a_third(monkeypatch
     assert weight_layout() == "bitsandbytes" and nf4_layout_line(0, 4).startswith("bitsandbytes: ")
     monkeypatch.setenv("MEDQA_NF4_LAYOUT", "tiled")
     assert weight_layout() == "tiled" and nf4_layout_line(3, 4).startswith("tiled: 3 of 4 launches ")
+    assert "(1.50 GiB beside bitsandbytes' copy; " in nf4_layout_line(3, 4, 3 * 2**29)
     monkeypatch.setenv("MEDQA_NF4_LAYOUT", "marlin")
     with pytest.raises(ValueError, match="MEDQA_NF4_LAYOUT='marlin': choose one of bitsandbytes, tiled"):
         weight_layout()

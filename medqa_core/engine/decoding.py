@@ -220,14 +220,16 @@ def nf4_scales_line() -> str:
     return "nested: bitsandbytes' double-quantized absmax, decoded in the K loop"
 
 
-def nf4_layout_line(tiled_launches: int, launches: int) -> str:
+def nf4_layout_line(tiled_launches: int, launches: int, tiled_bytes: int = 0) -> str:
     """Where our kernel's launches read the packed weights (``MEDQA_NF4_LAYOUT``, v22's A/B switch), with how many
-    of the step's ``launches`` read tiled copies: the line the result files record."""
+    of the step's ``launches`` read tiled copies and what the copies hold (``tiled_bytes``, beside bitsandbytes'
+    own): the line the result files record."""
     from medqa_core.engine.kernels.nf4_matmul import weight_layout
 
     if weight_layout() == "tiled":
         return (f"tiled: {tiled_launches} of {launches} launches read copies in their MMA tile's order, made as the "
-                f"layers were swapped in (MEDQA_NF4_LAYOUT=tiled)")
+                f"layers were swapped in ({tiled_bytes / 2**30:.2f} GiB beside bitsandbytes' copy; "
+                f"MEDQA_NF4_LAYOUT=tiled)")
     return "bitsandbytes: its packed weights, read in place"
 
 
@@ -318,7 +320,8 @@ class StaticDecoder:
             nf4_modes=self._swap.modes(batch) if self._swap else "", decode_attention=attention_name,
             decode_attention_why=attention_why, pdl=pdl, inductor_tuning=tuning,
             nf4_scales=nf4_scales_line() if self._swap else "",
-            nf4_layout=nf4_layout_line(self._swap.info.tiled_launches, self._swap.info.launches) if self._swap else "")
+            nf4_layout=nf4_layout_line(self._swap.info.tiled_launches, self._swap.info.launches,
+                                       self._swap.info.tiled_bytes) if self._swap else "")
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "

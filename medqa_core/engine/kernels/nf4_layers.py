@@ -226,6 +226,7 @@ class SwapInfo:
     max_rows: int
     launches: int  # our kernel's launches a forward: sibling layers (q/k/v, gate/up) share one
     tiled_launches: int = 0  # of which read tiled copies of their weights (v22, MEDQA_NF4_LAYOUT=tiled)
+    tiled_bytes: int = 0  # the copies' bytes on the device, beside bitsandbytes' own (which prefill reads)
 
 
 class NF4Swap:
@@ -267,7 +268,10 @@ class NF4Swap:
         lora = sum(len(group.sizes) for group in self._groups if group.lora_a is not None)
         self.info = SwapInfo(kernel="triton-nf4 (medqa_core.engine.kernels)", layers=len(self._slots), lora_layers=lora,
                              max_rows=max_rows, launches=len(self._groups),
-                             tiled_launches=sum(group.weights[0].tiled is not None for group in self._groups))
+                             tiled_launches=sum(group.weights[0].tiled is not None for group in self._groups),
+                             tiled_bytes=sum(t.numel() * t.element_size() for group in self._groups
+                                             for w in group.weights if w.tiled
+                                             for t in (w.tiled.packed, w.tiled.absmax)))
 
     def compile_jobs(self, rows: int) -> list[CompileJob]:
         """The distinct launches a forward of ``rows`` rows makes (one per shape: the 7B's 128 launches are four),
