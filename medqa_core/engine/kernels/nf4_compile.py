@@ -78,8 +78,9 @@ def compile_ahead(jobs: list[CompileJob], device: torch.device, workers: int,
                   timeout_s: float = 600.0) -> list[str | None]:
     """Every job's kernel compiled by ``workers`` spawned processes at once into Triton's on-disk cache. All the
     jobs go to one pool: a pool per shape paid its processes' start each time (session 43: 56-58 s each for 29
-    tiles on 8 processes). One line per job, None where it compiled; a pool that fails or outlasts ``timeout_s``
-    is reported and left (the launches compile what is missing)."""
+    tiles on 8 processes). One line per job, None where it compiled; a pool that fails (its workers ended by a
+    SIGINT too) or outlasts ``timeout_s`` is reported and left (the launches compile what is missing). A
+    KeyboardInterrupt of the calling thread stops the workers and is raised again, for the caller's handler."""
     from medqa_core.engine.kernels import nf4_matmul as kernels
 
     args = [(dataclasses.asdict(j), kernels.LORA_MIN_CHUNK, str(device)) for j in jobs]
