@@ -135,7 +135,8 @@ def _decode(benchmark: Any, case: Any, models: Any, prompt_ids: Callable[[int], 
                 rounds, ttft = _time_decode(case, bench_options,
                                             lambda n: _static_decode(decoder, ids, n, session.attention,
                                                                                      session.numerics))
-                # Graphs compiled in this case (a failed graph attempt's included): 1 when all went well.
+                # Graphs compiled in this case (a failed graph attempt's included): when all went well, 1 (the
+                # step), 2 where the decoder compiled its prefill too (its setup's ``prefill`` line).
                 counts = {k: v - counts_before[k] for k, v in _dynamo_counts().items()}
                 step_profile, step_profile_error = _profile_decode_step(decoder, ids, new_tokens, session.attention,
                                                                         session.numerics, device)

@@ -184,7 +184,8 @@ def add_options(parser: pytest.Parser) -> None:
                 help="4-bit kernels of the compiled decode case, one arm each: triton (ours, "
                      "medqa_core.engine.kernels), bitsandbytes (default: both on a GPU, bitsandbytes on CPU); "
                      "ours' A/B switches, recorded in each case: MEDQA_PDL=0, MEDQA_INDUCTOR_TUNING=1, "
-                     "MEDQA_NF4_SCALES=float32, MEDQA_NF4_LAYOUT=tiled (docs/decode.md)")
+                     "MEDQA_NF4_SCALES=float32, MEDQA_NF4_LAYOUT=tiled; either arm's: MEDQA_PREFILL=eager "
+                     "(docs/decode.md)")
     g.addoption("--decode-attention", default="auto", metavar="NAMES",
                 help="attentions of the compiled decode steps, comma-separated, one arm each (several: the case "
                      "names end in attn-NAME): triton (ours, one-token split-key kernel), model (the model's own, "

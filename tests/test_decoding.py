@@ -7,7 +7,7 @@ import torch
 from conftest import TINY
 
 from medqa_core.engine.config import PRESET_COMMON
-from medqa_core.engine.decoding import StaticDecoder, inductor_tuning, static_cache
+from medqa_core.engine.decoding import StaticDecoder, inductor_tuning, prefill_choice, static_cache
 
 # Mistral-7B-v0.1 has a 4,096-token sliding window; a window of 64 puts the test's prompt + new tokens inside it.
 WINDOW = 64
@@ -66,6 +66,47 @@ def test_static_decoder_gives_the_eager_tokens_from_one_graph(batch) -> None:
     torch.testing.assert_close(decoder.generate(ids, 1), eager[:, :1], rtol=0, atol=0)  # prefill only
 
 
+def test_a_compiled_prefill_gives_the_eager_tokens_and_other_lengths_run_eagerly(monkeypatch) -> None:
+    # MEDQA_PREFILL=compiled on CPU: the path a GPU takes by default, less its graph
+    monkeypatch.setenv("MEDQA_PREFILL", "compiled")
+    model = _fp32_model("cpu")
+    ids, ids2 = torch.randint(3, PRESET_COMMON["vocab_size"], (2, 2, PROMPT))  # two prompts [B, T]
+    shorter = ids[:, : PROMPT - 5].clone()
+    eager, eager2, eager_shorter = (_eager_tokens(model, p) for p in (ids, ids2, shorter))
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, batch=2, max_len=PROMPT + NEW, use_graph=True)
+    assert decoder.setup.prefill.startswith("compiled: once for the first prompt's length")
+    before = _graphs()
+    first, second = decoder.generate(ids, NEW), decoder.generate(ids2, NEW)
+    assert _graphs() - before == 2  # the step and the prefill, each compiled once
+    other = decoder.generate(shorter, NEW)  # another length: an eager prefill, nothing compiled
+    assert _graphs() - before == 2
+    for tokens, expected in ((first, eager), (second, eager2), (other, eager_shorter),
+                             (decoder.generate(ids, 1), eager[:, :1])):
+        torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "env", "compiled"), [("cpu", None, False), ("cpu", "", False),
+                                                         ("cpu", "compiled", True), ("cuda", None, True),
+                                                         ("cuda", "", True), ("cuda", "eager", False)])
+def test_the_prefill_is_compiled_on_a_gpu_or_when_asked(device, env, compiled, monkeypatch) -> None:
+    if env is None:
+        monkeypatch.delenv("MEDQA_PREFILL", raising=False)
+    else:
+        monkeypatch.setenv("MEDQA_PREFILL", env)
+    on, line = prefill_choice(torch.device(device), graph=device == "cuda")
+    assert on is compiled and line.startswith("compiled: " if compiled else "eager: ")
+    assert ("CUDA graph" in line or "HIP graph" in line) if device == "cuda" and compiled else "graph)" not in line
+    if env == "eager":  # the line compare.inference reads as an A/B arm
+        assert line == "eager: MEDQA_PREFILL=eager"
+
+
+def test_an_unknown_prefill_choice_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("MEDQA_PREFILL", "graph")
+    with pytest.raises(ValueError, match="MEDQA_PREFILL='graph': choose one of compiled, eager"):
+        StaticDecoder(_fp32_model("cpu"), batch=1, max_len=PROMPT + NEW, use_graph=False)
+
+
 def test_a_step_alone_continues_the_prefill_and_stops_at_the_cache_end() -> None:
     # StaticDecoder.step is what the bench profiles: the same tokens as generate, one at a time
     model = _fp32_model("cpu")
@@ -100,16 +141,21 @@ def test_static_decoder_warns_beyond_the_sliding_window(caplog) -> None:
     assert "exceeds the 64-token sliding window" in caplog.text and "recompile every step" in caplog.text
 
 
-def test_static_decoder_runs_the_qlora_model(tiny_session) -> None:
-    # bitsandbytes' 4-bit matmul is a registered custom op, so it stays inside the compiled step.
+@pytest.mark.parametrize("prefill", ["eager", "compiled"])
+def test_static_decoder_runs_the_qlora_model(tiny_session, prefill, monkeypatch) -> None:
+    # bitsandbytes' 4-bit matmul is a registered custom op, so it stays inside the compiled step (and prefill).
+    monkeypatch.setenv("MEDQA_PREFILL", prefill)
     torch._dynamo.reset()
     ids = torch.randint(3, PRESET_COMMON["vocab_size"], (1, PROMPT))
     before = _graphs()
     decoder = StaticDecoder(tiny_session.model, batch=1, max_len=PROMPT + NEW, use_graph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = decoder.generate(ids, NEW)
+        again = decoder.generate(ids, NEW)
     assert tokens.shape == (1, NEW) and int(tokens.min()) >= 0 and int(tokens.max()) < PRESET_COMMON["vocab_size"]
-    assert _graphs() - before == 1
+    torch.testing.assert_close(again, tokens, rtol=0, atol=0)
+    assert _graphs() - before == (2 if prefill == "compiled" else 1)
+    assert decoder.setup.prefill.startswith(prefill)
 
 
 @pytest.mark.parametrize(("device", "env", "on"), [("cpu", "1", False), ("cuda", None, False), ("cuda", "0", False),
@@ -135,6 +181,7 @@ def test_static_decoder_replays_one_graph_on_a_gpu(batch, tuning, monkeypatch) -
     decoder = StaticDecoder(model, batch=batch, max_len=PROMPT + NEW, use_graph=True)
     first, again = decoder.generate(ids, NEW), decoder.generate(ids, NEW)
     assert decoder.setup.graph == ("HIP graph" if torch.version.hip else "CUDA graph")
+    assert decoder.setup.prefill.startswith("compiled: ") and decoder._prefill_graph is not None  # replayed again
     assert decoder.setup.inductor_tuning.startswith("on: " if tuning == "1" else "off: ")
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
     torch.testing.assert_close(again, eager, rtol=0, atol=0)

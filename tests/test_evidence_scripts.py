@@ -117,6 +117,10 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
     assert _bench_runs(tmp_path, {**env, "LAYOUT_AB": "1"}, "MEDQA_NF4_LAYOUT") == [
         ("tiled", "nf4-decode-triton-attn-triton-tiled"), ("bitsandbytes", "nf4-decode-triton-attn-triton"),
         ("bitsandbytes", "nf4-decode-bitsandbytes-attn-triton")]
+    # PREFILL_AB: our arm first with the decoder's prefill eager, then as the caller asked; the others once
+    assert _bench_runs(tmp_path, {**env, "PREFILL_AB": "1", "MEDQA_PREFILL": "compiled"}, "MEDQA_PREFILL") == [
+        ("eager", "nf4-decode-triton-attn-triton-eager-prefill"), ("compiled", "nf4-decode-triton-attn-triton"),
+        ("compiled", "nf4-decode-bitsandbytes-attn-triton")]
 
 
 def test_sweep_layout_sets_the_sweeps_weight_layout_only(tmp_path):

@@ -186,3 +186,24 @@ def test_a_case_with_the_scales_decoded_at_load_is_an_ab_arm(tmp_path):
     assert {r.switch for r in inference_rows(read_bench_file(arm))} == {"MEDQA_NF4_SCALES=float32"}
     rows = newest_inference_rows([read_bench_file(p) for p in (default, arm)])
     assert {Path(r.path).name for r in rows} == {default.name}
+
+
+def test_a_compiled_prefill_gives_the_rows_prefill_rate_and_eager_is_an_ab_arm(tmp_path):
+    # MEDQA_PREFILL (medqa_core.engine.decoding.prefill_choice's lines): a decoder that compiled its prefill gives
+    # its own prompt tokens over its time to first token; one run with the prefill eager is an A/B arm
+    default = BENCH / "0063_h100-cuda-nf4-decode-v22-bitsandbytes-order-triton.json"
+    eager_rows = inference_rows(read_bench_file(default))  # before MEDQA_PREFILL: the file's eager prefill case
+    data = json.loads(default.read_text())
+    assert [r.prefill for r in eager_rows] == ["eager"] * len(eager_rows)
+    assert [r.prefill_tokens_per_s for r in eager_rows] == [
+        b["extra_info"]["prefill_tokens_per_s"] for r in eager_rows for b in data["benchmarks"]
+        if b["name"] == f"test_prefill[sdpa-batch{r.batch}]"]
+    for line, name in (("compiled: once for the first prompt's length, replayed as a CUDA graph (other lengths run "
+                        "eagerly)", "0099_compiled.json"), ("eager: MEDQA_PREFILL=eager", "0100_eager.json")):
+        for b in data["benchmarks"]:
+            b["extra_info"]["prefill"] = line
+        (tmp_path / name).write_text(json.dumps(data))
+    compiled = inference_rows(read_bench_file(tmp_path / "0099_compiled.json"))
+    assert [r.prefill for r in compiled] == ["compiled"] * len(compiled) and compiled
+    assert all(r.prefill_tokens_per_s == r.batch * 256 / r.ttft_s for r in compiled)
+    assert {r.switch for r in inference_rows(read_bench_file(tmp_path / "0100_eager.json"))} == {"MEDQA_PREFILL=eager"}

@@ -646,14 +646,15 @@ def decode_table(results: Path) -> str:
 
 def inference_table(results: Path) -> str:
     """What a buyer reads: per device the newest bench run that timed our NF4 kernel beside bitsandbytes', per
-    kernel and batch: time to first token, prefill and decode tokens/s, the share of the decode roofline and
-    joules per token (rows: medqa_core.compare.inference, which the parity report reads too)."""
-    rows = ["| device | 4-bit kernel | batch | time to first token | prefill tokens/s | decode tokens/s "
-            "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|"]
+    kernel and batch: how the prefill ran (eager or compiled), time to first token, prefill and decode tokens/s,
+    the share of the decode roofline and joules per token (rows: medqa_core.compare.inference, which the parity
+    report reads too)."""
+    rows = ["| device | 4-bit kernel | batch | prefill | time to first token | prefill tokens/s | decode tokens/s "
+            "| of roofline | joules/token | file |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in newest_inference_rows(_bench(p) for p in result_files(results, "bench/*/*.json")):
         path = Path(r.path)
         rows.append(
-            f"| {r.device} | {r.kernel_name} | {r.batch} "
+            f"| {r.device} | {r.kernel_name} | {r.batch} | {r.prefill} "
             f"| {f'{r.ttft_s * 1e3:,.0f} ms' if r.ttft_s else '-'} "
             f"| {f'{r.prefill_tokens_per_s:,.0f}' if r.prefill_tokens_per_s else '-'} "
             f"| {r.decode_tokens_per_s:,.0f} | {_pct(r.roofline_fraction)} "

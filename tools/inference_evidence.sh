@@ -29,7 +29,9 @@
 # PDL_AB (set: the bench runs our kernel's arm first with programmatic dependent launch off, MEDQA_PDL=0, then as
 # MEDQA_PDL says, on by default, so the A/B is one card's), SCALES_AB (set: likewise first with the block scales
 # decoded at load, MEDQA_NF4_SCALES=float32; the files' names end in -float32-scales), LAYOUT_AB (set: likewise with
-# the weights copied at load into each launch's tile order, MEDQA_NF4_LAYOUT=tiled; names end in -tiled),
+# the weights copied at load into each launch's tile order, MEDQA_NF4_LAYOUT=tiled; names end in -tiled), PREFILL_AB
+# (set: likewise with the decoder's prefill eager, MEDQA_PREFILL=eager, as before it was compiled on a GPU; names end
+# in -eager-prefill),
 # MEDQA_INDUCTOR_TUNING (1:
 # inductor tunes its own kernels of the decode step as it compiles them; the bench files' names end in -tuned),
 # NCU_LAYERS (the ncu step's --layers, default
@@ -85,15 +87,17 @@ for s in $STEPS; do
             [[ ${MEDQA_INDUCTOR_TUNING:-0} == 1 ]] && name+=-tuned
             # PDL_AB: ours once more before, with programmatic dependent launch off (MEDQA_PDL=0), on the same card;
             # SCALES_AB: likewise with the block scales decoded at load (MEDQA_NF4_SCALES=float32); LAYOUT_AB: with the
-            # weights copied at load into the order of each launch's tile (MEDQA_NF4_LAYOUT=tiled)
-            for pass in ${PDL_AB:+off} ${SCALES_AB:+float32} ${LAYOUT_AB:+tiled} asked; do
+            # weights copied at load into the order of each launch's tile (MEDQA_NF4_LAYOUT=tiled); PREFILL_AB: with
+            # the decoder's prefill eager (MEDQA_PREFILL=eager)
+            for pass in ${PDL_AB:+off} ${SCALES_AB:+float32} ${LAYOUT_AB:+tiled} ${PREFILL_AB:+eager} asked; do
                 [[ $pass != asked && $arm != triton ]] && continue
                 run="$name$([[ $pass == off ]] && echo -pdl-off)$([[ $pass == float32 ]] && echo -float32-scales)"
-                run+=$([[ $pass == tiled ]] && echo -tiled)
+                run+=$([[ $pass == tiled ]] && echo -tiled)$([[ $pass == eager ]] && echo -eager-prefill)
                 pdl=$([[ $pass == off ]] && echo 0 || echo "${MEDQA_PDL:-1}")
                 scales=$([[ $pass == float32 ]] && echo float32 || echo "${MEDQA_NF4_SCALES:-nested}")
                 layout=$([[ $pass == tiled ]] && echo tiled || echo "${MEDQA_NF4_LAYOUT:-bitsandbytes}")
-                MEDQA_PDL=$pdl MEDQA_NF4_SCALES=$scales MEDQA_NF4_LAYOUT=$layout step "bench-$run" \
+                prefill=$([[ $pass == eager ]] && echo eager || echo "${MEDQA_PREFILL:-}")
+                MEDQA_PDL=$pdl MEDQA_NF4_SCALES=$scales MEDQA_NF4_LAYOUT=$layout MEDQA_PREFILL=$prefill step "bench-$run" \
                     python3 -m pytest bench/bench_infer.py \
                     -p no:cacheprovider \
                     -k "decode_compiled or prefill" --preset "$PRESET" "${DATA_ARGS[@]}" --decode-batches "$BATCHES" \

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from medqa_core.compare.inputs import BenchFile, device_label
+from medqa_core.results.benchcase import BenchCase
 
 # (with several --decode-attention arms the name ends in the attention: ...-triton-attn-model])
 _KERNEL = re.compile(r"^test_decode_compiled\[.*-(triton|bitsandbytes)(?:-attn-\w+)?\]$")
@@ -31,12 +32,14 @@ class InferenceRow:
     batch: int
     decode_tokens_per_s: float
     roofline_fraction: float | None  # of rows x measured copy bandwidth / weight bytes a step reads
-    ttft_s: float | None  # time to first token (prefill + one step), median
-    prefill_tokens_per_s: float | None  # the same file's prefill case at this batch, if it ran
+    ttft_s: float | None  # time to first token (the decoder's prefill and its pick of the first token), median
+    prefill_tokens_per_s: float | None  # the prompt's tokens over that time where the decoder compiled its prefill;
+    # else the same file's prefill case at this batch (eager generate), if it ran
     joules_per_token: float | None
     path: str
     attention: str = "model"  # the decode steps' attention: "triton" (ours) or "model" (the model's own, --attn's)
     switch: str = ""  # a setting away from its default the case ran with ("MEDQA_PDL=0"): an A/B arm, "" if none
+    prefill: str = "eager"  # how the decoder ran its prefill: "compiled" (MEDQA_PREFILL) or "eager" (files before)
 
     @property
     def kernel_name(self) -> str:
@@ -48,7 +51,7 @@ def _switch(details: dict) -> str:
     """The decode setting a case ran with away from its default, from the lines it recorded (an A/B arm: PDL
     turned off, inductor's tuning turned on, the block scales decoded at load, the weights tiled at load), or "".
     The lines are those of medqa_core.engine.decoding's ``programmatic_dependent_launch``, ``inductor_tuning``,
-    ``nf4_scales_line`` and ``nf4_layout_line`` (read here as text: no torch in compare/)."""
+    ``nf4_scales_line``, ``nf4_layout_line`` and ``prefill_choice`` (read here as text: no torch in compare/)."""
     switches = []
     if str(details.get("pdl", "")) == "off: MEDQA_PDL=0":
         switches.append("MEDQA_PDL=0")
@@ -58,6 +61,8 @@ def _switch(details: dict) -> str:
         switches.append("MEDQA_NF4_SCALES=float32")
     if str(details.get("nf4_layout", "")).startswith("tiled"):
         switches.append("MEDQA_NF4_LAYOUT=tiled")
+    if str(details.get("prefill", "")) == "eager: MEDQA_PREFILL=eager":
+        switches.append("MEDQA_PREFILL=eager")
     return ", ".join(switches)
 
 
@@ -71,16 +76,26 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
         if not found or not case.decode_tokens_per_s or not math.isfinite(case.decode_tokens_per_s):
             continue
         batch = case.batch_size or 1
-        prefill = cases.get(f"test_prefill[{case.attention_requested}-batch{batch}]")
+        compiled = str(case.details.get("prefill", "")).startswith("compiled")
         rows.append(InferenceRow(
             device=device_label(bench.fingerprint), kernel=found.group(1), batch=batch,
             decode_tokens_per_s=case.decode_tokens_per_s, roofline_fraction=case.roofline_fraction,
-            ttft_s=case.ttft_s_median, prefill_tokens_per_s=prefill.prefill_tokens_per_s if prefill else None,
+            ttft_s=case.ttft_s_median, prefill_tokens_per_s=_prefill_rate(case, cases, batch, compiled),
+            prefill="compiled" if compiled else "eager",
             joules_per_token=case.energy.joules_per_token if case.energy else None, path=bench.path,
             # (files before StaticDecoder's attention choice ran the model's)
             attention="triton" if str(case.details.get("decode_attention", "")).startswith("triton") else "model",
             switch=_switch(case.details)))
     return sorted(rows, key=_order)
+
+
+def _prefill_rate(case: BenchCase, cases: dict[str, BenchCase], batch: int, compiled: bool) -> float | None:
+    """Prefill tokens/s beside a decode case: its own prompt tokens over its time to first token where its prefill
+    was compiled (the time the row's first-token column gives); else the file's eager prefill case at that batch."""
+    if compiled:
+        return batch * case.seq_len / case.ttft_s_median if case.seq_len and case.ttft_s_median else None
+    eager = cases.get(f"test_prefill[{case.attention_requested}-batch{batch}]")
+    return eager.prefill_tokens_per_s if eager else None
 
 
 def _order(row: InferenceRow) -> tuple[bool, bool, int]:

@@ -6,11 +6,14 @@ reason. Compiling the step inside ``generate`` is not enough: under torch.profil
 spent more host time in Dynamo's guard checks (one per parameter and 4-bit quantization state) and in
 generate's own Python than the GPU spent on the step (docs/performance.md, "Decode").
 
-So :class:`StaticDecoder` runs the loop itself, as gpt-fast does. The prompt's prefill runs eagerly
+So :class:`StaticDecoder` runs the loop itself, as gpt-fast does. The first prompt's prefill runs eagerly
 into a static cache (which allocates the cache at fixed addresses); the one-token step (forward,
 greedy pick, position + 1) keeps all of its state in tensors, is compiled once, and on a GPU is
 captured as one CUDA graph (a HIP graph on ROCm, through the same ``torch.cuda`` API). Each token
-is then a single graph launch: what is timed is the device's work.
+is then a single graph launch: what is timed is the device's work. On a GPU the prefill of that prompt's
+length is compiled and captured too (``MEDQA_PREFILL``, :func:`prefill_choice`): an eager prefill is bound by
+the host's Python (a 7B's time to first token took 100-200 ms on an H100 whatever the batch), so the time to
+first token would measure the host, not the card.
 
 On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.engine.kernels) instead of bitsandbytes'
 batch-1 kernel and LoRA's separate small matmuls; ``nf4_kernel`` chooses, and :class:`DecodeSetup` records which ran.
@@ -22,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -168,7 +171,7 @@ def static_cache(config: Any, max_len: int) -> tuple[Any, str]:
     return StaticCache(config=full, max_cache_len=max_len), "full"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DecodeSetup:
     """How a :class:`StaticDecoder` ran: recorded beside its figures."""
 
@@ -187,6 +190,31 @@ class DecodeSetup:
     nf4_scales: str = ""  # how our kernel reads the block scales: "nested: ..." or "float32: ..." (v20); "" if not ours
     nf4_layout: str = ""  # where our kernel reads the packed weights: "bitsandbytes: ..." or "tiled: ..." (v22)
     inductor_tuning: str = "off"  # inductor tuned its own kernels as the step compiled: "on: ..." or "off: <why>"
+    prefill: str = "eager"  # "compiled: ..." (prefill_choice) or "eager: <why>"; files before it ran eagerly
+
+
+PREFILLS = ("compiled", "eager")  # MEDQA_PREFILL
+
+
+def prefill_choice(device: torch.device, graph: bool) -> tuple[bool, str]:
+    """Whether a :class:`StaticDecoder` compiles its prefill (once, for the first prompt's length; with ``graph``
+    captured as a CUDA/HIP graph of its own, beside the step's), from ``MEDQA_PREFILL``: ``"compiled"`` or
+    ``"eager"``; unset, compiled on a GPU and eager elsewhere (CPU behaviour unchanged). The line the result files
+    record.
+
+    Raises:
+        ValueError: another value of ``MEDQA_PREFILL``.
+    """
+    asked = os.environ.get("MEDQA_PREFILL") or None  # set but empty: unset
+    if asked is not None and asked not in PREFILLS:
+        raise ValueError(f"MEDQA_PREFILL={asked!r}: choose one of {', '.join(PREFILLS)}")
+    if asked == "eager":
+        return False, "eager: MEDQA_PREFILL=eager"
+    if asked is None and device.type != "cuda":
+        return False, "eager: the model's forward off a GPU (MEDQA_PREFILL=compiled compiles it)"
+    how = ("HIP graph" if torch.version.hip else "CUDA graph") if graph else "no graph"
+    return True, (f"compiled: once for the first prompt's length, replayed as a {how} (other lengths run "
+                  f"eagerly)")
 
 
 def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
@@ -249,8 +277,9 @@ class StaticDecoder:
     """Greedy decoding of ``batch`` prompts with a static KV cache and one compiled step per token.
 
     The model is not changed: its own forward runs the prefill, and a compiled function of it runs the
-    steps. Call :meth:`generate` under the same autocast and attention settings each time (they are
-    captured into the graph on the first call).
+    steps (and, where :func:`prefill_choice` says so, the prefills of the first call's prompt length). Call
+    :meth:`generate` under the same autocast and attention settings each time (they are captured into the graph
+    on the first call).
 
     Args:
         model: a peft or transformers causal LM, in eval mode.
@@ -281,9 +310,14 @@ class StaticDecoder:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [B, 1]: its position
         self._compiled = torch.compile(self._step, mode="default", dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
+        # The compiled prefill's prompt [B, T] at a fixed address (its length the first call's), and its graph
+        self._prompt: torch.Tensor | None = None
+        self._prefill_graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
         self._steps_left = 0  # steps the cache has room for (generate sets it after the prefill)
         self._want_graph = use_graph and self.device.type == "cuda"
+        self._compile_prefill, prefill = prefill_choice(self.device, self._want_graph)
+        self._compiled_prefill = torch.compile(self._prefill_step, mode="default", dynamic=False)
         graph = ("HIP graph" if torch.version.hip else "CUDA graph") if self._want_graph else \
             "none: graphs need a GPU" if self.device.type != "cuda" else "none: turned off"
         kernel, why = nf4_kernel_choice(self.base, self.device, nf4_kernel, batch)
@@ -321,7 +355,7 @@ class StaticDecoder:
             decode_attention_why=attention_why, pdl=pdl, inductor_tuning=tuning,
             nf4_scales=nf4_scales_line() if self._swap else "",
             nf4_layout=nf4_layout_line(self._swap.info.tiled_launches, self._swap.info.launches,
-                                       self._swap.info.tiled_bytes) if self._swap else "")
+                                       self._swap.info.tiled_bytes) if self._swap else "", prefill=prefill)
         if cache_layers == "sliding":
             logger.warning("decode of %d tokens exceeds the %d-token sliding window: sliding cache layers make "
                            "torch.compile recompile every step, so this does not measure the compiled path; "
@@ -341,15 +375,26 @@ class StaticDecoder:
         self.token.copy_(logits.argmax(-1, keepdim=True))
         self.position.add_(1)
 
-    def _prefill(self, input_ids: torch.Tensor) -> None:
-        self.cache.reset()  # in place: the cache keeps its addresses
+    def _prefill_step(self, input_ids: torch.Tensor) -> None:
+        self.cache.reset()  # in place: the cache keeps its addresses (and, since transformers 5.24, its length)
         batch, length = input_ids.shape
         positions = torch.arange(length, device=self.device).expand(batch, length)  # [B, T]
         self.token.copy_(self._forward(input_ids, positions).argmax(-1, keepdim=True))
         self.position.fill_(length)
 
-    def _warm_up(self) -> None:
-        """Compile the step and capture its graph. The steps run here advance the state: prefill again after."""
+    def _prefill(self, input_ids: torch.Tensor) -> None:
+        if self._prompt is None or self._prompt.shape != input_ids.shape:
+            self._prefill_step(input_ids)  # eagerly: the first call (the cache's first use), or another length
+            return
+        self._prompt.copy_(input_ids)
+        if self._prefill_graph is not None:
+            self._prefill_graph.replay()
+        else:
+            self._compiled_prefill(self._prompt)
+
+    def _warm_up(self, input_ids: torch.Tensor) -> None:
+        """Compile the step (and the prefill of ``input_ids``' length, where chosen) and capture their graphs. The
+        steps run here advance the state: prefill again after."""
         self._warm = True
         # inductor's kernels launched as programmatic dependents too (they wait for their inputs and let the next
         # kernel start), so that ours start while the kernel before them finishes; set as the step compiles
@@ -362,6 +407,8 @@ class StaticDecoder:
         try:
             with inductor_config.patch(options):
                 self._compile_and_capture()
+                if self._compile_prefill:
+                    self._warm_up_prefill(input_ids)
         finally:
             if ahead is not None:
                 ahead.join()  # no worker outlives the warm-up, nor a warm-up that failed
@@ -392,17 +439,44 @@ class StaticDecoder:
         if not self._want_graph:
             self._compiled()
             return
-        # Warm-up on a side stream, as torch.cuda.graphs asks: compilation and autotuning happen here.
+        self._graph = self._capture(self._compiled)
+
+    def _capture(self, run: Callable[[], None], pool: Any = None) -> torch.cuda.CUDAGraph:
+        """``run`` twice on a side stream, as torch.cuda.graphs asks (compilation and autotuning happen there),
+        then recorded as a graph (nothing runs), in memory ``pool`` where given."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._compiled()
+                run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the step's kernels; nothing runs
-            self._compiled()
-        self._graph = graph
+        with torch.cuda.graph(graph, pool=pool):
+            run()
+        return graph
+
+    def _warm_up_prefill(self, input_ids: torch.Tensor) -> None:
+        """The compiled prefill of ``input_ids``' length ready; where it fails to compile or capture (not for want
+        of memory), prefills stay eager, the record says why, and the step keeps its graph."""
+        self._prompt = input_ids.clone()
+        try:
+            self._compile_and_capture_prefill()
+        except torch.OutOfMemoryError:
+            raise
+        except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
+            self._prompt, self._prefill_graph = None, None
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            self.setup = dataclasses.replace(self.setup, prefill=f"eager: the compiled prefill failed: {why}")
+            logger.warning("decode: %s", self.setup.prefill)
+
+    def _compile_and_capture_prefill(self) -> None:
+        """The prefill of ``self._prompt``'s length compiled, and where the step has a graph, captured as one too,
+        in the step graph's memory pool: neither keeps a tensor of its own past its replay (what they produce goes
+        to the decoder's state and the cache), and they never run at once."""
+        if self._graph is None:
+            self._compiled_prefill(self._prompt)
+            return
+        self._prefill_graph = self._capture(lambda: self._compiled_prefill(self._prompt), pool=self._graph.pool())
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int,
@@ -420,7 +494,7 @@ class StaticDecoder:
         with self._kernels():
             self._prefill(input_ids)
             if new_tokens > 1 and not self._warm:
-                self._warm_up()
+                self._warm_up(input_ids)
                 self._prefill(input_ids)
             if after_prefill is not None:
                 after_prefill()

@@ -208,7 +208,7 @@ def _text(v: Any) -> str:
 def inference_table(rows: Sequence[InferenceRow]) -> pd.DataFrame:
     """Decode per device, 4-bit kernel and batch (compiled static decoder), with the first token and prefill."""
     return pd.DataFrame([{
-        "device": r.device, "4-bit kernel": r.kernel_name, "batch": r.batch,
+        "device": r.device, "4-bit kernel": r.kernel_name, "batch": r.batch, "prefill": r.prefill,
         "time to first token": f"{r.ttft_s * 1e3:,.0f} ms" if r.ttft_s else "-",
         "prefill tokens/s": f"{r.prefill_tokens_per_s:,.0f}" if r.prefill_tokens_per_s else "-",
         "decode tokens/s": f"{r.decode_tokens_per_s:,.0f}",
