@@ -212,9 +212,8 @@ def prefill_choice(device: torch.device, graph: bool) -> tuple[bool, str]:
         return False, "eager: MEDQA_PREFILL=eager"
     if asked is None and device.type != "cuda":
         return False, "eager: the model's forward off a GPU (MEDQA_PREFILL=compiled compiles it)"
-    how = ("HIP graph" if torch.version.hip else "CUDA graph") if graph else "no graph"
-    return True, (f"compiled: once for the first prompt's length, replayed as a {how} (other lengths run "
-                  f"eagerly)")
+    how = f"replayed as a {'HIP' if torch.version.hip else 'CUDA'} graph" if graph else "no graph"
+    return True, f"compiled: once for the first prompt's length, {how} (other lengths run eagerly)"
 
 
 def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
