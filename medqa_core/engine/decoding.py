@@ -462,7 +462,7 @@ class StaticDecoder:
             self._compile_and_capture_prefill()
         except torch.OutOfMemoryError:
             raise
-        except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
+        except RuntimeError as e:  # Dynamo's and inductor's errors are RuntimeErrors too, as a capture's are
             self._prompt, self._prefill_graph = None, None
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             self.setup = dataclasses.replace(self.setup, prefill=f"eager: the compiled prefill failed: {why}")
