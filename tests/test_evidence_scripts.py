@@ -187,3 +187,18 @@ def test_the_full_nsight_step_saves_a_report_and_prints_its_details_and_source_p
     assert (out / "ncu-source.csv").read_text().startswith("printed -i")
     assert (out / "ncu-details.log").read_text().startswith("printed -i")
     assert "printed" not in (out / "ncu.log").read_text()  # the profiled run's own output, kept
+
+
+def test_the_tests_step_runs_the_kernels_and_the_decoders_gpu_tests(tmp_path):
+    # the NF4 kernel's tests and the decoder's (its step's and prefill's graph replays against generate), one -k
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "TESTS_K": "gpu"}
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "tests"], cwd=ROOT, timeout=60, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (line,) = calls.read_text().splitlines()
+    assert "tests/test_nf4_kernel.py tests/test_decoding.py" in line and line.endswith("-k gpu")

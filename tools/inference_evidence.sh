@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The inference evidence of docs/decode.md, on this machine's GPU (CUDA or ROCm), saved under OUT step by step:
 #
-#   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes')
+#   tests    the NF4 kernel's tests on the GPU (exactness, greedy tokens against bitsandbytes') and the decoder's
+#            (its step's and prefill's graph replays give generate's tokens)
 #   sweep    time the tile grid at 1, 8, 32 and 64 rows; writes OUT/nf4_tiles.json (this device's tile table)
 #            and OUT/nf4-kernel-sweep.json (every layer shape and arm, every tile's time)
 #   ncu      Nsight Compute on the gate/up_proj shape (NCU_LAYERS: others) at 1 and 8 rows (NCU_ROWS: others),
@@ -59,7 +60,8 @@ export MEDQA_NF4_TILES="$OUT/nf4_tiles.json"
 
 for s in $STEPS; do
     case $s in
-    tests) step tests python3 -m pytest tests/test_nf4_kernel.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
+    tests) step tests python3 -m pytest tests/test_nf4_kernel.py tests/test_decoding.py -q -p no:cacheprovider \
+        ${TESTS_K:+-k "$TESTS_K"} ;;
     sweep) MEDQA_NF4_TILES=none MEDQA_NF4_LAYOUT=${SWEEP_LAYOUT:-${MEDQA_NF4_LAYOUT:-bitsandbytes}} \
         step sweep python3 bench/profile_nf4_kernel.py --out "$OUT/nf4-kernel-sweep.json" \
         --rows "$SWEEP_ROWS" --sweep --tiles-out "$OUT/nf4_tiles.json" ${SWEEP_LAYERS:+--layers "$SWEEP_LAYERS"} \
