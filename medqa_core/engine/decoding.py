@@ -12,8 +12,8 @@ greedy pick, position + 1) keeps all of its state in tensors, is compiled once, 
 captured as one CUDA graph (a HIP graph on ROCm, through the same ``torch.cuda`` API). Each token
 is then a single graph launch: what is timed is the device's work. On a GPU the prefill of that prompt's
 length is compiled and captured too (``MEDQA_PREFILL``, :func:`prefill_choice`): an eager prefill is bound by
-the host's Python (a 7B's time to first token took 100-200 ms on an H100 whatever the batch), so the time to
-first token would measure the host, not the card.
+the host's Python (on an H100 a 7B's prefill of 8 prompts took about as long as of one, 100-200 ms), so the time
+to first token would measure the host, not the card.
 
 On a GPU the 4-bit layers then run our fused Triton NF4 kernels (medqa_core.engine.kernels) instead of bitsandbytes'
 batch-1 kernel and LoRA's separate small matmuls; ``nf4_kernel`` chooses, and :class:`DecodeSetup` records which ran.
