@@ -70,7 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     import importlib.util
 
     if importlib.util.find_spec("triton") is not None:  # our NF4 kernel's A/B switches: refused before anything runs
-        from medqa_core.engine.kernels.nf4_matmul import scale_layout, weight_layout
+        from medqa_core.engine.kernels.nf4_weight import scale_layout, weight_layout
 
         try:
             scale_layout()

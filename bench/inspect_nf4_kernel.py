@@ -42,15 +42,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_nf4_kernel import MISTRAL_7B_LAYERS, _sweep_grid  # noqa: E402
 
-from medqa_core.engine.kernels.nf4_matmul import (  # noqa: E402
-    LOOKUPS,
-    TileConfig,
-    _default_tile,
-    _lora_constexprs,
-    _nf4_matmul_kernel,
-    pdl_fits,
-)
+from medqa_core.engine.kernels.nf4_matmul import _lora_constexprs, _nf4_matmul_kernel  # noqa: E402
 from medqa_core.engine.kernels.nf4_mma import UNROLL  # noqa: E402
+from medqa_core.engine.kernels.nf4_tiles import LOOKUPS, TileConfig, _default_tile, pdl_fits  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", absmax2_ptr="*fp32",

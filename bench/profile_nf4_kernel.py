@@ -102,7 +102,7 @@ def _tiled(weights: list, cfg) -> list:
     """Each of ``weights`` (a weight, or a list of sibling segments) with copies in MMA tile ``cfg``'s order (v22,
     ``tile_nf4``; as it is where that tile reads bitsandbytes' order): what launches of ``cfg`` read in a decoder
     with ``MEDQA_NF4_LAYOUT=tiled``."""
-    from medqa_core.engine.kernels.nf4_matmul import tile_nf4
+    from medqa_core.engine.kernels.nf4_weight import tile_nf4
 
     return [[tile_nf4(s, cfg) for s in w] if isinstance(w, list) else tile_nf4(w, cfg) for w in weights]
 
@@ -168,7 +168,7 @@ def _sweep_grid(rows: int) -> list:
     - 32 and 64 rows: v18's MMA tiles of 32 and 64 rows a program, and dots of the rows' own height, by hand and
       pipelined.
     """
-    from medqa_core.engine.kernels.nf4_matmul import TileConfig
+    from medqa_core.engine.kernels.nf4_tiles import TileConfig
 
     def shared(*args: object, **kwargs: object) -> TileConfig:
         return TileConfig(*args, **kwargs, shared_table=True)
@@ -236,7 +236,7 @@ def _sweep_tiles(rows: int, n: int, k: int, device: torch.device, modes: list[st
                  lora: bool = False) -> list:
     """The tiles the sweep times for one shape and row count, in order: the tile in use (``lora``: by a launch with
     LoRA; it competes too, whatever its mode), then the grid's tiles of ``modes`` (all without)."""
-    from medqa_core.engine.kernels.nf4_matmul import tile_config
+    from medqa_core.engine.kernels.nf4_tiles import tile_config
 
     grid = [c for c in _sweep_grid(rows) if modes is None or c.kernel_mode in modes]
     return list(dict.fromkeys([tile_config(rows, n, k, device, lora), *grid]))
@@ -262,14 +262,9 @@ def profile(rows_list: list[int], sweep: bool, blocksize: int,
 
     from medqa_core.engine.kernels import nf4_matmul as kernels
     from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
-    from medqa_core.engine.kernels.nf4_matmul import (
-        float32_scales,
-        nf4_matmul,
-        nf4_weight,
-        row_bucket,
-        tile_config,
-        weight_layout,
-    )
+    from medqa_core.engine.kernels.nf4_matmul import nf4_matmul
+    from medqa_core.engine.kernels.nf4_tiles import row_bucket, tile_config
+    from medqa_core.engine.kernels.nf4_weight import float32_scales, nf4_weight, weight_layout
     from medqa_core.measure.ceilings import measure_copy_bandwidth
 
     device = device or torch.device("cuda")  # another only to smoke-test the script on CPU (interpreter)
@@ -478,13 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     if set(arms or ()) - set(ARMS + AB_ARMS):
         parser.error(f"--arms: unknown {', '.join(sorted(set(arms) - set(ARMS + AB_ARMS)))}; choose among "
                      f"{', '.join(ARMS + AB_ARMS)}")
-    from medqa_core.engine.kernels.nf4_matmul import MODES
+    from medqa_core.engine.kernels.nf4_tiles import MODES
 
     if args.lora_min_chunk is not None and args.lora_min_chunk < 16:
         parser.error(f"--lora-min-chunk: {args.lora_min_chunk} columns; at least 16 (a LoRA program's smallest load)")
     if set(modes or ()) - set(MODES):
         parser.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}; choose among {', '.join(MODES)}")
-    from medqa_core.engine.kernels.nf4_matmul import weight_layout
+    from medqa_core.engine.kernels.nf4_weight import weight_layout
 
     try:
         weight_layout()  # MEDQA_NF4_LAYOUT, read again by the sweep: a wrong value is refused before anything runs

@@ -19,7 +19,10 @@ pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[
 import bitsandbytes as bnb  # noqa: E402
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit  # noqa: E402
 
-from medqa_core.engine.kernels.nf4_matmul import TileConfig, interpreting, nf4_matmul, nf4_weight  # noqa: E402
+from medqa_core.engine.kernels.common import interpreting  # noqa: E402
+from medqa_core.engine.kernels.nf4_matmul import nf4_matmul  # noqa: E402
+from medqa_core.engine.kernels.nf4_tiles import TileConfig  # noqa: E402
+from medqa_core.engine.kernels.nf4_weight import nf4_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -271,7 +274,7 @@ def test_tiled_copies_give_bitsandbytes_orders_bits(tile, n, k, double_quant, lo
     # bitsandbytes' copy zeroed the output stays: the launch read the tiled one.
     import dataclasses
 
-    from medqa_core.engine.kernels.nf4_matmul import tile_nf4
+    from medqa_core.engine.kernels.nf4_weight import tile_nf4
 
     param, _ = _quantized(n, k, 64, double_quant)
     weight = nf4_weight(param)
@@ -562,7 +565,7 @@ def test_block_scales_decoded_at_load_are_bitsandbytes_own_and_give_the_nested_p
     # the loop's, so the same bits (under the interpreter; a GPU's compiler may fuse the loop's into one FMA).
     from bitsandbytes.functional import dequantize_blockwise
 
-    from medqa_core.engine.kernels.nf4_matmul import float32_scales
+    from medqa_core.engine.kernels.nf4_weight import float32_scales
 
     if tile.kernel_mode == "mma" and DEVICE == "cpu":
         pytest.skip("the MMA mode's inline PTX runs on NVIDIA GPUs only")
@@ -585,7 +588,7 @@ def test_block_scales_decoded_at_load_are_bitsandbytes_own_and_give_the_nested_p
 
 def test_the_scale_layout_switch_takes_two_values_and_names_a_third(monkeypatch) -> None:
     from medqa_core.engine.decoding import nf4_scales_line
-    from medqa_core.engine.kernels.nf4_matmul import scale_layout
+    from medqa_core.engine.kernels.nf4_weight import scale_layout
 
     monkeypatch.delenv("MEDQA_NF4_SCALES", raising=False)
     assert scale_layout() == "nested" and nf4_scales_line().startswith("nested: ")
@@ -717,7 +720,7 @@ def test_the_decoder_with_tiled_weights_gives_bitsandbytes_tokens(adapted_4bit_m
 
 def test_the_weight_layout_switch_takes_two_values_and_names_a_third(monkeypatch) -> None:
     from medqa_core.engine.decoding import nf4_layout_line
-    from medqa_core.engine.kernels.nf4_matmul import weight_layout
+    from medqa_core.engine.kernels.nf4_weight import weight_layout
 
     monkeypatch.delenv("MEDQA_NF4_LAYOUT", raising=False)
     assert weight_layout() == "bitsandbytes" and nf4_layout_line(0, 4).startswith("bitsandbytes: ")
@@ -736,7 +739,7 @@ def test_block_scale_tiles_decode_bitsandbytes_tokens(adapted_4bit_model, tmp_pa
     # o, gate+up and down at one row).
     import json
 
-    from medqa_core.engine.kernels.nf4_matmul import _device_name
+    from medqa_core.engine.kernels.nf4_tiles import _device_name
 
     hidden, inter = TINY["hidden_size"], TINY["intermediate_size"]
     kv = hidden // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
@@ -908,7 +911,7 @@ def test_auto_takes_ours_where_it_was_measured_ahead(adapted_4bit_model, monkeyp
 def test_the_swept_tile_table_is_used_for_its_device_and_shape(tmp_path, monkeypatch) -> None:
     import json
 
-    from medqa_core.engine.kernels import nf4_matmul as kernels
+    from medqa_core.engine.kernels import nf4_tiles as kernels
 
     table = tmp_path / "tiles.json"
     best = {"block_m": 1, "block_n": 8, "block_k": 1024, "num_warps": 2, "num_stages": 3}  # v2: no split_k, mode

@@ -54,7 +54,9 @@ def test_the_sweeps_tiled_copies_are_each_tiles_own_order():
     sys.path.insert(0, str(ROOT / "bench"))
     from profile_nf4_kernel import _segments, _tiled
 
-    from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+    from medqa_core.engine.kernels.nf4_matmul import nf4_matmul
+    from medqa_core.engine.kernels.nf4_tiles import TileConfig
+    from medqa_core.engine.kernels.nf4_weight import nf4_weight
 
     gen = torch.Generator().manual_seed(0)
     sizes, k = (32, 32), 512  # each segment whole groups of the double-quantized scales (256 blocks), as the 7B's
@@ -116,7 +118,9 @@ def test_siblings_read_as_segments_are_the_weight_they_were_cut_from():
     sys.path.insert(0, str(ROOT / "bench"))
     from profile_nf4_kernel import _segments
 
-    from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+    from medqa_core.engine.kernels.nf4_matmul import nf4_matmul
+    from medqa_core.engine.kernels.nf4_tiles import TileConfig
+    from medqa_core.engine.kernels.nf4_weight import nf4_weight
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)).bfloat16().to(device)
@@ -135,7 +139,7 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
     import torch
 
     from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
-    from medqa_core.engine.kernels.nf4_matmul import TileConfig
+    from medqa_core.engine.kernels.nf4_tiles import TileConfig
 
     # two siblings of 256 rows: each segment's 256 blocks a whole group of double-quantized scales, as on the 7B;
     # jobs of two shapes and row counts in one pool, as the sweep sends its whole grid
@@ -151,7 +155,7 @@ def test_compile_ahead_runs_each_tile_in_a_spawned_process_and_names_what_fails(
 INTERRUPTED_COMPILE = """
 import sys, threading, torch
 from medqa_core.engine.kernels.nf4_compile import CompileJob, compile_ahead
-from medqa_core.engine.kernels.nf4_matmul import TileConfig
+from medqa_core.engine.kernels.nf4_tiles import TileConfig
 jobs = [CompileJob(TileConfig(1, 16, 64, 1, 1, 1, "fma"), 1, (4096,), 4096)] * 3  # minutes under the interpreter
 result, finished = {}, threading.Event()
 
@@ -246,7 +250,9 @@ def test_the_sweeps_lora_check_passes_the_kernel_and_fails_a_launch_without_lora
     sys.path.insert(0, str(ROOT / "bench"))
     from profile_nf4_kernel import _abs_sum_eps, _lora_reference, _segments
 
-    from medqa_core.engine.kernels.nf4_matmul import TileConfig, nf4_matmul, nf4_weight
+    from medqa_core.engine.kernels.nf4_matmul import nf4_matmul
+    from medqa_core.engine.kernels.nf4_tiles import TileConfig
+    from medqa_core.engine.kernels.nf4_weight import nf4_weight
 
     gen = torch.Generator().manual_seed(0)
     sizes, k, rank = (64, 16, 16), 1024, 4  # each segment a whole group of double-quantized scales
@@ -272,7 +278,8 @@ def test_the_sweeps_grid_holds_mma_tiles_that_run_on_every_layer():
     import torch
     from profile_nf4_kernel import _sweep_grid
 
-    from medqa_core.engine.kernels.nf4_matmul import NF4Weight, mma_unfit
+    from medqa_core.engine.kernels.nf4_matmul import mma_unfit
+    from medqa_core.engine.kernels.nf4_weight import NF4Weight
 
     for rows in (1, 8, 32, 64):
         grid = _sweep_grid(rows)

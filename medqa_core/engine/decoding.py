@@ -240,7 +240,7 @@ def programmatic_dependent_launch(device: torch.device) -> tuple[bool, str]:
 def nf4_scales_line() -> str:
     """How our kernel's launches read the block scales (``MEDQA_NF4_SCALES``, v20's A/B switch): the line the
     result files record."""
-    from medqa_core.engine.kernels.nf4_matmul import scale_layout
+    from medqa_core.engine.kernels.nf4_weight import scale_layout
 
     if scale_layout() == "float32":
         return "float32: decoded once as the layers were swapped in (MEDQA_NF4_SCALES=float32)"
@@ -251,7 +251,7 @@ def nf4_layout_line(tiled_launches: int, launches: int, tiled_bytes: int = 0) ->
     """Where our kernel's launches read the packed weights (``MEDQA_NF4_LAYOUT``, v22's A/B switch), with how many
     of the step's ``launches`` read tiled copies and what the copies hold (``tiled_bytes``, beside bitsandbytes'
     own): the line the result files record."""
-    from medqa_core.engine.kernels.nf4_matmul import weight_layout
+    from medqa_core.engine.kernels.nf4_weight import weight_layout
 
     if weight_layout() == "tiled":
         return (f"tiled: {tiled_launches} of {launches} launches read copies in their MMA tile's order, made as the "

@@ -18,7 +18,7 @@ import signal
 
 import torch
 
-from medqa_core.engine.kernels.nf4_matmul import TileConfig
+from medqa_core.engine.kernels.nf4_tiles import TileConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,8 @@ def _compile(job: tuple) -> str | None:
         from bitsandbytes.functional import quantize_4bit
 
         from medqa_core.engine.kernels import nf4_matmul as kernels
-        from medqa_core.engine.kernels.nf4_matmul import nf4_matmul, nf4_weight, tile_nf4
+        from medqa_core.engine.kernels.nf4_matmul import nf4_matmul
+        from medqa_core.engine.kernels.nf4_weight import nf4_weight, tile_nf4
 
         kernels.LORA_MIN_CHUNK = lora_min_chunk
         j = CompileJob(**{**fields, "tile": TileConfig(**fields["tile"])})

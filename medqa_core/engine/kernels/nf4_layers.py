@@ -23,15 +23,13 @@ from typing import Any
 import torch
 
 from medqa_core.engine.kernels.nf4_compile import CompileJob
-from medqa_core.engine.kernels.nf4_matmul import (
+from medqa_core.engine.kernels.nf4_matmul import choose_tile, nf4_matmul, siblings_unfit
+from medqa_core.engine.kernels.nf4_weight import (
     NF4Weight,
     TiledNF4,
-    choose_tile,
     float32_scales,
-    nf4_matmul,
     nf4_weight,
     scale_layout,
-    siblings_unfit,
     tile_nf4,
     weight_layout,
 )

@@ -150,7 +150,7 @@ def _pick(t, i: tl.constexpr):
 def _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row, block, blocks_per_row,
               BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TILED: tl.constexpr):
     """The float32 scale of quantization block ``block`` of W row ``row`` (uint32 indices). TILED (v22,
-    ``nf4_matmul.tile_nf4``): the absmax codes of a 16-row tile's rows lie side by side, block by block, so a
+    ``nf4_weight.tile_nf4``): the absmax codes of a 16-row tile's rows lie side by side, block by block, so a
     warp's 16 rows read one sector where bitsandbytes' order puts each in its own."""
     index = row * blocks_per_row + block  # bitsandbytes' order: also what picks the absmax2 group
     at = index
@@ -162,7 +162,7 @@ def _scale_of(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row, block, blocks
 @triton.jit
 def _tiled_word(row, col, words_per_row, WL: tl.constexpr, PARTS: tl.constexpr):
     """v22: where a lane's first word of W row ``row`` at column ``col`` lies in the tiled order
-    (``nf4_matmul.tile_nf4``): of each 16-row tile, iteration by iteration, lane 4g + t's WL words of row g then its
+    (``nf4_weight.tile_nf4``): of each 16-row tile, iteration by iteration, lane 4g + t's WL words of row g then its
     WL of row g + 8 (uint32 indices). The row's part is loop-invariant (hoisted); an iteration adds the column's."""
     BLOCK_K: tl.constexpr = 32 * WL
     iterations = words_per_row // (4 * WL)
