@@ -8,12 +8,13 @@ whole quantization blocks divisible by 16), and reads its intermediate code:
   the layouts match) and ``cp.async`` copies (Triton's software pipeliner; for the code-table lookups a
   4-byte gather into shared memory per weight, what made v3's dot tiles slow);
 - in the PTX (NVIDIA): shared-memory loads and stores, warp shuffles, barriers, global load widths;
-- from ptxas (NVIDIA): registers and spill bytes; shared memory per program (both targets);
+- from ptxas (NVIDIA): registers and spill bytes; from the AMD GPU code's own metadata (AMD): vector registers
+  (VGPRs, AGPRs included) and scratch bytes, its spills; shared memory per program (every target);
 - in the SASS (NVIDIA, Triton's bundled nvdisasm): the instructions of the K loop, and per weight (the loop's
   instructions over the weights one thread handles an iteration): a warp issues one instruction a cycle per
   scheduler, so this bounds the weights a second an SM can decode, whatever the memory system delivers.
 
-    python bench/inspect_nf4_kernel.py [--target sm_90a|gfx942] [--rows 1,8,32] [--grid] [--out FILE]
+    python bench/inspect_nf4_kernel.py [--target sm_90a|gfx90a|gfx942] [--rows 1,8,32] [--grid] [--lora] [--out FILE]
     python bench/inspect_nf4_kernel.py --tile ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE[,FLAG...] ...  (FLAGS below)
 
 Without ``--grid``: the default tile of each row count (``_default_tile``); with it, every tile the sweep of
@@ -46,7 +47,12 @@ from medqa_core.engine.kernels.nf4_matmul import _lora_constexprs, _nf4_matmul_k
 from medqa_core.engine.kernels.nf4_mma import UNROLL  # noqa: E402
 from medqa_core.engine.kernels.nf4_tiles import LOOKUPS, TileConfig, _default_tile, pdl_fits  # noqa: E402
 
-TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
+# H100/H200; AMD's MI250 (CDNA2, the card of the claim the suite checks) and MI300X (CDNA3), 64-wide wavefronts
+TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "gfx90a": GPUTarget("hip", "gfx90a", 64),
+           "gfx942": GPUTarget("hip", "gfx942", 64)}
+# SMs / CUs of one device of each (an H100 SXM; an MI250 shows each of its two dies as a device): the default tile's
+# K split fills them
+MULTIPROCESSORS = {"sm_90a": 132, "gfx90a": 104, "gfx942": 304}
 POINTERS = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", absmax2_ptr="*fp32",
                 code2_ptr="*fp32", offset_ptr="*fp32",
                 **{f"{name}_s{s}_ptr": kind for s in (1, 2)
@@ -149,6 +155,14 @@ def _ptxas(ptx: str) -> tuple[int | None, int | None]:
     return (int(registers.group(1)) if registers else None), (int(spills.group(1)) if spills else None)
 
 
+def amdgcn_registers(amdgcn: str) -> tuple[int | None, int | None]:
+    """Vector registers a lane (VGPRs and AGPRs) and scratch bytes (spills) from AMD GPU code's own comments
+    (``; TotalNumVgprs: N``, ``; ScratchSize: N``); None where the compiler wrote none."""
+    registers = re.search(r"; TotalNumVgprs: (\d+)", amdgcn)
+    scratch = re.search(r"; ScratchSize: (\d+)", amdgcn)
+    return (int(registers.group(1)) if registers else None), (int(scratch.group(1)) if scratch else None)
+
+
 def _sass_loop_instructions(cubin: bytes) -> int | None:
     """Instructions in the longest loop of ``cubin``'s SASS (a label and the last branch back to it), from
     Triton's bundled nvdisasm; None where it cannot run here."""
@@ -189,7 +203,7 @@ def inspect(tile: TileConfig, target: str, rank: int = 0, rows: int = 1, double_
     ttgir = compiled.asm["ttgir"]
     loop = _k_loop(ttgir)
     ptx = compiled.asm.get("ptx", "")
-    registers, spills = _ptxas(ptx) if ptx else (None, None)
+    registers, spills = _ptxas(ptx) if ptx else amdgcn_registers(compiled.asm.get("amdgcn", ""))
     sass_loop = _sass_loop_instructions(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
     weights_per_thread = tile.block_n * max(tile.block_k, 64) / (tile.num_warps * 32)  # a K-loop iteration
     if tile.kernel_mode == "mma":  # (v12: its compiled loop makes UNROLL iterations a pass)
@@ -238,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90a")
     parser.add_argument("--rows", default="1,8,32", help="comma-separated row counts (default: %(default)s)")
     parser.add_argument("--grid", action="store_true", help="every tile the sweep times, not only the default")
+    parser.add_argument("--lora", action="store_true",
+                        help=f"the default or grid tiles with a LoRA of rank {LORA_RANK} in the launch, as a "
+                             "fine-tuned model decodes (its programs and epilogue share the kernel's registers)")
     parser.add_argument("--tile", action="append", type=_tile_arg, metavar="ROWS:M,N,K,WARPS,STAGES,SPLIT,MODE",
                         help="a tile to inspect, e.g. 1:1,8,512,4,2,1,fma or 16:16,64,128,8,3,1,dot_swap,prefetch")
     parser.add_argument("--scales", choices=("nested", "float32"), default="nested",
@@ -257,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         groups = [(rows, [(tile, rank)]) for rows, tile, rank in args.tile]
     else:
         mma = TARGETS[args.target].backend == "cuda"  # the default's MMA GEMV is NVIDIA's
-        groups = [(rows, [(t, 0) for t in (_sweep_grid(rows) if args.grid
-                                           else [_default_tile(rows, n, k, 132, mma=mma)])])
+        groups = [(rows, [(t, LORA_RANK if args.lora else 0) for t in (_sweep_grid(rows) if args.grid
+                                           else [_default_tile(rows, n, k, MULTIPROCESSORS[args.target], mma=mma)])])
                   for rows in (int(r) for r in args.rows.split(","))]
     for rows, tiles in groups:
         for tile, rank in tiles:

@@ -67,13 +67,13 @@ def compiling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[st
 def _inspect(compiling: Callable[[str], str], *tile) -> dict:
     """bench/inspect_nf4_kernel.inspect of TileConfig(*tile) for sm_90a."""
     code = ("import dataclasses, json, sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import inspect; "
-            "from medqa_core.engine.kernels.nf4_matmul import TileConfig; "
+            "from medqa_core.engine.kernels.nf4_tiles import TileConfig; "
             f"c = inspect(TileConfig(*{tile!r}), 'sm_90a'); print(json.dumps(dataclasses.asdict(c)))")
     return json.loads(compiling(code).strip().splitlines()[-1])
 
 
 COMPILE_TILE = ("import sys; sys.path.insert(0, 'bench'); from inspect_nf4_kernel import compile_tile; "
-                "from medqa_core.engine.kernels.nf4_matmul import TileConfig; ")
+                "from medqa_core.engine.kernels.nf4_tiles import TileConfig; ")
 
 
 @pytest.mark.parametrize("tile", [(16, 64, 128, 8, 3, 1, "dot_swap", True), (32, 32, 128, 4, 3, 2, "dot", False)],
@@ -131,6 +131,36 @@ def test_three_sibling_segments_compile_for_both_vendors(compiling):
                      "gemv = compile_tile(TileConfig(1, 8, 256, 1, 1, 8, 'gemv', True), 'gfx942', segments=3); "
                      "print('mma.sync' in mma.asm['ptx'], len(gemv.asm['amdgcn']) > 0)")
     assert out.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("target", ["gfx90a", "gfx942"])
+def test_what_rocm_decodes_with_compiles_for_mi250_and_mi300x_without_spills(compiling, target):
+    # ROCm's decode path (never run on an AMD GPU here): our NF4 kernel's portable tiles at 1, 8 and 64 rows with
+    # LoRA (gemv, dot, dot_swap: the mma mode is NVIDIA's) and the decode attention at the 7B's 4 query heads a KV
+    # head, compiled for 64-wide wavefronts, none spilling to scratch (AMD's code says its registers and scratch)
+    code = "\n".join([
+        COMPILE_TILE + "import triton",
+        "from inspect_nf4_kernel import MULTIPROCESSORS, amdgcn_registers",
+        "from medqa_core.engine.kernels.nf4_tiles import _default_tile",
+        "from medqa_core.engine.kernels.decode_attention import BLOCK_L, _decode_attention_kernel as k",
+        "from triton.compiler import ASTSource",
+        "from triton.backends.compiler import GPUTarget",
+        "for rows in (1, 8, 64):",
+        f"    tile = _default_tile(rows, 6144, 4096, MULTIPROCESSORS[{target!r}])",
+        f"    amdgcn = compile_tile(tile, {target!r}, segments=3, rank=16, rows=rows).asm['amdgcn']",
+        "    print(tile.kernel_mode, *amdgcn_registers(amdgcn))",
+        "consts = dict(GROUP=4, HEAD_DIM=128, BLOCK=BLOCK_L, SPLITS=8, MASK=1, PDL=False, EMULATE=False)",
+        "kinds = dict(q_ptr='*bf16', k_ptr='*bf16', v_ptr='*bf16', mask_ptr='*u8', out_ptr='*bf16',",
+        "             partial_ptr='*fp32', stats_ptr='*fp32', counter_ptr='*i32', scale_log2='fp32')",
+        "names = list(k.arg_names)",
+        "sig = {n: 'constexpr' if n in consts else kinds.get(n, 'i32') for n in names}",
+        "src = ASTSource(k, sig, {(names.index(c),): v for c, v in consts.items()})",
+        f"attention = triton.compile(src, target=GPUTarget('hip', {target!r}, 64), options=dict(num_warps=4))",
+        "print('attention', *amdgcn_registers(attention.asm['amdgcn']))"])
+    lines = [line.split() for line in compiling(code).strip().splitlines()[-4:]]
+    assert [line[0] for line in lines] == ["gemv", "dot", "dot_swap", "attention"]
+    for kernel, registers, scratch in lines:
+        assert 0 < int(registers) <= 512 and int(scratch) == 0, (kernel, registers, scratch)
 
 
 def test_byte_permute_lookups_take_the_shuffles_off_the_loop(compiling):
