@@ -133,11 +133,12 @@ def test_three_sibling_segments_compile_for_both_vendors(compiling):
     assert out.split() == ["True", "True"]
 
 
-@pytest.mark.parametrize("target", ["gfx90a", "gfx942"])
-def test_what_rocm_decodes_with_compiles_for_mi250_and_mi300x_without_spills(compiling, target):
+@pytest.mark.parametrize(("target", "blocksize"), [("gfx90a", 128), ("gfx942", 64)])
+def test_what_rocm_decodes_with_compiles_for_mi250_and_mi300x_without_spills(compiling, target, blocksize):
     # ROCm's decode path (never run on an AMD GPU here): our NF4 kernel's portable tiles at 1, 8 and 64 rows with
     # LoRA (gemv, dot, dot_swap: the mma mode is NVIDIA's) and the decode attention at the 7B's 4 query heads a KV
-    # head, compiled for 64-wide wavefronts, none spilling to scratch (AMD's code says its registers and scratch)
+    # head, compiled for 64-wide wavefronts, none spilling to scratch (AMD's code says its registers and scratch);
+    # the MI250 at 4-bit blocks of 128 (bitsandbytes' default on CDNA until its PR #1873), the MI300X at 64
     code = "\n".join([
         COMPILE_TILE + "import triton",
         "from inspect_nf4_kernel import MULTIPROCESSORS, amdgcn_registers",
@@ -147,7 +148,7 @@ def test_what_rocm_decodes_with_compiles_for_mi250_and_mi300x_without_spills(com
         "from triton.backends.compiler import GPUTarget",
         "for rows in (1, 8, 64):",
         f"    tile = _default_tile(rows, 6144, 4096, MULTIPROCESSORS[{target!r}])",
-        f"    amdgcn = compile_tile(tile, {target!r}, segments=3, rank=16, rows=rows).asm['amdgcn']",
+        f"    amdgcn = compile_tile(tile, {target!r}, {blocksize}, segments=3, rank=16, rows=rows).asm['amdgcn']",
         "    print(tile.kernel_mode, *amdgcn_registers(amdgcn))",
         "consts = dict(GROUP=4, HEAD_DIM=128, BLOCK=BLOCK_L, SPLITS=8, MASK=1, PDL=False, EMULATE=False)",
         "kinds = dict(q_ptr='*bf16', k_ptr='*bf16', v_ptr='*bf16', mask_ptr='*u8', out_ptr='*bf16',",
