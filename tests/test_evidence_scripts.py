@@ -78,15 +78,22 @@ def test_a_step_past_its_limit_is_interrupted_so_it_can_save_what_finished(tmp_p
     assert (out / "saved").read_text() == "saved"
 
 
-def _bench_runs(tmp_path, env: dict, variable: str) -> list[tuple[str, str]]:
-    """The bench step's runs, (``variable``'s value, the file name it saves), with a python3 on PATH that records
-    its arguments in place of the bench."""
+def _recording_python3(tmp_path, variable: str = "") -> tuple[Path, Path]:
+    """A folder holding a python3 that, in place of the real one, appends its arguments (after ``variable``'s value,
+    where one is named) to a file, and that file (emptied)."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     calls.unlink(missing_ok=True)
-    (fake / "python3").write_text(f"#!/bin/sh\necho \"${variable} $*\" >> {calls}\n")
+    (fake / "python3").write_text(f"#!/bin/sh\necho \"{'$' + variable + ' ' if variable else ''}$*\" >> {calls}\n")
     (fake / "python3").chmod(0o755)
+    return fake, calls
+
+
+def _bench_runs(tmp_path, env: dict, variable: str) -> list[tuple[str, str]]:
+    """The bench step's runs, (``variable``'s value, the file name it saves), with a python3 on PATH that records
+    its arguments in place of the bench."""
+    fake, calls = _recording_python3(tmp_path, variable)
     done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "bench"], cwd=ROOT, timeout=60,
                           env={**env, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}, capture_output=True,
                           text=True)
@@ -126,11 +133,7 @@ def test_pdl_ab_runs_our_arm_with_pdl_off_first_and_the_others_once(tmp_path):
 def test_sweep_layout_sets_the_sweeps_weight_layout_only(tmp_path):
     # SWEEP_LAYOUT=tiled: the sweep (and only it) runs under MEDQA_NF4_LAYOUT=tiled, so it times each tile on copies
     # in that tile's order; unset, the sweep reads bitsandbytes' order
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "calls.txt"
-    (fake / "python3").write_text(f"#!/bin/sh\necho \"$MEDQA_NF4_LAYOUT $*\" >> {calls}\n")
-    (fake / "python3").chmod(0o755)
+    fake, calls = _recording_python3(tmp_path, "MEDQA_NF4_LAYOUT")
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "ARMS": "triton"}
     env.pop("MEDQA_NF4_LAYOUT", None)
     for layout, want in (("tiled", "tiled"), (None, "bitsandbytes")):
@@ -191,11 +194,7 @@ def test_the_full_nsight_step_saves_a_report_and_prints_its_details_and_source_p
 
 def test_the_tests_step_runs_the_kernels_and_the_decoders_gpu_tests(tmp_path):
     # the NF4 kernel's tests and the decoder's (its step's and prefill's graph replays against generate), one -k
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "calls.txt"
-    (fake / "python3").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
-    (fake / "python3").chmod(0o755)
+    fake, calls = _recording_python3(tmp_path)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "TESTS_K": "gpu"}
     done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "tests"], cwd=ROOT, timeout=60, env=env,
                           capture_output=True, text=True)
