@@ -69,6 +69,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     import importlib.util
 
+    from medqa_core.engine.decoding import prefill_choice
+
+    try:  # the decoder's prefill switch (MEDQA_PREFILL), either kernel's: refused before anything runs
+        prefill_choice(torch.device("cpu"), graph=False)
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
     if importlib.util.find_spec("triton") is not None:  # our NF4 kernel's A/B switches: refused before anything runs
         from medqa_core.engine.kernels.nf4_weight import scale_layout, weight_layout
 

@@ -226,7 +226,12 @@ def _collect(*options: str, env: dict[str, str] | None = None) -> subprocess.Com
                            *options], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_an_unknown_scale_or_weight_layout_is_refused_before_anything_runs() -> None:
+def test_an_unknown_ab_switch_value_is_refused_before_anything_runs() -> None:
+    # the decoder's prefill switch, either kernel's: a wrong value is a usage error naming it, not a failed case
+    bad = _collect("--decode-batches", "1", env={**os.environ, "MEDQA_PREFILL": "lazy"})
+    assert bad.returncode == 4, bad.stdout[-2000:] + bad.stderr[-2000:]  # pytest's usage error
+    assert "MEDQA_PREFILL='lazy': choose one of compiled, eager" in bad.stderr
+    assert "Traceback" not in bad.stderr
     # v20's A/B switch is an environment variable: a wrong value is a usage error naming it, not a skipped case
     pytest.importorskip("triton")
     bad = _collect("--decode-batches", "1", env={**os.environ, "MEDQA_NF4_SCALES": "fp8"})

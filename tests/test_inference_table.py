@@ -207,3 +207,11 @@ def test_a_compiled_prefill_gives_the_rows_prefill_rate_and_eager_is_an_ab_arm(t
     assert [r.prefill for r in compiled] == ["compiled"] * len(compiled) and compiled
     assert all(r.prefill_tokens_per_s == r.batch * 256 / r.ttft_s for r in compiled)
     assert {r.switch for r in inference_rows(read_bench_file(tmp_path / "0100_eager.json"))} == {"MEDQA_PREFILL=eager"}
+    # a compiled prefill whose time to first token is NaN (a broken timer): neither that time nor a prefill rate
+    for b in data["benchmarks"]:
+        b["extra_info"]["prefill"] = "compiled: once for the first prompt's length, no graph"
+        if "ttft_s_median" in b["extra_info"]:
+            b["extra_info"]["ttft_s_median"] = float("nan")
+    (tmp_path / "0101_nan.json").write_text(json.dumps(data))
+    broken = inference_rows(read_bench_file(tmp_path / "0101_nan.json"))
+    assert broken and [(r.ttft_s, r.prefill_tokens_per_s) for r in broken] == [(None, None)] * len(broken)

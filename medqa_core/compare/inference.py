@@ -80,7 +80,7 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
         rows.append(InferenceRow(
             device=device_label(bench.fingerprint), kernel=found.group(1), batch=batch,
             decode_tokens_per_s=case.decode_tokens_per_s, roofline_fraction=case.roofline_fraction,
-            ttft_s=case.ttft_s_median, prefill_tokens_per_s=_prefill_rate(case, cases, batch, compiled),
+            ttft_s=_ttft(case), prefill_tokens_per_s=_prefill_rate(case, cases, batch, compiled),
             prefill="compiled" if compiled else "eager",
             joules_per_token=case.energy.joules_per_token if case.energy else None, path=bench.path,
             # (files before StaticDecoder's attention choice ran the model's)
@@ -89,11 +89,18 @@ def inference_rows(bench: BenchFile) -> list[InferenceRow]:
     return sorted(rows, key=_order)
 
 
+def _ttft(case: BenchCase) -> float | None:
+    """The case's median time to first token; None where it is missing, zero or not finite (a broken timer)."""
+    ttft = case.ttft_s_median
+    return ttft if ttft and math.isfinite(ttft) and ttft > 0 else None
+
+
 def _prefill_rate(case: BenchCase, cases: dict[str, BenchCase], batch: int, compiled: bool) -> float | None:
     """Prefill tokens/s beside a decode case: its own prompt tokens over its time to first token where its prefill
     was compiled (the time the row's first-token column gives); else the file's eager prefill case at that batch."""
     if compiled:
-        return batch * case.seq_len / case.ttft_s_median if case.seq_len and case.ttft_s_median else None
+        ttft = _ttft(case)
+        return batch * case.seq_len / ttft if case.seq_len and ttft else None
     eager = cases.get(f"test_prefill[{case.attention_requested}-batch{batch}]")
     return eager.prefill_tokens_per_s if eager else None
 
